@@ -1,0 +1,145 @@
+"""Routing a model's attention through kvsqueeze.
+
+`patch(model)` registers the attention implementation `kvsqueeze_<impl>` (for `sdpa` and `eager`), which wraps
+the model's own kernel:
+
+1. when the layer's cache is a `CompressedLayer` whose stored slots no longer line up with the mask transformers
+   built (after eviction, with per-layer budgets, with padding slots), it builds the layer's own mask from the
+   cache: every valid stored slot is in the past of every new query, so old slots are visible wherever they
+   are valid and the new tokens keep transformers' causal + padding mask (the mask's last `q` columns);
+2. it runs the wrapped kernel (sdpa stays sdpa: the model is never switched to eager);
+3. it hands the post-RoPE queries to the cache, which lets its method score the slots and evicts.
+
+Query recorders (`record_queries`) see every layer's post-RoPE queries; Q-Filters calibration uses them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
+
+from .cache import CompressedLayer, pending_layer
+from .errors import KVSqueezeError
+
+PREFIX = "kvsqueeze_"
+_RECORDERS: list = []
+
+
+def _eager_of(module):
+    fn = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+    if fn is None:
+        raise KVSqueezeError(f"{type(module).__name__} has no eager_attention_forward; use attn_implementation='sdpa'")
+    return fn
+
+
+def _layer_mask(layer: CompressedLayer, hf_mask, q_len: int, n_heads: int, eager: bool, dtype):
+    """The mask over (stored old slots + new tokens) for this layer, or the HF mask when it is already right."""
+    n_total = layer.n_stored
+    n_old = n_total - q_len
+    lines_up = hf_mask is None or hf_mask.shape[-1] == n_total
+    if layer.n_evicted == 0 and layer.valid is None and lines_up:
+        return hf_mask
+    b = layer.keys.shape[0]
+    device = layer.keys.device
+    if hf_mask is None:
+        new = torch.ones(q_len, q_len, dtype=torch.bool, device=device).tril()[None, None]
+    elif hf_mask.dtype == torch.bool:
+        new = hf_mask[..., -q_len:]
+    else:
+        new = hf_mask[..., -q_len:] == 0
+    if layer.valid is None:
+        old = torch.ones(1, 1, 1, n_old, dtype=torch.bool, device=device)
+    else:  # per kv head -> per query head
+        old = layer.valid[:, :, None, :n_old].repeat_interleave(n_heads // layer.valid.shape[1], dim=1)
+    heads = max(old.shape[1], new.shape[1])
+    mask = torch.cat(
+        [old.expand(b, heads, q_len, n_old), new.expand(b, heads, q_len, q_len)], dim=-1
+    )
+    if heads == 1 and not eager and bool(mask.all()):
+        return None if q_len == 1 else mask
+    if eager:
+        return torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill(~mask, torch.finfo(dtype).min)
+    return mask
+
+
+def _new_tokens_valid(hf_mask, q_len: int):
+    """(batch, q) bool: which new tokens are real (read off the last query row of the HF mask)."""
+    if hf_mask is None:
+        return None
+    row = hf_mask[:, 0, -1, -q_len:]
+    return row if row.dtype == torch.bool else row == 0
+
+
+def _wrap(inner_name: str):
+    eager = inner_name == "eager"
+
+    def attention(module, query, key, value, attention_mask, **kwargs):
+        inner = _eager_of(module) if eager else sdpa_attention_forward
+        for rec in _RECORDERS:
+            rec(module, query)
+        pending = pending_layer()
+        layer = None
+        if pending is not None:
+            cache, layer_idx = pending
+            layer = cache.layers[layer_idx]
+            if getattr(module, "layer_idx", layer_idx) != layer_idx:
+                raise KVSqueezeError("attention modules and cache layers are out of step")
+        if not isinstance(layer, CompressedLayer):
+            return inner(module, query, key, value, attention_mask, **kwargs)
+        q_len = query.shape[2]
+        valid_new = _new_tokens_valid(attention_mask, q_len)
+        if valid_new is not None:
+            layer.mark_invalid(valid_new)
+        mask = _layer_mask(layer, attention_mask, q_len, query.shape[1], eager, query.dtype)
+        out = inner(module, query, key, value, mask, **kwargs)
+        cache.after_attention(module, layer_idx, query, kwargs.get("scaling"))
+        return out
+
+    return attention
+
+
+for _name, _mask in (("sdpa", sdpa_mask), ("eager", eager_mask)):
+    AttentionInterface.register(PREFIX + _name, _wrap(_name))
+    AttentionMaskInterface.register(PREFIX + _name, _mask)
+
+
+def patch(model) -> None:
+    """Route `model`'s attention through kvsqueeze (idempotent; a no-op for caches that are not kvsqueeze's)."""
+    impl = model.config._attn_implementation or "sdpa"
+    if impl.startswith(PREFIX):
+        return
+    if impl not in ("sdpa", "eager"):
+        raise KVSqueezeError(f"attention implementation {impl!r} is not supported; load the model with sdpa or eager")
+    name = PREFIX + impl
+    try:
+        model.set_attn_implementation(name)
+    except Exception:  # older or stricter versions: set the config field directly
+        for cfg in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
+            cfg._attn_implementation = name
+    if model.config._attn_implementation != name:
+        raise KVSqueezeError(f"could not route {type(model).__name__}'s attention through kvsqueeze")
+
+
+def unpatch(model) -> None:
+    impl = model.config._attn_implementation or ""
+    if impl.startswith(PREFIX):
+        try:
+            model.set_attn_implementation(impl[len(PREFIX) :])
+        except Exception:
+            for cfg in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
+                cfg._attn_implementation = impl[len(PREFIX) :]
+
+
+@contextlib.contextmanager
+def record_queries(fn):
+    """Call fn(module, query) with every layer's post-RoPE queries (batch, heads, q, head_dim) in the block."""
+    _RECORDERS.append(fn)
+    try:
+        yield
+    finally:
+        _RECORDERS.remove(fn)

@@ -1,0 +1,142 @@
+"""The method API: a method says which KV entries matter.
+
+A method scores the slots of one layer (`score` -> (batch, kv_heads, n), higher = keep); the cache keeps the top
+`n_keep` per kv head and frees the rest. A method never sees how slots are stored, offloaded or quantized.
+
+Budgets: `ratio` is the fraction of tokens removed (kvpress's `compression_ratio`: 0.75 keeps a quarter), or
+`budget` is an absolute number of tokens kept per layer; `exempt_layers` are never compressed; `layer_budget`
+can redistribute the budget across layers (PyramidKV). Compression runs at the prefill (question-agnostic when
+the question comes after the compressed context) and, when `decode_every` > 0, every that many decoding steps,
+holding each layer at its prefill budget (H2O, TOVA).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..cache import CompressedLayer
+from ..errors import KVSqueezeError
+
+
+@dataclass
+class ScoreInputs:
+    """What a method may look at for one layer, after that layer's attention."""
+
+    layer: CompressedLayer
+    layer_idx: int
+    n_layers: int
+    queries: torch.Tensor  # (batch, q_heads, q, head_dim) post-RoPE queries of this forward
+    scaling: float
+    softcap: float | None
+    n_keep: int  # slots this layer will keep (0 when only observing)
+
+    @property
+    def keys(self) -> torch.Tensor:  # (batch, kv_heads, n, head_dim), the new tokens included
+        return self.layer.keys
+
+    @property
+    def values(self) -> torch.Tensor:
+        return self.layer.values
+
+    @property
+    def positions(self) -> torch.Tensor:  # (batch, kv_heads, n)
+        return self.layer.positions
+
+    @property
+    def state(self) -> dict[str, torch.Tensor]:
+        """Slot-aligned tensors (batch, kv_heads, n, ...) that follow the slots through eviction."""
+        return self.layer.state
+
+    @property
+    def group(self) -> int:
+        return self.queries.shape[1] // self.keys.shape[1]
+
+    def to_kv_heads(self, x: torch.Tensor, reduce: str = "mean") -> torch.Tensor:
+        """(batch, q_heads, ...) -> (batch, kv_heads, ...), reducing within each GQA group."""
+        b, hq = x.shape[:2]
+        x = x.reshape(b, hq // self.group, self.group, *x.shape[2:])
+        return x.mean(2) if reduce == "mean" else x.sum(2)
+
+    def attention(self, last: int | None = None, chunk: int | None = None):
+        """Yield softmax attention probabilities (batch, q_heads, w, n), fp32, of this forward's queries (the last
+        `last` of them) over the stored slots, causal and without padding, `chunk` queries at a time: never a full
+        T x T matrix. Recomputed from queries and cached keys, so it works whatever kernel the model runs."""
+        q = self.queries if last is None else self.queries[:, :, -last:]
+        b, hq, w, d = q.shape
+        k = self.keys.float()
+        hk, n = k.shape[1], k.shape[2]
+        g = hq // hk
+        q_pos = self.layer.cumulative_length - w + torch.arange(w, device=q.device)
+        k_pos = self.positions
+        if chunk is None:
+            chunk = max(1, (1 << 26) // max(1, b * hq * n))
+        for s in range(0, w, chunk):
+            qc = q[:, :, s : s + chunk].float()
+            c = qc.shape[2]
+            logits = torch.matmul(qc.reshape(b, hk, g * c, d), k.transpose(-1, -2)).view(b, hk, g, c, n)
+            logits = logits * self.scaling
+            if self.softcap:
+                logits = torch.tanh(logits / self.softcap) * self.softcap
+            allowed = k_pos[:, :, None, None, :] <= q_pos[s : s + c][None, None, None, :, None]
+            if self.layer.valid is not None:
+                allowed = allowed & self.layer.valid[:, :, None, None, :]
+            logits = logits.masked_fill(~allowed, float("-inf"))
+            yield torch.softmax(logits, dim=-1).view(b, hq, c, n)
+
+    def attention_sum(self, last: int | None = None) -> torch.Tensor:
+        """(batch, q_heads, n): attention summed over this forward's queries (or the last `last`)."""
+        total = None
+        for p in self.attention(last):
+            s = p.sum(2)
+            total = s if total is None else total + s
+        return total
+
+    def recent(self, n: int) -> torch.Tensor:
+        """(batch, kv_heads, n_slots) bool: the slots among the `n` most recent tokens seen."""
+        return self.positions >= self.layer.cumulative_length - n
+
+
+@dataclass(kw_only=True)
+class Method:
+    """Base class. Subclasses set `name`, a one-line `summary`, and implement `score`."""
+
+    ratio: float = 0.0
+    budget: int | None = None
+    exempt_layers: tuple[int, ...] = ()
+    decode_every: int = 0
+
+    name = "base"
+    summary = ""
+    stateful = False  # observe() runs on every forward, not only when compressing
+
+    def __post_init__(self):
+        if not (0.0 <= self.ratio < 1.0):
+            raise KVSqueezeError(f"ratio must be in [0, 1), got {self.ratio}")
+        if self.budget is not None and self.budget < 1:
+            raise KVSqueezeError(f"budget must be a positive number of tokens, got {self.budget}")
+        if self.decode_every < 0:
+            raise KVSqueezeError(f"decode_every must be >= 0, got {self.decode_every}")
+
+    def setup(self, model) -> None:
+        """Prepare model-specific data (Q-Filters loads or calibrates its filters)."""
+
+    def n_keep(self, n_seen: int, layer_idx: int, n_layers: int) -> int:
+        """Slots a layer keeps after seeing `n_seen` tokens (kvpress's rounding: int(n * (1 - ratio)))."""
+        base = self.budget if self.budget is not None else int(n_seen * (1.0 - self.ratio))
+        return max(1, min(n_seen, self.layer_budget(base, layer_idx, n_layers)))
+
+    def layer_budget(self, base: int, layer_idx: int, n_layers: int) -> int:
+        return base
+
+    def observe(self, x: ScoreInputs) -> None:
+        """Update slot-aligned state from this forward (stateful methods)."""
+
+    def score(self, x: ScoreInputs) -> torch.Tensor:
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        amount = f"budget={self.budget}" if self.budget is not None else f"ratio={self.ratio}"
+        return f"{self.name}({amount})"
+

@@ -1,0 +1,21 @@
+"""No compression: every KV entry is kept (the reference every method is measured against)."""
+
+from dataclasses import dataclass
+
+import torch
+
+from .base import Method, ScoreInputs
+
+
+@dataclass(kw_only=True)
+class Full(Method):
+    """Keeps the whole cache; `ratio` and `budget` are ignored (n_keep = tokens seen)."""
+
+    name = "full"
+    summary = "no compression: keep every token (the baseline)"
+
+    def n_keep(self, n_seen: int, layer_idx: int, n_layers: int) -> int:
+        return n_seen
+
+    def score(self, x: ScoreInputs) -> torch.Tensor:
+        return torch.zeros(x.positions.shape, device=x.keys.device)

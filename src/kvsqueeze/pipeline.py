@@ -1,0 +1,120 @@
+"""Prefill a context into a compressed cache, then answer a question from it.
+
+Question-agnostic by default (kvpress's protocol): the context is prefilled and compressed without the question,
+then the question and the answer are decoded on top of the compressed cache, so one compressed context can serve
+many questions. `query_aware=True` compresses context and question together.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .cache import CacheStats, CompressedCache
+from .errors import KVSqueezeError
+from .methods import Method
+
+SEPARATOR = "\x00KVSQUEEZE_SPLIT\x00"
+
+
+def split_prompt(tokenizer, context: str, question: str, answer_prefix: str = "") -> tuple[list[int], list[int]]:
+    """Token ids of (context part, question part) of the chat-formatted prompt."""
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": context + SEPARATOR}], add_generation_prompt=True, tokenize=False
+        )
+        head, tail = text.split(SEPARATOR)
+        head_text, question_text = head, "\n\n" + question + tail + answer_prefix
+    else:
+        head_text, question_text = context, "\n\n" + question + "\nAnswer: " + answer_prefix
+    ctx = tokenizer(head_text, add_special_tokens=False).input_ids
+    if getattr(tokenizer, "bos_token_id", None) is not None and not getattr(tokenizer, "chat_template", None):
+        ctx = [tokenizer.bos_token_id] + ctx
+    q = tokenizer(question_text, add_special_tokens=False).input_ids
+    return ctx, q
+
+
+def _device(model):
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def prefill(model, cache: CompressedCache, ids: torch.Tensor, chunk_size: int | None = None) -> torch.Tensor:
+    """Run `ids` (batch, T) through the model into `cache`, compressing after every chunk; return last logits.
+
+    With `chunk_size`, peak KV memory is bounded by the budget plus one chunk.
+    """
+    chunk_size = chunk_size or ids.shape[1]
+    logits = None
+    with cache.prefill():
+        for s in range(0, ids.shape[1], chunk_size):
+            out = model(input_ids=ids[:, s : s + chunk_size], past_key_values=cache, use_cache=True, logits_to_keep=1)
+            logits = out.logits[:, -1]
+    return logits
+
+
+def _eos_ids(model, tokenizer) -> set[int]:
+    ids = set()
+    for src in (getattr(model.generation_config, "eos_token_id", None), tokenizer.eos_token_id):
+        if src is None:
+            continue
+        ids.update(src if isinstance(src, (list, tuple)) else [src])
+    return ids
+
+
+@torch.no_grad()
+def greedy_decode(model, cache, first_logits: torch.Tensor, max_new_tokens: int, eos: set[int]) -> list[int]:
+    """Greedy decoding from `first_logits` (1, vocab) on top of `cache`."""
+    out: list[int] = []
+    token = int(first_logits.argmax(-1)[0])
+    device = first_logits.device
+    while True:
+        if token in eos:
+            break
+        out.append(token)
+        if len(out) >= max_new_tokens:
+            break
+        logits = model(input_ids=torch.tensor([[token]], device=device), past_key_values=cache, use_cache=True).logits
+        token = int(logits[0, -1].argmax())
+    return out
+
+
+@dataclass
+class GenerationResult:
+    answer: str
+    stats: CacheStats
+    seconds: float
+    n_context_tokens: int
+    n_question_tokens: int
+
+
+def check_budget(method: Method | None, n_context: int) -> None:
+    if n_context == 0:
+        raise KVSqueezeError("the context is empty")
+    if method is not None and method.budget is not None and method.budget >= n_context:
+        raise KVSqueezeError(f"budget of {method.budget} tokens is not smaller than the context ({n_context} tokens)")
+
+
+@torch.no_grad()
+def generate_answer(model, tokenizer, context: str, question: str, method: Method | None = None,
+                    max_new_tokens: int = 32, chunk_size: int | None = None, query_aware: bool = False,
+                    answer_prefix: str = "") -> GenerationResult:
+    """Compress `context` with `method`, then answer `question` greedily."""
+    if not context.strip():
+        raise KVSqueezeError("the context is empty")
+    ctx, q = split_prompt(tokenizer, context, question, answer_prefix)
+    if query_aware:
+        ctx, q = ctx + q[:-1], q[-1:]
+    check_budget(method, len(ctx))
+    device = _device(model)
+    t0 = time.perf_counter()
+    cache = CompressedCache(model, method)
+    prefill(model, cache, torch.tensor([ctx], device=device), chunk_size)
+    stats = cache.stats()  # the compressed context, before the question is appended
+    logits = model(input_ids=torch.tensor([q], device=device), past_key_values=cache, logits_to_keep=1).logits[:, -1]
+    tokens = greedy_decode(model, cache, logits, max_new_tokens, _eos_ids(model, tokenizer))
+    seconds = time.perf_counter() - t0
+    answer = tokenizer.decode(tokens, skip_special_tokens=True).strip()
+    return GenerationResult(answer, stats, seconds, len(ctx), len(q))
