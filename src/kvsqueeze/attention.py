@@ -8,7 +8,9 @@ the model's own kernel:
    cache: every valid stored slot is in the past of every new query, so old slots are visible wherever they
    are valid and the new tokens keep transformers' causal + padding mask (the mask's last `q` columns);
 2. it runs the wrapped kernel (sdpa stays sdpa: the model is never switched to eager);
-3. it hands the post-RoPE queries to the cache, which lets its method score the slots and evicts.
+3. at a decoding step, a cache `selector` (Quest, AttentionPredictor) may pick a subset of slots per kv head;
+   only those keys and values are gathered and attended to;
+4. it hands the post-RoPE queries to the cache, which lets its method score the slots and evicts.
 
 Query recorders (`record_queries`) see every layer's post-RoPE queries; Q-Filters calibration uses them.
 """
@@ -67,6 +69,28 @@ def _layer_mask(layer: CompressedLayer, hf_mask, q_len: int, n_heads: int, eager
     return mask
 
 
+def _gather_slots(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """(b, h, n, d) -> (b, h, k, d) at slot indices idx (b, h, k)."""
+    return t.gather(2, idx[..., None].expand(*idx.shape, t.shape[-1]))
+
+
+def _gather_mask(mask, idx: torch.Tensor, n_heads: int, eager: bool, dtype):
+    """The decode-step mask restricted to the selected slots (None stays None)."""
+    if mask is None:
+        return None
+    b, hk, k = idx.shape
+    m = mask if mask.dtype == torch.bool else mask == 0
+    m = m.expand(b, -1, 1, -1)
+    if m.shape[1] == 1:
+        m = m.expand(b, hk, 1, m.shape[-1])
+    elif m.shape[1] != hk:  # per query head -> one row per kv head (rows agree within a group)
+        m = m[:, :: n_heads // hk]
+    m = m.gather(3, idx[:, :, None, :]).repeat_interleave(n_heads // hk, dim=1)
+    if eager:
+        return torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill(~m, torch.finfo(dtype).min)
+    return m
+
+
 def _new_tokens_valid(hf_mask, q_len: int):
     """(batch, q) bool: which new tokens are real (read off the last query row of the HF mask)."""
     if hf_mask is None:
@@ -96,6 +120,12 @@ def _wrap(inner_name: str):
         if valid_new is not None:
             layer.mark_invalid(valid_new)
         mask = _layer_mask(layer, attention_mask, q_len, query.shape[1], eager, query.dtype)
+        selector = cache.selector
+        if selector is not None and q_len == 1:
+            idx = selector.select(layer_idx, layer, query)  # (batch, kv_heads, k) slot indices, or None: dense
+            if idx is not None:
+                key, value = _gather_slots(key, idx), _gather_slots(value, idx)
+                mask = _gather_mask(mask, idx, query.shape[1], eager, query.dtype)
         out = inner(module, query, key, value, mask, **kwargs)
         cache.after_attention(module, layer_idx, query, kwargs.get("scaling"))
         return out

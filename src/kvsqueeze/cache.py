@@ -4,7 +4,7 @@
 only the KV entries that were kept, as slots:
 
     keys, values : (batch, kv_heads, n, head_dim)   the kept entries, post-RoPE keys as the model wrote them
-    positions    : (batch, kv_heads, n) int64       the logical position of each slot
+    positions    : (batch, kv_heads, n) int32       the logical position of each slot
     valid        : (batch, kv_heads, n) bool | None  False for padding slots (None: all valid)
     state        : dict name -> (batch, kv_heads, n, ...)  slot-aligned method state (e.g. H2O's scores)
 
@@ -60,7 +60,7 @@ class CompressedLayer(DynamicLayer):
     def lazy_initialization(self, key_states, value_states):
         super().lazy_initialization(key_states, value_states)
         b, h = key_states.shape[:2]
-        self.positions = torch.empty(b, h, 0, dtype=torch.long, device=self.device)
+        self.positions = torch.empty(b, h, 0, dtype=torch.int32, device=self.device)
 
     def update(self, key_states, value_states, *args, **kwargs):
         if not self.is_initialized:
@@ -68,7 +68,7 @@ class CompressedLayer(DynamicLayer):
         b, h, q, _ = key_states.shape
         self.keys = torch.cat([self.keys, key_states], dim=-2)
         self.values = torch.cat([self.values, value_states], dim=-2)
-        new_pos = torch.arange(self.cumulative_length, self.cumulative_length + q, device=self.device)
+        new_pos = torch.arange(self.cumulative_length, self.cumulative_length + q, device=self.device, dtype=torch.int32)
         self.positions = torch.cat([self.positions, new_pos.expand(b, h, q)], dim=-1)
         if self.valid is not None:
             self.valid = torch.cat([self.valid, self.valid.new_ones(b, h, q)], dim=-1)
@@ -210,7 +210,7 @@ class CompressedCache(Cache):
     Decoding steps are compressed when the method sets `decode_every`.
     """
 
-    def __init__(self, model, method=None):
+    def __init__(self, model, method=None, *, layer_factory=None, selector=None):
         from .attention import patch  # circular: attention imports this module
 
         patch(model)
@@ -219,7 +219,7 @@ class CompressedCache(Cache):
         layers = []
         for i, kind in enumerate(layer_types_of(config)):
             if kind == "full_attention":
-                layers.append(CompressedLayer())
+                layers.append((layer_factory or CompressedLayer)())
             elif kind in ("sliding_attention", "chunked_attention"):
                 window = config.sliding_window if kind == "sliding_attention" else config.attention_chunk_size
                 layers.append(DynamicSlidingWindowLayer(sliding_window=window))
@@ -227,6 +227,9 @@ class CompressedCache(Cache):
                 raise KVSqueezeError(f"layer {i} is of type {kind!r}, which kvsqueeze's cache does not support")
         super().__init__(layers=layers)
         self.method = method
+        # Decode-time selection (Quest, AttentionPredictor): every stored entry stays, each decoding step attends
+        # to the subset `selector.select(...)` returns (see attention.py).
+        self.selector = selector
         self.n_layers = len(layers)
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -237,6 +240,8 @@ class CompressedCache(Cache):
         self.decode_step = 0
         if method is not None:
             method.setup(model)
+        if selector is not None:
+            selector.setup(model)
 
     # --- phases ---------------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -283,12 +288,13 @@ class CompressedCache(Cache):
         return self.budgets[layer_idx]
 
     def after_attention(self, module, layer_idx: int, query: torch.Tensor, scaling: float | None):
+        """Let the method observe this forward and, when due, evict the layer down to its budget."""
         method = self.method
         layer = self.layers[layer_idx]
         if method is None or not isinstance(layer, CompressedLayer) or layer_idx in method.exempt_layers:
             return
         every = method.decode_every
-        compress = self.phase == "prefill" or (self.phase != "prefill" and every > 0 and self.decode_step % every == 0)
+        compress = self.phase == "prefill" or (every > 0 and self.decode_step % every == 0)
         if not (compress or method.stateful):
             return
         from .methods.base import ScoreInputs
@@ -308,6 +314,34 @@ class CompressedCache(Cache):
             x.n_keep = self.budget(layer_idx)
             if layer.n_stored > x.n_keep:
                 layer.evict(method.score(x), x.n_keep)
+
+    def compressed_copy(self, model, method, queries: dict[int, torch.Tensor], scaling: dict[int, float]):
+        """A new cache holding this (uncompressed, single-forward prefill) cache compressed by `method`.
+
+        Scoring after each layer's attention does not change the prefill's hidden states, so the keys and
+        queries recorded by one full prefill give every method exactly what it would have seen: one prefill
+        serves a whole sweep of methods and ratios. Tensors are shared until eviction replaces them.
+        """
+        out = CompressedCache(model, method, layer_factory=type(self.layers[0]) if isinstance(
+            self.layers[0], CompressedLayer) else None, selector=self.selector)
+        for i, (src, dst) in enumerate(zip(self.layers, out.layers)):
+            if not src.is_initialized:
+                continue
+            dst.lazy_initialization(src.keys, src.values)
+            dst.keys, dst.values = src.keys, src.values
+            if isinstance(src, CompressedLayer):
+                if src.n_evicted or src.state:
+                    raise ValueError("compressed_copy needs an uncompressed source cache")
+                dst.positions, dst.valid = src.positions, src.valid
+                dst.n_new = src.n_new
+            dst.cumulative_length = src.cumulative_length
+        out._forwards = 1
+        out.phase = "prefill"
+        for i, layer in enumerate(out.layers):
+            if isinstance(layer, CompressedLayer) and layer.is_initialized:
+                out.after_attention(None, i, queries[i], scaling.get(i))
+        out.phase = "append"
+        return out
 
     # --- memory -------------------------------------------------------------------------------------
     def stats(self) -> CacheStats:

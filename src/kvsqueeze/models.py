@@ -93,6 +93,7 @@ def _from_gguf(spec: ModelSpec, dtype: torch.dtype):
     try:  # keep the dequantized weights for the next load (safetensors, never pickle)
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
+        model.hf_quantizer = None  # GGUF tensors are already dequantized
         model.config._name_or_path = spec.alias
         tmp = saved.with_name(saved.name + ".tmp")
         model.save_pretrained(tmp)
@@ -102,7 +103,7 @@ def _from_gguf(spec: ModelSpec, dtype: torch.dtype):
 
             shutil.rmtree(saved)
         tmp.rename(saved)
-    except OSError:
+    except (OSError, ValueError):
         pass
     return model.to(dtype), tok
 

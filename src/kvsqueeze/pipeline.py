@@ -55,6 +55,39 @@ def prefill(model, cache: CompressedCache, ids: torch.Tensor, chunk_size: int | 
     return logits
 
 
+@dataclass
+class PrefillRecord:
+    """One uncompressed prefill, with what every prefill-time method needs to score it."""
+
+    cache: CompressedCache
+    queries: dict[int, torch.Tensor]  # layer -> (batch, q_heads, T, head_dim) post-RoPE
+    scaling: dict[int, float]
+    n_tokens: int
+
+    def compress(self, model, method: Method | None) -> CompressedCache:
+        """A compressed cache equal to prefilling with `method` (single-chunk prefill), without re-running it."""
+        return self.cache.compressed_copy(model, method, self.queries, self.scaling)
+
+
+@torch.no_grad()
+def record_prefill(model, ids: torch.Tensor) -> PrefillRecord:
+    """Prefill `ids` once with no compression, keeping every layer's post-RoPE queries."""
+    from .attention import record_queries
+
+    queries: dict[int, torch.Tensor] = {}
+    scaling: dict[int, float] = {}
+
+    def rec(module, query):
+        queries[module.layer_idx] = query
+        if getattr(module, "scaling", None) is not None:
+            scaling[module.layer_idx] = module.scaling
+
+    cache = CompressedCache(model, None)
+    with record_queries(rec):
+        prefill(model, cache, ids)
+    return PrefillRecord(cache, queries, scaling, ids.shape[1])
+
+
 def _eos_ids(model, tokenizer) -> set[int]:
     ids = set()
     for src in (getattr(model.generation_config, "eos_token_id", None), tokenizer.eos_token_id):

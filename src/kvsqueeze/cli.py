@@ -1,0 +1,138 @@
+"""The `kvsqueeze` command line. A user's mistake prints one `error:` line and exits 2, with no traceback."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from .errors import KVSqueezeError
+from .models import DEFAULT_MODEL, MODELS
+
+
+def _ratio(ctx, param, value):
+    if value is not None and not (0.0 <= value < 1.0):
+        raise click.BadParameter(f"must be in [0, 1), got {value}")
+    return value
+
+
+def method_options(f):
+    """--method, --ratio, --budget, --exempt-layers, --decode-every (shared by generate and eval commands)."""
+    f = click.option("--decode-every", type=click.IntRange(min=0), default=0, show_default=True,
+                     help="Also compress every N decoding steps, holding the prefill budget (0: prefill only).")(f)
+    f = click.option("--exempt-layers", default="", help="Comma-separated layer indices never compressed.")(f)
+    f = click.option("--budget", type=click.IntRange(min=1), default=None,
+                     help="Absolute number of tokens kept per layer (instead of --ratio).")(f)
+    f = click.option("--ratio", type=float, default=0.5, show_default=True, callback=_ratio,
+                     help="Compression ratio: the fraction of the KV cache removed (0.75 keeps a quarter).")(f)
+    f = click.option("--method", default="snapkv", show_default=True, help="Method name (see `kvsqueeze methods`).")(f)
+    return f
+
+
+def build_method(method: str, ratio: float, budget: int | None, exempt_layers: str, decode_every: int):
+    from .methods import get_method
+
+    try:
+        exempt = tuple(int(x) for x in exempt_layers.split(",") if x.strip())
+    except ValueError:
+        raise KVSqueezeError(f"--exempt-layers must be comma-separated integers, got {exempt_layers!r}") from None
+    return get_method(method, ratio=ratio, budget=budget, exempt_layers=exempt, decode_every=decode_every)
+
+
+class Group(click.Group):
+    """Turn KVSqueezeError into one line on stderr and exit code 2."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except KVSqueezeError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(2)
+
+
+@click.group(cls=Group)
+@click.version_option(package_name="kvsqueeze")
+def main():
+    """kvsqueeze: compress the KV cache of HF transformers models for long-context inference."""
+
+
+@main.command()
+def methods():
+    """List the compression methods."""
+    from .methods import METHODS
+
+    width = max(len(n) for n in METHODS)
+    for name, cls in METHODS.items():
+        click.echo(f"{name:<{width}}  {cls.summary}")
+
+
+@main.command()
+def models():
+    """List the model aliases (any HF hub id or local directory works too)."""
+    for name, spec in MODELS.items():
+        click.echo(f"{name:<14}  {spec.description}  [{spec.install}]")
+
+
+@main.command()
+@click.option("--model", default=DEFAULT_MODEL, show_default=True, help="Model alias, HF hub id or local directory.")
+@method_options
+@click.option("--context-file", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="Text file holding the long context.")
+@click.option("--question", required=True, help="The question asked after the compressed context.")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--chunk-size", type=click.IntRange(min=1), default=None,
+              help="Prefill the context in chunks of this many tokens (bounds peak memory).")
+@click.option("--query-aware", is_flag=True, help="Compress context and question together (default: question-agnostic).")
+def generate(model, method, ratio, budget, exempt_layers, decode_every, context_file, question, max_new_tokens,
+             chunk_size, query_aware):
+    """Compress a context, answer a question, report the KV memory kept."""
+    if not context_file.exists():
+        raise KVSqueezeError(f"context file not found: {context_file}")
+    context = context_file.read_text(errors="replace")
+    if not context.strip():
+        raise KVSqueezeError(f"the context file {context_file} is empty")
+    m = build_method(method, ratio, budget, exempt_layers, decode_every)
+    from .models import load_model
+    from .pipeline import generate_answer
+
+    mdl, tok = load_model(model)
+    res = generate_answer(mdl, tok, context, question, m, max_new_tokens=max_new_tokens, chunk_size=chunk_size,
+                          query_aware=query_aware)
+    click.echo(res.answer)
+    click.echo(f"method: {m.describe()}; context: {res.n_context_tokens} tokens", err=False)
+    click.echo(res.stats.line())
+    click.echo(f"time: {res.seconds:.2f} s (prefill + question + {max_new_tokens} new tokens at most)")
+
+
+@main.group()
+def calibrate():
+    """Calibrate model-specific data for a method."""
+
+
+@calibrate.command("qfilters")
+@click.option("--model", default=DEFAULT_MODEL, show_default=True)
+@click.option("--text-dir", type=click.Path(file_okay=False, exists=True, path_type=Path), default=None,
+              help="Directory of .txt files to calibrate on (default: the text shipped with kvsqueeze).")
+@click.option("--n-seq", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--seq-len", type=click.IntRange(min=64), default=1024, show_default=True)
+def calibrate_qfilters(model, text_dir, n_seq, seq_len):
+    """Compute Q-Filters (SVD of post-RoPE queries) and store them as safetensors."""
+    from .methods import qfilters
+    from .models import load_model
+
+    texts = None
+    if text_dir is not None:
+        texts = [p.read_text(errors="replace") for p in sorted(text_dir.glob("*.txt"))]
+        if not texts:
+            raise KVSqueezeError(f"no .txt files in {text_dir}")
+    mdl, tok = load_model(model)
+    filters = qfilters.calibrate(mdl, tok, texts, n_seq=n_seq, seq_len=seq_len)
+    path = qfilters.save(mdl, filters)
+    click.echo(f"Q-Filters {tuple(filters.shape)} saved to {path}")
+
+
+# Further command groups register here.
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
