@@ -9,7 +9,8 @@ the model's own kernel:
    are valid and the new tokens keep transformers' causal + padding mask (the mask's last `q` columns);
 2. it runs the wrapped kernel (sdpa stays sdpa: the model is never switched to eager);
 3. at a decoding step, a cache `selector` (Quest, AttentionPredictor) may pick a subset of slots per kv head;
-   only those keys and values are gathered and attended to;
+   only those keys and values are gathered and attended to; forwards of several tokens are shown to the
+   selector's `observe` (AttentionPredictor starts its attention history from the prompt's last queries);
 4. it hands the post-RoPE queries to the cache, which lets its method score the slots and evicts.
 
 Query recorders (`record_queries`) see every layer's post-RoPE queries; Q-Filters calibration uses them.
@@ -126,6 +127,8 @@ def _wrap(inner_name: str):
             if idx is not None:
                 key, value = _gather_slots(key, idx), _gather_slots(value, idx)
                 mask = _gather_mask(mask, idx, query.shape[1], eager, query.dtype)
+        elif selector is not None and hasattr(selector, "observe"):
+            selector.observe(layer_idx, layer, query)  # prefill / appended tokens: AttentionPredictor's history
         out = inner(module, query, key, value, mask, **kwargs)
         cache.after_attention(module, layer_idx, query, kwargs.get("scaling"))
         return out
