@@ -358,7 +358,8 @@ class CompressedCache(Cache):
             else:  # a sliding window layer holds what a full DynamicCache would hold too
                 held = {"keys": layer.keys, "values": layer.values}
                 full += _nbytes(layer.keys) + _nbytes(layer.values)
-            kv += _nbytes(held["keys"]) + _nbytes(held["values"])
+            kv_nbytes = getattr(layer, "kv_nbytes", None)  # packed storage (kvsqueeze.quant) reports its own bytes
+            kv += kv_nbytes() if kv_nbytes is not None else _nbytes(held["keys"]) + _nbytes(held["values"])
             total += sum(_nbytes(t) for t in held.values())
             stored.append(layer.keys.shape[-2])
         return CacheStats(kv, total, full, self.get_seq_length(), stored)

@@ -1,0 +1,87 @@
+"""KIVI (Liu et al., 2024, "KIVI: A Tuning-Free Asymmetric 2bit Quantization for KV Cache").
+
+Keys have outlier *channels*, values do not: keys are quantized per channel (a group is `G` consecutive tokens of
+one channel), values per token (a group is `G_v` consecutive channels of one token), both asymmetric min/max:
+
+    K_hat[g, c] = round((K[g, c] - z_{g,c}) / s_{g,c}) * s_{g,c} + z_{g,c},   s_{g,c} = (max_g K_c - min_g K_c) / (2^b - 1)
+    V_hat[t, g] = round((V[t, g] - z_{t,g}) / s_{t,g}) * s_{t,g} + z_{t,g},   over the channels of group g of token t
+
+with b = 2 or 4 (8 and 1 also work). The most recent tokens stay in full precision: a residual window of
+R..R+G-1 tokens (R a multiple of G; the reference code's G = R = 32); every time G more tokens fall out of it they
+are quantized as one key group. Codes are packed four to a byte at 2 bits (`packing.py`); scales and zero points
+are float16. Bytes held per token and kv head, for the quantized part (s = 2 bytes):
+
+    keys:   d*b/8 + 2*d*s/G          values:   d*b/8 + 2*(d/G_v)*s
+
+(d = 128, b = 2, G = G_v = 32: 32 + 16 + 32 + 16 = 96 bytes instead of 512 in fp16, 5.3x; plus the residual).
+
+Deviations: the residual is kept identical for keys and values (KIVI keeps exactly R values in full precision
+and 0..R-1 keys), so that slots stay aligned; after an eviction the kept tokens are regrouped (see base.py).
+Attention runs over dequantized tensors (the reference path); `triton_decode.py` has the fused GPU decode kernel.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+
+from .base import QuantizedLayer
+from .packing import QTensor, quantize
+
+
+@dataclass
+class KIVIStore:
+    k: QTensor  # per channel: groups of G tokens
+    v: QTensor  # per token: groups of G_v channels
+
+    @property
+    def n(self) -> int:
+        return self.k.n
+
+    def keys(self, dtype):
+        return self.k.dequantize(dtype)
+
+    def values(self, dtype):
+        return self.v.dequantize(dtype)
+
+    def tensors(self):
+        return {**{f"k.{n}": t for n, t in self.k.tensors().items()}, **{f"v.{n}": t for n, t in self.v.tensors().items()}}
+
+    def cat(self, other: "KIVIStore") -> "KIVIStore":
+        return KIVIStore(self.k.cat(other.k), self.v.cat(other.v))
+
+    def map(self, fn) -> "KIVIStore":
+        return KIVIStore(self.k.map(fn), self.v.map(fn))
+
+
+def channel_group(d: int, group: int) -> int:
+    """The value group size along channels: `group` when it divides head_dim, else head_dim (one group)."""
+    return group if d % group == 0 else d
+
+
+class KIVILayer(QuantizedLayer):
+    """KIVI storage for one layer: `bits`-bit keys per channel and values per token, residual window."""
+
+    scheme = "kivi"
+
+    def __init__(self, bits: int = 2, group: int = 32, residual: int = 32, value_group: int | None = None, **kwargs):
+        self.bits = bits
+        self.value_group = value_group or group
+        super().__init__(residual=residual, group=group, **kwargs)
+
+    def _compress(self, k, v):
+        gv = channel_group(v.shape[-1], self.value_group)
+        return KIVIStore(quantize(k, self.bits, "token", self.group), quantize(v, self.bits, "channel", gv))
+
+
+def kivi(bits: int = 2, group: int = 32, residual: int = 32, value_group: int | None = None):
+    """A `layer_factory` for `CompressedCache`: `CompressedCache(model, SnapKV(ratio=0.75), layer_factory=kivi(2))`."""
+    return functools.partial(KIVILayer, bits=bits, group=group, residual=residual, value_group=value_group)
+
+
+def kivi_bytes_per_token(d: int, bits: int, group: int = 32, value_group: int | None = None, scale_bytes: int = 2) -> float:
+    """Bytes per quantized token and kv head (keys + values), the formula of the module docstring."""
+    gv = channel_group(d, value_group or group)
+    return 2 * d * bits / 8 + 2 * d * scale_bytes / group + 2 * (d / gv) * scale_bytes
