@@ -1,0 +1,215 @@
+"""AttentionPredictor (Yang, Wang et al., 2025, "AttentionPredictor: Temporal Pattern Matters for Efficient LLM
+Inference"): a tiny learned model predicts the next decoding step's attention from the history of attention.
+
+History. Per layer and query head, the last H = 64 attention rows, each max-pooled over key blocks of b = 16
+slots: a (H, n_blocks) image. It starts from the prompt's last H queries (`observe`) and gets one row per
+decoding step: the sparse row actually computed (zero on blocks not attended), and a full row (every key) every
+M = 5 steps ("distribution error calibration").
+
+Model. Conv2d(1, 16, 3x3, pad 1) + ReLU, Conv2d(16, 32, 3x3, pad 1) + ReLU, average over the time axis,
+Conv1d(32, 1, 1): one score per block, 4,833 parameters, one model for every layer and head, fully convolutional
+over the block axis. The sink blocks and the local blocks are cropped off the history before prediction (they
+are always attended). Trained with MSE on the next step's pooled attention (`training.py`), the checkpoint
+chosen by attention recovery rate, saved as safetensors under `$KVSQUEEZE_CACHE/predictor/<model key>.safetensors`.
+
+Decoding. The prediction for step t uses the history up to step t - 1 (so a runtime can fetch the blocks one
+token ahead). Each step attends to the sink blocks + the top predicted blocks + the local blocks within the
+token budget (1024 = 64 + 56 x 16 + 64). Local = the last `local // 16` blocks, the partial current block
+counting as one, so the budget is never exceeded. GQA: one KV subset per kv head, from the maximum over the
+group's query heads of their predicted block scores (a block matters when one head of the group needs it).
+Blocks that just left the local window have no prediction yet; they get their last history value. Layers 0-1
+are dense.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import KVSqueezeError
+from .base import Selector, attention_probs, block_pool, blocks_to_slots
+
+HISTORY = 64
+BLOCK = 16
+CALIBRATION_EVERY = 5
+
+
+class PredictorNet(nn.Module):
+    """The paper's CNN: (N, T, W) pooled attention history -> (N, W) next-step block scores."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 16, kernel_size=3, padding=1)
+        self.conv2 = nn.Conv2d(16, 32, kernel_size=3, padding=1)
+        self.pool = nn.AdaptiveAvgPool2d((1, None))
+        self.conv3 = nn.Conv1d(32, 1, kernel_size=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.unsqueeze(1).contiguous(memory_format=torch.channels_last)  # channels-last: several times faster on CPU
+        x = torch.relu(self.conv1(x))
+        x = torch.relu(self.conv2(x))
+        x = self.pool(x).flatten(2)  # (N, 32, W)
+        return self.conv3(x).squeeze(1)
+
+
+def n_parameters(net: nn.Module) -> int:
+    return sum(p.numel() for p in net.parameters())
+
+
+# --- checkpoints ------------------------------------------------------------------------------------------
+def predictor_path(model) -> Path:
+    from ..methods.qfilters import cache_dir, model_key
+
+    return cache_dir() / "predictor" / f"{model_key(model)}.safetensors"
+
+
+def save_predictor(net: PredictorNet, path: str | Path, meta: dict | None = None) -> Path:
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().float().contiguous().cpu() for k, v in net.state_dict().items()}
+    save_file(tensors, str(path), metadata={"kvsqueeze": json.dumps(meta or {})})
+    return path
+
+
+def load_predictor(path: str | Path) -> tuple[PredictorNet, dict]:
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.exists():
+        raise KVSqueezeError(f"no attention predictor at {path}")
+    net = PredictorNet()
+    net.load_state_dict(load_file(str(path)))
+    with safe_open(str(path), "pt") as f:
+        meta = json.loads((f.metadata() or {}).get("kvsqueeze", "{}"))
+    return net.eval(), meta
+
+
+# --- the selector -----------------------------------------------------------------------------------------
+class AttentionPredictor(Selector):
+    """Decode-time selection of the blocks a learned model predicts the current query will attend to."""
+
+    name = "attention_predictor"
+
+    def __init__(self, budget: int, *, predictor: PredictorNet | str | Path | None = None, sink: int | None = None,
+                 local: int | None = None, history: int = HISTORY, block: int = BLOCK,
+                 calibration_every: int = CALIBRATION_EVERY, gqa: str = "max",
+                 dense_layers: tuple[int, ...] = (0, 1), track_recovery: bool = False):
+        super().__init__(budget, block=block, dense_layers=dense_layers, track_recovery=track_recovery)
+        auto = max(block, min(64, (budget // 8) // block * block))  # 64 + 64 from 1024 tokens up, as the paper
+        self.sink = auto if sink is None else sink
+        self.local = auto if local is None else local
+        if self.sink % block or self.local % block or self.local < block:
+            raise KVSqueezeError(f"sink and local must be multiples of the block ({block}); local at least one block")
+        self.k_blocks = (budget - self.sink - self.local) // block
+        if self.k_blocks < 1:
+            raise KVSqueezeError(f"budget {budget} leaves no block beyond sink {self.sink} + local {self.local}")
+        if gqa not in ("max", "mean"):
+            raise KVSqueezeError(f"gqa must be 'max' or 'mean', got {gqa!r}")
+        self.gqa = gqa
+        self.history = history
+        self.calibration_every = calibration_every
+        self.net = predictor if isinstance(predictor, nn.Module) else None
+        self._predictor_path = None if isinstance(predictor, nn.Module) else predictor
+        self.predictor_meta: dict = {}
+
+    def setup(self, model) -> None:
+        super().setup(model)
+        if self.net is None:
+            path = Path(self._predictor_path) if self._predictor_path is not None else predictor_path(model)
+            if not path.exists():
+                name = getattr(model.config, "_name_or_path", "") or "M"
+                raise KVSqueezeError(
+                    f"no attention predictor trained for this model ({path}); run "
+                    f"`kvsqueeze train-predictor --model {name}`"
+                )
+            self.net, self.predictor_meta = load_predictor(path)
+        self.net = self.net.eval()
+
+    def describe(self) -> str:
+        return f"{self.name}(budget={self.budget}, sink={self.sink}, local={self.local}, top={self.k_blocks} blocks)"
+
+    # --- history ---------------------------------------------------------------------------------------
+    def _push(self, st: dict, rows: torch.Tensor) -> None:
+        """Append pooled rows (b, hq, r, W) to the layer's history (b, hq, T <= H, W'), widening as blocks appear."""
+        hist = st.get("hist")
+        if hist is not None:
+            w = rows.shape[-1]
+            if hist.shape[-1] < w:
+                hist = torch.nn.functional.pad(hist, (0, w - hist.shape[-1]))
+            elif hist.shape[-1] > w:
+                rows = torch.nn.functional.pad(rows, (0, hist.shape[-1] - w))
+            rows = torch.cat([hist, rows], dim=2)
+        st["hist"] = rows[:, :, -self.history :].contiguous()
+
+    @torch.no_grad()
+    def observe(self, layer_idx: int, layer, query: torch.Tensor) -> None:
+        """The prompt's last H queries start the history (causal rows over the slots stored so far)."""
+        st = self.layer_state(layer_idx, layer)
+        if layer_idx in self.dense_layers:
+            return
+        w = min(query.shape[2], self.history)
+        q = query[:, :, -w:]
+        probs = attention_probs(q, layer.keys, self.scale(layer_idx, q), self.softcap, layer.valid)  # (b, hq, w, n)
+        q_pos = layer.cumulative_length - w + torch.arange(w, device=q.device)
+        hq, hk = query.shape[1], layer.keys.shape[1]
+        future = layer.positions.repeat_interleave(hq // hk, dim=1)[:, :, None, :] > q_pos[None, None, :, None]
+        if bool(future.any()):  # renormalise without the keys after each query (causal rows)
+            probs = probs.masked_fill(future, 0.0)
+            probs = probs / probs.sum(-1, keepdim=True).clamp_min(1e-30)
+        self._push(st, block_pool(probs, self.block))
+
+    def predict(self, hist: torch.Tensor, n_blocks: int) -> torch.Tensor:
+        """Block scores (b, hq, n_blocks - sink_b - local_b) for the middle blocks of the current step."""
+        sb, lb = self.sink // self.block, self.local // self.block
+        b, hq, T, W = hist.shape
+        lo, hi = sb, max(sb, W - lb)  # the middle blocks as of the last history row
+        out_w = n_blocks - lb - sb
+        if hi - lo >= 3:  # the 3 x 3 kernels need a few columns
+            with torch.no_grad():
+                pred = self.net(hist[..., lo:hi].reshape(b * hq, T, hi - lo).float()).view(b, hq, hi - lo)
+        else:
+            pred = hist[:, :, -1, lo:hi].float()
+        if pred.shape[-1] < out_w:  # blocks that just left the local window: their last observed value
+            last = hist[:, :, -1, hi : hi + out_w - pred.shape[-1]].float()
+            last = torch.nn.functional.pad(last, (0, out_w - pred.shape[-1] - last.shape[-1]))
+            pred = torch.cat([pred, last], -1)
+        return pred[..., :out_w]
+
+    def _select(self, layer_idx: int, layer, query: torch.Tensor) -> torch.Tensor | None:
+        st = self.layer_state(layer_idx, layer)
+        n = layer.n_stored
+        nb = math.ceil(n / self.block)
+        sb, lb = self.sink // self.block, self.local // self.block
+        if nb <= sb + lb + self.k_blocks or "hist" not in st:
+            return None
+        pred = self.predict(st["hist"], nb)  # (b, hq, nb - sb - lb)
+        b, hq, wm = pred.shape
+        hk = layer.keys.shape[1]
+        pred = pred.view(b, hk, hq // hk, wm)
+        agg = pred.amax(2) if self.gqa == "max" else pred.mean(2)
+        if layer.valid is not None:
+            vb = torch.nn.functional.pad(layer.valid, (0, nb * self.block - n)).view(b, hk, nb, -1).any(-1)
+            agg = agg.masked_fill(~vb[..., sb : nb - lb], float("-inf"))
+        top = agg.topk(self.k_blocks, dim=-1).indices + sb
+        fixed = torch.cat([torch.arange(sb), torch.arange(nb - lb, nb)]).to(top.device)
+        blocks = torch.cat([fixed.expand(b, hk, -1), top], dim=-1)
+        return blocks_to_slots(blocks, n, self.block)
+
+    def _after_select(self, layer_idx, layer, query, idx, probs) -> None:
+        """Add this step's row to the history: the sparse row, or the full one every M steps (and when dense)."""
+        if layer_idx in self.dense_layers:
+            return
+        st = self.layer_state(layer_idx, layer)
+        st["step"] = st.get("step", 0) + 1
+        if idx is None or st["step"] % self.calibration_every == 0:
+            row = probs if probs is not None else self.full_probs(layer_idx, layer, query)
+        else:
+            row = self.sparse_probs(layer_idx, layer, query, idx)
+        self._push(st, block_pool(row[:, :, None], self.block))

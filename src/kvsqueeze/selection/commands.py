@@ -1,0 +1,56 @@
+"""`kvsqueeze train-predictor`: collect attention traces and train AttentionPredictor's CNN for a model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ..errors import KVSqueezeError
+
+
+def register_selection(main: click.Group) -> None:
+    from ..models import DEFAULT_MODEL
+
+    @main.command("train-predictor")
+    @click.option("--model", default=DEFAULT_MODEL, show_default=True, help="Model alias, HF hub id or local directory.")
+    @click.option("--text-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+                  help="Directory of .txt files to collect traces on (default: the text shipped with kvsqueeze).")
+    @click.option("--n-seq", type=click.IntRange(min=2), default=16, show_default=True,
+                  help="Calibration sequences (a fifth of them, from held-out texts, validate).")
+    @click.option("--seq-len", type=click.IntRange(min=256), default=2048, show_default=True,
+                  help="Longest sequence in tokens (lengths are drawn from seq-len/2 .. seq-len).")
+    @click.option("--steps", type=click.IntRange(min=1), default=64, show_default=True,
+                  help="Decode steps (teacher-forced) recorded per sequence.")
+    @click.option("--copy-share", type=click.FloatRange(0.0, 1.0), default=0.5, show_default=True,
+                  help="Share of sequences that are the synthetic copy task (the rest: plain text windows).")
+    @click.option("--epochs", type=click.IntRange(min=1), default=6, show_default=True)
+    @click.option("--max-minutes", type=float, default=None, help="Stop training after this long.")
+    @click.option("--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
+                  help="Checkpoint path (default: $KVSQUEEZE_CACHE/predictor/<model key>.safetensors).")
+    @click.option("--seed", type=int, default=0, show_default=True)
+    def train_predictor_cmd(model, text_dir, n_seq, seq_len, steps, copy_share, epochs, max_minutes, output, seed):
+        """Train AttentionPredictor (the 4,833-parameter CNN) on attention traces of MODEL."""
+        from ..models import load_model
+        from .attention_predictor import n_parameters
+        from .training import TrainConfig, train_predictor
+
+        texts = None
+        if text_dir is not None:
+            if not text_dir.is_dir():
+                raise KVSqueezeError(f"text directory not found: {text_dir}")
+            texts = [p.read_text(errors="replace") for p in sorted(text_dir.glob("*.txt"))]
+            if not texts:
+                raise KVSqueezeError(f"no .txt files in {text_dir}")
+        cfg = TrainConfig(epochs=epochs, seed=seed, max_seconds=None if max_minutes is None else 60 * max_minutes)
+        mdl, tok = load_model(model)
+        res, path, times = train_predictor(mdl, tok, texts, n_seq=n_seq, seq_len=seq_len, steps=steps,
+                                           copy_share=copy_share, cfg=cfg, path=output, seed=seed)
+        r = res.val_recovery
+        k = cfg.select_k
+        click.echo(f"predictor: {n_parameters(res.net):,} parameters, saved to {path}")
+        click.echo(f"validation recovery rate (sink {cfg.sink} + local {cfg.local} + top {k} blocks of {cfg.block}): "
+                   f"learned {r['learned']:.4f} (epoch {res.best_epoch}), last row {r['last']:.4f}, "
+                   f"history mean {r['mean']:.4f}")
+        click.echo(f"examples: {res.n_train_examples:,} train, {res.n_val_examples:,} val; time: traces "
+                   f"{times['traces']:.0f} s, training {times['train']:.0f} s, total {times['total']:.0f} s")

@@ -1,0 +1,136 @@
+"""Trace collection: the attention rows that AttentionPredictor learns from.
+
+For a token sequence x_1..x_T, decoding it token by token with teacher forcing gives, at every step, exactly the
+queries and keys of one causal forward over the whole sequence. So one forward (no cache compression) records
+every layer's post-RoPE queries (`attention.record_queries`) and the cache keeps every key; the attention row of
+the last H + S positions is then recomputed per layer and query head (fp32), and pooled over key blocks of 16:
+
+    maxp (layers, q_heads, H + S, W)  block-max-pooled rows: the predictor's input history and its MSE targets
+    sums (layers, q_heads, H + S, W)  block sums: the attention mass per block, for the recovery rate
+
+W = ceil(T / 16); row r is position T - (H + S) + r and is zero on blocks after it. A training example is
+(rows s .. s + H - 1) -> row s + H, for s in 0..S-1: the last S positions are the "decode steps". Stored in fp16.
+
+Sequences (`calibration_sequences`): windows of a text corpus (essays), and a synthetic copy task (a passage of
+the context repeated after a chat-formatted request, teacher-forced), whose answers attend far back into the
+context, as retrieval answers do. The dense layers (0-1) are skipped.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+
+from .base import attention_probs, block_pool
+
+COPY_REQUEST = "Repeat, word for word, the passage of the text above that starts with \"{start}\"."
+
+
+@dataclass
+class Trace:
+    maxp: torch.Tensor  # (L, hq, H + S, W) fp16
+    sums: torch.Tensor  # (L, hq, H + S, W) fp16
+    layers: list[int]
+    n_tokens: int
+    history: int
+    kind: str = "text"
+
+    @property
+    def n_steps(self) -> int:
+        return self.maxp.shape[2] - self.history
+
+    def nbytes(self) -> int:
+        return self.maxp.numel() * 2 + self.sums.numel() * 2
+
+
+@torch.no_grad()
+def collect_trace(model, ids: list[int] | torch.Tensor, *, history: int = 64, steps: int = 64, block: int = 16,
+                  dense_layers: tuple[int, ...] = (0, 1), kind: str = "text") -> Trace:
+    """Run `ids` once through `model` and keep the pooled attention rows of its last `history + steps` positions."""
+    from ..attention import record_queries
+    from ..cache import CompressedCache
+
+    ids = torch.as_tensor(ids).view(1, -1).to(next(model.parameters()).device)
+    T = ids.shape[1]
+    w = history + steps
+    if T <= w:
+        raise ValueError(f"a trace needs more than {w} tokens, got {T}")
+    queries: dict[int, torch.Tensor] = {}
+    scaling: dict[int, float] = {}
+
+    def rec(module, query):
+        queries[module.layer_idx] = query[:, :, -w:].detach()
+        if getattr(module, "scaling", None) is not None:
+            scaling[module.layer_idx] = float(module.scaling)
+
+    cache = CompressedCache(model, None)
+    with record_queries(rec):
+        model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    layers = [i for i in sorted(queries) if i not in dense_layers and hasattr(cache.layers[i], "positions")]
+    q_pos = torch.arange(T - w, T, device=ids.device)
+    maxp, sums = [], []
+    for i in layers:
+        layer = cache.layers[i]
+        q = queries[i]
+        p = attention_probs(q, layer.keys, scaling.get(i, q.shape[-1] ** -0.5),
+                            getattr(model.config.get_text_config(), "attn_logit_softcapping", None))[0]  # (hq, w, T)
+        p = p.masked_fill(torch.arange(T, device=p.device)[None, None, :] > q_pos[None, :, None], 0.0)
+        p = p / p.sum(-1, keepdim=True)
+        maxp.append(block_pool(p, block, "max").half().cpu())
+        sums.append(block_pool(p, block, "sum").half().cpu())
+    return Trace(torch.stack(maxp), torch.stack(sums), layers, T, history, kind)
+
+
+def _split_stream(tokenizer, texts: list[str], val_share: float) -> tuple[list[int], list[int]]:
+    """Token stream of the texts, split by text (not by window) into a train and a validation part."""
+    texts = [t for t in texts if t.strip()]
+    n_val = max(1, round(len(texts) * val_share)) if len(texts) > 1 else 0
+    enc = lambda ts: tokenizer("\n\n".join(ts), add_special_tokens=False).input_ids  # noqa: E731
+    if n_val == 0:  # one text: its last part validates
+        ids = enc(texts)
+        cut = int(len(ids) * (1 - val_share))
+        return ids[:cut], ids[cut:]
+    return enc(texts[:-n_val]), enc(texts[-n_val:])
+
+
+def _window(stream: list[int], length: int, rng: random.Random) -> list[int]:
+    if len(stream) <= length:  # short corpus: wrap around
+        reps = length // max(1, len(stream)) + 2
+        stream = stream * reps
+    s = rng.randrange(0, len(stream) - length)
+    return stream[s : s + length]
+
+
+def copy_sequence(tokenizer, stream: list[int], length: int, answer_tokens: int, rng: random.Random) -> list[int]:
+    """A chat-formatted request to repeat a passage of the context, followed by the passage (teacher forcing)."""
+    from ..pipeline import split_prompt
+
+    ctx_len = length - answer_tokens - 48
+    window = _window(stream, ctx_len, rng)
+    at = rng.randrange(0, max(1, ctx_len - answer_tokens - 8))
+    passage = window[at : at + answer_tokens]
+    start = tokenizer.decode(passage[:8]).strip().replace('"', "'")
+    context = tokenizer.decode(window)
+    ctx, q = split_prompt(tokenizer, context, COPY_REQUEST.format(start=start))
+    return ctx + q + passage
+
+
+def calibration_sequences(tokenizer, texts: list[str], n_seq: int, seq_len: int, *, copy_share: float = 0.5,
+                          steps: int = 64, val_share: float = 0.2, seed: int = 0
+                          ) -> tuple[list[tuple[str, list[int]]], list[tuple[str, list[int]]]]:
+    """(train, val) lists of (kind, token ids): essay windows and copy-task sequences of seq_len / 2 .. seq_len
+    tokens; validation sequences come from texts no training sequence uses."""
+    rng = random.Random(f"predictor-{seed}")
+    train_stream, val_stream = _split_stream(tokenizer, texts, val_share)
+    n_val = max(1, round(n_seq * val_share))
+    out = []
+    for i in range(n_seq):
+        stream = val_stream if i >= n_seq - n_val else train_stream
+        length = rng.randint(seq_len // 2, seq_len)
+        if rng.random() < copy_share:
+            out.append(("copy", copy_sequence(tokenizer, stream, length, steps + 16, rng)))
+        else:
+            out.append(("text", _window(stream, length, rng)))
+    return out[: n_seq - n_val], out[n_seq - n_val :]

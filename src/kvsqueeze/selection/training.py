@@ -1,0 +1,225 @@
+"""Training AttentionPredictor's CNN on collected traces (see `traces.py`).
+
+Examples: for a trace and a decode step s, the input is the H = 64 history rows before the step, the sink and
+local blocks cropped (as at decoding time), one example per (layer, query head); the target is the step's
+block-max-pooled attention on the same blocks. Loss: MSE (the paper's). Each batch is one (trace, step) with a
+random subset of its (layer, head) series, so every example of a batch has the same width.
+
+Checkpoint selection: after each epoch, the attention recovery rate on the validation traces (texts no training
+sequence saw): per (layer, head, step), the share of the true attention mass on sink + local + the top-k predicted
+middle blocks. The epoch with the best rate is kept. Two trivial predictors are measured on the same examples
+for reference: the last history row ("last") and the history mean ("mean").
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from .attention_predictor import HISTORY, PredictorNet, n_parameters
+from .traces import Trace
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 6
+    lr: float = 2e-3
+    series_per_batch: int = 96  # (layer, head) series per batch, all at one (trace, step)
+    step_stride: int = 2  # use every n-th decode step of a trace for training
+    val_stride: int = 4
+    sink: int = 64
+    local: int = 64
+    block: int = 16
+    val_k: tuple[int, ...] = (8, 16, 32)  # middle blocks selected when measuring the recovery rate
+    select_k: int = 16  # the k whose recovery rate picks the checkpoint
+    max_seconds: float | None = None  # stop training (not validation) after this long
+    seed: int = 0
+
+
+@dataclass
+class TrainResult:
+    net: PredictorNet
+    best_epoch: int
+    val_recovery: dict[str, float]  # at select_k: learned (best epoch), last, mean
+    val_recovery_by_k: dict[str, dict[int, float]]
+    history: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+    n_train_examples: int = 0
+    n_val_examples: int = 0
+    config: dict = field(default_factory=dict)
+
+    def meta(self) -> dict:
+        return {"best_epoch": self.best_epoch, "val_recovery": self.val_recovery,
+                "val_recovery_by_k": {m: {str(k): v for k, v in d.items()} for m, d in self.val_recovery_by_k.items()},
+                "train_seconds": round(self.seconds, 1), "n_train_examples": self.n_train_examples,
+                "n_val_examples": self.n_val_examples, "parameters": n_parameters(self.net), "config": self.config,
+                "history": self.history}
+
+
+def example(trace: Trace, s: int, sink_b: int, local_b: int, block: int):
+    """Inputs (L*hq, H, Wm), targets (L*hq, Wm), block sums of the target row (L*hq, nb) and the middle range.
+
+    The target row sits at position p = T - S + s; its history's width is ceil(p / block) blocks (the last history
+    row has p keys); the middle blocks are [sink_b, W - local_b)."""
+    H = trace.history
+    p = trace.n_tokens - trace.n_steps + s
+    W = math.ceil(p / block)
+    nb = math.ceil((p + 1) / block)
+    lo, hi = sink_b, W - local_b
+    L, hq = trace.maxp.shape[:2]
+    x = trace.maxp[:, :, s : s + H, lo:hi].float().reshape(L * hq, H, hi - lo)
+    y = trace.maxp[:, :, s + H, lo:hi].float().reshape(L * hq, hi - lo)
+    sums = trace.sums[:, :, s + H, :nb].float().reshape(L * hq, nb)
+    return x, y, sums, lo, hi
+
+
+def recovery_at(scores: torch.Tensor, sums: torch.Tensor, lo: int, hi: int, k: int) -> torch.Tensor:
+    """Per example: (mass on blocks < lo and >= hi, plus the top-k scored middle blocks) / total mass."""
+    k = min(k, hi - lo)
+    mid = sums[:, lo:hi]
+    picked = mid.gather(1, scores.topk(k, dim=-1).indices).sum(1)
+    fixed = sums[:, :lo].sum(1) + sums[:, hi:].sum(1)
+    return (fixed + picked) / sums.sum(1).clamp_min(1e-12)
+
+
+@torch.no_grad()
+def evaluate(net: PredictorNet | None, traces: list[Trace], cfg: TrainConfig, kind: str = "learned"
+             ) -> dict[int, float]:
+    """Mean recovery rate over the validation examples, per k, of the CNN (or 'last' / 'mean')."""
+    sink_b, local_b = cfg.sink // cfg.block, cfg.local // cfg.block
+    tot = {k: 0.0 for k in cfg.val_k}
+    count = 0
+    for tr in traces:
+        for s in range(0, tr.n_steps, cfg.val_stride):
+            x, _, sums, lo, hi = example(tr, s, sink_b, local_b, cfg.block)
+            if hi - lo < 3:
+                continue
+            if kind == "last":
+                scores = x[:, -1]
+            elif kind == "mean":
+                scores = x.mean(1)
+            else:
+                scores = net(x)
+            for k in cfg.val_k:
+                tot[k] += float(recovery_at(scores, sums, lo, hi, k).sum())
+            count += x.shape[0]
+    return {k: v / max(1, count) for k, v in tot.items()}
+
+
+def n_examples(traces: list[Trace], stride: int) -> int:
+    return sum(len(range(0, t.n_steps, stride)) * t.maxp.shape[0] * t.maxp.shape[1] for t in traces)
+
+
+def train(train_traces: list[Trace], val_traces: list[Trace], cfg: TrainConfig | None = None,
+          progress: bool = True, net: PredictorNet | None = None) -> TrainResult:
+    """Train the CNN with MSE on the next step's pooled attention; keep the epoch with the best recovery rate."""
+    cfg = cfg or TrainConfig()
+    torch.manual_seed(cfg.seed)
+    rng = random.Random(cfg.seed)
+    net = net or PredictorNet()
+    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
+    sink_b, local_b = cfg.sink // cfg.block, cfg.local // cfg.block
+    combos = [(ti, s) for ti, tr in enumerate(train_traces) for s in range(0, tr.n_steps, cfg.step_stride)
+              if math.ceil((tr.n_tokens - tr.n_steps + s) / cfg.block) - local_b - sink_b >= 3]
+    n_series = max(1, min(cfg.series_per_batch, *(t.maxp.shape[0] * t.maxp.shape[1] for t in train_traces)))
+    total_batches = cfg.epochs * len(combos)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total_batches, desc="training predictor", unit="batch")
+    t0 = time.perf_counter()
+    baseline = {m: evaluate(None, val_traces, cfg, m) for m in ("last", "mean")}
+    best = evaluate(net, val_traces, cfg)
+    best_state, best_epoch = copy.deepcopy(net.state_dict()), 0
+    history = [{"epoch": 0, "loss": None, "val": best}]
+    stop = False
+    for epoch in range(1, cfg.epochs + 1):
+        rng.shuffle(combos)
+        net.train()
+        loss_sum, n_b = 0.0, 0
+        for ti, s in combos:
+            x, y, _, _, _ = example(train_traces[ti], s, sink_b, local_b, cfg.block)
+            pick = torch.tensor(rng.sample(range(x.shape[0]), n_series))
+            loss = torch.nn.functional.mse_loss(net(x[pick]), y[pick])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            loss_sum += float(loss.detach())
+            n_b += 1
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(epoch=epoch, loss=f"{loss_sum / n_b:.2e}", best=f"{best[cfg.select_k]:.3f}")
+            if cfg.max_seconds is not None and time.perf_counter() - t0 > cfg.max_seconds:
+                stop = True
+                break
+        net.eval()
+        val = evaluate(net, val_traces, cfg)
+        history.append({"epoch": epoch, "loss": loss_sum / max(1, n_b), "val": val, "batches": n_b})
+        if val[cfg.select_k] > best[cfg.select_k]:
+            best, best_state, best_epoch = val, copy.deepcopy(net.state_dict()), epoch
+        if stop:
+            break
+    if bar is not None:
+        bar.close()
+    net.load_state_dict(best_state)
+    net.eval()
+    by_k = {"learned": best, **baseline}
+    return TrainResult(
+        net=net, best_epoch=best_epoch,
+        val_recovery={m: d[cfg.select_k] for m, d in by_k.items()},
+        val_recovery_by_k=by_k,
+        history=[{**h, "val": {str(k): round(v, 4) for k, v in h["val"].items()}} for h in history],
+        seconds=time.perf_counter() - t0,
+        n_train_examples=n_examples(train_traces, cfg.step_stride),
+        n_val_examples=n_examples(val_traces, cfg.val_stride),
+        config={k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
+    )
+
+
+def collect_traces(model, sequences: list[tuple[str, list[int]]], *, history: int = HISTORY, steps: int = 64,
+                   block: int = 16, progress: bool = True, desc: str = "collecting traces") -> list[Trace]:
+    from .traces import collect_trace
+
+    it = sequences
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(sequences, desc=desc, unit="seq")
+    return [collect_trace(model, ids, history=history, steps=steps, block=block, kind=kind) for kind, ids in it]
+
+
+def train_predictor(model, tokenizer, texts: list[str] | None = None, *, n_seq: int = 16, seq_len: int = 2048,
+                    steps: int = 64, copy_share: float = 0.5, cfg: TrainConfig | None = None, progress: bool = True,
+                    path=None, seed: int = 0) -> tuple[TrainResult, "Path", dict]:
+    """Collect traces on `texts` (default: the calibration text shipped with kvsqueeze), train, save safetensors.
+
+    Returns the result, the checkpoint path and timings (seconds for traces, training, total)."""
+    from ..attention import patch
+    from ..methods.qfilters import default_calibration_texts
+    from .attention_predictor import predictor_path, save_predictor
+    from .traces import calibration_sequences
+
+    cfg = cfg or TrainConfig(seed=seed)
+    t0 = time.perf_counter()
+    patch(model)
+    texts = texts or ["\n\n".join(default_calibration_texts())]
+    train_seqs, val_seqs = calibration_sequences(tokenizer, texts, n_seq, seq_len, copy_share=copy_share,
+                                                 steps=steps, seed=seed)
+    train_tr = collect_traces(model, train_seqs, steps=steps, block=cfg.block, progress=progress,
+                              desc="traces (train)")
+    val_tr = collect_traces(model, val_seqs, steps=steps, block=cfg.block, progress=progress, desc="traces (val)")
+    t_traces = time.perf_counter() - t0
+    res = train(train_tr, val_tr, cfg, progress=progress)
+    total = time.perf_counter() - t0
+    meta = {**res.meta(), "trace_seconds": round(t_traces, 1), "total_seconds": round(total, 1),
+            "model": str(getattr(model.config, "_name_or_path", "")), "n_seq": n_seq, "seq_len": seq_len,
+            "steps": steps, "copy_share": copy_share, "history": HISTORY,
+            "trace_kinds": [k for k, _ in train_seqs + val_seqs]}
+    out = save_predictor(res.net, path or predictor_path(model), meta)
+    return res, out, {"traces": t_traces, "train": res.seconds, "total": total}
