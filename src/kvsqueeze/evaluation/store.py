@@ -1,0 +1,151 @@
+"""A resumable results store: one SQLite file, one row per (model, method, params, ratio, task, sample, seed,
+code version).
+
+Each row is inserted in its own committed transaction (WAL mode) right after it is computed, so a sweep killed at
+any point (even with kill -9) keeps every finished row; running it again skips the keys already present, and the
+UNIQUE key makes a duplicate impossible even when two sweeps write the same file. Tables come out through pandas.
+
+`ratio` is the nominal compression ratio (fraction of the cache removed); it is -1 for a method given an absolute
+`budget` (its params_json then says the budget) and 0 for `full`.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import subprocess
+import time
+from pathlib import Path
+
+from ..errors import KVSqueezeError
+
+KEY = ("model", "method", "params_json", "ratio", "task", "sample_id", "seed", "code_version")
+COLUMNS = {
+    "model": "TEXT NOT NULL",
+    "method": "TEXT NOT NULL",
+    "params_json": "TEXT NOT NULL",
+    "ratio": "REAL NOT NULL",
+    "task": "TEXT NOT NULL",
+    "sample_id": "TEXT NOT NULL",
+    "seed": "INTEGER NOT NULL",
+    "code_version": "TEXT NOT NULL",
+    "metric": "TEXT",  # the primary metric: string_match_all, string_match_part or perplexity
+    "score": "REAL",  # that metric (0-1 for string matches; perplexity is lower-is-better)
+    "metrics_json": "TEXT",  # every metric computed
+    "prediction": "TEXT",
+    "answers_json": "TEXT",
+    "kv_bytes": "INTEGER",  # right after compressing the context (before the question)
+    "total_bytes": "INTEGER",
+    "full_kv_bytes": "INTEGER",
+    "n_context_tokens": "INTEGER",
+    "n_question_tokens": "INTEGER",
+    "length": "INTEGER",  # requested length (tokens) of the sample
+    "depth": "REAL",  # needle depth when the task has one
+    "meta_json": "TEXT",
+    "protocol": "TEXT",  # shared-prefill | re-prefill (generate_answer) | ...
+    "seconds": "REAL",  # compression + answer (shared prefill) or the whole generate_answer call
+    "created_at": "REAL",
+}
+
+
+def code_version() -> str:
+    """The package version, plus the git commit of the source tree when it is a git checkout."""
+    from .. import __version__
+
+    src = Path(__file__).resolve().parent.parent
+    try:
+        out = subprocess.run(["git", "-C", str(src), "rev-parse", "--short=10", "HEAD"], capture_output=True,
+                             text=True, timeout=5)
+        if out.returncode == 0 and out.stdout.strip():
+            return f"{__version__}+g{out.stdout.strip()}"
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return __version__
+
+
+class ResultStore:
+    """`ResultStore(path)`: open (or create) the SQLite file at `path`."""
+
+    def __init__(self, path: str | Path, create: bool = True):
+        self.path = Path(path)
+        if not create and not self.path.is_file():
+            raise KVSqueezeError(f"results file not found: {self.path}")
+        if create:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.conn = sqlite3.connect(str(self.path), timeout=60, isolation_level=None)
+            self.conn.execute("PRAGMA journal_mode=WAL")
+            self.conn.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: a killed process loses no commit
+            cols = ",\n  ".join(f"{k} {v}" for k, v in COLUMNS.items())
+            self.conn.execute(
+                f"CREATE TABLE IF NOT EXISTS results (\n  id INTEGER PRIMARY KEY,\n  {cols},\n"
+                f"  UNIQUE ({', '.join(KEY)}))"
+            )
+        except sqlite3.DatabaseError as e:
+            raise KVSqueezeError(f"{self.path} is not a kvsqueeze results database ({e})") from None
+
+    def close(self):
+        self.conn.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    @staticmethod
+    def key_of(row: dict) -> tuple:
+        return tuple(float(row[k]) if k == "ratio" else row[k] for k in KEY)
+
+    def done_keys(self, model: str | None = None, code_version: str | None = None) -> set[tuple]:
+        """Keys already stored (optionally restricted to one model and code version)."""
+        q, args = f"SELECT {', '.join(KEY)} FROM results", []
+        where = []
+        if model is not None:
+            where.append("model = ?")
+            args.append(model)
+        if code_version is not None:
+            where.append("code_version = ?")
+            args.append(code_version)
+        if where:
+            q += " WHERE " + " AND ".join(where)
+        return {self.key_of(dict(zip(KEY, r))) for r in self.conn.execute(q, args)}
+
+    def add(self, row: dict) -> bool:
+        """Insert one row in its own committed transaction; False when its key was already there."""
+        unknown = set(row) - set(COLUMNS)
+        if unknown:
+            raise ValueError(f"unknown result columns: {sorted(unknown)}")
+        row = {**row, "created_at": row.get("created_at", time.time())}
+        for k in ("metrics_json", "answers_json", "meta_json"):
+            if k in row and not isinstance(row[k], str):
+                row[k] = json.dumps(row[k], ensure_ascii=False, sort_keys=True)
+        names = list(row)
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            cur = self.conn.execute(
+                f"INSERT OR IGNORE INTO results ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})",
+                [row[n] for n in names],
+            )
+            self.conn.execute("COMMIT")
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        return cur.rowcount == 1
+
+    def count(self) -> int:
+        return self.conn.execute("SELECT COUNT(*) FROM results").fetchone()[0]
+
+    def frame(self):
+        """Every row as a pandas DataFrame."""
+        import pandas as pd
+
+        return pd.read_sql_query("SELECT * FROM results ORDER BY id", self.conn)
+
+
+def summary_table(df, value: str = "score"):
+    """Mean `value` per (model, task, metric) x (method, ratio): the table printed after a sweep."""
+    if df.empty:
+        return df
+    t = df.pivot_table(index=["task", "metric"], columns=["method", "ratio"], values=value, aggfunc="mean")
+    return t.sort_index(axis=1)

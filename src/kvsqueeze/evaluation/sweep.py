@@ -1,0 +1,285 @@
+"""The sweep engine: methods x ratios x tasks x samples, one prefill per sample, rows stored as they finish.
+
+Compressing the cache after each layer's prefill attention does not change the prefill's hidden states, so one
+uncompressed prefill per sample (`record_prefill`, which keeps every layer's post-RoPE queries) serves every
+prefill-time method and ratio: `PrefillRecord.compress` rebuilds exactly the cache that prefilling with that
+method would have produced, and only the scoring, the question and the short answer decode repeat per pair.
+
+Protocols (the `protocol` column of each row):
+
+- `shared-prefill`: question-agnostic QA (kvpress's protocol): the context is compressed from the shared record,
+  then the question is fed uncompressed on top and the answer decoded greedily; with `query_aware=True` the
+  record covers context + question (all but its last token), as `generate_answer(query_aware=True)` does;
+- `re-prefill`: methods that are not prefill-only (`decode_every > 0`, which keep compressing while decoding)
+  and chunked prefills (`chunk_size`) fall back to `generate_answer`, one full prefill per pair; so does
+  `share_prefill=False` (the reference the benchmark compares with);
+- `capped-ppl` / `capped-ppl-re-prefill`: perplexity with a capped cache (see `tasks/perplexity.py`): the prefix
+  is compressed to the method's budget from the shared record (or prefilled again), then the scored tokens are
+  fed one at a time with `decode_every=1`. The record-based start is the same cache object state as a real
+  prefill (tested: identical NLL), because the decode-time compression only starts after it.
+
+Resumable: rows are keyed (model, method, params, ratio, task, sample, seed, code version); keys already in the
+store are skipped, and each new row is committed as soon as it is computed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from ..cache import CompressedCache
+from ..errors import KVSqueezeError
+from ..methods import Method, get_method
+from ..pipeline import _eos_ids, check_budget, generate_answer, greedy_decode, prefill, record_prefill, split_prompt
+from ..tasks.base import Sample, score
+from .store import ResultStore, code_version as default_code_version
+
+
+# --- method identity ---------------------------------------------------------------------------------------
+def method_params(m: Method) -> dict:
+    """A method's parameters as JSON-able values, `ratio` excluded (it is a key column of its own).
+
+    A nested method (PyramidKV's scorer) becomes {"name": ..., params...}; a tensor (Q-Filters' filters) becomes
+    a content hash, so results with different filters never share a key."""
+    out = {"name": m.name}
+    for f in dataclasses.fields(m):
+        if f.name == "ratio":
+            continue
+        v = getattr(m, f.name)
+        if isinstance(v, Method):
+            v = {**method_params(v), "ratio": v.ratio}
+        elif isinstance(v, torch.Tensor):
+            t = v.detach().cpu().contiguous().float()
+            v = "tensor:" + hashlib.sha256(t.numpy().tobytes()).hexdigest()[:12]
+        elif isinstance(v, tuple):
+            v = list(v)
+        out[f.name] = v
+    return out
+
+
+def is_prefill_only(m: Method) -> bool:
+    """True when the method only compresses at the prefill (then one shared prefill serves it)."""
+    if m.decode_every > 0:
+        return False
+    scorer = getattr(m, "scorer", None)
+    return not (isinstance(scorer, Method) and scorer.decode_every > 0)
+
+
+@dataclass
+class Pair:
+    """One (method, ratio) point of a grid."""
+
+    method: Method
+    ratio: float  # the key's nominal ratio: -1 for an absolute budget, 0 for `full`
+    params_json: str
+    query_aware: bool = False
+
+    @property
+    def name(self) -> str:
+        return self.method.name
+
+    def label(self) -> str:
+        return self.method.describe()
+
+
+def make_pairs(methods: list[Method | str], ratios: list[float], query_aware: bool = False,
+               **method_kwargs) -> list[Pair]:
+    """The grid methods x ratios. `full` runs once (ratio 0); a method with a `budget` runs once (ratio -1)."""
+    pairs: list[Pair] = []
+    seen: set[tuple] = set()
+    for spec in methods:
+        for r in ratios:
+            if isinstance(spec, Method):
+                m = dataclasses.replace(spec, ratio=r) if spec.budget is None else spec
+            else:
+                m = get_method(spec, ratio=r, **method_kwargs)
+            if m.name == "full":
+                m = dataclasses.replace(m, ratio=0.0, budget=None)
+            key_ratio = 0.0 if m.name == "full" else (-1.0 if m.budget is not None else float(r))
+            params = method_params(m)
+            if query_aware:
+                params["protocol"] = "query-aware"
+            pj = json.dumps(params, sort_keys=True)
+            if (m.name, pj, key_ratio) in seen:
+                continue
+            seen.add((m.name, pj, key_ratio))
+            pairs.append(Pair(m, key_ratio, pj, query_aware))
+    return pairs
+
+
+# --- one pair on one sample ----------------------------------------------------------------------------------
+def _device(model):
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def _answer_from_cache(model, tokenizer, cache, q_ids, max_new_tokens, eos):
+    logits = model(input_ids=torch.tensor([q_ids], device=_device(model)), past_key_values=cache,
+                   logits_to_keep=1).logits[:, -1]
+    tokens = greedy_decode(model, cache, logits, max_new_tokens, eos)
+    return tokenizer.decode(tokens, skip_special_tokens=True).strip()
+
+
+def capped_method(m: Method, n_prefix: int) -> Method:
+    """The method holding the cache at its prefill budget while the scored tokens are fed (perplexity task)."""
+    if m.name == "full":
+        return m
+    budget = m.budget if m.budget is not None else max(1, int(n_prefix * (1.0 - m.ratio)))
+    return dataclasses.replace(m, budget=budget, decode_every=m.decode_every or 1)
+
+
+@torch.no_grad()
+def capped_perplexity(model, cache: CompressedCache, fed: list[int], targets: list[int]) -> float:
+    """Mean NLL of `targets`, feeding `fed` one token at a time on top of `cache` (which keeps compressing)."""
+    device = _device(model)
+    nll = 0.0
+    for tok_in, tok_out in zip(fed, targets):
+        logits = model(input_ids=torch.tensor([[tok_in]], device=device), past_key_values=cache).logits[0, -1]
+        nll -= float(torch.log_softmax(logits.float(), -1)[tok_out])
+    return nll / len(targets)
+
+
+# --- the sweep ------------------------------------------------------------------------------------------------
+@dataclass
+class SweepResult:
+    added: int = 0
+    skipped: int = 0  # keys already in the store
+    prefills: int = 0  # shared prefills run
+    seconds: float = 0.0
+    prefill_seconds: float = 0.0
+    answers: dict = field(default_factory=dict)  # (task, sample_id, method, params_json, ratio) -> prediction
+
+
+def run_sweep(model, tokenizer, samples: list[Sample], pairs: list[Pair], store: ResultStore | None = None, *,
+              model_name: str, seed: int = 0, code_version: str | None = None, share_prefill: bool = True,
+              chunk_size: int | None = None, progress: bool = True, keep_answers: bool = False) -> SweepResult:
+    """Evaluate every pair on every sample; rows already in `store` are skipped, new ones stored one by one."""
+    code_version = code_version or default_code_version()
+    res = SweepResult()
+    t_start = time.perf_counter()
+    done = store.done_keys(model_name, code_version) if store is not None else set()
+    todo: list[tuple[Sample, list[Pair]]] = []
+    for s in samples:
+        pending = [p for p in pairs if (model_name, p.name, p.params_json, p.ratio, s.task, s.sample_id, seed,
+                                        code_version) not in done]
+        res.skipped += len(pairs) - len(pending)
+        if pending:
+            todo.append((s, pending))
+    total = sum(len(p) for _, p in todo)
+    max_pos = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    for m in {id(p.method): p.method for p in pairs}.values():
+        m.setup(model)  # Q-Filters loads (or calibrates) its filters once, not once per cache
+    eos = _eos_ids(model, tokenizer)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        print(f"{total} rows to compute ({res.skipped} already stored) over {len(todo)} samples", file=sys.stderr)
+        bar = tqdm(total=total, unit="row", dynamic_ncols=True, file=sys.stderr, desc="sweep")
+    try:
+        for sample, pending in todo:
+            _run_sample(model, tokenizer, sample, pending, store, res, model_name=model_name, seed=seed,
+                        code_version=code_version, share=share_prefill, chunk_size=chunk_size, eos=eos,
+                        max_pos=max_pos, bar=bar, keep_answers=keep_answers)
+    finally:
+        if bar is not None:
+            bar.close()
+    res.seconds = time.perf_counter() - t_start
+    return res
+
+
+@torch.no_grad()
+def _run_sample(model, tokenizer, sample: Sample, pending: list[Pair], store, res: SweepResult, *, model_name,
+                seed, code_version, share, chunk_size, eos, max_pos, bar, keep_answers):
+    ppl = sample.metric == "perplexity"
+    if ppl:
+        ids = tokenizer(sample.context).input_ids
+        k = int(sample.meta.get("n_scored", 64))
+        if len(ids) < 2 * k + 2:
+            raise KVSqueezeError(f"{sample.task}/{sample.sample_id}: text too short for {k} scored tokens")
+        prefix, fed, targets = ids[: len(ids) - k - 1], ids[len(ids) - k - 1 : -1], ids[len(ids) - k :]
+        n_total = len(ids)
+    else:
+        ctx_ids, q_ids = split_prompt(tokenizer, sample.context, sample.question, sample.answer_prefix)
+        n_total = len(ctx_ids) + len(q_ids) + sample.max_new_tokens
+    if max_pos and n_total > max_pos:
+        raise KVSqueezeError(f"{sample.task}: {n_total} tokens exceed the model's {max_pos} positions")
+    device = _device(model)
+    records: dict[bool, object] = {}  # query_aware -> PrefillRecord
+
+    def record_for(query_aware: bool):
+        if query_aware not in records:
+            t0 = time.perf_counter()
+            ids_ = prefix if ppl else (ctx_ids + q_ids[:-1] if query_aware else ctx_ids)
+            records[query_aware] = record_prefill(model, torch.tensor([ids_], device=device))
+            res.prefills += 1
+            res.prefill_seconds += time.perf_counter() - t0
+        return records[query_aware]
+
+    for pair in pending:
+        m = pair.method
+        t0 = time.perf_counter()
+        shared = share and chunk_size is None and is_prefill_only(m)
+        row_extra: dict = {}
+        if ppl:
+            mm = capped_method(m, len(prefix))
+            check_budget(mm if mm.name != "full" else None, len(prefix))
+            if shared:
+                cache = record_for(False).compress(model, mm)
+                protocol = "capped-ppl"
+            else:
+                cache = CompressedCache(model, mm)
+                prefill(model, cache, torch.tensor([prefix], device=device), chunk_size)
+                protocol = "capped-ppl-re-prefill"
+            stats = cache.stats()
+            nll = capped_perplexity(model, cache, fed, targets)
+            del cache
+            value = math.exp(nll)
+            metrics = {"perplexity": value, "nll": nll, "n_scored": len(targets)}
+            prediction, n_ctx, n_q = "", len(prefix), 0
+        else:
+            qa = pair.query_aware
+            if shared:
+                c_ids, qq = (ctx_ids + q_ids[:-1], q_ids[-1:]) if qa else (ctx_ids, q_ids)
+                check_budget(m, len(c_ids))
+                cache = record_for(qa).compress(model, m)
+                stats = cache.stats()
+                prediction = _answer_from_cache(model, tokenizer, cache, qq, sample.max_new_tokens, eos)
+                del cache
+                n_ctx, n_q = len(c_ids), len(qq)
+                protocol = "shared-prefill"
+            else:
+                g = generate_answer(model, tokenizer, sample.context, sample.question, m,
+                                    max_new_tokens=sample.max_new_tokens, chunk_size=chunk_size, query_aware=qa,
+                                    answer_prefix=sample.answer_prefix)
+                prediction, stats, n_ctx, n_q = g.answer, g.stats, g.n_context_tokens, g.n_question_tokens
+                protocol = "re-prefill"
+            metrics = score(sample, prediction)
+            value = metrics[sample.metric]
+        seconds = time.perf_counter() - t0
+        if keep_answers:
+            res.answers[(sample.task, sample.sample_id, pair.name, pair.params_json, pair.ratio)] = (
+                prediction if not ppl else round(value, 6))
+        row = {
+            "model": model_name, "method": pair.name, "params_json": pair.params_json, "ratio": pair.ratio,
+            "task": sample.task, "sample_id": sample.sample_id, "seed": seed, "code_version": code_version,
+            "metric": sample.metric, "score": value, "metrics_json": metrics, "prediction": prediction,
+            "answers_json": sample.answers, "kv_bytes": stats.kv_bytes, "total_bytes": stats.total_bytes,
+            "full_kv_bytes": stats.full_kv_bytes, "n_context_tokens": n_ctx, "n_question_tokens": n_q,
+            "length": sample.meta.get("length"), "depth": sample.meta.get("depth"),
+            "meta_json": sample.meta, "protocol": protocol, "seconds": seconds, **row_extra,
+        }
+        if store is not None and store.add(row):
+            res.added += 1
+        elif store is None:
+            res.added += 1
+        if bar is not None:
+            bar.set_postfix_str(f"{sample.task} {pair.label()}", refresh=False)
+            bar.update(1)
