@@ -1,0 +1,95 @@
+"""ZipCache (He et al., 2024, "ZipCache: Accurate and Efficient KV Cache Quantization with Salient Token
+Identification").
+
+Saliency. Accumulated attention (H2O) favours early tokens, because under a causal mask token i is attended by
+T - i queries only. ZipCache normalises by that count:
+
+    p_i = sum_k A[k, i] / nnz(A[:, i])          nnz(A[:, i]) = number of queries that can attend to token i
+
+and estimates it from a few *probe* queries (5% most recent + 5% random in the paper), so the prefill itself
+runs with a fast kernel and only the probes' attention rows are computed: here the probe rows are recomputed
+from the post-RoPE queries and cached keys (fp32, in chunks), the model keeps sdpa. The denominator counts the
+probes that can attend to token i (probe position >= i). Scores are summed over the query heads of a GQA group.
+
+Quantization. Salient tokens (the top n_keep by p) get `hi_bits` (4), the others `lo_bits` (2). Both use
+channel-separable token-wise quantization: each channel is first divided by c_j = sqrt(max_t |X_{t,j}|)
+(computed once, from the prefill, per layer, kv head and channel), then every token is quantized with one scale
+and zero point over all its channels, and multiplied back by c_j:
+
+    X_hat = Q_tokenwise(X / c) * c
+
+which costs 2 scalars per token instead of groupwise's 2 per group. Applied to keys and values alike here.
+The storage is MiKV's `MixedPrecisionLayer` (slots [low | high | residual]); the most recent tokens stay in full
+precision (a residual window, as in the paper's streaming decode) and are split again whenever the method runs.
+
+Deviations: the probe set is sampled per layer with a fixed seed; the ratio of salient tokens is the method's
+budget (`ratio` = share of tokens in low precision). A channel scale of 1/sqrt(max|X|) is stored as a multiplier.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..methods.base import Method, ScoreInputs
+from .mikv import mixed
+
+
+def probe_indices(w: int, recent: float, random: float, seed: int, device) -> torch.Tensor:
+    """Indices among the `w` queries of this forward: the last ceil(recent*w), plus ceil(random*w) others at random."""
+    n_recent = max(1, int(-(-recent * w // 1)))
+    n_recent = min(n_recent, w)
+    idx = torch.arange(w - n_recent, w, device=device)
+    n_rand = min(w - n_recent, int(-(-random * w // 1)))
+    if n_rand > 0:
+        g = torch.Generator().manual_seed(seed)
+        pick = torch.randperm(w - n_recent, generator=g)[:n_rand].to(device)
+        idx = torch.cat([pick.sort().values, idx])
+    return idx
+
+
+@dataclass(kw_only=True)
+class ZipCacheSaliency(Method):
+    """Normalised attention of probe queries; higher = salient (kept in high precision by a mixed layer)."""
+
+    probe_recent: float = 0.05
+    probe_random: float = 0.05
+    seed: int = 0
+
+    name = "zipcache"
+    summary = "normalised attention (attention sum / queries that can attend) of 5%+5% probe queries"
+
+    def score(self, x: ScoreInputs) -> torch.Tensor:
+        q_all = x.queries
+        b, hq, w, d = q_all.shape
+        idx = probe_indices(w, self.probe_recent, self.probe_random, self.seed + x.layer_idx, q_all.device)
+        q = q_all[:, :, idx].float()
+        q_pos = (x.layer.cumulative_length - w + idx).to(x.positions.dtype)  # (p,)
+        k = x.keys.float()
+        hk, n = k.shape[1], k.shape[2]
+        g = hq // hk
+        k_pos = x.positions  # (b, hk, n)
+        acc = torch.zeros(b, hk, n, device=k.device)
+        cnt = torch.zeros(b, hk, n, device=k.device)
+        chunk = max(1, (1 << 26) // max(1, b * hq * n))
+        for s in range(0, q.shape[2], chunk):
+            qc, pc = q[:, :, s : s + chunk], q_pos[s : s + chunk]
+            c = qc.shape[2]
+            logits = torch.matmul(qc.reshape(b, hk, g * c, d), k.transpose(-1, -2)).view(b, hk, g, c, n) * x.scaling
+            if x.softcap:
+                logits = torch.tanh(logits / x.softcap) * x.softcap
+            allowed = k_pos[:, :, None, None, :] <= pc[None, None, None, :, None]  # (b, hk, 1, c, n)
+            if x.layer.valid is not None:
+                allowed = allowed & x.layer.valid[:, :, None, None, :]
+            p = torch.softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1).nan_to_num_(0.0)
+            acc += p.sum(dim=(2, 3))
+            cnt += allowed.sum(dim=(2, 3)).float() * g  # every query head of the group is a probe row
+        return acc / cnt.clamp_min(1.0)
+
+
+def zipcache(hi_bits: int = 4, lo_bits: int = 2, residual: int = 32, group: int = 32):
+    """ZipCache's layer factory: channel-separable token-wise quantization of keys and values, two precisions."""
+    return mixed(hi_bits, lo_bits, residual=residual, group=group, channel_group=None,
+                 key_scaling="sqrt_max", value_scaling="sqrt_max")
+
