@@ -134,6 +134,7 @@ def calibrate_qfilters(model, text_dir, n_seq, seq_len):
 
 # Further command groups register here.
 from .selection.commands import register_selection; register_selection(main)  # noqa: E402, E702
+from .evaluation.commands import register as register_evaluation; register_evaluation(main)  # noqa: E402, E702
 
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -1,0 +1,184 @@
+"""`kvsqueeze eval`, `kvsqueeze sweep` and `kvsqueeze report` (registered on the main CLI group by `register`)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from ..errors import KVSqueezeError
+from ..models import DEFAULT_MODEL
+
+DEFAULT_RESULTS = "results/kvsqueeze.sqlite"
+
+
+def _floats(text: str, what: str, lo: float, hi: float, hi_open: bool) -> list[float]:
+    try:
+        vals = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise KVSqueezeError(f"{what} must be comma-separated numbers, got {text!r}") from None
+    bad = [v for v in vals if not (lo <= v < hi if hi_open else lo <= v <= hi)]
+    if bad or not vals:
+        raise KVSqueezeError(f"{what} must be in [{lo}, {hi}{')' if hi_open else ']'}, got {text!r}")
+    return vals
+
+
+def _ints(text: str | None, what: str) -> list[int] | None:
+    if not text:
+        return None
+    try:
+        vals = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise KVSqueezeError(f"{what} must be comma-separated integers, got {text!r}") from None
+    if not vals or min(vals) < 64:
+        raise KVSqueezeError(f"{what} must be integers >= 64, got {text!r}")
+    return vals
+
+
+def task_options(f):
+    opts = [
+        click.option("--model", default=DEFAULT_MODEL, show_default=True,
+                     help="Model alias, HF hub id or local directory."),
+        click.option("--tasks", default="passkey,niah", show_default=True,
+                     help="Comma-separated: passkey, niah, niah_single, niah_multikey, niah_multivalue, "
+                          "niah_multiquery, vt, cwe, fwe, ppl; groups 'ruler' and 'suite'; or data: jsonl:PATH, "
+                          "hf:ORG/NAME[:DIR], longbench[:SUBSET], ruler-hub[:LEN]."),
+        click.option("--length", type=click.IntRange(min=64), default=2048, show_default=True,
+                     help="Tokens per sample (prompt + answer budget), in the model's tokenizer."),
+        click.option("--samples", type=click.IntRange(min=1), default=5, show_default=True,
+                     help="Samples per task (NIAH spreads them over its grid, at least one per cell)."),
+        click.option("--seed", type=int, default=0, show_default=True, help="Seed of the generated tasks."),
+        click.option("--haystack-dir", type=click.Path(path_type=Path), default=None,
+                     help="Directory of .txt files for the essay haystack (default: a procedural haystack)."),
+        click.option("--niah-lengths", default=None, help="NIAH grid lengths, comma-separated (default: --length)."),
+        click.option("--niah-depths", default="0,0.25,0.5,0.75,1", show_default=True, help="NIAH grid depths."),
+        click.option("--ppl-tokens", type=click.IntRange(min=1), default=64, show_default=True,
+                     help="Tokens scored by the capped-cache perplexity task."),
+        click.option("--results", type=click.Path(dir_okay=False, path_type=Path), default=DEFAULT_RESULTS,
+                     show_default=True, help="SQLite results file (created; reruns resume it)."),
+        click.option("--query-aware", is_flag=True, help="Compress context and question together."),
+        click.option("--chunk-size", type=click.IntRange(min=1), default=None,
+                     help="Chunked prefill (then every pair re-runs its own prefill)."),
+        click.option("--no-share-prefill", is_flag=True,
+                     help="Re-run the prefill for every (method, ratio) pair (the slow reference)."),
+        click.option("--code-version", default=None,
+                     help="Override the code version in the result keys (default: package version + git commit)."),
+        click.option("--quiet", is_flag=True, help="No progress bar."),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def _run(pairs, *, model, tasks, length, samples, seed, haystack_dir, niah_lengths, niah_depths, ppl_tokens,
+         results, query_aware, chunk_size, no_share_prefill, code_version, quiet):
+    from ..models import load_model
+    from ..tasks import TaskConfig, build_samples, expand_tasks
+    from .store import ResultStore, code_version as auto_version, summary_table
+    from .sweep import run_sweep
+
+    task_names = expand_tasks(tasks)
+    cfg = TaskConfig(length=length, samples=samples, seed=seed,
+                     haystack_dir=str(haystack_dir) if haystack_dir else None,
+                     niah_lengths=_ints(niah_lengths, "--niah-lengths"),
+                     niah_depths=_floats(niah_depths, "--niah-depths", 0.0, 1.0, False), ppl_tokens=ppl_tokens)
+    version = code_version or auto_version()
+    try:
+        store = ResultStore(results)
+    except OSError as e:
+        raise KVSqueezeError(f"cannot open results file {results}: {e}") from None
+    mdl, tok = load_model(model)
+    smp = build_samples(tok, task_names, cfg)
+    if not quiet:
+        click.echo(f"{len(smp)} samples x {len(pairs)} (method, ratio) pairs on {model}; code {version}; "
+                   f"results -> {results}", err=True)
+    try:
+        res = run_sweep(mdl, tok, smp, pairs, store, model_name=model, seed=seed, code_version=version,
+                        share_prefill=not no_share_prefill, chunk_size=chunk_size, progress=not quiet)
+    except KeyboardInterrupt:
+        click.echo(f"interrupted: {store.count()} rows are stored in {results}; run the same command to resume",
+                   err=True)
+        sys.exit(130)
+    df = store.frame()
+    keys = {(p.name, p.params_json, p.ratio) for p in pairs}
+    ids = {(s.task, s.sample_id) for s in smp}
+    import numpy as np
+
+    sel = np.array([(m, pj, r) in keys and (t, i) in ids for m, pj, r, t, i in
+                    zip(df.method, df.params_json, df.ratio, df.task, df.sample_id)], dtype=bool)
+    mine = df[sel & (df.model == model).to_numpy() & (df.code_version == version).to_numpy()
+              & (df.seed == seed).to_numpy()]
+    click.echo(f"{res.added} rows added, {res.skipped} already stored; {res.prefills} shared prefills; "
+               f"{res.seconds:.1f} s")
+    if not mine.empty:
+        import pandas as pd
+
+        with pd.option_context("display.width", 200, "display.max_columns", 100, "display.float_format",
+                               "{:.3f}".format):
+            click.echo("mean score (string match in [0, 1]; ppl = perplexity, lower is better):")
+            click.echo(summary_table(mine).to_string())
+    store.close()
+
+
+def register(main: click.Group) -> None:
+    """Add `eval`, `sweep` and `report` to the main command group.
+
+    The commands are built here (not at import) because they reuse `cli.method_options`, and `cli` registers
+    them at its end: importing this module first must not import `cli` half-way."""
+    from ..cli import build_method, method_options
+
+    @click.command("eval")
+    @method_options
+    @click.option("--reference/--no-reference", default=True, show_default=True,
+                  help="Also run the uncompressed reference (method 'full'); it shares the prefill, so it is cheap.")
+    @task_options
+    def eval_cmd(method, ratio, budget, exempt_layers, decode_every, reference, **kw):
+        """Evaluate one method on the task suite; rows go to the results store (resumable)."""
+        from .sweep import make_pairs
+
+        m = build_method(method, ratio, budget, exempt_layers, decode_every)
+        pairs = make_pairs([m], [ratio], query_aware=kw["query_aware"])
+        if reference and m.name != "full":
+            pairs = make_pairs(["full"], [0.0], query_aware=kw["query_aware"]) + pairs
+        _run(pairs, **kw)
+
+
+    @click.command("sweep")
+    @click.option("--methods", default="all", show_default=True,
+                  help="Comma-separated method names, or 'all' (see `kvsqueeze methods`). 'full' runs once.")
+    @click.option("--ratios", default="0.5,0.75,0.875", show_default=True,
+                  help="Comma-separated compression ratios (fraction of the cache removed).")
+    @click.option("--exempt-layers", default="", help="Comma-separated layer indices never compressed.")
+    @click.option("--decode-every", type=click.IntRange(min=0), default=0, show_default=True,
+                  help="Also compress every N decoding steps (such pairs re-run their prefill).")
+    @task_options
+    def sweep_cmd(methods, ratios, exempt_layers, decode_every, **kw):
+        """Evaluate a grid of methods x ratios x tasks x samples, one prefill per sample (resumable)."""
+        from ..methods import METHODS
+        from .sweep import make_pairs
+
+        names = list(METHODS) if methods.strip() == "all" else [x.strip() for x in methods.split(",") if x.strip()]
+        if not names:
+            raise KVSqueezeError("--methods is empty")
+        rs = _floats(ratios, "--ratios", 0.0, 1.0, True)
+        built = [build_method(n, rs[0], None, exempt_layers, decode_every) for n in names]  # validates names
+        pairs = make_pairs([b for b in built], rs, query_aware=kw["query_aware"])
+        _run(pairs, **kw)
+
+
+    @click.command("report")
+    @click.argument("results", type=click.Path(path_type=Path))
+    @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=Path("report.html"),
+                  show_default=True, help="The HTML file to write.")
+    @click.option("--title", default="kvsqueeze evaluation report", show_default=True)
+    def report_cmd(results, output, title):
+        """Write one static HTML page (plots embedded, no server) from a results file."""
+        from .report import write_report
+
+        n = write_report(results, output, title=title)
+        click.echo(f"{output}: {n} plots")
+
+    main.add_command(eval_cmd, "eval")
+    main.add_command(sweep_cmd, "sweep")
+    main.add_command(report_cmd, "report")

@@ -1,0 +1,261 @@
+"""`kvsqueeze report RESULTS -o report.html`: one static HTML page, readable without a server or a network.
+
+Plots are matplotlib (Agg) PNGs embedded as base64 data URIs; tables are pandas HTML. For each model in the
+results: the mean-score table, score vs compression ratio (one panel per task, one line per method, the
+uncompressed reference dashed), score vs KV bytes kept, and NIAH depth x length heatmaps for every method and
+ratio. When a key was measured by several code versions, the latest row is used. A small inline script records,
+once the page has loaded, how many images decoded (`<body data-plots-decoded=... data-plots-total=...>`), which
+the headless-Chromium test reads.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import time
+from pathlib import Path
+
+from ..errors import KVSqueezeError
+
+CHECK_SCRIPT = """<script>
+window.addEventListener('load', function () {
+  var imgs = Array.prototype.slice.call(document.images);
+  var ok = imgs.filter(function (i) { return i.complete && i.naturalWidth > 0; });
+  imgs.forEach(function (i) { i.setAttribute('data-natural-width', i.naturalWidth); });
+  document.body.setAttribute('data-plots-total', imgs.length);
+  document.body.setAttribute('data-plots-decoded', ok.length);
+  document.getElementById('plot-check').textContent = ok.length + ' of ' + imgs.length + ' plots rendered';
+});
+</script>"""
+
+CSS = """body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:24px auto;max-width:1150px;
+color:#222}h1{font-size:26px}h2{border-bottom:2px solid #ddd;padding-bottom:4px;margin-top:40px}
+h3{margin-top:28px}img.plot{max-width:100%;border:1px solid #eee}table.scores{border-collapse:collapse;
+font-size:12px}table.scores td,table.scores th{border:1px solid #ddd;padding:3px 6px;text-align:right}
+table.scores th{background:#f5f5f5}.meta{color:#666;font-size:13px}#plot-check{color:#888;font-size:12px}"""
+
+
+def _png(fig) -> str:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def load_results(path: str | Path):
+    """The rows of a results file, the latest row per key, with a readable `label` per method configuration."""
+    from .store import KEY, ResultStore
+
+    path = Path(path)
+    if not path.is_file():
+        raise KVSqueezeError(f"results file not found: {path}")
+    store = ResultStore(path, create=False)
+    try:
+        df = store.frame()
+    finally:
+        store.close()
+    if df.empty:
+        raise KVSqueezeError(f"{path} holds no results yet")
+    key = [k for k in KEY if k != "code_version"]
+    df = df.sort_values("created_at").drop_duplicates(key, keep="last").reset_index(drop=True)
+    df["label"] = _labels(df)
+    df["kv_mib"] = df["kv_bytes"] / 2**20
+    return df
+
+
+def _labels(df):
+    """method name, plus the parameters that differ between configurations of the same method."""
+    labels = {}
+    for method, group in df.groupby("method"):
+        configs = sorted(group.params_json.unique())
+        parsed = [json.loads(c) for c in configs]
+        for c, p in zip(configs, parsed):
+            if len(configs) == 1:
+                labels[(method, c)] = method
+                continue
+            diff = {k: v for k, v in p.items() if any(q.get(k) != v for q in parsed)}
+            labels[(method, c)] = method + " (" + ", ".join(f"{k}={v}" for k, v in sorted(diff.items())) + ")"
+    return [labels[(m, c)] for m, c in zip(df.method, df.params_json)]
+
+
+def _colors(labels):
+    import matplotlib
+
+    cmap = matplotlib.colormaps["tab10"]
+    order = sorted(l for l in labels if l != "full")
+    out = {l: cmap(i % 10) for i, l in enumerate(order)}
+    out["full"] = (0.2, 0.2, 0.2, 1.0)
+    return out
+
+
+def _task_order(df):
+    first = ["passkey", "niah", "niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "vt", "cwe",
+             "fwe", "ppl"]
+    tasks = list(df.task.unique())
+    return [t for t in first if t in tasks] + sorted(t for t in tasks if t not in first)
+
+
+def _ylabel(metric: str) -> str:
+    return "perplexity (lower is better)" if metric == "perplexity" else f"{metric} (higher is better)"
+
+
+def _grid(n, ncols=3, w=4.3, h=3.2):
+    import matplotlib.pyplot as plt
+
+    ncols = min(ncols, n)
+    nrows = -(-n // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(w * ncols, h * nrows), squeeze=False)
+    for ax in axes.flat[n:]:
+        ax.axis("off")
+    return fig, list(axes.flat[:n])
+
+
+def plot_score_vs_ratio(df) -> str:
+    tasks = _task_order(df)
+    colors = _colors(df.label.unique())
+    fig, axes = _grid(len(tasks))
+    handles = {}
+    for ax, task in zip(axes, tasks):
+        d = df[df.task == task]
+        metric = d.metric.iloc[0]
+        full = d[d.method == "full"]
+        if not full.empty:
+            handles["full"] = ax.axhline(full.score.mean(), color=colors["full"], ls="--", lw=1.5, label="full")
+        comp = d[(d.method != "full") & (d.ratio >= 0)]
+        for label, g in comp.groupby("label"):
+            m = g.groupby("ratio").score.mean()
+            (handles[label],) = ax.plot(m.index, m.values, marker="o", color=colors[label], label=label)
+        n = d.groupby(["label", "ratio"]).size().max()
+        ax.set_title(f"{task} (n={n})", fontsize=11)
+        ax.set_xlabel("compression ratio (fraction removed)")
+        ax.set_ylabel(_ylabel(metric), fontsize=8)
+        if metric == "perplexity":
+            ax.set_yscale("log")
+        else:
+            ax.set_ylim(-0.03, 1.03)
+        ax.grid(alpha=0.3)
+    fig.legend(handles.values(), handles.keys(), loc="upper center", ncol=min(6, len(handles)),
+               bbox_to_anchor=(0.5, 1.0 + 0.12 / (len(axes) // 3 + 1)), frameon=False)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def plot_score_vs_bytes(df) -> str:
+    tasks = _task_order(df)
+    colors = _colors(df.label.unique())
+    fig, axes = _grid(len(tasks))
+    handles = {}
+    for ax, task in zip(axes, tasks):
+        d = df[df.task == task]
+        metric = d.metric.iloc[0]
+        for label, g in d.groupby("label"):
+            m = g.groupby(["ratio"]).agg(kv=("kv_mib", "mean"), score=("score", "mean")).sort_values("kv")
+            style = dict(marker="*", ms=12, ls="none") if label == "full" else dict(marker="o")
+            (handles[label],) = ax.plot(m.kv, m.score, color=colors[label], label=label, **style)
+        ax.set_title(task, fontsize=11)
+        ax.set_xlabel("KV cache kept after compression (MiB)")
+        ax.set_ylabel(_ylabel(metric), fontsize=8)
+        ax.set_xscale("log")
+        if metric == "perplexity":
+            ax.set_yscale("log")
+        else:
+            ax.set_ylim(-0.03, 1.03)
+        ax.grid(alpha=0.3, which="both")
+    fig.legend(handles.values(), handles.keys(), loc="upper center", ncol=min(6, len(handles)),
+               bbox_to_anchor=(0.5, 1.0 + 0.12 / (len(axes) // 3 + 1)), frameon=False)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def plot_niah_heatmaps(df) -> str | None:
+    """One depth x length heatmap per (method, ratio) for the NIAH grid task."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    d = df[(df.task == "niah") & df.depth.notna() & df.length.notna()]
+    if d.empty:
+        return None
+    labels = ["full"] * (d.label == "full").any() + sorted(l for l in d.label.unique() if l != "full")
+    ratios = sorted(r for r in d[d.method != "full"].ratio.unique())
+    ncols = max(1, len(ratios))
+    depths = sorted(d.depth.unique())
+    lengths = sorted(d.length.unique())
+    cw = max(2.2, 0.55 * len(lengths) + 1.2)
+    ch = max(1.8, 0.32 * len(depths) + 1.0)
+    fig, axes = plt.subplots(len(labels), ncols, figsize=(cw * ncols, ch * len(labels)), squeeze=False)
+    im = None
+    for i, label in enumerate(labels):
+        rows = [(0.0, d[d.label == label])] if label == "full" else [(r, d[(d.label == label) & (d.ratio == r)])
+                                                                     for r in ratios]
+        for j in range(ncols):
+            ax = axes[i][j]
+            if j >= len(rows) or rows[j][1].empty:
+                ax.axis("off")
+                continue
+            r, g = rows[j]
+            grid = g.pivot_table(index="depth", columns="length", values="score", aggfunc="mean")
+            grid = grid.reindex(index=depths, columns=lengths)
+            im = ax.imshow(grid.values, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
+            for (y, x), v in np.ndenumerate(grid.values):
+                if not np.isnan(v):
+                    ax.text(x, y, f"{v:.2f}", ha="center", va="center", fontsize=7)
+            ax.set_xticks(range(len(lengths)), [str(int(x)) for x in lengths], fontsize=7)
+            ax.set_yticks(range(len(depths)), [f"{y:g}" for y in depths], fontsize=7)
+            ax.set_title(label if label == "full" else f"{label} r={r:g}", fontsize=9)
+            if j == 0:
+                ax.set_ylabel("needle depth", fontsize=8)
+            if i == len(labels) - 1:
+                ax.set_xlabel("length (tokens)", fontsize=8)
+    if im is not None:
+        fig.colorbar(im, ax=axes, shrink=0.6, label="score")
+    return _png(fig)
+
+
+def score_table(df):
+    t = df.pivot_table(index=["task", "metric"], columns=["label", "ratio"], values="score", aggfunc="mean")
+    return t.sort_index(axis=1)
+
+
+def write_report(results: str | Path, output: str | Path, title: str = "kvsqueeze evaluation report") -> int:
+    """Write the HTML report of `results` to `output`; returns the number of plots."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    df = load_results(results)
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+             f"<style>{CSS}</style></head><body>", f"<h1>{html.escape(title)}</h1>"]
+    parts.append(
+        f"<p class='meta'>{len(df)} results from <code>{html.escape(str(results))}</code>; code versions: "
+        f"{html.escape(', '.join(sorted(df.code_version.unique())))}; generated "
+        f"{time.strftime('%Y-%m-%d %H:%M')}. Scores are RULER's string match in [0, 1] (higher is better) except "
+        "perplexity (lower is better). Ratio = fraction of the KV cache removed; KV bytes are measured right after "
+        "compressing the context.</p>")
+    n_plots = 0
+    for model, d in df.groupby("model"):
+        n = d.groupby("task").sample_id.nunique()
+        parts.append(f"<h2>{html.escape(str(model))}</h2>")
+        parts.append("<p class='meta'>samples per task: " + ", ".join(f"{t} {c}" for t, c in n.items())
+                     + "; protocols: " + html.escape(", ".join(sorted(d.protocol.dropna().unique()))) + "</p>")
+        parts.append("<h3>Mean score</h3>")
+        parts.append(score_table(d).to_html(float_format=lambda x: f"{x:.3f}", classes="scores", border=0,
+                                            na_rep=""))
+        figs = [("Score vs compression ratio", plot_score_vs_ratio(d)),
+                ("Score vs KV bytes kept", plot_score_vs_bytes(d)),
+                ("Needle in a haystack: depth x length", plot_niah_heatmaps(d))]
+        for head, png in figs:
+            if png is None:
+                continue
+            n_plots += 1
+            parts.append(f"<h3>{head}</h3><img class='plot' alt='{html.escape(head)} ({html.escape(str(model))})' "
+                         f"src='data:image/png;base64,{png}'>")
+    parts.append("<p id='plot-check'>plots not checked (scripts disabled)</p>")
+    parts.append(CHECK_SCRIPT + "</body></html>")
+    out = Path(output)
+    if out.parent and not out.parent.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(parts), encoding="utf-8")
+    return n_plots
