@@ -60,6 +60,71 @@ def n_parameters(net: nn.Module) -> int:
     return sum(p.numel() for p in net.parameters())
 
 
+class IncrementalCNN:
+    """The CNN's prediction, recomputing only what a history update changed (same result as `net(x)`).
+
+    score_j = b3 + (1/T) sum_t z[t, j],  z[t, j] = w3 . relu(conv2(relu(conv1(x))))[:, t, j]
+
+    z[t] depends on the history rows t-2..t+2 and columns j-2..j+2 (zero padding outside). Rows 2..T-3 ("interior")
+    have all their neighbours, so their z does not change when the window slides: it is kept per row and only the
+    rows next to the window's ends are recomputed, from slabs of 5-7 rows. When the middle blocks widen (a block
+    leaves the local window), the last columns are recomputed from a narrow strip of every row. Anything else (a
+    new crop, a short history) recomputes everything.
+    """
+
+    def __init__(self, net: PredictorNet):
+        self.net = net
+        self.w3 = net.conv3.weight.detach()[0, :, 0]  # (32,)
+        self.b3 = net.conv3.bias.detach()[0]
+
+    def z(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, T, W) -> (N, T, W): each row's contribution w3 . features (zero padding at x's own edges)."""
+        with torch.no_grad():
+            f = x.float().unsqueeze(1).contiguous(memory_format=torch.channels_last)
+            f = torch.relu(self.net.conv2(torch.relu(self.net.conv1(f))))
+            return torch.einsum("nctw,c->ntw", f, self.w3)
+
+    def scores(self, st: dict, x: torch.Tensor, key: tuple[int, int]) -> torch.Tensor:
+        N, T, W = x.shape
+        z = st.get("z")
+        dropped = st.get("z_dropped", 0)
+        st["z_dropped"] = 0
+        old_key = st.get("z_key")
+        if z is not None:  # align the kept rows with the current window
+            z, valid = z[:, dropped:], st["z_valid"][dropped:]
+        ok = (z is not None and T >= 10 and old_key[0] == key[0] and key[1] >= old_key[1]
+              and key[1] - old_key[1] <= 4 and z.shape[1] <= T)
+        if not ok:
+            z = self.z(x)
+            valid = torch.zeros(T, dtype=torch.bool)
+            valid[2 : T - 2] = True
+            st.update(z=z, z_valid=valid, z_key=key)
+            return self.b3 + z.mean(1)
+        grow = key[1] - old_key[1]
+        if z.shape[1] < T:  # new rows: not computed yet
+            z = torch.cat([z, z.new_zeros(N, T - z.shape[1], z.shape[2])], 1)
+            valid = torch.cat([valid, torch.zeros(T - valid.shape[0], dtype=torch.bool)])
+        if grow:  # the last columns of the interior rows changed: a strip of columns, every row
+            c0 = max(0, W - grow - 4)
+            strip = self.z(x[:, :, c0:])
+            z = torch.cat([z, z.new_zeros(N, T, grow)], 2)
+            keep = 0 if c0 == 0 else 2
+            z[:, :, c0 + keep :] = strip[:, :, keep:]
+        # the interior rows not computed yet, and the last two (zero padding below): one slab at the end
+        first = int(torch.nonzero(~valid[2 : T - 2]).min()) + 2 if bool((~valid[2 : T - 2]).any()) else T - 2
+        s0 = max(0, first - 2)
+        back = self.z(x[:, s0:])
+        keep = 0 if s0 == 0 else 2
+        z[:, s0 + keep :] = back[:, keep:]
+        valid[2 : T - 2] = True
+        valid[T - 2 :] = False
+        # the first two rows (zero padding above): one slab at the start
+        front = self.z(x[:, :5])[:, :2]
+        total = z[:, 2 : T - 2].sum(1) + z[:, T - 2 :].sum(1) + front.sum(1)
+        st.update(z=z, z_valid=valid, z_key=key)
+        return self.b3 + total / T
+
+
 # --- checkpoints ------------------------------------------------------------------------------------------
 def predictor_path(model) -> Path:
     from ..methods.qfilters import cache_dir, model_key
@@ -100,8 +165,9 @@ class AttentionPredictor(Selector):
     def __init__(self, budget: int, *, predictor: PredictorNet | str | Path | None = None, sink: int | None = None,
                  local: int | None = None, history: int = HISTORY, block: int = BLOCK,
                  calibration_every: int = CALIBRATION_EVERY, gqa: str = "max",
-                 dense_layers: tuple[int, ...] = (0, 1), track_recovery: bool = False):
+                 dense_layers: tuple[int, ...] = (0, 1), track_recovery: bool = False, incremental: bool = True):
         super().__init__(budget, block=block, dense_layers=dense_layers, track_recovery=track_recovery)
+        self.incremental = incremental
         auto = max(block, min(64, (budget // 8) // block * block))  # 64 + 64 from 1024 tokens up, as the paper
         self.sink = auto if sink is None else sink
         self.local = auto if local is None else local
@@ -131,6 +197,7 @@ class AttentionPredictor(Selector):
                 )
             self.net, self.predictor_meta = load_predictor(path)
         self.net = self.net.eval()
+        self._incremental = IncrementalCNN(self.net)
 
     def describe(self) -> str:
         return f"{self.name}(budget={self.budget}, sink={self.sink}, local={self.local}, top={self.k_blocks} blocks)"
@@ -146,6 +213,7 @@ class AttentionPredictor(Selector):
             elif hist.shape[-1] > w:
                 rows = torch.nn.functional.pad(rows, (0, hist.shape[-1] - w))
             rows = torch.cat([hist, rows], dim=2)
+        st["z_dropped"] = st.get("z_dropped", 0) + max(0, rows.shape[2] - self.history)  # see IncrementalCNN
         st["hist"] = rows[:, :, -self.history :].contiguous()
 
     @torch.no_grad()
@@ -165,15 +233,22 @@ class AttentionPredictor(Selector):
             probs = probs / probs.sum(-1, keepdim=True).clamp_min(1e-30)
         self._push(st, block_pool(probs, self.block))
 
-    def predict(self, hist: torch.Tensor, n_blocks: int) -> torch.Tensor:
-        """Block scores (b, hq, n_blocks - sink_b - local_b) for the middle blocks of the current step."""
+    def predict(self, hist: torch.Tensor, n_blocks: int, st: dict | None = None) -> torch.Tensor:
+        """Block scores (b, hq, n_blocks - sink_b - local_b) for the middle blocks of the current step.
+
+        With the layer's state `st`, the CNN runs incrementally (`IncrementalCNN`, exact): only the rows and
+        columns of its feature maps that the last history update changed are recomputed."""
         sb, lb = self.sink // self.block, self.local // self.block
         b, hq, T, W = hist.shape
         lo, hi = sb, max(sb, W - lb)  # the middle blocks as of the last history row
         out_w = n_blocks - lb - sb
         if hi - lo >= 3:  # the 3 x 3 kernels need a few columns
-            with torch.no_grad():
-                pred = self.net(hist[..., lo:hi].reshape(b * hq, T, hi - lo).float()).view(b, hq, hi - lo)
+            x = hist[..., lo:hi].reshape(b * hq, T, hi - lo)
+            if st is None:
+                pred = self.net(x.float())
+            else:
+                pred = self._incremental.scores(st, x, (lo, hi))
+            pred = pred.view(b, hq, hi - lo)
         else:
             pred = hist[:, :, -1, lo:hi].float()
         if pred.shape[-1] < out_w:  # blocks that just left the local window: their last observed value
@@ -189,7 +264,7 @@ class AttentionPredictor(Selector):
         sb, lb = self.sink // self.block, self.local // self.block
         if nb <= sb + lb + self.k_blocks or "hist" not in st:
             return None
-        pred = self.predict(st["hist"], nb)  # (b, hq, nb - sb - lb)
+        pred = self.predict(st["hist"], nb, st if self.incremental else None)  # (b, hq, nb - sb - lb)
         b, hq, wm = pred.shape
         hk = layer.keys.shape[1]
         pred = pred.view(b, hk, hq // hk, wm)

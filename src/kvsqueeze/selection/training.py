@@ -38,6 +38,7 @@ class TrainConfig:
     val_k: tuple[int, ...] = (8, 16, 32)  # middle blocks selected when measuring the recovery rate
     select_k: int = 16  # the k whose recovery rate picks the checkpoint
     max_seconds: float | None = None  # stop training (not validation) after this long
+    crop: int | None = 48  # train on a random window of this many middle blocks (fully convolutional; cheaper)
     seed: int = 0
 
 
@@ -146,7 +147,14 @@ def train(train_traces: list[Trace], val_traces: list[Trace], cfg: TrainConfig |
         for ti, s in combos:
             x, y, _, _, _ = example(train_traces[ti], s, sink_b, local_b, cfg.block)
             pick = torch.tensor(rng.sample(range(x.shape[0]), n_series))
-            loss = torch.nn.functional.mse_loss(net(x[pick]), y[pick])
+            x, y = x[pick], y[pick]
+            keep = slice(None)
+            w = x.shape[-1]
+            if cfg.crop is not None and w > cfg.crop:  # a window of columns; its cut edges (not the real
+                a = rng.randrange(0, w - cfg.crop + 1)  # sink / local edges) are left out of the loss
+                x, y = x[..., a : a + cfg.crop], y[..., a : a + cfg.crop]
+                keep = slice(0 if a == 0 else 2, cfg.crop if a + cfg.crop == w else cfg.crop - 2)
+            loss = torch.nn.functional.mse_loss(net(x)[..., keep], y[..., keep])
             opt.zero_grad()
             loss.backward()
             opt.step()
