@@ -1,5 +1,6 @@
 """On the real default model (smollm2-135m, CPU): passkey retrieval and the generate command."""
 
+import re
 import subprocess
 import sys
 
@@ -27,12 +28,14 @@ def samples(smollm2):
 def test_passkey_full_cache(smollm2, samples):
     acc, res = _accuracy(*smollm2, samples, None)
     assert acc == 1.0
-    assert 900 <= res.n_context_tokens <= 1000 and res.stats.ratio == 1.0
+    assert 900 <= res.n_context_tokens <= 1100 and res.stats.ratio == 1.0
 
 
 def test_passkey_snapkv_half_cache_query_aware(smollm2, samples):
-    """SnapKV in its paper's setting (the question inside the observation window) at ratio 0.5."""
-    acc, res = _accuracy(*smollm2, samples, kq.get_method("snapkv", ratio=0.5), query_aware=True)
+    """SnapKV in its paper's setting: the observation window is the question (16 tokens here), ratio 0.5.
+    Question-agnostic SnapKV does not retrieve the passkey at 2x on this model: 0/6 here and 0/6 with kvpress's
+    SnapKVPress on the same samples (bench/peer_kvpress_passkey.py), so it is measured, not asserted."""
+    acc, res = _accuracy(*smollm2, samples, kq.get_method("snapkv", ratio=0.5, window=16), query_aware=True)
     assert acc == 1.0
     assert res.stats.ratio == pytest.approx(0.5, abs=0.01)
 
@@ -66,7 +69,10 @@ def test_generate_command_prints_answer_memory_and_time(tmp_path, smollm2, sampl
     assert r.returncode == 0, r.stderr
     lines = r.stdout.strip().splitlines()
     assert samples[1].answers[0] in lines[0]
-    assert any(line.startswith("KV memory:") and "(50.0%, 2.00x smaller)" in line for line in lines)
+    memory = [line for line in lines if line.startswith("KV memory:")]
+    assert len(memory) == 1
+    kept_percent = float(re.search(r"\(([0-9.]+)%", memory[0]).group(1))
+    assert 49.5 <= kept_percent <= 50.5
     assert any(line.startswith("time:") for line in lines)
     r = subprocess.run([sys.executable, "-m", "kvsqueeze.cli", "generate", "--budget", "99999",
                         "--context-file", str(ctx), "--question", "q?"], capture_output=True, text=True)
