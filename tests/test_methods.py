@@ -174,3 +174,15 @@ def test_qfilters_without_calibration_says_how(tmp_path, monkeypatch):
     monkeypatch.setenv("KVSQUEEZE_CACHE", str(tmp_path))
     with pytest.raises(kq.KVSqueezeError, match="calibrate qfilters"):
         kq.get_method("qfilters", ratio=0.5).setup(tiny_llama(seed=9))
+
+
+def test_pyramid_budgets_compose_with_another_scorer():
+    model = tiny_llama()
+    rec = record_prefill(model, _ids(120))
+    m = kq.methods.PyramidKV(scorer=kq.methods.TOVA(), ratio=0.5, beta=4)
+    cache = rec.compress(model, m)
+    stored = cache.stats().tokens_stored
+    assert stored == [m.n_keep(120, li, 4) for li in range(4)] and stored[0] > stored[-1]
+    for li, n in enumerate(stored):  # TOVA's choice at this layer's own budget
+        last = _full_attention(rec, li)[0, :, -1].mean(0)
+        assert _kept(cache, li)[0] == sorted(last.argsort(descending=True)[:n].tolist())

@@ -55,6 +55,10 @@ class Group(click.Group):
 @click.version_option(package_name="kvsqueeze")
 def main():
     """kvsqueeze: compress the KV cache of HF transformers models for long-context inference."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # keep the output to what kvsqueeze says
+    hf_logging.disable_progress_bar()
 
 
 @main.command()
@@ -84,8 +88,11 @@ def models():
 @click.option("--chunk-size", type=click.IntRange(min=1), default=None,
               help="Prefill the context in chunks of this many tokens (bounds peak memory).")
 @click.option("--query-aware", is_flag=True, help="Compress context and question together (default: question-agnostic).")
+@click.option("--quant", default="none", show_default=True,
+              help="Store the kept tokens quantized: kivi-2, kivi-4, gear-4, mikv-8-2 (the method's evicted tokens "
+                   "at 2 bits), zipcache-4-2; with --method full, quantization only.")
 def generate(model, method, ratio, budget, exempt_layers, decode_every, context_file, question, max_new_tokens,
-             chunk_size, query_aware):
+             chunk_size, query_aware, quant):
     """Compress a context, answer a question, report the KV memory kept."""
     if not context_file.exists():
         raise KVSqueezeError(f"context file not found: {context_file}")
@@ -95,12 +102,17 @@ def generate(model, method, ratio, budget, exempt_layers, decode_every, context_
     m = build_method(method, ratio, budget, exempt_layers, decode_every)
     from .models import load_model
     from .pipeline import generate_answer
+    from .quant import parse_quant
 
+    qspec = parse_quant(quant)
+    if qspec is not None:
+        m = qspec.method(m)
     mdl, tok = load_model(model)
     res = generate_answer(mdl, tok, context, question, m, max_new_tokens=max_new_tokens, chunk_size=chunk_size,
-                          query_aware=query_aware)
+                          query_aware=query_aware, layer_factory=qspec.layer_factory if qspec else None)
     click.echo(res.answer)
-    click.echo(f"method: {m.describe()}; context: {res.n_context_tokens} tokens", err=False)
+    click.echo(f"method: {m.describe()}{f'; quant: {quant}' if qspec else ''}; context: {res.n_context_tokens} tokens",
+               err=False)
     click.echo(res.stats.line())
     click.echo(f"time: {res.seconds:.2f} s (prefill + question + {max_new_tokens} new tokens at most)")
 
