@@ -31,9 +31,12 @@ for name, cls in presses.items():
     for r in map(float, a.ratios.split(",")):
         t = time.time()
         ok = 0
-        for row in rows:
-            out = pipe(row["context"], question=row["question"], press=cls(compression_ratio=r),
-                       max_new_tokens=row["max_new_tokens"])["answer"]
-            ok += any(ans in out for ans in row["answers"])
-        cells.append(f"{ok}/{len(rows)}")
+        try:
+            for row in rows:
+                out = pipe(row["context"], question=row["question"], press=cls(compression_ratio=r),
+                           max_new_tokens=row["max_new_tokens"])["answer"]
+                ok += any(ans in out for ans in row["answers"])
+            cells.append(f"{ok}/{len(rows)}")
+        except Exception as e:  # report the peer's failure and go on
+            cells.append(f"error: {type(e).__name__}: {str(e).splitlines()[0][:80]}")
     print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
