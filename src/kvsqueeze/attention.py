@@ -47,6 +47,8 @@ def _layer_mask(layer: CompressedLayer, hf_mask, q_len: int, n_heads: int, eager
     lines_up = hf_mask is None or hf_mask.shape[-1] == n_total
     if layer.n_evicted == 0 and layer.valid is None and lines_up:
         return hf_mask
+    if q_len == 1 and hf_mask is None and layer.valid is None:  # decoding, nothing to hide: no mask at all
+        return None
     b = layer.keys.shape[0]
     device = layer.keys.device
     if hf_mask is None:
