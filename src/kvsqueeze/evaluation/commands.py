@@ -62,6 +62,8 @@ def task_options(f):
                      help="Chunked prefill (then every pair re-runs its own prefill)."),
         click.option("--no-share-prefill", is_flag=True,
                      help="Re-run the prefill for every (method, ratio) pair (the slow reference)."),
+        click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True,
+                     help="Answers of one sample decoded for this many (method, ratio) caches at once (1: one by one)."),
         click.option("--code-version", default=None,
                      help="Override the code version in the result keys (default: package version + git commit)."),
         click.option("--quiet", is_flag=True, help="No progress bar."),
@@ -72,7 +74,7 @@ def task_options(f):
 
 
 def _run(pairs, *, model, tasks, length, samples, seed, haystack_dir, niah_lengths, niah_depths, ppl_tokens,
-         results, query_aware, chunk_size, no_share_prefill, code_version, quiet):
+         results, query_aware, chunk_size, no_share_prefill, batch_size, code_version, quiet):
     from ..models import load_model
     from ..tasks import TaskConfig, build_samples, expand_tasks
     from .store import ResultStore, code_version as auto_version, summary_table
@@ -95,7 +97,8 @@ def _run(pairs, *, model, tasks, length, samples, seed, haystack_dir, niah_lengt
                    f"results -> {results}", err=True)
     try:
         res = run_sweep(mdl, tok, smp, pairs, store, model_name=model, seed=seed, code_version=version,
-                        share_prefill=not no_share_prefill, chunk_size=chunk_size, progress=not quiet)
+                        share_prefill=not no_share_prefill, chunk_size=chunk_size, progress=not quiet,
+                        batch_size=batch_size)
     except KeyboardInterrupt:
         click.echo(f"interrupted: {store.count()} rows are stored in {results}; run the same command to resume",
                    err=True)

@@ -120,6 +120,10 @@ class ResultStore:
         for k in ("metrics_json", "answers_json", "meta_json"):
             if k in row and not isinstance(row[k], str):
                 row[k] = json.dumps(row[k], ensure_ascii=False, sort_keys=True)
+        for k, v in row.items():  # numpy scalars (from pandas) would be stored as blobs and dodge the key
+            if hasattr(v, "item") and not isinstance(v, (str, bytes)):
+                row[k] = v.item()
+        row["ratio"], row["seed"] = float(row["ratio"]), int(row["seed"])
         names = list(row)
         self.conn.execute("BEGIN IMMEDIATE")
         try:

@@ -127,6 +127,80 @@ def _answer_from_cache(model, tokenizer, cache, q_ids, max_new_tokens, eos):
     return tokenizer.decode(tokens, skip_special_tokens=True).strip()
 
 
+def merge_caches(model, caches: list[CompressedCache]) -> CompressedCache:
+    """One batch cache holding `caches` (batch 1 each, same tokens seen) side by side, without a method.
+
+    Compressed layers of different sizes are padded with invalid slots (`valid` = False: the mask hides them);
+    other layers (sliding windows, never compressed) are concatenated. The merged cache compresses nothing: it
+    serves prefill-only methods, whose caches no longer change after the prefill."""
+    from ..cache import CompressedLayer
+
+    out = CompressedCache(model, None)
+    for i, layer in enumerate(out.layers):
+        srcs = [c.layers[i] for c in caches]
+        if not srcs[0].is_initialized:
+            continue
+        if isinstance(layer, CompressedLayer):
+            n = max(s.n_stored for s in srcs)
+            b, h, _, d = srcs[0].keys.shape
+
+            def pad(t, fill):
+                extra = n - t.shape[2]
+                if extra == 0:
+                    return t
+                return torch.cat([t, t.new_full((*t.shape[:2], extra, *t.shape[3:]), fill)], dim=2)
+
+            layer.lazy_initialization(srcs[0].keys, srcs[0].values)
+            layer.keys = torch.cat([pad(s.keys, 0) for s in srcs])
+            layer.values = torch.cat([pad(s.values, 0) for s in srcs])
+            layer.positions = torch.cat([pad(s.positions, 0) for s in srcs])
+            layer.valid = torch.cat([pad(s.valid if s.valid is not None else
+                                         torch.ones(s.positions.shape, dtype=torch.bool, device=s.keys.device),
+                                         False) for s in srcs])
+            layer.cumulative_length = srcs[0].cumulative_length
+            layer.n_evicted = max(1, max(s.n_evicted for s in srcs))  # slots no longer line up with HF's mask
+        else:
+            layer.__dict__.update({k: v for k, v in srcs[0].__dict__.items() if k not in ("keys", "values")})
+            layer.keys = torch.cat([s.keys for s in srcs])
+            layer.values = torch.cat([s.values for s in srcs])
+    out._forwards = 1
+    out.phase = "append"
+    return out
+
+
+@torch.no_grad()
+def answer_batch(model, tokenizer, caches: list[CompressedCache], q_ids: list[int], max_new_tokens: int,
+                 eos: set[int]) -> list[str]:
+    """Greedy answers to the same question from several caches at once (one forward per step for all).
+
+    Each row is what `greedy_decode` gives from its own cache; rows are independent (batched float reductions
+    may differ in the last bits: `kvsqueeze sweep --no-batch` and the benchmark check answers one by one)."""
+    p = len(caches)
+    cache = merge_caches(model, caches)
+    device = _device(model)
+    logits = model(input_ids=torch.tensor([q_ids] * p, device=device), past_key_values=cache,
+                   logits_to_keep=1).logits[:, -1]
+    outs: list[list[int]] = [[] for _ in range(p)]
+    live = [True] * p
+    token = logits.argmax(-1)
+    while True:
+        for r in range(p):
+            if not live[r]:
+                continue
+            t = int(token[r])
+            if t in eos:
+                live[r] = False
+                continue
+            outs[r].append(t)
+            if len(outs[r]) >= max_new_tokens:
+                live[r] = False
+        if not any(live):
+            break
+        logits = model(input_ids=token[:, None], past_key_values=cache).logits[:, -1]
+        token = logits.argmax(-1)
+    return [tokenizer.decode(o, skip_special_tokens=True).strip() for o in outs]
+
+
 def capped_method(m: Method, n_prefix: int) -> Method:
     """The method holding the cache at its prefill budget while the scored tokens are fed (perplexity task)."""
     if m.name == "full":
@@ -159,8 +233,12 @@ class SweepResult:
 
 def run_sweep(model, tokenizer, samples: list[Sample], pairs: list[Pair], store: ResultStore | None = None, *,
               model_name: str, seed: int = 0, code_version: str | None = None, share_prefill: bool = True,
-              chunk_size: int | None = None, progress: bool = True, keep_answers: bool = False) -> SweepResult:
-    """Evaluate every pair on every sample; rows already in `store` are skipped, new ones stored one by one."""
+              chunk_size: int | None = None, progress: bool = True, keep_answers: bool = False,
+              batch_size: int = 8) -> SweepResult:
+    """Evaluate every pair on every sample; rows already in `store` are skipped, new ones stored one by one.
+
+    `batch_size`: prefill-only pairs of a sample answer together, that many caches per batched decode (1: one
+    pair at a time, exactly `greedy_decode`)."""
     code_version = code_version or default_code_version()
     res = SweepResult()
     t_start = time.perf_counter()
@@ -187,7 +265,7 @@ def run_sweep(model, tokenizer, samples: list[Sample], pairs: list[Pair], store:
         for sample, pending in todo:
             _run_sample(model, tokenizer, sample, pending, store, res, model_name=model_name, seed=seed,
                         code_version=code_version, share=share_prefill, chunk_size=chunk_size, eos=eos,
-                        max_pos=max_pos, bar=bar, keep_answers=keep_answers)
+                        max_pos=max_pos, bar=bar, keep_answers=keep_answers, batch_size=batch_size)
     finally:
         if bar is not None:
             bar.close()
@@ -197,7 +275,7 @@ def run_sweep(model, tokenizer, samples: list[Sample], pairs: list[Pair], store:
 
 @torch.no_grad()
 def _run_sample(model, tokenizer, sample: Sample, pending: list[Pair], store, res: SweepResult, *, model_name,
-                seed, code_version, share, chunk_size, eos, max_pos, bar, keep_answers):
+                seed, code_version, share, chunk_size, eos, max_pos, bar, keep_answers, batch_size):
     ppl = sample.metric == "perplexity"
     if ppl:
         ids = tokenizer(sample.context).input_ids
@@ -223,11 +301,30 @@ def _run_sample(model, tokenizer, sample: Sample, pending: list[Pair], store, re
             res.prefill_seconds += time.perf_counter() - t0
         return records[query_aware]
 
+    def emit(pair, value, metrics, prediction, stats, n_ctx, n_q, protocol, seconds):
+        if keep_answers:
+            res.answers[(sample.task, sample.sample_id, pair.name, pair.params_json, pair.ratio)] = (
+                prediction if not ppl else round(value, 6))
+        row = {
+            "model": model_name, "method": pair.name, "params_json": pair.params_json, "ratio": pair.ratio,
+            "task": sample.task, "sample_id": sample.sample_id, "seed": seed, "code_version": code_version,
+            "metric": sample.metric, "score": value, "metrics_json": metrics, "prediction": prediction,
+            "answers_json": sample.answers, "kv_bytes": stats.kv_bytes, "total_bytes": stats.total_bytes,
+            "full_kv_bytes": stats.full_kv_bytes, "n_context_tokens": n_ctx, "n_question_tokens": n_q,
+            "length": sample.meta.get("length"), "depth": sample.meta.get("depth"),
+            "meta_json": sample.meta, "protocol": protocol, "seconds": seconds,
+        }
+        if store is None or store.add(row):
+            res.added += 1
+        if bar is not None:
+            bar.set_postfix_str(f"{sample.task} {pair.label()}", refresh=False)
+            bar.update(1)
+
+    shared_qa: list[Pair] = []
     for pair in pending:
         m = pair.method
-        t0 = time.perf_counter()
         shared = share and chunk_size is None and is_prefill_only(m)
-        row_extra: dict = {}
+        t0 = time.perf_counter()
         if ppl:
             mm = capped_method(m, len(prefix))
             check_budget(mm if mm.name != "full" else None, len(prefix))
@@ -242,44 +339,44 @@ def _run_sample(model, tokenizer, sample: Sample, pending: list[Pair], store, re
             nll = capped_perplexity(model, cache, fed, targets)
             del cache
             value = math.exp(nll)
-            metrics = {"perplexity": value, "nll": nll, "n_scored": len(targets)}
-            prediction, n_ctx, n_q = "", len(prefix), 0
+            emit(pair, value, {"perplexity": value, "nll": nll, "n_scored": len(targets)}, "", stats, len(prefix), 0,
+                 protocol, time.perf_counter() - t0)
+        elif shared:
+            shared_qa.append(pair)
         else:
-            qa = pair.query_aware
-            if shared:
-                c_ids, qq = (ctx_ids + q_ids[:-1], q_ids[-1:]) if qa else (ctx_ids, q_ids)
-                check_budget(m, len(c_ids))
-                cache = record_for(qa).compress(model, m)
-                stats = cache.stats()
-                prediction = _answer_from_cache(model, tokenizer, cache, qq, sample.max_new_tokens, eos)
-                del cache
-                n_ctx, n_q = len(c_ids), len(qq)
-                protocol = "shared-prefill"
+            g = generate_answer(model, tokenizer, sample.context, sample.question, m,
+                                max_new_tokens=sample.max_new_tokens, chunk_size=chunk_size,
+                                query_aware=pair.query_aware, answer_prefix=sample.answer_prefix)
+            metrics = score(sample, g.answer)
+            emit(pair, metrics[sample.metric], metrics, g.answer, g.stats, g.n_context_tokens, g.n_question_tokens,
+                 "re-prefill", time.perf_counter() - t0)
+
+    # prefill-only QA pairs: compress from the shared record; answers decoded `batch_size` caches at a time,
+    # caches of similar size together (less padding)
+    def kept(p: Pair) -> float:
+        return -(p.method.budget or 0) if p.method.budget is not None else -(1.0 - p.ratio)
+
+    for qa in (False, True):
+        group = sorted((p for p in shared_qa if p.query_aware == qa), key=kept)
+        if not group:
+            continue
+        c_ids, qq = (ctx_ids + q_ids[:-1], q_ids[-1:]) if qa else (ctx_ids, q_ids)
+        for s in range(0, len(group), max(1, batch_size)):
+            chunk = group[s : s + max(1, batch_size)]
+            t0 = time.perf_counter()
+            caches, stats = [], []
+            for pair in chunk:
+                check_budget(pair.method, len(c_ids))
+                cache = record_for(qa).compress(model, pair.method)
+                caches.append(cache)
+                stats.append(cache.stats())
+            if len(chunk) > 1:
+                answers = answer_batch(model, tokenizer, caches, qq, sample.max_new_tokens, eos)
             else:
-                g = generate_answer(model, tokenizer, sample.context, sample.question, m,
-                                    max_new_tokens=sample.max_new_tokens, chunk_size=chunk_size, query_aware=qa,
-                                    answer_prefix=sample.answer_prefix)
-                prediction, stats, n_ctx, n_q = g.answer, g.stats, g.n_context_tokens, g.n_question_tokens
-                protocol = "re-prefill"
-            metrics = score(sample, prediction)
-            value = metrics[sample.metric]
-        seconds = time.perf_counter() - t0
-        if keep_answers:
-            res.answers[(sample.task, sample.sample_id, pair.name, pair.params_json, pair.ratio)] = (
-                prediction if not ppl else round(value, 6))
-        row = {
-            "model": model_name, "method": pair.name, "params_json": pair.params_json, "ratio": pair.ratio,
-            "task": sample.task, "sample_id": sample.sample_id, "seed": seed, "code_version": code_version,
-            "metric": sample.metric, "score": value, "metrics_json": metrics, "prediction": prediction,
-            "answers_json": sample.answers, "kv_bytes": stats.kv_bytes, "total_bytes": stats.total_bytes,
-            "full_kv_bytes": stats.full_kv_bytes, "n_context_tokens": n_ctx, "n_question_tokens": n_q,
-            "length": sample.meta.get("length"), "depth": sample.meta.get("depth"),
-            "meta_json": sample.meta, "protocol": protocol, "seconds": seconds, **row_extra,
-        }
-        if store is not None and store.add(row):
-            res.added += 1
-        elif store is None:
-            res.added += 1
-        if bar is not None:
-            bar.set_postfix_str(f"{sample.task} {pair.label()}", refresh=False)
-            bar.update(1)
+                answers = [_answer_from_cache(model, tokenizer, caches[0], qq, sample.max_new_tokens, eos)]
+            protocol = "shared-prefill"
+            del caches
+            seconds = (time.perf_counter() - t0) / len(chunk)
+            for pair, st, answer in zip(chunk, stats, answers):
+                metrics = score(sample, answer)
+                emit(pair, metrics[sample.metric], metrics, answer, st, len(c_ids), len(qq), protocol, seconds)
