@@ -103,6 +103,15 @@ def _ylabel(metric: str) -> str:
     return "perplexity (lower is better)" if metric == "perplexity" else f"{metric} (higher is better)"
 
 
+def _plain_log_x(ax):
+    from matplotlib.ticker import LogLocator, NullFormatter, StrMethodFormatter
+
+    ax.set_xscale("log")
+    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(StrMethodFormatter("{x:g}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+
+
 def _grid(n, ncols=3, w=4.3, h=3.2):
     import matplotlib.pyplot as plt
 
@@ -133,9 +142,7 @@ def plot_score_vs_ratio(df) -> str:
         ax.set_title(f"{task} (n={n})", fontsize=11)
         ax.set_xlabel("compression ratio (fraction removed)")
         ax.set_ylabel(_ylabel(metric), fontsize=8)
-        if metric == "perplexity":
-            ax.set_yscale("log")
-        else:
+        if metric != "perplexity":
             ax.set_ylim(-0.03, 1.03)
         ax.grid(alpha=0.3)
     fig.legend(handles.values(), handles.keys(), loc="upper center", ncol=min(6, len(handles)),
@@ -159,10 +166,8 @@ def plot_score_vs_bytes(df) -> str:
         ax.set_title(task, fontsize=11)
         ax.set_xlabel("KV cache kept after compression (MiB)")
         ax.set_ylabel(_ylabel(metric), fontsize=8)
-        ax.set_xscale("log")
-        if metric == "perplexity":
-            ax.set_yscale("log")
-        else:
+        _plain_log_x(ax)
+        if metric != "perplexity":
             ax.set_ylim(-0.03, 1.03)
         ax.grid(alpha=0.3, which="both")
     fig.legend(handles.values(), handles.keys(), loc="upper center", ncol=min(6, len(handles)),
@@ -172,31 +177,35 @@ def plot_score_vs_bytes(df) -> str:
 
 
 def plot_niah_heatmaps(df) -> str | None:
-    """One depth x length heatmap per (method, ratio) for the NIAH grid task."""
+    """One depth x length heatmap per (method, ratio) for the NIAH grid task: a row per method, a column per
+    ratio (the uncompressed reference alone in the first row)."""
     import matplotlib.pyplot as plt
     import numpy as np
 
     d = df[(df.task == "niah") & df.depth.notna() & df.length.notna()]
     if d.empty:
         return None
-    labels = ["full"] * (d.label == "full").any() + sorted(l for l in d.label.unique() if l != "full")
+    labels = ["full"] * int((d.label == "full").any()) + sorted(l for l in d.label.unique() if l != "full")
     ratios = sorted(r for r in d[d.method != "full"].ratio.unique())
     ncols = max(1, len(ratios))
     depths = sorted(d.depth.unique())
     lengths = sorted(d.length.unique())
-    cw = max(2.2, 0.55 * len(lengths) + 1.2)
-    ch = max(1.8, 0.32 * len(depths) + 1.0)
-    fig, axes = plt.subplots(len(labels), ncols, figsize=(cw * ncols, ch * len(labels)), squeeze=False)
+    cw = max(2.0, 0.5 * len(lengths) + 1.0)
+    ch = max(1.5, 0.28 * len(depths) + 0.9)
+    fig, axes = plt.subplots(len(labels), ncols, figsize=(cw * ncols + 2.6, ch * len(labels) + 0.6), squeeze=False,
+                             constrained_layout=True)
     im = None
     for i, label in enumerate(labels):
-        rows = [(0.0, d[d.label == label])] if label == "full" else [(r, d[(d.label == label) & (d.ratio == r)])
-                                                                     for r in ratios]
+        if label == "full":
+            rows = [("full (no compression)", d[d.label == label])]
+        else:
+            rows = [(f"ratio {r:g}", d[(d.label == label) & (d.ratio == r)]) for r in ratios]
         for j in range(ncols):
             ax = axes[i][j]
             if j >= len(rows) or rows[j][1].empty:
                 ax.axis("off")
                 continue
-            r, g = rows[j]
+            title, g = rows[j]
             grid = g.pivot_table(index="depth", columns="length", values="score", aggfunc="mean")
             grid = grid.reindex(index=depths, columns=lengths)
             im = ax.imshow(grid.values, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
@@ -205,13 +214,14 @@ def plot_niah_heatmaps(df) -> str | None:
                     ax.text(x, y, f"{v:.2f}", ha="center", va="center", fontsize=7)
             ax.set_xticks(range(len(lengths)), [str(int(x)) for x in lengths], fontsize=7)
             ax.set_yticks(range(len(depths)), [f"{y:g}" for y in depths], fontsize=7)
-            ax.set_title(label if label == "full" else f"{label} r={r:g}", fontsize=9)
+            if i <= 1 or label == "full":
+                ax.set_title(title, fontsize=9)
             if j == 0:
-                ax.set_ylabel("needle depth", fontsize=8)
+                ax.set_ylabel(f"{label}\nneedle depth", fontsize=8)
             if i == len(labels) - 1:
                 ax.set_xlabel("length (tokens)", fontsize=8)
     if im is not None:
-        fig.colorbar(im, ax=axes, shrink=0.6, label="score")
+        fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.5, label="score", aspect=30)
     return _png(fig)
 
 
