@@ -287,7 +287,8 @@ class CompressedCache(Cache):
             self.budgets[layer_idx] = self.method.n_keep(layer.cumulative_length, layer_idx, self.n_layers)
         return self.budgets[layer_idx]
 
-    def after_attention(self, module, layer_idx: int, query: torch.Tensor, scaling: float | None):
+    def after_attention(self, module, layer_idx: int, query: torch.Tensor, scaling: float | None,
+                        memo: dict | None = None):
         """Let the method observe this forward and, when due, evict the layer down to its budget."""
         method = self.method
         layer = self.layers[layer_idx]
@@ -307,6 +308,7 @@ class CompressedCache(Cache):
             scaling=scaling if scaling is not None else query.shape[-1] ** -0.5,
             softcap=getattr(self.config, "attn_logit_softcapping", None),
             n_keep=0,
+            memo=memo,
         )
         if method.stateful:
             method.observe(x)
@@ -315,12 +317,14 @@ class CompressedCache(Cache):
             if layer.n_stored > x.n_keep:
                 layer.evict(method.score(x), x.n_keep)
 
-    def compressed_copy(self, model, method, queries: dict[int, torch.Tensor], scaling: dict[int, float]):
+    def compressed_copy(self, model, method, queries: dict[int, torch.Tensor], scaling: dict[int, float],
+                        memo: dict | None = None):
         """A new cache holding this (uncompressed, single-forward prefill) cache compressed by `method`.
 
         Scoring after each layer's attention does not change the prefill's hidden states, so the keys and
         queries recorded by one full prefill give every method exactly what it would have seen: one prefill
-        serves a whole sweep of methods and ratios. Tensors are shared until eviction replaces them.
+        serves a whole sweep of methods and ratios. Tensors are shared until eviction replaces them. `memo`
+        keeps attention sums computed for one method to serve the next (they depend on the record only).
         """
         out = CompressedCache(model, method, layer_factory=type(self.layers[0]) if isinstance(
             self.layers[0], CompressedLayer) else None, selector=self.selector)
@@ -339,7 +343,7 @@ class CompressedCache(Cache):
         out.phase = "prefill"
         for i, layer in enumerate(out.layers):
             if isinstance(layer, CompressedLayer) and layer.is_initialized:
-                out.after_attention(None, i, queries[i], scaling.get(i))
+                out.after_attention(None, i, queries[i], scaling.get(i), memo)
         out.phase = "append"
         return out
 

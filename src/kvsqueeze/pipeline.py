@@ -8,7 +8,7 @@ many questions. `query_aware=True` compresses context and question together.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -63,10 +63,11 @@ class PrefillRecord:
     queries: dict[int, torch.Tensor]  # layer -> (batch, q_heads, T, head_dim) post-RoPE
     scaling: dict[int, float]
     n_tokens: int
+    memo: dict = field(default_factory=dict)  # attention sums shared across the methods scored on this record
 
     def compress(self, model, method: Method | None) -> CompressedCache:
         """A compressed cache equal to prefilling with `method` (single-chunk prefill), without re-running it."""
-        return self.cache.compressed_copy(model, method, self.queries, self.scaling)
+        return self.cache.compressed_copy(model, method, self.queries, self.scaling, self.memo)
 
 
 @torch.no_grad()
@@ -133,8 +134,9 @@ def check_budget(method: Method | None, n_context: int) -> None:
 @torch.no_grad()
 def generate_answer(model, tokenizer, context: str, question: str, method: Method | None = None,
                     max_new_tokens: int = 32, chunk_size: int | None = None, query_aware: bool = False,
-                    answer_prefix: str = "") -> GenerationResult:
-    """Compress `context` with `method`, then answer `question` greedily."""
+                    answer_prefix: str = "", layer_factory=None) -> GenerationResult:
+    """Compress `context` with `method`, then answer `question` greedily. `layer_factory` sets how the kept
+    slots are stored (e.g. `kvsqueeze.quant.kivi(2)`: 2-bit KIVI; None: full precision)."""
     if not context.strip():
         raise KVSqueezeError("the context is empty")
     ctx, q = split_prompt(tokenizer, context, question, answer_prefix)
@@ -143,7 +145,7 @@ def generate_answer(model, tokenizer, context: str, question: str, method: Metho
     check_budget(method, len(ctx))
     device = _device(model)
     t0 = time.perf_counter()
-    cache = CompressedCache(model, method)
+    cache = CompressedCache(model, method, layer_factory=layer_factory)
     prefill(model, cache, torch.tensor([ctx], device=device), chunk_size)
     stats = cache.stats()  # the compressed context, before the question is appended
     logits = model(input_ids=torch.tensor([q], device=device), past_key_values=cache, logits_to_keep=1).logits[:, -1]

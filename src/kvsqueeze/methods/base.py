@@ -31,6 +31,7 @@ class ScoreInputs:
     scaling: float
     softcap: float | None
     n_keep: int  # slots this layer will keep (0 when only observing)
+    memo: dict | None = None  # shared by every method scoring the same recorded prefill (a sweep)
 
     @property
     def keys(self) -> torch.Tensor:  # (batch, kv_heads, n, head_dim), the new tokens included
@@ -87,10 +88,15 @@ class ScoreInputs:
 
     def attention_sum(self, last: int | None = None) -> torch.Tensor:
         """(batch, q_heads, n): attention summed over this forward's queries (or the last `last`)."""
+        key = ("attention_sum", self.layer_idx, last)
+        if self.memo is not None and key in self.memo:
+            return self.memo[key]
         total = None
         for p in self.attention(last):
             s = p.sum(2)
             total = s if total is None else total + s
+        if self.memo is not None:
+            self.memo[key] = total
         return total
 
     def recent(self, n: int) -> torch.Tensor:
