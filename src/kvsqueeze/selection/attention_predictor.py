@@ -56,6 +56,20 @@ class PredictorNet(nn.Module):
         return self.conv3(x).squeeze(1)
 
 
+class LastRow(nn.Module):
+    """Heuristic predictor (ablation): the next row is the last history row."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:, -1].float()
+
+
+class HistoryMean(nn.Module):
+    """Heuristic predictor (ablation): the next row is the mean of the history."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.float().mean(1)
+
+
 def n_parameters(net: nn.Module) -> int:
     return sum(p.numel() for p in net.parameters())
 
@@ -197,7 +211,7 @@ class AttentionPredictor(Selector):
                 )
             self.net, self.predictor_meta = load_predictor(path)
         self.net = self.net.eval()
-        self._incremental = IncrementalCNN(self.net)
+        self._incremental = IncrementalCNN(self.net) if isinstance(self.net, PredictorNet) else None
 
     def describe(self) -> str:
         return f"{self.name}(budget={self.budget}, sink={self.sink}, local={self.local}, top={self.k_blocks} blocks)"
@@ -244,7 +258,7 @@ class AttentionPredictor(Selector):
         out_w = n_blocks - lb - sb
         if hi - lo >= 3:  # the 3 x 3 kernels need a few columns
             x = hist[..., lo:hi].reshape(b * hq, T, hi - lo)
-            if st is None:
+            if st is None or self._incremental is None:
                 pred = self.net(x.float())
             else:
                 pred = self._incremental.scores(st, x, (lo, hi))

@@ -5,8 +5,10 @@ queries and keys of one causal forward over the whole sequence. So one forward (
 every layer's post-RoPE queries (`attention.record_queries`) and the cache keeps every key; the attention row of
 the last H + S positions is then recomputed per layer and query head (fp32), and pooled over key blocks of 16:
 
-    maxp (layers, q_heads, H + S, W)  block-max-pooled rows: the predictor's input history and its MSE targets
-    sums (layers, q_heads, H + S, W)  block sums: the attention mass per block, for the recovery rate
+    maxp  (layers, q_heads, H + S, W)  block-max-pooled rows: the predictor's input history and its MSE targets
+    sums  (layers, q_heads, H + S, W)  block sums: the attention mass per block, for the recovery rate
+    quest (layers, q_heads, S, W)      Quest's page bound x scaling of the S decode queries (-inf on the current
+                                       and later pages), to compare with Quest offline (`training.simulate`)
 
 W = ceil(T / 16); row r is position T - (H + S) + r and is zero on blocks after it. A training example is
 (rows s .. s + H - 1) -> row s + H, for s in 0..S-1: the last S positions are the "decode steps". Stored in fp16.
@@ -18,6 +20,7 @@ context, as retrieval answers do. The dense layers (0-1) are skipped.
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 
@@ -36,6 +39,8 @@ class Trace:
     n_tokens: int
     history: int
     kind: str = "text"
+    quest: torch.Tensor | None = None  # (L, hq, S, W) fp16
+    kv_heads: int = 1
 
     @property
     def n_steps(self) -> int:
@@ -70,7 +75,10 @@ def collect_trace(model, ids: list[int] | torch.Tensor, *, history: int = 64, st
         model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
     layers = [i for i in sorted(queries) if i not in dense_layers and hasattr(cache.layers[i], "positions")]
     q_pos = torch.arange(T - w, T, device=ids.device)
-    maxp, sums = [], []
+    from .quest import page_minmax, page_scores
+
+    maxp, sums, quest = [], [], []
+    n_full = T // block
     for i in layers:
         layer = cache.layers[i]
         q = queries[i]
@@ -80,7 +88,18 @@ def collect_trace(model, ids: list[int] | torch.Tensor, *, history: int = 64, st
         p = p / p.sum(-1, keepdim=True)
         maxp.append(block_pool(p, block, "max").half().cpu())
         sums.append(block_pool(p, block, "sum").half().cpu())
-    return Trace(torch.stack(maxp), torch.stack(sums), layers, T, history, kind)
+        kmin, kmax = page_minmax(layer.keys[:, :, : n_full * block], block)
+        pad = (0, 0, 0, math.ceil(T / block) - n_full)
+        kmin, kmax = torch.nn.functional.pad(kmin, pad), torch.nn.functional.pad(kmax, pad)
+        hq = q.shape[1]
+        qs = q[0, :, -steps:].transpose(0, 1).reshape(1, steps * hq, -1)  # step-major: (1, S * hq, d)
+        u = page_scores(qs, kmin.repeat(1, steps, 1, 1), kmax.repeat(1, steps, 1, 1))  # (1, S * hq, P)
+        u = u.view(steps, hq, -1).transpose(0, 1) * scaling.get(i, q.shape[-1] ** -0.5)  # (hq, S, P)
+        cur = (q_pos[-steps:] // block)[None, :, None]
+        u = u.masked_fill(torch.arange(u.shape[-1], device=u.device)[None, None, :] >= cur, float("-inf"))
+        quest.append(u.half().cpu())
+    return Trace(torch.stack(maxp), torch.stack(sums), layers, T, history, kind, torch.stack(quest),
+                 cache.layers[layers[0]].keys.shape[1] if layers else 1)
 
 
 def _split_stream(tokenizer, texts: list[str], val_share: float) -> tuple[list[int], list[int]]:

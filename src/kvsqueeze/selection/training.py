@@ -39,6 +39,8 @@ class TrainConfig:
     select_k: int = 16  # the k whose recovery rate picks the checkpoint
     max_seconds: float | None = None  # stop training (not validation) after this long
     crop: int | None = 48  # train on a random window of this many middle blocks (fully convolutional; cheaper)
+    sparse_history: float = 0.0  # share of batches whose history imitates decoding (sparse rows, see below)
+    weighted: bool = False  # scale each example's error by its history's peak (heads count alike)
     seed: int = 0
 
 
@@ -62,7 +64,26 @@ class TrainResult:
                 "history": self.history}
 
 
-def example(trace: Trace, s: int, sink_b: int, local_b: int, block: int):
+def sparse_rows(maxp: torch.Tensor, sums: torch.Tensor, first_pos: int, sink_b: int, local_b: int, block: int,
+                k: int, n_decode: int, phase: int, every: int) -> torch.Tensor:
+    """History rows (N, H, W) as decoding writes them: the last `n_decode` rows are sparse (sink + local + the
+    top-k middle blocks by true mass, renormalised) except every `every`-th, a full calibration row; earlier rows
+    (the prompt's) stay full. Row r is position first_pos + r. The true top-k stands in for the predictor's."""
+    N, H, W = maxp.shape
+    cols = torch.arange(W)
+    nb = (first_pos + torch.arange(H) + 1 + block - 1) // block  # blocks seen by each row
+    middle = (cols[None, :] >= sink_b) & (cols[None, :] < (nb - local_b)[:, None])  # (H, W)
+    score = sums.masked_fill(~middle, -1.0)
+    kk = min(k, W)
+    keep = torch.zeros(N, H, W, dtype=torch.bool).scatter(2, score.topk(kk, dim=-1).indices, True) & middle
+    keep |= ~middle  # sink, local (and the unseen zero columns)
+    sparse = (torch.arange(H) >= H - n_decode) & ((torch.arange(H) + phase) % every != 0)
+    mass = (sums * keep).sum(-1, keepdim=True).clamp_min(1e-6)
+    out = torch.where(keep, maxp / mass, torch.zeros((), dtype=maxp.dtype))
+    return torch.where(sparse[None, :, None], out, maxp)
+
+
+def example(trace: Trace, s: int, sink_b: int, local_b: int, block: int, sparse: dict | None = None):
     """Inputs (L*hq, H, Wm), targets (L*hq, Wm), block sums of the target row (L*hq, nb) and the middle range.
 
     The target row sits at position p = T - S + s; its history's width is ceil(p / block) blocks (the last history
@@ -73,7 +94,13 @@ def example(trace: Trace, s: int, sink_b: int, local_b: int, block: int):
     nb = math.ceil((p + 1) / block)
     lo, hi = sink_b, W - local_b
     L, hq = trace.maxp.shape[:2]
-    x = trace.maxp[:, :, s : s + H, lo:hi].float().reshape(L * hq, H, hi - lo)
+    if sparse is None:
+        x = trace.maxp[:, :, s : s + H, lo:hi].float().reshape(L * hq, H, hi - lo)
+    else:
+        rows = sparse_rows(trace.maxp[:, :, s : s + H, :W].float().reshape(L * hq, H, W),
+                           trace.sums[:, :, s : s + H, :W].float().reshape(L * hq, H, W), p - H, sink_b, local_b,
+                           block, **sparse)
+        x = rows[..., lo:hi].contiguous()
     y = trace.maxp[:, :, s + H, lo:hi].float().reshape(L * hq, hi - lo)
     sums = trace.sums[:, :, s + H, :nb].float().reshape(L * hq, nb)
     return x, y, sums, lo, hi
@@ -145,7 +172,11 @@ def train(train_traces: list[Trace], val_traces: list[Trace], cfg: TrainConfig |
         net.train()
         loss_sum, n_b = 0.0, 0
         for ti, s in combos:
-            x, y, _, _, _ = example(train_traces[ti], s, sink_b, local_b, cfg.block)
+            sp = None
+            if cfg.sparse_history and rng.random() < cfg.sparse_history:
+                sp = {"k": rng.choice([8, 16, 24, 32, 56]), "n_decode": rng.randint(1, HISTORY), "phase": rng.randrange(5),
+                      "every": 5}
+            x, y, _, _, _ = example(train_traces[ti], s, sink_b, local_b, cfg.block, sp)
             pick = torch.tensor(rng.sample(range(x.shape[0]), n_series))
             x, y = x[pick], y[pick]
             keep = slice(None)
@@ -154,7 +185,10 @@ def train(train_traces: list[Trace], val_traces: list[Trace], cfg: TrainConfig |
                 a = rng.randrange(0, w - cfg.crop + 1)  # sink / local edges) are left out of the loss
                 x, y = x[..., a : a + cfg.crop], y[..., a : a + cfg.crop]
                 keep = slice(0 if a == 0 else 2, cfg.crop if a + cfg.crop == w else cfg.crop - 2)
-            loss = torch.nn.functional.mse_loss(net(x)[..., keep], y[..., keep])
+            err = net(x)[..., keep] - y[..., keep]
+            if cfg.weighted:
+                err = err / (x.amax((1, 2)) + 1e-3)[:, None]
+            loss = err.pow(2).mean()
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -231,3 +265,78 @@ def train_predictor(model, tokenizer, texts: list[str] | None = None, *, n_seq: 
             "trace_kinds": [k for k, _ in train_seqs + val_seqs]}
     out = save_predictor(res.net, path or predictor_path(model), meta)
     return res, out, {"traces": t_traces, "train": res.seconds, "total": total}
+
+
+@torch.no_grad()
+def simulate(traces: list[Trace], budget: int, predictor=None, *, sink: int | None = None, local: int | None = None,
+             calibration_every: int = 5, block: int = 16, with_quest: bool = True) -> dict:
+    """Decoding replayed offline on traces, at block level: the recovery rate per layer of AttentionPredictor
+    (its real selector code: history from the prompt rows, sparse rows + a full row every M steps, GQA max),
+    of Quest (page bounds stored in the trace; softmax estimates, GQA max) and of the oracle (the true top blocks
+    per kv head, the same number of blocks as Quest).
+
+    predictor: a PredictorNet, or "last" / "mean" (heuristics). Returns {"ap": {layer: r}, "quest": ..., "oracle": ...}.
+    """
+    from .attention_predictor import AttentionPredictor, HistoryMean, IncrementalCNN, LastRow
+
+    net = {"last": LastRow(), "mean": HistoryMean()}.get(predictor, predictor) if isinstance(predictor, str) else predictor
+    sel = AttentionPredictor(budget, predictor=net, sink=sink, local=local, calibration_every=calibration_every,
+                             block=block)
+    sel.net = net.eval()
+    sel._incremental = IncrementalCNN(net) if isinstance(net, PredictorNet) else None
+    sb, lb, k = sel.sink // block, sel.local // block, sel.k_blocks
+    kq = budget // block
+    acc = {m: {} for m in ("ap", "quest", "oracle")}
+
+    def add(m, layers, r):  # r: (L,) mean over heads
+        for li, v in zip(layers, r.tolist()):
+            s_, c_ = acc[m].get(li, (0.0, 0))
+            acc[m][li] = (s_ + v, c_ + 1)
+
+    for tr in traces:
+        L, hq = tr.maxp.shape[:2]
+        hk = tr.kv_heads
+        g = hq // hk
+        H, S, T = tr.history, tr.n_steps, tr.n_tokens
+        st: dict = {}
+        sel._push(st, tr.maxp[:, :, :H].float())
+        for s in range(S):
+            r, p = H + s, T - S + s
+            nb = math.ceil((p + 1) / block)
+            sums = tr.sums[:, :, r, :nb].float()
+            total = sums.sum(-1).clamp_min(1e-12)
+            if nb <= sb + lb + k:
+                mask = torch.ones(L, hq, nb, dtype=torch.bool)
+            else:
+                pred = sel.predict(st["hist"], nb, st if sel._incremental is not None else None)
+                agg = pred.view(L, hk, g, -1).amax(2)
+                top = agg.topk(k, dim=-1).indices + sb
+                m = torch.zeros(L, hk, nb, dtype=torch.bool).scatter(2, top, True)
+                m[..., :sb] = True
+                m[..., nb - lb :] = True
+                mask = m.repeat_interleave(g, 1)
+            add("ap", tr.layers, ((sums * mask).sum(-1) / total).mean(1))
+            if (s + 1) % calibration_every == 0 or bool(mask.all()):
+                row = tr.maxp[:, :, r, :nb].float()
+            else:
+                row = tr.maxp[:, :, r, :nb].float() * mask / (sums * mask).sum(-1, keepdim=True).clamp_min(1e-12)
+            sel._push(st, row[:, :, None])
+            if nb <= kq:
+                add("quest", tr.layers, torch.ones(L))
+                add("oracle", tr.layers, torch.ones(L))
+                continue
+            if with_quest and tr.quest is not None:
+                u = tr.quest[:, :, s, :nb].float()
+                est = torch.softmax(u.masked_fill(torch.isinf(u), float("-inf")), -1).nan_to_num(0.0)
+                agg = est.view(L, hk, g, nb).amax(2)
+                agg[..., nb - 1] = float("inf")
+                m = torch.zeros(L, hk, nb, dtype=torch.bool).scatter(2, agg.topk(kq, dim=-1).indices, True)
+                add("quest", tr.layers, ((sums * m.repeat_interleave(g, 1)).sum(-1) / total).mean(1))
+            mass = sums.view(L, hk, g, nb).sum(2)
+            mass[..., nb - 1] = float("inf")
+            m = torch.zeros(L, hk, nb, dtype=torch.bool).scatter(2, mass.topk(kq, dim=-1).indices, True)
+            add("oracle", tr.layers, ((sums * m.repeat_interleave(g, 1)).sum(-1) / total).mean(1))
+    out = {m: {li: s_ / c_ for li, (s_, c_) in sorted(d.items())} for m, d in acc.items() if d}
+    for m, d in list(out.items()):
+        out[m + "_mean"] = sum(d.values()) / len(d)
+    return out
