@@ -81,6 +81,30 @@ def test_shared_prefill_gives_the_answers_of_re_prefilling(tiny, samples):
     assert len({v for k, v in ref.answers.items()}) > 3
 
 
+def test_sharing_with_sliding_window_layers(tiny):
+    """Gemma 3 mixes sliding-window layers (never compressed) with full ones: batching concatenates the former."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    _, tok = tiny
+    torch.manual_seed(0)
+    cfg = Gemma3TextConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=48,
+                           layer_types=["sliding_attention", "full_attention"] * 2, max_position_embeddings=4096,
+                           initializer_range=0.1, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                           pad_token_id=0)
+    model = Gemma3ForCausalLM(cfg).eval()
+    model.set_attn_implementation("sdpa")
+    ss = build_samples(tok, "passkey,ppl", TaskConfig(length=300, samples=1, ppl_tokens=8))
+    for s in ss:
+        s.max_new_tokens = 6
+    pairs = make_pairs(["full", "snapkv", "h2o", "pyramidkv", "streaming_llm"], [0.5, 0.8])
+    ref = run_sweep(model, tok, ss, pairs, None, model_name="g", share_prefill=False, progress=False,
+                    keep_answers=True, code_version="t")
+    got = run_sweep(model, tok, ss, pairs, None, model_name="g", progress=False, keep_answers=True,
+                    code_version="t")
+    assert got.answers == ref.answers and len(set(ref.answers.values())) > 3
+
+
 def test_query_aware_sharing_matches_generate_answer(tiny, samples):
     model, tok = tiny
     s = samples[0]

@@ -174,7 +174,8 @@ def answer_batch(model, tokenizer, caches: list[CompressedCache], q_ids: list[in
     """Greedy answers to the same question from several caches at once (one forward per step for all).
 
     Each row is what `greedy_decode` gives from its own cache; rows are independent (batched float reductions
-    may differ in the last bits: `kvsqueeze sweep --no-batch` and the benchmark check answers one by one)."""
+    may differ in the last bits from batch-1 ones: `--batch-size 1` decodes pairs one by one, and the benchmark
+    checks the answers against re-prefilling)."""
     p = len(caches)
     cache = merge_caches(model, caches)
     device = _device(model)
