@@ -127,3 +127,22 @@ def test_report_command(report, tmp_path):
     r = CliRunner().invoke(main, ["report", str(db), "-o", str(out), "--title", "My sweep"])
     assert r.exit_code == 0, r.output
     assert "3 plots" in r.output and "<h1>My sweep</h1>" in out.read_text()
+
+
+def test_markdown_table_matches_the_means(report):
+    from kvsqueeze.evaluation.report import markdown_table
+
+    _, _, _, db = report
+    df = load_results(db)
+    md = markdown_table(df).splitlines()
+    head = [c.strip() for c in md[0].strip("|").split("|")]
+    assert head[:3] == ["method", "ratio", "KV kept"] and head[-1] == "QA mean"
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in md[2:]]
+    assert rows[0][0] == "full" and len(rows) == df.groupby(["label", "ratio"]).ngroups
+    row = next(r for r in rows if r[0] == "snapkv (window=64)" and r[1] == "0.75")
+    sel = df[(df.label == "snapkv (window=64)") & (df.ratio == 0.75)]
+    col = head.index("passkey (n=3)")
+    assert row[col] == f"{sel[sel.task == 'passkey'].score.mean():.2f}"
+    assert row[2] == "25.0%"
+    with pytest.raises(KVSqueezeError, match="no results for model"):
+        markdown_table(df, "other")

@@ -175,12 +175,16 @@ def register(main: click.Group) -> None:
     @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=Path("report.html"),
                   show_default=True, help="The HTML file to write.")
     @click.option("--title", default="kvsqueeze evaluation report", show_default=True)
-    def report_cmd(results, output, title):
+    @click.option("--markdown", is_flag=True, help="Also print the mean-score table as Markdown.")
+    @click.option("--model", default=None, help="With --markdown: the model whose table is printed.")
+    def report_cmd(results, output, title, markdown, model):
         """Write one static HTML page (plots embedded, no server) from a results file."""
-        from .report import write_report
+        from .report import load_results, markdown_table, write_report
 
         n = write_report(results, output, title=title)
         click.echo(f"{output}: {n} plots")
+        if markdown:
+            click.echo(markdown_table(load_results(results), model))
 
     main.add_command(eval_cmd, "eval")
     main.add_command(sweep_cmd, "sweep")

@@ -230,6 +230,46 @@ def score_table(df):
     return t.sort_index(axis=1)
 
 
+def markdown_table(df, model: str | None = None) -> str:
+    """Mean score per (method, ratio) row and task column, as a Markdown table (the README's baseline table).
+
+    String-match tasks in [0, 1]; `ppl` is the perplexity (lower is better); `QA mean` averages the string-match
+    tasks; `KV kept` is the mean fraction of the full cache's KV bytes held after compression."""
+    import pandas as pd
+
+    if model is not None:
+        df = df[df.model == model]
+    if df.empty:
+        raise KVSqueezeError(f"no results for model {model!r}")
+    if df.model.nunique() > 1:
+        raise KVSqueezeError(f"results hold several models ({', '.join(sorted(df.model.unique()))}): pick one")
+    tasks = _task_order(df)
+    t = df.pivot_table(index=["label", "ratio"], columns="task", values="score", aggfunc="mean")[tasks]
+    qa = [x for x in tasks if (df[df.task == x].metric != "perplexity").all()]
+    if qa:
+        t["QA mean"] = t[qa].mean(axis=1)
+    kept = df.assign(kept=df.kv_bytes / df.full_kv_bytes).groupby(["label", "ratio"]).kept.mean()
+    t.insert(0, "KV kept", kept)
+    order = sorted(t.index, key=lambda ix: (ix[0] != "full", ix[0], ix[1]))
+    t = t.loc[order]
+    n = df.groupby("task").sample_id.nunique()
+    head = ["method", "ratio", "KV kept"] + [f"{c} (n={n[c]})" if c in n else c for c in t.columns[1:]]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for (label, ratio), row in t.iterrows():
+        cells = [label, "-" if label == "full" else ("budget" if ratio < 0 else f"{ratio:g}")]
+        for c, v in row.items():
+            if pd.isna(v):
+                cells.append("")
+            elif c == "KV kept":
+                cells.append(f"{100 * v:.1f}%")
+            elif c in n and (df[df.task == c].metric == "perplexity").all():
+                cells.append(f"{v:.2f}")
+            else:
+                cells.append(f"{v:.2f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def write_report(results: str | Path, output: str | Path, title: str = "kvsqueeze evaluation report") -> int:
     """Write the HTML report of `results` to `output`; returns the number of plots."""
     import matplotlib
