@@ -113,7 +113,6 @@ class QuantizedLayer(CompressedLayer):
     def update(self, key_states, value_states, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        b, h, q, _ = key_states.shape
         if self._stores:
             keys = torch.cat([self._materialize(0), key_states], dim=-2)
             values = torch.cat([self._materialize(1), value_states], dim=-2)
@@ -122,6 +121,25 @@ class QuantizedLayer(CompressedLayer):
         else:  # everything is residual: the returned tensors are the residual (commit copies what it keeps)
             keys = self._k_res = torch.cat([self._k_res, key_states], dim=-2)
             values = self._v_res = torch.cat([self._v_res, value_states], dim=-2)
+        self._track_new(key_states.shape[-2])
+        self._live = (weakref.ref(keys), weakref.ref(values))
+        self.commit()
+        return keys, values
+
+    def append(self, key_states, value_states) -> None:
+        """Store new tokens without building the full view (for a fused kernel that reads the storage itself,
+        e.g. `KIVILayer.fused_decode_attention`)."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self._k_res = torch.cat([self._k_res, key_states], dim=-2)
+        self._v_res = torch.cat([self._v_res, value_states], dim=-2)
+        self._track_new(key_states.shape[-2])
+        self._live = None
+        self.commit()
+
+    def _track_new(self, q: int) -> None:
+        """Positions, valid and state for `q` tokens just appended at the end of the slots."""
+        b, h = self._k_res.shape[:2]
         new_pos = torch.arange(self.cumulative_length, self.cumulative_length + q, device=self.device, dtype=torch.int32)
         self.positions = torch.cat([self.positions, new_pos.expand(b, h, q)], dim=-1)
         if self.valid is not None:
@@ -130,9 +148,6 @@ class QuantizedLayer(CompressedLayer):
             self.state[name] = torch.cat([t, t.new_zeros(b, h, q, *t.shape[3:])], dim=2)
         self.cumulative_length += q
         self.n_new = q
-        self._live = (weakref.ref(keys), weakref.ref(values))
-        self.commit()
-        return keys, values
 
     # --- compression ------------------------------------------------------------------------------------------
     def _compress(self, k: torch.Tensor, v: torch.Tensor):

@@ -75,6 +75,14 @@ class KIVILayer(QuantizedLayer):
         gv = channel_group(v.shape[-1], self.value_group)
         return KIVIStore(quantize(k, self.bits, "token", self.group), quantize(v, self.bits, "channel", gv))
 
+    def fused_decode_attention(self, query, scale: float | None = None):
+        """One decode query per sequence (B, HQ, 1, D) attending to every stored slot, dequantized inside the
+        Triton kernel (GPU): `triton_decode.kivi_decode_attention` over this layer's packed storage."""
+        from .triton_decode import kivi_decode_attention
+
+        store = self._stores[0] if self._stores else None
+        return kivi_decode_attention(query, store, self._k_res, self._v_res, scale)
+
 
 def kivi(bits: int = 2, group: int = 32, residual: int = 32, value_group: int | None = None):
     """A `layer_factory` for `CompressedCache`: `CompressedCache(model, SnapKV(ratio=0.75), layer_factory=kivi(2))`."""

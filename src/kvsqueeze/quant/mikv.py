@@ -112,6 +112,7 @@ class MixedPrecisionLayer(QuantizedLayer):
         self._ks: torch.Tensor | None = None  # (b, h, 1, d) channel multipliers applied before quantizing
         self._vs: torch.Tensor | None = None
         self._balanced_by_queries = False
+        self._split_once = False
         super().__init__(residual=residual, group=group, **kwargs)
 
     # --- channel scaling ---------------------------------------------------------------------------------------
@@ -126,8 +127,11 @@ class MixedPrecisionLayer(QuantizedLayer):
         if self.value_scaling and self._vs is None:
             self._vs = self._sqrt_max(v)
 
-    def balance_keys(self, query_absmax: torch.Tensor) -> None:
-        """MiKV's balancer from the prefill queries' max |q| per (batch, kv head, channel): (b, h, d)."""
+    def balance_keys(self, query_absmax: torch.Tensor, commit: bool = True) -> None:
+        """MiKV's balancer from the prefill queries' max |q| per (batch, kv head, channel): (b, h, d).
+
+        The stored tokens are re-encoded with it; pass commit=False when `evict` follows (it re-splits them
+        from full precision: committing first would make it read them back quantized)."""
         if self.key_scaling != "balance" or self._balanced_by_queries or not self.is_initialized:
             return
         keys, values = self.keys, self.values  # live view (or dequantized with the old scales)
@@ -137,7 +141,8 @@ class MixedPrecisionLayer(QuantizedLayer):
             self._k_res, self._v_res, self._stores = keys, values, []
         self._ks = beta[:, :, None, :].to(torch.float16)
         self._balanced_by_queries = True
-        self.commit()
+        if commit:
+            self.commit()
 
     def _scaled(self, k, v):
         if self._ks is not None:
@@ -172,7 +177,7 @@ class MixedPrecisionLayer(QuantizedLayer):
     def reset(self):
         super().reset()
         self._ks = self._vs = None
-        self._balanced_by_queries = False
+        self._balanced_by_queries = self._split_once = False
 
     # --- compression ------------------------------------------------------------------------------------------
     def _store(self, k, v, bits):
@@ -194,6 +199,12 @@ class MixedPrecisionLayer(QuantizedLayer):
         if scores.shape != (b, h, n):
             raise ValueError(f"scores must have shape {(b, h, n)}, got {tuple(scores.shape)}")
         keys, values = self.keys, self.values
+        if not self._split_once:  # channel scales from every token of the prefill, then fixed
+            if not self._balanced_by_queries:
+                self._ks = None
+            self._vs = None
+            self._ensure_scales(keys, values)
+            self._split_once = True
         r = min(self.residual, n)
         body = n - r
         n_hi = max(0, min(n_keep - r, body))
@@ -266,7 +277,8 @@ class MiKV(Method):
         if isinstance(layer, MixedPrecisionLayer):
             q = x.queries.abs().amax(dim=2)  # (b, hq, d)
             b, hq, d = q.shape
-            layer.balance_keys(q.view(b, hq // x.group, x.group, d).amax(2))
+            evicting = x.n_keep < layer.n_stored  # then the cache calls layer.evict right after this
+            layer.balance_keys(q.view(b, hq // x.group, x.group, d).amax(2), commit=not evicting)
         return self.inner.score(x)
 
     def describe(self) -> str:

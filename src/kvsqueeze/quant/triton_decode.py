@@ -1,0 +1,217 @@
+"""Fused decode attention over KIVI storage (Triton, GPU): dequantization happens inside the attention kernel.
+
+For one decoding step (one query token per sequence), each program takes one (batch, kv head) and one split of
+the quantized tokens (flash-decoding), with all the query heads of that kv head's GQA group as the rows of a
+`tl.dot` tile. Per block of tokens it loads the packed key codes (`packing.py`'s layout: channel c in byte
+c // (8/b) at shift (c % (8/b)) * b), the per-channel key scales/zeros of the tokens' groups, dequantizes in
+registers, computes the logits, runs an online softmax (exp2), then does the same for the per-token values and
+accumulates P V. One extra split per kv head attends to the full-precision residual. A second small kernel
+merges the splits (log-sum-exp weights). Only the packed bytes, scales and residual cross the memory bus:
+about 6x fewer bytes than an fp16 cache at 2 bits (d = 128, G = 32).
+
+    out = softmax(q K_hat^T * scale) V_hat      K_hat, V_hat as in kivi.py, never materialised in memory
+
+`kivi_decode_attention` is the entry point; `reference_decode_attention` dequantizes with torch and calls
+`scaled_dot_product_attention` (the reference path, also used to check the kernel). Deviation from KIVI's own
+CUDA kernels: codes are packed along channels for both keys and values (KIVI packs keys along tokens).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - CPU-only installs
+    triton = None
+    tl = None
+
+
+if triton is not None:
+
+    @triton.jit
+    def _kivi_decode_split(
+        Q, KC, KS, KZ, VC, VS, VZ, KR, VR, O_ACC, O_M, O_L,
+        qk_scale, NQ, NR, CHUNK,
+        s_q_b, s_q_h,
+        s_kc_bh, s_kc_n, s_ks_bh, s_ks_g,
+        s_vc_bh, s_vc_n, s_vs_bh, s_vs_n,
+        s_kr_bh, s_kr_n, s_vr_bh, s_vr_n,
+        HK: tl.constexpr, GQ: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
+        G: tl.constexpr, GV: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):
+        bh = tl.program_id(0)
+        split = tl.program_id(1)
+        n_splits = tl.num_programs(1)
+        b = bh // HK
+        hk = bh % HK
+        rows = tl.arange(0, GP)
+        ch = tl.arange(0, D)
+        qmask = rows < GQ
+        q = tl.load(Q + b * s_q_b + (hk * GQ + rows)[:, None] * s_q_h + ch[None, :], mask=qmask[:, None], other=0.0)
+        q = (q.to(tl.float32) * qk_scale).to(tl.float16)
+        m_i = tl.full([GP], float("-inf"), tl.float32)
+        l_i = tl.zeros([GP], tl.float32)
+        acc = tl.zeros([GP, D], tl.float32)
+        PER: tl.constexpr = 8 // BITS
+        MASK: tl.constexpr = (1 << BITS) - 1
+        byte = ch // PER
+        shift = (ch % PER) * BITS
+        if split < n_splits - 1:
+            start = split * CHUNK
+            for i in range(0, CHUNK // BLOCK_N):  # every split starts below NQ (see _split_plan)
+                tok = start + i * BLOCK_N + tl.arange(0, BLOCK_N)
+                tmask = (tok < start + CHUNK) & (tok < NQ)
+                kb = tl.load(KC + bh * s_kc_bh + tok[:, None] * s_kc_n + byte[None, :], mask=tmask[:, None], other=0)
+                kcode = ((kb.to(tl.int32) >> shift[None, :]) & MASK).to(tl.float32)
+                kso = bh * s_ks_bh + (tok // G)[:, None] * s_ks_g + ch[None, :]
+                ks = tl.load(KS + kso, mask=tmask[:, None], other=0.0).to(tl.float32)
+                kz = tl.load(KZ + kso, mask=tmask[:, None], other=0.0).to(tl.float32)
+                k = (kcode * ks + kz).to(tl.float16)
+                s = tl.dot(q, tl.trans(k))
+                s = tl.where(tmask[None, :], s, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(s, 1))
+                alpha = tl.exp2(m_i - m_new)
+                p = tl.exp2(s - m_new[:, None])
+                l_i = l_i * alpha + tl.sum(p, 1)
+                vb = tl.load(VC + bh * s_vc_bh + tok[:, None] * s_vc_n + byte[None, :], mask=tmask[:, None], other=0)
+                vcode = ((vb.to(tl.int32) >> shift[None, :]) & MASK).to(tl.float32)
+                vso = bh * s_vs_bh + tok[:, None] * s_vs_n + (ch // GV)[None, :]
+                vs = tl.load(VS + vso, mask=tmask[:, None], other=0.0).to(tl.float32)
+                vz = tl.load(VZ + vso, mask=tmask[:, None], other=0.0).to(tl.float32)
+                v = (vcode * vs + vz).to(tl.float16)
+                acc = acc * alpha[:, None] + tl.dot(p.to(tl.float16), v)
+                m_i = m_new
+        else:
+            for s0 in range(0, NR, BLOCK_N):
+                tok = s0 + tl.arange(0, BLOCK_N)
+                tmask = tok < NR
+                k = tl.load(KR + bh * s_kr_bh + tok[:, None] * s_kr_n + ch[None, :], mask=tmask[:, None], other=0.0)
+                s = tl.dot(q, tl.trans(k.to(tl.float16)))
+                s = tl.where(tmask[None, :], s, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(s, 1))
+                alpha = tl.exp2(m_i - m_new)
+                p = tl.exp2(s - m_new[:, None])
+                l_i = l_i * alpha + tl.sum(p, 1)
+                v = tl.load(VR + bh * s_vr_bh + tok[:, None] * s_vr_n + ch[None, :], mask=tmask[:, None], other=0.0)
+                acc = acc * alpha[:, None] + tl.dot(p.to(tl.float16), v.to(tl.float16))
+                m_i = m_new
+        off = bh * n_splits + split
+        tl.store(O_M + off * GP + rows, m_i)
+        tl.store(O_L + off * GP + rows, l_i)
+        tl.store(O_ACC + (off * GP + rows)[:, None] * D + ch[None, :], acc)
+
+    @triton.jit
+    def _merge_splits(O_ACC, O_M, O_L, OUT, n_splits, s_o_b, s_o_h,
+                      HK: tl.constexpr, GQ: tl.constexpr, GP: tl.constexpr, D: tl.constexpr):
+        bh = tl.program_id(0)
+        b = bh // HK
+        hk = bh % HK
+        rows = tl.arange(0, GP)
+        ch = tl.arange(0, D)
+        m_max = tl.full([GP], float("-inf"), tl.float32)
+        for s in range(0, n_splits):
+            m_max = tl.maximum(m_max, tl.load(O_M + (bh * n_splits + s) * GP + rows))
+        acc = tl.zeros([GP, D], tl.float32)
+        l_sum = tl.zeros([GP], tl.float32)
+        for s in range(0, n_splits):
+            off = bh * n_splits + s
+            w = tl.exp2(tl.load(O_M + off * GP + rows) - m_max)
+            l_sum += tl.load(O_L + off * GP + rows) * w
+            acc += tl.load(O_ACC + (off * GP + rows)[:, None] * D + ch[None, :]) * w[:, None]
+        out = acc / l_sum[:, None]
+        tl.store(OUT + b * s_o_b + (hk * GQ + rows)[:, None] * s_o_h + ch[None, :], out.to(OUT.dtype.element_ty),
+                 mask=(rows < GQ)[:, None])
+
+
+def _split_plan(bh: int, nq: int, block_n: int, n_sm: int) -> tuple[int, int]:
+    """(number of splits over the quantized tokens, tokens per split): about 4 programs per SM."""
+    blocks = max(1, math.ceil(nq / block_n))
+    n = max(1, min(blocks, math.ceil(4 * n_sm / max(1, bh))))
+    chunk = math.ceil(blocks / n) * block_n
+    return math.ceil(max(nq, 1) / chunk), chunk
+
+
+def kivi_decode_attention(q: torch.Tensor, store, k_res: torch.Tensor, v_res: torch.Tensor,
+                          scale: float | None = None, block_n: int = 64, n_splits: int | None = None,
+                          num_warps: int = 4, programs_per_sm: int = 4) -> torch.Tensor:
+    """Attention of one decode query per sequence over KIVI storage, fused on the GPU.
+
+    q: (B, HQ, 1, D) or (B, HQ, D); store: a `KIVIStore` (or None when every token is still residual) of the
+    oldest slots; k_res, v_res: (B, HK, NR, D) the full-precision residual (the newest slots). Returns
+    (B, HQ, 1, D) in q's dtype. Slot order does not matter (one query token, every stored slot visible).
+    """
+    if triton is None:
+        raise RuntimeError("the fused KIVI decode kernel needs triton (pip install 'kvsqueeze[gpu]')")
+    squeeze = q.dim() == 3
+    q3 = q if squeeze else q[:, :, 0]
+    B, HQ, D = q3.shape
+    HK = k_res.shape[1]
+    GQ = HQ // HK
+    GP = max(16, triton.next_power_of_2(GQ))
+    scale = D ** -0.5 if scale is None else scale
+    dev = q.device
+    if store is not None and store.n > 0:
+        kq, vq = store.k, store.v
+        bits, G, GV, NQ = kq.bits, kq.group, vq.group, kq.n
+        kc, ks, kz = kq.codes.contiguous(), kq.scale.contiguous(), kq.zero.contiguous()
+        vc, vs, vz = vq.codes.contiguous(), vq.scale.contiguous(), vq.zero.contiguous()
+    else:  # nothing quantized yet: dummy one-byte tensors, no quantized split runs
+        bits, G, GV, NQ = 2, 32, 32, 0
+        kc = vc = torch.zeros(B, HK, 1, D // 4, dtype=torch.uint8, device=dev)
+        ks = kz = torch.zeros(B, HK, 1, D, dtype=torch.float16, device=dev)
+        vs = vz = torch.zeros(B, HK, 1, 1, dtype=torch.float16, device=dev)
+    k_res, v_res = k_res.contiguous(), v_res.contiguous()
+    n_sm = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 4
+    if NQ + k_res.shape[2] == 0:
+        raise ValueError("nothing to attend to")
+    if NQ == 0:
+        n_q_splits, chunk = 0, block_n
+    elif n_splits is None:
+        n_q_splits, chunk = _split_plan(B * HK, NQ, block_n, n_sm * programs_per_sm // 4)
+    else:
+        chunk = math.ceil(NQ / n_splits / block_n) * block_n
+        n_q_splits = math.ceil(NQ / chunk)
+    total = n_q_splits + 1  # + the residual split
+    o_acc = torch.empty(B * HK * total * GP, D, dtype=torch.float32, device=dev)
+    o_m = torch.empty(B * HK * total * GP, dtype=torch.float32, device=dev)
+    o_l = torch.empty_like(o_m)
+    _kivi_decode_split[(B * HK, total)](
+        q3, kc, ks, kz, vc, vs, vz, k_res, v_res, o_acc, o_m, o_l,
+        scale * 1.4426950408889634, NQ, k_res.shape[2], chunk,
+        q3.stride(0), q3.stride(1),
+        kc.stride(1), kc.stride(2), ks.stride(1), ks.stride(2),
+        vc.stride(1), vc.stride(2), vs.stride(1), vs.stride(2),
+        k_res.stride(1), k_res.stride(2), v_res.stride(1), v_res.stride(2),
+        HK=HK, GQ=GQ, GP=GP, D=D, BITS=bits, G=G, GV=GV, BLOCK_N=block_n, num_warps=num_warps,
+    )
+    out = torch.empty(B, HQ, D, dtype=q.dtype, device=dev)
+    _merge_splits[(B * HK,)](o_acc, o_m, o_l, out, total, out.stride(0), out.stride(1),
+                             HK=HK, GQ=GQ, GP=GP, D=D, num_warps=4)
+    return out if squeeze else out[:, :, None]
+
+
+def reference_decode_attention(q: torch.Tensor, store, k_res: torch.Tensor, v_res: torch.Tensor,
+                               scale: float | None = None) -> torch.Tensor:
+    """Dequantize with torch, then `scaled_dot_product_attention` (the reference path; any device)."""
+    squeeze = q.dim() == 3
+    q4 = q[:, :, None] if squeeze else q
+    k, v = k_res, v_res
+    if store is not None and store.n > 0:
+        k = torch.cat([store.keys(q.dtype), k_res.to(q.dtype)], dim=2)
+        v = torch.cat([store.values(q.dtype), v_res.to(q.dtype)], dim=2)
+    out = gqa_decode_sdpa(q4, k, v, scale)
+    return out[:, :, 0] if squeeze else out
+
+
+def gqa_decode_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """One-token decode attention with GQA through sdpa: the group's query heads become query rows of their kv
+    head (no mask needed: every slot is visible), which lets sdpa use its fused kernels. q: (B, HQ, 1, D)."""
+    B, HQ, _, D = q.shape
+    HK = k.shape[1]
+    out = F.scaled_dot_product_attention(q.reshape(B, HK, HQ // HK, D), k, v, scale=scale)
+    return out.reshape(B, HQ, 1, D)
