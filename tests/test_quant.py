@@ -40,9 +40,18 @@ def test_pack_round_trip_and_size(bits):
     assert torch.equal(unpack(packed, bits), codes)
 
 
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_pack_along_tokens_round_trip(bits):
+    codes = torch.randint(0, 2**bits, (2, 3, 64, 16), dtype=torch.uint8)
+    packed = pack(codes, bits, "token")
+    assert packed.shape == (2, 3, 64 * bits // 8, 16)
+    assert torch.equal(unpack(packed, bits, "token"), codes)
+
+
 def test_pack_layout_is_little_endian_within_byte():
-    codes = torch.tensor([[1, 2, 3, 0]], dtype=torch.uint8)  # four 2-bit codes -> 0b00_11_10_01
-    assert int(pack(codes, 2)[0, 0]) == 0b00111001
+    codes = torch.tensor([[[[1, 2, 3, 0]]]], dtype=torch.uint8)  # four 2-bit codes -> 0b00_11_10_01
+    assert int(pack(codes, 2)[0, 0, 0, 0]) == 0b00111001
+    assert int(pack(codes.transpose(-1, -2), 2, "token")[0, 0, 0, 0]) == 0b00111001  # tokens 0..3 of channel 0
 
 
 @pytest.mark.parametrize("axis,group", [("token", 32), ("channel", 32), ("channel", 64)])
@@ -96,7 +105,8 @@ def test_kivi_bytes_held_equal_formula_and_tensor_sizes():
         layer.update(torch.randn(b, h, n, d), torch.randn(b, h, n, d))
         nq, nr = layer.n_compressed, layer._k_res.shape[2]
         store = layer._stores[0]
-        assert _nbytes(store.k.codes) == b * h * nq * d * bits // 8  # really packed
+        assert _nbytes(store.k.codes) == b * h * nq * d * bits // 8  # really packed (along tokens)
+        assert store.k.codes.shape == (b, h, nq * bits // 8, d) and store.v.codes.shape == store.k.codes.shape
         expected = b * h * nq * kivi_bytes_per_token(d, bits) + 2 * b * h * nr * d * 4
         assert layer.kv_nbytes() == expected == sum(_nbytes(t) for t in layer.kv_tensors().values())
     # 2-bit, d = 128, G = 32, fp16 scales: 96 bytes per token and head instead of 512 in fp16

@@ -8,8 +8,9 @@ one channel), values per token (a group is `G_v` consecutive channels of one tok
 
 with b = 2 or 4 (8 and 1 also work). The most recent tokens stay in full precision: a residual window of
 R..R+G-1 tokens (R a multiple of G; the reference code's G = R = 32); every time G more tokens fall out of it they
-are quantized as one key group. Codes are packed four to a byte at 2 bits (`packing.py`); scales and zero points
-are float16. Bytes held per token and kv head, for the quantized part (s = 2 bytes):
+are quantized as one key group. Codes are packed four to a byte at 2 bits, along tokens for both keys and
+values (as KIVI packs its keys: a row of d bytes holds 4 whole tokens, the layout the fused decode kernel reads
+with 16-byte loads); scales and zero points are float16. Bytes held per token and kv head, for the quantized part (s = 2 bytes):
 
     keys:   d*b/8 + 2*d*s/G          values:   d*b/8 + 2*(d/G_v)*s
 
@@ -73,7 +74,8 @@ class KIVILayer(QuantizedLayer):
 
     def _compress(self, k, v):
         gv = channel_group(v.shape[-1], self.value_group)
-        return KIVIStore(quantize(k, self.bits, "token", self.group), quantize(v, self.bits, "channel", gv))
+        return KIVIStore(quantize(k, self.bits, "token", self.group, pack_along="token"),
+                         quantize(v, self.bits, "channel", gv, pack_along="token"))
 
     def fused_decode_attention(self, query, scale: float | None = None):
         """One decode query per sequence (B, HQ, 1, D) attending to every stored slot, dequantized inside the

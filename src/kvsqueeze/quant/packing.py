@@ -1,8 +1,11 @@
 """Bit packing and asymmetric (min/max) uniform quantization: the primitives every scheme here stores with.
 
-Packing. `b`-bit codes (b in 1, 2, 4, 8) are packed along the last dimension, `8 // b` codes to a byte, code `j`
-of a byte in bits `[b*j, b*j + b)` (little-endian within the byte): channel `c` lives in byte `c // (8 // b)` at
-shift `(c % (8 // b)) * b`. The Triton decode kernel (`triton_decode.py`) reads this layout.
+Packing. `b`-bit codes (b in 1, 2, 4, 8) are packed `8 // b` to a byte, code `j` of a byte in bits
+`[b*j, b*j + b)` (little-endian within the byte), either along channels (`along="channel"`: channel `c` of a
+token lives in byte `c // (8 // b)` at shift `(c % (8 // b)) * b`) or along tokens (`along="token"`, KIVI's
+layout: token `t` of a channel lives in packed row `t // (8 // b)` at shift `(t % (8 // b)) * b`, so a row of
+packed bytes holds `8 // b` whole tokens in natural channel order). The Triton decode kernel (`triton_decode.py`)
+reads the token layout: one contiguous row of `d` bytes unpacks into `8 // b` tokens.
 
 Quantization (KIVI's asymmetric min/max round-to-nearest, the same in MiKV, ZipCache and GEAR):
 
@@ -31,30 +34,41 @@ def _check_bits(bits: int) -> int:
     return 8 // bits
 
 
-def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """(..., d) uint8 codes < 2^bits -> (..., d * bits / 8) uint8."""
+def pack(codes: torch.Tensor, bits: int, along: str = "channel") -> torch.Tensor:
+    """(b, h, n, d) uint8 codes < 2^bits -> (b, h, n, d * bits / 8) (along="channel") or (b, h, n * bits / 8, d)
+    (along="token") uint8."""
     per = _check_bits(bits)
     if per == 1:
         return codes.to(torch.uint8).contiguous()
-    d = codes.shape[-1]
-    if d % per:
-        raise ValueError(f"last dimension {d} is not a multiple of {per} ({bits}-bit packing)")
-    c = codes.to(torch.uint8).view(*codes.shape[:-1], d // per, per)
-    out = c[..., 0].clone()
-    for j in range(1, per):
-        out |= c[..., j] << (bits * j)
+    dim = -1 if along == "channel" else -2
+    n = codes.shape[dim]
+    if n % per:
+        raise ValueError(f"{along} dimension {n} is not a multiple of {per} ({bits}-bit packing)")
+    c = codes.to(torch.uint8)
+    if along == "channel":
+        c = c.view(*codes.shape[:-1], n // per, per)
+        out = c[..., 0].clone()
+        for j in range(1, per):
+            out |= c[..., j] << (bits * j)
+    else:
+        c = c.view(*codes.shape[:-2], n // per, per, codes.shape[-1])
+        out = c[..., 0, :].clone()
+        for j in range(1, per):
+            out |= c[..., j, :] << (bits * j)
     return out
 
 
-def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
-    """(..., d * bits / 8) uint8 -> (..., d) uint8 codes."""
+def unpack(packed: torch.Tensor, bits: int, along: str = "channel") -> torch.Tensor:
+    """Inverse of `pack`: uint8 codes (b, h, n, d)."""
     per = _check_bits(bits)
     if per == 1:
         return packed
     shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
     mask = (1 << bits) - 1
-    out = (packed[..., None] >> shifts) & mask
-    return out.flatten(-2)
+    if along == "channel":
+        return ((packed[..., None] >> shifts) & mask).flatten(-2)
+    out = (packed[..., None, :] >> shifts[:, None]) & mask  # (..., n/per, per, d)
+    return out.flatten(-3, -2)
 
 
 def _scale_dtype(x: torch.Tensor) -> torch.dtype:
@@ -65,8 +79,8 @@ def _scale_dtype(x: torch.Tensor) -> torch.dtype:
 class QTensor:
     """A packed, asymmetrically quantized (batch, heads, n, d) tensor.
 
-    codes: (b, h, n, d * bits / 8) uint8; scale, zero: (b, h, n // group, d) for axis="token",
-    (b, h, n, d // group) for axis="channel".
+    codes: (b, h, n, d * bits / 8) uint8 packed along channels, or (b, h, n * bits / 8, d) packed along tokens;
+    scale, zero: (b, h, n // group, d) for axis="token", (b, h, n, d // group) for axis="channel".
     """
 
     codes: torch.Tensor
@@ -76,10 +90,11 @@ class QTensor:
     axis: str  # "token" (groups of tokens, per channel) or "channel" (groups of channels, per token)
     group: int
     d: int
+    packed_along: str = "channel"
 
     @property
     def n(self) -> int:
-        return self.codes.shape[2]
+        return self.codes.shape[2] * (8 // self.bits if self.packed_along == "token" else 1)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"codes": self.codes, "scale": self.scale, "zero": self.zero}
@@ -88,7 +103,7 @@ class QTensor:
         return sum(t.numel() * t.element_size() for t in self.tensors().values())
 
     def dequantize(self, dtype=torch.float32) -> torch.Tensor:
-        codes = unpack(self.codes, self.bits)
+        codes = unpack(self.codes, self.bits, self.packed_along)
         b, h, n, d = codes.shape
         if self.axis == "token":
             g = codes.view(b, h, n // self.group, self.group, d).to(dtype)
@@ -108,8 +123,8 @@ class QTensor:
 
     def take_tokens(self, idx: torch.Tensor) -> "QTensor":
         """Gather tokens idx (b, h, k): exact (no requantization) for per-token groups (axis="channel")."""
-        if self.axis != "channel":
-            raise ValueError("only per-token quantized tensors can gather tokens without requantizing")
+        if self.axis != "channel" or self.packed_along != "channel":
+            raise ValueError("only per-token quantized, channel-packed tensors can gather tokens exactly")
 
         def take(t):
             return t.gather(2, idx[..., None].expand(*idx.shape, t.shape[-1]))
@@ -117,8 +132,9 @@ class QTensor:
         return self.map(take)
 
 
-def quantize(x: torch.Tensor, bits: int, axis: str, group: int) -> QTensor:
-    """Quantize x (b, h, n, d) with `bits`-bit asymmetric min/max, groups of `group` along `axis` (see module doc)."""
+def quantize(x: torch.Tensor, bits: int, axis: str, group: int, pack_along: str = "channel") -> QTensor:
+    """Quantize x (b, h, n, d) with `bits`-bit asymmetric min/max, groups of `group` along `axis` (see module doc),
+    codes packed along `pack_along` ("channel" or "token")."""
     _check_bits(bits)
     b, h, n, d = x.shape
     xf = x.float()
@@ -145,4 +161,4 @@ def quantize(x: torch.Tensor, bits: int, axis: str, group: int) -> QTensor:
         s, z = s[..., None], z[..., None]
     codes = torch.where(s > 0, torch.round((g - z) / torch.where(s > 0, s, 1.0)), 0.0).clamp_(0, qmax)
     codes = codes.to(torch.uint8).view(b, h, n, d)
-    return QTensor(pack(codes, bits), scale, zero, bits, axis, group, d)
+    return QTensor(pack(codes, bits, pack_along), scale, zero, bits, axis, group, d, pack_along)

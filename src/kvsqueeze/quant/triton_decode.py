@@ -2,10 +2,12 @@
 
 For one decoding step (one query token per sequence), each program takes one (batch, kv head) and one split of
 the quantized tokens (flash-decoding), with all the query heads of that kv head's GQA group as the rows of a
-`tl.dot` tile. Per block of tokens it loads the packed key codes (`packing.py`'s layout: channel c in byte
-c // (8/b) at shift (c % (8/b)) * b), the per-channel key scales/zeros of the tokens' groups, dequantizes in
-registers, computes the logits, runs an online softmax (exp2), then does the same for the per-token values and
-accumulates P V. One extra split per kv head attends to the full-precision residual. A second small kernel
+`tl.dot` tile. Codes are packed along tokens (`packing.py`): a block of BLOCK_N tokens is BLOCK_N / (8/b)
+contiguous rows of d bytes (16-byte loads), which unpack by shifts into 8/b sub-tiles of whole tokens in natural
+channel order. Per block it loads the packed key and value rows and the key groups' scale/zero rows once; per
+sub-tile it dequantizes keys in registers (scale/zero broadcast over the group's tokens), computes the logits,
+runs an online softmax (exp2), dequantizes the values (per-token scale/zero broadcast over each group of G_v
+channels) and accumulates P V. One extra split per kv head attends to the full-precision residual. A second small kernel
 merges the splits (log-sum-exp weights). Only the packed bytes, scales and residual cross the memory bus:
 about 6x fewer bytes than an fp16 cache at 2 bits (d = 128, G = 32).
 
@@ -13,7 +15,7 @@ about 6x fewer bytes than an fp16 cache at 2 bits (d = 128, G = 32).
 
 `kivi_decode_attention` is the entry point; `reference_decode_attention` dequantizes with torch and calls
 `scaled_dot_product_attention` (the reference path, also used to check the kernel). Deviation from KIVI's own
-CUDA kernels: codes are packed along channels for both keys and values (KIVI packs keys along tokens).
+CUDA kernels: values are packed along tokens too (KIVI packs them along channels), so both share one loop.
 """
 
 from __future__ import annotations
@@ -38,12 +40,20 @@ if triton is not None:
         Q, KC, KS, KZ, VC, VS, VZ, KR, VR, O_ACC, O_M, O_L,
         qk_scale, NQ, NR, CHUNK,
         s_q_b, s_q_h,
-        s_kc_bh, s_kc_n, s_ks_bh, s_ks_g,
-        s_vc_bh, s_vc_n, s_vs_bh, s_vs_n,
+        s_kc_bh, s_kc_r, s_ks_bh, s_ks_g,
+        s_vc_bh, s_vc_r, s_vs_bh, s_vs_n,
         s_kr_bh, s_kr_n, s_vr_bh, s_vr_n,
         HK: tl.constexpr, GQ: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
-        G: tl.constexpr, GV: tl.constexpr, BLOCK_N: tl.constexpr,
+        G: tl.constexpr, GV: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
     ):
+        # codes are packed along tokens: packed row r of a (batch, kv head) holds tokens PER*r + j (j < PER), every
+        # channel in natural order; key scales/zeros: one row of D per group of G tokens; value scales/zeros:
+        # D // GV per token.
+        PER: tl.constexpr = 8 // BITS
+        MASK: tl.constexpr = (1 << BITS) - 1
+        RB: tl.constexpr = BLOCK_N // PER  # packed rows per block = tokens per sub-tile
+        NG: tl.constexpr = BLOCK_N // G  # key groups per block
+        NGV: tl.constexpr = D // GV  # value groups per token
         bh = tl.program_id(0)
         split = tl.program_id(1)
         n_splits = tl.num_programs(1)
@@ -57,38 +67,45 @@ if triton is not None:
         m_i = tl.full([GP], float("-inf"), tl.float32)
         l_i = tl.zeros([GP], tl.float32)
         acc = tl.zeros([GP, D], tl.float32)
-        PER: tl.constexpr = 8 // BITS
-        MASK: tl.constexpr = (1 << BITS) - 1
-        byte = ch // PER
-        shift = (ch % PER) * BITS
         if split < n_splits - 1:
+            ri = tl.arange(0, RB)
+            gi = tl.arange(0, NG)
+            gv = tl.arange(0, NGV)
             start = split * CHUNK
-            for i in range(0, CHUNK // BLOCK_N):  # every split starts below NQ (see _split_plan)
-                tok = start + i * BLOCK_N + tl.arange(0, BLOCK_N)
-                tmask = (tok < start + CHUNK) & (tok < NQ)
-                kb = tl.load(KC + bh * s_kc_bh + tok[:, None] * s_kc_n + byte[None, :], mask=tmask[:, None], other=0)
-                kcode = ((kb.to(tl.int32) >> shift[None, :]) & MASK).to(tl.float32)
-                kso = bh * s_ks_bh + (tok // G)[:, None] * s_ks_g + ch[None, :]
-                ks = tl.load(KS + kso, mask=tmask[:, None], other=0.0).to(tl.float32)
-                kz = tl.load(KZ + kso, mask=tmask[:, None], other=0.0).to(tl.float32)
-                k = (kcode * ks + kz).to(tl.float16)
-                s = tl.dot(q, tl.trans(k))
-                s = tl.where(tmask[None, :], s, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(s, 1))
-                alpha = tl.exp2(m_i - m_new)
-                p = tl.exp2(s - m_new[:, None])
-                l_i = l_i * alpha + tl.sum(p, 1)
-                vb = tl.load(VC + bh * s_vc_bh + tok[:, None] * s_vc_n + byte[None, :], mask=tmask[:, None], other=0)
-                vcode = ((vb.to(tl.int32) >> shift[None, :]) & MASK).to(tl.float32)
-                vso = bh * s_vs_bh + tok[:, None] * s_vs_n + (ch // GV)[None, :]
-                vs = tl.load(VS + vso, mask=tmask[:, None], other=0.0).to(tl.float32)
-                vz = tl.load(VZ + vso, mask=tmask[:, None], other=0.0).to(tl.float32)
-                v = (vcode * vs + vz).to(tl.float16)
-                acc = acc * alpha[:, None] + tl.dot(p.to(tl.float16), v)
-                m_i = m_new
+            for it in range(0, CHUNK // BLOCK_N):  # every split starts below NQ (see _split_plan)
+                s0 = start + it * BLOCK_N
+                r0 = s0 // PER
+                rmask = (r0 + ri) < NQ // PER  # NQ is a multiple of G, so packed rows are all valid or not
+                kp = tl.load(KC + bh * s_kc_bh + (r0 + ri)[:, None] * s_kc_r + ch[None, :], mask=rmask[:, None],
+                             other=0).to(tl.int32)
+                vp = tl.load(VC + bh * s_vc_bh + (r0 + ri)[:, None] * s_vc_r + ch[None, :], mask=rmask[:, None],
+                             other=0).to(tl.int32)
+                gmask = (s0 // G + gi) < NQ // G
+                kso = bh * s_ks_bh + (s0 // G + gi)[:, None] * s_ks_g + ch[None, :]
+                ks = tl.load(KS + kso, mask=gmask[:, None], other=0.0).to(tl.float32)
+                kz = tl.load(KZ + kso, mask=gmask[:, None], other=0.0).to(tl.float32)
+                for j in tl.static_range(PER):
+                    tok = s0 + ri * PER + j  # sub-tile j: tokens PER*r + j; group of row r: r // (G // PER)
+                    kc = ((kp >> (j * BITS)) & MASK).to(tl.float32)
+                    k = tl.reshape(kc, (NG, G // PER, D)) * ks[:, None, :] + kz[:, None, :]
+                    k = tl.reshape(k, (RB, D)).to(tl.float16)
+                    s = tl.dot(q, tl.trans(k))
+                    s = tl.where(rmask[None, :], s, float("-inf"))
+                    m_new = tl.maximum(m_i, tl.max(s, 1))
+                    alpha = tl.exp2(m_i - m_new)
+                    p = tl.exp2(s - m_new[:, None])
+                    l_i = l_i * alpha + tl.sum(p, 1)
+                    vso = bh * s_vs_bh + tok[:, None] * s_vs_n + gv[None, :]
+                    vs = tl.load(VS + vso, mask=rmask[:, None], other=0.0).to(tl.float32)
+                    vz = tl.load(VZ + vso, mask=rmask[:, None], other=0.0).to(tl.float32)
+                    vc = ((vp >> (j * BITS)) & MASK).to(tl.float32)
+                    v = tl.reshape(vc, (RB, NGV, GV)) * vs[:, :, None] + vz[:, :, None]
+                    v = tl.reshape(v, (RB, D)).to(tl.float16)
+                    acc = acc * alpha[:, None] + tl.dot(p.to(tl.float16), v)
+                    m_i = m_new
         else:
-            for s0 in range(0, NR, BLOCK_N):
-                tok = s0 + tl.arange(0, BLOCK_N)
+            for s0 in range(0, NR, BLOCK_R):
+                tok = s0 + tl.arange(0, BLOCK_R)
                 tmask = tok < NR
                 k = tl.load(KR + bh * s_kr_bh + tok[:, None] * s_kr_n + ch[None, :], mask=tmask[:, None], other=0.0)
                 s = tl.dot(q, tl.trans(k.to(tl.float16)))
@@ -137,13 +154,13 @@ def _split_plan(bh: int, nq: int, block_n: int, n_sm: int) -> tuple[int, int]:
 
 
 def kivi_decode_attention(q: torch.Tensor, store, k_res: torch.Tensor, v_res: torch.Tensor,
-                          scale: float | None = None, block_n: int = 64, n_splits: int | None = None,
-                          num_warps: int = 4, programs_per_sm: int = 4) -> torch.Tensor:
+                          scale: float | None = None, block_n: int = 128, n_splits: int | None = None,
+                          num_warps: int = 4, programs_per_sm: int = 4, num_stages: int | None = None) -> torch.Tensor:
     """Attention of one decode query per sequence over KIVI storage, fused on the GPU.
 
-    q: (B, HQ, 1, D) or (B, HQ, D); store: a `KIVIStore` (or None when every token is still residual) of the
-    oldest slots; k_res, v_res: (B, HK, NR, D) the full-precision residual (the newest slots). Returns
-    (B, HQ, 1, D) in q's dtype. Slot order does not matter (one query token, every stored slot visible).
+    q: (B, HQ, 1, D) or (B, HQ, D); store: a `KIVIStore` (codes packed along tokens; None when every token is
+    still residual) of the oldest slots; k_res, v_res: (B, HK, NR, D) the full-precision residual (the newest
+    slots). Returns (B, HQ, 1, D) in q's dtype. Slot order does not matter (one query token, every slot visible).
     """
     if triton is None:
         raise RuntimeError("the fused KIVI decode kernel needs triton (pip install 'kvsqueeze[gpu]')")
@@ -157,14 +174,20 @@ def kivi_decode_attention(q: torch.Tensor, store, k_res: torch.Tensor, v_res: to
     dev = q.device
     if store is not None and store.n > 0:
         kq, vq = store.k, store.v
+        if kq.packed_along != "token" or vq.packed_along != "token" or kq.bits != vq.bits:
+            raise ValueError("the fused kernel reads KIVI stores packed along tokens, keys and values at equal bits")
         bits, G, GV, NQ = kq.bits, kq.group, vq.group, kq.n
         kc, ks, kz = kq.codes.contiguous(), kq.scale.contiguous(), kq.zero.contiguous()
         vc, vs, vz = vq.codes.contiguous(), vq.scale.contiguous(), vq.zero.contiguous()
-    else:  # nothing quantized yet: dummy one-byte tensors, no quantized split runs
-        bits, G, GV, NQ = 2, 32, 32, 0
-        kc = vc = torch.zeros(B, HK, 1, D // 4, dtype=torch.uint8, device=dev)
+    else:  # nothing quantized yet: dummy tensors, no quantized split runs
+        bits, G, GV, NQ = 2, 32, D, 0
+        kc = vc = torch.zeros(B, HK, 1, D, dtype=torch.uint8, device=dev)
         ks = kz = torch.zeros(B, HK, 1, D, dtype=torch.float16, device=dev)
         vs = vz = torch.zeros(B, HK, 1, 1, dtype=torch.float16, device=dev)
+    per = 8 // bits
+    block_n = max(block_n, G, 16 * per)  # a block holds whole key groups, sub-tiles of >= 16 tokens
+    if block_n % G or G % per or (G & (G - 1)) or (GV & (GV - 1)):
+        raise ValueError(f"unsupported KIVI grouping for the kernel: G={G}, G_v={GV}, {bits} bits, block {block_n}")
     k_res, v_res = k_res.contiguous(), v_res.contiguous()
     n_sm = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 4
     if NQ + k_res.shape[2] == 0:
@@ -180,6 +203,7 @@ def kivi_decode_attention(q: torch.Tensor, store, k_res: torch.Tensor, v_res: to
     o_acc = torch.empty(B * HK * total * GP, D, dtype=torch.float32, device=dev)
     o_m = torch.empty(B * HK * total * GP, dtype=torch.float32, device=dev)
     o_l = torch.empty_like(o_m)
+    extra = {} if num_stages is None else {"num_stages": num_stages}
     _kivi_decode_split[(B * HK, total)](
         q3, kc, ks, kz, vc, vs, vz, k_res, v_res, o_acc, o_m, o_l,
         scale * 1.4426950408889634, NQ, k_res.shape[2], chunk,
@@ -187,7 +211,8 @@ def kivi_decode_attention(q: torch.Tensor, store, k_res: torch.Tensor, v_res: to
         kc.stride(1), kc.stride(2), ks.stride(1), ks.stride(2),
         vc.stride(1), vc.stride(2), vs.stride(1), vs.stride(2),
         k_res.stride(1), k_res.stride(2), v_res.stride(1), v_res.stride(2),
-        HK=HK, GQ=GQ, GP=GP, D=D, BITS=bits, G=G, GV=GV, BLOCK_N=block_n, num_warps=num_warps,
+        HK=HK, GQ=GQ, GP=GP, D=D, BITS=bits, G=G, GV=GV, BLOCK_N=block_n, BLOCK_R=64, num_warps=num_warps,
+        **extra,
     )
     out = torch.empty(B, HQ, D, dtype=q.dtype, device=dev)
     _merge_splits[(B * HK,)](o_acc, o_m, o_l, out, total, out.stride(0), out.stride(1),
