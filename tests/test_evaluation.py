@@ -300,3 +300,21 @@ def test_sample_too_long_for_the_model_is_refused(tiny):
     with pytest.raises(KVSqueezeError, match="exceed the model's 4096 positions"):
         run_sweep(model, tok, [s], make_pairs(["knorm"], [0.5]), None, model_name="tiny", progress=False,
                   code_version="t")
+
+
+def test_jsonl_data_through_the_sweep(tiny, tmp_path):
+    model, tok = tiny
+    p = tmp_path / "mine.jsonl"
+    rows = [{"context": "The vault code is 4417. " + "Filler text here. " * 30, "question": "What is the code?",
+             "answer": ["4417"], "max_new_tokens": 4},
+            {"context": "Paris is in France. " + "More filler. " * 30, "question": "Where is Paris?",
+             "answers": "France", "answer_prefix": "Answer:", "max_new_tokens": 4}]
+    p.write_text("\n".join(json.dumps(r) for r in rows))
+    ss = build_samples(tok, f"jsonl:{p}", TaskConfig(samples=5))
+    store = ResultStore(tmp_path / "r.sqlite")
+    res = run_sweep(model, tok, ss, make_pairs(["full", "knorm"], [0.5]), store, model_name="tiny", progress=False,
+                    code_version="t")
+    df = store.frame()
+    assert res.added == 4 and set(df.task) == {"jsonl:mine"}
+    assert sorted(json.loads(a) for a in df.answers_json.unique()) == [["4417"], ["France"]]
+    assert set(df.metric) == {"string_match_all"} and df.score.between(0, 1).all()
