@@ -146,3 +146,16 @@ def test_markdown_table_matches_the_means(report):
     assert row[2] == "25.0%"
     with pytest.raises(KVSqueezeError, match="no results for model"):
         markdown_table(df, "other")
+
+
+def test_single_length_niah_gets_a_depth_by_method_heatmap(tmp_path):
+    import sqlite3
+
+    db = tmp_path / "one.sqlite"
+    _fill(db)
+    con = sqlite3.connect(db)
+    con.execute("DELETE FROM results WHERE task = 'niah' AND length = 1024")
+    con.commit()
+    con.close()
+    assert write_report(db, tmp_path / "one.html") == 3
+    assert "Needle in a haystack" in (tmp_path / "one.html").read_text()

@@ -82,6 +82,19 @@ def _labels(df):
     return [labels[(m, c)] for m, c in zip(df.method, df.params_json)]
 
 
+MARKERS = "osD^v<>pXh*"
+
+
+def _markers(labels):
+    order = sorted(l for l in labels if l != "full")
+    return {l: MARKERS[i % len(MARKERS)] for i, l in enumerate(order)}
+
+
+def _legend(fig, handles):
+    fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=min(5, len(handles)),
+               bbox_to_anchor=(0.5, 1.0), frameon=False, fontsize=9)
+
+
 def _colors(labels):
     import matplotlib
 
@@ -126,6 +139,8 @@ def _grid(n, ncols=3, w=4.3, h=3.2):
 def plot_score_vs_ratio(df) -> str:
     tasks = _task_order(df)
     colors = _colors(df.label.unique())
+    markers = _markers(df.label.unique())
+    comp_labels = sorted(l for l in df.label.unique() if l != "full")
     fig, axes = _grid(len(tasks))
     handles = {}
     for ax, task in zip(axes, tasks):
@@ -137,7 +152,9 @@ def plot_score_vs_ratio(df) -> str:
         comp = d[(d.method != "full") & (d.ratio >= 0)]
         for label, g in comp.groupby("label"):
             m = g.groupby("ratio").score.mean()
-            (handles[label],) = ax.plot(m.index, m.values, marker="o", color=colors[label], label=label)
+            dodge = 0.006 * (comp_labels.index(label) - (len(comp_labels) - 1) / 2)  # overlapping lines stay visible
+            (handles[label],) = ax.plot(m.index + dodge, m.values, marker=markers[label], color=colors[label],
+                                        label=label, alpha=0.85)
         n = d.groupby(["label", "ratio"]).size().max()
         ax.set_title(f"{task} (n={n})", fontsize=11)
         ax.set_xlabel("compression ratio (fraction removed)")
@@ -145,15 +162,15 @@ def plot_score_vs_ratio(df) -> str:
         if metric != "perplexity":
             ax.set_ylim(-0.03, 1.03)
         ax.grid(alpha=0.3)
-    fig.legend(handles.values(), handles.keys(), loc="upper center", ncol=min(6, len(handles)),
-               bbox_to_anchor=(0.5, 1.0 + 0.12 / (len(axes) // 3 + 1)), frameon=False)
     fig.tight_layout()
+    _legend(fig, handles)
     return _png(fig)
 
 
 def plot_score_vs_bytes(df) -> str:
     tasks = _task_order(df)
     colors = _colors(df.label.unique())
+    markers = _markers(df.label.unique())
     fig, axes = _grid(len(tasks))
     handles = {}
     for ax, task in zip(axes, tasks):
@@ -161,7 +178,7 @@ def plot_score_vs_bytes(df) -> str:
         metric = d.metric.iloc[0]
         for label, g in d.groupby("label"):
             m = g.groupby(["ratio"]).agg(kv=("kv_mib", "mean"), score=("score", "mean")).sort_values("kv")
-            style = dict(marker="*", ms=12, ls="none") if label == "full" else dict(marker="o")
+            style = dict(marker="*", ms=12, ls="none") if label == "full" else dict(marker=markers[label], alpha=0.85)
             (handles[label],) = ax.plot(m.kv, m.score, color=colors[label], label=label, **style)
         ax.set_title(task, fontsize=11)
         ax.set_xlabel("KV cache kept after compression (MiB)")
@@ -170,9 +187,8 @@ def plot_score_vs_bytes(df) -> str:
         if metric != "perplexity":
             ax.set_ylim(-0.03, 1.03)
         ax.grid(alpha=0.3, which="both")
-    fig.legend(handles.values(), handles.keys(), loc="upper center", ncol=min(6, len(handles)),
-               bbox_to_anchor=(0.5, 1.0 + 0.12 / (len(axes) // 3 + 1)), frameon=False)
     fig.tight_layout()
+    _legend(fig, handles)
     return _png(fig)
 
 
@@ -190,6 +206,8 @@ def plot_niah_heatmaps(df) -> str | None:
     ncols = max(1, len(ratios))
     depths = sorted(d.depth.unique())
     lengths = sorted(d.length.unique())
+    if len(lengths) == 1:
+        return _niah_one_length(d, labels, ratios, depths, lengths[0])
     cw = max(2.0, 0.5 * len(lengths) + 1.0)
     ch = max(1.5, 0.28 * len(depths) + 0.9)
     fig, axes = plt.subplots(len(labels), ncols, figsize=(cw * ncols + 2.6, ch * len(labels) + 0.6), squeeze=False,
@@ -225,9 +243,43 @@ def plot_niah_heatmaps(df) -> str | None:
     return _png(fig)
 
 
+def _niah_one_length(d, labels, ratios, depths, length) -> str:
+    """One length: a depth x method heatmap per ratio (the full reference as the first column of each)."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    ratios = ratios or [0.0]
+    w = max(5.0, 0.7 * len(labels) + 2.0)
+    fig, axes = plt.subplots(len(ratios), 1, figsize=(w, (0.32 * len(depths) + 0.7) * len(ratios) + 1.4),
+                             squeeze=False, constrained_layout=True, sharex=True)
+    im = None
+    for i, (ax, r) in enumerate(zip(axes[:, 0], ratios)):
+        g = d[(d.label == "full") | (d.ratio == r)]
+        grid = g.pivot_table(index="depth", columns="label", values="score", aggfunc="mean")
+        grid = grid.reindex(index=depths, columns=labels)
+        im = ax.imshow(grid.values, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
+        for (y, x), v in np.ndenumerate(grid.values):
+            if not np.isnan(v):
+                ax.text(x, y, f"{v:.2f}", ha="center", va="center", fontsize=8)
+        ax.set_xticks(range(len(labels)), labels, rotation=35, ha="right", fontsize=9)
+        ax.set_yticks(range(len(depths)), [f"{y:g}" for y in depths], fontsize=8)
+        ax.set_ylabel(f"ratio {r:g}\nneedle depth", fontsize=9)
+        if i == 0:
+            ax.set_title(f"NIAH at {int(length)} tokens: mean score per needle depth (full = no compression)",
+                         fontsize=10)
+    fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8, label="score")
+    return _png(fig)
+
+
 def score_table(df):
-    t = df.pivot_table(index=["task", "metric"], columns=["label", "ratio"], values="score", aggfunc="mean")
-    return t.sort_index(axis=1)
+    """Mean score: a row per (method, ratio), a column per task (the full reference first)."""
+    tasks = _task_order(df)
+    t = df.pivot_table(index=["label", "ratio"], columns="task", values="score", aggfunc="mean")[tasks]
+    order = sorted(t.index, key=lambda ix: (ix[0] != "full", ix[0], ix[1]))
+    t = t.loc[order]
+    t.columns = [f"{c} ({df[df.task == c].metric.iloc[0].replace('string_match_', 'match ')})" for c in t.columns]
+    t.index.names = ["method", "ratio"]
+    return t
 
 
 def markdown_table(df, model: str | None = None) -> str:
