@@ -7,7 +7,9 @@ Weights never matter here: one decode step's attention is q (B, 32, 1, 128) agai
 values are random fp16 with a few outlier channels (as real keys have), the same data for every variant.
 Checks first (fresh random inputs, several shapes): the Triton kernel against the reference (dequantize with
 torch, then fp32 attention), relative error ||out - ref|| / ||ref||, and that no output is NaN. Timing: CUDA
-events around one step over all layers, warm-up, then the median (and min) over `--reps` repetitions.
+events around one step over all layers, warm-up, then the median (and min) over `--reps` repetitions, eager
+(Python launches included) and replayed from a CUDA graph (GPU time only); the GB/s column is the KV bytes held
+over the best of the two.
 
 Variants (per decode step, all layers):
   fp16 sdpa (HF)        F.scaled_dot_product_attention(q, K, V, enable_gqa=True), what a model with sdpa runs
@@ -89,6 +91,25 @@ CHECK_SHAPES = [  # b, hq, hk, d, n, bits
     (1, 32, 8, 128, 4096 + 45, 2), (1, 32, 8, 128, 4096 + 45, 4), (2, 32, 8, 128, 1000, 2), (1, 14, 2, 64, 777, 4),
     (3, 8, 8, 128, 20, 2), (1, 32, 8, 128, 70, 8), (1, 28, 4, 128, 32768 + 7, 2),
 ]
+
+
+def graph_ms(fn, reps: int, warmup: int) -> tuple[float, float] | None:
+    """The same step captured in a CUDA graph and replayed: GPU time without Python launch overhead."""
+    if not torch.cuda.is_available():
+        return None
+    fn()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    sync()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    out = time_ms(g.replay, reps, warmup)
+    del g
+    return out
 
 
 def check(device, shapes=CHECK_SHAPES) -> list[dict]:
@@ -213,24 +234,29 @@ def main(argv=None):
             q = torch.randn(B, HQ, 1, D, device=device, generator=gen).half()
             fp16_bytes = sum(k.numel() * 2 * 2 for k, _ in kv)
 
-            def row(name, ms, held):
-                per_layer_us = 1000 * ms[0] / L
-                gbps = held / (ms[0] / 1000) / 1e9 if held else float("nan")
-                table.append(dict(batch=B, context=N, variant=name, median_ms=ms[0], min_ms=ms[1],
+            def row(name, ms, held, gms=None):
+                best = gms if gms is not None else ms
+                per_layer_us = 1000 * best[0] / L
+                gbps = held / (best[0] / 1000) / 1e9 if held else float("nan")
+                table.append(dict(batch=B, context=N, variant=name, median_ms=ms[0] if ms else None,
+                                  min_ms=ms[1] if ms else None, graph_ms=gms[0] if gms else None,
                                   us_per_layer=per_layer_us, kv_bytes=held, gbps=gbps))
-                print(f"  {name:34s} {ms[0]:8.3f} ms/step (min {ms[1]:.3f})  {per_layer_us:7.1f} us/layer  "
-                      f"KV {held / 2**30:6.3f} GiB  {gbps:7.0f} GB/s", flush=True)
+                eager = f"{ms[0]:8.3f} ms eager (min {ms[1]:.3f})" if ms else f"{'-':>8s}         eager         "
+                graph = f"{gms[0]:7.3f} ms graph" if gms else "       -       "
+                print(f"  {name:34s} {eager}  {graph}  {per_layer_us:7.1f} us/layer  KV {held / 2**30:6.3f} GiB  "
+                      f"{gbps:7.0f} GB/s", flush=True)
 
-            def trow(name, fn, reps, held):
+            def trow(name, fn, reps, held, graph=True, eager=True):
                 try:
-                    row(name, time_ms(fn, reps, args.warmup), held)
+                    ms = time_ms(fn, reps, args.warmup) if eager else None
+                    gms = graph_ms(fn, reps, args.warmup) if graph else None
+                    row(name, ms, held, gms)
                 except Exception as e:  # report and keep going
                     print(f"  {name}: failed: {type(e).__name__}: {e}", flush=True)
 
-            row("fp16 sdpa (HF, enable_gqa)", time_ms(lambda: [F.scaled_dot_product_attention(
-                q, k, v, scale=scale, enable_gqa=True) for k, v in kv], args.reps, args.warmup), fp16_bytes)
-            row("fp16 sdpa (GQA rows)", time_ms(lambda: [gqa_decode_sdpa(q, k, v, scale) for k, v in kv],
-                                                args.reps, args.warmup), fp16_bytes)
+            trow("fp16 sdpa (HF, enable_gqa)", lambda: [F.scaled_dot_product_attention(
+                q, k, v, scale=scale, enable_gqa=True) for k, v in kv], args.reps, fp16_bytes)
+            trow("fp16 sdpa (GQA rows)", lambda: [gqa_decode_sdpa(q, k, v, scale) for k, v in kv], args.reps, fp16_bytes)
             for bits in args.bits:
                 layers = []
                 for k, v in kv:
@@ -239,21 +265,26 @@ def main(argv=None):
                     layers.append(lay)
                 held = sum(lay.kv_nbytes() for lay in layers)
                 # the reference path as the model runs it: dequantize + cat + sdpa (without appending)
-                row(f"KIVI-{bits} ref (dequant + sdpa)", time_ms(lambda: [gqa_decode_sdpa(
-                    q, lay._materialize(0), lay._materialize(1), scale) for lay in layers], args.reps, args.warmup), held)
+                trow(f"KIVI-{bits} ref (dequant + sdpa)", lambda: [F.scaled_dot_product_attention(
+                    q, lay._materialize(0), lay._materialize(1), scale=scale, enable_gqa=True) for lay in layers],
+                    args.reps, held)
                 if not kernel_ok:
                     print("  (Triton variants skipped: the kernel check failed)")
                 else:
                     trow(f"KIVI-{bits} triton (fused)", lambda: [lay.fused_decode_attention(q, scale) for lay in layers],
                          args.reps, held)
                 if kernel_ok and args.sweep and B == args.batch[0] and N == args.context[0]:
-                    for bn, nw, pps, ns in ((64, 4, 4, None), (256, 4, 4, None), (128, 8, 4, None), (256, 8, 4, None),
-                                            (128, 4, 8, None), (128, 4, 2, None), (128, 4, 4, 2), (128, 4, 4, 4)):
-                        def fused(bn=bn, nw=nw, pps=pps, ns=ns):
-                            for lay in layers:
-                                kivi_decode_attention(q, lay._stores[0], lay._k_res, lay._v_res, scale, block_n=bn,
-                                                      num_warps=nw, programs_per_sm=pps, num_stages=ns)
-                        trow(f"KIVI-{bits} triton bn{bn} w{nw} p{pps} s{ns or '-'}", fused, args.reps, held)
+                    for sl in (False, True):
+                        for bn, nw, pps, ns in ((64, 4, 4, None), (128, 4, 4, None), (128, 8, 4, None),
+                                                (128, 4, 8, None), (128, 4, 2, None), (64, 4, 4, 4), (128, 4, 4, 4),
+                                                (256, 8, 4, None)):
+                            def fused(bn=bn, nw=nw, pps=pps, ns=ns, sl=sl):
+                                for lay in layers:
+                                    kivi_decode_attention(q, lay._stores[0], lay._k_res, lay._v_res, scale,
+                                                          block_n=bn, num_warps=nw, programs_per_sm=pps,
+                                                          num_stages=ns, scale_loads=sl)
+                            trow(f"KIVI-{bits} triton bn{bn} w{nw} p{pps} s{ns or '-'}{' L' if sl else ''}", fused,
+                                 args.reps, held, eager=False)
                 k1 = torch.randn(B, HK, 1, D, device=device, generator=gen).half()
 
                 def step():
@@ -262,7 +293,7 @@ def main(argv=None):
                         lay.fused_decode_attention(q, scale)
 
                 if kernel_ok:
-                    trow(f"KIVI-{bits} step (append + fused)", step, max(args.reps, 64), held)
+                    trow(f"KIVI-{bits} step (append + fused)", step, max(args.reps, 64), held, graph=False)
                 del layers
                 torch.cuda.empty_cache()
                 if why_quanto is None and B == args.batch[0]:
@@ -291,7 +322,7 @@ def main(argv=None):
                             with Timer() as t:
                                 qstep()
                             ts.append(t.ms)
-                        row(f"quanto int{bits} step (update + sdpa)", (statistics.median(ts), min(ts)), qheld)
+                        row(f"quanto int{bits} step (update + sdpa)", (statistics.median(ts), min(ts)), qheld)  # eager
                         table[-1]["mean_ms"] = statistics.mean(ts)
                         print(f"  {'':34s} mean over {len(ts)} steps incl. flushes: {statistics.mean(ts):.3f} ms/step",
                               flush=True)
@@ -305,11 +336,13 @@ def main(argv=None):
             del kv
             torch.cuda.empty_cache()
     results["timings"] = table
-    print("\n| batch | context | variant | median ms / step (all layers) | us / layer | KV GiB | GB/s |")
-    print("|---|---|---|---|---|---|---|")
+    print("\n| batch | context | variant | eager ms / step | CUDA-graph ms / step | us / layer | KV GiB | GB/s |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in table:
         extra = f" (mean {r['mean_ms']:.2f})" if "mean_ms" in r else ""
-        print(f"| {r['batch']} | {r['context']} | {r['variant']} | {r['median_ms']:.3f}{extra} | {r['us_per_layer']:.1f} | "
+        eager = f"{r['median_ms']:.3f}{extra}" if r["median_ms"] is not None else "-"
+        graph = f"{r['graph_ms']:.3f}" if r["graph_ms"] is not None else "-"
+        print(f"| {r['batch']} | {r['context']} | {r['variant']} | {eager} | {graph} | {r['us_per_layer']:.1f} | "
               f"{r['kv_bytes'] / 2**30:.3f} | {r['gbps']:.0f} |")
     if args.json:
         with open(args.json, "w") as f:

@@ -7,9 +7,10 @@ contiguous rows of d bytes (16-byte loads), which unpack by shifts into 8/b sub-
 channel order. Per block it loads the packed key and value rows and the key groups' scale/zero rows once; per
 sub-tile it dequantizes keys in registers (scale/zero broadcast over the group's tokens), computes the logits,
 runs an online softmax (exp2), dequantizes the values (per-token scale/zero broadcast over each group of G_v
-channels) and accumulates P V. One extra split per kv head attends to the full-precision residual. A second small kernel
-merges the splits (log-sum-exp weights). Only the packed bytes, scales and residual cross the memory bus:
-about 6x fewer bytes than an fp16 cache at 2 bits (d = 128, G = 32).
+channels) and accumulates P V (`scale_loads=True` loads per-row scales instead of broadcasting in registers).
+One extra split per kv head attends to the full-precision residual. A second small kernel merges the splits
+(log-sum-exp weights), one program per query head. Only the packed bytes, scales and residual cross the memory
+bus: about 5x fewer bytes than an fp16 cache at 2 bits (d = 128, G = 32: 96 instead of 512 bytes per token).
 
     out = softmax(q K_hat^T * scale) V_hat      K_hat, V_hat as in kivi.py, never materialised in memory
 
@@ -45,6 +46,7 @@ if triton is not None:
         s_kr_bh, s_kr_n, s_vr_bh, s_vr_n,
         HK: tl.constexpr, GQ: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
         G: tl.constexpr, GV: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+        SCALE_LOADS: tl.constexpr,
     ):
         # codes are packed along tokens: packed row r of a (batch, kv head) holds tokens PER*r + j (j < PER), every
         # channel in natural order; key scales/zeros: one row of D per group of G tokens; value scales/zeros:
@@ -80,14 +82,20 @@ if triton is not None:
                              other=0).to(tl.int32)
                 vp = tl.load(VC + bh * s_vc_bh + (r0 + ri)[:, None] * s_vc_r + ch[None, :], mask=rmask[:, None],
                              other=0).to(tl.int32)
-                gmask = (s0 // G + gi) < NQ // G
-                kso = bh * s_ks_bh + (s0 // G + gi)[:, None] * s_ks_g + ch[None, :]
-                ks = tl.load(KS + kso, mask=gmask[:, None], other=0.0).to(tl.float32)
-                kz = tl.load(KZ + kso, mask=gmask[:, None], other=0.0).to(tl.float32)
+                if not SCALE_LOADS:
+                    gmask = (s0 // G + gi) < NQ // G
+                    kso = bh * s_ks_bh + (s0 // G + gi)[:, None] * s_ks_g + ch[None, :]
+                    ks = tl.load(KS + kso, mask=gmask[:, None], other=0.0).to(tl.float32)
+                    kz = tl.load(KZ + kso, mask=gmask[:, None], other=0.0).to(tl.float32)
                 for j in tl.static_range(PER):
                     tok = s0 + ri * PER + j  # sub-tile j: tokens PER*r + j; group of row r: r // (G // PER)
                     kc = ((kp >> (j * BITS)) & MASK).to(tl.float32)
-                    k = tl.reshape(kc, (NG, G // PER, D)) * ks[:, None, :] + kz[:, None, :]
+                    if SCALE_LOADS:  # per-row scale/zero loads (rows of a group hit the same cache lines)
+                        kso = bh * s_ks_bh + (tok // G)[:, None] * s_ks_g + ch[None, :]
+                        k = kc * tl.load(KS + kso, mask=rmask[:, None], other=0.0).to(tl.float32) + \
+                            tl.load(KZ + kso, mask=rmask[:, None], other=0.0).to(tl.float32)
+                    else:  # broadcast the block's group rows over their tokens
+                        k = tl.reshape(kc, (NG, G // PER, D)) * ks[:, None, :] + kz[:, None, :]
                     k = tl.reshape(k, (RB, D)).to(tl.float16)
                     s = tl.dot(q, tl.trans(k))
                     s = tl.where(rmask[None, :], s, float("-inf"))
@@ -95,11 +103,16 @@ if triton is not None:
                     alpha = tl.exp2(m_i - m_new)
                     p = tl.exp2(s - m_new[:, None])
                     l_i = l_i * alpha + tl.sum(p, 1)
-                    vso = bh * s_vs_bh + tok[:, None] * s_vs_n + gv[None, :]
-                    vs = tl.load(VS + vso, mask=rmask[:, None], other=0.0).to(tl.float32)
-                    vz = tl.load(VZ + vso, mask=rmask[:, None], other=0.0).to(tl.float32)
                     vc = ((vp >> (j * BITS)) & MASK).to(tl.float32)
-                    v = tl.reshape(vc, (RB, NGV, GV)) * vs[:, :, None] + vz[:, :, None]
+                    if SCALE_LOADS:
+                        vso = bh * s_vs_bh + tok[:, None] * s_vs_n + (ch // GV)[None, :]
+                        v = vc * tl.load(VS + vso, mask=rmask[:, None], other=0.0).to(tl.float32) + \
+                            tl.load(VZ + vso, mask=rmask[:, None], other=0.0).to(tl.float32)
+                    else:
+                        vso = bh * s_vs_bh + tok[:, None] * s_vs_n + gv[None, :]
+                        vs = tl.load(VS + vso, mask=rmask[:, None], other=0.0).to(tl.float32)
+                        vz = tl.load(VZ + vso, mask=rmask[:, None], other=0.0).to(tl.float32)
+                        v = tl.reshape(vc, (RB, NGV, GV)) * vs[:, :, None] + vz[:, :, None]
                     v = tl.reshape(v, (RB, D)).to(tl.float16)
                     acc = acc * alpha[:, None] + tl.dot(p.to(tl.float16), v)
                     m_i = m_new
@@ -117,32 +130,48 @@ if triton is not None:
                 v = tl.load(VR + bh * s_vr_bh + tok[:, None] * s_vr_n + ch[None, :], mask=tmask[:, None], other=0.0)
                 acc = acc * alpha[:, None] + tl.dot(p.to(tl.float16), v.to(tl.float16))
                 m_i = m_new
-        off = bh * n_splits + split
-        tl.store(O_M + off * GP + rows, m_i)
-        tl.store(O_L + off * GP + rows, l_i)
-        tl.store(O_ACC + (off * GP + rows)[:, None] * D + ch[None, :], acc)
+        off = bh * n_splits + split  # partial results of the GQ real query rows only: (BH, splits, GQ, D)
+        tl.store(O_M + off * GQ + rows, m_i, mask=qmask)
+        tl.store(O_L + off * GQ + rows, l_i, mask=qmask)
+        tl.store(O_ACC + (off * GQ + rows)[:, None] * D + ch[None, :], acc, mask=qmask[:, None])
 
     @triton.jit
     def _merge_splits(O_ACC, O_M, O_L, OUT, n_splits, s_o_b, s_o_h,
-                      HK: tl.constexpr, GQ: tl.constexpr, GP: tl.constexpr, D: tl.constexpr):
-        bh = tl.program_id(0)
+                      HK: tl.constexpr, GQ: tl.constexpr, D: tl.constexpr, BLOCK_S: tl.constexpr):
+        # one program per (batch, query head): log-sum-exp merge of its splits, BLOCK_S splits per load
+        pid = tl.program_id(0)
+        bh = pid // GQ
+        r = pid % GQ
         b = bh // HK
         hk = bh % HK
-        rows = tl.arange(0, GP)
         ch = tl.arange(0, D)
-        m_max = tl.full([GP], float("-inf"), tl.float32)
-        for s in range(0, n_splits):
-            m_max = tl.maximum(m_max, tl.load(O_M + (bh * n_splits + s) * GP + rows))
-        acc = tl.zeros([GP, D], tl.float32)
-        l_sum = tl.zeros([GP], tl.float32)
-        for s in range(0, n_splits):
-            off = bh * n_splits + s
-            w = tl.exp2(tl.load(O_M + off * GP + rows) - m_max)
-            l_sum += tl.load(O_L + off * GP + rows) * w
-            acc += tl.load(O_ACC + (off * GP + rows)[:, None] * D + ch[None, :]) * w[:, None]
-        out = acc / l_sum[:, None]
-        tl.store(OUT + b * s_o_b + (hk * GQ + rows)[:, None] * s_o_h + ch[None, :], out.to(OUT.dtype.element_ty),
-                 mask=(rows < GQ)[:, None])
+        si = tl.arange(0, BLOCK_S)
+        base = bh * n_splits * GQ + r
+        m_max = tl.max(tl.full([BLOCK_S], float("-inf"), tl.float32), 0)
+        for s0 in range(0, n_splits, BLOCK_S):
+            sm = (s0 + si) < n_splits
+            m_max = tl.maximum(m_max, tl.max(tl.load(O_M + base + (s0 + si) * GQ, mask=sm, other=float("-inf")), 0))
+        acc = tl.zeros([D], tl.float32)
+        l_sum = tl.max(tl.zeros([BLOCK_S], tl.float32), 0)
+        for s0 in range(0, n_splits, BLOCK_S):
+            sm = (s0 + si) < n_splits
+            w = tl.exp2(tl.load(O_M + base + (s0 + si) * GQ, mask=sm, other=float("-inf")) - m_max)
+            l_sum += tl.sum(tl.load(O_L + base + (s0 + si) * GQ, mask=sm, other=0.0) * w, 0)
+            a = tl.load(O_ACC + (base + (s0 + si) * GQ)[:, None] * D + ch[None, :], mask=sm[:, None], other=0.0)
+            acc += tl.sum(a * w[:, None], 0)
+        tl.store(OUT + b * s_o_b + (hk * GQ + r) * s_o_h + ch, (acc / l_sum).to(OUT.dtype.element_ty))
+
+
+_SM: dict = {}
+
+
+def _sm_count(dev) -> int:
+    if dev.type != "cuda":
+        return 4
+    key = dev.index if dev.index is not None else torch.cuda.current_device()
+    if key not in _SM:
+        _SM[key] = torch.cuda.get_device_properties(key).multi_processor_count
+    return _SM[key]
 
 
 def _split_plan(bh: int, nq: int, block_n: int, n_sm: int) -> tuple[int, int]:
@@ -155,7 +184,8 @@ def _split_plan(bh: int, nq: int, block_n: int, n_sm: int) -> tuple[int, int]:
 
 def kivi_decode_attention(q: torch.Tensor, store, k_res: torch.Tensor, v_res: torch.Tensor,
                           scale: float | None = None, block_n: int = 128, n_splits: int | None = None,
-                          num_warps: int = 4, programs_per_sm: int = 4, num_stages: int | None = None) -> torch.Tensor:
+                          num_warps: int = 4, programs_per_sm: int = 4, num_stages: int | None = None,
+                          scale_loads: bool = False) -> torch.Tensor:
     """Attention of one decode query per sequence over KIVI storage, fused on the GPU.
 
     q: (B, HQ, 1, D) or (B, HQ, D); store: a `KIVIStore` (codes packed along tokens; None when every token is
@@ -189,7 +219,7 @@ def kivi_decode_attention(q: torch.Tensor, store, k_res: torch.Tensor, v_res: to
     if block_n % G or G % per or (G & (G - 1)) or (GV & (GV - 1)):
         raise ValueError(f"unsupported KIVI grouping for the kernel: G={G}, G_v={GV}, {bits} bits, block {block_n}")
     k_res, v_res = k_res.contiguous(), v_res.contiguous()
-    n_sm = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 4
+    n_sm = _sm_count(dev)
     if NQ + k_res.shape[2] == 0:
         raise ValueError("nothing to attend to")
     if NQ == 0:
@@ -200,8 +230,8 @@ def kivi_decode_attention(q: torch.Tensor, store, k_res: torch.Tensor, v_res: to
         chunk = math.ceil(NQ / n_splits / block_n) * block_n
         n_q_splits = math.ceil(NQ / chunk)
     total = n_q_splits + 1  # + the residual split
-    o_acc = torch.empty(B * HK * total * GP, D, dtype=torch.float32, device=dev)
-    o_m = torch.empty(B * HK * total * GP, dtype=torch.float32, device=dev)
+    o_acc = torch.empty(B * HK * total * GQ, D, dtype=torch.float32, device=dev)
+    o_m = torch.empty(B * HK * total * GQ, dtype=torch.float32, device=dev)
     o_l = torch.empty_like(o_m)
     extra = {} if num_stages is None else {"num_stages": num_stages}
     _kivi_decode_split[(B * HK, total)](
@@ -211,12 +241,13 @@ def kivi_decode_attention(q: torch.Tensor, store, k_res: torch.Tensor, v_res: to
         kc.stride(1), kc.stride(2), ks.stride(1), ks.stride(2),
         vc.stride(1), vc.stride(2), vs.stride(1), vs.stride(2),
         k_res.stride(1), k_res.stride(2), v_res.stride(1), v_res.stride(2),
-        HK=HK, GQ=GQ, GP=GP, D=D, BITS=bits, G=G, GV=GV, BLOCK_N=block_n, BLOCK_R=64, num_warps=num_warps,
+        HK=HK, GQ=GQ, GP=GP, D=D, BITS=bits, G=G, GV=GV, BLOCK_N=block_n, BLOCK_R=64, SCALE_LOADS=scale_loads,
+        num_warps=num_warps,
         **extra,
     )
     out = torch.empty(B, HQ, D, dtype=q.dtype, device=dev)
-    _merge_splits[(B * HK,)](o_acc, o_m, o_l, out, total, out.stride(0), out.stride(1),
-                             HK=HK, GQ=GQ, GP=GP, D=D, num_warps=4)
+    _merge_splits[(B * HQ,)](o_acc, o_m, o_l, out, total, out.stride(0), out.stride(1),
+                             HK=HK, GQ=GQ, D=D, BLOCK_S=32, num_warps=4)
     return out if squeeze else out[:, :, None]
 
 
