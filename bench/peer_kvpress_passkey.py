@@ -18,6 +18,7 @@ ap = argparse.ArgumentParser()
 ap.add_argument("data")
 ap.add_argument("--model-dir", required=True)
 ap.add_argument("--ratios", default="0.5,0.75,0.875")
+ap.add_argument("--presses", default="streaming_llm,snapkv,pyramidkv,tova,knorm,random")
 a = ap.parse_args()
 rows = [json.loads(x) for x in open(a.data)]
 tok = AutoTokenizer.from_pretrained(a.model_dir)
@@ -26,7 +27,8 @@ pipe = pipeline("kv-press-text-generation", model=model, tokenizer=tok, device="
 presses = {"streaming_llm": StreamingLLMPress, "snapkv": SnapKVPress, "pyramidkv": PyramidKVPress,
            "tova": TOVAPress, "knorm": KnormPress, "random": RandomPress}
 print("| method | " + " | ".join(a.ratios.split(",")) + " |")
-for name, cls in presses.items():
+for name in a.presses.split(","):
+    cls = presses[name]
     cells = []
     for r in map(float, a.ratios.split(",")):
         t = time.time()
