@@ -274,17 +274,17 @@ def main(argv=None):
                     trow(f"KIVI-{bits} triton (fused)", lambda: [lay.fused_decode_attention(q, scale) for lay in layers],
                          args.reps, held)
                 if kernel_ok and args.sweep and B == args.batch[0] and N == args.context[0]:
-                    for sl in (False, True):
+                    for fold in (False, True):
                         for bn, nw, pps, ns in ((64, 4, 4, None), (128, 4, 4, None), (128, 8, 4, None),
-                                                (128, 4, 8, None), (128, 4, 2, None), (64, 4, 4, 4), (128, 4, 4, 4),
-                                                (256, 8, 4, None)):
-                            def fused(bn=bn, nw=nw, pps=pps, ns=ns, sl=sl):
+                                                (64, 8, 4, None), (128, 4, 2, None), (64, 4, 2, None),
+                                                (64, 4, 4, 4), (128, 4, 4, 4)):
+                            def fused(bn=bn, nw=nw, pps=pps, ns=ns, fold=fold):
                                 for lay in layers:
                                     kivi_decode_attention(q, lay._stores[0], lay._k_res, lay._v_res, scale,
                                                           block_n=bn, num_warps=nw, programs_per_sm=pps,
-                                                          num_stages=ns, scale_loads=sl)
-                            trow(f"KIVI-{bits} triton bn{bn} w{nw} p{pps} s{ns or '-'}{' L' if sl else ''}", fused,
-                                 args.reps, held, eager=False)
+                                                          num_stages=ns, fold=fold)
+                            trow(f"KIVI-{bits} triton {'fold' if fold else 'bcast'} bn{bn} w{nw} p{pps} s{ns or '-'}",
+                                 fused, args.reps, held, eager=False)
                 k1 = torch.randn(B, HK, 1, D, device=device, generator=gen).half()
 
                 def step():

@@ -23,8 +23,8 @@ def test_fused_kernel_matches_reference(b, hq, hk, d, n, bits, group):
     q = torch.randn(b, hq, 1, d, device="cuda").half()
     store = layer._stores[0] if layer._stores else None
     ref = reference_decode_attention(q.float(), store, layer._k_res.float(), layer._v_res.float())
-    for splits in (None, 1, 5):
-        out = layer.fused_decode_attention(q) if splits is None else kivi_decode_attention(
-            q, store, layer._k_res, layer._v_res, n_splits=splits)
+    for splits, fold in ((None, False), (1, False), (5, False), (None, True), (5, True)):
+        out = layer.fused_decode_attention(q) if splits is None and not fold else kivi_decode_attention(
+            q, store, layer._k_res, layer._v_res, n_splits=splits, fold=fold)
         assert not out.isnan().any()
         assert float((out.float() - ref).norm() / ref.norm()) < 5e-3

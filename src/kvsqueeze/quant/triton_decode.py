@@ -46,7 +46,7 @@ if triton is not None:
         s_kr_bh, s_kr_n, s_vr_bh, s_vr_n,
         HK: tl.constexpr, GQ: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
         G: tl.constexpr, GV: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-        SCALE_LOADS: tl.constexpr,
+        SCALE_LOADS: tl.constexpr, FOLD: tl.constexpr,
     ):
         # codes are packed along tokens: packed row r of a (batch, kv head) holds tokens PER*r + j (j < PER), every
         # channel in natural order; key scales/zeros: one row of D per group of G tokens; value scales/zeros:
@@ -65,7 +65,8 @@ if triton is not None:
         ch = tl.arange(0, D)
         qmask = rows < GQ
         q = tl.load(Q + b * s_q_b + (hk * GQ + rows)[:, None] * s_q_h + ch[None, :], mask=qmask[:, None], other=0.0)
-        q = (q.to(tl.float32) * qk_scale).to(tl.float16)
+        qf = q.to(tl.float32) * qk_scale
+        q = qf.to(tl.float16)
         m_i = tl.full([GP], float("-inf"), tl.float32)
         l_i = tl.zeros([GP], tl.float32)
         acc = tl.zeros([GP, D], tl.float32)
@@ -82,12 +83,44 @@ if triton is not None:
                              other=0).to(tl.int32)
                 vp = tl.load(VC + bh * s_vc_bh + (r0 + ri)[:, None] * s_vc_r + ch[None, :], mask=rmask[:, None],
                              other=0).to(tl.int32)
-                if not SCALE_LOADS:
+                if FOLD:
+                    # scales folded into the matrix products: q.(c*s + z) = (q*s).c + q.z per key group, and
+                    # sum_t p_t (c_t*s_t + z_t) = (p*s).c + p.z per value group; the codes only need a conversion
+                    rg = ri // (G // PER)  # key group (within the block) of each packed row
+                    cg = ch // GV  # value group of each channel
+                    for j in tl.static_range(PER):
+                        tok = s0 + ri * PER + j
+                        kc = ((kp >> (j * BITS)) & MASK).to(tl.float16)
+                        s = tl.zeros([GP, RB], tl.float32)
+                        for lg in tl.static_range(NG):
+                            kso = bh * s_ks_bh + (s0 // G + lg) * s_ks_g + ch
+                            gok = (s0 // G + lg) < NQ // G
+                            ks = tl.load(KS + kso, mask=gok & (ch < D), other=0.0).to(tl.float32)
+                            kz = tl.load(KZ + kso, mask=gok & (ch < D), other=0.0).to(tl.float32)
+                            part = tl.dot((qf * ks[None, :]).to(tl.float16), tl.trans(kc))
+                            part += tl.sum(qf * kz[None, :], 1)[:, None]
+                            s = tl.where((rg == lg)[None, :], part, s)
+                        s = tl.where(rmask[None, :], s, float("-inf"))
+                        m_new = tl.maximum(m_i, tl.max(s, 1))
+                        alpha = tl.exp2(m_i - m_new)
+                        p = tl.exp2(s - m_new[:, None])
+                        l_i = l_i * alpha + tl.sum(p, 1)
+                        acc = acc * alpha[:, None]
+                        vc = ((vp >> (j * BITS)) & MASK).to(tl.float16)
+                        for g in tl.static_range(NGV):
+                            vso = bh * s_vs_bh + tok * s_vs_n + g
+                            vs = tl.load(VS + vso, mask=rmask, other=0.0).to(tl.float32)
+                            vz = tl.load(VZ + vso, mask=rmask, other=0.0).to(tl.float32)
+                            contrib = tl.dot((p * vs[None, :]).to(tl.float16), vc)
+                            contrib += tl.sum(p * vz[None, :], 1)[:, None]
+                            acc += tl.where((cg == g)[None, :], contrib, 0.0)
+                        m_i = m_new
+                elif not SCALE_LOADS:
                     gmask = (s0 // G + gi) < NQ // G
                     kso = bh * s_ks_bh + (s0 // G + gi)[:, None] * s_ks_g + ch[None, :]
                     ks = tl.load(KS + kso, mask=gmask[:, None], other=0.0).to(tl.float32)
                     kz = tl.load(KZ + kso, mask=gmask[:, None], other=0.0).to(tl.float32)
-                for j in tl.static_range(PER):
+                for j in tl.static_range(0 if FOLD else PER):
                     tok = s0 + ri * PER + j  # sub-tile j: tokens PER*r + j; group of row r: r // (G // PER)
                     kc = ((kp >> (j * BITS)) & MASK).to(tl.float32)
                     if SCALE_LOADS:  # per-row scale/zero loads (rows of a group hit the same cache lines)
@@ -185,7 +218,7 @@ def _split_plan(bh: int, nq: int, block_n: int, n_sm: int) -> tuple[int, int]:
 def kivi_decode_attention(q: torch.Tensor, store, k_res: torch.Tensor, v_res: torch.Tensor,
                           scale: float | None = None, block_n: int = 128, n_splits: int | None = None,
                           num_warps: int = 4, programs_per_sm: int = 4, num_stages: int | None = None,
-                          scale_loads: bool = False) -> torch.Tensor:
+                          scale_loads: bool = False, fold: bool = False) -> torch.Tensor:
     """Attention of one decode query per sequence over KIVI storage, fused on the GPU.
 
     q: (B, HQ, 1, D) or (B, HQ, D); store: a `KIVIStore` (codes packed along tokens; None when every token is
@@ -241,7 +274,7 @@ def kivi_decode_attention(q: torch.Tensor, store, k_res: torch.Tensor, v_res: to
         kc.stride(1), kc.stride(2), ks.stride(1), ks.stride(2),
         vc.stride(1), vc.stride(2), vs.stride(1), vs.stride(2),
         k_res.stride(1), k_res.stride(2), v_res.stride(1), v_res.stride(2),
-        HK=HK, GQ=GQ, GP=GP, D=D, BITS=bits, G=G, GV=GV, BLOCK_N=block_n, BLOCK_R=64, SCALE_LOADS=scale_loads,
+        HK=HK, GQ=GQ, GP=GP, D=D, BITS=bits, G=G, GV=GV, BLOCK_N=block_n, BLOCK_R=64, SCALE_LOADS=scale_loads, FOLD=fold,
         num_warps=num_warps,
         **extra,
     )
