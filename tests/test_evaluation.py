@@ -52,8 +52,15 @@ def tiny_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tiny(tiny_dir, tmp_path_factory):
+    old = os.environ.get("KVSQUEEZE_CACHE")
     os.environ["KVSQUEEZE_CACHE"] = str(tmp_path_factory.mktemp("kvs-cache"))  # Q-Filters calibrate here
-    return kq.load_model(str(tiny_dir))
+    try:
+        yield kq.load_model(str(tiny_dir))
+    finally:  # other test modules keep the real cache (converted models, calibrated filters)
+        if old is None:
+            os.environ.pop("KVSQUEEZE_CACHE", None)
+        else:
+            os.environ["KVSQUEEZE_CACHE"] = old
 
 
 @pytest.fixture(scope="module")
