@@ -69,6 +69,8 @@ def configs(with_quanto: bool):
     for r, x, b in ((0.5, "2x", 4), (0.75, "4x", 4), (0.5, "2x", 2), (0.75, "4x", 2)):
         out.append((f"snapkv {x} + kivi-{b}", "both", lambda r=r: SnapKV(ratio=r), kivi(b)))
     out.append(("knorm 2x + kivi-2", "both", lambda: KNorm(ratio=0.5), kivi(2)))
+    out.append(("knorm 4x + kivi-2", "both", lambda: KNorm(ratio=0.75), kivi(2)))
+    out.append(("knorm 2x + kivi-4", "both", lambda: KNorm(ratio=0.5), kivi(4)))
     if with_quanto:
         for b in (4, 2):
             out.append((f"QuantizedCache quanto int{b}", "hf", b, None))
@@ -110,7 +112,8 @@ def main(argv=None):
     ap.add_argument("--samples", type=int, default=8)
     ap.add_argument("--length", type=int, default=2048)
     ap.add_argument("--max-new-tokens", type=int, default=12)
-    ap.add_argument("--only", default="", help="comma-separated substrings: run only matching configurations")
+    ap.add_argument("--only", default="", help="comma-separated names: run only these configurations")
+    ap.add_argument("--skip", type=int, default=0, help="skip the first N samples (resume a run)")
     ap.add_argument("--out", type=Path, default=Path("results/quant_score_vs_bytes.jsonl"))
     ap.add_argument("--table-only", action="store_true", help="print the table of an existing --out file")
     args = ap.parse_args(argv)
@@ -127,12 +130,14 @@ def main(argv=None):
         cfgs = configs(why is None)
         if args.only:
             keys = [k.strip() for k in args.only.split(",")]
-            cfgs = [c for c in cfgs if any(k in c[0] for k in keys)]
+            cfgs = [c for c in cfgs if c[0] in keys or c[0].split(" (")[0] in keys]
         eos = _eos_ids(model, tok)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         samples = passkey_samples(tok, args.samples, args.length, seed=0)
         with args.out.open("a") as f:
             for i, s in enumerate(samples):
+                if i < args.skip:
+                    continue
                 ctx, q = split_prompt(tok, s.context, s.question, s.answer_prefix)
                 t0 = time.perf_counter()
                 rec = record_prefill(model, torch.tensor([ctx]))
@@ -152,7 +157,7 @@ def main(argv=None):
 
 
 def print_table(path: Path):
-    rows = [json.loads(line) for line in path.open()]
+    rows = list({(r["config"], r["sample"]): r for r in map(json.loads, path.open())}.values())  # last wins
     order, agg = [], {}
     for r in rows:
         if r["config"] not in agg:
@@ -165,6 +170,7 @@ def print_table(path: Path):
         a["bpt16"] += r["kv_bytes_fp16"] / r["n_ctx"]
     full = agg.get("full")
     full16 = full["bpt16"] / full["n"] if full else None
+    print(f"\n{len(rows)} rows from {path}")
     print("\n| configuration | family | passkey acc | KV bytes / context token (held, fp32 model) | "
           "bytes / token as fp16 model | x smaller (fp16) |")
     print("|---|---|---|---|---|---|")

@@ -216,14 +216,18 @@ def _split_plan(bh: int, nq: int, block_n: int, n_sm: int) -> tuple[int, int]:
 
 
 def kivi_decode_attention(q: torch.Tensor, store, k_res: torch.Tensor, v_res: torch.Tensor,
-                          scale: float | None = None, block_n: int = 128, n_splits: int | None = None,
-                          num_warps: int = 4, programs_per_sm: int = 4, num_stages: int | None = None,
+                          scale: float | None = None, block_n: int | None = None, n_splits: int | None = None,
+                          num_warps: int = 4, programs_per_sm: int = 2, num_stages: int | None = None,
                           scale_loads: bool = False, fold: bool = False) -> torch.Tensor:
     """Attention of one decode query per sequence over KIVI storage, fused on the GPU.
 
     q: (B, HQ, 1, D) or (B, HQ, D); store: a `KIVIStore` (codes packed along tokens; None when every token is
     still residual) of the oldest slots; k_res, v_res: (B, HK, NR, D) the full-precision residual (the newest
     slots). Returns (B, HQ, 1, D) in q's dtype. Slot order does not matter (one query token, every slot visible).
+
+    Defaults (block of 128 tokens at 2 bits, 64 at 4 and 8; 4 warps; about 2 programs per SM; scales broadcast
+    in registers) are the fastest of the settings swept on an H100 (bench/quant_decode_gpu.py --sweep; see
+    docs/quantization.md). `fold=True` folds the scales into the matrix products instead (slower there).
     """
     if triton is None:
         raise RuntimeError("the fused KIVI decode kernel needs triton (pip install 'kvsqueeze[gpu]')")
@@ -248,6 +252,8 @@ def kivi_decode_attention(q: torch.Tensor, store, k_res: torch.Tensor, v_res: to
         ks = kz = torch.zeros(B, HK, 1, D, dtype=torch.float16, device=dev)
         vs = vz = torch.zeros(B, HK, 1, 1, dtype=torch.float16, device=dev)
     per = 8 // bits
+    if block_n is None:
+        block_n = 128 if bits <= 2 else 64
     block_n = max(block_n, G, 16 * per)  # a block holds whole key groups, sub-tiles of >= 16 tokens
     if block_n % G or G % per or (G & (G - 1)) or (GV & (GV - 1)):
         raise ValueError(f"unsupported KIVI grouping for the kernel: G={G}, G_v={GV}, {bits} bits, block {block_n}")
