@@ -148,8 +148,9 @@ class ResultStore:
 
 
 def summary_table(df, value: str = "score"):
-    """Mean `value` per (model, task, metric) x (method, ratio): the table printed after a sweep."""
+    """Mean `value` per (method, ratio) row and task column: the table printed after a sweep."""
     if df.empty:
         return df
-    t = df.pivot_table(index=["task", "metric"], columns=["method", "ratio"], values=value, aggfunc="mean")
-    return t.sort_index(axis=1)
+    t = df.pivot_table(index=["method", "ratio"], columns="task", values=value, aggfunc="mean")
+    order = sorted(t.index, key=lambda ix: (ix[0] != "full", ix[0], ix[1]))
+    return t.loc[order]
