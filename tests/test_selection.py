@@ -216,7 +216,8 @@ def test_tiny_end_to_end_training_then_decoding(tmp_path, monkeypatch):
     traces = collect_traces(model, seqs, steps=8, progress=False)
     assert traces[0].maxp.shape == (2, 4, 72, math.ceil(260 / 16))  # layers 2-3, 4 query heads, H + S rows
     assert torch.allclose(traces[0].sums[:, :, -1].float().sum(-1), torch.ones(2, 4), atol=1e-2)
-    cfg = TrainConfig(epochs=2, sink=16, local=16, val_k=(2,), select_k=2, series_per_batch=4, crop=6)
+    cfg = TrainConfig(epochs=2, sink=16, local=16, val_k=(2,), select_k=2, series_per_batch=4, crop=6,
+                      select_budget=64, val_every=None)
     res = train(traces[:2], traces[2:], cfg, progress=False)
     assert 0 <= res.best_epoch <= 2 and len(res.history) == 3
     assert set(res.val_recovery) == {"learned", "last", "mean"}

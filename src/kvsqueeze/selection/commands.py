@@ -47,10 +47,12 @@ def register_selection(main: click.Group) -> None:
         res, path, times = train_predictor(mdl, tok, texts, n_seq=n_seq, seq_len=seq_len, steps=steps,
                                            copy_share=copy_share, cfg=cfg, path=output, seed=seed)
         r = res.val_recovery
-        k = cfg.select_k
+        rp = times["replay"]
         click.echo(f"predictor: {n_parameters(res.net):,} parameters, saved to {path}")
-        click.echo(f"validation recovery rate (sink {cfg.sink} + local {cfg.local} + top {k} blocks of {cfg.block}): "
-                   f"learned {r['learned']:.4f} (epoch {res.best_epoch}), last row {r['last']:.4f}, "
-                   f"history mean {r['mean']:.4f}")
+        click.echo(f"checkpoint: step {res.history[-1]['batches'] if res.history else 0} of training, best at epoch "
+                   f"{res.best_epoch}; selection metric (decode replay recovery at {rp['budget']} tokens on the "
+                   f"validation traces): learned {r['learned']:.4f}, history mean {r['mean']:.4f}, last row {r['last']:.4f}")
+        click.echo(f"decode replay at {rp['budget']} tokens: AttentionPredictor {rp['ap_mean']:.4f}, Quest "
+                   f"{rp['quest_mean']:.4f}, oracle top blocks {rp['oracle_mean']:.4f}")
         click.echo(f"examples: {res.n_train_examples:,} train, {res.n_val_examples:,} val; time: traces "
                    f"{times['traces']:.0f} s, training {times['train']:.0f} s, total {times['total']:.0f} s")

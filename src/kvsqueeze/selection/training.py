@@ -40,7 +40,10 @@ class TrainConfig:
     max_seconds: float | None = None  # stop training (not validation) after this long
     crop: int | None = 48  # train on a random window of this many middle blocks (fully convolutional; cheaper)
     sparse_history: float = 0.0  # share of batches whose history imitates decoding (sparse rows, see below)
-    weighted: bool = False  # scale each example's error by its history's peak (heads count alike)
+    weighted: bool = True  # scale each example's error by its history's peak (heads count alike)
+    init: str = "mean"  # "mean" (start from the history-mean predictor) or "random" (PyTorch's default)
+    select_budget: int | None = 256  # pick the checkpoint by the decode replay's recovery at this token budget
+    val_every: int | None = 100  # validate every this many batches (None: after each epoch)
     seed: int = 0
 
 
@@ -48,8 +51,8 @@ class TrainConfig:
 class TrainResult:
     net: PredictorNet
     best_epoch: int
-    val_recovery: dict[str, float]  # at select_k: learned (best epoch), last, mean
-    val_recovery_by_k: dict[str, dict[int, float]]
+    val_recovery: dict[str, float]  # the selection metric: learned (best epoch), last, mean
+    val_recovery_by_k: dict[str, dict]  # per k (per-head top-k, full history) and "replay" (decode replay)
     history: list[dict] = field(default_factory=list)
     seconds: float = 0.0
     n_train_examples: int = 0
@@ -150,6 +153,8 @@ def train(train_traces: list[Trace], val_traces: list[Trace], cfg: TrainConfig |
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
     net = net or PredictorNet()
+    if cfg.init == "mean":
+        net.init_history_mean(seed=cfg.seed)
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
     sink_b, local_b = cfg.sink // cfg.block, cfg.local // cfg.block
     combos = [(ti, s) for ti, tr in enumerate(train_traces) for s in range(0, tr.n_steps, cfg.step_stride)
@@ -162,11 +167,31 @@ def train(train_traces: list[Trace], val_traces: list[Trace], cfg: TrainConfig |
 
         bar = tqdm(total=total_batches, desc="training predictor", unit="batch")
     t0 = time.perf_counter()
-    baseline = {m: evaluate(None, val_traces, cfg, m) for m in ("last", "mean")}
-    best = evaluate(net, val_traces, cfg)
+    key = "replay" if cfg.select_budget else cfg.select_k
+
+    def validate(predictor, kind="learned"):
+        v = evaluate(predictor, val_traces, cfg, kind)
+        if cfg.select_budget:
+            v["replay"] = simulate(val_traces, cfg.select_budget, predictor if kind == "learned" else kind,
+                                   with_quest=False)["ap_mean"]
+        return v
+
+    baseline = {m: validate(None, m) for m in ("last", "mean")}
+    best = validate(net)
     best_state, best_epoch = copy.deepcopy(net.state_dict()), 0
     history = [{"epoch": 0, "loss": None, "val": best}]
     stop = False
+    done = 0
+
+    def checkpoint(epoch, loss, n_b):
+        nonlocal best, best_state, best_epoch
+        net.eval()
+        val = validate(net)
+        history.append({"epoch": epoch, "batches": done, "loss": loss / max(1, n_b), "val": val})
+        if val[key] > best[key]:
+            best, best_state, best_epoch = val, copy.deepcopy(net.state_dict()), epoch
+        net.train()
+
     for epoch in range(1, cfg.epochs + 1):
         rng.shuffle(combos)
         net.train()
@@ -174,8 +199,8 @@ def train(train_traces: list[Trace], val_traces: list[Trace], cfg: TrainConfig |
         for ti, s in combos:
             sp = None
             if cfg.sparse_history and rng.random() < cfg.sparse_history:
-                sp = {"k": rng.choice([8, 16, 24, 32, 56]), "n_decode": rng.randint(1, HISTORY), "phase": rng.randrange(5),
-                      "every": 5}
+                sp = {"k": rng.choice([8, 16, 24, 32, 56]), "n_decode": rng.randint(1, HISTORY),
+                      "phase": rng.randrange(5), "every": 5}
             x, y, _, _, _ = example(train_traces[ti], s, sink_b, local_b, cfg.block, sp)
             pick = torch.tensor(rng.sample(range(x.shape[0]), n_series))
             x, y = x[pick], y[pick]
@@ -194,17 +219,17 @@ def train(train_traces: list[Trace], val_traces: list[Trace], cfg: TrainConfig |
             opt.step()
             loss_sum += float(loss.detach())
             n_b += 1
+            done += 1
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(epoch=epoch, loss=f"{loss_sum / n_b:.2e}", best=f"{best[cfg.select_k]:.3f}")
+                bar.set_postfix(epoch=epoch, loss=f"{loss_sum / n_b:.2e}", best=f"{best[key]:.3f}")
             if cfg.max_seconds is not None and time.perf_counter() - t0 > cfg.max_seconds:
                 stop = True
                 break
-        net.eval()
-        val = evaluate(net, val_traces, cfg)
-        history.append({"epoch": epoch, "loss": loss_sum / max(1, n_b), "val": val, "batches": n_b})
-        if val[cfg.select_k] > best[cfg.select_k]:
-            best, best_state, best_epoch = val, copy.deepcopy(net.state_dict()), epoch
+            if cfg.val_every and done % cfg.val_every == 0:
+                checkpoint(epoch, loss_sum, n_b)
+        if stop or not cfg.val_every:
+            checkpoint(epoch, loss_sum, n_b)
         if stop:
             break
     if bar is not None:
@@ -214,9 +239,10 @@ def train(train_traces: list[Trace], val_traces: list[Trace], cfg: TrainConfig |
     by_k = {"learned": best, **baseline}
     return TrainResult(
         net=net, best_epoch=best_epoch,
-        val_recovery={m: d[cfg.select_k] for m, d in by_k.items()},
+        val_recovery={m: d[key] for m, d in by_k.items()},
         val_recovery_by_k=by_k,
-        history=[{**h, "val": {str(k): round(v, 4) for k, v in h["val"].items()}} for h in history],
+        history=[{**h, "loss": h["loss"] and float(f"{h['loss']:.3e}"),
+                  "val": {str(k): round(v, 4) for k, v in h["val"].items()}} for h in history],
         seconds=time.perf_counter() - t0,
         n_train_examples=n_examples(train_traces, cfg.step_stride),
         n_val_examples=n_examples(val_traces, cfg.val_stride),
@@ -258,13 +284,16 @@ def train_predictor(model, tokenizer, texts: list[str] | None = None, *, n_seq: 
     val_tr = collect_traces(model, val_seqs, steps=steps, block=cfg.block, progress=progress, desc="traces (val)")
     t_traces = time.perf_counter() - t0
     res = train(train_tr, val_tr, cfg, progress=progress)
+    budget = cfg.select_budget or 256
+    replay = {"budget": budget, **{m: simulate(val_tr, budget, p)["ap_mean"] for m, p in (("mean", "mean"),)},
+              **{k: v for k, v in simulate(val_tr, budget, res.net).items() if k.endswith("_mean")}}
     total = time.perf_counter() - t0
     meta = {**res.meta(), "trace_seconds": round(t_traces, 1), "total_seconds": round(total, 1),
             "model": str(getattr(model.config, "_name_or_path", "")), "n_seq": n_seq, "seq_len": seq_len,
             "steps": steps, "copy_share": copy_share, "history": HISTORY,
-            "trace_kinds": [k for k, _ in train_seqs + val_seqs]}
+            "trace_kinds": [k for k, _ in train_seqs + val_seqs], "val_replay": replay}
     out = save_predictor(res.net, path or predictor_path(model), meta)
-    return res, out, {"traces": t_traces, "train": res.seconds, "total": total}
+    return res, out, {"traces": t_traces, "train": res.seconds, "total": total, "replay": replay}
 
 
 @torch.no_grad()
