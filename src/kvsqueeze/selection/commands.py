@@ -49,9 +49,12 @@ def register_selection(main: click.Group) -> None:
         r = res.val_recovery
         rp = times["replay"]
         click.echo(f"predictor: {n_parameters(res.net):,} parameters, saved to {path}")
-        click.echo(f"checkpoint: step {res.history[-1]['batches'] if res.history else 0} of training, best at epoch "
-                   f"{res.best_epoch}; selection metric (decode replay recovery at {rp['budget']} tokens on the "
-                   f"validation traces): learned {r['learned']:.4f}, history mean {r['mean']:.4f}, last row {r['last']:.4f}")
+        done = res.history[-1].get("batches", 0) if res.history else 0
+        best = ("the initial state (no validated state beat it)" if res.best_step == 0
+                else f"batch {res.best_step} (epoch {res.best_epoch})")
+        click.echo(f"checkpoint: {best}, after {done} training batches; selection metric (decode replay recovery at "
+                   f"{rp['budget']} tokens on the validation traces): learned {r['learned']:.4f}, history mean "
+                   f"{r['mean']:.4f}, last row {r['last']:.4f}")
         click.echo(f"decode replay at {rp['budget']} tokens: AttentionPredictor {rp['ap_mean']:.4f}, Quest "
                    f"{rp['quest_mean']:.4f}, oracle top blocks {rp['oracle_mean']:.4f}")
         click.echo(f"examples: {res.n_train_examples:,} train, {res.n_val_examples:,} val; time: traces "

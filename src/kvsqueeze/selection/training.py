@@ -42,6 +42,7 @@ class TrainConfig:
     sparse_history: float = 0.0  # share of batches whose history imitates decoding (sparse rows, see below)
     weighted: bool = True  # scale each example's error by its history's peak (heads count alike)
     init: str = "mean"  # "mean" (start from the history-mean predictor) or "random" (PyTorch's default)
+    loss: str = "mse"  # "mse" (the paper's) or "ce": cross-entropy of softmax(scores) against the block masses
     select_budget: int | None = 256  # pick the checkpoint by the decode replay's recovery at this token budget
     val_every: int | None = 100  # validate every this many batches (None: after each epoch)
     seed: int = 0
@@ -51,6 +52,7 @@ class TrainConfig:
 class TrainResult:
     net: PredictorNet
     best_epoch: int
+    best_step: int
     val_recovery: dict[str, float]  # the selection metric: learned (best epoch), last, mean
     val_recovery_by_k: dict[str, dict]  # per k (per-head top-k, full history) and "replay" (decode replay)
     history: list[dict] = field(default_factory=list)
@@ -60,7 +62,7 @@ class TrainResult:
     config: dict = field(default_factory=dict)
 
     def meta(self) -> dict:
-        return {"best_epoch": self.best_epoch, "val_recovery": self.val_recovery,
+        return {"best_epoch": self.best_epoch, "best_step": self.best_step, "val_recovery": self.val_recovery,
                 "val_recovery_by_k": {m: {str(k): v for k, v in d.items()} for m, d in self.val_recovery_by_k.items()},
                 "train_seconds": round(self.seconds, 1), "n_train_examples": self.n_train_examples,
                 "n_val_examples": self.n_val_examples, "parameters": n_parameters(self.net), "config": self.config,
@@ -181,15 +183,15 @@ def train(train_traces: list[Trace], val_traces: list[Trace], cfg: TrainConfig |
     best_state, best_epoch = copy.deepcopy(net.state_dict()), 0
     history = [{"epoch": 0, "loss": None, "val": best}]
     stop = False
-    done = 0
+    done = best_step = 0
 
     def checkpoint(epoch, loss, n_b):
-        nonlocal best, best_state, best_epoch
+        nonlocal best, best_state, best_epoch, best_step
         net.eval()
         val = validate(net)
         history.append({"epoch": epoch, "batches": done, "loss": loss / max(1, n_b), "val": val})
         if val[key] > best[key]:
-            best, best_state, best_epoch = val, copy.deepcopy(net.state_dict()), epoch
+            best, best_state, best_epoch, best_step = val, copy.deepcopy(net.state_dict()), epoch, done
         net.train()
 
     for epoch in range(1, cfg.epochs + 1):
@@ -201,19 +203,26 @@ def train(train_traces: list[Trace], val_traces: list[Trace], cfg: TrainConfig |
             if cfg.sparse_history and rng.random() < cfg.sparse_history:
                 sp = {"k": rng.choice([8, 16, 24, 32, 56]), "n_decode": rng.randint(1, HISTORY),
                       "phase": rng.randrange(5), "every": 5}
-            x, y, _, _, _ = example(train_traces[ti], s, sink_b, local_b, cfg.block, sp)
+            x, y, sums, lo, hi = example(train_traces[ti], s, sink_b, local_b, cfg.block, sp)
             pick = torch.tensor(rng.sample(range(x.shape[0]), n_series))
             x, y = x[pick], y[pick]
+            if cfg.loss == "ce":  # the target: the next step's attention mass per block
+                y = sums[pick][:, lo:hi]
             keep = slice(None)
             w = x.shape[-1]
             if cfg.crop is not None and w > cfg.crop:  # a window of columns; its cut edges (not the real
                 a = rng.randrange(0, w - cfg.crop + 1)  # sink / local edges) are left out of the loss
                 x, y = x[..., a : a + cfg.crop], y[..., a : a + cfg.crop]
                 keep = slice(0 if a == 0 else 2, cfg.crop if a + cfg.crop == w else cfg.crop - 2)
-            err = net(x)[..., keep] - y[..., keep]
-            if cfg.weighted:
-                err = err / (x.amax((1, 2)) + 1e-3)[:, None]
-            loss = err.pow(2).mean()
+            if cfg.loss == "ce":
+                t = y[..., keep]
+                t = t / t.sum(-1, keepdim=True).clamp_min(1e-9)
+                loss = -(t * torch.log_softmax(net(x)[..., keep], -1)).sum(-1).mean()
+            else:
+                err = net(x)[..., keep] - y[..., keep]
+                if cfg.weighted:
+                    err = err / (x.amax((1, 2)) + 1e-3)[:, None]
+                loss = err.pow(2).mean()
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -238,7 +247,7 @@ def train(train_traces: list[Trace], val_traces: list[Trace], cfg: TrainConfig |
     net.eval()
     by_k = {"learned": best, **baseline}
     return TrainResult(
-        net=net, best_epoch=best_epoch,
+        net=net, best_epoch=best_epoch, best_step=best_step,
         val_recovery={m: d[key] for m, d in by_k.items()},
         val_recovery_by_k=by_k,
         history=[{**h, "loss": h["loss"] and float(f"{h['loss']:.3e}"),
