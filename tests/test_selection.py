@@ -181,9 +181,9 @@ def test_incremental_cnn_equals_the_full_cnn():
     net = _net(1)
     sel = AttentionPredictor(256, predictor=net, sink=32, local=32)
     sel._incremental = IncrementalCNN(net)
-    st, n = {}, 700
-    sel._push(st, torch.rand(1, 3, 40, math.ceil(n / 16)))
-    for _ in range(90):  # history fills up to 64 rows, then slides; new blocks appear every 16 steps
+    st, n = {}, 600
+    sel._push(st, torch.rand(1, 3, 60, math.ceil(n / 16)))
+    for _ in range(40):  # history fills up to 64 rows, then slides; new blocks appear every 16 steps
         n += 1
         nb = math.ceil(n / 16)
         full = sel.predict(st["hist"], nb, None)

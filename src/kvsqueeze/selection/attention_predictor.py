@@ -50,20 +50,31 @@ class PredictorNet(nn.Module):
 
     @torch.no_grad()
     def init_history_mean(self, noise: float = 0.05, seed: int = 0) -> "PredictorNet":
-        """Start from the history-mean predictor: one channel carries the input through both ReLUs (the inputs are
-        attention, >= 0) to the time average; the other channels start small. Training then improves on the
-        heuristic instead of first having to find it."""
+        """Start from the history-mean predictor (see `init_blend`)."""
+        return self.init_blend(0.0, noise=noise, seed=seed)
+
+    @torch.no_grad()
+    def init_blend(self, last: float = 0.75, history: int = 64, noise: float = 0.05, seed: int = 0) -> "PredictorNet":
+        """Start from the heuristic (1 - last) * mean(history) + last * (last history row), which the model
+        represents exactly (inputs are attention, >= 0): channel 0 carries x[t] through both ReLUs to the time
+        average; channels 1 and 2 carry relu(x[t] - x[t-1]) and relu(x[t-1] - x[t]), whose difference summed over
+        time telescopes to the last row (the zero padding above row 0 is x[-1] = 0), so conv3 weighs them by
+        +-last * H. The other weights start small and random. Training improves on the heuristic, or the
+        checkpoint selection keeps it."""
         g = torch.Generator().manual_seed(seed)
         for p in self.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * noise)
-        self.conv1.weight[0] = 0.0
-        self.conv1.weight[0, 0, 1, 1] = 1.0
-        self.conv1.bias[0] = 0.0
-        self.conv2.weight[0] = 0.0
-        self.conv2.weight[:, 0] = 0.0
-        self.conv2.weight[0, 0, 1, 1] = 1.0
-        self.conv2.bias[0] = 0.0
-        self.conv3.weight[0, 0, 0] = 1.0
+        for conv in (self.conv1, self.conv2):
+            conv.weight[:3] = 0.0
+            conv.bias[:3] = 0.0
+        self.conv2.weight[:, :3] = 0.0
+        w1 = self.conv1.weight  # (16, 1, 3, 3); kernel row 0 reads x[t-1], row 1 x[t], row 2 x[t+1]
+        w1[0, 0, 1, 1] = 1.0
+        w1[1, 0, 1, 1], w1[1, 0, 0, 1] = 1.0, -1.0
+        w1[2, 0, 1, 1], w1[2, 0, 0, 1] = -1.0, 1.0
+        for c in range(3):
+            self.conv2.weight[c, c, 1, 1] = 1.0
+        self.conv3.weight[0, :3, 0] = torch.tensor([1.0 - last, last * history, -last * history])
         self.conv3.bias.zero_()
         return self
 

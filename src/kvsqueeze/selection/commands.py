@@ -22,14 +22,17 @@ def register_selection(main: click.Group) -> None:
                   help="Longest sequence in tokens (lengths are drawn from seq-len/2 .. seq-len).")
     @click.option("--steps", type=click.IntRange(min=1), default=64, show_default=True,
                   help="Decode steps (teacher-forced) recorded per sequence.")
-    @click.option("--copy-share", type=click.FloatRange(0.0, 1.0), default=0.5, show_default=True,
-                  help="Share of sequences that are the synthetic copy task (the rest: plain text windows).")
+    @click.option("--copy-share", type=click.FloatRange(0.0, 1.0), default=0.3, show_default=True,
+                  help="Share of sequences that are the synthetic copy task.")
+    @click.option("--retrieval-share", type=click.FloatRange(0.0, 1.0), default=0.3, show_default=True,
+                  help="Share of sequences that are needle-retrieval tasks (the rest: plain text windows).")
     @click.option("--epochs", type=click.IntRange(min=1), default=6, show_default=True)
     @click.option("--max-minutes", type=float, default=None, help="Stop training after this long.")
     @click.option("--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
                   help="Checkpoint path (default: $KVSQUEEZE_CACHE/predictor/<model key>.safetensors).")
     @click.option("--seed", type=int, default=0, show_default=True)
-    def train_predictor_cmd(model, text_dir, n_seq, seq_len, steps, copy_share, epochs, max_minutes, output, seed):
+    def train_predictor_cmd(model, text_dir, n_seq, seq_len, steps, copy_share, retrieval_share, epochs, max_minutes,
+                            output, seed):
         """Train AttentionPredictor (the 4,833-parameter CNN) on attention traces of MODEL."""
         from ..models import load_model
         from .attention_predictor import n_parameters
@@ -44,8 +47,11 @@ def register_selection(main: click.Group) -> None:
                 raise KVSqueezeError(f"no .txt files in {text_dir}")
         cfg = TrainConfig(epochs=epochs, seed=seed, max_seconds=None if max_minutes is None else 60 * max_minutes)
         mdl, tok = load_model(model)
+        if copy_share + retrieval_share > 1.0:
+            raise KVSqueezeError("--copy-share + --retrieval-share must be at most 1")
         res, path, times = train_predictor(mdl, tok, texts, n_seq=n_seq, seq_len=seq_len, steps=steps,
-                                           copy_share=copy_share, cfg=cfg, path=output, seed=seed)
+                                           copy_share=copy_share, retrieval_share=retrieval_share, cfg=cfg,
+                                           path=output, seed=seed)
         r = res.val_recovery
         rp = times["replay"]
         click.echo(f"predictor: {n_parameters(res.net):,} parameters, saved to {path}")

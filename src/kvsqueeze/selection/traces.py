@@ -13,9 +13,10 @@ the last H + S positions is then recomputed per layer and query head (fp32), and
 W = ceil(T / 16); row r is position T - (H + S) + r and is zero on blocks after it. A training example is
 (rows s .. s + H - 1) -> row s + H, for s in 0..S-1: the last S positions are the "decode steps". Stored in fp16.
 
-Sequences (`calibration_sequences`): windows of a text corpus (essays), and a synthetic copy task (a passage of
-the context repeated after a chat-formatted request, teacher-forced), whose answers attend far back into the
-context, as retrieval answers do. The dense layers (0-1) are skipped.
+Sequences (`calibration_sequences`): windows of a text corpus (essays), a synthetic copy task (a passage of the
+context repeated after a chat-formatted request, teacher-forced) and RULER multi-query / multi-key needle tasks
+built on the corpus's sentences with their answers teacher-forced: answers that attend far back into the context.
+The dense layers (0-1) are skipped.
 """
 
 from __future__ import annotations
@@ -136,11 +137,39 @@ def copy_sequence(tokenizer, stream: list[int], length: int, answer_tokens: int,
     return ctx + q + passage
 
 
-def calibration_sequences(tokenizer, texts: list[str], n_seq: int, seq_len: int, *, copy_share: float = 0.5,
-                          steps: int = 64, val_share: float = 0.2, seed: int = 0
+class _TextHaystack:
+    """A haystack (kvsqueeze.tasks.haystack protocol) over the sentences of a token stream's text."""
+
+    def __init__(self, tokenizer, stream: list[int]):
+        import re
+
+        text = re.sub(r"\s+", " ", tokenizer.decode(stream[:200_000]))
+        self.units = [u for u in re.split(r"(?<=[.!?])\s+", text) if u] or [text]
+        self.tag = "calibration"
+
+    def sentences(self, n: int, rng: random.Random) -> list[str]:
+        start = rng.randrange(len(self.units))
+        return [self.units[(start + i) % len(self.units)] for i in range(n)]
+
+
+def retrieval_sequence(tokenizer, stream: list[int], length: int, rng: random.Random) -> list[int]:
+    """A RULER multi-query / multi-key needle task in the text, then its answer as a numbered list (teacher
+    forcing): decoding steps that jump back to the needles."""
+    from ..pipeline import split_prompt
+    from ..tasks import ruler
+
+    fn = rng.choice([ruler.niah_multiquery, ruler.niah_multikey])
+    smp = fn(tokenizer, 1, length, seed=rng.randrange(10**6), haystack=_TextHaystack(tokenizer, stream))[0]
+    ctx, q = split_prompt(tokenizer, smp.context, smp.question, smp.answer_prefix)
+    answer = ":\n\n" + "\n".join(f"{i + 1}. {v}" for i, v in enumerate(smp.answers)) + "\n"
+    return ctx + q + tokenizer(answer, add_special_tokens=False).input_ids
+
+
+def calibration_sequences(tokenizer, texts: list[str], n_seq: int, seq_len: int, *, copy_share: float = 0.3,
+                          retrieval_share: float = 0.3, steps: int = 64, val_share: float = 0.2, seed: int = 0
                           ) -> tuple[list[tuple[str, list[int]]], list[tuple[str, list[int]]]]:
-    """(train, val) lists of (kind, token ids): essay windows and copy-task sequences of seq_len / 2 .. seq_len
-    tokens; validation sequences come from texts no training sequence uses."""
+    """(train, val) lists of (kind, token ids) of seq_len / 2 .. seq_len tokens: text windows, copy-task and
+    needle-retrieval sequences; validation sequences come from texts no training sequence uses."""
     rng = random.Random(f"predictor-{seed}")
     train_stream, val_stream = _split_stream(tokenizer, texts, val_share)
     n_val = max(1, round(n_seq * val_share))
@@ -148,8 +177,11 @@ def calibration_sequences(tokenizer, texts: list[str], n_seq: int, seq_len: int,
     for i in range(n_seq):
         stream = val_stream if i >= n_seq - n_val else train_stream
         length = rng.randint(seq_len // 2, seq_len)
-        if rng.random() < copy_share:
+        u = rng.random()
+        if u < copy_share:
             out.append(("copy", copy_sequence(tokenizer, stream, length, steps + 16, rng)))
+        elif u < copy_share + retrieval_share:
+            out.append(("retrieval", retrieval_sequence(tokenizer, stream, length, rng)))
         else:
             out.append(("text", _window(stream, length, rng)))
     return out[: n_seq - n_val], out[n_seq - n_val :]

@@ -41,7 +41,8 @@ class TrainConfig:
     crop: int | None = 48  # train on a random window of this many middle blocks (fully convolutional; cheaper)
     sparse_history: float = 0.0  # share of batches whose history imitates decoding (sparse rows, see below)
     weighted: bool = True  # scale each example's error by its history's peak (heads count alike)
-    init: str = "mean"  # "mean" (start from the history-mean predictor) or "random" (PyTorch's default)
+    init: str = "blend"  # "blend" (start from 0.25 mean + 0.75 last row), "mean" or "random" (PyTorch's default)
+    init_last: float = 0.75  # the last row's weight of the "blend" initialisation
     loss: str = "mse"  # "mse" (the paper's) or "ce": cross-entropy of softmax(scores) against the block masses
     select_budget: int | None = 256  # pick the checkpoint by the decode replay's recovery at this token budget
     val_every: int | None = 100  # validate every this many batches (None: after each epoch)
@@ -157,6 +158,8 @@ def train(train_traces: list[Trace], val_traces: list[Trace], cfg: TrainConfig |
     net = net or PredictorNet()
     if cfg.init == "mean":
         net.init_history_mean(seed=cfg.seed)
+    elif cfg.init == "blend":
+        net.init_blend(cfg.init_last, history=HISTORY, seed=cfg.seed)
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
     sink_b, local_b = cfg.sink // cfg.block, cfg.local // cfg.block
     combos = [(ti, s) for ti, tr in enumerate(train_traces) for s in range(0, tr.n_steps, cfg.step_stride)
@@ -272,7 +275,8 @@ def collect_traces(model, sequences: list[tuple[str, list[int]]], *, history: in
 
 
 def train_predictor(model, tokenizer, texts: list[str] | None = None, *, n_seq: int = 16, seq_len: int = 2048,
-                    steps: int = 64, copy_share: float = 0.5, cfg: TrainConfig | None = None, progress: bool = True,
+                    steps: int = 64, copy_share: float = 0.3, retrieval_share: float = 0.3,
+                    cfg: TrainConfig | None = None, progress: bool = True,
                     path=None, seed: int = 0) -> tuple[TrainResult, "Path", dict]:
     """Collect traces on `texts` (default: the calibration text shipped with kvsqueeze), train, save safetensors.
 
@@ -287,7 +291,7 @@ def train_predictor(model, tokenizer, texts: list[str] | None = None, *, n_seq: 
     patch(model)
     texts = texts or ["\n\n".join(default_calibration_texts())]
     train_seqs, val_seqs = calibration_sequences(tokenizer, texts, n_seq, seq_len, copy_share=copy_share,
-                                                 steps=steps, seed=seed)
+                                                 retrieval_share=retrieval_share, steps=steps, seed=seed)
     train_tr = collect_traces(model, train_seqs, steps=steps, block=cfg.block, progress=progress,
                               desc="traces (train)")
     val_tr = collect_traces(model, val_seqs, steps=steps, block=cfg.block, progress=progress, desc="traces (val)")
@@ -299,7 +303,7 @@ def train_predictor(model, tokenizer, texts: list[str] | None = None, *, n_seq: 
     total = time.perf_counter() - t0
     meta = {**res.meta(), "trace_seconds": round(t_traces, 1), "total_seconds": round(total, 1),
             "model": str(getattr(model.config, "_name_or_path", "")), "n_seq": n_seq, "seq_len": seq_len,
-            "steps": steps, "copy_share": copy_share, "history": HISTORY,
+            "steps": steps, "copy_share": copy_share, "retrieval_share": retrieval_share, "history": HISTORY,
             "trace_kinds": [k for k, _ in train_seqs + val_seqs], "val_replay": replay}
     out = save_predictor(res.net, path or predictor_path(model), meta)
     return res, out, {"traces": t_traces, "train": res.seconds, "total": total, "replay": replay}
