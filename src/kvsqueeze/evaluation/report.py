@@ -125,6 +125,15 @@ def _plain_log_x(ax):
     ax.xaxis.set_minor_formatter(NullFormatter())
 
 
+def _plain_log_y(ax):
+    from matplotlib.ticker import LogLocator, NullFormatter, StrMethodFormatter
+
+    ax.set_yscale("log")
+    ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.yaxis.set_major_formatter(StrMethodFormatter("{x:g}"))
+    ax.yaxis.set_minor_formatter(NullFormatter())
+
+
 def _grid(n, ncols=3, w=4.3, h=3.2):
     import matplotlib.pyplot as plt
 
@@ -159,7 +168,9 @@ def plot_score_vs_ratio(df) -> str:
         ax.set_title(f"{task} (n={n})", fontsize=11)
         ax.set_xlabel("compression ratio (fraction removed)")
         ax.set_ylabel(_ylabel(metric), fontsize=8)
-        if metric != "perplexity":
+        if metric == "perplexity":
+            _plain_log_y(ax)
+        else:
             ax.set_ylim(-0.03, 1.03)
         ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -184,7 +195,9 @@ def plot_score_vs_bytes(df) -> str:
         ax.set_xlabel("KV cache kept after compression (MiB)")
         ax.set_ylabel(_ylabel(metric), fontsize=8)
         _plain_log_x(ax)
-        if metric != "perplexity":
+        if metric == "perplexity":
+            _plain_log_y(ax)
+        else:
             ax.set_ylim(-0.03, 1.03)
         ax.grid(alpha=0.3, which="both")
     fig.tight_layout()
