@@ -54,9 +54,12 @@ def tiny_dir(tmp_path_factory):
 def tiny(tiny_dir, tmp_path_factory):
     old = os.environ.get("KVSQUEEZE_CACHE")
     os.environ["KVSQUEEZE_CACHE"] = str(tmp_path_factory.mktemp("kvs-cache"))  # Q-Filters calibrate here
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matrices: more threads only contend (8x slower on a busy 2-core machine)
     try:
         yield kq.load_model(str(tiny_dir))
     finally:  # other test modules keep the real cache (converted models, calibrated filters)
+        torch.set_num_threads(threads)
         if old is None:
             os.environ.pop("KVSQUEEZE_CACHE", None)
         else:
