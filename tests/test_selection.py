@@ -60,6 +60,13 @@ def test_predictor_has_the_papers_4833_parameters():
     assert PredictorNet()(torch.rand(2, 7, 11)).shape == (2, 11)
 
 
+def test_blend_initialisation_is_exactly_the_heuristic():
+    net = PredictorNet().init_blend(0.75, noise=0.0)
+    x = torch.rand(4, 64, 21)
+    assert torch.allclose(net(x), 0.25 * x.mean(1) + 0.75 * x[:, -1], atol=1e-5)
+    assert torch.allclose(PredictorNet().init_history_mean(noise=0.0)(x), x.mean(1), atol=1e-5)
+
+
 def test_recovery_rate_on_a_hand_made_case():
     # 2 query heads share 1 kv head; slots 0 and 2 attended
     probs = torch.tensor([[[0.5, 0.2, 0.2, 0.1], [0.1, 0.1, 0.1, 0.7]]])

@@ -43,6 +43,7 @@ class TrainConfig:
     weighted: bool = True  # scale each example's error by its history's peak (heads count alike)
     init: str = "blend"  # "blend" (start from 0.25 mean + 0.75 last row), "mean" or "random" (PyTorch's default)
     init_last: float = 0.75  # the last row's weight of the "blend" initialisation
+    freeze_init: bool = True  # with "mean"/"blend": keep the heuristic's channels fixed, learn a residual on top
     loss: str = "mse"  # "mse" (the paper's) or "ce": cross-entropy of softmax(scores) against the block masses
     select_budget: int | None = 256  # pick the checkpoint by the decode replay's recovery at this token budget
     val_every: int | None = 100  # validate every this many batches (None: after each epoch)
@@ -145,6 +146,28 @@ def evaluate(net: PredictorNet | None, traces: list[Trace], cfg: TrainConfig, ki
     return {k: v / max(1, count) for k, v in tot.items()}
 
 
+def freeze_heuristic(net: PredictorNet, channels: int = 3) -> None:
+    """Zero the gradients of the weights that carry the initial heuristic (`init_blend`: channels 0-2 of both
+    convolutions and their conv3 weights), so training learns a residual correction with the other channels
+    instead of breaking the heuristic's exact cancellations (the "last row" path is ill-conditioned: a small change
+    of its conv1 weights no longer telescopes)."""
+
+    def mask_of(p, fn):
+        m = torch.ones_like(p)
+        fn(m)
+        return m
+
+    masks = {
+        net.conv1.weight: mask_of(net.conv1.weight, lambda m: m[:channels].zero_()),
+        net.conv1.bias: mask_of(net.conv1.bias, lambda m: m[:channels].zero_()),
+        net.conv2.weight: mask_of(net.conv2.weight, lambda m: (m[:channels].zero_(), m[:, :channels].zero_())),
+        net.conv2.bias: mask_of(net.conv2.bias, lambda m: m[:channels].zero_()),
+        net.conv3.weight: mask_of(net.conv3.weight, lambda m: m[:, :channels].zero_()),
+    }
+    for p, m in masks.items():
+        p.register_hook(lambda g, m=m: g * m)
+
+
 def n_examples(traces: list[Trace], stride: int) -> int:
     return sum(len(range(0, t.n_steps, stride)) * t.maxp.shape[0] * t.maxp.shape[1] for t in traces)
 
@@ -160,6 +183,8 @@ def train(train_traces: list[Trace], val_traces: list[Trace], cfg: TrainConfig |
         net.init_history_mean(seed=cfg.seed)
     elif cfg.init == "blend":
         net.init_blend(cfg.init_last, history=HISTORY, seed=cfg.seed)
+    if cfg.init in ("mean", "blend") and cfg.freeze_init:
+        freeze_heuristic(net)
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
     sink_b, local_b = cfg.sink // cfg.block, cfg.local // cfg.block
     combos = [(ti, s) for ti, tr in enumerate(train_traces) for s in range(0, tr.n_steps, cfg.step_stride)
