@@ -1,7 +1,7 @@
 """Score vs KV bytes: eviction only, quantization only, both composed, and transformers' QuantizedCache (quanto).
 
 Passkey retrieval on smollm2-135m (CPU). One uncompressed prefill per sample is recorded and every configuration
-is built from it (`kvsqueeze.quant.compress_record`, identical to prefilling with that configuration for a
+is built from it (`PrefillRecord.compress(model, method, layer_factory)`, identical to prefilling with that configuration for a
 single-chunk prefill), then the question is appended and the answer decoded greedily on the compressed cache.
 
     nice .venv/bin/python bench/quant_score_vs_bytes.py --samples 8 --length 2048 --out results/quant_score_vs_bytes.jsonl
@@ -89,7 +89,6 @@ def quanto_available() -> str | None:
 @torch.no_grad()
 def run_one(model, tok, rec, q_ids, kind, method_fn, factory, max_new, eos):
     from kvsqueeze.pipeline import greedy_decode
-    from kvsqueeze.quant import compress_record
 
     if kind == "hf":
         from transformers import QuantizedCache
@@ -99,7 +98,7 @@ def run_one(model, tok, rec, q_ids, kind, method_fn, factory, max_new, eos):
         for src, dst in zip(rec.cache.layers, cache.layers):
             dst.update(src.keys, src.values)  # what the prefill's first update does: quantize everything
     else:
-        cache = compress_record(rec, model, method_fn(), factory)
+        cache = rec.compress(model, method_fn(), factory)
     held, fp16 = cache_bytes(cache)
     logits = model(input_ids=q_ids, past_key_values=cache, logits_to_keep=1).logits[:, -1]
     tokens = greedy_decode(model, cache, logits, max_new, eos)

@@ -10,7 +10,7 @@ from kvsqueeze import CompressedCache
 from kvsqueeze.errors import KVSqueezeError
 from kvsqueeze.methods import H2O, KNorm, SnapKV
 from kvsqueeze.pipeline import record_prefill
-from kvsqueeze.quant import (GEARLayer, KIVILayer, MiKV, MixedPrecisionLayer, ZipCacheSaliency, compress_record,
+from kvsqueeze.quant import (GEARLayer, KIVILayer, MiKV, MixedPrecisionLayer, ZipCacheSaliency,
                              gear, kivi, kivi_bytes_per_token, mikv, parse_quant, zipcache)
 from kvsqueeze.quant.gear import compress_part
 from kvsqueeze.quant.packing import pack, quantize, unpack
@@ -187,12 +187,12 @@ def test_eviction_picks_in_full_precision_then_quantizes_once(tiny):
         assert lq.n_evicted == lp.n_evicted == 150
 
 
-def test_compress_record_equals_prefilling_with_the_scheme(tiny):
+def test_record_compress_equals_prefilling_with_the_scheme(tiny):
     ids = torch.randint(0, 128, (1, 300))
     rec = record_prefill(tiny, ids)
     for method, fac in ((SnapKV(ratio=0.5), kivi(2)), (None, gear(4)), (MiKV(inner=SnapKV(ratio=0.5)), mikv(8, 2)),
                         (ZipCacheSaliency(ratio=0.5), zipcache(4, 2))):
-        a = compress_record(rec, tiny, method, fac)
+        a = rec.compress(tiny, method, fac)
         b = _prefill(tiny, ids, method, fac)
         for la, lb in zip(a.layers, b.layers):
             assert torch.equal(la.positions, lb.positions)
@@ -245,7 +245,7 @@ def test_mikv_keeps_evicted_tokens_in_low_precision(tiny):
 def test_mikv_balancer_is_sqrt_of_query_over_key_channel_max(tiny):
     ids = torch.randint(0, 128, (1, 100))
     rec = record_prefill(tiny, ids)
-    cache = compress_record(rec, tiny, MiKV(inner=SnapKV(ratio=0.5)), mikv(4, 2))
+    cache = rec.compress(tiny, MiKV(inner=SnapKV(ratio=0.5)), mikv(4, 2))
     layer = cache.layers[1]
     q = rec.queries[1].abs().amax(2).view(1, 2, 2, 64).amax(2)  # per kv head: max over its GQA group
     kmax = rec.cache.layers[1].keys.abs().amax(2)
@@ -270,7 +270,7 @@ def test_zipcache_saliency_is_attention_over_number_of_attending_queries(tiny):
             seen[x.layer_idx] = (s, x.queries, x.keys)
             return s
 
-    compress_record(rec, tiny, Spy(ratio=0.5, probe_recent=1.0, probe_random=0.0), zipcache(4, 2))
+    rec.compress(tiny, Spy(ratio=0.5, probe_recent=1.0, probe_random=0.0), zipcache(4, 2))
     s, q, k = seen[0]
     logits = (q @ k.repeat_interleave(2, 1).transpose(-1, -2)) * 64**-0.5
     causal = torch.ones(64, 64, dtype=torch.bool).tril()

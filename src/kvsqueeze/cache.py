@@ -65,9 +65,14 @@ class CompressedLayer(DynamicLayer):
     def update(self, key_states, value_states, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        b, h, q, _ = key_states.shape
         self.keys = torch.cat([self.keys, key_states], dim=-2)
         self.values = torch.cat([self.values, value_states], dim=-2)
+        self._track_new(key_states.shape[-2])
+        return self.keys, self.values
+
+    def _track_new(self, q: int) -> None:
+        """Positions, padding mask and method state for `q` tokens just appended after the stored slots."""
+        b, h = self.positions.shape[:2]
         new_pos = torch.arange(self.cumulative_length, self.cumulative_length + q, device=self.device, dtype=torch.int32)
         self.positions = torch.cat([self.positions, new_pos.expand(b, h, q)], dim=-1)
         if self.valid is not None:
@@ -76,7 +81,10 @@ class CompressedLayer(DynamicLayer):
             self.state[name] = torch.cat([t, t.new_zeros(b, h, q, *t.shape[3:])], dim=2)
         self.cumulative_length += q
         self.n_new = q
-        return self.keys, self.values
+
+    def commit(self) -> None:
+        """Bring what the layer holds into its stored form: nothing to do for full precision; quantized layers
+        (`kvsqueeze.quant`) compress their residual here."""
 
     # --- what HF asks -------------------------------------------------------------------------------
     def get_seq_length(self) -> int:
@@ -318,16 +326,18 @@ class CompressedCache(Cache):
                 layer.evict(method.score(x), x.n_keep)
 
     def compressed_copy(self, model, method, queries: dict[int, torch.Tensor], scaling: dict[int, float],
-                        memo: dict | None = None):
+                        memo: dict | None = None, layer_factory=None):
         """A new cache holding this (uncompressed, single-forward prefill) cache compressed by `method`.
 
         Scoring after each layer's attention does not change the prefill's hidden states, so the keys and
         queries recorded by one full prefill give every method exactly what it would have seen: one prefill
         serves a whole sweep of methods and ratios. Tensors are shared until eviction replaces them. `memo`
         keeps attention sums computed for one method to serve the next (they depend on the record only).
+        `layer_factory` builds the copy's layers (e.g. quantized storage; default: the source's layer type).
         """
-        out = CompressedCache(model, method, layer_factory=type(self.layers[0]) if isinstance(
-            self.layers[0], CompressedLayer) else None, selector=self.selector)
+        if layer_factory is None and isinstance(self.layers[0], CompressedLayer):
+            layer_factory = type(self.layers[0])
+        out = CompressedCache(model, method, layer_factory=layer_factory, selector=self.selector)
         for i, (src, dst) in enumerate(zip(self.layers, out.layers)):
             if not src.is_initialized:
                 continue
@@ -344,6 +354,7 @@ class CompressedCache(Cache):
         for i, layer in enumerate(out.layers):
             if isinstance(layer, CompressedLayer) and layer.is_initialized:
                 out.after_attention(None, i, queries[i], scaling.get(i), memo)
+                layer.commit()
         out.phase = "append"
         return out
 

@@ -65,9 +65,11 @@ class PrefillRecord:
     n_tokens: int
     memo: dict = field(default_factory=dict)  # attention sums shared across the methods scored on this record
 
-    def compress(self, model, method: Method | None) -> CompressedCache:
-        """A compressed cache equal to prefilling with `method` (single-chunk prefill), without re-running it."""
-        return self.cache.compressed_copy(model, method, self.queries, self.scaling, self.memo)
+    def compress(self, model, method: Method | None, layer_factory=None) -> CompressedCache:
+        """A compressed cache equal to prefilling with `method` (single-chunk prefill) into layers built by
+        `layer_factory` (default: the record's; a quantized scheme's factory for quantized storage), without
+        re-running the prefill."""
+        return self.cache.compressed_copy(model, method, self.queries, self.scaling, self.memo, layer_factory)
 
 
 @torch.no_grad()

@@ -89,38 +89,8 @@ def _check(spec, b, allowed):
         raise KVSqueezeError(f"--quant {spec!r}: {b} bits is not supported here (choose from {allowed})")
 
 
-def compress_record(record, model, method, layer_factory=None):
-    """Like `PrefillRecord.compress`, but into layers built by `layer_factory` (quantized storage): the cache
-    prefilling with `method` and `layer_factory` would have produced (single-chunk prefill), from one recorded
-    uncompressed prefill, so a sweep over methods and schemes pays one prefill per sample."""
-    from ..cache import CompressedCache, CompressedLayer
-
-    src_cache = record.cache
-    out = CompressedCache(model, method, layer_factory=layer_factory, selector=src_cache.selector)
-    for src, dst in zip(src_cache.layers, out.layers):
-        if not src.is_initialized:
-            continue
-        dst.lazy_initialization(src.keys, src.values)
-        dst.keys, dst.values = src.keys, src.values
-        if isinstance(src, CompressedLayer):
-            if src.n_evicted or src.state:
-                raise ValueError("compress_record needs an uncompressed recorded prefill")
-            dst.positions, dst.valid = src.positions, src.valid
-            dst.n_new = src.n_new
-        dst.cumulative_length = src.cumulative_length
-    out._forwards = 1
-    out.phase = "prefill"
-    for i, layer in enumerate(out.layers):
-        if isinstance(layer, CompressedLayer) and layer.is_initialized:
-            out.after_attention(None, i, record.queries[i], record.scaling.get(i))
-            if isinstance(layer, QuantizedLayer):
-                layer.commit()
-    out.phase = "append"
-    return out
-
-
 __all__ = [
     "GEARLayer", "KIVILayer", "MiKV", "MixedPrecisionLayer", "QuantSpec", "QuantizedLayer", "SCHEMES",
-    "ZipCacheSaliency", "compress_record", "gear", "kivi", "kivi_bytes_per_token", "mikv", "mixed", "parse_quant",
+    "ZipCacheSaliency", "gear", "kivi", "kivi_bytes_per_token", "mikv", "mixed", "parse_quant",
     "zipcache",
 ]

@@ -137,18 +137,6 @@ class QuantizedLayer(CompressedLayer):
         self._live = None
         self.commit()
 
-    def _track_new(self, q: int) -> None:
-        """Positions, valid and state for `q` tokens just appended at the end of the slots."""
-        b, h = self._k_res.shape[:2]
-        new_pos = torch.arange(self.cumulative_length, self.cumulative_length + q, device=self.device, dtype=torch.int32)
-        self.positions = torch.cat([self.positions, new_pos.expand(b, h, q)], dim=-1)
-        if self.valid is not None:
-            self.valid = torch.cat([self.valid, self.valid.new_ones(b, h, q)], dim=-1)
-        for name, t in self.state.items():
-            self.state[name] = torch.cat([t, t.new_zeros(b, h, q, *t.shape[3:])], dim=2)
-        self.cumulative_length += q
-        self.n_new = q
-
     # --- compression ------------------------------------------------------------------------------------------
     def _compress(self, k: torch.Tensor, v: torch.Tensor):
         raise NotImplementedError
