@@ -77,3 +77,25 @@ def test_generate_command_prints_answer_memory_and_time(tmp_path, smollm2, sampl
     r = subprocess.run([sys.executable, "-m", "kvsqueeze.cli", "generate", "--budget", "99999",
                         "--context-file", str(ctx), "--question", "q?"], capture_output=True, text=True)
     assert r.returncode == 2 and "not smaller than the context" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_generate_command_with_decode_time_selection(tmp_path, smollm2, samples, monkeypatch):
+    """`--select quest` answers with every decoding step attending to 256 tokens; `--select attention_predictor`
+    without a trained predictor is one error line naming the command that trains it."""
+    from click.testing import CliRunner
+
+    from kvsqueeze.cli import main
+    from kvsqueeze.selection import attention_predictor
+
+    ctx = tmp_path / "ctx.txt"
+    ctx.write_text(samples[2].context)
+    base = ["generate", "--method", "full", "--context-file", str(ctx), "--question", samples[2].question]
+    r = subprocess.run([sys.executable, "-m", "kvsqueeze.cli", *base, "--select", "quest", "--select-budget", "256"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.strip().splitlines()
+    assert samples[2].answers[0] in lines[0]
+    assert "decode-time selection: quest(budget=256" in lines[1]
+    monkeypatch.setattr(attention_predictor, "predictor_path", lambda model: tmp_path / "none.safetensors")
+    r = CliRunner().invoke(main, [*base, "--select", "attention_predictor"])
+    assert r.exit_code == 2 and "kvsqueeze train-predictor" in r.output and "Traceback" not in r.output

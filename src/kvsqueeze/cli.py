@@ -91,8 +91,13 @@ def models():
 @click.option("--quant", default="none", show_default=True,
               help="Store the kept tokens quantized: kivi-2, kivi-4, gear-4, mikv-8-2 (the method's evicted tokens "
                    "at 2 bits), zipcache-4-2; with --method full, quantization only.")
+@click.option("--select", "select", type=click.Choice(["none", "quest", "attention_predictor"]), default="none",
+              show_default=True, help="Decode-time selection: each decoding step attends only to --select-budget of "
+              "the stored tokens (AttentionPredictor needs `kvsqueeze train-predictor` first).")
+@click.option("--select-budget", type=click.IntRange(min=32), default=512, show_default=True,
+              help="Tokens each decoding step attends to with --select.")
 def generate(model, method, ratio, budget, exempt_layers, decode_every, context_file, question, max_new_tokens,
-             chunk_size, query_aware, quant):
+             chunk_size, query_aware, quant, select, select_budget):
     """Compress a context, answer a question, report the KV memory kept."""
     if not context_file.exists():
         raise KVSqueezeError(f"context file not found: {context_file}")
@@ -108,11 +113,18 @@ def generate(model, method, ratio, budget, exempt_layers, decode_every, context_
     if qspec is not None:
         m = qspec.method(m)
     mdl, tok = load_model(model)
+    selector = None
+    if select != "none":
+        from .selection import AttentionPredictor, Quest
+
+        selector = Quest(select_budget) if select == "quest" else AttentionPredictor(select_budget)
     res = generate_answer(mdl, tok, context, question, m, max_new_tokens=max_new_tokens, chunk_size=chunk_size,
-                          query_aware=query_aware, layer_factory=qspec.layer_factory if qspec else None)
+                          query_aware=query_aware, layer_factory=qspec.layer_factory if qspec else None,
+                          selector=selector)
     click.echo(res.answer)
-    click.echo(f"method: {m.describe()}{f'; quant: {quant}' if qspec else ''}; context: {res.n_context_tokens} tokens",
-               err=False)
+    click.echo(f"method: {m.describe()}{f'; quant: {quant}' if qspec else ''}"
+               f"{f'; decode-time selection: {selector.describe()}' if selector else ''}; "
+               f"context: {res.n_context_tokens} tokens")
     click.echo(res.stats.line())
     click.echo(f"time: {res.seconds:.2f} s (prefill + question + {max_new_tokens} new tokens at most)")
 

@@ -136,9 +136,10 @@ def check_budget(method: Method | None, n_context: int) -> None:
 @torch.no_grad()
 def generate_answer(model, tokenizer, context: str, question: str, method: Method | None = None,
                     max_new_tokens: int = 32, chunk_size: int | None = None, query_aware: bool = False,
-                    answer_prefix: str = "", layer_factory=None) -> GenerationResult:
+                    answer_prefix: str = "", layer_factory=None, selector=None) -> GenerationResult:
     """Compress `context` with `method`, then answer `question` greedily. `layer_factory` sets how the kept
-    slots are stored (e.g. `kvsqueeze.quant.kivi(2)`: 2-bit KIVI; None: full precision)."""
+    slots are stored (e.g. `kvsqueeze.quant.kivi(2)`: 2-bit KIVI; None: full precision); `selector` (e.g.
+    `kvsqueeze.selection.Quest(512)`) makes every decoding step attend to a subset of what is stored."""
     if not context.strip():
         raise KVSqueezeError("the context is empty")
     ctx, q = split_prompt(tokenizer, context, question, answer_prefix)
@@ -147,7 +148,7 @@ def generate_answer(model, tokenizer, context: str, question: str, method: Metho
     check_budget(method, len(ctx))
     device = _device(model)
     t0 = time.perf_counter()
-    cache = CompressedCache(model, method, layer_factory=layer_factory)
+    cache = CompressedCache(model, method, layer_factory=layer_factory, selector=selector)
     prefill(model, cache, torch.tensor([ctx], device=device), chunk_size)
     stats = cache.stats()  # the compressed context, before the question is appended
     logits = model(input_ids=torch.tensor([q], device=device), past_key_values=cache, logits_to_keep=1).logits[:, -1]

@@ -27,7 +27,9 @@ def register_selection(main: click.Group) -> None:
     @click.option("--retrieval-share", type=click.FloatRange(0.0, 1.0), default=0.3, show_default=True,
                   help="Share of sequences that are needle-retrieval tasks (the rest: plain text windows).")
     @click.option("--epochs", type=click.IntRange(min=1), default=6, show_default=True)
-    @click.option("--max-minutes", type=float, default=None, help="Stop training after this long.")
+    @click.option("--max-minutes", type=click.FloatRange(min=0.0), default=4.0, show_default=True,
+                  help="Stop training after this long (the whole command stays under 10 minutes on 2 CPU cores; "
+                       "the best validated state is kept). 0: no limit (all epochs).")
     @click.option("--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
                   help="Checkpoint path (default: $KVSQUEEZE_CACHE/predictor/<model key>.safetensors).")
     @click.option("--seed", type=int, default=0, show_default=True)
@@ -45,7 +47,7 @@ def register_selection(main: click.Group) -> None:
             texts = [p.read_text(errors="replace") for p in sorted(text_dir.glob("*.txt"))]
             if not texts:
                 raise KVSqueezeError(f"no .txt files in {text_dir}")
-        cfg = TrainConfig(epochs=epochs, seed=seed, max_seconds=None if max_minutes is None else 60 * max_minutes)
+        cfg = TrainConfig(epochs=epochs, seed=seed, max_seconds=60 * max_minutes if max_minutes else None)
         mdl, tok = load_model(model)
         if copy_share + retrieval_share > 1.0:
             raise KVSqueezeError("--copy-share + --retrieval-share must be at most 1")
