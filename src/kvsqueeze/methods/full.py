@@ -17,5 +17,8 @@ class Full(Method):
     def n_keep(self, n_seen: int, layer_idx: int, n_layers: int) -> int:
         return n_seen
 
+    def describe(self) -> str:
+        return self.name
+
     def score(self, x: ScoreInputs) -> torch.Tensor:
         return torch.zeros(x.positions.shape, device=x.keys.device)
