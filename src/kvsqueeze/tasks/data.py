@@ -92,7 +92,8 @@ def load_hf(name: str, data_dir: str | None = None, split: str = "test", n: int 
     try:
         import datasets
     except ImportError:
-        raise KVSqueezeError(f"loading {name} from the HF hub needs the `datasets` package: pip install datasets") from None
+        raise KVSqueezeError(f"loading {name} from the HF hub needs the `datasets` package: "
+                             "pip install datasets (or kvsqueeze[hub])") from None
     try:
         ds = datasets.load_dataset(name, data_dir=data_dir, split=split)
     except Exception as e:  # offline, unknown name, bad data_dir: one line, no traceback
