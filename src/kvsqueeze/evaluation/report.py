@@ -209,7 +209,6 @@ def plot_niah_heatmaps(df) -> str | None:
     """One depth x length heatmap per (method, ratio) for the NIAH grid task: a row per method, a column per
     ratio (the uncompressed reference alone in the first row)."""
     import matplotlib.pyplot as plt
-    import numpy as np
 
     d = df[(df.task == "niah") & df.depth.notna() & df.length.notna()]
     if d.empty:
@@ -239,10 +238,7 @@ def plot_niah_heatmaps(df) -> str | None:
             title, g = rows[j]
             grid = g.pivot_table(index="depth", columns="length", values="score", aggfunc="mean")
             grid = grid.reindex(index=depths, columns=lengths)
-            im = ax.imshow(grid.values, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
-            for (y, x), v in np.ndenumerate(grid.values):
-                if not np.isnan(v):
-                    ax.text(x, y, f"{v:.2f}", ha="center", va="center", fontsize=7)
+            im = _heatmap(ax, grid.values, 7)
             ax.set_xticks(range(len(lengths)), [str(int(x)) for x in lengths], fontsize=7)
             ax.set_yticks(range(len(depths)), [f"{y:g}" for y in depths], fontsize=7)
             if i <= 1 or label == "full":
@@ -256,10 +252,20 @@ def plot_niah_heatmaps(df) -> str | None:
     return _png(fig)
 
 
+def _heatmap(ax, values, fontsize):
+    """Scores in [0, 1] as a red-to-green image, each cell labelled with its value."""
+    import numpy as np
+
+    im = ax.imshow(values, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
+    for (y, x), v in np.ndenumerate(values):
+        if not np.isnan(v):
+            ax.text(x, y, f"{v:.2f}", ha="center", va="center", fontsize=fontsize)
+    return im
+
+
 def _niah_one_length(d, labels, ratios, depths, length) -> str:
     """One length: a depth x method heatmap per ratio (the full reference as the first column of each)."""
     import matplotlib.pyplot as plt
-    import numpy as np
 
     ratios = ratios or [0.0]
     w = max(5.0, 0.7 * len(labels) + 2.0)
@@ -270,10 +276,7 @@ def _niah_one_length(d, labels, ratios, depths, length) -> str:
         g = d[(d.label == "full") | (d.ratio == r)]
         grid = g.pivot_table(index="depth", columns="label", values="score", aggfunc="mean")
         grid = grid.reindex(index=depths, columns=labels)
-        im = ax.imshow(grid.values, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
-        for (y, x), v in np.ndenumerate(grid.values):
-            if not np.isnan(v):
-                ax.text(x, y, f"{v:.2f}", ha="center", va="center", fontsize=8)
+        im = _heatmap(ax, grid.values, 8)
         ax.set_xticks(range(len(labels)), labels, rotation=35, ha="right", fontsize=9)
         ax.set_yticks(range(len(depths)), [f"{y:g}" for y in depths], fontsize=8)
         ax.set_ylabel(f"ratio {r:g}\nneedle depth", fontsize=9)
