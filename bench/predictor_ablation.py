@@ -30,13 +30,6 @@ SETUPS = {  # name -> TrainConfig overrides
 }
 
 
-class Blend(torch.nn.Module):
-    """The fixed rule the default initialisation represents: 0.25 x history mean + 0.75 x last row."""
-
-    def forward(self, x):
-        return 0.25 * x.float().mean(1) + 0.75 * x[:, -1].float()
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
@@ -69,8 +62,11 @@ def main():
     budgets = [int(b) for b in a.budgets.split(",")]
 
     rows = {}
-    for name, pred in (("rule: last row", "last"), ("rule: history mean", "mean"), ("rule: 0.25 mean + 0.75 last",
-                                                                                        Blend())):
+    from kvsqueeze.selection.attention_predictor import PredictorNet
+
+    blend = PredictorNet().init_blend(0.75, noise=0.0)  # exactly the rule the default initialisation computes
+    for name, pred in (("rule: last row", "last"), ("rule: history mean", "mean"),
+                       ("rule: 0.25 mean + 0.75 last", blend)):
         rows[name] = {b: simulate(val_tr, b, pred, with_quest=False)["ap_mean"] for b in budgets}
         print(name, rows[name], flush=True)
     names = list(SETUPS)

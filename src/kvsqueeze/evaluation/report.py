@@ -116,22 +116,15 @@ def _ylabel(metric: str) -> str:
     return "perplexity (lower is better)" if metric == "perplexity" else f"{metric} (higher is better)"
 
 
-def _plain_log_x(ax):
+def _plain_log(ax, which: str):
+    """Log scale on axis `which` ("x" or "y") with plain tick labels (1, 2, 5, 10, 20, ...)."""
     from matplotlib.ticker import LogLocator, NullFormatter, StrMethodFormatter
 
-    ax.set_xscale("log")
-    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
-    ax.xaxis.set_major_formatter(StrMethodFormatter("{x:g}"))
-    ax.xaxis.set_minor_formatter(NullFormatter())
-
-
-def _plain_log_y(ax):
-    from matplotlib.ticker import LogLocator, NullFormatter, StrMethodFormatter
-
-    ax.set_yscale("log")
-    ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
-    ax.yaxis.set_major_formatter(StrMethodFormatter("{x:g}"))
-    ax.yaxis.set_minor_formatter(NullFormatter())
+    getattr(ax, f"set_{which}scale")("log")
+    axis = getattr(ax, f"{which}axis")
+    axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    axis.set_major_formatter(StrMethodFormatter("{x:g}"))
+    axis.set_minor_formatter(NullFormatter())
 
 
 def _grid(n, ncols=3, w=4.3, h=3.2):
@@ -169,7 +162,7 @@ def plot_score_vs_ratio(df) -> str:
         ax.set_xlabel("compression ratio (fraction removed)")
         ax.set_ylabel(_ylabel(metric), fontsize=8)
         if metric == "perplexity":
-            _plain_log_y(ax)
+            _plain_log(ax, "y")
         else:
             ax.set_ylim(-0.03, 1.03)
         ax.grid(alpha=0.3)
@@ -194,9 +187,9 @@ def plot_score_vs_bytes(df) -> str:
         ax.set_title(task, fontsize=11)
         ax.set_xlabel("KV cache kept after compression (MiB)")
         ax.set_ylabel(_ylabel(metric), fontsize=8)
-        _plain_log_x(ax)
+        _plain_log(ax, "x")
         if metric == "perplexity":
-            _plain_log_y(ax)
+            _plain_log(ax, "y")
         else:
             ax.set_ylim(-0.03, 1.03)
         ax.grid(alpha=0.3, which="both")

@@ -34,41 +34,37 @@ def _check_bits(bits: int) -> int:
     return 8 // bits
 
 
+def _packed_dim(along: str) -> int:
+    """The dimension codes are packed along: channels (last) or tokens (second to last)."""
+    try:
+        return {"channel": -1, "token": -2}[along]
+    except KeyError:
+        raise ValueError(f"along must be 'channel' or 'token', got {along!r}") from None
+
+
 def pack(codes: torch.Tensor, bits: int, along: str = "channel") -> torch.Tensor:
     """(b, h, n, d) uint8 codes < 2^bits -> (b, h, n, d * bits / 8) (along="channel") or (b, h, n * bits / 8, d)
     (along="token") uint8."""
-    per = _check_bits(bits)
+    per, dim = _check_bits(bits), _packed_dim(along)
     if per == 1:
         return codes.to(torch.uint8).contiguous()
-    dim = -1 if along == "channel" else -2
     n = codes.shape[dim]
     if n % per:
         raise ValueError(f"{along} dimension {n} is not a multiple of {per} ({bits}-bit packing)")
-    c = codes.to(torch.uint8)
-    if along == "channel":
-        c = c.view(*codes.shape[:-1], n // per, per)
-        out = c[..., 0].clone()
-        for j in range(1, per):
-            out |= c[..., j] << (bits * j)
-    else:
-        c = c.view(*codes.shape[:-2], n // per, per, codes.shape[-1])
-        out = c[..., 0, :].clone()
-        for j in range(1, per):
-            out |= c[..., j, :] << (bits * j)
+    c = codes.to(torch.uint8).unflatten(dim, (n // per, per))  # the `per` codes of a byte sit at `dim`
+    out = c.select(dim, 0).clone()
+    for j in range(1, per):
+        out |= c.select(dim, j) << (bits * j)
     return out
 
 
 def unpack(packed: torch.Tensor, bits: int, along: str = "channel") -> torch.Tensor:
     """Inverse of `pack`: uint8 codes (b, h, n, d)."""
-    per = _check_bits(bits)
+    per, dim = _check_bits(bits), _packed_dim(along)
     if per == 1:
         return packed
-    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
-    mask = (1 << bits) - 1
-    if along == "channel":
-        return ((packed[..., None] >> shifts) & mask).flatten(-2)
-    out = (packed[..., None, :] >> shifts[:, None]) & mask  # (..., n/per, per, d)
-    return out.flatten(-3, -2)
+    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device).view(per, *[1] * (-dim - 1))
+    return ((packed.unsqueeze(dim) >> shifts) & ((1 << bits) - 1)).flatten(dim - 1, dim)
 
 
 def _scale_dtype(x: torch.Tensor) -> torch.dtype:

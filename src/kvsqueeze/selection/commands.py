@@ -48,9 +48,9 @@ def register_selection(main: click.Group) -> None:
             if not texts:
                 raise KVSqueezeError(f"no .txt files in {text_dir}")
         cfg = TrainConfig(epochs=epochs, seed=seed, max_seconds=60 * max_minutes if max_minutes else None)
-        mdl, tok = load_model(model)
         if copy_share + retrieval_share > 1.0:
             raise KVSqueezeError("--copy-share + --retrieval-share must be at most 1")
+        mdl, tok = load_model(model)
         res, path, times = train_predictor(mdl, tok, texts, n_seq=n_seq, seq_len=seq_len, steps=steps,
                                            copy_share=copy_share, retrieval_share=retrieval_share, cfg=cfg,
                                            path=output, seed=seed)

@@ -322,9 +322,8 @@ def train_predictor(model, tokenizer, texts: list[str] | None = None, *, n_seq: 
     val_tr = collect_traces(model, val_seqs, steps=steps, block=cfg.block, progress=progress, desc="traces (val)")
     t_traces = time.perf_counter() - t0
     res = train(train_tr, val_tr, cfg, progress=progress)
-    budget = cfg.select_budget or 256
-    replay = {"budget": budget, **{m: simulate(val_tr, budget, p)["ap_mean"] for m, p in (("mean", "mean"),)},
-              **{k: v for k, v in simulate(val_tr, budget, res.net).items() if k.endswith("_mean")}}
+    budget = cfg.select_budget or 256  # (with select_budget set, the rules' replay is res.val_recovery's)
+    replay = {"budget": budget, **{k: v for k, v in simulate(val_tr, budget, res.net).items() if k.endswith("_mean")}}
     total = time.perf_counter() - t0
     meta = {**res.meta(), "trace_seconds": round(t_traces, 1), "total_seconds": round(total, 1),
             "model": str(getattr(model.config, "_name_or_path", "")), "n_seq": n_seq, "seq_len": seq_len,
