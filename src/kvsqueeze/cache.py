@@ -6,6 +6,7 @@ only the KV entries that were kept, as slots:
     keys, values : (batch, kv_heads, n, head_dim)   the kept entries, post-RoPE keys as the model wrote them
     positions    : (batch, kv_heads, n) int32       the logical position of each slot
     valid        : (batch, kv_heads, n) bool | None  False for padding slots (None: all valid)
+    n_pad        : (batch,) long | None               left-padding tokens of each row (None: no padding)
     state        : dict name -> (batch, kv_heads, n, ...)  slot-aligned method state (e.g. H2O's scores)
 
 and counts the tokens it has seen (`cumulative_length`). `get_seq_length()` returns that count, so RoPE
@@ -56,6 +57,8 @@ class CompressedLayer(DynamicLayer):
         self.state: dict[str, torch.Tensor] = {}
         self.n_new = 0  # tokens appended by the current forward
         self.n_evicted = 0  # slots ever removed
+        self.n_pad: torch.Tensor | None = None  # (batch,) padding tokens seen per row (left padding)
+        self.row_keep: torch.Tensor | None = None  # (batch,) per-row budget when rows differ (set by the cache)
 
     def lazy_initialization(self, key_states, value_states):
         super().lazy_initialization(key_states, value_states)
@@ -100,6 +103,7 @@ class CompressedLayer(DynamicLayer):
     def reset(self):
         super().reset()
         self.positions = self.valid = None
+        self.n_pad = self.row_keep = None
         self.state = {}
         self.n_new = self.n_evicted = 0
 
@@ -112,6 +116,8 @@ class CompressedLayer(DynamicLayer):
         self.keys, self.values, self.positions = fn(self.keys), fn(self.values), fn(self.positions)
         if self.valid is not None:
             self.valid = fn(self.valid)
+        self.n_pad = None if self.n_pad is None else fn(self.n_pad)
+        self.row_keep = None if self.row_keep is None else fn(self.row_keep)
         self.state = {k: fn(v) for k, v in self.state.items()}
 
     def reorder_cache(self, beam_idx):
@@ -129,25 +135,67 @@ class CompressedLayer(DynamicLayer):
         return 0 if self.keys is None or self.keys.dim() < 3 else self.keys.shape[-2]
 
     def mark_invalid(self, new_valid: torch.Tensor):
-        """Record which of the tokens just appended are real (new_valid: (batch, n_new) bool)."""
+        """Record which of the tokens just appended are real (new_valid: (batch, n_new) bool).
+
+        Padding is left padding: a row's padding tokens come before its first real token, so the row's own
+        position of a slot is `positions - n_pad` (see `row_positions`)."""
         if bool(new_valid.all()):
             return
         b, h, n = self.positions.shape
         if self.valid is None:
             self.valid = torch.ones(b, h, n, dtype=torch.bool, device=self.device)
         self.valid[:, :, n - new_valid.shape[-1] :] &= new_valid[:, None, :].to(self.device)
+        pads = (~new_valid).sum(-1).to(self.device, torch.long)
+        self.n_pad = pads if self.n_pad is None else self.n_pad + pads
 
-    def evict(self, scores: torch.Tensor, n_keep: int):
-        """Keep, per (batch, kv head), the `n_keep` slots with the highest scores; free the rest."""
+    def row_positions(self) -> torch.Tensor:
+        """(batch, kv_heads, n) long: each slot's position within its own row (padding slots are negative)."""
+        pos = self.positions.long()
+        return pos if self.n_pad is None else pos - self.n_pad[:, None, None]
+
+    def row_seen(self) -> torch.Tensor:
+        """(batch,) long: real tokens each row has seen (`cumulative_length` less its padding)."""
+        seen = torch.full((self.positions.shape[0],), self.cumulative_length, dtype=torch.long, device=self.device)
+        return seen if self.n_pad is None else seen - self.n_pad
+
+    def _keep_index(self, scores: torch.Tensor, n_keep: int, row_keep: torch.Tensor | None = None):
+        """The slots to keep: idx (batch, kv_heads, n_keep) in slot order, and which of them stay visible
+        ((batch, kv_heads, n_keep) bool, or None when all do).
+
+        Padding slots rank last; ties rank the later slot first (deterministic, and the same for a row batched
+        with left padding or alone). With `row_keep` (batch,) (each <= n_keep), row r keeps its own top
+        `row_keep[r]` slots; the rest of its n_keep slots are its next-ranked ones (padding first) marked
+        invalid, so attention never sees them. Raises ValueError if `scores` is not (batch, kv_heads, n)."""
         b, h, n = self.positions.shape
         if scores.shape != (b, h, n):
             raise ValueError(f"scores must have shape {(b, h, n)}, got {tuple(scores.shape)}")
-        if n_keep >= n:
-            return
         scores = scores.float()
         if self.valid is not None:  # padding goes first
             scores = scores.masked_fill(~self.valid, float("-inf"))
-        idx = scores.topk(n_keep, dim=-1).indices.sort(dim=-1).values  # keep slots in position order
+        # a stable descending sort of the reversed slots: ties go to the later slot
+        order = scores.flip(-1).sort(dim=-1, descending=True, stable=True).indices[..., :n_keep]
+        order = n - 1 - order  # (b, h, n_keep), best first
+        visible = None
+        if row_keep is not None and bool((row_keep.to(order.device) < n_keep).any()):
+            rank = torch.arange(n_keep, device=order.device)
+            visible = rank[None, None, :] < row_keep.to(order.device)[:, None, None]
+        idx, perm = order.sort(dim=-1)  # keep slots in position order
+        if visible is not None:
+            visible = visible.expand(b, h, n_keep).gather(2, perm)
+        return idx, visible
+
+    def evict(self, scores: torch.Tensor, n_keep: int, row_keep: torch.Tensor | None = None):
+        """Keep, per (batch, kv head), the `n_keep` slots with the highest scores; free the rest.
+
+        scores: (batch, kv_heads, n_stored). row_keep: (batch,) per-row budgets <= n_keep (left-padded rows
+        keep what they keep alone; their extra slots are marked invalid, see `_keep_index`)."""
+        b, h, n = self.positions.shape
+        if scores.shape != (b, h, n):
+            raise ValueError(f"scores must have shape {(b, h, n)}, got {tuple(scores.shape)}")
+        if n_keep >= n and row_keep is None:
+            return
+        n_keep = min(n_keep, n)
+        idx, visible = self._keep_index(scores, n_keep, row_keep)
 
         def take(t):
             j = idx.view(b, h, n_keep, *([1] * (t.dim() - 3))).expand(b, h, n_keep, *t.shape[3:])
@@ -156,8 +204,15 @@ class CompressedLayer(DynamicLayer):
         self.keys, self.values, self.positions = take(self.keys), take(self.values), take(self.positions)
         if self.valid is not None:
             self.valid = take(self.valid)
+        self._hide(visible)
         self.state = {k: take(v) for k, v in self.state.items()}
         self.n_evicted += n - n_keep
+
+    def _hide(self, visible: torch.Tensor | None) -> None:
+        """Mark kept slots that are not `visible` (batch, kv_heads, n) invalid."""
+        if visible is None:
+            return
+        self.valid = visible.clone() if self.valid is None else self.valid & visible
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """Every tensor this layer holds (what its memory is)."""
@@ -289,10 +344,17 @@ class CompressedCache(Cache):
 
     # --- compression, called after each layer's attention ------------------------------------------------
     def budget(self, layer_idx: int) -> int:
-        """Slots this layer keeps: fixed by the prefill, then held during decoding."""
+        """Slots this layer keeps: fixed by the prefill, then held during decoding.
+
+        In a left-padded batch each row's budget comes from its own real tokens (`layer.row_keep`, (batch,));
+        the layer stores the largest of them."""
         layer = self.layers[layer_idx]
         if self.phase == "prefill" or layer_idx not in self.budgets:
             self.budgets[layer_idx] = self.method.n_keep(layer.cumulative_length, layer_idx, self.n_layers)
+            if isinstance(layer, CompressedLayer) and layer.n_pad is not None:
+                rows = [self.method.n_keep(int(s), layer_idx, self.n_layers) for s in layer.row_seen().tolist()]
+                layer.row_keep = torch.tensor(rows, dtype=torch.long, device=layer.device)
+                self.budgets[layer_idx] = max(rows)
         return self.budgets[layer_idx]
 
     def after_attention(self, module, layer_idx: int, query: torch.Tensor, scaling: float | None,
@@ -323,7 +385,7 @@ class CompressedCache(Cache):
         if compress:
             x.n_keep = self.budget(layer_idx)
             if layer.n_stored > x.n_keep:
-                layer.evict(method.score(x), x.n_keep)
+                layer.evict(method.score(x), x.n_keep, layer.row_keep)
 
     def compressed_copy(self, model, method, queries: dict[int, torch.Tensor], scaling: dict[int, float],
                         memo: dict | None = None, layer_factory=None):
@@ -346,7 +408,7 @@ class CompressedCache(Cache):
             if isinstance(src, CompressedLayer):
                 if src.n_evicted or src.state:
                     raise ValueError("compressed_copy needs an uncompressed source cache")
-                dst.positions, dst.valid = src.positions, src.valid
+                dst.positions, dst.valid, dst.n_pad = src.positions, src.valid, src.n_pad
                 dst.n_new = src.n_new
             dst.cumulative_length = src.cumulative_length
         out._forwards = 1

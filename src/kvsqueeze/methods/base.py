@@ -46,6 +46,26 @@ class ScoreInputs:
         return self.layer.positions
 
     @property
+    def row_positions(self) -> torch.Tensor:
+        """(batch, kv_heads, n) long: each slot's position counted from its own row's first real token (a
+        left-padded row's positions as if it ran alone; padding slots are negative). Position-based rules use
+        these, never `positions`."""
+        return self.layer.row_positions()
+
+    @property
+    def row_seen(self) -> torch.Tensor:
+        """(batch,) long: real tokens each row has seen (its padding not counted)."""
+        return self.layer.row_seen()
+
+    @property
+    def row_keep(self) -> torch.Tensor:
+        """(batch,) long: slots each row keeps (its own budget in a left-padded batch; else `n_keep`)."""
+        keep = self.layer.row_keep
+        if keep is None:
+            return torch.full((self.keys.shape[0],), self.n_keep, dtype=torch.long, device=self.keys.device)
+        return keep
+
+    @property
     def state(self) -> dict[str, torch.Tensor]:
         """Slot-aligned tensors (batch, kv_heads, n, ...) that follow the slots through eviction."""
         return self.layer.state
@@ -69,8 +89,8 @@ class ScoreInputs:
         k = self.keys.float()
         hk, n = k.shape[1], k.shape[2]
         g = hq // hk
-        q_pos = self.layer.cumulative_length - w + torch.arange(w, device=q.device)
-        k_pos = self.positions
+        q_pos = self.row_seen[:, None] - w + torch.arange(w, device=q.device)  # (b, w), in each row's own frame
+        k_pos = self.row_positions
         if chunk is None:
             chunk = max(1, (1 << 26) // max(1, b * hq * n))
         for s in range(0, w, chunk):
@@ -80,11 +100,12 @@ class ScoreInputs:
             logits = logits * self.scaling
             if self.softcap:
                 logits = torch.tanh(logits / self.softcap) * self.softcap
-            allowed = k_pos[:, :, None, None, :] <= q_pos[s : s + c][None, None, None, :, None]
+            allowed = k_pos[:, :, None, None, :] <= q_pos[:, None, None, s : s + c, None]
             if self.layer.valid is not None:
                 allowed = allowed & self.layer.valid[:, :, None, None, :]
             logits = logits.masked_fill(~allowed, float("-inf"))
-            yield torch.softmax(logits, dim=-1).view(b, hq, c, n)
+            # a padding query sees no key: its row is NaN; it contributes nothing, as when its row runs alone
+            yield torch.softmax(logits, dim=-1).nan_to_num_(0.0).view(b, hq, c, n)
 
     def attention_sum(self, last: int | None = None) -> torch.Tensor:
         """(batch, q_heads, n): attention summed over this forward's queries (or the last `last`)."""
@@ -99,9 +120,11 @@ class ScoreInputs:
             self.memo[key] = total
         return total
 
-    def recent(self, n: int) -> torch.Tensor:
-        """(batch, kv_heads, n_slots) bool: the slots among the `n` most recent tokens seen."""
-        return self.positions >= self.layer.cumulative_length - n
+    def recent(self, n: int | torch.Tensor) -> torch.Tensor:
+        """(batch, kv_heads, n_slots) bool: the slots among the `n` (an int, or (batch,) per row) most recent
+        real tokens each row has seen."""
+        n = torch.as_tensor(n, dtype=torch.long, device=self.keys.device).reshape(-1, 1, 1)
+        return self.row_positions >= self.row_seen[:, None, None] - n
 
 
 @dataclass(kw_only=True)

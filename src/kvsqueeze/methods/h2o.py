@@ -4,7 +4,7 @@ Heavy hitters are the tokens with the largest attention accumulated over every q
 
     acc_t = sum_{i >= t} softmax(q_i K^T / sqrt(d))_t        (summed over the query heads of each GQA group)
 
-The cache keeps a recent window of `recent_share * n_keep` tokens (the paper splits the budget evenly between
+The cache keeps a recent window of `recent_share * n_keep` tokens (per row: a left-padded row's own budget) (the paper splits the budget evenly between
 heavy hitters and recent tokens) and the highest `acc_t` among the rest. `acc` is state that follows the slots;
 it is accumulated at every forward (prefill chunks, appended questions, decoding steps), computed a chunk of
 queries at a time (never a full T x T matrix). With `decode_every=1` the cache is held at its budget during
@@ -33,5 +33,5 @@ class H2O(Method):
         x.state["h2o_acc"] = acc
 
     def score(self, x: ScoreInputs) -> torch.Tensor:
-        recent = int(x.n_keep * self.recent_share)
+        recent = (x.row_keep * self.recent_share).long()  # (b,): each row's own budget
         return x.state["h2o_acc"].masked_fill(x.recent(recent), float("inf"))

@@ -8,7 +8,8 @@ The last `window` queries of the prompt (the observation window) vote for the pr
 
 Question-agnostic use (the window is the end of the context, not the question) is the default here and is much
 weaker than the paper's query-aware setting; pass the question inside the compressed prompt for the latter.
-Deviation: in a chunked prefill the window is the end of each chunk; the attention is recomputed from the
+Pooling runs over the visible slots in slot order (a left-padded row's padding and the slots it no longer sees are
+skipped, as they are absent when the row runs alone). Deviation: in a chunked prefill the window is the end of each chunk; the attention is recomputed from the
 queries and the cached keys, so the model keeps its sdpa kernel.
 """
 
@@ -32,6 +33,14 @@ class SnapKV(Method):
         w = min(self.window, x.queries.shape[2])
         votes = x.attention_sum(last=w)  # (b, hq, n)
         b, hq, n = votes.shape
+        order = None
+        if x.layer.valid is not None:  # visible slots first (votes of the others are 0, like avg_pool's zero padding)
+            hidden = (~x.layer.valid).to(torch.int8).repeat_interleave(x.group, dim=1)
+            order = hidden.sort(dim=-1, stable=True).indices
+            votes = votes.gather(-1, order)
         pooled = F.avg_pool1d(votes.reshape(b * hq, 1, n), self.kernel_size, stride=1, padding=self.kernel_size // 2)
-        scores = x.to_kv_heads(pooled.view(b, hq, n))
+        pooled = pooled.view(b, hq, n)
+        if order is not None:
+            pooled = torch.empty_like(pooled).scatter_(-1, order, pooled)
+        scores = x.to_kv_heads(pooled)
         return scores.masked_fill(x.recent(w), float("inf"))

@@ -4,7 +4,8 @@ Keep the first `n_sink` tokens (attention sinks) and the most recent ones:
 
     score(t) = +inf if pos(t) < n_sink else pos(t)
 
-so the top-`n_keep` slots are the sinks plus the `n_keep - n_sink` most recent tokens.
+so the top-`n_keep` slots are the sinks plus the `n_keep - n_sink` most recent tokens. pos(t) is the position
+within the token's own row, so a left-padded row's sinks are its first real tokens, not its padding.
 """
 
 from dataclasses import dataclass
@@ -22,5 +23,5 @@ class StreamingLLM(Method):
     summary = "attention sinks (first 4 tokens) + the most recent window"
 
     def score(self, x: ScoreInputs) -> torch.Tensor:
-        pos = x.positions.float()
-        return pos.masked_fill(x.positions < self.n_sink, float("inf"))
+        pos = x.row_positions
+        return pos.float().masked_fill((pos >= 0) & (pos < self.n_sink), float("inf"))

@@ -163,15 +163,6 @@ class QuantizedLayer(CompressedLayer):
         self._k_res = self._k_res[:, :, m:].clone()  # a clone: a view would keep the whole old tensor alive
         self._v_res = self._v_res[:, :, m:].clone()
 
-    def _keep_index(self, scores: torch.Tensor, n_keep: int) -> torch.Tensor:
-        b, h, n = self.positions.shape
-        if scores.shape != (b, h, n):
-            raise ValueError(f"scores must have shape {(b, h, n)}, got {tuple(scores.shape)}")
-        scores = scores.float()
-        if self.valid is not None:
-            scores = scores.masked_fill(~self.valid, float("-inf"))
-        return scores.topk(n_keep, dim=-1).indices.sort(dim=-1).values
-
     @staticmethod
     def _take(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         b, h, k = idx.shape
@@ -189,13 +180,16 @@ class QuantizedLayer(CompressedLayer):
         self.state = {k: self._take(v, idx) for k, v in self.state.items()}
         self._live = None
 
-    def evict(self, scores: torch.Tensor, n_keep: int):
-        """Keep the top `n_keep` slots per (batch, kv head), then store them compressed."""
+    def evict(self, scores: torch.Tensor, n_keep: int, row_keep: torch.Tensor | None = None):
+        """Keep the top `n_keep` slots per (batch, kv head), then store them compressed (the selection is the
+        core's `CompressedLayer._keep_index`, per-row budgets `row_keep` included)."""
         n = self.n_stored
-        if n_keep >= n:
+        if n_keep >= n and row_keep is None:
             return
-        idx = self._keep_index(scores, n_keep)
+        n_keep = min(n_keep, n)
+        idx, visible = self._keep_index(scores, n_keep, row_keep)
         self._reorder_slots(idx, self.keys, self.values)
+        self._hide(visible)
         self.n_evicted += n - n_keep
         self.commit()
 
@@ -210,6 +204,8 @@ class QuantizedLayer(CompressedLayer):
         self._k_res, self._v_res, self.positions = fn(self._k_res), fn(self._v_res), fn(self.positions)
         if self.valid is not None:
             self.valid = fn(self.valid)
+        self.n_pad = None if self.n_pad is None else fn(self.n_pad)
+        self.row_keep = None if self.row_keep is None else fn(self.row_keep)
         self.state = {k: fn(v) for k, v in self.state.items()}
         self._map_extra(fn)
         self._live = None
@@ -219,6 +215,7 @@ class QuantizedLayer(CompressedLayer):
         self._k_res = self._v_res = None
         self._live = None
         self.positions = self.valid = None
+        self.n_pad = self.row_keep = None
         self.state = {}
         self.n_new = self.n_evicted = 0
         self.cumulative_length = 0

@@ -1,0 +1,92 @@
+"""Left-padded batches (issue 9, item 1): every row of a left-padded batch keeps exactly the tokens it keeps
+alone, and its logits match the row alone, for every method, budget kind, decode-time eviction, attention
+kernel and quantized storage."""
+
+import pytest
+import torch
+
+import kvsqueeze as kq
+from kvsqueeze.methods import METHODS, SnapKV
+from kvsqueeze.quant import MiKV, ZipCacheSaliency, kivi, mikv, zipcache
+
+from conftest import tiny_llama
+
+LAYERS = 2
+PADS = (0, 10, 4)  # left padding of each row; every row is 40 slots wide
+WIDTH = 40
+TOL = 1e-4
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matrices: threads only contend
+    yield
+    torch.set_num_threads(n)
+
+
+def _method(name: str, amount: dict, decode_every: int):
+    kw = dict(amount, decode_every=decode_every)
+    if name == "snapkv":
+        kw["window"] = 8  # the default window (64) covers the whole prompt: every slot would tie at +inf
+    if name == "pyramidkv":
+        kw["scorer"] = SnapKV(window=8)
+    if name == "qfilters":
+        kw["filters"] = torch.randn(LAYERS, 2, 16, generator=torch.Generator().manual_seed(1))
+        kw["window"] = 4
+    return METHODS[name](**kw)
+
+
+def _prompts():
+    gen = torch.Generator().manual_seed(0)
+    rows = [torch.randint(1, 101, (WIDTH - p,), generator=gen) for p in PADS]
+    ids = torch.zeros(len(rows), WIDTH, dtype=torch.long)
+    mask = torch.zeros(len(rows), WIDTH, dtype=torch.long)
+    for i, (r, p) in enumerate(zip(rows, PADS)):
+        ids[i, p:], mask[i, p:] = r, 1
+    return rows, ids, mask
+
+
+def _generate(model, ids, mask, cache):
+    with torch.no_grad():
+        return model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=3, do_sample=False,
+                              output_logits=True, return_dict_in_generate=True, pad_token_id=0)
+
+
+def _kept(cache, row: int) -> list[list[list[int]]]:
+    """Per layer and kv head: the sorted row positions of the visible slots of `row`."""
+    out = []
+    for layer in cache.layers:
+        pos = layer.row_positions()[row]
+        valid = torch.ones_like(pos, dtype=torch.bool) if layer.valid is None else layer.valid[row]
+        out.append([sorted(pos[h][valid[h]].tolist()) for h in range(pos.shape[0])])
+    return out
+
+
+def _check(model, make_method, layer_factory=None):
+    rows, ids, mask = _prompts()
+    batch_cache = kq.CompressedCache(model, make_method(), layer_factory=layer_factory)
+    batch = _generate(model, ids, mask, batch_cache)
+    for r, row in enumerate(rows):
+        alone_cache = kq.CompressedCache(model, make_method(), layer_factory=layer_factory)
+        alone = _generate(model, row[None], torch.ones(1, row.numel(), dtype=torch.long), alone_cache)
+        assert _kept(batch_cache, r) == _kept(alone_cache, 0), f"row {r} (padding {PADS[r]}) kept other tokens"
+        for step, (lb, la) in enumerate(zip(batch.logits, alone.logits)):
+            diff = float((lb[r] - la[0]).abs().max())
+            assert diff < TOL, f"row {r} (padding {PADS[r]}), step {step}: logits differ by {diff:.3g}"
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("decode_every", [0, 1])
+@pytest.mark.parametrize("amount", [{"ratio": 0.5}, {"budget": 12}], ids=["ratio", "budget"])
+@pytest.mark.parametrize("name", list(METHODS))
+def test_left_padded_rows_match_rows_alone(name, amount, decode_every, attn):
+    model = tiny_llama(attn, layers=LAYERS)
+    _check(model, lambda: _method(name, amount, decode_every))
+
+
+@pytest.mark.parametrize("name", ["h2o", "snapkv", "streaming_llm", "random"])
+@pytest.mark.parametrize("amount", [{"ratio": 0.5}, {"budget": 12}], ids=["ratio", "budget"])
+def test_left_padded_rows_match_rows_alone_kivi4(name, amount):
+    model = tiny_llama(layers=LAYERS)
+    _check(model, lambda: _method(name, amount, 1), layer_factory=kivi(4))
