@@ -53,11 +53,12 @@ def _generate(model, ids, mask, cache):
                               output_logits=True, return_dict_in_generate=True, pad_token_id=0)
 
 
-def _kept(cache, row: int) -> list[list[list[int]]]:
-    """Per layer and kv head: the sorted row positions of the visible slots of `row`."""
+def _kept(cache, row: int, pad: int) -> list[list[list[int]]]:
+    """Per layer and kv head: the sorted positions, counted from the row's first real token (`pad` padding
+    tokens before it), of the visible slots of `row`."""
     out = []
     for layer in cache.layers:
-        pos = layer.row_positions()[row]
+        pos = layer.positions[row].long() - pad
         valid = torch.ones_like(pos, dtype=torch.bool) if layer.valid is None else layer.valid[row]
         out.append([sorted(pos[h][valid[h]].tolist()) for h in range(pos.shape[0])])
     return out
@@ -70,7 +71,7 @@ def _check(model, make_method, layer_factory=None):
     for r, row in enumerate(rows):
         alone_cache = kq.CompressedCache(model, make_method(), layer_factory=layer_factory)
         alone = _generate(model, row[None], torch.ones(1, row.numel(), dtype=torch.long), alone_cache)
-        assert _kept(batch_cache, r) == _kept(alone_cache, 0), f"row {r} (padding {PADS[r]}) kept other tokens"
+        assert _kept(batch_cache, r, PADS[r]) == _kept(alone_cache, 0, 0), f"row {r} (padding {PADS[r]}) kept other tokens"
         for step, (lb, la) in enumerate(zip(batch.logits, alone.logits)):
             diff = float((lb[r] - la[0]).abs().max())
             assert diff < TOL, f"row {r} (padding {PADS[r]}), step {step}: logits differ by {diff:.3g}"
@@ -90,3 +91,16 @@ def test_left_padded_rows_match_rows_alone(name, amount, decode_every, attn):
 def test_left_padded_rows_match_rows_alone_kivi4(name, amount):
     model = tiny_llama(layers=LAYERS)
     _check(model, lambda: _method(name, amount, 1), layer_factory=kivi(4))
+
+
+@pytest.mark.parametrize("scheme", ["mikv", "zipcache"])
+@pytest.mark.parametrize("amount", [{"ratio": 0.5}, {"budget": 12}], ids=["ratio", "budget"])
+def test_left_padded_rows_match_rows_alone_mixed_precision(scheme, amount):
+    """MiKV / ZipCache split instead of evicting: every row's high-precision tokens are those it picks alone (a
+    residual of 8 so that the split and the quantized stores are reached with 40 tokens)."""
+    model = tiny_llama(layers=LAYERS)
+    if scheme == "mikv":
+        make, factory = (lambda: MiKV(inner=METHODS["h2o"](**amount, decode_every=1))), mikv(8, 2, residual=8, group=8)
+    else:
+        make, factory = (lambda: ZipCacheSaliency(**amount)), zipcache(4, 2, residual=8, group=8)
+    _check(model, make, layer_factory=factory)

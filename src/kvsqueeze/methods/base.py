@@ -74,6 +74,12 @@ class ScoreInputs:
     def group(self) -> int:
         return self.queries.shape[1] // self.keys.shape[1]
 
+    def query_valid(self, last: int | None = None) -> torch.Tensor:
+        """(batch, w) bool: which of this forward's queries (the last `last`) are real, not left padding."""
+        w = self.queries.shape[2] if last is None else min(last, self.queries.shape[2])
+        q_pos = self.row_seen[:, None] - w + torch.arange(w, device=self.row_seen.device)
+        return q_pos >= 0
+
     def to_kv_heads(self, x: torch.Tensor, reduce: str = "mean") -> torch.Tensor:
         """(batch, q_heads, ...) -> (batch, kv_heads, ...), reducing within each GQA group."""
         b, hq = x.shape[:2]

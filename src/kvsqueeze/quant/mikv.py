@@ -117,15 +117,19 @@ class MixedPrecisionLayer(QuantizedLayer):
 
     # --- channel scaling ---------------------------------------------------------------------------------------
     @staticmethod
-    def _sqrt_max(x: torch.Tensor) -> torch.Tensor:
-        m = x.float().abs().amax(dim=2, keepdim=True).clamp_min(1e-6)
+    def _sqrt_max(x: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        """(b, h, 1, d) channel multipliers 1 / sqrt(max_t |x_t|) over the slots that are `valid` (b, h, n)."""
+        x = x.float().abs()
+        if valid is not None and valid.shape == x.shape[:3]:  # padding slots do not set a row's scales
+            x = x.masked_fill(~valid[..., None], 0.0)
+        m = x.amax(dim=2, keepdim=True).clamp_min(1e-6)
         return (1.0 / m.sqrt()).to(torch.float16)
 
-    def _ensure_scales(self, k, v):
+    def _ensure_scales(self, k, v, valid: torch.Tensor | None = None):
         if self.key_scaling and self._ks is None:
-            self._ks = self._sqrt_max(k)
+            self._ks = self._sqrt_max(k, valid)
         if self.value_scaling and self._vs is None:
-            self._vs = self._sqrt_max(v)
+            self._vs = self._sqrt_max(v, valid)
 
     def balance_keys(self, query_absmax: torch.Tensor, commit: bool = True) -> None:
         """MiKV's balancer from the prefill queries' max |q| per (batch, kv head, channel): (b, h, d).
@@ -135,7 +139,10 @@ class MixedPrecisionLayer(QuantizedLayer):
         if self.key_scaling != "balance" or self._balanced_by_queries or not self.is_initialized:
             return
         keys, values = self.keys, self.values  # live view (or dequantized with the old scales)
-        kmax = keys.float().abs().amax(dim=2).clamp_min(1e-6)
+        kabs = keys.float().abs()
+        if self.valid is not None:  # padding slots do not set a row's balancer
+            kabs = kabs.masked_fill(~self.valid[..., None], 0.0)
+        kmax = kabs.amax(dim=2).clamp_min(1e-6)
         beta = (query_absmax.float().clamp_min(1e-6) / kmax).sqrt()
         if self._stores:  # re-encode what is stored with the new balancer
             self._k_res, self._v_res, self._stores = keys, values, []
@@ -193,8 +200,11 @@ class MixedPrecisionLayer(QuantizedLayer):
             return stores[:-1] + [stores[-1].cat(new)]
         return stores + [new]
 
-    def evict(self, scores: torch.Tensor, n_keep: int):
-        """Split instead of evicting: top `n_keep` slots (the residual counted in) in high precision, others low."""
+    def evict(self, scores: torch.Tensor, n_keep: int, row_keep: torch.Tensor | None = None):
+        """Split instead of evicting: top `n_keep` slots (the residual counted in) in high precision, others low.
+
+        scores: (batch, kv_heads, n_stored). row_keep (batch,): per-row counts (a left-padded batch); the high
+        part stays rectangular, a row with fewer important tokens fills it with its padding slots first."""
         b, h, n = self.positions.shape
         if scores.shape != (b, h, n):
             raise ValueError(f"scores must have shape {(b, h, n)}, got {tuple(scores.shape)}")
@@ -203,7 +213,7 @@ class MixedPrecisionLayer(QuantizedLayer):
             if not self._balanced_by_queries:
                 self._ks = None
             self._vs = None
-            self._ensure_scales(keys, values)
+            self._ensure_scales(keys, values, self.valid)
             self._split_once = True
         r = min(self.residual, n)
         body = n - r
@@ -212,7 +222,16 @@ class MixedPrecisionLayer(QuantizedLayer):
         if self.valid is not None:
             s = s.masked_fill(~self.valid[..., :body], float("-inf"))
         important = torch.zeros(b, h, body, dtype=torch.bool, device=scores.device)
-        if n_hi:
+        rows_hi = None if row_keep is None else (row_keep.to(scores.device) - r).clamp(0, body)
+        if n_hi and rows_hi is not None and bool((rows_hi < n_hi).any()):
+            # each row's own top rows_hi, then its padding / hidden slots, then its next best
+            order = s.sort(dim=-1, descending=True, stable=True).indices
+            rank = torch.empty_like(order).scatter_(-1, order, torch.arange(body, device=order.device).expand_as(order))
+            hidden = (~self.valid[..., :body]) if self.valid is not None else torch.zeros_like(important)
+            key = torch.where(rank < rows_hi[:, None, None], 3.0 * body,
+                              torch.where(hidden, 2.0 * body, (body - rank).float()))
+            important.scatter_(2, key.topk(n_hi, dim=-1).indices, True)
+        elif n_hi:
             important.scatter_(2, s.topk(n_hi, dim=-1).indices, True)
         # [low | high], each in slot order (a stable sort of the 0/1 flags), then the residual
         order = torch.sort(important.to(torch.int8), dim=-1, stable=True).indices
@@ -275,7 +294,7 @@ class MiKV(Method):
     def score(self, x: ScoreInputs) -> torch.Tensor:
         layer = x.layer
         if isinstance(layer, MixedPrecisionLayer):
-            q = x.queries.abs().amax(dim=2)  # (b, hq, d)
+            q = x.queries.abs().masked_fill(~x.query_valid()[:, None, :, None], 0.0).amax(dim=2)  # (b, hq, d)
             b, hq, d = q.shape
             evicting = x.n_keep < layer.n_stored  # then the cache calls layer.evict right after this
             layer.balance_keys(q.view(b, hq // x.group, x.group, d).amax(2), commit=not evicting)

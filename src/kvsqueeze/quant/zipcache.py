@@ -61,15 +61,30 @@ class ZipCacheSaliency(Method):
     summary = "normalised attention (attention sum / queries that can attend) of 5%+5% probe queries"
 
     def score(self, x: ScoreInputs) -> torch.Tensor:
-        q_all = x.queries
-        b, hq, w, d = q_all.shape
-        idx = probe_indices(w, self.probe_recent, self.probe_random, self.seed + x.layer_idx, q_all.device)
+        """(batch, kv_heads, n) normalised probe attention. In a left-padded batch each row draws its probes
+        among its own real queries, as it does alone."""
+        w = x.queries.shape[2]
+        n_real = x.query_valid().sum(-1).tolist()
+        if all(v == w for v in n_real):
+            return self._score(x, x.queries, x.keys, x.positions, x.layer.valid, w, w)
+        rows = []
+        for r, v in enumerate(n_real):
+            valid = None if x.layer.valid is None else x.layer.valid[r : r + 1]
+            rows.append(self._score(x, x.queries[r : r + 1], x.keys[r : r + 1], x.positions[r : r + 1], valid, w, v))
+        return torch.cat(rows)
+
+    def _score(self, x: ScoreInputs, q_all, keys, k_pos, valid, w: int, n_real: int) -> torch.Tensor:
+        """Scores of rows whose last `n_real` of the `w` queries of this forward are real."""
+        b, hq, _, d = q_all.shape
+        if n_real < 1:
+            return keys.new_zeros(keys.shape[:3], dtype=torch.float32)
+        idx = probe_indices(n_real, self.probe_recent, self.probe_random, self.seed + x.layer_idx, q_all.device)
+        idx = idx + (w - n_real)
         q = q_all[:, :, idx].float()
-        q_pos = (x.layer.cumulative_length - w + idx).to(x.positions.dtype)  # (p,)
-        k = x.keys.float()
+        q_pos = (x.layer.cumulative_length - w + idx).to(k_pos.dtype)  # (p,)
+        k = keys.float()
         hk, n = k.shape[1], k.shape[2]
         g = hq // hk
-        k_pos = x.positions  # (b, hk, n)
         acc = torch.zeros(b, hk, n, device=k.device)
         cnt = torch.zeros(b, hk, n, device=k.device)
         chunk = max(1, (1 << 26) // max(1, b * hq * n))
@@ -80,8 +95,8 @@ class ZipCacheSaliency(Method):
             if x.softcap:
                 logits = torch.tanh(logits / x.softcap) * x.softcap
             allowed = k_pos[:, :, None, None, :] <= pc[None, None, None, :, None]  # (b, hk, 1, c, n)
-            if x.layer.valid is not None:
-                allowed = allowed & x.layer.valid[:, :, None, None, :]
+            if valid is not None:
+                allowed = allowed & valid[:, :, None, None, :]
             p = torch.softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1).nan_to_num_(0.0)
             acc += p.sum(dim=(2, 3))
             cnt += allowed.sum(dim=(2, 3)).float() * g  # every query head of the group is a probe row

@@ -32,7 +32,8 @@ from ..errors import KVSqueezeError
 def attention_probs(query: torch.Tensor, keys: torch.Tensor, scaling: float, softcap: float | None = None,
                     valid: torch.Tensor | None = None) -> torch.Tensor:
     """Softmax attention (batch, q_heads, q, n), fp32, of queries (b, hq, q, d) over keys (b, hk, n, d), grouped
-    (the GQA group shares its kv head, never repeated in memory). No causal mask: every key is in the past."""
+    (the GQA group shares its kv head, never repeated in memory). No causal mask: every key is in the past. A query
+    row with no `valid` key (batch, kv_heads, n) is all zeros, not NaN."""
     b, hq, q, d = query.shape
     hk, n = keys.shape[1], keys.shape[2]
     g = hq // hk
@@ -41,7 +42,7 @@ def attention_probs(query: torch.Tensor, keys: torch.Tensor, scaling: float, sof
         logits = torch.tanh(logits / softcap) * softcap
     if valid is not None:
         logits = logits.masked_fill(~valid[:, :, None, :], float("-inf"))
-    return torch.softmax(logits, dim=-1).view(b, hq, q, n)
+    return torch.softmax(logits, dim=-1).nan_to_num_(0.0).view(b, hq, q, n)  # no valid key (padding): zeros
 
 
 def block_pool(rows: torch.Tensor, block: int, reduce: str = "max") -> torch.Tensor:
