@@ -104,3 +104,17 @@ def test_left_padded_rows_match_rows_alone_mixed_precision(scheme, amount):
     else:
         make, factory = (lambda: ZipCacheSaliency(**amount)), zipcache(4, 2, residual=8, group=8)
     _check(model, make, layer_factory=factory)
+
+
+def test_attention_probs_row_without_valid_key_is_zero_not_nan():
+    """A selector's attention row with every key hidden (a padding row) contributes nothing."""
+    from kvsqueeze.selection.base import attention_probs
+
+    gen = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 4, 1, 16, generator=gen), torch.randn(2, 2, 6, 16, generator=gen)
+    valid = torch.ones(2, 2, 6, dtype=torch.bool)
+    valid[1] = False
+    p = attention_probs(q, k, 0.25, valid=valid)
+    assert not bool(p.isnan().any())
+    assert bool((p[1] == 0).all())
+    assert torch.allclose(p[0].sum(-1), torch.ones(4, 1))

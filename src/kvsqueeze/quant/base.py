@@ -22,6 +22,12 @@ live view and stored compressed (`commit`). At the prefill, every token is still
 view, so eviction-then-quantization quantizes exactly the kept tokens once. A later eviction (decode-time
 `decode_every`, chunked prefill) regroups tokens that were already quantized: they are re-quantized from their
 dequantized values (a second rounding, documented deviation).
+
+Left-padded batches: the kept slots of each row are those it keeps alone (the core's selection), but stores are
+cut into groups of `group` slots shared by every row, so in a padded row a group may hold padding or hidden slots
+and other real tokens than alone: schemes quantizing across tokens (KIVI's and GEAR's per-channel keys) can then
+differ from the row alone once tokens leave the residual window (known limit; per-token schemes, MiKV/ZipCache,
+do not).
 """
 
 from __future__ import annotations
