@@ -7,7 +7,7 @@ masked full-cache reference), every selector, every quantization scheme. The pre
 the CPU, as loading and calibration leave them, before the model runs on the GPU. They skip without CUDA;
 KVSQUEEZE_TEST_DEVICE=cpu runs them on the CPU instead. On the GPU machine (about 30 s on an H200):
 
-    PYTHONPATH=$PWD/src python -m pytest -q -p no:cacheprovider tests/test_gpu.py
+    PYTHONPATH=$PWD/src python -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_quant_triton.py
 
 `test_every_method_selector_and_scheme_runs_in_bf16_on_cpu` always runs: the same dtype placement on the CPU.
 """
@@ -263,3 +263,27 @@ def test_every_method_selector_and_scheme_runs_in_bf16_on_cpu(tmp_path, monkeypa
         _check_logits(got)
         assert any(v is not None for v in spy.picks.values()), kind
     assert all(p.dtype == torch.float32 for p in sels["attention_predictor"].net.parameters())
+
+
+@pytest.mark.skipif(DEVICE != "cuda" or not torch.cuda.is_available(), reason="the fused kernel needs CUDA")
+def test_fused_kivi_decode_kernel_holds_bf16_values_beyond_float16():
+    pytest.importorskip("triton")
+    from kvsqueeze.quant.kivi import KIVILayer
+    from kvsqueeze.quant.triton_decode import reference_decode_attention
+
+    torch.manual_seed(0)
+    k = torch.randn(1, 8, 600, 128, device="cuda")
+    v = torch.randn(1, 8, 600, 128, device="cuda")
+    v[..., 5] = 1e5 * (0.9 + 0.05 * torch.rand(1, 8, 600, device="cuda"))  # beyond float16, fine in bf16
+    layer = KIVILayer(bits=2)
+    layer.append(k.to(DTYPE), v.to(DTYPE))
+    q = torch.randn(1, 32, 1, 128, device="cuda", dtype=DTYPE)
+    store = layer._stores[0]
+    ref = reference_decode_attention(q.float(), store, layer._k_res.float(), layer._v_res.float())
+    out = layer.fused_decode_attention(q)
+    assert bool(out.isfinite().all())
+    assert float((out.float() - ref).norm() / ref.norm()) < 2e-2
+    k[..., 3] = -1e5  # keys too: finite (a channel this large makes the logits themselves coarse in bf16)
+    layer = KIVILayer(bits=2)
+    layer.append(k.to(DTYPE), v.to(DTYPE))
+    assert bool(layer.fused_decode_attention(q).isfinite().all())
