@@ -243,7 +243,7 @@ def test_every_quant_scheme_on_the_device(spec, shape):
 def test_every_method_selector_and_scheme_runs_in_bf16_on_cpu(tmp_path, monkeypatch):
     """A bf16 model meets float32 tables (predictor weights, even ones saved in bf16; filters; scales)."""
     model = _model("tiny", "cpu", DTYPE)
-    chunks = [_ids(120), _ids(1, seed=2), _ids(1, seed=3)]
+    chunks = [_ids(80), _ids(1, seed=2), _ids(1, seed=3)]
     for name in METHODS:
         m = _method(name, model, tmp_path, monkeypatch)
         got, _ = _run(model, kq.CompressedCache(model, m), chunks)
