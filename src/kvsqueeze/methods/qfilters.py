@@ -135,7 +135,9 @@ class QFilters(Method):
             self.filters = load_or_calibrate(model, getattr(model, "kvsqueeze_tokenizer", None))
 
     def score(self, x: ScoreInputs) -> torch.Tensor:
-        f = self.filters[x.layer_idx].to(x.keys.device, torch.float32)  # (hkv, d)
+        if self.filters.device != x.keys.device or self.filters.dtype != torch.float32:
+            self.filters = self.filters.to(x.keys.device, torch.float32)  # once: loaded or calibrated on the CPU
+        f = self.filters[x.layer_idx]  # (hkv, d)
         scores = torch.einsum("bhnd,hd->bhn", x.keys.float(), f)
         if self.window:
             scores = scores.masked_fill(x.recent(self.window), float("inf"))

@@ -5,18 +5,19 @@ Each block of keys (or values) X (n tokens x d channels, per kv head) is approxi
 
     X ~ D + L + S
     S = Filter_s(X)                 sparse outliers: the s% entries (2% here) furthest from their group's mean,
-                                    kept exactly (value float16 + channel index uint8)
+                                    kept exactly (value in the input's dtype, bit-exact + channel index uint8)
     D = Dequant(Quant_b(X - S))     uniform b-bit quantization of the rest (KIVI's grouping: keys per channel over
                                     G tokens, values per token over G_v channels); outlier entries are replaced
                                     by their group mean before quantizing, so they no longer stretch the range
     L = A B^T = SVD_r(X - S - D)    a rank-r approximation of the quantization residual, by power iteration
-                                    (A: n x r orthonormal, B: d x r, both float16)
+                                    (A: n x r orthonormal, float16; B: d x r, bfloat16: it carries X's
+                                    magnitude, which can exceed float16's range)
 
 Dequantization computes D + A B^T and then writes the outliers back in place. As in GEAR's streaming buffer the
 most recent tokens stay in full precision and are compressed `group` tokens at a time as a new block (one
 low-rank pair per block); the prefill is one block. Bytes per token and kv head, keys + values:
 
-    2 * (d*b/8  +  quantization scales  +  r*2  +  o*3)  +  2 * d*r*2 / n_block
+    2 * (d*b/8  +  quantization scales  +  r*2  +  o*(1 + e))  +  2 * d*r*2 / n_block     (e: bytes per input value)
 
 Deviations: outliers are chosen per token row (o = max(1, round(s*d)) entries; keys by their z-score within
 their channel over the block, values within their token), so the sparse part is rectangular; power iteration
@@ -32,7 +33,7 @@ import torch
 
 from .base import QuantizedLayer
 from .kivi import channel_group
-from .packing import QTensor, quantize
+from .packing import QTensor, quantize, to_finite
 
 
 @dataclass
@@ -40,10 +41,10 @@ class GearPart:
     """One of keys / values of a block: quantized + low-rank + sparse outliers."""
 
     q: QTensor
-    a: torch.Tensor  # (b, h, n, r) float16
-    bt: torch.Tensor  # (b, h, d, r) float16
+    a: torch.Tensor  # (b, h, n, r) float16 (orthonormal columns: |a| <= 1)
+    bt: torch.Tensor  # (b, h, d, r) bfloat16 (X's magnitude: float16 could overflow)
     out_idx: torch.Tensor  # (b, h, n, o) uint8 (or int16 for d > 256)
-    out_val: torch.Tensor  # (b, h, n, o) float16
+    out_val: torch.Tensor  # (b, h, n, o) in the input's dtype (exact)
 
     def decode(self, dtype) -> torch.Tensor:
         x = self.q.dequantize(torch.float32)
@@ -51,7 +52,7 @@ class GearPart:
             x = x + torch.matmul(self.a.float(), self.bt.float().transpose(-1, -2))
         if self.out_idx.shape[-1]:
             x = x.scatter(-1, self.out_idx.long(), self.out_val.float())
-        return x.to(dtype)
+        return to_finite(x, dtype)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {**self.q.tensors(), "lowrank_a": self.a, "lowrank_b": self.bt, "outlier_idx": self.out_idx,
@@ -97,6 +98,9 @@ def low_rank(e: torch.Tensor, rank: int, iters: int = 3, seed: int = 0) -> tuple
 
 def compress_part(x: torch.Tensor, bits: int, axis: str, group: int, rank: int, outlier_ratio: float,
                   iters: int = 3) -> GearPart:
+    """One GEAR part of x (b, h, n, d): `bits`-bit quantization grouped along `axis` (see packing.quantize, whose
+    ValueErrors it raises), a rank-`rank` residual and max(1, round(outlier_ratio * d)) outliers per token row,
+    stored in x's dtype so that they come back bit-exact."""
     xf = x.float()
     b, h, n, d = xf.shape
     o = max(1, round(outlier_ratio * d)) if outlier_ratio > 0 else 0
@@ -119,7 +123,7 @@ def compress_part(x: torch.Tensor, bits: int, axis: str, group: int, rank: int, 
         a, bt = low_rank(xf - q.dequantize(torch.float32), rank, iters)
     else:
         a, bt = xf[..., :0], xf.new_empty(b, h, d, 0)
-    return GearPart(q, a.to(torch.float16), bt.to(torch.float16), idx.to(idx_dtype), val.to(torch.float16))
+    return GearPart(q, a.to(torch.float16), bt.to(torch.bfloat16), idx.to(idx_dtype), val.to(x.dtype))
 
 
 class GEARLayer(QuantizedLayer):

@@ -10,7 +10,7 @@ with b = 2 or 4 (8 and 1 also work). The most recent tokens stay in full precisi
 R..R+G-1 tokens (R a multiple of G; the reference code's G = R = 32); every time G more tokens fall out of it they
 are quantized as one key group. Codes are packed four to a byte at 2 bits, along tokens for both keys and
 values (as KIVI packs its keys: a row of d bytes holds 4 whole tokens, the layout the fused decode kernel reads
-with 16-byte loads); scales and zero points are float16. Bytes held per token and kv head, for the quantized part (s = 2 bytes):
+with 16-byte loads); scales and zero points are bfloat16 (packing.py). Bytes held per token and kv head, for the quantized part (s = 2 bytes):
 
     keys:   d*b/8 + 2*d*s/G          values:   d*b/8 + 2*(d/G_v)*s
 

@@ -42,7 +42,7 @@ import torch
 from ..methods.base import Method, ScoreInputs
 from .base import QuantizedLayer
 from .kivi import channel_group
-from .packing import QTensor, quantize
+from .packing import QTensor, quantize, to_finite
 
 
 @dataclass
@@ -109,7 +109,7 @@ class MixedPrecisionLayer(QuantizedLayer):
         self.hi_bits, self.lo_bits = hi_bits, lo_bits
         self.channel_group = channel_group
         self.key_scaling, self.value_scaling = key_scaling, value_scaling
-        self._ks: torch.Tensor | None = None  # (b, h, 1, d) channel multipliers applied before quantizing
+        self._ks: torch.Tensor | None = None  # (b, h, 1, d) fp32 channel multipliers applied before quantizing
         self._vs: torch.Tensor | None = None
         self._balanced_by_queries = False
         self._split_once = False
@@ -118,12 +118,13 @@ class MixedPrecisionLayer(QuantizedLayer):
     # --- channel scaling ---------------------------------------------------------------------------------------
     @staticmethod
     def _sqrt_max(x: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
-        """(b, h, 1, d) channel multipliers 1 / sqrt(max_t |x_t|) over the slots that are `valid` (b, h, n)."""
+        """(b, h, 1, d) float32 channel multipliers 1 / sqrt(max_t |x_t|) over the slots that are `valid` (b, h, n)
+        (one small row per layer, any finite max)."""
         x = x.float().abs()
         if valid is not None and valid.shape == x.shape[:3]:  # padding slots do not set a row's scales
             x = x.masked_fill(~valid[..., None], 0.0)
         m = x.amax(dim=2, keepdim=True).clamp_min(1e-6)
-        return (1.0 / m.sqrt()).to(torch.float16)
+        return 1.0 / m.sqrt()
 
     def _ensure_scales(self, k, v, valid: torch.Tensor | None = None):
         if self.key_scaling and self._ks is None:
@@ -146,7 +147,7 @@ class MixedPrecisionLayer(QuantizedLayer):
         beta = (query_absmax.float().clamp_min(1e-6) / kmax).sqrt()
         if self._stores:  # re-encode what is stored with the new balancer
             self._k_res, self._v_res, self._stores = keys, values, []
-        self._ks = beta[:, :, None, :].to(torch.float16)
+        self._ks = beta[:, :, None, :].float()  # float32: sqrt(max|q| / max|k|) can exceed float16's range
         self._balanced_by_queries = True
         if commit:
             self.commit()
@@ -161,13 +162,18 @@ class MixedPrecisionLayer(QuantizedLayer):
     def _materialize(self, i: int) -> torch.Tensor:
         res = self._k_res if i == 0 else self._v_res
         scale = self._ks if i == 0 else self._vs
-        parts = [(s.keys if i == 0 else s.values)(torch.float32) for s in self._stores]
+        parts = []
+        for s in self._stores:
+            if s.bits >= 16:  # unquantized: stored unscaled, in the model's dtype (exact)
+                parts.append(s.keys(res.dtype) if i == 0 else s.values(res.dtype))
+                continue
+            t = (s.keys if i == 0 else s.values)(torch.float32)
+            if scale is not None:
+                t = t / scale.float()
+            parts.append(to_finite(t, res.dtype))
         if not parts:
             return res
-        body = torch.cat(parts, dim=-2)
-        if scale is not None:
-            body = body / scale.float()
-        return torch.cat([body.to(res.dtype), res], dim=-2)
+        return torch.cat(parts + [res], dim=-2)
 
     def _extra_tensors(self):
         out = {}
@@ -189,7 +195,8 @@ class MixedPrecisionLayer(QuantizedLayer):
     # --- compression ------------------------------------------------------------------------------------------
     def _store(self, k, v, bits):
         self._ensure_scales(k, v)
-        k, v = self._scaled(k, v)
+        if bits < 16:  # the channel scaling only serves quantization; 16 bits keeps the values themselves
+            k, v = self._scaled(k, v)
         return token_store(k, v, bits, self.channel_group, self.dtype)
 
     def _compress(self, k, v):

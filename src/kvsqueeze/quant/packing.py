@@ -14,9 +14,13 @@ Quantization (KIVI's asymmetric min/max round-to-nearest, the same in MiKV, ZipC
 
 Groups are either along tokens (`axis="token"`: for each channel, `group` consecutive tokens share s and z; KIVI's
 per-channel keys) or along channels (`axis="channel"`: for each token, `group` consecutive channels share s and z;
-KIVI's per-token values). Scales and zero points are stored in float16 (as KIVI's reference code does) and the
-codes are computed from the stored, rounded s and z, so dequantization is exactly what the bound above assumes
-(up to one float16 rounding of z and s); values outside float16's range fall back to float32 scales.
+KIVI's per-token values). Scales and zero points are stored in bfloat16: 2 bytes each as in KIVI's reference code
+(float16 there), but with float32's range, so no finite input overflows them (float16 does beyond 65504, which
+fp32 and bf16 models reach). The zero point is rounded *down* (z <= min) and the scale *up* from (max - z), and the
+codes are computed from the stored s and z, so every code stays in [0, 2^b - 1] and the bound holds with the stored
+values: |X - X_hat| <= s / 2 <= (max - min + 2^-7 |min|) (1 + 2^-7) / (2 (2^b - 1)) (bfloat16's 8-bit significand
+costs a 2^-7 share of |min| spread over the 2^b - 1 steps, not added to each value). Dequantization computes in
+float32 and clamps to the output dtype's finite range (a value next to float16's largest can round above it).
 """
 
 from __future__ import annotations
@@ -67,8 +71,25 @@ def unpack(packed: torch.Tensor, bits: int, along: str = "channel") -> torch.Ten
     return ((packed.unsqueeze(dim) >> shifts) & ((1 << bits) - 1)).flatten(dim - 1, dim)
 
 
-def _scale_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.float16 if bool(x.abs().amax() < 6e4) else torch.float32
+def round_bf16(x: torch.Tensor, up: bool) -> torch.Tensor:
+    """float32 x -> the nearest bfloat16 >= x (up=True) or <= x (up=False), elementwise, any device."""
+    y = x.to(torch.bfloat16)
+    bits = y.view(torch.int16)
+    if up:  # one bfloat16 step towards +inf: magnitude +1 for positives, -1 for negatives, 0 -> smallest positive
+        nxt = torch.where(y > 0, bits + 1, torch.where(y < 0, bits - 1, torch.ones_like(bits)))
+        wrong = y.float() < x
+    else:
+        nxt = torch.where(y > 0, bits - 1, torch.where(y < 0, bits + 1, torch.full_like(bits, -32767)))
+        wrong = y.float() > x
+    return torch.where(wrong, nxt.view(torch.bfloat16), y)
+
+
+def to_finite(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x (float32) cast to `dtype`, clamped to its finite range first (finite stays finite)."""
+    if dtype.is_floating_point and torch.finfo(dtype).max < torch.finfo(x.dtype).max:
+        m = torch.finfo(dtype).max
+        x = x.clamp(-m, m)
+    return x.to(dtype)
 
 
 @dataclass
@@ -99,15 +120,18 @@ class QTensor:
         return sum(t.numel() * t.element_size() for t in self.tensors().values())
 
     def dequantize(self, dtype=torch.float32) -> torch.Tensor:
+        """(b, h, n, d) in `dtype`: computed in float32 (code * s can exceed float16's range when X_hat does not),
+        then clamped to dtype's finite range."""
         codes = unpack(self.codes, self.bits, self.packed_along)
         b, h, n, d = codes.shape
+        f = torch.float32
         if self.axis == "token":
-            g = codes.view(b, h, n // self.group, self.group, d).to(dtype)
-            x = g * self.scale[:, :, :, None, :].to(dtype) + self.zero[:, :, :, None, :].to(dtype)
+            g = codes.view(b, h, n // self.group, self.group, d).to(f)
+            x = g * self.scale[:, :, :, None, :].to(f) + self.zero[:, :, :, None, :].to(f)
         else:
-            g = codes.view(b, h, n, d // self.group, self.group).to(dtype)
-            x = g * self.scale[..., None].to(dtype) + self.zero[..., None].to(dtype)
-        return x.view(b, h, n, d)
+            g = codes.view(b, h, n, d // self.group, self.group).to(f)
+            x = g * self.scale[..., None].to(f) + self.zero[..., None].to(f)
+        return to_finite(x.view(b, h, n, d), dtype)
 
     def cat(self, other: "QTensor") -> "QTensor":
         return replace(self, codes=torch.cat([self.codes, other.codes], 2), scale=torch.cat([self.scale, other.scale], 2),
@@ -130,7 +154,10 @@ class QTensor:
 
 def quantize(x: torch.Tensor, bits: int, axis: str, group: int, pack_along: str = "channel") -> QTensor:
     """Quantize x (b, h, n, d) with `bits`-bit asymmetric min/max, groups of `group` along `axis` (see module doc),
-    codes packed along `pack_along` ("channel" or "token")."""
+    codes packed along `pack_along` ("channel" or "token"); scales and zeros in bfloat16 (any finite x).
+
+    Raises ValueError for unsupported bits, an unknown axis, or n (axis="token") / d (axis="channel") not a
+    multiple of `group`."""
     _check_bits(bits)
     b, h, n, d = x.shape
     xf = x.float()
@@ -147,9 +174,8 @@ def quantize(x: torch.Tensor, bits: int, axis: str, group: int, pack_along: str 
     else:
         raise ValueError(f"axis must be 'token' or 'channel', got {axis!r}")
     qmax = (1 << bits) - 1
-    sdt = _scale_dtype(xf) if xf.numel() else torch.float16
-    scale = ((hi - lo) / qmax).to(sdt)
-    zero = lo.to(sdt)
+    zero = round_bf16(lo, up=False)  # z <= min: no code below 0
+    scale = round_bf16((hi - zero.float()) / qmax, up=True)  # z + qmax * s >= max: no code above 2^b - 1
     s, z = scale.float(), zero.float()
     if axis == "token":
         s, z = s[:, :, :, None, :], z[:, :, :, None, :]

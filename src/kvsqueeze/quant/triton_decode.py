@@ -46,11 +46,12 @@ if triton is not None:
         s_kr_bh, s_kr_n, s_vr_bh, s_vr_n,
         HK: tl.constexpr, GQ: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
         G: tl.constexpr, GV: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-        SCALE_LOADS: tl.constexpr, FOLD: tl.constexpr,
+        SCALE_LOADS: tl.constexpr, FOLD: tl.constexpr, DT: tl.constexpr,
     ):
         # codes are packed along tokens: packed row r of a (batch, kv head) holds tokens PER*r + j (j < PER), every
         # channel in natural order; key scales/zeros: one row of D per group of G tokens; value scales/zeros:
-        # D // GV per token.
+        # D // GV per token. DT: the tl.dot operand dtype (bfloat16 unless the model is float16: dequantized values
+        # of fp32/bf16 models can exceed float16's range).
         PER: tl.constexpr = 8 // BITS
         MASK: tl.constexpr = (1 << BITS) - 1
         RB: tl.constexpr = BLOCK_N // PER  # packed rows per block = tokens per sub-tile
@@ -66,7 +67,7 @@ if triton is not None:
         qmask = rows < GQ
         q = tl.load(Q + b * s_q_b + (hk * GQ + rows)[:, None] * s_q_h + ch[None, :], mask=qmask[:, None], other=0.0)
         qf = q.to(tl.float32) * qk_scale
-        q = qf.to(tl.float16)
+        q = qf.to(DT)
         m_i = tl.full([GP], float("-inf"), tl.float32)
         l_i = tl.zeros([GP], tl.float32)
         acc = tl.zeros([GP, D], tl.float32)
@@ -90,14 +91,14 @@ if triton is not None:
                     cg = ch // GV  # value group of each channel
                     for j in tl.static_range(PER):
                         tok = s0 + ri * PER + j
-                        kc = ((kp >> (j * BITS)) & MASK).to(tl.float16)
+                        kc = ((kp >> (j * BITS)) & MASK).to(DT)
                         s = tl.zeros([GP, RB], tl.float32)
                         for lg in tl.static_range(NG):
                             kso = bh * s_ks_bh + (s0 // G + lg) * s_ks_g + ch
                             gok = (s0 // G + lg) < NQ // G
                             ks = tl.load(KS + kso, mask=gok & (ch < D), other=0.0).to(tl.float32)
                             kz = tl.load(KZ + kso, mask=gok & (ch < D), other=0.0).to(tl.float32)
-                            part = tl.dot((qf * ks[None, :]).to(tl.float16), tl.trans(kc))
+                            part = tl.dot((qf * ks[None, :]).to(DT), tl.trans(kc))
                             part += tl.sum(qf * kz[None, :], 1)[:, None]
                             s = tl.where((rg == lg)[None, :], part, s)
                         s = tl.where(rmask[None, :], s, float("-inf"))
@@ -106,12 +107,12 @@ if triton is not None:
                         p = tl.exp2(s - m_new[:, None])
                         l_i = l_i * alpha + tl.sum(p, 1)
                         acc = acc * alpha[:, None]
-                        vc = ((vp >> (j * BITS)) & MASK).to(tl.float16)
+                        vc = ((vp >> (j * BITS)) & MASK).to(DT)
                         for g in tl.static_range(NGV):
                             vso = bh * s_vs_bh + tok * s_vs_n + g
                             vs = tl.load(VS + vso, mask=rmask, other=0.0).to(tl.float32)
                             vz = tl.load(VZ + vso, mask=rmask, other=0.0).to(tl.float32)
-                            contrib = tl.dot((p * vs[None, :]).to(tl.float16), vc)
+                            contrib = tl.dot((p * vs[None, :]).to(DT), vc)
                             contrib += tl.sum(p * vz[None, :], 1)[:, None]
                             acc += tl.where((cg == g)[None, :], contrib, 0.0)
                         m_i = m_new
@@ -129,7 +130,7 @@ if triton is not None:
                             tl.load(KZ + kso, mask=rmask[:, None], other=0.0).to(tl.float32)
                     else:  # broadcast the block's group rows over their tokens
                         k = tl.reshape(kc, (NG, G // PER, D)) * ks[:, None, :] + kz[:, None, :]
-                    k = tl.reshape(k, (RB, D)).to(tl.float16)
+                    k = tl.reshape(k, (RB, D)).to(DT)
                     s = tl.dot(q, tl.trans(k))
                     s = tl.where(rmask[None, :], s, float("-inf"))
                     m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -146,22 +147,22 @@ if triton is not None:
                         vs = tl.load(VS + vso, mask=rmask[:, None], other=0.0).to(tl.float32)
                         vz = tl.load(VZ + vso, mask=rmask[:, None], other=0.0).to(tl.float32)
                         v = tl.reshape(vc, (RB, NGV, GV)) * vs[:, :, None] + vz[:, :, None]
-                    v = tl.reshape(v, (RB, D)).to(tl.float16)
-                    acc = acc * alpha[:, None] + tl.dot(p.to(tl.float16), v)
+                    v = tl.reshape(v, (RB, D)).to(DT)
+                    acc = acc * alpha[:, None] + tl.dot(p.to(DT), v)
                     m_i = m_new
         else:
             for s0 in range(0, NR, BLOCK_R):
                 tok = s0 + tl.arange(0, BLOCK_R)
                 tmask = tok < NR
                 k = tl.load(KR + bh * s_kr_bh + tok[:, None] * s_kr_n + ch[None, :], mask=tmask[:, None], other=0.0)
-                s = tl.dot(q, tl.trans(k.to(tl.float16)))
+                s = tl.dot(q, tl.trans(k.to(DT)))
                 s = tl.where(tmask[None, :], s, float("-inf"))
                 m_new = tl.maximum(m_i, tl.max(s, 1))
                 alpha = tl.exp2(m_i - m_new)
                 p = tl.exp2(s - m_new[:, None])
                 l_i = l_i * alpha + tl.sum(p, 1)
                 v = tl.load(VR + bh * s_vr_bh + tok[:, None] * s_vr_n + ch[None, :], mask=tmask[:, None], other=0.0)
-                acc = acc * alpha[:, None] + tl.dot(p.to(tl.float16), v.to(tl.float16))
+                acc = acc * alpha[:, None] + tl.dot(p.to(DT), v.to(DT))
                 m_i = m_new
         off = bh * n_splits + split  # partial results of the GQ real query rows only: (BH, splits, GQ, D)
         tl.store(O_M + off * GQ + rows, m_i, mask=qmask)
@@ -249,8 +250,8 @@ def kivi_decode_attention(q: torch.Tensor, store, k_res: torch.Tensor, v_res: to
     else:  # nothing quantized yet: dummy tensors, no quantized split runs
         bits, G, GV, NQ = 2, 32, D, 0
         kc = vc = torch.zeros(B, HK, 1, D, dtype=torch.uint8, device=dev)
-        ks = kz = torch.zeros(B, HK, 1, D, dtype=torch.float16, device=dev)
-        vs = vz = torch.zeros(B, HK, 1, 1, dtype=torch.float16, device=dev)
+        ks = kz = torch.zeros(B, HK, 1, D, dtype=torch.bfloat16, device=dev)
+        vs = vz = torch.zeros(B, HK, 1, 1, dtype=torch.bfloat16, device=dev)
     per = 8 // bits
     if block_n is None:
         block_n = 128 if bits <= 2 else 64
@@ -281,7 +282,7 @@ def kivi_decode_attention(q: torch.Tensor, store, k_res: torch.Tensor, v_res: to
         vc.stride(1), vc.stride(2), vs.stride(1), vs.stride(2),
         k_res.stride(1), k_res.stride(2), v_res.stride(1), v_res.stride(2),
         HK=HK, GQ=GQ, GP=GP, D=D, BITS=bits, G=G, GV=GV, BLOCK_N=block_n, BLOCK_R=64, SCALE_LOADS=scale_loads, FOLD=fold,
-        num_warps=num_warps,
+        DT=tl.float16 if q.dtype == torch.float16 else tl.bfloat16, num_warps=num_warps,
         **extra,
     )
     out = torch.empty(B, HQ, D, dtype=q.dtype, device=dev)

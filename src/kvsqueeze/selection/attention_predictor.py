@@ -243,6 +243,16 @@ class AttentionPredictor(Selector):
         self.net = self.net.eval()
         self._incremental = IncrementalCNN(self.net) if isinstance(self.net, PredictorNet) else None
 
+    def _place(self, device: torch.device) -> None:
+        """Put the predictor's weights on `device` in float32 (the history's device and dtype), at first use:
+        `setup` may run before the model moves to the GPU, and checkpoints load on the CPU."""
+        p = next(self.net.parameters(), None)
+        if p is None or (p.device == device and p.dtype == torch.float32):
+            return
+        self.net = self.net.to(device=device, dtype=torch.float32)
+        if getattr(self, "_incremental", None) is not None:
+            self._incremental = IncrementalCNN(self.net)  # it holds the weights it reads
+
     def describe(self) -> str:
         return f"{self.name}(budget={self.budget}, sink={self.sink}, local={self.local}, top={self.k_blocks} blocks)"
 
@@ -284,6 +294,7 @@ class AttentionPredictor(Selector):
         columns of its feature maps that the last history update changed are recomputed."""
         sb, lb = self.sink // self.block, self.local // self.block
         b, hq, T, W = hist.shape
+        self._place(hist.device)
         lo, hi = sb, max(sb, W - lb)  # the middle blocks as of the last history row
         out_w = n_blocks - lb - sb
         if hi - lo >= 3:  # the 3 x 3 kernels need a few columns
