@@ -207,6 +207,15 @@ def layer_types_of(config) -> list[str]:
     return list(types)
 
 
+def check_layer_indices(indices, n_layers: int, what: str) -> None:
+    """Raise `KVSqueezeError` unless every index in `indices` names a layer of a model with `n_layers` layers
+    (0..n_layers-1; negative indices are refused, not counted from the end). `what` names the option."""
+    bad = [i for i in indices if not 0 <= i < n_layers]
+    if bad:
+        raise KVSqueezeError(f"{what} {','.join(str(i) for i in bad)}: layer indices must be in 0..{n_layers - 1} "
+                             f"(the model has {n_layers} layers)")
+
+
 class CompressedCache(Cache):
     """A `transformers.Cache` that keeps only the KV entries a `Method` says matter.
 
@@ -239,6 +248,10 @@ class CompressedCache(Cache):
         # to the subset `selector.select(...)` returns (see attention.py).
         self.selector = selector
         self.n_layers = len(layers)
+        if method is not None:
+            check_layer_indices(method.exempt_layers, self.n_layers, "exempt layers")
+        if selector is not None:
+            check_layer_indices(selector.dense_layers, self.n_layers, "dense layers")
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.budgets: dict[int, int] = {}  # per layer, fixed at the end of the prefill; decode keeps them

@@ -27,6 +27,7 @@ import math
 import torch
 
 from ..errors import KVSqueezeError
+from ..methods.base import layer_indices
 
 
 def attention_probs(query: torch.Tensor, keys: torch.Tensor, scaling: float, softcap: float | None = None,
@@ -87,7 +88,7 @@ class Selector:
             raise KVSqueezeError(f"budget must be at least {2 * block} tokens (two blocks of {block}), got {budget}")
         self.budget = int(budget)
         self.block = int(block)
-        self.dense_layers = tuple(dense_layers)
+        self.dense_layers = layer_indices(dense_layers, "dense_layers")
         self.track_recovery = track_recovery
         self.scaling: dict[int, float] = {}
         self.default_scaling: float | None = None
