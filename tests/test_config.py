@@ -12,7 +12,7 @@ from conftest import tiny_llama
 
 
 # --- item 12: layer indices are checked against the model ---------------------------------------------------------
-def _tiny_model_dir(path, layers=4):
+def _tiny_model_dir(path, layers=4, model=None):
     """A tiny Llama plus a word-level tokenizer saved as a local model directory (offline)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
@@ -22,7 +22,7 @@ def _tiny_model_dir(path, layers=4):
     t = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     t.pre_tokenizer = pre_tokenizers.Whitespace()
     tok = PreTrainedTokenizerFast(tokenizer_object=t, unk_token="<unk>", eos_token="w0")
-    tiny_llama(layers=layers).save_pretrained(path)
+    (model if model is not None else tiny_llama(layers=layers)).save_pretrained(path)
     tok.save_pretrained(path)
     return path
 
@@ -81,3 +81,166 @@ def test_cli_exempt_layers_out_of_range_exits_2_with_one_line(tmp_path):
     assert r.exit_code == 2 and "negative indices are not supported" in r.output and "Traceback" not in r.output
     r = CliRunner().invoke(main, args + ["--exempt-layers", "0,3"])
     assert r.exit_code == 0, r.output
+
+
+# --- a reference: eager attention over a full cache, masked by position (causal, sliding window, evicted) --------
+_REF = {}
+
+
+def _reference_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
+    """Attention over every token ever seen, allowing a key iff it is causal, inside the layer's sliding window
+    (`_REF["window"]`) and was still kept by the compressed run before this forward (`_REF["kept"]`)."""
+    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    b, hq, q, _ = query.shape
+    hk, n = key.shape[1], key.shape[-2]
+    g = hq // hk
+    logits = query.float() @ key.float().repeat_interleave(g, dim=1).transpose(-1, -2) * scaling
+    q_pos = torch.arange(n - q, n)[:, None]
+    k_pos = torch.arange(n)[None, :]
+    allowed = (k_pos <= q_pos).expand(b, hk, q, n).clone()
+    window = _REF["window"][module.layer_idx]
+    if window:
+        allowed &= k_pos > q_pos - window
+    kept = _REF["kept"][module.layer_idx]  # (b, hk, n_kept) positions held before this forward, or None
+    if kept is not None:
+        held = torch.zeros(b, hk, n, dtype=torch.bool)
+        held.scatter_(2, kept.long(), True)
+        held[:, :, n - q:] = True
+        allowed &= held[:, :, None, :]
+    logits = logits.masked_fill(~allowed.repeat_interleave(g, dim=1), float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    out = probs @ value.float().repeat_interleave(g, dim=1)
+    return out.to(query.dtype).transpose(1, 2).contiguous(), probs
+
+
+def _register_reference():
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+    AttentionInterface.register("kvsq_cfg_ref", _reference_attention)
+    AttentionMaskInterface.register("kvsq_cfg_ref", eager_mask)
+
+
+_register_reference()
+
+
+def _chunks(sizes, seed=1, vocab=101):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (1, s), generator=g) for s in sizes]
+
+
+def _windows(model):
+    """Per layer: the sliding window the model applies (None: full attention)."""
+    cfg = model.config.get_text_config()
+    types = getattr(cfg, "layer_types", None) or [None] * cfg.num_hidden_layers
+    w = getattr(cfg, "sliding_window", None) if getattr(cfg, "use_sliding_window", True) is not False else None
+    return [w if (t == "sliding_attention" or (t is None and w)) else None for t in types]
+
+
+def _compare_with_reference(model, method, sizes, prefill_chunks=1, atol=2e-5):
+    """Run `sizes` chunks through a compressed cache (the first `prefill_chunks` compressed as prefill), then the
+    same chunks through a full DynamicCache with kept/out-of-window/future tokens masked; logits must match."""
+    import copy
+
+    from transformers import DynamicCache
+    from kvsqueeze.cache import CompressedLayer
+
+    ref_model = copy.deepcopy(model)
+    cache = kq.CompressedCache(model, method)
+    chunks = _chunks(sizes)
+    got, snaps = [], []
+    for i, ids in enumerate(chunks):
+        snaps.append({li: (layer.positions.clone() if isinstance(layer, CompressedLayer) and layer.is_initialized
+                           else None) for li, layer in enumerate(cache.layers)})
+        with torch.no_grad():
+            if i < prefill_chunks:
+                with cache.prefill():
+                    got.append(model(ids, past_key_values=cache).logits)
+            else:
+                got.append(model(ids, past_key_values=cache).logits)
+    ref_model.set_attn_implementation("kvsq_cfg_ref")
+    dyn = DynamicCache()  # full layers: every token stays, the reference masks by position
+    _REF["window"] = _windows(model)
+    for i, ids in enumerate(chunks):
+        _REF["kept"] = snaps[i]
+        with torch.no_grad():
+            ref = ref_model(ids, past_key_values=dyn).logits
+        torch.testing.assert_close(got[i], ref, atol=atol, rtol=1e-4)
+    return cache
+
+
+# --- item 7: configs without num_key_value_heads (multi-head attention), other families ---------------------------
+def _family(name):
+    import transformers as T
+
+    small = dict(vocab_size=101, num_attention_heads=4)
+    configs = {
+        "gpt2": lambda: T.GPT2Config(n_embd=64, n_layer=2, n_positions=256, bos_token_id=0, eos_token_id=0, **small),
+        "gpt2_layer_scaled": lambda: T.GPT2Config(n_embd=64, n_layer=2, n_positions=256, bos_token_id=0,
+                                                  eos_token_id=0, scale_attn_by_inverse_layer_idx=True, **small),
+        "gpt_neox": lambda: T.GPTNeoXConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                            bos_token_id=0, eos_token_id=0, **small),
+        "phi": lambda: T.PhiConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, **small),
+        "falcon": lambda: T.FalconConfig(hidden_size=64, num_hidden_layers=2, bos_token_id=0, eos_token_id=0,
+                                         **small),
+        "opt": lambda: T.OPTConfig(hidden_size=64, ffn_dim=96, num_hidden_layers=2, word_embed_proj_dim=64,
+                                   bos_token_id=0, eos_token_id=0, pad_token_id=1, **small),
+        "qwen2": lambda: T.Qwen2Config(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                       num_key_value_heads=2, **small),
+        "mistral": lambda: T.MistralConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                           num_key_value_heads=2, head_dim=16, sliding_window=None, **small),
+        "mistral_no_head_dim": lambda: T.MistralConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                                       num_key_value_heads=2, head_dim=None, sliding_window=None,
+                                                       **small),
+    }
+    cfg = configs[name]()
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    return T.AutoModelForCausalLM.from_config(cfg).eval()
+
+
+FAMILIES = ["gpt2", "gpt2_layer_scaled", "gpt_neox", "phi", "falcon", "opt", "qwen2", "mistral",
+            "mistral_no_head_dim"]
+
+
+@pytest.mark.parametrize("method", ["knorm", "snapkv", "h2o"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_model_families_work_or_are_refused_with_one_line(family, method):
+    """Every family either matches the masked full-cache reference or is refused by one KVSqueezeError
+    (never AttributeError or a shape error deep inside)."""
+    model = _family(family)
+    m = kq.get_method(method, ratio=0.5, **({"window": 4} if method == "snapkv" else {}))
+    try:
+        kq.CompressedCache(model, m)
+    except kq.KVSqueezeError as e:
+        assert family == "falcon", f"{family} refused: {e}"  # Falcon has no AttentionInterface path
+        assert "\n" not in str(e)
+        return
+    cache = _compare_with_reference(model, m, [40, 5, 1, 1])
+    cfg = model.config
+    n_kv = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    for layer in cache.layers:
+        assert layer.keys.shape[1] == n_kv
+        assert layer.n_stored < cache.get_seq_length()  # compressed
+
+
+def test_multi_head_attention_config_reads_as_gqa_with_one_group():
+    from transformers import GPT2Config, GPTNeoXConfig, OPTConfig
+
+    from kvsqueeze.cache import attention_shape
+
+    assert attention_shape(GPT2Config(n_embd=64, n_head=4)) == (4, 4, 16)
+    assert attention_shape(GPTNeoXConfig(hidden_size=96, num_attention_heads=3)) == (3, 3, 32)
+    assert attention_shape(OPTConfig(hidden_size=64, num_attention_heads=8)) == (8, 8, 8)
+
+
+def test_cli_runs_a_gpt2_model_dir(tmp_path):
+    """GPT-2 (no num_key_value_heads) through the CLI: no traceback, the memory line reports compression."""
+    model = _family("gpt2")
+    path = _tiny_model_dir(tmp_path / "gpt2", model=model)
+    ctx = tmp_path / "ctx.txt"
+    ctx.write_text(" ".join(f"w{i % 100}" for i in range(60)))
+    r = CliRunner().invoke(main, ["generate", "--model", str(path), "--context-file", str(ctx), "--question", "w1",
+                                  "--max-new-tokens", "2", "--method", "knorm", "--ratio", "0.5"])
+    assert r.exit_code == 0, r.output
+    assert "(50.0%, 2.00x smaller)" in r.output

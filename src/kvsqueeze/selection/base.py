@@ -26,6 +26,7 @@ import math
 
 import torch
 
+from ..cache import attention_shape
 from ..errors import KVSqueezeError
 from ..methods.base import layer_indices
 
@@ -99,7 +100,7 @@ class Selector:
     def setup(self, model) -> None:
         """Read each layer's attention scaling (and softcap) from the model."""
         cfg = model.config.get_text_config()
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        head_dim = attention_shape(cfg)[2]
         self.default_scaling = head_dim**-0.5
         self.softcap = getattr(cfg, "attn_logit_softcapping", None)
         for m in model.modules():
