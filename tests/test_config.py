@@ -244,3 +244,121 @@ def test_cli_runs_a_gpt2_model_dir(tmp_path):
                                   "--max-new-tokens", "2", "--method", "knorm", "--ratio", "0.5"])
     assert r.exit_code == 0, r.output
     assert "(50.0%, 2.00x smaller)" in r.output
+
+
+# --- item 5: sliding_window without layer_types (Mistral, Phi-3), Qwen2's switch, Gemma 3 ----------------------
+def _sliding(family, window, attn="sdpa"):
+    import transformers as T
+
+    small = dict(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2)
+    cfg = {
+        "mistral": lambda: T.MistralConfig(head_dim=16, sliding_window=window, **small),
+        "phi3": lambda: T.Phi3Config(sliding_window=window, pad_token_id=0, bos_token_id=0, eos_token_id=0,
+                                     **small),
+        "qwen2": lambda: T.Qwen2Config(use_sliding_window=True, sliding_window=window, max_window_layers=0,
+                                       **small),
+    }[family]()
+    cfg._attn_implementation = attn
+    torch.manual_seed(0)
+    return T.AutoModelForCausalLM.from_config(cfg).eval()
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("method", ["knorm", "snapkv", "h2o", "pyramidkv"])
+@pytest.mark.parametrize("window", [16, 4096])  # smaller and larger than the prompt
+@pytest.mark.parametrize("prefill_chunks", [1, 2])
+def test_sliding_window_layers_are_compressed_and_match_reference(attn, method, window, prefill_chunks):
+    """Mistral (sliding_window, no layer_types): every layer compressed inside its window; logits equal a full
+    cache with the evicted and the out-of-window tokens masked (chunked prefill, an appended chunk, decoding)."""
+    model = _sliding("mistral", window, attn)
+    if method == "pyramidkv":
+        m = kq.methods.PyramidKV(scorer=kq.methods.SnapKV(window=4), ratio=0.5, beta=4)
+    else:
+        m = kq.get_method(method, ratio=0.5, **({"window": 4} if method == "snapkv" else {}))
+    sizes = [40, 25][:prefill_chunks] + [5, 1, 1, 1]
+    cache = _compare_with_reference(model, m, sizes, prefill_chunks)
+    assert cache.is_sliding == [True, True]
+    for layer in cache.layers:
+        inside = (layer.positions >= cache.get_seq_length() - (window - 1)).sum(-1)
+        assert layer.n_stored == int(inside.max())  # nothing a later query cannot see, beyond the fullest head's
+
+
+@pytest.mark.parametrize("family", ["mistral", "phi3", "qwen2"])
+@pytest.mark.parametrize("window,prompt", [(4096, 40), (16, 40), (32, 90)])
+@pytest.mark.parametrize("ratio", [0.5, 0.75])
+def test_sliding_window_ratio_asked_is_ratio_held(family, window, prompt, ratio):
+    """K-norm at `ratio` on a prompt keeps int(held * (1 - ratio)) of the `held` tokens a full cache holds
+    (all of them, or the window's last window - 1), and the stats say so in bytes."""
+    model = _sliding(family, window)
+    cache = kq.CompressedCache(model, kq.get_method("knorm", ratio=ratio))
+    with torch.no_grad():
+        model(_chunks([prompt])[0], past_key_values=cache)
+    held = min(prompt, window - 1)
+    kept = int(held * (1 - ratio))
+    st = cache.stats()
+    assert st.tokens_stored == [kept, kept]
+    d = kq.cache.attention_shape(model.config)[2]
+    assert st.kv_bytes == sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys,
+                                                                                                layer.values))
+    assert st.full_kv_bytes == 2 * 2 * 1 * 2 * held * d * 4  # layers x (k, v) x batch x kv heads x tokens x d x fp32
+    assert st.ratio == pytest.approx(kept / held)
+    assert st.tokens_seen == prompt
+
+
+def test_no_compression_on_a_sliding_config_is_bit_identical_to_dynamic_cache():
+    import copy
+
+    from transformers import DynamicCache
+
+    model = _sliding("mistral", 16)
+    ref_model = copy.deepcopy(model)
+    dyn, cache = DynamicCache(config=model.config), kq.CompressedCache(model, None)
+    for ids in _chunks([40, 5, 1, 1, 20, 1]):
+        with torch.no_grad():
+            assert torch.equal(model(ids, past_key_values=cache).logits, ref_model(ids, past_key_values=dyn).logits)
+    assert cache.stats().tokens_stored == [layer.keys.shape[-2] for layer in dyn.layers] == [15, 15]
+
+
+def test_qwen2_sliding_switch_off_is_full_attention():
+    from transformers import Qwen2Config
+
+    from kvsqueeze.cache import layer_types_of
+
+    small = dict(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2)
+    cfg = Qwen2Config(use_sliding_window=False, sliding_window=4096, **small)
+    assert layer_types_of(cfg) == ["full_attention"] * 2
+    cfg.sliding_window, cfg.layer_types = 4096, None  # a raw config as older code paths leave it
+    assert layer_types_of(cfg) == ["full_attention"] * 2
+    cfg.use_sliding_window = True
+    assert layer_types_of(cfg) == ["sliding_attention"] * 2
+
+
+def test_gemma3_sliding_layers_match_reference():
+    from conftest import tiny_gemma3
+
+    model = tiny_gemma3()
+    cache = _compare_with_reference(model, kq.get_method("snapkv", ratio=0.5, window=4), [40, 25, 5, 1, 1], 2)
+    assert cache.is_sliding == [True, False, True, False]
+    st = cache.stats()
+    assert max(st.tokens_stored[0], st.tokens_stored[2]) <= 7
+
+
+@pytest.mark.parametrize("quant", ["kivi-2", "gear-4", "mikv-8-2", "zipcache-4-2"])
+def test_quantized_sliding_layers_hold_only_the_window(quant):
+    from kvsqueeze.quant import parse_quant
+
+    spec = parse_quant(quant)
+    model = _sliding("mistral", 48)
+    cache = kq.CompressedCache(model, spec.method(kq.get_method("knorm", ratio=0.5)), layer_factory=spec.layer_factory)
+    ids = _chunks([200])[0]
+    with torch.no_grad():
+        with cache.prefill():
+            model(ids, past_key_values=cache)
+        for _ in range(3):
+            model(ids[:, :1], past_key_values=cache)
+    for layer in cache.layers:
+        assert layer.n_stored <= 47
+        inside = (layer.positions >= cache.get_seq_length() - 47).sum(-1)
+        assert layer.n_stored == int(inside.max())

@@ -81,6 +81,9 @@ class ScoreInputs:
             if self.softcap:
                 logits = torch.tanh(logits / self.softcap) * self.softcap
             allowed = k_pos[:, :, None, None, :] <= q_pos[s : s + c][None, None, None, :, None]
+            if self.layer.sliding_window:  # a sliding layer's queries see only the last `sliding_window` positions
+                allowed = allowed & (k_pos[:, :, None, None, :] > q_pos[s : s + c][None, None, None, :, None]
+                                     - self.layer.sliding_window)
             if self.layer.valid is not None:
                 allowed = allowed & self.layer.valid[:, :, None, None, :]
             logits = logits.masked_fill(~allowed, float("-inf"))
