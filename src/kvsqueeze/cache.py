@@ -325,7 +325,7 @@ class CompressedCache(Cache):
         if method is not None:
             check_layer_indices(method.exempt_layers, self.n_layers, "exempt layers")
         if selector is not None:
-            check_layer_indices(selector.dense_layers, self.n_layers, "dense layers")
+            check_layer_indices(getattr(selector, "dense_layers", ()), self.n_layers, "dense layers")
         _, self.num_kv_heads, self.head_dim = attention_shape(config)
         self.budgets: dict[int, int] = {}  # per layer, fixed at the end of the prefill; decode keeps them
         self.phase = "prefill"
