@@ -166,9 +166,7 @@ def test_decode_time_compression_holds_the_budget():
     assert sizes == [21, 22, 23, 20, 21, 22, 23, 20]
 
 
-def test_gemma3_sliding_layers_are_left_to_transformers():
-    from transformers.cache_utils import DynamicSlidingWindowLayer
-
+def test_gemma3_sliding_layers_are_compressed_inside_their_window():
     model = tiny_gemma3()
     ids = _chunks([40, 5, 1, 1])
     ref, _ = _run(copy.deepcopy(model), DynamicCache(config=model.config), ids, 0)
@@ -176,10 +174,15 @@ def test_gemma3_sliding_layers_are_left_to_transformers():
     for a, b in zip(ref, got):
         assert torch.equal(a, b)
     cache = kq.CompressedCache(model, kq.get_method("knorm", ratio=0.5))
-    assert [type(layer) for layer in cache.layers] == [DynamicSlidingWindowLayer, CompressedLayer] * 2
+    assert [type(layer) for layer in cache.layers] == [CompressedLayer] * 4
+    assert cache.is_sliding == [True, False] * 2
     with torch.no_grad():
         model.generate(ids[0], past_key_values=cache, max_new_tokens=4, do_sample=False)
-    assert cache.stats().tokens_stored == [7, 20 + 3, 7, 20 + 3]
+    stored = cache.stats().tokens_stored
+    assert stored[1] == stored[3] == 20 + 3
+    for layer in cache.layers[::2]:  # only what the next query can see (window 8: the last 7 tokens), as many
+        inside = (layer.positions >= cache.get_seq_length() - 7).sum(-1)  # slots per head as the fullest head
+        assert layer.n_stored <= 7 and layer.n_stored == int(inside.max())
 
 
 def test_left_padded_batch_matches_single_rows():

@@ -47,7 +47,8 @@ def _layer_mask(layer: CompressedLayer, hf_mask, q_len: int, n_heads: int, eager
     lines_up = hf_mask is None or hf_mask.shape[-1] == n_total
     if layer.n_evicted == 0 and layer.valid is None and lines_up:
         return hf_mask
-    if q_len == 1 and hf_mask is None and layer.valid is None:  # decoding, nothing to hide: no mask at all
+    window = layer.sliding_window
+    if q_len == 1 and hf_mask is None and layer.valid is None and window is None:  # decoding, nothing to hide
         return None
     b = layer.keys.shape[0]
     device = layer.keys.device
@@ -61,6 +62,10 @@ def _layer_mask(layer: CompressedLayer, hf_mask, q_len: int, n_heads: int, eager
         old = torch.ones(1, 1, 1, n_old, dtype=torch.bool, device=device)
     else:  # per kv head -> per query head
         old = layer.valid[:, :, None, :n_old].repeat_interleave(n_heads // layer.valid.shape[1], dim=1)
+    if window:  # sliding layer: an old slot is seen by the queries within `window` positions of it
+        q_pos = layer.cumulative_length - q_len + torch.arange(q_len, device=device)
+        inside = layer.positions[:, :, None, :n_old] > q_pos[None, None, :, None] - window
+        old = old & inside.repeat_interleave(n_heads // inside.shape[1], dim=1)
     heads = max(old.shape[1], new.shape[1])
     mask = torch.cat(
         [old.expand(b, heads, q_len, n_old), new.expand(b, heads, q_len, q_len)], dim=-1

@@ -17,7 +17,11 @@ tensor and really shrinks); which tokens it keeps may differ per head.
 Compression runs after each layer's attention (see `attention.py`): the layer's attention for the current
 forward has already used every entry, so the hidden states of that forward are unchanged, and the method only
 decides what later tokens will see. The cache asks its `Method` for scores and keeps the top `n_keep` slots.
-Sliding-window layers (Gemma 3) keep transformers' own `DynamicSlidingWindowLayer`: they are already bounded.
+Sliding-window layers (Mistral, Phi-3, Qwen2 with use_sliding_window, Gemma 2/3's sliding layers) are
+`CompressedLayer`s too, with `sliding_window` set: after each forward they drop the tokens no later query can see
+(older than the window, as `DynamicSlidingWindowLayer` does), and the method evicts inside the window, to a budget
+taken from the `sliding_window - 1` tokens a full cache would hold: the ratio asked is the ratio held.
+Chunked-attention layers (Llama 4) keep transformers' own `DynamicSlidingWindowLayer`, uncompressed.
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ class CompressedLayer(DynamicLayer):
 
     is_sliding = False
     is_croppable = False
+    sliding_window: int | None = None  # set (with is_sliding) for a sliding-window attention layer
 
     def __init__(self, **kwargs):
         super().__init__()
@@ -214,6 +219,44 @@ class CompressedLayer(DynamicLayer):
             return
         self.valid = visible.clone() if self.valid is None else self.valid & visible
 
+    def window_cutoff(self) -> int | None:
+        """Lowest position a later query can still attend to (None: full attention)."""
+        if not self.sliding_window:
+            return None
+        return self.cumulative_length - self.sliding_window + 1
+
+    def window_scores(self, scores: torch.Tensor) -> torch.Tensor:
+        """`scores` (batch, kv_heads, n) with slots outside the sliding window set to -inf (unchanged otherwise)."""
+        cutoff = self.window_cutoff()
+        if cutoff is None:
+            return scores
+        return scores.float().masked_fill(self.positions < cutoff, float("-inf"))
+
+    def held_tokens(self) -> int:
+        """Tokens a full (uncompressed) cache layer of this kind holds: every token seen, or the last
+        `sliding_window - 1` of them for a sliding layer (`DynamicSlidingWindowLayer`)."""
+        if self.sliding_window:
+            return min(self.cumulative_length, self.sliding_window - 1)
+        return self.cumulative_length
+
+    def drop_outside_window(self) -> None:
+        """Free the slots no later query can see (sliding layers). Every kv head keeps the same number of slots,
+        so a head with fewer slots inside the window keeps a few outside it; the attention mask hides those
+        (`attention._layer_mask`) and the next eviction drops them first (`window_scores`)."""
+        cutoff = self.window_cutoff()
+        if cutoff is None or not self.is_initialized or self.positions is None or self.positions.shape[-1] == 0:
+            return
+        inside = self.positions >= cutoff
+        if self.valid is not None:
+            inside = inside & self.valid
+        n_keep = int(inside.sum(-1).max())
+        if n_keep >= self.positions.shape[-1]:
+            return
+        evicted = self.n_evicted
+        getattr(self, "drop_slots", self.evict)(self.window_scores(inside.float()), max(n_keep, 1))
+        if n_keep == int(inside.sum(-1).min()) and evicted == 0:
+            self.n_evicted = 0  # still the contiguous last tokens: transformers' own mask stays right
+
     def tensors(self) -> dict[str, torch.Tensor]:
         """Every tensor this layer holds (what its memory is)."""
         if not self.is_initialized:
@@ -253,13 +296,50 @@ class CacheStats:
         )
 
 
+def attention_shape(config) -> tuple[int, int, int]:
+    """(query heads, kv heads, head_dim) of a text config, for every family's spelling.
+
+    Multi-head attention configs (GPT-2, GPT-NeoX, OPT, ...) have no `num_key_value_heads`: they are grouped-query
+    attention with as many kv heads as heads (multi-query configs, `multi_query=True`: one kv head). `head_dim`
+    defaults to hidden_size // heads when absent or None. Raises `KVSqueezeError` when the config names no heads.
+    """
+    n_heads = getattr(config, "num_attention_heads", None)
+    if not n_heads:
+        raise KVSqueezeError(f"{getattr(config, 'model_type', type(config).__name__)} has no attention heads "
+                             "kvsqueeze can compress (its config has no num_attention_heads)")
+    n_kv = getattr(config, "num_key_value_heads", None)
+    if not n_kv:
+        n_kv = 1 if getattr(config, "multi_query", False) else n_heads
+    head_dim = getattr(config, "head_dim", None)
+    if not head_dim:
+        hidden = getattr(config, "hidden_size", None)
+        if not hidden:
+            raise KVSqueezeError(f"{getattr(config, 'model_type', type(config).__name__)}: cannot tell the head "
+                                 "size (its config has neither head_dim nor hidden_size)")
+        head_dim = hidden // n_heads
+    return int(n_heads), int(n_kv), int(head_dim)
+
+
 def layer_types_of(config) -> list[str]:
     """The attention type of each layer ('full_attention', 'sliding_attention', ...)."""
     types = getattr(config, "layer_types", None)
-    if types is None:
+    if types is None:  # as transformers' DynamicCache reads such configs (Mistral, Phi-3: every layer sliding)
         sliding = getattr(config, "sliding_window", None)
-        types = ["sliding_attention" if sliding else "full_attention"] * config.num_hidden_layers
+        if getattr(config, "use_sliding_window", True) is False:  # Qwen2-style switch, off: full attention
+            sliding = None
+        chunked = getattr(config, "attention_chunk_size", None)
+        kind = "sliding_attention" if sliding else "chunked_attention" if chunked else "full_attention"
+        types = [kind] * config.num_hidden_layers
     return list(types)
+
+
+def check_layer_indices(indices, n_layers: int, what: str) -> None:
+    """Raise `KVSqueezeError` unless every index in `indices` names a layer of a model with `n_layers` layers
+    (0..n_layers-1; negative indices are refused, not counted from the end). `what` names the option."""
+    bad = [i for i in indices if not 0 <= i < n_layers]
+    if bad:
+        raise KVSqueezeError(f"{what} {','.join(str(i) for i in bad)}: layer indices must be in 0..{n_layers - 1} "
+                             f"(the model has {n_layers} layers)")
 
 
 class CompressedCache(Cache):
@@ -283,9 +363,12 @@ class CompressedCache(Cache):
         for i, kind in enumerate(layer_types_of(config)):
             if kind == "full_attention":
                 layers.append((layer_factory or CompressedLayer)())
-            elif kind in ("sliding_attention", "chunked_attention"):
-                window = config.sliding_window if kind == "sliding_attention" else config.attention_chunk_size
-                layers.append(DynamicSlidingWindowLayer(sliding_window=window))
+            elif kind == "sliding_attention":  # compressed too, never holding tokens outside the window
+                layer = (layer_factory or CompressedLayer)()
+                layer.sliding_window, layer.is_sliding = int(config.sliding_window), True
+                layers.append(layer)
+            elif kind == "chunked_attention":
+                layers.append(DynamicSlidingWindowLayer(sliding_window=config.attention_chunk_size))
             else:
                 raise KVSqueezeError(f"layer {i} is of type {kind!r}, which kvsqueeze's cache does not support")
         super().__init__(layers=layers)
@@ -294,8 +377,11 @@ class CompressedCache(Cache):
         # to the subset `selector.select(...)` returns (see attention.py).
         self.selector = selector
         self.n_layers = len(layers)
-        self.num_kv_heads = config.num_key_value_heads
-        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        if method is not None:
+            check_layer_indices(method.exempt_layers, self.n_layers, "exempt layers")
+        if selector is not None:
+            check_layer_indices(getattr(selector, "dense_layers", ()), self.n_layers, "dense layers")
+        _, self.num_kv_heads, self.head_dim = attention_shape(config)
         self.budgets: dict[int, int] = {}  # per layer, fixed at the end of the prefill; decode keeps them
         self.phase = "prefill"
         self._in_prefill_block = False
@@ -350,9 +436,11 @@ class CompressedCache(Cache):
         the layer stores the largest of them."""
         layer = self.layers[layer_idx]
         if self.phase == "prefill" or layer_idx not in self.budgets:
-            self.budgets[layer_idx] = self.method.n_keep(layer.cumulative_length, layer_idx, self.n_layers)
+            self.budgets[layer_idx] = self.method.n_keep(layer.held_tokens(), layer_idx, self.n_layers)
             if isinstance(layer, CompressedLayer) and layer.n_pad is not None:
-                rows = [self.method.n_keep(int(s), layer_idx, self.n_layers) for s in layer.row_seen().tolist()]
+                cap = layer.sliding_window - 1 if layer.sliding_window else None
+                seen = [int(s) if cap is None else min(int(s), cap) for s in layer.row_seen().tolist()]
+                rows = [self.method.n_keep(s, layer_idx, self.n_layers) for s in seen]
                 layer.row_keep = torch.tensor(rows, dtype=torch.long, device=layer.device)
                 self.budgets[layer_idx] = max(rows)
         return self.budgets[layer_idx]
@@ -362,6 +450,8 @@ class CompressedCache(Cache):
         """Let the method observe this forward and, when due, evict the layer down to its budget."""
         method = self.method
         layer = self.layers[layer_idx]
+        if isinstance(layer, CompressedLayer):
+            layer.drop_outside_window()
         if method is None or not isinstance(layer, CompressedLayer) or layer_idx in method.exempt_layers:
             return
         every = method.decode_every
@@ -385,7 +475,7 @@ class CompressedCache(Cache):
         if compress:
             x.n_keep = self.budget(layer_idx)
             if layer.n_stored > x.n_keep:
-                layer.evict(method.score(x), x.n_keep, layer.row_keep)
+                layer.evict(layer.window_scores(method.score(x)), x.n_keep, layer.row_keep)
 
     def compressed_copy(self, model, method, queries: dict[int, torch.Tensor], scaling: dict[int, float],
                         memo: dict | None = None, layer_factory=None):
@@ -431,7 +521,7 @@ class CompressedCache(Cache):
             if isinstance(layer, CompressedLayer):
                 held = layer.tensors()
                 b, h, _, d = layer.keys.shape
-                full += 2 * b * h * layer.cumulative_length * d * layer.keys.element_size()
+                full += 2 * b * h * layer.held_tokens() * d * layer.keys.element_size()
             else:  # a sliding window layer holds what a full DynamicCache would hold too
                 held = {"keys": layer.keys, "values": layer.values}
                 full += _nbytes(layer.keys) + _nbytes(layer.values)

@@ -75,8 +75,9 @@ def check_supported(model) -> None:
     text = cfg.get_text_config()
     if getattr(text, "kv_lora_rank", None):
         raise KVSqueezeError(f"{text.model_type} uses multi-head latent attention (MLA), which kvsqueeze does not support")
-    if not hasattr(text, "num_key_value_heads") and not hasattr(text, "num_attention_heads"):
-        raise KVSqueezeError(f"{text.model_type} has no attention heads kvsqueeze can compress")
+    from .cache import attention_shape
+
+    attention_shape(text)  # KVSqueezeError when the config names no heads or no head size
 
 
 def _from_gguf(spec: ModelSpec, dtype: torch.dtype):

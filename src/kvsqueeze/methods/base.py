@@ -106,7 +106,10 @@ class ScoreInputs:
             logits = logits * self.scaling
             if self.softcap:
                 logits = torch.tanh(logits / self.softcap) * self.softcap
-            allowed = k_pos[:, :, None, None, :] <= q_pos[:, None, None, s : s + c, None]
+            qp = q_pos[:, None, None, s : s + c, None]
+            allowed = k_pos[:, :, None, None, :] <= qp
+            if self.layer.sliding_window:  # a sliding layer's queries see only the last `sliding_window` positions
+                allowed = allowed & (k_pos[:, :, None, None, :] > qp - self.layer.sliding_window)
             if self.layer.valid is not None:
                 allowed = allowed & self.layer.valid[:, :, None, None, :]
             logits = logits.masked_fill(~allowed, float("-inf"))
@@ -133,6 +136,24 @@ class ScoreInputs:
         return self.row_positions >= self.row_seen[:, None, None] - n
 
 
+def layer_indices(indices, what: str) -> tuple[int, ...]:
+    """`indices` (an iterable of ints) as a tuple; `KVSqueezeError` for non-integers or negative indices (not
+    supported: they would silently name other layers than meant). The upper bound is checked against the model
+    when the cache is built (`CompressedCache`)."""
+    try:
+        out = tuple(indices)
+        if not all(isinstance(i, int) or (isinstance(i, torch.Tensor) and i.numel() == 1) for i in out):
+            raise TypeError
+        out = tuple(int(i) for i in out)
+    except TypeError:
+        raise KVSqueezeError(f"{what} must be layer indices (integers), got {indices!r}") from None
+    neg = [i for i in out if i < 0]
+    if neg:
+        raise KVSqueezeError(f"{what} {','.join(map(str, neg))}: layer indices must be >= 0 "
+                             "(negative indices are not supported)")
+    return out
+
+
 @dataclass(kw_only=True)
 class Method:
     """Base class. Subclasses set `name`, a one-line `summary`, and implement `score`."""
@@ -153,6 +174,7 @@ class Method:
             raise KVSqueezeError(f"budget must be a positive number of tokens, got {self.budget}")
         if self.decode_every < 0:
             raise KVSqueezeError(f"decode_every must be >= 0, got {self.decode_every}")
+        self.exempt_layers = layer_indices(self.exempt_layers, "exempt_layers")
 
     def setup(self, model) -> None:
         """Prepare model-specific data (Q-Filters loads or calibrates its filters)."""

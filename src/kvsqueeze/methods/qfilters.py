@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..cache import attention_shape
 from ..errors import KVSqueezeError
 from .base import Method, ScoreInputs
 
@@ -86,7 +87,7 @@ def calibrate(model, tokenizer, texts: list[str] | None = None, n_seq: int = 8, 
             chunk = torch.roll(ids, -s)[:seq_len]
             model(chunk[None].to(device), use_cache=False)
     cfg = model.config.get_text_config()
-    n_kv = cfg.num_key_value_heads
+    n_kv = attention_shape(cfg)[1]
     layers = []
     for li in sorted(store):
         q = torch.cat(store[li], dim=1)  # (hq, N, d)

@@ -207,6 +207,12 @@ class MixedPrecisionLayer(QuantizedLayer):
             return stores[:-1] + [stores[-1].cat(new)]
         return stores + [new]
 
+    def drop_slots(self, scores: torch.Tensor, n_keep: int):
+        """Really free slots (a sliding window's tokens no query can see any more): the top `n_keep` stay, re-stored
+        at high precision until the next split (deviation: a low-precision token regains its store's bits, not its
+        lost precision)."""
+        QuantizedLayer.evict(self, scores, n_keep)
+
     def evict(self, scores: torch.Tensor, n_keep: int, row_keep: torch.Tensor | None = None):
         """Split instead of evicting: top `n_keep` slots (the residual counted in) in high precision, others low.
 

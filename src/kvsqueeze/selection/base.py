@@ -26,7 +26,9 @@ import math
 
 import torch
 
+from ..cache import attention_shape
 from ..errors import KVSqueezeError
+from ..methods.base import layer_indices
 
 
 def attention_probs(query: torch.Tensor, keys: torch.Tensor, scaling: float, softcap: float | None = None,
@@ -88,7 +90,7 @@ class Selector:
             raise KVSqueezeError(f"budget must be at least {2 * block} tokens (two blocks of {block}), got {budget}")
         self.budget = int(budget)
         self.block = int(block)
-        self.dense_layers = tuple(dense_layers)
+        self.dense_layers = layer_indices(dense_layers, "dense_layers")
         self.track_recovery = track_recovery
         self.scaling: dict[int, float] = {}
         self.default_scaling: float | None = None
@@ -99,7 +101,7 @@ class Selector:
     def setup(self, model) -> None:
         """Read each layer's attention scaling (and softcap) from the model."""
         cfg = model.config.get_text_config()
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        head_dim = attention_shape(cfg)[2]
         self.default_scaling = head_dim**-0.5
         self.softcap = getattr(cfg, "attn_logit_softcapping", None)
         for m in model.modules():
