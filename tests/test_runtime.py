@@ -10,7 +10,7 @@ import torch
 from transformers import DynamicCache, GenerationConfig
 
 import kvsqueeze as kq
-from kvsqueeze.attention import PREFIX, _STATE, _configs, patched
+from kvsqueeze.attention import PREFIX
 from kvsqueeze.cache import CompressedLayer
 from kvsqueeze.compat import CACHE_ARG, cache_arg, cache_kwargs, output_cache
 from kvsqueeze.pipeline import greedy_decode, prefill, record_prefill
@@ -123,7 +123,8 @@ def test_after_a_prefill_block_forwards_are_appended(name):
 
 # --- item 9: the model stays as loaded ---------------------------------------------------------------------------
 def _impls(model):
-    return {type(c).__name__: c._attn_implementation for c in _configs(model)}
+    cfgs = [model.config, model.config.get_text_config()] + [m.config for m in model.modules() if hasattr(m, "config")]
+    return {id(c): c._attn_implementation for c in cfgs}
 
 
 class _CharTokenizer:
@@ -173,6 +174,8 @@ def test_model_is_left_as_loaded(attn):
 
 
 def test_routing_is_restored_when_a_forward_raises():
+    from kvsqueeze.attention import patched
+
     model = tiny_llama(layers=2)
     cache = kq.CompressedCache(model, kq.get_method("knorm", budget=8))
     with pytest.raises(IndexError), torch.no_grad():
@@ -204,6 +207,8 @@ def test_a_copy_of_the_model_routes_itself():
 
 
 def test_unpatch_removes_every_trace():
+    from kvsqueeze.attention import _STATE
+
     model = tiny_llama(layers=2)
     untouched = copy.deepcopy(model)
     kq.CompressedCache(model, None)
