@@ -44,14 +44,12 @@ def main():
         torch.set_num_threads(a.threads)
 
     import kvsqueeze as kq
-    from kvsqueeze.attention import patch
     from kvsqueeze.methods.qfilters import default_calibration_texts
     from kvsqueeze.selection.training import TrainConfig, collect_traces, simulate, train
     from kvsqueeze.selection.traces import calibration_sequences
 
     torch.set_grad_enabled(False)
     model, tok = kq.load_model(a.model)
-    patch(model)
     t0 = time.perf_counter()
     texts = ["\n\n".join(default_calibration_texts())]
     tr_seqs, va_seqs = calibration_sequences(tok, texts, 16, 2048, copy_share=0.3, retrieval_share=0.3, steps=64,

@@ -88,6 +88,7 @@ def quanto_available() -> str | None:
 
 @torch.no_grad()
 def run_one(model, tok, rec, q_ids, kind, method_fn, factory, max_new, eos):
+    from kvsqueeze.compat import cache_kwargs
     from kvsqueeze.pipeline import greedy_decode
 
     if kind == "hf":
@@ -100,7 +101,7 @@ def run_one(model, tok, rec, q_ids, kind, method_fn, factory, max_new, eos):
     else:
         cache = rec.compress(model, method_fn(), factory)
     held, fp16 = cache_bytes(cache)
-    logits = model(input_ids=q_ids, past_key_values=cache, logits_to_keep=1).logits[:, -1]
+    logits = model(input_ids=q_ids, **cache_kwargs(model, cache), logits_to_keep=1).logits[:, -1]
     tokens = greedy_decode(model, cache, logits, max_new, eos)
     return tok.decode(tokens, skip_special_tokens=True).strip(), held, fp16
 

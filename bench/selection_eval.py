@@ -148,6 +148,7 @@ class EvictionProbe:
 def run_cell(model, tok, sample, rec, ctx, q, method: str, budget: int, predictor_net):
     import kvsqueeze as kq
     from kvsqueeze.attention import record_queries
+    from kvsqueeze.compat import cache_kwargs
     from kvsqueeze.pipeline import _eos_ids, greedy_decode
     from kvsqueeze.selection import AttentionPredictor, Quest
     probe = None
@@ -168,7 +169,7 @@ def run_cell(model, tok, sample, rec, ctx, q, method: str, budget: int, predicto
         probe = EvictionProbe(rec.cache, cache, len(ctx))
     t0 = time.perf_counter()
     with torch.no_grad(), record_queries(probe if probe is not None else (lambda m, x: None)):
-        logits = model(input_ids=torch.tensor([q]), past_key_values=cache, logits_to_keep=1).logits[:, -1]
+        logits = model(input_ids=torch.tensor([q]), **cache_kwargs(model, cache), logits_to_keep=1).logits[:, -1]
         tokens = greedy_decode(model, cache, logits, sample.max_new_tokens, _eos_ids(model, tok))
     seconds = time.perf_counter() - t0
     answer = tok.decode(tokens, skip_special_tokens=True).strip()
@@ -187,7 +188,6 @@ def run(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tok = kq.load_model(args.model)
-    kq.patch(model)
     predictor_net, meta = None, {}
     methods = args.methods.split(",")
     if "attention_predictor" in methods:

@@ -2,6 +2,14 @@ import pytest
 import torch
 from transformers import Gemma3TextConfig, Gemma3ForCausalLM, LlamaConfig, LlamaForCausalLM
 
+from kvsqueeze.compat import CACHE_ARG
+
+
+def kv(cache):
+    """The cache as the keyword the installed transformers takes (`cache=` from 5.24, `past_key_values=` before):
+    `model(ids, **kv(cache))`, `model.generate(ids, **kv(cache))`."""
+    return {CACHE_ARG: cache}
+
 
 def tiny_llama(attn="sdpa", layers=4, seed=0):
     torch.manual_seed(seed)

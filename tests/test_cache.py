@@ -11,7 +11,7 @@ import kvsqueeze as kq
 from kvsqueeze.cache import CompressedLayer
 from kvsqueeze.pipeline import prefill
 
-from conftest import tiny_gemma3, tiny_llama
+from conftest import tiny_gemma3, tiny_llama, kv
 
 # --- a reference: full cache, with the evicted tokens masked out, per layer and kv head ---------------------------
 _REF = {}
@@ -52,9 +52,9 @@ def _run(model, cache, chunks, prefill_chunks):
         with torch.no_grad():
             if i < prefill_chunks and isinstance(cache, kq.CompressedCache):
                 with cache.prefill():
-                    outs.append(model(ids, past_key_values=cache).logits)
+                    outs.append(model(ids, **kv(cache)).logits)
             else:
-                outs.append(model(ids, past_key_values=cache).logits)
+                outs.append(model(ids, **kv(cache)).logits)
     return outs, snapshots
 
 
@@ -69,7 +69,7 @@ def test_no_compression_is_bit_identical_to_dynamic_cache(attn):
     chunks = _chunks([50, 7, 1, 1, 3, 1])
     ref, _ = _run(copy.deepcopy(model), DynamicCache(config=model.config), chunks, 0)
     got, _ = _run(model, kq.CompressedCache(model, None), chunks, 1)
-    assert model.config._attn_implementation == "kvsqueeze_" + attn
+    assert model.config._attn_implementation == attn  # routed through kvsqueeze only during its forwards
     for a, b in zip(ref, got):
         assert torch.equal(a, b)
 
@@ -95,7 +95,7 @@ def test_eviction_equals_full_attention_with_evicted_tokens_masked(attn, method,
     for i, ids in enumerate(chunks):
         _REF["kept"] = snaps[i]
         with torch.no_grad():
-            ref = ref_model(ids, past_key_values=dyn).logits
+            ref = ref_model(ids, **kv(dyn)).logits
         torch.testing.assert_close(got[i], ref, atol=2e-5, rtol=1e-4)
 
 
@@ -130,19 +130,19 @@ def test_tokens_stored_equal_budget_and_bytes_equal_tensors(kwargs, expected):
 def test_generate_with_compressed_cache():
     model = tiny_llama()
     ids = _chunks([60])[0]
-    ref = copy.deepcopy(model).generate(ids, past_key_values=DynamicCache(), max_new_tokens=8, do_sample=False)
-    full = model.generate(ids, past_key_values=kq.CompressedCache(model, None), max_new_tokens=8, do_sample=False)
+    ref = copy.deepcopy(model).generate(ids, **kv(DynamicCache()), max_new_tokens=8, do_sample=False)
+    full = model.generate(ids, **kv(kq.CompressedCache(model, None)), max_new_tokens=8, do_sample=False)
     assert torch.equal(ref, full)
     # with eviction: generate() equals a hand-written prefill + greedy decode on the same compressed cache
     cache = kq.CompressedCache(model, kq.get_method("knorm", ratio=0.5))
-    out = model.generate(ids, past_key_values=cache, max_new_tokens=8, do_sample=False)
+    out = model.generate(ids, **kv(cache), max_new_tokens=8, do_sample=False)
     assert cache.stats().tokens_stored[0] == 30 + 7  # prefill budget, then 7 decoded tokens appended
     cache2 = kq.CompressedCache(model, kq.get_method("knorm", ratio=0.5))
     with torch.no_grad():
         logits = prefill(model, cache2, ids)
         toks = [int(logits.argmax(-1))]
         for _ in range(7):
-            toks.append(int(model(torch.tensor([[toks[-1]]]), past_key_values=cache2).logits[0, -1].argmax()))
+            toks.append(int(model(torch.tensor([[toks[-1]]]), **kv(cache2)).logits[0, -1].argmax()))
     assert out[0, 60:].tolist() == toks
 
 
@@ -152,7 +152,7 @@ def test_decode_time_compression_holds_the_budget():
     prefill(model, cache, _chunks([50])[0])
     with torch.no_grad():
         for t in range(10):
-            model(torch.tensor([[t]]), past_key_values=cache)
+            model(torch.tensor([[t]]), **kv(cache))
             assert cache.stats().tokens_stored == [20] * 4
     assert cache.get_seq_length() == 60
     # every 4 steps: grows between evictions
@@ -161,7 +161,7 @@ def test_decode_time_compression_holds_the_budget():
     sizes = []
     with torch.no_grad():
         for t in range(8):
-            model(torch.tensor([[t]]), past_key_values=cache)
+            model(torch.tensor([[t]]), **kv(cache))
             sizes.append(cache.stats().tokens_stored[0])
     assert sizes == [21, 22, 23, 20, 21, 22, 23, 20]
 
@@ -177,7 +177,7 @@ def test_gemma3_sliding_layers_are_compressed_inside_their_window():
     assert [type(layer) for layer in cache.layers] == [CompressedLayer] * 4
     assert cache.is_sliding == [True, False] * 2
     with torch.no_grad():
-        model.generate(ids[0], past_key_values=cache, max_new_tokens=4, do_sample=False)
+        model.generate(ids[0], **kv(cache), max_new_tokens=4, do_sample=False)
     stored = cache.stats().tokens_stored
     assert stored[1] == stored[3] == 20 + 3
     for layer in cache.layers[::2]:  # only what the next query can see (window 8: the last 7 tokens), as many
@@ -192,14 +192,14 @@ def test_left_padded_batch_matches_single_rows():
     ids = torch.cat([a, torch.cat([pad, b], 1)])
     mask = torch.cat([torch.ones(1, 40, dtype=torch.long), torch.cat([pad, torch.ones(1, 30, dtype=torch.long)], 1)])
     with torch.no_grad():
-        batch_full = model.generate(ids, attention_mask=mask, past_key_values=kq.CompressedCache(model, None),
+        batch_full = model.generate(ids, attention_mask=mask, **kv(kq.CompressedCache(model, None)),
                                     max_new_tokens=5, do_sample=False)
-        row_b = model.generate(b, past_key_values=kq.CompressedCache(model, None), max_new_tokens=5, do_sample=False)
+        row_b = model.generate(b, **kv(kq.CompressedCache(model, None)), max_new_tokens=5, do_sample=False)
         assert batch_full[1, 40:].tolist() == row_b[0, 30:].tolist()
         # compressed: the unpadded row behaves as alone; padding is evicted first in the padded row
         cache = kq.CompressedCache(model, kq.get_method("knorm", budget=25))
-        batch = model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=5, do_sample=False)
-        row_a = model.generate(a, past_key_values=kq.CompressedCache(model, kq.get_method("knorm", budget=25)),
+        batch = model.generate(ids, attention_mask=mask, **kv(cache), max_new_tokens=5, do_sample=False)
+        row_a = model.generate(a, **kv(kq.CompressedCache(model, kq.get_method("knorm", budget=25))),
                                max_new_tokens=5, do_sample=False)
     assert batch[0, 40:].tolist() == row_a[0, 40:].tolist()
     layer = cache.layers[0]
@@ -213,8 +213,8 @@ def test_unpatched_model_is_refused():
     kq.unpatch(model)
     with pytest.raises(kq.KVSqueezeError, match="not routed through kvsqueeze"):
         with torch.no_grad():
-            model(_chunks([20])[0], past_key_values=cache)
-            model(_chunks([1])[0], past_key_values=cache)
+            model(_chunks([20])[0], **kv(cache))
+            model(_chunks([1])[0], **kv(cache))
 
 
 def test_prefill_record_serves_every_method():
@@ -228,4 +228,4 @@ def test_prefill_record_serves_every_method():
             c1 = kq.CompressedCache(model, kq.get_method(name, ratio=0.7))
             prefill(model, c1, ids)
             c2 = rec.compress(model, kq.get_method(name, ratio=0.7))
-            assert torch.equal(model(q, past_key_values=c1).logits, model(q, past_key_values=c2).logits)
+            assert torch.equal(model(q, **kv(c1)).logits, model(q, **kv(c2)).logits)

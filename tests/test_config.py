@@ -8,7 +8,7 @@ from click.testing import CliRunner
 import kvsqueeze as kq
 from kvsqueeze.cli import main
 
-from conftest import tiny_llama
+from conftest import kv, tiny_llama
 
 
 # --- item 12: layer indices are checked against the model ---------------------------------------------------------
@@ -155,16 +155,16 @@ def _compare_with_reference(model, method, sizes, prefill_chunks=1, atol=2e-5):
         with torch.no_grad():
             if i < prefill_chunks:
                 with cache.prefill():
-                    got.append(model(ids, past_key_values=cache).logits)
+                    got.append(model(ids, **kv(cache)).logits)
             else:
-                got.append(model(ids, past_key_values=cache).logits)
+                got.append(model(ids, **kv(cache)).logits)
     ref_model.set_attn_implementation("kvsq_cfg_ref")
     dyn = DynamicCache()  # full layers: every token stays, the reference masks by position
     _REF["window"] = _windows(model)
     for i, ids in enumerate(chunks):
         _REF["kept"] = snaps[i]
         with torch.no_grad():
-            ref = ref_model(ids, past_key_values=dyn).logits
+            ref = ref_model(ids, **kv(dyn)).logits
         torch.testing.assert_close(got[i], ref, atol=atol, rtol=1e-4)
     return cache
 
@@ -293,7 +293,7 @@ def test_sliding_window_ratio_asked_is_ratio_held(family, window, prompt, ratio)
     model = _sliding(family, window)
     cache = kq.CompressedCache(model, kq.get_method("knorm", ratio=ratio))
     with torch.no_grad():
-        model(_chunks([prompt])[0], past_key_values=cache)
+        model(_chunks([prompt])[0], **kv(cache))
     held = min(prompt, window - 1)
     kept = int(held * (1 - ratio))
     st = cache.stats()
@@ -316,7 +316,7 @@ def test_no_compression_on_a_sliding_config_is_bit_identical_to_dynamic_cache():
     dyn, cache = DynamicCache(config=model.config), kq.CompressedCache(model, None)
     for ids in _chunks([40, 5, 1, 1, 20, 1]):
         with torch.no_grad():
-            assert torch.equal(model(ids, past_key_values=cache).logits, ref_model(ids, past_key_values=dyn).logits)
+            assert torch.equal(model(ids, **kv(cache)).logits, ref_model(ids, **kv(dyn)).logits)
     assert cache.stats().tokens_stored == [layer.keys.shape[-2] for layer in dyn.layers] == [15, 15]
 
 
@@ -355,9 +355,9 @@ def test_quantized_sliding_layers_hold_only_the_window(quant):
     ids = _chunks([200])[0]
     with torch.no_grad():
         with cache.prefill():
-            model(ids, past_key_values=cache)
+            model(ids, **kv(cache))
         for _ in range(3):
-            model(ids[:, :1], past_key_values=cache)
+            model(ids[:, :1], **kv(cache))
     for layer in cache.layers:
         assert layer.n_stored <= 47
         inside = (layer.positions >= cache.get_seq_length() - 47).sum(-1)

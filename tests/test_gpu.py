@@ -26,6 +26,8 @@ from kvsqueeze.methods import METHODS, H2O, qfilters
 from kvsqueeze.quant import parse_quant
 from kvsqueeze.selection import AttentionPredictor, PredictorNet, Quest
 
+from conftest import kv
+
 DEVICE = os.environ.get("KVSQUEEZE_TEST_DEVICE") or ("cuda" if torch.cuda.is_available() else None)
 on_device = pytest.mark.skipif(DEVICE is None, reason="no GPU (KVSQUEEZE_TEST_DEVICE=cpu runs it on the CPU)")
 DTYPE = torch.bfloat16
@@ -124,9 +126,9 @@ def _run(model, cache, chunks, n_prefill=1):
         ids = ids.to(model.device)
         if i < n_prefill:
             with cache.prefill():
-                outs.append(model(ids, past_key_values=cache).logits)
+                outs.append(model(ids, **kv(cache)).logits)
         else:
-            outs.append(model(ids, past_key_values=cache).logits)
+            outs.append(model(ids, **kv(cache)).logits)
     return outs, kept
 
 
@@ -137,7 +139,7 @@ def _reference(model, chunks, kept):
     dyn, outs = DynamicCache(config=ref.config), []
     for ids, k in zip(chunks, kept):
         _REF["kept"] = k
-        outs.append(ref(ids.to(model.device), past_key_values=dyn).logits)
+        outs.append(ref(ids.to(model.device), **kv(dyn)).logits)
     return outs
 
 

@@ -8,7 +8,7 @@ import kvsqueeze as kq
 from kvsqueeze.methods import qfilters
 from kvsqueeze.pipeline import prefill, record_prefill
 
-from conftest import tiny_llama
+from conftest import tiny_llama, kv
 
 
 def _ids(n, seed=3):
@@ -56,7 +56,7 @@ def test_h2o_accumulates_exact_column_sums_in_chunks():
     with torch.no_grad():
         for s in (0, 30, 60):  # chunked prefill
             with cache.prefill():
-                model(ids[:, s : s + 30], past_key_values=cache)
+                model(ids[:, s : s + 30], **kv(cache))
     for li in range(4):
         attn = _full_attention(rec, li)  # (1, hq, T, T)
         expected = attn.sum(2).view(1, 2, 2, 90).sum(2)  # over queries, then over each GQA group

@@ -9,7 +9,7 @@ import kvsqueeze as kq
 from kvsqueeze.methods import METHODS, SnapKV
 from kvsqueeze.quant import MiKV, ZipCacheSaliency, kivi, mikv, zipcache
 
-from conftest import tiny_llama
+from conftest import kv, tiny_llama
 
 LAYERS = 2
 PADS = (0, 10, 4)  # left padding of each row; every row is 40 slots wide
@@ -49,7 +49,7 @@ def _prompts():
 
 def _generate(model, ids, mask, cache):
     with torch.no_grad():
-        return model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=3, do_sample=False,
+        return model.generate(ids, attention_mask=mask, **kv(cache), max_new_tokens=3, do_sample=False,
                               output_logits=True, return_dict_in_generate=True, pad_token_id=0)
 
 

@@ -16,6 +16,8 @@ from kvsqueeze.quant.gear import compress_part
 from kvsqueeze.quant.packing import pack, quantize, unpack
 from kvsqueeze.quant.zipcache import probe_indices
 
+from conftest import kv
+
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
@@ -118,7 +120,7 @@ def test_cache_stats_report_packed_bytes(tiny):
     ids = torch.randint(0, 128, (1, 300))
     cache = CompressedCache(tiny, None, layer_factory=kivi(2))
     with torch.no_grad():
-        tiny(ids, past_key_values=cache)
+        tiny(ids, **kv(cache))
     st = cache.stats()
     assert st.kv_bytes == sum(layer.kv_nbytes() for layer in cache.layers)
     assert st.total_bytes == sum(_nbytes(t) for layer in cache.layers for t in layer.tensors().values())
@@ -136,8 +138,8 @@ def test_logits_close_to_full_precision_and_ordered_by_bits(tiny, device):
         errs = {}
         for name, fac in (("kivi-8", kivi(8)), ("kivi-4", kivi(4)), ("kivi-2", kivi(2)), ("gear-4", gear(4))):
             cache = CompressedCache(model, None, layer_factory=fac)
-            model(ids[:, :200], past_key_values=cache)  # prefill: 160 tokens quantized, 40 residual
-            out = model(ids[:, 200:], past_key_values=cache).logits
+            model(ids[:, :200], **kv(cache))  # prefill: 160 tokens quantized, 40 residual
+            out = model(ids[:, 200:], **kv(cache)).logits
             errs[name] = float((out - ref).abs().max())
     model.to("cpu")
     scale = float(ref.abs().max())
@@ -150,9 +152,9 @@ def test_greedy_generation_with_8bit_kivi_matches_full(tiny):
     ids = torch.randint(0, 128, (1, 120))
     with torch.no_grad():
         full = tiny.generate(ids, max_new_tokens=12, do_sample=False,
-                             past_key_values=CompressedCache(tiny, None))
+                             **kv(CompressedCache(tiny, None)))
         q8 = tiny.generate(ids, max_new_tokens=12, do_sample=False,
-                           past_key_values=CompressedCache(tiny, None, layer_factory=kivi(8, group=16, residual=16)))
+                           **kv(CompressedCache(tiny, None, layer_factory=kivi(8, group=16, residual=16))))
     assert torch.equal(full, q8)
 
 
@@ -160,7 +162,7 @@ def test_greedy_generation_with_8bit_kivi_matches_full(tiny):
 def _prefill(model, ids, method, fac):
     cache = CompressedCache(model, method, layer_factory=fac)
     with torch.no_grad():
-        model(ids, past_key_values=cache)
+        model(ids, **kv(cache))
     return cache
 
 
@@ -205,7 +207,7 @@ def test_decode_time_eviction_keeps_storage_consistent(tiny):
     ids = torch.randint(0, 128, (1, 200))
     cache = CompressedCache(tiny, H2O(ratio=0.5, decode_every=1), layer_factory=kivi(4, group=16, residual=16))
     with torch.no_grad():
-        out = tiny.generate(ids, max_new_tokens=20, do_sample=False, past_key_values=cache)
+        out = tiny.generate(ids, max_new_tokens=20, do_sample=False, **kv(cache))
     assert out.shape[1] == 220
     for layer in cache.layers:
         assert layer.n_stored == 100 and layer.keys.shape[2] == 100
@@ -238,8 +240,8 @@ def test_mikv_keeps_evicted_tokens_in_low_precision(tiny):
     with torch.no_grad():  # keeping the rest at 2 bits beats dropping it
         nxt = torch.randint(0, 128, (1, 20))
         ref = tiny(torch.cat([ids, nxt], 1)).logits[:, 300:]
-        e_mikv = (tiny(nxt, past_key_values=cache).logits - ref).abs().max()
-        e_evict = (tiny(nxt, past_key_values=evict).logits - ref).abs().max()
+        e_mikv = (tiny(nxt, **kv(cache)).logits - ref).abs().max()
+        e_evict = (tiny(nxt, **kv(evict)).logits - ref).abs().max()
     assert e_mikv < e_evict
 
 

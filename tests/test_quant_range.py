@@ -15,7 +15,7 @@ from kvsqueeze.quant.gear import compress_part
 from kvsqueeze.quant.mikv import MixedPrecisionLayer
 from kvsqueeze.quant.packing import quantize
 
-from conftest import tiny_llama
+from conftest import kv, tiny_llama
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 BIG = {torch.float32: 1e5, torch.bfloat16: 1e5, torch.float16: 6e4}
@@ -138,7 +138,7 @@ def test_model_with_huge_values_gives_finite_logits_with_every_scheme(dtype):
         method = q.method(H2O(ratio=0.5)) if spec.startswith(("mikv", "zipcache")) else None
         cache = kq.CompressedCache(model, method, layer_factory=q.layer_factory)
         with torch.no_grad():
-            model(ids, past_key_values=cache)
+            model(ids, **kv(cache))
             assert max(float(layer._v_res.float().abs().max()) for layer in cache.layers) > BIG[dtype] * 0.9
-            logits = model(ids[:, :1], past_key_values=cache).logits  # attends to the quantized tokens
+            logits = model(ids[:, :1], **kv(cache)).logits  # attends to the quantized tokens
         assert bool(logits.isfinite().all()), (spec, dtype)

@@ -12,7 +12,7 @@ from kvsqueeze.selection.base import blocks_to_slots, block_pool
 from kvsqueeze.selection.quest import page_minmax, page_scores
 from kvsqueeze.selection.training import TrainConfig, collect_traces, recovery_at, train
 
-from conftest import tiny_llama
+from conftest import tiny_llama, kv
 
 
 def _net(seed=0, scale=0.3):
@@ -47,7 +47,7 @@ def _decode(model, selector, ids, steps=20):
     logits = kq.prefill(model, cache, ids)
     out, tok = [], int(logits.argmax())
     for _ in range(steps):
-        lg = model(input_ids=torch.tensor([[tok]]), past_key_values=cache, use_cache=True).logits[0, -1]
+        lg = model(input_ids=torch.tensor([[tok]]), **kv(cache), use_cache=True).logits[0, -1]
         out.append(lg)
         tok = int(lg.argmax())
     return torch.stack(out)
@@ -173,7 +173,7 @@ def test_attention_predictor_history_and_calibration_rows():
     tok = torch.tensor([[1]])
     rows = []
     for _ in range(10):
-        model(input_ids=tok, past_key_values=cache, use_cache=True)
+        model(input_ids=tok, **kv(cache), use_cache=True)
         rows.append(sel.state[2]["hist"][0, :, -1])
     # sparse rows are zero on blocks not attended; every 5th row is a full (calibration) row
     n_zero = [int((r == 0).sum()) for r in rows]

@@ -1,7 +1,7 @@
 """Routing a model's attention through kvsqueeze.
 
-`patch(model)` registers the attention implementation `kvsqueeze_<impl>` (for `sdpa` and `eager`), which wraps
-the model's own kernel:
+kvsqueeze registers the attention implementations `kvsqueeze_sdpa` and `kvsqueeze_eager` (their mask functions
+are transformers' own `sdpa_mask` / `eager_mask`, so masks are unchanged), each wrapping the model's own kernel:
 
 1. when the layer's cache is a `CompressedLayer` whose stored slots no longer line up with the mask transformers
    built (after eviction, with per-layer budgets, with padding slots), it builds the layer's own mask from the
@@ -14,12 +14,26 @@ the model's own kernel:
 4. it hands the post-RoPE queries to the cache, which lets its method score the slots and evicts.
 
 Query recorders (`record_queries`) see every layer's post-RoPE queries; Q-Filters calibration uses them.
+
+The model is switched only while kvsqueeze needs it (it is never left switched):
+- `attach(model)` (called by `CompressedCache(model, ...)`) adds a forward pre-hook and a forward hook
+  (`always_call=True`) to the model and to each `PreTrainedModel` inside it. A forward whose cache (under
+  `cache=` or `past_key_values=`) is a `CompressedCache` runs with `config._attn_implementation` set to
+  `kvsqueeze_<impl>`; the original value is restored when the outermost such forward returns or raises. Every
+  other forward (a `DynamicCache`, no cache, `generate_batch`'s paged cache) sees the model as loaded.
+- `with patched(model):` switches for the duration of a block (restored on exit, exceptions included): what
+  kvsqueeze's own cacheless passes use (Q-Filters calibration with `record_queries`).
+- `patch(model)` is an explicit, permanent opt-in (the old behaviour: every forward goes through the wrapper,
+  which passes non-kvsqueeze caches straight to the kernel; transformers' continuous batching then refuses the
+  model until `unpatch`).
+- `unpatch(model)` removes every trace: the hooks, the bookkeeping attribute, and a permanent switch.
 """
 
 from __future__ import annotations
 
 import contextlib
 import sys
+import threading
 
 import torch
 from transformers import AttentionInterface
@@ -148,13 +162,166 @@ for _name, _mask in (("sdpa", sdpa_mask), ("eager", eager_mask)):
     AttentionMaskInterface.register(PREFIX + _name, _mask)
 
 
+_STATE = "_kvsqueeze_routing"  # the model attribute holding the hooks and the saved implementations
+
+
+def _configs(model) -> list:
+    """Every distinct config object whose attention implementation the model's modules read."""
+    found: dict[int, object] = {}
+    todo = [model.config]
+    todo += [m.config for m in model.modules() if hasattr(m, "config") and hasattr(m.config, "_attn_implementation")]
+    try:
+        todo.append(model.config.get_text_config())
+    except Exception:  # pragma: no cover
+        pass
+    while todo:
+        cfg = todo.pop()
+        if cfg is None or id(cfg) in found or not hasattr(cfg, "_attn_implementation"):
+            continue
+        found[id(cfg)] = cfg
+        todo += [getattr(cfg, k, None) for k in getattr(cfg, "sub_configs", {}) or {}]
+    return list(found.values())
+
+
+def _set_impl(cfg, value) -> None:
+    if hasattr(cfg, "_attn_implementation_internal"):  # no recursion into sub-configs: each is set on its own
+        cfg._attn_implementation_internal = value
+    else:  # pragma: no cover - older config classes
+        cfg._attn_implementation = value
+
+
+def _check_impl(model) -> str:
+    impl = model.config._attn_implementation or "sdpa"
+    if impl.startswith(PREFIX):
+        return impl[len(PREFIX):]
+    if impl not in ("sdpa", "eager"):
+        raise KVSqueezeError(f"attention implementation {impl!r} is not supported; load the model with sdpa or eager")
+    return impl
+
+
+def _switch(model) -> list:
+    """Route `model`'s attention through kvsqueeze; return what `_restore` needs to put it back."""
+    _check_impl(model)
+    saved = []
+    for cfg in model.__dict__[_STATE]["configs"]:
+        impl = cfg._attn_implementation
+        saved.append((cfg, impl))
+        if impl is None or impl in ("sdpa", "eager"):
+            _set_impl(cfg, PREFIX + (impl or "sdpa"))
+    return saved
+
+
+def _restore(saved: list) -> None:
+    for cfg, impl in saved:
+        _set_impl(cfg, impl)
+
+
+def _enter(st: dict) -> None:
+    if st["depth"] == 0:
+        st["saved"] = _switch(st["root"])
+    st["depth"] += 1
+
+
+def _exit(st: dict) -> None:
+    if st["depth"] == 0:
+        return
+    st["depth"] -= 1
+    if st["depth"] == 0:
+        saved, st["saved"] = st["saved"], None
+        _restore(saved)
+
+
+def _pre_hook(module, args, kwargs):
+    from .cache import CompressedCache
+    from .compat import passed_cache
+
+    st = module.__dict__.get(_STATE)
+    if st is None:  # pragma: no cover - hooks outlived their state
+        return
+    on = isinstance(passed_cache(kwargs), CompressedCache)
+    st["active"].setdefault(threading.get_ident(), []).append(on)  # per thread: generate_batch runs in its own
+    if on:
+        _enter(st)
+
+
+def _post_hook(module, args, kwargs, output):
+    st = module.__dict__.get(_STATE)
+    stack = None if st is None else st["active"].get(threading.get_ident())
+    if stack and stack.pop():
+        _exit(st)
+
+
+def _hooked(model) -> list:
+    from transformers import PreTrainedModel
+
+    return [m for m in model.modules() if m is model or isinstance(m, PreTrainedModel)]
+
+
+def attach(model) -> None:
+    """Make `model` route its attention through kvsqueeze during, and only during, forwards whose cache is a
+    `CompressedCache` (idempotent; see the module docstring). The model's `config._attn_implementation` is
+    unchanged outside those forwards. The hooks are plain functions that find their state on the module, so a
+    `copy.deepcopy` of the model switches the copy, not the original.
+
+    Raises `KVSqueezeError` when the model's attention implementation is neither sdpa nor eager.
+    """
+    _check_impl(model)
+    if _STATE in model.__dict__:
+        return
+    st = {"root": model, "depth": 0, "saved": None, "active": {}, "configs": _configs(model)}
+    for m in _hooked(model):
+        if _STATE in m.__dict__:  # a sub-model attached on its own before: its hooks stay, its state is shared
+            continue
+        m.__dict__[_STATE] = st
+        m.register_forward_pre_hook(_pre_hook, with_kwargs=True)
+        m.register_forward_hook(_post_hook, with_kwargs=True, always_call=True)
+
+
+def _detach(model) -> dict | None:
+    """Remove the hooks and state `attach` put on `model` and its sub-models; return the root's state."""
+    root_state = model.__dict__.get(_STATE)
+    for m in model.modules():
+        if m.__dict__.pop(_STATE, None) is None:
+            continue
+        for name in ("_forward_pre_hooks", "_forward_hooks"):
+            hooks = getattr(m, name)
+            for key in [k for k, fn in hooks.items() if fn in (_pre_hook, _post_hook)]:
+                del hooks[key]
+                for extra in ("_forward_pre_hooks_with_kwargs", "_forward_hooks_with_kwargs",
+                              "_forward_hooks_always_called"):
+                    getattr(m, extra, {}).pop(key, None)
+    return root_state
+
+
+@contextlib.contextmanager
+def patched(model):
+    """Route `model`'s attention through kvsqueeze inside the block (every forward, whatever its cache), and
+    restore the original implementation on exit, exceptions included. Nests with itself and with the hooks of
+    `attach`.
+
+    Raises `KVSqueezeError` when the model's attention implementation is neither sdpa nor eager.
+    """
+    attach(model)
+    st = model.__dict__[_STATE]
+    _enter(st)
+    try:
+        yield model
+    finally:
+        _exit(st)
+
+
 def patch(model) -> None:
-    """Route `model`'s attention through kvsqueeze (idempotent; a no-op for caches that are not kvsqueeze's)."""
+    """Route `model`'s attention through kvsqueeze permanently (explicit opt-in, idempotent; the wrapper passes
+    caches that are not kvsqueeze's straight to the kernel). Not needed to use a `CompressedCache`: the cache
+    switches the model for its own forwards only. Transformers' continuous batching (`generate_batch`) refuses a
+    permanently switched model; `unpatch(model)` undoes it.
+
+    Raises `KVSqueezeError` when the model's attention implementation is neither sdpa nor eager.
+    """
     impl = model.config._attn_implementation or "sdpa"
     if impl.startswith(PREFIX):
         return
-    if impl not in ("sdpa", "eager"):
-        raise KVSqueezeError(f"attention implementation {impl!r} is not supported; load the model with sdpa or eager")
+    _check_impl(model)
     name = PREFIX + impl
     try:
         model.set_attn_implementation(name)
@@ -166,6 +333,12 @@ def patch(model) -> None:
 
 
 def unpatch(model) -> None:
+    """Remove every trace of kvsqueeze from `model`: the forward hooks `attach` added (a `CompressedCache`
+    built on it before must be rebuilt, or the model re-attached, before its next forward) and a permanent
+    `patch`. The attention implementation is back to the one the model was loaded with."""
+    st = _detach(model)
+    if st is not None and st["saved"] is not None:
+        _restore(st["saved"])
     impl = model.config._attn_implementation or ""
     if impl.startswith(PREFIX):
         try:

@@ -27,6 +27,7 @@ Chunked-attention layers (Llama 4) keep transformers' own `DynamicSlidingWindowL
 from __future__ import annotations
 
 import contextlib
+import sys
 import threading
 from dataclasses import dataclass, field
 
@@ -38,6 +39,17 @@ from .errors import KVSqueezeError
 # The layer whose `update` ran last, waiting for its attention call (see attention.py). Thread-local so that
 # two models in two threads do not mix.
 _PENDING = threading.local()
+
+
+def _in_generate_prefill() -> bool:
+    """Whether this forward is run by transformers' `generate()` prefill (its `_prefill`: the last chunk of a
+    chunked prefill can be 1 token long, which would otherwise look like a decoding step)."""
+    f = sys._getframe(2)
+    while f is not None:
+        if f.f_code.co_name == "_prefill" and "generation" in f.f_code.co_filename:
+            return True
+        f = f.f_back
+    return False
 
 
 def pending_layer():
@@ -346,17 +358,25 @@ class CompressedCache(Cache):
     """A `transformers.Cache` that keeps only the KV entries a `Method` says matter.
 
     >>> cache = CompressedCache(model, SnapKV(ratio=0.5))
-    >>> model.generate(input_ids, past_key_values=cache, max_new_tokens=20)
+    >>> model.generate(input_ids, cache=cache, max_new_tokens=20)  # past_key_values= before transformers 5.24
 
-    By default the first forward (the prefill) is compressed; `with cache.prefill(): ...` compresses every
-    forward inside the block instead (chunked prefill of a long context, then questions appended after it).
-    Decoding steps are compressed when the method sets `decode_every`.
+    Phases. Without `with cache.prefill():`, every forward before the first decoding step (a 1-token forward)
+    is prefill and is compressed: a prompt run in chunks (`generate(prefill_chunk_size=...)`, or the caller's
+    own loop) is compressed after every chunk, so it never holds more than budget + one chunk, and a ratio
+    budget follows the tokens seen so far. A 1-token forward that transformers' `generate()` runs as the last
+    chunk of its chunked prefill is still prefill. With `with cache.prefill(): ...` the caller says where the
+    prefill is: every forward inside a block is compressed, and forwards outside the blocks, after one, are
+    appended uncompressed (kvsqueeze's question-agnostic protocol: compress the context, then append the
+    question). Decoding steps are compressed when the method sets `decode_every`.
+
+    Building the cache does not switch the model for good: `kvsqueeze.attention.attach` routes the model's
+    attention through kvsqueeze only during forwards that use a `CompressedCache`.
     """
 
     def __init__(self, model, method=None, *, layer_factory=None, selector=None):
-        from .attention import patch  # circular: attention imports this module
+        from .attention import attach  # circular: attention imports this module
 
-        patch(model)
+        attach(model)
         config = model.config.get_text_config()
         self.config = config
         layers = []
@@ -385,6 +405,7 @@ class CompressedCache(Cache):
         self.budgets: dict[int, int] = {}  # per layer, fixed at the end of the prefill; decode keeps them
         self.phase = "prefill"
         self._in_prefill_block = False
+        self._prefill_open = True  # forwards outside prefill() blocks are still prefill (see the class docstring)
         self._forwards = 0
         self.decode_step = 0
         if method is not None:
@@ -395,8 +416,10 @@ class CompressedCache(Cache):
     # --- phases ---------------------------------------------------------------------------------------
     @contextlib.contextmanager
     def prefill(self):
-        """Compress every forward run inside the block (a context prefilled in chunks)."""
+        """Compress every forward run inside the block (a context prefilled in chunks); forwards outside the
+        block, after it, are appended uncompressed (decoding steps still follow the method's `decode_every`)."""
         self._in_prefill_block = True
+        self._prefill_open = False
         try:
             yield self
         finally:
@@ -407,11 +430,18 @@ class CompressedCache(Cache):
             _PENDING.item = None
             raise KVSqueezeError(
                 "the model's attention is not routed through kvsqueeze; build the cache with "
-                "CompressedCache(model, ...) or call kvsqueeze.patch(model) first"
+                "CompressedCache(model, ...) on this model (after kvsqueeze.unpatch, rebuild it) and pass it as "
+                "a keyword argument (cache= / past_key_values=)"
             )
-        if self._in_prefill_block or (self._forwards == 0 and not self._was_prefilled()):
+        if self._in_prefill_block:
+            self.phase = "prefill"
+        elif self._prefill_open and self._forwards == 0 and self._was_prefilled():
+            self._prefill_open = False  # filled by hand (e.g. a stacked copy): what follows is appended
+            self.phase = "decode" if q_len == 1 else "append"
+        elif self._prefill_open and (q_len > 1 or self._forwards == 0 or _in_generate_prefill()):
             self.phase = "prefill"
         elif q_len == 1:
+            self._prefill_open = False
             self.phase = "decode"
             self.decode_step += 1
         else:
@@ -502,6 +532,7 @@ class CompressedCache(Cache):
                 dst.n_new = src.n_new
             dst.cumulative_length = src.cumulative_length
         out._forwards = 1
+        out._prefill_open = False  # the question is appended uncompressed, as after a prefill() block
         out.phase = "prefill"
         for i, layer in enumerate(out.layers):
             if isinstance(layer, CompressedLayer) and layer.is_initialized:

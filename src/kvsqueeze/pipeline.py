@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .cache import CacheStats, CompressedCache
+from .compat import cache_kwargs
 from .errors import KVSqueezeError
 from .methods import Method
 
@@ -50,7 +51,8 @@ def prefill(model, cache: CompressedCache, ids: torch.Tensor, chunk_size: int | 
     logits = None
     with cache.prefill():
         for s in range(0, ids.shape[1], chunk_size):
-            out = model(input_ids=ids[:, s : s + chunk_size], past_key_values=cache, use_cache=True, logits_to_keep=1)
+            out = model(input_ids=ids[:, s : s + chunk_size], **cache_kwargs(model, cache), use_cache=True,
+                        logits_to_keep=1)
             logits = out.logits[:, -1]
     return logits
 
@@ -112,7 +114,8 @@ def greedy_decode(model, cache, first_logits: torch.Tensor, max_new_tokens: int,
         out.append(token)
         if len(out) >= max_new_tokens:
             break
-        logits = model(input_ids=torch.tensor([[token]], device=device), past_key_values=cache, use_cache=True).logits
+        logits = model(input_ids=torch.tensor([[token]], device=device), **cache_kwargs(model, cache),
+                       use_cache=True).logits
         token = int(logits[0, -1].argmax())
     return out
 
@@ -151,7 +154,8 @@ def generate_answer(model, tokenizer, context: str, question: str, method: Metho
     cache = CompressedCache(model, method, layer_factory=layer_factory, selector=selector)
     prefill(model, cache, torch.tensor([ctx], device=device), chunk_size)
     stats = cache.stats()  # the compressed context, before the question is appended
-    logits = model(input_ids=torch.tensor([q], device=device), past_key_values=cache, logits_to_keep=1).logits[:, -1]
+    logits = model(input_ids=torch.tensor([q], device=device), **cache_kwargs(model, cache),
+                   logits_to_keep=1).logits[:, -1]
     tokens = greedy_decode(model, cache, logits, max_new_tokens, _eos_ids(model, tokenizer))
     seconds = time.perf_counter() - t0
     answer = tokenizer.decode(tokens, skip_special_tokens=True).strip()

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..cache import CompressedCache
+from ..compat import cache_kwargs
 from ..errors import KVSqueezeError
 from ..methods import Method, get_method
 from ..pipeline import _eos_ids, check_budget, generate_answer, greedy_decode, prefill, record_prefill, split_prompt
@@ -121,7 +122,7 @@ def _device(model):
 
 @torch.no_grad()
 def _answer_from_cache(model, tokenizer, cache, q_ids, max_new_tokens, eos):
-    logits = model(input_ids=torch.tensor([q_ids], device=_device(model)), past_key_values=cache,
+    logits = model(input_ids=torch.tensor([q_ids], device=_device(model)), **cache_kwargs(model, cache),
                    logits_to_keep=1).logits[:, -1]
     tokens = greedy_decode(model, cache, logits, max_new_tokens, eos)
     return tokenizer.decode(tokens, skip_special_tokens=True).strip()
@@ -164,6 +165,7 @@ def merge_caches(model, caches: list[CompressedCache]) -> CompressedCache:
             layer.keys = torch.cat([s.keys for s in srcs])
             layer.values = torch.cat([s.values for s in srcs])
     out._forwards = 1
+    out._prefill_open = False  # the question is appended uncompressed
     out.phase = "append"
     return out
 
@@ -179,7 +181,7 @@ def answer_batch(model, tokenizer, caches: list[CompressedCache], q_ids: list[in
     p = len(caches)
     cache = merge_caches(model, caches)
     device = _device(model)
-    logits = model(input_ids=torch.tensor([q_ids] * p, device=device), past_key_values=cache,
+    logits = model(input_ids=torch.tensor([q_ids] * p, device=device), **cache_kwargs(model, cache),
                    logits_to_keep=1).logits[:, -1]
     outs: list[list[int]] = [[] for _ in range(p)]
     live = [True] * p
@@ -197,7 +199,7 @@ def answer_batch(model, tokenizer, caches: list[CompressedCache], q_ids: list[in
                 live[r] = False
         if not any(live):
             break
-        logits = model(input_ids=token[:, None], past_key_values=cache).logits[:, -1]
+        logits = model(input_ids=token[:, None], **cache_kwargs(model, cache)).logits[:, -1]
         token = logits.argmax(-1)
     return [tokenizer.decode(o, skip_special_tokens=True).strip() for o in outs]
 
@@ -216,7 +218,7 @@ def capped_perplexity(model, cache: CompressedCache, fed: list[int], targets: li
     device = _device(model)
     nll = 0.0
     for tok_in, tok_out in zip(fed, targets):
-        logits = model(input_ids=torch.tensor([[tok_in]], device=device), past_key_values=cache).logits[0, -1]
+        logits = model(input_ids=torch.tensor([[tok_in]], device=device), **cache_kwargs(model, cache)).logits[0, -1]
         nll -= float(torch.log_softmax(logits.float(), -1)[tok_out])
     return nll / len(targets)
 

@@ -55,9 +55,7 @@ def default_calibration_texts() -> list[str]:
 def calibrate(model, tokenizer, texts: list[str] | None = None, n_seq: int = 8, seq_len: int = 1024,
               n_vectors: int = 3000, seed: int = 0, progress: bool = True) -> torch.Tensor:
     """Compute Q-Filters (n_layers, kv_heads, head_dim) from post-RoPE queries on calibration text."""
-    from ..attention import patch, record_queries
-
-    patch(model)
+    from ..attention import patched, record_queries
     texts = texts or default_calibration_texts()
     gen = torch.Generator().manual_seed(seed)
     ids = tokenizer("\n\n".join(texts), return_tensors="pt").input_ids[0]
@@ -82,7 +80,7 @@ def calibrate(model, tokenizer, texts: list[str] | None = None, n_seq: int = 8, 
     if progress and tqdm is not None:
         it = tqdm(it, desc="Q-Filters calibration", unit="seq")
     # Rotate the text so each sequence sees different content when the text is short
-    with record_queries(rec):
+    with patched(model), record_queries(rec):  # the model is routed through kvsqueeze only inside the block
         for s in it:
             chunk = torch.roll(ids, -s)[:seq_len]
             model(chunk[None].to(device), use_cache=False)

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..compat import cache_kwargs
 from .base import attention_probs, block_pool
 
 COPY_REQUEST = "Repeat, word for word, the passage of the text above that starts with \"{start}\"."
@@ -73,7 +74,7 @@ def collect_trace(model, ids: list[int] | torch.Tensor, *, history: int = 64, st
 
     cache = CompressedCache(model, None)
     with record_queries(rec):
-        model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        model(input_ids=ids, **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1)
     layers = [i for i in sorted(queries) if i not in dense_layers and hasattr(cache.layers[i], "positions")]
     q_pos = torch.arange(T - w, T, device=ids.device)
     from .quest import page_minmax, page_scores

@@ -306,14 +306,12 @@ def train_predictor(model, tokenizer, texts: list[str] | None = None, *, n_seq: 
     """Collect traces on `texts` (default: the calibration text shipped with kvsqueeze), train, save safetensors.
 
     Returns the result, the checkpoint path and timings (seconds for traces, training, total)."""
-    from ..attention import patch
     from ..methods.qfilters import default_calibration_texts
     from .attention_predictor import predictor_path, save_predictor
     from .traces import calibration_sequences
 
     cfg = cfg or TrainConfig(seed=seed)
     t0 = time.perf_counter()
-    patch(model)
     texts = texts or ["\n\n".join(default_calibration_texts())]
     train_seqs, val_seqs = calibration_sequences(tokenizer, texts, n_seq, seq_len, copy_share=copy_share,
                                                  retrieval_share=retrieval_share, steps=steps, seed=seed)
