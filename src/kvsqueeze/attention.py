@@ -191,6 +191,12 @@ def _set_impl(cfg, value) -> None:
 
 
 def _check_impl(model) -> str:
+    """The model's own attention implementation (sdpa or eager); `KVSqueezeError` when kvsqueeze cannot route it
+    (another implementation, or a model class whose attention does not go through transformers'
+    `AttentionInterface`, `_supports_attention_backend = False`, e.g. Falcon)."""
+    if getattr(type(model), "_supports_attention_backend", True) is False:
+        raise KVSqueezeError(f"{type(model).__name__} does not route its attention through transformers' "
+                             "AttentionInterface, so kvsqueeze cannot compress its cache")
     impl = model.config._attn_implementation or "sdpa"
     if impl.startswith(PREFIX):
         return impl[len(PREFIX):]
