@@ -35,6 +35,9 @@ from .errors import KVSqueezeError
 _PENDING = threading.local()
 
 
+_UNBOUNDED = 1 << 62  # "tokens seen" that no absolute budget reaches (see CompressedCache.budget)
+
+
 def pending_layer():
     """Pop the (cache, layer_idx) whose update is waiting for its attention call, or None."""
     item = getattr(_PENDING, "item", None)
@@ -99,6 +102,10 @@ class CompressedLayer(DynamicLayer):
 
     def reset(self):
         super().reset()
+        # transformers < 5.2x zeroes keys/values in place and leaves the layer initialized: drop them, as newer ones do
+        self.keys = self.values = None
+        self.is_initialized = False
+        self.cumulative_length = 0
         self.positions = self.valid = None
         self.state = {}
         self.n_new = self.n_evicted = 0
@@ -289,10 +296,20 @@ class CompressedCache(Cache):
 
     # --- compression, called after each layer's attention ------------------------------------------------
     def budget(self, layer_idx: int) -> int:
-        """Slots this layer keeps: fixed by the prefill, then held during decoding."""
+        """Slots this layer may keep (an int >= 1), set at the prefill and held during decoding.
+
+        A layer never holds more than it has seen; eviction brings it down to `min(budget, slots stored)`.
+        An absolute `budget` (per layer after `layer_budget`, e.g. PyramidKV's) is the target from the start: when
+        the prompt is shorter, the layer keeps everything and grows to the budget while decoding, then holds it.
+        A `ratio` budget is a share of the prefill's tokens, fixed by the prefill (`n_keep` of the tokens seen).
+        """
         layer = self.layers[layer_idx]
         if self.phase == "prefill" or layer_idx not in self.budgets:
-            self.budgets[layer_idx] = self.method.n_keep(layer.cumulative_length, layer_idx, self.n_layers)
+            method, n = self.method, layer.cumulative_length
+            keep = method.n_keep(n, layer_idx, self.n_layers)
+            if keep >= n and getattr(method, "budget", None) is not None:  # clamped to the prompt: not the target
+                keep = max(keep, method.n_keep(_UNBOUNDED, layer_idx, self.n_layers))
+            self.budgets[layer_idx] = keep
         return self.budgets[layer_idx]
 
     def after_attention(self, module, layer_idx: int, query: torch.Tensor, scaling: float | None,
@@ -357,6 +374,60 @@ class CompressedCache(Cache):
                 layer.commit()
         out.phase = "append"
         return out
+
+    # --- per-sequence state: reset, batch operations ---------------------------------------------------
+    def reset(self) -> None:
+        """Forget the sequence(s): the cache then behaves exactly as a freshly built one with the same model,
+        method, layer factory and selector (every layer emptied, the phase, budgets and decode schedule back to
+        their start, the method's and the selector's per-sequence state cleared). A `with cache.prefill()` block
+        the reset runs in stays in force, as it would for a fresh cache used inside it."""
+        for layer in self.layers:
+            layer.reset()
+            if layer.is_initialized:  # transformers < 5.2x: sliding layers only zero their tensors
+                layer.keys = layer.values = None
+                layer.is_initialized = False
+                layer.cumulative_length = 0
+        self.budgets = {}
+        self.phase = "prefill"
+        self._forwards = 0
+        self.decode_step = 0
+        if getattr(_PENDING, "item", None) is not None and _PENDING.item[0] is self:
+            _PENDING.item = None
+        reset_method = getattr(self.method, "reset", None)  # methods keep per-sequence state in the layers; if not
+        if reset_method is not None:
+            reset_method()
+        if self.selector is not None:
+            self._selector_hook("reset")()
+
+    def _selector_hook(self, name: str):
+        fn = getattr(self.selector, name, None)
+        if fn is None:
+            raise KVSqueezeError(
+                f"selector {type(self.selector).__name__} has no {name}(): derive it from "
+                "kvsqueeze.selection.Selector to reset or batch-index its per-sequence state"
+            )
+        return fn
+
+    def _index_rows(self, fn) -> None:
+        """Apply a batch operation (tensor (batch, ...) -> (batch', ...)) to the per-row state outside the layers."""
+        if self.selector is not None:
+            self._selector_hook("index_batch")(fn)
+
+    def reorder_cache(self, beam_idx: torch.Tensor) -> None:
+        """Beam search: row i becomes old row beam_idx[i] (beam_idx: (batch,) long), layers and selector alike."""
+        super().reorder_cache(beam_idx)
+        self._index_rows(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        """Repeat every row `repeats` times in place (batch -> batch * repeats), layers and selector alike."""
+        super().batch_repeat_interleave(repeats)
+        self._index_rows(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        """Keep only the rows `indices` (a (k,) index tensor or bool mask over the batch), layers and selector
+        alike."""
+        super().batch_select_indices(indices)
+        self._index_rows(lambda t: t[indices.to(t.device) if isinstance(indices, torch.Tensor) else indices])
 
     # --- memory -------------------------------------------------------------------------------------
     def stats(self) -> CacheStats:
