@@ -1,6 +1,8 @@
 """Per-sequence state of the compressed cache (issue 9, items 2, 3 and 6): `reset()`, growth up to an absolute
 budget while decoding, and selector state under the batch operations (beam search)."""
 
+import functools
+
 import pytest
 import torch
 
@@ -238,15 +240,24 @@ OPS = {
 }
 
 
+@functools.lru_cache(maxsize=None)
+def _rows_alone(kind, before=20, after=4):
+    """Three different rows (48 tokens for Quest), each decoded alone with its own selector: (model, prompts, tokens, logits
+    (steps + 1, 3, vocab)). Shared by the three batch operations."""
+    model = tiny_llama(layers=4)
+    # AttentionPredictor picks 1 block of the middle ones: a longer prompt gives it several to choose from
+    prompts = _ids(48 if kind == "quest" else 112, rows=3, seed=7)
+    tokens = _ids(before + after, rows=3, seed=8)
+    alone = torch.cat([_teacher(model, kq.CompressedCache(model, selector=_selector(kind)), prompts[r : r + 1],
+                                tokens[r : r + 1]) for r in range(3)], dim=1)
+    return model, prompts, tokens, alone
+
+
 @pytest.mark.parametrize("op", list(OPS))
 @pytest.mark.parametrize("kind", ["quest", "attention_predictor"])
 def test_selector_state_follows_batch_operations(kind, op):
-    model = tiny_llama(layers=4)
-    prompts = _ids(48, rows=3, seed=7)
     before, after = 20, 4
-    tokens = _ids(before + after, rows=3, seed=8)
-    alone = torch.cat([_teacher(model, kq.CompressedCache(model, selector=_selector(kind)), prompts[r : r + 1],
-                                tokens[r : r + 1]) for r in range(3)], dim=1)  # (steps + 1, 3, vocab)
+    model, prompts, tokens, alone = _rows_alone(kind, before, after)
     apply, rows = OPS[op]
     cache = kq.CompressedCache(model, selector=_selector(kind))
     _teacher(model, cache, prompts, tokens[:, :before])
@@ -261,20 +272,46 @@ def test_selector_state_follows_batch_operations(kind, op):
     assert sparse == [0, 1, 2, 3] and cache.selector.dense_layers == (0, 1)  # layers 2, 3 really selected
 
 
+@torch.no_grad()
+def _reference_beam_search(model, make_cache, prompt, num_beams, new, eos):
+    """Beam search as generate() runs it (fixed length, length_penalty=0, eos masked), each beam decoded in a cache
+    of its own (batch 1, copied from its parent): no batch operation involved. -> [(score, tokens)] best first."""
+    import copy
+
+    cache = make_cache()
+    logits = model(prompt, past_key_values=cache).logits[0, -1]
+    beams = [(0.0, [], cache, logits)]
+    for t in range(new):
+        cands = []
+        for b, (score, toks, _, lg) in enumerate(beams):
+            lp = torch.log_softmax(lg.float(), dim=-1)
+            lp[eos] = float("-inf")
+            top = lp.topk(2 * num_beams)
+            cands += [(score + float(v), toks + [int(i)], b) for v, i in zip(top.values, top.indices)]
+        cands.sort(key=lambda c: -c[0])
+        nxt = []
+        for score, toks, b in cands[:num_beams]:
+            c = copy.deepcopy(beams[b][2])
+            lg = model(torch.tensor([[toks[-1]]]), past_key_values=c).logits[0, -1] if t < new - 1 else None
+            nxt.append((score, toks, c, lg))
+        beams = nxt
+    return [(score, toks) for score, toks, _, _ in beams]
+
+
 @pytest.mark.parametrize("kind", ["quest", "attention_predictor"])
-def test_beam_search_with_a_selector_scores_each_beam_as_run_alone(kind):
-    """generate(num_beams=2) reorders the cache at every step; the best beam's score must equal the sum of the
-    log-probabilities of its tokens when its sequence is decoded alone (length_penalty=0: no normalisation)."""
+def test_beam_search_with_a_selector_equals_beams_decoded_alone(kind):
+    """generate(num_beams=4) reorders the cache (and so the selector's rows) at every step; it must find the beams
+    and scores of a beam search whose every beam is decoded in a cache of its own."""
     model = tiny_llama(layers=4)
     prompt = _ids(48, seed=9)
-    new = 12
+    beams, new = 4, 20  # past 64 tokens: Quest completes a page during the search
     cache = kq.CompressedCache(model, selector=_selector(kind))
     with torch.no_grad():
-        out = model.generate(prompt, attention_mask=torch.ones_like(prompt), past_key_values=cache, num_beams=2, num_return_sequences=2, do_sample=False,
-                             max_new_tokens=new, min_new_tokens=new, length_penalty=0.0, pad_token_id=0,
-                             return_dict_in_generate=True, output_scores=True)
-    for beam in range(2):
-        seq = out.sequences[beam : beam + 1, prompt.shape[1] :]
-        logits = _teacher(model, kq.CompressedCache(model, selector=_selector(kind)), prompt, seq[:, :-1])
-        logp = torch.log_softmax(logits[:, 0].float(), dim=-1).gather(-1, seq[0][:, None]).sum()
-        assert abs(float(logp) - float(out.sequences_scores[beam])) < 1e-4, beam
+        out = model.generate(prompt, attention_mask=torch.ones_like(prompt), past_key_values=cache,
+                             num_beams=beams, num_return_sequences=beams, do_sample=False, max_new_tokens=new,
+                             min_new_tokens=new, length_penalty=0.0, pad_token_id=0, return_dict_in_generate=True,
+                             output_scores=True)
+    ref = _reference_beam_search(model, lambda: kq.CompressedCache(model, selector=_selector(kind)), prompt, beams,
+                                 new, model.generation_config.eos_token_id)
+    assert out.sequences[:, prompt.shape[1]:].tolist() == [toks for _, toks in ref]
+    assert torch.allclose(out.sequences_scores, torch.tensor([score for score, _ in ref]), atol=1e-4)
