@@ -189,6 +189,18 @@ def test_budget_never_reached_equals_no_compression(scheme):
     assert cache.stats().tokens_stored == [29, 29]
 
 
+@pytest.mark.parametrize("spec", [("full", {}), ("h2o", {"ratio": 0.0}), ("pyramidkv", {"budget": 1000})])
+def test_a_budget_that_keeps_everything_keeps_everything_while_decoding(spec):
+    """Full (ratio and budget ignored), ratio 0 and a budget above every layer's tokens never evict: same logits as
+    no compression at all, nothing evicted."""
+    name, kw = spec
+    model = tiny_llama(layers=2)
+    cache = kq.CompressedCache(model, _method(name, 2, decode_every=1, **kw))
+    got, expected = _run(model, cache, _ids(20), steps=6), _run(model, kq.CompressedCache(model), _ids(20), steps=6)
+    assert torch.equal(got, expected)
+    assert [layer.n_evicted for layer in cache.layers] == [0, 0]
+
+
 def test_every_fourth_step_grows_past_the_budget_between_evictions():
     model = tiny_llama(layers=2)
     cache = kq.CompressedCache(model, kq.get_method("tova", budget=24, decode_every=4))

@@ -302,13 +302,16 @@ class CompressedCache(Cache):
         An absolute `budget` (per layer after `layer_budget`, e.g. PyramidKV's) is the target from the start: when
         the prompt is shorter, the layer keeps everything and grows to the budget while decoding, then holds it.
         A `ratio` budget is a share of the prefill's tokens, fixed by the prefill (`n_keep` of the tokens seen).
+        A method that keeps every token (`Full`, `ratio=0`) keeps every token while decoding too.
         """
         layer = self.layers[layer_idx]
         if self.phase == "prefill" or layer_idx not in self.budgets:
             method, n = self.method, layer.cumulative_length
             keep = method.n_keep(n, layer_idx, self.n_layers)
-            if keep >= n and getattr(method, "budget", None) is not None:  # clamped to the prompt: not the target
-                keep = max(keep, method.n_keep(_UNBOUNDED, layer_idx, self.n_layers))
+            if keep >= n:  # clamped to what the layer has seen: the target may lie beyond
+                target = method.n_keep(_UNBOUNDED, layer_idx, self.n_layers)
+                if getattr(method, "budget", None) is not None or target >= _UNBOUNDED:
+                    keep = max(keep, target)
             self.budgets[layer_idx] = keep
         return self.budgets[layer_idx]
 
