@@ -35,7 +35,7 @@ from .errors import KVSqueezeError
 _PENDING = threading.local()
 
 
-_UNBOUNDED = 1 << 62  # "tokens seen" that no absolute budget reaches (see CompressedCache.budget)
+_UNBOUNDED = 1 << 62  # "tokens seen" beyond any real budget (see CompressedCache.budget)
 
 
 def pending_layer():
@@ -102,7 +102,7 @@ class CompressedLayer(DynamicLayer):
 
     def reset(self):
         super().reset()
-        # transformers < 5.2x zeroes keys/values in place and leaves the layer initialized: drop them, as newer ones do
+        # transformers 5.17 (no DynamicLayer.reset) zeroes keys/values in place, the layer left initialized: drop them
         self.keys = self.values = None
         self.is_initialized = False
         self.cumulative_length = 0
@@ -386,7 +386,7 @@ class CompressedCache(Cache):
         the reset runs in stays in force, as it would for a fresh cache used inside it."""
         for layer in self.layers:
             layer.reset()
-            if layer.is_initialized:  # transformers < 5.2x: sliding layers only zero their tensors
+            if layer.is_initialized:  # transformers 5.17: sliding layers only zero their tensors
                 layer.keys = layer.values = None
                 layer.is_initialized = False
                 layer.cumulative_length = 0
@@ -396,7 +396,8 @@ class CompressedCache(Cache):
         self.decode_step = 0
         if getattr(_PENDING, "item", None) is not None and _PENDING.item[0] is self:
             _PENDING.item = None
-        reset_method = getattr(self.method, "reset", None)  # methods keep per-sequence state in the layers; if not
+        # methods keep their per-sequence state in the layers (`layer.state`); one holding more says so with reset()
+        reset_method = getattr(self.method, "reset", None)
         if reset_method is not None:
             reset_method()
         if self.selector is not None:
