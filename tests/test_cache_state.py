@@ -254,8 +254,8 @@ OPS = {
 
 @functools.lru_cache(maxsize=None)
 def _rows_alone(kind, before=20, after=4):
-    """Three different rows (48 tokens for Quest), each decoded alone with its own selector: (model, prompts, tokens, logits
-    (steps + 1, 3, vocab)). Shared by the three batch operations."""
+    """Three different rows (48 tokens for Quest), each decoded alone with its own selector: (model, prompts,
+    tokens, logits (steps + 1, 3, vocab)). Shared by the three batch operations."""
     model = tiny_llama(layers=4)
     # AttentionPredictor picks 1 block of the middle ones: a longer prompt gives it several to choose from
     prompts = _ids(48 if kind == "quest" else 112, rows=3, seed=7)
