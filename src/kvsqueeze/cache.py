@@ -41,6 +41,9 @@ from .errors import KVSqueezeError
 _PENDING = threading.local()
 
 
+_UNBOUNDED = 1 << 62  # "tokens seen" beyond any real budget (see CompressedCache.budget)
+
+
 def _in_generate_prefill() -> bool:
     """Whether this forward is run by transformers' `generate()` prefill (its `_prefill`: the last chunk of a
     chunked prefill can be 1 token long, which would otherwise look like a decoding step)."""
@@ -119,6 +122,10 @@ class CompressedLayer(DynamicLayer):
 
     def reset(self):
         super().reset()
+        # transformers 5.17 (no DynamicLayer.reset) zeroes keys/values in place, the layer left initialized: drop them
+        self.keys = self.values = None
+        self.is_initialized = False
+        self.cumulative_length = 0
         self.positions = self.valid = None
         self.n_pad = self.row_keep = None
         self.state = {}
@@ -460,20 +467,36 @@ class CompressedCache(Cache):
 
     # --- compression, called after each layer's attention ------------------------------------------------
     def budget(self, layer_idx: int) -> int:
-        """Slots this layer keeps: fixed by the prefill, then held during decoding.
+        """Slots this layer may keep (an int >= 1), set at the prefill and held during decoding.
 
-        In a left-padded batch each row's budget comes from its own real tokens (`layer.row_keep`, (batch,));
-        the layer stores the largest of them."""
+        A layer never holds more than it has seen; eviction brings it down to `min(budget, slots stored)`.
+        An absolute `budget` (per layer after `layer_budget`, e.g. PyramidKV's) is the target from the start: when
+        the prompt is shorter, the layer keeps everything and grows to the budget while decoding, then holds it.
+        A `ratio` budget is a share of the prefill's tokens, fixed by the prefill (`n_keep` of the tokens seen).
+        A method that keeps every token (`Full`, `ratio=0`) keeps every token while decoding too. A sliding layer
+        counts only the tokens its window holds. In a left-padded batch each row's budget comes from its own real
+        tokens (`layer.row_keep`, (batch,)); the layer stores the largest of them.
+        """
         layer = self.layers[layer_idx]
         if self.phase == "prefill" or layer_idx not in self.budgets:
-            self.budgets[layer_idx] = self.method.n_keep(layer.held_tokens(), layer_idx, self.n_layers)
+            self.budgets[layer_idx] = self._keep_target(layer.held_tokens(), layer_idx)
             if isinstance(layer, CompressedLayer) and layer.n_pad is not None:
                 cap = layer.sliding_window - 1 if layer.sliding_window else None
                 seen = [int(s) if cap is None else min(int(s), cap) for s in layer.row_seen().tolist()]
-                rows = [self.method.n_keep(s, layer_idx, self.n_layers) for s in seen]
+                rows = [self._keep_target(s, layer_idx) for s in seen]
                 layer.row_keep = torch.tensor(rows, dtype=torch.long, device=layer.device)
                 self.budgets[layer_idx] = max(rows)
         return self.budgets[layer_idx]
+
+    def _keep_target(self, n_seen: int, layer_idx: int) -> int:
+        """The method's keep count after `n_seen` tokens, or its absolute target when that is clamped to `n_seen`."""
+        method = self.method
+        keep = method.n_keep(n_seen, layer_idx, self.n_layers)
+        if keep >= n_seen:  # clamped to what the layer has seen: the target may lie beyond
+            target = method.n_keep(_UNBOUNDED, layer_idx, self.n_layers)
+            if getattr(method, "budget", None) is not None or target >= _UNBOUNDED:
+                keep = max(keep, target)
+        return keep
 
     def after_attention(self, module, layer_idx: int, query: torch.Tensor, scaling: float | None,
                         memo: dict | None = None):
@@ -540,6 +563,61 @@ class CompressedCache(Cache):
                 layer.commit()
         out.phase = "append"
         return out
+
+    # --- per-sequence state: reset, batch operations ---------------------------------------------------
+    def reset(self) -> None:
+        """Forget the sequence(s): the cache then behaves exactly as a freshly built one with the same model,
+        method, layer factory and selector (every layer emptied, the phase, budgets and decode schedule back to
+        their start, the method's and the selector's per-sequence state cleared). A `with cache.prefill()` block
+        the reset runs in stays in force, as it would for a fresh cache used inside it."""
+        for layer in self.layers:
+            layer.reset()
+            if layer.is_initialized:  # transformers 5.17: sliding layers only zero their tensors
+                layer.keys = layer.values = None
+                layer.is_initialized = False
+                layer.cumulative_length = 0
+        self.budgets = {}
+        self.phase = "prefill"
+        self._forwards = 0
+        self.decode_step = 0
+        if getattr(_PENDING, "item", None) is not None and _PENDING.item[0] is self:
+            _PENDING.item = None
+        # methods keep their per-sequence state in the layers (`layer.state`); one holding more says so with reset()
+        reset_method = getattr(self.method, "reset", None)
+        if reset_method is not None:
+            reset_method()
+        if self.selector is not None:
+            self._selector_hook("reset")()
+
+    def _selector_hook(self, name: str):
+        fn = getattr(self.selector, name, None)
+        if fn is None:
+            raise KVSqueezeError(
+                f"selector {type(self.selector).__name__} has no {name}(): derive it from "
+                "kvsqueeze.selection.Selector to reset or batch-index its per-sequence state"
+            )
+        return fn
+
+    def _index_rows(self, fn) -> None:
+        """Apply a batch operation (tensor (batch, ...) -> (batch', ...)) to the per-row state outside the layers."""
+        if self.selector is not None:
+            self._selector_hook("index_batch")(fn)
+
+    def reorder_cache(self, beam_idx: torch.Tensor) -> None:
+        """Beam search: row i becomes old row beam_idx[i] (beam_idx: (batch,) long), layers and selector alike."""
+        super().reorder_cache(beam_idx)
+        self._index_rows(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        """Repeat every row `repeats` times in place (batch -> batch * repeats), layers and selector alike."""
+        super().batch_repeat_interleave(repeats)
+        self._index_rows(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        """Keep only the rows `indices` (a (k,) index tensor or bool mask over the batch), layers and selector
+        alike."""
+        super().batch_select_indices(indices)
+        self._index_rows(lambda t: t[indices.to(t.device) if isinstance(indices, torch.Tensor) else indices])
 
     # --- memory -------------------------------------------------------------------------------------
     def stats(self) -> CacheStats:

@@ -20,7 +20,7 @@ def _ratio(ctx, param, value):
 def method_options(f):
     """--method, --ratio, --budget, --exempt-layers, --decode-every (shared by generate and eval commands)."""
     f = click.option("--decode-every", type=click.IntRange(min=0), default=0, show_default=True,
-                     help="Also compress every N decoding steps, holding the prefill budget (0: prefill only).")(f)
+                     help="Also compress every N decoding steps, holding the budget (0: prefill only).")(f)
     f = click.option("--exempt-layers", default="", help="Comma-separated layer indices never compressed.")(f)
     f = click.option("--budget", type=click.IntRange(min=1), default=None,
                      help="Absolute number of tokens kept per layer (instead of --ratio).")(f)

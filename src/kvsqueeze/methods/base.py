@@ -7,7 +7,8 @@ Budgets: `ratio` is the fraction of tokens removed (kvpress's `compression_ratio
 `budget` is an absolute number of tokens kept per layer; `exempt_layers` are never compressed; `layer_budget`
 can redistribute the budget across layers (PyramidKV). Compression runs at the prefill (question-agnostic when
 the question comes after the compressed context) and, when `decode_every` > 0, every that many decoding steps,
-holding each layer at its prefill budget (H2O, TOVA).
+holding each layer at its budget (H2O, TOVA): a ratio budget is fixed by the prefill, an absolute one larger
+than the prompt is grown to first (see `CompressedCache.budget`).
 """
 
 from __future__ import annotations

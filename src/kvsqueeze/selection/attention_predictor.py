@@ -205,6 +205,7 @@ class AttentionPredictor(Selector):
     """Decode-time selection of the blocks a learned model predicts the current query will attend to."""
 
     name = "attention_predictor"
+    row_free_state = ("z_valid",)  # IncrementalCNN's per-time-step flags
 
     def __init__(self, budget: int, *, predictor: PredictorNet | str | Path | None = None, sink: int | None = None,
                  local: int | None = None, history: int = HISTORY, block: int = BLOCK,
@@ -255,6 +256,17 @@ class AttentionPredictor(Selector):
 
     def describe(self) -> str:
         return f"{self.name}(budget={self.budget}, sink={self.sink}, local={self.local}, top={self.k_blocks} blocks)"
+
+    def _index_layer(self, st: dict, fn) -> None:
+        """`z` (IncrementalCNN's rows) is (batch * q_heads, T, W): indexed per batch row, as the history."""
+        z = st.pop("z", None)
+        if z is not None:
+            b = st["hist"].shape[0]
+            z = fn(z.view(b, -1, *z.shape[1:]))
+            z = z.reshape(-1, *z.shape[2:])
+        super()._index_layer(st, fn)
+        if z is not None:
+            st["z"] = z
 
     # --- history ---------------------------------------------------------------------------------------
     def _push(self, st: dict, rows: torch.Tensor) -> None:

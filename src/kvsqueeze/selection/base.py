@@ -83,6 +83,9 @@ class Selector:
     """
 
     name = "selector"
+    # Per-layer state entries (tensors) with no batch axis; every other tensor in a layer's state is (batch, ...)
+    # and follows the cache's batch operations (`index_batch`). Batch-flattened tensors: override `_index_layer`.
+    row_free_state: tuple[str, ...] = ()
 
     def __init__(self, budget: int, *, block: int = 16, dense_layers: tuple[int, ...] = (0, 1),
                  track_recovery: bool = False):
@@ -115,6 +118,22 @@ class Selector:
         self.recovery_count: dict[int, int] = {}
         self.steps = 0  # decoding steps seen (counted at the lowest layer that calls select)
         self._first_layer: int | None = None
+
+    def index_batch(self, fn) -> None:
+        """Apply a batch operation to every per-row tensor held, as the cache does to its layers.
+
+        fn maps a tensor (batch, ...) to (batch', ...): `CompressedCache.reorder_cache` (beam search),
+        `batch_repeat_interleave` and `batch_select_indices` call it with the same indexing they apply to the
+        stored slots, so every row's selection state (Quest's page bounds, AttentionPredictor's history) stays
+        with its row."""
+        for st in self.state.values():
+            self._index_layer(st, fn)
+
+    def _index_layer(self, st: dict, fn) -> None:
+        """One layer's state: every tensor except `row_free_state` has the batch first."""
+        for name, value in st.items():
+            if isinstance(value, torch.Tensor) and name not in self.row_free_state:
+                st[name] = fn(value)
 
     def layer_state(self, layer_idx: int, layer) -> dict:
         """This layer's state; cleared when the layer holds fewer slots than last time (a new sequence)."""
