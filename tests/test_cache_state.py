@@ -12,7 +12,7 @@ from kvsqueeze.methods import METHODS, PyramidKV, QFilters, SnapKV
 from kvsqueeze.quant import MiKV, ZipCacheSaliency, gear, kivi, mikv, zipcache
 from kvsqueeze.selection import AttentionPredictor, PredictorNet, Quest
 
-from conftest import tiny_gemma3, tiny_llama
+from conftest import kv, tiny_gemma3, tiny_llama
 
 
 def _ids(n, rows=1, seed=1):
@@ -44,9 +44,9 @@ SCHEMES = {
 @torch.no_grad()
 def _run(model, cache, prompt, steps):
     """A plain forward of the prompt (what generate() does), then `steps` greedy decoding steps."""
-    out = [model(prompt, past_key_values=cache).logits[:, -1]]
+    out = [model(prompt, **kv(cache)).logits[:, -1]]
     for _ in range(steps):
-        out.append(model(out[-1].argmax(-1, keepdim=True), past_key_values=cache).logits[:, -1])
+        out.append(model(out[-1].argmax(-1, keepdim=True), **kv(cache)).logits[:, -1])
     return torch.stack(out)
 
 
@@ -130,12 +130,12 @@ def test_reset_inside_a_prefill_block_keeps_the_block():
     with torch.no_grad():
         with fresh.prefill():
             for c in chunks:
-                model(c, past_key_values=fresh)
+                model(c, **kv(fresh))
         with used.prefill():
-            model(_ids(30), past_key_values=used)
+            model(_ids(30), **kv(used))
             used.reset()
             for c in chunks:
-                model(c, past_key_values=used)
+                model(c, **kv(used))
     assert used.stats().tokens_stored == fresh.stats().tokens_stored == [20, 20]
     _assert_same_cache(fresh, used)
 
@@ -167,10 +167,10 @@ def test_decode_time_compression_grows_to_the_budget_then_holds_it(name):
     targets = [method.layer_budget(budget, i, layers) for i in range(layers)]  # PyramidKV: 55, 38, 22, 5
     cache = kq.CompressedCache(model, method)
     with torch.no_grad():
-        lg = model(_ids(prompt), past_key_values=cache).logits[:, -1]
+        lg = model(_ids(prompt), **kv(cache)).logits[:, -1]
         assert cache.stats().tokens_stored == [min(prompt, b) for b in targets]
         for t in range(1, steps + 1):
-            lg = model(lg.argmax(-1, keepdim=True), past_key_values=cache).logits[:, -1]
+            lg = model(lg.argmax(-1, keepdim=True), **kv(cache)).logits[:, -1]
             seen = prompt + t
             assert cache.stats().tokens_stored == [min(seen, b) for b in targets], f"step {t}"
             assert [layer.n_evicted for layer in cache.layers] == [max(0, seen - b) for b in targets], f"step {t}"
@@ -206,9 +206,9 @@ def test_every_fourth_step_grows_past_the_budget_between_evictions():
     cache = kq.CompressedCache(model, kq.get_method("tova", budget=24, decode_every=4))
     sizes = []
     with torch.no_grad():
-        model(_ids(20), past_key_values=cache)
+        model(_ids(20), **kv(cache))
         for t in range(10):
-            model(torch.tensor([[t]]), past_key_values=cache)
+            model(torch.tensor([[t]]), **kv(cache))
             sizes.append(cache.stats().tokens_stored[0])
     # steps 1..10 see 21..30 tokens; evictions at steps 4 and 8 bring the layer down to min(budget, seen)
     assert sizes == [21, 22, 23, 24, 25, 26, 27, 24, 25, 26]
@@ -239,9 +239,9 @@ def _selector(kind):
 @torch.no_grad()
 def _teacher(model, cache, prompt, tokens):
     """Prefill `prompt` (b, T), then feed tokens (b, steps) one step at a time; logits (steps + 1, b, vocab)."""
-    out = [model(prompt, past_key_values=cache).logits[:, -1]]
+    out = [model(prompt, **kv(cache)).logits[:, -1]]
     for s in range(tokens.shape[1]):
-        out.append(model(tokens[:, s : s + 1], past_key_values=cache).logits[:, -1])
+        out.append(model(tokens[:, s : s + 1], **kv(cache)).logits[:, -1])
     return torch.stack(out)
 
 
@@ -277,7 +277,7 @@ def test_selector_state_follows_batch_operations(kind, op):
     got = []
     with torch.no_grad():
         for s in range(before, before + after):
-            got.append(model(tokens[rows, s : s + 1], past_key_values=cache).logits[:, -1])
+            got.append(model(tokens[rows, s : s + 1], **kv(cache)).logits[:, -1])
     expected = alone[before + 1 :, rows]
     assert (torch.stack(got) - expected).abs().max() < 1e-5
     sparse = [i for i, layer in enumerate(cache.layers) if layer.n_stored > cache.selector.budget]
@@ -291,7 +291,7 @@ def _reference_beam_search(model, make_cache, prompt, num_beams, new, eos):
     import copy
 
     cache = make_cache()
-    logits = model(prompt, past_key_values=cache).logits[0, -1]
+    logits = model(prompt, **kv(cache)).logits[0, -1]
     beams = [(0.0, [], cache, logits)]
     for t in range(new):
         cands = []
@@ -304,7 +304,7 @@ def _reference_beam_search(model, make_cache, prompt, num_beams, new, eos):
         nxt = []
         for score, toks, b in cands[:num_beams]:
             c = copy.deepcopy(beams[b][2])
-            lg = model(torch.tensor([[toks[-1]]]), past_key_values=c).logits[0, -1] if t < new - 1 else None
+            lg = model(torch.tensor([[toks[-1]]]), **kv(c)).logits[0, -1] if t < new - 1 else None
             nxt.append((score, toks, c, lg))
         beams = nxt
     return [(score, toks) for score, toks, _, _ in beams]
@@ -319,7 +319,7 @@ def test_beam_search_with_a_selector_equals_beams_decoded_alone(kind):
     beams, new = 4, 20  # past 64 tokens: Quest completes a page during the search
     cache = kq.CompressedCache(model, selector=_selector(kind))
     with torch.no_grad():
-        out = model.generate(prompt, attention_mask=torch.ones_like(prompt), past_key_values=cache,
+        out = model.generate(prompt, attention_mask=torch.ones_like(prompt), **kv(cache),
                              num_beams=beams, num_return_sequences=beams, do_sample=False, max_new_tokens=new,
                              min_new_tokens=new, length_penalty=0.0, pad_token_id=0, return_dict_in_generate=True,
                              output_scores=True)
