@@ -578,6 +578,7 @@ class CompressedCache(Cache):
                 layer.cumulative_length = 0
         self.budgets = {}
         self.phase = "prefill"
+        self._prefill_open = not self._in_prefill_block  # as a fresh cache (inside a block: as one that entered it)
         self._forwards = 0
         self.decode_step = 0
         if getattr(_PENDING, "item", None) is not None and _PENDING.item[0] is self:
