@@ -45,7 +45,16 @@ COLUMNS = {
     "protocol": "TEXT",  # shared-prefill | re-prefill (generate_answer) | ...
     "seconds": "REAL",  # compression + answer (shared prefill) or the whole generate_answer call
     "created_at": "REAL",
+    # added with quantized storage and decode-time selection in sweeps (older files get them by ALTER TABLE;
+    # their rows read NULL = none). The key stays the KEY above: a configuration's quant / select / budget are
+    # also folded into params_json (only when set, so rows without them keep their old keys).
+    "quant": "TEXT",  # --quant scheme (kivi-4, ...), NULL: full-precision storage
+    "select": "TEXT",  # decode-time selector (quest, attention_predictor), NULL: dense attention
+    "select_budget": "INTEGER",  # tokens each decoding step attends to with the selector
+    "kv_bytes_16": "INTEGER",  # kv bytes as a 16-bit deployment holds them (see evaluation/sizes.py)
+    "full_kv_bytes_16": "INTEGER",  # the uncompressed 16-bit cache's bytes for the same tokens
 }
+ADDED = ("quant", "select", "select_budget", "kv_bytes_16", "full_kv_bytes_16")
 
 
 def code_version() -> str:
@@ -76,13 +85,26 @@ class ResultStore:
             self.conn = sqlite3.connect(str(self.path), timeout=60, isolation_level=None)
             self.conn.execute("PRAGMA journal_mode=WAL")
             self.conn.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: a killed process loses no commit
-            cols = ",\n  ".join(f"{k} {v}" for k, v in COLUMNS.items())
+            cols = ",\n  ".join(f'"{k}" {v}' for k, v in COLUMNS.items())  # quoted: "select" is a keyword
             self.conn.execute(
                 f"CREATE TABLE IF NOT EXISTS results (\n  id INTEGER PRIMARY KEY,\n  {cols},\n"
                 f"  UNIQUE ({', '.join(KEY)}))"
             )
+            self._migrate()
         except sqlite3.DatabaseError as e:
             raise KVSqueezeError(f"{self.path} is not a kvsqueeze results database ({e})") from None
+
+    def _migrate(self) -> None:
+        """Add the columns a file written by an older version lacks (existing rows read NULL there)."""
+        have = {r[1] for r in self.conn.execute("PRAGMA table_info(results)")}
+        for name in COLUMNS:
+            if name in have:
+                continue
+            try:
+                self.conn.execute(f'ALTER TABLE results ADD COLUMN "{name}" {COLUMNS[name]}')
+            except sqlite3.OperationalError as e:  # another process added it meanwhile
+                if "duplicate column" not in str(e):
+                    raise
 
     def close(self):
         self.conn.close()
@@ -125,10 +147,11 @@ class ResultStore:
                 row[k] = v.item()
         row["ratio"], row["seed"] = float(row["ratio"]), int(row["seed"])
         names = list(row)
+        quoted = ", ".join(f'"{n}"' for n in names)
         self.conn.execute("BEGIN IMMEDIATE")
         try:
             cur = self.conn.execute(
-                f"INSERT OR IGNORE INTO results ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})",
+                f"INSERT OR IGNORE INTO results ({quoted}) VALUES ({', '.join('?' * len(names))})",
                 [row[n] for n in names],
             )
             self.conn.execute("COMMIT")
