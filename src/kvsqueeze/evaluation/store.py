@@ -174,6 +174,37 @@ def summary_table(df, value: str = "score"):
     """Mean `value` per (method, ratio) row and task column: the table printed after a sweep."""
     if df.empty:
         return df
-    t = df.pivot_table(index=["method", "ratio"], columns="task", values=value, aggfunc="mean")
-    order = sorted(t.index, key=lambda ix: (ix[0] != "full", ix[0], ix[1]))
+    index = ["method", "ratio"]
+    extra = [c for c in ("quant", "select", "select_budget") if c in df and df[c].notna().any()]
+    if extra:  # storage / selection sweeps: one row per configuration ("-": full precision, dense)
+        df = df.assign(**{c: df[c].map(lambda v: "-" if v is None or v != v else
+                                       (str(int(v)) if isinstance(v, float) else str(v))) for c in extra})
+        index += extra
+    t = df.pivot_table(index=index, columns="task", values=value, aggfunc="mean")
+    order = sorted(t.index, key=lambda ix: (ix[0] != "full", ix[0], *ix[1:]))
     return t.loc[order]
+
+
+def error_notes(df, value: str = "score") -> list[str]:
+    """How much one sample moves a cell of `summary_table(df)`, per task column: the samples per cell (n) and,
+    for string-match scores in [0, 1], the step 1/n; for perplexity the largest change that dropping one sample
+    makes in any cell of that column."""
+    if df.empty:
+        return []
+    from .frontier import one_sample_step
+
+    parts = []
+    for task, d in df.groupby("task", sort=True):
+        cells = d.groupby(["method", "params_json", "ratio"])
+        ns = cells.sample_id.nunique()
+        metric = d.metric.iloc[0]
+        n_txt = str(ns.min()) if ns.min() == ns.max() else f"{ns.min()}-{ns.max()}"
+        steps = [one_sample_step(g[value], metric) for _, g in cells]
+        steps = [x for x in steps if x == x]
+        if not steps:
+            parts.append(f"{task} n={n_txt}")
+        elif metric == "perplexity":
+            parts.append(f"{task} n={n_txt} (dropping one sample moves a cell by up to {max(steps):.3g})")
+        else:
+            parts.append(f"{task} n={n_txt} (one sample moves a cell by {max(steps):.3g})")
+    return ["samples per cell: " + "; ".join(parts)]
