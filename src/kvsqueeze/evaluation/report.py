@@ -383,7 +383,7 @@ def markdown_table(df, model: str | None = None, bootstrap: int = 0, seed: int =
                                              for c in t.columns[1:]]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for (label, ratio), row in t.iterrows():
-        cells = [label, "-" if label == "full" else ("budget" if ratio < 0 else f"{ratio:g}")]
+        cells = [label, "-" if label == "full" or label.startswith("full ") else ("budget" if ratio < 0 else f"{ratio:g}")]
         for c, v in row.items():
             if pd.isna(v):
                 cells.append("")
