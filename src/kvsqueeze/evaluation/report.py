@@ -326,7 +326,8 @@ def _step_text(df, task, stats) -> str:
         return f"n={n_txt}"
     if (df[df.task == task].metric == "perplexity").all():
         return f"n={n_txt}, 1 sample moves <={max(steps):.2g}"
-    return f"n={n_txt}, 1 sample = {max(steps):.2g}"
+    lo, hi = f"{min(steps):.2g}", f"{max(steps):.2g}"
+    return f"n={n_txt}, 1 sample = {lo if lo == hi else lo + '-' + hi}"
 
 
 def score_table(df, bootstrap: int = 0, seed: int = 0):
@@ -383,7 +384,8 @@ def markdown_table(df, model: str | None = None, bootstrap: int = 0, seed: int =
                                              for c in t.columns[1:]]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for (label, ratio), row in t.iterrows():
-        cells = [label, "-" if label == "full" or label.startswith("full ") else ("budget" if ratio < 0 else f"{ratio:g}")]
+        ref = label == "full" or label.startswith("full ")
+        cells = [label, "-" if ref else ("budget" if ratio < 0 else f"{ratio:g}")]
         for c, v in row.items():
             if pd.isna(v):
                 cells.append("")
