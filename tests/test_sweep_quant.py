@@ -281,3 +281,20 @@ def test_tables_state_n_and_one_sample_step(tmp_path):
     assert "0.25 [0.00, 0.75]" in row and "15.0%" in row
     html_t = score_table(df, bootstrap=100)
     assert any("1 sample = 0.25" in c for c in html_t.columns)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["sweep", "--quant", "none,kivi-3"], "3 bits is not supported"),
+    (["sweep", "--quant", "lol-4"], "unknown --quant scheme"),
+    (["sweep", "--select", "quest,bogus"], "unknown --select 'bogus'"),
+    (["eval", "--select", "quest", "--select-budget", "16"], "--select-budget must be integers >= 32"),
+])
+def test_bad_quant_and_select_are_one_error_line(args, message, tmp_path):
+    from click.testing import CliRunner
+
+    from kvsqueeze.cli import main
+
+    r = CliRunner().invoke(main, args + ["--results", str(tmp_path / "x.sqlite")])
+    assert r.exit_code == 2, r.output
+    lines = [l for l in r.output.strip().splitlines() if l]
+    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], r.output

@@ -18,6 +18,12 @@ Protocols (the `protocol` column of each row):
   fed one at a time with `decode_every=1`. The record-based start is the same cache object state as a real
   prefill (tested: identical NLL), because the decode-time compression only starts after it.
 
+Storage and selection (`quants=`, `selects=` of `make_pairs`; `--quant`, `--select` on the CLI): a quantized
+configuration is compressed from the same record into the scheme's layers (`PrefillRecord.compress(...,
+layer_factory)`), a selected one gets its selector with the record's prefill replayed to `selector.observe`; both
+are answered from their own cache, never merged into a batch (tested: the answers of a fresh prefill). Rows also
+record `quant`, `select`, `select_budget` and the 16-bit-normalised bytes (`sizes.py`).
+
 Resumable: rows are keyed (model, method, params, ratio, task, sample, seed, code version); keys already in the
 store are skipped, and each new row is committed as soon as it is computed.
 """
