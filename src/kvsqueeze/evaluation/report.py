@@ -2,7 +2,8 @@
 
 Plots are matplotlib (Agg) PNGs embedded as base64 data URIs; tables are pandas HTML. For each model in the
 results: the mean-score table, score vs compression ratio (one panel per task, one line per method, the
-uncompressed reference dashed), score vs KV bytes kept, and NIAH depth x length heatmaps for every method and
+uncompressed reference dashed), score vs KV bytes kept, the Pareto frontier of score vs 16-bit KV bytes (per
+task and overall, frontier points labelled), and NIAH depth x length heatmaps for every method and
 ratio. When a key was measured by several code versions, the latest row is used. A small inline script records,
 once the page has loaded, how many images decoded (`<body data-plots-decoded=... data-plots-total=...>`), which
 the headless-Chromium test reads.
@@ -63,7 +64,8 @@ def load_results(path: str | Path):
     key = [k for k in KEY if k != "code_version"]
     df = df.sort_values("created_at").drop_duplicates(key, keep="last").reset_index(drop=True)
     df["label"] = _labels(df)
-    df["kv_mib"] = df["kv_bytes"] / 2**20
+    kv = df["kv_bytes_16"].astype(float) if "kv_bytes_16" in df else df["kv_bytes"].astype(float) * float("nan")
+    df["kv_mib"] = kv.fillna(df["kv_bytes"].astype(float)) / 2**20  # 16-bit scale where recorded (sizes.py)
     return df
 
 
@@ -207,7 +209,7 @@ def plot_score_vs_bytes(df) -> str:
             style = dict(marker="*", ms=12, ls="none") if label == "full" else dict(marker=markers[label], alpha=0.85)
             (handles[label],) = ax.plot(m.kv, m.score, color=colors[label], label=label, **style)
         ax.set_title(task, fontsize=11)
-        ax.set_xlabel("KV cache kept after compression (MiB)")
+        ax.set_xlabel("KV cache kept after compression (MiB, 16-bit)")
         ax.set_ylabel(_ylabel(metric), fontsize=8)
         _plain_log(ax, "x")
         if metric == "perplexity":
