@@ -157,5 +157,5 @@ def test_single_length_niah_gets_a_depth_by_method_heatmap(tmp_path):
     con.execute("DELETE FROM results WHERE task = 'niah' AND length = 1024")
     con.commit()
     con.close()
-    assert write_report(db, tmp_path / "one.html") == 3
+    assert write_report(db, tmp_path / "one.html") == 4  # ratio, bytes, frontier, NIAH
     assert "Needle in a haystack" in (tmp_path / "one.html").read_text()
