@@ -69,7 +69,7 @@ def test_latest_row_per_key_and_labels(report):
 def test_one_static_file_with_embedded_plots(report):
     out, n, _, _ = report
     html = out.read_text()
-    assert n == 3
+    assert n == 4  # score vs ratio, score vs bytes, Pareto frontier, NIAH heatmaps
     srcs = re.findall(r"<img [^>]*src='([^']+)'", html)
     assert len(srcs) == n
     for src in srcs:
@@ -126,7 +126,7 @@ def test_report_command(report, tmp_path):
     out = tmp_path / "sub" / "cli.html"
     r = CliRunner().invoke(main, ["report", str(db), "-o", str(out), "--title", "My sweep"])
     assert r.exit_code == 0, r.output
-    assert "3 plots" in r.output and "<h1>My sweep</h1>" in out.read_text()
+    assert "4 plots" in r.output and "<h1>My sweep</h1>" in out.read_text()
 
 
 def test_markdown_table_matches_the_means(report):
@@ -141,7 +141,7 @@ def test_markdown_table_matches_the_means(report):
     assert rows[0][0] == "full" and len(rows) == df.groupby(["label", "ratio"]).ngroups
     row = next(r for r in rows if r[0] == "snapkv (window=64)" and r[1] == "0.75")
     sel = df[(df.label == "snapkv (window=64)") & (df.ratio == 0.75)]
-    col = head.index("passkey (n=3)")
+    col = head.index("passkey (n=1-3, 1 sample = 0.33-1)")  # the budget run has one sample
     assert row[col] == f"{sel[sel.task == 'passkey'].score.mean():.2f}"
     assert row[2] == "25.0%"
     with pytest.raises(KVSqueezeError, match="no results for model"):
@@ -157,5 +157,5 @@ def test_single_length_niah_gets_a_depth_by_method_heatmap(tmp_path):
     con.execute("DELETE FROM results WHERE task = 'niah' AND length = 1024")
     con.commit()
     con.close()
-    assert write_report(db, tmp_path / "one.html") == 3
+    assert write_report(db, tmp_path / "one.html") == 4  # ratio, bytes, frontier, NIAH
     assert "Needle in a haystack" in (tmp_path / "one.html").read_text()

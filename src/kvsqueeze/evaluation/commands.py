@@ -36,6 +36,42 @@ def _ints(text: str | None, what: str) -> list[int] | None:
     return vals
 
 
+def _quants(text: str) -> list[str | None]:
+    """--quant: comma-separated schemes ('none' for full-precision storage), each checked by parse_quant."""
+    from ..quant import parse_quant
+
+    names = [x.strip() for x in text.split(",") if x.strip()]
+    if not names:
+        raise KVSqueezeError("--quant is empty (use 'none' for full-precision storage)")
+    out = []
+    for n in names:
+        q = parse_quant(n)
+        out.append(None if q is None else q.name)
+    return list(dict.fromkeys(out))
+
+
+def _selects(select: str, budgets: str) -> list[tuple[str | None, int | None]]:
+    """--select x --select-budget: (selector, budget) pairs; 'none' once, whatever the budgets."""
+    from ..selection import SELECTORS
+
+    names = [x.strip().lower().replace("-", "_") for x in select.split(",") if x.strip()]
+    if not names:
+        raise KVSqueezeError("--select is empty (use 'none' for dense attention)")
+    bad = [n for n in names if n != "none" and n not in SELECTORS]
+    if bad:
+        raise KVSqueezeError(f"unknown --select {bad[0]!r}; choose from: none, {', '.join(SELECTORS)}")
+    try:
+        bs = [int(x) for x in budgets.split(",") if x.strip()]
+    except ValueError:
+        raise KVSqueezeError(f"--select-budget must be comma-separated integers, got {budgets!r}") from None
+    if not bs or min(bs) < 32:
+        raise KVSqueezeError(f"--select-budget must be integers >= 32, got {budgets!r}")
+    out: list[tuple[str | None, int | None]] = []
+    for n in names:
+        out += [(None, None)] if n == "none" else [(n, b) for b in bs]
+    return list(dict.fromkeys(out))
+
+
 def task_options(f):
     opts = [
         click.option("--model", default=DEFAULT_MODEL, show_default=True,
@@ -64,6 +100,14 @@ def task_options(f):
                      help="Re-run the prefill for every (method, ratio) pair (the slow reference)."),
         click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True,
                      help="Answers of one sample decoded for this many (method, ratio) caches at once (1: one by one)."),
+        click.option("--quant", "quant", default="none", show_default=True,
+                     help="Comma-separated storage schemes crossed with every (method, ratio): none (full "
+                          "precision), kivi-2, kivi-4, gear-4, mikv-8-2, zipcache-4-2 (see `kvsqueeze generate`)."),
+        click.option("--select", "select", default="none", show_default=True,
+                     help="Comma-separated decode-time selectors crossed with the grid: none, quest, "
+                          "attention_predictor (needs `kvsqueeze train-predictor`). They keep the whole cache."),
+        click.option("--select-budget", default="512", show_default=True,
+                     help="Comma-separated token budgets per decoding step for --select (each >= 32)."),
         click.option("--code-version", default=None,
                      help="Override the code version in the result keys (default: package version + git commit)."),
         click.option("--quiet", is_flag=True, help="No progress bar."),
@@ -74,10 +118,11 @@ def task_options(f):
 
 
 def _run(pairs, *, model, tasks, length, samples, seed, haystack_dir, niah_lengths, niah_depths, ppl_tokens,
-         results, query_aware, chunk_size, no_share_prefill, batch_size, code_version, quiet):
+         results, query_aware, chunk_size, no_share_prefill, batch_size, code_version, quiet, quant=None,
+         select=None, select_budget=None):
     from ..models import load_model
     from ..tasks import TaskConfig, build_samples, expand_tasks
-    from .store import ResultStore, code_version as auto_version, summary_table
+    from .store import ResultStore, code_version as auto_version, error_notes, summary_table
     from .sweep import run_sweep
 
     task_names = expand_tasks(tasks)
@@ -93,7 +138,7 @@ def _run(pairs, *, model, tasks, length, samples, seed, haystack_dir, niah_lengt
     mdl, tok = load_model(model)
     smp = build_samples(tok, task_names, cfg)
     if not quiet:
-        click.echo(f"{len(smp)} samples x {len(pairs)} (method, ratio) pairs on {model}; code {version}; "
+        click.echo(f"{len(smp)} samples x {len(pairs)} configurations on {model}; code {version}; "
                    f"results -> {results}", err=True)
     try:
         res = run_sweep(mdl, tok, smp, pairs, store, model_name=model, seed=seed, code_version=version,
@@ -121,6 +166,8 @@ def _run(pairs, *, model, tasks, length, samples, seed, haystack_dir, niah_lengt
                                "{:.3f}".format):
             click.echo("mean score (string match in [0, 1]; ppl = perplexity, lower is better):")
             click.echo(summary_table(mine).to_string())
+            for line in error_notes(mine):
+                click.echo(line)
     store.close()
 
 
@@ -141,9 +188,11 @@ def register(main: click.Group) -> None:
         from .sweep import make_pairs
 
         m = build_method(method, ratio, budget, exempt_layers, decode_every)
-        pairs = make_pairs([m], [ratio], query_aware=kw["query_aware"])
-        if reference and m.name != "full":
-            pairs = make_pairs(["full"], [0.0], query_aware=kw["query_aware"]) + pairs
+        quants, selects = _quants(kw["quant"]), _selects(kw["select"], kw["select_budget"])
+        pairs = make_pairs([m], [ratio], query_aware=kw["query_aware"], quants=quants, selects=selects)
+        if reference and (m.name != "full" or quants != [None] or selects != [(None, None)]):
+            ref = make_pairs(["full"], [0.0], query_aware=kw["query_aware"])
+            pairs = ref + [p for p in pairs if p.params_json != ref[0].params_json or p.name != "full"]
         _run(pairs, **kw)
 
 
@@ -166,7 +215,8 @@ def register(main: click.Group) -> None:
             raise KVSqueezeError("--methods is empty")
         rs = _floats(ratios, "--ratios", 0.0, 1.0, True)
         built = [build_method(n, rs[0], None, exempt_layers, decode_every) for n in names]  # validates names
-        pairs = make_pairs([b for b in built], rs, query_aware=kw["query_aware"])
+        pairs = make_pairs([b for b in built], rs, query_aware=kw["query_aware"], quants=_quants(kw["quant"]),
+                           selects=_selects(kw["select"], kw["select_budget"]))
         _run(pairs, **kw)
 
 
@@ -177,15 +227,49 @@ def register(main: click.Group) -> None:
     @click.option("--title", default="kvsqueeze evaluation report", show_default=True)
     @click.option("--markdown", is_flag=True, help="Also print the mean-score table as Markdown.")
     @click.option("--model", default=None, help="With --markdown: the model whose table is printed.")
-    def report_cmd(results, output, title, markdown, model):
+    @click.option("--bootstrap", type=click.IntRange(min=0), default=0, show_default=True,
+                  help="Add a 95%% bootstrap interval (this many resamples of the samples, seeded) to every cell.")
+    def report_cmd(results, output, title, markdown, model, bootstrap):
         """Write one static HTML page (plots embedded, no server) from a results file."""
         from .report import load_results, markdown_table, write_report
 
-        n = write_report(results, output, title=title)
+        n = write_report(results, output, title=title, bootstrap=bootstrap)
         click.echo(f"{output}: {n} plots")
         if markdown:
-            click.echo(markdown_table(load_results(results), model))
+            click.echo(markdown_table(load_results(results), model, bootstrap=bootstrap))
+
+    @click.command("frontier")
+    @click.argument("results", type=click.Path(path_type=Path))
+    @click.option("--task", default=None, help="Only this task (default: every task, then the overall mean).")
+    @click.option("--metric", default=None,
+                  help="Score every row by this metric of its metrics_json (e.g. string_match_part; default: "
+                       "each task's primary metric).")
+    @click.option("--model", default=None, help="Only this model.")
+    @click.option("--bootstrap", type=click.IntRange(min=0), default=0, show_default=True,
+                  help="Add a 95%% bootstrap interval per point (this many resamples, seeded).")
+    @click.option("--all", "show_all", is_flag=True, help="Also list the dominated configurations.")
+    def frontier_cmd(results, task, metric, model, bootstrap, show_all):
+        """Print the Pareto frontier of score against 16-bit KV bytes, per task and overall."""
+        import pandas as pd
+
+        from .frontier import frontier, frontier_tables
+        from .report import load_results
+
+        df = load_results(results)
+        if model is not None:
+            if model not in set(df.model):
+                raise KVSqueezeError(f"no results for model {model!r} in {results}")
+            df = df[df.model == model]
+        pts = frontier(df, task=task, metric=metric, bootstrap=bootstrap)
+        click.echo("factor = full 16-bit KV bytes / KV bytes held (16-bit-normalised); +-1 sample = how much one "
+                   "sample moves the score; attends = tokens per decoding step (selectors keep the whole cache)")
+        with pd.option_context("display.width", 250, "display.max_columns", 50, "display.max_colwidth", 60):
+            for head, table in frontier_tables(pts, all_points=show_all):
+                click.echo("")
+                click.echo(head)
+                click.echo(table.to_string(index=False))
 
     main.add_command(eval_cmd, "eval")
     main.add_command(sweep_cmd, "sweep")
     main.add_command(report_cmd, "report")
+    main.add_command(frontier_cmd, "frontier")

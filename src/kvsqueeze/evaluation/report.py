@@ -2,7 +2,8 @@
 
 Plots are matplotlib (Agg) PNGs embedded as base64 data URIs; tables are pandas HTML. For each model in the
 results: the mean-score table, score vs compression ratio (one panel per task, one line per method, the
-uncompressed reference dashed), score vs KV bytes kept, and NIAH depth x length heatmaps for every method and
+uncompressed reference dashed), score vs KV bytes kept, the Pareto frontier of score vs 16-bit KV bytes (per
+task and overall, frontier points labelled), and NIAH depth x length heatmaps for every method and
 ratio. When a key was measured by several code versions, the latest row is used. A small inline script records,
 once the page has loaded, how many images decoded (`<body data-plots-decoded=... data-plots-total=...>`), which
 the headless-Chromium test reads.
@@ -63,22 +64,45 @@ def load_results(path: str | Path):
     key = [k for k in KEY if k != "code_version"]
     df = df.sort_values("created_at").drop_duplicates(key, keep="last").reset_index(drop=True)
     df["label"] = _labels(df)
-    df["kv_mib"] = df["kv_bytes"] / 2**20
+    kv = df["kv_bytes_16"].astype(float) if "kv_bytes_16" in df else df["kv_bytes"].astype(float) * float("nan")
+    df["kv_mib"] = kv.fillna(df["kv_bytes"].astype(float)) / 2**20  # 16-bit scale where recorded (sizes.py)
     return df
 
 
+STORAGE_KEYS = ("quant", "select", "select_budget")  # folded into params_json by sweeps over storage / selection
+
+
+def _split_params(method: str, p: dict) -> tuple[dict, str]:
+    """(the method's own parameters, the storage / selection suffix: " + kivi-4 + quest@256")."""
+    p = dict(p)
+    suffix = ""
+    if p.get("quant"):
+        suffix += f" + {p['quant']}"
+    if p.get("select"):
+        suffix += f" + {p['select']}@{p.get('select_budget')}"
+    for k in STORAGE_KEYS:
+        p.pop(k, None)
+    inner = p.get("inner")
+    if p.get("name") != method and isinstance(inner, dict) and inner.get("name") == method:
+        p = {k: v for k, v in inner.items() if k != "ratio"}  # MiKV storage wraps the method: its own params
+    return p, suffix
+
+
 def _labels(df):
-    """method name, plus the parameters that differ between configurations of the same method."""
+    """method name, plus the parameters that differ between configurations of the same method, plus the quant
+    scheme and decode-time selector when set ("tova + kivi-4 + quest@256")."""
     labels = {}
     for method, group in df.groupby("method"):
         configs = sorted(group.params_json.unique())
-        parsed = [json.loads(c) for c in configs]
-        for c, p in zip(configs, parsed):
-            if len(configs) == 1:
-                labels[(method, c)] = method
-                continue
+        split = [_split_params(method, json.loads(c)) for c in configs]
+        parsed = [p for p, _ in split]
+        for c, (p, suffix) in zip(configs, split):
             diff = {k: v for k, v in p.items() if any(q.get(k) != v for q in parsed)}
-            labels[(method, c)] = method + " (" + ", ".join(f"{k}={v}" for k, v in sorted(diff.items())) + ")"
+            if not diff:
+                labels[(method, c)] = method + suffix
+                continue
+            labels[(method, c)] = (method + " (" + ", ".join(f"{k}={v}" for k, v in sorted(diff.items())) + ")"
+                                   + suffix)
     return [labels[(m, c)] for m, c in zip(df.method, df.params_json)]
 
 
@@ -185,7 +209,7 @@ def plot_score_vs_bytes(df) -> str:
             style = dict(marker="*", ms=12, ls="none") if label == "full" else dict(marker=markers[label], alpha=0.85)
             (handles[label],) = ax.plot(m.kv, m.score, color=colors[label], label=label, **style)
         ax.set_title(task, fontsize=11)
-        ax.set_xlabel("KV cache kept after compression (MiB)")
+        ax.set_xlabel("KV cache kept after compression (MiB, 16-bit)")
         ax.set_ylabel(_ylabel(metric), fontsize=8)
         _plain_log(ax, "x")
         if metric == "perplexity":
@@ -280,23 +304,66 @@ def _niah_one_length(d, labels, ratios, depths, length) -> str:
     return _png(fig)
 
 
-def score_table(df):
-    """Mean score: a row per (method, ratio), a column per task (the full reference first)."""
+def _cell_stats(df, bootstrap: int = 0, seed: int = 0):
+    """Per (label, ratio, task) cell: n, the one-sample step, and (bootstrap > 0) a 95% bootstrap interval."""
+    from .frontier import bootstrap_ci, one_sample_step
+
+    out = {}
+    for (label, ratio, task), g in df.groupby(["label", "ratio", "task"]):
+        metric = g.metric.iloc[0]
+        st = {"n": int(g.sample_id.nunique()), "step": one_sample_step(g.score, metric)}
+        if bootstrap:
+            st["ci"] = bootstrap_ci(g.score, bootstrap, seed)
+        out[(label, ratio, task)] = st
+    return out
+
+
+def _step_text(df, task, stats) -> str:
+    """The column header's error note: n and how much one sample moves a cell of that column."""
+    cells = [v for (l, r, t), v in stats.items() if t == task]
+    ns = sorted({v["n"] for v in cells})
+    n_txt = str(ns[0]) if len(ns) == 1 else f"{ns[0]}-{ns[-1]}"
+    steps = [v["step"] for v in cells if v["step"] == v["step"]]
+    if not steps:
+        return f"n={n_txt}"
+    if (df[df.task == task].metric == "perplexity").all():
+        return f"n={n_txt}, 1 sample moves <={max(steps):.2g}"
+    lo, hi = f"{min(steps):.2g}", f"{max(steps):.2g}"
+    return f"n={n_txt}, 1 sample = {lo if lo == hi else lo + '-' + hi}"
+
+
+def score_table(df, bootstrap: int = 0, seed: int = 0):
+    """Mean score: a row per (method, ratio), a column per task (the full reference first). Column headers give
+    n and how much one sample moves a cell; with `bootstrap`, each cell is "mean [95% interval]"."""
     tasks = _task_order(df)
     t = df.pivot_table(index=["label", "ratio"], columns="task", values="score", aggfunc="mean")[tasks]
     order = sorted(t.index, key=lambda ix: (ix[0] != "full", ix[0], ix[1]))
     t = t.loc[order]
-    t.columns = [f"{c} ({df[df.task == c].metric.iloc[0].replace('string_match_', 'match ')})" for c in t.columns]
+    stats = _cell_stats(df, bootstrap, seed)
+    if bootstrap:
+        t = t.astype(object)
+        for (label, ratio), row in t.iterrows():
+            for c in tasks:
+                v = row[c]
+                if v == v and (label, ratio, c) in stats:
+                    lo, hi = stats[(label, ratio, c)]["ci"]
+                    t.loc[(label, ratio), c] = f"{v:.3f} [{lo:.3f}, {hi:.3f}]"
+    t.columns = [f"{c} ({df[df.task == c].metric.iloc[0].replace('string_match_', 'match ')}; "
+                 f"{_step_text(df, c, stats)})" for c in t.columns]
     t.index.names = ["method", "ratio"]
     return t
 
 
-def markdown_table(df, model: str | None = None) -> str:
+def markdown_table(df, model: str | None = None, bootstrap: int = 0, seed: int = 0) -> str:
     """Mean score per (method, ratio) row and task column, as a Markdown table (the README's baseline table).
 
     String-match tasks in [0, 1]; `ppl` is the perplexity (lower is better); `QA mean` averages the string-match
-    tasks; `KV kept` is the mean fraction of the full cache's KV bytes held after compression."""
+    tasks; `KV kept` is the mean fraction of the full cache's KV bytes held after compression, on the 16-bit
+    scale (evaluation/sizes.py; the measured bytes for rows older than that scale, which were never quantized).
+    Each task header gives n and how much one sample moves a cell; `bootstrap` adds a 95% interval per cell."""
     import pandas as pd
+
+    from .frontier import _bytes
 
     if model is not None:
         df = df[df.model == model]
@@ -309,30 +376,70 @@ def markdown_table(df, model: str | None = None) -> str:
     qa = [x for x in tasks if (df[df.task == x].metric != "perplexity").all()]
     if qa:
         t["QA mean"] = t[qa].mean(axis=1)
-    kept = df.assign(kept=df.kv_bytes / df.full_kv_bytes).groupby(["label", "ratio"]).kept.mean()
+    kv, full = _bytes(df)
+    kept = df.assign(kept=kv / full).groupby(["label", "ratio"]).kept.mean()
     t.insert(0, "KV kept", kept)
     order = sorted(t.index, key=lambda ix: (ix[0] != "full", ix[0], ix[1]))
     t = t.loc[order]
-    n = df.groupby("task").sample_id.nunique()
-    head = ["method", "ratio", "KV kept"] + [f"{c} (n={n[c]})" if c in n else c for c in t.columns[1:]]
+    stats = _cell_stats(df, bootstrap, seed)
+    head = ["method", "ratio", "KV kept"] + [f"{c} ({_step_text(df, c, stats)})" if c in tasks else c
+                                             for c in t.columns[1:]]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for (label, ratio), row in t.iterrows():
-        cells = [label, "-" if label == "full" else ("budget" if ratio < 0 else f"{ratio:g}")]
+        ref = label == "full" or label.startswith("full ")
+        cells = [label, "-" if ref else ("budget" if ratio < 0 else f"{ratio:g}")]
         for c, v in row.items():
             if pd.isna(v):
                 cells.append("")
             elif c == "KV kept":
                 cells.append(f"{100 * v:.1f}%")
-            elif c in n and (df[df.task == c].metric == "perplexity").all():
-                cells.append(f"{v:.2f}")
             else:
-                cells.append(f"{v:.2f}")
+                cell = f"{v:.2f}"
+                if bootstrap and (label, ratio, c) in stats:
+                    lo, hi = stats[(label, ratio, c)]["ci"]
+                    cell += f" [{lo:.2f}, {hi:.2f}]"
+                cells.append(cell)
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def write_report(results: str | Path, output: str | Path, title: str = "kvsqueeze evaluation report") -> int:
-    """Write the HTML report of `results` to `output`; returns the number of plots."""
+def plot_frontier(df) -> str:
+    """Score vs KV bytes held (% of the full 16-bit cache, log) per task and overall: every configuration a
+    dot, the Pareto frontier a line through its points, each frontier point labelled."""
+    from .frontier import config_name, frontier
+
+    pts = frontier(df)
+    tasks = [t for t in ["overall"] + _task_order(df) if t in set(pts.task)]
+    fig, axes = _grid(len(tasks), ncols=2, w=6.2, h=4.4)
+    for ax, task in zip(axes, tasks):
+        g = pts[pts.task == task]
+        metric = g.metric.iloc[0]
+        x = 100.0 / g.factor
+        ax.scatter(x, g.score, s=18, color="#999", zorder=2, label="configuration")
+        f = g[g.on_frontier].assign(x=100.0 / g[g.on_frontier].factor).sort_values("x")
+        ax.plot(f.x, f.score, "-o", color="#d62728", ms=5, lw=1.5, zorder=3, label="Pareto frontier")
+        for i, (xx, yy, lab, r) in enumerate(zip(f.x, f.score, f.label, f.ratio)):
+            ax.annotate(config_name(lab, r), (xx, yy), textcoords="offset points", fontsize=7,
+                        xytext=(4, 6 if i % 2 == 0 else -10), color="#8b1a1a")
+        n = int(g.n.max())
+        ax.set_title(f"{task} (n={n}{'' if task == 'overall' else ', per configuration'})", fontsize=11)
+        ax.set_xlabel("KV bytes held, % of the full 16-bit cache (log)")
+        ax.set_ylabel(_ylabel(metric) if task != "overall" else "mean string-match score over tasks", fontsize=8)
+        _plain_log(ax, "x")
+        if metric == "perplexity":
+            _plain_log(ax, "y")
+        else:
+            ax.set_ylim(-0.03, 1.08)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    return _png(fig)
+
+
+def write_report(results: str | Path, output: str | Path, title: str = "kvsqueeze evaluation report",
+                 bootstrap: int = 0) -> int:
+    """Write the HTML report of `results` to `output`; returns the number of plots. `bootstrap` > 0 adds a 95%
+    bootstrap interval (that many resamples of the samples, seeded) to every cell of the score table."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -352,10 +459,15 @@ def write_report(results: str | Path, output: str | Path, title: str = "kvsqueez
         parts.append("<p class='meta'>samples per task: " + ", ".join(f"{t} {c}" for t, c in n.items())
                      + "; protocols: " + html.escape(", ".join(sorted(d.protocol.dropna().unique()))) + "</p>")
         parts.append("<h3>Mean score</h3>")
-        parts.append(score_table(d).to_html(float_format=lambda x: f"{x:.3f}", classes="scores", border=0,
-                                            na_rep=""))
+        parts.append("<p class='meta'>Each column header gives n (samples per cell) and how much one sample moves "
+                     "a cell (string match: 1/n; perplexity: the largest change dropping one sample makes)"
+                     + (f"; cells show a 95% bootstrap interval ({bootstrap} resamples of the samples)"
+                        if bootstrap else "") + ".</p>")
+        parts.append(score_table(d, bootstrap).to_html(float_format=lambda x: f"{x:.3f}", classes="scores",
+                                                       border=0, na_rep=""))
         figs = [("Score vs compression ratio", plot_score_vs_ratio(d)),
                 ("Score vs KV bytes kept", plot_score_vs_bytes(d)),
+                ("Pareto frontier: score vs KV bytes (16-bit-normalised)", plot_frontier(d)),
                 ("Needle in a haystack: depth x length", plot_niah_heatmaps(d))]
         for head, png in figs:
             if png is None:

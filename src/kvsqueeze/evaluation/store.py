@@ -45,7 +45,16 @@ COLUMNS = {
     "protocol": "TEXT",  # shared-prefill | re-prefill (generate_answer) | ...
     "seconds": "REAL",  # compression + answer (shared prefill) or the whole generate_answer call
     "created_at": "REAL",
+    # added with quantized storage and decode-time selection in sweeps (older files get them by ALTER TABLE;
+    # their rows read NULL = none). The key stays the KEY above: a configuration's quant / select / budget are
+    # also folded into params_json (only when set, so rows without them keep their old keys).
+    "quant": "TEXT",  # --quant scheme (kivi-4, ...), NULL: full-precision storage
+    "select": "TEXT",  # decode-time selector (quest, attention_predictor), NULL: dense attention
+    "select_budget": "INTEGER",  # tokens each decoding step attends to with the selector
+    "kv_bytes_16": "INTEGER",  # kv bytes as a 16-bit deployment holds them (see evaluation/sizes.py)
+    "full_kv_bytes_16": "INTEGER",  # the uncompressed 16-bit cache's bytes for the same tokens
 }
+ADDED = ("quant", "select", "select_budget", "kv_bytes_16", "full_kv_bytes_16")
 
 
 def code_version() -> str:
@@ -76,13 +85,26 @@ class ResultStore:
             self.conn = sqlite3.connect(str(self.path), timeout=60, isolation_level=None)
             self.conn.execute("PRAGMA journal_mode=WAL")
             self.conn.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: a killed process loses no commit
-            cols = ",\n  ".join(f"{k} {v}" for k, v in COLUMNS.items())
+            cols = ",\n  ".join(f'"{k}" {v}' for k, v in COLUMNS.items())  # quoted: "select" is a keyword
             self.conn.execute(
                 f"CREATE TABLE IF NOT EXISTS results (\n  id INTEGER PRIMARY KEY,\n  {cols},\n"
                 f"  UNIQUE ({', '.join(KEY)}))"
             )
+            self._migrate()
         except sqlite3.DatabaseError as e:
             raise KVSqueezeError(f"{self.path} is not a kvsqueeze results database ({e})") from None
+
+    def _migrate(self) -> None:
+        """Add the columns a file written by an older version lacks (existing rows read NULL there)."""
+        have = {r[1] for r in self.conn.execute("PRAGMA table_info(results)")}
+        for name in COLUMNS:
+            if name in have:
+                continue
+            try:
+                self.conn.execute(f'ALTER TABLE results ADD COLUMN "{name}" {COLUMNS[name]}')
+            except sqlite3.OperationalError as e:  # another process added it meanwhile
+                if "duplicate column" not in str(e):
+                    raise
 
     def close(self):
         self.conn.close()
@@ -125,10 +147,11 @@ class ResultStore:
                 row[k] = v.item()
         row["ratio"], row["seed"] = float(row["ratio"]), int(row["seed"])
         names = list(row)
+        quoted = ", ".join(f'"{n}"' for n in names)
         self.conn.execute("BEGIN IMMEDIATE")
         try:
             cur = self.conn.execute(
-                f"INSERT OR IGNORE INTO results ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})",
+                f"INSERT OR IGNORE INTO results ({quoted}) VALUES ({', '.join('?' * len(names))})",
                 [row[n] for n in names],
             )
             self.conn.execute("COMMIT")
@@ -151,6 +174,37 @@ def summary_table(df, value: str = "score"):
     """Mean `value` per (method, ratio) row and task column: the table printed after a sweep."""
     if df.empty:
         return df
-    t = df.pivot_table(index=["method", "ratio"], columns="task", values=value, aggfunc="mean")
-    order = sorted(t.index, key=lambda ix: (ix[0] != "full", ix[0], ix[1]))
+    index = ["method", "ratio"]
+    extra = [c for c in ("quant", "select", "select_budget") if c in df and df[c].notna().any()]
+    if extra:  # storage / selection sweeps: one row per configuration ("-": full precision, dense)
+        df = df.assign(**{c: df[c].map(lambda v: "-" if v is None or v != v else
+                                       (str(int(v)) if isinstance(v, float) else str(v))) for c in extra})
+        index += extra
+    t = df.pivot_table(index=index, columns="task", values=value, aggfunc="mean")
+    order = sorted(t.index, key=lambda ix: (ix[0] != "full", ix[0], *ix[1:]))
     return t.loc[order]
+
+
+def error_notes(df, value: str = "score") -> list[str]:
+    """How much one sample moves a cell of `summary_table(df)`, per task column: the samples per cell (n) and,
+    for string-match scores in [0, 1], the step 1/n; for perplexity the largest change that dropping one sample
+    makes in any cell of that column."""
+    if df.empty:
+        return []
+    from .frontier import one_sample_step
+
+    parts = []
+    for task, d in df.groupby("task", sort=True):
+        cells = d.groupby(["method", "params_json", "ratio"])
+        ns = cells.sample_id.nunique()
+        metric = d.metric.iloc[0]
+        n_txt = str(ns.min()) if ns.min() == ns.max() else f"{ns.min()}-{ns.max()}"
+        steps = [one_sample_step(g[value], metric) for _, g in cells]
+        steps = [x for x in steps if x == x]
+        if not steps:
+            parts.append(f"{task} n={n_txt}")
+        elif metric == "perplexity":
+            parts.append(f"{task} n={n_txt} (dropping one sample moves a cell by up to {max(steps):.3g})")
+        else:
+            parts.append(f"{task} n={n_txt} (one sample moves a cell by {max(steps):.3g})")
+    return ["samples per cell: " + "; ".join(parts)]

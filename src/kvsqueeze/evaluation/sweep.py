@@ -18,6 +18,12 @@ Protocols (the `protocol` column of each row):
   fed one at a time with `decode_every=1`. The record-based start is the same cache object state as a real
   prefill (tested: identical NLL), because the decode-time compression only starts after it.
 
+Storage and selection (`quants=`, `selects=` of `make_pairs`; `--quant`, `--select` on the CLI): a quantized
+configuration is compressed from the same record into the scheme's layers (`PrefillRecord.compress(...,
+layer_factory)`), a selected one gets its selector with the record's prefill replayed to `selector.observe`; both
+are answered from their own cache, never merged into a batch (tested: the answers of a fresh prefill). Rows also
+record `quant`, `select`, `select_budget` and the 16-bit-normalised bytes (`sizes.py`).
+
 Resumable: rows are keyed (model, method, params, ratio, task, sample, seed, code version); keys already in the
 store are skipped, and each new row is committed as soon as it is computed.
 """
@@ -40,6 +46,7 @@ from ..errors import KVSqueezeError
 from ..methods import Method, get_method
 from ..pipeline import _eos_ids, check_budget, generate_answer, greedy_decode, prefill, record_prefill, split_prompt
 from ..tasks.base import Sample, score
+from .sizes import bytes_16
 from .store import ResultStore, code_version as default_code_version
 
 
@@ -75,24 +82,78 @@ def is_prefill_only(m: Method) -> bool:
 
 @dataclass
 class Pair:
-    """One (method, ratio) point of a grid."""
+    """One configuration of a grid: (method, ratio), optionally with quantized storage and a decode-time selector.
+
+    `method` is what the cache runs (for MiKV / ZipCache storage, the method the scheme wraps it in); `base` the
+    method as given (the capped-perplexity task caps it before wrapping). The key of a row is (`name`,
+    `params_json`, `ratio`): `params_json` holds the quant scheme, selector and budget only when they are set, so
+    plain configurations keep the keys they always had."""
 
     method: Method
     ratio: float  # the key's nominal ratio: -1 for an absolute budget, 0 for `full`
     params_json: str
     query_aware: bool = False
+    quant: str | None = None  # --quant scheme name (None: full-precision storage)
+    qspec: object = None  # its QuantSpec (layer_factory, wrap)
+    select: str | None = None  # decode-time selector name (None: dense)
+    select_budget: int | None = None
+    selector: object = None  # the Selector instance (reset before each cache it serves)
+    base: Method | None = None
+    method_name: str | None = None  # the key's method column (default: method.name)
 
     @property
     def name(self) -> str:
-        return self.method.name
+        return self.method_name or self.method.name
+
+    @property
+    def layer_factory(self):
+        return self.qspec.layer_factory if self.qspec is not None else None
+
+    @property
+    def exact_alone(self) -> bool:
+        """Answered from its own cache, not merged into a batch: quantized storage quantizes the question and
+        answer tokens as they arrive, and a selector keeps per-sequence state; a merged plain cache would do
+        neither."""
+        return self.qspec is not None or self.selector is not None
+
+    def run_method(self, m: Method) -> Method:
+        """`m` as the cache runs it with this pair's storage (wrapped by MiKV / ZipCache schemes)."""
+        return self.qspec.method(m) if self.qspec is not None else m
 
     def label(self) -> str:
-        return self.method.describe()
+        out = self.method.describe()
+        if self.quant:
+            out += f" + {self.quant}"
+        if self.select:
+            out += f" + {self.select}@{self.select_budget}"
+        return out
+
+
+def _selects(selects) -> list[tuple[str | None, int | None]]:
+    if not selects:
+        return [(None, None)]
+    out = []
+    for x in selects:
+        name, budget = (x, None) if isinstance(x, str) or x is None else x
+        if name is None or str(name).lower() in ("", "none"):
+            out.append((None, None))
+        else:
+            out.append((str(name).lower().replace("-", "_"), int(budget) if budget is not None else 512))
+    return list(dict.fromkeys(out))
 
 
 def make_pairs(methods: list[Method | str], ratios: list[float], query_aware: bool = False,
-               **method_kwargs) -> list[Pair]:
-    """The grid methods x ratios. `full` runs once (ratio 0); a method with a `budget` runs once (ratio -1)."""
+               quants: list[str | None] | None = None, selects: list | None = None, **method_kwargs) -> list[Pair]:
+    """The grid methods x ratios x quants x selects. `full` runs once (ratio 0); a method with a `budget` runs
+    once (ratio -1). `quants`: --quant scheme names ("none" / None: full precision); `selects`: (selector name,
+    budget) pairs (("none", _) or None: dense attention). A configuration that comes out identical to an earlier
+    one (e.g. ZipCache storage, which replaces the method's scores, over two methods) runs once."""
+    from ..quant import parse_quant
+
+    qspecs = [parse_quant(q) for q in (quants or [None])]
+    sels = _selects(selects)
+    if any(n is not None for n, _ in sels):
+        from ..selection import get_selector
     pairs: list[Pair] = []
     seen: set[tuple] = set()
     for spec in methods:
@@ -104,14 +165,26 @@ def make_pairs(methods: list[Method | str], ratios: list[float], query_aware: bo
             if m.name == "full":
                 m = dataclasses.replace(m, ratio=0.0, budget=None)
             key_ratio = 0.0 if m.name == "full" else (-1.0 if m.budget is not None else float(r))
-            params = method_params(m)
-            if query_aware:
-                params["protocol"] = "query-aware"
-            pj = json.dumps(params, sort_keys=True)
-            if (m.name, pj, key_ratio) in seen:
-                continue
-            seen.add((m.name, pj, key_ratio))
-            pairs.append(Pair(m, key_ratio, pj, query_aware))
+            for qs in qspecs:
+                run = qs.method(m) if qs is not None else m
+                # the method column: the given method, unless the scheme replaced it (ZipCache's saliency)
+                name = m.name if (run is m or getattr(run, "inner", None) is m) else run.name
+                for sel, budget in sels:
+                    params = method_params(run)
+                    if query_aware:
+                        params["protocol"] = "query-aware"
+                    if qs is not None:
+                        params["quant"] = qs.name
+                    if sel is not None:
+                        params["select"], params["select_budget"] = sel, budget
+                    pj = json.dumps(params, sort_keys=True)
+                    if (name, pj, key_ratio) in seen:
+                        continue
+                    seen.add((name, pj, key_ratio))
+                    selector = get_selector(sel, budget) if sel is not None else None
+                    pairs.append(Pair(run, key_ratio, pj, query_aware, quant=qs.name if qs else None, qspec=qs,
+                                      select=sel, select_budget=budget, selector=selector, base=m,
+                                      method_name=name))
     return pairs
 
 
@@ -204,6 +277,41 @@ def answer_batch(model, tokenizer, caches: list[CompressedCache], q_ids: list[in
     return [tokenizer.decode(o, skip_special_tokens=True).strip() for o in outs]
 
 
+def attach_selector(cache: CompressedCache, pair: Pair, record=None) -> CompressedCache:
+    """Give a cache built from a shared record `pair`'s selector, reset, as if it had been there at the prefill:
+    the record's multi-token forward is replayed to `selector.observe` layer by layer (over the uncompressed
+    layer, before eviction, as the attention wrapper calls it)."""
+    sel = pair.selector
+    if sel is None:
+        return cache
+    sel.reset()
+    cache.selector = sel
+    if record is not None:
+        from ..cache import CompressedLayer
+
+        for i, layer in enumerate(record.cache.layers):
+            if isinstance(layer, CompressedLayer) and layer.is_initialized and i in record.queries:
+                sel.observe(i, layer, record.queries[i])
+    return cache
+
+
+@torch.no_grad()
+def fresh_answer(model, tokenizer, sample: Sample, pair: Pair, chunk_size, eos):
+    """`generate_answer` for one pair (its own prefill), also returning the 16-bit bytes of the compressed
+    context: (answer, stats, (kv_bytes_16, full_kv_bytes_16), n_context, n_question)."""
+    ctx, q = split_prompt(tokenizer, sample.context, sample.question, sample.answer_prefix)
+    if pair.query_aware:
+        ctx, q = ctx + q[:-1], q[-1:]
+    check_budget(pair.method, len(ctx))
+    if pair.selector is not None:
+        pair.selector.reset()
+    cache = CompressedCache(model, pair.method, layer_factory=pair.layer_factory, selector=pair.selector)
+    prefill(model, cache, torch.tensor([ctx], device=_device(model)), chunk_size)
+    stats, b16 = cache.stats(), bytes_16(cache)
+    answer = _answer_from_cache(model, tokenizer, cache, q, sample.max_new_tokens, eos)
+    return answer, stats, b16, len(ctx), len(q)
+
+
 def capped_method(m: Method, n_prefix: int) -> Method:
     """The method holding the cache at its prefill budget while the scored tokens are fed (perplexity task)."""
     if m.name == "full":
@@ -257,6 +365,9 @@ def run_sweep(model, tokenizer, samples: list[Sample], pairs: list[Pair], store:
     max_pos = getattr(model.config.get_text_config(), "max_position_embeddings", None)
     for m in {id(p.method): p.method for p in pairs}.values():
         m.setup(model)  # Q-Filters loads (or calibrates) its filters once, not once per cache
+    for p in pairs:
+        if p.selector is not None:
+            p.selector.setup(model)  # an untrained AttentionPredictor is refused here, before any row
     eos = _eos_ids(model, tokenizer)
     bar = None
     if progress:
@@ -304,7 +415,7 @@ def _run_sample(model, tokenizer, sample: Sample, pending: list[Pair], store, re
             res.prefill_seconds += time.perf_counter() - t0
         return records[query_aware]
 
-    def emit(pair, value, metrics, prediction, stats, n_ctx, n_q, protocol, seconds):
+    def emit(pair, value, metrics, prediction, stats, n_ctx, n_q, protocol, seconds, b16):
         if keep_answers:
             res.answers[(sample.task, sample.sample_id, pair.name, pair.params_json, pair.ratio)] = (
                 prediction if not ppl else round(value, 6))
@@ -316,6 +427,8 @@ def _run_sample(model, tokenizer, sample: Sample, pending: list[Pair], store, re
             "full_kv_bytes": stats.full_kv_bytes, "n_context_tokens": n_ctx, "n_question_tokens": n_q,
             "length": sample.meta.get("length"), "depth": sample.meta.get("depth"),
             "meta_json": sample.meta, "protocol": protocol, "seconds": seconds,
+            "quant": pair.quant, "select": pair.select, "select_budget": pair.select_budget,
+            "kv_bytes_16": b16[0], "full_kv_bytes_16": b16[1],
         }
         if store is None or store.add(row):
             res.added += 1
@@ -329,30 +442,32 @@ def _run_sample(model, tokenizer, sample: Sample, pending: list[Pair], store, re
         shared = share and chunk_size is None and is_prefill_only(m)
         t0 = time.perf_counter()
         if ppl:
-            mm = capped_method(m, len(prefix))
+            mm = capped_method(pair.base or m, len(prefix))
             check_budget(mm if mm.name != "full" else None, len(prefix))
+            mm = pair.run_method(mm)
             if shared:
-                cache = record_for(False).compress(model, mm)
+                rec = record_for(False)
+                cache = attach_selector(rec.compress(model, mm, pair.layer_factory), pair, rec)
                 protocol = "capped-ppl"
             else:
-                cache = CompressedCache(model, mm)
+                if pair.selector is not None:
+                    pair.selector.reset()
+                cache = CompressedCache(model, mm, layer_factory=pair.layer_factory, selector=pair.selector)
                 prefill(model, cache, torch.tensor([prefix], device=device), chunk_size)
                 protocol = "capped-ppl-re-prefill"
-            stats = cache.stats()
+            stats, b16 = cache.stats(), bytes_16(cache)
             nll = capped_perplexity(model, cache, fed, targets)
             del cache
             value = math.exp(nll)
             emit(pair, value, {"perplexity": value, "nll": nll, "n_scored": len(targets)}, "", stats, len(prefix), 0,
-                 protocol, time.perf_counter() - t0)
+                 protocol, time.perf_counter() - t0, b16)
         elif shared:
             shared_qa.append(pair)
         else:
-            g = generate_answer(model, tokenizer, sample.context, sample.question, m,
-                                max_new_tokens=sample.max_new_tokens, chunk_size=chunk_size,
-                                query_aware=pair.query_aware, answer_prefix=sample.answer_prefix)
-            metrics = score(sample, g.answer)
-            emit(pair, metrics[sample.metric], metrics, g.answer, g.stats, g.n_context_tokens, g.n_question_tokens,
-                 "re-prefill", time.perf_counter() - t0)
+            answer, st, b16, n_c, n_q = fresh_answer(model, tokenizer, sample, pair, chunk_size, eos)
+            metrics = score(sample, answer)
+            emit(pair, metrics[sample.metric], metrics, answer, st, n_c, n_q, "re-prefill", time.perf_counter() - t0,
+                 b16)
 
     # prefill-only QA pairs: compress from the shared record; answers decoded `batch_size` caches at a time,
     # caches of similar size together (less padding)
@@ -364,15 +479,19 @@ def _run_sample(model, tokenizer, sample: Sample, pending: list[Pair], store, re
         if not group:
             continue
         c_ids, qq = (ctx_ids + q_ids[:-1], q_ids[-1:]) if qa else (ctx_ids, q_ids)
-        for s in range(0, len(group), max(1, batch_size)):
-            chunk = group[s : s + max(1, batch_size)]
+        plain = [p for p in group if not p.exact_alone]
+        chunks = [plain[s : s + max(1, batch_size)] for s in range(0, len(plain), max(1, batch_size))]
+        chunks += [[p] for p in group if p.exact_alone]  # quantized storage / selector: each from its own cache
+        for chunk in chunks:
             t0 = time.perf_counter()
-            caches, stats = [], []
+            caches, stats, b16s = [], [], []
             for pair in chunk:
                 check_budget(pair.method, len(c_ids))
-                cache = record_for(qa).compress(model, pair.method)
+                rec = record_for(qa)
+                cache = attach_selector(rec.compress(model, pair.method, pair.layer_factory), pair, rec)
                 caches.append(cache)
                 stats.append(cache.stats())
+                b16s.append(bytes_16(cache))
             if len(chunk) > 1:
                 answers = answer_batch(model, tokenizer, caches, qq, sample.max_new_tokens, eos)
             else:
@@ -380,6 +499,6 @@ def _run_sample(model, tokenizer, sample: Sample, pending: list[Pair], store, re
             protocol = "shared-prefill"
             del caches
             seconds = (time.perf_counter() - t0) / len(chunk)
-            for pair, st, answer in zip(chunk, stats, answers):
+            for pair, st, answer, b16 in zip(chunk, stats, answers, b16s):
                 metrics = score(sample, answer)
-                emit(pair, metrics[sample.metric], metrics, answer, st, len(c_ids), len(qq), protocol, seconds)
+                emit(pair, metrics[sample.metric], metrics, answer, st, len(c_ids), len(qq), protocol, seconds, b16)
