@@ -32,27 +32,37 @@ LLAMA_31_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
                                  "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
 
 
-def owned_devices(obj) -> set[str]:
-    """Devices of every tensor reachable from a selector's / method's attributes (one level of containers)."""
-    found = set()
+def owned_devices(obj) -> dict[str, list[str]]:
+    """Device -> attribute paths of every tensor reachable from a selector's / method's attributes (a few levels
+    of containers and objects deep)."""
+    found: dict[str, list[str]] = {}
 
-    def visit(v, depth=0):
+    def visit(v, path, depth=0):
         if isinstance(v, torch.Tensor):
-            found.add(str(v.device))
+            found.setdefault(str(v.device), []).append(path)
         elif isinstance(v, torch.nn.Module):
-            found.update(str(p.device) for p in v.parameters())
-        elif depth < 3 and isinstance(v, dict):
-            for x in v.values():
-                visit(x, depth + 1)
-        elif depth < 3 and isinstance(v, (list, tuple)):
-            for x in v:
-                visit(x, depth + 1)
-        elif depth < 2 and hasattr(v, "__dict__") and not isinstance(v, type):
-            for x in vars(v).values():
-                visit(x, depth + 1)
+            for n, p in v.named_parameters():
+                found.setdefault(str(p.device), []).append(f"{path}.{n}")
+        elif depth < 4 and isinstance(v, dict):
+            for k, x in v.items():
+                visit(x, f"{path}[{k!r}]", depth + 1)
+        elif depth < 4 and isinstance(v, (list, tuple)):
+            for i, x in enumerate(v):
+                visit(x, f"{path}[{i}]", depth + 1)
+        elif depth < 3 and hasattr(v, "__dict__") and not isinstance(v, type):
+            for k, x in vars(v).items():
+                visit(x, f"{path}.{k}", depth + 1)
 
-    visit(obj)
+    visit(obj, "")
     return found
+
+
+def where(found: dict[str, list[str]]) -> str:
+    """'cuda:0 (n tensors)', with the paths of any tensor elsewhere."""
+    if not found:
+        return "(none)"
+    return "; ".join(f"{d} ({len(p)} tensors)" if d.startswith("cuda") else f"{d}: {', '.join(p[:6])}"
+                     for d, p in sorted(found.items()))
 
 
 @torch.no_grad()
@@ -99,7 +109,7 @@ def main():
                 token = out.argmax(-1, keepdim=True)
             owner = kw.get("selector") or kw.get("method")
             print(f"{name}: ok; decode {statistics.median(times):.1f} ms/step (median of {args.steps}, eager, "
-                  f"uncompiled); owned tensors on {sorted(owned_devices(owner)) or ['(none)']}; logits finite: "
+                  f"uncompiled); owned tensors on {where(owned_devices(owner))}; logits finite: "
                   f"{finite}; {cache.stats().line()}; peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB",
                   flush=True)
         except Exception as e:  # report and go on: every configuration gets its line

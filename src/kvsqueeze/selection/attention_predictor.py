@@ -140,6 +140,8 @@ class IncrementalCNN:
               and key[1] - old_key[1] <= 4 and z.shape[1] <= T)
         if not ok:
             z = self.z(x)
+            # host-side control flags (which rows of z are up to date), deliberately on the CPU: they decide which
+            # slabs to recompute, and on the GPU reading them would cost a device synchronisation every step
             valid = torch.zeros(T, dtype=torch.bool)
             valid[2 : T - 2] = True
             st.update(z=z, z_valid=valid, z_key=key)
