@@ -1,3 +1,6 @@
+import contextlib
+import os
+
 import pytest
 import torch
 from transformers import Gemma3TextConfig, Gemma3ForCausalLM, LlamaConfig, LlamaForCausalLM
@@ -26,6 +29,71 @@ def tiny_gemma3(seed=0):
                            layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
                            max_position_embeddings=1024, attn_implementation="sdpa")
     return Gemma3ForCausalLM(cfg).eval()
+
+
+class Spy:
+    """Wraps a selector and records what it returns: `calls` = [(layer_idx, slots stored, idx or None)]."""
+
+    def __init__(self, inner):
+        self.inner, self.calls = inner, []
+
+    def setup(self, model):
+        self.inner.setup(model)
+
+    def observe(self, *a):
+        self.inner.observe(*a)
+
+    def select(self, layer_idx, layer, query):
+        idx = self.inner.select(layer_idx, layer, query)
+        self.calls.append((layer_idx, layer.n_stored, idx))
+        return idx
+
+    @property
+    def picks(self) -> dict:
+        """(layer_idx, slots stored) -> the last idx returned there."""
+        return {(li, n): idx for li, n, idx in self.calls}
+
+
+def save_tiny_llama_with_smollm2_tokenizer(d):
+    """Save a tiny random Llama with SmolLM2's tokenizer (larger init: answers depend on the cache) into the
+    folder `d`, a local model directory `kq.load_model(str(d))` reads; returns `d`."""
+    import kvsqueeze as kq
+    from transformers import AutoTokenizer
+
+    from kvsqueeze.models import cache_dir
+
+    saved = cache_dir() / "models" / "smollm2-135m"
+    tok = AutoTokenizer.from_pretrained(saved) if (saved / "tokenizer.json").exists() else kq.load_model(
+        "smollm2-135m")[1]
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                      tie_word_embeddings=True, initializer_range=0.1,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    LlamaForCausalLM(cfg).save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+@contextlib.contextmanager
+def loaded_in_own_cache(model_dir, cache_dir):
+    """`kq.load_model(model_dir)` with `$KVSQUEEZE_CACHE` at `cache_dir` (Q-Filters calibrate there) and torch on
+    one thread (tiny matrices: more threads only contend) inside the block; both restored after, so other test
+    modules keep the real cache (converted models, calibrated filters)."""
+    import kvsqueeze as kq
+
+    old = os.environ.get("KVSQUEEZE_CACHE")
+    os.environ["KVSQUEEZE_CACHE"] = str(cache_dir)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield kq.load_model(str(model_dir))
+    finally:
+        torch.set_num_threads(threads)
+        if old is None:
+            os.environ.pop("KVSQUEEZE_CACHE", None)
+        else:
+            os.environ["KVSQUEEZE_CACHE"] = old
 
 
 @pytest.fixture

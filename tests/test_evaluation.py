@@ -20,6 +20,8 @@ import pytest
 import torch
 
 import kvsqueeze as kq
+
+from conftest import loaded_in_own_cache, save_tiny_llama_with_smollm2_tokenizer
 from kvsqueeze.errors import KVSqueezeError
 from kvsqueeze.evaluation import ResultStore, make_pairs, method_params, run_sweep
 from kvsqueeze.evaluation.sweep import capped_method, capped_perplexity
@@ -32,38 +34,13 @@ ALL = ["full", "streaming_llm", "h2o", "snapkv", "pyramidkv", "tova", "knorm", "
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     """A tiny random Llama with SmolLM2's tokenizer, saved as a local model directory."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from kvsqueeze.models import cache_dir
-
-    saved = cache_dir() / "models" / "smollm2-135m"
-    tok = AutoTokenizer.from_pretrained(saved) if (saved / "tokenizer.json").exists() else kq.load_model(
-        "smollm2-135m")[1]
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-                      tie_word_embeddings=True, initializer_range=0.1,  # larger weights: answers depend on the cache
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    d = tmp_path_factory.mktemp("tiny-llama")
-    LlamaForCausalLM(cfg).save_pretrained(d)
-    tok.save_pretrained(d)
-    return d
+    return save_tiny_llama_with_smollm2_tokenizer(tmp_path_factory.mktemp("tiny-llama"))
 
 
 @pytest.fixture(scope="module")
 def tiny(tiny_dir, tmp_path_factory):
-    old = os.environ.get("KVSQUEEZE_CACHE")
-    os.environ["KVSQUEEZE_CACHE"] = str(tmp_path_factory.mktemp("kvs-cache"))  # Q-Filters calibrate here
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matrices: more threads only contend (8x slower on a busy 2-core machine)
-    try:
-        yield kq.load_model(str(tiny_dir))
-    finally:  # other test modules keep the real cache (converted models, calibrated filters)
-        torch.set_num_threads(threads)
-        if old is None:
-            os.environ.pop("KVSQUEEZE_CACHE", None)
-        else:
-            os.environ["KVSQUEEZE_CACHE"] = old
+    with loaded_in_own_cache(tiny_dir, tmp_path_factory.mktemp("kvs-cache")) as loaded:
+        yield loaded
 
 
 @pytest.fixture(scope="module")

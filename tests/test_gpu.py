@@ -26,7 +26,7 @@ from kvsqueeze.methods import METHODS, H2O, qfilters
 from kvsqueeze.quant import parse_quant
 from kvsqueeze.selection import AttentionPredictor, PredictorNet, Quest
 
-from conftest import kv
+from conftest import Spy, kv
 
 DEVICE = os.environ.get("KVSQUEEZE_TEST_DEVICE") or ("cuda" if torch.cuda.is_available() else None)
 on_device = pytest.mark.skipif(DEVICE is None, reason="no GPU (KVSQUEEZE_TEST_DEVICE=cpu runs it on the CPU)")
@@ -85,24 +85,6 @@ class _CharTokenizer:
             input_ids = torch.tensor([[ord(c) % 101 for c in text]])
 
         return Out()
-
-
-class _Spy:
-    """Wraps a selector and records its picks per (layer, slots stored)."""
-
-    def __init__(self, inner):
-        self.inner, self.picks = inner, {}
-
-    def setup(self, model):
-        self.inner.setup(model)
-
-    def observe(self, *a):
-        self.inner.observe(*a)
-
-    def select(self, layer_idx, layer, query):
-        idx = self.inner.select(layer_idx, layer, query)
-        self.picks[(layer_idx, layer.n_stored)] = idx
-        return idx
 
 
 def _assert_on(t, device):
@@ -194,7 +176,7 @@ def _selectors(dense):
 def test_every_selector_on_the_device_attends_to_its_pick(kind, shape):
     model = _model(shape, DEVICE, DTYPE)
     sel = _selectors(SHAPES[shape][1])[kind]
-    spy = _Spy(sel)
+    spy = Spy(sel)
     chunks = [_ids(250)] + [_ids(1, seed=10 + i) for i in range(6)]  # 6 steps: a calibration row at step 5
     cache = kq.CompressedCache(model, selector=spy)
     got, kept = _run(model, cache, chunks)
@@ -260,7 +242,7 @@ def test_every_method_selector_and_scheme_runs_in_bf16_on_cpu(tmp_path, monkeypa
             "attention_predictor": AttentionPredictor(64, predictor=PredictorNet().init_blend().to(DTYPE),
                                                       sink=16, local=16)}
     for kind, sel in sels.items():
-        spy = _Spy(sel)
+        spy = Spy(sel)
         got, _ = _run(model, kq.CompressedCache(model, selector=spy), chunks + [_ids(1, seed=4)] * 5)
         _check_logits(got)
         assert any(v is not None for v in spy.picks.values()), kind

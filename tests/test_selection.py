@@ -12,7 +12,7 @@ from kvsqueeze.selection.base import blocks_to_slots, block_pool
 from kvsqueeze.selection.quest import page_minmax, page_scores
 from kvsqueeze.selection.training import TrainConfig, collect_traces, recovery_at, train
 
-from conftest import tiny_llama, kv
+from conftest import Spy, kv, tiny_llama
 
 
 def _net(seed=0, scale=0.3):
@@ -21,24 +21,6 @@ def _net(seed=0, scale=0.3):
     for p in net.parameters():
         p.data.normal_(0, scale)
     return net.eval()
-
-
-class Spy:
-    """Wraps a selector and records what it returns."""
-
-    def __init__(self, inner):
-        self.inner, self.calls = inner, []
-
-    def setup(self, model):
-        self.inner.setup(model)
-
-    def observe(self, *a):
-        self.inner.observe(*a)
-
-    def select(self, layer_idx, layer, query):
-        idx = self.inner.select(layer_idx, layer, query)
-        self.calls.append((layer_idx, layer.n_stored, idx))
-        return idx
 
 
 @torch.no_grad()

@@ -18,6 +18,8 @@ import pytest
 import torch
 
 import kvsqueeze as kq
+
+from conftest import loaded_in_own_cache, save_tiny_llama_with_smollm2_tokenizer
 from kvsqueeze.errors import KVSqueezeError
 from kvsqueeze.evaluation import ResultStore, make_pairs, run_sweep
 from kvsqueeze.evaluation.frontier import frontier, frontier_tables, pareto_mask
@@ -29,33 +31,9 @@ from kvsqueeze.tasks import TaskConfig, build_samples
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A tiny random Llama with SmolLM2's tokenizer (answers depend on the cache)."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from kvsqueeze.models import cache_dir
-
-    saved = cache_dir() / "models" / "smollm2-135m"
-    tok = AutoTokenizer.from_pretrained(saved) if (saved / "tokenizer.json").exists() else kq.load_model(
-        "smollm2-135m")[1]
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-                      tie_word_embeddings=True, initializer_range=0.1, bos_token_id=tok.bos_token_id,
-                      eos_token_id=tok.eos_token_id)
-    d = tmp_path_factory.mktemp("tiny-llama-q")
-    LlamaForCausalLM(cfg).save_pretrained(d)
-    tok.save_pretrained(d)
-    old = os.environ.get("KVSQUEEZE_CACHE")
-    os.environ["KVSQUEEZE_CACHE"] = str(tmp_path_factory.mktemp("kvs-cache-q"))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield kq.load_model(str(d))
-    finally:
-        torch.set_num_threads(threads)
-        if old is None:
-            os.environ.pop("KVSQUEEZE_CACHE", None)
-        else:
-            os.environ["KVSQUEEZE_CACHE"] = old
+    d = save_tiny_llama_with_smollm2_tokenizer(tmp_path_factory.mktemp("tiny-llama-q"))
+    with loaded_in_own_cache(d, tmp_path_factory.mktemp("kvs-cache-q")) as loaded:
+        yield loaded
 
 
 @pytest.fixture(scope="module")

@@ -140,6 +140,17 @@ def _ylabel(metric: str) -> str:
     return "perplexity (lower is better)" if metric == "perplexity" else f"{metric} (higher is better)"
 
 
+def _bytes_axes(ax, metric: str, top: float) -> None:
+    """A score-vs-bytes panel's axes: bytes on a log x axis with plain ticks; perplexity on a log y axis, string
+    match scores from 0 to `top`; a grid."""
+    _plain_log(ax, "x")
+    if metric == "perplexity":
+        _plain_log(ax, "y")
+    else:
+        ax.set_ylim(-0.03, top)
+    ax.grid(alpha=0.3, which="both")
+
+
 def _plain_log(ax, which: str):
     """Log scale on axis `which` ("x" or "y") with plain tick labels (1, 2, 5, 10, 20, ...)."""
     from matplotlib.ticker import LogLocator, NullFormatter, StrMethodFormatter
@@ -211,12 +222,7 @@ def plot_score_vs_bytes(df) -> str:
         ax.set_title(task, fontsize=11)
         ax.set_xlabel("KV cache kept after compression (MiB, 16-bit)")
         ax.set_ylabel(_ylabel(metric), fontsize=8)
-        _plain_log(ax, "x")
-        if metric == "perplexity":
-            _plain_log(ax, "y")
-        else:
-            ax.set_ylim(-0.03, 1.03)
-        ax.grid(alpha=0.3, which="both")
+        _bytes_axes(ax, metric, top=1.03)
     fig.tight_layout()
     _legend(fig, handles)
     return _png(fig)
@@ -425,12 +431,7 @@ def plot_frontier(df) -> str:
         ax.set_title(f"{task} (n={n}{'' if task == 'overall' else ', per configuration'})", fontsize=11)
         ax.set_xlabel("KV bytes held, % of the full 16-bit cache (log)")
         ax.set_ylabel(_ylabel(metric) if task != "overall" else "mean string-match score over tasks", fontsize=8)
-        _plain_log(ax, "x")
-        if metric == "perplexity":
-            _plain_log(ax, "y")
-        else:
-            ax.set_ylim(-0.03, 1.08)
-        ax.grid(alpha=0.3, which="both")
+        _bytes_axes(ax, metric, top=1.08)
         ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     return _png(fig)
