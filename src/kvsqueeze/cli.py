@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from .devices import device_options, resolve_device, resolve_dtype
 from .errors import KVSqueezeError
 from .models import DEFAULT_MODEL, MODELS
 
@@ -96,8 +97,9 @@ def models():
               "the stored tokens (AttentionPredictor needs `kvsqueeze train-predictor` first).")
 @click.option("--select-budget", type=click.IntRange(min=32), default=512, show_default=True,
               help="Tokens each decoding step attends to with --select.")
+@device_options
 def generate(model, method, ratio, budget, exempt_layers, decode_every, context_file, question, max_new_tokens,
-             chunk_size, query_aware, quant, select, select_budget):
+             chunk_size, query_aware, quant, select, select_budget, device, dtype):
     """Compress a context, answer a question, report the KV memory kept."""
     if not context_file.exists():
         raise KVSqueezeError(f"context file not found: {context_file}")
@@ -112,7 +114,8 @@ def generate(model, method, ratio, budget, exempt_layers, decode_every, context_
     qspec = parse_quant(quant)
     if qspec is not None:
         m = qspec.method(m)
-    mdl, tok = load_model(model)
+    dev = resolve_device(device)
+    mdl, tok = load_model(model, dtype=resolve_dtype(dtype, dev), device=str(dev))
     selector = None
     if select != "none":
         from .selection import AttentionPredictor, Quest

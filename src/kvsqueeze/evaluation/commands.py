@@ -73,6 +73,8 @@ def _selects(select: str, budgets: str) -> list[tuple[str | None, int | None]]:
 
 
 def task_options(f):
+    from ..devices import device_options
+
     opts = [
         click.option("--model", default=DEFAULT_MODEL, show_default=True,
                      help="Model alias, HF hub id or local directory."),
@@ -111,6 +113,7 @@ def task_options(f):
         click.option("--code-version", default=None,
                      help="Override the code version in the result keys (default: package version + git commit)."),
         click.option("--quiet", is_flag=True, help="No progress bar."),
+        device_options,  # --device, --dtype
     ]
     for o in reversed(opts):
         f = o(f)
@@ -119,11 +122,11 @@ def task_options(f):
 
 def _run(pairs, *, model, tasks, length, samples, seed, haystack_dir, niah_lengths, niah_depths, ppl_tokens,
          results, query_aware, chunk_size, no_share_prefill, batch_size, code_version, quiet, quant=None,
-         select=None, select_budget=None):
-    from ..models import load_model
-    from ..tasks import TaskConfig, build_samples, expand_tasks
-    from .store import ResultStore, code_version as auto_version, error_notes, summary_table
-    from .sweep import run_sweep
+         select=None, select_budget=None, device="cpu", dtype="auto"):
+    from ..devices import resolve_device, resolve_dtype
+    from ..tasks import TaskConfig, expand_tasks
+    from .distributed import init_distributed
+    from .store import code_version as auto_version
 
     task_names = expand_tasks(tasks)
     cfg = TaskConfig(length=length, samples=samples, seed=seed,
@@ -131,23 +134,56 @@ def _run(pairs, *, model, tasks, length, samples, seed, haystack_dir, niah_lengt
                      niah_lengths=_ints(niah_lengths, "--niah-lengths"),
                      niah_depths=_floats(niah_depths, "--niah-depths", 0.0, 1.0, False), ppl_tokens=ppl_tokens)
     version = code_version or auto_version()
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    dist = init_distributed(dev)  # torchrun (WORLD_SIZE > 1): this rank's device, process group joined
+    try:
+        _run_ranked(pairs, dist, model=model, task_names=task_names, cfg=cfg, version=version, dt=dt,
+                    results=results, seed=seed, chunk_size=chunk_size, no_share_prefill=no_share_prefill,
+                    batch_size=batch_size, quiet=quiet)
+    finally:
+        dist.close()
+
+
+def _run_ranked(pairs, dist, *, model, task_names, cfg, version, dt, results, seed, chunk_size, no_share_prefill,
+                batch_size, quiet):
+    """The rest of `_run` on one rank (the only one when not distributed): rank 0 creates the store before the
+    others open it; after the sweep, a barrier, then rank 0 prints the summary with counts summed over ranks."""
+    from ..models import load_model
+    from ..tasks import build_samples
+    from .store import ResultStore, error_notes, summary_table
+    from .sweep import run_sweep
+
+    if dist.active and not dist.is_main:
+        dist.barrier()  # rank 0 creates the file (and its WAL) first
     try:
         store = ResultStore(results)
     except OSError as e:
         raise KVSqueezeError(f"cannot open results file {results}: {e}") from None
-    mdl, tok = load_model(model)
+    finally:
+        if dist.active and dist.is_main:
+            dist.barrier()
+    mdl, tok = load_model(model, dtype=dt, device=str(dist.device))
     smp = build_samples(tok, task_names, cfg)
-    if not quiet:
-        click.echo(f"{len(smp)} samples x {len(pairs)} configurations on {model}; code {version}; "
-                   f"results -> {results}", err=True)
+    if not quiet and dist.is_main:
+        ranks = f"; {dist.world} ranks ({dist.backend}), samples dealt round-robin" if dist.active else ""
+        click.echo(f"{len(smp)} samples x {len(pairs)} configurations on {model} ({dist.device}, "
+                   f"{str(dt).replace('torch.', '')}); code {version}; results -> {results}{ranks}", err=True)
     try:
         res = run_sweep(mdl, tok, smp, pairs, store, model_name=model, seed=seed, code_version=version,
-                        share_prefill=not no_share_prefill, chunk_size=chunk_size, progress=not quiet,
-                        batch_size=batch_size)
+                        share_prefill=not no_share_prefill, chunk_size=chunk_size,
+                        progress=not quiet and dist.is_main, batch_size=batch_size, dist=dist)
     except KeyboardInterrupt:
         click.echo(f"interrupted: {store.count()} rows are stored in {results}; run the same command to resume",
                    err=True)
         sys.exit(130)
+    if dist.active:
+        dist.barrier()  # every rank's rows are committed
+        res.added, res.prefills = (int(x) for x in dist.sum([res.added, res.prefills]))
+        res.seconds = dist.sum([res.seconds])[0] / dist.world  # (the ranks ran side by side: mean wall time)
+        if not dist.is_main:
+            store.close()
+            return
     df = store.frame()
     keys = {(p.name, p.params_json, p.ratio) for p in pairs}
     ids = {(s.task, s.sample_id) for s in smp}

@@ -345,11 +345,14 @@ class SweepResult:
 def run_sweep(model, tokenizer, samples: list[Sample], pairs: list[Pair], store: ResultStore | None = None, *,
               model_name: str, seed: int = 0, code_version: str | None = None, share_prefill: bool = True,
               chunk_size: int | None = None, progress: bool = True, keep_answers: bool = False,
-              batch_size: int = 8) -> SweepResult:
+              batch_size: int = 8, dist=None) -> SweepResult:
     """Evaluate every pair on every sample; rows already in `store` are skipped, new ones stored one by one.
 
     `batch_size`: prefill-only pairs of a sample answer together, that many caches per batched decode (1: one
-    pair at a time, exactly `greedy_decode`)."""
+    pair at a time, exactly `greedy_decode`). `dist`: a `distributed.DistInfo` of a torchrun job (every rank
+    calls this with the same samples and pairs): all ranks read the stored keys, meet at a barrier, then each
+    computes the samples with pending rows at index i % world == rank; `added` / `prefills` are this rank's,
+    `skipped` counts the whole store."""
     code_version = code_version or default_code_version()
     res = SweepResult()
     t_start = time.perf_counter()
@@ -361,14 +364,23 @@ def run_sweep(model, tokenizer, samples: list[Sample], pairs: list[Pair], store:
         res.skipped += len(pairs) - len(pending)
         if pending:
             todo.append((s, pending))
+    if dist is not None and dist.active:
+        todo = dist.shard(todo)  # every rank filtered the same snapshot (the barrier below comes before writes)
     total = sum(len(p) for _, p in todo)
     max_pos = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    if dist is not None and dist.active and not dist.is_main:
+        dist.barrier()  # rank 0 sets the methods up first (Q-Filters calibrates and saves once)
     for m in {id(p.method): p.method for p in pairs}.values():
         m.setup(model)  # Q-Filters loads (or calibrates) its filters once, not once per cache
+    if dist is not None and dist.active and dist.is_main:
+        dist.barrier()
     for p in pairs:
         if p.selector is not None:
             p.selector.setup(model)  # an untrained AttentionPredictor is refused here, before any row
     eos = _eos_ids(model, tokenizer)
+    if dist is not None and dist.active:
+        dist.barrier()  # no rank writes a row before every rank has read the stored keys
+    meta_extra = {"dist_rank": dist.rank, "dist_world": dist.world} if dist is not None and dist.active else {}
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -379,7 +391,8 @@ def run_sweep(model, tokenizer, samples: list[Sample], pairs: list[Pair], store:
         for sample, pending in todo:
             _run_sample(model, tokenizer, sample, pending, store, res, model_name=model_name, seed=seed,
                         code_version=code_version, share=share_prefill, chunk_size=chunk_size, eos=eos,
-                        max_pos=max_pos, bar=bar, keep_answers=keep_answers, batch_size=batch_size)
+                        max_pos=max_pos, bar=bar, keep_answers=keep_answers, batch_size=batch_size,
+                        meta_extra=meta_extra)
     finally:
         if bar is not None:
             bar.close()
@@ -389,7 +402,8 @@ def run_sweep(model, tokenizer, samples: list[Sample], pairs: list[Pair], store:
 
 @torch.no_grad()
 def _run_sample(model, tokenizer, sample: Sample, pending: list[Pair], store, res: SweepResult, *, model_name,
-                seed, code_version, share, chunk_size, eos, max_pos, bar, keep_answers, batch_size):
+                seed, code_version, share, chunk_size, eos, max_pos, bar, keep_answers, batch_size,
+                meta_extra=None):
     ppl = sample.metric == "perplexity"
     if ppl:
         ids = tokenizer(sample.context).input_ids
@@ -426,7 +440,7 @@ def _run_sample(model, tokenizer, sample: Sample, pending: list[Pair], store, re
             "answers_json": sample.answers, "kv_bytes": stats.kv_bytes, "total_bytes": stats.total_bytes,
             "full_kv_bytes": stats.full_kv_bytes, "n_context_tokens": n_ctx, "n_question_tokens": n_q,
             "length": sample.meta.get("length"), "depth": sample.meta.get("depth"),
-            "meta_json": sample.meta, "protocol": protocol, "seconds": seconds,
+            "meta_json": {**sample.meta, **meta_extra} if meta_extra else sample.meta, "protocol": protocol, "seconds": seconds,
             "quant": pair.quant, "select": pair.select, "select_budget": pair.select_budget,
             "kv_bytes_16": b16[0], "full_kv_bytes_16": b16[1],
         }
