@@ -174,3 +174,39 @@ def test_cuda_without_a_gpu_is_refused(tmp_path):
     ctx.write_text("some context")
     r = CliRunner().invoke(main, ["generate", "--context-file", str(ctx), "--question", "q?", "--device", "cuda"])
     assert r.exit_code == 2 and r.output.strip().startswith("error: --device cuda: torch sees no CUDA GPU"), r.output
+
+
+def _write_rows(path, order, out):
+    from kvsqueeze.evaluation.store import ResultStore
+
+    with ResultStore(path) as st:
+        added = 0
+        for i in order:
+            added += st.add({"model": "m", "method": "full", "params_json": "{}", "ratio": 0.0, "task": "t",
+                             "sample_id": f"s{i}", "seed": 0, "code_version": "v", "score": float(i),
+                             "meta_json": {"writer": os.getpid()}})
+    out.put(added)
+
+
+def test_concurrent_writers_share_one_store_without_duplicates(tmp_path):
+    """Two processes insert the same 150 keys (in opposite orders) into one file at once: every key once, no
+    'database is locked' (busy timeout), and the inserts reported as new add up to exactly 150."""
+    import multiprocessing as mp
+
+    from kvsqueeze.evaluation.store import ResultStore
+
+    db = tmp_path / "w.sqlite"
+    ResultStore(db).close()  # created first, as rank 0 does
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=_write_rows, args=(db, order, q)) for order in (range(150), range(149, -1, -1))]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+        assert p.exitcode == 0
+    added = [q.get(timeout=5) for _ in procs]
+    assert sum(added) == 150  # each key inserted by exactly one of them
+    with ResultStore(db) as st:
+        df = st.frame()
+    assert len(df) == 150 and df.sample_id.nunique() == 150
