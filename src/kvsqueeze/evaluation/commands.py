@@ -179,8 +179,8 @@ def _run_ranked(pairs, dist, *, model, task_names, cfg, version, dt, results, se
         sys.exit(130)
     if dist.active:
         dist.barrier()  # every rank's rows are committed
-        res.added, res.prefills = (int(x) for x in dist.sum([res.added, res.prefills]))
-        res.seconds = dist.sum([res.seconds])[0] / dist.world  # (the ranks ran side by side: mean wall time)
+        res.added, res.prefills = (int(x) for x in dist.reduce([res.added, res.prefills]))
+        res.seconds = dist.reduce([res.seconds], op="max")[0]  # the ranks ran side by side: the slowest one's time
         if not dist.is_main:
             store.close()
             return

@@ -53,15 +53,15 @@ class DistInfo:
             else:
                 dist.barrier()
 
-    def sum(self, values: list[float]) -> list[float]:
-        """`values` summed element-wise over the ranks (unchanged when not distributed)."""
+    def reduce(self, values: list[float], op: str = "sum") -> list[float]:
+        """`values` reduced element-wise over the ranks (`op`: "sum" or "max"; unchanged when not distributed)."""
         if not self.active:
             return list(values)
         import torch.distributed as dist
 
         dev = self.device if self.backend == "nccl" else torch.device("cpu")
         t = torch.tensor(values, dtype=torch.float64, device=dev)
-        dist.all_reduce(t)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
         return t.tolist()
 
     def shard(self, items: list) -> list:
