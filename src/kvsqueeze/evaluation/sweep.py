@@ -440,7 +440,8 @@ def _run_sample(model, tokenizer, sample: Sample, pending: list[Pair], store, re
             "answers_json": sample.answers, "kv_bytes": stats.kv_bytes, "total_bytes": stats.total_bytes,
             "full_kv_bytes": stats.full_kv_bytes, "n_context_tokens": n_ctx, "n_question_tokens": n_q,
             "length": sample.meta.get("length"), "depth": sample.meta.get("depth"),
-            "meta_json": {**sample.meta, **meta_extra} if meta_extra else sample.meta, "protocol": protocol, "seconds": seconds,
+            "meta_json": {**sample.meta, **meta_extra} if meta_extra else sample.meta, "protocol": protocol,
+            "seconds": seconds,
             "quant": pair.quant, "select": pair.select, "select_budget": pair.select_budget,
             "kv_bytes_16": b16[0], "full_kv_bytes_16": b16[1],
         }
