@@ -161,15 +161,16 @@ def pick(df, target: float | None = None, max_bytes: float | None = None, tolera
     if ok.empty:
         top = t.loc[t.factor.idxmax()]
         small = t.loc[t.kv_bytes_16.idxmin()]
-        want = (f"target {target:g}x" if target is not None else "") + \
-               (" and " if target is not None and max_bytes is not None else "") + \
-               (f"at most {max_bytes:.0f} bytes" if max_bytes is not None else "")
+        want = " and ".join(([f"target {target:g}x"] if target is not None else []) +
+                            ([f"budget of at most {max_bytes:.0f} bytes"] if max_bytes is not None else []))
         raise KVSqueezeError(
             f"no candidate configuration meets the {want}: the largest factor available is {top.factor:.2f}x "
             f"({describe(top)}), the smallest cache {small.kv_bytes_16:.0f} bytes; add higher --ratios or "
             f"lower-bit --quant schemes")
     rows = ok.to_dict("records")
-    evict = [r for r in rows if not r["quant"]]
+    for r in rows:  # pandas turns a missing scheme into NaN
+        r["quant"] = r["quant"] if isinstance(r["quant"], str) and r["quant"] else None
+    evict = [r for r in rows if r["quant"] is None]
     return Recommendation(rows[0], rows[1] if len(rows) > 1 else None, evict[0] if evict else None, t)
 
 
