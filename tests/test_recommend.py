@@ -141,7 +141,6 @@ def test_recommend_cli_end_to_end_resumes_and_writes_a_config_generate_reads(tin
     # pruned before running: full (1x), knorm / tova @0.5 (2x) cannot reach 3x; 7 candidates remain (full +
     # kivi-4, knorm / tova @0.5 + kivi-4, @0.75, @0.75 + kivi-4)
     assert len(df) == 7 and not ((df.ratio == 0.5) & df.quant.isna()).any() and (df.method != "full").any()
-    print(out)
     c = json.loads(cfg.read_text())
     assert c["model"] == str(tiny_dir) and c["method"] in ("full", "knorm", "tova")
     assert c["recommended"]["factor"] >= 3 * 0.99 and 0 <= c["recommended"]["score"] <= 1
@@ -155,6 +154,16 @@ def test_recommend_cli_end_to_end_resumes_and_writes_a_config_generate_reads(tin
     assert r2.exit_code == 0, r2.output
     assert len(ResultStore(dbs[0]).frame()) == 7
     assert r2.output.splitlines()[1] == out.splitlines()[1]
+
+    # checking the pick on fresh samples (another seed): the pick and the best eviction-only configuration
+    r3 = _invoke(args + ["--verify-seed", "1", "--verify-samples", "1"], monkeypatch, cache)
+    assert r3.exit_code == 0, r3.output
+    assert "fresh samples (seed 1, 1 per task):" in r3.output and "  pick: " in r3.output, r3.output
+    fresh = ResultStore(dbs[0]).frame()
+    fresh = fresh[fresh.seed == 1]
+    assert 1 <= len(fresh) <= 2 and (fresh.method == c["method"]).any()
+    if len(fresh) == 2:
+        assert "  eviction-only: " in r3.output and fresh.quant.isna().any()
 
     # the config round trip through generate, with an explicit flag overriding the file
     ctx = tmp_path / "ctx.txt"
@@ -182,6 +191,7 @@ def test_recommend_cli_errors(tiny_dir, tmp_path, monkeypatch):
         ([], "give a target"),
         (["--target", "8y"], "--target must be"),
         (["--target", "2x", "--tasks", "passkey,ppl"], "leave 'ppl' out"),
+        (["--target", "2x", "--verify-seed", "0"], "--verify-seed must differ"),
     ]:
         r = _invoke(base + extra, monkeypatch, tmp_path / "cache")
         lines = [l for l in r.output.strip().splitlines() if l]

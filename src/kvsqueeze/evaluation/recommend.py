@@ -348,12 +348,17 @@ def register_recommend(main) -> None:
                   help="SQLite results file (default: $KVSQUEEZE_CACHE/recommend/<model>.sqlite; reruns resume).")
     @click.option("--config", "config_out", type=click.Path(dir_okay=False, path_type=Path), default=None,
                   help="Write the pick as JSON for `kvsqueeze generate --config FILE`.")
+    @click.option("--verify-seed", type=int, default=None,
+                  help="Then score the pick and the best eviction-only configuration on fresh samples of this "
+                       "seed (same tasks and length; rows in the same store).")
+    @click.option("--verify-samples", type=click.IntRange(min=1), default=5, show_default=True,
+                  help="Samples per task for --verify-seed.")
     @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True,
                   help="Answers of one sample decoded for this many caches at once.")
     @click.option("--code-version", default=None, help="Override the code version in the result keys.")
     @click.option("--quiet", is_flag=True, help="No progress bar.")
     def recommend_cmd(model, target, max_bytes, methods, ratios, quant, tasks, length, samples, seed, tolerance,
-                      results, config_out, batch_size, code_version, quiet):
+                      results, config_out, verify_seed, verify_samples, batch_size, code_version, quiet):
         """Pick the configuration with the best measured score at a byte budget (short calibration sweep)."""
         from ..methods import METHODS
         from ..models import cache_dir, load_model
@@ -363,6 +368,8 @@ def register_recommend(main) -> None:
 
         if target is None and max_bytes is None:
             raise KVSqueezeError("give a target: --target FACTOR (e.g. 8x) or --max-bytes SIZE (e.g. 2M)")
+        if verify_seed is not None and verify_seed == seed:
+            raise KVSqueezeError(f"--verify-seed must differ from the calibration --seed ({seed})")
         tgt = parse_target(target) if target is not None else None
         mb = parse_bytes(max_bytes) if max_bytes is not None else None
         names = list(METHODS) if methods.strip() == "all" else [x.strip() for x in methods.split(",") if x.strip()]
@@ -425,6 +432,31 @@ def register_recommend(main) -> None:
             info["runner_up"] = describe(rec.runner_up)
         cfg = config_dict(best_pair, model, rec.best, info)
         click.echo(generate_line(cfg))
+        if verify_seed is not None:
+            chosen = [best_pair]
+            if rec.eviction_only is not None and rec.eviction_only is not rec.best:
+                e = rec.eviction_only
+                chosen.append(by_key[(e["method"], e["params_json"], float(e["ratio"]))])
+            fresh = build_samples(tok, task_names, TaskConfig(length=length, samples=verify_samples,
+                                                              seed=verify_seed))
+            store = ResultStore(path)
+            try:
+                from .sweep import run_sweep
+
+                run_sweep(mdl, tok, fresh, chosen, store, model_name=model, seed=verify_seed, code_version=version,
+                          progress=not quiet, batch_size=batch_size)
+                vrows = _mine(store.frame(), chosen, fresh, model, verify_seed, version)
+            finally:
+                store.close()
+            vt = candidates(vrows)
+            click.echo(f"fresh samples (seed {verify_seed}, {verify_samples} per task):")
+            for who, p in zip(("pick", "eviction-only"), chosen):
+                r = vt[(vt.method == p.name) & (vt.params_json == p.params_json) & (vt.ratio == float(p.ratio))]
+                if not r.empty:
+                    click.echo(f"  {who}: " + line(r.iloc[0].to_dict()))
+            if len(chosen) == 1:
+                click.echo("  (no eviction-only configuration meets the target)" if rec.eviction_only is None
+                           else "  (the pick is eviction-only)")
         if config_out is not None:
             try:
                 config_out.parent.mkdir(parents=True, exist_ok=True)
