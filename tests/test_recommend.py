@@ -36,7 +36,7 @@ def _store_frame():
     rows = []
     rows += _rows("snapkv", 0.9, None, 100, {"passkey": [0.0, 1.0], "vt": [0.0, 0.0]})  # 10x, 0.25
     rows += _rows("knorm", 0.75, "kivi-4", 80, {"passkey": [1.0, 1.0], "vt": [1.0, 0.0]})  # 12.5x, 0.75
-    rows += _rows("tova", 0.5, "kivi-2", 125, {"passkey": [1.0, 1.0], "vt": [0.0, 1.0]})  # 8x, 0.75 (tie, smaller factor)
+    rows += _rows("tova", 0.5, "kivi-2", 125, {"passkey": [1.0, 1.0], "vt": [0.0, 1.0]})  # 8x, 0.75 (tie)
     rows += _rows("tova", 0.75, None, 250, {"passkey": [1.0, 1.0], "vt": [1.0, 1.0]})  # 4x, 1.0: best, too large
     rows += _rows("h2o", 0.95, None, 50, {"passkey": [1.0, 1.0]}, tasks=("passkey",))  # 20x, 1.0 but one task only
     return pd.DataFrame(rows)
@@ -200,8 +200,8 @@ def test_recommend_cli_errors(tiny_dir, tmp_path, monkeypatch):
     # measured, not bounded: a byte budget below every measured cache
     r = _invoke(base + ["--max-bytes", "10"], monkeypatch, tmp_path / "cache")
     lines = [l for l in r.output.strip().splitlines() if l]
-    assert r.exit_code == 2 and len(lines) == 1 and "budget of at most 10 bytes" in lines[0] and "largest factor available is 2.0" in lines[0], \
-        r.output
+    assert r.exit_code == 2 and len(lines) == 1, r.output
+    assert "budget of at most 10 bytes" in lines[0] and "largest factor available is 2.0" in lines[0], r.output
 
 
 def test_generate_config_file_errors(tmp_path, monkeypatch):
