@@ -41,6 +41,33 @@ def build_method(method: str, ratio: float, budget: int | None, exempt_layers: s
     return get_method(method, ratio=ratio, budget=budget, exempt_layers=exempt, decode_every=decode_every)
 
 
+def config_values(ctx, path) -> dict:
+    """The command's parameter values with those of the JSON file `path` filling every option not given on the
+    command line (click's DEFAULT source); file values are checked by the options' own types and callbacks.
+    KVSqueezeError for a missing / malformed file, an unknown key, or a value the option refuses."""
+    from click.core import ParameterSource
+
+    from .evaluation.recommend import read_config
+
+    file_vals = read_config(path)
+    params = {p.name: p for p in ctx.command.params}
+    out = dict(ctx.params)
+    for k, v in file_vals.items():
+        if k not in params:
+            raise KVSqueezeError(f"config file {path}: `{ctx.command.name}` has no option {k!r}")
+        if ctx.get_parameter_source(k) not in (ParameterSource.DEFAULT, None):
+            continue  # given explicitly: the command line wins
+        p = params[k]
+        try:
+            val = None if v is None else p.type_cast_value(ctx, v)
+            if p.callback is not None:
+                val = p.callback(ctx, p, val)
+        except click.BadParameter as e:
+            raise KVSqueezeError(f"config file {path}: {k}: {e.format_message()}") from None
+        out[k] = val
+    return out
+
+
 class Group(click.Group):
     """Turn KVSqueezeError into one line on stderr and exit code 2."""
 
@@ -98,9 +125,19 @@ def models():
 @click.option("--select-budget", type=click.IntRange(min=32), default=512, show_default=True,
               help="Tokens each decoding step attends to with --select.")
 @device_options
+@click.option("--config", "config", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="JSON file of these options (e.g. from `kvsqueeze recommend --config FILE`); options given "
+                   "on the command line override it.")
 def generate(model, method, ratio, budget, exempt_layers, decode_every, context_file, question, max_new_tokens,
-             chunk_size, query_aware, quant, select, select_budget, device, dtype):
+             chunk_size, query_aware, quant, select, select_budget, device, dtype, config):
     """Compress a context, answer a question, report the KV memory kept."""
+    if config is not None:
+        v = config_values(click.get_current_context(), config)
+        model, method, ratio, budget, exempt_layers, decode_every = (
+            v["model"], v["method"], v["ratio"], v["budget"], v["exempt_layers"], v["decode_every"])
+        max_new_tokens, chunk_size, query_aware = v["max_new_tokens"], v["chunk_size"], v["query_aware"]
+        quant, select, select_budget = v["quant"], v["select"], v["select_budget"]
+        device, dtype = v.get("device", device), v.get("dtype", dtype)
     if not context_file.exists():
         raise KVSqueezeError(f"context file not found: {context_file}")
     context = context_file.read_text(errors="replace")
@@ -162,6 +199,7 @@ def calibrate_qfilters(model, text_dir, n_seq, seq_len):
 # Further command groups register here.
 from .selection.commands import register_selection; register_selection(main)  # noqa: E402, E702
 from .evaluation.commands import register as register_evaluation; register_evaluation(main)  # noqa: E402, E702
+from .evaluation.recommend import register_recommend; register_recommend(main)  # noqa: E402, E702
 
 if __name__ == "__main__":  # pragma: no cover
     main()
