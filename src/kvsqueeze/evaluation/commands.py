@@ -264,7 +264,7 @@ def register(main: click.Group) -> None:
     @click.option("--markdown", is_flag=True, help="Also print the mean-score table as Markdown.")
     @click.option("--model", default=None, help="With --markdown: the model whose table is printed.")
     @click.option("--bootstrap", type=click.IntRange(min=0), default=0, show_default=True,
-                  help="Add a 95%% bootstrap interval (this many resamples of the samples, seeded) to every cell.")
+                  help="Add a 95% bootstrap interval (this many resamples of the samples, seeded) to every cell.")
     def report_cmd(results, output, title, markdown, model, bootstrap):
         """Write one static HTML page (plots embedded, no server) from a results file."""
         from .report import load_results, markdown_table, write_report
@@ -282,7 +282,7 @@ def register(main: click.Group) -> None:
                        "each task's primary metric).")
     @click.option("--model", default=None, help="Only this model.")
     @click.option("--bootstrap", type=click.IntRange(min=0), default=0, show_default=True,
-                  help="Add a 95%% bootstrap interval per point (this many resamples, seeded).")
+                  help="Add a 95% bootstrap interval per point (this many resamples, seeded).")
     @click.option("--all", "show_all", is_flag=True, help="Also list the dominated configurations.")
     def frontier_cmd(results, task, metric, model, bootstrap, show_all):
         """Print the Pareto frontier of score against 16-bit KV bytes, per task and overall."""
