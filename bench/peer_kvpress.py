@@ -40,7 +40,9 @@ entries for most presses, but AdaKV (and the other head-wise presses: CriticalAd
 tensors keep every token, so their rows count every token (factor 1.0, which is what kvpress holds in memory),
 and `meta_json` carries `masked: true`, the number of masked entries and `kv_bytes_16_unmasked` (what a
 kernel that skipped the masked entries would need to hold). `--quant quanto-4` (or hqq) adds transformers'
-QuantizedCache under each press, where its backend is installed; bytes are then the quantized store's.
+QuantizedCache under each press, where its backend is installed. NOT validated: with optimum-quanto 0.2.7 on
+CPU a tiny-model run did not finish in 200 s (likely its extension build), hqq is not installed; byte counts of
+quantized layers are not checked.
 
 Resumable: keys already in the store are skipped; each row is committed as it is computed.
 """
@@ -83,9 +85,12 @@ def cmd_samples(a) -> None:
 
 # --- step 2: run (kvpress's venv) -----------------------------------------------------------------------------
 def light_kvsqueeze():
-    """kvsqueeze's ResultStore and scoring rule without running kvsqueeze's (transformers >= 5.17) __init__."""
+    """kvsqueeze's ResultStore and scoring rule without running kvsqueeze's (transformers >= 5.17) __init__: the
+    parent packages are empty stubs whose __path__ is src/kvsqueeze/..., so only store.py, tasks/base.py and
+    errors.py execute. Where the real package is already imported (kvsqueeze's own venv), it is used as is."""
+    real = getattr(sys.modules.get("kvsqueeze"), "__file__", None) is not None
     for name, sub in (("kvsqueeze", ""), ("kvsqueeze.evaluation", "evaluation"), ("kvsqueeze.tasks", "tasks")):
-        if name not in sys.modules:
+        if not real and name not in sys.modules:
             mod = types.ModuleType(name)
             mod.__path__ = [str(SRC / "kvsqueeze" / sub) if sub else str(SRC / "kvsqueeze")]
             sys.modules[name] = mod
