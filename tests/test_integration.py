@@ -34,7 +34,7 @@ def test_passkey_full_cache(smollm2, samples):
 def test_passkey_snapkv_half_cache_query_aware(smollm2, samples):
     """SnapKV in its paper's setting: the observation window is the question (16 tokens here), ratio 0.5.
     Question-agnostic SnapKV does not retrieve the passkey at 2x on this model: 0/6 here and 0/6 with kvpress's
-    SnapKVPress on the same samples (bench/peer_kvpress_passkey.py), so it is measured, not asserted."""
+    SnapKVPress on the same samples (bench/peer_kvpress.py), so it is measured, not asserted."""
     acc, res = _accuracy(*smollm2, samples, kq.get_method("snapkv", ratio=0.5, window=16), query_aware=True)
     assert acc == 1.0
     assert res.stats.ratio == pytest.approx(0.5, abs=0.01)
