@@ -37,7 +37,7 @@ def split_essays(essays: Path) -> tuple[list[Path], list[Path]]:
     return files[0::2], files[1::2]
 
 
-def filter_sets(model, tok, essays: Path, store: Path | None = None) -> dict[str, torch.Tensor]:
+def filter_sets(model, tok, essays: Path, store: Path | None = None, n_seq: int = 20) -> dict[str, torch.Tensor]:
     """{"default": ..., "essays": ...} filters (n_layers, kv_heads, head_dim); cached in `store` when given."""
     if store is not None and store.exists():
         return torch.load(store)
@@ -45,7 +45,7 @@ def filter_sets(model, tok, essays: Path, store: Path | None = None) -> dict[str
     texts = [p.read_text(errors="replace") for p in calib]
     out = {
         "default": qf.calibrate(model, tok, progress=False),
-        "essays": qf.calibrate(model, tok, texts, n_seq=20, seq_len=2048, n_vectors=3000),
+        "essays": qf.calibrate(model, tok, texts, n_seq=n_seq, seq_len=2048, n_vectors=3000),
     }
     if store is not None:
         store.parent.mkdir(parents=True, exist_ok=True)
@@ -74,7 +74,7 @@ def qk(model, ids: torch.Tensor):
 
 def cmd_corr(args) -> None:
     model, tok = load_model(args.model)
-    filters = filter_sets(model, tok, args.essays, args.filters)
+    filters = filter_sets(model, tok, args.essays, args.filters, args.calib_seqs)
     _, held = split_essays(args.essays)
     text = "\n\n".join(p.read_text(errors="replace") for p in held)
     ids_all = tok(text, return_tensors="pt").input_ids[0]
@@ -120,7 +120,7 @@ def cmd_retrieval(args) -> None:
     from kvsqueeze.tasks import TaskConfig, build_samples
 
     model, tok = load_model(args.model)
-    filters = filter_sets(model, tok, args.essays, args.filters)
+    filters = filter_sets(model, tok, args.essays, args.filters, args.calib_seqs)
     _, held = split_essays(args.essays)
     with tempfile.TemporaryDirectory() as hay:
         for p in held:
@@ -159,6 +159,7 @@ def main(argv=None) -> None:
     ap.add_argument("--samples", type=int, default=8)
     ap.add_argument("--ratio", type=float, default=0.5)
     ap.add_argument("--filters", type=Path, default=Path("results/qfilters_check_filters.pt"))
+    ap.add_argument("--calib-seqs", type=int, default=20, help="windows of 2048 tokens for the essay filters")
     ap.add_argument("--results", type=Path, default=Path("results/qfilters_check.sqlite"))
     args = ap.parse_args(argv)
     torch.manual_seed(0)
