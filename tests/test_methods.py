@@ -186,3 +186,22 @@ def test_pyramid_budgets_compose_with_another_scorer():
     for li, n in enumerate(stored):  # TOVA's choice at this layer's own budget
         last = _full_attention(rec, li)[0, :, -1].mean(0)
         assert _kept(cache, li)[0] == sorted(last.argsort(descending=True)[:n].tolist())
+
+
+def test_qfilters_calibration_reads_a_short_text_once_and_windows_are_slices():
+    torch.manual_seed(0)
+    model = tiny_llama()
+    seen = []
+    model.register_forward_pre_hook(lambda mod, args, kw: seen.append(args[0][0].clone()), with_kwargs=True)
+    tok = _CharTokenizer()
+    short = "abcdefghij" * 20  # 200 tokens < seq_len: one window, not n_seq copies of the same queries
+    qfilters.calibrate(model, tok, [short], n_seq=8, seq_len=1024, progress=False)
+    assert len(seen) == 1 and seen[0].tolist() == tok(short).input_ids[0].tolist()
+    seen.clear()
+    text = "".join(chr(33 + i % 90) for i in range(600))
+    ids = tok(text).input_ids[0].tolist()
+    qfilters.calibrate(model, tok, [text], n_seq=5, seq_len=128, progress=False)
+    assert len(seen) == 5
+    for w in seen:  # each window is a contiguous slice of the text
+        w = w.tolist()
+        assert len(w) == 128 and any(ids[s:s + 128] == w for s in range(len(ids) - 127))

@@ -54,7 +54,15 @@ def default_calibration_texts() -> list[str]:
 @torch.no_grad()
 def calibrate(model, tokenizer, texts: list[str] | None = None, n_seq: int = 8, seq_len: int = 1024,
               n_vectors: int = 3000, seed: int = 0, progress: bool = True) -> torch.Tensor:
-    """Compute Q-Filters (n_layers, kv_heads, head_dim) from post-RoPE queries on calibration text."""
+    """Compute Q-Filters (n_layers, kv_heads, head_dim) from post-RoPE queries on calibration text.
+
+    `texts` are joined and tokenized; `n_seq` windows of `seq_len` tokens are drawn at random offsets, each a
+    contiguous slice of that text (never wrapped around its end, which would join its last tokens to its first);
+    `n_vectors` query vectors are sampled per head among them, the SVD runs per query head in fp32. A text
+    shorter than `seq_len` is read once as one window (rotated copies of it would add no new queries). The
+    paper's recipe (Godey et al., make_filters.py) is 20 windows x 2048 tokens of pretraining text (FineWeb),
+    3000 vectors: pass such text (`kvsqueeze calibrate qfilters --text-dir`) for filters close to theirs; the
+    shipped default text is about 1k tokens. Raises `KVSqueezeError` for a text under 64 tokens."""
     from ..attention import patched, record_queries
     texts = texts or default_calibration_texts()
     gen = torch.Generator().manual_seed(seed)
@@ -62,6 +70,8 @@ def calibrate(model, tokenizer, texts: list[str] | None = None, n_seq: int = 8, 
     if ids.numel() < 64:
         raise KVSqueezeError("calibration text is too short (need at least 64 tokens)")
     seq_len = min(seq_len, ids.numel())
+    if seq_len == ids.numel():
+        n_seq = 1  # the whole text is one window: more would be the same queries again
     per_seq = max(1, n_vectors // n_seq)
     store: dict[int, list[torch.Tensor]] = {}
 
@@ -79,10 +89,9 @@ def calibrate(model, tokenizer, texts: list[str] | None = None, n_seq: int = 8, 
     it = starts.tolist()
     if progress and tqdm is not None:
         it = tqdm(it, desc="Q-Filters calibration", unit="seq")
-    # Rotate the text so each sequence sees different content when the text is short
     with patched(model), record_queries(rec):  # the model is routed through kvsqueeze only inside the block
         for s in it:
-            chunk = torch.roll(ids, -s)[:seq_len]
+            chunk = ids[s:s + seq_len]  # a contiguous window of the text (starts drawn so it fits)
             model(chunk[None].to(device), use_cache=False)
     cfg = model.config.get_text_config()
     n_kv = attention_shape(cfg)[1]
