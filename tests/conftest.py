@@ -76,24 +76,43 @@ def save_tiny_llama_with_smollm2_tokenizer(d):
 
 
 @contextlib.contextmanager
-def loaded_in_own_cache(model_dir, cache_dir):
-    """`kq.load_model(model_dir)` with `$KVSQUEEZE_CACHE` at `cache_dir` (Q-Filters calibrate there) and torch on
-    one thread (tiny matrices: more threads only contend) inside the block; both restored after, so other test
-    modules keep the real cache (converted models, calibrated filters)."""
-    import kvsqueeze as kq
-
+def own_cache(cache_dir):
+    """`$KVSQUEEZE_CACHE` at `cache_dir` (Q-Filters calibrate there) and torch on one thread (tiny matrices: more
+    threads only contend) inside the block; both restored after, so other test modules keep the real cache
+    (converted models, calibrated filters)."""
     old = os.environ.get("KVSQUEEZE_CACHE")
     os.environ["KVSQUEEZE_CACHE"] = str(cache_dir)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        yield kq.load_model(str(model_dir))
+        yield
     finally:
         torch.set_num_threads(threads)
         if old is None:
             os.environ.pop("KVSQUEEZE_CACHE", None)
         else:
             os.environ["KVSQUEEZE_CACHE"] = old
+
+
+@contextlib.contextmanager
+def loaded_in_own_cache(model_dir, cache_dir):
+    """`kq.load_model(model_dir)` inside `own_cache(cache_dir)`."""
+    import kvsqueeze as kq
+
+    with own_cache(cache_dir):
+        yield kq.load_model(str(model_dir))
+
+
+def assert_one_error_line(args, message):
+    """`kvsqueeze ARGS` exits 2 with one line, `error: ...` containing `message`."""
+    from click.testing import CliRunner
+
+    from kvsqueeze.cli import main
+
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 2, r.output
+    lines = [line for line in r.output.strip().splitlines() if line]
+    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], r.output
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ from kvsqueeze.devices import resolve_device, resolve_dtype
 from kvsqueeze.errors import KVSqueezeError
 from kvsqueeze.evaluation.distributed import DistInfo, init_distributed, world_from_env
 
-from conftest import save_tiny_llama_with_smollm2_tokenizer
+from conftest import assert_one_error_line, own_cache, save_tiny_llama_with_smollm2_tokenizer
 
 SRC = str(Path(kvsqueeze.__file__).resolve().parents[1])
 
@@ -89,18 +89,8 @@ def test_two_process_torchrun_sweep_one_store_no_duplicates_resumable(tiny_dir, 
 
     from kvsqueeze.cli import main
 
-    old = os.environ.get("KVSQUEEZE_CACHE")
-    os.environ["KVSQUEEZE_CACHE"] = str(tmp_path / "cache")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with own_cache(tmp_path / "cache"):
         r = CliRunner().invoke(main, args)
-    finally:
-        torch.set_num_threads(threads)
-        if old is None:
-            os.environ.pop("KVSQUEEZE_CACHE", None)
-        else:
-            os.environ["KVSQUEEZE_CACHE"] = old
     assert r.exit_code == 0, r.output
     assert "0 rows added, 9 already stored" in r.output
     assert len(_rows(db)) == 9
@@ -157,14 +147,7 @@ def test_device_and_dtype_names():
     (["eval", "--method", "full", "--device", "tpu"], "--device must be"),
 ])
 def test_bad_device_or_dtype_is_one_error_line(args, message, tmp_path):
-    from click.testing import CliRunner
-
-    from kvsqueeze.cli import main
-
-    r = CliRunner().invoke(main, args + ["--results", str(tmp_path / "x.sqlite")])
-    assert r.exit_code == 2, r.output
-    lines = [l for l in r.output.strip().splitlines() if l]
-    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], r.output
+    assert_one_error_line(args + ["--results", str(tmp_path / "x.sqlite")], message)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")

@@ -19,7 +19,7 @@ import torch
 
 import kvsqueeze as kq
 
-from conftest import loaded_in_own_cache, save_tiny_llama_with_smollm2_tokenizer
+from conftest import assert_one_error_line, loaded_in_own_cache, save_tiny_llama_with_smollm2_tokenizer
 from kvsqueeze.errors import KVSqueezeError
 from kvsqueeze.evaluation import ResultStore, make_pairs, run_sweep
 from kvsqueeze.evaluation.frontier import frontier, frontier_tables, pareto_mask
@@ -268,11 +268,4 @@ def test_tables_state_n_and_one_sample_step(tmp_path):
     (["eval", "--select", "quest", "--select-budget", "16"], "--select-budget must be integers >= 32"),
 ])
 def test_bad_quant_and_select_are_one_error_line(args, message, tmp_path):
-    from click.testing import CliRunner
-
-    from kvsqueeze.cli import main
-
-    r = CliRunner().invoke(main, args + ["--results", str(tmp_path / "x.sqlite")])
-    assert r.exit_code == 2, r.output
-    lines = [l for l in r.output.strip().splitlines() if l]
-    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], r.output
+    assert_one_error_line(args + ["--results", str(tmp_path / "x.sqlite")], message)
