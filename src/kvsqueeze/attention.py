@@ -40,7 +40,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
 
-from .cache import CompressedLayer, pending_layer
+from .cache import MODEL_HOOKS, CompressedLayer, pending_layer
 from .errors import KVSqueezeError
 
 PREFIX = "kvsqueeze_"
@@ -362,3 +362,6 @@ def record_queries(fn):
         yield
     finally:
         _RECORDERS.remove(fn)
+
+
+MODEL_HOOKS.append(attach)  # every CompressedCache built attaches its model (see cache.MODEL_HOOKS)

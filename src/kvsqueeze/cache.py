@@ -35,6 +35,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer
 
 from .errors import KVSqueezeError
+from .shapes import attention_shape
 
 # The layer whose `update` ran last, waiting for its attention call (see attention.py). Thread-local so that
 # two models in two threads do not mix.
@@ -53,6 +54,11 @@ def _in_generate_prefill() -> bool:
             return True
         f = f.f_back
     return False
+
+
+# What building a cache does to its model. The runtime (`kvsqueeze.attention`, imported by the package's
+# `__init__`) registers `attach` here, so this storage module never imports the runtime.
+MODEL_HOOKS: list = []
 
 
 def pending_layer():
@@ -315,30 +321,6 @@ class CacheStats:
         )
 
 
-def attention_shape(config) -> tuple[int, int, int]:
-    """(query heads, kv heads, head_dim) of a text config, for every family's spelling.
-
-    Multi-head attention configs (GPT-2, GPT-NeoX, OPT, ...) have no `num_key_value_heads`: they are grouped-query
-    attention with as many kv heads as heads (multi-query configs, `multi_query=True`: one kv head). `head_dim`
-    defaults to hidden_size // heads when absent or None. Raises `KVSqueezeError` when the config names no heads.
-    """
-    n_heads = getattr(config, "num_attention_heads", None)
-    if not n_heads:
-        raise KVSqueezeError(f"{getattr(config, 'model_type', type(config).__name__)} has no attention heads "
-                             "kvsqueeze can compress (its config has no num_attention_heads)")
-    n_kv = getattr(config, "num_key_value_heads", None)
-    if not n_kv:
-        n_kv = 1 if getattr(config, "multi_query", False) else n_heads
-    head_dim = getattr(config, "head_dim", None)
-    if not head_dim:
-        hidden = getattr(config, "hidden_size", None)
-        if not hidden:
-            raise KVSqueezeError(f"{getattr(config, 'model_type', type(config).__name__)}: cannot tell the head "
-                                 "size (its config has neither head_dim nor hidden_size)")
-        head_dim = hidden // n_heads
-    return int(n_heads), int(n_kv), int(head_dim)
-
-
 def layer_types_of(config) -> list[str]:
     """The attention type of each layer ('full_attention', 'sliding_attention', ...)."""
     types = getattr(config, "layer_types", None)
@@ -381,9 +363,10 @@ class CompressedCache(Cache):
     """
 
     def __init__(self, model, method=None, *, layer_factory=None, selector=None):
-        from .attention import attach  # circular: attention imports this module
-
-        attach(model)
+        if not MODEL_HOOKS:
+            raise KVSqueezeError("kvsqueeze's runtime is not loaded: import kvsqueeze (the package) first")
+        for hook in MODEL_HOOKS:  # kvsqueeze.attention.attach: route the model's attention during our forwards
+            hook(model)
         config = model.config.get_text_config()
         self.config = config
         layers = []

@@ -75,7 +75,7 @@ def check_supported(model) -> None:
     text = cfg.get_text_config()
     if getattr(text, "kv_lora_rank", None):
         raise KVSqueezeError(f"{text.model_type} uses multi-head latent attention (MLA), which kvsqueeze does not support")
-    from .cache import attention_shape
+    from .shapes import attention_shape
 
     attention_shape(text)  # KVSqueezeError when the config names no heads or no head size
 

@@ -9,19 +9,9 @@ import click
 
 from ..errors import KVSqueezeError
 from ..models import DEFAULT_MODEL
+from ..options import _floats, _quants, build_method, method_options
 
 DEFAULT_RESULTS = "results/kvsqueeze.sqlite"
-
-
-def _floats(text: str, what: str, lo: float, hi: float, hi_open: bool) -> list[float]:
-    try:
-        vals = [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise KVSqueezeError(f"{what} must be comma-separated numbers, got {text!r}") from None
-    bad = [v for v in vals if not (lo <= v < hi if hi_open else lo <= v <= hi)]
-    if bad or not vals:
-        raise KVSqueezeError(f"{what} must be in [{lo}, {hi}{')' if hi_open else ']'}, got {text!r}")
-    return vals
 
 
 def _ints(text: str | None, what: str) -> list[int] | None:
@@ -34,20 +24,6 @@ def _ints(text: str | None, what: str) -> list[int] | None:
     if not vals or min(vals) < 64:
         raise KVSqueezeError(f"{what} must be integers >= 64, got {text!r}")
     return vals
-
-
-def _quants(text: str) -> list[str | None]:
-    """--quant: comma-separated schemes ('none' for full-precision storage), each checked by parse_quant."""
-    from ..quant import parse_quant
-
-    names = [x.strip() for x in text.split(",") if x.strip()]
-    if not names:
-        raise KVSqueezeError("--quant is empty (use 'none' for full-precision storage)")
-    out = []
-    for n in names:
-        q = parse_quant(n)
-        out.append(None if q is None else q.name)
-    return list(dict.fromkeys(out))
 
 
 def _selects(select: str, budgets: str) -> list[tuple[str | None, int | None]]:
@@ -208,11 +184,8 @@ def _run_ranked(pairs, dist, *, model, task_names, cfg, version, dt, results, se
 
 
 def register(main: click.Group) -> None:
-    """Add `eval`, `sweep` and `report` to the main command group.
-
-    The commands are built here (not at import) because they reuse `cli.method_options`, and `cli` registers
-    them at its end: importing this module first must not import `cli` half-way."""
-    from ..cli import build_method, method_options
+    """Add `eval`, `sweep` and `report` to the main command group (`cli` calls this; this module never imports
+    `cli`: the options both use live in `kvsqueeze.options`)."""
 
     @click.command("eval")
     @method_options

@@ -321,7 +321,7 @@ def register_recommend(main) -> None:
     import click
 
     from ..models import DEFAULT_MODEL
-    from .commands import _floats, _quants
+    from ..options import _floats, _quants
 
     @click.command("recommend")
     @click.option("--model", default=DEFAULT_MODEL, show_default=True,

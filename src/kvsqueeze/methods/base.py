@@ -17,7 +17,6 @@ from dataclasses import dataclass
 
 import torch
 
-from ..cache import CompressedLayer
 from ..errors import KVSqueezeError
 
 
@@ -25,7 +24,7 @@ from ..errors import KVSqueezeError
 class ScoreInputs:
     """What a method may look at for one layer, after that layer's attention."""
 
-    layer: CompressedLayer
+    layer: object  # the kvsqueeze.cache.CompressedLayer scored (methods read it through the properties below)
     layer_idx: int
     n_layers: int
     queries: torch.Tensor  # (batch, q_heads, q, head_dim) post-RoPE queries of this forward

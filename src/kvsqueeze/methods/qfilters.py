@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..cache import attention_shape
+from ..shapes import attention_shape
 from ..errors import KVSqueezeError
 from .base import Method, ScoreInputs
 

@@ -26,7 +26,7 @@ import math
 
 import torch
 
-from ..cache import attention_shape
+from ..shapes import attention_shape
 from ..errors import KVSqueezeError
 from ..methods.base import layer_indices
 

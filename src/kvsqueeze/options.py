@@ -1,0 +1,62 @@
+"""Command-line options and value parsers shared by the commands (`cli.py`, `evaluation/commands.py`,
+`evaluation/recommend.py`): one definition each, below every command module, so commands never import each other."""
+
+from __future__ import annotations
+
+import click
+
+from .errors import KVSqueezeError
+
+
+def _ratio(ctx, param, value):
+    if value is not None and not (0.0 <= value < 1.0):
+        raise click.BadParameter(f"must be in [0, 1), got {value}")
+    return value
+
+
+def method_options(f):
+    """--method, --ratio, --budget, --exempt-layers, --decode-every (shared by generate and eval commands)."""
+    f = click.option("--decode-every", type=click.IntRange(min=0), default=0, show_default=True,
+                     help="Also compress every N decoding steps, holding the budget (0: prefill only).")(f)
+    f = click.option("--exempt-layers", default="", help="Comma-separated layer indices never compressed.")(f)
+    f = click.option("--budget", type=click.IntRange(min=1), default=None,
+                     help="Absolute number of tokens kept per layer (instead of --ratio).")(f)
+    f = click.option("--ratio", type=float, default=0.5, show_default=True, callback=_ratio,
+                     help="Compression ratio: the fraction of the KV cache removed (0.75 keeps a quarter).")(f)
+    f = click.option("--method", default="snapkv", show_default=True, help="Method name (see `kvsqueeze methods`).")(f)
+    return f
+
+
+def build_method(method: str, ratio: float, budget: int | None, exempt_layers: str, decode_every: int):
+    from .methods import get_method
+
+    try:
+        exempt = tuple(int(x) for x in exempt_layers.split(",") if x.strip())
+    except ValueError:
+        raise KVSqueezeError(f"--exempt-layers must be comma-separated integers, got {exempt_layers!r}") from None
+    return get_method(method, ratio=ratio, budget=budget, exempt_layers=exempt, decode_every=decode_every)
+
+
+def _floats(text: str, what: str, lo: float, hi: float, hi_open: bool) -> list[float]:
+    try:
+        vals = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise KVSqueezeError(f"{what} must be comma-separated numbers, got {text!r}") from None
+    bad = [v for v in vals if not (lo <= v < hi if hi_open else lo <= v <= hi)]
+    if bad or not vals:
+        raise KVSqueezeError(f"{what} must be in [{lo}, {hi}{')' if hi_open else ']'}, got {text!r}")
+    return vals
+
+
+def _quants(text: str) -> list[str | None]:
+    """--quant: comma-separated schemes ('none' for full-precision storage), each checked by parse_quant."""
+    from .quant import parse_quant
+
+    names = [x.strip() for x in text.split(",") if x.strip()]
+    if not names:
+        raise KVSqueezeError("--quant is empty (use 'none' for full-precision storage)")
+    out = []
+    for n in names:
+        q = parse_quant(n)
+        out.append(None if q is None else q.name)
+    return list(dict.fromkeys(out))
