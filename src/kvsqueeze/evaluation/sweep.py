@@ -194,6 +194,27 @@ def _device(model):
 
 
 @torch.no_grad()
+def kept_digest(cache) -> str:
+    """A 12-hex-digit digest of which slots every layer of `cache` holds: each slot's position (-1 where it is
+    hidden, e.g. padding) in the layer's slot order, layer after layer. Two caches holding the same tokens in the
+    same order have the same digest (rows of two code versions are compared on it: `meta_json.kept_digest`)."""
+    import hashlib
+
+    h = hashlib.sha1()
+    for layer in cache.layers:
+        pos = getattr(layer, "positions", None)
+        if pos is None:
+            h.update(b"|")
+            continue
+        pos = pos.long()
+        valid = getattr(layer, "valid", None)
+        if valid is not None:
+            pos = pos.masked_fill(~valid, -1)
+        h.update(pos.cpu().numpy().tobytes())
+        h.update(b"|")
+    return h.hexdigest()[:12]
+
+
 def _answer_from_cache(model, tokenizer, cache, q_ids, max_new_tokens, eos):
     logits = model(input_ids=torch.tensor([q_ids], device=_device(model)), **cache_kwargs(model, cache),
                    logits_to_keep=1).logits[:, -1]
@@ -429,7 +450,7 @@ def _run_sample(model, tokenizer, sample: Sample, pending: list[Pair], store, re
             res.prefill_seconds += time.perf_counter() - t0
         return records[query_aware]
 
-    def emit(pair, value, metrics, prediction, stats, n_ctx, n_q, protocol, seconds, b16):
+    def emit(pair, value, metrics, prediction, stats, n_ctx, n_q, protocol, seconds, b16, digest=None):
         if keep_answers:
             res.answers[(sample.task, sample.sample_id, pair.name, pair.params_json, pair.ratio)] = (
                 prediction if not ppl else round(value, 6))
@@ -440,7 +461,8 @@ def _run_sample(model, tokenizer, sample: Sample, pending: list[Pair], store, re
             "answers_json": sample.answers, "kv_bytes": stats.kv_bytes, "total_bytes": stats.total_bytes,
             "full_kv_bytes": stats.full_kv_bytes, "n_context_tokens": n_ctx, "n_question_tokens": n_q,
             "length": sample.meta.get("length"), "depth": sample.meta.get("depth"),
-            "meta_json": {**sample.meta, **meta_extra} if meta_extra else sample.meta, "protocol": protocol,
+            "meta_json": {**sample.meta, **(meta_extra or {}), **({"kept_digest": digest} if digest else {})},
+            "protocol": protocol,
             "seconds": seconds,
             "quant": pair.quant, "select": pair.select, "select_budget": pair.select_budget,
             "kv_bytes_16": b16[0], "full_kv_bytes_16": b16[1],
@@ -470,12 +492,12 @@ def _run_sample(model, tokenizer, sample: Sample, pending: list[Pair], store, re
                 cache = CompressedCache(model, mm, layer_factory=pair.layer_factory, selector=pair.selector)
                 prefill(model, cache, torch.tensor([prefix], device=device), chunk_size)
                 protocol = "capped-ppl-re-prefill"
-            stats, b16 = cache.stats(), bytes_16(cache)
+            stats, b16, digest = cache.stats(), bytes_16(cache), kept_digest(cache)
             nll = capped_perplexity(model, cache, fed, targets)
             del cache
             value = math.exp(nll)
             emit(pair, value, {"perplexity": value, "nll": nll, "n_scored": len(targets)}, "", stats, len(prefix), 0,
-                 protocol, time.perf_counter() - t0, b16)
+                 protocol, time.perf_counter() - t0, b16, digest)
         elif shared:
             shared_qa.append(pair)
         else:
@@ -499,7 +521,7 @@ def _run_sample(model, tokenizer, sample: Sample, pending: list[Pair], store, re
         chunks += [[p] for p in group if p.exact_alone]  # quantized storage / selector: each from its own cache
         for chunk in chunks:
             t0 = time.perf_counter()
-            caches, stats, b16s = [], [], []
+            caches, stats, b16s, digests = [], [], [], []
             for pair in chunk:
                 check_budget(pair.method, len(c_ids))
                 rec = record_for(qa)
@@ -507,6 +529,7 @@ def _run_sample(model, tokenizer, sample: Sample, pending: list[Pair], store, re
                 caches.append(cache)
                 stats.append(cache.stats())
                 b16s.append(bytes_16(cache))
+                digests.append(kept_digest(cache))
             if len(chunk) > 1:
                 answers = answer_batch(model, tokenizer, caches, qq, sample.max_new_tokens, eos)
             else:
@@ -514,6 +537,7 @@ def _run_sample(model, tokenizer, sample: Sample, pending: list[Pair], store, re
             protocol = "shared-prefill"
             del caches
             seconds = (time.perf_counter() - t0) / len(chunk)
-            for pair, st, answer, b16 in zip(chunk, stats, answers, b16s):
+            for pair, st, answer, b16, digest in zip(chunk, stats, answers, b16s, digests):
                 metrics = score(sample, answer)
-                emit(pair, metrics[sample.metric], metrics, answer, st, len(c_ids), len(qq), protocol, seconds, b16)
+                emit(pair, metrics[sample.metric], metrics, answer, st, len(c_ids), len(qq), protocol, seconds, b16,
+                     digest)
