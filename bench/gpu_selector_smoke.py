@@ -21,7 +21,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import kvsqueeze as kq
 from kvsqueeze.compat import cache_kwargs
-from kvsqueeze.pipeline import prefill
+from kvsqueeze.runtime.generate import prefill
 from kvsqueeze.quant import parse_quant
 from kvsqueeze.selection import AttentionPredictor, PredictorNet, Quest
 

@@ -65,7 +65,7 @@ PROTOCOL = "kvpress-pipeline"
 def cmd_samples(a) -> None:
     sys.path.insert(0, str(SRC))
     from kvsqueeze.models import load_model
-    from kvsqueeze.pipeline import split_prompt
+    from kvsqueeze.runtime.generate import split_prompt
     from kvsqueeze.tasks import TaskConfig, build_samples
 
     _, tok = load_model(a.model)

@@ -44,9 +44,9 @@ def main():
         torch.set_num_threads(a.threads)
 
     import kvsqueeze as kq
-    from kvsqueeze.methods.qfilters import default_calibration_texts
-    from kvsqueeze.selection.training import TrainConfig, collect_traces, simulate, train
-    from kvsqueeze.selection.traces import calibration_sequences
+    from kvsqueeze.runtime.calibration import default_calibration_texts
+    from kvsqueeze.training.predictor import TrainConfig, collect_traces, simulate, train
+    from kvsqueeze.training.traces import calibration_sequences
 
     torch.set_grad_enabled(False)
     model, tok = kq.load_model(a.model)

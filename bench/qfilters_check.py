@@ -28,7 +28,8 @@ from pathlib import Path
 import torch
 
 from kvsqueeze import load_model
-from kvsqueeze.attention import patched, record_queries
+from kvsqueeze.runtime.attention import record_queries
+from kvsqueeze.runtime.routing import patched
 from kvsqueeze.methods import qfilters as qf
 
 

@@ -15,7 +15,7 @@ Variants (per decode step, all layers):
   fp16 sdpa (HF)        F.scaled_dot_product_attention(q, K, V, enable_gqa=True), what a model with sdpa runs
   fp16 sdpa (GQA rows)  the group's query heads as query rows of their kv head (fused kernels apply)
   KIVI-b ref            kvsqueeze's reference path: dequantize the packed store (torch) + cat residual + sdpa
-  KIVI-b triton         the fused kernel (quant/triton_decode.py) over the packed store and residual
+  KIVI-b triton         the fused kernel (kernels/kivi_decode.py) over the packed store and residual
   KIVI-b step           append the new token (flushes a 32-token group every 32 steps) + fused kernel
   quanto int-b step     transformers' QuantizedCache layer update (dequantizes the whole cache, re-quantizes it
                         every residual_length steps) + sdpa; mean over a whole residual cycle
@@ -37,7 +37,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
 from kvsqueeze.quant.kivi import KIVILayer  # noqa: E402
-from kvsqueeze.quant.triton_decode import gqa_decode_sdpa, kivi_decode_attention  # noqa: E402
+from kvsqueeze.kernels.kivi_decode import gqa_decode_sdpa, kivi_decode_attention  # noqa: E402
 
 
 def rand_kv(b, hk, n, d, device, gen):

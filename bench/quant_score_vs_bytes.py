@@ -34,7 +34,7 @@ def inner_bytes(t) -> tuple[int, int]:
 
 
 def cache_bytes(cache) -> tuple[int, int]:
-    from kvsqueeze.cache import CompressedLayer
+    from kvsqueeze.storage import CompressedLayer
     from kvsqueeze.quant import QuantizedLayer
 
     held = fp16 = 0
@@ -89,7 +89,7 @@ def quanto_available() -> str | None:
 @torch.no_grad()
 def run_one(model, tok, rec, q_ids, kind, method_fn, factory, max_new, eos):
     from kvsqueeze.compat import cache_kwargs
-    from kvsqueeze.pipeline import greedy_decode
+    from kvsqueeze.runtime.generate import greedy_decode
 
     if kind == "hf":
         from transformers import QuantizedCache
@@ -120,7 +120,7 @@ def main(argv=None):
 
     if not args.table_only:
         from kvsqueeze import load_model
-        from kvsqueeze.pipeline import _eos_ids, record_prefill, split_prompt
+        from kvsqueeze.runtime.generate import _eos_ids, record_prefill, split_prompt
         from kvsqueeze.tasks.passkey import passkey_samples
 
         model, tok = load_model(args.model)

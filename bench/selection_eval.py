@@ -147,9 +147,9 @@ class EvictionProbe:
 
 def run_cell(model, tok, sample, rec, ctx, q, method: str, budget: int, predictor_net):
     import kvsqueeze as kq
-    from kvsqueeze.attention import record_queries
+    from kvsqueeze.runtime.attention import record_queries
     from kvsqueeze.compat import cache_kwargs
-    from kvsqueeze.pipeline import _eos_ids, greedy_decode
+    from kvsqueeze.runtime.generate import _eos_ids, greedy_decode
     from kvsqueeze.selection import AttentionPredictor, Quest
     probe = None
     sel = None
@@ -181,7 +181,7 @@ def run_cell(model, tok, sample, rec, ctx, q, method: str, budget: int, predicto
 
 def run(args):
     import kvsqueeze as kq
-    from kvsqueeze.pipeline import record_prefill, split_prompt
+    from kvsqueeze.runtime.generate import record_prefill, split_prompt
     from kvsqueeze.selection import load_predictor, predictor_path
 
     torch.set_grad_enabled(False)

@@ -8,8 +8,8 @@ from transformers import AttentionInterface, DynamicCache
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
 import kvsqueeze as kq
-from kvsqueeze.cache import CompressedLayer
-from kvsqueeze.pipeline import prefill
+from kvsqueeze.storage import CompressedLayer
+from kvsqueeze.runtime.generate import prefill
 
 from conftest import tiny_gemma3, tiny_llama, kv
 
@@ -218,7 +218,7 @@ def test_unpatched_model_is_refused():
 
 
 def test_prefill_record_serves_every_method():
-    from kvsqueeze.pipeline import record_prefill
+    from kvsqueeze.runtime.generate import record_prefill
 
     model = tiny_llama()
     ids, q = _chunks([90, 6])

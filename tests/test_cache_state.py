@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import kvsqueeze as kq
-from kvsqueeze.cache import CompressedLayer
+from kvsqueeze.storage import CompressedLayer
 from kvsqueeze.methods import METHODS, PyramidKV, QFilters, SnapKV
 from kvsqueeze.quant import MiKV, ZipCacheSaliency, gear, kivi, mikv, zipcache
 from kvsqueeze.selection import AttentionPredictor, PredictorNet, Quest
@@ -222,7 +222,7 @@ def test_ratio_budget_is_fixed_by_the_prefill():
 
 
 def test_check_budget_refuses_a_large_budget_only_without_decode_compression():
-    from kvsqueeze.pipeline import check_budget
+    from kvsqueeze.runtime.generate import check_budget
 
     with pytest.raises(kq.KVSqueezeError, match="not smaller than the context"):
         check_budget(kq.get_method("streaming_llm", budget=30), 20)

@@ -143,7 +143,7 @@ def _compare_with_reference(model, method, sizes, prefill_chunks=1, atol=2e-5):
     import copy
 
     from transformers import DynamicCache
-    from kvsqueeze.cache import CompressedLayer
+    from kvsqueeze.storage import CompressedLayer
 
     ref_model = copy.deepcopy(model)
     cache = kq.CompressedCache(model, method)
@@ -227,7 +227,7 @@ def test_model_families_work_or_are_refused_with_one_line(family, method):
 def test_multi_head_attention_config_reads_as_gqa_with_one_group():
     from transformers import GPT2Config, GPTNeoXConfig, OPTConfig
 
-    from kvsqueeze.cache import attention_shape
+    from kvsqueeze.shapes import attention_shape
 
     assert attention_shape(GPT2Config(n_embd=64, n_head=4)) == (4, 4, 16)
     assert attention_shape(GPTNeoXConfig(hidden_size=96, num_attention_heads=3)) == (3, 3, 32)
@@ -298,7 +298,7 @@ def test_sliding_window_ratio_asked_is_ratio_held(family, window, prompt, ratio)
     kept = int(held * (1 - ratio))
     st = cache.stats()
     assert st.tokens_stored == [kept, kept]
-    d = kq.cache.attention_shape(model.config)[2]
+    d = kq.shapes.attention_shape(model.config)[2]
     assert st.kv_bytes == sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys,
                                                                                                 layer.values))
     assert st.full_kv_bytes == 2 * 2 * 1 * 2 * held * d * 4  # layers x (k, v) x batch x kv heads x tokens x d x fp32
@@ -323,7 +323,7 @@ def test_no_compression_on_a_sliding_config_is_bit_identical_to_dynamic_cache():
 def test_qwen2_sliding_switch_off_is_full_attention():
     from transformers import Qwen2Config
 
-    from kvsqueeze.cache import layer_types_of
+    from kvsqueeze.runtime.cache import layer_types_of
 
     small = dict(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2)

@@ -25,7 +25,7 @@ from conftest import loaded_in_own_cache, save_tiny_llama_with_smollm2_tokenizer
 from kvsqueeze.errors import KVSqueezeError
 from kvsqueeze.evaluation import ResultStore, make_pairs, method_params, run_sweep
 from kvsqueeze.evaluation.sweep import capped_method, capped_perplexity
-from kvsqueeze.pipeline import generate_answer, record_prefill
+from kvsqueeze.runtime.generate import generate_answer, record_prefill
 from kvsqueeze.tasks import Sample, TaskConfig, build_samples
 
 ALL = ["full", "streaming_llm", "h2o", "snapkv", "pyramidkv", "tova", "knorm", "random", "qfilters"]

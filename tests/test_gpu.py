@@ -21,7 +21,8 @@ from transformers import AttentionInterface, DynamicCache, LlamaConfig, LlamaFor
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
 import kvsqueeze as kq
-from kvsqueeze.cache import CompressedLayer
+from kvsqueeze.runtime import calibration
+from kvsqueeze.storage import CompressedLayer
 from kvsqueeze.methods import METHODS, H2O, qfilters
 from kvsqueeze.quant import parse_quant
 from kvsqueeze.selection import AttentionPredictor, PredictorNet, Quest
@@ -128,9 +129,9 @@ def _reference(model, chunks, kept):
 def _method(name, model, tmp_path, monkeypatch):
     if name == "qfilters":  # calibrated on the fly (short), saved, found by setup(): filters load on the CPU
         monkeypatch.setenv("KVSQUEEZE_CACHE", str(tmp_path))
-        qfilters.save(model, qfilters.calibrate(model, _CharTokenizer(), n_seq=2, seq_len=256, progress=False))
+        calibration.save(model, calibration.calibrate_qfilters(model, _CharTokenizer(), n_seq=2, seq_len=256, progress=False))
         m = kq.get_method(name, ratio=0.5)
-        m.setup(model)
+        calibration.prepare(m, model)
         _assert_on(m.filters, "cpu")
         return m
     kwargs = {"decode_every": 1} if name in ("h2o", "tova") else {}
@@ -253,7 +254,7 @@ def test_every_method_selector_and_scheme_runs_in_bf16_on_cpu(tmp_path, monkeypa
 def test_fused_kivi_decode_kernel_holds_bf16_values_beyond_float16():
     pytest.importorskip("triton")
     from kvsqueeze.quant.kivi import KIVILayer
-    from kvsqueeze.quant.triton_decode import reference_decode_attention
+    from kvsqueeze.kernels.kivi_decode import reference_decode_attention
 
     torch.manual_seed(0)
     k = torch.randn(1, 8, 600, 128, device="cuda")

@@ -70,3 +70,55 @@ def test_the_checker_sees_a_cycle(tmp_path):
     (pkg / "a.py").write_text("from .b import x\n")
     (pkg / "b.py").write_text("def f():\n    from .a import y\n")
     assert _cycles(pkg) == [["pkg.a", "pkg.b"]]
+
+
+# The architecture, bottom to top: a module may import its own layer and the layers below, never above.
+LAYERS = [
+    {"errors", "shapes", "compat", "devices", "models", "version"},
+    {"kernels"},
+    {"storage"},
+    {"quant"},
+    {"methods"},
+    {"selection"},
+    {"runtime"},
+    {"tasks", "training", "evaluation"},
+    {"cli"},
+    {"", "__main__"},  # the package itself: re-exports the public API
+]
+
+
+def _layer(module: str) -> int:
+    part = module.split(".")[1] if "." in module else ""
+    for i, names in enumerate(LAYERS):
+        if part in names:
+            return i
+    raise AssertionError(f"{module}: not placed in a layer (tests/test_imports.py LAYERS)")
+
+
+def _edges(root: pathlib.Path) -> list[tuple[str, str]]:
+    mods = {}
+    for f in root.rglob("*.py"):
+        parts = list(f.relative_to(root.parent).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        mods[".".join(parts)] = f
+    out = []
+    for m, f in mods.items():
+        pkg = m.split(".") if f.name == "__init__.py" else m.split(".")[:-1]
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                base = pkg[: len(pkg) - node.level + 1]
+                name = ".".join(base + ([node.module] if node.module else []))
+                for a in node.names:
+                    target = f"{name}.{a.name}" if f"{name}.{a.name}" in mods else name
+                    if target in mods and target != m:
+                        out.append((m, target))
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("kvsqueeze"):
+                out.append((m, node.module))
+    return out
+
+
+def test_imports_point_downwards_only():
+    root = pathlib.Path(__file__).resolve().parent.parent / "src" / "kvsqueeze"
+    up = sorted({(a, b) for a, b in _edges(root) if _layer(b) > _layer(a)})
+    assert up == [], "upward imports: " + ", ".join(f"{a} -> {b}" for a, b in up)

@@ -5,8 +5,9 @@ import torch
 import torch.nn.functional as F
 
 import kvsqueeze as kq
+from kvsqueeze.runtime import calibration
 from kvsqueeze.methods import qfilters
-from kvsqueeze.pipeline import prefill, record_prefill
+from kvsqueeze.runtime.generate import prefill, record_prefill
 
 from conftest import tiny_llama, kv
 
@@ -154,15 +155,15 @@ def test_qfilters_calibration_points_where_queries_point(tmp_path, monkeypatch):
         for layer in model.model.layers:
             layer.self_attn.q_proj.bias.zero_()
             layer.self_attn.q_proj.bias[7::16] = 3.0
-    filters = qfilters.calibrate(model, _CharTokenizer(), n_seq=3, seq_len=256, progress=False)
+    filters = calibration.calibrate_qfilters(model, _CharTokenizer(), n_seq=3, seq_len=256, progress=False)
     assert filters.shape == (4, 2, 16)
     assert bool((filters[:, :, 7] > 0.9).all())  # the sign is fixed towards where queries point
     rec = record_prefill(model, _ids(200))
     # stored as safetensors, keyed by model, found again by setup()
-    path = qfilters.save(model, filters)
+    path = calibration.save(model, filters)
     assert path.suffix == ".safetensors" and path.parent == tmp_path / "qfilters"
     m = kq.get_method("qfilters", budget=10)
-    m.setup(model)
+    calibration.prepare(m, model)
     torch.testing.assert_close(m.filters, filters)
     cache = rec.compress(model, m)
     scores = torch.einsum("hnd,hd->hn", rec.cache.layers[1].keys[0], filters[1])
@@ -173,7 +174,7 @@ def test_qfilters_calibration_points_where_queries_point(tmp_path, monkeypatch):
 def test_qfilters_without_calibration_says_how(tmp_path, monkeypatch):
     monkeypatch.setenv("KVSQUEEZE_CACHE", str(tmp_path))
     with pytest.raises(kq.KVSqueezeError, match="calibrate qfilters"):
-        kq.get_method("qfilters", ratio=0.5).setup(tiny_llama(seed=9))
+        calibration.prepare(kq.get_method("qfilters", ratio=0.5), tiny_llama(seed=9))
 
 
 def test_pyramid_budgets_compose_with_another_scorer():
@@ -195,12 +196,12 @@ def test_qfilters_calibration_reads_a_short_text_once_and_windows_are_slices():
     model.register_forward_pre_hook(lambda mod, args, kw: seen.append(args[0][0].clone()), with_kwargs=True)
     tok = _CharTokenizer()
     short = "abcdefghij" * 20  # 200 tokens < seq_len: one window, not n_seq copies of the same queries
-    qfilters.calibrate(model, tok, [short], n_seq=8, seq_len=1024, progress=False)
+    calibration.calibrate_qfilters(model, tok, [short], n_seq=8, seq_len=1024, progress=False)
     assert len(seen) == 1 and seen[0].tolist() == tok(short).input_ids[0].tolist()
     seen.clear()
     text = "".join(chr(33 + i % 90) for i in range(600))
     ids = tok(text).input_ids[0].tolist()
-    qfilters.calibrate(model, tok, [text], n_seq=5, seq_len=128, progress=False)
+    calibration.calibrate_qfilters(model, tok, [text], n_seq=5, seq_len=128, progress=False)
     assert len(seen) == 5
     for w in seen:  # each window is a contiguous slice of the text
         w = w.tolist()

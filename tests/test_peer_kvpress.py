@@ -30,8 +30,8 @@ def test_light_import_loads_store_and_scoring_without_torch_code():
             "RS, Sample, score = m.light_kvsqueeze(); "
             "s = Sample('ctx', 'q', ['7802006'], task='t', sample_id='a#1'); "
             "print(score(s, 'The number is 7802006.')['string_match_all'], score(s, 'nope')['string_match_all']); "
-            "print(sorted(k for k in sys.modules if k in ('torch', 'transformers', 'kvsqueeze.cache', "
-            "'kvsqueeze.pipeline', 'kvsqueeze.attention')))")
+            "print(sorted(k for k in sys.modules if k in ('torch', 'transformers', 'kvsqueeze.runtime.cache', "
+            "'kvsqueeze.runtime.generate', 'kvsqueeze.runtime.attention')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/", timeout=120)
     assert out.returncode == 0, out.stderr
     lines = out.stdout.strip().splitlines()
@@ -74,7 +74,7 @@ def test_cache_bytes_counts_what_a_dynamic_cache_holds():
 def test_samples_export_keeps_kvsqueeze_ids_and_prompt_tokens(tmp_path):
     """The JSONL carries kvsqueeze's task / sample_id (so rows line up with its sweep) and the prompt split."""
     import kvsqueeze as kq
-    from kvsqueeze.pipeline import split_prompt
+    from kvsqueeze.runtime.generate import split_prompt
     from kvsqueeze.tasks import TaskConfig, build_samples
 
     d = save_tiny_llama_with_smollm2_tokenizer(tmp_path / "m")

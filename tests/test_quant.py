@@ -9,7 +9,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from kvsqueeze import CompressedCache
 from kvsqueeze.errors import KVSqueezeError
 from kvsqueeze.methods import H2O, KNorm, SnapKV
-from kvsqueeze.pipeline import record_prefill
+from kvsqueeze.runtime.generate import record_prefill
 from kvsqueeze.quant import (GEARLayer, KIVILayer, MiKV, MixedPrecisionLayer, ZipCacheSaliency,
                              gear, kivi, kivi_bytes_per_token, mikv, parse_quant, zipcache)
 from kvsqueeze.quant.gear import compress_part

@@ -7,7 +7,7 @@ triton = pytest.importorskip("triton")
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="the fused kernel needs a CUDA GPU")
 
 from kvsqueeze.quant.kivi import KIVILayer  # noqa: E402
-from kvsqueeze.quant.triton_decode import kivi_decode_attention, reference_decode_attention  # noqa: E402
+from kvsqueeze.kernels.kivi_decode import kivi_decode_attention, reference_decode_attention  # noqa: E402
 
 
 @pytest.mark.parametrize("b,hq,hk,d,n,bits,group", [

@@ -10,10 +10,10 @@ import torch
 from transformers import DynamicCache, GenerationConfig
 
 import kvsqueeze as kq
-from kvsqueeze.attention import PREFIX
-from kvsqueeze.cache import CompressedLayer
+from kvsqueeze.runtime.routing import PREFIX
+from kvsqueeze.storage import CompressedLayer
 from kvsqueeze.compat import CACHE_ARG, cache_arg, cache_kwargs, output_cache
-from kvsqueeze.pipeline import greedy_decode, prefill, record_prefill
+from kvsqueeze.runtime.generate import greedy_decode, prefill, record_prefill
 from kvsqueeze.quant import kivi
 
 from conftest import kv, tiny_llama
@@ -156,7 +156,7 @@ def test_model_is_left_as_loaded(attn):
         greedy_decode(model, c2, prefill(model, c2, ids, chunk_size=16), 3, set())
         rec = record_prefill(model, ids)
         model(ids[:, :4], **kv(rec.compress(model, kq.get_method("knorm", ratio=0.5))))
-        kq.methods.qfilters.calibrate(model, _CharTokenizer(), n_seq=2, seq_len=64, n_vectors=16, progress=False)
+        kq.runtime.calibration.calibrate_qfilters(model, _CharTokenizer(), n_seq=2, seq_len=64, n_vectors=16, progress=False)
     assert _impls(model) == loaded and model.config._attn_implementation == attn
 
     # a plain DynamicCache run is the never-touched model's, bit for bit
@@ -174,7 +174,7 @@ def test_model_is_left_as_loaded(attn):
 
 
 def test_routing_is_restored_when_a_forward_raises():
-    from kvsqueeze.attention import patched
+    from kvsqueeze.runtime.routing import patched
 
     model = tiny_llama(layers=2)
     cache = kq.CompressedCache(model, kq.get_method("knorm", budget=8))
@@ -207,7 +207,7 @@ def test_a_copy_of_the_model_routes_itself():
 
 
 def test_unpatch_removes_every_trace():
-    from kvsqueeze.attention import _STATE
+    from kvsqueeze.runtime.routing import _STATE
 
     model = tiny_llama(layers=2)
     untouched = copy.deepcopy(model)
@@ -238,7 +238,7 @@ def test_cache_arg_is_the_name_the_forward_takes():
 
 def test_kvsqueeze_calls_raise_no_rename_warning():
     from kvsqueeze.evaluation.sweep import _answer_from_cache, capped_perplexity
-    from kvsqueeze.selection.traces import collect_trace
+    from kvsqueeze.training.traces import collect_trace
 
     model = tiny_llama(layers=2)
     ids = _ids(48)

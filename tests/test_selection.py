@@ -10,7 +10,7 @@ from kvsqueeze.selection import AttentionPredictor, PredictorNet, Quest, load_pr
 from kvsqueeze.selection.attention_predictor import IncrementalCNN, n_parameters
 from kvsqueeze.selection.base import blocks_to_slots, block_pool
 from kvsqueeze.selection.quest import page_minmax, page_scores
-from kvsqueeze.selection.training import TrainConfig, collect_traces, recovery_at, train
+from kvsqueeze.training.predictor import TrainConfig, collect_traces, recovery_at, train
 
 from conftest import Spy, kv, tiny_llama
 

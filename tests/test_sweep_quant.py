@@ -125,7 +125,7 @@ def test_old_store_gains_the_new_columns_and_keeps_its_keys(tmp_path):
 
 
 def test_bytes_16_rule(tiny):
-    from kvsqueeze.pipeline import record_prefill
+    from kvsqueeze.runtime.generate import record_prefill
     from kvsqueeze.quant import parse_quant
 
     model, _ = tiny

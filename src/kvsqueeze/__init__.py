@@ -1,13 +1,14 @@
 """kvsqueeze: compress the KV cache of HF transformers decoder-only models, with real memory savings."""
 
-from .attention import patch, unpatch
-from .cache import CacheStats, CompressedCache, CompressedLayer
+from .runtime.cache import CompressedCache
+from .runtime.routing import patch, unpatch
+from .storage import CacheStats, CompressedLayer
 from .errors import KVSqueezeError
 from .methods import METHODS, Method, ScoreInputs, get_method
 from .models import load_model
-from .pipeline import GenerationResult, generate_answer, prefill
+from .runtime.generate import GenerationResult, generate_answer, prefill
 
-__version__ = "0.1.0"
+from .version import __version__
 
 __all__ = [
     "CacheStats",

@@ -66,6 +66,19 @@ MODELS: dict[str, ModelSpec] = {
 def cache_dir() -> Path:
     return Path(os.environ.get("KVSQUEEZE_CACHE", Path.home() / ".cache" / "kvsqueeze"))
 
+def model_key(model) -> str:
+    """A key that changes when the model's config or weights do (names files calibrated for a model: Q-Filters,
+    AttentionPredictor weights)."""
+    import hashlib
+
+    cfg = model.config.get_text_config()
+    h = hashlib.sha256(cfg.to_json_string(use_diff=False).encode())
+    first = next(m for m in model.modules() if hasattr(m, "q_proj"))
+    h.update(repr(first.q_proj.weight.detach().float().sum().item()).encode())
+    name = str(getattr(model.config, "_name_or_path", "") or "model").replace("/", "_").replace(" ", "_")[-40:]
+    return f"{name}-{h.hexdigest()[:12]}"
+
+
 
 def check_supported(model) -> None:
     """Refuse architectures whose cache is not plain per-layer K/V tensors."""

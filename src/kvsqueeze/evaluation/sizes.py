@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from ..cache import CompressedLayer
+from ..storage.layer import CompressedLayer
 
 
 def _bytes16(t: torch.Tensor | None) -> int:

@@ -59,7 +59,7 @@ ADDED = ("quant", "select", "select_budget", "kv_bytes_16", "full_kv_bytes_16")
 
 def code_version() -> str:
     """The package version, plus the git commit of the source tree when it is a git checkout."""
-    from .. import __version__
+    from ..version import __version__
 
     src = Path(__file__).resolve().parent.parent
     try:

@@ -40,11 +40,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..cache import CompressedCache
+from ..runtime.cache import CompressedCache
+from ..runtime.calibration import prepare
 from ..compat import cache_kwargs
 from ..errors import KVSqueezeError
 from ..methods import Method, get_method
-from ..pipeline import _eos_ids, check_budget, generate_answer, greedy_decode, prefill, record_prefill, split_prompt
+from ..runtime.generate import _eos_ids, check_budget, generate_answer, greedy_decode, prefill, record_prefill, split_prompt
 from ..tasks.base import Sample, score
 from .sizes import bytes_16
 from .store import ResultStore, code_version as default_code_version
@@ -228,7 +229,7 @@ def merge_caches(model, caches: list[CompressedCache]) -> CompressedCache:
     Compressed layers of different sizes are padded with invalid slots (`valid` = False: the mask hides them);
     other layers (sliding windows, never compressed) are concatenated. The merged cache compresses nothing: it
     serves prefill-only methods, whose caches no longer change after the prefill."""
-    from ..cache import CompressedLayer
+    from ..storage.layer import CompressedLayer
 
     out = CompressedCache(model, None)
     for i, layer in enumerate(out.layers):
@@ -308,7 +309,7 @@ def attach_selector(cache: CompressedCache, pair: Pair, record=None) -> Compress
     sel.reset()
     cache.selector = sel
     if record is not None:
-        from ..cache import CompressedLayer
+        from ..storage.layer import CompressedLayer
 
         for i, layer in enumerate(record.cache.layers):
             if isinstance(layer, CompressedLayer) and layer.is_initialized and i in record.queries:
@@ -392,7 +393,7 @@ def run_sweep(model, tokenizer, samples: list[Sample], pairs: list[Pair], store:
     if dist is not None and dist.active and not dist.is_main:
         dist.barrier()  # rank 0 sets the methods up first (Q-Filters calibrates and saves once)
     for m in {id(p.method): p.method for p in pairs}.values():
-        m.setup(model)  # Q-Filters loads (or calibrates) its filters once, not once per cache
+        prepare(m, model)  # Q-Filters loads (or calibrates) its filters once, not once per cache
     if dist is not None and dist.active and dist.is_main:
         dist.barrier()
     for p in pairs:

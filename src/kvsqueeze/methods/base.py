@@ -24,7 +24,7 @@ from ..errors import KVSqueezeError
 class ScoreInputs:
     """What a method may look at for one layer, after that layer's attention."""
 
-    layer: object  # the kvsqueeze.cache.CompressedLayer scored (methods read it through the properties below)
+    layer: object  # the kvsqueeze.storage.CompressedLayer scored (methods read it through the properties below)
     layer_idx: int
     n_layers: int
     queries: torch.Tensor  # (batch, q_heads, q, head_dim) post-RoPE queries of this forward

@@ -36,7 +36,7 @@ import weakref
 
 import torch
 
-from ..cache import CompressedLayer
+from ..storage.layer import CompressedLayer
 
 
 def nbytes(t: torch.Tensor | None) -> int:

@@ -18,7 +18,7 @@ with 16-byte loads); scales and zero points are bfloat16 (packing.py). Bytes hel
 
 Deviations: the residual is kept identical for keys and values (KIVI keeps exactly R values in full precision
 and 0..R-1 keys), so that slots stay aligned; after an eviction the kept tokens are regrouped (see base.py).
-Attention runs over dequantized tensors (the reference path); `triton_decode.py` has the fused GPU decode kernel.
+Attention runs over dequantized tensors (the reference path); `kernels/kivi_decode.py` has the fused GPU decode kernel.
 """
 
 from __future__ import annotations
@@ -79,8 +79,8 @@ class KIVILayer(QuantizedLayer):
 
     def fused_decode_attention(self, query, scale: float | None = None):
         """One decode query per sequence (B, HQ, 1, D) attending to every stored slot, dequantized inside the
-        Triton kernel (GPU): `triton_decode.kivi_decode_attention` over this layer's packed storage."""
-        from .triton_decode import kivi_decode_attention
+        Triton kernel (GPU): `kvsqueeze.kernels.kivi_decode.kivi_decode_attention` over this layer's packed storage."""
+        from ..kernels.kivi_decode import kivi_decode_attention
 
         store = self._stores[0] if self._stores else None
         return kivi_decode_attention(query, store, self._k_res, self._v_res, scale)

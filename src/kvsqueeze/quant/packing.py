@@ -4,7 +4,7 @@ Packing. `b`-bit codes (b in 1, 2, 4, 8) are packed `8 // b` to a byte, code `j`
 `[b*j, b*j + b)` (little-endian within the byte), either along channels (`along="channel"`: channel `c` of a
 token lives in byte `c // (8 // b)` at shift `(c % (8 // b)) * b`) or along tokens (`along="token"`, KIVI's
 layout: token `t` of a channel lives in packed row `t // (8 // b)` at shift `(t % (8 // b)) * b`, so a row of
-packed bytes holds `8 // b` whole tokens in natural channel order). The Triton decode kernel (`triton_decode.py`)
+packed bytes holds `8 // b` whole tokens in natural channel order). The Triton decode kernel (`kernels/kivi_decode.py`)
 reads the token layout: one contiguous row of `d` bytes unpacks into `8 // b` tokens.
 
 Quantization (KIVI's asymmetric min/max round-to-nearest, the same in MiKV, ZipCache and GEAR):

@@ -173,7 +173,7 @@ class IncrementalCNN:
 
 # --- checkpoints ------------------------------------------------------------------------------------------
 def predictor_path(model) -> Path:
-    from ..methods.qfilters import cache_dir, model_key
+    from ..models import cache_dir, model_key
 
     return cache_dir() / "predictor" / f"{model_key(model)}.safetensors"
 

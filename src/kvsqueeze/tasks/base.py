@@ -64,7 +64,7 @@ def _largest(count: Callable[[int], int], target: int, lo: int = 1, hi: int | No
 
 def prompt_tokens(tokenizer, sample: Sample) -> int:
     """Tokens of the chat-formatted prompt (context + question + answer prefix) plus the answer budget."""
-    from ..pipeline import split_prompt
+    from ..runtime.generate import split_prompt
 
     ctx, q = split_prompt(tokenizer, sample.context, sample.question, sample.answer_prefix)
     return len(ctx) + len(q) + sample.max_new_tokens

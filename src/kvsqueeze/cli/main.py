@@ -7,9 +7,9 @@ from pathlib import Path
 
 import click
 
-from .devices import device_options, resolve_device, resolve_dtype
-from .errors import KVSqueezeError
-from .models import DEFAULT_MODEL, MODELS
+from ..devices import device_options, resolve_device, resolve_dtype
+from ..errors import KVSqueezeError
+from ..models import DEFAULT_MODEL, MODELS
 from .options import build_method, method_options
 
 
@@ -19,7 +19,7 @@ def config_values(ctx, path) -> dict:
     KVSqueezeError for a missing / malformed file, an unknown key, or a value the option refuses."""
     from click.core import ParameterSource
 
-    from .evaluation.recommend import read_config
+    from ..evaluation.recommend import read_config
 
     file_vals = read_config(path)
     params = {p.name: p for p in ctx.command.params}
@@ -64,7 +64,7 @@ def main():
 @main.command()
 def methods():
     """List the compression methods."""
-    from .methods import METHODS
+    from ..methods import METHODS
 
     width = max(len(n) for n in METHODS)
     for name, cls in METHODS.items():
@@ -116,9 +116,9 @@ def generate(model, method, ratio, budget, exempt_layers, decode_every, context_
     if not context.strip():
         raise KVSqueezeError(f"the context file {context_file} is empty")
     m = build_method(method, ratio, budget, exempt_layers, decode_every)
-    from .models import load_model
-    from .pipeline import generate_answer
-    from .quant import parse_quant
+    from ..models import load_model
+    from ..quant import parse_quant
+    from ..runtime.generate import generate_answer
 
     qspec = parse_quant(quant)
     if qspec is not None:
@@ -127,7 +127,7 @@ def generate(model, method, ratio, budget, exempt_layers, decode_every, context_
     mdl, tok = load_model(model, dtype=resolve_dtype(dtype, dev), device=str(dev))
     selector = None
     if select != "none":
-        from .selection import AttentionPredictor, Quest
+        from ..selection import AttentionPredictor, Quest
 
         selector = Quest(select_budget) if select == "quest" else AttentionPredictor(select_budget)
     res = generate_answer(mdl, tok, context, question, m, max_new_tokens=max_new_tokens, chunk_size=chunk_size,
@@ -154,8 +154,8 @@ def calibrate():
 @click.option("--seq-len", type=click.IntRange(min=64), default=1024, show_default=True)
 def calibrate_qfilters(model, text_dir, n_seq, seq_len):
     """Compute Q-Filters (SVD of post-RoPE queries) and store them as safetensors."""
-    from .methods import qfilters
-    from .models import load_model
+    from ..models import load_model
+    from ..runtime import calibration
 
     texts = None
     if text_dir is not None:
@@ -163,15 +163,15 @@ def calibrate_qfilters(model, text_dir, n_seq, seq_len):
         if not texts:
             raise KVSqueezeError(f"no .txt files in {text_dir}")
     mdl, tok = load_model(model)
-    filters = qfilters.calibrate(mdl, tok, texts, n_seq=n_seq, seq_len=seq_len)
-    path = qfilters.save(mdl, filters)
+    filters = calibration.calibrate_qfilters(mdl, tok, texts, n_seq=n_seq, seq_len=seq_len)
+    path = calibration.save(mdl, filters)
     click.echo(f"Q-Filters {tuple(filters.shape)} saved to {path}")
 
 
 # Further command groups register here.
-from .selection.commands import register_selection; register_selection(main)  # noqa: E402, E702
-from .evaluation.commands import register as register_evaluation; register_evaluation(main)  # noqa: E402, E702
-from .evaluation.recommend import register_recommend; register_recommend(main)  # noqa: E402, E702
+from .selection import register_selection; register_selection(main)  # noqa: E402, E702
+from .evaluation import register as register_evaluation; register_evaluation(main)  # noqa: E402, E702
+from .recommend import register_recommend; register_recommend(main)  # noqa: E402, E702
 
 if __name__ == "__main__":  # pragma: no cover
     main()

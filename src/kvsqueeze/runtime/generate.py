@@ -12,10 +12,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .cache import CacheStats, CompressedCache
-from .compat import cache_kwargs
-from .errors import KVSqueezeError
-from .methods import Method
+from ..compat import cache_kwargs
+from ..errors import KVSqueezeError
+from ..methods import Method
+from ..storage.stats import CacheStats
+from .cache import CompressedCache
 
 SEPARATOR = "\x00KVSQUEEZE_SPLIT\x00"
 

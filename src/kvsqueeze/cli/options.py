@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import click
 
-from .errors import KVSqueezeError
+from ..errors import KVSqueezeError
 
 
 def _ratio(ctx, param, value):
@@ -28,7 +28,7 @@ def method_options(f):
 
 
 def build_method(method: str, ratio: float, budget: int | None, exempt_layers: str, decode_every: int):
-    from .methods import get_method
+    from ..methods import get_method
 
     try:
         exempt = tuple(int(x) for x in exempt_layers.split(",") if x.strip())
@@ -50,7 +50,7 @@ def _floats(text: str, what: str, lo: float, hi: float, hi_open: bool) -> list[f
 
 def _quants(text: str) -> list[str | None]:
     """--quant: comma-separated schemes ('none' for full-precision storage), each checked by parse_quant."""
-    from .quant import parse_quant
+    from ..quant import parse_quant
 
     names = [x.strip() for x in text.split(",") if x.strip()]
     if not names:

@@ -9,7 +9,7 @@ import click
 
 from ..errors import KVSqueezeError
 from ..models import DEFAULT_MODEL
-from ..options import _floats, _quants, build_method, method_options
+from .options import _floats, _quants, build_method, method_options
 
 DEFAULT_RESULTS = "results/kvsqueeze.sqlite"
 
@@ -101,8 +101,8 @@ def _run(pairs, *, model, tasks, length, samples, seed, haystack_dir, niah_lengt
          select=None, select_budget=None, device="cpu", dtype="auto"):
     from ..devices import resolve_device, resolve_dtype
     from ..tasks import TaskConfig, expand_tasks
-    from .distributed import init_distributed
-    from .store import code_version as auto_version
+    from ..evaluation.distributed import init_distributed
+    from ..evaluation.store import code_version as auto_version
 
     task_names = expand_tasks(tasks)
     cfg = TaskConfig(length=length, samples=samples, seed=seed,
@@ -127,8 +127,8 @@ def _run_ranked(pairs, dist, *, model, task_names, cfg, version, dt, results, se
     others open it; after the sweep, a barrier, then rank 0 prints the summary with counts summed over ranks."""
     from ..models import load_model
     from ..tasks import build_samples
-    from .store import ResultStore, error_notes, summary_table
-    from .sweep import run_sweep
+    from ..evaluation.store import ResultStore, error_notes, summary_table
+    from ..evaluation.sweep import run_sweep
 
     if dist.active and not dist.is_main:
         dist.barrier()  # rank 0 creates the file (and its WAL) first
@@ -185,7 +185,7 @@ def _run_ranked(pairs, dist, *, model, task_names, cfg, version, dt, results, se
 
 def register(main: click.Group) -> None:
     """Add `eval`, `sweep` and `report` to the main command group (`cli` calls this; this module never imports
-    `cli`: the options both use live in `kvsqueeze.options`)."""
+    `cli`: the options both use live in `kvsqueeze.cli.options`)."""
 
     @click.command("eval")
     @method_options
@@ -194,7 +194,7 @@ def register(main: click.Group) -> None:
     @task_options
     def eval_cmd(method, ratio, budget, exempt_layers, decode_every, reference, **kw):
         """Evaluate one method on the task suite; rows go to the results store (resumable)."""
-        from .sweep import make_pairs
+        from ..evaluation.sweep import make_pairs
 
         m = build_method(method, ratio, budget, exempt_layers, decode_every)
         quants, selects = _quants(kw["quant"]), _selects(kw["select"], kw["select_budget"])
@@ -217,7 +217,7 @@ def register(main: click.Group) -> None:
     def sweep_cmd(methods, ratios, exempt_layers, decode_every, **kw):
         """Evaluate a grid of methods x ratios x tasks x samples, one prefill per sample (resumable)."""
         from ..methods import METHODS
-        from .sweep import make_pairs
+        from ..evaluation.sweep import make_pairs
 
         names = list(METHODS) if methods.strip() == "all" else [x.strip() for x in methods.split(",") if x.strip()]
         if not names:
@@ -240,7 +240,7 @@ def register(main: click.Group) -> None:
                   help="Add a 95% bootstrap interval (this many resamples of the samples, seeded) to every cell.")
     def report_cmd(results, output, title, markdown, model, bootstrap):
         """Write one static HTML page (plots embedded, no server) from a results file."""
-        from .report import load_results, markdown_table, write_report
+        from ..evaluation.report import load_results, markdown_table, write_report
 
         n = write_report(results, output, title=title, bootstrap=bootstrap)
         click.echo(f"{output}: {n} plots")
@@ -261,8 +261,8 @@ def register(main: click.Group) -> None:
         """Print the Pareto frontier of score against 16-bit KV bytes, per task and overall."""
         import pandas as pd
 
-        from .frontier import frontier, frontier_tables
-        from .report import load_results
+        from ..evaluation.frontier import frontier, frontier_tables
+        from ..evaluation.report import load_results
 
         df = load_results(results)
         if model is not None:

@@ -37,8 +37,8 @@ def register_selection(main: click.Group) -> None:
                             output, seed):
         """Train AttentionPredictor (the 4,833-parameter CNN) on attention traces of MODEL."""
         from ..models import load_model
-        from .attention_predictor import n_parameters
-        from .training import TrainConfig, train_predictor
+        from ..selection.attention_predictor import n_parameters
+        from ..training.predictor import TrainConfig, train_predictor
 
         texts = None
         if text_dir is not None:

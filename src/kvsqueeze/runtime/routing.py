@@ -1,19 +1,4 @@
-"""Routing a model's attention through kvsqueeze.
-
-kvsqueeze registers the attention implementations `kvsqueeze_sdpa` and `kvsqueeze_eager` (their mask functions
-are transformers' own `sdpa_mask` / `eager_mask`, so masks are unchanged), each wrapping the model's own kernel:
-
-1. when the layer's cache is a `CompressedLayer` whose stored slots no longer line up with the mask transformers
-   built (after eviction, with per-layer budgets, with padding slots), it builds the layer's own mask from the
-   cache: every valid stored slot is in the past of every new query, so old slots are visible wherever they
-   are valid and the new tokens keep transformers' causal + padding mask (the mask's last `q` columns);
-2. it runs the wrapped kernel (sdpa stays sdpa: the model is never switched to eager);
-3. at a decoding step, a cache `selector` (Quest, AttentionPredictor) may pick a subset of slots per kv head;
-   only those keys and values are gathered and attended to; forwards of several tokens are shown to the
-   selector's `observe` (AttentionPredictor starts its attention history from the prompt's last queries);
-4. it hands the post-RoPE queries to the cache, which lets its method score the slots and evicts.
-
-Query recorders (`record_queries`) see every layer's post-RoPE queries; Q-Filters calibration uses them.
+"""Switching a model's attention to kvsqueeze's, scoped to the forwards that use a kvsqueeze cache.
 
 The model is switched only while kvsqueeze needs it (it is never left switched):
 - `attach(model)` (called by `CompressedCache(model, ...)`) adds a forward pre-hook and a forward hook
@@ -27,141 +12,22 @@ The model is switched only while kvsqueeze needs it (it is never left switched):
   which passes non-kvsqueeze caches straight to the kernel; transformers' continuous batching then refuses the
   model until `unpatch`).
 - `unpatch(model)` removes every trace: the hooks, the bookkeeping attribute, and a permanent switch.
+
+How the attention call finds its cache: the pre-hook on the model pushes the forward's cache (the `cache=` /
+`past_key_values=` argument) on a per-thread stack held in the routing state, and every attention module of the
+model carries a reference to that state (`module.__dict__["_kvsqueeze_routing"]`); `current_cache(module)` reads
+the top of the stack. No module-global or thread-local variable carries a cache.
 """
 
 from __future__ import annotations
 
 import contextlib
-import sys
 import threading
 
-import torch
-from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
-
-from .cache import MODEL_HOOKS, CompressedLayer, pending_layer
-from .errors import KVSqueezeError
+from ..compat import passed_cache
+from ..errors import KVSqueezeError
 
 PREFIX = "kvsqueeze_"
-_RECORDERS: list = []
-
-
-def _eager_of(module):
-    fn = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
-    if fn is None:
-        raise KVSqueezeError(f"{type(module).__name__} has no eager_attention_forward; use attn_implementation='sdpa'")
-    return fn
-
-
-def _layer_mask(layer: CompressedLayer, hf_mask, q_len: int, n_heads: int, eager: bool, dtype):
-    """The mask over (stored old slots + new tokens) for this layer, or the HF mask when it is already right."""
-    n_total = layer.n_stored
-    n_old = n_total - q_len
-    lines_up = hf_mask is None or hf_mask.shape[-1] == n_total
-    if layer.n_evicted == 0 and layer.valid is None and lines_up:
-        return hf_mask
-    window = layer.sliding_window
-    if q_len == 1 and hf_mask is None and layer.valid is None and window is None:  # decoding, nothing to hide
-        return None
-    b = layer.keys.shape[0]
-    device = layer.keys.device
-    if hf_mask is None:
-        new = torch.ones(q_len, q_len, dtype=torch.bool, device=device).tril()[None, None]
-    elif hf_mask.dtype == torch.bool:
-        new = hf_mask[..., -q_len:]
-    else:
-        new = hf_mask[..., -q_len:] == 0
-    if layer.valid is None:
-        old = torch.ones(1, 1, 1, n_old, dtype=torch.bool, device=device)
-    else:  # per kv head -> per query head
-        old = layer.valid[:, :, None, :n_old].repeat_interleave(n_heads // layer.valid.shape[1], dim=1)
-    if window:  # sliding layer: an old slot is seen by the queries within `window` positions of it
-        q_pos = layer.cumulative_length - q_len + torch.arange(q_len, device=device)
-        inside = layer.positions[:, :, None, :n_old] > q_pos[None, None, :, None] - window
-        old = old & inside.repeat_interleave(n_heads // inside.shape[1], dim=1)
-    heads = max(old.shape[1], new.shape[1])
-    mask = torch.cat(
-        [old.expand(b, heads, q_len, n_old), new.expand(b, heads, q_len, q_len)], dim=-1
-    )
-    if heads == 1 and not eager and bool(mask.all()):
-        return None if q_len == 1 else mask
-    if eager:
-        return torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill(~mask, torch.finfo(dtype).min)
-    return mask
-
-
-def _gather_slots(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """(b, h, n, d) -> (b, h, k, d) at slot indices idx (b, h, k)."""
-    return t.gather(2, idx[..., None].expand(*idx.shape, t.shape[-1]))
-
-
-def _gather_mask(mask, idx: torch.Tensor, n_heads: int, eager: bool, dtype):
-    """The decode-step mask restricted to the selected slots (None stays None)."""
-    if mask is None:
-        return None
-    b, hk, k = idx.shape
-    m = mask if mask.dtype == torch.bool else mask == 0
-    m = m.expand(b, -1, 1, -1)
-    if m.shape[1] == 1:
-        m = m.expand(b, hk, 1, m.shape[-1])
-    elif m.shape[1] != hk:  # per query head -> one row per kv head (rows agree within a group)
-        m = m[:, :: n_heads // hk]
-    m = m.gather(3, idx[:, :, None, :]).repeat_interleave(n_heads // hk, dim=1)
-    if eager:
-        return torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill(~m, torch.finfo(dtype).min)
-    return m
-
-
-def _new_tokens_valid(hf_mask, q_len: int):
-    """(batch, q) bool: which new tokens are real (read off the last query row of the HF mask)."""
-    if hf_mask is None:
-        return None
-    row = hf_mask[:, 0, -1, -q_len:]
-    return row if row.dtype == torch.bool else row == 0
-
-
-def _wrap(inner_name: str):
-    eager = inner_name == "eager"
-
-    def attention(module, query, key, value, attention_mask, **kwargs):
-        inner = _eager_of(module) if eager else sdpa_attention_forward
-        for rec in _RECORDERS:
-            rec(module, query)
-        pending = pending_layer()
-        layer = None
-        if pending is not None:
-            cache, layer_idx = pending
-            layer = cache.layers[layer_idx]
-            if getattr(module, "layer_idx", layer_idx) != layer_idx:
-                raise KVSqueezeError("attention modules and cache layers are out of step")
-        if not isinstance(layer, CompressedLayer):
-            return inner(module, query, key, value, attention_mask, **kwargs)
-        q_len = query.shape[2]
-        valid_new = _new_tokens_valid(attention_mask, q_len)
-        if valid_new is not None:
-            layer.mark_invalid(valid_new)
-        mask = _layer_mask(layer, attention_mask, q_len, query.shape[1], eager, query.dtype)
-        selector = cache.selector
-        if selector is not None and q_len == 1:
-            idx = selector.select(layer_idx, layer, query)  # (batch, kv_heads, k) slot indices, or None: dense
-            if idx is not None:
-                key, value = _gather_slots(key, idx), _gather_slots(value, idx)
-                mask = _gather_mask(mask, idx, query.shape[1], eager, query.dtype)
-        elif selector is not None and hasattr(selector, "observe"):
-            selector.observe(layer_idx, layer, query)  # prefill / appended tokens: AttentionPredictor's history
-        out = inner(module, query, key, value, mask, **kwargs)
-        cache.after_attention(module, layer_idx, query, kwargs.get("scaling"))
-        return out
-
-    return attention
-
-
-for _name, _mask in (("sdpa", sdpa_mask), ("eager", eager_mask)):
-    AttentionInterface.register(PREFIX + _name, _wrap(_name))
-    AttentionMaskInterface.register(PREFIX + _name, _mask)
-
-
 _STATE = "_kvsqueeze_routing"  # the model attribute holding the hooks and the saved implementations
 
 
@@ -237,15 +103,20 @@ def _exit(st: dict) -> None:
         _restore(saved)
 
 
-def _pre_hook(module, args, kwargs):
-    from .cache import CompressedCache
-    from .compat import passed_cache
+def routes(cache) -> bool:
+    """Whether `cache` is one whose forwards go through kvsqueeze (a `CompressedCache`: class attribute
+    `kvsqueeze_routes`)."""
+    return bool(getattr(type(cache), "kvsqueeze_routes", False))
 
+
+def _pre_hook(module, args, kwargs):
     st = module.__dict__.get(_STATE)
     if st is None:  # pragma: no cover - hooks outlived their state
         return
-    on = isinstance(passed_cache(kwargs), CompressedCache)
-    st["active"].setdefault(threading.get_ident(), []).append(on)  # per thread: generate_batch runs in its own
+    cache = passed_cache(kwargs)
+    on = routes(cache)
+    tid = threading.get_ident()  # per thread: generate_batch runs in its own
+    st["active"].setdefault(tid, []).append(cache if on else None)
     if on:
         _enter(st)
 
@@ -253,14 +124,34 @@ def _pre_hook(module, args, kwargs):
 def _post_hook(module, args, kwargs, output):
     st = module.__dict__.get(_STATE)
     stack = None if st is None else st["active"].get(threading.get_ident())
-    if stack and stack.pop():
+    if stack and stack.pop() is not None:
         _exit(st)
+
+
+def current_cache(module):
+    """The kvsqueeze cache of the forward running `module` in this thread (the innermost routed forward of the
+    model the module belongs to), or None (a forward with another cache, or a model never attached)."""
+    st = module.__dict__.get(_STATE)
+    if st is None:
+        return None
+    stack = st["active"].get(threading.get_ident())
+    if not stack:
+        return None
+    for cache in reversed(stack):
+        if cache is not None:
+            return cache
+    return None
 
 
 def _hooked(model) -> list:
     from transformers import PreTrainedModel
 
     return [m for m in model.modules() if m is model or isinstance(m, PreTrainedModel)]
+
+
+def _attention_modules(model) -> list:
+    """The attention modules (those with a `layer_idx`): they read their forward's cache from the shared state."""
+    return [m for m in model.modules() if isinstance(getattr(m, "layer_idx", None), int)]
 
 
 def attach(model) -> None:
@@ -281,6 +172,8 @@ def attach(model) -> None:
         m.__dict__[_STATE] = st
         m.register_forward_pre_hook(_pre_hook, with_kwargs=True)
         m.register_forward_hook(_post_hook, with_kwargs=True, always_call=True)
+    for m in _attention_modules(model):  # no hooks: they only read the state
+        m.__dict__.setdefault(_STATE, st)
 
 
 def _detach(model) -> dict | None:
@@ -354,14 +247,3 @@ def unpatch(model) -> None:
                 cfg._attn_implementation = impl[len(PREFIX) :]
 
 
-@contextlib.contextmanager
-def record_queries(fn):
-    """Call fn(module, query) with every layer's post-RoPE queries (batch, heads, q, head_dim) in the block."""
-    _RECORDERS.append(fn)
-    try:
-        yield
-    finally:
-        _RECORDERS.remove(fn)
-
-
-MODEL_HOOKS.append(attach)  # every CompressedCache built attaches its model (see cache.MODEL_HOOKS)

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .attention_predictor import HISTORY, PredictorNet, n_parameters
+from ..selection.attention_predictor import HISTORY, PredictorNet, n_parameters
 from .traces import Trace
 
 
@@ -306,8 +306,8 @@ def train_predictor(model, tokenizer, texts: list[str] | None = None, *, n_seq: 
     """Collect traces on `texts` (default: the calibration text shipped with kvsqueeze), train, save safetensors.
 
     Returns the result, the checkpoint path and timings (seconds for traces, training, total)."""
-    from ..methods.qfilters import default_calibration_texts
-    from .attention_predictor import predictor_path, save_predictor
+    from ..runtime.calibration import default_calibration_texts
+    from ..selection.attention_predictor import predictor_path, save_predictor
     from .traces import calibration_sequences
 
     cfg = cfg or TrainConfig(seed=seed)
@@ -341,7 +341,7 @@ def simulate(traces: list[Trace], budget: int, predictor=None, *, sink: int | No
 
     predictor: a PredictorNet, or "last" / "mean" (heuristics). Returns {"ap": {layer: r}, "quest": ..., "oracle": ...}.
     """
-    from .attention_predictor import AttentionPredictor, HistoryMean, IncrementalCNN, LastRow
+    from ..selection.attention_predictor import AttentionPredictor, HistoryMean, IncrementalCNN, LastRow
 
     net = {"last": LastRow(), "mean": HistoryMean()}.get(predictor, predictor) if isinstance(predictor, str) else predictor
     sel = AttentionPredictor(budget, predictor=net, sink=sink, local=local, calibration_every=calibration_every,

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from ..compat import cache_kwargs
-from .base import attention_probs, block_pool
+from ..selection.base import attention_probs, block_pool
 
 COPY_REQUEST = "Repeat, word for word, the passage of the text above that starts with \"{start}\"."
 
@@ -56,8 +56,8 @@ class Trace:
 def collect_trace(model, ids: list[int] | torch.Tensor, *, history: int = 64, steps: int = 64, block: int = 16,
                   dense_layers: tuple[int, ...] = (0, 1), kind: str = "text") -> Trace:
     """Run `ids` once through `model` and keep the pooled attention rows of its last `history + steps` positions."""
-    from ..attention import record_queries
-    from ..cache import CompressedCache
+    from ..runtime.attention import record_queries
+    from ..runtime.cache import CompressedCache
 
     ids = torch.as_tensor(ids).view(1, -1).to(next(model.parameters()).device)
     T = ids.shape[1]
@@ -77,7 +77,7 @@ def collect_trace(model, ids: list[int] | torch.Tensor, *, history: int = 64, st
         model(input_ids=ids, **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1)
     layers = [i for i in sorted(queries) if i not in dense_layers and hasattr(cache.layers[i], "positions")]
     q_pos = torch.arange(T - w, T, device=ids.device)
-    from .quest import page_minmax, page_scores
+    from ..selection.quest import page_minmax, page_scores
 
     maxp, sums, quest = [], [], []
     n_full = T // block
@@ -126,7 +126,7 @@ def _window(stream: list[int], length: int, rng: random.Random) -> list[int]:
 
 def copy_sequence(tokenizer, stream: list[int], length: int, answer_tokens: int, rng: random.Random) -> list[int]:
     """A chat-formatted request to repeat a passage of the context, followed by the passage (teacher forcing)."""
-    from ..pipeline import split_prompt
+    from ..runtime.generate import split_prompt
 
     ctx_len = length - answer_tokens - 48
     window = _window(stream, ctx_len, rng)
@@ -156,7 +156,7 @@ class _TextHaystack:
 def retrieval_sequence(tokenizer, stream: list[int], length: int, rng: random.Random) -> list[int]:
     """A RULER multi-query / multi-key needle task in the text, then its answer as a numbered list (teacher
     forcing): decoding steps that jump back to the needles."""
-    from ..pipeline import split_prompt
+    from ..runtime.generate import split_prompt
     from ..tasks import ruler
 
     fn = rng.choice([ruler.niah_multiquery, ruler.niah_multikey])

@@ -1,0 +1,1 @@
+"""Kernels: attention computations over stored KV (reference PyTorch routines and Triton kernels)."""

@@ -1,0 +1,130 @@
+"""Calibration passes (runtime: they run the model): Q-Filters' query directions.
+
+`prepare(method, model)` readies a method (and the methods nested in it) for a model before a cache uses it: a
+method whose class sets `calibration = "qfilters"` and has no `filters` gets them from the cache directory
+(safetensors, keyed by the model: `kvsqueeze.models.model_key`) or, the first time, from `calibrate_qfilters`;
+then its own `setup(model)` runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..errors import KVSqueezeError
+from ..methods.qfilters import filters_from_queries
+from ..models import cache_dir, model_key
+from ..shapes import attention_shape
+
+
+def filters_path(model) -> Path:
+    return cache_dir() / "qfilters" / f"{model_key(model)}.safetensors"
+
+
+def default_calibration_texts() -> list[str]:
+    text = (Path(__file__).resolve().parent.parent / "data" / "calibration.txt").read_text()
+    return [p.strip() for p in text.split("\n\n") if p.strip()]
+
+
+@torch.no_grad()
+def calibrate_qfilters(model, tokenizer, texts: list[str] | None = None, n_seq: int = 8, seq_len: int = 1024,
+              n_vectors: int = 3000, seed: int = 0, progress: bool = True) -> torch.Tensor:
+    """Compute Q-Filters (n_layers, kv_heads, head_dim) from post-RoPE queries on calibration text.
+
+    `texts` are joined and tokenized; `n_seq` windows of `seq_len` tokens are drawn at random offsets, each a
+    contiguous slice of that text (never wrapped around its end, which would join its last tokens to its first);
+    `n_vectors` query vectors are sampled per head among them, the SVD runs per query head in fp32. A text
+    shorter than `seq_len` is read once as one window (rotated copies of it would add no new queries). The
+    paper's recipe (Godey et al., make_filters.py) is 20 windows x 2048 tokens of pretraining text (FineWeb),
+    3000 vectors: pass such text (`kvsqueeze calibrate qfilters --text-dir`) for filters close to theirs; the
+    shipped default text is about 1k tokens. Raises `KVSqueezeError` for a text under 64 tokens."""
+    from .attention import record_queries
+    from .routing import patched
+
+    texts = texts or default_calibration_texts()
+    gen = torch.Generator().manual_seed(seed)
+    ids = tokenizer("\n\n".join(texts), return_tensors="pt").input_ids[0]
+    if ids.numel() < 64:
+        raise KVSqueezeError("calibration text is too short (need at least 64 tokens)")
+    seq_len = min(seq_len, ids.numel())
+    if seq_len == ids.numel():
+        n_seq = 1  # the whole text is one window: more would be the same queries again
+    per_seq = max(1, n_vectors // n_seq)
+    store: dict[int, list[torch.Tensor]] = {}
+
+    def rec(module, query):
+        b, hq, q, d = query.shape
+        pick = torch.randperm(q, generator=gen)[:per_seq]
+        store.setdefault(module.layer_idx, []).append(query[0, :, pick].float().cpu())
+
+    device = next(model.parameters()).device
+    starts = torch.randint(0, ids.numel() - seq_len + 1, (n_seq,), generator=gen)
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover
+        tqdm = None
+    it = starts.tolist()
+    if progress and tqdm is not None:
+        it = tqdm(it, desc="Q-Filters calibration", unit="seq")
+    with patched(model), record_queries(rec):  # the model is routed through kvsqueeze only inside the block
+        for s in it:
+            chunk = ids[s:s + seq_len]  # a contiguous window of the text (starts drawn so it fits)
+            model(chunk[None].to(device), use_cache=False)
+    n_kv = attention_shape(model.config.get_text_config())[1]
+    return filters_from_queries({li: torch.cat(v, dim=1) for li, v in store.items()}, n_kv)
+
+
+def load_or_calibrate(model, tokenizer=None, **kw) -> torch.Tensor:
+    """Q-Filters (n_layers, kv_heads, head_dim) for `model`: from the cache directory, else calibrated (needs the
+    tokenizer) and saved. Raises `KVSqueezeError` when neither is possible."""
+    path = filters_path(model)
+    if path.exists():
+        return load_file(str(path))["filters"]
+    if tokenizer is None:
+        raise KVSqueezeError(
+            "no Q-Filters calibrated for this model: run `kvsqueeze calibrate qfilters --model M` "
+            "or load it with kvsqueeze.load_model"
+        )
+    filters = calibrate_qfilters(model, tokenizer, **kw)
+    save(model, filters)
+    return filters
+
+
+def save(model, filters: torch.Tensor) -> Path:
+    """Write Q-Filters (n_layers, kv_heads, head_dim) for `model` as safetensors; returns the path."""
+    path = filters_path(model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"model": str(getattr(model.config, "_name_or_path", "")), "shape": json.dumps(list(filters.shape))}
+    save_file({"filters": filters.contiguous()}, str(path), metadata=meta)
+    return path
+
+
+
+
+def _nested(method) -> list:
+    """`method` and every method held in its dataclass fields (a PyramidKV scorer, a wrapped inner method)."""
+    out, todo = [], [method]
+    while todo:
+        m = todo.pop()
+        if m is None or any(m is o for o in out):
+            continue
+        out.append(m)
+        if dataclasses.is_dataclass(m):
+            todo += [getattr(m, f.name) for f in dataclasses.fields(m) if hasattr(getattr(m, f.name), "score")]
+    return out
+
+
+def prepare(method, model) -> None:
+    """Ready `method` (and the methods nested in it) for `model`: calibration data first (Q-Filters' filters,
+    loaded or calibrated once per model), then each method's `setup(model)`. Idempotent. Raises `KVSqueezeError`
+    when Q-Filters cannot be calibrated (no saved filters and no tokenizer on the model)."""
+    if method is None:
+        return
+    for m in _nested(method):
+        if getattr(type(m), "calibration", None) == "qfilters" and getattr(m, "filters", None) is None:
+            m.filters = load_or_calibrate(model, getattr(model, "kvsqueeze_tokenizer", None))
+    method.setup(model)

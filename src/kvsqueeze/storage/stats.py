@@ -1,0 +1,35 @@
+"""Memory held by a cache (`CacheStats`), counted from the tensors really held."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+@dataclass
+class CacheStats:
+    """Memory held by a cache, against what a full (uncompressed) cache would hold."""
+
+    kv_bytes: int  # keys + values really stored
+    total_bytes: int  # every tensor the cache holds (kv + positions + method state)
+    full_kv_bytes: int  # keys + values a DynamicCache would hold for the same tokens
+    tokens_seen: int
+    tokens_stored: list[int] = field(default_factory=list)  # per layer
+
+    @property
+    def ratio(self) -> float:
+        """Fraction of the full cache's KV bytes that is held."""
+        return self.kv_bytes / self.full_kv_bytes if self.full_kv_bytes else 1.0
+
+    def line(self) -> str:
+        mib = 1024**2
+        return (
+            f"KV memory: {self.kv_bytes / mib:.2f} MiB kept of {self.full_kv_bytes / mib:.2f} MiB full "
+            f"({100 * self.ratio:.1f}%, {1 / max(self.ratio, 1e-9):.2f}x smaller); "
+            f"all cache tensors {self.total_bytes / mib:.2f} MiB; {self.tokens_seen} tokens seen"
+        )
