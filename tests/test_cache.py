@@ -25,12 +25,13 @@ def _reference_attention(module, query, key, value, attention_mask, scaling=None
     logits = query @ k.transpose(-1, -2) * scaling
     if attention_mask is not None:
         logits = logits + attention_mask[..., : k.shape[-2]]
-    kept = _REF["kept"][module.layer_idx]  # (b, hkv, n_old) positions kept before this forward, or None
+    kept = _REF["kept"][module.layer_idx]  # ((b, hkv, n_old) positions, valid) before this forward, or None
     n = k.shape[-2]
     if kept is not None:
         q = query.shape[2]
+        pos, valid = kept
         allowed = torch.zeros(k.shape[0], key.shape[1], n, dtype=torch.bool)
-        allowed.scatter_(2, kept.long(), True)
+        allowed.scatter_(2, pos.long(), torch.ones_like(pos, dtype=torch.bool) if valid is None else valid)
         allowed[:, :, n - q :] = True  # this forward's own tokens (causality comes from attention_mask)
         allowed = allowed.repeat_interleave(g, dim=1)[:, :, None, :]
         logits = logits.masked_fill(~allowed, float("-inf"))
@@ -47,7 +48,8 @@ def _run(model, cache, chunks, prefill_chunks):
     outs, snapshots = [], []
     for i, ids in enumerate(chunks):
         snapshots.append(None if not isinstance(cache, kq.CompressedCache) else {
-            li: (layer.positions.clone() if isinstance(layer, CompressedLayer) and layer.is_initialized else None)
+            li: ((layer.positions.clone(), None if layer.valid is None else layer.valid.clone())
+                 if isinstance(layer, CompressedLayer) and layer.is_initialized else None)
             for li, layer in enumerate(cache.layers)})
         with torch.no_grad():
             if i < prefill_chunks and isinstance(cache, kq.CompressedCache):
@@ -75,7 +77,7 @@ def test_no_compression_is_bit_identical_to_dynamic_cache(attn):
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-@pytest.mark.parametrize("method", ["snapkv", "knorm", "h2o", "pyramidkv", "streaming_llm", "tova"])
+@pytest.mark.parametrize("method", ["snapkv", "knorm", "h2o", "pyramidkv", "streaming_llm", "tova", "adakv"])
 @pytest.mark.parametrize("prefill_chunks", [1, 3])
 def test_eviction_equals_full_attention_with_evicted_tokens_masked(attn, method, prefill_chunks):
     """Chunked prefill with eviction between chunks, then a multi-token chunk and 1-token decode steps."""
@@ -83,8 +85,9 @@ def test_eviction_equals_full_attention_with_evicted_tokens_masked(attn, method,
     sizes = [48, 40, 30][:prefill_chunks] + [6, 1, 1, 1]
     chunks = _chunks(sizes)
     kwargs = {"window": 8} if method in ("snapkv",) else {}
-    m = kq.get_method(method, ratio=0.6, **kwargs) if method != "pyramidkv" else kq.methods.PyramidKV(
-        scorer=kq.methods.SnapKV(window=8), ratio=0.6, beta=4)
+    m = kq.get_method(method, ratio=0.6, **kwargs) if method not in ("pyramidkv", "adakv") else kq.methods.PyramidKV(
+        scorer=kq.methods.SnapKV(window=8), ratio=0.6, beta=4) if method == "pyramidkv" else kq.methods.AdaKV(
+        scorer=kq.methods.SnapKV(window=8), ratio=0.6)
     cache = kq.CompressedCache(model, m)
     got, snaps = _run(model, cache, chunks, prefill_chunks)
     stored = cache.stats().tokens_stored

@@ -180,10 +180,7 @@ class QuantizedLayer(CompressedLayer):
         (the full view) become the full-precision residual, to be compressed by `commit`."""
         self._k_res, self._v_res = self._take(keys, idx), self._take(values, idx)
         self._stores = []
-        self.positions = self._take(self.positions, idx)
-        if self.valid is not None:
-            self.valid = self._take(self.valid, idx)
-        self.state = {k: self._take(v, idx) for k, v in self.state.items()}
+        self.table.keep(idx)
         self._live = None
 
     def evict(self, scores: torch.Tensor, n_keep: int, row_keep: torch.Tensor | None = None):
@@ -195,7 +192,7 @@ class QuantizedLayer(CompressedLayer):
         n_keep = min(n_keep, n)
         idx, visible = self._keep_index(scores, n_keep, row_keep)
         self._reorder_slots(idx, self.keys, self.values)
-        self._hide(visible)
+        self.table.hide(visible)
         self.n_evicted += n - n_keep
         self.commit()
 

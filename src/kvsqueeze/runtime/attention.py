@@ -46,7 +46,7 @@ def _layer_mask(layer: CompressedLayer, hf_mask, q_len: int, n_heads: int, eager
     n_total = layer.n_stored
     n_old = n_total - q_len
     lines_up = hf_mask is None or hf_mask.shape[-1] == n_total
-    if layer.n_evicted == 0 and layer.valid is None and lines_up:
+    if layer.aligned and lines_up:
         return hf_mask
     window = layer.sliding_window
     if q_len == 1 and hf_mask is None and layer.valid is None and window is None:  # decoding, nothing to hide

@@ -238,7 +238,19 @@ class CompressedCache(Cache):
         if compress:
             x.n_keep = self.budget(layer_idx)
             if layer.n_stored > x.n_keep:
-                layer.evict(layer.window_scores(method.score(x)), x.n_keep, layer.row_keep)
+                scores = layer.window_scores(method.score(x))
+                counts = layer.row_keep
+                head_counts = getattr(method, "head_counts", None)
+                if head_counts is not None:  # head-wise budgets (AdaKV): each kv head keeps its own count
+                    keep = counts if counts is not None else torch.full(
+                        (scores.shape[0],), x.n_keep, dtype=torch.long, device=scores.device)
+                    visible = scores.float() > float("-inf")  # -inf: invalid, or outside a sliding window
+                    if layer.valid is not None:
+                        visible = visible & layer.valid
+                    counts = head_counts(scores, keep, visible)
+                    layer.evict(scores, max(1, int(counts.max())), counts)
+                else:
+                    layer.evict(scores, x.n_keep, counts)
 
     def compressed_copy(self, model, method, queries: dict[int, torch.Tensor], scaling: dict[int, float],
                         memo: dict | None = None, layer_factory=None):

@@ -1,18 +1,25 @@
 """A compressed cache layer: the kept KV slots of one attention layer (storage; knows neither methods nor models).
 
-`CompressedLayer` is a `transformers` cache layer (`DynamicLayer`) that stores only the KV entries that were kept,
-as slots:
+`CompressedLayer` is a `transformers` cache layer (`DynamicLayer`'s interface) made of two parts:
 
-    keys, values : (batch, kv_heads, n, head_dim)   the kept entries, post-RoPE keys as the model wrote them
+- a slot table (`slots.SlotTable`): per slot its position, validity and slot-aligned method state, per row its
+  left-padding count, a `version` counter and the `aligned` flag the attention mask reads;
+- a KV store (`stores.KVStore`): the keys and values of those slots, full precision (`DenseStore`) or quantized
+  (`kvsqueeze.quant`), behind one protocol (append, view, keep, index_batch, nbytes, offload / prefetch).
+
+    keys, values : (batch, kv_heads, n, head_dim)   the store's view: post-RoPE keys as the model wrote them
     positions    : (batch, kv_heads, n) int32       the logical position of each slot
-    valid        : (batch, kv_heads, n) bool | None  False for padding slots (None: all valid)
+    valid        : (batch, kv_heads, n) bool | None  False where attention must not look (None: all valid)
     n_pad        : (batch,) long | None               left-padding tokens of each row (None: no padding)
     state        : dict name -> (batch, kv_heads, n, ...)  slot-aligned method state (e.g. H2O's scores)
 
-and counts the tokens it has seen (`cumulative_length`). `get_seq_length()` returns that count, so RoPE
+The layer counts the tokens it has seen (`cumulative_length`); `get_seq_length()` returns that count, so RoPE
 positions of new tokens and `generate()`'s bookkeeping never shift after eviction; `get_mask_sizes()` describes
-the slots actually stored. Sliding-window layers are `CompressedLayer`s with `sliding_window` set: they drop the
-tokens no later query can see (`drop_outside_window`) and are compressed inside their window.
+the slots actually stored. Which slots stay is decided elsewhere (a method's scores, a budget); the layer only
+executes it: `evict(scores, n_keep, counts)` keeps the top slots per (row, kv head), where `counts` may give each
+row, or each (row, kv head), its own number (head-wise budgets: the store frees the memory of the slots a head
+does not keep, `DenseStore` becomes ragged). Sliding-window layers are `CompressedLayer`s with `sliding_window`
+set: they drop the tokens no later query can see (`drop_outside_window`) and are compressed inside their window.
 """
 
 from __future__ import annotations
@@ -21,48 +28,68 @@ import torch
 from transformers.cache_utils import DynamicLayer
 
 from ..errors import KVSqueezeError
+from .slots import SlotTable
+from .stores import DenseStore
 
 
 class CompressedLayer(DynamicLayer):
-    """One full-attention layer's kept KV slots (see the module docstring)."""
+    """One attention layer's kept KV slots: a slot table and a KV store (see the module docstring)."""
 
     is_sliding = False
     is_croppable = False
     sliding_window: int | None = None  # set (with is_sliding) for a sliding-window attention layer
 
     def __init__(self, **kwargs):
+        self.table = SlotTable()
+        self.store: DenseStore | None = None
         super().__init__()
         self.cumulative_length = 0
-        self.positions: torch.Tensor | None = None
-        self.valid: torch.Tensor | None = None
-        self.state: dict[str, torch.Tensor] = {}
         self.n_new = 0  # tokens appended by the current forward
         self.n_evicted = 0  # slots ever removed
-        self.n_pad: torch.Tensor | None = None  # (batch,) padding tokens seen per row (left padding)
         self.row_keep: torch.Tensor | None = None  # (batch,) per-row budget when rows differ (set by the cache)
 
+    # --- the slot table's fields ------------------------------------------------------------------------------
+    positions = property(lambda self: self.table.positions, lambda self, t: setattr(self.table, "positions", t))
+    valid = property(lambda self: self.table.valid, lambda self, t: setattr(self.table, "valid", t))
+    state = property(lambda self: self.table.state, lambda self, t: setattr(self.table, "state", t))
+    n_pad = property(lambda self: self.table.n_pad, lambda self, t: setattr(self.table, "n_pad", t))
+
+    # --- the store's view -------------------------------------------------------------------------------------
+    def _kv(self, i: int):
+        if self.store is None:
+            return None
+        return self.store.view()[i]
+
+    def _set_kv(self, i: int, t) -> None:
+        """Assigning `keys` / `values` replaces every slot's keys (values) with the rectangular tensor `t`."""
+        if t is None:
+            if i == 1:
+                self.store = None
+            return
+        if self.store is None:
+            self.store = DenseStore(t, t) if i == 0 else DenseStore(t, t)
+        self.store.set_dense(i, t)
+
+    keys = property(lambda self: self._kv(0), lambda self, t: self._set_kv(0, t))
+    values = property(lambda self: self._kv(1), lambda self, t: self._set_kv(1, t))
+
     def lazy_initialization(self, key_states, value_states):
-        super().lazy_initialization(key_states, value_states)
-        b, h = key_states.shape[:2]
-        self.positions = torch.empty(b, h, 0, dtype=torch.int32, device=self.device)
+        self.dtype, self.device = key_states.dtype, key_states.device
+        b, h, _, d = key_states.shape
+        self.store = DenseStore(key_states.new_empty(b, h, 0, d), value_states.new_empty(b, h, 0, value_states.shape[-1]))
+        self.table.init(b, h, self.device)
+        self.is_initialized = True
 
     def update(self, key_states, value_states, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        self.keys = torch.cat([self.keys, key_states], dim=-2)
-        self.values = torch.cat([self.values, value_states], dim=-2)
+        self.store.append(key_states, value_states)
         self._track_new(key_states.shape[-2])
-        return self.keys, self.values
+        return self.store.view()
 
     def _track_new(self, q: int) -> None:
         """Positions, padding mask and method state for `q` tokens just appended after the stored slots."""
-        b, h = self.positions.shape[:2]
-        new_pos = torch.arange(self.cumulative_length, self.cumulative_length + q, device=self.device, dtype=torch.int32)
-        self.positions = torch.cat([self.positions, new_pos.expand(b, h, q)], dim=-1)
-        if self.valid is not None:
-            self.valid = torch.cat([self.valid, self.valid.new_ones(b, h, q)], dim=-1)
-        for name, t in self.state.items():
-            self.state[name] = torch.cat([t, t.new_zeros(b, h, q, *t.shape[3:])], dim=2)
+        self.table.append(q, self.cumulative_length)
         self.cumulative_length += q
         self.n_new = q
 
@@ -81,15 +108,22 @@ class CompressedLayer(DynamicLayer):
     def get_max_length(self) -> int:
         return -1
 
+    def offload(self):
+        """Move the keys and values held to the CPU (the store's own form: a quantized store stays quantized)."""
+        if self.is_initialized and self.store is not None:
+            self.store.offload()
+
+    def prefetch(self):
+        """Bring the keys and values held back to the layer's device."""
+        if self.is_initialized and self.store is not None:
+            self.store.prefetch(self.device)
+
     def reset(self):
-        super().reset()
-        # transformers 5.17 (no DynamicLayer.reset) zeroes keys/values in place, the layer left initialized: drop them
-        self.keys = self.values = None
+        self.store = None
         self.is_initialized = False
         self.cumulative_length = 0
-        self.positions = self.valid = None
-        self.n_pad = self.row_keep = None
-        self.state = {}
+        self.table.reset()
+        self.row_keep = None
         self.n_new = self.n_evicted = 0
 
     def crop(self, tokens_to_remove: int):
@@ -98,12 +132,9 @@ class CompressedLayer(DynamicLayer):
     def _index_batch(self, fn):
         if not self.is_initialized:
             return
-        self.keys, self.values, self.positions = fn(self.keys), fn(self.values), fn(self.positions)
-        if self.valid is not None:
-            self.valid = fn(self.valid)
-        self.n_pad = None if self.n_pad is None else fn(self.n_pad)
+        self.store.index_batch(fn)
+        self.table.index_batch(fn)
         self.row_keep = None if self.row_keep is None else fn(self.row_keep)
-        self.state = {k: fn(v) for k, v in self.state.items()}
 
     def reorder_cache(self, beam_idx):
         self._index_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
@@ -117,21 +148,41 @@ class CompressedLayer(DynamicLayer):
     # --- what kvsqueeze adds ------------------------------------------------------------------------
     @property
     def n_stored(self) -> int:
-        return 0 if self.keys is None or self.keys.dim() < 3 else self.keys.shape[-2]
+        """Slots per (row, kv head): the table's width (a head keeping fewer holds empty, invalid slots)."""
+        return self.table.n
+
+    @property
+    def version(self) -> int:
+        """Counts the changes of which slots are held (selectors recompute their per-slot summaries on a change)."""
+        return self.table.version
+
+    @property
+    def aligned(self) -> bool:
+        """Whether the slots are the contiguous last `n_stored` tokens seen, none hidden: transformers' own mask
+        is then right for this layer."""
+        return self.table.aligned and self.table.valid is None
+
+    def held_counts(self) -> torch.Tensor:
+        """(batch, kv_heads) long: the entries each (row, kv head) holds (valid slots)."""
+        b, h, n = self.positions.shape
+        if self.valid is None:
+            return torch.full((b, h), n, dtype=torch.long, device=self.positions.device)
+        return self.valid.sum(-1)
+
+    def kv_nbytes(self) -> int:
+        """Bytes of keys and values really held (the store's tensors; a ragged store: the sum over heads)."""
+        return 0 if self.store is None else self.store.nbytes()
+
+    def kv_tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor that encodes keys and values."""
+        return {} if self.store is None else self.store.tensors()
 
     def mark_invalid(self, new_valid: torch.Tensor):
         """Record which of the tokens just appended are real (new_valid: (batch, n_new) bool).
 
         Padding is left padding: a row's padding tokens come before its first real token, so the row's own
         position of a slot is `positions - n_pad` (see `row_positions`)."""
-        if bool(new_valid.all()):
-            return
-        b, h, n = self.positions.shape
-        if self.valid is None:
-            self.valid = torch.ones(b, h, n, dtype=torch.bool, device=self.device)
-        self.valid[:, :, n - new_valid.shape[-1] :] &= new_valid[:, None, :].to(self.device)
-        pads = (~new_valid).sum(-1).to(self.device, torch.long)
-        self.n_pad = pads if self.n_pad is None else self.n_pad + pads
+        self.table.mark_new_invalid(new_valid)
 
     def row_positions(self) -> torch.Tensor:
         """(batch, kv_heads, n) long: each slot's position within its own row (padding slots are negative)."""
@@ -143,14 +194,15 @@ class CompressedLayer(DynamicLayer):
         seen = torch.full((self.positions.shape[0],), self.cumulative_length, dtype=torch.long, device=self.device)
         return seen if self.n_pad is None else seen - self.n_pad
 
-    def _keep_index(self, scores: torch.Tensor, n_keep: int, row_keep: torch.Tensor | None = None):
+    def _keep_index(self, scores: torch.Tensor, n_keep: int, counts: torch.Tensor | None = None):
         """The slots to keep: idx (batch, kv_heads, n_keep) in slot order, and which of them stay visible
         ((batch, kv_heads, n_keep) bool, or None when all do).
 
-        Padding slots rank last; ties rank the later slot first (deterministic, and the same for a row batched
-        with left padding or alone). With `row_keep` (batch,) (each <= n_keep), row r keeps its own top
-        `row_keep[r]` slots; the rest of its n_keep slots are its next-ranked ones (padding first) marked
-        invalid, so attention never sees them. Raises ValueError if `scores` is not (batch, kv_heads, n)."""
+        Invalid slots (padding) rank last; ties rank the later slot first (deterministic, and the same for a row
+        batched with left padding or alone). With `counts` ((batch,) per row, or (batch, kv_heads) per head; each
+        <= n_keep) a row / head keeps its own top `counts` slots visible; the rest of its n_keep slots are its
+        next-ranked ones (padding first), marked invalid, so attention never sees them. Raises ValueError if
+        `scores` is not (batch, kv_heads, n)."""
         b, h, n = self.positions.shape
         if scores.shape != (b, h, n):
             raise ValueError(f"scores must have shape {(b, h, n)}, got {tuple(scores.shape)}")
@@ -161,43 +213,42 @@ class CompressedLayer(DynamicLayer):
         order = scores.flip(-1).sort(dim=-1, descending=True, stable=True).indices[..., :n_keep]
         order = n - 1 - order  # (b, h, n_keep), best first
         visible = None
-        if row_keep is not None and bool((row_keep.to(order.device) < n_keep).any()):
-            rank = torch.arange(n_keep, device=order.device)
-            visible = rank[None, None, :] < row_keep.to(order.device)[:, None, None]
+        if counts is not None:
+            c = counts.to(order.device)
+            c = c[:, None, None] if c.dim() == 1 else c[:, :, None]
+            if bool((c < n_keep).any()):
+                rank = torch.arange(n_keep, device=order.device)
+                visible = (rank[None, None, :] < c).expand(b, h, n_keep)
         idx, perm = order.sort(dim=-1)  # keep slots in position order
         if visible is not None:
-            visible = visible.expand(b, h, n_keep).gather(2, perm)
+            visible = visible.gather(2, perm)
         return idx, visible
 
-    def evict(self, scores: torch.Tensor, n_keep: int, row_keep: torch.Tensor | None = None):
-        """Keep, per (batch, kv head), the `n_keep` slots with the highest scores; free the rest.
+    def keep(self, idx: torch.Tensor, visible: torch.Tensor | None = None) -> None:
+        """Keep slots `idx` (batch, kv_heads, k), in that order, and free the others; the kept slots where
+        `visible` (batch, kv_heads, k) is False become empty (invalid, their entries freed when the store is
+        ragged-capable, else only hidden)."""
+        n = self.n_stored
+        held = visible if (visible is not None and self.store is not None and self.store.ragged_heads) else None
+        self.store.keep(idx, held)
+        self.table.keep(idx)
+        self.table.hide(visible)
+        self.n_evicted += n - idx.shape[-1]
 
-        scores: (batch, kv_heads, n_stored). row_keep: (batch,) per-row budgets <= n_keep (left-padded rows
-        keep what they keep alone; their extra slots are marked invalid, see `_keep_index`)."""
+    def evict(self, scores: torch.Tensor, n_keep: int, counts: torch.Tensor | None = None):
+        """Keep, per (row, kv head), the `n_keep` slots with the highest scores; free the rest.
+
+        scores: (batch, kv_heads, n_stored). counts: (batch,) per-row budgets or (batch, kv_heads) per-head
+        budgets, each <= n_keep (left-padded rows keep what they keep alone; head-wise budgets keep each head's
+        own top; the extra slots become empty, see `_keep_index`)."""
         b, h, n = self.positions.shape
         if scores.shape != (b, h, n):
             raise ValueError(f"scores must have shape {(b, h, n)}, got {tuple(scores.shape)}")
-        if n_keep >= n and row_keep is None:
+        if n_keep >= n and counts is None:
             return
         n_keep = min(n_keep, n)
-        idx, visible = self._keep_index(scores, n_keep, row_keep)
-
-        def take(t):
-            j = idx.view(b, h, n_keep, *([1] * (t.dim() - 3))).expand(b, h, n_keep, *t.shape[3:])
-            return t.gather(2, j).contiguous()
-
-        self.keys, self.values, self.positions = take(self.keys), take(self.values), take(self.positions)
-        if self.valid is not None:
-            self.valid = take(self.valid)
-        self._hide(visible)
-        self.state = {k: take(v) for k, v in self.state.items()}
-        self.n_evicted += n - n_keep
-
-    def _hide(self, visible: torch.Tensor | None) -> None:
-        """Mark kept slots that are not `visible` (batch, kv_heads, n) invalid."""
-        if visible is None:
-            return
-        self.valid = visible.clone() if self.valid is None else self.valid & visible
+        idx, visible = self._keep_index(scores, n_keep, counts)
+        self.keep(idx, visible)
 
     def window_cutoff(self) -> int | None:
         """Lowest position a later query can still attend to (None: full attention)."""
@@ -220,29 +271,30 @@ class CompressedLayer(DynamicLayer):
         return self.cumulative_length
 
     def drop_outside_window(self) -> None:
-        """Free the slots no later query can see (sliding layers). Every kv head keeps the same number of slots,
-        so a head with fewer slots inside the window keeps a few outside it; the attention mask hides those
-        (`attention._layer_mask`) and the next eviction drops them first (`window_scores`)."""
+        """Free the slots no later query can see (sliding layers). With a ragged-capable store each kv head keeps
+        exactly its slots inside the window; otherwise every head keeps as many slots as the head with the most
+        inside, a few outside it, which the attention mask hides (`attention._layer_mask`) and the next eviction
+        drops first (`window_scores`)."""
         cutoff = self.window_cutoff()
         if cutoff is None or not self.is_initialized or self.positions is None or self.positions.shape[-1] == 0:
             return
         inside = self.positions >= cutoff
         if self.valid is not None:
             inside = inside & self.valid
-        n_keep = int(inside.sum(-1).max())
+        per_head = inside.sum(-1)
+        n_keep = int(per_head.max())
         if n_keep >= self.positions.shape[-1]:
             return
-        evicted = self.n_evicted
-        getattr(self, "drop_slots", self.evict)(self.window_scores(inside.float()), max(n_keep, 1))
-        if n_keep == int(inside.sum(-1).min()) and evicted == 0:
-            self.n_evicted = 0  # still the contiguous last tokens: transformers' own mask stays right
+        scores = self.window_scores(inside.float())
+        if getattr(self, "drop_slots", None) is not None:  # mixed-precision storage: a real eviction, not a split
+            self.drop_slots(scores, max(n_keep, 1))
+        elif self.store is not None and self.store.ragged_heads and int(per_head.min()) < n_keep:
+            self.evict(scores, max(n_keep, 1), per_head.clamp_min(0))
+        else:
+            self.evict(scores, max(n_keep, 1))
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        """Every tensor this layer holds (what its memory is)."""
+        """Every tensor this layer holds (what its memory is): the store's and the slot table's."""
         if not self.is_initialized:
             return {}
-        out = {"keys": self.keys, "values": self.values, "positions": self.positions}
-        if self.valid is not None:
-            out["valid"] = self.valid
-        out.update({f"state.{k}": v for k, v in self.state.items()})
-        return out
+        return {**self.kv_tensors(), **self.table.tensors()}

@@ -1,0 +1,172 @@
+"""KV stores: how one layer's keys and values are held, behind one small protocol.
+
+A store holds the keys and values of a layer's slots (the slot table beside it, `slots.SlotTable`, holds their
+positions). Every store answers the same calls:
+
+    append(keys, values)        new slots after the existing ones; keys, values (batch, kv_heads, q, head_dim)
+    view() -> (keys, values)    every slot as (batch, kv_heads, n, head_dim) in the model's dtype: what attention
+                                and scoring read (a slot that holds nothing reads as zeros; the mask hides it)
+    keep(idx, held=None)        keep slots idx (batch, kv_heads, k), in that order; `held` (batch, kv_heads, k)
+                                bool marks the kept slots that still hold an entry (False: an empty slot, its
+                                memory freed)
+    index_batch(fn)             a batch operation on every per-row tensor (beam search, batch selection)
+    nbytes() -> int             bytes of keys and values really held (what `CacheStats.kv_bytes` reports)
+    tensors() -> dict           every tensor that encodes keys and values
+    offload() / prefetch()      move what is held to the CPU / back to the layer's device
+
+`DenseStore` is the full-precision store. While every kv head holds the same number of entries it is two
+rectangular tensors, so its view is the storage itself (no copy). When heads hold different numbers of entries
+(head-wise budgets, e.g. AdaKV; per-row budgets of a left-padded batch; a sliding window that heads cross at
+different slots) it becomes *ragged*: the entries of all (row, head) pairs are packed one after another into
+(entries, head_dim) tensors, in (row, head, slot) order, with a `held` (batch, kv_heads, n) mask saying which slots
+hold them. The bytes held are then the sum of what each head keeps, not the widest head times the number of heads;
+the rectangular view is built per forward (a transient the size of the widest head) for the reference kernels.
+Quantized stores (`kvsqueeze.quant`) implement the same protocol.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+
+from .slots import take
+
+
+def nbytes(t: torch.Tensor | None) -> int:
+    """Bytes of a tensor's elements (0 for None)."""
+    return 0 if t is None else t.numel() * t.element_size()
+
+
+class KVStore:
+    """The protocol every store implements (see the module docstring). Subclasses: `DenseStore` here; the
+    quantized stores of `kvsqueeze.quant`."""
+
+    ragged_heads = False  # whether kv heads may hold different numbers of entries with the memory freed
+
+    def append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def view(self) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def keep(self, idx: torch.Tensor, held: torch.Tensor | None = None) -> None:
+        raise NotImplementedError
+
+    def index_batch(self, fn) -> None:
+        raise NotImplementedError
+
+    def nbytes(self) -> int:
+        return sum(nbytes(t) for t in self.tensors().values())
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def offload(self) -> None:
+        raise NotImplementedError
+
+    def prefetch(self, device) -> None:
+        raise NotImplementedError
+
+
+class DenseStore(KVStore):
+    """Full-precision keys and values: rectangular while every head holds the same number of entries, ragged
+    (packed entries + a `held` mask, memory freed per head) otherwise."""
+
+    ragged_heads = True
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor):
+        self.k, self.v = keys, values  # (b, h, n, d) rectangular, or (entries, d) packed when `held` is set
+        self.held: torch.Tensor | None = None  # (b, h, n) bool, set only when ragged
+        self._view = None  # weak references to the last ragged view (alive while a forward holds it)
+
+    @property
+    def ragged(self) -> bool:
+        return self.held is not None
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        """(batch, kv_heads, n, head_dim) of the view."""
+        if self.held is None:
+            return tuple(self.k.shape)
+        return (*self.held.shape, self.k.shape[-1])
+
+    # --- protocol --------------------------------------------------------------------------------------------
+    def append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        if self.held is None:
+            self.k = torch.cat([self.k, keys], dim=-2)
+            self.v = torch.cat([self.v, values], dim=-2)
+            return
+        k, v = self.view()
+        k, v = torch.cat([k, keys], dim=-2), torch.cat([v, values], dim=-2)
+        self.held = torch.cat([self.held, self.held.new_ones(*keys.shape[:3])], dim=-1)
+        self.k, self.v = k[self.held], v[self.held]
+        self._remember(k, v)
+
+    def view(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.held is None:
+            return self.k, self.v
+        if self._view is not None:
+            k, v = self._view[0](), self._view[1]()
+            if k is not None and v is not None:
+                return k, v
+        k = self.k.new_zeros(*self.held.shape, self.k.shape[-1])
+        v = self.v.new_zeros(*self.held.shape, self.v.shape[-1])
+        k[self.held] = self.k
+        v[self.held] = self.v
+        self._remember(k, v)
+        return k, v
+
+    def _remember(self, k, v) -> None:
+        self._view = (weakref.ref(k), weakref.ref(v))
+
+    def keep(self, idx: torch.Tensor, held: torch.Tensor | None = None) -> None:
+        k, v = self.view()
+        k, v = take(k, idx), take(v, idx)
+        old = None if self.held is None else take(self.held, idx)
+        if held is not None and old is not None:
+            held = held & old
+        elif held is None:
+            held = old
+        if held is None or bool(held.all()):
+            self.k, self.v, self.held, self._view = k, v, None, None
+            return
+        self.held = held
+        self.k, self.v = k[held], v[held]
+        self._remember(k, v)
+
+    def index_batch(self, fn) -> None:
+        if self.held is None:
+            self.k, self.v = fn(self.k), fn(self.v)
+            return
+        k, v = self.view()
+        k, v, self.held = fn(k), fn(v), fn(self.held)
+        self.k, self.v = k[self.held], v[self.held]
+        self._remember(k, v)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"keys": self.k, "values": self.v}
+
+    def offload(self) -> None:
+        self.k, self.v = self.k.to("cpu", non_blocking=True), self.v.to("cpu", non_blocking=True)
+        self.held = None if self.held is None else self.held.to("cpu")
+        self._view = None
+
+    def prefetch(self, device) -> None:
+        if self.k.device != torch.device(device):
+            self.k, self.v = self.k.to(device, non_blocking=True), self.v.to(device, non_blocking=True)
+            self.held = None if self.held is None else self.held.to(device)
+            self._view = None
+
+    # --- replacing every slot (what assigning `layer.keys` / `layer.values` does) -----------------------------
+    def set_dense(self, which: int, t: torch.Tensor) -> None:
+        """Replace every slot's keys (which=0) or values (1) with the rectangular `t`; a ragged store becomes
+        rectangular first (its other half is kept)."""
+        if self.held is not None:
+            self.k, self.v = self.view()
+            self.held = None
+            self._view = None
+        if which == 0:
+            self.k = t
+        else:
+            self.v = t
