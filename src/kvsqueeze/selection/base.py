@@ -77,6 +77,7 @@ class Selector:
     """
 
     name = "selector"
+    summary = ""  # one line for `kvsqueeze methods`
     # Per-layer state entries (tensors) with no batch axis; every other tensor in a layer's state is (batch, ...)
     # and follows the cache's batch operations (`index_batch`). Batch-flattened tensors: override `_index_layer`.
     row_free_state: tuple[str, ...] = ()
