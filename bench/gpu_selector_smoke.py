@@ -20,8 +20,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import kvsqueeze as kq
-from kvsqueeze.compat import cache_kwargs
-from kvsqueeze.runtime.generate import prefill
+from kvsqueeze.runtime.generate import decode_step, prefill
 from kvsqueeze.quant import parse_quant
 from kvsqueeze.selection import AttentionPredictor, PredictorNet, Quest
 
@@ -97,16 +96,16 @@ def main():
                                    selector=kw.get("selector"))
         try:
             logits = prefill(model, cache, ids, chunk_size=args.chunk)
-            token = logits.argmax(-1, keepdim=True)
+            token = logits.argmax(-1)
             times, finite = [], bool(torch.isfinite(logits).all())
             for _ in range(args.steps):
                 torch.cuda.synchronize()
                 t0 = time.perf_counter()
-                out = model(input_ids=token, **cache_kwargs(model, cache)).logits[:, -1]
+                out = decode_step(model, cache, token)
                 torch.cuda.synchronize()
                 times.append(1000 * (time.perf_counter() - t0))
                 finite &= bool(torch.isfinite(out).all())
-                token = out.argmax(-1, keepdim=True)
+                token = out.argmax(-1)
             owner = kw.get("selector") or kw.get("method")
             print(f"{name}: ok; decode {statistics.median(times):.1f} ms/step (median of {args.steps}, eager, "
                   f"uncompiled); owned tensors on {where(owned_devices(owner))}; logits finite: "

@@ -17,12 +17,41 @@ def _cli(*args):
     return subprocess.run([sys.executable, "-m", "kvsqueeze.cli", *args], capture_output=True, text=True)
 
 
-def test_methods_lists_every_method_with_one_line():
+def test_methods_lists_every_method_scheme_and_selector_with_one_line():
+    from kvsqueeze.quant import SCHEMES
+    from kvsqueeze.selection import SELECTORS
+
     out = CliRunner().invoke(main, ["methods"])
     assert out.exit_code == 0
     lines = out.output.strip().splitlines()
-    assert [line.split()[0] for line in lines] == list(kq.METHODS)
-    assert all(len(line.split()) > 3 for line in lines)
+    assert [line.split()[:2] for line in lines] == ([[m, "--method"] for m in kq.METHODS]
+                                                   + [[s, "--quant"] for s in SCHEMES]
+                                                   + [[s, "--select"] for s in SELECTORS])
+    assert all(len(line.split()) > 4 for line in lines)
+
+
+def _package_method_classes():
+    """Every `Method` subclass defined in a module of kvsqueeze.methods or kvsqueeze.quant."""
+    import importlib
+    import inspect
+    import pkgutil
+
+    found = set()
+    for pkg_name in ("kvsqueeze.methods", "kvsqueeze.quant"):
+        pkg = importlib.import_module(pkg_name)
+        for info in pkgutil.walk_packages(pkg.__path__, pkg_name + "."):
+            mod = importlib.import_module(info.name)
+            found.update(c for _, c in inspect.getmembers(mod, inspect.isclass)
+                         if issubclass(c, kq.Method) and c is not kq.Method and c.__module__ == mod.__name__)
+    return found
+
+
+def test_methods_lists_every_method_class_of_the_package():
+    classes = _package_method_classes()
+    assert {"ZipCacheSaliency", "MiKV", "SnapKV"} <= {c.__name__ for c in classes}  # the walk finds them
+    out = CliRunner().invoke(main, ["methods"])
+    words = {w.strip("():,") for line in out.output.splitlines() for w in line.split()}
+    assert sorted(c.__name__ for c in classes if c.__name__ not in words) == []
 
 
 @pytest.mark.parametrize("args,message", [

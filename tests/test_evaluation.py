@@ -305,3 +305,30 @@ def test_jsonl_data_through_the_sweep(tiny, tmp_path):
     assert res.added == 4 and set(df.task) == {"jsonl:mine"}
     assert sorted(json.loads(a) for a in df.answers_json.unique()) == [["4417"], ["France"]]
     assert set(df.metric) == {"string_match_all"} and df.score.between(0, 1).all()
+
+
+def test_greedy_decode_batch_rows_are_their_own_greedy_decode_and_stop_at_their_own_eos():
+    from conftest import tiny_llama
+    from kvsqueeze.runtime.generate import greedy_decode, greedy_decode_batch, prefill
+
+    model = tiny_llama(layers=2)
+    ids = torch.randint(0, 101, (2, 24), generator=torch.Generator().manual_seed(3))
+
+    def alone(r, eos, n=8):
+        cache = kq.CompressedCache(model, kq.get_method("knorm", ratio=0.5))
+        return greedy_decode(model, cache, prefill(model, cache, ids[r : r + 1]), n, eos)
+
+    ref = [alone(0, set()), alone(1, set())]
+    assert all(len(t) == 8 for t in ref)
+    # an EOS that row 0 reaches before the end and row 1 never emits (or emits later): the rows stop apart
+    i = next(i for i in range(1, 8) if ref[0][i] not in ref[0][:i])
+    eos = {ref[0][i]}
+    cut = [t[: t.index(ref[0][i])] if ref[0][i] in t else t for t in ref]
+    assert len(cut[0]) == i and len(cut[0]) != len(cut[1])
+    assert [alone(0, eos), alone(1, eos)] == cut
+    cache = kq.CompressedCache(model, kq.get_method("knorm", ratio=0.5))
+    assert greedy_decode_batch(model, cache, prefill(model, cache, ids), 8, eos) == cut
+    cache = kq.CompressedCache(model, kq.get_method("knorm", ratio=0.5))
+    assert greedy_decode_batch(model, cache, prefill(model, cache, ids), 3, set()) == [t[:3] for t in ref]
+    with pytest.raises(KVSqueezeError, match="decodes one row"):
+        greedy_decode(model, cache, torch.zeros(2, 101), 3, set())

@@ -63,12 +63,22 @@ def main():
 
 @main.command()
 def methods():
-    """List the compression methods."""
+    """List every compression method (--method), quantized storage scheme (--quant) and decode-time selector
+    (--select), one line each: name, option, class and summary."""
     from ..methods import METHODS
+    from ..quant import SCHEMES, parse_quant
+    from ..selection import SELECTORS
 
-    width = max(len(n) for n in METHODS)
-    for name, cls in METHODS.items():
-        click.echo(f"{name:<{width}}  {cls.summary}")
+    rows = [(name, "--method", f"{cls.__name__}: {cls.summary}") for name, cls in METHODS.items()]
+    for name, text in SCHEMES.items():
+        scorer = parse_quant(name).method(None)  # the method a scheme runs in place of none given (MiKV, ZipCache)
+        if scorer is not None:
+            text += f" (method: {type(scorer).__name__})"
+        rows.append((name, "--quant", text))
+    rows += [(name, "--select", f"{cls.__name__}: {cls.summary}") for name, cls in SELECTORS.items()]
+    width = max(len(r[0]) for r in rows)
+    for name, option, text in rows:
+        click.echo(f"{name:<{width}}  {option:<8}  {text}")
 
 
 @main.command()

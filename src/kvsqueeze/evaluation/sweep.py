@@ -42,10 +42,10 @@ import torch
 
 from ..runtime.cache import CompressedCache
 from ..runtime.calibration import prepare
-from ..compat import cache_kwargs
 from ..errors import KVSqueezeError
 from ..methods import Method, get_method
-from ..runtime.generate import _eos_ids, check_budget, generate_answer, greedy_decode, prefill, record_prefill, split_prompt
+from ..runtime.generate import (_eos_ids, answer_tokens, check_budget, decode_step, generate_answer, prefill,
+                                record_prefill, split_prompt)
 from ..tasks.base import Sample, score
 from .sizes import bytes_16
 from .store import ResultStore, code_version as default_code_version
@@ -217,9 +217,7 @@ def kept_digest(cache) -> str:
 
 
 def _answer_from_cache(model, tokenizer, cache, q_ids, max_new_tokens, eos):
-    logits = model(input_ids=torch.tensor([q_ids], device=_device(model)), **cache_kwargs(model, cache),
-                   logits_to_keep=1).logits[:, -1]
-    tokens = greedy_decode(model, cache, logits, max_new_tokens, eos)
+    tokens = answer_tokens(model, cache, torch.tensor([q_ids], device=_device(model)), max_new_tokens, eos)[0]
     return tokenizer.decode(tokens, skip_special_tokens=True).strip()
 
 
@@ -276,26 +274,7 @@ def answer_batch(model, tokenizer, caches: list[CompressedCache], q_ids: list[in
     p = len(caches)
     cache = merge_caches(model, caches)
     device = _device(model)
-    logits = model(input_ids=torch.tensor([q_ids] * p, device=device), **cache_kwargs(model, cache),
-                   logits_to_keep=1).logits[:, -1]
-    outs: list[list[int]] = [[] for _ in range(p)]
-    live = [True] * p
-    token = logits.argmax(-1)
-    while True:
-        for r in range(p):
-            if not live[r]:
-                continue
-            t = int(token[r])
-            if t in eos:
-                live[r] = False
-                continue
-            outs[r].append(t)
-            if len(outs[r]) >= max_new_tokens:
-                live[r] = False
-        if not any(live):
-            break
-        logits = model(input_ids=token[:, None], **cache_kwargs(model, cache)).logits[:, -1]
-        token = logits.argmax(-1)
+    outs = answer_tokens(model, cache, torch.tensor([q_ids] * p, device=device), max_new_tokens, eos)
     return [tokenizer.decode(o, skip_special_tokens=True).strip() for o in outs]
 
 
@@ -348,7 +327,7 @@ def capped_perplexity(model, cache: CompressedCache, fed: list[int], targets: li
     device = _device(model)
     nll = 0.0
     for tok_in, tok_out in zip(fed, targets):
-        logits = model(input_ids=torch.tensor([[tok_in]], device=device), **cache_kwargs(model, cache)).logits[0, -1]
+        logits = decode_step(model, cache, torch.tensor([tok_in], device=device))[0]
         nll -= float(torch.log_softmax(logits.float(), -1)[tok_out])
     return nll / len(targets)
 

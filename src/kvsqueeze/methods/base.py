@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import KVSqueezeError
+from ..kernels.attention_probs import attention_chunks
 
 
 @dataclass
@@ -89,32 +90,15 @@ class ScoreInputs:
     def attention(self, last: int | None = None, chunk: int | None = None):
         """Yield softmax attention probabilities (batch, q_heads, w, n), fp32, of this forward's queries (the last
         `last` of them) over the stored slots, causal and without padding, `chunk` queries at a time: never a full
-        T x T matrix. Recomputed from queries and cached keys, so it works whatever kernel the model runs."""
+        T x T matrix. Recomputed from queries and cached keys, so it works whatever kernel the model runs
+        (`kvsqueeze.kernels.attention_probs.attention_chunks`)."""
         q = self.queries if last is None else self.queries[:, :, -last:]
-        b, hq, w, d = q.shape
-        k = self.keys.float()
-        hk, n = k.shape[1], k.shape[2]
-        g = hq // hk
+        w = q.shape[2]
         q_pos = self.row_seen[:, None] - w + torch.arange(w, device=q.device)  # (b, w), in each row's own frame
-        k_pos = self.row_positions
-        if chunk is None:
-            chunk = max(1, (1 << 26) // max(1, b * hq * n))
-        for s in range(0, w, chunk):
-            qc = q[:, :, s : s + chunk].float()
-            c = qc.shape[2]
-            logits = torch.matmul(qc.reshape(b, hk, g * c, d), k.transpose(-1, -2)).view(b, hk, g, c, n)
-            logits = logits * self.scaling
-            if self.softcap:
-                logits = torch.tanh(logits / self.softcap) * self.softcap
-            qp = q_pos[:, None, None, s : s + c, None]
-            allowed = k_pos[:, :, None, None, :] <= qp
-            if self.layer.sliding_window:  # a sliding layer's queries see only the last `sliding_window` positions
-                allowed = allowed & (k_pos[:, :, None, None, :] > qp - self.layer.sliding_window)
-            if self.layer.valid is not None:
-                allowed = allowed & self.layer.valid[:, :, None, None, :]
-            logits = logits.masked_fill(~allowed, float("-inf"))
-            # a padding query sees no key: its row is NaN; it contributes nothing, as when its row runs alone
-            yield torch.softmax(logits, dim=-1).nan_to_num_(0.0).view(b, hq, c, n)
+        for c in attention_chunks(q, self.keys, scaling=self.scaling, softcap=self.softcap, q_positions=q_pos,
+                                  k_positions=self.row_positions, valid=self.layer.valid,
+                                  window=self.layer.sliding_window, chunk=chunk):
+            yield c.probs
 
     def attention_sum(self, last: int | None = None) -> torch.Tensor:
         """(batch, q_heads, n): attention summed over this forward's queries (or the last `last`)."""

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..kernels.attention_probs import attention_chunks
 from ..methods.base import Method, ScoreInputs
 from .mikv import mixed
 
@@ -82,24 +83,14 @@ class ZipCacheSaliency(Method):
         idx = idx + (w - n_real)
         q = q_all[:, :, idx].float()
         q_pos = (x.layer.cumulative_length - w + idx).to(k_pos.dtype)  # (p,)
-        k = keys.float()
-        hk, n = k.shape[1], k.shape[2]
+        hk, n = keys.shape[1], keys.shape[2]
         g = hq // hk
-        acc = torch.zeros(b, hk, n, device=k.device)
-        cnt = torch.zeros(b, hk, n, device=k.device)
-        chunk = max(1, (1 << 26) // max(1, b * hq * n))
-        for s in range(0, q.shape[2], chunk):
-            qc, pc = q[:, :, s : s + chunk], q_pos[s : s + chunk]
-            c = qc.shape[2]
-            logits = torch.matmul(qc.reshape(b, hk, g * c, d), k.transpose(-1, -2)).view(b, hk, g, c, n) * x.scaling
-            if x.softcap:
-                logits = torch.tanh(logits / x.softcap) * x.softcap
-            allowed = k_pos[:, :, None, None, :] <= pc[None, None, None, :, None]  # (b, hk, 1, c, n)
-            if valid is not None:
-                allowed = allowed & valid[:, :, None, None, :]
-            p = torch.softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1).nan_to_num_(0.0)
-            acc += p.sum(dim=(2, 3))
-            cnt += allowed.sum(dim=(2, 3)).float() * g  # every query head of the group is a probe row
+        acc = torch.zeros(b, hk, n, device=keys.device)
+        cnt = torch.zeros(b, hk, n, device=keys.device)
+        for c in attention_chunks(q, keys, scaling=x.scaling, softcap=x.softcap, q_positions=q_pos,
+                                  k_positions=k_pos, valid=valid):
+            acc += c.probs.view(b, hk, g, -1, n).sum(dim=(2, 3))
+            cnt += c.allowed.sum(dim=(2, 3)).float() * g  # every query head of the group is a probe row
         return acc / cnt.clamp_min(1.0)
 
 

@@ -104,21 +104,53 @@ def _eos_ids(model, tokenizer) -> set[int]:
 
 
 @torch.no_grad()
-def greedy_decode(model, cache, first_logits: torch.Tensor, max_new_tokens: int, eos: set[int]) -> list[int]:
-    """Greedy decoding from `first_logits` (1, vocab) on top of `cache`."""
-    out: list[int] = []
-    token = int(first_logits.argmax(-1)[0])
-    device = first_logits.device
+def decode_step(model, cache, tokens: torch.Tensor) -> torch.Tensor:
+    """One decoding forward: feed `tokens` (batch,) long, one per row, on top of `cache`; return the next-token
+    logits (batch, vocab) in the model's dtype. Every token-at-a-time loop (greedy decoding, the perplexity task's
+    teacher-forced feed) steps through here."""
+    return model(input_ids=tokens[:, None], **cache_kwargs(model, cache), use_cache=True).logits[:, -1]
+
+
+@torch.no_grad()
+def greedy_decode_batch(model, cache, first_logits: torch.Tensor, max_new_tokens: int,
+                        eos: set[int]) -> list[list[int]]:
+    """Greedy decoding of every row from `first_logits` (batch, vocab) on top of `cache` (batch rows): the one
+    greedy loop of kvsqueeze. Row r takes the argmax token, stops before an `eos` token (not included) or once it
+    holds `max_new_tokens` tokens; one forward per step feeds every row (a finished row's argmax is fed too and
+    ignored, so the rows still running see exactly their own history). Returns each row's tokens."""
+    b = first_logits.shape[0]
+    outs: list[list[int]] = [[] for _ in range(b)]
+    live = [True] * b
+    token = first_logits.argmax(-1)
     while True:
-        if token in eos:
-            break
-        out.append(token)
-        if len(out) >= max_new_tokens:
-            break
-        logits = model(input_ids=torch.tensor([[token]], device=device), **cache_kwargs(model, cache),
-                       use_cache=True).logits
-        token = int(logits[0, -1].argmax())
-    return out
+        for r, t in enumerate(token.tolist()):
+            if not live[r]:
+                continue
+            if t in eos:
+                live[r] = False
+                continue
+            outs[r].append(t)
+            if len(outs[r]) >= max_new_tokens:
+                live[r] = False
+        if not any(live):
+            return outs
+        token = decode_step(model, cache, token).argmax(-1)
+
+
+@torch.no_grad()
+def answer_tokens(model, cache, question: torch.Tensor, max_new_tokens: int, eos: set[int]) -> list[list[int]]:
+    """Append `question` (batch, q) token ids to `cache` (uncompressed unless the method compresses appends),
+    then decode every row greedily (`greedy_decode_batch`). Returns each row's answer tokens."""
+    logits = model(input_ids=question, **cache_kwargs(model, cache), logits_to_keep=1).logits[:, -1]
+    return greedy_decode_batch(model, cache, logits, max_new_tokens, eos)
+
+
+def greedy_decode(model, cache, first_logits: torch.Tensor, max_new_tokens: int, eos: set[int]) -> list[int]:
+    """Greedy decoding from `first_logits` (1, vocab) on top of `cache`: `greedy_decode_batch` of one row.
+    Raises KVSqueezeError for more than one row."""
+    if first_logits.shape[0] != 1:
+        raise KVSqueezeError(f"greedy_decode decodes one row, got {first_logits.shape[0]}: use greedy_decode_batch")
+    return greedy_decode_batch(model, cache, first_logits, max_new_tokens, eos)[0]
 
 
 @dataclass
@@ -159,9 +191,8 @@ def generate_answer(model, tokenizer, context: str, question: str, method: Metho
     cache = CompressedCache(model, method, layer_factory=layer_factory, selector=selector)
     prefill(model, cache, torch.tensor([ctx], device=device), chunk_size)
     stats = cache.stats()  # the compressed context, before the question is appended
-    logits = model(input_ids=torch.tensor([q], device=device), **cache_kwargs(model, cache),
-                   logits_to_keep=1).logits[:, -1]
-    tokens = greedy_decode(model, cache, logits, max_new_tokens, _eos_ids(model, tokenizer))
+    tokens = answer_tokens(model, cache, torch.tensor([q], device=device), max_new_tokens,
+                           _eos_ids(model, tokenizer))[0]
     seconds = time.perf_counter() - t0
     answer = tokenizer.decode(tokens, skip_special_tokens=True).strip()
     return GenerationResult(answer, stats, seconds, len(ctx), len(q))

@@ -207,6 +207,7 @@ class AttentionPredictor(Selector):
     """Decode-time selection of the blocks a learned model predicts the current query will attend to."""
 
     name = "attention_predictor"
+    summary = "a learned CNN predicts the next step's block attention from the history of attention rows"
     row_free_state = ("z_valid",)  # IncrementalCNN's per-time-step flags
 
     def __init__(self, budget: int, *, predictor: PredictorNet | str | Path | None = None, sink: int | None = None,

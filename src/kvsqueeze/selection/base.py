@@ -28,6 +28,7 @@ import torch
 
 from ..shapes import attention_shape
 from ..errors import KVSqueezeError
+from ..kernels.attention_probs import attention_probs as kernel_attention_probs
 from ..methods.base import layer_indices
 
 
@@ -35,16 +36,9 @@ def attention_probs(query: torch.Tensor, keys: torch.Tensor, scaling: float, sof
                     valid: torch.Tensor | None = None) -> torch.Tensor:
     """Softmax attention (batch, q_heads, q, n), fp32, of queries (b, hq, q, d) over keys (b, hk, n, d), grouped
     (the GQA group shares its kv head, never repeated in memory). No causal mask: every key is in the past. A query
-    row with no `valid` key (batch, kv_heads, n) is all zeros, not NaN."""
-    b, hq, q, d = query.shape
-    hk, n = keys.shape[1], keys.shape[2]
-    g = hq // hk
-    logits = torch.matmul(query.float().reshape(b, hk, g * q, d), keys.float().transpose(-1, -2)) * scaling
-    if softcap:
-        logits = torch.tanh(logits / softcap) * softcap
-    if valid is not None:
-        logits = logits.masked_fill(~valid[:, :, None, :], float("-inf"))
-    return torch.softmax(logits, dim=-1).nan_to_num_(0.0).view(b, hq, q, n)  # no valid key (padding): zeros
+    row with no `valid` key (batch, kv_heads, n) is all zeros, not NaN. The positional form of
+    `kvsqueeze.kernels.attention_probs.attention_probs` (all queries in one chunk)."""
+    return kernel_attention_probs(query, keys, scaling=scaling, softcap=softcap, valid=valid)
 
 
 def block_pool(rows: torch.Tensor, block: int, reduce: str = "max") -> torch.Tensor:
@@ -83,6 +77,7 @@ class Selector:
     """
 
     name = "selector"
+    summary = ""  # one line for `kvsqueeze methods`
     # Per-layer state entries (tensors) with no batch axis; every other tensor in a layer's state is (batch, ...)
     # and follows the cache's batch operations (`index_batch`). Batch-flattened tensors: override `_index_layer`.
     row_free_state: tuple[str, ...] = ()

@@ -48,6 +48,7 @@ def page_scores(query: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor) -> 
 
 class Quest(Selector):
     name = "quest"
+    summary = "query-aware page selection: pages ranked by an upper bound of q.k from per-page key min/max"
 
     def __init__(self, budget: int, *, page: int = 16, gqa: str = "max", dense_layers: tuple[int, ...] = (0, 1),
                  track_recovery: bool = False):
