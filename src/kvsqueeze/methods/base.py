@@ -23,53 +23,48 @@ from ..kernels.attention_probs import attention_chunks
 
 @dataclass
 class ScoreInputs:
-    """What a method may look at for one layer, after that layer's attention."""
+    """What a method may look at for one layer, after that layer's attention: tensors only (the runtime builds it
+    from the layer; a method never sees how or where the slots are stored).
 
-    layer: object  # the kvsqueeze.storage.CompressedLayer scored (methods read it through the properties below)
+    Shapes: b rows, hq query heads, hk kv heads, n slots, q tokens in this forward, d head_dim."""
+
     layer_idx: int
     n_layers: int
-    queries: torch.Tensor  # (batch, q_heads, q, head_dim) post-RoPE queries of this forward
+    queries: torch.Tensor  # (b, hq, q, d) post-RoPE queries of this forward
+    keys: torch.Tensor  # (b, hk, n, d) every slot's key, this forward's tokens included (post-RoPE)
+    values: torch.Tensor  # (b, hk, n, d)
+    positions: torch.Tensor  # (b, hk, n) int: each slot's position (token index) in the batch's frame
+    valid: torch.Tensor | None  # (b, hk, n) bool: False for padding / hidden / empty slots; None: all valid
+    n_pad: torch.Tensor | None  # (b,) long: left-padding tokens each row has seen (None: no padding)
+    seen: int  # tokens seen by the layer (padding included)
+    state: dict  # slot-aligned tensors (b, hk, n, ...) that follow the slots through eviction (method-owned)
     scaling: float
     softcap: float | None
-    n_keep: int  # slots this layer will keep (0 when only observing)
+    n_keep: int  # slots this layer will keep per kv head (0 when only observing)
+    keep_per_row: torch.Tensor | None = None  # (b,) long: each row's own budget in a left-padded batch
+    sliding_window: int | None = None  # the layer's window (a sliding layer's queries see the last w positions)
     memo: dict | None = None  # shared by every method scoring the same recorded prefill (a sweep)
-
-    @property
-    def keys(self) -> torch.Tensor:  # (batch, kv_heads, n, head_dim), the new tokens included
-        return self.layer.keys
-
-    @property
-    def values(self) -> torch.Tensor:
-        return self.layer.values
-
-    @property
-    def positions(self) -> torch.Tensor:  # (batch, kv_heads, n)
-        return self.layer.positions
 
     @property
     def row_positions(self) -> torch.Tensor:
         """(batch, kv_heads, n) long: each slot's position counted from its own row's first real token (a
         left-padded row's positions as if it ran alone; padding slots are negative). Position-based rules use
         these, never `positions`."""
-        return self.layer.row_positions()
+        pos = self.positions.long()
+        return pos if self.n_pad is None else pos - self.n_pad[:, None, None]
 
     @property
     def row_seen(self) -> torch.Tensor:
         """(batch,) long: real tokens each row has seen (its padding not counted)."""
-        return self.layer.row_seen()
+        seen = torch.full((self.positions.shape[0],), self.seen, dtype=torch.long, device=self.positions.device)
+        return seen if self.n_pad is None else seen - self.n_pad
 
     @property
     def row_keep(self) -> torch.Tensor:
         """(batch,) long: slots each row keeps (its own budget in a left-padded batch; else `n_keep`)."""
-        keep = self.layer.row_keep
-        if keep is None:
+        if self.keep_per_row is None:
             return torch.full((self.keys.shape[0],), self.n_keep, dtype=torch.long, device=self.keys.device)
-        return keep
-
-    @property
-    def state(self) -> dict[str, torch.Tensor]:
-        """Slot-aligned tensors (batch, kv_heads, n, ...) that follow the slots through eviction."""
-        return self.layer.state
+        return self.keep_per_row
 
     @property
     def group(self) -> int:
@@ -96,8 +91,8 @@ class ScoreInputs:
         w = q.shape[2]
         q_pos = self.row_seen[:, None] - w + torch.arange(w, device=q.device)  # (b, w), in each row's own frame
         for c in attention_chunks(q, self.keys, scaling=self.scaling, softcap=self.softcap, q_positions=q_pos,
-                                  k_positions=self.row_positions, valid=self.layer.valid,
-                                  window=self.layer.sliding_window, chunk=chunk):
+                                  k_positions=self.row_positions, valid=self.valid,
+                                  window=self.sliding_window, chunk=chunk):
             yield c.probs
 
     def attention_sum(self, last: int | None = None) -> torch.Tensor:

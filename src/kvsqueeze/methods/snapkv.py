@@ -34,8 +34,8 @@ class SnapKV(Method):
         votes = x.attention_sum(last=w)  # (b, hq, n)
         b, hq, n = votes.shape
         order = None
-        if x.layer.valid is not None:  # visible slots first (votes of the others are 0, like avg_pool's zero padding)
-            hidden = (~x.layer.valid).to(torch.int8).repeat_interleave(x.group, dim=1)
+        if x.valid is not None:  # visible slots first (votes of the others are 0, like avg_pool's zero padding)
+            hidden = (~x.valid).to(torch.int8).repeat_interleave(x.group, dim=1)
             order = hidden.sort(dim=-1, stable=True).indices
             votes = votes.gather(-1, order)
         pooled = F.avg_pool1d(votes.reshape(b * hq, 1, n), self.kernel_size, stride=1, padding=self.kernel_size // 2)

@@ -305,12 +305,6 @@ class MiKV(Method):
         self.inner.observe(x)
 
     def score(self, x: ScoreInputs) -> torch.Tensor:
-        layer = x.layer
-        if isinstance(layer, MixedPrecisionLayer):
-            q = x.queries.abs().masked_fill(~x.query_valid()[:, None, :, None], 0.0).amax(dim=2)  # (b, hq, d)
-            b, hq, d = q.shape
-            evicting = x.n_keep < layer.n_stored  # then the cache calls layer.evict right after this
-            layer.balance_keys(q.view(b, hq // x.group, x.group, d).amax(2), commit=not evicting)
         return self.inner.score(x)
 
     def describe(self) -> str:

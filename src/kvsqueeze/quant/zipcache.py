@@ -67,10 +67,10 @@ class ZipCacheSaliency(Method):
         w = x.queries.shape[2]
         n_real = x.query_valid().sum(-1).tolist()
         if all(v == w for v in n_real):
-            return self._score(x, x.queries, x.keys, x.positions, x.layer.valid, w, w)
+            return self._score(x, x.queries, x.keys, x.positions, x.valid, w, w)
         rows = []
         for r, v in enumerate(n_real):
-            valid = None if x.layer.valid is None else x.layer.valid[r : r + 1]
+            valid = None if x.valid is None else x.valid[r : r + 1]
             rows.append(self._score(x, x.queries[r : r + 1], x.keys[r : r + 1], x.positions[r : r + 1], valid, w, v))
         return torch.cat(rows)
 
@@ -82,7 +82,7 @@ class ZipCacheSaliency(Method):
         idx = probe_indices(n_real, self.probe_recent, self.probe_random, self.seed + x.layer_idx, q_all.device)
         idx = idx + (w - n_real)
         q = q_all[:, :, idx].float()
-        q_pos = (x.layer.cumulative_length - w + idx).to(k_pos.dtype)  # (p,)
+        q_pos = (x.seen - w + idx).to(k_pos.dtype)  # (p,)
         hk, n = keys.shape[1], keys.shape[2]
         g = hq // hk
         acc = torch.zeros(b, hk, n, device=keys.device)

@@ -223,21 +223,36 @@ class CompressedCache(Cache):
             return
         from ..methods.base import ScoreInputs
 
+        keys, values = layer.keys, layer.values
         x = ScoreInputs(
-            layer=layer,
             layer_idx=layer_idx,
             n_layers=self.n_layers,
             queries=query,
+            keys=keys,
+            values=values,
+            positions=layer.positions,
+            valid=layer.valid,
+            n_pad=layer.n_pad,
+            seen=layer.cumulative_length,
+            state=layer.state,
             scaling=scaling if scaling is not None else query.shape[-1] ** -0.5,
             softcap=getattr(self.config, "attn_logit_softcapping", None),
             n_keep=0,
+            sliding_window=layer.sliding_window,
             memo=memo,
         )
         if method.stateful:
             method.observe(x)
         if compress:
             x.n_keep = self.budget(layer_idx)
+            x.keep_per_row = layer.row_keep
             if layer.n_stored > x.n_keep:
+                balance = getattr(layer, "balance_keys", None)
+                if balance is not None:  # MiKV's storage balances key channels by the queries' channel maxima
+                    q = query.abs().masked_fill(~x.query_valid()[:, None, :, None], 0.0).amax(dim=2)  # (b, hq, d)
+                    b, hq, d = q.shape
+                    balance(q.view(b, hq // x.group, x.group, d).amax(2), commit=False)  # the split follows
+                    x.keys, x.values = layer.keys, layer.values
                 scores = layer.window_scores(method.score(x))
                 counts = layer.row_keep
                 head_counts = getattr(method, "head_counts", None)
