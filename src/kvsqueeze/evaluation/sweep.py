@@ -222,15 +222,70 @@ def _answer_from_cache(model, tokenizer, cache, q_ids, max_new_tokens, eos):
     return tokenizer.decode(tokens, skip_special_tokens=True).strip()
 
 
-def merge_caches(model, caches: list[CompressedCache]) -> CompressedCache:
+class _RoomyLayer:
+    """Mixin for the layers of a merged answer batch (`merge_caches`): keys, values, positions and validity are
+    views into buffers with room for `room` more slots, so appending the question and each decoded token writes
+    into the room instead of copying the whole cache (`torch.cat`) every step. The views hold exactly what the
+    plain layer would hold (same values, same shapes), so the attention and the answers are unchanged; past the
+    room (or for a layer with method state) it falls back to the plain `torch.cat` append."""
+
+    def reserve(self, keys, values, positions, valid, room: int) -> None:
+        n = keys.shape[2]
+
+        def buf(t):
+            return t.new_zeros((*t.shape[:2], n + room, *t.shape[3:]))
+
+        self._bufs = {"keys": buf(keys), "values": buf(values), "positions": buf(positions), "valid": buf(valid)}
+        for name, t in (("keys", keys), ("values", values), ("positions", positions), ("valid", valid)):
+            self._bufs[name][:, :, :n] = t
+            setattr(self, name, self._bufs[name][:, :, :n])
+
+    def _in_room(self, q: int) -> bool:
+        bufs = getattr(self, "_bufs", None)
+        return (bufs is not None and not self.state and self.valid is not None
+                and self.keys.data_ptr() == bufs["keys"].data_ptr()
+                and self.valid.data_ptr() == bufs["valid"].data_ptr()
+                and self.keys.shape[2] + q <= bufs["keys"].shape[2])
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        q = key_states.shape[-2]
+        if not self.is_initialized or not self._in_room(q):
+            self._bufs = None
+            return super().update(key_states, value_states, *args, **kwargs)
+        n, b = self.keys.shape[2], self._bufs
+        b["keys"][:, :, n : n + q] = key_states
+        b["values"][:, :, n : n + q] = value_states
+        b["positions"][:, :, n : n + q] = torch.arange(self.cumulative_length, self.cumulative_length + q,
+                                                         device=self.device, dtype=b["positions"].dtype)
+        b["valid"][:, :, n : n + q] = True
+        self.keys, self.values = b["keys"][:, :, : n + q], b["values"][:, :, : n + q]
+        self.positions, self.valid = b["positions"][:, :, : n + q], b["valid"][:, :, : n + q]
+        self.cumulative_length += q
+        self.n_new = q
+        return self.keys, self.values
+
+
+_ROOMY: dict[type, type] = {}
+
+
+def _roomy(cls: type) -> type:
+    """`cls` (a CompressedLayer class) with `_RoomyLayer`'s preallocated appends."""
+    if cls not in _ROOMY:
+        _ROOMY[cls] = type(f"Roomy{cls.__name__}", (_RoomyLayer, cls), {})
+    return _ROOMY[cls]
+
+
+def merge_caches(model, caches: list[CompressedCache], room: int = 0) -> CompressedCache:
     """One batch cache holding `caches` (batch 1 each, same tokens seen) side by side, without a method.
 
     Compressed layers of different sizes are padded with invalid slots (`valid` = False: the mask hides them);
     other layers (sliding windows, never compressed) are concatenated. The merged cache compresses nothing: it
-    serves prefill-only methods, whose caches no longer change after the prefill."""
+    serves prefill-only methods, whose caches no longer change after the prefill. `room`: slots reserved after
+    the stored ones in every compressed layer (the question plus the answer budget), so that appending them
+    copies nothing (see `_RoomyLayer`); 0 appends by concatenation, as a plain layer does."""
     from ..cache import CompressedLayer
 
-    out = CompressedCache(model, None)
+    out = CompressedCache(model, None, layer_factory=_roomy(CompressedLayer) if room > 0 else None)
     for i, layer in enumerate(out.layers):
         srcs = [c.layers[i] for c in caches]
         if not srcs[0].is_initialized:
@@ -246,12 +301,16 @@ def merge_caches(model, caches: list[CompressedCache]) -> CompressedCache:
                 return torch.cat([t, t.new_full((*t.shape[:2], extra, *t.shape[3:]), fill)], dim=2)
 
             layer.lazy_initialization(srcs[0].keys, srcs[0].values)
-            layer.keys = torch.cat([pad(s.keys, 0) for s in srcs])
-            layer.values = torch.cat([pad(s.values, 0) for s in srcs])
-            layer.positions = torch.cat([pad(s.positions, 0) for s in srcs])
-            layer.valid = torch.cat([pad(s.valid if s.valid is not None else
-                                         torch.ones(s.positions.shape, dtype=torch.bool, device=s.keys.device),
-                                         False) for s in srcs])
+            keys = torch.cat([pad(s.keys, 0) for s in srcs])
+            values = torch.cat([pad(s.values, 0) for s in srcs])
+            positions = torch.cat([pad(s.positions, 0) for s in srcs])
+            valid = torch.cat([pad(s.valid if s.valid is not None else
+                                   torch.ones(s.positions.shape, dtype=torch.bool, device=s.keys.device),
+                                   False) for s in srcs])
+            if isinstance(layer, _RoomyLayer):
+                layer.reserve(keys, values, positions, valid, room)
+            else:
+                layer.keys, layer.values, layer.positions, layer.valid = keys, values, positions, valid
             layer.cumulative_length = srcs[0].cumulative_length
             layer.n_evicted = max(1, max(s.n_evicted for s in srcs))  # slots no longer line up with HF's mask
         else:
@@ -273,7 +332,7 @@ def answer_batch(model, tokenizer, caches: list[CompressedCache], q_ids: list[in
     may differ in the last bits from batch-1 ones: `--batch-size 1` decodes pairs one by one, and the benchmark
     checks the answers against re-prefilling)."""
     p = len(caches)
-    cache = merge_caches(model, caches)
+    cache = merge_caches(model, caches, room=len(q_ids) + max_new_tokens)
     device = _device(model)
     logits = model(input_ids=torch.tensor([q_ids] * p, device=device), **cache_kwargs(model, cache),
                    logits_to_keep=1).logits[:, -1]
