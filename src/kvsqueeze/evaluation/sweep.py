@@ -229,15 +229,23 @@ class _RoomyLayer:
     plain layer would hold (same values, same shapes), so the attention and the answers are unchanged; past the
     room (or for a layer with method state) it falls back to the plain `torch.cat` append."""
 
-    def reserve(self, keys, values, positions, valid, room: int) -> None:
-        n = keys.shape[2]
-
-        def buf(t):
-            return t.new_zeros((*t.shape[:2], n + room, *t.shape[3:]))
-
-        self._bufs = {"keys": buf(keys), "values": buf(values), "positions": buf(positions), "valid": buf(valid)}
-        for name, t in (("keys", keys), ("values", values), ("positions", positions), ("valid", valid)):
-            self._bufs[name][:, :, :n] = t
+    def reserve(self, srcs, room: int) -> None:
+        """Hold the layers `srcs` (batch 1 each) as rows of one batch, padded to the longest with invalid slots,
+        in buffers with `room` free slots after them (each source copied once, straight into its row)."""
+        n = max(s.n_stored for s in srcs)
+        k0, p0 = srcs[0].keys, srcs[0].positions
+        b = len(srcs)
+        self._bufs = {"keys": k0.new_zeros((b, k0.shape[1], n + room, *k0.shape[3:])),
+                      "values": srcs[0].values.new_zeros((b, k0.shape[1], n + room, *srcs[0].values.shape[3:])),
+                      "positions": p0.new_zeros((b, p0.shape[1], n + room)),
+                      "valid": torch.zeros((b, p0.shape[1], n + room), dtype=torch.bool, device=p0.device)}
+        for r, s in enumerate(srcs):
+            m = s.n_stored
+            self._bufs["keys"][r, :, :m] = s.keys[0]
+            self._bufs["values"][r, :, :m] = s.values[0]
+            self._bufs["positions"][r, :, :m] = s.positions[0]
+            self._bufs["valid"][r, :, :m] = True if s.valid is None else s.valid[0]
+        for name in ("keys", "values", "positions", "valid"):
             setattr(self, name, self._bufs[name][:, :, :n])
 
     def _in_room(self, q: int) -> bool:
@@ -301,16 +309,15 @@ def merge_caches(model, caches: list[CompressedCache], room: int = 0) -> Compres
                 return torch.cat([t, t.new_full((*t.shape[:2], extra, *t.shape[3:]), fill)], dim=2)
 
             layer.lazy_initialization(srcs[0].keys, srcs[0].values)
-            keys = torch.cat([pad(s.keys, 0) for s in srcs])
-            values = torch.cat([pad(s.values, 0) for s in srcs])
-            positions = torch.cat([pad(s.positions, 0) for s in srcs])
-            valid = torch.cat([pad(s.valid if s.valid is not None else
-                                   torch.ones(s.positions.shape, dtype=torch.bool, device=s.keys.device),
-                                   False) for s in srcs])
             if isinstance(layer, _RoomyLayer):
-                layer.reserve(keys, values, positions, valid, room)
+                layer.reserve(srcs, room)
             else:
-                layer.keys, layer.values, layer.positions, layer.valid = keys, values, positions, valid
+                layer.keys = torch.cat([pad(s.keys, 0) for s in srcs])
+                layer.values = torch.cat([pad(s.values, 0) for s in srcs])
+                layer.positions = torch.cat([pad(s.positions, 0) for s in srcs])
+                layer.valid = torch.cat([pad(s.valid if s.valid is not None else
+                                             torch.ones(s.positions.shape, dtype=torch.bool, device=s.keys.device),
+                                             False) for s in srcs])
             layer.cumulative_length = srcs[0].cumulative_length
             layer.n_evicted = max(1, max(s.n_evicted for s in srcs))  # slots no longer line up with HF's mask
         else:
