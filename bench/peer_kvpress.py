@@ -34,7 +34,8 @@ task and sample_id (so kvsqueeze's own sweep rows on the same samples line up), 
 `protocol` "kvpress-pipeline", the score by kvsqueeze's rule (`tasks.base.score`: RULER string_match_all / part).
 
 Bytes. `kv_bytes` is what kvpress's DynamicCache holds after compressing the context (measured by a forward
-pre-hook on the first question forward, before the question is appended); `kv_bytes_16` is the same at 2 bytes
+pre-hook on the question's forward, before the question is appended; KVzip's own reconstruction forwards before
+it are skipped); `kv_bytes_16` is the same at 2 bytes
 per element; `full_kv_bytes(_16)` is the uncompressed cache of the same context. kvpress frees the evicted
 entries for most presses, but AdaKV and KVzip (and the other head-wise presses: CriticalAdaKV, DMS) only *mask* them: the
 tensors keep every token, so their rows count every token (factor 1.0, which is what kvpress holds in memory),
@@ -205,8 +206,13 @@ def cmd_run(a) -> None:
         seen: dict = {}
         n_ctx = len(r["context_ids"])
 
-        def pre_hook(module, args, kwargs):  # first forward after the context: the compressed context alone
-            if "kv" not in seen and kwargs.get("past_key_values") is not None:
+        n_q = len(r["question_ids"])
+
+        def pre_hook(module, args, kwargs):  # the question's forward: the compressed context alone
+            # (KVzip runs its own reconstruction forwards on the context's cache before that: not those)
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            if "kv" not in seen and kwargs.get("past_key_values") is not None and ids is not None \
+                    and ids.shape[-1] == n_q:
                 pkv = kwargs["past_key_values"]
                 if pkv.get_seq_length() > 0:
                     seen["kv"] = cache_bytes(pkv)
