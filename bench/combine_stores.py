@@ -3,7 +3,7 @@
     python bench/combine_stores.py OUT.sqlite IN1.sqlite IN2.sqlite [...]
 
 A sample (task, sample_id, seed) is complete in a source when it has a row for every configuration (method,
-params_json, ratio) that source holds for that task. Only samples complete in every source are copied, so that
+params_json, ratio) that source holds, on any task (so a run still going counts only its finished samples). Only samples complete in every source are copied, so that
 tools measured on different numbers of samples (e.g. kvsqueeze's sweep and kvpress's slower per-press loop, still
 running) are compared on the same samples. OUT is written fresh (an existing file is refused). Prints, per task,
 the samples kept and the configurations per source.
@@ -19,19 +19,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
 
 def complete_samples(con: sqlite3.Connection) -> dict[str, set[tuple]]:
-    """task -> {(sample_id, seed)} with a row for every configuration of that task in this store."""
+    """task -> {(sample_id, seed)} with a row for every configuration this store holds (on any task)."""
+    cfg = "method || '|' || params_json || '|' || ratio"
+    n_cfg = con.execute(f"SELECT COUNT(DISTINCT {cfg}) FROM results").fetchone()[0]
     out: dict[str, set[tuple]] = {}
-    for (task,) in con.execute("SELECT DISTINCT task FROM results"):
-        n_cfg = con.execute("SELECT COUNT(DISTINCT method || '|' || params_json || '|' || ratio) FROM results "
-                            "WHERE task = ?", (task,)).fetchone()[0]
-        out[task] = {(sid, seed) for sid, seed, n in con.execute(
-            "SELECT sample_id, seed, COUNT(DISTINCT method || '|' || params_json || '|' || ratio) FROM results "
-            "WHERE task = ? GROUP BY sample_id, seed", (task,)) if n == n_cfg}
+    for task, sid, seed, n in con.execute(f"SELECT task, sample_id, seed, COUNT(DISTINCT {cfg}) FROM results "
+                                          "GROUP BY task, sample_id, seed"):
+        out.setdefault(task, set())
+        if n == n_cfg:
+            out[task].add((sid, seed))
     return out
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) < 3:
+    if len(argv) < 2:
         print(__doc__.strip().splitlines()[2].strip(), file=sys.stderr)
         return 2
     out, ins = Path(argv[0]), [Path(p) for p in argv[1:]]
@@ -63,9 +64,9 @@ def main(argv: list[str]) -> int:
                                 f"({', '.join('?' * len(use))})", rows)
                 n += len(rows)
         dst.commit()
-        cfgs = {t: con.execute("SELECT COUNT(DISTINCT method || '|' || params_json || '|' || ratio) FROM results "
-                               "WHERE task = ?", (t,)).fetchone()[0] for t in keep}
-        print(f"{p}: {n} rows copied; configurations per task: {cfgs}")
+        n_cfg = con.execute("SELECT COUNT(DISTINCT method || '|' || params_json || '|' || ratio) "
+                            "FROM results").fetchone()[0]
+        print(f"{p}: {n} rows copied ({n_cfg} configurations)")
     for t, s in keep.items():
         print(f"{t}: {len(s)} samples complete in every source")
     return 0
