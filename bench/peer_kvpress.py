@@ -34,9 +34,10 @@ task and sample_id (so kvsqueeze's own sweep rows on the same samples line up), 
 `protocol` "kvpress-pipeline", the score by kvsqueeze's rule (`tasks.base.score`: RULER string_match_all / part).
 
 Bytes. `kv_bytes` is what kvpress's DynamicCache holds after compressing the context (measured by a forward
-pre-hook on the first question forward, before the question is appended); `kv_bytes_16` is the same at 2 bytes
+pre-hook on the question's forward, before the question is appended; KVzip's own reconstruction forwards before
+it are skipped); `kv_bytes_16` is the same at 2 bytes
 per element; `full_kv_bytes(_16)` is the uncompressed cache of the same context. kvpress frees the evicted
-entries for most presses, but AdaKV (and the other head-wise presses: CriticalAdaKV, DMS) only *masks* them: the
+entries for most presses, but AdaKV and KVzip (and the other head-wise presses: CriticalAdaKV, DMS) only *mask* them: the
 tensors keep every token, so their rows count every token (factor 1.0, which is what kvpress holds in memory),
 and `meta_json` carries `masked: true`, the number of masked entries and `kv_bytes_16_unmasked` (what a
 kernel that skipped the masked entries would need to hold). `--quant quanto-4` (or hqq) adds transformers'
@@ -113,7 +114,8 @@ def build_press(name: str, ratio: float):
         return "kvpress:none", None, False
     if n in simple:
         cls = getattr(kp, simple[n])
-        return f"kvpress:{simple[n][:-len('Press')]}", cls(compression_ratio=ratio), False
+        # KVzip, like AdaKV, masks the evicted entries (module.masked_key_indices) instead of freeing them
+        return f"kvpress:{simple[n][:-len('Press')]}", cls(compression_ratio=ratio), n == "kvzip"
     if n.startswith("adakv_"):
         inner_label, inner, _ = build_press(n[len("adakv_"):], ratio)
         return f"kvpress:AdaKV({inner_label.split(':', 1)[1]})", kp.AdaKVPress(inner), True
@@ -204,8 +206,13 @@ def cmd_run(a) -> None:
         seen: dict = {}
         n_ctx = len(r["context_ids"])
 
-        def pre_hook(module, args, kwargs):  # first forward after the context: the compressed context alone
-            if "kv" not in seen and kwargs.get("past_key_values") is not None:
+        n_q = len(r["question_ids"])
+
+        def pre_hook(module, args, kwargs):  # the question's forward: the compressed context alone
+            # (KVzip runs its own reconstruction forwards on the context's cache before that: not those)
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            if "kv" not in seen and kwargs.get("past_key_values") is not None and ids is not None \
+                    and ids.shape[-1] == n_q:
                 pkv = kwargs["past_key_values"]
                 if pkv.get_seq_length() > 0:
                     seen["kv"] = cache_bytes(pkv)
@@ -237,7 +244,7 @@ def cmd_run(a) -> None:
             n_masked = seen.get("masked") or 0
             meta.update(masked=True, masked_entries=n_masked,
                         kv_bytes_16_unmasked=None if kv16 is None else kv16 - n_masked * hd * 2 * 2,
-                        note="kvpress masks AdaKV's evicted entries (keys kept in the tensors, hidden from "
+                        note=f"kvpress masks {label.split(':', 1)[1]}'s evicted entries (keys kept in the tensors, hidden from "
                              "attention); kv_bytes count what is held")
         if quant:
             meta["quant"] = quant

@@ -221,12 +221,14 @@ def _answer_from_cache(model, tokenizer, cache, q_ids, max_new_tokens, eos):
     return tokenizer.decode(tokens, skip_special_tokens=True).strip()
 
 
-def merge_caches(model, caches: list[CompressedCache]) -> CompressedCache:
+def merge_caches(model, caches: list[CompressedCache], room: int = 0) -> CompressedCache:
     """One batch cache holding `caches` (batch 1 each, same tokens seen) side by side, without a method.
 
-    Compressed layers of different sizes are padded with invalid slots (`valid` = False: the mask hides them);
-    other layers (sliding windows, never compressed) are concatenated. The merged cache compresses nothing: it
-    serves prefill-only methods, whose caches no longer change after the prefill."""
+    Compressed layers of different sizes are padded with invalid slots (`valid` = False: the mask hides them;
+    `CompressedLayer.stack_rows`); other layers (sliding windows, never compressed) are concatenated. The merged
+    cache compresses nothing: it serves prefill-only methods, whose caches no longer change after the prefill.
+    `room`: slots reserved after the stored ones in every compressed layer (the question plus the answer budget),
+    so that appending them copies nothing (`DenseStore.reserve`); 0 appends by concatenation."""
     from ..storage.layer import CompressedLayer
 
     out = CompressedCache(model, None)
@@ -235,24 +237,7 @@ def merge_caches(model, caches: list[CompressedCache]) -> CompressedCache:
         if not srcs[0].is_initialized:
             continue
         if isinstance(layer, CompressedLayer):
-            n = max(s.n_stored for s in srcs)
-            b, h, _, d = srcs[0].keys.shape
-
-            def pad(t, fill):
-                extra = n - t.shape[2]
-                if extra == 0:
-                    return t
-                return torch.cat([t, t.new_full((*t.shape[:2], extra, *t.shape[3:]), fill)], dim=2)
-
-            layer.lazy_initialization(srcs[0].keys, srcs[0].values)
-            layer.keys = torch.cat([pad(s.keys, 0) for s in srcs])
-            layer.values = torch.cat([pad(s.values, 0) for s in srcs])
-            layer.positions = torch.cat([pad(s.positions, 0) for s in srcs])
-            layer.valid = torch.cat([pad(s.valid if s.valid is not None else
-                                         torch.ones(s.positions.shape, dtype=torch.bool, device=s.keys.device),
-                                         False) for s in srcs])
-            layer.cumulative_length = srcs[0].cumulative_length
-            layer.n_evicted = max(1, max(s.n_evicted for s in srcs))  # slots no longer line up with HF's mask
+            layer.stack_rows(srcs, room)
         else:
             layer.__dict__.update({k: v for k, v in srcs[0].__dict__.items() if k not in ("keys", "values")})
             layer.keys = torch.cat([s.keys for s in srcs])
@@ -272,7 +257,7 @@ def answer_batch(model, tokenizer, caches: list[CompressedCache], q_ids: list[in
     may differ in the last bits from batch-1 ones: `--batch-size 1` decodes pairs one by one, and the benchmark
     checks the answers against re-prefilling)."""
     p = len(caches)
-    cache = merge_caches(model, caches)
+    cache = merge_caches(model, caches, room=len(q_ids) + max_new_tokens)
     device = _device(model)
     outs = answer_tokens(model, cache, torch.tensor([q_ids] * p, device=device), max_new_tokens, eos)
     return [tokenizer.decode(o, skip_special_tokens=True).strip() for o in outs]

@@ -293,6 +293,25 @@ class CompressedLayer(DynamicLayer):
         else:
             self.evict(scores, max(n_keep, 1))
 
+    def stack_rows(self, rows: list["CompressedLayer"], room: int = 0) -> None:
+        """Hold the layers `rows` (full-precision, batch 1 each, the same tokens seen) as the rows of one batch:
+        shorter rows are padded with empty, invalid slots to the longest, and `room` free slots are reserved after
+        them (appends then write in place, see `DenseStore.reserve`). Replaces what this layer held."""
+        n = max(r.n_stored for r in rows)
+        k0 = rows[0].keys
+        self.lazy_initialization(k0, rows[0].values)
+        self.store = DenseStore.stacked([r.store for r in rows], n, room)
+        b, h = len(rows), k0.shape[1]
+        pos = torch.zeros(b, h, n, dtype=rows[0].positions.dtype, device=self.device)
+        valid = torch.zeros(b, h, n, dtype=torch.bool, device=self.device)
+        for i, r in enumerate(rows):
+            m = r.n_stored
+            pos[i, :, :m] = r.positions[0]
+            valid[i, :, :m] = True if r.valid is None else r.valid[0]
+        self.table.positions, self.table.valid = pos, valid
+        self.table.aligned = False
+        self.cumulative_length = rows[0].cumulative_length
+
     def tensors(self) -> dict[str, torch.Tensor]:
         """Every tensor this layer holds (what its memory is): the store's and the slot table's."""
         if not self.is_initialized:

@@ -79,6 +79,44 @@ class DenseStore(KVStore):
         self.k, self.v = keys, values  # (b, h, n, d) rectangular, or (entries, d) packed when `held` is set
         self.held: torch.Tensor | None = None  # (b, h, n) bool, set only when ragged
         self._view = None  # weak references to the last ragged view (alive while a forward holds it)
+        self._room: tuple[torch.Tensor, torch.Tensor] | None = None  # (b, h, capacity, d) buffers k, v view into
+
+    # --- capacity: appending without copying -----------------------------------------------------------------
+    def reserve(self, room: int) -> None:
+        """Hold the slots in buffers with `room` free slots after them, so that the next appends (up to `room`
+        slots) write in place instead of concatenating (copying every slot). Only for a rectangular store; the
+        buffers are bytes held (`nbytes`). A `keep`, a batch operation or an append past the room drops them."""
+        if self.held is not None or room <= 0:
+            return
+        b, h, n, d = self.k.shape
+        bk = self.k.new_empty(b, h, n + room, d)
+        bv = self.v.new_empty(b, h, n + room, self.v.shape[-1])
+        bk[:, :, :n], bv[:, :, :n] = self.k, self.v
+        self._room = (bk, bv)
+        self.k, self.v = bk[:, :, :n], bv[:, :, :n]
+
+    @classmethod
+    def stacked(cls, rows: list["DenseStore"], n: int, room: int = 0) -> "DenseStore":
+        """One store holding `rows` (stores of batch 1) as the rows of a batch, each padded with zero slots to `n`
+        slots (the slot table marks those invalid), with `room` free slots after them (see `reserve`). Each row is
+        copied once, straight into its place."""
+        views = [r.view() for r in rows]
+        k0, v0 = views[0]
+        b, h = len(rows), k0.shape[1]
+        bk = k0.new_zeros(b, h, n + room, k0.shape[-1])
+        bv = v0.new_zeros(b, h, n + room, v0.shape[-1])
+        for i, (k, v) in enumerate(views):
+            bk[i, :, : k.shape[2]], bv[i, :, : v.shape[2]] = k[0], v[0]
+        out = cls(bk[:, :, :n], bv[:, :, :n])
+        out._room = (bk, bv) if room > 0 else None
+        return out
+
+    @property
+    def room(self) -> int:
+        """Free slots left in the reserved buffers (0 without)."""
+        if self._room is None or self.held is not None:
+            return 0
+        return self._room[0].shape[2] - self.k.shape[2]
 
     @property
     def ragged(self) -> bool:
@@ -93,6 +131,15 @@ class DenseStore(KVStore):
 
     # --- protocol --------------------------------------------------------------------------------------------
     def append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        q = keys.shape[-2]
+        if self._room is not None and self.held is None and q <= self.room and self.k.data_ptr() == \
+                self._room[0].data_ptr():
+            bk, bv = self._room
+            n = self.k.shape[2]
+            bk[:, :, n : n + q], bv[:, :, n : n + q] = keys, values
+            self.k, self.v = bk[:, :, : n + q], bv[:, :, : n + q]
+            return
+        self._room = None
         if self.held is None:
             self.k = torch.cat([self.k, keys], dim=-2)
             self.v = torch.cat([self.v, values], dim=-2)
@@ -121,6 +168,7 @@ class DenseStore(KVStore):
         self._view = (weakref.ref(k), weakref.ref(v))
 
     def keep(self, idx: torch.Tensor, held: torch.Tensor | None = None) -> None:
+        self._room = None
         k, v = self.view()
         k, v = take(k, idx), take(v, idx)
         old = None if self.held is None else take(self.held, idx)
@@ -136,6 +184,7 @@ class DenseStore(KVStore):
         self._remember(k, v)
 
     def index_batch(self, fn) -> None:
+        self._room = None
         if self.held is None:
             self.k, self.v = fn(self.k), fn(self.v)
             return
@@ -145,9 +194,12 @@ class DenseStore(KVStore):
         self._remember(k, v)
 
     def tensors(self) -> dict[str, torch.Tensor]:
+        if self._room is not None:  # the reserved buffers are what is held
+            return {"keys": self._room[0], "values": self._room[1]}
         return {"keys": self.k, "values": self.v}
 
     def offload(self) -> None:
+        self._room = None
         self.k, self.v = self.k.to("cpu", non_blocking=True), self.v.to("cpu", non_blocking=True)
         self.held = None if self.held is None else self.held.to("cpu")
         self._view = None
@@ -157,6 +209,7 @@ class DenseStore(KVStore):
             self.k, self.v = self.k.to(device, non_blocking=True), self.v.to(device, non_blocking=True)
             self.held = None if self.held is None else self.held.to(device)
             self._view = None
+            self._room = None
 
     # --- replacing every slot (what assigning `layer.keys` / `layer.values` does) -----------------------------
     def set_dense(self, which: int, t: torch.Tensor) -> None:
@@ -166,6 +219,7 @@ class DenseStore(KVStore):
             self.k, self.v = self.view()
             self.held = None
             self._view = None
+        self._room = None
         if which == 0:
             self.k = t
         else:
