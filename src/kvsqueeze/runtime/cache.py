@@ -26,10 +26,10 @@ from ..shapes import attention_shape
 from ..storage.layer import CompressedLayer
 from ..storage.stats import CacheStats, _nbytes
 from . import attention as _attention  # noqa: F401  registers the kvsqueeze_sdpa / kvsqueeze_eager wrappers
+from .budgets import Budgets
 from .calibration import prepare
 from .routing import attach
 
-_UNBOUNDED = 1 << 62  # "tokens seen" beyond any real budget (see CompressedCache.budget)
 
 
 def _in_generate_prefill() -> bool:
@@ -114,7 +114,7 @@ class CompressedCache(Cache):
         if selector is not None:
             check_layer_indices(getattr(selector, "dense_layers", ()), self.n_layers, "dense layers")
         _, self.num_kv_heads, self.head_dim = attention_shape(config)
-        self.budgets: dict[int, int] = {}  # per layer, fixed at the end of the prefill; decode keeps them
+        self.budgets = Budgets(method, len(layers))  # per layer (row, kv head), fixed at the prefill
         self.phase = "prefill"
         self._in_prefill_block = False
         self._prefill_open = True  # forwards outside prefill() blocks are still prefill (see the class docstring)
@@ -177,36 +177,8 @@ class CompressedCache(Cache):
 
     # --- compression, called after each layer's attention ------------------------------------------------
     def budget(self, layer_idx: int) -> int:
-        """Slots this layer may keep (an int >= 1), set at the prefill and held during decoding.
-
-        A layer never holds more than it has seen; eviction brings it down to `min(budget, slots stored)`.
-        An absolute `budget` (per layer after `layer_budget`, e.g. PyramidKV's) is the target from the start: when
-        the prompt is shorter, the layer keeps everything and grows to the budget while decoding, then holds it.
-        A `ratio` budget is a share of the prefill's tokens, fixed by the prefill (`n_keep` of the tokens seen).
-        A method that keeps every token (`Full`, `ratio=0`) keeps every token while decoding too. A sliding layer
-        counts only the tokens its window holds. In a left-padded batch each row's budget comes from its own real
-        tokens (`layer.row_keep`, (batch,)); the layer stores the largest of them.
-        """
-        layer = self.layers[layer_idx]
-        if self.phase == "prefill" or layer_idx not in self.budgets:
-            self.budgets[layer_idx] = self._keep_target(layer.held_tokens(), layer_idx)
-            if isinstance(layer, CompressedLayer) and layer.n_pad is not None:
-                cap = layer.sliding_window - 1 if layer.sliding_window else None
-                seen = [int(s) if cap is None else min(int(s), cap) for s in layer.row_seen().tolist()]
-                rows = [self._keep_target(s, layer_idx) for s in seen]
-                layer.row_keep = torch.tensor(rows, dtype=torch.long, device=layer.device)
-                self.budgets[layer_idx] = max(rows)
-        return self.budgets[layer_idx]
-
-    def _keep_target(self, n_seen: int, layer_idx: int) -> int:
-        """The method's keep count after `n_seen` tokens, or its absolute target when that is clamped to `n_seen`."""
-        method = self.method
-        keep = method.n_keep(n_seen, layer_idx, self.n_layers)
-        if keep >= n_seen:  # clamped to what the layer has seen: the target may lie beyond
-            target = method.n_keep(_UNBOUNDED, layer_idx, self.n_layers)
-            if getattr(method, "budget", None) is not None or target >= _UNBOUNDED:
-                keep = max(keep, target)
-        return keep
+        """Slots this layer may keep per kv head (`budgets.Budgets.layer`)."""
+        return self.budgets.layer(layer_idx, self.layers[layer_idx], self.phase)
 
     def after_attention(self, module, layer_idx: int, query: torch.Tensor, scaling: float | None,
                         memo: dict | None = None):
@@ -254,18 +226,7 @@ class CompressedCache(Cache):
                     balance(q.view(b, hq // x.group, x.group, d).amax(2), commit=False)  # the split follows
                     x.keys, x.values = layer.keys, layer.values
                 scores = layer.window_scores(method.score(x))
-                counts = layer.row_keep
-                head_counts = getattr(method, "head_counts", None)
-                if head_counts is not None:  # head-wise budgets (AdaKV): each kv head keeps its own count
-                    keep = counts if counts is not None else torch.full(
-                        (scores.shape[0],), x.n_keep, dtype=torch.long, device=scores.device)
-                    visible = scores.float() > float("-inf")  # -inf: invalid, or outside a sliding window
-                    if layer.valid is not None:
-                        visible = visible & layer.valid
-                    counts = head_counts(scores, keep, visible)
-                    layer.evict(scores, max(1, int(counts.max())), counts)
-                else:
-                    layer.evict(scores, x.n_keep, counts)
+                layer.evict(scores, *self.budgets.counts(layer, scores, x.n_keep))
 
     def compressed_copy(self, model, method, queries: dict[int, torch.Tensor], scaling: dict[int, float],
                         memo: dict | None = None, layer_factory=None):
@@ -313,7 +274,7 @@ class CompressedCache(Cache):
                 layer.keys = layer.values = None
                 layer.is_initialized = False
                 layer.cumulative_length = 0
-        self.budgets = {}
+        self.budgets.reset()
         self.phase = "prefill"
         self._prefill_open = not self._in_prefill_block  # as a fresh cache (inside a block: as one that entered it)
         self._forwards = 0

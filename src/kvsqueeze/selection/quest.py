@@ -63,14 +63,14 @@ class Quest(Selector):
         p = self.block
         n = layer.n_stored
         full = n // p
-        evicted = getattr(layer, "n_evicted", 0)
-        if "kmin" not in st or st.get("evicted") != evicted or st["full"] > full:
+        version = layer.version  # moves whenever the layer's slots change other than by appending
+        if "kmin" not in st or st.get("version") != version or st["full"] > full:
             st["kmin"], st["kmax"] = page_minmax(layer.keys[:, :, : full * p], p)
         elif st["full"] < full:  # pages completed since the last step
             lo = st["full"] * p
             mn, mx = page_minmax(layer.keys[:, :, lo : full * p], p)
             st["kmin"], st["kmax"] = torch.cat([st["kmin"], mn], 2), torch.cat([st["kmax"], mx], 2)
-        st["full"], st["evicted"] = full, evicted
+        st["full"], st["version"] = full, version
         kmin, kmax = st["kmin"], st["kmax"]
         if n > full * p:  # the partial page holding the current token
             tail = layer.keys[:, :, full * p :].float()
