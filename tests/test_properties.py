@@ -399,7 +399,7 @@ def test_pyramidkv_at_ratio_zero_keeps_every_token():
     """Found by property 1: PyramidKV(ratio=0) evicted from its upper layers (the pyramid of a full budget)."""
     shape = Shape(layers=3, kv_heads=2, group=2, head_dim=8)
     model = _model(shape, "sdpa")
-    cache = kq.CompressedCache(model, kq.get_method("pyramidkv", ratio=0.0, beta=4.0))
+    cache = kq.CompressedCache(model, kq.get_method("pyramidkv", ratio=0.0, beta=4.0, scorer=kq.get_method("tova")))
     ids = torch.randint(0, VOCAB, (1, 40), generator=torch.Generator().manual_seed(0))
     kq.prefill(model, cache, ids)
     assert cache.stats().tokens_stored == [40] * 3
