@@ -405,6 +405,25 @@ def test_pyramidkv_at_ratio_zero_keeps_every_token():
     assert cache.stats().tokens_stored == [40] * 3
 
 
+def test_padded_row_keeps_its_own_budget_after_a_chunk_that_was_mostly_padding():
+    """Found by property 3: with `prefill_chunk_size` 8, a row with 7 padding tokens of 15 kept 8 slots where it
+    keeps 7 alone (ratio 0.1 of its 8 tokens): the layer held exactly the longer row's budget (8), so the per-row
+    budget was never applied."""
+    model = _model(Shape(layers=1, kv_heads=1, group=1, head_dim=8), "sdpa")
+    make = lambda: kq.get_method("streaming_llm", ratio=0.1, n_sink=0)  # noqa: E731
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.zeros(2, 15, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for r, n in enumerate((8, 9)):
+        ids[r, 15 - n :], mask[r, 15 - n :] = torch.randint(1, VOCAB, (n,), generator=gen), 1
+    batch_cache, alone_cache = kq.CompressedCache(model, make()), kq.CompressedCache(model, make())
+    batch = _generate(model, ids, mask, batch_cache, 1, 8)
+    alone = _generate(model, ids[:1], mask[:1], alone_cache, 1, 8)
+    assert _kept(alone_cache, 0, 7) == [[list(range(1, 8))]]  # int(8 * 0.9) = 7 of the row's 8 tokens
+    assert _kept(batch_cache, 0, 7) == _kept(alone_cache, 0, 7)
+    torch.testing.assert_close(batch.logits[0][:1], alone.logits[0], atol=TOL, rtol=0)
+
+
 # --- 5. head-wise budgets -----------------------------------------------------------------------------------------
 HEADWISE = [n for n in ("adakv",) if n in kq.METHODS]
 
