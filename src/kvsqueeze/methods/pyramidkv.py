@@ -35,6 +35,14 @@ class PyramidKV(Method):
     def setup(self, model) -> None:
         self.scorer.setup(model)
 
+    def n_keep(self, n_seen: int, layer_idx: int, n_layers: int) -> int:
+        """As `Method.n_keep`, except that ratio 0 (nothing removed) keeps every token in every layer: the pyramid
+        of a full budget would clamp the lower layers to `n_seen` and still evict from the upper ones (kvpress's
+        presses do not compress at compression_ratio 0)."""
+        if self.budget is None and self.ratio == 0:
+            return n_seen
+        return super().n_keep(n_seen, layer_idx, n_layers)
+
     def layer_budget(self, base: int, layer_idx: int, n_layers: int) -> int:
         w = min(getattr(self.scorer, "window", 0), base)
         c = base - w
