@@ -1,5 +1,5 @@
-"""Command-line options and value parsers shared by the commands (`cli.py`, `evaluation/commands.py`,
-`evaluation/recommend.py`): one definition each, below every command module, so commands never import each other."""
+"""Command-line options and value parsers shared by the commands (`cli/main.py`, `cli/evaluation.py`,
+`cli/recommend.py`): one definition each, below every command module, so commands never import each other."""
 
 from __future__ import annotations
 

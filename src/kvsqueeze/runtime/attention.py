@@ -1,4 +1,4 @@
-"""Routing a model's attention through kvsqueeze.
+"""The attention wrapper: masks from the cache's slots, decode-time selection, then compression after attention.
 
 kvsqueeze registers the attention implementations `kvsqueeze_sdpa` and `kvsqueeze_eager` (their mask functions
 are transformers' own `sdpa_mask` / `eager_mask`, so masks are unchanged), each wrapping the model's own kernel:
