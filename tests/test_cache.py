@@ -127,7 +127,7 @@ def test_tokens_stored_equal_budget_and_bytes_equal_tensors(kwargs, expected):
     assert st.total_bytes == held and st.kv_bytes == kv
     assert st.kv_bytes == 4 * 2 * 1 * 2 * expected * 16 * 4  # layers x (k, v) x batch x heads x n x d x fp32
     assert st.full_kv_bytes == 4 * 2 * 2 * 121 * 16 * 4
-    assert st.ratio == pytest.approx(expected / 121)
+    assert st.kept_fraction == pytest.approx(expected / 121)
 
 
 def test_generate_with_compressed_cache():

@@ -62,6 +62,10 @@ def _same(a, b, path="") -> None:
         assert type(a) is type(b) and len(a) == len(b), path
         for i, (x, y) in enumerate(zip(a, b)):
             _same(x, y, f"{path}[{i}]")
+    elif type(a).__module__.startswith("kvsqueeze.") and hasattr(a, "__dict__"):  # e.g. the cache's Budgets
+        assert type(a) is type(b), path
+        _same({k: v for k, v in vars(a).items() if k != "method"},
+              {k: v for k, v in vars(b).items() if k != "method"}, path)
     else:
         assert a == b, f"{path}: {a!r} != {b!r}"
 

@@ -302,7 +302,7 @@ def test_sliding_window_ratio_asked_is_ratio_held(family, window, prompt, ratio)
     assert st.kv_bytes == sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys,
                                                                                                 layer.values))
     assert st.full_kv_bytes == 2 * 2 * 1 * 2 * held * d * 4  # layers x (k, v) x batch x kv heads x tokens x d x fp32
-    assert st.ratio == pytest.approx(kept / held)
+    assert st.kept_fraction == pytest.approx(kept / held)
     assert st.tokens_seen == prompt
 
 

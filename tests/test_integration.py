@@ -28,7 +28,7 @@ def samples(smollm2):
 def test_passkey_full_cache(smollm2, samples):
     acc, res = _accuracy(*smollm2, samples, None)
     assert acc == 1.0
-    assert 900 <= res.n_context_tokens <= 1100 and res.stats.ratio == 1.0
+    assert 900 <= res.n_context_tokens <= 1100 and res.stats.kept_fraction == 1.0
 
 
 def test_passkey_snapkv_half_cache_query_aware(smollm2, samples):
@@ -37,7 +37,7 @@ def test_passkey_snapkv_half_cache_query_aware(smollm2, samples):
     SnapKVPress on the same samples (bench/peer_kvpress.py), so it is measured, not asserted."""
     acc, res = _accuracy(*smollm2, samples, kq.get_method("snapkv", ratio=0.5, window=16), query_aware=True)
     assert acc == 1.0
-    assert res.stats.ratio == pytest.approx(0.5, abs=0.01)
+    assert res.stats.kept_fraction == pytest.approx(0.5, abs=0.01)
 
 
 @pytest.mark.parametrize("name", ["knorm", "tova"])
@@ -53,7 +53,7 @@ def test_chunked_prefill_bounds_memory_and_still_answers(smollm2, samples):
     res = kq.generate_answer(*smollm2, s.context, s.question, kq.get_method("knorm", ratio=0.5), chunk_size=256,
                              max_new_tokens=s.max_new_tokens)
     assert s.answers[0] in res.answer
-    assert res.stats.ratio == pytest.approx(0.5, abs=0.01)
+    assert res.stats.kept_fraction == pytest.approx(0.5, abs=0.01)
 
 
 def test_budget_larger_than_context_is_refused(smollm2, samples):

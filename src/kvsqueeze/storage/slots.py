@@ -108,11 +108,11 @@ class SlotTable:
         self.version += 1
 
     def reset(self) -> None:
-        """Forget every slot (a fresh table; `version` keeps counting)."""
+        """Forget every slot: a fresh table (`version` back to 0; a selector clears its cached summaries on reset)."""
         self.positions = self.valid = self.n_pad = None
         self.state = {}
         self.aligned = True
-        self.version += 1
+        self.version = 0
 
     # --- reading ---------------------------------------------------------------------------------------------
     def tensors(self) -> dict[str, torch.Tensor]:

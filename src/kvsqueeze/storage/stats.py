@@ -22,14 +22,15 @@ class CacheStats:
     tokens_stored: list[int] = field(default_factory=list)  # per layer
 
     @property
-    def ratio(self) -> float:
-        """Fraction of the full cache's KV bytes that is held."""
+    def kept_fraction(self) -> float:
+        """Fraction of the full cache's KV bytes that is held (1 / the compression factor; a method's
+        `ratio` is the fraction removed)."""
         return self.kv_bytes / self.full_kv_bytes if self.full_kv_bytes else 1.0
 
     def line(self) -> str:
         mib = 1024**2
         return (
             f"KV memory: {self.kv_bytes / mib:.2f} MiB kept of {self.full_kv_bytes / mib:.2f} MiB full "
-            f"({100 * self.ratio:.1f}%, {1 / max(self.ratio, 1e-9):.2f}x smaller); "
+            f"({100 * self.kept_fraction:.1f}%, {1 / max(self.kept_fraction, 1e-9):.2f}x smaller); "
             f"all cache tensors {self.total_bytes / mib:.2f} MiB; {self.tokens_seen} tokens seen"
         )
