@@ -14,7 +14,7 @@ Protocol (question-agnostic, kvsqueeze's default): the context is prefilled (and
 compressed to the budget), the question is appended, the answer is decoded greedily.
 - Quest / AttentionPredictor: every decoding step of layers 2.. attends to at most `budget` tokens (the current
   token included); layers 0-1 dense.
-- H2O: held at `budget` tokens at every decoding step (decode_every=1). SnapKV, StreamingLLM: the context is
+- H2O: held at `budget` tokens at every decoding step (compression_interval=1). SnapKV, StreamingLLM: the context is
   compressed to `budget` tokens; the question and the answer tokens are appended on top (<= budget + ~110).
 Recovery rate: the share of the current query's dense attention (over every token seen, layer's true keys) that
 falls on the attended tokens, per layer, averaged over query heads and decoding steps. Selectors measure it
@@ -164,7 +164,7 @@ def run_cell(model, tok, sample, rec, ctx, q, method: str, budget: int, predicto
         for li, layer in enumerate(cache.layers):  # what the prefill would have shown the selector
             sel.observe(li, layer, rec.queries[li])
     else:
-        kw = {"decode_every": 1} if method == "h2o" else {}
+        kw = {"compression_interval": 1} if method == "h2o" else {}
         cache = rec.compress(model, kq.get_method(method, budget=budget, **kw))
         probe = EvictionProbe(rec.cache, cache, len(ctx))
     t0 = time.perf_counter()

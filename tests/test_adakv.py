@@ -70,7 +70,7 @@ def test_a_head_averaged_scorer_gives_uniform_budgets():
 def test_ragged_store_survives_decoding_batch_ops_and_reset():
     model = tiny_llama(layers=2)
     ids = torch.randint(0, 101, (1, 60), generator=torch.Generator().manual_seed(4))
-    cache = kq.CompressedCache(model, kq.get_method("adakv:snapkv", ratio=0.5, decode_every=1))
+    cache = kq.CompressedCache(model, kq.get_method("adakv:snapkv", ratio=0.5, compression_interval=1))
     prefill(model, cache, ids)
     assert any(layer.store.ragged for layer in cache.layers)
     with torch.no_grad():

@@ -151,7 +151,7 @@ def test_generate_with_compressed_cache():
 
 def test_decode_time_compression_holds_the_budget():
     model = tiny_llama()
-    cache = kq.CompressedCache(model, kq.get_method("h2o", budget=20, decode_every=1))
+    cache = kq.CompressedCache(model, kq.get_method("h2o", budget=20, compression_interval=1))
     prefill(model, cache, _chunks([50])[0])
     with torch.no_grad():
         for t in range(10):
@@ -159,7 +159,7 @@ def test_decode_time_compression_holds_the_budget():
             assert cache.stats().tokens_stored == [20] * 4
     assert cache.get_seq_length() == 60
     # every 4 steps: grows between evictions
-    cache = kq.CompressedCache(model, kq.get_method("tova", budget=20, decode_every=4))
+    cache = kq.CompressedCache(model, kq.get_method("tova", budget=20, compression_interval=4))
     prefill(model, cache, _chunks([50])[0])
     sizes = []
     with torch.no_grad():

@@ -37,7 +37,7 @@ SCHEMES = {
     "gear": (gear(4, group=8, residual=8), lambda m: m),
     "mikv": (mikv(8, 2, residual=8, group=8), lambda m: MiKV(inner=m)),
     "zipcache": (zipcache(4, 2, residual=8, group=8),
-                 lambda m: ZipCacheSaliency(ratio=m.ratio, budget=m.budget, decode_every=m.decode_every)),
+                 lambda m: ZipCacheSaliency(ratio=m.ratio, budget=m.budget, compression_interval=m.compression_interval)),
 }
 
 
@@ -96,7 +96,7 @@ def test_reset_then_a_new_prompt_equals_a_fresh_cache(name, scheme):
     factory, wrap = SCHEMES[scheme]
 
     def build():
-        return kq.CompressedCache(model, wrap(_method(name, 2, ratio=0.5, decode_every=2)), layer_factory=factory)
+        return kq.CompressedCache(model, wrap(_method(name, 2, ratio=0.5, compression_interval=2)), layer_factory=factory)
 
     fresh = build()
     expected = _run(model, fresh, _ids(40, seed=2), steps=5)
@@ -114,7 +114,7 @@ def test_reset_clears_selector_and_sliding_layers(kind):
 
     def build():
         selector = None if kind == "gemma3" else _selector(kind)
-        return kq.CompressedCache(model, kq.get_method("h2o", budget=40, decode_every=3), selector=selector)
+        return kq.CompressedCache(model, kq.get_method("h2o", budget=40, compression_interval=3), selector=selector)
 
     fresh = build()
     expected = _run(model, fresh, _ids(56, seed=2), steps=8)
@@ -167,7 +167,7 @@ GROWING = sorted(n for n in METHODS if n != "full")
 def test_decode_time_compression_grows_to_the_budget_then_holds_it(name):
     layers, prompt, budget, steps = 4, 20, 30, 40
     model = tiny_llama(layers=layers)
-    method = _method(name, layers, budget=budget, decode_every=1)
+    method = _method(name, layers, budget=budget, compression_interval=1)
     targets = [method.layer_budget(budget, i, layers) for i in range(layers)]  # PyramidKV: 55, 38, 22, 5
     cache = kq.CompressedCache(model, method)
     with torch.no_grad():
@@ -182,11 +182,11 @@ def test_decode_time_compression_grows_to_the_budget_then_holds_it(name):
 
 @pytest.mark.parametrize("scheme", ["fp", "kivi"])
 def test_budget_never_reached_equals_no_compression(scheme):
-    """StreamingLLM(budget=30, decode_every=1) on a 20-token prompt and 9 steps never evicts: same logits as no
+    """StreamingLLM(budget=30, compression_interval=1) on a 20-token prompt and 9 steps never evicts: same logits as no
     compression at all."""
     model = tiny_llama(layers=2)
     factory = SCHEMES[scheme][0]
-    cache = kq.CompressedCache(model, kq.get_method("streaming_llm", budget=30, decode_every=1), layer_factory=factory)
+    cache = kq.CompressedCache(model, kq.get_method("streaming_llm", budget=30, compression_interval=1), layer_factory=factory)
     ref = kq.CompressedCache(model, None, layer_factory=factory)
     got, expected = _run(model, cache, _ids(20), steps=9), _run(model, ref, _ids(20), steps=9)
     assert torch.equal(got, expected)
@@ -199,7 +199,7 @@ def test_a_budget_that_keeps_everything_keeps_everything_while_decoding(spec):
     no compression at all, nothing evicted."""
     name, kw = spec
     model = tiny_llama(layers=2)
-    cache = kq.CompressedCache(model, _method(name, 2, decode_every=1, **kw))
+    cache = kq.CompressedCache(model, _method(name, 2, compression_interval=1, **kw))
     got, expected = _run(model, cache, _ids(20), steps=6), _run(model, kq.CompressedCache(model), _ids(20), steps=6)
     assert torch.equal(got, expected)
     assert [layer.n_evicted for layer in cache.layers] == [0, 0]
@@ -207,7 +207,7 @@ def test_a_budget_that_keeps_everything_keeps_everything_while_decoding(spec):
 
 def test_every_fourth_step_grows_past_the_budget_between_evictions():
     model = tiny_llama(layers=2)
-    cache = kq.CompressedCache(model, kq.get_method("tova", budget=24, decode_every=4))
+    cache = kq.CompressedCache(model, kq.get_method("tova", budget=24, compression_interval=4))
     sizes = []
     with torch.no_grad():
         model(_ids(20), **kv(cache))
@@ -220,7 +220,7 @@ def test_every_fourth_step_grows_past_the_budget_between_evictions():
 
 def test_ratio_budget_is_fixed_by_the_prefill():
     model = tiny_llama(layers=2)
-    cache = kq.CompressedCache(model, kq.get_method("h2o", ratio=0.5, decode_every=1))
+    cache = kq.CompressedCache(model, kq.get_method("h2o", ratio=0.5, compression_interval=1))
     _run(model, cache, _ids(20), steps=6)
     assert cache.stats().tokens_stored == [10, 10]
 
@@ -230,7 +230,7 @@ def test_check_budget_refuses_a_large_budget_only_without_decode_compression():
 
     with pytest.raises(kq.KVSqueezeError, match="not smaller than the context"):
         check_budget(kq.get_method("streaming_llm", budget=30), 20)
-    check_budget(kq.get_method("streaming_llm", budget=30, decode_every=1), 20)  # grows to 30 while decoding
+    check_budget(kq.get_method("streaming_llm", budget=30, compression_interval=1), 20)  # grows to 30 while decoding
 
 
 # --- item 6: selector state under batch operations -------------------------------------------------------------

@@ -108,7 +108,7 @@ def test_query_aware_sharing_matches_generate_answer(tiny, samples):
 def test_decode_time_methods_and_chunked_prefill_fall_back(tiny, samples, tmp_path):
     model, tok = tiny
     store = ResultStore(tmp_path / "r.sqlite")
-    pairs = make_pairs(["snapkv"], [0.5]) + make_pairs(["h2o"], [0.5], decode_every=1)
+    pairs = make_pairs(["snapkv"], [0.5]) + make_pairs(["h2o"], [0.5], compression_interval=1)
     run_sweep(model, tok, samples[:1], pairs, store, model_name="tiny", progress=False, code_version="t")
     df = store.frame().set_index("method")
     assert df.loc["snapkv", "protocol"] == "shared-prefill"
@@ -139,7 +139,7 @@ def test_capped_perplexity_shared_equals_fresh_prefill_and_holds_the_budget(tiny
         if name == "full":
             assert max(stored) == len(ids) - 1
         else:
-            assert mm.budget == int(len(prefix) * 0.25) and mm.decode_every == 1
+            assert mm.budget == int(len(prefix) * 0.25) and mm.compression_interval == 1
             assert max(stored) <= 2 * mm.budget  # pyramid budgets vary by layer around the mean
             assert sum(stored) <= len(stored) * (mm.budget + 1)
     assert len(set(values.values())) > 2

@@ -134,7 +134,7 @@ def _method(name, model, tmp_path, monkeypatch):
         calibration.prepare(m, model)
         _assert_on(m.filters, "cpu")
         return m
-    kwargs = {"decode_every": 1} if name in ("h2o", "tova") else {}
+    kwargs = {"compression_interval": 1} if name in ("h2o", "tova") else {}
     return kq.get_method(name, **({} if name == "full" else {"ratio": 0.5}), **kwargs)
 
 

@@ -120,7 +120,7 @@ def test_exempt_layers_keep_everything():
     assert cache.stats().tokens_stored == [60, 30, 30, 60]
 
 
-@pytest.mark.parametrize("kwargs", [{"ratio": 1.0}, {"ratio": -0.1}, {"budget": 0}, {"decode_every": -1}])
+@pytest.mark.parametrize("kwargs", [{"ratio": 1.0}, {"ratio": -0.1}, {"budget": 0}, {"compression_interval": -1}])
 def test_bad_budgets_are_refused(kwargs):
     with pytest.raises(kq.KVSqueezeError):
         kq.get_method("snapkv", **kwargs)

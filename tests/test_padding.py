@@ -25,8 +25,8 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
-def _method(name: str, amount: dict, decode_every: int):
-    kw = dict(amount, decode_every=decode_every)
+def _method(name: str, amount: dict, compression_interval: int):
+    kw = dict(amount, compression_interval=compression_interval)
     if name == "snapkv":
         kw["window"] = 8  # the default window (64) covers the whole prompt: every slot would tie at +inf
     if name == "pyramidkv":
@@ -78,12 +78,12 @@ def _check(model, make_method, layer_factory=None):
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-@pytest.mark.parametrize("decode_every", [0, 1])
+@pytest.mark.parametrize("compression_interval", [0, 1])
 @pytest.mark.parametrize("amount", [{"ratio": 0.5}, {"budget": 12}], ids=["ratio", "budget"])
 @pytest.mark.parametrize("name", list(METHODS))
-def test_left_padded_rows_match_rows_alone(name, amount, decode_every, attn):
+def test_left_padded_rows_match_rows_alone(name, amount, compression_interval, attn):
     model = tiny_llama(attn, layers=LAYERS)
-    _check(model, lambda: _method(name, amount, decode_every))
+    _check(model, lambda: _method(name, amount, compression_interval))
 
 
 @pytest.mark.parametrize("name", ["h2o", "snapkv", "streaming_llm", "random"])
@@ -100,7 +100,7 @@ def test_left_padded_rows_match_rows_alone_mixed_precision(scheme, amount):
     residual of 8 so that the split and the quantized stores are reached with 40 tokens)."""
     model = tiny_llama(layers=LAYERS)
     if scheme == "mikv":
-        make, factory = (lambda: MiKV(inner=METHODS["h2o"](**amount, decode_every=1))), mikv(8, 2, residual=8, group=8)
+        make, factory = (lambda: MiKV(inner=METHODS["h2o"](**amount, compression_interval=1))), mikv(8, 2, residual=8, group=8)
     else:
         make, factory = (lambda: ZipCacheSaliency(**amount)), zipcache(4, 2, residual=8, group=8)
     _check(model, make, layer_factory=factory)

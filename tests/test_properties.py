@@ -180,7 +180,7 @@ def _extra(draw, name: str, shape: Shape) -> dict:
 def method_makers(draw, shape: Shape, names=tuple(EVICTING), amount=None):
     """A zero-argument function building a fresh method (the same one each call: stateful methods start anew)."""
     name = draw(st.sampled_from(list(names)))
-    kw = dict(amount if amount is not None else draw(amounts()), decode_every=draw(st.sampled_from([0, 1])))
+    kw = dict(amount if amount is not None else draw(amounts()), compression_interval=draw(st.sampled_from([0, 1])))
     kw.update(_extra(draw, name, shape))
     note(f"method {name} {kw}")
     return lambda: kq.get_method(name, **copy.deepcopy(kw))

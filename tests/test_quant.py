@@ -205,7 +205,7 @@ def test_record_compress_equals_prefilling_with_the_scheme(tiny):
 
 def test_decode_time_eviction_keeps_storage_consistent(tiny):
     ids = torch.randint(0, 128, (1, 200))
-    cache = CompressedCache(tiny, H2O(ratio=0.5, decode_every=1), layer_factory=kivi(4, group=16, residual=16))
+    cache = CompressedCache(tiny, H2O(ratio=0.5, compression_interval=1), layer_factory=kivi(4, group=16, residual=16))
     with torch.no_grad():
         out = tiny.generate(ids, max_new_tokens=20, do_sample=False, **kv(cache))
     assert out.shape[1] == 220

@@ -249,7 +249,7 @@ def test_kvsqueeze_calls_raise_no_rename_warning():
         greedy_decode(model, cache, prefill(model, cache, ids, chunk_size=16), 3, set())
         rec = record_prefill(model, ids)
         _answer_from_cache(model, tok, rec.compress(model, kq.get_method("knorm", ratio=0.5)), [1, 2, 3], 3, set())
-        capped_perplexity(model, rec.compress(model, kq.get_method("knorm", budget=20, decode_every=1)), [4, 5], [5, 6])
+        capped_perplexity(model, rec.compress(model, kq.get_method("knorm", budget=20, compression_interval=1)), [4, 5], [5, 6])
         collect_trace(model, _ids(200), history=16, steps=8, dense_layers=())
     renamed = [str(w.message) for w in caught if "past_key_values" in str(w.message)]
     assert renamed == []

@@ -192,11 +192,11 @@ def register(main: click.Group) -> None:
     @click.option("--reference/--no-reference", default=True, show_default=True,
                   help="Also run the uncompressed reference (method 'full'); it shares the prefill, so it is cheap.")
     @task_options
-    def eval_cmd(method, ratio, budget, exempt_layers, decode_every, reference, **kw):
+    def eval_cmd(method, ratio, budget, exempt_layers, compression_interval, reference, **kw):
         """Evaluate one method on the task suite; rows go to the results store (resumable)."""
         from ..evaluation.sweep import make_pairs
 
-        m = build_method(method, ratio, budget, exempt_layers, decode_every)
+        m = build_method(method, ratio, budget, exempt_layers, compression_interval)
         quants, selects = _quants(kw["quant"]), _selects(kw["select"], kw["select_budget"])
         pairs = make_pairs([m], [ratio], query_aware=kw["query_aware"], quants=quants, selects=selects)
         if reference and (m.name != "full" or quants != [None] or selects != [(None, None)]):
@@ -211,10 +211,10 @@ def register(main: click.Group) -> None:
     @click.option("--ratios", default="0.5,0.75,0.875", show_default=True,
                   help="Comma-separated compression ratios (fraction of the cache removed).")
     @click.option("--exempt-layers", default="", help="Comma-separated layer indices never compressed.")
-    @click.option("--decode-every", type=click.IntRange(min=0), default=0, show_default=True,
+    @click.option("--compression-interval", type=click.IntRange(min=0), default=0, show_default=True,
                   help="Also compress every N decoding steps (such pairs re-run their prefill).")
     @task_options
-    def sweep_cmd(methods, ratios, exempt_layers, decode_every, **kw):
+    def sweep_cmd(methods, ratios, exempt_layers, compression_interval, **kw):
         """Evaluate a grid of methods x ratios x tasks x samples, one prefill per sample (resumable)."""
         from ..methods import METHODS
         from ..evaluation.sweep import make_pairs
@@ -223,7 +223,7 @@ def register(main: click.Group) -> None:
         if not names:
             raise KVSqueezeError("--methods is empty")
         rs = _floats(ratios, "--ratios", 0.0, 1.0, True)
-        built = [build_method(n, rs[0], None, exempt_layers, decode_every) for n in names]  # validates names
+        built = [build_method(n, rs[0], None, exempt_layers, compression_interval) for n in names]  # validates names
         pairs = make_pairs([b for b in built], rs, query_aware=kw["query_aware"], quants=_quants(kw["quant"]),
                            selects=_selects(kw["select"], kw["select_budget"]))
         _run(pairs, **kw)

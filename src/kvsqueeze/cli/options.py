@@ -15,8 +15,8 @@ def _ratio(ctx, param, value):
 
 
 def method_options(f):
-    """--method, --ratio, --budget, --exempt-layers, --decode-every (shared by generate and eval commands)."""
-    f = click.option("--decode-every", type=click.IntRange(min=0), default=0, show_default=True,
+    """--method, --ratio, --budget, --exempt-layers, --compression-interval (shared by generate and eval commands)."""
+    f = click.option("--compression-interval", type=click.IntRange(min=0), default=0, show_default=True,
                      help="Also compress every N decoding steps, holding the budget (0: prefill only).")(f)
     f = click.option("--exempt-layers", default="", help="Comma-separated layer indices never compressed.")(f)
     f = click.option("--budget", type=click.IntRange(min=1), default=None,
@@ -27,14 +27,15 @@ def method_options(f):
     return f
 
 
-def build_method(method: str, ratio: float, budget: int | None, exempt_layers: str, decode_every: int):
+def build_method(method: str, ratio: float, budget: int | None, exempt_layers: str, compression_interval: int):
     from ..methods import get_method
 
     try:
         exempt = tuple(int(x) for x in exempt_layers.split(",") if x.strip())
     except ValueError:
         raise KVSqueezeError(f"--exempt-layers must be comma-separated integers, got {exempt_layers!r}") from None
-    return get_method(method, ratio=ratio, budget=budget, exempt_layers=exempt, decode_every=decode_every)
+    return get_method(method, ratio=ratio, budget=budget, exempt_layers=exempt,
+                      compression_interval=compression_interval)
 
 
 def _floats(text: str, what: str, lo: float, hi: float, hi_open: bool) -> list[float]:

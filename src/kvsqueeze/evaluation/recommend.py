@@ -37,7 +37,7 @@ DEFAULT_QUANTS = "none,kivi-4,kivi-2"
 DEFAULT_TASKS = "passkey,niah_multikey,niah_multivalue,vt"
 
 # the keys of a `--config` file that `kvsqueeze generate` reads (its option names, '-' as '_')
-CONFIG_KEYS = ("model", "method", "ratio", "budget", "exempt_layers", "decode_every", "quant", "select",
+CONFIG_KEYS = ("model", "method", "ratio", "budget", "exempt_layers", "compression_interval", "quant", "select",
                "select_budget", "query_aware", "chunk_size", "max_new_tokens")
 CONFIG_INFO = "recommended"  # the key holding how the pick was measured (ignored by generate)
 
@@ -196,7 +196,7 @@ def config_dict(pair, model: str, row: dict | None = None, info: dict | None = N
            "ratio": 0.0 if base.name == "full" else (base.ratio if base.budget is None else 0.5),
            "budget": base.budget,
            "exempt_layers": ",".join(str(i) for i in (getattr(base, "exempt_layers", None) or ())),
-           "decode_every": int(getattr(base, "decode_every", 0) or 0), "quant": pair.quant or "none",
+           "compression_interval": int(getattr(base, "compression_interval", 0) or 0), "quant": pair.quant or "none",
            "select": pair.select or "none", "select_budget": int(pair.select_budget or 512),
            "query_aware": bool(pair.query_aware)}
     if row is not None or info:
@@ -218,8 +218,8 @@ def generate_line(cfg: dict) -> str:
         parts.append(f"--ratio {cfg['ratio']:g}")
     if cfg.get("exempt_layers"):
         parts.append(f"--exempt-layers {cfg['exempt_layers']}")
-    if cfg.get("decode_every"):
-        parts.append(f"--decode-every {cfg['decode_every']}")
+    if cfg.get("compression_interval"):
+        parts.append(f"--compression-interval {cfg['compression_interval']}")
     if cfg.get("quant", "none") != "none":
         parts.append(f"--quant {cfg['quant']}")
     if cfg.get("select", "none") != "none":

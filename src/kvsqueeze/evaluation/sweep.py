@@ -10,12 +10,12 @@ Protocols (the `protocol` column of each row):
 - `shared-prefill`: question-agnostic QA (kvpress's protocol): the context is compressed from the shared record,
   then the question is fed uncompressed on top and the answer decoded greedily; with `query_aware=True` the
   record covers context + question (all but its last token), as `generate_answer(query_aware=True)` does;
-- `re-prefill`: methods that are not prefill-only (`decode_every > 0`, which keep compressing while decoding)
+- `re-prefill`: methods that are not prefill-only (`compression_interval > 0`, which keep compressing while decoding)
   and chunked prefills (`chunk_size`) fall back to `generate_answer`, one full prefill per pair; so does
   `share_prefill=False` (the reference the benchmark compares with);
 - `capped-ppl` / `capped-ppl-re-prefill`: perplexity with a capped cache (see `tasks/perplexity.py`): the prefix
   is compressed to the method's budget from the shared record (or prefilled again), then the scored tokens are
-  fed one at a time with `decode_every=1`. The record-based start is the same cache object state as a real
+  fed one at a time with `compression_interval=1`. The record-based start is the same cache object state as a real
   prefill (tested: identical NLL), because the decode-time compression only starts after it.
 
 Storage and selection (`quants=`, `selects=` of `make_pairs`; `--quant`, `--select` on the CLI): a quantized
@@ -75,10 +75,10 @@ def method_params(m: Method) -> dict:
 
 def is_prefill_only(m: Method) -> bool:
     """True when the method only compresses at the prefill (then one shared prefill serves it)."""
-    if m.decode_every > 0:
+    if m.compression_interval > 0:
         return False
     scorer = getattr(m, "scorer", None)
-    return not (isinstance(scorer, Method) and scorer.decode_every > 0)
+    return not (isinstance(scorer, Method) and scorer.compression_interval > 0)
 
 
 @dataclass
@@ -303,7 +303,7 @@ def capped_method(m: Method, n_prefix: int) -> Method:
     if m.name == "full":
         return m
     budget = m.budget if m.budget is not None else max(1, int(n_prefix * (1.0 - m.ratio)))
-    return dataclasses.replace(m, budget=budget, decode_every=m.decode_every or 1)
+    return dataclasses.replace(m, budget=budget, compression_interval=m.compression_interval or 1)
 
 
 @torch.no_grad()

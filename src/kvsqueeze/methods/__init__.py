@@ -23,7 +23,7 @@ METHODS: dict[str, type[Method]] = {
 
 
 def get_method(name: str, **kwargs) -> Method:
-    """Build a method by name; kwargs are its fields (ratio, budget, exempt_layers, decode_every, ...).
+    """Build a method by name; kwargs are its fields (ratio, budget, exempt_layers, compression_interval, ...).
 
     A wrapper names its scorer after a colon: "adakv:tova" is `AdaKV(scorer=TOVA())`, "pyramidkv:knorm" is
     `PyramidKV(scorer=KNorm())` (the budget fields go to the wrapper). Raises `KVSqueezeError` for an unknown name

@@ -6,7 +6,7 @@ A method scores the slots of one layer (`score` -> (batch, kv_heads, n), higher 
 Budgets: `ratio` is the fraction of tokens removed (kvpress's `compression_ratio`: 0.75 keeps a quarter), or
 `budget` is an absolute number of tokens kept per layer; `exempt_layers` are never compressed; `layer_budget`
 can redistribute the budget across layers (PyramidKV). Compression runs at the prefill (question-agnostic when
-the question comes after the compressed context) and, when `decode_every` > 0, every that many decoding steps,
+the question comes after the compressed context) and, when `compression_interval` > 0, every that many decoding steps,
 holding each layer at its budget (H2O, TOVA): a ratio budget is fixed by the prefill, an absolute one larger
 than the prompt is grown to first (see `CompressedCache.budget`).
 """
@@ -140,7 +140,7 @@ class Method:
     ratio: float = 0.0
     budget: int | None = None
     exempt_layers: tuple[int, ...] = ()
-    decode_every: int = 0
+    compression_interval: int = 0
 
     name = "base"
     summary = ""
@@ -151,8 +151,8 @@ class Method:
             raise KVSqueezeError(f"ratio must be in [0, 1), got {self.ratio}")
         if self.budget is not None and self.budget < 1:
             raise KVSqueezeError(f"budget must be a positive number of tokens, got {self.budget}")
-        if self.decode_every < 0:
-            raise KVSqueezeError(f"decode_every must be >= 0, got {self.decode_every}")
+        if self.compression_interval < 0:
+            raise KVSqueezeError(f"compression_interval must be >= 0, got {self.compression_interval}")
         self.exempt_layers = layer_indices(self.exempt_layers, "exempt_layers")
 
     def setup(self, model) -> None:

@@ -9,7 +9,7 @@ from .base import Method, ScoreInputs
 
 @dataclass(kw_only=True)
 class Full(Method):
-    """Keeps the whole cache; `ratio`, `budget` and `decode_every` are ignored (n_keep = tokens seen; a
+    """Keeps the whole cache; `ratio`, `budget` and `compression_interval` are ignored (n_keep = tokens seen; a
     decoding step never evicts)."""
 
     name = "full"
@@ -17,7 +17,7 @@ class Full(Method):
 
     def __post_init__(self):
         super().__post_init__()
-        self.decode_every = 0  # the prefill budget would otherwise evict a slot at every decoding step
+        self.compression_interval = 0  # the prefill budget would otherwise evict a slot at every decoding step
 
     def n_keep(self, n_seen: int, layer_idx: int, n_layers: int) -> int:
         return n_seen

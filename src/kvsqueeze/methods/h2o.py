@@ -7,7 +7,7 @@ Heavy hitters are the tokens with the largest attention accumulated over every q
 The cache keeps a recent window of `recent_share * n_keep` tokens (per row: a left-padded row's own budget) (the paper splits the budget evenly between
 heavy hitters and recent tokens) and the highest `acc_t` among the rest. `acc` is state that follows the slots;
 it is accumulated at every forward (prefill chunks, appended questions, decoding steps), computed a chunk of
-queries at a time (never a full T x T matrix). With `decode_every=1` the cache is held at its budget during
+queries at a time (never a full T x T matrix). With `compression_interval=1` the cache is held at its budget during
 decoding, one eviction per step, as in the paper.
 """
 

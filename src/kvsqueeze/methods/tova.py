@@ -5,7 +5,7 @@ attention averaged over all heads of the layer, so every head keeps the same tok
 
     score(t) = mean_h softmax(q_last,h K_h^T / sqrt(d))_t
 
-At the prefill it keeps the top `n_keep` at once; with `decode_every=1` it drops the lowest token at each
+At the prefill it keeps the top `n_keep` at once; with `compression_interval=1` it drops the lowest token at each
 decoding step, as in the paper's generation loop.
 """
 

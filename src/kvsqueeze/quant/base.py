@@ -20,7 +20,7 @@ for the tokens of this forward) instead of a second dequantization. Outside a fo
 Composition with eviction: a method picks slots (`evict(scores, n_keep)`); the kept slots are gathered from the
 live view and stored compressed (`commit`). At the prefill, every token is still in full precision in the live
 view, so eviction-then-quantization quantizes exactly the kept tokens once. A later eviction (decode-time
-`decode_every`, chunked prefill) regroups tokens that were already quantized: they are re-quantized from their
+`compression_interval`, chunked prefill) regroups tokens that were already quantized: they are re-quantized from their
 dequantized values (a second rounding, documented deviation).
 
 Left-padded batches: the kept slots of each row are those it keeps alone (the core's selection), but stores are

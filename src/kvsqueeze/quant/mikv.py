@@ -28,7 +28,7 @@ mask transformers builds stays valid; old slots are all in the past of every new
 
 Deviations: importance is the score of whatever method is passed (the paper uses H2O's accumulated attention);
 without the `MiKV` wrapper (no query statistics) the balancer falls back to beta_c = 1 / sqrt(max_t |k_{t,c}|)
-(key-only, ZipCache's channel normalization). A later split (decode-time `decode_every`) re-quantizes tokens
+(key-only, ZipCache's channel normalization). A later split (decode-time `compression_interval`) re-quantizes tokens
 from their dequantized values, so a token demoted to low precision and promoted back does not regain bits.
 """
 
@@ -291,7 +291,7 @@ class MiKV(Method):
 
             self.inner = H2O(ratio=self.ratio, budget=self.budget)
         self.ratio, self.budget = self.inner.ratio, self.inner.budget
-        self.exempt_layers, self.decode_every = self.inner.exempt_layers, self.inner.decode_every
+        self.exempt_layers, self.compression_interval = self.inner.exempt_layers, self.inner.compression_interval
         self.stateful = self.inner.stateful
         super().__post_init__()
 

@@ -89,7 +89,7 @@ class CompressedCache(Cache):
     chunk of its chunked prefill is still prefill. With `with cache.prefill(): ...` the caller says where the
     prefill is: every forward inside a block is compressed, and forwards outside the blocks, after one, are
     appended uncompressed (kvsqueeze's question-agnostic protocol: compress the context, then append the
-    question). Decoding steps are compressed when the method sets `decode_every`.
+    question). Decoding steps are compressed when the method sets `compression_interval`.
 
     Building the cache does not switch the model for good: `kvsqueeze.runtime.routing.attach` routes the model's
     attention through kvsqueeze only during forwards that use a `CompressedCache`.
@@ -140,7 +140,7 @@ class CompressedCache(Cache):
     @contextlib.contextmanager
     def prefill(self):
         """Compress every forward run inside the block (a context prefilled in chunks); forwards outside the
-        block, after it, are appended uncompressed (decoding steps still follow the method's `decode_every`)."""
+        block, after it, are appended uncompressed (decoding steps still follow the method's `compression_interval`)."""
         self._in_prefill_block = True
         self._prefill_open = False
         try:
@@ -200,7 +200,7 @@ class CompressedCache(Cache):
             layer.drop_outside_window()
         if method is None or not isinstance(layer, CompressedLayer) or layer_idx in method.exempt_layers:
             return
-        every = method.decode_every
+        every = method.compression_interval
         compress = self.phase == "prefill" or (every > 0 and self.decode_step % every == 0)
         if not (compress or method.stateful):
             return

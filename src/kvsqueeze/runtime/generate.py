@@ -164,12 +164,12 @@ class GenerationResult:
 
 def check_budget(method: Method | None, n_context: int) -> None:
     """Refuse an empty context, and an absolute budget that would compress nothing: one not below the context
-    when the method compresses only the prefill (with `decode_every` the cache grows to the budget while decoding,
+    when the method compresses only the prefill (with `compression_interval` the cache grows to the budget while decoding,
     so a larger budget is meaningful). Raises KVSqueezeError."""
     if n_context == 0:
         raise KVSqueezeError("the context is empty")
     if (method is not None and method.budget is not None and method.budget >= n_context
-            and not getattr(method, "decode_every", 0)):
+            and not getattr(method, "compression_interval", 0)):
         raise KVSqueezeError(f"budget of {method.budget} tokens is not smaller than the context ({n_context} tokens)")
 
 

@@ -2,7 +2,7 @@
 
 A text of `length` tokens is read by the model with its KV cache capped: the prefix is prefilled and compressed
 to the method's budget, then the last `n_scored` tokens are fed one at a time with the method compressing at
-every step (`decode_every=1`), so the cache never holds more than the budget (+1 while a token is processed).
+every step (`compression_interval=1`), so the cache never holds more than the budget (+1 while a token is processed).
 The score is the perplexity of those `n_scored` tokens, exp(mean NLL); lower is better. A ratio r caps the cache
 at int(n_prefix * (1 - r)) tokens per layer, as a prefill compression at that ratio would.
 
