@@ -20,14 +20,20 @@ KEY = ("model", "method", "params_json", "ratio", "task", "sample_id", "seed", "
 COLUMNS = ("score", "prediction", "kv_bytes", "kv_bytes_16", "full_kv_bytes", "n_context_tokens")
 
 
+def _renamed(p, rename: dict[str, str]):
+    """`p` with the keys in `rename` renamed, at every depth (a wrapper's scorer / inner method's fields too)."""
+    if isinstance(p, dict):
+        return {rename.get(k, k): _renamed(v, rename) for k, v in p.items()}
+    return p
+
+
 def rows(path: str, rename: dict[str, str]) -> dict[tuple, dict]:
     con = sqlite3.connect(path)
     con.row_factory = sqlite3.Row
     out = {}
     for r in con.execute("SELECT * FROM results"):
         r = dict(r)
-        params = json.loads(r["params_json"] or "{}")
-        params = {rename.get(k, k): v for k, v in params.items()}
+        params = _renamed(json.loads(r["params_json"] or "{}"), rename)
         r["params_json"] = json.dumps(params, sort_keys=True)
         meta = json.loads(r.get("meta_json") or "{}")
         r["kept_digest"] = meta.get("kept_digest")
