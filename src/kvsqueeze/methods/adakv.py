@@ -17,9 +17,10 @@ becomes ragged (each kv head holds B_h entries; the bytes held are sum_h B_h, th
 kvpress's AdaKVPress only masks the entries it drops.
 
 Composition: `AdaKV(scorer=SnapKV())` (the default scorer), `get_method("adakv:tova", ratio=0.5)`. Budgets,
-exempt layers and the decode-time schedule are the scorer's. Deviation: scores are compared across heads as the
-scorer gives them (attention-based scorers give per-head probability masses, as in the paper; non-attention scorers
-such as K-norm or Q-Filters give raw values, which the paper does not cover).
+exempt layers and the decode-time schedule are the wrapper's (the scorer is set to follow them). Deviation: scores
+are compared across heads as the scorer gives them (attention-based scorers give per-head probability masses, as
+in the paper; non-attention scorers such as K-norm or Q-Filters give raw values, which the paper does not cover;
+on smollm2-135m AdaKV over Q-Filters scores below Q-Filters, see the README).
 """
 
 from __future__ import annotations
@@ -74,8 +75,9 @@ class AdaKV(Method):
             from ..errors import KVSqueezeError
 
             raise KVSqueezeError(f"alpha_safeguard must be in [0, 1], got {self.alpha_safeguard}")
-        # the budget fields are the wrapper's (what the user asked); the scorer follows them
+        # the budget and schedule fields are the wrapper's (what the user asked); the scorer follows them
         self.scorer.ratio, self.scorer.budget = self.ratio, self.budget
+        self.scorer.exempt_layers, self.scorer.compression_interval = self.exempt_layers, self.compression_interval
 
     @property
     def stateful(self):
