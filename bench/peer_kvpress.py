@@ -42,8 +42,11 @@ them: the tensors keep every token, so their rows count every token (factor 1.0,
 and `meta_json` carries `masked: true`, the number of masked entries and `kv_bytes_16_unmasked` (what a
 kernel that skipped the masked entries would need to hold). `--quant quanto-4` (or hqq) adds transformers'
 QuantizedCache under each press, where its backend is installed. NOT validated: with optimum-quanto 0.2.7 on
-CPU a tiny-model run did not finish in 200 s (likely its extension build), hqq is not installed; byte counts of
-quantized layers are not checked.
+CPU the first quantized forward JIT-builds quanto's C++ extension (torch.utils.cpp_extension, g++ with torch's
+headers, in site-packages/optimum/quanto/library/extensions/cpp/build). An interrupted build leaves a `lock` file
+there, and every later run waits on it forever (`baton.wait()`: the earlier "hang"); with the stale lock removed,
+the build had not finished after 4 minutes on the loaded 2-core CPU. Build it once, alone, before a run (and
+delete a stale `lock`). hqq is not installed; byte counts of quantized layers are not checked.
 
 Resumable: keys already in the store are skipped; each row is committed as it is computed.
 """
