@@ -3,7 +3,8 @@
     python bench/combine_stores.py OUT.sqlite IN1.sqlite IN2.sqlite [...]
 
 A sample (task, sample_id, seed) is complete in a source when it has a row for every configuration (method,
-params_json, ratio) that source holds, on any task (so a run still going counts only its finished samples). Only samples complete in every source are copied, so that
+params_json, ratio) that source holds, on any task (so a run still going counts only its finished samples).
+Only samples complete in every source are copied, so that
 tools measured on different numbers of samples (e.g. kvsqueeze's sweep and kvpress's slower per-press loop, still
 running) are compared on the same samples. OUT is written fresh (an existing file is refused). Prints, per task,
 the samples kept and the configurations per source.

@@ -37,13 +37,16 @@ Bytes. `kv_bytes` is what kvpress's DynamicCache holds after compressing the con
 pre-hook on the question's forward, before the question is appended; KVzip's own reconstruction forwards before
 it are skipped); `kv_bytes_16` is the same at 2 bytes
 per element; `full_kv_bytes(_16)` is the uncompressed cache of the same context. kvpress frees the evicted
-entries for most presses, but AdaKV and KVzip (and the other head-wise presses: CriticalAdaKV, DMS) only *mask* them: the
-tensors keep every token, so their rows count every token (factor 1.0, which is what kvpress holds in memory),
+entries for most presses, but AdaKV and KVzip (and the other head-wise presses: CriticalAdaKV, DMS) only *mask*
+them: the tensors keep every token, so their rows count every token (factor 1.0, which is what kvpress holds in memory),
 and `meta_json` carries `masked: true`, the number of masked entries and `kv_bytes_16_unmasked` (what a
 kernel that skipped the masked entries would need to hold). `--quant quanto-4` (or hqq) adds transformers'
 QuantizedCache under each press, where its backend is installed. NOT validated: with optimum-quanto 0.2.7 on
-CPU a tiny-model run did not finish in 200 s (likely its extension build), hqq is not installed; byte counts of
-quantized layers are not checked.
+CPU the first quantized forward JIT-builds quanto's C++ extension (torch.utils.cpp_extension, g++ with torch's
+headers, in site-packages/optimum/quanto/library/extensions/cpp/build). An interrupted build leaves a `lock` file
+there, and every later run waits on it forever (`baton.wait()`: the earlier "hang"); with the stale lock removed,
+the build had not finished after 4 minutes on the loaded 2-core CPU. Build it once, alone, before a run (and
+delete a stale `lock`). hqq is not installed; byte counts of quantized layers are not checked.
 
 Resumable: keys already in the store are skipped; each row is committed as it is computed.
 """
@@ -244,8 +247,8 @@ def cmd_run(a) -> None:
             n_masked = seen.get("masked") or 0
             meta.update(masked=True, masked_entries=n_masked,
                         kv_bytes_16_unmasked=None if kv16 is None else kv16 - n_masked * hd * 2 * 2,
-                        note=f"kvpress masks {label.split(':', 1)[1]}'s evicted entries (keys kept in the tensors, hidden from "
-                             "attention); kv_bytes count what is held")
+                        note=f"kvpress masks {label.split(':', 1)[1]}'s evicted entries (keys kept in the tensors, "
+                             "hidden from attention); kv_bytes count what is held")
         if quant:
             meta["quant"] = quant
         store.add({
