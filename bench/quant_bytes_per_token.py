@@ -9,14 +9,15 @@ and kv head). KIVI is also checked against its closed form (`kivi_bytes_per_toke
 
 import torch
 
-from kvsqueeze.quant import GEARLayer, KIVILayer, kivi_bytes_per_token, mikv, zipcache
+from kvsqueeze.quant import gear, kivi, kivi_bytes_per_token, mikv, zipcache
 
 
 def measure(layer, k, v, split=None) -> float:
     layer.update(k, v)
     if split is not None:  # mixed precision: a random `split` share of the tokens in high precision
-        layer.evict(torch.rand(1, 1, k.shape[2]), int(k.shape[2] * split))
-    res = layer._k_res.shape[2]
+        layer.split(torch.rand(1, 1, k.shape[2]), int(k.shape[2] * split))
+    layer.commit()
+    res = layer.store.residual_keys.shape[2]
     held = layer.kv_nbytes() - res * 2 * k.shape[-1] * k.element_size()
     return held / (layer.n_stored - res)
 
@@ -26,9 +27,9 @@ def main():
     n = 4096 + 32
     print("| scheme | d = 128 | x smaller | d = 64 | x smaller |\n|---|---|---|---|---|")
     schemes = [
-        ("KIVI-8", lambda: KIVILayer(bits=8), None), ("KIVI-4", lambda: KIVILayer(bits=4), None),
-        ("KIVI-2", lambda: KIVILayer(bits=2), None), ("GEAR-4 (r = d/32, 2% outliers)", lambda: GEARLayer(bits=4), None),
-        ("GEAR-2", lambda: GEARLayer(bits=2), None), ("MiKV-8-2, 25% at 8 bits", mikv(8, 2), 0.25),
+        ("KIVI-8", kivi(bits=8), None), ("KIVI-4", kivi(bits=4), None),
+        ("KIVI-2", kivi(bits=2), None), ("GEAR-4 (r = d/32, 2% outliers)", gear(bits=4), None),
+        ("GEAR-2", gear(bits=2), None), ("MiKV-8-2, 25% at 8 bits", mikv(8, 2), 0.25),
         ("MiKV-16-2, 25% in fp16", mikv(16, 2), 0.25), ("ZipCache-4-2, 50% at 4 bits", zipcache(4, 2), 0.5),
     ]
     data = {d: (torch.randn(1, 1, n, d).half(), torch.randn(1, 1, n, d).half()) for d in (128, 64)}

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
-from kvsqueeze.quant.kivi import KIVILayer  # noqa: E402
+from kvsqueeze.quant import kivi  # noqa: E402
 from kvsqueeze.kernels.kivi_decode import gqa_decode_sdpa, kivi_decode_attention  # noqa: E402
 
 
@@ -118,18 +118,20 @@ def check(device, shapes=CHECK_SHAPES) -> list[dict]:
     gen = torch.Generator(device=device).manual_seed(1)
     for b, hq, hk, d, n, bits in shapes:
         k, v = rand_kv(b, hk, n, d, device, gen)
-        layer = KIVILayer(bits=bits)
+        layer = kivi(bits=bits)()
         layer.append(k, v)
+        layer.commit()
+        st = layer.store
         q = torch.randn(b, hq, 1, d, device=device, generator=gen).half()
-        store = layer._stores[0] if layer._stores else None
+        store = st.blocks[0] if st.blocks else None
         kf, vf = layer.keys.float(), layer.values.float()  # dequantized storage + residual
         g = hq // hk
         ref = torch.softmax((q.float() @ kf.repeat_interleave(g, 1).transpose(-1, -2)) * d**-0.5, -1) @ \
             vf.repeat_interleave(g, 1)
-        out = kivi_decode_attention(q, store, layer._k_res, layer._v_res)
+        out = kivi_decode_attention(q, store, st.residual_keys, st.residual_values)
         sync()
         err = float((out.float() - ref).norm() / ref.norm())
-        rows.append(dict(shape=f"b{b} hq{hq} hk{hk} d{d} n{n} {bits}-bit", quantized=layer.n_compressed,
+        rows.append(dict(shape=f"b{b} hq{hq} hk{hk} d{d} n{n} {bits}-bit", quantized=st.n_compressed,
                          rel_err=err, nan=bool(out.isnan().any())))
     return rows
 
@@ -260,18 +262,20 @@ def main(argv=None):
             for bits in args.bits:
                 layers = []
                 for k, v in kv:
-                    lay = KIVILayer(bits=bits)
+                    lay = kivi(bits=bits)()
                     lay.append(k, v)
+                    lay.commit()
                     layers.append(lay)
                 held = sum(lay.kv_nbytes() for lay in layers)
                 # the reference path as the model runs it: dequantize + cat + sdpa (without appending)
                 trow(f"KIVI-{bits} ref (dequant + sdpa)", lambda: [F.scaled_dot_product_attention(
-                    q, lay._materialize(0), lay._materialize(1), scale=scale, enable_gqa=True) for lay in layers],
+                    q, lay.store._materialize(0), lay.store._materialize(1), scale=scale, enable_gqa=True)
+                    for lay in layers],
                     args.reps, held)
                 if not kernel_ok:
                     print("  (Triton variants skipped: the kernel check failed)")
                 else:
-                    trow(f"KIVI-{bits} triton (fused)", lambda: [lay.fused_decode_attention(q, scale) for lay in layers],
+                    trow(f"KIVI-{bits} triton (fused)", lambda: [lay.store.fused_decode_attention(q, scale) for lay in layers],
                          args.reps, held)
                 if kernel_ok and args.sweep and B == args.batch[0] and N == args.context[0]:
                     for fold in (False, True):
@@ -280,7 +284,8 @@ def main(argv=None):
                                                 (64, 4, 4, 4), (128, 4, 4, 4)):
                             def fused(bn=bn, nw=nw, pps=pps, ns=ns, fold=fold):
                                 for lay in layers:
-                                    kivi_decode_attention(q, lay._stores[0], lay._k_res, lay._v_res, scale,
+                                    st = lay.store
+                                    kivi_decode_attention(q, st.blocks[0], st.residual_keys, st.residual_values, scale,
                                                           block_n=bn, num_warps=nw, programs_per_sm=pps,
                                                           num_stages=ns, fold=fold)
                             trow(f"KIVI-{bits} triton {'fold' if fold else 'bcast'} bn{bn} w{nw} p{pps} s{ns or '-'}",
@@ -290,7 +295,8 @@ def main(argv=None):
                 def step():
                     for lay in layers:
                         lay.append(k1, k1)
-                        lay.fused_decode_attention(q, scale)
+                        lay.commit()
+                        lay.store.fused_decode_attention(q, scale)
 
                 if kernel_ok:
                     trow(f"KIVI-{bits} step (append + fused)", step, max(args.reps, 64), held, graph=False)

@@ -35,11 +35,11 @@ def inner_bytes(t) -> tuple[int, int]:
 
 def cache_bytes(cache) -> tuple[int, int]:
     from kvsqueeze.storage import CompressedLayer
-    from kvsqueeze.quant import QuantizedLayer
+    from kvsqueeze.quant import QuantStore
 
     held = fp16 = 0
     for layer in cache.layers:
-        if isinstance(layer, QuantizedLayer):
+        if isinstance(layer, CompressedLayer) and isinstance(layer.store, QuantStore):
             tensors = list(layer.kv_tensors().values())
         elif isinstance(layer, CompressedLayer):
             tensors = [layer.keys, layer.values]
@@ -53,8 +53,8 @@ def cache_bytes(cache) -> tuple[int, int]:
 
 
 def configs(with_quanto: bool):
-    from kvsqueeze.methods import KNorm, SnapKV
-    from kvsqueeze.quant import MiKV, ZipCacheSaliency, gear, kivi, mikv, zipcache
+    from kvsqueeze.methods import KNorm, MiKV, SnapKV, ZipCacheSaliency
+    from kvsqueeze.quant import gear, kivi, mikv, zipcache
 
     out = [("full", "none", lambda: None, None)]
     for r, x in ((0.5, "2x"), (0.75, "4x"), (0.875, "8x")):

@@ -8,8 +8,8 @@ import torch
 
 import kvsqueeze as kq
 from kvsqueeze.storage import CompressedLayer
-from kvsqueeze.methods import METHODS, PyramidKV, QFilters, SnapKV
-from kvsqueeze.quant import MiKV, ZipCacheSaliency, gear, kivi, mikv, zipcache
+from kvsqueeze.methods import METHODS, MiKV, PyramidKV, QFilters, SnapKV, ZipCacheSaliency
+from kvsqueeze.quant import gear, kivi, mikv, zipcache
 from kvsqueeze.selection import AttentionPredictor, PredictorNet, Quest
 
 from conftest import kv, tiny_gemma3, tiny_llama

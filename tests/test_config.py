@@ -39,10 +39,11 @@ def test_exempt_layers_out_of_range_are_refused_naming_the_range(method, bad):
 
 @pytest.mark.parametrize("quant", ["kivi-2", "mikv-8-2", "zipcache-4-2"])
 def test_exempt_layers_are_checked_through_quantization_wrappers(quant):
+    from kvsqueeze.methods import for_storage
     from kvsqueeze.quant import parse_quant
 
     spec = parse_quant(quant)
-    m = spec.method(kq.get_method("knorm", ratio=0.5, exempt_layers=(7,)))
+    m = for_storage(kq.get_method("knorm", ratio=0.5, exempt_layers=(7,)), spec)
     with pytest.raises(kq.KVSqueezeError, match=r"exempt layers 7: layer indices must be in 0\.\.3"):
         kq.CompressedCache(tiny_llama(layers=4), m, layer_factory=spec.layer_factory)
 
@@ -347,11 +348,13 @@ def test_gemma3_sliding_layers_match_reference():
 
 @pytest.mark.parametrize("quant", ["kivi-2", "gear-4", "mikv-8-2", "zipcache-4-2"])
 def test_quantized_sliding_layers_hold_only_the_window(quant):
+    from kvsqueeze.methods import for_storage
     from kvsqueeze.quant import parse_quant
 
     spec = parse_quant(quant)
     model = _sliding("mistral", 48)
-    cache = kq.CompressedCache(model, spec.method(kq.get_method("knorm", ratio=0.5)), layer_factory=spec.layer_factory)
+    cache = kq.CompressedCache(model, for_storage(kq.get_method("knorm", ratio=0.5), spec),
+                               layer_factory=spec.layer_factory)
     ids = _chunks([200])[0]
     with torch.no_grad():
         with cache.prefill():

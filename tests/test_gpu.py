@@ -23,7 +23,7 @@ from transformers.masking_utils import AttentionMaskInterface, eager_mask
 import kvsqueeze as kq
 from kvsqueeze.runtime import calibration
 from kvsqueeze.storage import CompressedLayer
-from kvsqueeze.methods import METHODS, H2O, qfilters
+from kvsqueeze.methods import METHODS, H2O, for_storage, qfilters
 from kvsqueeze.quant import parse_quant
 from kvsqueeze.selection import AttentionPredictor, PredictorNet, Quest
 
@@ -138,6 +138,13 @@ def _method(name, model, tmp_path, monkeypatch):
     return kq.get_method(name, **({} if name == "full" else {"ratio": 0.5}), **kwargs)
 
 
+def _scheme_method(spec, q):
+    """The method run with a --quant scheme here: MiKV over H2O, ZipCache's own saliency, none for KIVI / GEAR."""
+    if spec.startswith("zipcache"):
+        return for_storage(None, q)
+    return for_storage(H2O(ratio=0.5), q) if spec.startswith("mikv") else None
+
+
 def _check_logits(outs):
     for o in outs:
         assert bool(o.isfinite().all())
@@ -212,12 +219,12 @@ def test_every_selector_on_the_device_attends_to_its_pick(kind, shape):
 def test_every_quant_scheme_on_the_device(spec, shape):
     model = _model(shape, DEVICE, DTYPE)
     q = parse_quant(spec)
-    method = q.method(H2O(ratio=0.5)) if spec.startswith(("mikv", "zipcache")) else None
+    method = _scheme_method(spec, q)
     chunks = [_ids(160), _ids(1, seed=2), _ids(1, seed=3)]
     cache = kq.CompressedCache(model, method, layer_factory=q.layer_factory)
     got, _ = _run(model, cache, chunks)
     _check_logits(got)
-    assert all(layer.n_compressed > 0 for layer in cache.layers)
+    assert all(layer.store.n_compressed > 0 for layer in cache.layers)
     _layers_on(cache, DEVICE)
     with torch.no_grad():
         full = model(torch.cat(chunks, 1).to(model.device)).logits[:, -1]
@@ -235,7 +242,7 @@ def test_every_method_selector_and_scheme_runs_in_bf16_on_cpu(tmp_path, monkeypa
         _check_logits(got)
     for spec in SCHEMES:
         q = parse_quant(spec)
-        m = q.method(H2O(ratio=0.5)) if spec.startswith(("mikv", "zipcache")) else None
+        m = _scheme_method(spec, q)
         got, _ = _run(model, kq.CompressedCache(model, m, layer_factory=q.layer_factory), chunks)
         _check_logits(got)
     torch.manual_seed(0)
@@ -253,22 +260,24 @@ def test_every_method_selector_and_scheme_runs_in_bf16_on_cpu(tmp_path, monkeypa
 @pytest.mark.skipif(DEVICE != "cuda" or not torch.cuda.is_available(), reason="the fused kernel needs CUDA")
 def test_fused_kivi_decode_kernel_holds_bf16_values_beyond_float16():
     pytest.importorskip("triton")
-    from kvsqueeze.quant.kivi import KIVILayer
+    from kvsqueeze.quant import kivi
     from kvsqueeze.kernels.kivi_decode import reference_decode_attention
 
     torch.manual_seed(0)
     k = torch.randn(1, 8, 600, 128, device="cuda")
     v = torch.randn(1, 8, 600, 128, device="cuda")
     v[..., 5] = 1e5 * (0.9 + 0.05 * torch.rand(1, 8, 600, device="cuda"))  # beyond float16, fine in bf16
-    layer = KIVILayer(bits=2)
+    layer = kivi(bits=2)()
     layer.append(k.to(DTYPE), v.to(DTYPE))
+    layer.commit()
     q = torch.randn(1, 32, 1, 128, device="cuda", dtype=DTYPE)
-    store = layer._stores[0]
-    ref = reference_decode_attention(q.float(), store, layer._k_res.float(), layer._v_res.float())
-    out = layer.fused_decode_attention(q)
+    st = layer.store
+    ref = reference_decode_attention(q.float(), st.blocks[0], st.residual_keys.float(), st.residual_values.float())
+    out = st.fused_decode_attention(q)
     assert bool(out.isfinite().all())
     assert float((out.float() - ref).norm() / ref.norm()) < 2e-2
     k[..., 3] = -1e5  # keys too: finite (a channel this large makes the logits themselves coarse in bf16)
-    layer = KIVILayer(bits=2)
+    layer = kivi(bits=2)()
     layer.append(k.to(DTYPE), v.to(DTYPE))
-    assert bool(layer.fused_decode_attention(q).isfinite().all())
+    layer.commit()
+    assert bool(layer.store.fused_decode_attention(q).isfinite().all())

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import kvsqueeze as kq
-from kvsqueeze.methods import METHODS, SnapKV
-from kvsqueeze.quant import MiKV, ZipCacheSaliency, kivi, mikv, zipcache
+from kvsqueeze.methods import METHODS, MiKV, SnapKV, ZipCacheSaliency
+from kvsqueeze.quant import kivi, mikv, zipcache
 
 from conftest import kv, tiny_llama
 

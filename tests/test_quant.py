@@ -8,13 +8,13 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from kvsqueeze import CompressedCache
 from kvsqueeze.errors import KVSqueezeError
-from kvsqueeze.methods import H2O, KNorm, SnapKV
+from kvsqueeze.methods import H2O, KNorm, MiKV, PrecisionSplit, SnapKV, ZipCacheSaliency, for_storage
 from kvsqueeze.runtime.generate import record_prefill
-from kvsqueeze.quant import (GEARLayer, KIVILayer, MiKV, MixedPrecisionLayer, ZipCacheSaliency,
-                             gear, kivi, kivi_bytes_per_token, mikv, parse_quant, zipcache)
+from kvsqueeze.quant import (MixedPrecisionStore, gear, kivi, kivi_bytes_per_token, mikv, parse_quant,
+                             zipcache)
 from kvsqueeze.quant.gear import compress_part
 from kvsqueeze.quant.packing import pack, quantize, unpack
-from kvsqueeze.quant.zipcache import probe_indices
+from kvsqueeze.methods.zipcache import probe_indices
 
 from conftest import kv
 
@@ -56,7 +56,7 @@ def test_pack_layout_is_little_endian_within_byte():
     assert int(pack(codes.transpose(-1, -2), 2, "token")[0, 0, 0, 0]) == 0b00111001  # tokens 0..3 of channel 0
 
 
-@pytest.mark.parametrize("axis,group", [("token", 32), ("channel", 32), ("channel", 64)])
+@pytest.mark.parametrize("axis,group", [("per_channel", 32), ("per_token", 32), ("per_token", 64)])
 @pytest.mark.parametrize("bits", [2, 4, 8])
 def test_quantization_error_within_half_a_step(axis, group, bits):
     torch.manual_seed(bits)
@@ -64,7 +64,7 @@ def test_quantization_error_within_half_a_step(axis, group, bits):
     q = quantize(x, bits, axis, group)
     err = (q.dequantize() - x).abs()
     # half a step of the stored scale: bf16 zero rounded down (a 2^-7 |min| share), scale rounded up (1 + 2^-7)
-    if axis == "token":  # groups: G tokens of one channel
+    if axis == "per_channel":  # groups: G tokens of one channel
         g = x.view(1, 2, 64 // group, group, 64)
         lo = g.amin(3)
         step = (g.amax(3) - lo + lo.abs() * 2**-7) * (1 + 2**-7) / (2**bits - 1)
@@ -81,33 +81,37 @@ def test_more_bits_less_error_and_per_channel_keys_beat_per_token_on_outlier_cha
     torch.manual_seed(0)
     k = torch.randn(1, 2, 128, 64)
     k[..., 5] += 40.0  # an outlier channel, as real keys have
-    errs = {b: (quantize(k, b, "token", 32).dequantize() - k).pow(2).mean() for b in (2, 4, 8)}
+    errs = {b: (quantize(k, b, "per_channel", 32).dequantize() - k).pow(2).mean() for b in (2, 4, 8)}
     assert errs[8] < errs[4] < errs[2]
-    per_token = (quantize(k, 2, "channel", 64).dequantize() - k).pow(2).mean()
+    per_token = (quantize(k, 2, "per_token", 64).dequantize() - k).pow(2).mean()
     assert errs[2] < per_token / 4  # KIVI's point: keys per channel
 
 
 # --- KIVI layer: residual window, bytes, reference attention -------------------------------------------------------
 def test_kivi_residual_window_and_groups():
-    layer = KIVILayer(bits=2, group=32, residual=32)
+    layer = kivi(bits=2, group=32, residual=32)()
     k = torch.randn(1, 2, 200, 64)
     layer.update(k, k)
-    assert layer.n_compressed == 160 and layer._k_res.shape[2] == 40  # 32 <= residual < 64
+    assert layer.store.n_compressed == 0  # update never quantizes: commit does (after the eviction)
+    layer.commit()
+    assert layer.store.n_compressed == 160 and layer.store.residual_keys.shape[2] == 40  # 32 <= residual < 64
     for step in range(24):  # decode: the next flush happens when 32 more tokens fell out of the window
         layer.update(torch.randn(1, 2, 1, 64), torch.randn(1, 2, 1, 64))
-        assert 32 <= layer._k_res.shape[2] < 64
-        assert layer.n_compressed % 32 == 0
-    assert layer.n_compressed == 192 and layer.n_stored == 224
+        layer.commit()
+        assert 32 <= layer.store.residual_keys.shape[2] < 64
+        assert layer.store.n_compressed % 32 == 0
+    assert layer.store.n_compressed == 192 and layer.n_stored == 224
     assert layer.positions[0, 0].tolist() == list(range(224))
 
 
 def test_kivi_bytes_held_equal_formula_and_tensor_sizes():
     b, h, d, n = 1, 2, 64, 1000
     for bits in (2, 4):
-        layer = KIVILayer(bits=bits)
+        layer = kivi(bits=bits)()
         layer.update(torch.randn(b, h, n, d), torch.randn(b, h, n, d))
-        nq, nr = layer.n_compressed, layer._k_res.shape[2]
-        store = layer._stores[0]
+        layer.commit()
+        nq, nr = layer.store.n_compressed, layer.store.residual_keys.shape[2]
+        store = layer.store.blocks[0]
         assert _nbytes(store.k.codes) == b * h * nq * d * bits // 8  # really packed (along tokens)
         assert store.k.codes.shape == (b, h, nq * bits // 8, d) and store.v.codes.shape == store.k.codes.shape
         expected = b * h * nq * kivi_bytes_per_token(d, bits) + 2 * b * h * nr * d * 4
@@ -183,8 +187,8 @@ def test_eviction_picks_in_full_precision_then_quantizes_once(tiny):
     both = _prefill(tiny, ids, KNorm(ratio=0.5), kivi(4, residual=0))
     for lp, lq in zip(plain.layers, both.layers):
         assert torch.equal(lp.positions, lq.positions)  # the same tokens were kept
-        assert lq.n_compressed == 128  # 150 kept: four groups of 32 quantized, 22 in full precision
-        expect = quantize(lp.keys[:, :, :128], 4, "token", 32).dequantize()  # quantized once, from full precision
+        assert lq.store.n_compressed == 128  # 150 kept: four groups of 32 quantized, 22 in full precision
+        expect = quantize(lp.keys[:, :, :128], 4, "per_channel", 32).dequantize()  # quantized once, from full precision
         assert torch.allclose(lq.keys[:, :, :128], expect, atol=1e-6)
         assert torch.equal(lq.keys[:, :, 128:], lp.keys[:, :, 128:])
         assert lq.n_evicted == lp.n_evicted == 150
@@ -212,12 +216,14 @@ def test_decode_time_eviction_keeps_storage_consistent(tiny):
     for layer in cache.layers:
         assert layer.n_stored == 100 and layer.keys.shape[2] == 100
         assert layer.state["h2o_acc"].shape[-1] == 100
-        assert layer.n_compressed + layer._k_res.shape[2] == 100
+        assert layer.store.n_compressed + layer.store.residual_keys.shape[2] == 100
 
 
 def test_batch_reorder_applies_to_packed_storage():
-    layer = KIVILayer(bits=4)
+    layer = kivi(bits=4)()
     layer.update(torch.randn(3, 2, 100, 64), torch.randn(3, 2, 100, 64))
+    layer.commit()
+    assert layer.store.n_compressed == 64
     before = layer.keys.clone()
     layer.batch_select_indices(torch.tensor([2, 0]))
     assert torch.equal(layer.keys, before[[2, 0]])
@@ -229,13 +235,13 @@ def test_mikv_keeps_evicted_tokens_in_low_precision(tiny):
     cache = _prefill(tiny, ids, MiKV(inner=H2O(ratio=0.75)), mikv(8, 2))
     evict = _prefill(tiny, ids, H2O(ratio=0.75), None)
     for layer, ev in zip(cache.layers, evict.layers):
-        assert isinstance(layer, MixedPrecisionLayer) and layer._balanced_by_queries
+        assert isinstance(layer.store, MixedPrecisionStore) and layer.store.balanced_by_queries
         assert layer.n_stored == 300 and layer.n_evicted == 0  # nothing dropped
         n_keep = ev.n_stored  # 75 tokens: the 32 most recent stay full precision, 43 at 8 bits
-        assert [s.bits for s in layer._stores] == [2, 8]
-        assert layer._stores[1].n == n_keep - 32 and layer.n_low == 300 - n_keep
+        assert [s.bits for s in layer.store.blocks] == [2, 8]
+        assert layer.store.blocks[1].n == n_keep - 32 and layer.store.n_low == 300 - n_keep
         # the high-precision slots are exactly the tokens the policy would have kept
-        hi = set(layer.positions[0, 0, layer.n_low:].tolist())
+        hi = set(layer.positions[0, 0, layer.store.n_low:].tolist())
         assert hi == set(ev.positions[0, 0].tolist())
     with torch.no_grad():  # keeping the rest at 2 bits beats dropping it
         nxt = torch.randint(0, 128, (1, 20))
@@ -253,7 +259,7 @@ def test_mikv_balancer_is_sqrt_of_query_over_key_channel_max(tiny):
     q = rec.queries[1].abs().amax(2).view(1, 2, 2, 64).amax(2)  # per kv head: max over its GQA group
     kmax = rec.cache.layers[1].keys.abs().amax(2)
     beta = (q / kmax).sqrt()
-    assert torch.allclose(layer._ks[:, :, 0].float(), beta, rtol=2e-3)
+    assert torch.allclose(layer.store.key_scale[:, :, 0].float(), beta, rtol=2e-3)
 
 
 # --- ZipCache --------------------------------------------------------------------------------------------------------
@@ -286,9 +292,9 @@ def test_zipcache_two_precisions_and_channel_separable_scales(tiny):
     ids = torch.randint(0, 128, (1, 300))
     cache = _prefill(tiny, ids, ZipCacheSaliency(ratio=0.5), zipcache(4, 2))
     layer = cache.layers[0]
-    assert [s.bits for s in layer._stores] == [2, 4] and layer.n_low == 150
-    assert layer._ks.shape == (1, 2, 1, 64) and layer._vs.shape == (1, 2, 1, 64)
-    assert layer._stores[0].k.scale.shape == (1, 2, 150, 1)  # token-wise: one scale per token
+    assert [s.bits for s in layer.store.blocks] == [2, 4] and layer.store.n_low == 150
+    assert layer.store.key_scale.shape == (1, 2, 1, 64) and layer.store.value_scale.shape == (1, 2, 1, 64)
+    assert layer.store.blocks[0].k.scale.shape == (1, 2, 150, 1)  # token-wise: one scale per token
     all_hi = _prefill(tiny, ids, ZipCacheSaliency(ratio=0.0), zipcache(4, 2)).stats().kv_bytes
     all_lo = _prefill(tiny, ids, ZipCacheSaliency(ratio=0.99), zipcache(4, 2)).stats().kv_bytes
     assert all_lo < cache.stats().kv_bytes < all_hi
@@ -300,12 +306,12 @@ def test_gear_parts_reduce_error_and_bytes_match_formula():
     x = torch.randn(1, 2, 128, 64)
     x[..., 3] *= 6
     x[0, 0, 7, 9] = 40.0  # a single outlier entry
-    for bits, axis in ((2, "token"), (2, "channel"), (4, "token")):
+    for bits, axis in ((2, "per_channel"), (2, "per_token"), (4, "per_channel")):
         plain = (quantize(x, bits, axis, 32).dequantize() - x).pow(2).mean()
         p = compress_part(x, bits, axis, 32, rank=2, outlier_ratio=0.02)
         err = (p.decode(torch.float32) - x).pow(2).mean()
         assert err < 0.8 * plain
-    p = compress_part(x, 2, "channel", 32, rank=2, outlier_ratio=0.02)
+    p = compress_part(x, 2, "per_token", 32, rank=2, outlier_ratio=0.02)
     assert p.out_idx.shape == (1, 2, 128, 1) and p.out_idx.dtype == torch.uint8  # round(0.02 * 64) = 1 per row
     assert p.decode(torch.float32)[0, 0, 7, 9] == 40.0  # kept exactly (in x's dtype)
     expected = (2 * 128 * 64 * 2 // 8 + 2 * 128 * 2 * 2 * 2  # codes + per-token scale/zero (2 groups of 32), bf16
@@ -315,23 +321,32 @@ def test_gear_parts_reduce_error_and_bytes_match_formula():
 
 
 def test_gear_layer_streams_blocks():
-    layer = GEARLayer(bits=4)
+    layer = gear(bits=4)()
     layer.update(torch.randn(1, 2, 100, 64), torch.randn(1, 2, 100, 64))
+    layer.commit()
     for _ in range(40):
         layer.update(torch.randn(1, 2, 1, 64), torch.randn(1, 2, 1, 64))
+        layer.commit()
     # prefill: 64 compressed + 36 residual; the residual reaches 64 after 28 steps: one 32-token block more
-    assert [s.n for s in layer._stores] == [64, 32] and layer._k_res.shape[2] == 44 and layer.n_stored == 140
+    assert [s.n for s in layer.store.blocks] == [64, 32] and layer.store.residual_keys.shape[2] == 44
+    assert layer.n_stored == 140
 
 
 # --- CLI spec ----------------------------------------------------------------------------------------------------------
 def test_parse_quant():
     assert parse_quant("none") is None
     spec = parse_quant("kivi-2")
-    assert spec.layer_factory().bits == 2 and spec.method(SnapKV(ratio=0.5)).name == "snapkv"
-    m = parse_quant("mikv-8-2").method(SnapKV(ratio=0.75))
+    assert spec.layer_factory().store.bits == 2 and for_storage(SnapKV(ratio=0.5), spec).name == "snapkv"
+    m = for_storage(SnapKV(ratio=0.75), parse_quant("mikv-8-2"))
     assert isinstance(m, MiKV) and m.ratio == 0.75 and m.inner.name == "snapkv"
     z = parse_quant("zipcache-4-2")
-    assert isinstance(z.method(SnapKV(ratio=0.6)), ZipCacheSaliency) and z.layer_factory().lo_bits == 2
+    assert z.layer_factory().store.lo_bits == 2
+    # a method given is composed with ZipCache's storage, never replaced by ZipCache's saliency
+    composed = for_storage(SnapKV(ratio=0.6), z)
+    assert isinstance(composed, PrecisionSplit) and composed.inner.name == "snapkv" and composed.ratio == 0.6
+    assert "snapkv" in composed.describe() and "zipcache-4-2" in composed.describe()
+    assert isinstance(for_storage(None, z), ZipCacheSaliency)  # no method: ZipCache's own rule
+    assert isinstance(for_storage(ZipCacheSaliency(ratio=0.3), z), ZipCacheSaliency)
     for bad in ("kivi-3", "foo-2", "mikv-8", "kivi-x"):
         with pytest.raises(KVSqueezeError):
             parse_quant(bad)
@@ -339,7 +354,7 @@ def test_parse_quant():
 
 def test_residual_must_be_a_multiple_of_the_group():
     with pytest.raises(ValueError):
-        KIVILayer(bits=2, group=32, residual=48)
+        kivi(bits=2, group=32, residual=48)
 
 
 def test_bytes_per_token_formula_at_8b_shape():

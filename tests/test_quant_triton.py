@@ -6,7 +6,7 @@ import torch
 triton = pytest.importorskip("triton")
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="the fused kernel needs a CUDA GPU")
 
-from kvsqueeze.quant.kivi import KIVILayer  # noqa: E402
+from kvsqueeze.quant import kivi  # noqa: E402
 from kvsqueeze.kernels.kivi_decode import kivi_decode_attention, reference_decode_attention  # noqa: E402
 
 
@@ -16,15 +16,17 @@ from kvsqueeze.kernels.kivi_decode import kivi_decode_attention, reference_decod
 ])
 def test_fused_kernel_matches_reference(b, hq, hk, d, n, bits, group):
     torch.manual_seed(n)
-    layer = KIVILayer(bits=bits, group=group, residual=group)
+    layer = kivi(bits=bits, group=group, residual=group)()
     k = torch.randn(b, hk, n, d, device="cuda")
     k[..., :4] *= 8
     layer.append(k.half(), torch.randn(b, hk, n, d, device="cuda").half())
+    layer.commit()
+    st = layer.store
     q = torch.randn(b, hq, 1, d, device="cuda").half()
-    store = layer._stores[0] if layer._stores else None
-    ref = reference_decode_attention(q.float(), store, layer._k_res.float(), layer._v_res.float())
+    store = st.blocks[0] if st.blocks else None
+    ref = reference_decode_attention(q.float(), store, st.residual_keys.float(), st.residual_values.float())
     for splits, fold in ((None, False), (1, False), (5, False), (None, True), (5, True)):
-        out = layer.fused_decode_attention(q) if splits is None and not fold else kivi_decode_attention(
-            q, store, layer._k_res, layer._v_res, n_splits=splits, fold=fold)
+        out = st.fused_decode_attention(q) if splits is None and not fold else kivi_decode_attention(
+            q, store, st.residual_keys, st.residual_values, n_splits=splits, fold=fold)
         assert not out.isnan().any()
         assert float((out.float() - ref).norm() / ref.norm()) < 5e-3

@@ -65,20 +65,36 @@ def main():
 def methods():
     """List every compression method (--method), quantized storage scheme (--quant) and decode-time selector
     (--select), one line each: name, option, class and summary."""
-    from ..methods import METHODS
+    from ..methods import METHODS, PrecisionSplit, for_storage
     from ..quant import SCHEMES, parse_quant
     from ..selection import SELECTORS
 
     rows = [(name, "--method", f"{cls.__name__}: {cls.summary}") for name, cls in METHODS.items()]
     for name, text in SCHEMES.items():
-        scorer = parse_quant(name).method(None)  # the method a scheme runs in place of none given (MiKV, ZipCache)
+        qspec = parse_quant(name)
+        scorer = for_storage(None, qspec)  # the method a scheme runs when none is given (MiKV, ZipCache)
         if scorer is not None:
-            text += f" (method: {type(scorer).__name__})"
+            text += f" (method: {type(scorer).__name__}"
+            if qspec.importance == "zipcache":  # a --method given is composed, never replaced
+                text += f"; with --method M: {PrecisionSplit.__name__}, M's scores pick the high-precision tokens"
+            text += ")"
         rows.append((name, "--quant", text))
     rows += [(name, "--select", f"{cls.__name__}: {cls.summary}") for name, cls in SELECTORS.items()]
     width = max(len(r[0]) for r in rows)
     for name, option, text in rows:
         click.echo(f"{name:<{width}}  {option:<8}  {text}")
+
+
+def _method_defaulted(config) -> bool:
+    """Whether `--method` was left at its default (neither on the command line nor in the --config file)."""
+    ctx = click.get_current_context()
+    if ctx.get_parameter_source("method") != click.core.ParameterSource.DEFAULT:
+        return False
+    if config is not None:
+        from ..evaluation.recommend import read_config
+
+        return "method" not in read_config(config)
+    return True
 
 
 @main.command()
@@ -100,7 +116,8 @@ def models():
 @click.option("--query-aware", is_flag=True, help="Compress context and question together (default: question-agnostic).")
 @click.option("--quant", default="none", show_default=True,
               help="Store the kept tokens quantized: kivi-2, kivi-4, gear-4, mikv-8-2 (the method's evicted tokens "
-                   "at 2 bits), zipcache-4-2; with --method full, quantization only.")
+                   "at 2 bits), zipcache-4-2 (the --method's top tokens at 4 bits, the rest at 2; without --method, "
+                   "ZipCache's saliency picks them); with --method full, quantization only.")
 @click.option("--select", "select", type=click.Choice(["none", "quest", "attention_predictor"]), default="none",
               show_default=True, help="Decode-time selection: each decoding step attends only to --select-budget of "
               "the stored tokens (AttentionPredictor needs `kvsqueeze train-predictor` first).")
@@ -132,7 +149,12 @@ def generate(model, method, ratio, budget, exempt_layers, compression_interval, 
 
     qspec = parse_quant(quant)
     if qspec is not None:
-        m = qspec.method(m)
+        from ..methods import for_storage
+
+        if qspec.importance == "zipcache" and _method_defaulted(config):
+            # no --method given: ZipCache's own saliency picks the high-precision tokens (with the budget asked)
+            m = build_method("zipcache", ratio, budget, exempt_layers, compression_interval)
+        m = for_storage(m, qspec)
     dev = resolve_device(device)
     mdl, tok = load_model(model, dtype=resolve_dtype(dtype, dev), device=str(dev))
     selector = None

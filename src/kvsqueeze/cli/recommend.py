@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import json
+
+from ..errors import KVSqueezeError
 from ..evaluation.recommend import (  # the logic; this module is the command
     DEFAULT_METHODS, DEFAULT_QUANTS, DEFAULT_RATIOS, DEFAULT_TASKS, _mine, calibrate, candidates, config_dict, describe, factor_bound, generate_line, line, meets, parse_bytes, parse_target, pick, safe_name,
 )

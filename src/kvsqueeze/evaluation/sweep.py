@@ -43,7 +43,7 @@ import torch
 from ..runtime.cache import CompressedCache
 from ..runtime.calibration import prepare
 from ..errors import KVSqueezeError
-from ..methods import Method, get_method
+from ..methods import Method, for_storage, get_method
 from ..runtime.generate import (_eos_ids, answer_tokens, check_budget, decode_step, generate_answer, prefill,
                                 record_prefill, split_prompt)
 from ..tasks.base import Sample, score
@@ -85,7 +85,8 @@ def is_prefill_only(m: Method) -> bool:
 class Pair:
     """One configuration of a grid: (method, ratio), optionally with quantized storage and a decode-time selector.
 
-    `method` is what the cache runs (for MiKV / ZipCache storage, the method the scheme wraps it in); `base` the
+    `method` is what the cache runs (for MiKV / ZipCache storage, the method composed with the scheme by
+    `kvsqueeze.methods.for_storage`); `base` the
     method as given (the capped-perplexity task caps it before wrapping). The key of a row is (`name`,
     `params_json`, `ratio`): `params_json` holds the quant scheme, selector and budget only when they are set, so
     plain configurations keep the keys they always had."""
@@ -95,7 +96,7 @@ class Pair:
     params_json: str
     query_aware: bool = False
     quant: str | None = None  # --quant scheme name (None: full-precision storage)
-    qspec: object = None  # its QuantSpec (layer_factory, wrap)
+    qspec: object = None  # its QuantSpec (layer_factory, importance rule)
     select: str | None = None  # decode-time selector name (None: dense)
     select_budget: int | None = None
     selector: object = None  # the Selector instance (reset before each cache it serves)
@@ -118,8 +119,9 @@ class Pair:
         return self.qspec is not None or self.selector is not None
 
     def run_method(self, m: Method) -> Method:
-        """`m` as the cache runs it with this pair's storage (wrapped by MiKV / ZipCache schemes)."""
-        return self.qspec.method(m) if self.qspec is not None else m
+        """`m` as the cache runs it with this pair's storage (`kvsqueeze.methods.for_storage`: MiKV wraps it;
+        ZipCache storage takes its scores for the high-precision tokens)."""
+        return for_storage(m, self.qspec)
 
     def label(self) -> str:
         out = self.method.describe()
@@ -148,7 +150,7 @@ def make_pairs(methods: list[Method | str], ratios: list[float], query_aware: bo
     """The grid methods x ratios x quants x selects. `full` runs once (ratio 0); a method with a `budget` runs
     once (ratio -1). `quants`: --quant scheme names ("none" / None: full precision); `selects`: (selector name,
     budget) pairs (("none", _) or None: dense attention). A configuration that comes out identical to an earlier
-    one (e.g. ZipCache storage, which replaces the method's scores, over two methods) runs once."""
+    one runs once."""
     from ..quant import parse_quant
 
     qspecs = [parse_quant(q) for q in (quants or [None])]
@@ -167,8 +169,8 @@ def make_pairs(methods: list[Method | str], ratios: list[float], query_aware: bo
                 m = dataclasses.replace(m, ratio=0.0, budget=None)
             key_ratio = 0.0 if m.name == "full" else (-1.0 if m.budget is not None else float(r))
             for qs in qspecs:
-                run = qs.method(m) if qs is not None else m
-                # the method column: the given method, unless the scheme replaced it (ZipCache's saliency)
+                run = for_storage(m, qs)
+                # the method column: the given method, unless the scheme runs its own rule (ZipCache over `full`)
                 name = m.name if (run is m or getattr(run, "inner", None) is m) else run.name
                 for sel, budget in sels:
                     params = method_params(run)

@@ -10,15 +10,18 @@ from .base import Method, ScoreInputs
 from .full import Full
 from .h2o import H2O
 from .knorm import KNorm
+from .mikv import MiKV, PrecisionSplit
 from .pyramidkv import PyramidKV
 from .qfilters import QFilters
 from .random import Random
 from .snapkv import SnapKV
 from .streaming_llm import StreamingLLM
 from .tova import TOVA
+from .zipcache import ZipCacheSaliency
 
 METHODS: dict[str, type[Method]] = {
-    m.name: m for m in (Full, StreamingLLM, H2O, SnapKV, PyramidKV, TOVA, KNorm, Random, QFilters, AdaKV)
+    m.name: m for m in (Full, StreamingLLM, H2O, SnapKV, PyramidKV, TOVA, KNorm, Random, QFilters, AdaKV, MiKV,
+                        ZipCacheSaliency)
 }
 
 
@@ -39,9 +42,39 @@ def get_method(name: str, **kwargs) -> Method:
     return cls(**kwargs)
 
 
+def for_storage(method: Method | None, qspec) -> Method | None:
+    """The method a cache runs when `method` is composed with the quantized storage `qspec` (a
+    `kvsqueeze.quant.QuantSpec`, or None: full precision). Never silently replaces what was asked:
+
+    - no scheme, KIVI, GEAR: `method` itself (the scheme only changes how the kept tokens are held);
+    - MiKV (`mikv-<hi>-<lo>`): `MiKV(inner=method)`: its scores pick the high-precision tokens (`MiKV()`, H2O's
+      rule as in the paper, when `method` is None);
+    - ZipCache (`zipcache-<hi>-<lo>`): with `method` None, `zipcache`, or `full` (which splits nothing), ZipCache's
+      own saliency (`ZipCacheSaliency`, ratio 0.5 when none is given); with any other method,
+      `PrecisionSplit(inner=method)`: that method's scores pick the high-precision tokens, and `describe()` says so.
+    """
+    kind = getattr(qspec, "importance", None)
+    if kind is None:
+        return method
+    if kind == "mikv":
+        if isinstance(method, MiKV):
+            return method
+        return MiKV(inner=method) if method is not None else MiKV()
+    if kind == "zipcache":
+        if method is None:
+            return ZipCacheSaliency(ratio=0.5)
+        if isinstance(method, (ZipCacheSaliency, PrecisionSplit)):
+            return method
+        if method.name == "full":  # keeps every token at high precision whatever scores it (as before)
+            return ZipCacheSaliency(ratio=method.ratio, budget=method.budget, exempt_layers=method.exempt_layers)
+        return PrecisionSplit(inner=method, scheme=qspec.name)
+    raise KVSqueezeError(f"unknown importance rule {kind!r} of storage {getattr(qspec, 'name', qspec)!r}")
+
+
 def wrappers() -> list[str]:
     """Names of the methods that wrap a scorer (`name:scorer`)."""
     return [n for n, c in METHODS.items() if "scorer" in {f.name for f in fields(c)}]
 
 
-__all__ = ["METHODS", "Method", "ScoreInputs", "get_method", *[c.__name__ for c in METHODS.values()]]
+__all__ = ["METHODS", "Method", "PrecisionSplit", "ScoreInputs", "for_storage", "get_method",
+           *[c.__name__ for c in METHODS.values()]]

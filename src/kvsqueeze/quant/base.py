@@ -1,29 +1,33 @@
-"""`QuantizedLayer`: a `CompressedLayer` whose kept slots are stored compressed (fewer bits), not only fewer.
+"""`QuantStore`: the `KVStore` (storage/stores.py protocol) of quantized keys and values, base of every scheme here.
 
-Slots keep the core's meaning (positions, valid, method state are slot-aligned and unchanged); only how keys and
-values are held differs:
+A layer with quantized storage is a plain `CompressedLayer` whose `store` is a `QuantStore`: slots keep the core's
+meaning (positions, valid, method state live in the layer's slot table); only how keys and values are held differs:
 
-    slots [0, n_c)   compressed stores, in slot order (`self._stores`: packed codes + scales/zeros + extras)
-    slots [n_c, n)   a full-precision residual of the most recent tokens (`self._k_res`, `self._v_res`)
+    slots [0, n_c)   quantized blocks, in slot order (`_stores`: packed codes + scales/zeros + extras)
+    slots [n_c, n)   a full-precision residual of the most recent tokens (`_k_res`, `_v_res`)
 
-`commit()` moves the oldest residual tokens into the stores in whole groups of `group` tokens, leaving between
+`commit()` moves the oldest residual tokens into blocks in whole groups of `group` tokens, leaving between
 `residual` and `residual + group - 1` tokens in full precision (KIVI's residual window R, a multiple of the group
-size G). It runs at the end of every `update`: between forwards the layer really holds only the compressed bytes.
+size G). `append` never quantizes: the runtime calls `commit()` once per layer and forward, *after* the method's
+eviction (`CompressedCache.after_attention`), so at a prefill with eviction only the kept tokens are quantized, once.
+A layer driven by hand (no cache) calls `layer.commit()` itself.
 
-Reference attention path. `update(k, v)` returns dequantize(stores) ++ residual ++ new tokens, in the model's
-dtype, to the model's own kernel (sdpa or eager, CPU or GPU): the new tokens of the current forward are attended
-to in full precision, older ones as stored. That returned pair is also the layer's *live view* for the rest of
-the forward: while the attention call holds it, `layer.keys` / `layer.values` return it (a weak reference, so it
-costs no memory after the forward), so methods score, and `evict` gathers, what attention saw (full precision
-for the tokens of this forward) instead of a second dequantization. Outside a forward, `layer.keys` dequantizes.
+The view. `view()` returns dequantize(blocks) ++ residual, (batch, kv_heads, n, head_dim) in the model's dtype:
+what the reference attention path (sdpa or eager, CPU or GPU) and scoring read. It is built once per forward and
+remembered by weak references only, so attention, scoring and eviction of that forward share one dequantization
+and nothing full-precision outlives the forward (tokens appended by the forward are seen in full precision by it,
+older ones as stored). The remembered view is dropped when the slots change (append, keep, index_batch, split).
 
-Composition with eviction: a method picks slots (`evict(scores, n_keep)`); the kept slots are gathered from the
-live view and stored compressed (`commit`). At the prefill, every token is still in full precision in the live
-view, so eviction-then-quantization quantizes exactly the kept tokens once. A later eviction (decode-time
-`compression_interval`, chunked prefill) regroups tokens that were already quantized: they are re-quantized from their
-dequantized values (a second rounding, documented deviation).
+Composition with eviction: `keep(idx)` gathers the kept slots from the view and holds them as the residual;
+`commit()` quantizes them. A later eviction (decode-time `compression_interval`, chunked prefill, a sliding window) regroups
+tokens that were already quantized: they are re-quantized from their dequantized values (a second rounding,
+documented deviation).
 
-Left-padded batches: the kept slots of each row are those it keeps alone (the core's selection), but stores are
+Head-wise budgets: quantized stores are rectangular (`ragged_heads = False`). A head keeping fewer slots than the
+widest head keeps its extra slots, hidden by the slot table's `valid` mask; their bytes are held and counted
+(`nbytes` is the rectangle of the widest head, not the sum over heads).
+
+Left-padded batches: the kept slots of each row are those it keeps alone (the core's selection), but blocks are
 cut into groups of `group` slots shared by every row, so in a padded row a group may hold padding or hidden slots
 and other real tokens than alone: schemes quantizing across tokens (KIVI's and GEAR's per-channel keys) can then
 differ from the row alone once tokens leave the residual window (known limit; per-token schemes, MiKV/ZipCache,
@@ -36,119 +40,153 @@ import weakref
 
 import torch
 
-from ..storage.layer import CompressedLayer
+from ..storage.slots import take
+from ..storage.stores import KVStore
 
 
-def nbytes(t: torch.Tensor | None) -> int:
-    return 0 if t is None else t.numel() * t.element_size()
+class QuantStore(KVStore):
+    """Base class of the quantized stores: subclasses implement `_compress(k, v) -> block` (an object with `n`,
+    `keys(dtype)`, `values(dtype)`, `tensors()`, `map(fn)` and optionally `cat(other)`).
 
+    residual: tokens kept in full precision (a multiple of `group`); group: tokens quantized together. Raises
+    ValueError for group < 1, residual < 0 or a residual that is not a multiple of the group."""
 
-class QuantizedLayer(CompressedLayer):
-    """Base class: subclasses implement `_compress(k, v) -> store` (an object with `n`, `keys(dtype)`,
-    `values(dtype)`, `tensors()`, `map(fn)` and optionally `cat(other)`)."""
-
+    ragged_heads = False
     scheme = "quantized"
 
-    def __init__(self, residual: int = 32, group: int = 32, **kwargs):
+    def __init__(self, residual: int = 32, group: int = 32):
         if group < 1 or residual < 0:
             raise ValueError("group must be >= 1 and residual >= 0")
         if residual % group:
             raise ValueError(f"the residual window ({residual}) must be a multiple of the group size ({group})")
         self.residual = residual
         self.group = group
+        self.dtype: torch.dtype | None = None
         self._stores: list = []
         self._k_res: torch.Tensor | None = None
         self._v_res: torch.Tensor | None = None
-        self._live = None
-        super().__init__(**kwargs)  # sets self.keys = self.values = None through the properties below
+        self._view: list = [None, None]  # weak references to this forward's view (keys, values)
 
-    # --- keys / values: the slots' full view (live during a forward, dequantized otherwise) ----------------------
-    def _view(self, i: int) -> torch.Tensor | None:
-        res = self._k_res if i == 0 else self._v_res
-        if res is None:
-            return None
-        if self._live is not None:
-            t = self._live[i]()
-            if t is not None and t.shape[-2] == self.n_stored:
-                return t
-        return self._materialize(i)
+    # --- shape --------------------------------------------------------------------------------------------------
+    def init(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """An empty store for tensors shaped like keys, values (batch, kv_heads, q, head_dim) in their dtype."""
+        b, h, _, d = keys.shape
+        self.dtype = keys.dtype
+        self._stores = []
+        self._k_res = keys.new_empty(b, h, 0, d)
+        self._v_res = values.new_empty(b, h, 0, values.shape[-1])
+        self._view = [None, None]
 
+    @property
+    def n_compressed(self) -> int:
+        """Slots held quantized (the rest is the full-precision residual)."""
+        return sum(s.n for s in self._stores)
+
+    @property
+    def n(self) -> int:
+        """Slots held (quantized + residual)."""
+        return self.n_compressed + (0 if self._k_res is None else self._k_res.shape[-2])
+
+    @property
+    def blocks(self) -> list:
+        """The quantized blocks, in slot order (read-only use: tests, kernels, benchmarks)."""
+        return self._stores
+
+    @property
+    def residual_keys(self) -> torch.Tensor | None:
+        """(batch, kv_heads, r, head_dim): the full-precision residual's keys (the last r slots)."""
+        return self._k_res
+
+    @property
+    def residual_values(self) -> torch.Tensor | None:
+        return self._v_res
+
+    # --- the view -----------------------------------------------------------------------------------------------
     def _materialize(self, i: int) -> torch.Tensor:
         res = self._k_res if i == 0 else self._v_res
         parts = [(s.keys if i == 0 else s.values)(res.dtype) for s in self._stores]
         return torch.cat(parts + [res], dim=-2) if parts else res
 
-    def _set(self, i: int, t: torch.Tensor | None):
-        """Assigning keys (or values) replaces every slot's keys with full-precision `t` (uncommitted until
+    def half(self, i: int) -> torch.Tensor | None:
+        """The view's keys (i=0) or values (i=1), dequantized only when this forward's view is not alive."""
+        if self._k_res is None:
+            return None
+        ref = self._view[i]
+        t = None if ref is None else ref()
+        if t is not None and t.shape[-2] == self.n:
+            return t
+        t = self._materialize(i)
+        self._view[i] = weakref.ref(t)
+        return t
+
+    def view(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.half(0), self.half(1)
+
+    def _forget_view(self) -> None:
+        self._view = [None, None]
+
+    # --- protocol -----------------------------------------------------------------------------------------------
+    def append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        if self._k_res is None:
+            self.init(keys, values)
+        self._k_res = torch.cat([self._k_res, keys], dim=-2)
+        self._v_res = torch.cat([self._v_res, values], dim=-2)
+        self._forget_view()
+
+    def keep(self, idx: torch.Tensor, held: torch.Tensor | None = None) -> None:
+        """Keep slots idx (batch, kv_heads, k) in that order (`held` is ignored: not ragged, see the module doc).
+        The kept slots become the full-precision residual, quantized by the next `commit()`."""
+        keys, values = self.view()
+        self._k_res, self._v_res = take(keys, idx), take(values, idx)
+        self._stores = []
+        self._forget_view()
+
+    def set_dense(self, which: int, t: torch.Tensor) -> None:
+        """Replace every slot's keys (which=0) or values (1) with the full-precision `t` (uncommitted until
         `commit()`); the other half is dequantized first so that it is kept."""
         if self._stores:
-            other = self._materialize(1 - i)
-            if i == 0:
+            other = self._materialize(1 - which)
+            if which == 0:
                 self._v_res = other
             else:
                 self._k_res = other
             self._stores = []
-        if i == 0:
+        if self.dtype is None:
+            self.dtype = t.dtype
+        if which == 0:
             self._k_res = t
         else:
             self._v_res = t
-        self._live = None
+        self._forget_view()
 
-    keys = property(lambda self: self._view(0), lambda self, t: self._set(0, t))
-    values = property(lambda self: self._view(1), lambda self, t: self._set(1, t))
+    def _map_extra(self, fn) -> None:
+        """Subclasses holding per-batch tensors outside the blocks apply fn to them."""
 
-    # --- what the cache and HF ask ----------------------------------------------------------------------------
-    def lazy_initialization(self, key_states, value_states):
-        self.dtype, self.device = key_states.dtype, key_states.device
-        b, h, _, d = key_states.shape
-        self._stores = []
-        self._k_res = key_states.new_empty(b, h, 0, d)
-        self._v_res = value_states.new_empty(b, h, 0, value_states.shape[-1])
-        self._live = None
-        self.positions = torch.empty(b, h, 0, dtype=torch.int32, device=self.device)
-        self.is_initialized = True
+    def _map_all(self, fn) -> None:
+        self._stores = [s.map(fn) for s in self._stores]
+        self._k_res, self._v_res = fn(self._k_res), fn(self._v_res)
+        self._map_extra(fn)
+        self._forget_view()
 
-    @property
-    def n_stored(self) -> int:
-        return 0 if self.positions is None else self.positions.shape[-1]
+    def index_batch(self, fn) -> None:
+        if self._k_res is not None:
+            self._map_all(fn)
 
-    @property
-    def n_compressed(self) -> int:
-        return sum(s.n for s in self._stores)
+    def offload(self) -> None:
+        """Move the packed blocks, scales, extras and residual to the CPU (still quantized)."""
+        if self._k_res is not None:
+            self._map_all(lambda t: t.to("cpu", non_blocking=True))
 
-    def update(self, key_states, value_states, *args, **kwargs):
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        if self._stores:
-            keys = torch.cat([self._materialize(0), key_states], dim=-2)
-            values = torch.cat([self._materialize(1), value_states], dim=-2)
-            self._k_res = torch.cat([self._k_res, key_states], dim=-2)
-            self._v_res = torch.cat([self._v_res, value_states], dim=-2)
-        else:  # everything is residual: the returned tensors are the residual (commit copies what it keeps)
-            keys = self._k_res = torch.cat([self._k_res, key_states], dim=-2)
-            values = self._v_res = torch.cat([self._v_res, value_states], dim=-2)
-        self._track_new(key_states.shape[-2])
-        self._live = (weakref.ref(keys), weakref.ref(values))
-        self.commit()
-        return keys, values
+    def prefetch(self, device) -> None:
+        if self._k_res is not None and self._k_res.device != torch.device(device):
+            self._map_all(lambda t: t.to(device, non_blocking=True))
 
-    def append(self, key_states, value_states) -> None:
-        """Store new tokens without building the full view (for a fused kernel that reads the storage itself,
-        e.g. `KIVILayer.fused_decode_attention`)."""
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        self._k_res = torch.cat([self._k_res, key_states], dim=-2)
-        self._v_res = torch.cat([self._v_res, value_states], dim=-2)
-        self._track_new(key_states.shape[-2])
-        self._live = None
-        self.commit()
-
-    # --- compression ------------------------------------------------------------------------------------------
+    # --- compression ----------------------------------------------------------------------------------------
     def _compress(self, k: torch.Tensor, v: torch.Tensor):
         raise NotImplementedError
 
     def _absorb(self, stores: list, new) -> list:
-        """Add a newly compressed block after the existing stores (concatenated when the store type allows)."""
+        """Add a newly compressed block after the existing ones (concatenated when the block type allows)."""
         if stores and hasattr(stores[-1], "cat"):
             return stores[:-1] + [stores[-1].cat(new)]
         return stores + [new]
@@ -158,7 +196,8 @@ class QuantizedLayer(CompressedLayer):
         return (extra // self.group) * self.group if extra >= self.group else 0
 
     def commit(self) -> None:
-        """Compress the oldest residual tokens in whole groups, keeping `residual`..`residual + group - 1` tokens."""
+        """Quantize the oldest residual tokens in whole groups, keeping `residual`..`residual + group - 1` tokens.
+        The view of the current forward (if alive) stays valid: it is what this forward's attention saw."""
         if self._k_res is None:
             return
         m = self._flush_count(self._k_res.shape[-2])
@@ -169,87 +208,18 @@ class QuantizedLayer(CompressedLayer):
         self._k_res = self._k_res[:, :, m:].clone()  # a clone: a view would keep the whole old tensor alive
         self._v_res = self._v_res[:, :, m:].clone()
 
-    @staticmethod
-    def _take(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        b, h, k = idx.shape
-        j = idx.view(b, h, k, *([1] * (t.dim() - 3))).expand(b, h, k, *t.shape[3:])
-        return t.gather(2, j).contiguous()
-
-    def _reorder_slots(self, idx: torch.Tensor, keys: torch.Tensor, values: torch.Tensor):
-        """Keep slots idx (b, h, k) in that order: positions, valid and state follow; the keys and values given
-        (the full view) become the full-precision residual, to be compressed by `commit`."""
-        self._k_res, self._v_res = self._take(keys, idx), self._take(values, idx)
-        self._stores = []
-        self.table.keep(idx)
-        self._live = None
-
-    def evict(self, scores: torch.Tensor, n_keep: int, row_keep: torch.Tensor | None = None):
-        """Keep the top `n_keep` slots per (batch, kv head), then store them compressed (the selection is the
-        core's `CompressedLayer._keep_index`, per-row budgets `row_keep` included)."""
-        n = self.n_stored
-        if n_keep >= n and row_keep is None:
-            return
-        n_keep = min(n_keep, n)
-        idx, visible = self._keep_index(scores, n_keep, row_keep)
-        self._reorder_slots(idx, self.keys, self.values)
-        self.table.hide(visible)
-        self.n_evicted += n - n_keep
-        self.commit()
-
-    # --- batch operations, reset ------------------------------------------------------------------------------
-    def _map_extra(self, fn) -> None:
-        """Subclasses holding per-batch tensors outside the stores apply fn to them."""
-
-    def _index_batch(self, fn):
-        if not self.is_initialized:
-            return
-        self._stores = [s.map(fn) for s in self._stores]
-        self._k_res, self._v_res, self.positions = fn(self._k_res), fn(self._v_res), fn(self.positions)
-        if self.valid is not None:
-            self.valid = fn(self.valid)
-        self.n_pad = None if self.n_pad is None else fn(self.n_pad)
-        self.row_keep = None if self.row_keep is None else fn(self.row_keep)
-        self.state = {k: fn(v) for k, v in self.state.items()}
-        self._map_extra(fn)
-        self._live = None
-
-    def reset(self):
-        self._stores = []
-        self._k_res = self._v_res = None
-        self._live = None
-        self.positions = self.valid = None
-        self.n_pad = self.row_keep = None
-        self.state = {}
-        self.n_new = self.n_evicted = 0
-        self.cumulative_length = 0
-        self.is_initialized = False
-
     # --- memory -----------------------------------------------------------------------------------------------
     def _extra_tensors(self) -> dict[str, torch.Tensor]:
-        """Tensors other than the stores and the residual that encode keys/values (e.g. channel scales)."""
+        """Tensors other than the blocks and the residual that encode keys/values (e.g. channel scales)."""
         return {}
 
-    def kv_tensors(self) -> dict[str, torch.Tensor]:
+    def tensors(self) -> dict[str, torch.Tensor]:
         """Every tensor that encodes keys and values: packed codes, scales, zeros, extras, residual."""
-        if not self.is_initialized:
+        if self._k_res is None:
             return {}
         out = {}
         for i, s in enumerate(self._stores):
             out.update({f"store{i}.{k}": t for k, t in s.tensors().items()})
         out.update(self._extra_tensors())
         out["residual.keys"], out["residual.values"] = self._k_res, self._v_res
-        return out
-
-    def kv_nbytes(self) -> int:
-        """Bytes really held for keys and values (what `CompressedCache.stats()` reports as kv_bytes)."""
-        return sum(nbytes(t) for t in self.kv_tensors().values())
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        if not self.is_initialized:
-            return {}
-        out = dict(self.kv_tensors())
-        out["positions"] = self.positions
-        if self.valid is not None:
-            out["valid"] = self.valid
-        out.update({f"state.{k}": v for k, v in self.state.items()})
         return out

@@ -22,6 +22,9 @@ low-rank pair per block); the prefill is one block. Bytes per token and kv head,
 Deviations: outliers are chosen per token row (o = max(1, round(s*d)) entries; keys by their z-score within
 their channel over the block, values within their token), so the sparse part is rectangular; power iteration
 uses a fixed-seed start and `iters` rounds with a QR re-orthonormalisation.
+
+`GEARStore` is the `KVStore` (a plain `CompressedLayer` holds it: `gear(4)` is the layer factory); `GearBlock` one
+compressed block of slots inside it.
 """
 
 from __future__ import annotations
@@ -31,9 +34,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import QuantizedLayer
+from ..storage.layer import CompressedLayer
+from .base import QuantStore
 from .kivi import channel_group
-from .packing import QTensor, quantize, to_finite
+from .packing import PER_CHANNEL, PER_TOKEN, QTensor, quantize, to_finite
 
 
 @dataclass
@@ -63,7 +67,9 @@ class GearPart:
 
 
 @dataclass
-class GearStore:
+class GearBlock:
+    """One compressed block: keys and values as GEAR parts."""
+
     k: GearPart
     v: GearPart
 
@@ -81,7 +87,7 @@ class GearStore:
         return {**{f"k.{n}": t for n, t in self.k.tensors().items()}, **{f"v.{n}": t for n, t in self.v.tensors().items()}}
 
     def map(self, fn):
-        return GearStore(self.k.map(fn), self.v.map(fn))
+        return GearBlock(self.k.map(fn), self.v.map(fn))
 
 
 def low_rank(e: torch.Tensor, rank: int, iters: int = 3, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,13 +104,13 @@ def low_rank(e: torch.Tensor, rank: int, iters: int = 3, seed: int = 0) -> tuple
 
 def compress_part(x: torch.Tensor, bits: int, axis: str, group: int, rank: int, outlier_ratio: float,
                   iters: int = 3) -> GearPart:
-    """One GEAR part of x (b, h, n, d): `bits`-bit quantization grouped along `axis` (see packing.quantize, whose
-    ValueErrors it raises), a rank-`rank` residual and max(1, round(outlier_ratio * d)) outliers per token row,
+    """One GEAR part of x (b, h, n, d): `bits`-bit quantization per channel (`axis="per_channel"`, keys) or per
+    token (`axis="per_token"`, values) (see packing.quantize, whose ValueErrors it raises), a rank-`rank` residual and max(1, round(outlier_ratio * d)) outliers per token row,
     stored in x's dtype so that they come back bit-exact."""
     xf = x.float()
     b, h, n, d = xf.shape
     o = max(1, round(outlier_ratio * d)) if outlier_ratio > 0 else 0
-    if axis == "token":  # keys: channels over the block's tokens
+    if axis == PER_CHANNEL:  # keys: channels over the block's tokens
         mean = xf.mean(dim=2, keepdim=True).expand_as(xf)
         std = xf.std(dim=2, keepdim=True).clamp_min(1e-6) if n > 1 else torch.ones_like(xf[:, :, :1])
     else:  # values: within each token
@@ -126,17 +132,17 @@ def compress_part(x: torch.Tensor, bits: int, axis: str, group: int, rank: int, 
     return GearPart(q, a.to(torch.float16), bt.to(torch.bfloat16), idx.to(idx_dtype), val.to(x.dtype))
 
 
-class GEARLayer(QuantizedLayer):
+class GEARStore(QuantStore):
     """GEAR storage: b-bit KIVI-style quantization + rank-r residual + o sparse outliers per token row."""
 
     scheme = "gear"
 
     def __init__(self, bits: int = 4, rank: int | None = None, outlier_ratio: float = 0.02, group: int = 32,
-                 residual: int = 32, value_group: int | None = None, iters: int = 3, **kwargs):
+                 residual: int = 32, value_group: int | None = None, iters: int = 3):
         self.bits, self.rank, self.outlier_ratio = bits, rank, outlier_ratio
         self.value_group = value_group or group
         self.iters = iters
-        super().__init__(residual=residual, group=group, **kwargs)
+        super().__init__(residual=residual, group=group)
 
     def _rank(self, d: int) -> int:
         return self.rank if self.rank is not None else max(1, d // 32)
@@ -144,13 +150,16 @@ class GEARLayer(QuantizedLayer):
     def _compress(self, k, v):
         d = k.shape[-1]
         r = self._rank(d)
-        return GearStore(
-            compress_part(k, self.bits, "token", self.group, r, self.outlier_ratio, self.iters),
-            compress_part(v, self.bits, "channel", channel_group(v.shape[-1], self.value_group), r,
+        return GearBlock(
+            compress_part(k, self.bits, PER_CHANNEL, self.group, r, self.outlier_ratio, self.iters),
+            compress_part(v, self.bits, PER_TOKEN, channel_group(v.shape[-1], self.value_group), r,
                           self.outlier_ratio, self.iters),
         )
 
 
 def gear(bits: int = 4, rank: int | None = None, outlier_ratio: float = 0.02, group: int = 32, residual: int = 32):
-    return functools.partial(GEARLayer, bits=bits, rank=rank, outlier_ratio=outlier_ratio, group=group,
-                             residual=residual)
+    """GEAR's layer factory: each call returns a `CompressedLayer` holding a `GEARStore`."""
+    store = functools.partial(GEARStore, bits=bits, rank=rank, outlier_ratio=outlier_ratio, group=group,
+                              residual=residual)
+    store()  # check the arguments now
+    return functools.partial(CompressedLayer, store_factory=store)

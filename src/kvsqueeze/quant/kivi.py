@@ -18,7 +18,11 @@ with 16-byte loads); scales and zero points are bfloat16 (packing.py). Bytes hel
 
 Deviations: the residual is kept identical for keys and values (KIVI keeps exactly R values in full precision
 and 0..R-1 keys), so that slots stay aligned; after an eviction the kept tokens are regrouped (see base.py).
-Attention runs over dequantized tensors (the reference path); `kernels/kivi_decode.py` has the fused GPU decode kernel.
+Attention runs over dequantized tensors (the reference path); `kernels/kivi_decode.py` has the fused GPU decode kernel
+(`KIVIStore.fused_decode_attention`).
+
+`KIVIStore` is the `KVStore` (a plain `CompressedLayer` holds it: `kivi(2)` is the layer factory); `KIVIBlock` one
+quantized run of slots inside it.
 """
 
 from __future__ import annotations
@@ -28,12 +32,15 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import QuantizedLayer
-from .packing import QTensor, quantize
+from ..storage.layer import CompressedLayer
+from .base import QuantStore
+from .packing import PER_CHANNEL, PER_TOKEN, QTensor, quantize
 
 
 @dataclass
-class KIVIStore:
+class KIVIBlock:
+    """One quantized run of slots: keys per channel, values per token, both packed along tokens."""
+
     k: QTensor  # per channel: groups of G tokens
     v: QTensor  # per token: groups of G_v channels
 
@@ -50,11 +57,11 @@ class KIVIStore:
     def tensors(self):
         return {**{f"k.{n}": t for n, t in self.k.tensors().items()}, **{f"v.{n}": t for n, t in self.v.tensors().items()}}
 
-    def cat(self, other: "KIVIStore") -> "KIVIStore":
-        return KIVIStore(self.k.cat(other.k), self.v.cat(other.v))
+    def cat(self, other: "KIVIBlock") -> "KIVIBlock":
+        return KIVIBlock(self.k.cat(other.k), self.v.cat(other.v))
 
-    def map(self, fn) -> "KIVIStore":
-        return KIVIStore(self.k.map(fn), self.v.map(fn))
+    def map(self, fn) -> "KIVIBlock":
+        return KIVIBlock(self.k.map(fn), self.v.map(fn))
 
 
 def channel_group(d: int, group: int) -> int:
@@ -62,33 +69,38 @@ def channel_group(d: int, group: int) -> int:
     return group if d % group == 0 else d
 
 
-class KIVILayer(QuantizedLayer):
-    """KIVI storage for one layer: `bits`-bit keys per channel and values per token, residual window."""
+class KIVIStore(QuantStore):
+    """KIVI storage for one layer: `bits`-bit keys per channel and values per token, residual window (see the
+    module docstring). Raises ValueError for a residual that is not a multiple of `group`."""
 
     scheme = "kivi"
 
-    def __init__(self, bits: int = 2, group: int = 32, residual: int = 32, value_group: int | None = None, **kwargs):
+    def __init__(self, bits: int = 2, group: int = 32, residual: int = 32, value_group: int | None = None):
         self.bits = bits
         self.value_group = value_group or group
-        super().__init__(residual=residual, group=group, **kwargs)
+        super().__init__(residual=residual, group=group)
 
     def _compress(self, k, v):
         gv = channel_group(v.shape[-1], self.value_group)
-        return KIVIStore(quantize(k, self.bits, "token", self.group, pack_along="token"),
-                         quantize(v, self.bits, "channel", gv, pack_along="token"))
+        return KIVIBlock(quantize(k, self.bits, PER_CHANNEL, self.group, pack_along="token"),
+                         quantize(v, self.bits, PER_TOKEN, gv, pack_along="token"))
 
     def fused_decode_attention(self, query, scale: float | None = None):
         """One decode query per sequence (B, HQ, 1, D) attending to every stored slot, dequantized inside the
-        Triton kernel (GPU): `kvsqueeze.kernels.kivi_decode.kivi_decode_attention` over this layer's packed storage."""
+        Triton kernel (GPU): `kvsqueeze.kernels.kivi_decode.kivi_decode_attention` over the packed storage."""
         from ..kernels.kivi_decode import kivi_decode_attention
 
-        store = self._stores[0] if self._stores else None
-        return kivi_decode_attention(query, store, self._k_res, self._v_res, scale)
+        block = self._stores[0] if self._stores else None
+        return kivi_decode_attention(query, block, self._k_res, self._v_res, scale)
 
 
 def kivi(bits: int = 2, group: int = 32, residual: int = 32, value_group: int | None = None):
-    """A `layer_factory` for `CompressedCache`: `CompressedCache(model, SnapKV(ratio=0.75), layer_factory=kivi(2))`."""
-    return functools.partial(KIVILayer, bits=bits, group=group, residual=residual, value_group=value_group)
+    """A `layer_factory` for `CompressedCache`: `CompressedCache(model, SnapKV(ratio=0.75), layer_factory=kivi(2))`;
+    each call returns a `CompressedLayer` holding a `KIVIStore`. Raises ValueError (at the call) for a residual
+    that is not a multiple of `group`."""
+    KIVIStore(bits, group, residual, value_group)  # check the arguments now
+    store = functools.partial(KIVIStore, bits=bits, group=group, residual=residual, value_group=value_group)
+    return functools.partial(CompressedLayer, store_factory=store)
 
 
 def kivi_bytes_per_token(d: int, bits: int, group: int = 32, value_group: int | None = None, scale_bytes: int = 2) -> float:

@@ -12,9 +12,9 @@ Quantization (KIVI's asymmetric min/max round-to-nearest, the same in MiKV, ZipC
     s = (max(X_g) - min(X_g)) / (2^b - 1),   z = min(X_g),   code = clamp(round((X - z) / s), 0, 2^b - 1)
     X_hat = code * s + z                     so  |X - X_hat| <= s / 2   inside every group g
 
-Groups are either along tokens (`axis="token"`: for each channel, `group` consecutive tokens share s and z; KIVI's
-per-channel keys) or along channels (`axis="channel"`: for each token, `group` consecutive channels share s and z;
-KIVI's per-token values). Scales and zero points are stored in bfloat16: 2 bytes each as in KIVI's reference code
+Quantization is either per channel (`axis=PER_CHANNEL`, "per_channel": for each channel, `group` consecutive
+tokens share s and z; KIVI's keys) or per token (`axis=PER_TOKEN`, "per_token": for each token, `group`
+consecutive channels share s and z; KIVI's values, MiKV, ZipCache). Scales and zero points are stored in bfloat16: 2 bytes each as in KIVI's reference code
 (float16 there), but with float32's range, so no finite input overflows them (float16 does beyond 65504, which
 fp32 and bf16 models reach). The zero point is rounded *down* (z <= min) and the scale *up* from (max - z), and the
 codes are computed from the stored s and z, so every code stays in [0, 2^b - 1] and the bound holds with the stored
@@ -30,6 +30,16 @@ from dataclasses import dataclass, replace
 import torch
 
 SUPPORTED_BITS = (1, 2, 4, 8)
+PER_CHANNEL = "per_channel"  # KIVI's key quantization: a group is `group` tokens of one channel
+PER_TOKEN = "per_token"  # KIVI's value quantization: a group is `group` channels of one token
+AXES = (PER_CHANNEL, PER_TOKEN)
+
+
+def _check_axis(axis: str) -> str:
+    if axis not in AXES:
+        raise ValueError(f"axis must be {PER_CHANNEL!r} (groups of tokens of one channel) or {PER_TOKEN!r} (groups "
+                         f"of channels of one token), got {axis!r}")
+    return axis
 
 
 def _check_bits(bits: int) -> int:
@@ -97,14 +107,15 @@ class QTensor:
     """A packed, asymmetrically quantized (batch, heads, n, d) tensor.
 
     codes: (b, h, n, d * bits / 8) uint8 packed along channels, or (b, h, n * bits / 8, d) packed along tokens;
-    scale, zero: (b, h, n // group, d) for axis="token", (b, h, n, d // group) for axis="channel".
+    scale, zero: (b, h, n // group, d) per channel (axis="per_channel"), (b, h, n, d // group) per token
+    (axis="per_token").
     """
 
     codes: torch.Tensor
     scale: torch.Tensor
     zero: torch.Tensor
     bits: int
-    axis: str  # "token" (groups of tokens, per channel) or "channel" (groups of channels, per token)
+    axis: str  # "per_channel" (groups of tokens of one channel) or "per_token" (groups of channels of one token)
     group: int
     d: int
     packed_along: str = "channel"
@@ -125,7 +136,7 @@ class QTensor:
         codes = unpack(self.codes, self.bits, self.packed_along)
         b, h, n, d = codes.shape
         f = torch.float32
-        if self.axis == "token":
+        if self.axis == PER_CHANNEL:
             g = codes.view(b, h, n // self.group, self.group, d).to(f)
             x = g * self.scale[:, :, :, None, :].to(f) + self.zero[:, :, :, None, :].to(f)
         else:
@@ -142,8 +153,8 @@ class QTensor:
         return replace(self, codes=fn(self.codes), scale=fn(self.scale), zero=fn(self.zero))
 
     def take_tokens(self, idx: torch.Tensor) -> "QTensor":
-        """Gather tokens idx (b, h, k): exact (no requantization) for per-token groups (axis="channel")."""
-        if self.axis != "channel" or self.packed_along != "channel":
+        """Gather tokens idx (b, h, k): exact (no requantization) for per-token groups (axis="per_token")."""
+        if self.axis != PER_TOKEN or self.packed_along != "channel":
             raise ValueError("only per-token quantized, channel-packed tensors can gather tokens exactly")
 
         def take(t):
@@ -153,31 +164,31 @@ class QTensor:
 
 
 def quantize(x: torch.Tensor, bits: int, axis: str, group: int, pack_along: str = "channel") -> QTensor:
-    """Quantize x (b, h, n, d) with `bits`-bit asymmetric min/max, groups of `group` along `axis` (see module doc),
-    codes packed along `pack_along` ("channel" or "token"); scales and zeros in bfloat16 (any finite x).
+    """Quantize x (b, h, n, d) with `bits`-bit asymmetric min/max, per channel (`axis="per_channel"`: groups of
+    `group` tokens) or per token (`axis="per_token"`: groups of `group` channels) (see module doc), codes packed
+    along `pack_along` ("channel" or "token"); scales and zeros in bfloat16 (any finite x).
 
-    Raises ValueError for unsupported bits, an unknown axis, or n (axis="token") / d (axis="channel") not a
-    multiple of `group`."""
+    Raises ValueError for unsupported bits, an unknown axis, or n (per channel) / d (per token) not a multiple of
+    `group`."""
     _check_bits(bits)
+    _check_axis(axis)
     b, h, n, d = x.shape
     xf = x.float()
-    if axis == "token":
+    if axis == PER_CHANNEL:
         if n % group:
             raise ValueError(f"{n} tokens is not a multiple of the token group size {group}")
         g = xf.view(b, h, n // group, group, d)
         lo, hi = g.amin(3), g.amax(3)  # (b, h, n/G, d)
-    elif axis == "channel":
+    else:
         if d % group:
             raise ValueError(f"head_dim {d} is not a multiple of the channel group size {group}")
         g = xf.view(b, h, n, d // group, group)
         lo, hi = g.amin(-1), g.amax(-1)  # (b, h, n, d/G)
-    else:
-        raise ValueError(f"axis must be 'token' or 'channel', got {axis!r}")
     qmax = (1 << bits) - 1
     zero = round_bf16(lo, up=False)  # z <= min: no code below 0
     scale = round_bf16((hi - zero.float()) / qmax, up=True)  # z + qmax * s >= max: no code above 2^b - 1
     s, z = scale.float(), zero.float()
-    if axis == "token":
+    if axis == PER_CHANNEL:
         s, z = s[:, :, :, None, :], z[:, :, :, None, :]
     else:
         s, z = s[..., None], z[..., None]

@@ -193,7 +193,15 @@ class CompressedCache(Cache):
 
     def after_attention(self, module, layer_idx: int, query: torch.Tensor, scaling: float | None,
                         memo: dict | None = None):
-        """Let the method observe this forward and, when due, evict the layer down to its budget."""
+        """Let the method observe this forward and, when due, evict the layer down to its budget (or, over a
+        mixed-precision store, split it into high and low precision); then commit the layer's store (quantized
+        stores quantize what this forward appended and kept: after the eviction, so only kept tokens, once)."""
+        self._observe_and_compress(layer_idx, query, scaling, memo)
+        layer = self.layers[layer_idx]
+        if isinstance(layer, CompressedLayer):
+            layer.commit()
+
+    def _observe_and_compress(self, layer_idx: int, query: torch.Tensor, scaling: float | None, memo: dict | None):
         method = self.method
         layer = self.layers[layer_idx]
         if isinstance(layer, CompressedLayer):
@@ -230,14 +238,17 @@ class CompressedCache(Cache):
             x.n_keep = self.budget(layer_idx)
             x.keep_per_row = layer.row_keep
             if layer.n_stored > x.n_keep or _row_over_budget(layer):
-                balance = getattr(layer, "balance_keys", None)
+                balance = getattr(layer.store, "balance_keys", None)
                 if balance is not None:  # MiKV's storage balances key channels by the queries' channel maxima
                     q = query.abs().masked_fill(~x.query_valid()[:, None, :, None], 0.0).amax(dim=2)  # (b, hq, d)
                     b, hq, d = q.shape
-                    balance(q.view(b, hq // x.group, x.group, d).amax(2), commit=False)  # the split follows
+                    balance(q.view(b, hq // x.group, x.group, d).amax(2), layer.valid)  # the split follows
                     x.keys, x.values = layer.keys, layer.values
                 scores = layer.window_scores(method.score(x))
-                layer.evict(scores, *self.budgets.counts(layer, scores, x.n_keep))
+                if hasattr(layer.store, "split"):  # mixed precision: the method's top tokens high, the rest low
+                    layer.split(scores, x.n_keep, layer.row_keep)
+                else:
+                    layer.evict(scores, *self.budgets.counts(layer, scores, x.n_keep))
 
     def compressed_copy(self, model, method, queries: dict[int, torch.Tensor], scaling: dict[int, float],
                         memo: dict | None = None, layer_factory=None):
@@ -333,18 +344,24 @@ class CompressedCache(Cache):
         kv = total = full = 0
         stored = []
         for layer in self.layers:
+            if isinstance(layer, CompressedLayer):  # read off the slot table and store: nothing dequantized
+                if not layer.is_initialized or layer.store is None:
+                    stored.append(0)
+                    continue
+                held = layer.tensors()
+                b, h = layer.positions.shape[:2]
+                itemsize = torch.empty((), dtype=layer.dtype).element_size()
+                full += 2 * b * h * layer.held_tokens() * layer.head_dim * itemsize
+                kv += layer.kv_nbytes()
+                total += sum(_nbytes(t) for t in held.values())
+                stored.append(layer.n_stored)
+                continue
             if not layer.is_initialized or layer.keys is None:
                 stored.append(0)
                 continue
-            if isinstance(layer, CompressedLayer):
-                held = layer.tensors()
-                b, h, _, d = layer.keys.shape
-                full += 2 * b * h * layer.held_tokens() * d * layer.keys.element_size()
-            else:  # a sliding window layer holds what a full DynamicCache would hold too
-                held = {"keys": layer.keys, "values": layer.values}
-                full += _nbytes(layer.keys) + _nbytes(layer.values)
-            kv_nbytes = getattr(layer, "kv_nbytes", None)  # packed storage (kvsqueeze.quant) reports its own bytes
-            kv += kv_nbytes() if kv_nbytes is not None else _nbytes(held["keys"]) + _nbytes(held["values"])
-            total += sum(_nbytes(t) for t in held.values())
+            # a chunked-attention layer (transformers' own) holds what a full DynamicCache would hold too
+            full += _nbytes(layer.keys) + _nbytes(layer.values)
+            kv += _nbytes(layer.keys) + _nbytes(layer.values)
+            total += _nbytes(layer.keys) + _nbytes(layer.values)
             stored.append(layer.keys.shape[-2])
         return CacheStats(kv, total, full, self.get_seq_length(), stored)

@@ -15,7 +15,8 @@
 
 The layer counts the tokens it has seen (`cumulative_length`); `get_seq_length()` returns that count, so RoPE
 positions of new tokens and `generate()`'s bookkeeping never shift after eviction; `get_mask_sizes()` describes
-the slots actually stored. Which slots stay is decided elsewhere (a method's scores, a budget); the layer only
+the slots actually stored. `store_factory` selects the store (`kvsqueeze.quant`'s `kivi(2)` etc. are layer
+factories passing one). Which slots stay is decided elsewhere (a method's scores, a budget); the layer only
 executes it: `evict(scores, n_keep, counts)` keeps the top slots per (row, kv head), where `counts` may give each
 row, or each (row, kv head), its own number (head-wise budgets: the store frees the memory of the slots a head
 does not keep, `DenseStore` becomes ragged). Sliding-window layers are `CompressedLayer`s with `sliding_window`
@@ -29,7 +30,7 @@ from transformers.cache_utils import DynamicLayer
 
 from ..errors import KVSqueezeError
 from .slots import SlotTable
-from .stores import DenseStore
+from .stores import DenseStore, KVStore
 
 
 class CompressedLayer(DynamicLayer):
@@ -39,10 +40,13 @@ class CompressedLayer(DynamicLayer):
     is_croppable = False
     sliding_window: int | None = None  # set (with is_sliding) for a sliding-window attention layer
 
-    def __init__(self, **kwargs):
+    def __init__(self, store_factory=None, **kwargs):
         self.table = SlotTable()
-        self.store: DenseStore | None = None
+        # () -> an empty KVStore (e.g. a quantized store of `kvsqueeze.quant`); None: full precision (`DenseStore`)
+        self.store_factory = store_factory
+        self.store: KVStore | None = None
         super().__init__()
+        self.store = self._new_store()
         self.cumulative_length = 0
         self.n_new = 0  # tokens appended by the current forward
         self.n_evicted = 0  # slots ever removed
@@ -55,16 +59,20 @@ class CompressedLayer(DynamicLayer):
     n_pad = property(lambda self: self.table.n_pad, lambda self, t: setattr(self.table, "n_pad", t))
 
     # --- the store's view -------------------------------------------------------------------------------------
+    def _new_store(self) -> KVStore | None:
+        """A fresh, empty store from `store_factory` (None for full precision: made at the first update)."""
+        return None if self.store_factory is None else self.store_factory()
+
     def _kv(self, i: int):
-        if self.store is None:
+        if self.store is None or not self.is_initialized:
             return None
-        return self.store.view()[i]
+        return self.store.half(i)
 
     def _set_kv(self, i: int, t) -> None:
         """Assigning `keys` / `values` replaces every slot's keys (values) with the rectangular tensor `t`."""
         if t is None:
             if i == 1:
-                self.store = None
+                self.store = self._new_store()
             return
         if self.store is None:
             self.store = DenseStore(t, t) if i == 0 else DenseStore(t, t)
@@ -76,7 +84,13 @@ class CompressedLayer(DynamicLayer):
     def lazy_initialization(self, key_states, value_states):
         self.dtype, self.device = key_states.dtype, key_states.device
         b, h, _, d = key_states.shape
-        self.store = DenseStore(key_states.new_empty(b, h, 0, d), value_states.new_empty(b, h, 0, value_states.shape[-1]))
+        self.head_dim = d
+        store = self._new_store()
+        if store is None:
+            store = DenseStore(key_states.new_empty(b, h, 0, d), value_states.new_empty(b, h, 0, value_states.shape[-1]))
+        else:
+            store.init(key_states, value_states)
+        self.store = store
         self.table.init(b, h, self.device)
         self.is_initialized = True
 
@@ -93,9 +107,21 @@ class CompressedLayer(DynamicLayer):
         self.cumulative_length += q
         self.n_new = q
 
+    def append(self, key_states, value_states) -> None:
+        """Store new tokens (batch, kv_heads, q, head_dim) without building the view (for a fused kernel that reads
+        the store itself, e.g. `KIVIStore.fused_decode_attention`); `commit()` follows."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.store.append(key_states, value_states)
+        self._track_new(key_states.shape[-2])
+
     def commit(self) -> None:
-        """Bring what the layer holds into its stored form: nothing to do for full precision; quantized layers
-        (`kvsqueeze.quant`) compress their residual here."""
+        """Bring what the layer holds into its stored form: nothing to do for full precision; quantized stores
+        (`kvsqueeze.quant`) quantize their residual here. The runtime calls it once per layer and forward, after
+        the eviction (`CompressedCache.after_attention`), so only kept tokens are quantized; a layer driven by hand
+        calls it after `update`."""
+        if self.is_initialized and self.store is not None:
+            self.store.commit()
 
     # --- what HF asks -------------------------------------------------------------------------------
     def get_seq_length(self) -> int:
@@ -119,7 +145,7 @@ class CompressedLayer(DynamicLayer):
             self.store.prefetch(self.device)
 
     def reset(self):
-        self.store = None
+        self.store = self._new_store()
         self.is_initialized = False
         self.cumulative_length = 0
         self.table.reset()
@@ -250,6 +276,22 @@ class CompressedLayer(DynamicLayer):
         idx, visible = self._keep_index(scores, n_keep, counts)
         self.keep(idx, visible)
 
+    def split(self, scores: torch.Tensor, n_keep: int, counts: torch.Tensor | None = None) -> None:
+        """Mixed-precision stores (`kvsqueeze.quant.MixedPrecisionStore`): instead of evicting, store the top
+        `n_keep` slots per (row, kv head) at high precision and the others at low precision; nothing is freed.
+
+        The store does the split (`store.split`, which returns the new slot order, (batch, kv_heads, n) long) and
+        the slot table follows. scores: (batch, kv_heads, n_stored); counts: (batch,) per-row budgets of a
+        left-padded batch. Raises ValueError for scores of another shape, TypeError for a store that cannot split."""
+        b, h, n = self.positions.shape
+        if scores.shape != (b, h, n):
+            raise ValueError(f"scores must have shape {(b, h, n)}, got {tuple(scores.shape)}")
+        split = getattr(self.store, "split", None)
+        if split is None:
+            raise TypeError(f"{type(self.store).__name__} has no mixed-precision split")
+        order = split(scores, n_keep, self.table.valid, counts)
+        self.table.keep(order)
+
     def window_cutoff(self) -> int | None:
         """Lowest position a later query can still attend to (None: full attention)."""
         if not self.sliding_window:
@@ -286,9 +328,7 @@ class CompressedLayer(DynamicLayer):
         if n_keep >= self.positions.shape[-1]:
             return
         scores = self.window_scores(inside.float())
-        if getattr(self, "drop_slots", None) is not None:  # mixed-precision storage: a real eviction, not a split
-            self.drop_slots(scores, max(n_keep, 1))
-        elif self.store is not None and self.store.ragged_heads and int(per_head.min()) < n_keep:
+        if self.store is not None and self.store.ragged_heads and int(per_head.min()) < n_keep:
             self.evict(scores, max(n_keep, 1), per_head.clamp_min(0))
         else:
             self.evict(scores, max(n_keep, 1))

@@ -12,7 +12,11 @@ positions). Every store answers the same calls:
     index_batch(fn)             a batch operation on every per-row tensor (beam search, batch selection)
     nbytes() -> int             bytes of keys and values really held (what `CacheStats.kv_bytes` reports)
     tensors() -> dict           every tensor that encodes keys and values
-    offload() / prefetch()      move what is held to the CPU / back to the layer's device
+    offload() / prefetch()      move what is held to the CPU / back to the layer's device (in the store's own
+                                form: a quantized store moves its packed tensors and stays quantized)
+    commit()                    bring what was appended into the stored form (quantized stores quantize their
+                                residual here; called by the runtime once per forward, after the eviction)
+    half(i)                     keys (0) or values (1) of the view alone (`layer.keys` / `layer.values`)
 
 `DenseStore` is the full-precision store. While every kv head holds the same number of entries it is two
 rectangular tensors, so its view is the storage itself (no copy). When heads hold different numbers of entries
@@ -49,6 +53,12 @@ class KVStore:
 
     def view(self) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
+
+    def half(self, i: int) -> torch.Tensor:
+        return self.view()[i]
+
+    def commit(self) -> None:
+        """Nothing to do for full precision."""
 
     def keep(self, idx: torch.Tensor, held: torch.Tensor | None = None) -> None:
         raise NotImplementedError
