@@ -216,10 +216,10 @@ def register(main: click.Group) -> None:
     @task_options
     def sweep_cmd(methods, ratios, exempt_layers, compression_interval, **kw):
         """Evaluate a grid of methods x ratios x tasks x samples, one prefill per sample (resumable)."""
-        from ..methods import METHODS
+        from ..methods import ALL, METHODS
         from ..evaluation.sweep import make_pairs
 
-        names = list(METHODS) if methods.strip() == "all" else [x.strip() for x in methods.split(",") if x.strip()]
+        names = list(ALL) if methods.strip() == "all" else [x.strip() for x in methods.split(",") if x.strip()]
         if not names:
             raise KVSqueezeError("--methods is empty")
         rs = _floats(ratios, "--ratios", 0.0, 1.0, True)

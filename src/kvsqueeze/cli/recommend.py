@@ -7,7 +7,8 @@ import json
 
 from ..errors import KVSqueezeError
 from ..evaluation.recommend import (  # the logic; this module is the command
-    DEFAULT_METHODS, DEFAULT_QUANTS, DEFAULT_RATIOS, DEFAULT_TASKS, _mine, calibrate, candidates, config_dict, describe, factor_bound, generate_line, line, meets, parse_bytes, parse_target, pick, safe_name,
+    DEFAULT_METHODS, DEFAULT_QUANTS, DEFAULT_RATIOS, DEFAULT_TASKS, _mine, calibrate, candidates, config_dict,
+    describe, factor_bound, generate_line, line, meets, parse_bytes, parse_target, pick, safe_name,
 )
 
 # --- the command ------------------------------------------------------------------------------------------------
@@ -58,7 +59,7 @@ def register_recommend(main) -> None:
     def recommend_cmd(model, target, max_bytes, methods, ratios, quant, tasks, length, samples, seed, tolerance,
                       results, config_out, verify_seed, verify_samples, batch_size, code_version, quiet):
         """Pick the configuration with the best measured score at a byte budget (short calibration sweep)."""
-        from ..methods import METHODS
+        from ..methods import ALL, METHODS
         from ..models import cache_dir, load_model
         from ..tasks import TaskConfig, build_samples, expand_tasks
         from ..evaluation.store import ResultStore, code_version as auto_version
@@ -70,7 +71,7 @@ def register_recommend(main) -> None:
             raise KVSqueezeError(f"--verify-seed must differ from the calibration --seed ({seed})")
         tgt = parse_target(target) if target is not None else None
         mb = parse_bytes(max_bytes) if max_bytes is not None else None
-        names = list(METHODS) if methods.strip() == "all" else [x.strip() for x in methods.split(",") if x.strip()]
+        names = list(ALL) if methods.strip() == "all" else [x.strip() for x in methods.split(",") if x.strip()]
         if not names:
             raise KVSqueezeError("--methods is empty")
         rs = _floats(ratios, "--ratios", 0.0, 1.0, True)

@@ -25,6 +25,11 @@ METHODS: dict[str, type[Method]] = {
 }
 
 
+# What `--methods all` runs: every method except MiKV's wrapper, which only chooses the high-precision tokens of
+# MiKV's storage (`--quant mikv-*`; alone it would evict by its inner method's scores, a duplicate row).
+ALL: list[str] = [n for n in METHODS if n != "mikv"]
+
+
 def get_method(name: str, **kwargs) -> Method:
     """Build a method by name; kwargs are its fields (ratio, budget, exempt_layers, compression_interval, ...).
 
