@@ -66,8 +66,10 @@ def _reference_attention(module, query, key, value, attention_mask, scaling=None
     kept = _REF["kept"].get(module.layer_idx)
     if kept is not None:
         n, q = k.shape[-2], query.shape[2]
+        pos, valid = kept if isinstance(kept, tuple) else (kept, None)
         allowed = torch.zeros(k.shape[0], key.shape[1], n, dtype=torch.bool, device=key.device)
-        allowed.scatter_(2, kept.long().to(key.device), True)
+        held = torch.ones_like(pos, dtype=torch.bool) if valid is None else valid  # empty slots (ragged heads) hidden
+        allowed.scatter_(2, pos.long().to(key.device), held.to(key.device))
         allowed[:, :, n - q :] = True
         logits = logits.masked_fill(~allowed.repeat_interleave(g, dim=1)[:, :, None, :], float("-inf"))
     probs = torch.softmax(logits, dim=-1).to(query.dtype)
@@ -104,7 +106,8 @@ def _run(model, cache, chunks, n_prefill=1):
     """Feed the chunks (the first n_prefill inside cache.prefill()); logits and, per chunk, the slots kept before."""
     outs, kept = [], []
     for i, ids in enumerate(chunks):
-        kept.append({li: layer.positions.clone() for li, layer in enumerate(cache.layers)
+        kept.append({li: (layer.positions.clone(), None if layer.valid is None else layer.valid.clone())
+                     for li, layer in enumerate(cache.layers)
                      if isinstance(layer, CompressedLayer) and layer.is_initialized})
         ids = ids.to(model.device)
         if i < n_prefill:
