@@ -269,7 +269,7 @@ class CompressedCache(Cache):
             dst.lazy_initialization(src.keys, src.values)
             dst.keys, dst.values = src.keys, src.values
             if isinstance(src, CompressedLayer):
-                if src.n_evicted or src.state:
+                if not src.table.aligned or src.state:  # only a sliding window's contiguous drop is allowed
                     raise ValueError("compressed_copy needs an uncompressed source cache")
                 dst.positions, dst.valid, dst.n_pad = src.positions, src.valid, src.n_pad
                 dst.n_new = src.n_new

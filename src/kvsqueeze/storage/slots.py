@@ -12,8 +12,9 @@ A layer's KV entries are *slots*, laid out per (batch row, kv head) along one ax
 Every change of which slots are held goes through `append`, `keep` or `index_batch` (and `reset`), so positions,
 validity and state can never fall out of step with the keys and values (`KVStore`) beside them. `version` counts
 those changes (decode-time selectors cache per-slot summaries and recompute them when it moves), and `aligned`
-says whether the slots are still the contiguous run of the last `n` tokens seen with none hidden, which is what
-transformers' own mask assumes (`runtime.attention` builds the layer's own mask otherwise).
+says whether the slots are still the contiguous run of the last `n` tokens seen (visibility aside: `valid`
+records that); with `valid` None too, transformers' own mask is right (`runtime.attention` builds the layer's own
+mask otherwise).
 """
 
 from __future__ import annotations
@@ -78,7 +79,6 @@ class SlotTable:
         if visible is None or bool(visible.all()):
             return
         self.valid = visible.clone() if self.valid is None else self.valid & visible
-        self.aligned = False
         self.version += 1
 
     def mark_new_invalid(self, new_valid: torch.Tensor) -> torch.Tensor | None:
@@ -92,7 +92,6 @@ class SlotTable:
         self.valid[:, :, n - new_valid.shape[-1]:] &= new_valid[:, None, :].to(self.positions.device)
         pads = (~new_valid).sum(-1).to(self.positions.device, torch.long)
         self.n_pad = pads if self.n_pad is None else self.n_pad + pads
-        self.aligned = False
         self.version += 1
         return pads
 
