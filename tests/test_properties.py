@@ -347,7 +347,8 @@ def _factory(spec: str, group: int, residual: int):
 @st.composite
 def quant_draws(draw, shape: Shape):
     spec = draw(st.sampled_from(SPECS))
-    wrap = quant.parse_quant(spec).method  # MiKV wraps the eviction method; KIVI / GEAR keep it
+    qspec = quant.parse_quant(spec)
+    wrap = functools.partial(kq.methods.for_storage, qspec=qspec)  # MiKV wraps the method; KIVI / GEAR keep it
     make = draw(st.one_of(st.just(lambda: None), method_makers(shape)))
     group = draw(st.sampled_from([4, 8, 16, 32]))
     residual = group * draw(st.integers(0, 2))
