@@ -128,3 +128,20 @@ def smollm2():
         return kq.load_model("smollm2-135m")
     except kq.KVSqueezeError as e:  # the package is installed by `make test`; say so if it is not
         pytest.fail(str(e))
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module of tiny-model tests (tiny matrices: threads only contend)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny_llama_d64(seed: int = 0):
+    """A 2-layer random Llama with head_dim 64 (4 query / 2 kv heads): quantization groups of real width."""
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=128, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=1024)
+    return LlamaForCausalLM(cfg).eval()

@@ -5,9 +5,9 @@ import pathlib
 import sys
 
 
-def _cycles(root: pathlib.Path) -> list[list[str]]:
-    """Strongly connected components (size > 1) of the graph of every import statement under `root`, function-level
-    imports included."""
+def _graph(root: pathlib.Path) -> dict[str, set[str]]:
+    """module -> the package modules it imports, for every import statement under `root` (function-level imports
+    included)."""
     mods = {}
     for f in root.rglob("*.py"):
         parts = list(f.relative_to(root.parent).with_suffix("").parts)
@@ -28,6 +28,12 @@ def _cycles(root: pathlib.Path) -> list[list[str]]:
                             break
             elif isinstance(node, ast.Import):
                 graph[m].update(a.name for a in node.names if a.name in mods and a.name != m)
+    return graph
+
+
+def _cycles(root: pathlib.Path) -> list[list[str]]:
+    """Strongly connected components (size > 1) of the import graph under `root`."""
+    graph = _graph(root)
     index, low, stack, on, out = {}, {}, [], set(), []
     sys.setrecursionlimit(max(sys.getrecursionlimit(), 10000))
 
@@ -95,30 +101,7 @@ def _layer(module: str) -> int:
     raise AssertionError(f"{module}: not placed in a layer (tests/test_imports.py LAYERS)")
 
 
-def _edges(root: pathlib.Path) -> list[tuple[str, str]]:
-    mods = {}
-    for f in root.rglob("*.py"):
-        parts = list(f.relative_to(root.parent).with_suffix("").parts)
-        if parts[-1] == "__init__":
-            parts = parts[:-1]
-        mods[".".join(parts)] = f
-    out = []
-    for m, f in mods.items():
-        pkg = m.split(".") if f.name == "__init__.py" else m.split(".")[:-1]
-        for node in ast.walk(ast.parse(f.read_text())):
-            if isinstance(node, ast.ImportFrom) and node.level:
-                base = pkg[: len(pkg) - node.level + 1]
-                name = ".".join(base + ([node.module] if node.module else []))
-                for a in node.names:
-                    target = f"{name}.{a.name}" if f"{name}.{a.name}" in mods else name
-                    if target in mods and target != m:
-                        out.append((m, target))
-            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("kvsqueeze"):
-                out.append((m, node.module))
-    return out
-
-
 def test_imports_point_downwards_only():
     root = pathlib.Path(__file__).resolve().parent.parent / "src" / "kvsqueeze"
-    up = sorted({(a, b) for a, b in _edges(root) if _layer(b) > _layer(a)})
+    up = sorted((a, b) for a, targets in _graph(root).items() for b in targets if _layer(b) > _layer(a))
     assert up == [], "upward imports: " + ", ".join(f"{a} -> {b}" for a, b in up)

@@ -18,11 +18,8 @@ TOL = 1e-4
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matrices: threads only contend
-    yield
-    torch.set_num_threads(n)
+def _one_thread(one_thread):
+    """Every test of this module runs with one torch thread (conftest's `one_thread`)."""
 
 
 def _method(name: str, amount: dict, compression_interval: int):

@@ -43,11 +43,8 @@ def _settings(n: int):
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matrices: threads only contend
-    yield
-    torch.set_num_threads(n)
+def _one_thread(one_thread):
+    """Every test of this module runs with one torch thread (conftest's `one_thread`)."""
 
 
 # --- models -------------------------------------------------------------------------------------------------------

@@ -4,7 +4,6 @@ import math
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from kvsqueeze import CompressedCache
 from kvsqueeze.errors import KVSqueezeError
@@ -16,17 +15,14 @@ from kvsqueeze.quant.gear import compress_part
 from kvsqueeze.quant.packing import pack, quantize, unpack
 from kvsqueeze.methods.zipcache import probe_indices
 
-from conftest import kv
+from conftest import kv, tiny_llama_d64
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=128, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=1024)
-    return LlamaForCausalLM(cfg).eval()
+    return tiny_llama_d64()
 
 
 def _nbytes(t):

@@ -6,7 +6,6 @@ import importlib
 import pytest
 import torch
 from click.testing import CliRunner
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from kvsqueeze import CompressedCache
 from kvsqueeze.methods import KNorm, MiKV, PrecisionSplit, SnapKV, ZipCacheSaliency, for_storage, get_method
@@ -14,15 +13,12 @@ from kvsqueeze.quant import KIVIStore, MixedPrecisionStore, kivi, mikv, parse_qu
 from kvsqueeze.quant.packing import QTensor
 from kvsqueeze.storage import CompressedLayer
 
-from conftest import kv, save_tiny_llama_with_smollm2_tokenizer
+from conftest import kv, save_tiny_llama_with_smollm2_tokenizer, tiny_llama_d64
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=128, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=1024)
-    return LlamaForCausalLM(cfg).eval()
+    return tiny_llama_d64()
 
 
 def _prefill(model, ids, method, factory):

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .base import Method, ScoreInputs
+from .base import Delegating, Method
 from .snapkv import SnapKV
 
 
@@ -62,7 +62,7 @@ def allocate_heads(scores: torch.Tensor, keep: torch.Tensor, alpha: float = 0.2,
 
 
 @dataclass(kw_only=True)
-class AdaKV(Method):
+class AdaKV(Delegating, Method):
     scorer: Method = field(default_factory=SnapKV)
     alpha_safeguard: float = 0.2
 
@@ -79,21 +79,8 @@ class AdaKV(Method):
         self.scorer.ratio, self.scorer.budget = self.ratio, self.budget
         self.scorer.exempt_layers, self.scorer.compression_interval = self.exempt_layers, self.compression_interval
 
-    @property
-    def stateful(self):
-        return self.scorer.stateful
-
-    def setup(self, model) -> None:
-        self.scorer.setup(model)
-
     def layer_budget(self, base: int, layer_idx: int, n_layers: int) -> int:
         return self.scorer.layer_budget(base, layer_idx, n_layers)
-
-    def observe(self, x: ScoreInputs) -> None:
-        self.scorer.observe(x)
-
-    def score(self, x: ScoreInputs) -> torch.Tensor:
-        return self.scorer.score(x)
 
     def head_counts(self, scores: torch.Tensor, keep: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
         """(batch, kv_heads) entries each head keeps (`allocate_heads`); keep: (batch,) per-head budget B."""

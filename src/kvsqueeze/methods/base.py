@@ -115,6 +115,27 @@ class ScoreInputs:
         return self.row_positions >= self.row_seen[:, None, None] - n
 
 
+class Delegating:
+    """Mixin for a `Method` dataclass that scores with another method held in one of its fields (`delegate`
+    names it: PyramidKV's and AdaKV's `scorer`, MiKV's `inner`): whether it observes every forward, its setup, its
+    observations and its scores are that method's; the wrapper only changes the budgets or the storage."""
+
+    delegate = "scorer"
+
+    @property
+    def stateful(self) -> bool:
+        return getattr(self, self.delegate).stateful
+
+    def setup(self, model) -> None:
+        getattr(self, self.delegate).setup(model)
+
+    def observe(self, x: ScoreInputs) -> None:
+        getattr(self, self.delegate).observe(x)
+
+    def score(self, x: ScoreInputs) -> torch.Tensor:
+        return getattr(self, self.delegate).score(x)
+
+
 def layer_indices(indices, what: str) -> tuple[int, ...]:
     """`indices` (an iterable of ints) as a tuple; `KVSqueezeError` for non-integers or negative indices (not
     supported: they would silently name other layers than meant). The upper bound is checked against the model

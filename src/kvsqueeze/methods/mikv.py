@@ -13,14 +13,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
-
-from .base import Method, ScoreInputs
+from .base import Delegating, Method
 
 
-class _Delegating:
+class _Delegating(Delegating):
     """Mixin for a `Method` dataclass with an `inner: Method` field: budget fields and scores are those of `inner`
     (a wrapper naming what the storage does with them)."""
+
+    delegate = "inner"
 
     def _default_inner(self) -> Method:
         raise NotImplementedError
@@ -30,20 +30,10 @@ class _Delegating:
             self.inner = self._default_inner()
         self.ratio, self.budget = self.inner.ratio, self.inner.budget
         self.exempt_layers, self.compression_interval = self.inner.exempt_layers, self.inner.compression_interval
-        self.stateful = self.inner.stateful
         super().__post_init__()
-
-    def setup(self, model):
-        self.inner.setup(model)
 
     def n_keep(self, n_seen, layer_idx, n_layers):
         return self.inner.n_keep(n_seen, layer_idx, n_layers)
-
-    def observe(self, x: ScoreInputs) -> None:
-        self.inner.observe(x)
-
-    def score(self, x: ScoreInputs) -> torch.Tensor:
-        return self.inner.score(x)
 
 
 @dataclass(kw_only=True)

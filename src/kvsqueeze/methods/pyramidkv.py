@@ -14,26 +14,17 @@ the attention mask is built per layer from the cache).
 
 from dataclasses import dataclass, field
 
-import torch
-
-from .base import Method, ScoreInputs
+from .base import Delegating, Method
 from .snapkv import SnapKV
 
 
 @dataclass(kw_only=True)
-class PyramidKV(Method):
+class PyramidKV(Delegating, Method):
     scorer: Method = field(default_factory=SnapKV)
     beta: float = 20.0
 
     name = "pyramidkv"
     summary = "SnapKV scores with per-layer budgets decreasing linearly with depth"
-
-    @property
-    def stateful(self):
-        return self.scorer.stateful
-
-    def setup(self, model) -> None:
-        self.scorer.setup(model)
 
     def n_keep(self, n_seen: int, layer_idx: int, n_layers: int) -> int:
         """As `Method.n_keep`, except that ratio 0 (nothing removed) keeps every token in every layer: the pyramid
@@ -51,8 +42,3 @@ class PyramidKV(Method):
         frac = layer_idx / max(1, n_layers - 1)
         return int(round(k_max - (k_max - k_min) * frac)) + w
 
-    def observe(self, x: ScoreInputs) -> None:
-        self.scorer.observe(x)
-
-    def score(self, x: ScoreInputs) -> torch.Tensor:
-        return self.scorer.score(x)

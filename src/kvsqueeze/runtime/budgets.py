@@ -56,6 +56,18 @@ class Budgets:
                 keep = max(keep, target)
         return keep
 
+    def due(self, layer, n_keep: int) -> bool:
+        """Whether `layer` holds more than its budget: more than `n_keep` slots per kv head, or, in a left-padded
+        batch, a row with more visible slots than its own budget (`layer.row_keep`) in some kv head (the layer's
+        budget is the largest row's, so after a prefill chunk that was mostly padding for a row, that row can be
+        over its own while the layer is within)."""
+        if layer.n_stored > n_keep:
+            return True
+        row_keep = getattr(layer, "row_keep", None)
+        if row_keep is None:
+            return False
+        return bool((layer.held_counts() > row_keep.to(layer.device)[:, None]).any())
+
     def counts(self, layer, scores: torch.Tensor, n_keep: int) -> tuple[int, torch.Tensor | None]:
         """(slots kept per kv head at most, counts) for evicting `layer` with `scores` (batch, kv_heads, n): counts
         is None (uniform), (batch,) per row, or (batch, kv_heads) per head (a method with `head_counts`)."""

@@ -65,17 +65,6 @@ def check_layer_indices(indices, n_layers: int, what: str) -> None:
                              f"(the model has {n_layers} layers)")
 
 
-def _row_over_budget(layer) -> bool:
-    """Whether a row of a left-padded batch holds more visible slots than its own budget (`layer.row_keep`,
-    (batch,)) in some kv head. The layer's budget is the largest row's, so a layer within it may still hold a row
-    above its own (after a prefill chunk that was mostly padding for that row): that row must still evict."""
-    row_keep = getattr(layer, "row_keep", None)
-    if row_keep is None:
-        return False
-    held = layer.valid.sum(-1) if layer.valid is not None else torch.full_like(row_keep[:, None], layer.n_stored)
-    return bool((held > row_keep.to(held.device)[:, None]).any())
-
-
 class CompressedCache(Cache):
     """A `transformers.Cache` that keeps only the KV entries a `Method` says matter.
 
@@ -237,7 +226,7 @@ class CompressedCache(Cache):
         if compress:
             x.n_keep = self.budget(layer_idx)
             x.keep_per_row = layer.row_keep
-            if layer.n_stored > x.n_keep or _row_over_budget(layer):
+            if self.budgets.due(layer, x.n_keep):
                 balance = getattr(layer.store, "balance_keys", None)
                 if balance is not None:  # MiKV's storage balances key channels by the queries' channel maxima
                     q = query.abs().masked_fill(~x.query_valid()[:, None, :, None], 0.0).amax(dim=2)  # (b, hq, d)

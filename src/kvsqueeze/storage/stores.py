@@ -154,8 +154,9 @@ class DenseStore(KVStore):
             self.k = torch.cat([self.k, keys], dim=-2)
             self.v = torch.cat([self.v, values], dim=-2)
             return
-        k, v = self.view()
-        k, v = torch.cat([k, keys], dim=-2), torch.cat([v, values], dim=-2)
+        n = self.held.shape[-1]
+        k, v = self._unpack(q)  # the view with room for the new slots: one copy of the entries, no concatenation
+        k[:, :, n:], v[:, :, n:] = keys, values
         self.held = torch.cat([self.held, self.held.new_ones(*keys.shape[:3])], dim=-1)
         self.k, self.v = k[self.held], v[self.held]
         self._remember(k, v)
@@ -167,11 +168,18 @@ class DenseStore(KVStore):
             k, v = self._view[0](), self._view[1]()
             if k is not None and v is not None:
                 return k, v
-        k = self.k.new_zeros(*self.held.shape, self.k.shape[-1])
-        v = self.v.new_zeros(*self.held.shape, self.v.shape[-1])
-        k[self.held] = self.k
-        v[self.held] = self.v
+        k, v = self._unpack(0)
         self._remember(k, v)
+        return k, v
+
+    def _unpack(self, extra: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The packed entries of a ragged store scattered into zero (b, h, n + extra, d) tensors (the last `extra`
+        slots left for the caller to fill)."""
+        b, h, n = self.held.shape
+        k = self.k.new_zeros(b, h, n + extra, self.k.shape[-1])
+        v = self.v.new_zeros(b, h, n + extra, self.v.shape[-1])
+        k[:, :, :n][self.held] = self.k
+        v[:, :, :n][self.held] = self.v
         return k, v
 
     def _remember(self, k, v) -> None:
