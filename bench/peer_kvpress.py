@@ -165,7 +165,10 @@ def cmd_run(a) -> None:
         source = f"safetensors:{a.model_dir}"
     model.set_attn_implementation("sdpa")
     model.eval()
-    pipe = pipeline("kv-press-text-generation", model=model, tokenizer=tok, device="cpu")
+    if a.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"error: --device {a.device}: no CUDA device here")
+    model.to(a.device)
+    pipe = pipeline("kv-press-text-generation", model=model, tokenizer=tok, device=a.device)
     model_name = a.model_name or rows[0].get("model", "smollm2-135m")
 
     # identical inputs: kvpress's own preprocessing must give kvsqueeze's token ids
@@ -241,7 +244,7 @@ def cmd_run(a) -> None:
         hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         full16 = 2 * cfg.num_hidden_layers * kvh * hd * n_ctx * 2
         meta = {**(r.get("meta") or {}), "peer": "kvpress 0.5.5", "press": repr(press)[:300],
-                "model_source": source, "held_tokens_max_layer": tokens,
+                "model_source": source, "device": a.device, "held_tokens_max_layer": tokens,
                 "question_prefix": "\\n\\n (as kvsqueeze's split_prompt)"}
         if masked:
             n_masked = seen.get("masked") or 0
@@ -311,6 +314,7 @@ def main(argv=None) -> None:
     r.add_argument("--quant", default="none", help="none, or transformers' QuantizedCache BACKEND-BITS "
                                                    "(quanto-4, hqq-4) under every press")
     r.add_argument("--threads", type=int, default=2)
+    r.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (the weights stay float32)")
     a = ap.parse_args(argv)
     if a.cmd == "samples":
         cmd_samples(a)
