@@ -19,6 +19,7 @@ def register_recommend(main) -> None:
 
     import click
 
+    from ..devices import device_options
     from ..models import DEFAULT_MODEL
     from .options import _floats, _quants
 
@@ -56,8 +57,10 @@ def register_recommend(main) -> None:
                   help="Answers of one sample decoded for this many caches at once.")
     @click.option("--code-version", default=None, help="Override the code version in the result keys.")
     @click.option("--quiet", is_flag=True, help="No progress bar.")
+    @device_options
     def recommend_cmd(model, target, max_bytes, methods, ratios, quant, tasks, length, samples, seed, tolerance,
-                      results, config_out, verify_seed, verify_samples, batch_size, code_version, quiet):
+                      results, config_out, verify_seed, verify_samples, batch_size, code_version, quiet,
+                      device="cpu", dtype="auto"):
         """Pick the configuration with the best measured score at a byte budget (short calibration sweep)."""
         from ..methods import ALL, METHODS
         from ..models import cache_dir, load_model
@@ -97,7 +100,10 @@ def register_recommend(main) -> None:
             store = ResultStore(path)
         except OSError as e:
             raise KVSqueezeError(f"cannot open results file {path}: {e}") from None
-        mdl, tok = load_model(model)
+        from ..devices import resolve_device, resolve_dtype
+
+        dev = resolve_device(device)
+        mdl, tok = load_model(model, dtype=resolve_dtype(dtype, dev), device=str(dev))
         smp = build_samples(tok, task_names, TaskConfig(length=length, samples=samples, seed=seed))
         if not quiet:
             click.echo(f"calibration: {len(smp)} samples ({', '.join(task_names)}, {length} tokens, seed {seed}) x "
