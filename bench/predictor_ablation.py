@@ -6,7 +6,7 @@ Collects the calibration traces once (the same sequences `kvsqueeze train-predic
 under several set-ups with the same time budget each, and replays decoding on the held-out validation traces
 (`training.simulate`: the real selector code, prompt-initialised history, sparse rows + a full row every 5 steps,
 GQA max) at budgets 256 / 512 / 1024. Rows: the fixed rules (last history row, history mean, the 0.25 / 0.75 blend
-the default initialisation represents), each training set-up, Quest and the oracle (true top blocks per kv head).
+the default initialisation represents), each training set-up, Quest and the oracle (true top pages per kv head).
 Numbers are recovery rates: the share of the true attention mass on the selected tokens, mean of layers 2..
 
 Caveat: the validation traces also pick each set-up's checkpoint (the best validated state), so the learned rows
@@ -80,7 +80,7 @@ def main():
         print(name, rows[name], flush=True)
     ref = {b: simulate(val_tr, b, "last") for b in budgets}
     rows["Quest"] = {b: ref[b]["quest_mean"] for b in budgets}
-    rows["oracle (true top blocks, Quest's count)"] = {b: ref[b]["oracle_mean"] for b in budgets}
+    rows["oracle (true top pages, Quest's count)"] = {b: ref[b]["oracle_mean"] for b in budgets}
 
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps({"minutes_per_setup": a.minutes, "rows": rows}, indent=1))

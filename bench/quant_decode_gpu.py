@@ -123,7 +123,7 @@ def check(device, shapes=CHECK_SHAPES) -> list[dict]:
         layer.commit()
         st = layer.store
         q = torch.randn(b, hq, 1, d, device=device, generator=gen).half()
-        store = st.blocks[0] if st.blocks else None
+        store = st.segments[0] if st.segments else None
         kf, vf = layer.keys.float(), layer.values.float()  # dequantized storage + residual
         g = hq // hk
         ref = torch.softmax((q.float() @ kf.repeat_interleave(g, 1).transpose(-1, -2)) * d**-0.5, -1) @ \
@@ -285,7 +285,7 @@ def main(argv=None):
                             def fused(bn=bn, nw=nw, pps=pps, ns=ns, fold=fold):
                                 for lay in layers:
                                     st = lay.store
-                                    kivi_decode_attention(q, st.blocks[0], st.residual_keys, st.residual_values, scale,
+                                    kivi_decode_attention(q, st.segments[0], st.residual_keys, st.residual_values, scale,
                                                           block_n=bn, num_warps=nw, programs_per_sm=pps,
                                                           num_stages=ns, fold=fold)
                             trow(f"KIVI-{bits} triton {'fold' if fold else 'bcast'} bn{bn} w{nw} p{pps} s{ns or '-'}",

@@ -261,7 +261,7 @@ def _rows_alone(kind, before=20, after=4):
     """Three different rows (48 tokens for Quest), each decoded alone with its own selector: (model, prompts,
     tokens, logits (steps + 1, 3, vocab)). Shared by the three batch operations."""
     model = tiny_llama(layers=4)
-    # AttentionPredictor picks 1 block of the middle ones: a longer prompt gives it several to choose from
+    # AttentionPredictor picks 1 page of the middle ones: a longer prompt gives it several to choose from
     prompts = _ids(48 if kind == "quest" else 112, rows=3, seed=7)
     tokens = _ids(before + after, rows=3, seed=8)
     alone = torch.cat([_teacher(model, kq.CompressedCache(model, selector=_selector(kind)), prompts[r : r + 1],

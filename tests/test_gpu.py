@@ -275,7 +275,7 @@ def test_fused_kivi_decode_kernel_holds_bf16_values_beyond_float16():
     layer.commit()
     q = torch.randn(1, 32, 1, 128, device="cuda", dtype=DTYPE)
     st = layer.store
-    ref = reference_decode_attention(q.float(), st.blocks[0], st.residual_keys.float(), st.residual_values.float())
+    ref = reference_decode_attention(q.float(), st.segments[0], st.residual_keys.float(), st.residual_values.float())
     out = st.fused_decode_attention(q)
     assert bool(out.isfinite().all())
     assert float((out.float() - ref).norm() / ref.norm()) < 2e-2

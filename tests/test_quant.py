@@ -107,7 +107,7 @@ def test_kivi_bytes_held_equal_formula_and_tensor_sizes():
         layer.update(torch.randn(b, h, n, d), torch.randn(b, h, n, d))
         layer.commit()
         nq, nr = layer.store.n_compressed, layer.store.residual_keys.shape[2]
-        store = layer.store.blocks[0]
+        store = layer.store.segments[0]
         assert _nbytes(store.k.codes) == b * h * nq * d * bits // 8  # really packed (along tokens)
         assert store.k.codes.shape == (b, h, nq * bits // 8, d) and store.v.codes.shape == store.k.codes.shape
         expected = b * h * nq * kivi_bytes_per_token(d, bits) + 2 * b * h * nr * d * 4
@@ -234,8 +234,8 @@ def test_mikv_keeps_evicted_tokens_in_low_precision(tiny):
         assert isinstance(layer.store, MixedPrecisionStore) and layer.store.balanced_by_queries
         assert layer.n_stored == 300 and layer.n_evicted == 0  # nothing dropped
         n_keep = ev.n_stored  # 75 tokens: the 32 most recent stay full precision, 43 at 8 bits
-        assert [s.bits for s in layer.store.blocks] == [2, 8]
-        assert layer.store.blocks[1].n == n_keep - 32 and layer.store.n_low == 300 - n_keep
+        assert [s.bits for s in layer.store.segments] == [2, 8]
+        assert layer.store.segments[1].n == n_keep - 32 and layer.store.n_low == 300 - n_keep
         # the high-precision slots are exactly the tokens the policy would have kept
         hi = set(layer.positions[0, 0, layer.store.n_low:].tolist())
         assert hi == set(ev.positions[0, 0].tolist())
@@ -288,9 +288,9 @@ def test_zipcache_two_precisions_and_channel_separable_scales(tiny):
     ids = torch.randint(0, 128, (1, 300))
     cache = _prefill(tiny, ids, ZipCacheSaliency(ratio=0.5), zipcache(4, 2))
     layer = cache.layers[0]
-    assert [s.bits for s in layer.store.blocks] == [2, 4] and layer.store.n_low == 150
+    assert [s.bits for s in layer.store.segments] == [2, 4] and layer.store.n_low == 150
     assert layer.store.key_scale.shape == (1, 2, 1, 64) and layer.store.value_scale.shape == (1, 2, 1, 64)
-    assert layer.store.blocks[0].k.scale.shape == (1, 2, 150, 1)  # token-wise: one scale per token
+    assert layer.store.segments[0].k.scale.shape == (1, 2, 150, 1)  # token-wise: one scale per token
     all_hi = _prefill(tiny, ids, ZipCacheSaliency(ratio=0.0), zipcache(4, 2)).stats().kv_bytes
     all_lo = _prefill(tiny, ids, ZipCacheSaliency(ratio=0.99), zipcache(4, 2)).stats().kv_bytes
     assert all_lo < cache.stats().kv_bytes < all_hi
@@ -316,15 +316,15 @@ def test_gear_parts_reduce_error_and_bytes_match_formula():
     assert sum(_nbytes(t) for t in p.tensors().values()) == expected
 
 
-def test_gear_layer_streams_blocks():
+def test_gear_layer_streams_segments():
     layer = gear(bits=4)()
     layer.update(torch.randn(1, 2, 100, 64), torch.randn(1, 2, 100, 64))
     layer.commit()
     for _ in range(40):
         layer.update(torch.randn(1, 2, 1, 64), torch.randn(1, 2, 1, 64))
         layer.commit()
-    # prefill: 64 compressed + 36 residual; the residual reaches 64 after 28 steps: one 32-token block more
-    assert [s.n for s in layer.store.blocks] == [64, 32] and layer.store.residual_keys.shape[2] == 44
+    # prefill: 64 compressed + 36 residual; the residual reaches 64 after 28 steps: one 32-token segment more
+    assert [s.n for s in layer.store.segments] == [64, 32] and layer.store.residual_keys.shape[2] == 44
     assert layer.n_stored == 140
 
 

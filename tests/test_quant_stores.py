@@ -66,9 +66,9 @@ def test_one_dequantization_per_layer_and_forward_none_for_stats(tiny, monkeypat
     assert calls == []  # bytes and shapes come from the store and the slot table, not a dequantized view
     with torch.no_grad():
         tiny(ids[:, :1], **kv(cache))
-    blocks = [len(layer.store.blocks) for layer in cache.layers]
-    assert blocks == [1] * len(cache.layers)
-    assert len(calls) == 2 * len(cache.layers)  # keys + values of the one block, once per layer
+    segments = [len(layer.store.segments) for layer in cache.layers]
+    assert segments == [1] * len(cache.layers)
+    assert len(calls) == 2 * len(cache.layers)  # keys + values of the one segment, once per layer
 
 
 def test_offload_moves_the_packed_tensors_and_prefetch_gives_the_same_logits(tiny):
@@ -79,7 +79,7 @@ def test_offload_moves_the_packed_tensors_and_prefetch_gives_the_same_logits(tin
     for i in range(len(a.layers)):
         a.offload(i)  # transformers' Cache.offload: the layer's own offload
         layer = a.layers[i]
-        assert layer.store.blocks[0].k.codes.dtype == torch.uint8  # still packed, nothing dequantized
+        assert layer.store.segments[0].k.codes.dtype == torch.uint8  # still packed, nothing dequantized
         assert all(t.device.type == "cpu" for t in layer.kv_tensors().values())
     assert a.stats().kv_bytes == before
     for i in range(len(a.layers)):
@@ -99,7 +99,7 @@ def test_mixed_precision_split_keeps_every_slot_and_keep_really_evicts():
     layer.commit()
     assert isinstance(layer.store, MixedPrecisionStore)
     assert layer.n_stored == 40 and layer.n_evicted == 0 and layer.store.n_low == 20
-    assert [b.bits for b in layer.store.blocks] == [2, 8]
+    assert [b.bits for b in layer.store.segments] == [2, 8]
     # the high-precision slots are the top 12 of the body (the 8 residual slots count in the 20)
     body = scores[..., :32]
     top = set(body[0, 0].topk(12).indices.tolist())

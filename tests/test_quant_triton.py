@@ -23,7 +23,7 @@ def test_fused_kernel_matches_reference(b, hq, hk, d, n, bits, group):
     layer.commit()
     st = layer.store
     q = torch.randn(b, hq, 1, d, device="cuda").half()
-    store = st.blocks[0] if st.blocks else None
+    store = st.segments[0] if st.segments else None
     ref = reference_decode_attention(q.float(), store, st.residual_keys.float(), st.residual_values.float())
     for splits, fold in ((None, False), (1, False), (5, False), (None, True), (5, True)):
         out = st.fused_decode_attention(q) if splits is None and not fold else kivi_decode_attention(

@@ -1,6 +1,7 @@
 """Decode-time selection (issue 4): Quest and AttentionPredictor on tiny random Llamas."""
 
 import math
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -8,7 +9,7 @@ import torch
 import kvsqueeze as kq
 from kvsqueeze.selection import AttentionPredictor, PredictorNet, Quest, load_predictor, recovery, save_predictor
 from kvsqueeze.selection.attention_predictor import IncrementalCNN, n_parameters
-from kvsqueeze.selection.base import blocks_to_slots, block_pool
+from kvsqueeze.selection.base import page_pool, pages_to_slots
 from kvsqueeze.selection.quest import page_minmax, page_scores
 from kvsqueeze.training.predictor import TrainConfig, collect_traces, recovery_at, train
 
@@ -37,7 +38,7 @@ def _decode(model, selector, ids, steps=20):
 
 def test_predictor_has_the_papers_4833_parameters():
     assert n_parameters(PredictorNet()) == 4833
-    out = PredictorNet()(torch.rand(5, 64, 37))  # fully convolutional over blocks, any history length
+    out = PredictorNet()(torch.rand(5, 64, 37))  # fully convolutional over pages, any history length
     assert out.shape == (5, 37)
     assert PredictorNet()(torch.rand(2, 7, 11)).shape == (2, 11)
 
@@ -54,17 +55,17 @@ def test_recovery_rate_on_a_hand_made_case():
     probs = torch.tensor([[[0.5, 0.2, 0.2, 0.1], [0.1, 0.1, 0.1, 0.7]]])
     idx = torch.tensor([[[0, 2]]])
     assert recovery(probs, idx)[0].tolist() == pytest.approx([0.7, 0.2])
-    # block level (training's metric): sink block 0, local block 3, top-1 of the middle blocks 1..2
+    # page level (training's metric): sink page 0, local page 3, top-1 of the middle pages 1..2
     sums = torch.tensor([[0.1, 0.3, 0.2, 0.4]])
-    assert float(recovery_at(torch.tensor([[0.0, 1.0]]), sums, 1, 3, 1)) == pytest.approx(0.7)  # picks block 2
-    assert float(recovery_at(torch.tensor([[1.0, 0.0]]), sums, 1, 3, 1)) == pytest.approx(0.8)  # picks block 1
+    assert float(recovery_at(torch.tensor([[0.0, 1.0]]), sums, 1, 3, 1)) == pytest.approx(0.7)  # picks page 2
+    assert float(recovery_at(torch.tensor([[1.0, 0.0]]), sums, 1, 3, 1)) == pytest.approx(0.8)  # picks page 1
 
 
-def test_block_pool_and_slots():
+def test_page_pool_and_slots():
     rows = torch.tensor([[1.0, 3.0, 2.0, 5.0, 4.0]])
-    assert block_pool(rows, 2).tolist() == [[3.0, 5.0, 4.0]]
-    assert block_pool(rows, 2, "sum").tolist() == [[4.0, 7.0, 4.0]]
-    slots = blocks_to_slots(torch.tensor([[[2, 0]]]), 5, 2)  # block 2 is partial (slot 4 only)
+    assert page_pool(rows, 2).tolist() == [[3.0, 5.0, 4.0]]
+    assert page_pool(rows, 2, "sum").tolist() == [[4.0, 7.0, 4.0]]
+    slots = pages_to_slots(torch.tensor([[[2, 0]]]), 5, 2)  # page 2 is partial (slot 4 only)
     assert slots.tolist() == [[[0, 1, 4]]]
 
 
@@ -97,14 +98,14 @@ def test_selector_returns_the_required_slots_within_budget(kind):
         assert idx.shape[-1] <= budget
         assert bool((idx[..., -1] == n - 1).all())  # the current token
         assert bool((idx.diff(dim=-1) > 0).all()) and int(idx.min()) >= 0
-        last_block = torch.arange((n - 1) // 16 * 16, n)
+        last_page = torch.arange((n - 1) // 16 * 16, n)
         for h in range(2):
             s = set(idx[0, h].tolist())
-            assert s.issuperset(last_block.tolist())
+            assert s.issuperset(last_page.tolist())
             if kind == "ap":
                 assert s.issuperset(range(16))  # sink
-                assert s.issuperset(range((math.ceil(n / 16) - 2) * 16, n))  # local: the last 2 blocks
-        # every head attends to the same number of slots: whole blocks, only the last one partial
+                assert s.issuperset(range((math.ceil(n / 16) - 2) * 16, n))  # local: the last 2 pages
+        # every head attends to the same number of slots: whole pages, only the last one partial
         assert idx.shape[-1] % 16 == n % 16 or n % 16 == 0
 
 
@@ -157,7 +158,7 @@ def test_attention_predictor_history_and_calibration_rows():
     for _ in range(10):
         model(input_ids=tok, **kv(cache), use_cache=True)
         rows.append(sel.state[2]["hist"][0, :, -1])
-    # sparse rows are zero on blocks not attended; every 5th row is a full (calibration) row
+    # sparse rows are zero on pages not attended; every 5th row is a full (calibration) row
     n_zero = [int((r == 0).sum()) for r in rows]
     assert n_zero[4] == 0 and n_zero[9] == 0
     assert all(z > 0 for i, z in enumerate(n_zero) if i not in (4, 9))
@@ -172,13 +173,13 @@ def test_incremental_cnn_equals_the_full_cnn():
     sel._incremental = IncrementalCNN(net)
     st, n = {}, 600
     sel._push(st, torch.rand(1, 3, 60, math.ceil(n / 16)))
-    for _ in range(40):  # history fills up to 64 rows, then slides; new blocks appear every 16 steps
+    for _ in range(40):  # history fills up to 64 rows, then slides; new pages appear every 16 steps
         n += 1
-        nb = math.ceil(n / 16)
-        full = sel.predict(st["hist"], nb, None)
-        inc = sel.predict(st["hist"], nb, st)
+        n_pages = math.ceil(n / 16)
+        full = sel.predict(st["hist"], n_pages, None)
+        inc = sel.predict(st["hist"], n_pages, st)
         assert torch.allclose(full, inc, atol=1e-4)
-        sel._push(st, torch.rand(1, 3, 1, nb) * (torch.rand(1, 3, 1, nb) < 0.3))
+        sel._push(st, torch.rand(1, 3, 1, n_pages) * (torch.rand(1, 3, 1, n_pages) < 0.3))
 
 
 def test_checkpoint_round_trip(tmp_path):
@@ -189,6 +190,30 @@ def test_checkpoint_round_trip(tmp_path):
     assert torch.equal(net(x), back(x)) and meta == {"best_epoch": 3}
     with pytest.raises(kq.KVSqueezeError, match="no attention predictor"):
         load_predictor(tmp_path / "missing.safetensors")
+
+
+def test_checkpoint_written_before_the_page_rename_still_loads(tmp_path):
+    """Checkpoints trained before `block` became `page` store config["block"]: read as config["page"]; new
+    checkpoints store `page`."""
+    import json
+
+    from safetensors.torch import save_file
+
+    net = _net(3)
+    old = tmp_path / "old.safetensors"
+    tensors = {k: v.detach().float().contiguous() for k, v in net.state_dict().items()}
+    old_meta = {"best_epoch": 1, "config": {"block": 16, "sink": 64}}  # as TrainConfig's asdict wrote it
+    save_file(tensors, str(old), metadata={"kvsqueeze": json.dumps(old_meta)})
+    back, meta = load_predictor(old)
+    x = torch.rand(2, 64, 12)
+    assert torch.equal(net(x), back(x))
+    assert meta["config"] == {"page": 16, "sink": 64}
+    new = save_predictor(back, tmp_path / "new.safetensors", {"config": asdict(TrainConfig(page=32))})
+    assert load_predictor(new)[1]["config"]["page"] == 32 and "block" not in load_predictor(new)[1]["config"]
+    sel = AttentionPredictor(256, predictor=old, sink=32, local=32)  # an old checkpoint drives the selector
+    _decode(tiny_llama(layers=4), sel, torch.randint(0, 101, (1, 300), generator=torch.Generator().manual_seed(0)),
+            steps=3)
+    assert sel.predictor_meta["config"]["page"] == 16
 
 
 def test_missing_predictor_says_how_to_train_one(tmp_path, monkeypatch):

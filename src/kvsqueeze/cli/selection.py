@@ -64,6 +64,6 @@ def register_selection(main: click.Group) -> None:
                    f"{rp['budget']} tokens on the validation traces): learned {r['learned']:.4f}, history mean "
                    f"{r['mean']:.4f}, last row {r['last']:.4f}")
         click.echo(f"decode replay at {rp['budget']} tokens: AttentionPredictor {rp['ap_mean']:.4f}, Quest "
-                   f"{rp['quest_mean']:.4f}, oracle top blocks {rp['oracle_mean']:.4f}")
+                   f"{rp['quest_mean']:.4f}, oracle top pages {rp['oracle_mean']:.4f}")
         click.echo(f"examples: {res.n_train_examples:,} train, {res.n_val_examples:,} val; time: traces "
                    f"{times['traces']:.0f} s, training {times['train']:.0f} s, total {times['total']:.0f} s")

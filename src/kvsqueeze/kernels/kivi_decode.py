@@ -222,7 +222,7 @@ def kivi_decode_attention(q: torch.Tensor, store, k_res: torch.Tensor, v_res: to
                           scale_loads: bool = False, fold: bool = False) -> torch.Tensor:
     """Attention of one decode query per sequence over KIVI storage, fused on the GPU.
 
-    q: (B, HQ, 1, D) or (B, HQ, D); store: a `KIVIBlock` (codes packed along tokens; None when every token is
+    q: (B, HQ, 1, D) or (B, HQ, D); store: a `KIVISegment` (codes packed along tokens; None when every token is
     still residual) of the oldest slots; k_res, v_res: (B, HK, NR, D) the full-precision residual (the newest
     slots). Returns (B, HQ, 1, D) in q's dtype. Slot order does not matter (one query token, every slot visible).
 

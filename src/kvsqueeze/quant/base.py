@@ -3,16 +3,18 @@
 A layer with quantized storage is a plain `CompressedLayer` whose `store` is a `QuantStore`: slots keep the core's
 meaning (positions, valid, method state live in the layer's slot table); only how keys and values are held differs:
 
-    slots [0, n_c)   quantized blocks, in slot order (`_stores`: packed codes + scales/zeros + extras)
+    slots [0, n_c)   quantized segments, in slot order (`_stores`: packed codes + scales/zeros + extras)
     slots [n_c, n)   a full-precision residual of the most recent tokens (`_k_res`, `_v_res`)
 
-`commit()` moves the oldest residual tokens into blocks in whole groups of `group` tokens, leaving between
+A segment is a run of consecutive slots held in one compressed form (one commit's tokens, or several of them
+concatenated; MiKV's low- and high-precision parts). `commit()` moves the oldest residual tokens into segments in
+whole groups of `group` tokens, leaving between
 `residual` and `residual + group - 1` tokens in full precision (KIVI's residual window R, a multiple of the group
 size G). `append` never quantizes: the runtime calls `commit()` once per layer and forward, *after* the method's
 eviction (`CompressedCache.after_attention`), so at a prefill with eviction only the kept tokens are quantized, once.
 A layer driven by hand (no cache) calls `layer.commit()` itself.
 
-The view. `view()` returns dequantize(blocks) ++ residual, (batch, kv_heads, n, head_dim) in the model's dtype:
+The view. `view()` returns dequantize(segments) ++ residual, (batch, kv_heads, n, head_dim) in the model's dtype:
 what the reference attention path (sdpa or eager, CPU or GPU) and scoring read. It is built once per forward and
 remembered by weak references only, so attention, scoring and eviction of that forward share one dequantization
 and nothing full-precision outlives the forward (tokens appended by the forward are seen in full precision by it,
@@ -27,7 +29,7 @@ Head-wise budgets: quantized stores are rectangular (`ragged_heads = False`). A 
 widest head keeps its extra slots, hidden by the slot table's `valid` mask; their bytes are held and counted
 (`nbytes` is the rectangle of the widest head, not the sum over heads).
 
-Left-padded batches: the kept slots of each row are those it keeps alone (the core's selection), but blocks are
+Left-padded batches: the kept slots of each row are those it keeps alone (the core's selection), but segments are
 cut into groups of `group` slots shared by every row, so in a padded row a group may hold padding or hidden slots
 and other real tokens than alone: schemes quantizing across tokens (KIVI's and GEAR's per-channel keys) can then
 differ from the row alone once tokens leave the residual window (known limit; per-token schemes, MiKV/ZipCache,
@@ -45,7 +47,7 @@ from ..storage.stores import KVStore
 
 
 class QuantStore(KVStore):
-    """Base class of the quantized stores: subclasses implement `_compress(k, v) -> block` (an object with `n`,
+    """Base class of the quantized stores: subclasses implement `_compress(k, v) -> segment` (an object with `n`,
     `keys(dtype)`, `values(dtype)`, `tensors()`, `map(fn)` and optionally `cat(other)`).
 
     residual: tokens kept in full precision (a multiple of `group`); group: tokens quantized together. Raises
@@ -88,8 +90,8 @@ class QuantStore(KVStore):
         return self.n_compressed + (0 if self._k_res is None else self._k_res.shape[-2])
 
     @property
-    def blocks(self) -> list:
-        """The quantized blocks, in slot order (read-only use: tests, kernels, benchmarks)."""
+    def segments(self) -> list:
+        """The quantized segments, in slot order (read-only use: tests, kernels, benchmarks)."""
         return self._stores
 
     @property
@@ -160,7 +162,7 @@ class QuantStore(KVStore):
         self._forget_view()
 
     def _map_extra(self, fn) -> None:
-        """Subclasses holding per-batch tensors outside the blocks apply fn to them."""
+        """Subclasses holding per-batch tensors outside the segments apply fn to them."""
 
     def _map_all(self, fn) -> None:
         self._stores = [s.map(fn) for s in self._stores]
@@ -173,7 +175,7 @@ class QuantStore(KVStore):
             self._map_all(fn)
 
     def offload(self) -> None:
-        """Move the packed blocks, scales, extras and residual to the CPU (still quantized)."""
+        """Move the packed segments, scales, extras and residual to the CPU (still quantized)."""
         if self._k_res is not None:
             self._map_all(lambda t: t.to("cpu", non_blocking=True))
 
@@ -186,7 +188,7 @@ class QuantStore(KVStore):
         raise NotImplementedError
 
     def _absorb(self, stores: list, new) -> list:
-        """Add a newly compressed block after the existing ones (concatenated when the block type allows)."""
+        """Add a newly compressed segment after the existing ones (concatenated when the segment type allows)."""
         if stores and hasattr(stores[-1], "cat"):
             return stores[:-1] + [stores[-1].cat(new)]
         return stores + [new]
@@ -210,7 +212,7 @@ class QuantStore(KVStore):
 
     # --- memory -----------------------------------------------------------------------------------------------
     def _extra_tensors(self) -> dict[str, torch.Tensor]:
-        """Tensors other than the blocks and the residual that encode keys/values (e.g. channel scales)."""
+        """Tensors other than the segments and the residual that encode keys/values (e.g. channel scales)."""
         return {}
 
     def tensors(self) -> dict[str, torch.Tensor]:

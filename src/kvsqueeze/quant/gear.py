@@ -1,7 +1,7 @@
 """GEAR (Kang et al., 2024, "GEAR: An Efficient KV Cache Compression Recipe for Near-Lossless Generative
 Inference of LLM").
 
-Each block of keys (or values) X (n tokens x d channels, per kv head) is approximated by three parts:
+Each segment of keys (or values) X (n tokens x d channels, per kv head) is approximated by three parts:
 
     X ~ D + L + S
     S = Filter_s(X)                 sparse outliers: the s% entries (2% here) furthest from their group's mean,
@@ -14,17 +14,19 @@ Each block of keys (or values) X (n tokens x d channels, per kv head) is approxi
                                     magnitude, which can exceed float16's range)
 
 Dequantization computes D + A B^T and then writes the outliers back in place. As in GEAR's streaming buffer the
-most recent tokens stay in full precision and are compressed `group` tokens at a time as a new block (one
-low-rank pair per block); the prefill is one block. Bytes per token and kv head, keys + values:
+most recent tokens stay in full precision and are compressed `group` tokens at a time as a new segment (one
+low-rank pair per segment); the prefill is one segment. Bytes per token and kv head, keys + values:
 
-    2 * (d*b/8  +  quantization scales  +  r*2  +  o*(1 + e))  +  2 * d*r*2 / n_block     (e: bytes per input value)
+    2 * (d*b/8  +  quantization scales  +  r*2  +  o*(1 + e))  +  2 * d*r*2 / n_seg
+
+(e: bytes per input value; n_seg: tokens per segment)
 
 Deviations: outliers are chosen per token row (o = max(1, round(s*d)) entries; keys by their z-score within
-their channel over the block, values within their token), so the sparse part is rectangular; power iteration
+their channel over the segment, values within their token), so the sparse part is rectangular; power iteration
 uses a fixed-seed start and `iters` rounds with a QR re-orthonormalisation.
 
-`GEARStore` is the `KVStore` (a plain `CompressedLayer` holds it: `gear(4)` is the layer factory); `GearBlock` one
-compressed block of slots inside it.
+`GEARStore` is the `KVStore` (a plain `CompressedLayer` holds it: `gear(4)` is the layer factory); `GearSegment`
+one compressed segment of slots inside it.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ from .packing import PER_CHANNEL, PER_TOKEN, QTensor, quantize, to_finite
 
 @dataclass
 class GearPart:
-    """One of keys / values of a block: quantized + low-rank + sparse outliers."""
+    """One of keys / values of a segment: quantized + low-rank + sparse outliers."""
 
     q: QTensor
     a: torch.Tensor  # (b, h, n, r) float16 (orthonormal columns: |a| <= 1)
@@ -67,8 +69,8 @@ class GearPart:
 
 
 @dataclass
-class GearBlock:
-    """One compressed block: keys and values as GEAR parts."""
+class GearSegment:
+    """One compressed segment (a run of slots): keys and values as `GearPart`s."""
 
     k: GearPart
     v: GearPart
@@ -87,7 +89,7 @@ class GearBlock:
         return {**{f"k.{n}": t for n, t in self.k.tensors().items()}, **{f"v.{n}": t for n, t in self.v.tensors().items()}}
 
     def map(self, fn):
-        return GearBlock(self.k.map(fn), self.v.map(fn))
+        return GearSegment(self.k.map(fn), self.v.map(fn))
 
 
 def low_rank(e: torch.Tensor, rank: int, iters: int = 3, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -110,7 +112,7 @@ def compress_part(x: torch.Tensor, bits: int, axis: str, group: int, rank: int, 
     xf = x.float()
     b, h, n, d = xf.shape
     o = max(1, round(outlier_ratio * d)) if outlier_ratio > 0 else 0
-    if axis == PER_CHANNEL:  # keys: channels over the block's tokens
+    if axis == PER_CHANNEL:  # keys: channels over the segment's tokens
         mean = xf.mean(dim=2, keepdim=True).expand_as(xf)
         std = xf.std(dim=2, keepdim=True).clamp_min(1e-6) if n > 1 else torch.ones_like(xf[:, :, :1])
     else:  # values: within each token
@@ -150,7 +152,7 @@ class GEARStore(QuantStore):
     def _compress(self, k, v):
         d = k.shape[-1]
         r = self._rank(d)
-        return GearBlock(
+        return GearSegment(
             compress_part(k, self.bits, PER_CHANNEL, self.group, r, self.outlier_ratio, self.iters),
             compress_part(v, self.bits, PER_TOKEN, channel_group(v.shape[-1], self.value_group), r,
                           self.outlier_ratio, self.iters),

@@ -21,8 +21,8 @@ and 0..R-1 keys), so that slots stay aligned; after an eviction the kept tokens 
 Attention runs over dequantized tensors (the reference path); `kernels/kivi_decode.py` has the fused GPU decode kernel
 (`KIVIStore.fused_decode_attention`).
 
-`KIVIStore` is the `KVStore` (a plain `CompressedLayer` holds it: `kivi(2)` is the layer factory); `KIVIBlock` one
-quantized run of slots inside it.
+`KIVIStore` is the `KVStore` (a plain `CompressedLayer` holds it: `kivi(2)` is the layer factory); `KIVISegment`
+one quantized run of slots (a segment) inside it.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from .packing import PER_CHANNEL, PER_TOKEN, QTensor, quantize
 
 
 @dataclass
-class KIVIBlock:
+class KIVISegment:
     """One quantized run of slots: keys per channel, values per token, both packed along tokens."""
 
     k: QTensor  # per channel: groups of G tokens
@@ -57,11 +57,11 @@ class KIVIBlock:
     def tensors(self):
         return {**{f"k.{n}": t for n, t in self.k.tensors().items()}, **{f"v.{n}": t for n, t in self.v.tensors().items()}}
 
-    def cat(self, other: "KIVIBlock") -> "KIVIBlock":
-        return KIVIBlock(self.k.cat(other.k), self.v.cat(other.v))
+    def cat(self, other: "KIVISegment") -> "KIVISegment":
+        return KIVISegment(self.k.cat(other.k), self.v.cat(other.v))
 
-    def map(self, fn) -> "KIVIBlock":
-        return KIVIBlock(self.k.map(fn), self.v.map(fn))
+    def map(self, fn) -> "KIVISegment":
+        return KIVISegment(self.k.map(fn), self.v.map(fn))
 
 
 def channel_group(d: int, group: int) -> int:
@@ -82,7 +82,7 @@ class KIVIStore(QuantStore):
 
     def _compress(self, k, v):
         gv = channel_group(v.shape[-1], self.value_group)
-        return KIVIBlock(quantize(k, self.bits, PER_CHANNEL, self.group, pack_along="token"),
+        return KIVISegment(quantize(k, self.bits, PER_CHANNEL, self.group, pack_along="token"),
                          quantize(v, self.bits, PER_TOKEN, gv, pack_along="token"))
 
     def fused_decode_attention(self, query, scale: float | None = None):
@@ -90,8 +90,8 @@ class KIVIStore(QuantStore):
         Triton kernel (GPU): `kvsqueeze.kernels.kivi_decode.kivi_decode_attention` over the packed storage."""
         from ..kernels.kivi_decode import kivi_decode_attention
 
-        block = self._stores[0] if self._stores else None
-        return kivi_decode_attention(query, block, self._k_res, self._v_res, scale)
+        segment = self._stores[0] if self._stores else None
+        return kivi_decode_attention(query, segment, self._k_res, self._v_res, scale)
 
 
 def kivi(bits: int = 2, group: int = 32, residual: int = 32, value_group: int | None = None):

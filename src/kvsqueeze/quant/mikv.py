@@ -21,8 +21,8 @@ same attention as scaling the queries by 1/beta. The runtime feeds the prefill q
 max over its GQA group) to `MixedPrecisionStore.balance_keys` before the method's scores split the tokens.
 
 Storage (`MixedPrecisionStore`, a `KVStore` held by a plain `CompressedLayer`): slots are ordered
-[low-precision | high-precision | residual]; each part is a rectangular per-token block (every head keeps the
-same number of important tokens, possibly different ones). The split is the store's own operation
+[low-precision | high-precision | residual]; each part is a rectangular per-token segment (`PrecisionSegment`:
+every head keeps the same number of important tokens, possibly different ones). The split is the store's own operation
 (`split(scores, n_keep, valid, row_keep)`, called through `CompressedLayer.split` by the runtime in place of an
 eviction): nothing is freed, so the mask transformers builds stays valid; old slots are all in the past of every
 new token whatever their order. A real eviction (a sliding window's tokens no query can see) is `keep`: the kept
@@ -51,8 +51,9 @@ from .packing import PER_TOKEN, QTensor, quantize, to_finite
 
 
 @dataclass
-class TokenBlock:
-    """Per-token quantized keys and values (or full precision at bits >= 16) of a run of slots."""
+class PrecisionSegment:
+    """One precision part of the store (MiKV's low- or high-precision cache): per-token quantized keys and values
+    (or full precision at bits >= 16) of a run of slots, all at `bits`."""
 
     k: QTensor | torch.Tensor
     v: QTensor | torch.Tensor
@@ -81,23 +82,23 @@ class TokenBlock:
                 out.update({f"{name}.{n}": t for n, t in x.tensors().items()})
         return out
 
-    def cat(self, other: "TokenBlock") -> "TokenBlock":
+    def cat(self, other: "PrecisionSegment") -> "PrecisionSegment":
         if isinstance(self.k, torch.Tensor):
-            return TokenBlock(torch.cat([self.k, other.k], 2), torch.cat([self.v, other.v], 2), self.bits)
-        return TokenBlock(self.k.cat(other.k), self.v.cat(other.v), self.bits)
+            return PrecisionSegment(torch.cat([self.k, other.k], 2), torch.cat([self.v, other.v], 2), self.bits)
+        return PrecisionSegment(self.k.cat(other.k), self.v.cat(other.v), self.bits)
 
-    def map(self, fn) -> "TokenBlock":
+    def map(self, fn) -> "PrecisionSegment":
         f = lambda x: fn(x) if isinstance(x, torch.Tensor) else x.map(fn)  # noqa: E731
-        return TokenBlock(f(self.k), f(self.v), self.bits)
+        return PrecisionSegment(f(self.k), f(self.v), self.bits)
 
 
-def token_block(k, v, bits: int, channel_group_size: int | None, dtype) -> TokenBlock:
-    """k, v (b, h, n, d) as a per-token block at `bits` (>= 16: kept in `dtype`, unquantized)."""
+def precision_segment(k, v, bits: int, channel_group_size: int | None, dtype) -> PrecisionSegment:
+    """k, v (b, h, n, d) as a per-token segment at `bits` (>= 16: kept in `dtype`, unquantized)."""
     if bits >= 16:
-        return TokenBlock(k.to(dtype).contiguous(), v.to(dtype).contiguous(), 16)
+        return PrecisionSegment(k.to(dtype).contiguous(), v.to(dtype).contiguous(), 16)
     d = k.shape[-1]
     g = channel_group(d, channel_group_size) if channel_group_size else d
-    return TokenBlock(quantize(k, bits, PER_TOKEN, g), quantize(v, bits, PER_TOKEN, g), bits)
+    return PrecisionSegment(quantize(k, bits, PER_TOKEN, g), quantize(v, bits, PER_TOKEN, g), bits)
 
 
 class MixedPrecisionStore(QuantStore):
@@ -155,7 +156,7 @@ class MixedPrecisionStore(QuantStore):
     def balance_keys(self, query_absmax: torch.Tensor, valid: torch.Tensor | None = None) -> None:
         """MiKV's balancer from the prefill queries' max |q| per (batch, kv head, channel): (b, h, d) (the runtime
         passes it before the split; `valid` (b, h, n) bool marks the slots that set it, None: all). Once only;
-        a no-op unless key_scaling == "balance". Blocks already quantized are re-encoded at the next commit /
+        a no-op unless key_scaling == "balance". Segments already quantized are re-encoded at the next commit /
         split (from their dequantized values)."""
         if self.key_scaling != "balance" or self.balanced_by_queries or self._k_res is None:
             return
@@ -206,14 +207,14 @@ class MixedPrecisionStore(QuantStore):
         self._vs = None if self._vs is None else fn(self._vs)
 
     # --- compression ------------------------------------------------------------------------------------------
-    def _block(self, k, v, bits):
+    def _segment(self, k, v, bits):
         self._ensure_scales(k, v)
         if bits < 16:  # the channel scaling only serves quantization; 16 bits keeps the values themselves
             k, v = self._scaled(k, v)
-        return token_block(k, v, bits, self.channel_group, self.dtype)
+        return precision_segment(k, v, bits, self.channel_group, self.dtype)
 
     def _compress(self, k, v):
-        return self._block(k, v, self.hi_bits)
+        return self._segment(k, v, self.hi_bits)
 
     def _absorb(self, stores, new):
         if stores and stores[-1].bits == new.bits:
@@ -260,12 +261,12 @@ class MixedPrecisionStore(QuantStore):
         order = torch.cat([order, torch.arange(body, n, device=order.device).expand(b, h, r)], dim=-1)
         kr, vr = take(keys, order), take(values, order)
         n_lo = body - n_hi
-        blocks = []
+        parts = []
         if n_lo:
-            blocks.append(self._block(kr[:, :, :n_lo], vr[:, :, :n_lo], self.lo_bits))
+            parts.append(self._segment(kr[:, :, :n_lo], vr[:, :, :n_lo], self.lo_bits))
         if n_hi:
-            blocks.append(self._block(kr[:, :, n_lo:body], vr[:, :, n_lo:body], self.hi_bits))
-        self._stores = blocks
+            parts.append(self._segment(kr[:, :, n_lo:body], vr[:, :, n_lo:body], self.hi_bits))
+        self._stores = parts
         self._k_res, self._v_res = kr[:, :, body:].clone(), vr[:, :, body:].clone()
         self._forget_view()
         return order

@@ -1,23 +1,26 @@
 """AttentionPredictor (Yang, Wang et al., 2025, "AttentionPredictor: Temporal Pattern Matters for Efficient LLM
 Inference"): a tiny learned model predicts the next decoding step's attention from the history of attention.
 
-History. Per layer and query head, the last H = 64 attention rows, each max-pooled over key blocks of b = 16
-slots: a (H, n_blocks) image. It starts from the prompt's last H queries (`observe`) and gets one row per
-decoding step: the sparse row actually computed (zero on blocks not attended), and a full row (every key) every
+Pages. The paper's "blocks" of b = 16 consecutive key slots are our pages (the same unit as Quest's; see
+`selection/base.py`).
+
+History. Per layer and query head, the last H = 64 attention rows, each max-pooled over key pages of b = 16
+slots: a (H, n_pages) image. It starts from the prompt's last H queries (`observe`) and gets one row per
+decoding step: the sparse row actually computed (zero on pages not attended), and a full row (every key) every
 M = 5 steps ("distribution error calibration").
 
 Model. Conv2d(1, 16, 3x3, pad 1) + ReLU, Conv2d(16, 32, 3x3, pad 1) + ReLU, average over the time axis,
-Conv1d(32, 1, 1): one score per block, 4,833 parameters, one model for every layer and head, fully convolutional
-over the block axis. The sink blocks and the local blocks are cropped off the history before prediction (they
+Conv1d(32, 1, 1): one score per page, 4,833 parameters, one model for every layer and head, fully convolutional
+over the page axis. The sink pages and the local pages are cropped off the history before prediction (they
 are always attended). Trained with MSE on the next step's pooled attention (`training.py`), the checkpoint
 chosen by attention recovery rate, saved as safetensors under `$KVSQUEEZE_CACHE/predictor/<model key>.safetensors`.
 
-Decoding. The prediction for step t uses the history up to step t - 1 (so a runtime can fetch the blocks one
-token ahead). Each step attends to the sink blocks + the top predicted blocks + the local blocks within the
-token budget (1024 = 64 + 56 x 16 + 64). Local = the last `local // 16` blocks, the partial current block
+Decoding. The prediction for step t uses the history up to step t - 1 (so a runtime can fetch the pages one
+token ahead). Each step attends to the sink pages + the top predicted pages + the local pages within the
+token budget (1024 = 64 + 56 x 16 + 64). Local = the last `local // 16` pages, the partial current page
 counting as one, so the budget is never exceeded. GQA: one KV subset per kv head, from the maximum over the
-group's query heads of their predicted block scores (a block matters when one head of the group needs it).
-Blocks that just left the local window have no prediction yet; they get their last history value. Layers 0-1
+group's query heads of their predicted page scores (a page matters when one head of the group needs it).
+Pages that just left the local window have no prediction yet; they get their last history value. Layers 0-1
 are dense.
 """
 
@@ -31,15 +34,15 @@ import torch
 from torch import nn
 
 from ..errors import KVSqueezeError
-from .base import Selector, attention_probs, block_pool, blocks_to_slots
+from .base import Selector, attention_probs, page_pool, pages_to_slots
 
 HISTORY = 64
-BLOCK = 16
+PAGE = 16  # slots per page (the paper's block size)
 CALIBRATION_EVERY = 5
 
 
 class PredictorNet(nn.Module):
-    """The paper's CNN: (N, T, W) pooled attention history -> (N, W) next-step block scores."""
+    """The paper's CNN: (N, T, W) page-pooled attention history -> (N, W) next-step page scores."""
 
     def __init__(self):
         super().__init__()
@@ -111,7 +114,7 @@ class IncrementalCNN:
 
     z[t] depends on the history rows t-2..t+2 and columns j-2..j+2 (zero padding outside). Rows 2..T-3 ("interior")
     have all their neighbours, so their z does not change when the window slides: it is kept per row and only the
-    rows next to the window's ends are recomputed, from slabs of 5-7 rows. When the middle blocks widen (a block
+    rows next to the window's ends are recomputed, from slabs of 5-7 rows. When the middle pages widen (a page
     leaves the local window), the last columns are recomputed from a narrow strip of every row. Anything else (a
     new crop, a short history) recomputes everything.
     """
@@ -189,6 +192,10 @@ def save_predictor(net: PredictorNet, path: str | Path, meta: dict | None = None
 
 
 def load_predictor(path: str | Path) -> tuple[PredictorNet, dict]:
+    """The CNN (eval mode, CPU, fp32) and the metadata dict `save_predictor` stored (the training run's report).
+
+    Checkpoints written before the `block` -> `page` rename store the page size as config["block"]: it is read as
+    config["page"]. Raises KVSqueezeError when `path` does not exist."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 
@@ -199,31 +206,38 @@ def load_predictor(path: str | Path) -> tuple[PredictorNet, dict]:
     net.load_state_dict(load_file(str(path)))
     with safe_open(str(path), "pt") as f:
         meta = json.loads((f.metadata() or {}).get("kvsqueeze", "{}"))
+    cfg = meta.get("config")
+    if isinstance(cfg, dict) and "block" in cfg and "page" not in cfg:  # the old name of the page size
+        cfg["page"] = cfg.pop("block")
     return net.eval(), meta
 
 
 # --- the selector -----------------------------------------------------------------------------------------
 class AttentionPredictor(Selector):
-    """Decode-time selection of the blocks a learned model predicts the current query will attend to."""
+    """Decode-time selection of the pages a learned model predicts the current query will attend to.
+
+    budget: attended slots per step and kv head (sink + top pages + local); page: slots per page (16, the paper's
+    block size); sink / local: slots, multiples of `page` (default min(64, budget / 8) rounded down to pages).
+    Raises KVSqueezeError when sink/local are not whole pages or the budget leaves no page to select."""
 
     name = "attention_predictor"
-    summary = "a learned CNN predicts the next step's block attention from the history of attention rows"
+    summary = "a learned CNN predicts the next step's page attention from the history of attention rows"
     row_free_state = ("z_valid",)  # IncrementalCNN's per-time-step flags
 
     def __init__(self, budget: int, *, predictor: PredictorNet | str | Path | None = None, sink: int | None = None,
-                 local: int | None = None, history: int = HISTORY, block: int = BLOCK,
+                 local: int | None = None, history: int = HISTORY, page: int = PAGE,
                  calibration_every: int = CALIBRATION_EVERY, gqa: str = "max",
                  dense_layers: tuple[int, ...] = (0, 1), track_recovery: bool = False, incremental: bool = True):
-        super().__init__(budget, block=block, dense_layers=dense_layers, track_recovery=track_recovery)
+        super().__init__(budget, page=page, dense_layers=dense_layers, track_recovery=track_recovery)
         self.incremental = incremental
-        auto = max(block, min(64, (budget // 8) // block * block))  # 64 + 64 from 1024 tokens up, as the paper
+        auto = max(page, min(64, (budget // 8) // page * page))  # 64 + 64 from 1024 tokens up, as the paper
         self.sink = auto if sink is None else sink
         self.local = auto if local is None else local
-        if self.sink % block or self.local % block or self.local < block:
-            raise KVSqueezeError(f"sink and local must be multiples of the block ({block}); local at least one block")
-        self.k_blocks = (budget - self.sink - self.local) // block
-        if self.k_blocks < 1:
-            raise KVSqueezeError(f"budget {budget} leaves no block beyond sink {self.sink} + local {self.local}")
+        if self.sink % page or self.local % page or self.local < page:
+            raise KVSqueezeError(f"sink and local must be multiples of the page ({page}); local at least one page")
+        self.k_pages = (budget - self.sink - self.local) // page
+        if self.k_pages < 1:
+            raise KVSqueezeError(f"budget {budget} leaves no page beyond sink {self.sink} + local {self.local}")
         if gqa not in ("max", "mean"):
             raise KVSqueezeError(f"gqa must be 'max' or 'mean', got {gqa!r}")
         self.gqa = gqa
@@ -258,7 +272,7 @@ class AttentionPredictor(Selector):
             self._incremental = IncrementalCNN(self.net)  # it holds the weights it reads
 
     def describe(self) -> str:
-        return f"{self.name}(budget={self.budget}, sink={self.sink}, local={self.local}, top={self.k_blocks} blocks)"
+        return f"{self.name}(budget={self.budget}, sink={self.sink}, local={self.local}, top={self.k_pages} pages)"
 
     def _index_layer(self, st: dict, fn) -> None:
         """`z` (IncrementalCNN's rows) is (batch * q_heads, T, W): indexed per batch row, as the history."""
@@ -273,7 +287,7 @@ class AttentionPredictor(Selector):
 
     # --- history ---------------------------------------------------------------------------------------
     def _push(self, st: dict, rows: torch.Tensor) -> None:
-        """Append pooled rows (b, hq, r, W) to the layer's history (b, hq, T <= H, W'), widening as blocks appear."""
+        """Append pooled rows (b, hq, r, W) to the layer's history (b, hq, T <= H, W'), widening as pages appear."""
         hist = st.get("hist")
         if hist is not None:
             w = rows.shape[-1]
@@ -300,18 +314,19 @@ class AttentionPredictor(Selector):
         if bool(future.any()):  # renormalise without the keys after each query (causal rows)
             probs = probs.masked_fill(future, 0.0)
             probs = probs / probs.sum(-1, keepdim=True).clamp_min(1e-30)
-        self._push(st, block_pool(probs, self.block))
+        self._push(st, page_pool(probs, self.page))
 
-    def predict(self, hist: torch.Tensor, n_blocks: int, st: dict | None = None) -> torch.Tensor:
-        """Block scores (b, hq, n_blocks - sink_b - local_b) for the middle blocks of the current step.
+    def predict(self, hist: torch.Tensor, n_pages: int, st: dict | None = None) -> torch.Tensor:
+        """Page scores (b, hq, n_pages - sink_pages - local_pages) for the middle pages of the current step, from
+        the history `hist` (b, hq, T, W) (W pages as of the last row).
 
         With the layer's state `st`, the CNN runs incrementally (`IncrementalCNN`, exact): only the rows and
         columns of its feature maps that the last history update changed are recomputed."""
-        sb, lb = self.sink // self.block, self.local // self.block
+        sink_pages, local_pages = self.sink // self.page, self.local // self.page
         b, hq, T, W = hist.shape
         self._place(hist.device)
-        lo, hi = sb, max(sb, W - lb)  # the middle blocks as of the last history row
-        out_w = n_blocks - lb - sb
+        lo, hi = sink_pages, max(sink_pages, W - local_pages)  # the middle pages as of the last history row
+        out_w = n_pages - local_pages - sink_pages
         if hi - lo >= 3:  # the 3 x 3 kernels need a few columns
             x = hist[..., lo:hi].reshape(b * hq, T, hi - lo)
             if st is None or self._incremental is None:
@@ -321,7 +336,7 @@ class AttentionPredictor(Selector):
             pred = pred.view(b, hq, hi - lo)
         else:
             pred = hist[:, :, -1, lo:hi].float()
-        if pred.shape[-1] < out_w:  # blocks that just left the local window: their last observed value
+        if pred.shape[-1] < out_w:  # pages that just left the local window: their last observed value
             last = hist[:, :, -1, hi : hi + out_w - pred.shape[-1]].float()
             last = torch.nn.functional.pad(last, (0, out_w - pred.shape[-1] - last.shape[-1]))
             pred = torch.cat([pred, last], -1)
@@ -330,22 +345,22 @@ class AttentionPredictor(Selector):
     def _select(self, layer_idx: int, layer, query: torch.Tensor) -> torch.Tensor | None:
         st = self.layer_state(layer_idx, layer)
         n = layer.n_stored
-        nb = math.ceil(n / self.block)
-        sb, lb = self.sink // self.block, self.local // self.block
-        if nb <= sb + lb + self.k_blocks or "hist" not in st:
+        n_pages = math.ceil(n / self.page)
+        sink_pages, local_pages = self.sink // self.page, self.local // self.page
+        if n_pages <= sink_pages + local_pages + self.k_pages or "hist" not in st:
             return None
-        pred = self.predict(st["hist"], nb, st if self.incremental else None)  # (b, hq, nb - sb - lb)
+        pred = self.predict(st["hist"], n_pages, st if self.incremental else None)  # (b, hq, middle pages)
         b, hq, wm = pred.shape
         hk = layer.keys.shape[1]
         pred = pred.view(b, hk, hq // hk, wm)
         agg = pred.amax(2) if self.gqa == "max" else pred.mean(2)
         if layer.valid is not None:
-            vb = torch.nn.functional.pad(layer.valid, (0, nb * self.block - n)).view(b, hk, nb, -1).any(-1)
-            agg = agg.masked_fill(~vb[..., sb : nb - lb], float("-inf"))
-        top = agg.topk(self.k_blocks, dim=-1).indices + sb
-        fixed = torch.cat([torch.arange(sb), torch.arange(nb - lb, nb)]).to(top.device)
-        blocks = torch.cat([fixed.expand(b, hk, -1), top], dim=-1)
-        return blocks_to_slots(blocks, n, self.block)
+            vp = torch.nn.functional.pad(layer.valid, (0, n_pages * self.page - n)).view(b, hk, n_pages, -1).any(-1)
+            agg = agg.masked_fill(~vp[..., sink_pages : n_pages - local_pages], float("-inf"))
+        top = agg.topk(self.k_pages, dim=-1).indices + sink_pages
+        fixed = torch.cat([torch.arange(sink_pages), torch.arange(n_pages - local_pages, n_pages)]).to(top.device)
+        pages = torch.cat([fixed.expand(b, hk, -1), top], dim=-1)
+        return pages_to_slots(pages, n, self.page)
 
     def _after_select(self, layer_idx, layer, query, idx, probs) -> None:
         """Add this step's row to the history: the sparse row, or the full one every M steps (and when dense)."""
@@ -357,4 +372,4 @@ class AttentionPredictor(Selector):
             row = probs if probs is not None else self.full_probs(layer_idx, layer, query)
         else:
             row = self.sparse_probs(layer_idx, layer, query, idx)
-        self._push(st, block_pool(row[:, :, None], self.block))
+        self._push(st, page_pool(row[:, :, None], self.page))

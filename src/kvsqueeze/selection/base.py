@@ -1,4 +1,4 @@
-"""What Quest and AttentionPredictor share: the decode-time selector protocol, blocks, and the recovery rate.
+"""What Quest and AttentionPredictor share: the decode-time selector protocol, pages, and the recovery rate.
 
 A selector is handed to `CompressedCache(model, selector=...)`. Every stored KV entry stays; at every decoding
 step (q_len == 1) of every full-attention layer, the attention wrapper calls
@@ -10,10 +10,12 @@ densely when it returns None. Forwards of more than one token (the prefill, an a
 `selector.observe(layer_idx, layer, query)`, which AttentionPredictor uses to start its attention history from the
 last queries of the prompt, as the paper's code does.
 
-Blocks (Quest's "pages") are `block` = 16 consecutive slots: block j holds slots [16 j, 16 j + 16); the last
-block is partial while the current token fills it, and is always attended (it holds the current token). A
-selection is a set of whole blocks per kv head, so every head attends to the same number of slots and the result
-stays one rectangular gather. The token budget counts every attended slot, the current token included.
+Pages (Quest's term; AttentionPredictor's paper calls them "blocks") are `page` = 16 consecutive slots: page j
+holds slots [16 j, 16 j + 16); the last page is partial while the current token fills it, and is always attended
+(it holds the current token). A selection is a set of whole pages per kv head, so every head attends to the same
+number of slots and the result stays one rectangular gather. The token budget counts every attended slot, the
+current token included. Pages are also the unit a later offloading would move (PagedAttention's / FlashInfer's
+term).
 
 Attention recovery rate (AttentionPredictor's metric): the share of the true (dense) attention of the current
 query that falls on the attended slots, averaged over the query heads; `track_recovery=True` records it per layer
@@ -41,23 +43,23 @@ def attention_probs(query: torch.Tensor, keys: torch.Tensor, scaling: float, sof
     return kernel_attention_probs(query, keys, scaling=scaling, softcap=softcap, valid=valid)
 
 
-def block_pool(rows: torch.Tensor, block: int, reduce: str = "max") -> torch.Tensor:
-    """(..., n) -> (..., ceil(n / block)): max (or sum) over blocks of `block` slots, the last one zero-padded."""
+def page_pool(rows: torch.Tensor, page: int, reduce: str = "max") -> torch.Tensor:
+    """(..., n) -> (..., ceil(n / page)): max (or sum) over pages of `page` slots, the last one zero-padded."""
     n = rows.shape[-1]
-    pad = (-n) % block
+    pad = (-n) % page
     if pad:
         rows = torch.nn.functional.pad(rows, (0, pad))
-    rows = rows.view(*rows.shape[:-1], -1, block)
+    rows = rows.view(*rows.shape[:-1], -1, page)
     return rows.amax(-1) if reduce == "max" else rows.sum(-1)
 
 
-def blocks_to_slots(blocks: torch.Tensor, n: int, block: int) -> torch.Tensor:
-    """Block indices (b, hk, K), which include the last (possibly partial) block in every row, -> sorted slot
-    indices (b, hk, k) < n. Every row has the same count, since only the last block can be partial."""
-    b, hk, K = blocks.shape
-    slots = (blocks.sort(dim=-1).values[..., None] * block + torch.arange(block, device=blocks.device)).view(b, hk, -1)
-    missing = block * math.ceil(n / block) - n  # slots of the partial last block that do not exist yet
-    return slots[..., : K * block - missing]
+def pages_to_slots(pages: torch.Tensor, n: int, page: int) -> torch.Tensor:
+    """Page indices (b, hk, K), which include the last (possibly partial) page in every row, -> sorted slot
+    indices (b, hk, k) < n. Every row has the same count, since only the last page can be partial."""
+    b, hk, K = pages.shape
+    slots = (pages.sort(dim=-1).values[..., None] * page + torch.arange(page, device=pages.device)).view(b, hk, -1)
+    missing = page * math.ceil(n / page) - n  # slots of the partial last page that do not exist yet
+    return slots[..., : K * page - missing]
 
 
 def recovery(probs: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -82,12 +84,12 @@ class Selector:
     # and follows the cache's batch operations (`index_batch`). Batch-flattened tensors: override `_index_layer`.
     row_free_state: tuple[str, ...] = ()
 
-    def __init__(self, budget: int, *, block: int = 16, dense_layers: tuple[int, ...] = (0, 1),
+    def __init__(self, budget: int, *, page: int = 16, dense_layers: tuple[int, ...] = (0, 1),
                  track_recovery: bool = False):
-        if budget < 2 * block:
-            raise KVSqueezeError(f"budget must be at least {2 * block} tokens (two blocks of {block}), got {budget}")
+        if budget < 2 * page:
+            raise KVSqueezeError(f"budget must be at least {2 * page} tokens (two pages of {page}), got {budget}")
         self.budget = int(budget)
-        self.block = int(block)
+        self.page = int(page)
         self.dense_layers = layer_indices(dense_layers, "dense_layers")
         self.track_recovery = track_recovery
         self.scaling: dict[int, float] = {}

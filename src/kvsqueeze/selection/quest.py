@@ -25,7 +25,7 @@ import math
 import torch
 
 from ..errors import KVSqueezeError
-from .base import Selector, blocks_to_slots
+from .base import Selector, pages_to_slots
 
 
 def page_minmax(keys: torch.Tensor, page: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,13 +54,13 @@ class Quest(Selector):
                  track_recovery: bool = False):
         if gqa not in ("max", "raw", "mean"):
             raise KVSqueezeError(f"gqa must be 'max', 'raw' or 'mean', got {gqa!r}")
-        super().__init__(budget, block=page, dense_layers=dense_layers, track_recovery=track_recovery)
+        super().__init__(budget, page=page, dense_layers=dense_layers, track_recovery=track_recovery)
         self.gqa = gqa
 
     def _metadata(self, layer_idx: int, layer) -> tuple[torch.Tensor, torch.Tensor]:
         """Min/max of every page, the current partial page included: (b, hk, P, d) each."""
         st = self.layer_state(layer_idx, layer)
-        p = self.block
+        p = self.page
         n = layer.n_stored
         full = n // p
         version = layer.version  # moves whenever the layer's slots change other than by appending
@@ -80,8 +80,8 @@ class Quest(Selector):
 
     def _select(self, layer_idx: int, layer, query: torch.Tensor) -> torch.Tensor | None:
         n = layer.n_stored
-        n_pages = math.ceil(n / self.block)
-        k_pages = self.budget // self.block
+        n_pages = math.ceil(n / self.page)
+        k_pages = self.budget // self.page
         if k_pages >= n_pages:
             return None
         kmin, kmax = self._metadata(layer_idx, layer)
@@ -95,7 +95,7 @@ class Quest(Selector):
             agg = est.amax(2) if self.gqa == "max" else est.mean(2)
         agg[..., -1] = float("inf")  # the current page
         if layer.valid is not None:  # pages with no valid slot are never worth a slot of the budget
-            vp = torch.nn.functional.pad(layer.valid, (0, n_pages * self.block - n)).view(b, hk, P, -1).any(-1)
+            vp = torch.nn.functional.pad(layer.valid, (0, n_pages * self.page - n)).view(b, hk, P, -1).any(-1)
             agg = agg.masked_fill(~vp, float("-inf"))
-        blocks = agg.topk(k_pages, dim=-1).indices
-        return blocks_to_slots(blocks, n, self.block)
+        pages = agg.topk(k_pages, dim=-1).indices
+        return pages_to_slots(pages, n, self.page)

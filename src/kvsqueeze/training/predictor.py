@@ -1,13 +1,14 @@
 """Training AttentionPredictor's CNN on collected traces (see `traces.py`).
 
 Examples: for a trace and a decode step s, the input is the H = 64 history rows before the step, the sink and
-local blocks cropped (as at decoding time), one example per (layer, query head); the target is the step's
-block-max-pooled attention on the same blocks. Loss: MSE (the paper's). Each batch is one (trace, step) with a
-random subset of its (layer, head) series, so every example of a batch has the same width.
+local pages cropped (as at decoding time), one example per (layer, query head); the target is the step's
+page-max-pooled attention on the same pages (the paper's "blocks" are our pages). Loss: MSE (the paper's). Each
+batch is one (trace, step) with a random subset of its (layer, head) series, so every example of a batch has the
+same width.
 
 Checkpoint selection: after each epoch, the attention recovery rate on the validation traces (texts no training
 sequence saw): per (layer, head, step), the share of the true attention mass on sink + local + the top-k predicted
-middle blocks. The epoch with the best rate is kept. Two trivial predictors are measured on the same examples
+middle pages. The epoch with the best rate is kept. Two trivial predictors are measured on the same examples
 for reference: the last history row ("last") and the history mean ("mean").
 """
 
@@ -34,17 +35,17 @@ class TrainConfig:
     val_stride: int = 4
     sink: int = 64
     local: int = 64
-    block: int = 16
-    val_k: tuple[int, ...] = (8, 16, 32)  # middle blocks selected when measuring the recovery rate
+    page: int = 16  # slots per page (the paper's block size); checkpoints before the rename stored `block`
+    val_k: tuple[int, ...] = (8, 16, 32)  # middle pages selected when measuring the recovery rate
     select_k: int = 16  # the k whose recovery rate picks the checkpoint
     max_seconds: float | None = None  # stop training (not validation) after this long
-    crop: int | None = 48  # train on a random window of this many middle blocks (fully convolutional; cheaper)
+    crop: int | None = 48  # train on a random window of this many middle pages (fully convolutional; cheaper)
     sparse_history: float = 0.0  # share of batches whose history imitates decoding (sparse rows, see below)
     weighted: bool = True  # scale each example's error by its history's peak (heads count alike)
     init: str = "blend"  # "blend" (start from 0.25 mean + 0.75 last row), "mean" or "random" (PyTorch's default)
     init_last: float = 0.75  # the last row's weight of the "blend" initialisation
     freeze_init: bool = True  # with "mean"/"blend": keep the heuristic's channels fixed, learn a residual on top
-    loss: str = "mse"  # "mse" (the paper's) or "ce": cross-entropy of softmax(scores) against the block masses
+    loss: str = "mse"  # "mse" (the paper's) or "ce": cross-entropy of softmax(scores) against the page masses
     select_budget: int | None = 256  # pick the checkpoint by the decode replay's recovery at this token budget
     val_every: int | None = 100  # validate every this many batches (None: after each epoch)
     seed: int = 0
@@ -71,15 +72,15 @@ class TrainResult:
                 "history": self.history}
 
 
-def sparse_rows(maxp: torch.Tensor, sums: torch.Tensor, first_pos: int, sink_b: int, local_b: int, block: int,
+def sparse_rows(maxp: torch.Tensor, sums: torch.Tensor, first_pos: int, sink_pages: int, local_pages: int, page: int,
                 k: int, n_decode: int, phase: int, every: int) -> torch.Tensor:
     """History rows (N, H, W) as decoding writes them: the last `n_decode` rows are sparse (sink + local + the
-    top-k middle blocks by true mass, renormalised) except every `every`-th, a full calibration row; earlier rows
+    top-k middle pages by true mass, renormalised) except every `every`-th, a full calibration row; earlier rows
     (the prompt's) stay full. Row r is position first_pos + r. The true top-k stands in for the predictor's."""
     N, H, W = maxp.shape
     cols = torch.arange(W)
-    nb = (first_pos + torch.arange(H) + 1 + block - 1) // block  # blocks seen by each row
-    middle = (cols[None, :] >= sink_b) & (cols[None, :] < (nb - local_b)[:, None])  # (H, W)
+    n_pages = (first_pos + torch.arange(H) + 1 + page - 1) // page  # pages seen by each row
+    middle = (cols[None, :] >= sink_pages) & (cols[None, :] < (n_pages - local_pages)[:, None])  # (H, W)
     score = sums.masked_fill(~middle, -1.0)
     kk = min(k, W)
     keep = torch.zeros(N, H, W, dtype=torch.bool).scatter(2, score.topk(kk, dim=-1).indices, True) & middle
@@ -90,31 +91,31 @@ def sparse_rows(maxp: torch.Tensor, sums: torch.Tensor, first_pos: int, sink_b: 
     return torch.where(sparse[None, :, None], out, maxp)
 
 
-def example(trace: Trace, s: int, sink_b: int, local_b: int, block: int, sparse: dict | None = None):
-    """Inputs (L*hq, H, Wm), targets (L*hq, Wm), block sums of the target row (L*hq, nb) and the middle range.
+def example(trace: Trace, s: int, sink_pages: int, local_pages: int, page: int, sparse: dict | None = None):
+    """Inputs (L*hq, H, Wm), targets (L*hq, Wm), page sums of the target row (L*hq, n_pages) and the middle range.
 
-    The target row sits at position p = T - S + s; its history's width is ceil(p / block) blocks (the last history
-    row has p keys); the middle blocks are [sink_b, W - local_b)."""
+    The target row sits at position p = T - S + s; its history's width is ceil(p / page) pages (the last history
+    row has p keys); the middle pages are [sink_pages, W - local_pages)."""
     H = trace.history
     p = trace.n_tokens - trace.n_steps + s
-    W = math.ceil(p / block)
-    nb = math.ceil((p + 1) / block)
-    lo, hi = sink_b, W - local_b
+    W = math.ceil(p / page)
+    n_pages = math.ceil((p + 1) / page)
+    lo, hi = sink_pages, W - local_pages
     L, hq = trace.maxp.shape[:2]
     if sparse is None:
         x = trace.maxp[:, :, s : s + H, lo:hi].float().reshape(L * hq, H, hi - lo)
     else:
         rows = sparse_rows(trace.maxp[:, :, s : s + H, :W].float().reshape(L * hq, H, W),
-                           trace.sums[:, :, s : s + H, :W].float().reshape(L * hq, H, W), p - H, sink_b, local_b,
-                           block, **sparse)
+                           trace.sums[:, :, s : s + H, :W].float().reshape(L * hq, H, W), p - H, sink_pages,
+                           local_pages, page, **sparse)
         x = rows[..., lo:hi].contiguous()
     y = trace.maxp[:, :, s + H, lo:hi].float().reshape(L * hq, hi - lo)
-    sums = trace.sums[:, :, s + H, :nb].float().reshape(L * hq, nb)
+    sums = trace.sums[:, :, s + H, :n_pages].float().reshape(L * hq, n_pages)
     return x, y, sums, lo, hi
 
 
 def recovery_at(scores: torch.Tensor, sums: torch.Tensor, lo: int, hi: int, k: int) -> torch.Tensor:
-    """Per example: (mass on blocks < lo and >= hi, plus the top-k scored middle blocks) / total mass."""
+    """Per example: (mass on pages < lo and >= hi, plus the top-k scored middle pages) / total mass."""
     k = min(k, hi - lo)
     mid = sums[:, lo:hi]
     picked = mid.gather(1, scores.topk(k, dim=-1).indices).sum(1)
@@ -126,12 +127,12 @@ def recovery_at(scores: torch.Tensor, sums: torch.Tensor, lo: int, hi: int, k: i
 def evaluate(net: PredictorNet | None, traces: list[Trace], cfg: TrainConfig, kind: str = "learned"
              ) -> dict[int, float]:
     """Mean recovery rate over the validation examples, per k, of the CNN (or 'last' / 'mean')."""
-    sink_b, local_b = cfg.sink // cfg.block, cfg.local // cfg.block
+    sink_pages, local_pages = cfg.sink // cfg.page, cfg.local // cfg.page
     tot = {k: 0.0 for k in cfg.val_k}
     count = 0
     for tr in traces:
         for s in range(0, tr.n_steps, cfg.val_stride):
-            x, _, sums, lo, hi = example(tr, s, sink_b, local_b, cfg.block)
+            x, _, sums, lo, hi = example(tr, s, sink_pages, local_pages, cfg.page)
             if hi - lo < 3:
                 continue
             if kind == "last":
@@ -186,9 +187,9 @@ def train(train_traces: list[Trace], val_traces: list[Trace], cfg: TrainConfig |
     if cfg.init in ("mean", "blend") and cfg.freeze_init:
         freeze_heuristic(net)
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
-    sink_b, local_b = cfg.sink // cfg.block, cfg.local // cfg.block
+    sink_pages, local_pages = cfg.sink // cfg.page, cfg.local // cfg.page
     combos = [(ti, s) for ti, tr in enumerate(train_traces) for s in range(0, tr.n_steps, cfg.step_stride)
-              if math.ceil((tr.n_tokens - tr.n_steps + s) / cfg.block) - local_b - sink_b >= 3]
+              if math.ceil((tr.n_tokens - tr.n_steps + s) / cfg.page) - local_pages - sink_pages >= 3]
     n_series = max(1, min(cfg.series_per_batch, *(t.maxp.shape[0] * t.maxp.shape[1] for t in train_traces)))
     total_batches = cfg.epochs * len(combos)
     bar = None
@@ -231,10 +232,10 @@ def train(train_traces: list[Trace], val_traces: list[Trace], cfg: TrainConfig |
             if cfg.sparse_history and rng.random() < cfg.sparse_history:
                 sp = {"k": rng.choice([8, 16, 24, 32, 56]), "n_decode": rng.randint(1, HISTORY),
                       "phase": rng.randrange(5), "every": 5}
-            x, y, sums, lo, hi = example(train_traces[ti], s, sink_b, local_b, cfg.block, sp)
+            x, y, sums, lo, hi = example(train_traces[ti], s, sink_pages, local_pages, cfg.page, sp)
             pick = torch.tensor(rng.sample(range(x.shape[0]), n_series))
             x, y = x[pick], y[pick]
-            if cfg.loss == "ce":  # the target: the next step's attention mass per block
+            if cfg.loss == "ce":  # the target: the next step's attention mass per page
                 y = sums[pick][:, lo:hi]
             keep = slice(None)
             w = x.shape[-1]
@@ -288,7 +289,7 @@ def train(train_traces: list[Trace], val_traces: list[Trace], cfg: TrainConfig |
 
 
 def collect_traces(model, sequences: list[tuple[str, list[int]]], *, history: int = HISTORY, steps: int = 64,
-                   block: int = 16, progress: bool = True, desc: str = "collecting traces") -> list[Trace]:
+                   page: int = 16, progress: bool = True, desc: str = "collecting traces") -> list[Trace]:
     from .traces import collect_trace
 
     it = sequences
@@ -296,7 +297,7 @@ def collect_traces(model, sequences: list[tuple[str, list[int]]], *, history: in
         from tqdm.auto import tqdm
 
         it = tqdm(sequences, desc=desc, unit="seq")
-    return [collect_trace(model, ids, history=history, steps=steps, block=block, kind=kind) for kind, ids in it]
+    return [collect_trace(model, ids, history=history, steps=steps, page=page, kind=kind) for kind, ids in it]
 
 
 def train_predictor(model, tokenizer, texts: list[str] | None = None, *, n_seq: int = 16, seq_len: int = 2048,
@@ -315,9 +316,9 @@ def train_predictor(model, tokenizer, texts: list[str] | None = None, *, n_seq: 
     texts = texts or ["\n\n".join(default_calibration_texts())]
     train_seqs, val_seqs = calibration_sequences(tokenizer, texts, n_seq, seq_len, copy_share=copy_share,
                                                  retrieval_share=retrieval_share, steps=steps, seed=seed)
-    train_tr = collect_traces(model, train_seqs, steps=steps, block=cfg.block, progress=progress,
+    train_tr = collect_traces(model, train_seqs, steps=steps, page=cfg.page, progress=progress,
                               desc="traces (train)")
-    val_tr = collect_traces(model, val_seqs, steps=steps, block=cfg.block, progress=progress, desc="traces (val)")
+    val_tr = collect_traces(model, val_seqs, steps=steps, page=cfg.page, progress=progress, desc="traces (val)")
     t_traces = time.perf_counter() - t0
     res = train(train_tr, val_tr, cfg, progress=progress)
     budget = cfg.select_budget or 256  # (with select_budget set, the rules' replay is res.val_recovery's)
@@ -333,11 +334,11 @@ def train_predictor(model, tokenizer, texts: list[str] | None = None, *, n_seq: 
 
 @torch.no_grad()
 def simulate(traces: list[Trace], budget: int, predictor=None, *, sink: int | None = None, local: int | None = None,
-             calibration_every: int = 5, block: int = 16, with_quest: bool = True) -> dict:
-    """Decoding replayed offline on traces, at block level: the recovery rate per layer of AttentionPredictor
+             calibration_every: int = 5, page: int = 16, with_quest: bool = True) -> dict:
+    """Decoding replayed offline on traces, at page level: the recovery rate per layer of AttentionPredictor
     (its real selector code: history from the prompt rows, sparse rows + a full row every M steps, GQA max),
-    of Quest (page bounds stored in the trace; softmax estimates, GQA max) and of the oracle (the true top blocks
-    per kv head, the same number of blocks as Quest).
+    of Quest (page bounds stored in the trace; softmax estimates, GQA max) and of the oracle (the true top pages
+    per kv head, the same number of pages as Quest).
 
     predictor: a PredictorNet, or "last" / "mean" (heuristics). Returns {"ap": {layer: r}, "quest": ..., "oracle": ...}.
     """
@@ -345,11 +346,11 @@ def simulate(traces: list[Trace], budget: int, predictor=None, *, sink: int | No
 
     net = {"last": LastRow(), "mean": HistoryMean()}.get(predictor, predictor) if isinstance(predictor, str) else predictor
     sel = AttentionPredictor(budget, predictor=net, sink=sink, local=local, calibration_every=calibration_every,
-                             block=block)
+                             page=page)
     sel.net = net.eval()
     sel._incremental = IncrementalCNN(net) if isinstance(net, PredictorNet) else None
-    sb, lb, k = sel.sink // block, sel.local // block, sel.k_blocks
-    kq = budget // block
+    sink_pages, local_pages, k = sel.sink // page, sel.local // page, sel.k_pages
+    kq = budget // page
     acc = {m: {} for m in ("ap", "quest", "oracle")}
 
     def add(m, layers, r):  # r: (L,) mean over heads
@@ -366,39 +367,39 @@ def simulate(traces: list[Trace], budget: int, predictor=None, *, sink: int | No
         sel._push(st, tr.maxp[:, :, :H].float())
         for s in range(S):
             r, p = H + s, T - S + s
-            nb = math.ceil((p + 1) / block)
-            sums = tr.sums[:, :, r, :nb].float()
+            n_pages = math.ceil((p + 1) / page)
+            sums = tr.sums[:, :, r, :n_pages].float()
             total = sums.sum(-1).clamp_min(1e-12)
-            if nb <= sb + lb + k:
-                mask = torch.ones(L, hq, nb, dtype=torch.bool)
+            if n_pages <= sink_pages + local_pages + k:
+                mask = torch.ones(L, hq, n_pages, dtype=torch.bool)
             else:
-                pred = sel.predict(st["hist"], nb, st if sel._incremental is not None else None)
+                pred = sel.predict(st["hist"], n_pages, st if sel._incremental is not None else None)
                 agg = pred.view(L, hk, g, -1).amax(2)
-                top = agg.topk(k, dim=-1).indices + sb
-                m = torch.zeros(L, hk, nb, dtype=torch.bool).scatter(2, top, True)
-                m[..., :sb] = True
-                m[..., nb - lb :] = True
+                top = agg.topk(k, dim=-1).indices + sink_pages
+                m = torch.zeros(L, hk, n_pages, dtype=torch.bool).scatter(2, top, True)
+                m[..., :sink_pages] = True
+                m[..., n_pages - local_pages :] = True
                 mask = m.repeat_interleave(g, 1)
             add("ap", tr.layers, ((sums * mask).sum(-1) / total).mean(1))
             if (s + 1) % calibration_every == 0 or bool(mask.all()):
-                row = tr.maxp[:, :, r, :nb].float()
+                row = tr.maxp[:, :, r, :n_pages].float()
             else:
-                row = tr.maxp[:, :, r, :nb].float() * mask / (sums * mask).sum(-1, keepdim=True).clamp_min(1e-12)
+                row = tr.maxp[:, :, r, :n_pages].float() * mask / (sums * mask).sum(-1, keepdim=True).clamp_min(1e-12)
             sel._push(st, row[:, :, None])
-            if nb <= kq:
+            if n_pages <= kq:
                 add("quest", tr.layers, torch.ones(L))
                 add("oracle", tr.layers, torch.ones(L))
                 continue
             if with_quest and tr.quest is not None:
-                u = tr.quest[:, :, s, :nb].float()
+                u = tr.quest[:, :, s, :n_pages].float()
                 est = torch.softmax(u.masked_fill(torch.isinf(u), float("-inf")), -1).nan_to_num(0.0)
-                agg = est.view(L, hk, g, nb).amax(2)
-                agg[..., nb - 1] = float("inf")
-                m = torch.zeros(L, hk, nb, dtype=torch.bool).scatter(2, agg.topk(kq, dim=-1).indices, True)
+                agg = est.view(L, hk, g, n_pages).amax(2)
+                agg[..., n_pages - 1] = float("inf")
+                m = torch.zeros(L, hk, n_pages, dtype=torch.bool).scatter(2, agg.topk(kq, dim=-1).indices, True)
                 add("quest", tr.layers, ((sums * m.repeat_interleave(g, 1)).sum(-1) / total).mean(1))
-            mass = sums.view(L, hk, g, nb).sum(2)
-            mass[..., nb - 1] = float("inf")
-            m = torch.zeros(L, hk, nb, dtype=torch.bool).scatter(2, mass.topk(kq, dim=-1).indices, True)
+            mass = sums.view(L, hk, g, n_pages).sum(2)
+            mass[..., n_pages - 1] = float("inf")
+            m = torch.zeros(L, hk, n_pages, dtype=torch.bool).scatter(2, mass.topk(kq, dim=-1).indices, True)
             add("oracle", tr.layers, ((sums * m.repeat_interleave(g, 1)).sum(-1) / total).mean(1))
     out = {m: {li: s_ / c_ for li, (s_, c_) in sorted(d.items())} for m, d in acc.items() if d}
     for m, d in list(out.items()):

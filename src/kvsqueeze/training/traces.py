@@ -3,14 +3,14 @@
 For a token sequence x_1..x_T, decoding it token by token with teacher forcing gives, at every step, exactly the
 queries and keys of one causal forward over the whole sequence. So one forward (no cache compression) records
 every layer's post-RoPE queries (`attention.record_queries`) and the cache keeps every key; the attention row of
-the last H + S positions is then recomputed per layer and query head (fp32), and pooled over key blocks of 16:
+the last H + S positions is then recomputed per layer and query head (fp32), and pooled over key pages of 16:
 
-    maxp  (layers, q_heads, H + S, W)  block-max-pooled rows: the predictor's input history and its MSE targets
-    sums  (layers, q_heads, H + S, W)  block sums: the attention mass per block, for the recovery rate
+    maxp  (layers, q_heads, H + S, W)  page-max-pooled rows: the predictor's input history and its MSE targets
+    sums  (layers, q_heads, H + S, W)  page sums: the attention mass per page, for the recovery rate
     quest (layers, q_heads, S, W)      Quest's page bound x scaling of the S decode queries (-inf on the current
                                        and later pages), to compare with Quest offline (`training.simulate`)
 
-W = ceil(T / 16); row r is position T - (H + S) + r and is zero on blocks after it. A training example is
+W = ceil(T / 16); row r is position T - (H + S) + r and is zero on pages after it. A training example is
 (rows s .. s + H - 1) -> row s + H, for s in 0..S-1: the last S positions are the "decode steps". Stored in fp16.
 
 Sequences (`calibration_sequences`): windows of a text corpus (essays), a synthetic copy task (a passage of the
@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from ..compat import cache_kwargs
-from ..selection.base import attention_probs, block_pool
+from ..selection.base import attention_probs, page_pool
 
 COPY_REQUEST = "Repeat, word for word, the passage of the text above that starts with \"{start}\"."
 
@@ -53,7 +53,7 @@ class Trace:
 
 
 @torch.no_grad()
-def collect_trace(model, ids: list[int] | torch.Tensor, *, history: int = 64, steps: int = 64, block: int = 16,
+def collect_trace(model, ids: list[int] | torch.Tensor, *, history: int = 64, steps: int = 64, page: int = 16,
                   dense_layers: tuple[int, ...] = (0, 1), kind: str = "text") -> Trace:
     """Run `ids` once through `model` and keep the pooled attention rows of its last `history + steps` positions."""
     from ..runtime.attention import record_queries
@@ -80,7 +80,7 @@ def collect_trace(model, ids: list[int] | torch.Tensor, *, history: int = 64, st
     from ..selection.quest import page_minmax, page_scores
 
     maxp, sums, quest = [], [], []
-    n_full = T // block
+    n_full = T // page
     for i in layers:
         layer = cache.layers[i]
         q = queries[i]
@@ -88,16 +88,16 @@ def collect_trace(model, ids: list[int] | torch.Tensor, *, history: int = 64, st
                             getattr(model.config.get_text_config(), "attn_logit_softcapping", None))[0]  # (hq, w, T)
         p = p.masked_fill(torch.arange(T, device=p.device)[None, None, :] > q_pos[None, :, None], 0.0)
         p = p / p.sum(-1, keepdim=True)
-        maxp.append(block_pool(p, block, "max").half().cpu())
-        sums.append(block_pool(p, block, "sum").half().cpu())
-        kmin, kmax = page_minmax(layer.keys[:, :, : n_full * block], block)
-        pad = (0, 0, 0, math.ceil(T / block) - n_full)
+        maxp.append(page_pool(p, page, "max").half().cpu())
+        sums.append(page_pool(p, page, "sum").half().cpu())
+        kmin, kmax = page_minmax(layer.keys[:, :, : n_full * page], page)
+        pad = (0, 0, 0, math.ceil(T / page) - n_full)
         kmin, kmax = torch.nn.functional.pad(kmin, pad), torch.nn.functional.pad(kmax, pad)
         hq = q.shape[1]
         qs = q[0, :, -steps:].transpose(0, 1).reshape(1, steps * hq, -1)  # step-major: (1, S * hq, d)
         u = page_scores(qs, kmin.repeat(1, steps, 1, 1), kmax.repeat(1, steps, 1, 1))  # (1, S * hq, P)
         u = u.view(steps, hq, -1).transpose(0, 1) * scaling.get(i, q.shape[-1] ** -0.5)  # (hq, S, P)
-        cur = (q_pos[-steps:] // block)[None, :, None]
+        cur = (q_pos[-steps:] // page)[None, :, None]
         u = u.masked_fill(torch.arange(u.shape[-1], device=u.device)[None, None, :] >= cur, float("-inf"))
         quest.append(u.half().cpu())
     return Trace(torch.stack(maxp), torch.stack(sums), layers, T, history, kind, torch.stack(quest),
