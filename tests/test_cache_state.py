@@ -195,8 +195,8 @@ def test_budget_never_reached_equals_no_compression(scheme):
 
 @pytest.mark.parametrize("spec", [("full", {}), ("h2o", {"compression_ratio": 0.0}), ("pyramidkv", {"budget": 1000})])
 def test_a_budget_that_keeps_everything_keeps_everything_while_decoding(spec):
-    """Full (compression_ratio and budget ignored), compression_ratio 0 and a budget above every layer's tokens never evict: same logits as
-    no compression at all, nothing evicted."""
+    """Full (compression_ratio and budget ignored), compression_ratio 0 and a budget above every layer's tokens never
+    evict: same logits as no compression at all, nothing evicted."""
     name, kw = spec
     model = tiny_llama(layers=2)
     cache = kq.CompressedCache(model, _method(name, 2, compression_interval=1, **kw))

@@ -289,8 +289,8 @@ def test_sliding_window_layers_are_compressed_and_match_reference(attn, method, 
 @pytest.mark.parametrize("window,prompt", [(4096, 40), (16, 40), (32, 90)])
 @pytest.mark.parametrize("compression_ratio", [0.5, 0.75])
 def test_sliding_window_ratio_asked_is_ratio_held(family, window, prompt, compression_ratio):
-    """K-norm at `compression_ratio` on a prompt keeps int(held * (1 - compression_ratio)) of the `held` tokens a full cache holds
-    (all of them, or the window's last window - 1), and the stats say so in bytes."""
+    """K-norm at `compression_ratio` on a prompt keeps int(held * (1 - compression_ratio)) of the `held` tokens a full
+    cache holds (all of them, or the window's last window - 1), and the stats say so in bytes."""
     model = _sliding(family, window)
     cache = kq.CompressedCache(model, kq.get_method("knorm", compression_ratio=compression_ratio))
     with torch.no_grad():

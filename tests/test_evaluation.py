@@ -1,9 +1,9 @@
 """The sweep engine, the results store and the eval / sweep commands, on a tiny random Llama (fast).
 
-What is checked: one shared prefill gives the same answers (and the same capped perplexity) as re-running the
-prefill for every (method, compression_ratio) pair, batched or not; methods that compress while decoding fall back; rows are
-keyed, never duplicated, and a sweep killed with SIGKILL resumes without recomputing or losing finished rows;
-bad input is one `error:` line and exit status 2.
+What is checked: one shared prefill gives the same answers (and the same capped perplexity) as re-running the prefill
+for every (method, compression_ratio) pair, batched or not; methods that compress while decoding fall back; rows are
+keyed, never duplicated, and a sweep killed with SIGKILL resumes without recomputing or losing finished rows; bad
+input is one `error:` line and exit status 2.
 """
 
 from __future__ import annotations

@@ -297,8 +297,9 @@ def _kept(cache, row: int, pad: int) -> list:
 def test_left_padded_rows_equal_rows_alone(data, shape, attn):
     """Every row of a left-padded batch keeps the positions it keeps alone and has the same logits. With
     `prefill_chunk_size` the chunks are cut in the batch's (padded) coordinates, so a padded row is chunked
-    differently from the row alone and legitimately compressed differently (a compression_ratio budget follows the tokens seen
-    so far): there each row is compared with the row alone under the same left padding (batch independence)."""
+    differently from the row alone and legitimately compressed differently (a compression_ratio budget follows the
+    tokens seen so far): there each row is compared with the row alone under the same left padding (batch
+    independence)."""
     lengths = data.draw(st.lists(st.integers(8, 40), min_size=2, max_size=3), label="row lengths")
     width = max(lengths) + data.draw(st.integers(0, 6), label="extra padding")
     new_tokens = data.draw(st.integers(1, 4), label="new tokens")
@@ -404,9 +405,9 @@ def test_pyramidkv_at_ratio_zero_keeps_every_token():
 
 
 def test_padded_row_keeps_its_own_budget_after_a_chunk_that_was_mostly_padding():
-    """Found by property 3: with `prefill_chunk_size` 8, a row with 7 padding tokens of 15 kept 8 slots where it
-    keeps 7 alone (compression_ratio 0.1 of its 8 tokens): the layer held exactly the longer row's budget (8), so the per-row
-    budget was never applied."""
+    """Found by property 3: with `prefill_chunk_size` 8, a row with 7 padding tokens of 15 kept 8 slots where it keeps
+    7 alone (compression_ratio 0.1 of its 8 tokens): the layer held exactly the longer row's budget (8), so the
+    per-row budget was never applied."""
     model = _model(Shape(layers=1, kv_heads=1, group=1, head_dim=8), "sdpa")
     make = lambda: kq.get_method("streaming_llm", compression_ratio=0.1, n_sink=0)  # noqa: E731
     gen = torch.Generator().manual_seed(0)
