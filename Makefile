@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml Makefile
 install: $(STAMP)
 
 demo: install
-	$(BIN)/kvsqueeze generate --model smollm2-135m --method tova --ratio 0.5 \
+	$(BIN)/kvsqueeze generate --model smollm2-135m --method tova --compression-ratio 0.5 \
 		--context-file examples/passkey_2k.txt --question "What is the pass key? Answer with the number only."
 
 test: install

@@ -3,11 +3,12 @@
     python bench/combine_stores.py OUT.sqlite IN1.sqlite IN2.sqlite [...]
 
 A sample (task, sample_id, seed) is complete in a source when it has a row for every configuration (method,
-params_json, ratio) that source holds, on any task (so a run still going counts only its finished samples).
+params_json, compression_ratio) that source holds, on any task (so a run still going counts only its finished samples).
 Only samples complete in every source are copied, so that
 tools measured on different numbers of samples (e.g. kvsqueeze's sweep and kvpress's slower per-press loop, still
 running) are compared on the same samples. OUT is written fresh (an existing file is refused). Prints, per task,
-the samples kept and the configurations per source.
+the samples kept and the configurations per source. A source written before issue 10 (column `ratio`) is opened
+through `ResultStore` first, which renames it `compression_ratio` in place (as every kvsqueeze command does).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
 def complete_samples(con: sqlite3.Connection) -> dict[str, set[tuple]]:
     """task -> {(sample_id, seed)} with a row for every configuration this store holds (on any task)."""
-    cfg = "method || '|' || params_json || '|' || ratio"
+    cfg = "method || '|' || params_json || '|' || compression_ratio"
     n_cfg = con.execute(f"SELECT COUNT(DISTINCT {cfg}) FROM results").fetchone()[0]
     out: dict[str, set[tuple]] = {}
     for task, sid, seed, n in con.execute(f"SELECT task, sample_id, seed, COUNT(DISTINCT {cfg}) FROM results "
@@ -47,6 +48,8 @@ def main(argv: list[str]) -> int:
     from kvsqueeze.evaluation.store import ResultStore
 
     ResultStore(out).close()  # the schema
+    for p in ins:  # bring older files to the current schema (the `ratio` column -> compression_ratio, in place)
+        ResultStore(p, create=False).close()
     cons = [sqlite3.connect(p) for p in ins]
     per = [complete_samples(c) for c in cons]
     tasks = set.intersection(*[set(p) for p in per])
@@ -65,7 +68,7 @@ def main(argv: list[str]) -> int:
                                 f"({', '.join('?' * len(use))})", rows)
                 n += len(rows)
         dst.commit()
-        n_cfg = con.execute("SELECT COUNT(DISTINCT method || '|' || params_json || '|' || ratio) "
+        n_cfg = con.execute("SELECT COUNT(DISTINCT method || '|' || params_json || '|' || compression_ratio) "
                             "FROM results").fetchone()[0]
         print(f"{p}: {n} rows copied ({n_cfg} configurations)")
     for t, s in keep.items():

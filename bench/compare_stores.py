@@ -2,11 +2,13 @@
 
     python bench/compare_stores.py BEFORE.sqlite AFTER.sqlite
 
-Rows are matched on (model, method, params, ratio, task, sample, seed, quant, select, select_budget); the code
-version is ignored. For every matched row the result columns must be equal: score, prediction, kv_bytes,
+Rows are matched on (model, method, params, compression_ratio, task, sample, seed, quant, select, select_budget); the
+code version is ignored. For every matched row the result columns must be equal: score, prediction, kv_bytes,
 kv_bytes_16, full_kv_bytes, n_context_tokens, and `meta_json.kept_digest` (which slots every layer kept). Prints the
 counts, every differing row (up to --show), the rows only one side has, and exits 1 when a matched row differs.
-`--rename old=new` maps a params key renamed between the versions (repeatable).
+`--rename old=new` maps a params key renamed between the versions (repeatable). A store written before issue 10
+(column `ratio`, nested params key "ratio") is read as the current schema (`compression_ratio`) without being
+modified, so an old store compares with a new one as is.
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ import json
 import sqlite3
 import sys
 
-KEY = ("model", "method", "params_json", "ratio", "task", "sample_id", "seed", "quant", "select", "select_budget")
+KEY = ("model", "method", "params_json", "compression_ratio", "task", "sample_id", "seed", "quant", "select",
+       "select_budget")
+OLD_NAMES = {"ratio": "compression_ratio"}  # column / params key names before issue 10
 COLUMNS = ("score", "prediction", "kv_bytes", "kv_bytes_16", "full_kv_bytes", "n_context_tokens")
 
 
@@ -32,8 +36,8 @@ def rows(path: str, rename: dict[str, str]) -> dict[tuple, dict]:
     con.row_factory = sqlite3.Row
     out = {}
     for r in con.execute("SELECT * FROM results"):
-        r = dict(r)
-        params = _renamed(json.loads(r["params_json"] or "{}"), rename)
+        r = {OLD_NAMES.get(k, k): v for k, v in dict(r).items()}
+        params = _renamed(json.loads(r["params_json"] or "{}"), {**OLD_NAMES, **rename})
         r["params_json"] = json.dumps(params, sort_keys=True)
         meta = json.loads(r.get("meta_json") or "{}")
         r["kept_digest"] = meta.get("kept_digest")

@@ -85,8 +85,8 @@ def main():
     configs = {
         "attention_predictor": dict(selector=AttentionPredictor(args.budget, predictor=PredictorNet().init_blend())),
         "quest": dict(selector=Quest(args.budget)),
-        "knorm 8x": dict(method=kq.get_method("knorm", ratio=0.875)),
-        "knorm 8x + kivi-4": dict(method=kq.get_method("knorm", ratio=0.875),
+        "knorm 8x": dict(method=kq.get_method("knorm", compression_ratio=0.875)),
+        "knorm 8x + kivi-4": dict(method=kq.get_method("knorm", compression_ratio=0.875),
                                   layer_factory=parse_quant("kivi-4").layer_factory),
     }
     for name, kw in configs.items():

@@ -11,12 +11,13 @@ in two steps (`bench/peer_kvpress.sh` runs both, then kvsqueeze's own sweep, `fr
            -o /tmp/peer_samples.jsonl
 
 2. `run` (kvpress's venv: python3 -m venv /tmp/kvpress-venv && /tmp/kvpress-venv/bin/pip install torch==2.13.0
-   kvpress==0.5.5 gguf): every press x ratio on every sample through kvpress's own pipeline
+   kvpress==0.5.5 gguf): every press x compression_ratio on every sample through kvpress's own pipeline
    (`pipeline("kv-press-text-generation")`, question-agnostic: the context is prefilled and compressed, then the
    question is decoded on top), one row per answer written into a kvsqueeze results store:
 
        /tmp/kvpress-venv/bin/python bench/peer_kvpress.py run /tmp/peer_samples.jsonl --results results/peer.sqlite \\
-           --model-dir ~/.cache/kvsqueeze/models/smollm2-135m --presses snapkv,streaming_llm,tova --ratios 0.5
+           --model-dir ~/.cache/kvsqueeze/models/smollm2-135m --presses snapkv,streaming_llm,tova \\
+           --compression-ratios 0.5
 
    This step imports no torch-dependent kvsqueeze code: only `evaluation/store.py` (ResultStore) and
    `tasks/base.py` (the scoring rule) are loaded from `src/`, under stub parent packages, so kvsqueeze's
@@ -28,10 +29,11 @@ checks (before any row) that kvpress's tokenizer gives exactly the exported `con
 tools then see the same token ids. The model is the same weights: kvsqueeze's safetensors conversion of the GGUF
 (`$KVSQUEEZE_CACHE/models/smollm2-135m`, float32, sdpa), or the GGUF itself with `--gguf DIR/FILE`.
 
-Rows: method `kvpress:<Press class without "Press">` (`kvpress:AdaKV(ExpectedAttention)` for wrappers,
-`kvpress:none` for the pipeline without a press, ratio 0), `ratio` = the press's compression_ratio, the exported
-task and sample_id (so kvsqueeze's own sweep rows on the same samples line up), `code_version` "kvpress-0.5.5",
-`protocol` "kvpress-pipeline", the score by kvsqueeze's rule (`tasks.base.score`: RULER string_match_all / part).
+Rows: method `kvpress:<Press class without "Press">` (`kvpress:AdaKV(ExpectedAttention)` for wrappers, `kvpress:none`
+for the pipeline without a press, compression_ratio 0), `compression_ratio` = the press's compression_ratio, the
+exported task and sample_id (so kvsqueeze's own sweep rows on the same samples line up), `code_version`
+"kvpress-0.5.5", `protocol` "kvpress-pipeline", the score by kvsqueeze's rule (`tasks.base.score`: RULER
+string_match_all / part).
 
 Bytes. `kv_bytes` is what kvpress's DynamicCache holds after compressing the context (measured by a forward
 pre-hook on the question's forward, before the question is appended; KVzip's own reconstruction forwards before
@@ -104,7 +106,7 @@ def light_kvsqueeze():
     return ResultStore, Sample, score
 
 
-def build_press(name: str, ratio: float):
+def build_press(name: str, compression_ratio: float):
     """(label, press or None, masked?) for a press name of PRESSES."""
     import kvpress as kp
 
@@ -118,9 +120,9 @@ def build_press(name: str, ratio: float):
     if n in simple:
         cls = getattr(kp, simple[n])
         # KVzip, like AdaKV, masks the evicted entries (module.masked_key_indices) instead of freeing them
-        return f"kvpress:{simple[n][:-len('Press')]}", cls(compression_ratio=ratio), n == "kvzip"
+        return f"kvpress:{simple[n][:-len('Press')]}", cls(compression_ratio=compression_ratio), n == "kvzip"
     if n.startswith("adakv_"):
-        inner_label, inner, _ = build_press(n[len("adakv_"):], ratio)
+        inner_label, inner, _ = build_press(n[len("adakv_"):], compression_ratio)
         return f"kvpress:AdaKV({inner_label.split(':', 1)[1]})", kp.AdaKVPress(inner), True
     raise SystemExit(f"error: unknown press {name!r}; choose from none, {', '.join(simple)}, adakv_<press>")
 
@@ -182,10 +184,10 @@ def cmd_run(a) -> None:
                              f"({len(got_c)}+{len(got_q)} vs {len(r['context_ids'])}+{len(r['question_ids'])} tokens)")
     print(f"{len(rows)} samples: kvpress's prompt token ids identical to kvsqueeze's", file=sys.stderr)
 
-    ratios = [float(x) for x in a.ratios.split(",") if x.strip()]
+    compression_ratios = [float(x) for x in a.compression_ratios.split(",") if x.strip()]
     configs = []
     for name in [x.strip() for x in a.presses.split(",") if x.strip()]:
-        for r in ([0.0] if name == "none" else ratios):
+        for r in ([0.0] if name == "none" else compression_ratios):
             label, _, masked = build_press(name, r)
             configs.append((name, r, label, masked))
     quant = None if a.quant == "none" else a.quant
@@ -201,13 +203,13 @@ def cmd_run(a) -> None:
     from tqdm.auto import tqdm
 
     errors: dict[str, str] = {}
-    for r, (name, ratio, label, masked) in tqdm(todo, unit="row", file=sys.stderr, desc="kvpress"):
+    for r, (name, compression_ratio, label, masked) in tqdm(todo, unit="row", file=sys.stderr, desc="kvpress"):
         if label in errors:
             continue
         sample = Sample(r["context"], r["question"], r["answers"], r.get("answer_prefix") or "",
                         r["max_new_tokens"], r["task"], r.get("meta") or {}, r["sample_id"],
                         r.get("metric", "string_match_all"))
-        _, press, _ = build_press(name, ratio)
+        _, press, _ = build_press(name, compression_ratio)
         cache = make_cache(model, quant)
         seen: dict = {}
         n_ctx = len(r["context_ids"])
@@ -255,7 +257,7 @@ def cmd_run(a) -> None:
         if quant:
             meta["quant"] = quant
         store.add({
-            "model": model_name, "method": label, "params_json": params(label), "ratio": ratio,
+            "model": model_name, "method": label, "params_json": params(label), "compression_ratio": compression_ratio,
             "task": r["task"], "sample_id": r["sample_id"], "seed": int(r.get("seed", 0)),
             "code_version": CODE_VERSION, "metric": sample.metric, "score": metrics[sample.metric],
             "metrics_json": metrics, "prediction": prediction, "answers_json": sample.answers,
@@ -310,7 +312,8 @@ def main(argv=None) -> None:
     r.add_argument("--model-name", default=None, help="the model column (default: the samples' model)")
     r.add_argument("--presses", default="none,snapkv,streaming_llm,tova,knorm,expected_attention,"
                                         "adakv_expected_attention,kvzip")
-    r.add_argument("--ratios", default="0.5")
+    r.add_argument("--compression-ratios", "--ratios", default="0.5",
+                   help="comma-separated fractions of tokens removed (kvpress's compression_ratio)")
     r.add_argument("--quant", default="none", help="none, or transformers' QuantizedCache BACKEND-BITS "
                                                    "(quanto-4, hqq-4) under every press")
     r.add_argument("--threads", type=int, default=2)

@@ -11,9 +11,9 @@ the filters never saw the haystack. Filter variants:
   pretraining-like prose, 3000 sampled post-RoPE query vectors per head.
 
 `corr` prints, per layer, the mean over kv heads of Spearman's rho between each key's score and the attention mass
-that key receives from the last `--future` queries of the sequence (averaged over the kv head's query heads),
-for +<k,f>, -<k,f> and -||k|| (KNorm) as a reference. `retrieval` runs niah_single / niah_multikey on the odd-file
-essay haystack at ratio 0.5 for qfilters (both filter sets, with and without a recent window), knorm, random and
+that key receives from the last `--future` queries of the sequence (averaged over the kv head's query heads), for
++<k,f>, -<k,f> and -||k|| (KNorm) as a reference. `retrieval` runs niah_single / niah_multikey on the odd-file essay
+haystack at compression_ratio 0.5 for qfilters (both filter sets, with and without a recent window), knorm, random and
 snapkv.
 """
 
@@ -133,14 +133,15 @@ def cmd_retrieval(args) -> None:
                KNorm(), Random(), SnapKV()]
     labels = ["qfilters(default calib)", "qfilters(essay calib)", "qfilters(essay calib, window 64)",
               "qfilters(essay calib, sign flipped)", "knorm", "random", "snapkv"]
-    pairs = make_pairs(methods, [args.ratio])
+    pairs = make_pairs(methods, [args.compression_ratio])
     with ResultStore(args.results) as store:  # resumable: rerunning skips the rows already there
         run_sweep(model, tok, samples, pairs, store, model_name=args.model, progress=True)
         df = store.frame()
     by = {}
     for r in df.itertuples():
         by.setdefault((r.params_json, r.task), []).append(r.score)
-    print(f"ratio {args.ratio}, {args.samples} samples per task, {args.length} tokens, essay haystack (held-out files)")
+    print(f"compression_ratio {args.compression_ratio}, {args.samples} samples per task, {args.length} tokens, "
+          "essay haystack (held-out files)")
     for label, p in zip(labels, pairs):
         cells = []
         for task in ("niah_single", "niah_multikey"):
@@ -158,7 +159,8 @@ def main(argv=None) -> None:
     ap.add_argument("--length", type=int, default=2048)
     ap.add_argument("--future", type=int, default=128)
     ap.add_argument("--samples", type=int, default=8)
-    ap.add_argument("--ratio", type=float, default=0.5)
+    ap.add_argument("--compression-ratio", "--ratio", type=float, default=0.5,
+                    help="fraction of tokens removed (kvpress's compression_ratio)")
     ap.add_argument("--filters", type=Path, default=Path("results/qfilters_check_filters.pt"))
     ap.add_argument("--calib-seqs", type=int, default=20, help="windows of 2048 tokens for the essay filters")
     ap.add_argument("--results", type=Path, default=Path("results/qfilters_check.sqlite"))

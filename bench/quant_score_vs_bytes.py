@@ -9,7 +9,7 @@ single-chunk prefill), then the question is appended and the answer decoded gree
 Columns: accuracy (the key appears in the answer), KV bytes per context token over all layers as really held
 (the model runs in fp32 on CPU: full-precision tensors are fp32; kvsqueeze's scales/zeros are fp16, quanto's are
 in the model's dtype), the same bytes counted as if every floating tensor of the model's dtype were fp16 (what
-an fp16 deployment would hold), and the ratio to the full cache.
+an fp16 deployment would hold), and the compression factor against the full cache.
 """
 
 from __future__ import annotations
@@ -58,19 +58,20 @@ def configs(with_quanto: bool):
 
     out = [("full", "none", lambda: None, None)]
     for r, x in ((0.5, "2x"), (0.75, "4x"), (0.875, "8x")):
-        out.append((f"snapkv {x}", "evict", lambda r=r: SnapKV(ratio=r), None))
-        out.append((f"knorm {x}", "evict", lambda r=r: KNorm(ratio=r), None))
+        out.append((f"snapkv {x}", "evict", lambda r=r: SnapKV(compression_ratio=r), None))
+        out.append((f"knorm {x}", "evict", lambda r=r: KNorm(compression_ratio=r), None))
     for b in (4, 2):
         out.append((f"kivi-{b}", "quant", lambda: None, kivi(b)))
     for b in (4, 2):
         out.append((f"gear-{b}", "quant", lambda: None, gear(b)))
-    out.append(("mikv-8-2 (snapkv 4x picks the 8-bit 25%)", "quant", lambda: MiKV(inner=SnapKV(ratio=0.75)), mikv(8, 2)))
-    out.append(("zipcache-4-2 (50% salient)", "quant", lambda: ZipCacheSaliency(ratio=0.5), zipcache(4, 2)))
+    out.append(("mikv-8-2 (snapkv 4x picks the 8-bit 25%)", "quant",
+                lambda: MiKV(inner=SnapKV(compression_ratio=0.75)), mikv(8, 2)))
+    out.append(("zipcache-4-2 (50% salient)", "quant", lambda: ZipCacheSaliency(compression_ratio=0.5), zipcache(4, 2)))
     for r, x, b in ((0.5, "2x", 4), (0.75, "4x", 4), (0.5, "2x", 2), (0.75, "4x", 2)):
-        out.append((f"snapkv {x} + kivi-{b}", "both", lambda r=r: SnapKV(ratio=r), kivi(b)))
-    out.append(("knorm 2x + kivi-2", "both", lambda: KNorm(ratio=0.5), kivi(2)))
-    out.append(("knorm 4x + kivi-2", "both", lambda: KNorm(ratio=0.75), kivi(2)))
-    out.append(("knorm 2x + kivi-4", "both", lambda: KNorm(ratio=0.5), kivi(4)))
+        out.append((f"snapkv {x} + kivi-{b}", "both", lambda r=r: SnapKV(compression_ratio=r), kivi(b)))
+    out.append(("knorm 2x + kivi-2", "both", lambda: KNorm(compression_ratio=0.5), kivi(2)))
+    out.append(("knorm 4x + kivi-2", "both", lambda: KNorm(compression_ratio=0.75), kivi(2)))
+    out.append(("knorm 2x + kivi-4", "both", lambda: KNorm(compression_ratio=0.5), kivi(4)))
     if with_quanto:
         for b in (4, 2):
             out.append((f"QuantizedCache quanto int{b}", "hf", b, None))
@@ -178,8 +179,8 @@ def print_table(path: Path):
         a = agg[c]
         n = a["n"]
         b16 = a["bpt16"] / n
-        ratio = f"{full16 / b16:.2f}x" if full16 else "-"
-        print(f"| {c} | {a['kind']} | {a['ok']}/{n} ({100 * a['ok'] / n:.0f}%) | {a['bpt'] / n:,.0f} | {b16:,.0f} | {ratio} |")
+        factor = f"{full16 / b16:.2f}x" if full16 else "-"
+        print(f"| {c} | {a['kind']} | {a['ok']}/{n} ({100 * a['ok'] / n:.0f}%) | {a['bpt'] / n:,.0f} | {b16:,.0f} | {factor} |")
 
 
 if __name__ == "__main__":

@@ -1,15 +1,15 @@
-"""Sweep speed: one shared prefill per sample vs one prefill per (method, ratio) pair, same answers.
+"""Sweep speed: one shared prefill per sample vs one prefill per (method, compression_ratio) pair, same answers.
 
     python bench/sweep_vs_reprefill.py --model smollm2-135m --length 2048 --samples 3
 
-Runs the grid methods x ratios (default 6 x 4) over passkey samples three ways:
+Runs the grid methods x compression_ratios (default 6 x 4) over passkey samples three ways:
   re-prefill   `generate_answer` for every pair (what a sweep without prefill sharing does);
   shared       `run_sweep`: one `record_prefill` per sample, every pair compressed from it, answers decoded for
                `--batch-size` caches at a time;
   shared, b=1  the same, answers decoded one pair at a time (exactly `greedy_decode`).
-Prints the wall time of each, the ratios, and whether every answer is identical to the re-prefill one. Exit status
-1 when an answer differs. Nothing is stored. Timings on a shared CPU are noisy: the runs are interleaved per
-sample (each sample is timed under all protocols back to back) to limit the effect of load changes.
+Prints the wall time of each, the compression_ratios, and whether every answer is identical to the re-prefill one.
+Exit status 1 when an answer differs. Nothing is stored. Timings on a shared CPU are noisy: the runs are interleaved
+per sample (each sample is timed under all protocols back to back) to limit the effect of load changes.
 """
 
 from __future__ import annotations
@@ -32,7 +32,8 @@ def main() -> int:
     ap.add_argument("--samples", type=int, default=3)
     ap.add_argument("--tasks", default="passkey")
     ap.add_argument("--methods", default="streaming_llm,snapkv,pyramidkv,tova,knorm,qfilters")
-    ap.add_argument("--ratios", default="0.25,0.5,0.75,0.875")
+    ap.add_argument("--compression-ratios", "--ratios", default="0.25,0.5,0.75,0.875",
+                    help="comma-separated fractions of tokens removed (kvpress's compression_ratio)")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--skip-unbatched", action="store_true", help="skip the shared, b=1 run")
@@ -43,12 +44,13 @@ def main() -> int:
     model, tok = kq.load_model(a.model)
     samples = build_samples(tok, a.tasks, TaskConfig(length=a.length, samples=a.samples))
     methods = [m.strip() for m in a.methods.split(",")]
-    ratios = [float(r) for r in a.ratios.split(",")]
-    pairs = make_pairs(methods, ratios)
+    compression_ratios = [float(r) for r in a.compression_ratios.split(",")]
+    pairs = make_pairs(methods, compression_ratios)
     for p in pairs:
         p.method.setup(model)  # Q-Filters calibration (first use) is not part of either timing
     print(f"{a.model}, {len(samples)} samples of ~{a.length} tokens ({a.tasks}), {len(methods)} methods x "
-          f"{len(ratios)} ratios = {len(pairs)} pairs; torch threads {torch.get_num_threads()}", flush=True)
+          f"{len(compression_ratios)} compression_ratios = {len(pairs)} pairs; torch threads "
+          f"{torch.get_num_threads()}", flush=True)
 
     runs = {"re-prefill": dict(share_prefill=False, batch_size=1),
             f"shared, b={a.batch_size}": dict(share_prefill=True, batch_size=a.batch_size)}

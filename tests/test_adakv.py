@@ -37,9 +37,9 @@ def test_allocation_follows_the_papers_rule_by_hand():
 def test_bytes_equal_the_base_methods_and_heads_really_differ(scorer):
     model = tiny_llama(layers=3)
     ids = torch.randint(0, 101, (1, 80), generator=torch.Generator().manual_seed(3))
-    base = kq.CompressedCache(model, kq.get_method(scorer, ratio=0.5))
+    base = kq.CompressedCache(model, kq.get_method(scorer, compression_ratio=0.5))
     prefill(model, base, ids)
-    ada = kq.CompressedCache(model, kq.get_method(f"adakv:{scorer}", ratio=0.5))
+    ada = kq.CompressedCache(model, kq.get_method(f"adakv:{scorer}", compression_ratio=0.5))
     prefill(model, ada, ids)
     n_keep = 40
     differ = False
@@ -61,7 +61,7 @@ def test_a_head_averaged_scorer_gives_uniform_budgets():
     ids = torch.randint(0, 101, (1, 64), generator=torch.Generator().manual_seed(5))
     caches = []
     for name in ("tova", "adakv:tova"):
-        caches.append(kq.CompressedCache(model, kq.get_method(name, ratio=0.5)))
+        caches.append(kq.CompressedCache(model, kq.get_method(name, compression_ratio=0.5)))
         prefill(model, caches[-1], ids)
     for a, b in zip(*(c.layers for c in caches)):
         assert torch.equal(a.positions, b.positions) and b.valid is None
@@ -70,7 +70,7 @@ def test_a_head_averaged_scorer_gives_uniform_budgets():
 def test_ragged_store_survives_decoding_batch_ops_and_reset():
     model = tiny_llama(layers=2)
     ids = torch.randint(0, 101, (1, 60), generator=torch.Generator().manual_seed(4))
-    cache = kq.CompressedCache(model, kq.get_method("adakv:snapkv", ratio=0.5, compression_interval=1))
+    cache = kq.CompressedCache(model, kq.get_method("adakv:snapkv", compression_ratio=0.5, compression_interval=1))
     prefill(model, cache, ids)
     assert any(layer.store.ragged for layer in cache.layers)
     with torch.no_grad():

@@ -85,9 +85,9 @@ def test_eviction_equals_full_attention_with_evicted_tokens_masked(attn, method,
     sizes = [48, 40, 30][:prefill_chunks] + [6, 1, 1, 1]
     chunks = _chunks(sizes)
     kwargs = {"window": 8} if method in ("snapkv",) else {}
-    m = kq.get_method(method, ratio=0.6, **kwargs) if method not in ("pyramidkv", "adakv") else kq.methods.PyramidKV(
-        scorer=kq.methods.SnapKV(window=8), ratio=0.6, beta=4) if method == "pyramidkv" else kq.methods.AdaKV(
-        scorer=kq.methods.SnapKV(window=8), ratio=0.6)
+    m = kq.get_method(method, compression_ratio=0.6, **kwargs) if method not in ("pyramidkv", "adakv") else kq.methods.PyramidKV(
+        scorer=kq.methods.SnapKV(window=8), compression_ratio=0.6, beta=4) if method == "pyramidkv" else kq.methods.AdaKV(
+        scorer=kq.methods.SnapKV(window=8), compression_ratio=0.6)
     cache = kq.CompressedCache(model, m)
     got, snaps = _run(model, cache, chunks, prefill_chunks)
     stored = cache.stats().tokens_stored
@@ -104,7 +104,7 @@ def test_eviction_equals_full_attention_with_evicted_tokens_masked(attn, method,
 
 def test_per_layer_budgets_really_differ_and_are_freed():
     model = tiny_llama(layers=4)
-    m = kq.methods.PyramidKV(scorer=kq.methods.SnapKV(window=4), ratio=0.5, beta=4)
+    m = kq.methods.PyramidKV(scorer=kq.methods.SnapKV(window=4), compression_ratio=0.5, beta=4)
     cache = kq.CompressedCache(model, m)
     prefill(model, cache, _chunks([200])[0])
     stored = cache.stats().tokens_stored
@@ -114,7 +114,7 @@ def test_per_layer_budgets_really_differ_and_are_freed():
         assert layer.keys.shape[-2] == n and layer.values.shape[-2] == n and layer.positions.shape[-1] == n
 
 
-@pytest.mark.parametrize("kwargs,expected", [({"ratio": 0.75}, 30), ({"budget": 17}, 17)])
+@pytest.mark.parametrize("kwargs,expected", [({"compression_ratio": 0.75}, 30), ({"budget": 17}, 17)])
 def test_tokens_stored_equal_budget_and_bytes_equal_tensors(kwargs, expected):
     model = tiny_llama()
     cache = kq.CompressedCache(model, kq.get_method("snapkv", window=4, **kwargs))
@@ -137,10 +137,10 @@ def test_generate_with_compressed_cache():
     full = model.generate(ids, **kv(kq.CompressedCache(model, None)), max_new_tokens=8, do_sample=False)
     assert torch.equal(ref, full)
     # with eviction: generate() equals a hand-written prefill + greedy decode on the same compressed cache
-    cache = kq.CompressedCache(model, kq.get_method("knorm", ratio=0.5))
+    cache = kq.CompressedCache(model, kq.get_method("knorm", compression_ratio=0.5))
     out = model.generate(ids, **kv(cache), max_new_tokens=8, do_sample=False)
     assert cache.stats().tokens_stored[0] == 30 + 7  # prefill budget, then 7 decoded tokens appended
-    cache2 = kq.CompressedCache(model, kq.get_method("knorm", ratio=0.5))
+    cache2 = kq.CompressedCache(model, kq.get_method("knorm", compression_ratio=0.5))
     with torch.no_grad():
         logits = prefill(model, cache2, ids)
         toks = [int(logits.argmax(-1))]
@@ -176,7 +176,7 @@ def test_gemma3_sliding_layers_are_compressed_inside_their_window():
     got, _ = _run(model, kq.CompressedCache(model, None), ids, 1)
     for a, b in zip(ref, got):
         assert torch.equal(a, b)
-    cache = kq.CompressedCache(model, kq.get_method("knorm", ratio=0.5))
+    cache = kq.CompressedCache(model, kq.get_method("knorm", compression_ratio=0.5))
     assert [type(layer) for layer in cache.layers] == [CompressedLayer] * 4
     assert cache.is_sliding == [True, False] * 2
     with torch.no_grad():
@@ -212,7 +212,7 @@ def test_left_padded_batch_matches_single_rows():
 
 def test_unpatched_model_is_refused():
     model = tiny_llama()
-    cache = kq.CompressedCache(model, kq.get_method("knorm", ratio=0.5))
+    cache = kq.CompressedCache(model, kq.get_method("knorm", compression_ratio=0.5))
     kq.unpatch(model)
     with pytest.raises(kq.KVSqueezeError, match="not routed through kvsqueeze"):
         with torch.no_grad():
@@ -228,7 +228,7 @@ def test_prefill_record_serves_every_method():
     with torch.no_grad():
         rec = record_prefill(model, ids)
         for name in ["snapkv", "h2o", "tova", "pyramidkv", "streaming_llm"]:
-            c1 = kq.CompressedCache(model, kq.get_method(name, ratio=0.7))
+            c1 = kq.CompressedCache(model, kq.get_method(name, compression_ratio=0.7))
             prefill(model, c1, ids)
-            c2 = rec.compress(model, kq.get_method(name, ratio=0.7))
+            c2 = rec.compress(model, kq.get_method(name, compression_ratio=0.7))
             assert torch.equal(model(q, **kv(c1)).logits, model(q, **kv(c2)).logits)

@@ -37,7 +37,7 @@ SCHEMES = {
     "gear": (gear(4, group=8, residual=8), lambda m: m),
     "mikv": (mikv(8, 2, residual=8, group=8), lambda m: MiKV(inner=m)),
     "zipcache": (zipcache(4, 2, residual=8, group=8),
-                 lambda m: ZipCacheSaliency(ratio=m.ratio, budget=m.budget, compression_interval=m.compression_interval)),
+                 lambda m: ZipCacheSaliency(compression_ratio=m.compression_ratio, budget=m.budget, compression_interval=m.compression_interval)),
 }
 
 
@@ -96,7 +96,7 @@ def test_reset_then_a_new_prompt_equals_a_fresh_cache(name, scheme):
     factory, wrap = SCHEMES[scheme]
 
     def build():
-        return kq.CompressedCache(model, wrap(_method(name, 2, ratio=0.5, compression_interval=2)), layer_factory=factory)
+        return kq.CompressedCache(model, wrap(_method(name, 2, compression_ratio=0.5, compression_interval=2)), layer_factory=factory)
 
     fresh = build()
     expected = _run(model, fresh, _ids(40, seed=2), steps=5)
@@ -128,8 +128,8 @@ def test_reset_clears_selector_and_sliding_layers(kind):
 
 def test_reset_inside_a_prefill_block_keeps_the_block():
     model = tiny_llama(layers=2)
-    fresh = kq.CompressedCache(model, kq.get_method("knorm", ratio=0.5))
-    used = kq.CompressedCache(model, kq.get_method("knorm", ratio=0.5))
+    fresh = kq.CompressedCache(model, kq.get_method("knorm", compression_ratio=0.5))
+    used = kq.CompressedCache(model, kq.get_method("knorm", compression_ratio=0.5))
     chunks = [_ids(20, seed=5), _ids(20, seed=6)]
     with torch.no_grad():
         with fresh.prefill():
@@ -193,10 +193,10 @@ def test_budget_never_reached_equals_no_compression(scheme):
     assert cache.stats().tokens_stored == [29, 29]
 
 
-@pytest.mark.parametrize("spec", [("full", {}), ("h2o", {"ratio": 0.0}), ("pyramidkv", {"budget": 1000})])
+@pytest.mark.parametrize("spec", [("full", {}), ("h2o", {"compression_ratio": 0.0}), ("pyramidkv", {"budget": 1000})])
 def test_a_budget_that_keeps_everything_keeps_everything_while_decoding(spec):
-    """Full (ratio and budget ignored), ratio 0 and a budget above every layer's tokens never evict: same logits as
-    no compression at all, nothing evicted."""
+    """Full (compression_ratio and budget ignored), compression_ratio 0 and a budget above every layer's tokens never
+    evict: same logits as no compression at all, nothing evicted."""
     name, kw = spec
     model = tiny_llama(layers=2)
     cache = kq.CompressedCache(model, _method(name, 2, compression_interval=1, **kw))
@@ -220,7 +220,7 @@ def test_every_fourth_step_grows_past_the_budget_between_evictions():
 
 def test_ratio_budget_is_fixed_by_the_prefill():
     model = tiny_llama(layers=2)
-    cache = kq.CompressedCache(model, kq.get_method("h2o", ratio=0.5, compression_interval=1))
+    cache = kq.CompressedCache(model, kq.get_method("h2o", compression_ratio=0.5, compression_interval=1))
     _run(model, cache, _ids(20), steps=6)
     assert cache.stats().tokens_stored == [10, 10]
 

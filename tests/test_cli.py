@@ -56,8 +56,8 @@ def test_methods_lists_every_method_class_of_the_package():
 
 @pytest.mark.parametrize("args,message", [
     (["--method", "nope"], "unknown method 'nope'"),
-    (["--ratio", "1.0"], "must be in [0, 1)"),
-    (["--ratio", "-0.5"], "must be in [0, 1)"),
+    (["--compression-ratio", "1.0"], "must be in [0, 1)"),
+    (["--compression-ratio", "-0.5"], "must be in [0, 1)"),
     (["--model", "no-such-model"], "unknown model 'no-such-model'"),
     (["--exempt-layers", "a,b"], "--exempt-layers must be comma-separated integers"),
 ])

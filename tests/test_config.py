@@ -31,10 +31,10 @@ def _tiny_model_dir(path, layers=4, model=None):
 @pytest.mark.parametrize("bad", [(4,), (0, 99)])
 def test_exempt_layers_out_of_range_are_refused_naming_the_range(method, bad):
     model = tiny_llama(layers=4)
-    m = kq.get_method(method, ratio=0.5, exempt_layers=bad)
+    m = kq.get_method(method, compression_ratio=0.5, exempt_layers=bad)
     with pytest.raises(kq.KVSqueezeError, match=r"layer indices must be in 0\.\.3 \(the model has 4 layers\)"):
         kq.CompressedCache(model, m)
-    kq.CompressedCache(model, kq.get_method(method, ratio=0.5, exempt_layers=(0, 3)))  # in range: accepted
+    kq.CompressedCache(model, kq.get_method(method, compression_ratio=0.5, exempt_layers=(0, 3)))  # in range: accepted
 
 
 @pytest.mark.parametrize("quant", ["kivi-2", "mikv-8-2", "zipcache-4-2"])
@@ -43,7 +43,7 @@ def test_exempt_layers_are_checked_through_quantization_wrappers(quant):
     from kvsqueeze.quant import parse_quant
 
     spec = parse_quant(quant)
-    m = for_storage(kq.get_method("knorm", ratio=0.5, exempt_layers=(7,)), spec)
+    m = for_storage(kq.get_method("knorm", compression_ratio=0.5, exempt_layers=(7,)), spec)
     with pytest.raises(kq.KVSqueezeError, match=r"exempt layers 7: layer indices must be in 0\.\.3"):
         kq.CompressedCache(tiny_llama(layers=4), m, layer_factory=spec.layer_factory)
 
@@ -61,11 +61,11 @@ def test_negative_or_non_integer_layer_indices_are_refused():
     from kvsqueeze.selection import Quest
 
     with pytest.raises(kq.KVSqueezeError, match="negative indices are not supported"):
-        kq.get_method("knorm", ratio=0.5, exempt_layers=(-1,))
+        kq.get_method("knorm", compression_ratio=0.5, exempt_layers=(-1,))
     with pytest.raises(kq.KVSqueezeError, match="negative indices are not supported"):
         Quest(64, dense_layers=(0, -2))
     with pytest.raises(kq.KVSqueezeError, match="must be layer indices"):
-        kq.get_method("knorm", ratio=0.5, exempt_layers=("a",))
+        kq.get_method("knorm", compression_ratio=0.5, exempt_layers=("a",))
 
 
 def test_cli_exempt_layers_out_of_range_exits_2_with_one_line(tmp_path):
@@ -210,7 +210,7 @@ def test_model_families_work_or_are_refused_with_one_line(family, method):
     """Every family either matches the masked full-cache reference or is refused by one KVSqueezeError
     (never AttributeError or a shape error deep inside)."""
     model = _family(family)
-    m = kq.get_method(method, ratio=0.5, **({"window": 4} if method == "snapkv" else {}))
+    m = kq.get_method(method, compression_ratio=0.5, **({"window": 4} if method == "snapkv" else {}))
     try:
         kq.CompressedCache(model, m)
     except kq.KVSqueezeError as e:
@@ -242,7 +242,7 @@ def test_cli_runs_a_gpt2_model_dir(tmp_path):
     ctx = tmp_path / "ctx.txt"
     ctx.write_text(" ".join(f"w{i % 100}" for i in range(60)))
     r = CliRunner().invoke(main, ["generate", "--model", str(path), "--context-file", str(ctx), "--question", "w1",
-                                  "--max-new-tokens", "2", "--method", "knorm", "--ratio", "0.5"])
+                                  "--max-new-tokens", "2", "--method", "knorm", "--compression-ratio", "0.5"])
     assert r.exit_code == 0, r.output
     assert "(50.0%, 2.00x smaller)" in r.output
 
@@ -274,9 +274,9 @@ def test_sliding_window_layers_are_compressed_and_match_reference(attn, method, 
     cache with the evicted and the out-of-window tokens masked (chunked prefill, an appended chunk, decoding)."""
     model = _sliding("mistral", window, attn)
     if method == "pyramidkv":
-        m = kq.methods.PyramidKV(scorer=kq.methods.SnapKV(window=4), ratio=0.5, beta=4)
+        m = kq.methods.PyramidKV(scorer=kq.methods.SnapKV(window=4), compression_ratio=0.5, beta=4)
     else:
-        m = kq.get_method(method, ratio=0.5, **({"window": 4} if method == "snapkv" else {}))
+        m = kq.get_method(method, compression_ratio=0.5, **({"window": 4} if method == "snapkv" else {}))
     sizes = [40, 25][:prefill_chunks] + [5, 1, 1, 1]
     cache = _compare_with_reference(model, m, sizes, prefill_chunks)
     assert cache.is_sliding == [True, True]
@@ -287,16 +287,16 @@ def test_sliding_window_layers_are_compressed_and_match_reference(attn, method, 
 
 @pytest.mark.parametrize("family", ["mistral", "phi3", "qwen2"])
 @pytest.mark.parametrize("window,prompt", [(4096, 40), (16, 40), (32, 90)])
-@pytest.mark.parametrize("ratio", [0.5, 0.75])
-def test_sliding_window_ratio_asked_is_ratio_held(family, window, prompt, ratio):
-    """K-norm at `ratio` on a prompt keeps int(held * (1 - ratio)) of the `held` tokens a full cache holds
-    (all of them, or the window's last window - 1), and the stats say so in bytes."""
+@pytest.mark.parametrize("compression_ratio", [0.5, 0.75])
+def test_sliding_window_ratio_asked_is_ratio_held(family, window, prompt, compression_ratio):
+    """K-norm at `compression_ratio` on a prompt keeps int(held * (1 - compression_ratio)) of the `held` tokens a full
+    cache holds (all of them, or the window's last window - 1), and the stats say so in bytes."""
     model = _sliding(family, window)
-    cache = kq.CompressedCache(model, kq.get_method("knorm", ratio=ratio))
+    cache = kq.CompressedCache(model, kq.get_method("knorm", compression_ratio=compression_ratio))
     with torch.no_grad():
         model(_chunks([prompt])[0], **kv(cache))
     held = min(prompt, window - 1)
-    kept = int(held * (1 - ratio))
+    kept = int(held * (1 - compression_ratio))
     st = cache.stats()
     assert st.tokens_stored == [kept, kept]
     d = kq.shapes.attention_shape(model.config)[2]
@@ -340,7 +340,7 @@ def test_gemma3_sliding_layers_match_reference():
     from conftest import tiny_gemma3
 
     model = tiny_gemma3()
-    cache = _compare_with_reference(model, kq.get_method("snapkv", ratio=0.5, window=4), [40, 25, 5, 1, 1], 2)
+    cache = _compare_with_reference(model, kq.get_method("snapkv", compression_ratio=0.5, window=4), [40, 25, 5, 1, 1], 2)
     assert cache.is_sliding == [True, False, True, False]
     st = cache.stats()
     assert max(st.tokens_stored[0], st.tokens_stored[2]) <= 7
@@ -353,7 +353,7 @@ def test_quantized_sliding_layers_hold_only_the_window(quant):
 
     spec = parse_quant(quant)
     model = _sliding("mistral", 48)
-    cache = kq.CompressedCache(model, for_storage(kq.get_method("knorm", ratio=0.5), spec),
+    cache = kq.CompressedCache(model, for_storage(kq.get_method("knorm", compression_ratio=0.5), spec),
                                layer_factory=spec.layer_factory)
     ids = _chunks([200])[0]
     with torch.no_grad():

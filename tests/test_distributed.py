@@ -29,7 +29,7 @@ def tiny_dir(tmp_path_factory):
 def _rows(db):
     con = sqlite3.connect(db)
     try:
-        return con.execute("SELECT method, params_json, ratio, task, sample_id, seed, code_version, meta_json "
+        return con.execute("SELECT method, params_json, compression_ratio, task, sample_id, seed, code_version, meta_json "
                            "FROM results ORDER BY id").fetchall()
     finally:
         con.close()
@@ -46,7 +46,7 @@ def _torchrun(args, tmp_path, timeout=300):
 
 def test_two_process_torchrun_sweep_one_store_no_duplicates_resumable(tiny_dir, tmp_path):
     db = tmp_path / "d.sqlite"
-    args = ["sweep", "--model", str(tiny_dir), "--methods", "full,snapkv,knorm", "--ratios", "0.5",
+    args = ["sweep", "--model", str(tiny_dir), "--methods", "full,snapkv,knorm", "--compression-ratios", "0.5",
             "--tasks", "passkey", "--samples", "3", "--length", "256", "--results", str(db), "--code-version", "t",
             "--quiet", "--device", "cpu"]
     out = _torchrun(args, tmp_path)
@@ -168,7 +168,7 @@ def _write_rows(path, order, out):
     with ResultStore(path) as st:
         added = 0
         for i in order:
-            added += st.add({"model": "m", "method": "full", "params_json": "{}", "ratio": 0.0, "task": "t",
+            added += st.add({"model": "m", "method": "full", "params_json": "{}", "compression_ratio": 0.0, "task": "t",
                              "sample_id": f"s{i}", "seed": 0, "code_version": "v", "score": float(i),
                              "meta_json": {"writer": os.getpid()}})
     out.put(added)

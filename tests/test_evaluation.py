@@ -1,9 +1,9 @@
 """The sweep engine, the results store and the eval / sweep commands, on a tiny random Llama (fast).
 
-What is checked: one shared prefill gives the same answers (and the same capped perplexity) as re-running the
-prefill for every (method, ratio) pair, batched or not; methods that compress while decoding fall back; rows are
-keyed, never duplicated, and a sweep killed with SIGKILL resumes without recomputing or losing finished rows;
-bad input is one `error:` line and exit status 2.
+What is checked: one shared prefill gives the same answers (and the same capped perplexity) as re-running the prefill
+for every (method, compression_ratio) pair, batched or not; methods that compress while decoding fall back; rows are
+keyed, never duplicated, and a sweep killed with SIGKILL resumes without recomputing or losing finished rows; bad
+input is one `error:` line and exit status 2.
 """
 
 from __future__ import annotations
@@ -101,7 +101,7 @@ def test_query_aware_sharing_matches_generate_answer(tiny, samples):
     for p in pairs:
         g = generate_answer(model, tok, s.context, s.question, p.method, max_new_tokens=s.max_new_tokens,
                             query_aware=True, answer_prefix=s.answer_prefix)
-        assert got.answers[(s.task, s.sample_id, p.name, p.params_json, p.ratio)] == g.answer
+        assert got.answers[(s.task, s.sample_id, p.name, p.params_json, p.compression_ratio)] == g.answer
     assert "query-aware" in pairs[0].params_json
 
 
@@ -127,7 +127,7 @@ def test_capped_perplexity_shared_equals_fresh_prefill_and_holds_the_budget(tiny
     rec = record_prefill(model, torch.tensor([prefix]))
     values = {}
     for name in ("full", "streaming_llm", "h2o", "snapkv", "pyramidkv", "knorm"):
-        mm = capped_method(kq.get_method(name, ratio=0.75), len(prefix))
+        mm = capped_method(kq.get_method(name, compression_ratio=0.75), len(prefix))
         shared = rec.compress(model, mm)
         fresh = kq.CompressedCache(model, mm)
         kq.prefill(model, fresh, torch.tensor([prefix]))
@@ -167,24 +167,24 @@ def test_store_keys_resume_and_no_duplicates(tiny, samples, tmp_path):
         r3 = run_sweep(model, tok, samples[:1], pairs, st, model_name="tiny", progress=False, code_version="v2")
         assert r3.added == len(pairs)
         assert df.kv_bytes.gt(0).all() and (df.kv_bytes <= df.full_kv_bytes).all()
-        half = df[df.ratio == 0.5]
+        half = df[df.compression_ratio == 0.5]
         assert (half.kv_bytes < half.full_kv_bytes).all()
     con = sqlite3.connect(path)
     assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    dup = con.execute("SELECT COUNT(*) FROM (SELECT 1 FROM results GROUP BY model, method, params_json, ratio, "
+    dup = con.execute("SELECT COUNT(*) FROM (SELECT 1 FROM results GROUP BY model, method, params_json, compression_ratio, "
                       "task, sample_id, seed, code_version HAVING COUNT(*) > 1)").fetchone()[0]
     assert dup == 0
 
 
 def test_method_params_are_json_and_tell_configurations_apart():
-    p = method_params(kq.methods.PyramidKV(scorer=kq.methods.TOVA(), ratio=0.5))
-    assert p["scorer"]["name"] == "tova" and "ratio" not in p
+    p = method_params(kq.methods.PyramidKV(scorer=kq.methods.TOVA(), compression_ratio=0.5))
+    assert p["scorer"]["name"] == "tova" and "compression_ratio" not in p
     q1 = method_params(kq.methods.QFilters(filters=torch.ones(2, 2, 4)))
     q2 = method_params(kq.methods.QFilters(filters=torch.zeros(2, 2, 4)))
     assert q1["filters"].startswith("tensor:") and q1 != q2
     json.dumps([p, q1])
     pairs = make_pairs(["snapkv", kq.get_method("snapkv", window=16), kq.get_method("knorm", budget=32)], [0.5, 0.75])
-    assert [(x.name, x.ratio) for x in pairs] == [("snapkv", 0.5), ("snapkv", 0.75), ("snapkv", 0.5),
+    assert [(x.name, x.compression_ratio) for x in pairs] == [("snapkv", 0.5), ("snapkv", 0.75), ("snapkv", 0.5),
                                                   ("snapkv", 0.75), ("knorm", -1.0)]
     assert len({x.params_json for x in pairs}) == 3
 
@@ -197,7 +197,7 @@ def _cli(args, env, **kw):
 def test_kill_9_in_the_middle_then_resume(tiny_dir, tmp_path):
     db = tmp_path / "sweep.sqlite"
     env = {**os.environ, "KVSQUEEZE_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
-    args = ["sweep", "--model", str(tiny_dir), "--methods", "full,snapkv,knorm,streaming_llm", "--ratios",
+    args = ["sweep", "--model", str(tiny_dir), "--methods", "full,snapkv,knorm,streaming_llm", "--compression-ratios",
             "0.5,0.75", "--tasks", "passkey", "--samples", "8", "--length", "768", "--results", str(db),
             "--batch-size", "2", "--code-version", "test"]
     total = 8 * (1 + 3 * 2)
@@ -223,14 +223,14 @@ def test_kill_9_in_the_middle_then_resume(tiny_dir, tmp_path):
             proc.kill()
     assert proc.returncode == -signal.SIGKILL
     con = sqlite3.connect(db)
-    before = con.execute("SELECT id, method, ratio, sample_id, created_at, prediction FROM results").fetchall()
+    before = con.execute("SELECT id, method, compression_ratio, sample_id, created_at, prediction FROM results").fetchall()
     con.close()
     assert 3 <= len(before) < total
     out = _cli(args + ["--quiet"], env, timeout=300)
     assert out.returncode == 0, out.stderr
     assert f"{total - len(before)} rows added, {len(before)} already stored" in out.stdout
     con = sqlite3.connect(db)
-    after = con.execute("SELECT id, method, ratio, sample_id, created_at, prediction FROM results").fetchall()
+    after = con.execute("SELECT id, method, compression_ratio, sample_id, created_at, prediction FROM results").fetchall()
     assert len(after) == total
     assert set(before) <= set(after)  # finished rows neither lost nor recomputed (same id, time, answer)
     assert len({r[1:4] for r in after}) == total  # no duplicates
@@ -239,13 +239,13 @@ def test_kill_9_in_the_middle_then_resume(tiny_dir, tmp_path):
 def test_eval_command_runs_the_reference_and_prints_a_table(tiny_dir, tmp_path):
     env = {**os.environ, "KVSQUEEZE_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
     db = tmp_path / "e.sqlite"
-    out = _cli(["eval", "--model", str(tiny_dir), "--method", "tova", "--ratio", "0.6", "--tasks", "passkey,ppl",
+    out = _cli(["eval", "--model", str(tiny_dir), "--method", "tova", "--compression-ratio", "0.6", "--tasks", "passkey,ppl",
                 "--samples", "1", "--length", "384", "--ppl-tokens", "8", "--results", str(db), "--quiet"], env,
                timeout=300)
     assert out.returncode == 0, out.stderr
     assert "rows added" in out.stdout and "passkey" in out.stdout and "perplexity" in out.stdout
     df = ResultStore(db).frame()
-    assert sorted(set(zip(df.method, df.ratio))) == [("full", 0.0), ("tova", 0.6)]
+    assert sorted(set(zip(df.method, df.compression_ratio))) == [("full", 0.0), ("tova", 0.6)]
     assert set(df.task) == {"passkey", "ppl"}
     ppl = df[df.task == "ppl"].set_index("method")
     assert ppl.loc["tova", "kv_bytes"] < ppl.loc["full", "kv_bytes"]
@@ -254,7 +254,7 @@ def test_eval_command_runs_the_reference_and_prints_a_table(tiny_dir, tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["sweep", "--methods", "snapkv,nope"], "unknown method 'nope'"),
-    (["sweep", "--ratios", "0.5,1.5"], "--ratios must be in [0.0, 1.0)"),
+    (["sweep", "--compression-ratios", "0.5,1.5"], "--compression-ratios must be in [0.0, 1.0)"),
     (["sweep", "--tasks", "passkey,bogus"], "unknown task 'bogus'"),
     (["eval", "--niah-depths", "0.5,2"], "--niah-depths must be in [0.0, 1.0]"),
     (["report", "missing.sqlite"], "results file not found"),
@@ -315,7 +315,7 @@ def test_greedy_decode_batch_rows_are_their_own_greedy_decode_and_stop_at_their_
     ids = torch.randint(0, 101, (2, 24), generator=torch.Generator().manual_seed(3))
 
     def alone(r, eos, n=8):
-        cache = kq.CompressedCache(model, kq.get_method("knorm", ratio=0.5))
+        cache = kq.CompressedCache(model, kq.get_method("knorm", compression_ratio=0.5))
         return greedy_decode(model, cache, prefill(model, cache, ids[r : r + 1]), n, eos)
 
     ref = [alone(0, set()), alone(1, set())]
@@ -326,9 +326,9 @@ def test_greedy_decode_batch_rows_are_their_own_greedy_decode_and_stop_at_their_
     cut = [t[: t.index(ref[0][i])] if ref[0][i] in t else t for t in ref]
     assert len(cut[0]) == i and len(cut[0]) != len(cut[1])
     assert [alone(0, eos), alone(1, eos)] == cut
-    cache = kq.CompressedCache(model, kq.get_method("knorm", ratio=0.5))
+    cache = kq.CompressedCache(model, kq.get_method("knorm", compression_ratio=0.5))
     assert greedy_decode_batch(model, cache, prefill(model, cache, ids), 8, eos) == cut
-    cache = kq.CompressedCache(model, kq.get_method("knorm", ratio=0.5))
+    cache = kq.CompressedCache(model, kq.get_method("knorm", compression_ratio=0.5))
     assert greedy_decode_batch(model, cache, prefill(model, cache, ids), 3, set()) == [t[:3] for t in ref]
     with pytest.raises(KVSqueezeError, match="decodes one row"):
         greedy_decode(model, cache, torch.zeros(2, 101), 3, set())

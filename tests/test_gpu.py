@@ -133,19 +133,19 @@ def _method(name, model, tmp_path, monkeypatch):
     if name == "qfilters":  # calibrated on the fly (short), saved, found by setup(): filters load on the CPU
         monkeypatch.setenv("KVSQUEEZE_CACHE", str(tmp_path))
         calibration.save(model, calibration.calibrate_qfilters(model, _CharTokenizer(), n_seq=2, seq_len=256, progress=False))
-        m = kq.get_method(name, ratio=0.5)
+        m = kq.get_method(name, compression_ratio=0.5)
         calibration.prepare(m, model)
         _assert_on(m.filters, "cpu")
         return m
     kwargs = {"compression_interval": 1} if name in ("h2o", "tova") else {}
-    return kq.get_method(name, **({} if name == "full" else {"ratio": 0.5}), **kwargs)
+    return kq.get_method(name, **({} if name == "full" else {"compression_ratio": 0.5}), **kwargs)
 
 
 def _scheme_method(spec, q):
     """The method run with a --quant scheme here: MiKV over H2O, ZipCache's own saliency, none for KIVI / GEAR."""
     if spec.startswith("zipcache"):
         return for_storage(None, q)
-    return for_storage(H2O(ratio=0.5), q) if spec.startswith("mikv") else None
+    return for_storage(H2O(compression_ratio=0.5), q) if spec.startswith("mikv") else None
 
 
 def _check_logits(outs):

@@ -32,10 +32,10 @@ def test_passkey_full_cache(smollm2, samples):
 
 
 def test_passkey_snapkv_half_cache_query_aware(smollm2, samples):
-    """SnapKV in its paper's setting: the observation window is the question (16 tokens here), ratio 0.5.
+    """SnapKV in its paper's setting: the observation window is the question (16 tokens here), compression_ratio 0.5.
     Question-agnostic SnapKV does not retrieve the passkey at 2x on this model: 0/6 here and 0/6 with kvpress's
     SnapKVPress on the same samples (bench/peer_kvpress.py), so it is measured, not asserted."""
-    acc, res = _accuracy(*smollm2, samples, kq.get_method("snapkv", ratio=0.5, window=16), query_aware=True)
+    acc, res = _accuracy(*smollm2, samples, kq.get_method("snapkv", compression_ratio=0.5, window=16), query_aware=True)
     assert acc == 1.0
     assert res.stats.kept_fraction == pytest.approx(0.5, abs=0.01)
 
@@ -43,14 +43,14 @@ def test_passkey_snapkv_half_cache_query_aware(smollm2, samples):
 @pytest.mark.parametrize("name", ["knorm", "tova"])
 def test_passkey_question_agnostic_half_cache(smollm2, samples, name):
     """Question-agnostic: the context is compressed before the question is seen."""
-    acc, res = _accuracy(*smollm2, samples, kq.get_method(name, ratio=0.5))
+    acc, res = _accuracy(*smollm2, samples, kq.get_method(name, compression_ratio=0.5))
     assert acc >= 0.75
     assert res.stats.kv_bytes * 2 <= res.stats.full_kv_bytes + 2 * 30 * 3 * 64 * 4 * 2
 
 
 def test_chunked_prefill_bounds_memory_and_still_answers(smollm2, samples):
     s = samples[0]
-    res = kq.generate_answer(*smollm2, s.context, s.question, kq.get_method("knorm", ratio=0.5), chunk_size=256,
+    res = kq.generate_answer(*smollm2, s.context, s.question, kq.get_method("knorm", compression_ratio=0.5), chunk_size=256,
                              max_new_tokens=s.max_new_tokens)
     assert s.answers[0] in res.answer
     assert res.stats.kept_fraction == pytest.approx(0.5, abs=0.01)
@@ -64,7 +64,7 @@ def test_budget_larger_than_context_is_refused(smollm2, samples):
 def test_generate_command_prints_answer_memory_and_time(tmp_path, smollm2, samples):
     ctx = tmp_path / "ctx.txt"
     ctx.write_text(samples[1].context)
-    r = subprocess.run([sys.executable, "-m", "kvsqueeze.cli", "generate", "--method", "knorm", "--ratio", "0.5",
+    r = subprocess.run([sys.executable, "-m", "kvsqueeze.cli", "generate", "--method", "knorm", "--compression-ratio", "0.5",
                         "--context-file", str(ctx), "--question", samples[1].question], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     lines = r.stdout.strip().splitlines()

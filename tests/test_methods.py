@@ -97,7 +97,7 @@ def test_tova_keeps_the_same_tokens_in_every_head():
 
 
 def test_pyramidkv_budgets_decrease_linearly_around_the_mean():
-    m = kq.methods.PyramidKV(ratio=0.5)  # SnapKV scorer, window 64
+    m = kq.methods.PyramidKV(compression_ratio=0.5)  # SnapKV scorer, window 64
     budgets = [m.n_keep(2000, li, 30) for li in range(30)]
     assert budgets == sorted(budgets, reverse=True) and budgets[0] > 1.8 * budgets[-1]
     assert abs(sum(budgets) / 30 - 1000) < 2
@@ -115,12 +115,12 @@ def test_random_is_reproducible_and_seed_dependent():
 
 def test_exempt_layers_keep_everything():
     model = tiny_llama()
-    cache = kq.CompressedCache(model, kq.get_method("knorm", ratio=0.5, exempt_layers=(0, 3)))
+    cache = kq.CompressedCache(model, kq.get_method("knorm", compression_ratio=0.5, exempt_layers=(0, 3)))
     prefill(model, cache, _ids(60))
     assert cache.stats().tokens_stored == [60, 30, 30, 60]
 
 
-@pytest.mark.parametrize("kwargs", [{"ratio": 1.0}, {"ratio": -0.1}, {"budget": 0}, {"compression_interval": -1}])
+@pytest.mark.parametrize("kwargs", [{"compression_ratio": 1.0}, {"compression_ratio": -0.1}, {"budget": 0}, {"compression_interval": -1}])
 def test_bad_budgets_are_refused(kwargs):
     with pytest.raises(kq.KVSqueezeError):
         kq.get_method("snapkv", **kwargs)
@@ -174,13 +174,13 @@ def test_qfilters_calibration_points_where_queries_point(tmp_path, monkeypatch):
 def test_qfilters_without_calibration_says_how(tmp_path, monkeypatch):
     monkeypatch.setenv("KVSQUEEZE_CACHE", str(tmp_path))
     with pytest.raises(kq.KVSqueezeError, match="calibrate qfilters"):
-        calibration.prepare(kq.get_method("qfilters", ratio=0.5), tiny_llama(seed=9))
+        calibration.prepare(kq.get_method("qfilters", compression_ratio=0.5), tiny_llama(seed=9))
 
 
 def test_pyramid_budgets_compose_with_another_scorer():
     model = tiny_llama()
     rec = record_prefill(model, _ids(120))
-    m = kq.methods.PyramidKV(scorer=kq.methods.TOVA(), ratio=0.5, beta=4)
+    m = kq.methods.PyramidKV(scorer=kq.methods.TOVA(), compression_ratio=0.5, beta=4)
     cache = rec.compress(model, m)
     stored = cache.stats().tokens_stored
     assert stored == [m.n_keep(120, li, 4) for li in range(4)] and stored[0] > stored[-1]

@@ -76,7 +76,7 @@ def _check(model, make_method, layer_factory=None):
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("compression_interval", [0, 1])
-@pytest.mark.parametrize("amount", [{"ratio": 0.5}, {"budget": 12}], ids=["ratio", "budget"])
+@pytest.mark.parametrize("amount", [{"compression_ratio": 0.5}, {"budget": 12}], ids=["compression_ratio", "budget"])
 @pytest.mark.parametrize("name", list(METHODS))
 def test_left_padded_rows_match_rows_alone(name, amount, compression_interval, attn):
     model = tiny_llama(attn, layers=LAYERS)
@@ -84,14 +84,14 @@ def test_left_padded_rows_match_rows_alone(name, amount, compression_interval, a
 
 
 @pytest.mark.parametrize("name", ["h2o", "snapkv", "streaming_llm", "random"])
-@pytest.mark.parametrize("amount", [{"ratio": 0.5}, {"budget": 12}], ids=["ratio", "budget"])
+@pytest.mark.parametrize("amount", [{"compression_ratio": 0.5}, {"budget": 12}], ids=["compression_ratio", "budget"])
 def test_left_padded_rows_match_rows_alone_kivi4(name, amount):
     model = tiny_llama(layers=LAYERS)
     _check(model, lambda: _method(name, amount, 1), layer_factory=kivi(4))
 
 
 @pytest.mark.parametrize("scheme", ["mikv", "zipcache"])
-@pytest.mark.parametrize("amount", [{"ratio": 0.5}, {"budget": 12}], ids=["ratio", "budget"])
+@pytest.mark.parametrize("amount", [{"compression_ratio": 0.5}, {"budget": 12}], ids=["compression_ratio", "budget"])
 def test_left_padded_rows_match_rows_alone_mixed_precision(scheme, amount):
     """MiKV / ZipCache split instead of evicting: every row's high-precision tokens are those it picks alone (a
     residual of 8 so that the split and the quantized stores are reached with 40 tokens)."""

@@ -45,9 +45,9 @@ def test_rows_written_by_the_light_store_are_read_by_the_cli(tmp_path):
     store = rs(tmp_path / "r.sqlite")
     base = {"model": "m", "params_json": "{}", "task": "passkey", "sample_id": "s#1", "seed": 0, "metric":
             "string_match_all", "full_kv_bytes_16": 1000, "full_kv_bytes": 2000}
-    assert store.add({**base, "method": "full", "ratio": 0.0, "code_version": "0.1.0", "score": 1.0,
+    assert store.add({**base, "method": "full", "compression_ratio": 0.0, "code_version": "0.1.0", "score": 1.0,
                       "kv_bytes": 2000, "kv_bytes_16": 1000})
-    assert store.add({**base, "method": "kvpress:SnapKV", "params_json": '{"peer": "kvpress"}', "ratio": 0.5,
+    assert store.add({**base, "method": "kvpress:SnapKV", "params_json": '{"peer": "kvpress"}', "compression_ratio": 0.5,
                       "code_version": "kvpress-0.5.5", "score": 1.0, "kv_bytes": 1000, "kv_bytes_16": 500})
     store.close()
     from click.testing import CliRunner

@@ -1,7 +1,7 @@
 """Property tests (hypothesis) of the cache invariants (issue 10's acceptance), over random tiny Llama shapes,
 prompt lengths, chunkings, methods, budgets, attention kernels and decode schedules.
 
-1. No compression (`full`, ratio 0, no method) = `transformers.DynamicCache`, bit for bit, every forward.
+1. No compression (`full`, compression_ratio 0, no method) = `transformers.DynamicCache`, bit for bit, every forward.
 2. Eviction = the uncompressed model with exactly the (layer, kv head, position) entries the cache reports as not
    held masked out (read from `layer.positions` / `layer.valid` before every forward), every forward's logits.
 3. A left-padded batch: every row keeps the positions it keeps alone, and its logits equal the row alone.
@@ -145,7 +145,7 @@ SCORERS = [n for n in ("snapkv", "tova", "knorm", "h2o", "qfilters", "streaming_
 @st.composite
 def amounts(draw, max_budget: int = 48) -> dict:
     if draw(st.booleans()):
-        return {"ratio": draw(st.sampled_from([0.1, 0.25, 0.4, 0.5, 0.6, 0.75, 0.9]))}
+        return {"compression_ratio": draw(st.sampled_from([0.1, 0.25, 0.4, 0.5, 0.6, 0.75, 0.9]))}
     return {"budget": draw(st.integers(1, max_budget))}
 
 
@@ -251,7 +251,7 @@ def keep_all(draw, shape: Shape):
         return lambda: None
     if kind == "full":
         return lambda: kq.get_method("full")
-    return draw(method_makers(shape, names=ALL, amount={"ratio": 0.0}))
+    return draw(method_makers(shape, names=ALL, amount={"compression_ratio": 0.0}))
 
 
 @given(data=st.data(), shape=shapes, attn=attns)
@@ -297,8 +297,9 @@ def _kept(cache, row: int, pad: int) -> list:
 def test_left_padded_rows_equal_rows_alone(data, shape, attn):
     """Every row of a left-padded batch keeps the positions it keeps alone and has the same logits. With
     `prefill_chunk_size` the chunks are cut in the batch's (padded) coordinates, so a padded row is chunked
-    differently from the row alone and legitimately compressed differently (a ratio budget follows the tokens seen
-    so far): there each row is compared with the row alone under the same left padding (batch independence)."""
+    differently from the row alone and legitimately compressed differently (a compression_ratio budget follows the
+    tokens seen so far): there each row is compared with the row alone under the same left padding (batch
+    independence)."""
     lengths = data.draw(st.lists(st.integers(8, 40), min_size=2, max_size=3), label="row lengths")
     width = max(lengths) + data.draw(st.integers(0, 6), label="extra padding")
     new_tokens = data.draw(st.integers(1, 4), label="new tokens")
@@ -394,21 +395,21 @@ def test_quantized_store_with_everything_in_the_residual_equals_full_precision(d
 
 
 def test_pyramidkv_at_ratio_zero_keeps_every_token():
-    """Found by property 1: PyramidKV(ratio=0) evicted from its upper layers (the pyramid of a full budget)."""
+    """Found by property 1: PyramidKV(compression_ratio=0) evicted from its upper layers (the pyramid of a full budget)."""
     shape = Shape(layers=3, kv_heads=2, group=2, head_dim=8)
     model = _model(shape, "sdpa")
-    cache = kq.CompressedCache(model, kq.get_method("pyramidkv", ratio=0.0, beta=4.0, scorer=kq.get_method("tova")))
+    cache = kq.CompressedCache(model, kq.get_method("pyramidkv", compression_ratio=0.0, beta=4.0, scorer=kq.get_method("tova")))
     ids = torch.randint(0, VOCAB, (1, 40), generator=torch.Generator().manual_seed(0))
     kq.prefill(model, cache, ids)
     assert cache.stats().tokens_stored == [40] * 3
 
 
 def test_padded_row_keeps_its_own_budget_after_a_chunk_that_was_mostly_padding():
-    """Found by property 3: with `prefill_chunk_size` 8, a row with 7 padding tokens of 15 kept 8 slots where it
-    keeps 7 alone (ratio 0.1 of its 8 tokens): the layer held exactly the longer row's budget (8), so the per-row
-    budget was never applied."""
+    """Found by property 3: with `prefill_chunk_size` 8, a row with 7 padding tokens of 15 kept 8 slots where it keeps
+    7 alone (compression_ratio 0.1 of its 8 tokens): the layer held exactly the longer row's budget (8), so the
+    per-row budget was never applied."""
     model = _model(Shape(layers=1, kv_heads=1, group=1, head_dim=8), "sdpa")
-    make = lambda: kq.get_method("streaming_llm", ratio=0.1, n_sink=0)  # noqa: E731
+    make = lambda: kq.get_method("streaming_llm", compression_ratio=0.1, n_sink=0)  # noqa: E731
     gen = torch.Generator().manual_seed(0)
     ids = torch.zeros(2, 15, dtype=torch.long)
     mask = torch.zeros_like(ids)

@@ -168,19 +168,19 @@ def _prefill(model, ids, method, fac):
 
 def test_composition_reduces_bytes_multiplicatively(tiny):
     ids = torch.randint(0, 128, (1, 512))
-    fac = kivi(2, group=32, residual=0)  # no residual: every kept token is quantized, the ratios are exact
+    fac = kivi(2, group=32, residual=0)  # no residual: every kept token is quantized, the byte shares are exact
     full = _prefill(tiny, ids, None, None).stats().kv_bytes
-    evict = _prefill(tiny, ids, SnapKV(ratio=0.75), None).stats().kv_bytes
+    evict = _prefill(tiny, ids, SnapKV(compression_ratio=0.75), None).stats().kv_bytes
     quant = _prefill(tiny, ids, None, fac).stats().kv_bytes
-    both = _prefill(tiny, ids, SnapKV(ratio=0.75), fac).stats().kv_bytes
+    both = _prefill(tiny, ids, SnapKV(compression_ratio=0.75), fac).stats().kv_bytes
     assert evict == full // 4
     assert both == pytest.approx(full * (evict / full) * (quant / full), rel=1e-9)
 
 
 def test_eviction_picks_in_full_precision_then_quantizes_once(tiny):
     ids = torch.randint(0, 128, (1, 300))
-    plain = _prefill(tiny, ids, KNorm(ratio=0.5), None)
-    both = _prefill(tiny, ids, KNorm(ratio=0.5), kivi(4, residual=0))
+    plain = _prefill(tiny, ids, KNorm(compression_ratio=0.5), None)
+    both = _prefill(tiny, ids, KNorm(compression_ratio=0.5), kivi(4, residual=0))
     for lp, lq in zip(plain.layers, both.layers):
         assert torch.equal(lp.positions, lq.positions)  # the same tokens were kept
         assert lq.store.n_compressed == 128  # 150 kept: four groups of 32 quantized, 22 in full precision
@@ -193,8 +193,8 @@ def test_eviction_picks_in_full_precision_then_quantizes_once(tiny):
 def test_record_compress_equals_prefilling_with_the_scheme(tiny):
     ids = torch.randint(0, 128, (1, 300))
     rec = record_prefill(tiny, ids)
-    for method, fac in ((SnapKV(ratio=0.5), kivi(2)), (None, gear(4)), (MiKV(inner=SnapKV(ratio=0.5)), mikv(8, 2)),
-                        (ZipCacheSaliency(ratio=0.5), zipcache(4, 2))):
+    for method, fac in ((SnapKV(compression_ratio=0.5), kivi(2)), (None, gear(4)), (MiKV(inner=SnapKV(compression_ratio=0.5)), mikv(8, 2)),
+                        (ZipCacheSaliency(compression_ratio=0.5), zipcache(4, 2))):
         a = rec.compress(tiny, method, fac)
         b = _prefill(tiny, ids, method, fac)
         for la, lb in zip(a.layers, b.layers):
@@ -205,7 +205,7 @@ def test_record_compress_equals_prefilling_with_the_scheme(tiny):
 
 def test_decode_time_eviction_keeps_storage_consistent(tiny):
     ids = torch.randint(0, 128, (1, 200))
-    cache = CompressedCache(tiny, H2O(ratio=0.5, compression_interval=1), layer_factory=kivi(4, group=16, residual=16))
+    cache = CompressedCache(tiny, H2O(compression_ratio=0.5, compression_interval=1), layer_factory=kivi(4, group=16, residual=16))
     with torch.no_grad():
         out = tiny.generate(ids, max_new_tokens=20, do_sample=False, **kv(cache))
     assert out.shape[1] == 220
@@ -228,8 +228,8 @@ def test_batch_reorder_applies_to_packed_storage():
 # --- MiKV ----------------------------------------------------------------------------------------------------------
 def test_mikv_keeps_evicted_tokens_in_low_precision(tiny):
     ids = torch.randint(0, 128, (1, 300))
-    cache = _prefill(tiny, ids, MiKV(inner=H2O(ratio=0.75)), mikv(8, 2))
-    evict = _prefill(tiny, ids, H2O(ratio=0.75), None)
+    cache = _prefill(tiny, ids, MiKV(inner=H2O(compression_ratio=0.75)), mikv(8, 2))
+    evict = _prefill(tiny, ids, H2O(compression_ratio=0.75), None)
     for layer, ev in zip(cache.layers, evict.layers):
         assert isinstance(layer.store, MixedPrecisionStore) and layer.store.balanced_by_queries
         assert layer.n_stored == 300 and layer.n_evicted == 0  # nothing dropped
@@ -250,7 +250,7 @@ def test_mikv_keeps_evicted_tokens_in_low_precision(tiny):
 def test_mikv_balancer_is_sqrt_of_query_over_key_channel_max(tiny):
     ids = torch.randint(0, 128, (1, 100))
     rec = record_prefill(tiny, ids)
-    cache = rec.compress(tiny, MiKV(inner=SnapKV(ratio=0.5)), mikv(4, 2))
+    cache = rec.compress(tiny, MiKV(inner=SnapKV(compression_ratio=0.5)), mikv(4, 2))
     layer = cache.layers[1]
     q = rec.queries[1].abs().amax(2).view(1, 2, 2, 64).amax(2)  # per kv head: max over its GQA group
     kmax = rec.cache.layers[1].keys.abs().amax(2)
@@ -275,7 +275,7 @@ def test_zipcache_saliency_is_attention_over_number_of_attending_queries(tiny):
             seen[x.layer_idx] = (s, x.queries, x.keys)
             return s
 
-    rec.compress(tiny, Spy(ratio=0.5, probe_recent=1.0, probe_random=0.0), zipcache(4, 2))
+    rec.compress(tiny, Spy(compression_ratio=0.5, probe_recent=1.0, probe_random=0.0), zipcache(4, 2))
     s, q, k = seen[0]
     logits = (q @ k.repeat_interleave(2, 1).transpose(-1, -2)) * 64**-0.5
     causal = torch.ones(64, 64, dtype=torch.bool).tril()
@@ -286,13 +286,13 @@ def test_zipcache_saliency_is_attention_over_number_of_attending_queries(tiny):
 
 def test_zipcache_two_precisions_and_channel_separable_scales(tiny):
     ids = torch.randint(0, 128, (1, 300))
-    cache = _prefill(tiny, ids, ZipCacheSaliency(ratio=0.5), zipcache(4, 2))
+    cache = _prefill(tiny, ids, ZipCacheSaliency(compression_ratio=0.5), zipcache(4, 2))
     layer = cache.layers[0]
     assert [s.bits for s in layer.store.segments] == [2, 4] and layer.store.n_low == 150
     assert layer.store.key_scale.shape == (1, 2, 1, 64) and layer.store.value_scale.shape == (1, 2, 1, 64)
     assert layer.store.segments[0].k.scale.shape == (1, 2, 150, 1)  # token-wise: one scale per token
-    all_hi = _prefill(tiny, ids, ZipCacheSaliency(ratio=0.0), zipcache(4, 2)).stats().kv_bytes
-    all_lo = _prefill(tiny, ids, ZipCacheSaliency(ratio=0.99), zipcache(4, 2)).stats().kv_bytes
+    all_hi = _prefill(tiny, ids, ZipCacheSaliency(compression_ratio=0.0), zipcache(4, 2)).stats().kv_bytes
+    all_lo = _prefill(tiny, ids, ZipCacheSaliency(compression_ratio=0.99), zipcache(4, 2)).stats().kv_bytes
     assert all_lo < cache.stats().kv_bytes < all_hi
 
 
@@ -332,17 +332,17 @@ def test_gear_layer_streams_segments():
 def test_parse_quant():
     assert parse_quant("none") is None
     spec = parse_quant("kivi-2")
-    assert spec.layer_factory().store.bits == 2 and for_storage(SnapKV(ratio=0.5), spec).name == "snapkv"
-    m = for_storage(SnapKV(ratio=0.75), parse_quant("mikv-8-2"))
-    assert isinstance(m, MiKV) and m.ratio == 0.75 and m.inner.name == "snapkv"
+    assert spec.layer_factory().store.bits == 2 and for_storage(SnapKV(compression_ratio=0.5), spec).name == "snapkv"
+    m = for_storage(SnapKV(compression_ratio=0.75), parse_quant("mikv-8-2"))
+    assert isinstance(m, MiKV) and m.compression_ratio == 0.75 and m.inner.name == "snapkv"
     z = parse_quant("zipcache-4-2")
     assert z.layer_factory().store.lo_bits == 2
     # a method given is composed with ZipCache's storage, never replaced by ZipCache's saliency
-    composed = for_storage(SnapKV(ratio=0.6), z)
-    assert isinstance(composed, PrecisionSplit) and composed.inner.name == "snapkv" and composed.ratio == 0.6
+    composed = for_storage(SnapKV(compression_ratio=0.6), z)
+    assert isinstance(composed, PrecisionSplit) and composed.inner.name == "snapkv" and composed.compression_ratio == 0.6
     assert "snapkv" in composed.describe() and "zipcache-4-2" in composed.describe()
     assert isinstance(for_storage(None, z), ZipCacheSaliency)  # no method: ZipCache's own rule
-    assert isinstance(for_storage(ZipCacheSaliency(ratio=0.3), z), ZipCacheSaliency)
+    assert isinstance(for_storage(ZipCacheSaliency(compression_ratio=0.3), z), ZipCacheSaliency)
     for bad in ("kivi-3", "foo-2", "mikv-8", "kivi-x"):
         with pytest.raises(KVSqueezeError):
             parse_quant(bad)

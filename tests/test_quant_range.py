@@ -137,7 +137,7 @@ def test_model_with_huge_values_gives_finite_logits_with_every_scheme(dtype):
     ids = torch.randint(0, 101, (1, 100), generator=torch.Generator().manual_seed(0))
     for spec in SPECS:
         q = parse_quant(spec)
-        base = ZipCacheSaliency(ratio=0.5) if spec.startswith("zipcache") else H2O(ratio=0.5)
+        base = ZipCacheSaliency(compression_ratio=0.5) if spec.startswith("zipcache") else H2O(compression_ratio=0.5)
         method = for_storage(base, q) if spec.startswith(("mikv", "zipcache")) else None
         cache = kq.CompressedCache(model, method, layer_factory=q.layer_factory)
         with torch.no_grad():

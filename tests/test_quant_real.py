@@ -33,7 +33,7 @@ def test_passkey_with_4bit_kivi_and_bytes_held(smollm2, sample):
 def test_generate_command_with_quant(smollm2, sample, tmp_path):
     ctx = tmp_path / "ctx.txt"
     ctx.write_text(sample.context)
-    out = CliRunner().invoke(main, ["generate", "--method", "knorm", "--ratio", "0.5", "--quant", "kivi-2",
+    out = CliRunner().invoke(main, ["generate", "--method", "knorm", "--compression-ratio", "0.5", "--quant", "kivi-2",
                                     "--context-file", str(ctx), "--question", sample.question,
                                     "--max-new-tokens", "12"])
     assert out.exit_code == 0, out.output

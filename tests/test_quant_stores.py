@@ -43,7 +43,7 @@ def test_prefill_with_eviction_quantizes_only_the_kept_tokens_once(tiny, monkeyp
     real = kivi_mod.quantize
     monkeypatch.setattr(kivi_mod, "quantize", lambda x, *a, **k: calls.append(x.shape[2]) or real(x, *a, **k))
     ids = torch.randint(0, 128, (1, 300))
-    cache = _prefill(tiny, ids, KNorm(ratio=0.5), kivi(4, residual=0))
+    cache = _prefill(tiny, ids, KNorm(compression_ratio=0.5), kivi(4, residual=0))
     # 150 kept per layer: 128 quantized (4 groups of 32), keys and values, one call each; nothing quantized twice
     assert calls == [128, 128] * len(cache.layers)
     assert all(layer.store.n_compressed == 128 for layer in cache.layers)
@@ -59,7 +59,7 @@ def _count_dequantize(monkeypatch):
 @pytest.mark.parametrize("method", [None, "h2o"])
 def test_one_dequantization_per_layer_and_forward_none_for_stats(tiny, monkeypatch, method):
     ids = torch.randint(0, 128, (1, 200))
-    m = get_method(method, ratio=0.5, compression_interval=1) if method else None  # h2o: scores and evicts every step
+    m = get_method(method, compression_ratio=0.5, compression_interval=1) if method else None  # h2o: scores and evicts every step
     cache = _prefill(tiny, ids, m, kivi(2))
     calls = _count_dequantize(monkeypatch)
     cache.stats()
@@ -73,8 +73,8 @@ def test_one_dequantization_per_layer_and_forward_none_for_stats(tiny, monkeypat
 
 def test_offload_moves_the_packed_tensors_and_prefetch_gives_the_same_logits(tiny):
     ids = torch.randint(0, 128, (1, 200))
-    a = _prefill(tiny, ids, SnapKV(ratio=0.5), kivi(2))
-    b = _prefill(tiny, ids, SnapKV(ratio=0.5), kivi(2))
+    a = _prefill(tiny, ids, SnapKV(compression_ratio=0.5), kivi(2))
+    b = _prefill(tiny, ids, SnapKV(compression_ratio=0.5), kivi(2))
     before = a.stats().kv_bytes
     for i in range(len(a.layers)):
         a.offload(i)  # transformers' Cache.offload: the layer's own offload
@@ -114,10 +114,10 @@ def test_mixed_precision_split_keeps_every_slot_and_keep_really_evicts():
 def test_zipcache_storage_composes_with_the_method_given(tiny):
     ids = torch.randint(0, 128, (1, 300))
     z = parse_quant("zipcache-4-2")
-    composed = for_storage(SnapKV(ratio=0.5), z)
+    composed = for_storage(SnapKV(compression_ratio=0.5), z)
     assert isinstance(composed, PrecisionSplit)
     cache = _prefill(tiny, ids, composed, z.layer_factory)
-    plain = _prefill(tiny, ids, SnapKV(ratio=0.5), None)
+    plain = _prefill(tiny, ids, SnapKV(compression_ratio=0.5), None)
     for layer, ev in zip(cache.layers, plain.layers):
         assert layer.n_stored == 300  # every token kept, SnapKV's 150 at 4 bits (118) + the 32 residual
         hi = set(layer.positions[0, 0, layer.store.n_low:].tolist())
@@ -127,8 +127,8 @@ def test_zipcache_storage_composes_with_the_method_given(tiny):
 
 
 def test_mikv_and_zipcache_are_registered_methods():
-    assert isinstance(get_method("mikv", ratio=0.5), MiKV) and get_method("mikv", ratio=0.5).inner.name == "h2o"
-    assert isinstance(get_method("zipcache", ratio=0.5), ZipCacheSaliency)
+    assert isinstance(get_method("mikv", compression_ratio=0.5), MiKV) and get_method("mikv", compression_ratio=0.5).inner.name == "h2o"
+    assert isinstance(get_method("zipcache", compression_ratio=0.5), ZipCacheSaliency)
 
 
 @pytest.fixture(scope="module")
@@ -142,12 +142,12 @@ def test_cli_generate_composes_zipcache_with_the_method_given(model_dir, tmp_pat
     ctx = tmp_path / "ctx.txt"
     ctx.write_text("The passkey is 4812. " * 40)
     base = ["generate", "--model", str(model_dir), "--context-file", str(ctx), "--question", "Passkey?",
-            "--max-new-tokens", "2", "--quant", "zipcache-4-2", "--ratio", "0.5"]
+            "--max-new-tokens", "2", "--quant", "zipcache-4-2", "--compression-ratio", "0.5"]
     given = CliRunner().invoke(main, base + ["--method", "snapkv"])
     assert given.exit_code == 0, given.output
-    assert "method: snapkv(ratio=0.5) picks the high-precision tokens of zipcache-4-2" in given.output
+    assert "method: snapkv(compression_ratio=0.5) picks the high-precision tokens of zipcache-4-2" in given.output
     default = CliRunner().invoke(main, base)
     assert default.exit_code == 0, default.output
-    assert "method: zipcache(ratio=0.5)" in default.output  # no --method: ZipCache's own saliency, as before
+    assert "method: zipcache(compression_ratio=0.5)" in default.output  # no --method: ZipCache's own saliency, as before
     named = CliRunner().invoke(main, base + ["--method", "zipcache"])
-    assert "method: zipcache(ratio=0.5)" in named.output
+    assert "method: zipcache(compression_ratio=0.5)" in named.output

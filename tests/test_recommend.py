@@ -18,14 +18,14 @@ from kvsqueeze.evaluation.recommend import (candidates, factor_bound, parse_byte
 FULL = 1000  # full 16-bit bytes per row of the hand-made store
 
 
-def _rows(method, ratio, quant, kv, scores, tasks=("passkey", "vt")):
+def _rows(method, compression_ratio, quant, kv, scores, tasks=("passkey", "vt")):
     """Rows of one configuration: `scores[task]` = per-sample scores; every row holds `kv` of FULL bytes."""
     params = {"name": method, **({"quant": quant} if quant else {})}
     out = []
     for t in tasks:
         for i, s in enumerate(scores[t]):
             out.append({"model": "m", "method": method, "params_json": json.dumps(params, sort_keys=True),
-                        "ratio": ratio, "task": t, "sample_id": str(i), "seed": 0, "code_version": "v",
+                        "compression_ratio": compression_ratio, "task": t, "sample_id": str(i), "seed": 0, "code_version": "v",
                         "metric": "string_match_all", "score": s, "kv_bytes": 2 * kv, "full_kv_bytes": 2 * FULL,
                         "kv_bytes_16": kv, "full_kv_bytes_16": FULL, "quant": quant, "select": None,
                         "select_budget": None})
@@ -54,7 +54,7 @@ def test_pick_is_the_best_scorer_meeting_the_target():
     assert rec.eviction_only["method"] == "snapkv" and rec.eviction_only["score"] == pytest.approx(0.25)
     assert set(candidates(df).method) == {"snapkv", "knorm", "tova"}  # h2o: not measured on every task
     # a looser target admits the 4x configuration, which scores best
-    assert pick(df, target=4).best["ratio"] == 0.75 and pick(df, target=4).best["method"] == "tova"
+    assert pick(df, target=4).best["compression_ratio"] == 0.75 and pick(df, target=4).best["method"] == "tova"
     # a byte budget instead of a factor: at most 100 bytes -> snapkv (100) or knorm (80); knorm scores better
     assert pick(df, max_bytes=100).best["method"] == "knorm"
     assert pick(df, max_bytes=90).runner_up is None
@@ -101,7 +101,7 @@ def test_bound_is_an_upper_bound_of_measured_factors():
         with torch.no_grad():
             model(input_ids=ids, **kv(cache))
         b, f = bytes_16(cache)
-        assert f / b <= factor_bound(p.ratio, p.quant) * 1.0001, p.label()
+        assert f / b <= factor_bound(p.compression_ratio, p.quant) * 1.0001, p.label()
 
 
 # --- CLI end to end ----------------------------------------------------------------------------------------------
@@ -128,7 +128,7 @@ def test_recommend_cli_end_to_end_resumes_and_writes_a_config_generate_reads(tin
     cache = tmp_path / "cache"
     cfg = tmp_path / "pick.json"
     args = ["recommend", "--model", str(tiny_dir), "--target", "3x", "--methods", "full,knorm,tova",
-            "--ratios", "0.5,0.75", "--quant", "none,kivi-4", "--tasks", "passkey", "--samples", "1",
+            "--compression-ratios", "0.5,0.75", "--quant", "none,kivi-4", "--tasks", "passkey", "--samples", "1",
             "--length", "256", "--code-version", "t", "--config", str(cfg), "--quiet"]
     r = _invoke(args, monkeypatch, cache)
     assert r.exit_code == 0, r.output
@@ -140,11 +140,11 @@ def test_recommend_cli_end_to_end_resumes_and_writes_a_config_generate_reads(tin
     df = ResultStore(dbs[0]).frame()
     # pruned before running: full (1x), knorm / tova @0.5 (2x) cannot reach 3x; 7 candidates remain (full +
     # kivi-4, knorm / tova @0.5 + kivi-4, @0.75, @0.75 + kivi-4)
-    assert len(df) == 7 and not ((df.ratio == 0.5) & df.quant.isna()).any() and (df.method != "full").any()
+    assert len(df) == 7 and not ((df.compression_ratio == 0.5) & df.quant.isna()).any() and (df.method != "full").any()
     c = json.loads(cfg.read_text())
     assert c["model"] == str(tiny_dir) and c["method"] in ("full", "knorm", "tova")
     assert c["recommended"]["factor"] >= 3 * 0.99 and 0 <= c["recommended"]["score"] <= 1
-    best = df[(df.method == c["method"]) & (df.ratio == c["ratio"])
+    best = df[(df.method == c["method"]) & (df.compression_ratio == c["compression_ratio"])
               & (df.quant.fillna("none") == c["quant"])]
     assert len(best) == 1 and best.score.iloc[0] == df.score.max()  # the best scorer (all meet 3x here)
     assert out.count("\n") >= 4 and f"--method {c['method']}" in out
@@ -172,7 +172,7 @@ def test_recommend_cli_end_to_end_resumes_and_writes_a_config_generate_reads(tin
                  "--max-new-tokens", "3"], monkeypatch, cache)
     assert g.exit_code == 0, g.output
     if c["method"] != "full":
-        assert f"{c['method']}(ratio={c['ratio']}" in g.output or f"ratio={c['ratio']}" in g.output, g.output
+        assert f"{c['method']}(compression_ratio={c['compression_ratio']}" in g.output or f"compression_ratio={c['compression_ratio']}" in g.output, g.output
     if c["quant"] != "none":
         assert f"quant: {c['quant']}" in g.output
     g2 = _invoke(["generate", "--config", str(cfg), "--method", "snapkv", "--quant", "none", "--context-file",
@@ -182,7 +182,7 @@ def test_recommend_cli_end_to_end_resumes_and_writes_a_config_generate_reads(tin
 
 
 def test_recommend_cli_errors(tiny_dir, tmp_path, monkeypatch):
-    base = ["recommend", "--model", str(tiny_dir), "--methods", "knorm", "--ratios", "0.5", "--quant", "none",
+    base = ["recommend", "--model", str(tiny_dir), "--methods", "knorm", "--compression-ratios", "0.5", "--quant", "none",
             "--tasks", "passkey", "--samples", "1", "--length", "256", "--results", str(tmp_path / "r.sqlite"),
             "--quiet"]
     for extra, message in [
@@ -207,8 +207,8 @@ def test_recommend_cli_errors(tiny_dir, tmp_path, monkeypatch):
 def test_generate_config_file_errors(tmp_path, monkeypatch):
     ctx = tmp_path / "ctx.txt"
     ctx.write_text("some context " * 20)
-    for content, message in [("{not json", "is not JSON"), ('{"ratio": 0.5, "colour": "red"}', "unknown key(s) colour"),
-                             ('{"ratio": 1.5}', "ratio"), ("[1, 2]", "JSON object")]:
+    for content, message in [("{not json", "is not JSON"), ('{"compression_ratio": 0.5, "colour": "red"}', "unknown key(s) colour"),
+                             ('{"compression_ratio": 1.5}', "compression_ratio"), ("[1, 2]", "JSON object")]:
         p = tmp_path / "c.json"
         p.write_text(content)
         r = _invoke(["generate", "--config", str(p), "--context-file", str(ctx), "--question", "q"], monkeypatch,

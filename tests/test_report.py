@@ -26,22 +26,22 @@ def _fill(path):
     n = 0
     for version in ("v1", "v2"):
         for method, extra in [("full", {}), *METHODS.items(), ("snapkv", {"window": 16})]:
-            ratios = [0.0] if method == "full" else [0.5, 0.75, 0.875]
-            for ratio in ratios:
+            compression_ratios = [0.0] if method == "full" else [0.5, 0.75, 0.875]
+            for compression_ratio in compression_ratios:
                 params = json.dumps({"name": method, "budget": None, **extra}, sort_keys=True)
                 rows = [("passkey", f"p{i}", None, 2048, "string_match_all") for i in range(3)]
                 rows += [("niah", f"L{L}-d{d}", d, L, "string_match_all") for L in (1024, 2048) for d in (0, 0.5, 1)]
                 rows += [("ppl", f"t{i}", None, 2048, "perplexity") for i in range(2)]
                 for task, sid, depth, length, metric in rows:
-                    value = rng.uniform(5, 30) if metric == "perplexity" else float(rng.random() > ratio)
-                    st.add({"model": "m", "method": method, "params_json": params, "ratio": ratio, "task": task,
+                    value = rng.uniform(5, 30) if metric == "perplexity" else float(rng.random() > compression_ratio)
+                    st.add({"model": "m", "method": method, "params_json": params, "compression_ratio": compression_ratio, "task": task,
                             "sample_id": sid, "seed": 0, "code_version": version, "metric": metric, "score": value,
-                            "kv_bytes": int(1e6 * (1 - ratio)), "total_bytes": int(1e6 * (1 - ratio)) + 10,
+                            "kv_bytes": int(1e6 * (1 - compression_ratio)), "total_bytes": int(1e6 * (1 - compression_ratio)) + 10,
                             "full_kv_bytes": 1_000_000, "length": length, "depth": depth, "protocol": "shared-prefill",
                             "prediction": "x", "seconds": 0.1})
                     n += 1
     st.add({"model": "m", "method": "knorm", "params_json": json.dumps({"name": "knorm", "budget": 128}),
-            "ratio": -1.0, "task": "passkey", "sample_id": "p0", "seed": 0, "code_version": "v2",
+            "compression_ratio": -1.0, "task": "passkey", "sample_id": "p0", "seed": 0, "code_version": "v2",
             "metric": "string_match_all", "score": 1.0, "kv_bytes": 50_000, "full_kv_bytes": 1_000_000,
             "protocol": "shared-prefill"})
     st.close()
@@ -69,7 +69,7 @@ def test_latest_row_per_key_and_labels(report):
 def test_one_static_file_with_embedded_plots(report):
     out, n, _, _ = report
     html = out.read_text()
-    assert n == 4  # score vs ratio, score vs bytes, Pareto frontier, NIAH heatmaps
+    assert n == 4  # score vs compression_ratio, score vs bytes, Pareto frontier, NIAH heatmaps
     srcs = re.findall(r"<img [^>]*src='([^']+)'", html)
     assert len(srcs) == n
     for src in srcs:
@@ -136,11 +136,11 @@ def test_markdown_table_matches_the_means(report):
     df = load_results(db)
     md = markdown_table(df).splitlines()
     head = [c.strip() for c in md[0].strip("|").split("|")]
-    assert head[:3] == ["method", "ratio", "KV kept"] and head[-1] == "QA mean"
+    assert head[:3] == ["method", "compression_ratio", "KV kept"] and head[-1] == "QA mean"
     rows = [[c.strip() for c in line.strip("|").split("|")] for line in md[2:]]
-    assert rows[0][0] == "full" and len(rows) == df.groupby(["label", "ratio"]).ngroups
+    assert rows[0][0] == "full" and len(rows) == df.groupby(["label", "compression_ratio"]).ngroups
     row = next(r for r in rows if r[0] == "snapkv (window=64)" and r[1] == "0.75")
-    sel = df[(df.label == "snapkv (window=64)") & (df.ratio == 0.75)]
+    sel = df[(df.label == "snapkv (window=64)") & (df.compression_ratio == 0.75)]
     col = head.index("passkey (n=1-3, 1 sample = 0.33-1)")  # the budget run has one sample
     assert row[col] == f"{sel[sel.task == 'passkey'].score.mean():.2f}"
     assert row[2] == "25.0%"
@@ -157,5 +157,5 @@ def test_single_length_niah_gets_a_depth_by_method_heatmap(tmp_path):
     con.execute("DELETE FROM results WHERE task = 'niah' AND length = 1024")
     con.commit()
     con.close()
-    assert write_report(db, tmp_path / "one.html") == 4  # ratio, bytes, frontier, NIAH
+    assert write_report(db, tmp_path / "one.html") == 4  # compression_ratio, bytes, frontier, NIAH
     assert "Needle in a haystack" in (tmp_path / "one.html").read_text()

@@ -23,10 +23,10 @@ def _ids(n, seed=1, batch=1):
     return torch.randint(0, 101, (batch, n), generator=torch.Generator().manual_seed(seed))
 
 
-# Methods of every kind the phase logic reaches: absolute and ratio budgets, a stateful method, quantized storage.
+# Methods of every kind the phase logic reaches: absolute and compression_ratio budgets, a stateful method, quantized storage.
 METHODS = {
     "snapkv-budget16": lambda: (kq.get_method("snapkv", budget=16, window=4), None),
-    "knorm-ratio0.5": lambda: (kq.get_method("knorm", ratio=0.5), None),
+    "knorm-ratio0.5": lambda: (kq.get_method("knorm", compression_ratio=0.5), None),
     "h2o-budget20": lambda: (kq.get_method("h2o", budget=20), None),
     "snapkv-kivi4": lambda: (kq.get_method("snapkv", budget=16, window=4), kivi(4, group=8, residual=8)),
 }
@@ -83,11 +83,11 @@ def test_generate_chunked_prefill_then_decode_equals_pipeline(name):
 
 
 def test_forwards_before_the_first_decoding_step_are_prefill():
-    """Without prefill() blocks: chunks are compressed (a ratio budget follows the tokens seen), a 1-token
+    """Without prefill() blocks: chunks are compressed (a compression_ratio budget follows the tokens seen), a 1-token
     forward is a decoding step, and forwards after it are appended."""
     model = tiny_llama(layers=2)
     ids = _ids(60)
-    method = kq.get_method("knorm", ratio=0.5)
+    method = kq.get_method("knorm", compression_ratio=0.5)
     cache = kq.CompressedCache(model, method)
     with torch.no_grad():
         for s, e in [(0, 16), (16, 32), (32, 48)]:
@@ -155,7 +155,7 @@ def test_model_is_left_as_loaded(attn):
         c2 = kq.CompressedCache(model, kq.get_method("h2o", budget=16))
         greedy_decode(model, c2, prefill(model, c2, ids, chunk_size=16), 3, set())
         rec = record_prefill(model, ids)
-        model(ids[:, :4], **kv(rec.compress(model, kq.get_method("knorm", ratio=0.5))))
+        model(ids[:, :4], **kv(rec.compress(model, kq.get_method("knorm", compression_ratio=0.5))))
         kq.runtime.calibration.calibrate_qfilters(model, _CharTokenizer(), n_seq=2, seq_len=64, n_vectors=16, progress=False)
     assert _impls(model) == loaded and model.config._attn_implementation == attn
 
@@ -248,7 +248,7 @@ def test_kvsqueeze_calls_raise_no_rename_warning():
         cache = kq.CompressedCache(model, kq.get_method("snapkv", budget=16))
         greedy_decode(model, cache, prefill(model, cache, ids, chunk_size=16), 3, set())
         rec = record_prefill(model, ids)
-        _answer_from_cache(model, tok, rec.compress(model, kq.get_method("knorm", ratio=0.5)), [1, 2, 3], 3, set())
+        _answer_from_cache(model, tok, rec.compress(model, kq.get_method("knorm", compression_ratio=0.5)), [1, 2, 3], 3, set())
         capped_perplexity(model, rec.compress(model, kq.get_method("knorm", budget=20, compression_interval=1)), [4, 5], [5, 6])
         collect_trace(model, _ids(200), history=16, steps=8, dense_layers=())
     renamed = [str(w.message) for w in caught if "past_key_values" in str(w.message)]

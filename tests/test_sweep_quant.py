@@ -55,8 +55,8 @@ def test_quant_sweep_shares_one_prefill_keys_bytes_and_resume(tiny, samples, tmp
     pairs = make_pairs(["tova", "knorm"], [0.5], quants=["none", "kivi-4"])
     assert len(pairs) == 4 and sorted(p.quant or "none" for p in pairs) == ["kivi-4", "kivi-4", "none", "none"]
     # plain configurations keep exactly the keys they had before --quant existed
-    plain = {(p.name, p.params_json, p.ratio) for p in make_pairs(["tova", "knorm"], [0.5])}
-    assert plain == {(p.name, p.params_json, p.ratio) for p in pairs if p.quant is None}
+    plain = {(p.name, p.params_json, p.compression_ratio) for p in make_pairs(["tova", "knorm"], [0.5])}
+    assert plain == {(p.name, p.params_json, p.compression_ratio) for p in pairs if p.quant is None}
     with ResultStore(tmp_path / "q.sqlite") as st:
         r = run_sweep(model, tok, samples, pairs, st, model_name="tiny", progress=False, code_version="v")
         assert r.added == 8 and r.prefills == len(samples) == len(calls)  # one shared prefill per sample
@@ -115,10 +115,10 @@ def test_old_store_gains_the_new_columns_and_keeps_its_keys(tmp_path):
         df = st.frame()
         assert {"quant", "select", "select_budget", "kv_bytes_16", "full_kv_bytes_16"} <= set(df.columns)
         assert df.quant.isna().all()
-        assert st.add({"model": "m", "method": "knorm", "params_json": '{"quant": "kivi-4"}', "ratio": 0.5,
+        assert st.add({"model": "m", "method": "knorm", "params_json": '{"quant": "kivi-4"}', "compression_ratio": 0.5,
                        "task": "passkey", "sample_id": "s0", "seed": 0, "code_version": "v", "quant": "kivi-4",
                        "select": None, "kv_bytes_16": 100, "full_kv_bytes_16": 500})
-        assert not st.add({"model": "m", "method": "knorm", "params_json": "{}", "ratio": 0.5, "task": "passkey",
+        assert not st.add({"model": "m", "method": "knorm", "params_json": "{}", "compression_ratio": 0.5, "task": "passkey",
                            "sample_id": "s0", "seed": 0, "code_version": "v"})  # the old key still holds
     with ResultStore(path) as st:  # opening again: nothing to migrate
         assert st.count() == 2
@@ -136,7 +136,7 @@ def test_bytes_16_rule(tiny):
     d = cfg.hidden_size // cfg.num_attention_heads
     assert full16 == kv16 == 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * d * 200 * 2
     q = parse_quant("kivi-4")
-    cache = rec.compress(model, kq.get_method("knorm", ratio=0.5), q.layer_factory)
+    cache = rec.compress(model, kq.get_method("knorm", compression_ratio=0.5), q.layer_factory)
     kv16q, full16q = bytes_16(cache)
     assert full16q == full16
     expected = 0
@@ -157,16 +157,16 @@ def test_untrained_predictor_is_a_clear_error(tiny, samples):
 
 # --- the frontier -------------------------------------------------------------------------------------------
 def _store(path, points, tasks=("passkey", "niah"), n=4):
-    """points: (method, params, ratio, kv16, {task: [scores]} or one list for every task)."""
+    """points: (method, params, compression_ratio, kv16, {task: [scores]} or one list for every task)."""
     st = ResultStore(path)
-    for method, params, ratio, kv16, scores in points:
+    for method, params, compression_ratio, kv16, scores in points:
         for task in tasks:
             vals = scores[task] if isinstance(scores, dict) else scores
             if vals is None:
                 continue
             for i, v in enumerate(vals[:n]):
                 st.add({"model": "m", "method": method, "params_json": json.dumps(params, sort_keys=True),
-                        "ratio": ratio, "task": task, "sample_id": f"s{i}", "seed": 0, "code_version": "v",
+                        "compression_ratio": compression_ratio, "task": task, "sample_id": f"s{i}", "seed": 0, "code_version": "v",
                         "metric": "string_match_all", "score": float(v), "kv_bytes": 2 * kv16,
                         "full_kv_bytes": 2000, "kv_bytes_16": kv16, "full_kv_bytes_16": 1000,
                         "quant": params.get("quant"), "select": params.get("select"),
@@ -192,16 +192,16 @@ def test_frontier_is_exactly_the_pareto_points(tmp_path):
     pts = frontier(df)
     ov = pts[pts.task == "overall"]
     assert "knorm + quest@64" not in set(ov.label)  # not measured on every task: not in the overall mean
-    on = {(l, r) for l, r in zip(ov[ov.on_frontier].label, ov[ov.on_frontier].ratio)}
+    on = {(l, r) for l, r in zip(ov[ov.on_frontier].label, ov[ov.on_frontier].compression_ratio)}
     assert on == {("full", 0.0), ("tova", 0.5), ("tova + kivi-4", 0.5), ("tova + kivi-2", 0.5),
                   ("knorm + kivi-4", 0.75)}
-    pk = pts[pts.task == "passkey"].set_index(["label", "ratio"])
+    pk = pts[pts.task == "passkey"].set_index(["label", "compression_ratio"])
     assert not pk.loc[("knorm", 0.5), "on_frontier"]
     assert not pk.loc[("knorm + quest@64", 0.5), "on_frontier"]  # 2x at .5: tova's 2x at .75 dominates it
     assert pk.loc[("knorm + quest@64", 0.5), "attends"] == 64
     assert pk.loc[("tova + kivi-4", 0.5), "factor"] == pytest.approx(1000 / 150)
     assert pk.loc[("tova", 0.5), "step"] == pytest.approx(0.25) and pk.loc[("tova", 0.5), "n"] == 4
-    assert ov.set_index(["label", "ratio"]).loc[("tova", 0.5), "step"] == pytest.approx(1 / 8)
+    assert ov.set_index(["label", "compression_ratio"]).loc[("tova", 0.5), "step"] == pytest.approx(1 / 8)
     tables = dict(frontier_tables(frontier(df, bootstrap=200)))
     head = next(h for h in tables if "/ overall" in h)
     assert "5 of 6 configurations" in head
@@ -252,7 +252,7 @@ def test_tables_state_n_and_one_sample_step(tmp_path):
     assert error_notes(df) == ["samples per cell: niah n=4 (one sample moves a cell by 0.25); "
                                "passkey n=4 (one sample moves a cell by 0.25)"]
     t = summary_table(df)
-    assert len(t) == 3 and list(t.index.names) == ["method", "ratio", "quant"]  # quant configurations apart
+    assert len(t) == 3 and list(t.index.names) == ["method", "compression_ratio", "quant"]  # quant configurations apart
     md = markdown_table(df, bootstrap=300).splitlines()
     assert "passkey (n=4, 1 sample = 0.25)" in md[0]
     row = next(l for l in md if l.startswith("| tova + kivi-4 |"))

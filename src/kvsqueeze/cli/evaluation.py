@@ -75,11 +75,12 @@ def task_options(f):
         click.option("--chunk-size", type=click.IntRange(min=1), default=None,
                      help="Chunked prefill (then every pair re-runs its own prefill)."),
         click.option("--no-share-prefill", is_flag=True,
-                     help="Re-run the prefill for every (method, ratio) pair (the slow reference)."),
+                     help="Re-run the prefill for every (method, compression_ratio) pair (the slow reference)."),
         click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True,
-                     help="Answers of one sample decoded for this many (method, ratio) caches at once (1: one by one)."),
+                     help="Answers of one sample decoded for this many (method, compression_ratio) caches at once "
+                          "(1: one by one)."),
         click.option("--quant", "quant", default="none", show_default=True,
-                     help="Comma-separated storage schemes crossed with every (method, ratio): none (full "
+                     help="Comma-separated storage schemes crossed with every (method, compression_ratio): none (full "
                           "precision), kivi-2, kivi-4, gear-4, mikv-8-2, zipcache-4-2 (see `kvsqueeze generate`)."),
         click.option("--select", "select", default="none", show_default=True,
                      help="Comma-separated decode-time selectors crossed with the grid: none, quest, "
@@ -161,12 +162,12 @@ def _run_ranked(pairs, dist, *, model, task_names, cfg, version, dt, results, se
             store.close()
             return
     df = store.frame()
-    keys = {(p.name, p.params_json, p.ratio) for p in pairs}
+    keys = {(p.name, p.params_json, p.compression_ratio) for p in pairs}
     ids = {(s.task, s.sample_id) for s in smp}
     import numpy as np
 
     sel = np.array([(m, pj, r) in keys and (t, i) in ids for m, pj, r, t, i in
-                    zip(df.method, df.params_json, df.ratio, df.task, df.sample_id)], dtype=bool)
+                    zip(df.method, df.params_json, df.compression_ratio, df.task, df.sample_id)], dtype=bool)
     mine = df[sel & (df.model == model).to_numpy() & (df.code_version == version).to_numpy()
               & (df.seed == seed).to_numpy()]
     click.echo(f"{res.added} rows added, {res.skipped} already stored; {res.prefills} shared prefills; "
@@ -192,13 +193,14 @@ def register(main: click.Group) -> None:
     @click.option("--reference/--no-reference", default=True, show_default=True,
                   help="Also run the uncompressed reference (method 'full'); it shares the prefill, so it is cheap.")
     @task_options
-    def eval_cmd(method, ratio, budget, exempt_layers, compression_interval, reference, **kw):
+    def eval_cmd(method, compression_ratio, budget, exempt_layers, compression_interval, reference, **kw):
         """Evaluate one method on the task suite; rows go to the results store (resumable)."""
         from ..evaluation.sweep import make_pairs
 
-        m = build_method(method, ratio, budget, exempt_layers, compression_interval)
+        m = build_method(method, compression_ratio, budget, exempt_layers, compression_interval)
         quants, selects = _quants(kw["quant"]), _selects(kw["select"], kw["select_budget"])
-        pairs = make_pairs([m], [ratio], query_aware=kw["query_aware"], quants=quants, selects=selects)
+        pairs = make_pairs([m], [compression_ratio], query_aware=kw["query_aware"], quants=quants,
+                           selects=selects)
         if reference and (m.name != "full" or quants != [None] or selects != [(None, None)]):
             ref = make_pairs(["full"], [0.0], query_aware=kw["query_aware"])
             pairs = ref + [p for p in pairs if p.params_json != ref[0].params_json or p.name != "full"]
@@ -208,21 +210,21 @@ def register(main: click.Group) -> None:
     @click.command("sweep")
     @click.option("--methods", default="all", show_default=True,
                   help="Comma-separated method names, or 'all' (see `kvsqueeze methods`). 'full' runs once.")
-    @click.option("--ratios", default="0.5,0.75,0.875", show_default=True,
-                  help="Comma-separated compression ratios (fraction of the cache removed).")
+    @click.option("--compression-ratios", "--ratios", "compression_ratios", default="0.5,0.75,0.875",
+                  show_default=True, help="Comma-separated fractions of tokens removed (kvpress's compression_ratio).")
     @click.option("--exempt-layers", default="", help="Comma-separated layer indices never compressed.")
     @click.option("--compression-interval", type=click.IntRange(min=0), default=0, show_default=True,
                   help="Also compress every N decoding steps (such pairs re-run their prefill).")
     @task_options
-    def sweep_cmd(methods, ratios, exempt_layers, compression_interval, **kw):
-        """Evaluate a grid of methods x ratios x tasks x samples, one prefill per sample (resumable)."""
+    def sweep_cmd(methods, compression_ratios, exempt_layers, compression_interval, **kw):
+        """Evaluate a grid of methods x compression_ratios x tasks x samples, one prefill per sample (resumable)."""
         from ..methods import ALL, METHODS
         from ..evaluation.sweep import make_pairs
 
         names = list(ALL) if methods.strip() == "all" else [x.strip() for x in methods.split(",") if x.strip()]
         if not names:
             raise KVSqueezeError("--methods is empty")
-        rs = _floats(ratios, "--ratios", 0.0, 1.0, True)
+        rs = _floats(compression_ratios, "--compression-ratios", 0.0, 1.0, True)
         built = [build_method(n, rs[0], None, exempt_layers, compression_interval) for n in names]  # validates names
         pairs = make_pairs([b for b in built], rs, query_aware=kw["query_aware"], quants=_quants(kw["quant"]),
                            selects=_selects(kw["select"], kw["select_budget"]))

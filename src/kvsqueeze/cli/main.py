@@ -127,13 +127,14 @@ def models():
 @click.option("--config", "config", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="JSON file of these options (e.g. from `kvsqueeze recommend --config FILE`); options given "
                    "on the command line override it.")
-def generate(model, method, ratio, budget, exempt_layers, compression_interval, context_file, question, max_new_tokens,
-             chunk_size, query_aware, quant, select, select_budget, device, dtype, config):
+def generate(model, method, compression_ratio, budget, exempt_layers, compression_interval, context_file, question,
+             max_new_tokens, chunk_size, query_aware, quant, select, select_budget, device, dtype, config):
     """Compress a context, answer a question, report the KV memory kept."""
     if config is not None:
         v = config_values(click.get_current_context(), config)
-        model, method, ratio, budget, exempt_layers, compression_interval = (
-            v["model"], v["method"], v["ratio"], v["budget"], v["exempt_layers"], v["compression_interval"])
+        model, method, compression_ratio, budget, exempt_layers, compression_interval = (
+            v["model"], v["method"], v["compression_ratio"], v["budget"], v["exempt_layers"],
+            v["compression_interval"])
         max_new_tokens, chunk_size, query_aware = v["max_new_tokens"], v["chunk_size"], v["query_aware"]
         quant, select, select_budget = v["quant"], v["select"], v["select_budget"]
         device, dtype = v.get("device", device), v.get("dtype", dtype)
@@ -142,7 +143,7 @@ def generate(model, method, ratio, budget, exempt_layers, compression_interval, 
     context = context_file.read_text(errors="replace")
     if not context.strip():
         raise KVSqueezeError(f"the context file {context_file} is empty")
-    m = build_method(method, ratio, budget, exempt_layers, compression_interval)
+    m = build_method(method, compression_ratio, budget, exempt_layers, compression_interval)
     from ..models import load_model
     from ..quant import parse_quant
     from ..runtime.generate import generate_answer
@@ -153,7 +154,7 @@ def generate(model, method, ratio, budget, exempt_layers, compression_interval, 
 
         if qspec.importance == "zipcache" and _method_defaulted(config):
             # no --method given: ZipCache's own saliency picks the high-precision tokens (with the budget asked)
-            m = build_method("zipcache", ratio, budget, exempt_layers, compression_interval)
+            m = build_method("zipcache", compression_ratio, budget, exempt_layers, compression_interval)
         m = for_storage(m, qspec)
     dev = resolve_device(device)
     mdl, tok = load_model(model, dtype=resolve_dtype(dtype, dev), device=str(dev))

@@ -15,26 +15,29 @@ def _ratio(ctx, param, value):
 
 
 def method_options(f):
-    """--method, --ratio, --budget, --exempt-layers, --compression-interval (shared by generate and eval commands)."""
+    """--method, --compression-ratio (alias --ratio), --budget, --exempt-layers, --compression-interval (shared by
+    generate and eval commands)."""
     f = click.option("--compression-interval", type=click.IntRange(min=0), default=0, show_default=True,
                      help="Also compress every N decoding steps, holding the budget (0: prefill only).")(f)
     f = click.option("--exempt-layers", default="", help="Comma-separated layer indices never compressed.")(f)
     f = click.option("--budget", type=click.IntRange(min=1), default=None,
-                     help="Absolute number of tokens kept per layer (instead of --ratio).")(f)
-    f = click.option("--ratio", type=float, default=0.5, show_default=True, callback=_ratio,
-                     help="Compression ratio: the fraction of the KV cache removed (0.75 keeps a quarter).")(f)
+                     help="Absolute number of tokens kept per layer (instead of --compression-ratio).")(f)
+    f = click.option("--compression-ratio", "--ratio", "compression_ratio", type=float, default=0.5,
+                     show_default=True, callback=_ratio,
+                     help="Fraction of tokens removed (kvpress's compression_ratio; 0.75 keeps a quarter).")(f)
     f = click.option("--method", default="snapkv", show_default=True, help="Method name (see `kvsqueeze methods`).")(f)
     return f
 
 
-def build_method(method: str, ratio: float, budget: int | None, exempt_layers: str, compression_interval: int):
+def build_method(method: str, compression_ratio: float, budget: int | None, exempt_layers: str,
+                 compression_interval: int):
     from ..methods import get_method
 
     try:
         exempt = tuple(int(x) for x in exempt_layers.split(",") if x.strip())
     except ValueError:
         raise KVSqueezeError(f"--exempt-layers must be comma-separated integers, got {exempt_layers!r}") from None
-    return get_method(method, ratio=ratio, budget=budget, exempt_layers=exempt,
+    return get_method(method, compression_ratio=compression_ratio, budget=budget, exempt_layers=exempt,
                       compression_interval=compression_interval)
 
 

@@ -32,7 +32,8 @@ def register_recommend(main) -> None:
                   help="Or: the most 16-bit KV bytes the cache may hold per calibration sample (512K, 2M, ...).")
     @click.option("--methods", default=DEFAULT_METHODS, show_default=True,
                   help="Candidate methods, comma-separated ('full' with --quant: quantization only).")
-    @click.option("--ratios", default=DEFAULT_RATIOS, show_default=True, help="Candidate compression ratios.")
+    @click.option("--compression-ratios", "--ratios", "compression_ratios", default=DEFAULT_RATIOS, show_default=True,
+                  help="Candidate fractions of tokens removed (kvpress's compression_ratio).")
     @click.option("--quant", "quant", default=DEFAULT_QUANTS, show_default=True,
                   help="Candidate storage schemes, comma-separated ('none': full precision).")
     @click.option("--tasks", default=DEFAULT_TASKS, show_default=True,
@@ -58,8 +59,8 @@ def register_recommend(main) -> None:
     @click.option("--code-version", default=None, help="Override the code version in the result keys.")
     @click.option("--quiet", is_flag=True, help="No progress bar.")
     @device_options
-    def recommend_cmd(model, target, max_bytes, methods, ratios, quant, tasks, length, samples, seed, tolerance,
-                      results, config_out, verify_seed, verify_samples, batch_size, code_version, quiet,
+    def recommend_cmd(model, target, max_bytes, methods, compression_ratios, quant, tasks, length, samples, seed,
+                      tolerance, results, config_out, verify_seed, verify_samples, batch_size, code_version, quiet,
                       device="cpu", dtype="auto"):
         """Pick the configuration with the best measured score at a byte budget (short calibration sweep)."""
         from ..methods import ALL, METHODS
@@ -77,22 +78,22 @@ def register_recommend(main) -> None:
         names = list(ALL) if methods.strip() == "all" else [x.strip() for x in methods.split(",") if x.strip()]
         if not names:
             raise KVSqueezeError("--methods is empty")
-        rs = _floats(ratios, "--ratios", 0.0, 1.0, True)
+        rs = _floats(compression_ratios, "--compression-ratios", 0.0, 1.0, True)
         quants = _quants(quant)
         task_names = expand_tasks(tasks)
         if "ppl" in task_names:
             raise KVSqueezeError("recommend ranks string-match tasks; leave 'ppl' out of --tasks")
         pairs = make_pairs(names, rs, quants=quants)
         if tgt is not None:  # analytic pruning: an optimistic bound below the target cannot meet it
-            bounds = [factor_bound(p.ratio, p.quant, p.method.budget) for p in pairs]
+            bounds = [factor_bound(p.compression_ratio, p.quant, p.method.budget) for p in pairs]
             keep = [p for p, b in zip(pairs, bounds) if b >= tgt * (1.0 - tolerance)]
             if not keep:
                 raise KVSqueezeError(f"no candidate configuration can reach {tgt:g}x: the largest factor available "
-                                     f"is at most {max(bounds):.2f}x; add higher --ratios or lower-bit --quant "
-                                     f"schemes")
+                                     f"is at most {max(bounds):.2f}x; add higher --compression-ratios or lower-bit "
+                                     "--quant schemes")
             if not quiet:
-                click.echo(f"{len(keep)} of {len(pairs)} candidates can reach {tgt:g}x (bound: 1/(1-ratio) x "
-                           f"16/bits)", err=True)
+                click.echo(f"{len(keep)} of {len(pairs)} candidates can reach {tgt:g}x (bound: "
+                           "1/(1-compression_ratio) x 16/bits)", err=True)
             pairs = keep
         path = results or cache_dir() / "recommend" / f"{safe_name(model)}.sqlite"
         version = code_version or auto_version()
@@ -120,7 +121,7 @@ def register_recommend(main) -> None:
         finally:
             store.close()
         rec = pick(rows, tgt, mb, tolerance)
-        by_key = {(p.name, p.params_json, float(p.ratio)): p for p in pairs}
+        by_key = {(p.name, p.params_json, float(p.compression_ratio)): p for p in pairs}
         want = " and ".join(([f"{tgt:g}x"] if tgt is not None else []) +
                             ([f"<= {mb} bytes"] if mb is not None else []))
         n_ok = int(rec.table.meets.sum())
@@ -130,7 +131,7 @@ def register_recommend(main) -> None:
         click.echo("runner-up: " + (line(rec.runner_up) if rec.runner_up is not None else "none"))
         if rec.eviction_only is not None and rec.eviction_only is not rec.best:
             click.echo("best eviction-only: " + line(rec.eviction_only))
-        best_pair = by_key[(rec.best["method"], rec.best["params_json"], float(rec.best["ratio"]))]
+        best_pair = by_key[(rec.best["method"], rec.best["params_json"], float(rec.best["compression_ratio"]))]
         info = {"target": tgt, "max_bytes": mb, "tasks": task_names, "length": length, "samples": samples,
                 "seed": seed, "code_version": version, "results": str(path)}
         if rec.runner_up is not None:
@@ -141,7 +142,7 @@ def register_recommend(main) -> None:
             chosen = [best_pair]
             if rec.eviction_only is not None and rec.eviction_only is not rec.best:
                 e = rec.eviction_only
-                chosen.append(by_key[(e["method"], e["params_json"], float(e["ratio"]))])
+                chosen.append(by_key[(e["method"], e["params_json"], float(e["compression_ratio"]))])
             fresh = build_samples(tok, task_names, TaskConfig(length=length, samples=verify_samples,
                                                               seed=verify_seed))
             store = ResultStore(path)
@@ -156,7 +157,8 @@ def register_recommend(main) -> None:
             vt = candidates(vrows)
             click.echo(f"fresh samples (seed {verify_seed}, {verify_samples} per task):")
             for who, p in zip(("pick", "eviction-only"), chosen):
-                r = vt[(vt.method == p.name) & (vt.params_json == p.params_json) & (vt.ratio == float(p.ratio))]
+                r = vt[(vt.method == p.name) & (vt.params_json == p.params_json)
+                       & (vt.compression_ratio == float(p.compression_ratio))]
                 if not r.empty:
                     click.echo(f"  {who}: " + line(r.iloc[0].to_dict()))
             if len(chosen) == 1:

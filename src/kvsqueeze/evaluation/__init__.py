@@ -1,5 +1,5 @@
-"""Evaluation harness: sweeps over methods x ratios x tasks x samples with one prefill per sample, a resumable
-SQLite results store, and a static HTML report. See docs/evaluation.md."""
+"""Evaluation harness: sweeps over methods x compression_ratios x tasks x samples with one prefill per sample, a
+resumable SQLite results store, and a static HTML report. See docs/evaluation.md."""
 
 from .frontier import frontier, pareto_mask
 from .sizes import bytes_16, full_kv_bytes_16, kv_bytes_16

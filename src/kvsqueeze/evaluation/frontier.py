@@ -1,7 +1,7 @@
 """The Pareto frontier of score against KV bytes over every configuration in a results store, with error bars.
 
-A configuration is one (method + parameters, ratio, quant scheme, selector + budget) of one model. Per task, its
-score is the mean over the samples stored, and its compression factor is
+A configuration is one (method + parameters, compression_ratio, quant scheme, selector + budget) of one model. Per
+task, its score is the mean over the samples stored, and its compression factor is
 
     factor = sum(full_kv_bytes_16) / sum(kv_bytes_16)      over its rows (see sizes.py: 16-bit-normalised bytes)
 
@@ -15,7 +15,7 @@ at least as well as everything as small; the `attends` column shows its per-step
 
 `overall`: per configuration, the mean over the string-match tasks of its per-task scores, over the
 configurations measured on every one of those tasks (perplexity is on another scale and is left out); its factor
-is the ratio of its byte sums over those tasks.
+is the quotient of its byte sums over those tasks.
 
 Error bars. A string-match score of a sample is in [0, 1], so one sample moves a mean over n samples by at most
 1/n (`+-1 sample`); for `overall`, one sample of task t moves it by 1 / (T n_t), the largest of which is shown.
@@ -32,7 +32,7 @@ import numpy as np
 
 from ..errors import KVSqueezeError
 
-CONFIG = ["model", "label", "ratio"]
+CONFIG = ["model", "label", "compression_ratio"]
 
 
 def row_scores(df, metric: str | None = None):
@@ -117,9 +117,9 @@ def config_points(df, metric: str | None = None, bootstrap: int = 0, seed: int =
     d = d[d._score.notna()]
     d["_kv"], d["_full"] = _bytes(d)
     rows = []
-    for (model, task, label, ratio), g in d.groupby(["model", "task", "label", "ratio"], sort=False):
+    for (model, task, label, cr), g in d.groupby(["model", "task", "label", "compression_ratio"], sort=False):
         m = g._metric.iloc[0]
-        row = {"model": model, "task": task, "label": label, "ratio": ratio, "metric": m,
+        row = {"model": model, "task": task, "label": label, "compression_ratio": cr, "metric": m,
                "score": float(g._score.mean()), "n": int(g.sample_id.nunique()),
                "kv_bytes_16": float(g._kv.mean()), "full_kv_bytes_16": float(g._full.mean()),
                "factor": float(g._full.sum() / g._kv.sum()) if g._kv.sum() > 0 else np.nan,
@@ -146,12 +146,12 @@ def overall_points(df, metric: str | None = None, bootstrap: int = 0, seed: int 
         tasks = sorted(dm.task.unique())
         if not tasks:
             continue
-        for (label, ratio), g in dm.groupby(["label", "ratio"], sort=False):
+        for (label, cr), g in dm.groupby(["label", "compression_ratio"], sort=False):
             if sorted(g.task.unique()) != tasks:
                 continue
             per_task = {t: gt._score.to_numpy(float) for t, gt in g.groupby("task")}
             ns = {t: len(gt.sample_id.unique()) for t, gt in g.groupby("task")}
-            row = {"model": model, "task": "overall", "label": label, "ratio": ratio, "metric": "mean of tasks",
+            row = {"model": model, "task": "overall", "label": label, "compression_ratio": cr, "metric": "mean of tasks",
                    "score": float(np.mean([v.mean() for v in per_task.values()])), "n": int(min(ns.values())),
                    "kv_bytes_16": float(g._kv.mean()), "full_kv_bytes_16": float(g._full.mean()),
                    "factor": float(g._full.sum() / g._kv.sum()) if g._kv.sum() > 0 else np.nan,
@@ -191,10 +191,10 @@ def frontier(df, task: str | None = None, metric: str | None = None, bootstrap: 
     return pts
 
 
-def config_name(label: str, ratio: float) -> str:
+def config_name(label: str, compression_ratio: float) -> str:
     if label == "full" or label.startswith("full "):
         return label
-    r = "budget" if ratio < 0 else f"{ratio:g}"
+    r = "budget" if compression_ratio < 0 else f"{compression_ratio:g}"
     head, sep, tail = label.partition(" + ")
     return f"{head} @{r}{sep}{tail}"
 
@@ -216,7 +216,7 @@ def frontier_tables(pts, all_points: bool = False) -> list[tuple[str, object]]:
             metric = g.metric.iloc[0]
             t = pd.DataFrame({
                 "configuration": [("* " if all_points and f else "") + config_name(l, r)
-                                  for l, r, f in zip(g.label, g.ratio, g.on_frontier)],
+                                  for l, r, f in zip(g.label, g.compression_ratio, g.on_frontier)],
                 "factor": [f"{f:.2f}x" for f in g.factor],
                 "kv MiB (16-bit)": [f"{b / 2**20:.2f}" for b in g.kv_bytes_16],
                 "score": [f"{s:.3f}" for s in g.score],

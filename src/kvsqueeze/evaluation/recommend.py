@@ -1,7 +1,7 @@
 """`kvsqueeze recommend`: the configuration with the best measured score at a byte budget.
 
 A short calibration sweep (generated tasks, a few samples, one shared prefill per sample, rows in a resumable
-results store) over the candidates methods x ratios x `--quant` schemes, then a pick:
+results store) over the candidates methods x compression_ratios x `--quant` schemes, then a pick:
 
 1. **Target.** Either a compression factor (`--target 8x`: the configuration must hold at most 1/8 of the
    uncompressed 16-bit cache, i.e. `factor = sum(full_kv_bytes_16) / sum(kv_bytes_16) >= 8` over its rows, see
@@ -9,7 +9,7 @@ results store) over the candidates methods x ratios x `--quant` schemes, then a 
    values as a 16-bit deployment holds them, at most that many bytes on the calibration samples' length).
    `tolerance` (default 1%) lets a size that token rounding or quantization scales put just past the target
    count (factor >= target * (1 - tolerance); bytes <= max_bytes * (1 + tolerance)).
-2. **Pruning.** Before anything runs, candidates whose optimistic factor bound (`factor_bound`: 1/(1-ratio)
+2. **Pruning.** Before anything runs, candidates whose optimistic factor bound (`factor_bound`: 1/(1-compression_ratio)
    for eviction, times 16/bits for the cheapest bit width of the scheme, ignoring scales and the 16-bit residual
    window) cannot reach the target are dropped. The others run on the first calibration sample; those whose
    measured size misses the target there are dropped too, and only the rest run on the remaining samples.
@@ -37,8 +37,8 @@ DEFAULT_QUANTS = "none,kivi-4,kivi-2"
 DEFAULT_TASKS = "passkey,niah_multikey,niah_multivalue,vt"
 
 # the keys of a `--config` file that `kvsqueeze generate` reads (its option names, '-' as '_')
-CONFIG_KEYS = ("model", "method", "ratio", "budget", "exempt_layers", "compression_interval", "quant", "select",
-               "select_budget", "query_aware", "chunk_size", "max_new_tokens")
+CONFIG_KEYS = ("model", "method", "compression_ratio", "budget", "exempt_layers", "compression_interval", "quant",
+               "select", "select_budget", "query_aware", "chunk_size", "max_new_tokens")
 CONFIG_INFO = "recommended"  # the key holding how the pick was measured (ignored by generate)
 
 
@@ -70,20 +70,21 @@ def quant_bits(quant: str | None) -> int:
     return min(nums) if nums else 16
 
 
-def factor_bound(ratio: float, quant: str | None, budget: int | None = None) -> float:
-    """An upper bound on the 16-bit compression factor of (method at `ratio`, `quant` storage), before running.
+def factor_bound(compression_ratio: float, quant: str | None, budget: int | None = None) -> float:
+    """An upper bound on the 16-bit compression factor of (method at `compression_ratio`, `quant` storage), before
+    running.
 
-    Eviction at ratio r keeps at least a (1 - r) share of the tokens (factor <= 1/(1-r)); a scheme stores an
-    element in at least `quant_bits` bits (factor <= 16/bits; scales, outliers and the full-precision residual
+    Eviction at compression_ratio r keeps at least a (1 - r) share of the tokens (factor <= 1/(1-r)); a scheme stores
+    an element in at least `quant_bits` bits (factor <= 16/bits; scales, outliers and the full-precision residual
     window only lower it). MiKV / ZipCache keep every token (the evicted / non-salient ones at the low width), so
-    their bound is 16/low bits whatever the ratio. A method given an absolute `budget` has no bound without the
-    length: +inf (never pruned here; the first sample decides)."""
+    their bound is 16/low bits whatever the compression_ratio. A method given an absolute `budget` has no bound
+    without the length: +inf (never pruned here; the first sample decides)."""
     q = 16.0 / quant_bits(quant)
     if budget is not None:
         return math.inf
     if quant and quant.split("-")[0] in ("mikv", "zipcache"):
         return q
-    return q / max(1e-12, 1.0 - ratio) if ratio < 1.0 else math.inf
+    return q / max(1e-12, 1.0 - compression_ratio) if compression_ratio < 1.0 else math.inf
 
 
 def meets(factor: float, kv_bytes: float, target: float | None, max_bytes: float | None,
@@ -97,10 +98,10 @@ def meets(factor: float, kv_bytes: float, target: float | None, max_bytes: float
 
 
 def candidates(df):
-    """One row per configuration (method, params_json, ratio) of a results frame measured on every task of it:
-    score (mean over tasks of the per-task mean), factor (byte sums), kv_bytes_16 (mean per row), n (fewest
-    samples of a task), quant, label. `df`: rows of one model / seed / code version (ResultStore.frame()).
-    Perplexity rows are left out (another scale)."""
+    """One row per configuration (method, params_json, compression_ratio) of a results frame measured on every task of
+    it: score (mean over tasks of the per-task mean), factor (byte sums), kv_bytes_16 (mean per row), n (fewest
+    samples of a task), quant, label. `df`: rows of one model / seed / code version (ResultStore.frame()). Perplexity
+    rows are left out (another scale)."""
     import numpy as np
     import pandas as pd
 
@@ -110,20 +111,20 @@ def candidates(df):
     d = df[df.metric != "perplexity"].copy()
     d = d[d.score.notna()]
     if d.empty:
-        return pd.DataFrame(columns=["method", "params_json", "ratio", "label", "quant", "score", "factor",
+        return pd.DataFrame(columns=["method", "params_json", "compression_ratio", "label", "quant", "score", "factor",
                                      "kv_bytes_16", "full_kv_bytes_16", "n", "step"])
     d["_kv"], d["_full"] = _bytes(d)
     if "label" not in d:
         d["label"] = _labels(d)
     tasks = sorted(d.task.unique())
     rows = []
-    for (method, pj, ratio), g in d.groupby(["method", "params_json", "ratio"], sort=False):
+    for (method, pj, cr), g in d.groupby(["method", "params_json", "compression_ratio"], sort=False):
         if sorted(g.task.unique()) != tasks:
             continue
         per_task = g.groupby("task").score.mean()
         ns = g.groupby("task").sample_id.nunique()
         q = g.quant.dropna().iloc[0] if "quant" in g and g.quant.notna().any() else None
-        rows.append({"method": method, "params_json": pj, "ratio": float(ratio), "label": g.label.iloc[0],
+        rows.append({"method": method, "params_json": pj, "compression_ratio": float(cr), "label": g.label.iloc[0],
                      "quant": q, "score": float(per_task.mean()),
                      "factor": float(g._full.sum() / g._kv.sum()) if g._kv.sum() > 0 else np.nan,
                      "kv_bytes_16": float(g._kv.mean()), "full_kv_bytes_16": float(g._full.mean()),
@@ -165,7 +166,7 @@ def pick(df, target: float | None = None, max_bytes: float | None = None, tolera
                             ([f"budget of at most {max_bytes:.0f} bytes"] if max_bytes is not None else []))
         raise KVSqueezeError(
             f"no candidate configuration meets the {want}: the largest factor available is {top.factor:.2f}x "
-            f"({describe(top)}), the smallest cache {small.kv_bytes_16:.0f} bytes; add higher --ratios or "
+            f"({describe(top)}), the smallest cache {small.kv_bytes_16:.0f} bytes; add higher --compression-ratios or "
             f"lower-bit --quant schemes")
     rows = ok.to_dict("records")
     for r in rows:  # pandas turns a missing scheme into NaN
@@ -178,7 +179,7 @@ def describe(row) -> str:
     """'snapkv @0.875 + kivi-4' for a candidate row."""
     from .frontier import config_name
 
-    return config_name(row["label"], row["ratio"])
+    return config_name(row["label"], row["compression_ratio"])
 
 
 def line(row) -> str:
@@ -193,7 +194,8 @@ def config_dict(pair, model: str, row: dict | None = None, info: dict | None = N
     given, before the scheme wraps it), plus `recommended` (how it was measured) when `row` / `info` are given."""
     base = pair.base or pair.method
     cfg = {"model": model, "method": base.name,
-           "ratio": 0.0 if base.name == "full" else (base.ratio if base.budget is None else 0.5),
+           "compression_ratio": (0.0 if base.name == "full"
+                                 else (base.compression_ratio if base.budget is None else 0.5)),
            "budget": base.budget,
            "exempt_layers": ",".join(str(i) for i in (getattr(base, "exempt_layers", None) or ())),
            "compression_interval": int(getattr(base, "compression_interval", 0) or 0), "quant": pair.quant or "none",
@@ -215,7 +217,7 @@ def generate_line(cfg: dict) -> str:
     if cfg.get("budget") is not None:
         parts.append(f"--budget {cfg['budget']}")
     elif cfg["method"] != "full":
-        parts.append(f"--ratio {cfg['ratio']:g}")
+        parts.append(f"--compression-ratio {cfg['compression_ratio']:g}")
     if cfg.get("exempt_layers"):
         parts.append(f"--exempt-layers {cfg['exempt_layers']}")
     if cfg.get("compression_interval"):
@@ -231,7 +233,8 @@ def generate_line(cfg: dict) -> str:
 
 def read_config(path) -> dict:
     """A `--config` JSON file as {generate option: value}; KVSqueezeError when it is missing, not JSON, not an
-    object, or names an option generate does not have (the `recommended` block is ignored)."""
+    object, or names an option generate does not have (the `recommended` block is ignored; the old key `ratio`
+    gets its own message: it is `compression_ratio` now)."""
     from pathlib import Path
 
     p = Path(path)
@@ -244,6 +247,9 @@ def read_config(path) -> dict:
     if not isinstance(cfg, dict):
         raise KVSqueezeError(f"config file {p} must hold a JSON object")
     cfg = {k: v for k, v in cfg.items() if k != CONFIG_INFO}
+    if "ratio" in cfg:
+        raise KVSqueezeError(f"config file {p}: the key `ratio` was renamed `compression_ratio` (the fraction of "
+                             "tokens removed, kvpress's name)")
     bad = sorted(set(cfg) - set(CONFIG_KEYS))
     if bad:
         raise KVSqueezeError(f"config file {p}: unknown key(s) {', '.join(bad)}; known: {', '.join(CONFIG_KEYS)}")
@@ -279,8 +285,8 @@ def calibrate(model, tokenizer, samples, pairs, store, *, model_name: str, seed:
         kv, full = _bytes(df)
         df = df.assign(_kv=kv, _full=full)
     for p in pairs:
-        g = df[(df.method == p.name) & (df.params_json == p.params_json) & (df.ratio == p.ratio)] \
-            if not df.empty else df
+        g = df[(df.method == p.name) & (df.params_json == p.params_json)
+               & (df.compression_ratio == p.compression_ratio)] if not df.empty else df
         if g.empty:
             continue
         f = float(g._full.sum() / g._kv.sum()) if g._kv.sum() > 0 else np.inf
@@ -303,10 +309,10 @@ def _mine(df, pairs, samples, model_name, seed, code_version):
 
     if df.empty:
         return df
-    keys = {(p.name, p.params_json, float(p.ratio)) for p in pairs}
+    keys = {(p.name, p.params_json, float(p.compression_ratio)) for p in pairs}
     ids = {(s.task, s.sample_id) for s in samples}
     sel = np.array([(m, pj, float(r)) in keys and (t, i) in ids for m, pj, r, t, i in
-                    zip(df.method, df.params_json, df.ratio, df.task, df.sample_id)], dtype=bool)
+                    zip(df.method, df.params_json, df.compression_ratio, df.task, df.sample_id)], dtype=bool)
     sel &= (df.model == model_name).to_numpy() & (df.code_version == code_version).to_numpy() \
         & (df.seed == seed).to_numpy()
     return df[sel].reset_index(drop=True)

@@ -1,12 +1,11 @@
 """`kvsqueeze report RESULTS -o report.html`: one static HTML page, readable without a server or a network.
 
-Plots are matplotlib (Agg) PNGs embedded as base64 data URIs; tables are pandas HTML. For each model in the
-results: the mean-score table, score vs compression ratio (one panel per task, one line per method, the
-uncompressed reference dashed), score vs KV bytes kept, the Pareto frontier of score vs 16-bit KV bytes (per
-task and overall, frontier points labelled), and NIAH depth x length heatmaps for every method and
-ratio. When a key was measured by several code versions, the latest row is used. A small inline script records,
-once the page has loaded, how many images decoded (`<body data-plots-decoded=... data-plots-total=...>`), which
-the headless-Chromium test reads.
+Plots are matplotlib (Agg) PNGs embedded as base64 data URIs; tables are pandas HTML. For each model in the results:
+the mean-score table, score vs compression_ratio (one panel per task, one line per method, the uncompressed reference
+dashed), score vs KV bytes kept, the Pareto frontier of score vs 16-bit KV bytes (per task and overall, frontier
+points labelled), and NIAH depth x length heatmaps for every method and compression_ratio. When a key was measured by
+several code versions, the latest row is used. A small inline script records, once the page has loaded, how many
+images decoded (`<body data-plots-decoded=... data-plots-total=...>`), which the headless-Chromium test reads.
 """
 
 from __future__ import annotations
@@ -84,7 +83,8 @@ def _split_params(method: str, p: dict) -> tuple[dict, str]:
         p.pop(k, None)
     inner = p.get("inner")
     if p.get("name") != method and isinstance(inner, dict) and inner.get("name") == method:
-        p = {k: v for k, v in inner.items() if k != "ratio"}  # MiKV storage wraps the method: its own params
+        # MiKV storage wraps the method: its own params
+        p = {k: v for k, v in inner.items() if k != "compression_ratio"}
     return p, suffix
 
 
@@ -186,15 +186,15 @@ def plot_score_vs_ratio(df) -> str:
         full = d[d.method == "full"]
         if not full.empty:
             handles["full"] = ax.axhline(full.score.mean(), color=colors["full"], ls="--", lw=1.5, label="full")
-        comp = d[(d.method != "full") & (d.ratio >= 0)]
+        comp = d[(d.method != "full") & (d.compression_ratio >= 0)]
         for label, g in comp.groupby("label"):
-            m = g.groupby("ratio").score.mean()
+            m = g.groupby("compression_ratio").score.mean()
             dodge = 0.006 * (comp_labels.index(label) - (len(comp_labels) - 1) / 2)  # overlapping lines stay visible
             (handles[label],) = ax.plot(m.index + dodge, m.values, marker=markers[label], color=colors[label],
                                         label=label, alpha=0.85)
-        n = d.groupby(["label", "ratio"]).size().max()
+        n = d.groupby(["label", "compression_ratio"]).size().max()
         ax.set_title(f"{task} (n={n})", fontsize=11)
-        ax.set_xlabel("compression ratio (fraction removed)")
+        ax.set_xlabel("compression_ratio (fraction removed)")
         ax.set_ylabel(_ylabel(metric), fontsize=8)
         if metric == "perplexity":
             _plain_log(ax, "y")
@@ -216,7 +216,7 @@ def plot_score_vs_bytes(df) -> str:
         d = df[df.task == task]
         metric = d.metric.iloc[0]
         for label, g in d.groupby("label"):
-            m = g.groupby(["ratio"]).agg(kv=("kv_mib", "mean"), score=("score", "mean")).sort_values("kv")
+            m = g.groupby(["compression_ratio"]).agg(kv=("kv_mib", "mean"), score=("score", "mean")).sort_values("kv")
             style = dict(marker="*", ms=12, ls="none") if label == "full" else dict(marker=markers[label], alpha=0.85)
             (handles[label],) = ax.plot(m.kv, m.score, color=colors[label], label=label, **style)
         ax.set_title(task, fontsize=11)
@@ -229,20 +229,20 @@ def plot_score_vs_bytes(df) -> str:
 
 
 def plot_niah_heatmaps(df) -> str | None:
-    """One depth x length heatmap per (method, ratio) for the NIAH grid task: a row per method, a column per
-    ratio (the uncompressed reference alone in the first row)."""
+    """One depth x length heatmap per (method, compression_ratio) for the NIAH grid task: a row per method, a column per
+    compression_ratio (the uncompressed reference alone in the first row)."""
     import matplotlib.pyplot as plt
 
     d = df[(df.task == "niah") & df.depth.notna() & df.length.notna()]
     if d.empty:
         return None
     labels = ["full"] * int((d.label == "full").any()) + sorted(l for l in d.label.unique() if l != "full")
-    ratios = sorted(r for r in d[d.method != "full"].ratio.unique())
-    ncols = max(1, len(ratios))
+    compression_ratios = sorted(r for r in d[d.method != "full"].compression_ratio.unique())
+    ncols = max(1, len(compression_ratios))
     depths = sorted(d.depth.unique())
     lengths = sorted(d.length.unique())
     if len(lengths) == 1:
-        return _niah_one_length(d, labels, ratios, depths, lengths[0])
+        return _niah_one_length(d, labels, compression_ratios, depths, lengths[0])
     cw = max(2.0, 0.5 * len(lengths) + 1.0)
     ch = max(1.5, 0.28 * len(depths) + 0.9)
     fig, axes = plt.subplots(len(labels), ncols, figsize=(cw * ncols + 2.6, ch * len(labels) + 0.6), squeeze=False,
@@ -252,7 +252,8 @@ def plot_niah_heatmaps(df) -> str | None:
         if label == "full":
             rows = [("full (no compression)", d[d.label == label])]
         else:
-            rows = [(f"ratio {r:g}", d[(d.label == label) & (d.ratio == r)]) for r in ratios]
+            rows = [(f"compression_ratio {r:g}", d[(d.label == label) & (d.compression_ratio == r)])
+                    for r in compression_ratios]
         for j in range(ncols):
             ax = axes[i][j]
             if j >= len(rows) or rows[j][1].empty:
@@ -286,23 +287,24 @@ def _heatmap(ax, values, fontsize):
     return im
 
 
-def _niah_one_length(d, labels, ratios, depths, length) -> str:
-    """One length: a depth x method heatmap per ratio (the full reference as the first column of each)."""
+def _niah_one_length(d, labels, compression_ratios, depths, length) -> str:
+    """One length: a depth x method heatmap per compression_ratio (the full reference as the first column of each)."""
     import matplotlib.pyplot as plt
 
-    ratios = ratios or [0.0]
+    compression_ratios = compression_ratios or [0.0]
     w = max(5.0, 0.7 * len(labels) + 2.0)
-    fig, axes = plt.subplots(len(ratios), 1, figsize=(w, (0.32 * len(depths) + 0.7) * len(ratios) + 1.4),
+    n_rows = len(compression_ratios)
+    fig, axes = plt.subplots(n_rows, 1, figsize=(w, (0.32 * len(depths) + 0.7) * n_rows + 1.4),
                              squeeze=False, constrained_layout=True, sharex=True)
     im = None
-    for i, (ax, r) in enumerate(zip(axes[:, 0], ratios)):
-        g = d[(d.label == "full") | (d.ratio == r)]
+    for i, (ax, r) in enumerate(zip(axes[:, 0], compression_ratios)):
+        g = d[(d.label == "full") | (d.compression_ratio == r)]
         grid = g.pivot_table(index="depth", columns="label", values="score", aggfunc="mean")
         grid = grid.reindex(index=depths, columns=labels)
         im = _heatmap(ax, grid.values, 8)
         ax.set_xticks(range(len(labels)), labels, rotation=35, ha="right", fontsize=9)
         ax.set_yticks(range(len(depths)), [f"{y:g}" for y in depths], fontsize=8)
-        ax.set_ylabel(f"ratio {r:g}\nneedle depth", fontsize=9)
+        ax.set_ylabel(f"compression_ratio {r:g}\nneedle depth", fontsize=9)
         if i == 0:
             ax.set_title(f"NIAH at {int(length)} tokens: mean score per needle depth (full = no compression)",
                          fontsize=10)
@@ -311,16 +313,17 @@ def _niah_one_length(d, labels, ratios, depths, length) -> str:
 
 
 def _cell_stats(df, bootstrap: int = 0, seed: int = 0):
-    """Per (label, ratio, task) cell: n, the one-sample step, and (bootstrap > 0) a 95% bootstrap interval."""
+    """Per (label, compression_ratio, task) cell: n, the one-sample step, and (bootstrap > 0) a 95% bootstrap
+    interval."""
     from .frontier import bootstrap_ci, one_sample_step
 
     out = {}
-    for (label, ratio, task), g in df.groupby(["label", "ratio", "task"]):
+    for (label, compression_ratio, task), g in df.groupby(["label", "compression_ratio", "task"]):
         metric = g.metric.iloc[0]
         st = {"n": int(g.sample_id.nunique()), "step": one_sample_step(g.score, metric)}
         if bootstrap:
             st["ci"] = bootstrap_ci(g.score, bootstrap, seed)
-        out[(label, ratio, task)] = st
+        out[(label, compression_ratio, task)] = st
     return out
 
 
@@ -339,29 +342,30 @@ def _step_text(df, task, stats) -> str:
 
 
 def score_table(df, bootstrap: int = 0, seed: int = 0):
-    """Mean score: a row per (method, ratio), a column per task (the full reference first). Column headers give
-    n and how much one sample moves a cell; with `bootstrap`, each cell is "mean [95% interval]"."""
+    """Mean score: a row per (method, compression_ratio), a column per task (the full reference first). Column headers
+    give n and how much one sample moves a cell; with `bootstrap`, each cell is "mean [95% interval]"."""
     tasks = _task_order(df)
-    t = df.pivot_table(index=["label", "ratio"], columns="task", values="score", aggfunc="mean")[tasks]
+    t = df.pivot_table(index=["label", "compression_ratio"], columns="task", values="score", aggfunc="mean")[tasks]
     order = sorted(t.index, key=lambda ix: (ix[0] != "full", ix[0], ix[1]))
     t = t.loc[order]
     stats = _cell_stats(df, bootstrap, seed)
     if bootstrap:
         t = t.astype(object)
-        for (label, ratio), row in t.iterrows():
+        for (label, compression_ratio), row in t.iterrows():
             for c in tasks:
                 v = row[c]
-                if v == v and (label, ratio, c) in stats:
-                    lo, hi = stats[(label, ratio, c)]["ci"]
-                    t.loc[(label, ratio), c] = f"{v:.3f} [{lo:.3f}, {hi:.3f}]"
+                if v == v and (label, compression_ratio, c) in stats:
+                    lo, hi = stats[(label, compression_ratio, c)]["ci"]
+                    t.loc[(label, compression_ratio), c] = f"{v:.3f} [{lo:.3f}, {hi:.3f}]"
     t.columns = [f"{c} ({df[df.task == c].metric.iloc[0].replace('string_match_', 'match ')}; "
                  f"{_step_text(df, c, stats)})" for c in t.columns]
-    t.index.names = ["method", "ratio"]
+    t.index.names = ["method", "compression_ratio"]
     return t
 
 
 def markdown_table(df, model: str | None = None, bootstrap: int = 0, seed: int = 0) -> str:
-    """Mean score per (method, ratio) row and task column, as a Markdown table (the README's baseline table).
+    """Mean score per (method, compression_ratio) row and task column, as a Markdown table (the README's baseline
+    table).
 
     String-match tasks in [0, 1]; `ppl` is the perplexity (lower is better); `QA mean` averages the string-match
     tasks; `KV kept` is the mean fraction of the full cache's KV bytes held after compression, on the 16-bit
@@ -378,22 +382,22 @@ def markdown_table(df, model: str | None = None, bootstrap: int = 0, seed: int =
     if df.model.nunique() > 1:
         raise KVSqueezeError(f"results hold several models ({', '.join(sorted(df.model.unique()))}): pick one")
     tasks = _task_order(df)
-    t = df.pivot_table(index=["label", "ratio"], columns="task", values="score", aggfunc="mean")[tasks]
+    t = df.pivot_table(index=["label", "compression_ratio"], columns="task", values="score", aggfunc="mean")[tasks]
     qa = [x for x in tasks if (df[df.task == x].metric != "perplexity").all()]
     if qa:
         t["QA mean"] = t[qa].mean(axis=1)
     kv, full = _bytes(df)
-    kept = df.assign(kept=kv / full).groupby(["label", "ratio"]).kept.mean()
+    kept = df.assign(kept=kv / full).groupby(["label", "compression_ratio"]).kept.mean()
     t.insert(0, "KV kept", kept)
     order = sorted(t.index, key=lambda ix: (ix[0] != "full", ix[0], ix[1]))
     t = t.loc[order]
     stats = _cell_stats(df, bootstrap, seed)
-    head = ["method", "ratio", "KV kept"] + [f"{c} ({_step_text(df, c, stats)})" if c in tasks else c
+    head = ["method", "compression_ratio", "KV kept"] + [f"{c} ({_step_text(df, c, stats)})" if c in tasks else c
                                              for c in t.columns[1:]]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for (label, ratio), row in t.iterrows():
+    for (label, compression_ratio), row in t.iterrows():
         ref = label == "full" or label.startswith("full ")
-        cells = [label, "-" if ref else ("budget" if ratio < 0 else f"{ratio:g}")]
+        cells = [label, "-" if ref else ("budget" if compression_ratio < 0 else f"{compression_ratio:g}")]
         for c, v in row.items():
             if pd.isna(v):
                 cells.append("")
@@ -401,8 +405,8 @@ def markdown_table(df, model: str | None = None, bootstrap: int = 0, seed: int =
                 cells.append(f"{100 * v:.1f}%")
             else:
                 cell = f"{v:.2f}"
-                if bootstrap and (label, ratio, c) in stats:
-                    lo, hi = stats[(label, ratio, c)]["ci"]
+                if bootstrap and (label, compression_ratio, c) in stats:
+                    lo, hi = stats[(label, compression_ratio, c)]["ci"]
                     cell += f" [{lo:.2f}, {hi:.2f}]"
                 cells.append(cell)
         lines.append("| " + " | ".join(cells) + " |")
@@ -424,7 +428,7 @@ def plot_frontier(df) -> str:
         ax.scatter(x, g.score, s=18, color="#999", zorder=2, label="configuration")
         f = g[g.on_frontier].assign(x=100.0 / g[g.on_frontier].factor).sort_values("x")
         ax.plot(f.x, f.score, "-o", color="#d62728", ms=5, lw=1.5, zorder=3, label="Pareto frontier")
-        for i, (xx, yy, lab, r) in enumerate(zip(f.x, f.score, f.label, f.ratio)):
+        for i, (xx, yy, lab, r) in enumerate(zip(f.x, f.score, f.label, f.compression_ratio)):
             ax.annotate(config_name(lab, r), (xx, yy), textcoords="offset points", fontsize=7,
                         xytext=(4, 6 if i % 2 == 0 else -10), color="#8b1a1a")
         n = int(g.n.max())
@@ -466,7 +470,7 @@ def write_report(results: str | Path, output: str | Path, title: str = "kvsqueez
                         if bootstrap else "") + ".</p>")
         parts.append(score_table(d, bootstrap).to_html(float_format=lambda x: f"{x:.3f}", classes="scores",
                                                        border=0, na_rep=""))
-        figs = [("Score vs compression ratio", plot_score_vs_ratio(d)),
+        figs = [("Score vs compression_ratio", plot_score_vs_ratio(d)),
                 ("Score vs KV bytes kept", plot_score_vs_bytes(d)),
                 ("Pareto frontier: score vs KV bytes (16-bit-normalised)", plot_frontier(d)),
                 ("Needle in a haystack: depth x length", plot_niah_heatmaps(d))]

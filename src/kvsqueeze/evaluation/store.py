@@ -1,12 +1,15 @@
-"""A resumable results store: one SQLite file, one row per (model, method, params, ratio, task, sample, seed,
-code version).
+"""A resumable results store: one SQLite file, one row per (model, method, params, compression_ratio, task, sample,
+seed, code version).
 
 Each row is inserted in its own committed transaction (WAL mode) right after it is computed, so a sweep killed at
 any point (even with kill -9) keeps every finished row; running it again skips the keys already present, and the
 UNIQUE key makes a duplicate impossible even when two sweeps write the same file. Tables come out through pandas.
 
-`ratio` is the nominal compression ratio (fraction of the cache removed); it is -1 for a method given an absolute
-`budget` (its params_json then says the budget) and 0 for `full`.
+`compression_ratio` is the method's nominal `compression_ratio` (the fraction of the cache removed, kvpress's name);
+it is -1 for a method given an absolute `budget` (its params_json then says the budget) and 0 for `full`.
+
+Files written before issue 10 named that column `ratio` (and the nested methods' key in params_json "ratio"):
+opening one renames both in place, once (`ResultStore._migrate`), so old rows keep their keys.
 """
 
 from __future__ import annotations
@@ -19,12 +22,12 @@ from pathlib import Path
 
 from ..errors import KVSqueezeError
 
-KEY = ("model", "method", "params_json", "ratio", "task", "sample_id", "seed", "code_version")
+KEY = ("model", "method", "params_json", "compression_ratio", "task", "sample_id", "seed", "code_version")
 COLUMNS = {
     "model": "TEXT NOT NULL",
     "method": "TEXT NOT NULL",
     "params_json": "TEXT NOT NULL",
-    "ratio": "REAL NOT NULL",
+    "compression_ratio": "REAL NOT NULL",
     "task": "TEXT NOT NULL",
     "sample_id": "TEXT NOT NULL",
     "seed": "INTEGER NOT NULL",
@@ -55,6 +58,28 @@ COLUMNS = {
     "full_kv_bytes_16": "INTEGER",  # the uncompressed 16-bit cache's bytes for the same tokens
 }
 ADDED = ("quant", "select", "select_budget", "kv_bytes_16", "full_kv_bytes_16")
+OLD_RATIO = "ratio"  # the name of the compression_ratio column (and params key) in files written before issue 10
+
+
+def renamed_params_json(params_json: str) -> str:
+    """`params_json` with every nested "ratio" key (a wrapper's scorer, MiKV's inner method: the old name of
+    `compression_ratio`) renamed "compression_ratio", serialized as sweeps write it (`json.dumps(sort_keys=True)`);
+    the string itself when it has no such key (or is not JSON)."""
+    try:
+        params = json.loads(params_json)
+    except (TypeError, ValueError):
+        return params_json
+    found = False
+
+    def rename(p):
+        nonlocal found
+        if isinstance(p, dict):
+            found = found or OLD_RATIO in p
+            return {("compression_ratio" if k == OLD_RATIO else k): rename(v) for k, v in p.items()}
+        return p
+
+    out = rename(params)
+    return json.dumps(out, sort_keys=True) if found else params_json
 
 
 def code_version() -> str:
@@ -94,9 +119,17 @@ class ResultStore:
         except sqlite3.DatabaseError as e:
             raise KVSqueezeError(f"{self.path} is not a kvsqueeze results database ({e})") from None
 
+    def _columns(self) -> set[str]:
+        return {r[1] for r in self.conn.execute("PRAGMA table_info(results)")}
+
     def _migrate(self) -> None:
-        """Add the columns a file written by an older version lacks (existing rows read NULL there)."""
-        have = {r[1] for r in self.conn.execute("PRAGMA table_info(results)")}
+        """Bring a file written by an older version to the current schema: a `ratio` column (before issue 10) is
+        renamed `compression_ratio` (see `_rename_ratio`); columns it lacks are added (existing rows read NULL
+        there)."""
+        have = self._columns()
+        if OLD_RATIO in have and "compression_ratio" not in have:
+            self._rename_ratio()
+            have = self._columns()
         for name in COLUMNS:
             if name in have:
                 continue
@@ -105,6 +138,28 @@ class ResultStore:
             except sqlite3.OperationalError as e:  # another process added it meanwhile
                 if "duplicate column" not in str(e):
                     raise
+
+    def _rename_ratio(self) -> None:
+        """`ALTER TABLE results RENAME COLUMN ratio TO compression_ratio` (SQLite >= 3.25 keeps the UNIQUE key on
+        the renamed column) and the nested "ratio" keys of params_json renamed (`renamed_params_json`), in one
+        transaction: a second process opening the same file meanwhile finds it done. Raises `KVSqueezeError` when
+        the SQLite library is older than 3.25."""
+        if sqlite3.sqlite_version_info < (3, 25, 0):
+            raise KVSqueezeError(f"{self.path} has the old column name `{OLD_RATIO}`; renaming it compression_ratio "
+                                 f"needs SQLite >= 3.25 (this Python has {sqlite3.sqlite_version})")
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            have = self._columns()
+            if OLD_RATIO in have and "compression_ratio" not in have:
+                self.conn.execute(f'ALTER TABLE results RENAME COLUMN "{OLD_RATIO}" TO "compression_ratio"')
+                for rid, pj in self.conn.execute("SELECT id, params_json FROM results").fetchall():
+                    new = renamed_params_json(pj)
+                    if new != pj:
+                        self.conn.execute("UPDATE results SET params_json = ? WHERE id = ?", (new, rid))
+            self.conn.execute("COMMIT")
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
 
     def close(self):
         self.conn.close()
@@ -117,7 +172,7 @@ class ResultStore:
 
     @staticmethod
     def key_of(row: dict) -> tuple:
-        return tuple(float(row[k]) if k == "ratio" else row[k] for k in KEY)
+        return tuple(float(row[k]) if k == "compression_ratio" else row[k] for k in KEY)
 
     def done_keys(self, model: str | None = None, code_version: str | None = None) -> set[tuple]:
         """Keys already stored (optionally restricted to one model and code version)."""
@@ -145,7 +200,7 @@ class ResultStore:
         for k, v in row.items():  # numpy scalars (from pandas) would be stored as blobs and dodge the key
             if hasattr(v, "item") and not isinstance(v, (str, bytes)):
                 row[k] = v.item()
-        row["ratio"], row["seed"] = float(row["ratio"]), int(row["seed"])
+        row["compression_ratio"], row["seed"] = float(row["compression_ratio"]), int(row["seed"])
         names = list(row)
         quoted = ", ".join(f'"{n}"' for n in names)
         self.conn.execute("BEGIN IMMEDIATE")
@@ -171,10 +226,10 @@ class ResultStore:
 
 
 def summary_table(df, value: str = "score"):
-    """Mean `value` per (method, ratio) row and task column: the table printed after a sweep."""
+    """Mean `value` per (method, compression_ratio) row and task column: the table printed after a sweep."""
     if df.empty:
         return df
-    index = ["method", "ratio"]
+    index = ["method", "compression_ratio"]
     extra = [c for c in ("quant", "select", "select_budget") if c in df and df[c].notna().any()]
     if extra:  # storage / selection sweeps: one row per configuration ("-": full precision, dense)
         df = df.assign(**{c: df[c].map(lambda v: "-" if v is None or v != v else
@@ -195,7 +250,7 @@ def error_notes(df, value: str = "score") -> list[str]:
 
     parts = []
     for task, d in df.groupby("task", sort=True):
-        cells = d.groupby(["method", "params_json", "ratio"])
+        cells = d.groupby(["method", "params_json", "compression_ratio"])
         ns = cells.sample_id.nunique()
         metric = d.metric.iloc[0]
         n_txt = str(ns.min()) if ns.min() == ns.max() else f"{ns.min()}-{ns.max()}"

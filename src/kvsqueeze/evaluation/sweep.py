@@ -1,8 +1,8 @@
-"""The sweep engine: methods x ratios x tasks x samples, one prefill per sample, rows stored as they finish.
+"""The sweep engine: methods x compression_ratios x tasks x samples, one prefill per sample, rows stored as they finish.
 
 Compressing the cache after each layer's prefill attention does not change the prefill's hidden states, so one
 uncompressed prefill per sample (`record_prefill`, which keeps every layer's post-RoPE queries) serves every
-prefill-time method and ratio: `PrefillRecord.compress` rebuilds exactly the cache that prefilling with that
+prefill-time method and compression_ratio: `PrefillRecord.compress` rebuilds exactly the cache that prefilling with that
 method would have produced, and only the scoring, the question and the short answer decode repeat per pair.
 
 Protocols (the `protocol` column of each row):
@@ -24,8 +24,8 @@ layer_factory)`), a selected one gets its selector with the record's prefill rep
 are answered from their own cache, never merged into a batch (tested: the answers of a fresh prefill). Rows also
 record `quant`, `select`, `select_budget` and the 16-bit-normalised bytes (`sizes.py`).
 
-Resumable: rows are keyed (model, method, params, ratio, task, sample, seed, code version); keys already in the
-store are skipped, and each new row is committed as soon as it is computed.
+Resumable: rows are keyed (model, method, params, compression_ratio, task, sample, seed, code version); keys already
+in the store are skipped, and each new row is committed as soon as it is computed.
 """
 
 from __future__ import annotations
@@ -53,17 +53,17 @@ from .store import ResultStore, code_version as default_code_version
 
 # --- method identity ---------------------------------------------------------------------------------------
 def method_params(m: Method) -> dict:
-    """A method's parameters as JSON-able values, `ratio` excluded (it is a key column of its own).
+    """A method's parameters as JSON-able values, `compression_ratio` excluded (it is a key column of its own).
 
     A nested method (PyramidKV's scorer) becomes {"name": ..., params...}; a tensor (Q-Filters' filters) becomes
     a content hash, so results with different filters never share a key."""
     out = {"name": m.name}
     for f in dataclasses.fields(m):
-        if f.name == "ratio":
+        if f.name == "compression_ratio":
             continue
         v = getattr(m, f.name)
         if isinstance(v, Method):
-            v = {**method_params(v), "ratio": v.ratio}
+            v = {**method_params(v), "compression_ratio": v.compression_ratio}
         elif isinstance(v, torch.Tensor):
             t = v.detach().cpu().contiguous().float()
             v = "tensor:" + hashlib.sha256(t.numpy().tobytes()).hexdigest()[:12]
@@ -83,16 +83,16 @@ def is_prefill_only(m: Method) -> bool:
 
 @dataclass
 class Pair:
-    """One configuration of a grid: (method, ratio), optionally with quantized storage and a decode-time selector.
+    """One configuration of a grid: (method, compression_ratio), optionally with quantized storage and a decode-time
+    selector.
 
     `method` is what the cache runs (for MiKV / ZipCache storage, the method composed with the scheme by
-    `kvsqueeze.methods.for_storage`); `base` the
-    method as given (the capped-perplexity task caps it before wrapping). The key of a row is (`name`,
-    `params_json`, `ratio`): `params_json` holds the quant scheme, selector and budget only when they are set, so
-    plain configurations keep the keys they always had."""
+    `kvsqueeze.methods.for_storage`); `base` the method as given (the capped-perplexity task caps it before wrapping).
+    The key of a row is (`name`, `params_json`, `compression_ratio`): `params_json` holds the quant scheme, selector
+    and budget only when they are set, so plain configurations keep the keys they always had."""
 
     method: Method
-    ratio: float  # the key's nominal ratio: -1 for an absolute budget, 0 for `full`
+    compression_ratio: float  # the key's nominal compression_ratio: -1 for an absolute budget, 0 for `full`
     params_json: str
     query_aware: bool = False
     quant: str | None = None  # --quant scheme name (None: full-precision storage)
@@ -145,12 +145,12 @@ def _selects(selects) -> list[tuple[str | None, int | None]]:
     return list(dict.fromkeys(out))
 
 
-def make_pairs(methods: list[Method | str], ratios: list[float], query_aware: bool = False,
+def make_pairs(methods: list[Method | str], compression_ratios: list[float], query_aware: bool = False,
                quants: list[str | None] | None = None, selects: list | None = None, **method_kwargs) -> list[Pair]:
-    """The grid methods x ratios x quants x selects. `full` runs once (ratio 0); a method with a `budget` runs
-    once (ratio -1). `quants`: --quant scheme names ("none" / None: full precision); `selects`: (selector name,
-    budget) pairs (("none", _) or None: dense attention). A configuration that comes out identical to an earlier
-    one runs once."""
+    """The grid methods x compression_ratios x quants x selects. `full` runs once (compression_ratio 0); a method with
+    a `budget` runs once (compression_ratio -1). `quants`: --quant scheme names ("none" / None: full precision);
+    `selects`: (selector name, budget) pairs (("none", _) or None: dense attention). A configuration that comes out
+    identical to an earlier one runs once."""
     from ..quant import parse_quant
 
     qspecs = [parse_quant(q) for q in (quants or [None])]
@@ -160,13 +160,13 @@ def make_pairs(methods: list[Method | str], ratios: list[float], query_aware: bo
     pairs: list[Pair] = []
     seen: set[tuple] = set()
     for spec in methods:
-        for r in ratios:
+        for r in compression_ratios:
             if isinstance(spec, Method):
-                m = dataclasses.replace(spec, ratio=r) if spec.budget is None else spec
+                m = dataclasses.replace(spec, compression_ratio=r) if spec.budget is None else spec
             else:
-                m = get_method(spec, ratio=r, **method_kwargs)
+                m = get_method(spec, compression_ratio=r, **method_kwargs)
             if m.name == "full":
-                m = dataclasses.replace(m, ratio=0.0, budget=None)
+                m = dataclasses.replace(m, compression_ratio=0.0, budget=None)
             key_ratio = 0.0 if m.name == "full" else (-1.0 if m.budget is not None else float(r))
             for qs in qspecs:
                 run = for_storage(m, qs)
@@ -304,7 +304,7 @@ def capped_method(m: Method, n_prefix: int) -> Method:
     """The method holding the cache at its prefill budget while the scored tokens are fed (perplexity task)."""
     if m.name == "full":
         return m
-    budget = m.budget if m.budget is not None else max(1, int(n_prefix * (1.0 - m.ratio)))
+    budget = m.budget if m.budget is not None else max(1, int(n_prefix * (1.0 - m.compression_ratio)))
     return dataclasses.replace(m, budget=budget, compression_interval=m.compression_interval or 1)
 
 
@@ -327,7 +327,8 @@ class SweepResult:
     prefills: int = 0  # shared prefills run
     seconds: float = 0.0
     prefill_seconds: float = 0.0
-    answers: dict = field(default_factory=dict)  # (task, sample_id, method, params_json, ratio) -> prediction
+    # (task, sample_id, method, params_json, compression_ratio) -> prediction
+    answers: dict = field(default_factory=dict)
 
 
 def run_sweep(model, tokenizer, samples: list[Sample], pairs: list[Pair], store: ResultStore | None = None, *,
@@ -347,8 +348,8 @@ def run_sweep(model, tokenizer, samples: list[Sample], pairs: list[Pair], store:
     done = store.done_keys(model_name, code_version) if store is not None else set()
     todo: list[tuple[Sample, list[Pair]]] = []
     for s in samples:
-        pending = [p for p in pairs if (model_name, p.name, p.params_json, p.ratio, s.task, s.sample_id, seed,
-                                        code_version) not in done]
+        pending = [p for p in pairs if (model_name, p.name, p.params_json, p.compression_ratio, s.task, s.sample_id,
+                                        seed, code_version) not in done]
         res.skipped += len(pairs) - len(pending)
         if pending:
             todo.append((s, pending))
@@ -419,10 +420,11 @@ def _run_sample(model, tokenizer, sample: Sample, pending: list[Pair], store, re
 
     def emit(pair, value, metrics, prediction, stats, n_ctx, n_q, protocol, seconds, b16, digest=None):
         if keep_answers:
-            res.answers[(sample.task, sample.sample_id, pair.name, pair.params_json, pair.ratio)] = (
+            res.answers[(sample.task, sample.sample_id, pair.name, pair.params_json, pair.compression_ratio)] = (
                 prediction if not ppl else round(value, 6))
         row = {
-            "model": model_name, "method": pair.name, "params_json": pair.params_json, "ratio": pair.ratio,
+            "model": model_name, "method": pair.name, "params_json": pair.params_json,
+            "compression_ratio": pair.compression_ratio,
             "task": sample.task, "sample_id": sample.sample_id, "seed": seed, "code_version": code_version,
             "metric": sample.metric, "score": value, "metrics_json": metrics, "prediction": prediction,
             "answers_json": sample.answers, "kv_bytes": stats.kv_bytes, "total_bytes": stats.total_bytes,
@@ -476,7 +478,7 @@ def _run_sample(model, tokenizer, sample: Sample, pending: list[Pair], store, re
     # prefill-only QA pairs: compress from the shared record; answers decoded `batch_size` caches at a time,
     # caches of similar size together (less padding)
     def kept(p: Pair) -> float:
-        return -(p.method.budget or 0) if p.method.budget is not None else -(1.0 - p.ratio)
+        return -(p.method.budget or 0) if p.method.budget is not None else -(1.0 - p.compression_ratio)
 
     for qa in (False, True):
         group = sorted((p for p in shared_qa if p.query_aware == qa), key=kept)

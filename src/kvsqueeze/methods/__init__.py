@@ -1,4 +1,5 @@
-"""Registry of methods: `get_method("snapkv", ratio=0.5)`; one file per method, the paper's rule in its docstring."""
+"""Registry of methods: `get_method("snapkv", compression_ratio=0.5)`; one file per method, the paper's rule in its
+docstring."""
 
 from __future__ import annotations
 
@@ -31,11 +32,16 @@ ALL: list[str] = [n for n in METHODS if n != "mikv"]
 
 
 def get_method(name: str, **kwargs) -> Method:
-    """Build a method by name; kwargs are its fields (ratio, budget, exempt_layers, compression_interval, ...).
+    """Build a method by name; kwargs are its fields (compression_ratio, budget, exempt_layers,
+    compression_interval, ...). `compression_ratio` is the fraction of tokens removed (kvpress's name: 0.75 keeps a
+    quarter).
 
     A wrapper names its scorer after a colon: "adakv:tova" is `AdaKV(scorer=TOVA())`, "pyramidkv:knorm" is
-    `PyramidKV(scorer=KNorm())` (the budget fields go to the wrapper). Raises `KVSqueezeError` for an unknown name
-    or a scorer given to a method that takes none."""
+    `PyramidKV(scorer=KNorm())` (the budget fields go to the wrapper). Raises `KVSqueezeError` for an unknown name,
+    a scorer given to a method that takes none, or the old argument name `ratio` (now `compression_ratio`)."""
+    if "ratio" in kwargs:
+        raise KVSqueezeError("get_method: `ratio` was renamed `compression_ratio` (the fraction of tokens removed, "
+                             f"kvpress's name): get_method({name!r}, compression_ratio={kwargs['ratio']!r})")
     outer, _, inner = name.partition(":")
     cls = METHODS.get(outer.strip().lower().replace("-", "_"))
     if cls is None:
@@ -55,7 +61,7 @@ def for_storage(method: Method | None, qspec) -> Method | None:
     - MiKV (`mikv-<hi>-<lo>`): `MiKV(inner=method)`: its scores pick the high-precision tokens (`MiKV()`, H2O's
       rule as in the paper, when `method` is None);
     - ZipCache (`zipcache-<hi>-<lo>`): with `method` None, `zipcache`, or `full` (which splits nothing), ZipCache's
-      own saliency (`ZipCacheSaliency`, ratio 0.5 when none is given); with any other method,
+      own saliency (`ZipCacheSaliency`, compression_ratio 0.5 when none is given); with any other method,
       `PrecisionSplit(inner=method)`: that method's scores pick the high-precision tokens, and `describe()` says so.
     """
     kind = getattr(qspec, "importance", None)
@@ -67,11 +73,12 @@ def for_storage(method: Method | None, qspec) -> Method | None:
         return MiKV(inner=method) if method is not None else MiKV()
     if kind == "zipcache":
         if method is None:
-            return ZipCacheSaliency(ratio=0.5)
+            return ZipCacheSaliency(compression_ratio=0.5)
         if isinstance(method, (ZipCacheSaliency, PrecisionSplit)):
             return method
         if method.name == "full":  # keeps every token at high precision whatever scores it (as before)
-            return ZipCacheSaliency(ratio=method.ratio, budget=method.budget, exempt_layers=method.exempt_layers)
+            return ZipCacheSaliency(compression_ratio=method.compression_ratio, budget=method.budget,
+                                    exempt_layers=method.exempt_layers)
         return PrecisionSplit(inner=method, scheme=qspec.name)
     raise KVSqueezeError(f"unknown importance rule {kind!r} of storage {getattr(qspec, 'name', qspec)!r}")
 

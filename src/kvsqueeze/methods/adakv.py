@@ -16,7 +16,7 @@ Each head then keeps its own top B_h entries (the same set as S). The memory is 
 becomes ragged (each kv head holds B_h entries; the bytes held are sum_h B_h, the base method's bytes), where
 kvpress's AdaKVPress only masks the entries it drops.
 
-Composition: `AdaKV(scorer=SnapKV())` (the default scorer), `get_method("adakv:tova", ratio=0.5)`. Budgets,
+Composition: `AdaKV(scorer=SnapKV())` (the default scorer), `get_method("adakv:tova", compression_ratio=0.5)`. Budgets,
 exempt layers and the decode-time schedule are the wrapper's (the scorer is set to follow them). Deviation: scores
 are compared across heads as the scorer gives them (attention-based scorers give per-head probability masses, as
 in the paper; non-attention scorers such as K-norm or Q-Filters give raw values, which the paper does not cover;
@@ -76,7 +76,7 @@ class AdaKV(Delegating, Method):
 
             raise KVSqueezeError(f"alpha_safeguard must be in [0, 1], got {self.alpha_safeguard}")
         # the budget and schedule fields are the wrapper's (what the user asked); the scorer follows them
-        self.scorer.ratio, self.scorer.budget = self.ratio, self.budget
+        self.scorer.compression_ratio, self.scorer.budget = self.compression_ratio, self.budget
         self.scorer.exempt_layers, self.scorer.compression_interval = self.exempt_layers, self.compression_interval
 
     def layer_budget(self, base: int, layer_idx: int, n_layers: int) -> int:

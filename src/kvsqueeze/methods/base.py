@@ -3,12 +3,12 @@
 A method scores the slots of one layer (`score` -> (batch, kv_heads, n), higher = keep); the cache keeps the top
 `n_keep` per kv head and frees the rest. A method never sees how slots are stored, offloaded or quantized.
 
-Budgets: `ratio` is the fraction of tokens removed (kvpress's `compression_ratio`: 0.75 keeps a quarter), or
-`budget` is an absolute number of tokens kept per layer; `exempt_layers` are never compressed; `layer_budget`
-can redistribute the budget across layers (PyramidKV). Compression runs at the prefill (question-agnostic when
-the question comes after the compressed context) and, when `compression_interval` > 0, every that many decoding steps,
-holding each layer at its budget (H2O, TOVA): a ratio budget is fixed by the prefill, an absolute one larger
-than the prompt is grown to first (see `CompressedCache.budget`).
+Budgets: `compression_ratio` is the fraction of tokens removed (kvpress's name and definition: 0.75 keeps a
+quarter), or `budget` is an absolute number of tokens kept per layer; `exempt_layers` are never compressed;
+`layer_budget` can redistribute the budget across layers (PyramidKV). Compression runs at the prefill
+(question-agnostic when the question comes after the compressed context) and, when `compression_interval` > 0,
+every that many decoding steps, holding each layer at its budget (H2O, TOVA): a `compression_ratio` budget is fixed
+by the prefill, an absolute one larger than the prompt is grown to first (see `CompressedCache.budget`).
 """
 
 from __future__ import annotations
@@ -156,9 +156,13 @@ def layer_indices(indices, what: str) -> tuple[int, ...]:
 
 @dataclass(kw_only=True)
 class Method:
-    """Base class. Subclasses set `name`, a one-line `summary`, and implement `score`."""
+    """Base class. Subclasses set `name`, a one-line `summary`, and implement `score`.
 
-    ratio: float = 0.0
+    `compression_ratio` in [0, 1): the fraction of tokens removed (kvpress's `compression_ratio`; 0.75 keeps a
+    quarter; ignored when `budget` is set). Raises `KVSqueezeError` for a value outside [0, 1), a budget < 1 or a
+    negative `compression_interval`."""
+
+    compression_ratio: float = 0.0
     budget: int | None = None
     exempt_layers: tuple[int, ...] = ()
     compression_interval: int = 0
@@ -168,8 +172,8 @@ class Method:
     stateful = False  # observe() runs on every forward, not only when compressing
 
     def __post_init__(self):
-        if not (0.0 <= self.ratio < 1.0):
-            raise KVSqueezeError(f"ratio must be in [0, 1), got {self.ratio}")
+        if not (0.0 <= self.compression_ratio < 1.0):
+            raise KVSqueezeError(f"compression_ratio must be in [0, 1), got {self.compression_ratio}")
         if self.budget is not None and self.budget < 1:
             raise KVSqueezeError(f"budget must be a positive number of tokens, got {self.budget}")
         if self.compression_interval < 0:
@@ -180,8 +184,9 @@ class Method:
         """Prepare model-specific data (Q-Filters loads or calibrates its filters)."""
 
     def n_keep(self, n_seen: int, layer_idx: int, n_layers: int) -> int:
-        """Slots a layer keeps after seeing `n_seen` tokens (kvpress's rounding: int(n * (1 - ratio)))."""
-        base = self.budget if self.budget is not None else int(n_seen * (1.0 - self.ratio))
+        """Slots a layer keeps after seeing `n_seen` tokens (kvpress's rounding:
+        int(n * (1 - compression_ratio)))."""
+        base = self.budget if self.budget is not None else int(n_seen * (1.0 - self.compression_ratio))
         return max(1, min(n_seen, self.layer_budget(base, layer_idx, n_layers)))
 
     def layer_budget(self, base: int, layer_idx: int, n_layers: int) -> int:
@@ -194,6 +199,7 @@ class Method:
         raise NotImplementedError
 
     def describe(self) -> str:
-        amount = f"budget={self.budget}" if self.budget is not None else f"ratio={self.ratio}"
+        amount = (f"budget={self.budget}" if self.budget is not None
+                  else f"compression_ratio={self.compression_ratio}")
         return f"{self.name}({amount})"
 

@@ -9,8 +9,8 @@ from .base import Method, ScoreInputs
 
 @dataclass(kw_only=True)
 class Full(Method):
-    """Keeps the whole cache; `ratio`, `budget` and `compression_interval` are ignored (n_keep = tokens seen; a
-    decoding step never evicts)."""
+    """Keeps the whole cache; `compression_ratio`, `budget` and `compression_interval` are ignored (n_keep = tokens
+    seen; a decoding step never evicts)."""
 
     name = "full"
     summary = "no compression: keep every token (the baseline)"

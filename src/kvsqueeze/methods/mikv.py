@@ -28,7 +28,7 @@ class _Delegating(Delegating):
     def __post_init__(self):
         if self.inner is None:
             self.inner = self._default_inner()
-        self.ratio, self.budget = self.inner.ratio, self.inner.budget
+        self.compression_ratio, self.budget = self.inner.compression_ratio, self.inner.budget
         self.exempt_layers, self.compression_interval = self.inner.exempt_layers, self.inner.compression_interval
         super().__post_init__()
 
@@ -38,9 +38,9 @@ class _Delegating(Delegating):
 
 @dataclass(kw_only=True)
 class MiKV(_Delegating, Method):
-    """Wraps an eviction method (default: H2O with this wrapper's ratio, budget, exempt layers and compression_interval,
-    the paper's policy): its scores pick the high-precision tokens
-    (`n_keep` of them) of a mixed-precision store instead of the kept ones. Budget fields come from `inner`."""
+    """Wraps an eviction method (default: H2O with this wrapper's compression_ratio, budget, exempt layers and
+    compression_interval, the paper's policy): its scores pick the high-precision tokens (`n_keep` of them) of a
+    mixed-precision store instead of the kept ones. Budget fields come from `inner`."""
 
     inner: Method = field(default=None)
 
@@ -50,7 +50,7 @@ class MiKV(_Delegating, Method):
     def _default_inner(self) -> Method:
         from .h2o import H2O
 
-        return H2O(ratio=self.ratio, budget=self.budget, exempt_layers=self.exempt_layers,
+        return H2O(compression_ratio=self.compression_ratio, budget=self.budget, exempt_layers=self.exempt_layers,
                    compression_interval=self.compression_interval)
 
     def describe(self) -> str:

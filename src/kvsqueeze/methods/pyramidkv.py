@@ -27,10 +27,10 @@ class PyramidKV(Delegating, Method):
     summary = "SnapKV scores with per-layer budgets decreasing linearly with depth"
 
     def n_keep(self, n_seen: int, layer_idx: int, n_layers: int) -> int:
-        """As `Method.n_keep`, except that ratio 0 (nothing removed) keeps every token in every layer: the pyramid
-        of a full budget would clamp the lower layers to `n_seen` and still evict from the upper ones (kvpress's
-        presses do not compress at compression_ratio 0)."""
-        if self.budget is None and self.ratio == 0:
+        """As `Method.n_keep`, except that compression_ratio 0 (nothing removed) keeps every token in every layer: the
+        pyramid of a full budget would clamp the lower layers to `n_seen` and still evict from the upper ones
+        (kvpress's presses do not compress at compression_ratio 0)."""
+        if self.budget is None and self.compression_ratio == 0:
             return n_seen
         return super().n_keep(n_seen, layer_idx, n_layers)
 

@@ -11,8 +11,9 @@ runs with a fast kernel and only the probes' attention rows are computed: here t
 from the post-RoPE queries and cached keys (fp32, in chunks), the model keeps sdpa. The denominator counts the
 probes that can attend to token i (probe position >= i). Scores are summed over the query heads of a GQA group.
 
-Deviations: the probe set is sampled per layer with a fixed seed; the ratio of salient tokens is the method's
-budget (`ratio` = share of tokens in low precision when the storage is mixed precision).
+Deviations: the probe set is sampled per layer with a fixed seed; the share of salient tokens is the method's
+budget (`compression_ratio`, the Method field, is here the share of tokens held in low precision when the storage is
+mixed precision: the fraction removed from the high-precision set).
 """
 
 from __future__ import annotations

@@ -5,10 +5,10 @@ Each scheme is a `KVStore` (storage/stores.py protocol) held by a plain `Compres
 layers; the cache's method still decides which tokens are kept (or, over mixed precision, which are held at
 high precision):
 
-    CompressedCache(model, SnapKV(ratio=0.75), layer_factory=kivi(2))     # SnapKV keeps 1/4, stored at 2 bits
-    CompressedCache(model, None, layer_factory=gear(4))                   # GEAR only
-    CompressedCache(model, MiKV(inner=H2O(ratio=0.8)), layer_factory=mikv(8, 2))  # H2O's 20% at 8 bits, rest 2
-    CompressedCache(model, ZipCacheSaliency(ratio=0.5), layer_factory=zipcache(4, 2))
+    CompressedCache(model, SnapKV(compression_ratio=0.75), layer_factory=kivi(2))  # SnapKV keeps 1/4, at 2 bits
+    CompressedCache(model, None, layer_factory=gear(4))                              # GEAR only
+    CompressedCache(model, MiKV(inner=H2O(compression_ratio=0.8)), layer_factory=mikv(8, 2))  # H2O's 20% at 8, rest 2
+    CompressedCache(model, ZipCacheSaliency(compression_ratio=0.5), layer_factory=zipcache(4, 2))
 
 (`MiKV`, `ZipCacheSaliency`: `kvsqueeze.methods`.) `parse_quant("kivi-2")` turns the CLI's `--quant` spec into a
 `QuantSpec` (its layer factory, and which importance rule the scheme's paper pairs it with);

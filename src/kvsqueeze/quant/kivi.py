@@ -95,9 +95,9 @@ class KIVIStore(QuantStore):
 
 
 def kivi(bits: int = 2, group: int = 32, residual: int = 32, value_group: int | None = None):
-    """A `layer_factory` for `CompressedCache`: `CompressedCache(model, SnapKV(ratio=0.75), layer_factory=kivi(2))`;
-    each call returns a `CompressedLayer` holding a `KIVIStore`. Raises ValueError (at the call) for a residual
-    that is not a multiple of `group`."""
+    """A `layer_factory` for `CompressedCache`: `CompressedCache(model, SnapKV(compression_ratio=0.75),
+    layer_factory=kivi(2))`; each call returns a `CompressedLayer` holding a `KIVIStore`. Raises ValueError (at the
+    call) for a residual that is not a multiple of `group`."""
     KIVIStore(bits, group, residual, value_group)  # check the arguments now
     store = functools.partial(KIVIStore, bits=bits, group=group, residual=residual, value_group=value_group)
     return functools.partial(CompressedLayer, store_factory=store)

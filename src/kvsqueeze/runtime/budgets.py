@@ -2,8 +2,8 @@
 
 One object per cache (`CompressedCache.budgets`), reset with it. It allocates, for a layer due for compression:
 
-- **uniform**: the method's `n_keep(tokens seen)` per layer (`ratio`: kvpress's `int(n * (1 - ratio))`; or an
-  absolute `budget`), the same for every kv head;
+- **uniform**: the method's `n_keep(tokens seen)` per layer (`compression_ratio`: kvpress's
+  `int(n * (1 - compression_ratio))`; or an absolute `budget`), the same for every kv head;
 - **per layer**: the method's `layer_budget` redistributes it over depth (PyramidKV's pyramid);
 - **per row**: in a left-padded batch each row's budget comes from its own real tokens (`row_keep`, (batch,));
 - **per kv head**: a method with `head_counts(scores, keep, visible)` (AdaKV) splits a layer's budget across its kv

@@ -1,13 +1,13 @@
 """The compressed KV cache (runtime): the container of compressed layers, the compression schedule and budgets.
 
 `CompressedCache` is a `transformers.Cache` whose full-attention and sliding-window layers are `CompressedLayer`s
-(`kvsqueeze.storage`). Compression runs after each layer's attention (see `attention.py`): the layer's attention
-for the current forward has already used every entry, so the hidden states of that forward are unchanged, and the
-method only decides what later tokens will see. The cache asks its `Method` for scores and keeps the top `n_keep`
-slots. Sliding-window layers (Mistral, Phi-3, Qwen2 with use_sliding_window, Gemma 2/3's sliding layers) drop the
-tokens no later query can see and are compressed inside their window, to a budget taken from the
-`sliding_window - 1` tokens a full cache would hold: the ratio asked is the ratio held. Chunked-attention layers
-(Llama 4) keep transformers' own `DynamicSlidingWindowLayer`, uncompressed.
+(`kvsqueeze.storage`). Compression runs after each layer's attention (see `attention.py`): the layer's attention for
+the current forward has already used every entry, so the hidden states of that forward are unchanged, and the method
+only decides what later tokens will see. The cache asks its `Method` for scores and keeps the top `n_keep` slots.
+Sliding-window layers (Mistral, Phi-3, Qwen2 with use_sliding_window, Gemma 2/3's sliding layers) drop the tokens no
+later query can see and are compressed inside their window, to a budget taken from the `sliding_window - 1` tokens a
+full cache would hold: the compression_ratio asked is the compression_ratio held. Chunked-attention layers (Llama 4)
+keep transformers' own `DynamicSlidingWindowLayer`, uncompressed.
 
 The attention call reaches the cache through the routing hooks (`routing.current_cache(module)`), and the layer
 whose `update` ran last waits in `cache.awaiting` for its attention call.
@@ -68,12 +68,12 @@ def check_layer_indices(indices, n_layers: int, what: str) -> None:
 class CompressedCache(Cache):
     """A `transformers.Cache` that keeps only the KV entries a `Method` says matter.
 
-    >>> cache = CompressedCache(model, SnapKV(ratio=0.5))
+    >>> cache = CompressedCache(model, SnapKV(compression_ratio=0.5))
     >>> model.generate(input_ids, cache=cache, max_new_tokens=20)  # past_key_values= before transformers 5.24
 
     Phases. Without `with cache.prefill():`, every forward before the first decoding step (a 1-token forward)
     is prefill and is compressed: a prompt run in chunks (`generate(prefill_chunk_size=...)`, or the caller's
-    own loop) is compressed after every chunk, so it never holds more than budget + one chunk, and a ratio
+    own loop) is compressed after every chunk, so it never holds more than budget + one chunk, and a compression_ratio
     budget follows the tokens seen so far. A 1-token forward that transformers' `generate()` runs as the last
     chunk of its chunked prefill is still prefill. With `with cache.prefill(): ...` the caller says where the
     prefill is: every forward inside a block is compressed, and forwards outside the blocks, after one, are
@@ -245,7 +245,7 @@ class CompressedCache(Cache):
 
         Scoring after each layer's attention does not change the prefill's hidden states, so the keys and
         queries recorded by one full prefill give every method exactly what it would have seen: one prefill
-        serves a whole sweep of methods and ratios. Tensors are shared until eviction replaces them. `memo`
+        serves a whole sweep of methods and compression_ratios. Tensors are shared until eviction replaces them. `memo`
         keeps attention sums computed for one method to serve the next (they depend on the record only).
         `layer_factory` builds the copy's layers (e.g. quantized storage; default: the source's layer type).
         """

@@ -24,7 +24,7 @@ class CacheStats:
     @property
     def kept_fraction(self) -> float:
         """Fraction of the full cache's KV bytes that is held (1 / the compression factor; a method's
-        `ratio` is the fraction removed)."""
+        `compression_ratio` is the fraction removed)."""
         return self.kv_bytes / self.full_kv_bytes if self.full_kv_bytes else 1.0
 
     def line(self) -> str:

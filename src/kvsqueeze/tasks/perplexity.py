@@ -1,10 +1,10 @@
 """Long-text perplexity with a capped cache (the generation setting of the Q-Filters paper, Godey et al., 2025).
 
-A text of `length` tokens is read by the model with its KV cache capped: the prefix is prefilled and compressed
-to the method's budget, then the last `n_scored` tokens are fed one at a time with the method compressing at
-every step (`compression_interval=1`), so the cache never holds more than the budget (+1 while a token is processed).
-The score is the perplexity of those `n_scored` tokens, exp(mean NLL); lower is better. A ratio r caps the cache
-at int(n_prefix * (1 - r)) tokens per layer, as a prefill compression at that ratio would.
+A text of `length` tokens is read by the model with its KV cache capped: the prefix is prefilled and compressed to the
+method's budget, then the last `n_scored` tokens are fed one at a time with the method compressing at every step
+(`compression_interval=1`), so the cache never holds more than the budget (+1 while a token is processed). The score
+is the perplexity of those `n_scored` tokens, exp(mean NLL); lower is better. A compression_ratio r caps the cache at
+int(n_prefix * (1 - r)) tokens per layer, as a prefill compression at that compression_ratio would.
 
 The text comes from the essay haystack when a directory is given, the procedural haystack otherwise.
 """
