@@ -127,6 +127,16 @@ def test_sharding_and_environment(monkeypatch):
             init_distributed(torch.device("cuda", 0))
 
 
+def test_ranks_share_gpus_round_robin_over_gloo():
+    from kvsqueeze.evaluation.distributed import rank_gpu
+
+    assert [rank_gpu(r, 2, 2) for r in range(2)] == [(0, "nccl"), (1, "nccl")]  # one GPU per rank
+    assert [rank_gpu(r, 2, 5) for r in range(5)] == [(0, "gloo"), (1, "gloo"), (0, "gloo"), (1, "gloo"), (0, "gloo")]
+    assert rank_gpu(3, 1, 8) == (0, "gloo")
+    with pytest.raises(KVSqueezeError, match="no CUDA GPU"):
+        rank_gpu(0, 0, 2)
+
+
 def test_device_and_dtype_names():
     assert resolve_device("cpu") == torch.device("cpu")
     assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")

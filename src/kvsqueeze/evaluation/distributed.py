@@ -2,7 +2,7 @@
 
 torchrun starts N copies of the command with `WORLD_SIZE`, `RANK` and `LOCAL_RANK` in their environment. When
 `WORLD_SIZE` > 1, `init_distributed` joins the process group (gloo on the CPU, nccl with `--device cuda`, each rank
-then on `cuda:LOCAL_RANK`). Every rank loads the model and builds the same samples (they are deterministic for the
+then on `cuda:LOCAL_RANK`; with more ranks than GPUs they share the GPUs round-robin over gloo). Every rank loads the model and builds the same samples (they are deterministic for the
 seed), reads the keys already in the store, and waits at a barrier before computing anything, so all ranks filter
 against the same snapshot. The samples still to do are then dealt out round-robin (`i % world == rank` over the
 list of samples with pending rows, i.e. after the resume filter): a resumed sweep whose first half is stored still
@@ -91,12 +91,22 @@ def world_from_env() -> tuple[int, int, int]:
     return rank, world, local
 
 
+def rank_gpu(local_rank: int, n_gpus: int, local_world: int) -> tuple[int, str]:
+    """(GPU index, backend) of a rank: `local_rank mod n_gpus`; nccl when every rank of the node has its own GPU
+    (`local_world <= n_gpus`), else gloo (ranks share GPUs round-robin). KVSqueezeError when no GPU is visible."""
+    if n_gpus < 1:
+        raise KVSqueezeError("--device cuda under torchrun, but torch sees no CUDA GPU")
+    return local_rank % n_gpus, ("nccl" if local_world <= n_gpus else "gloo")
+
+
 def init_distributed(device: torch.device) -> DistInfo:
     """Join torchrun's process group when WORLD_SIZE > 1 and pick this rank's device.
 
-    `device`: the resolved `--device`. With several ranks, cuda becomes `cuda:LOCAL_RANK` (nccl backend); an
-    explicit `cuda:N` is refused (all ranks would share one GPU); cpu uses gloo. Not distributed: `DistInfo` with
-    world 1 and `device` unchanged. Raises KVSqueezeError for the refused cases or when LOCAL_RANK names no GPU."""
+    `device`: the resolved `--device`. With several ranks, cuda becomes `cuda:(LOCAL_RANK mod GPUs)`
+    (`rank_gpu`): one rank per GPU uses nccl; more ranks than GPUs share them round-robin and use gloo (NCCL refuses
+    two ranks on one GPU), which pays when a small model's sweep is bound by Python, not by the GPU. An explicit
+    `cuda:N` is refused (all ranks would share one GPU); cpu uses gloo. Not distributed: `DistInfo` with world 1
+    and `device` unchanged. Raises KVSqueezeError for the refused case or when no GPU is visible."""
     rank, world, local = world_from_env()
     if world == 1:
         return DistInfo(device=device)
@@ -105,11 +115,10 @@ def init_distributed(device: torch.device) -> DistInfo:
     if device.type == "cuda":
         if device.index is not None:
             raise KVSqueezeError(f"--device {device} under torchrun: use --device cuda (rank r takes cuda:LOCAL_RANK)")
-        if local >= torch.cuda.device_count():
-            raise KVSqueezeError(f"LOCAL_RANK={local} but only {torch.cuda.device_count()} CUDA GPU(s) are visible")
-        device = torch.device("cuda", local)
+        n_gpus = torch.cuda.device_count()
+        index, backend = rank_gpu(local, n_gpus, local_world=int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+        device = torch.device("cuda", index)
         torch.cuda.set_device(device)
-        backend = "nccl"
     else:
         backend = "gloo"
     if not dist.is_initialized():
