@@ -28,6 +28,7 @@ from ..compat import passed_cache
 from ..errors import KVSqueezeError
 
 PREFIX = "kvsqueeze_"
+STATIC_PREFIX = "kvsqueeze_static_"  # the static decode step's attention (runtime/static.py)
 _STATE = "_kvsqueeze_routing"  # the model attribute holding the hooks and the saved implementations
 
 
@@ -109,11 +110,19 @@ def routes(cache) -> bool:
     return bool(getattr(type(cache), "kvsqueeze_routes", False))
 
 
+def _static(cache) -> bool:
+    """Whether `cache` is a static cache (runtime/static.py): its forwards are switched by `static_attention`,
+    never by the hooks, which then do nothing (no thread lookup inside a compiled step)."""
+    return bool(getattr(type(cache), "kvsqueeze_static", False))
+
+
 def _pre_hook(module, args, kwargs):
     st = module.__dict__.get(_STATE)
     if st is None:  # pragma: no cover - hooks outlived their state
         return
     cache = passed_cache(kwargs)
+    if _static(cache):
+        return
     on = routes(cache)
     tid = threading.get_ident()  # per thread: generate_batch runs in its own
     st["active"].setdefault(tid, []).append(cache if on else None)
@@ -122,6 +131,8 @@ def _pre_hook(module, args, kwargs):
 
 
 def _post_hook(module, args, kwargs, output):
+    if _static(passed_cache(kwargs)):
+        return
     st = module.__dict__.get(_STATE)
     stack = None if st is None else st["active"].get(threading.get_ident())
     if stack and stack.pop() is not None:
@@ -207,6 +218,33 @@ def patched(model):
         yield model
     finally:
         _exit(st)
+
+
+def attention_configs(model) -> list:
+    """Every config object whose attention implementation `model`'s modules read (what a switch sets)."""
+    return _configs(model)
+
+
+@contextlib.contextmanager
+def static_attention(model, configs: list | None = None):
+    """Inside the block, `model`'s attention is the static decode step's (`kvsqueeze_static_sdpa` /
+    `kvsqueeze_static_eager`, registered by runtime/static.py): every config the model reads is switched, and
+    restored on exit, exceptions included. Called around each step of a `StaticDecoder`, outside the compiled
+    function (the compiled graph then guards on the switched value); `configs` (from `attention_configs`, computed
+    once by the caller) saves walking the model at every step. Raises `KVSqueezeError` when the model's
+    implementation is neither sdpa nor eager."""
+    impl = _check_impl(model)
+    if impl.startswith("static_"):  # nested: already switched
+        yield model
+        return
+    saved = []
+    for cfg in configs if configs is not None else _configs(model):
+        saved.append((cfg, cfg._attn_implementation))
+        _set_impl(cfg, STATIC_PREFIX + impl)
+    try:
+        yield model
+    finally:
+        _restore(saved)
 
 
 def patch(model) -> None:
