@@ -208,3 +208,17 @@ def test_the_model_is_left_as_loaded(model):
     (_, c), (_, f) = _pair(model, "snapkv", dict(ratio=0.5, window=8), _ids())
     static_greedy_decode(model, StaticCompressedCache.from_cache(c, 3), f, 3, set())
     assert model.config._attn_implementation == "sdpa"
+
+
+@pytest.mark.parametrize("kernel", ["matmul", "eager"])
+def test_other_static_kernels(model, kernel):
+    (c1, c2), (f1, f2) = _pair(model, "adakv:snapkv", dict(ratio=0.5), _ids())
+    ref, ref_logits = _eager(model, c1, f1, N)
+    logits = []
+    got = static_greedy_decode(model, StaticCompressedCache.from_cache(c2, N), f2, N, set(), logits_out=logits,
+                               kernel=kernel)
+    assert got == ref
+    for a, b in zip(logits, ref_logits):
+        torch.testing.assert_close(a, b, **TOL)
+    with pytest.raises(kq.KVSqueezeError, match="kernel"):
+        StaticDecoder(model, StaticCompressedCache.from_cache(c2, N), kernel="flash")

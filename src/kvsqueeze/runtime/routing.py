@@ -226,12 +226,13 @@ def attention_configs(model) -> list:
 
 
 @contextlib.contextmanager
-def static_attention(model, configs: list | None = None):
+def static_attention(model, configs: list | None = None, kernel: str | None = None):
     """Inside the block, `model`'s attention is the static decode step's (`kvsqueeze_static_sdpa` /
     `kvsqueeze_static_eager`, registered by runtime/static.py): every config the model reads is switched, and
     restored on exit, exceptions included. Called around each step of a `StaticDecoder`, outside the compiled
     function (the compiled graph then guards on the switched value); `configs` (from `attention_configs`, computed
-    once by the caller) saves walking the model at every step. Raises `KVSqueezeError` when the model's
+    once by the caller) saves walking the model at every step; `kernel` names another static kernel than the
+    model's own implementation (e.g. "matmul"). Raises `KVSqueezeError` when the model's
     implementation is neither sdpa nor eager."""
     impl = _check_impl(model)
     if impl.startswith("static_"):  # nested: already switched
@@ -240,7 +241,7 @@ def static_attention(model, configs: list | None = None):
     saved = []
     for cfg in configs if configs is not None else _configs(model):
         saved.append((cfg, cfg._attn_implementation))
-        _set_impl(cfg, STATIC_PREFIX + impl)
+        _set_impl(cfg, STATIC_PREFIX + (kernel or impl))
     try:
         yield model
     finally:

@@ -92,6 +92,25 @@ def _static_eager(module, query, key, value, attention_mask, dropout=0.0, scalin
     return fn(module, query, key, value, add, dropout=dropout, scaling=scaling, **kwargs)
 
 
+def _static_matmul(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """Decode attention as two batched matrix products over each kv-head group (no repeated keys): scores
+    (b, hk, g, capacity) = q K^T * scaling, masked, softmax in float32 (as transformers' eager attention), then
+    times V. For one query token, cuBLAS spreads the long capacity axis over the GPU where a fused kernel
+    without split-KV would run one block per (row, head). Returns (b, 1, hq, d)."""
+    b, hq, q, d = query.shape
+    hk = key.shape[1]
+    m = _layer_rows(module, attention_mask, b)  # (b, hk, 1, C)
+    qg = query.reshape(b, hk, (hq // hk) * q, d)
+    scale = scaling if scaling is not None else d ** -0.5
+    s = torch.matmul(qg, key.transpose(-1, -2)) * scale
+    s = s.masked_fill(~m, torch.finfo(s.dtype).min)
+    p = torch.softmax(s, dim=-1, dtype=torch.float32).to(value.dtype)
+    out = torch.matmul(p, value)
+    return out.reshape(b, hq, q, -1).transpose(1, 2).contiguous(), None
+
+
+KERNELS = ("sdpa", "eager", "matmul")  # the static step's attention kernels (`StaticDecoder(kernel=...)`)
+AttentionInterface.register(STATIC_PREFIX + "matmul", _static_matmul)
 AttentionInterface.register(STATIC_PREFIX + "sdpa", _static_sdpa)
 AttentionInterface.register(STATIC_PREFIX + "eager", _static_eager)
 
@@ -317,15 +336,19 @@ class StaticDecoder:
     """One greedy decoding step over a `StaticCompressedCache`, optionally compiled.
 
     `decoder(tokens)` with tokens (b,) long returns (logits (b, vocab) in the model's dtype, next tokens (b,)
-    long = argmax), both on the device, having written `tokens` into the cache. `compile=True` wraps the step in
+    long = argmax), both on the device, having written `tokens` into the cache. `kernel`: the attention kernel
+    (None: the model's own implementation, sdpa or eager; "matmul": two batched matrix products per kv-head
+    group, see `_static_matmul`). `compile=True` wraps the step in
     `torch.compile(step, fullgraph=True, mode=...)`: `mode` defaults to "reduce-overhead" on CUDA (CUDA graphs)
     and None elsewhere; `backend` (e.g. "aot_eager", "eager") picks another backend (tests on the CPU). The
     model's attention implementation is switched to the static one only while a step runs. Raises
     KVSqueezeError when the cache has no room left (more steps than `max_new_tokens` without eviction)."""
 
     def __init__(self, model, cache: StaticCompressedCache, compile: bool = False, backend: str | None = None,
-                 mode: str | None = None):
-        self.model, self.cache = model, cache
+                 mode: str | None = None, kernel: str | None = None):
+        if kernel is not None and kernel not in KERNELS:
+            raise KVSqueezeError(f"the static attention kernel must be one of {', '.join(KERNELS)}, got {kernel!r}")
+        self.model, self.cache, self.kernel = model, cache, kernel
         self._configs = attention_configs(model)
         kw = cache_kwargs(model, cache)
 
@@ -359,25 +382,26 @@ class StaticDecoder:
                 raise KVSqueezeError("the static cache is full: build it with a larger max_new_tokens")
         c.steps_left -= 1
         c.tokens_seen += 1
-        with static_attention(self.model, self._configs):
+        with static_attention(self.model, self._configs, self.kernel):
             return self._step(tokens)
 
 
 @torch.no_grad()
 def static_greedy_decode(model, cache: StaticCompressedCache, first_logits: torch.Tensor, max_new_tokens: int,
                          eos: set[int], compile: bool = False, backend: str | None = None, mode: str | None = None,
-                         eos_every: int = 16, logits_out: list | None = None) -> list[list[int]]:
+                         eos_every: int = 16, logits_out: list | None = None,
+                         kernel: str | None = None) -> list[list[int]]:
     """Greedy decoding of every row from `first_logits` (b, vocab) over a static cache: the same tokens as
     `greedy_decode_batch` on the eager cache (row r stops before its first `eos` token or at `max_new_tokens`).
     Generated ids stay on the device; EOS is looked for every `eos_every` steps (one host sync) and at the end.
     `logits_out`, when given, receives each step's logits (b, vocab) (cloned: a CUDA graph reuses its outputs).
-    Returns each row's tokens."""
+    `compile`, `backend`, `mode`, `kernel`: see `StaticDecoder`. Returns each row's tokens."""
     b = first_logits.shape[0]
     dev = first_logits.device
     ids = torch.empty(b, max_new_tokens, dtype=torch.long, device=dev)
     token = first_logits.argmax(-1)
     eos_t = torch.tensor(sorted(eos), dtype=torch.long, device=dev) if eos else None
-    decoder = StaticDecoder(model, cache, compile=compile, backend=backend, mode=mode)
+    decoder = StaticDecoder(model, cache, compile=compile, backend=backend, mode=mode, kernel=kernel)
     n = 0
     for i in range(max_new_tokens):
         ids[:, i] = token

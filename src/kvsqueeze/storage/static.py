@@ -151,9 +151,11 @@ class StaticSlots:
             cand = pr.topk(k, dim=-1, largest=False).indices  # (L, b, h, k)
             drop = torch.arange(k, device=cand.device) < over[..., None]
             self.valid.scatter_(3, cand, self.valid.gather(3, cand) & ~drop)
+        if self.priority is None:  # never evicts: the slots fill in order (the caller keeps within the capacity)
+            self.write.add_(1).clamp_(max=self.capacity - 1)
+            return
         free = ~self.valid
-        first = free.to(torch.int8).argmax(-1)  # the first empty slot (0 when none: only past the capacity)
-        self.write.copy_(first)
+        self.write.copy_(free.to(torch.int8).argmax(-1))  # the first empty slot (0 when none: past the capacity)
 
     # --- reading ---------------------------------------------------------------------------------------------
     def held_counts(self) -> torch.Tensor:
