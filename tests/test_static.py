@@ -222,3 +222,28 @@ def test_other_static_kernels(model, kernel):
         torch.testing.assert_close(a, b, **TOL)
     with pytest.raises(kq.KVSqueezeError, match="kernel"):
         StaticDecoder(model, StaticCompressedCache.from_cache(c2, N), kernel="flash")
+
+
+@pytest.mark.parametrize("case", ["snapkv", "knorm_decode"])
+def test_model_generate_drives_the_static_cache(model, case):
+    """model.generate(ids, cache=<static copy of a cache prefilled with all but the last token>) gives the tokens
+    generate() gives over the eager CompressedCache prefilled the same way; the model is left as loaded; a forward
+    of several new tokens is refused."""
+    name, kw = CASES[case]
+    ids = _ids()
+    eager = kq.CompressedCache(model, get_method(name, **kw))
+    prefill(model, eager, ids[:, :-1])
+    ref = model.generate(ids, **kv(eager), max_new_tokens=N, do_sample=False, pad_token_id=0)
+    cache = kq.CompressedCache(model, get_method(name, **kw))
+    prefill(model, cache, ids[:, :-1])
+    static = StaticCompressedCache.from_cache(cache, N)
+    assert not static.is_compileable  # generate() must not compile a forward the hooks switch
+    got = model.generate(ids, **kv(static), max_new_tokens=N, do_sample=False, pad_token_id=0)
+    assert got.tolist() == ref.tolist()
+    assert model.config._attn_implementation == "sdpa"
+    cache = kq.CompressedCache(model, get_method(name, **kw))
+    prefill(model, cache, ids[:, :-3])
+    with pytest.raises(kq.KVSqueezeError, match="one new token"):
+        model.generate(ids, **kv(StaticCompressedCache.from_cache(cache, N)), max_new_tokens=2, do_sample=False,
+                       pad_token_id=0)
+    assert model.config._attn_implementation == "sdpa"

@@ -111,9 +111,45 @@ def routes(cache) -> bool:
 
 
 def _static(cache) -> bool:
-    """Whether `cache` is a static cache (runtime/static.py): its forwards are switched by `static_attention`,
-    never by the hooks, which then do nothing (no thread lookup inside a compiled step)."""
+    """Whether `cache` is a static cache (runtime/static.py). Its decoder's steps switch the model themselves
+    (`static_attention`) and the hooks do nothing then (no thread lookup inside a compiled step); any other forward
+    given one (e.g. by `model.generate`) is driven by the hooks (`_static_enter` / `_static_exit`)."""
     return bool(getattr(type(cache), "kvsqueeze_static", False))
+
+
+def _static_enter(st, cache, args, kwargs):
+    """The outermost forward given a static cache outside its decoder: the cache prepares the step (claims the write
+    slots, replaces `attention_mask` with its slot mask and `position_ids` with its positions; raises
+    KVSqueezeError for more than one new token) and the model is switched to the static attention until the
+    forward returns."""
+    if cache.driven:
+        return None
+    if cache.hook_depth > 0:
+        cache.hook_depth += 1
+        return None
+    kwargs = cache.prepare_forward(args, kwargs)
+    cache.hook_saved = _switch_static(st["root"])
+    cache.hook_depth = 1
+    return args, kwargs
+
+
+def _static_exit(cache) -> None:
+    if cache.driven or cache.hook_depth == 0:
+        return
+    cache.hook_depth -= 1
+    if cache.hook_depth == 0:
+        saved, cache.hook_saved = cache.hook_saved, None
+        _restore(saved)
+        cache.finish_forward()
+
+
+def _switch_static(model, configs=None, kernel=None) -> list:
+    impl = _check_impl(model)
+    saved = []
+    for cfg in configs if configs is not None else _configs(model):
+        saved.append((cfg, cfg._attn_implementation))
+        _set_impl(cfg, STATIC_PREFIX + (kernel or impl))
+    return saved
 
 
 def _pre_hook(module, args, kwargs):
@@ -122,7 +158,7 @@ def _pre_hook(module, args, kwargs):
         return
     cache = passed_cache(kwargs)
     if _static(cache):
-        return
+        return _static_enter(st, cache, args, kwargs)
     on = routes(cache)
     tid = threading.get_ident()  # per thread: generate_batch runs in its own
     st["active"].setdefault(tid, []).append(cache if on else None)
@@ -131,7 +167,9 @@ def _pre_hook(module, args, kwargs):
 
 
 def _post_hook(module, args, kwargs, output):
-    if _static(passed_cache(kwargs)):
+    cache = passed_cache(kwargs)
+    if _static(cache):
+        _static_exit(cache)
         return
     st = module.__dict__.get(_STATE)
     stack = None if st is None else st["active"].get(threading.get_ident())
@@ -234,14 +272,10 @@ def static_attention(model, configs: list | None = None, kernel: str | None = No
     once by the caller) saves walking the model at every step; `kernel` names another static kernel than the
     model's own implementation (e.g. "matmul"). Raises `KVSqueezeError` when the model's
     implementation is neither sdpa nor eager."""
-    impl = _check_impl(model)
-    if impl.startswith("static_"):  # nested: already switched
+    if _check_impl(model).startswith("static_"):  # nested: already switched
         yield model
         return
-    saved = []
-    for cfg in configs if configs is not None else _configs(model):
-        saved.append((cfg, cfg._attn_implementation))
-        _set_impl(cfg, STATIC_PREFIX + (kernel or impl))
+    saved = _switch_static(model, configs, kernel)
     try:
         yield model
     finally:

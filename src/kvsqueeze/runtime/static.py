@@ -34,9 +34,12 @@ eviction (its head budgets are re-split at each eviction), quantized storage, se
 AttentionPredictor), sliding-window layers and attention softcapping are refused with a `KVSqueezeError` naming the
 eager path (`greedy_decode_batch`).
 
-`model.generate(..., cache=<static cache>)` is not supported: `generate()` builds its own attention mask and
-position ids from the 2D mask, which would bypass the per-layer slot masks; use `static_greedy_decode` (or
-kvsqueeze's `generate_answer(..., static=True)`).
+`model.generate(input_ids, cache=<static cache>)` works, uncompiled: prefill all but the last prompt token into the
+`CompressedCache`, build the static copy, and give `generate()` the whole prompt: its first forward then brings one
+new token, and every forward given a static cache outside `StaticDecoder` is driven by the routing hooks (the
+cache's own positions and slot mask replace generate()'s, the model is switched to the static attention for the
+forward). The cache reports `is_compileable = False`, so generate() does not compile its forward (switching the
+model inside a captured graph is not supported); the compiled step is `StaticDecoder` / `static_greedy_decode`.
 """
 
 from __future__ import annotations
@@ -119,7 +122,7 @@ AttentionInterface.register(STATIC_PREFIX + "eager", _static_eager)
 class _SlotLayer(CacheLayerMixin):
     """One layer of a `StaticCompressedCache` for transformers' `Cache` interface: writes go to the shared slots."""
 
-    is_compileable = True
+    is_compileable = False  # see StaticCompressedCache.is_compileable
     is_sliding = False
 
     def __init__(self, owner: "StaticCompressedCache", layer_idx: int):
@@ -187,6 +190,15 @@ class StaticCompressedCache(Cache):
         self.tokens_seen = tokens_seen
         self.steps_left = steps_left
         self.full_kv_bytes = full_kv_bytes
+        self.driven = False  # True while a StaticDecoder runs a step (the routing hooks then stay out)
+        self.hook_depth, self.hook_saved = 0, None  # a forward driven by the routing hooks (model.generate)
+
+    @property
+    def is_compileable(self) -> bool:
+        """False: `model.generate` must not compile its forward with this cache (the routing hooks that drive a
+        generate() step switch the model's config, which belongs outside a graph); kvsqueeze's `StaticDecoder`
+        compiles its own step."""
+        return False
 
     # --- building ------------------------------------------------------------------------------------------
     @classmethod
@@ -285,6 +297,33 @@ class StaticCompressedCache(Cache):
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.tokens_seen
 
+    # --- a forward driven by the routing hooks (model.generate) ----------------------------------------------
+    def prepare_forward(self, args: tuple, kwargs: dict) -> dict:
+        """Before a forward the model was given this cache for outside a `StaticDecoder` (the routing pre-hook
+        calls it): claim the write slots and feed the cache's own `position_ids` (b, 1) and stacked slot mask as
+        `attention_mask` (generate()'s 2D mask and positions are replaced). Raises KVSqueezeError unless the
+        forward brings exactly one new token per row, or when the cache is full."""
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        x = ids if ids is not None else kwargs.get("inputs_embeds")
+        if x is None or x.shape[1] != 1:
+            raise KVSqueezeError(
+                "a StaticCompressedCache takes one new token per row per forward: with model.generate, pass input "
+                "ids one token longer than what the cache has seen (prefill all but the last prompt token into the "
+                "CompressedCache before StaticCompressedCache.from_cache)")
+        self._count_step()
+        return dict(kwargs, position_ids=self.begin_step(), attention_mask=self.mask())
+
+    def finish_forward(self) -> None:
+        """After such a forward (the routing post-hook): evict where due and move the write slots."""
+        self.end_step()
+
+    def _count_step(self) -> None:
+        if self.rule is None or self._exempt:
+            if self.steps_left <= 0:
+                raise KVSqueezeError("the static cache is full: build it with a larger max_new_tokens")
+        self.steps_left -= 1
+        self.tokens_seen += 1
+
     # --- one step (graph-friendly) ---------------------------------------------------------------------------
     def begin_step(self) -> torch.Tensor:
         """Claim the write slots for the next token; returns the position ids (b, 1) to feed."""
@@ -377,13 +416,13 @@ class StaticDecoder:
     @torch.no_grad()
     def __call__(self, tokens: torch.Tensor):
         c = self.cache
-        if c.rule is None or c._exempt:
-            if c.steps_left <= 0:
-                raise KVSqueezeError("the static cache is full: build it with a larger max_new_tokens")
-        c.steps_left -= 1
-        c.tokens_seen += 1
-        with static_attention(self.model, self._configs, self.kernel):
-            return self._step(tokens)
+        c._count_step()
+        c.driven = True
+        try:
+            with static_attention(self.model, self._configs, self.kernel):
+                return self._step(tokens)
+        finally:
+            c.driven = False
 
 
 @torch.no_grad()
