@@ -247,3 +247,26 @@ def test_model_generate_drives_the_static_cache(model, case):
         model.generate(ids, **kv(StaticCompressedCache.from_cache(cache, N)), max_new_tokens=2, do_sample=False,
                        pad_token_id=0)
     assert model.config._attn_implementation == "sdpa"
+
+
+def test_transformers_static_cache_still_compiles_after_a_compressed_cache(model):
+    """Building a CompressedCache attaches kvsqueeze's routing hooks to the model; a fullgraph-compiled forward
+    with transformers' own StaticCache must still trace (the hooks stay out of compiled forwards that are not
+    kvsqueeze's: their thread lookup cannot be traced)."""
+    import torch._dynamo
+    from transformers import StaticCache
+
+    kq.CompressedCache(model, get_method("knorm", ratio=0.5))  # attaches the hooks
+    ids = _ids(1, 12)
+    cache = StaticCache(config=model.config, max_cache_len=16)
+    with torch.no_grad():
+        model(input_ids=ids, **kv(cache), use_cache=True)
+    torch._dynamo.reset()
+
+    def fwd(t, p):
+        return model(input_ids=t, position_ids=p, **kv(cache), use_cache=True).logits[:, -1]
+
+    step = torch.compile(fwd, fullgraph=True, backend="eager")
+    with torch.no_grad():
+        out = step(ids[:, -1:], torch.tensor([[12]]))
+    assert out.shape == (1, 101)

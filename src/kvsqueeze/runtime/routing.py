@@ -24,6 +24,8 @@ from __future__ import annotations
 import contextlib
 import threading
 
+import torch
+
 from ..compat import passed_cache
 from ..errors import KVSqueezeError
 
@@ -152,6 +154,13 @@ def _switch_static(model, configs=None, kernel=None) -> list:
     return saved
 
 
+def _compiling() -> bool:
+    """Whether torch.compile is tracing this call (the hooks then stay out of forwards that are not kvsqueeze's:
+    the thread lookup below cannot be traced, and would break e.g. transformers' compiled StaticCache on a model
+    a CompressedCache was ever built on)."""
+    return torch.compiler.is_compiling()
+
+
 def _pre_hook(module, args, kwargs):
     st = module.__dict__.get(_STATE)
     if st is None:  # pragma: no cover - hooks outlived their state
@@ -159,6 +168,8 @@ def _pre_hook(module, args, kwargs):
     cache = passed_cache(kwargs)
     if _static(cache):
         return _static_enter(st, cache, args, kwargs)
+    if _compiling() and not routes(cache):
+        return  # a compiled forward with another cache (transformers' StaticCache): nothing to route or push
     on = routes(cache)
     tid = threading.get_ident()  # per thread: generate_batch runs in its own
     st["active"].setdefault(tid, []).append(cache if on else None)
@@ -171,6 +182,8 @@ def _post_hook(module, args, kwargs, output):
     if _static(cache):
         _static_exit(cache)
         return
+    if _compiling() and not routes(cache):
+        return  # as the pre-hook: nothing was pushed
     st = module.__dict__.get(_STATE)
     stack = None if st is None else st["active"].get(threading.get_ident())
     if stack and stack.pop() is not None:
