@@ -12,6 +12,10 @@ The model is switched only while kvsqueeze needs it (it is never left switched):
   which passes non-kvsqueeze caches straight to the kernel; transformers' continuous batching then refuses the
   model until `unpatch`).
 - `unpatch(model)` removes every trace: the hooks, the bookkeeping attribute, and a permanent switch.
+- `with static_attention(model):` switches to the static decode step's attention (`kvsqueeze_static_*`,
+  runtime/static.py) for one step of a `StaticDecoder`; a forward given a static cache by anyone else (e.g.
+  `model.generate`) is prepared and switched by the hooks. Inside a compiled forward whose cache is not
+  kvsqueeze's the hooks do nothing.
 
 How the attention call finds its cache: the pre-hook on the model pushes the forward's cache (the `cache=` /
 `past_key_values=` argument) on a per-thread stack held in the routing state, and every attention module of the
