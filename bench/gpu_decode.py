@@ -25,7 +25,11 @@ length/factor tokens).
 Columns: ms/token, tokens/s (batch / ms), peak GPU memory (max allocated over the row, the weights and the prefill included), KV bytes held
 (the cache's key and value tensors: a static cache holds its full capacity), the bandwidth limit = (weight bytes +
 KV bytes held, all read once per token) / `--hbm-gbps` (4200 GB/s: the H200's measured copy rate, read + write),
-and the fraction of that limit reached (limit / ms). Weight bytes count every parameter (as issue 12's anchor:
+and the fraction of that limit reached (limit / ms).
+
+Time: each compiled row compiles its step (about a minute for 32 layers; rows of the same shapes hit inductor's
+cache), and one device command may run 10 minutes: split a full run, e.g. `--lengths 4096` then `--lengths 32768`,
+or `--rows hf-static-compiled,kvsq-static` and `--static-kernels sdpa,matmul` to compare the two kernels. Weight bytes count every parameter (as issue 12's anchor:
 16.06 GB for 8B in bf16), though a step reads one row of the input embedding.
 """
 
@@ -226,7 +230,8 @@ def main(argv=None) -> int:
     ap.add_argument("--hbm-gbps", type=float, default=4200.0, help="Memory bandwidth of the bound, GB/s.")
     ap.add_argument("--rows", default="", help="Only these rows (names or prefixes: hf-dynamic, kvsq-static:knorm, "
                                                 "kvsq-eager, ...); default: all.")
-    ap.add_argument("--static-kernels", default="sdpa,matmul", help="Attention kernels of the static rows.")
+    ap.add_argument("--static-kernels", default="sdpa", help="Attention kernels of the static rows (sdpa, matmul, "
+                                                              "eager; comma-separated to compare).")
     ap.add_argument("--no-compile-static", dest="compile_static", action="store_false",
                     help="Run the static rows' step uncompiled.")
     ap.add_argument("--attn", default="sdpa", help="The model's attention implementation (sdpa or eager).")

@@ -119,6 +119,9 @@ AttentionInterface.register(STATIC_PREFIX + "eager", _static_eager)
 
 
 # --- the cache ----------------------------------------------------------------------------------------------
+ALIGN = 16  # capacity is rounded up to this many slots (aligned mask / key rows for the fused attention kernels)
+
+
 class _SlotLayer(CacheLayerMixin):
     """One layer of a `StaticCompressedCache` for transformers' `Cache` interface: writes go to the shared slots."""
 
@@ -209,8 +212,8 @@ class StaticCompressedCache(Cache):
         Capacity (slots per layer, row and kv head): without decode-time eviction, the largest number of entries
         any (layer, row, kv head) holds plus `max_new_tokens`; with it (StreamingLLM, K-norm, PyramidKV over
         them, `compression_interval = N`), the largest budget plus N (exempt layers: their fill plus
-        `max_new_tokens`). `position` (b,) long: the position id of each row's next token (default: the tokens
-        the row has seen, its left padding not counted). Raises KVSqueezeError for what the static path cannot
+        `max_new_tokens`); rounded up to a multiple of `ALIGN` (16) slots. `position` (b,) long: the position id
+        of each row's next token (default: the tokens the row has seen, its left padding not counted). Raises KVSqueezeError for what the static path cannot
         hold (see the module docstring) and for an empty cache."""
         from .cache import CompressedCache
 
@@ -256,6 +259,7 @@ class StaticCompressedCache(Cache):
         cap = 1
         for fill, lim in zip(fills, limits):
             cap = max(cap, fill + max_new_tokens if lim is None else max(fill, int(lim.max())) + every)
+        cap = -(-cap // ALIGN) * ALIGN  # aligned rows for the attention kernels; the extra slots stay empty
         slots = StaticSlots(len(layers), b, h, cap, l0.head_dim, l0.dtype, dev, evicts=rule is not None,
                             value_dim=l0.values.shape[-1])
         for i, layer in enumerate(layers):

@@ -21,7 +21,8 @@ write overwrites: no reallocation, no concatenation, no gather).
 
 Memory: every layer holds `capacity` slots per (row, kv head), whatever it keeps. Capacity is what the budget
 allows: the largest (layer, row, kv head) fill after the prefill plus the decoding room (the tokens still to be
-generated), or, for a cache that evicts while decoding, its largest budget plus the eviction interval. So a
+generated), or, for a cache that evicts while decoding, its largest budget plus the eviction interval (the runtime
+rounds it up to 16 slots). So a
 head-wise (AdaKV) or layer-wise (PyramidKV) budget holds its widest head's slots everywhere: the empty slots are
 hidden by `valid`, not freed (the eager `DenseStore` frees them but cannot be captured in a graph).
 
