@@ -22,6 +22,8 @@ CASES = {  # name -> method kwargs; decode-time eviction where compression_inter
     "snapkv": ("snapkv", dict(ratio=0.5, window=8)),
     "adakv": ("adakv:snapkv", dict(ratio=0.5)),
     "pyramidkv": ("pyramidkv", dict(ratio=0.5)),
+    "h2o_prefill": ("h2o", dict(ratio=0.5)),  # H2O / TOVA without decode compression: prefill-only
+    "tova_prefill": ("tova", dict(ratio=0.5)),
     "streaming_decode": ("streaming_llm", dict(budget=16, compression_interval=1)),
     "knorm_decode": ("knorm", dict(budget=16, compression_interval=1)),
     "knorm_every3": ("knorm", dict(budget=16, compression_interval=3)),
