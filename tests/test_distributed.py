@@ -104,6 +104,7 @@ def test_device_and_dtype_options_on_generate_eval_sweep():
     for cmd in ("generate", "eval", "sweep"):  # (`python -m kvsqueeze` itself runs in the torchrun test above)
         r = CliRunner().invoke(main, [cmd, "--help"])
         assert r.exit_code == 0 and "--device" in r.output and "--dtype" in r.output, r.output
+        assert "--attn-implementation" in r.output, r.output
 
 
 def test_sharding_and_environment(monkeypatch):
@@ -155,6 +156,8 @@ def test_device_and_dtype_names():
 @pytest.mark.parametrize("args, message", [
     (["sweep", "--methods", "full", "--dtype", "float8"], "--dtype must be one of"),
     (["eval", "--method", "full", "--device", "tpu"], "--device must be"),
+    (["eval", "--method", "full", "--attn-implementation", "flash_attention_2"], "--attn-implementation must be"),
+    (["sweep", "--methods", "full", "--attn-implementation", "flex"], "--attn-implementation must be"),
 ])
 def test_bad_device_or_dtype_is_one_error_line(args, message, tmp_path):
     assert_one_error_line(args + ["--results", str(tmp_path / "x.sqlite")], message)
@@ -206,3 +209,24 @@ def test_concurrent_writers_share_one_store_without_duplicates(tmp_path):
     with ResultStore(db) as st:
         df = st.frame()
     assert len(df) == 150 and df.sample_id.nunique() == 150
+
+
+def test_generate_attn_implementation_and_compile(tiny_dir, tmp_path):
+    """generate --attn-implementation eager loads the model with eager attention; --compile decodes over the
+    static cache (compiled) and answers what the eager loop answers; a bad name is one error line."""
+    from click.testing import CliRunner
+
+    from kvsqueeze.cli import main
+
+    ctx = tmp_path / "c.txt"
+    ctx.write_text("The passkey is 4821. " * 20)
+    base = ["generate", "--model", str(tiny_dir), "--context-file", str(ctx), "--question", "What is the passkey?",
+            "--method", "knorm", "--ratio", "0.5", "--max-new-tokens", "6", "--attn-implementation", "eager"]
+    with own_cache(tmp_path / "cache"):
+        eager = CliRunner().invoke(main, base)
+        assert eager.exit_code == 0, eager.output
+        compiled = CliRunner().invoke(main, base + ["--compile"])
+        assert compiled.exit_code == 0, compiled.output
+    assert compiled.output.splitlines()[0] == eager.output.splitlines()[0]
+    assert_one_error_line(base[:-1] + ["flash"], "--attn-implementation must be")
+    assert_one_error_line(base + ["--compile", "--quant", "kivi-2"], "--compile decodes full-precision")

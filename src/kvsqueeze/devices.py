@@ -1,4 +1,5 @@
-"""`--device` and `--dtype` of `generate`, `eval` and `sweep`: parsing, checking, and the click options.
+"""`--device`, `--dtype` and `--attn-implementation` of `generate`, `eval` and `sweep`: parsing, checking, and the
+click options.
 
 `resolve_device("auto")` is `cuda` when a GPU is visible, else `cpu`; `resolve_dtype("auto", device)` is float32
 on the CPU and bfloat16 on a GPU that supports it (float16 otherwise). Every mistake (unknown name, CUDA asked for
@@ -14,6 +15,7 @@ from .errors import KVSqueezeError
 
 DEVICES_HELP = "cpu, cuda, cuda:N or auto (cuda when a GPU is visible, else cpu)."
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager")  # what kvsqueeze's attention wrappers can route (runtime/routing.py)
 
 
 def resolve_device(text: str) -> torch.device:
@@ -58,8 +60,21 @@ def resolve_dtype(text: str, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
+def resolve_attn(text: str) -> str:
+    """The attention implementation named by `text` (sdpa | eager: the model's own kernels kvsqueeze wraps;
+    flash-attention and others cannot be routed). Raises KVSqueezeError for another name."""
+    t = (text or "").strip().lower()
+    if t not in ATTN_IMPLEMENTATIONS:
+        raise KVSqueezeError(f"--attn-implementation must be one of {', '.join(ATTN_IMPLEMENTATIONS)}, got {text!r} "
+                             "(kvsqueeze routes only transformers' sdpa and eager attention)")
+    return t
+
+
 def device_options(f):
-    """--device and --dtype (strings; `resolve_device` / `resolve_dtype` check them when the command runs)."""
+    """--device, --dtype and --attn-implementation (strings; `resolve_device` / `resolve_dtype` / `resolve_attn`
+    check them when the command runs)."""
+    f = click.option("--attn-implementation", "attn_implementation", default="sdpa", show_default=True,
+                     help="The model's attention kernel: sdpa or eager (what kvsqueeze wraps).")(f)
     f = click.option("--dtype", default="auto", show_default=True,
                      help="Model weights' dtype: auto (float32 on cpu, bfloat16 on a GPU), float32, bfloat16, "
                           "float16.")(f)

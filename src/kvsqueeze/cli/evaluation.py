@@ -90,7 +90,7 @@ def task_options(f):
         click.option("--code-version", default=None,
                      help="Override the code version in the result keys (default: package version + git commit)."),
         click.option("--quiet", is_flag=True, help="No progress bar."),
-        device_options,  # --device, --dtype
+        device_options,  # --device, --dtype, --attn-implementation
     ]
     for o in reversed(opts):
         f = o(f)
@@ -99,8 +99,8 @@ def task_options(f):
 
 def _run(pairs, *, model, tasks, length, samples, seed, haystack_dir, niah_lengths, niah_depths, ppl_tokens,
          results, query_aware, chunk_size, no_share_prefill, batch_size, code_version, quiet, quant=None,
-         select=None, select_budget=None, device="cpu", dtype="auto"):
-    from ..devices import resolve_device, resolve_dtype
+         select=None, select_budget=None, device="cpu", dtype="auto", attn_implementation="sdpa"):
+    from ..devices import resolve_attn, resolve_device, resolve_dtype
     from ..tasks import TaskConfig, expand_tasks
     from ..evaluation.distributed import init_distributed
     from ..evaluation.store import code_version as auto_version
@@ -113,17 +113,18 @@ def _run(pairs, *, model, tasks, length, samples, seed, haystack_dir, niah_lengt
     version = code_version or auto_version()
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
+    attn = resolve_attn(attn_implementation)
     dist = init_distributed(dev)  # torchrun (WORLD_SIZE > 1): this rank's device, process group joined
     try:
         _run_ranked(pairs, dist, model=model, task_names=task_names, cfg=cfg, version=version, dt=dt,
                     results=results, seed=seed, chunk_size=chunk_size, no_share_prefill=no_share_prefill,
-                    batch_size=batch_size, quiet=quiet)
+                    batch_size=batch_size, quiet=quiet, attn=attn)
     finally:
         dist.close()
 
 
 def _run_ranked(pairs, dist, *, model, task_names, cfg, version, dt, results, seed, chunk_size, no_share_prefill,
-                batch_size, quiet):
+                batch_size, quiet, attn="sdpa"):
     """The rest of `_run` on one rank (the only one when not distributed): rank 0 creates the store before the
     others open it; after the sweep, a barrier, then rank 0 prints the summary with counts summed over ranks."""
     from ..models import load_model
@@ -140,7 +141,7 @@ def _run_ranked(pairs, dist, *, model, task_names, cfg, version, dt, results, se
     finally:
         if dist.active and dist.is_main:
             dist.barrier()
-    mdl, tok = load_model(model, dtype=dt, device=str(dist.device))
+    mdl, tok = load_model(model, dtype=dt, device=str(dist.device), attn_implementation=attn)
     smp = build_samples(tok, task_names, cfg)
     if not quiet and dist.is_main:
         ranks = f"; {dist.world} ranks ({dist.backend}), samples dealt round-robin" if dist.active else ""

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from ..devices import device_options, resolve_device, resolve_dtype
+from ..devices import device_options, resolve_attn, resolve_device, resolve_dtype
 from ..errors import KVSqueezeError
 from ..models import DEFAULT_MODEL, MODELS
 from .options import build_method, method_options
@@ -124,11 +124,16 @@ def models():
 @click.option("--select-budget", type=click.IntRange(min=32), default=512, show_default=True,
               help="Tokens each decoding step attends to with --select.")
 @device_options
+@click.option("--compile", "compiled", is_flag=True,
+              help="Decode over a fixed-capacity copy of the compressed cache with one compiled step "
+                   "(torch.compile; CUDA graphs on a GPU). Full-precision storage, no --select; decode-time "
+                   "eviction only for streaming_llm and knorm.")
 @click.option("--config", "config", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="JSON file of these options (e.g. from `kvsqueeze recommend --config FILE`); options given "
                    "on the command line override it.")
 def generate(model, method, compression_ratio, budget, exempt_layers, compression_interval, context_file, question,
-             max_new_tokens, chunk_size, query_aware, quant, select, select_budget, device, dtype, config):
+             max_new_tokens, chunk_size, query_aware, quant, select, select_budget, device, dtype, attn_implementation,
+             compiled, config):
     """Compress a context, answer a question, report the KV memory kept."""
     if config is not None:
         v = config_values(click.get_current_context(), config)
@@ -138,6 +143,11 @@ def generate(model, method, compression_ratio, budget, exempt_layers, compressio
         max_new_tokens, chunk_size, query_aware = v["max_new_tokens"], v["chunk_size"], v["query_aware"]
         quant, select, select_budget = v["quant"], v["select"], v["select_budget"]
         device, dtype = v.get("device", device), v.get("dtype", dtype)
+        attn_implementation, compiled = v.get("attn_implementation", attn_implementation), v.get("compiled", compiled)
+    attn = resolve_attn(attn_implementation)
+    if compiled and (quant != "none" or select != "none"):
+        raise KVSqueezeError("--compile decodes full-precision caches without decode-time selection "
+                             "(drop --quant / --select, or --compile)")
     if not context_file.exists():
         raise KVSqueezeError(f"context file not found: {context_file}")
     context = context_file.read_text(errors="replace")
@@ -157,7 +167,7 @@ def generate(model, method, compression_ratio, budget, exempt_layers, compressio
             m = build_method("zipcache", compression_ratio, budget, exempt_layers, compression_interval)
         m = for_storage(m, qspec)
     dev = resolve_device(device)
-    mdl, tok = load_model(model, dtype=resolve_dtype(dtype, dev), device=str(dev))
+    mdl, tok = load_model(model, dtype=resolve_dtype(dtype, dev), device=str(dev), attn_implementation=attn)
     selector = None
     if select != "none":
         from ..selection import AttentionPredictor, Quest
@@ -165,7 +175,7 @@ def generate(model, method, compression_ratio, budget, exempt_layers, compressio
         selector = Quest(select_budget) if select == "quest" else AttentionPredictor(select_budget)
     res = generate_answer(mdl, tok, context, question, m, max_new_tokens=max_new_tokens, chunk_size=chunk_size,
                           query_aware=query_aware, layer_factory=qspec.layer_factory if qspec else None,
-                          selector=selector)
+                          selector=selector, static=compiled, compile=compiled)
     click.echo(res.answer)
     click.echo(f"method: {m.describe()}{f'; quant: {quant}' if qspec else ''}"
                f"{f'; decode-time selection: {selector.describe()}' if selector else ''}; "

@@ -138,10 +138,21 @@ def greedy_decode_batch(model, cache, first_logits: torch.Tensor, max_new_tokens
 
 
 @torch.no_grad()
-def answer_tokens(model, cache, question: torch.Tensor, max_new_tokens: int, eos: set[int]) -> list[list[int]]:
+def answer_tokens(model, cache, question: torch.Tensor, max_new_tokens: int, eos: set[int], static: bool = False,
+                  compile: bool = False) -> list[list[int]]:
     """Append `question` (batch, q) token ids to `cache` (uncompressed unless the method compresses appends),
-    then decode every row greedily (`greedy_decode_batch`). Returns each row's answer tokens."""
+    then decode every row greedily (`greedy_decode_batch`). Returns each row's answer tokens.
+
+    `static=True` decodes over a fixed-capacity copy of the cache instead (`runtime/static.py`: the same tokens,
+    no Python or allocation per step beyond the step call), `compile=True` with the step compiled
+    (`torch.compile`, CUDA graphs on a GPU; implies `static`). Raises KVSqueezeError for a cache the static path
+    cannot hold (quantized storage, a selector, attention-based decode-time eviction)."""
     logits = model(input_ids=question, **cache_kwargs(model, cache), logits_to_keep=1).logits[:, -1]
+    if static or compile:
+        from .static import StaticCompressedCache, static_greedy_decode
+
+        st = StaticCompressedCache.from_cache(cache, max_new_tokens)
+        return static_greedy_decode(model, st, logits, max_new_tokens, eos, compile=compile)
     return greedy_decode_batch(model, cache, logits, max_new_tokens, eos)
 
 
@@ -176,10 +187,13 @@ def check_budget(method: Method | None, n_context: int) -> None:
 @torch.no_grad()
 def generate_answer(model, tokenizer, context: str, question: str, method: Method | None = None,
                     max_new_tokens: int = 32, chunk_size: int | None = None, query_aware: bool = False,
-                    answer_prefix: str = "", layer_factory=None, selector=None) -> GenerationResult:
+                    answer_prefix: str = "", layer_factory=None, selector=None, static: bool = False,
+                    compile: bool = False) -> GenerationResult:
     """Compress `context` with `method`, then answer `question` greedily. `layer_factory` sets how the kept
     slots are stored (e.g. `kvsqueeze.quant.kivi(2)`: 2-bit KIVI; None: full precision); `selector` (e.g.
-    `kvsqueeze.selection.Quest(512)`) makes every decoding step attend to a subset of what is stored."""
+    `kvsqueeze.selection.Quest(512)`) makes every decoding step attend to a subset of what is stored.
+    `static` / `compile`: decode over a fixed-capacity copy of the compressed cache, the step compiled with
+    `compile` (see `answer_tokens`; the stats are the eager cache's, before the copy)."""
     if not context.strip():
         raise KVSqueezeError("the context is empty")
     ctx, q = split_prompt(tokenizer, context, question, answer_prefix)
@@ -192,7 +206,7 @@ def generate_answer(model, tokenizer, context: str, question: str, method: Metho
     prefill(model, cache, torch.tensor([ctx], device=device), chunk_size)
     stats = cache.stats()  # the compressed context, before the question is appended
     tokens = answer_tokens(model, cache, torch.tensor([q], device=device), max_new_tokens,
-                           _eos_ids(model, tokenizer))[0]
+                           _eos_ids(model, tokenizer), static=static, compile=compile)[0]
     seconds = time.perf_counter() - t0
     answer = tokenizer.decode(tokens, skip_special_tokens=True).strip()
     return GenerationResult(answer, stats, seconds, len(ctx), len(q))

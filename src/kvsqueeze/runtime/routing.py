@@ -12,6 +12,10 @@ The model is switched only while kvsqueeze needs it (it is never left switched):
   which passes non-kvsqueeze caches straight to the kernel; transformers' continuous batching then refuses the
   model until `unpatch`).
 - `unpatch(model)` removes every trace: the hooks, the bookkeeping attribute, and a permanent switch.
+- `with static_attention(model):` switches to the static decode step's attention (`kvsqueeze_static_*`,
+  runtime/static.py) for one step of a `StaticDecoder`; a forward given a static cache by anyone else (e.g.
+  `model.generate`) is prepared and switched by the hooks. Inside a compiled forward whose cache is not
+  kvsqueeze's the hooks do nothing.
 
 How the attention call finds its cache: the pre-hook on the model pushes the forward's cache (the `cache=` /
 `past_key_values=` argument) on a per-thread stack held in the routing state, and every attention module of the
@@ -24,10 +28,13 @@ from __future__ import annotations
 import contextlib
 import threading
 
+import torch
+
 from ..compat import passed_cache
 from ..errors import KVSqueezeError
 
 PREFIX = "kvsqueeze_"
+STATIC_PREFIX = "kvsqueeze_static_"  # the static decode step's attention (runtime/static.py)
 _STATE = "_kvsqueeze_routing"  # the model attribute holding the hooks and the saved implementations
 
 
@@ -109,11 +116,64 @@ def routes(cache) -> bool:
     return bool(getattr(type(cache), "kvsqueeze_routes", False))
 
 
+def _static(cache) -> bool:
+    """Whether `cache` is a static cache (runtime/static.py). Its decoder's steps switch the model themselves
+    (`static_attention`) and the hooks do nothing then (no thread lookup inside a compiled step); any other forward
+    given one (e.g. by `model.generate`) is driven by the hooks (`_static_enter` / `_static_exit`)."""
+    return bool(getattr(type(cache), "kvsqueeze_static", False))
+
+
+def _static_enter(st, cache, args, kwargs):
+    """The outermost forward given a static cache outside its decoder: the cache prepares the step (claims the write
+    slots, replaces `attention_mask` with its slot mask and `position_ids` with its positions; raises
+    KVSqueezeError for more than one new token) and the model is switched to the static attention until the
+    forward returns."""
+    if cache.driven:
+        return None
+    if cache.hook_depth > 0:
+        cache.hook_depth += 1
+        return None
+    kwargs = cache.prepare_forward(args, kwargs)
+    cache.hook_saved = _switch_static(st["root"])
+    cache.hook_depth = 1
+    return args, kwargs
+
+
+def _static_exit(cache) -> None:
+    if cache.driven or cache.hook_depth == 0:
+        return
+    cache.hook_depth -= 1
+    if cache.hook_depth == 0:
+        saved, cache.hook_saved = cache.hook_saved, None
+        _restore(saved)
+        cache.finish_forward()
+
+
+def _switch_static(model, configs=None, kernel=None) -> list:
+    impl = _check_impl(model)
+    saved = []
+    for cfg in configs if configs is not None else _configs(model):
+        saved.append((cfg, cfg._attn_implementation))
+        _set_impl(cfg, STATIC_PREFIX + (kernel or impl))
+    return saved
+
+
+def _compiling() -> bool:
+    """Whether torch.compile is tracing this call (the hooks then stay out of forwards that are not kvsqueeze's:
+    the thread lookup below cannot be traced, and would break e.g. transformers' compiled StaticCache on a model
+    a CompressedCache was ever built on)."""
+    return torch.compiler.is_compiling()
+
+
 def _pre_hook(module, args, kwargs):
     st = module.__dict__.get(_STATE)
     if st is None:  # pragma: no cover - hooks outlived their state
         return
     cache = passed_cache(kwargs)
+    if _static(cache):
+        return _static_enter(st, cache, args, kwargs)
+    if _compiling() and not routes(cache):
+        return  # a compiled forward with another cache (transformers' StaticCache): nothing to route or push
     on = routes(cache)
     tid = threading.get_ident()  # per thread: generate_batch runs in its own
     st["active"].setdefault(tid, []).append(cache if on else None)
@@ -122,6 +182,12 @@ def _pre_hook(module, args, kwargs):
 
 
 def _post_hook(module, args, kwargs, output):
+    cache = passed_cache(kwargs)
+    if _static(cache):
+        _static_exit(cache)
+        return
+    if _compiling() and not routes(cache):
+        return  # as the pre-hook: nothing was pushed
     st = module.__dict__.get(_STATE)
     stack = None if st is None else st["active"].get(threading.get_ident())
     if stack and stack.pop() is not None:
@@ -207,6 +273,30 @@ def patched(model):
         yield model
     finally:
         _exit(st)
+
+
+def attention_configs(model) -> list:
+    """Every config object whose attention implementation `model`'s modules read (what a switch sets)."""
+    return _configs(model)
+
+
+@contextlib.contextmanager
+def static_attention(model, configs: list | None = None, kernel: str | None = None):
+    """Inside the block, `model`'s attention is the static decode step's (`kvsqueeze_static_sdpa` /
+    `kvsqueeze_static_eager`, registered by runtime/static.py): every config the model reads is switched, and
+    restored on exit, exceptions included. Called around each step of a `StaticDecoder`, outside the compiled
+    function (the compiled graph then guards on the switched value); `configs` (from `attention_configs`, computed
+    once by the caller) saves walking the model at every step; `kernel` names another static kernel than the
+    model's own implementation (e.g. "matmul"). Raises `KVSqueezeError` when the model's
+    implementation is neither sdpa nor eager."""
+    if _check_impl(model).startswith("static_"):  # nested: already switched
+        yield model
+        return
+    saved = _switch_static(model, configs, kernel)
+    try:
+        yield model
+    finally:
+        _restore(saved)
 
 
 def patch(model) -> None:

@@ -1,0 +1,295 @@
+"""Decode speed on the GPU, side by side: transformers' caches vs kvsqueeze's eager and static (compiled) paths.
+
+    python bench/gpu_decode.py --lengths 4096,32768 --batch 1 --json decode.json
+    python bench/gpu_decode.py --quick            # tiny shapes on the CPU: the script end to end, in seconds
+
+A random-initialised model with Llama-3.1-8B's config (hidden 4096, 32 layers, 32 query / 8 kv heads, head_dim
+128, intermediate 14336, vocab 128256), built on the GPU in bf16 (no download; random weights do not change the
+time of a step). For each context length the prompt (random ids) is prefilled in chunks (`--chunk`, kvsqueeze's
+chunked prefill for its rows; transformers' rows run the same chunks through their own cache), then one token per
+row is decoded `--warmup` times (compilation and CUDA-graph capture happen there) and `--steps` more, each step
+timed with CUDA events; ms/token is the median step.
+
+Rows (`--rows` picks a subset by name):
+  hf-dynamic                  transformers, eager, DynamicCache (full)
+  hf-static-compiled          transformers, StaticCache + torch.compile(mode="reduce-overhead", fullgraph) (full)
+  kvsq-eager:M                kvsqueeze's eager loop over a CompressedCache (M = full, knorm, snapkv)
+  kvsq-static:M[/kernel]      kvsqueeze's static cache, the step compiled (CUDA graphs): M = full, knorm, snapkv,
+                              adakv (AdaKV over SnapKV), streaming (StreamingLLM evicting at every decoding step),
+                              knorm-decode (K-norm evicting at every decoding step); kernel = each of
+                              `--static-kernels` (sdpa: torch's fused attention over the kv-head groups; matmul:
+                              two batched products per group)
+Compressed rows keep 1/`--factor` of the context (compression_ratio 1 - 1/factor; streaming and knorm-decode: a budget of
+length/factor tokens).
+
+Columns: ms/token, tokens/s (batch / ms), peak GPU memory (max allocated over the row, the weights and the prefill included), KV bytes held
+(the cache's key and value tensors: a static cache holds its full capacity), the bandwidth limit = (weight bytes +
+KV bytes held, all read once per token) / `--hbm-gbps` (4200 GB/s: the H200's measured copy rate, read + write),
+and the fraction of that limit reached (limit / ms).
+
+Time: each compiled row compiles its step (about a minute for 32 layers; rows of the same shapes hit inductor's
+cache), and one device command may run 10 minutes: split a full run, e.g. `--lengths 4096` then `--lengths 32768`,
+or `--rows hf-static-compiled,kvsq-static` and `--static-kernels sdpa,matmul` to compare the two kernels. Weight bytes count every parameter (as issue 12's anchor:
+16.06 GB for 8B in bf16), though a step reads one row of the input embedding.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
+
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, StaticCache  # noqa: E402
+
+import kvsqueeze as kq  # noqa: E402
+from kvsqueeze.compat import cache_kwargs  # noqa: E402
+from kvsqueeze.runtime.generate import decode_step, prefill  # noqa: E402
+from kvsqueeze.runtime.static import StaticCompressedCache, StaticDecoder  # noqa: E402
+
+LLAMA_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                num_key_value_heads=8, head_dim=128, vocab_size=128256, rope_theta=500000.0,
+                max_position_embeddings=131072)
+TINY = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            head_dim=16, vocab_size=101, max_position_embeddings=4096)
+EAGER_METHODS = ("full", "knorm", "snapkv")
+STATIC_METHODS = ("full", "knorm", "snapkv", "adakv", "streaming", "knorm-decode")
+
+
+def build_model(cfg_kwargs: dict, device: torch.device, dtype: torch.dtype, attn: str):
+    cfg = LlamaConfig(attn_implementation=attn, **cfg_kwargs)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            torch.manual_seed(0)
+            model = LlamaForCausalLM(cfg)
+    finally:
+        torch.set_default_dtype(old)
+    return model.eval()
+
+
+def method_for(name: str, length: int, factor: float):
+    compression_ratio = 1.0 - 1.0 / factor
+    budget = max(8, int(length / factor))
+    if name == "full":
+        return kq.get_method("full")
+    if name == "knorm":
+        return kq.get_method("knorm", compression_ratio=compression_ratio)
+    if name == "snapkv":
+        return kq.get_method("snapkv", compression_ratio=compression_ratio)
+    if name == "adakv":
+        return kq.get_method("adakv:snapkv", compression_ratio=compression_ratio)
+    if name == "streaming":
+        return kq.get_method("streaming_llm", budget=budget, compression_interval=1)
+    if name == "knorm-decode":
+        return kq.get_method("knorm", budget=budget, compression_interval=1)
+    raise SystemExit(f"error: unknown method {name!r}")
+
+
+class Clock:
+    """Per-step timing: CUDA events on the GPU (read after the last step: no sync per step), a host clock on the
+    CPU."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.marks: list = []
+
+    def mark(self):
+        if self.cuda:
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            self.marks.append(e)
+        else:
+            self.marks.append(time.perf_counter())
+
+    def steps_ms(self) -> list[float]:
+        if self.cuda:
+            torch.cuda.synchronize()
+            return [a.elapsed_time(b) for a, b in zip(self.marks, self.marks[1:])]
+        return [1000 * (b - a) for a, b in zip(self.marks, self.marks[1:])]
+
+
+def timed(step, warmup: int, steps: int, device) -> list[float]:
+    """Run `step()` warmup times, then `steps` times with a mark between steps; the per-step ms."""
+    for _ in range(warmup):
+        step()
+    clock = Clock(device)
+    clock.mark()
+    for _ in range(steps):
+        step()
+        clock.mark()
+    return clock.steps_ms()
+
+
+def kv_bytes_of(cache) -> int:
+    total = 0
+    for layer in cache.layers:
+        for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if isinstance(t, torch.Tensor):
+                total += t.numel() * t.element_size()
+    return total
+
+
+@torch.no_grad()
+def hf_prefill(model, cache, ids, chunk):
+    logits = None
+    for s in range(0, ids.shape[1], chunk):
+        logits = model(input_ids=ids[:, s:s + chunk], **cache_kwargs(model, cache), use_cache=True,
+                       logits_to_keep=1).logits[:, -1]
+    return logits
+
+
+def run_row(name, model, ids, args, device, compile_opts):
+    """One row: returns (per-step ms, KV bytes held)."""
+    b, length = ids.shape
+    total_steps = args.warmup + args.steps
+    if name == "hf-dynamic":
+        cache = DynamicCache(config=model.config)
+        tok = hf_prefill(model, cache, ids, args.chunk).argmax(-1)
+
+        def step():
+            nonlocal tok
+            tok = model(input_ids=tok[:, None], **cache_kwargs(model, cache), use_cache=True).logits[:, -1].argmax(-1)
+
+        with torch.no_grad():
+            ms = timed(step, args.warmup, args.steps, device)
+        return ms, kv_bytes_of(cache)
+    if name == "hf-static-compiled":
+        cache = StaticCache(config=model.config, max_cache_len=length + total_steps + 1)
+        tok = hf_prefill(model, cache, ids, args.chunk).argmax(-1)
+        pos = torch.full((b, 1), length, dtype=torch.long, device=device)
+
+        def fwd(t, p):
+            out = model(input_ids=t[:, None], position_ids=p, **cache_kwargs(model, cache), use_cache=True)
+            return out.logits[:, -1].argmax(-1)
+
+        fn = torch.compile(fwd, fullgraph=True, **compile_opts)
+
+        def step():
+            nonlocal tok
+            tok = fn(tok, pos).clone()
+            pos.add_(1)
+
+        with torch.no_grad():
+            ms = timed(step, args.warmup, args.steps, device)
+        return ms, kv_bytes_of(cache)
+    kind, _, spec = name.partition(":")
+    mname, _, kernel = spec.partition("/")
+    method = method_for(mname, length, args.factor)
+    cache = kq.CompressedCache(model, method)
+    first = prefill(model, cache, ids, args.chunk)
+    if kind == "kvsq-eager":
+        tok = first.argmax(-1)
+
+        def step():
+            nonlocal tok
+            tok = decode_step(model, cache, tok).argmax(-1)
+
+        with torch.no_grad():
+            ms = timed(step, args.warmup, args.steps, device)
+        return ms, cache.stats().kv_bytes
+    static = StaticCompressedCache.from_cache(cache, total_steps + 1)
+    del cache
+    torch._dynamo.reset()  # one compiled step per cache (see runtime/static.py); keeps the recompile limit away
+    dec = StaticDecoder(model, static, compile=args.compile_static, kernel=kernel or None, **compile_opts)
+    tok = first.argmax(-1)
+
+    def step():
+        nonlocal tok
+        tok = dec(tok)[1]
+
+    ms = timed(step, args.warmup, args.steps, device)
+    return ms, static.stats().kv_bytes
+
+
+def row_names(args) -> list[str]:
+    rows = ["hf-dynamic", "hf-static-compiled"] + [f"kvsq-eager:{m}" for m in EAGER_METHODS]
+    kernels = [k for k in args.static_kernels.split(",") if k.strip()]
+    rows += [f"kvsq-static:{m}/{k}" for m in STATIC_METHODS for k in kernels]
+    if args.rows:
+        want = [r.strip() for r in args.rows.split(",") if r.strip()]
+        rows = [r for r in rows if any(r == w or r.startswith(w + "/") or r.startswith(w + ":") for w in want)]
+    return rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    ap.add_argument("--lengths", default="4096,32768", help="Context lengths, comma-separated.")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--factor", type=float, default=8.0, help="Compression factor of the compressed rows.")
+    ap.add_argument("--steps", type=int, default=32, help="Timed decoding steps per row.")
+    ap.add_argument("--warmup", type=int, default=5, help="Untimed steps first (compilation, graph capture).")
+    ap.add_argument("--chunk", type=int, default=4096, help="Prefill chunk (tokens).")
+    ap.add_argument("--hbm-gbps", type=float, default=4200.0, help="Memory bandwidth of the bound, GB/s.")
+    ap.add_argument("--rows", default="", help="Only these rows (names or prefixes: hf-dynamic, kvsq-static:knorm, "
+                                                "kvsq-eager, ...); default: all.")
+    ap.add_argument("--static-kernels", default="sdpa", help="Attention kernels of the static rows (sdpa, matmul, "
+                                                              "eager; comma-separated to compare).")
+    ap.add_argument("--no-compile-static", dest="compile_static", action="store_false",
+                    help="Run the static rows' step uncompiled.")
+    ap.add_argument("--attn", default="sdpa", help="The model's attention implementation (sdpa or eager).")
+    ap.add_argument("--json", default=None, help="Write the rows to this JSON file.")
+    ap.add_argument("--quick", action="store_true", help="Tiny shapes on the CPU (checks the script end to end).")
+    args = ap.parse_args(argv)
+
+    if args.quick:
+        device, dtype, shapes = torch.device("cpu"), torch.float32, TINY
+        lengths = [int(x) for x in (args.lengths if args.lengths != "4096,32768" else "256").split(",")]
+        args.steps, args.warmup, args.chunk = min(args.steps, 3), min(args.warmup, 2), min(args.chunk, 128)
+        compile_opts = {"backend": "aot_eager"}  # no C++ toolchain needed, seconds to compile
+    else:
+        if not torch.cuda.is_available():
+            print("error: no CUDA GPU (use --quick for the CPU check)", file=sys.stderr)
+            return 2
+        device, dtype, shapes = torch.device("cuda"), torch.bfloat16, LLAMA_8B
+        lengths = [int(x) for x in args.lengths.split(",")]
+        compile_opts = {"mode": "reduce-overhead"}
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    model = build_model(shapes, device, dtype, args.attn)
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    rows_out = []
+    names = row_names(args)
+    print(f"model: Llama-3.1-8B shapes{' (tiny: --quick)' if args.quick else ''}, {dtype}, {args.attn}, "
+          f"batch {args.batch}; weights {weight_bytes / 1e9:.2f} GB; bound at {args.hbm_gbps:.0f} GB/s; "
+          f"{args.warmup} warm-up + {args.steps} timed steps", flush=True)
+    head = f"{'context':>8} {'row':<34} {'ms/tok':>8} {'tok/s':>8} {'peak GB':>8} {'KV GB':>8} {'limit ms':>9} " \
+           f"{'of limit':>8}"
+    print(head)
+    for length in lengths:
+        gen = torch.Generator().manual_seed(length)
+        ids = torch.randint(0, shapes["vocab_size"], (args.batch, length), generator=gen).to(device)
+        for name in names:
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+            row = {"context": length, "row": name, "batch": args.batch}
+            try:
+                ms, kv = run_row(name, model, ids, args, device, compile_opts)
+            except Exception as e:  # one failing row must not lose the others
+                row["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+                print(f"{length:>8} {name:<34} error: {row['error']}", flush=True)
+                rows_out.append(row)
+                continue
+            med = statistics.median(ms)
+            limit = (weight_bytes + kv) / (args.hbm_gbps * 1e9) * 1e3
+            peak = torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else float("nan")
+            row.update(ms_per_token=med, ms_min=min(ms), tokens_per_s=1000.0 * args.batch / med, peak_gb=peak,
+                       kv_bytes=kv, weight_bytes=weight_bytes, limit_ms=limit, fraction_of_limit=limit / med)
+            rows_out.append(row)
+            print(f"{length:>8} {name:<34} {med:8.2f} {row['tokens_per_s']:8.1f} {peak:8.2f} {kv / 1e9:8.3f} "
+                  f"{limit:9.2f} {row['fraction_of_limit']:8.1%}", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "rows": rows_out}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

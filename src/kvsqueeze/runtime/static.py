@@ -1,0 +1,469 @@
+"""The static decode path: a fixed-capacity compressed cache and one decoding step that can be compiled.
+
+The eager `CompressedCache` prefills and compresses (unchanged); `StaticCompressedCache.from_cache(cache, n)` then
+copies what it kept into preallocated slots (`kvsqueeze.storage.static.StaticSlots`) with room for `n` decoding
+tokens, and `StaticDecoder` runs one greedy decoding step over them, in the spirit of gpt-fast:
+
+    cache = CompressedCache(model, SnapKV(compression_ratio=0.5)); logits = prefill(model, cache, ids)
+    static = StaticCompressedCache.from_cache(cache, max_new_tokens=64)
+    tokens = static_greedy_decode(model, static, logits, 64, eos, compile=True)  # torch.compile, CUDA graphs
+
+A step feeds input ids (b, 1) with position ids (b, 1) = the tokens each row has seen (left padding not counted,
+as `generate()` counts them; RoPE stays exact whatever slot a token lands in), writes each layer's new key and
+value into that layer's write slot (`scatter_` into the buffers: no allocation, no concatenation), attends over
+every slot with a mask built on the device from the slots' `valid` bits, takes the argmax on the device, and, for
+a method that evicts while decoding, picks the next write slot (the victim) on the device. No `.item()`, no
+Python number that changes per step: the step is captured whole by `torch.compile(step, fullgraph=True,
+mode="reduce-overhead")` on CUDA (CUDA graphs); uncompiled it is the same code. The loop checks for EOS only every
+`eos_every` steps (one host synchronisation each) and at the end.
+
+How attention sees the slots: the model's own forward runs (embeddings, RoPE, projections, MLP); the step passes
+it a 4D `attention_mask` that is the stacked per-layer validity ((layers * b, kv_heads, 1, capacity) bool, a view
+of the slots' `valid` buffer: transformers hands a 4D mask to the attention function as-is, 5.17 and 5.24 alike),
+and, during the step only, the model's attention implementation is `kvsqueeze_static_sdpa` / `_eager`
+(`routing.static_attention`), which slices its layer's rows out of that mask. Per-layer, per-(row, kv head)
+masks are needed because layers and heads hold different slots (AdaKV, PyramidKV, decode-time eviction). The sdpa
+variant attends the query heads of a kv-head group as the rows of one query (no key repetition, the mask
+broadcast over the group); the eager variant calls the model's `eager_attention_forward` with an additive mask.
+
+Decode-time eviction without attention weights is supported: StreamingLLM (the victim is the oldest slot that is
+not a sink: a ring over the window) and K-norm (the slot whose key has the largest L2 norm; the norms live in the
+slot-aligned `priority` buffer), PyramidKV over either (per-layer budgets). Methods whose decode-time eviction
+needs the step's attention weights (H2O, TOVA, SnapKV, ... with `compression_interval > 0`), AdaKV with decode
+eviction (its head budgets are re-split at each eviction), quantized storage, selectors (Quest,
+AttentionPredictor), sliding-window layers and attention softcapping are refused with a `KVSqueezeError` naming the
+eager path (`greedy_decode_batch`).
+
+`model.generate(input_ids, cache=<static cache>)` works, uncompiled: prefill all but the last prompt token into the
+`CompressedCache`, build the static copy, and give `generate()` the whole prompt: its first forward then brings one
+new token, and every forward given a static cache outside `StaticDecoder` is driven by the routing hooks (the
+cache's own positions and slot mask replace generate()'s, the model is switched to the static attention for the
+forward). The cache reports `is_compileable = False`, so generate() does not compile its forward (switching the
+model inside a captured graph is not supported); the compiled step is `StaticDecoder` / `static_greedy_decode`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from ..compat import cache_kwargs
+from ..errors import KVSqueezeError
+from ..storage.layer import CompressedLayer
+from ..storage.stats import CacheStats
+from ..storage.static import StaticSlots, _static
+from ..storage.stores import DenseStore
+from .routing import STATIC_PREFIX, attention_configs, static_attention
+
+
+# --- the attention functions of the static step ---------------------------------------------------------------
+def _layer_rows(module, attention_mask: torch.Tensor, b: int) -> torch.Tensor:
+    """This layer's (b, kv_heads, 1, capacity) bool rows of the stacked per-layer mask."""
+    if attention_mask is None or attention_mask.dim() != 4:
+        raise KVSqueezeError("the static attention needs the stacked slot mask of a StaticCompressedCache step "
+                             "(use StaticDecoder / static_greedy_decode, not a plain forward)")
+    li = module.layer_idx
+    return attention_mask[li * b:(li + 1) * b]
+
+
+def _static_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
+    """sdpa over every slot of a static layer: query (b, hq, 1, d), key / value (b, hk, capacity, d); the hq // hk
+    query heads of a group are the rows of one query per kv head (no repeated keys). Returns (b, 1, hq, d)."""
+    b, hq, q, d = query.shape
+    hk = key.shape[1]
+    m = _layer_rows(module, attention_mask, b)  # (b, hk, 1, C)
+    qg = query.reshape(b, hk, (hq // hk) * q, d)
+    out = F.scaled_dot_product_attention(qg, key, value, attn_mask=m, scale=scaling)
+    return out.reshape(b, hq, q, -1).transpose(1, 2).contiguous(), None
+
+
+def _static_eager(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """The model's own `eager_attention_forward` over every slot, with this layer's rows of the slot mask as an
+    additive mask (b, hq, 1, capacity)."""
+    fn = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+    if fn is None:
+        raise KVSqueezeError(f"{type(module).__name__} has no eager_attention_forward; use attn_implementation='sdpa'")
+    b, hq = query.shape[:2]
+    m = _layer_rows(module, attention_mask, b)
+    m = m.repeat_interleave(hq // m.shape[1], dim=1)
+    add = torch.zeros(m.shape, dtype=query.dtype, device=query.device).masked_fill(~m, torch.finfo(query.dtype).min)
+    return fn(module, query, key, value, add, dropout=dropout, scaling=scaling, **kwargs)
+
+
+def _static_matmul(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """Decode attention as two batched matrix products over each kv-head group (no repeated keys): scores
+    (b, hk, g, capacity) = q K^T * scaling, masked, softmax in float32 (as transformers' eager attention), then
+    times V. For one query token, cuBLAS spreads the long capacity axis over the GPU where a fused kernel
+    without split-KV would run one block per (row, head). Returns (b, 1, hq, d)."""
+    b, hq, q, d = query.shape
+    hk = key.shape[1]
+    m = _layer_rows(module, attention_mask, b)  # (b, hk, 1, C)
+    qg = query.reshape(b, hk, (hq // hk) * q, d)
+    scale = scaling if scaling is not None else d ** -0.5
+    s = torch.matmul(qg, key.transpose(-1, -2)) * scale
+    s = s.masked_fill(~m, torch.finfo(s.dtype).min)
+    p = torch.softmax(s, dim=-1, dtype=torch.float32).to(value.dtype)
+    out = torch.matmul(p, value)
+    return out.reshape(b, hq, q, -1).transpose(1, 2).contiguous(), None
+
+
+KERNELS = ("sdpa", "eager", "matmul")  # the static step's attention kernels (`StaticDecoder(kernel=...)`)
+AttentionInterface.register(STATIC_PREFIX + "matmul", _static_matmul)
+AttentionInterface.register(STATIC_PREFIX + "sdpa", _static_sdpa)
+AttentionInterface.register(STATIC_PREFIX + "eager", _static_eager)
+
+
+# --- the cache ----------------------------------------------------------------------------------------------
+ALIGN = 16  # capacity is rounded up to this many slots (aligned mask / key rows for the fused attention kernels)
+
+
+class _SlotLayer(CacheLayerMixin):
+    """One layer of a `StaticCompressedCache` for transformers' `Cache` interface: writes go to the shared slots."""
+
+    is_compileable = False  # see StaticCompressedCache.is_compileable
+    is_sliding = False
+
+    def __init__(self, owner: "StaticCompressedCache", layer_idx: int):
+        super().__init__()
+        self.owner, self.layer_idx = owner, layer_idx
+        self.is_initialized = True
+
+    def lazy_initialization(self, key_states, value_states):  # pragma: no cover - built initialised
+        pass
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        return self.owner.update(key_states, value_states, self.layer_idx)
+
+    def get_seq_length(self) -> int:
+        return self.owner.tokens_seen
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.owner.slots.capacity, 0
+
+    def get_max_length(self) -> int:
+        return self.owner.slots.capacity
+
+
+def _decode_rule(method):
+    """('sink', n_sink) | ('norm', None) | None: how `method` evicts while decoding in the static path; raises
+    KVSqueezeError for a decode-time eviction the static path cannot run."""
+    from ..methods import AdaKV, KNorm, PyramidKV, StreamingLLM
+
+    every = getattr(method, "compression_interval", 0) if method is not None else 0
+    if not every:
+        return None
+    if isinstance(method, AdaKV):
+        raise KVSqueezeError("AdaKV with compression_interval > 0 re-splits its head budgets at every eviction, "
+                             "which the static decode path does not do; decode with the eager loop (static=False)")
+    scorer = method.scorer if isinstance(method, PyramidKV) else method
+    if isinstance(scorer, StreamingLLM):
+        return ("sink", scorer.n_sink)
+    if isinstance(scorer, KNorm):
+        return ("norm", None)
+    raise KVSqueezeError(f"{method.describe() if hasattr(method, 'describe') else method.name} with "
+                         f"compression_interval={every} evicts while decoding by scores the static decode path does "
+                         "not compute (it needs the step's attention weights); decode with the eager loop "
+                         "(static=False, greedy_decode_batch), or set compression_interval=0")
+
+
+class StaticCompressedCache(Cache):
+    """A fixed-capacity compressed cache for a compiled decoding step (see the module docstring).
+
+    Built from a prefilled `CompressedCache` by `from_cache`; holds `slots` (`StaticSlots`), `position` (b,) long
+    (the position id of each row's next token), `decode_step` () long (decoding steps done, for the eviction
+    schedule) and the Python-side room left (`steps_left`, checked by the decoder without a device sync)."""
+
+    kvsqueeze_routes = False  # never switched to the eager wrapper: the step switches to the static attention
+    kvsqueeze_static = True  # routing's hooks pass such forwards through untouched
+
+    def __init__(self, slots: StaticSlots, position: torch.Tensor, rule, every: int, tokens_seen: int,
+                 steps_left: int, config, decode_step: int = 0, full_kv_bytes: int = 0):
+        self.slots = slots
+        super().__init__(layers=[_SlotLayer(self, i) for i in range(slots.n_layers)])
+        self.config = config
+        self.position = _static(position.to(torch.long).clone())
+        self.decode_step = _static(torch.tensor(decode_step, dtype=torch.long, device=position.device))
+        self._exempt: list[int] = []
+        self.rule, self.every = rule, every
+        self.tokens_seen = tokens_seen
+        self.steps_left = steps_left
+        self.full_kv_bytes = full_kv_bytes
+        self.driven = False  # True while a StaticDecoder runs a step (the routing hooks then stay out)
+        self.hook_depth, self.hook_saved = 0, None  # a forward driven by the routing hooks (model.generate)
+
+    @property
+    def is_compileable(self) -> bool:
+        """False: `model.generate` must not compile its forward with this cache (the routing hooks that drive a
+        generate() step switch the model's config, which belongs outside a graph); kvsqueeze's `StaticDecoder`
+        compiles its own step."""
+        return False
+
+    # --- building ------------------------------------------------------------------------------------------
+    @classmethod
+    @torch.no_grad()
+    def from_cache(cls, cache, max_new_tokens: int, position: torch.Tensor | None = None) -> "StaticCompressedCache":
+        """The static copy of a prefilled `CompressedCache` with room for `max_new_tokens` decoding steps.
+
+        Capacity (slots per layer, row and kv head): without decode-time eviction, the largest number of entries
+        any (layer, row, kv head) holds plus `max_new_tokens`; with it (StreamingLLM, K-norm, PyramidKV over
+        them, `compression_interval = N`), the largest budget plus N (exempt layers: their fill plus
+        `max_new_tokens`); rounded up to a multiple of `ALIGN` (16) slots. `position` (b,) long: the position id
+        of each row's next token (default: the tokens the row has seen, its left padding not counted). Raises KVSqueezeError for what the static path cannot
+        hold (see the module docstring) and for an empty cache."""
+        from .cache import CompressedCache
+
+        if not isinstance(cache, CompressedCache):
+            raise KVSqueezeError(f"StaticCompressedCache.from_cache needs a CompressedCache, got {type(cache).__name__}")
+        if max_new_tokens < 1:
+            raise KVSqueezeError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if cache.selector is not None:
+            raise KVSqueezeError("decode-time selection (Quest, AttentionPredictor) runs on the eager path only "
+                                 "(static=False)")
+        if getattr(cache.config, "attn_logit_softcapping", None):
+            raise KVSqueezeError("attention softcapping is not supported by the static decode path (static=False)")
+        for i, layer in enumerate(cache.layers):
+            if not isinstance(layer, CompressedLayer) or layer.sliding_window:
+                raise KVSqueezeError(f"layer {i} is a sliding-window or chunked-attention layer; the static decode "
+                                     "path supports full-attention layers only (static=False)")
+            if not layer.is_initialized or layer.positions is None or layer.positions.shape[-1] == 0:
+                raise KVSqueezeError("the cache is empty: prefill it before building the static cache")
+            if type(layer.store) is not DenseStore:
+                raise KVSqueezeError(f"layer {i} is held by {type(layer.store).__name__}: quantized storage decodes "
+                                     "on the eager path only (static=False)")
+        method = cache.method
+        rule = _decode_rule(method)
+        every = method.compression_interval if rule is not None else 0
+        exempt = set(getattr(method, "exempt_layers", ()) or ())
+        layers = cache.layers
+        l0 = layers[0]
+        b, h, _ = l0.positions.shape
+        dev = l0.device
+        n_pad = l0.n_pad
+        fills = [int(layer.held_counts().max()) for layer in layers]
+        limits = []
+        for i, layer in enumerate(layers):
+            if rule is None or i in exempt:
+                limits.append(None)
+                continue
+            n_keep = cache.budgets.layer(i, layer, "decode")  # the budget the eager decoding steps hold
+            per_row = layer.row_keep
+            lim = torch.full((b, h), n_keep, dtype=torch.long, device=dev)
+            if per_row is not None:
+                lim = per_row.to(dev)[:, None].expand(b, h).clone()
+            limits.append(lim)
+        cap = 1
+        for fill, lim in zip(fills, limits):
+            cap = max(cap, fill + max_new_tokens if lim is None else max(fill, int(lim.max())) + every)
+        cap = -(-cap // ALIGN) * ALIGN  # aligned rows for the attention kernels; the extra slots stay empty
+        slots = StaticSlots(len(layers), b, h, cap, l0.head_dim, l0.dtype, dev, evicts=rule is not None,
+                            value_dim=l0.values.shape[-1])
+        for i, layer in enumerate(layers):
+            keys, values = layer.keys, layer.values
+            pos = layer.positions.long()
+            if n_pad is not None:  # positions in each row's own frame (as generate()'s position ids)
+                pos = pos - n_pad.to(dev)[:, None, None]
+            prio = None
+            if rule is not None:
+                prio = _priority(rule, keys, pos)
+                if limits[i] is None:  # an exempt layer never evicts
+                    prio = torch.full_like(prio, float("inf"))
+            slots.load(i, keys, values, pos, layer.valid, prio)
+            if limits[i] is not None:
+                slots.limit[i] = limits[i]
+            else:
+                slots.limit[i] = cap
+        seen = torch.full((b,), l0.cumulative_length, dtype=torch.long, device=dev)
+        if n_pad is not None:
+            seen = seen - n_pad.to(dev)
+        full = sum(2 * b * h * layer.held_tokens() * layer.head_dim * keys.element_size() for layer in layers)
+        out = cls(slots, seen if position is None else position.to(dev), rule, every, l0.cumulative_length,
+                  max_new_tokens, cache.config, decode_step=cache.decode_step, full_kv_bytes=full)
+        out._exempt = sorted(exempt)
+        return out
+
+    # --- what the model calls ------------------------------------------------------------------------------
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        """Write one token's keys / values (b, kv_heads, 1, d) into layer `layer_idx`'s write slots; return the
+        layer's buffers (b, kv_heads, capacity, d). Raises KVSqueezeError for more than one token."""
+        if key_states.shape[-2] != 1:
+            raise KVSqueezeError("a StaticCompressedCache takes one token per row per forward (decoding); append "
+                                 "longer inputs to the eager CompressedCache before building the static copy")
+        prio = None
+        if self.rule is not None and self.rule[0] == "norm" and layer_idx not in self._exempt:
+            prio = -key_states[:, :, 0].float().norm(dim=-1)
+        return self.slots.write_kv(layer_idx, key_states, value_states, prio)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.tokens_seen
+
+    # --- a forward driven by the routing hooks (model.generate) ----------------------------------------------
+    def prepare_forward(self, args: tuple, kwargs: dict) -> dict:
+        """Before a forward the model was given this cache for outside a `StaticDecoder` (the routing pre-hook
+        calls it): claim the write slots and feed the cache's own `position_ids` (b, 1) and stacked slot mask as
+        `attention_mask` (generate()'s 2D mask and positions are replaced). Raises KVSqueezeError unless the
+        forward brings exactly one new token per row, or when the cache is full."""
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        x = ids if ids is not None else kwargs.get("inputs_embeds")
+        if x is None or x.shape[1] != 1:
+            raise KVSqueezeError(
+                "a StaticCompressedCache takes one new token per row per forward: with model.generate, pass input "
+                "ids one token longer than what the cache has seen (prefill all but the last prompt token into the "
+                "CompressedCache before StaticCompressedCache.from_cache)")
+        self._count_step()
+        return dict(kwargs, position_ids=self.begin_step(), attention_mask=self.mask())
+
+    def finish_forward(self) -> None:
+        """After such a forward (the routing post-hook): evict where due and move the write slots."""
+        self.end_step()
+
+    def _count_step(self) -> None:
+        if self.rule is None or self._exempt:
+            if self.steps_left <= 0:
+                raise KVSqueezeError("the static cache is full: build it with a larger max_new_tokens")
+        self.steps_left -= 1
+        self.tokens_seen += 1
+
+    # --- one step (graph-friendly) ---------------------------------------------------------------------------
+    def begin_step(self) -> torch.Tensor:
+        """Claim the write slots for the next token; returns the position ids (b, 1) to feed."""
+        pos = self.position
+        prio = None
+        if self.rule is not None and self.rule[0] == "sink":
+            prio = pos.float().masked_fill((pos >= 0) & (pos < self.rule[1]), float("inf"))
+            prio = prio.view(1, -1, 1).expand(self.slots.n_layers, -1, self.slots.kv_heads).clone()
+            for li in self._exempt:
+                prio[li] = float("inf")
+        self.slots.begin_token(pos, prio)
+        self.decode_step.add_(1)
+        return pos[:, None].clone()
+
+    def end_step(self) -> None:
+        """After the forward: evict where due (every `every` decoding steps, as the eager schedule) and move the
+        write slots; the next position follows."""
+        if self.rule is not None:
+            due = (self.decode_step % self.every) == 0
+            self.slots.end_token(due, max_victims=self.every)
+        else:
+            self.slots.end_token(False, 0)
+        self.position.add_(1)
+
+    def mask(self) -> torch.Tensor:
+        """The stacked per-layer slot mask (layers * b, kv_heads, 1, capacity) bool: a view of `slots.valid`."""
+        s = self.slots
+        return s.valid.view(s.n_layers * s.batch, s.kv_heads, 1, s.capacity)
+
+    # --- memory ----------------------------------------------------------------------------------------------
+    def stats(self) -> CacheStats:
+        """Bytes held: every layer's full-capacity buffers (`kv_bytes`), with the slot bookkeeping
+        (`total_bytes`), against a full cache of the tokens seen at the conversion (`full_kv_bytes`)."""
+        kv = self.slots.nbytes()
+        total = kv + self.slots.table_nbytes()
+        return CacheStats(kv, total, self.full_kv_bytes, self.tokens_seen, [self.slots.capacity] * self.slots.n_layers)
+
+
+def _priority(rule, keys: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """Per-slot eviction priority (b, kv_heads, n) float32 (lower = evicted first), the eager method's score:
+    StreamingLLM: +inf for sinks, else the position; K-norm: -||k||_2."""
+    if rule[0] == "sink":
+        return pos.float().masked_fill((pos >= 0) & (pos < rule[1]), float("inf"))
+    return -keys.float().norm(dim=-1)
+
+
+# --- the step and the loop ------------------------------------------------------------------------------------
+class StaticDecoder:
+    """One greedy decoding step over a `StaticCompressedCache`, optionally compiled.
+
+    `decoder(tokens)` with tokens (b,) long returns (logits (b, vocab) in the model's dtype, next tokens (b,)
+    long = argmax), both on the device, having written `tokens` into the cache. `kernel`: the attention kernel
+    (None: the model's own implementation, sdpa or eager; "matmul": two batched matrix products per kv-head
+    group, see `_static_matmul`). `compile=True` wraps the step in
+    `torch.compile(step, fullgraph=True, mode=...)`: `mode` defaults to "reduce-overhead" on CUDA (CUDA graphs)
+    and None elsewhere; `backend` (e.g. "aot_eager", "eager") picks another backend (tests on the CPU). The
+    model's attention implementation is switched to the static one only while a step runs. Raises
+    KVSqueezeError when the cache has no room left (more steps than `max_new_tokens` without eviction)."""
+
+    def __init__(self, model, cache: StaticCompressedCache, compile: bool = False, backend: str | None = None,
+                 mode: str | None = None, kernel: str | None = None):
+        if kernel is not None and kernel not in KERNELS:
+            raise KVSqueezeError(f"the static attention kernel must be one of {', '.join(KERNELS)}, got {kernel!r}")
+        self.model, self.cache, self.kernel = model, cache, kernel
+        self._configs = attention_configs(model)
+        kw = cache_kwargs(model, cache)
+
+        def step(tokens: torch.Tensor):
+            pos = cache.begin_step()
+            out = model(input_ids=tokens[:, None], position_ids=pos, attention_mask=cache.mask(), use_cache=True,
+                        logits_to_keep=1, **kw)
+            cache.end_step()
+            logits = out.logits[:, -1]
+            return logits, logits.argmax(-1)
+
+        self._eager_step = step
+        if compile:
+            dev = cache.position.device
+            if mode is None and backend is None and dev.type == "cuda":
+                mode = "reduce-overhead"
+            opts = {"fullgraph": True}
+            if mode is not None:
+                opts["mode"] = mode
+            if backend is not None:
+                opts["backend"] = backend
+            self._step = torch.compile(step, **opts)
+        else:
+            self._step = step
+
+    @torch.no_grad()
+    def __call__(self, tokens: torch.Tensor):
+        c = self.cache
+        c._count_step()
+        c.driven = True
+        try:
+            with static_attention(self.model, self._configs, self.kernel):
+                return self._step(tokens)
+        finally:
+            c.driven = False
+
+
+@torch.no_grad()
+def static_greedy_decode(model, cache: StaticCompressedCache, first_logits: torch.Tensor, max_new_tokens: int,
+                         eos: set[int], compile: bool = False, backend: str | None = None, mode: str | None = None,
+                         eos_every: int = 16, logits_out: list | None = None,
+                         kernel: str | None = None) -> list[list[int]]:
+    """Greedy decoding of every row from `first_logits` (b, vocab) over a static cache: the same tokens as
+    `greedy_decode_batch` on the eager cache (row r stops before its first `eos` token or at `max_new_tokens`).
+    Generated ids stay on the device; EOS is looked for every `eos_every` steps (one host sync) and at the end.
+    `logits_out`, when given, receives each step's logits (b, vocab) (cloned: a CUDA graph reuses its outputs).
+    `compile`, `backend`, `mode`, `kernel`: see `StaticDecoder`. Returns each row's tokens."""
+    b = first_logits.shape[0]
+    dev = first_logits.device
+    ids = torch.empty(b, max_new_tokens, dtype=torch.long, device=dev)
+    token = first_logits.argmax(-1)
+    eos_t = torch.tensor(sorted(eos), dtype=torch.long, device=dev) if eos else None
+    decoder = StaticDecoder(model, cache, compile=compile, backend=backend, mode=mode, kernel=kernel)
+    n = 0
+    for i in range(max_new_tokens):
+        ids[:, i] = token
+        n = i + 1
+        if n == max_new_tokens:
+            break
+        if eos_t is not None and n % max(1, eos_every) == 0:
+            if bool(torch.isin(ids[:, :n], eos_t).any(-1).all()):
+                break
+        logits, token = decoder(token)
+        if logits_out is not None:
+            logits_out.append(logits.clone())
+    rows = ids[:, :n].tolist()
+    out = []
+    for row in rows:
+        toks = []
+        for t in row:
+            if t in eos:
+                break
+            toks.append(t)
+        out.append(toks)
+    return out

@@ -1,0 +1,29 @@
+"""bench/gpu_decode.py runs end to end in its --quick mode (tiny shapes on the CPU): every row kind it prints
+gives a positive time, the KV bytes its cache holds, and the bandwidth bound's columns."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_quick_mode_writes_rows(tmp_path):
+    out = tmp_path / "rows.json"
+    rows = "hf-dynamic,hf-static-compiled,kvsq-eager:knorm,kvsq-static:adakv,kvsq-static:streaming"
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_decode.py"), "--quick", "--rows", rows,
+                        "--static-kernels", "sdpa", "--json", str(out)],
+                       capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    data = json.loads(out.read_text())["rows"]
+    assert [d["row"] for d in data] == ["hf-dynamic", "hf-static-compiled", "kvsq-eager:knorm",
+                                        "kvsq-static:adakv/sdpa", "kvsq-static:streaming/sdpa"]
+    for d in data:
+        assert "error" not in d, d
+        assert d["ms_per_token"] > 0 and d["kv_bytes"] > 0
+        assert abs(d["limit_ms"] - (d["weight_bytes"] + d["kv_bytes"]) / 4.2e12 * 1e3) < 1e-9
+    by = {d["row"]: d for d in data}
+    # the compressed caches hold less than the full ones (streaming: a budget of length / 8 plus one slot)
+    assert by["kvsq-static:streaming/sdpa"]["kv_bytes"] < by["hf-dynamic"]["kv_bytes"] / 4
+    assert by["kvsq-eager:knorm"]["kv_bytes"] < by["hf-dynamic"]["kv_bytes"] / 4

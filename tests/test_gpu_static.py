@@ -1,0 +1,108 @@
+"""The static decode path on the GPU (issue 12, item 1): bf16 logits of the static step (uncompiled, and compiled with
+CUDA graphs, `mode="reduce-overhead"`) equal the eager `CompressedCache` path's within bf16 tolerance, for a full
+cache, SnapKV, AdaKV (ragged heads), PyramidKV, StreamingLLM and K-norm with decode-time eviction; the compiled
+step synchronises with the host nowhere (`torch.cuda.set_sync_debug_mode("error")` around the timed steps).
+
+They skip without CUDA; KVSQUEEZE_TEST_DEVICE=cpu runs them on the CPU (the compiled case then uses the aot_eager
+backend and no sync check). On the GPU machine:
+
+    PYTHONPATH=$PWD/src python -m pytest -q -p no:cacheprovider tests/test_gpu_static.py
+
+The same logic is tested on the CPU in fp32 by tests/test_static.py.
+"""
+
+import contextlib
+import os
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import kvsqueeze as kq
+from kvsqueeze.runtime.generate import decode_step, prefill
+from kvsqueeze.runtime.static import StaticCompressedCache, StaticDecoder
+
+DEVICE = os.environ.get("KVSQUEEZE_TEST_DEVICE") or ("cuda" if torch.cuda.is_available() else None)
+on_device = pytest.mark.skipif(DEVICE is None, reason="no GPU (KVSQUEEZE_TEST_DEVICE=cpu runs it on the CPU)")
+DTYPE = torch.bfloat16
+STEPS = 12
+
+CASES = {
+    "full": ("full", {}),
+    "snapkv": ("snapkv", dict(compression_ratio=0.5, window=16)),
+    "adakv": ("adakv:snapkv", dict(compression_ratio=0.5)),
+    "pyramidkv": ("pyramidkv", dict(compression_ratio=0.5)),
+    "streaming_decode": ("streaming_llm", dict(budget=64, compression_interval=1)),
+    "knorm_decode": ("knorm", dict(budget=64, compression_interval=1)),
+}
+
+
+def _model(attn="sdpa"):
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=101, max_position_embeddings=1024, attn_implementation=attn, hidden_size=256,
+                      intermediate_size=256, num_hidden_layers=2, num_attention_heads=32, num_key_value_heads=8,
+                      head_dim=128)
+    return LlamaForCausalLM(cfg).eval().to(DEVICE, DTYPE)
+
+
+def _feed():
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(0, 101, (1, 160), generator=g), torch.randint(0, 101, (STEPS, 1), generator=g)
+
+
+@contextlib.contextmanager
+def _no_sync():
+    if torch.device(DEVICE).type != "cuda":
+        yield
+        return
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@torch.no_grad()
+def _both(model, name, kw, compile_kw=None, kernel=None):
+    """Teacher-forced logits (the same tokens fed to both): eager decode steps vs the static decoder."""
+    ids, feed = _feed()
+    eager = kq.CompressedCache(model, kq.get_method(name, **kw))
+    prefill(model, eager, ids.to(DEVICE))
+    ref = [decode_step(model, eager, t.to(DEVICE)) for t in feed]
+    cache = kq.CompressedCache(model, kq.get_method(name, **kw))
+    prefill(model, cache, ids.to(DEVICE))
+    static = StaticCompressedCache.from_cache(cache, STEPS)
+    dec = StaticDecoder(model, static, kernel=kernel, **(compile_kw or {}))
+    got = []
+    for i, t in enumerate(feed):
+        t = t.to(DEVICE)
+        if i < 3:  # warm-up (compilation, graph capture)
+            got.append(dec(t)[0].clone())
+            continue
+        with _no_sync():
+            got.append(dec(t)[0].clone())
+    return ref, got
+
+
+@on_device
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("kernel", [None, "matmul"])
+def test_static_logits_equal_eager_in_bf16(case, kernel):
+    name, kw = CASES[case]
+    ref, got = _both(_model(), name, kw, kernel=kernel)
+    for r, g in zip(ref, got):
+        torch.testing.assert_close(g.float(), r.float(), atol=3e-2, rtol=3e-2)  # bf16 logits of ~N(0, 0.1)
+
+
+@on_device
+@pytest.mark.parametrize("case", ["full", "adakv", "knorm_decode", "streaming_decode"])
+def test_compiled_step_equals_eager_and_never_syncs(case):
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    name, kw = CASES[case]
+    cuda = torch.device(DEVICE).type == "cuda"
+    compile_kw = dict(compile=True) if cuda else dict(compile=True, backend="aot_eager")
+    ref, got = _both(_model(), name, kw, compile_kw=compile_kw)
+    for r, g in zip(ref, got):
+        torch.testing.assert_close(g.float(), r.float(), atol=3e-2, rtol=3e-2)
