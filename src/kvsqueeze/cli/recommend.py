@@ -61,7 +61,7 @@ def register_recommend(main) -> None:
     @device_options
     def recommend_cmd(model, target, max_bytes, methods, compression_ratios, quant, tasks, length, samples, seed,
                       tolerance, results, config_out, verify_seed, verify_samples, batch_size, code_version, quiet,
-                      device="cpu", dtype="auto"):
+                      device="cpu", dtype="auto", attn_implementation="sdpa"):
         """Pick the configuration with the best measured score at a byte budget (short calibration sweep)."""
         from ..methods import ALL, METHODS
         from ..models import cache_dir, load_model
@@ -101,10 +101,11 @@ def register_recommend(main) -> None:
             store = ResultStore(path)
         except OSError as e:
             raise KVSqueezeError(f"cannot open results file {path}: {e}") from None
-        from ..devices import resolve_device, resolve_dtype
+        from ..devices import resolve_attn, resolve_device, resolve_dtype
 
         dev = resolve_device(device)
-        mdl, tok = load_model(model, dtype=resolve_dtype(dtype, dev), device=str(dev))
+        mdl, tok = load_model(model, dtype=resolve_dtype(dtype, dev), device=str(dev),
+                              attn_implementation=resolve_attn(attn_implementation))
         smp = build_samples(tok, task_names, TaskConfig(length=length, samples=samples, seed=seed))
         if not quiet:
             click.echo(f"calibration: {len(smp)} samples ({', '.join(task_names)}, {length} tokens, seed {seed}) x "
