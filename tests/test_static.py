@@ -274,3 +274,21 @@ def test_transformers_static_cache_still_compiles_after_a_compressed_cache(model
     with torch.no_grad():
         out = step(ids[:, -1:], torch.tensor([[12]]))
     assert out.shape == (1, 101)
+
+
+def test_models_the_static_path_cannot_run_are_refused_before_the_prefill(monkeypatch):
+    """Sliding-window layers (Gemma 3): `generate_answer(static=True)` says so before any prefill (the refusal used
+    to come from `from_cache`, after the whole context had been prefilled)."""
+    from conftest import tiny_gemma3
+
+    import kvsqueeze.runtime.generate as gen
+    from kvsqueeze.runtime.static import check_model
+
+    called = []
+    monkeypatch.setattr(gen, "prefill", lambda *a, **k: called.append(1))
+    monkeypatch.setattr(gen, "split_prompt", lambda tok, c, q, p="": (list(range(1, 41)), [2, 3]))
+    with pytest.raises(kq.KVSqueezeError, match="sliding-window or chunked-attention layers.*without --compile"):
+        gen.generate_answer(tiny_gemma3(), None, "some context " * 20, "q?", get_method("knorm", compression_ratio=0.5),
+                            static=True)
+    assert called == []
+    check_model(tiny_llama())  # full attention only: accepted

@@ -86,7 +86,8 @@ def task_options(f):
                      help="Comma-separated decode-time selectors crossed with the grid: none, quest, "
                           "attention_predictor (needs `kvsqueeze train-predictor`). They keep the whole cache."),
         click.option("--select-budget", default="512", show_default=True,
-                     help="Comma-separated token budgets per decoding step for --select (each >= 32)."),
+                     help="Comma-separated token budgets per decoding step for --select, in whole pages of 16 "
+                          "consecutive tokens (rounded down to a multiple of 16; each >= 32)."),
         click.option("--code-version", default=None,
                      help="Override the code version in the result keys (default: package version + git commit)."),
         click.option("--quiet", is_flag=True, help="No progress bar."),

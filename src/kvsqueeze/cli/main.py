@@ -41,13 +41,20 @@ def config_values(ctx, path) -> dict:
 
 
 class Group(click.Group):
-    """Turn KVSqueezeError into one line on stderr and exit code 2."""
+    """Turn KVSqueezeError, and click's own usage errors of a command (a bad option value, an unknown option), into
+    one line on stderr and exit code 2."""
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except KVSqueezeError as e:
             click.echo(f"error: {e}", err=True)
+            sys.exit(2)
+        except click.UsageError as e:
+            sub = e.ctx.command_path.split()[1:] if e.ctx is not None else []
+            cmd = " ".join(["kvsqueeze", *sub])
+            msg = " ".join(e.format_message().split())
+            click.echo(f"error: {msg} (see `{cmd} --help`)", err=True)
             sys.exit(2)
 
 
@@ -122,7 +129,8 @@ def models():
               show_default=True, help="Decode-time selection: each decoding step attends only to --select-budget of "
               "the stored tokens (AttentionPredictor needs `kvsqueeze train-predictor` first).")
 @click.option("--select-budget", type=click.IntRange(min=32), default=512, show_default=True,
-              help="Tokens each decoding step attends to with --select.")
+              help="Tokens each decoding step attends to with --select, in whole pages of 16 consecutive tokens "
+                   "(rounded down to a multiple of 16; at least two pages).")
 @device_options
 @click.option("--compile", "compiled", is_flag=True,
               help="Decode over a fixed-capacity copy of the compressed cache with one compiled step "
@@ -178,7 +186,8 @@ def generate(model, method, compression_ratio, budget, exempt_layers, compressio
                           selector=selector, static=compiled, compile=compiled)
     click.echo(res.answer)
     click.echo(f"method: {m.describe()}{f'; quant: {quant}' if qspec else ''}"
-               f"{f'; decode-time selection: {selector.describe()}' if selector else ''}; "
+               f"{f'; decode-time selection: {selector.describe()}' if selector else ''}"
+               f"{'; decoded over the static cache, step compiled' if compiled else ''}; "
                f"context: {res.n_context_tokens} tokens")
     click.echo(res.stats.line())
     click.echo(f"time: {res.seconds:.2f} s (prefill + question + {max_new_tokens} new tokens at most)")

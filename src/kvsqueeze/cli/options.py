@@ -25,7 +25,10 @@ def method_options(f):
     f = click.option("--compression-ratio", "--ratio", "compression_ratio", type=float, default=0.5,
                      show_default=True, callback=_ratio,
                      help="Fraction of tokens removed (kvpress's compression_ratio; 0.75 keeps a quarter).")(f)
-    f = click.option("--method", default="snapkv", show_default=True, help="Method name (see `kvsqueeze methods`).")(f)
+    f = click.option("--method", default="tova", show_default=True,
+                     help="Method name (see `kvsqueeze methods`); wrappers take a scorer: adakv:tova, pyramidkv:knorm. "
+                          "TOVA is the default: the strongest question-agnostic method of the README's passkey table "
+                          "(question-agnostic SnapKV keeps no needle there).")(f)
     return f
 
 

@@ -49,6 +49,9 @@ def get_method(name: str, **kwargs) -> Method:
     if inner:
         if "scorer" not in {f.name for f in fields(cls)}:
             raise KVSqueezeError(f"method {outer!r} takes no scorer (only {', '.join(wrappers())} do): {name!r}")
+        if METHODS.get(inner.strip().lower().replace("-", "_")) is None:
+            raise KVSqueezeError(f"unknown scorer {inner!r} in {name!r} (the name after the colon is the scorer); "
+                                 f"choose from: {', '.join(METHODS)}")
         kwargs = {**kwargs, "scorer": get_method(inner)}
     return cls(**kwargs)
 

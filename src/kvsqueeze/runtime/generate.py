@@ -200,6 +200,10 @@ def generate_answer(model, tokenizer, context: str, question: str, method: Metho
     if query_aware:
         ctx, q = ctx + q[:-1], q[-1:]
     check_budget(method, len(ctx))
+    if static or compile:
+        from .static import check_model
+
+        check_model(model)  # before the prefill, not after it
     device = _device(model)
     t0 = time.perf_counter()
     cache = CompressedCache(model, method, layer_factory=layer_factory, selector=selector)

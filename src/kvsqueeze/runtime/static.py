@@ -60,6 +60,8 @@ from ..storage.static import StaticSlots, _static
 from ..storage.stores import DenseStore
 from .routing import STATIC_PREFIX, attention_configs, static_attention
 
+EAGER = "(`kvsqueeze generate` without --compile; static=False in Python)"  # where refused caches decode
+
 
 # --- the attention functions of the static step ---------------------------------------------------------------
 def _layer_rows(module, attention_mask: torch.Tensor, b: int) -> torch.Tensor:
@@ -159,7 +161,7 @@ def _decode_rule(method):
         return None
     if isinstance(method, AdaKV):
         raise KVSqueezeError("AdaKV with compression_interval > 0 re-splits its head budgets at every eviction, "
-                             "which the static decode path does not do; decode with the eager loop (static=False)")
+                             "which the static decode path does not do; decode with the eager loop " + EAGER)
     scorer = method.scorer if isinstance(method, PyramidKV) else method
     if isinstance(scorer, StreamingLLM):
         return ("sink", scorer.n_sink)
@@ -168,7 +170,21 @@ def _decode_rule(method):
     raise KVSqueezeError(f"{method.describe() if hasattr(method, 'describe') else method.name} with "
                          f"compression_interval={every} evicts while decoding by scores the static decode path does "
                          "not compute (it needs the step's attention weights); decode with the eager loop "
-                         "(static=False, greedy_decode_batch), or set compression_interval=0")
+                         + EAGER + ", or set compression_interval=0")
+
+
+def check_model(model) -> None:
+    """Refuse, before any prefill, a model the static decode path cannot run: sliding-window or chunked-attention
+    layers (Gemma 2/3, Mistral's window, Llama 4's chunks) and attention softcapping. Raises KVSqueezeError (the
+    same refusals `StaticCompressedCache.from_cache` makes on a filled cache)."""
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    kinds = set(getattr(cfg, "layer_types", None) or [])
+    if kinds - {"full_attention"} or getattr(cfg, "use_sliding_window", False) or \
+            (getattr(cfg, "sliding_window", None) and not kinds):
+        raise KVSqueezeError(f"{getattr(cfg, 'model_type', 'this model')} has sliding-window or chunked-attention "
+                             "layers; the static decode path supports full-attention layers only " + EAGER)
+    if getattr(cfg, "attn_logit_softcapping", None):
+        raise KVSqueezeError("attention softcapping is not supported by the static decode path " + EAGER)
 
 
 class StaticCompressedCache(Cache):
@@ -223,18 +239,18 @@ class StaticCompressedCache(Cache):
             raise KVSqueezeError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if cache.selector is not None:
             raise KVSqueezeError("decode-time selection (Quest, AttentionPredictor) runs on the eager path only "
-                                 "(static=False)")
+                                 + EAGER)
         if getattr(cache.config, "attn_logit_softcapping", None):
-            raise KVSqueezeError("attention softcapping is not supported by the static decode path (static=False)")
+            raise KVSqueezeError("attention softcapping is not supported by the static decode path " + EAGER)
         for i, layer in enumerate(cache.layers):
             if not isinstance(layer, CompressedLayer) or layer.sliding_window:
                 raise KVSqueezeError(f"layer {i} is a sliding-window or chunked-attention layer; the static decode "
-                                     "path supports full-attention layers only (static=False)")
+                                     "path supports full-attention layers only " + EAGER)
             if not layer.is_initialized or layer.positions is None or layer.positions.shape[-1] == 0:
                 raise KVSqueezeError("the cache is empty: prefill it before building the static cache")
             if type(layer.store) is not DenseStore:
                 raise KVSqueezeError(f"layer {i} is held by {type(layer.store).__name__}: quantized storage decodes "
-                                     "on the eager path only (static=False)")
+                                     "on the eager path only " + EAGER)
         method = cache.method
         rule = _decode_rule(method)
         every = method.compression_interval if rule is not None else 0
