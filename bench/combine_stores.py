@@ -1,6 +1,6 @@
 """Copy the rows of several results stores into one, keeping only the samples every source has complete.
 
-    python bench/combine_stores.py OUT.sqlite IN1.sqlite IN2.sqlite [...]
+    python bench/combine_stores.py [--union] OUT.sqlite IN1.sqlite IN2.sqlite [...]
 
 A sample (task, sample_id, seed) is complete in a source when it has a row for every configuration (method,
 params_json, compression_ratio) that source holds, on any task (so a run still going counts only its finished samples).
@@ -9,6 +9,8 @@ tools measured on different numbers of samples (e.g. kvsqueeze's sweep and kvpre
 running) are compared on the same samples. OUT is written fresh (an existing file is refused). Prints, per task,
 the samples kept and the configurations per source. A source written before issue 10 (column `ratio`) is opened
 through `ResultStore` first, which renames it `compression_ratio` in place (as every kvsqueeze command does).
+`--union` copies every row of every source instead (each configuration keeps its own sample count, which
+`kvsqueeze frontier` prints as n).
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ def complete_samples(con: sqlite3.Connection) -> dict[str, set[tuple]]:
 
 
 def main(argv: list[str]) -> int:
+    union = "--union" in argv
+    argv = [a for a in argv if a != "--union"]
     if len(argv) < 2:
         print(__doc__.strip().splitlines()[2].strip(), file=sys.stderr)
         return 2
@@ -52,8 +56,15 @@ def main(argv: list[str]) -> int:
         ResultStore(p, create=False).close()
     cons = [sqlite3.connect(p) for p in ins]
     per = [complete_samples(c) for c in cons]
-    tasks = set.intersection(*[set(p) for p in per])
-    keep = {t: set.intersection(*[p[t] for p in per]) for t in sorted(tasks)}
+    if union:  # every sample any source has
+        per = [{t: {(sid, seed) for sid, seed in c.execute("SELECT DISTINCT sample_id, seed FROM results WHERE "
+                                                            "task = ?", (t,))}
+                for (t,) in c.execute("SELECT DISTINCT task FROM results")} for c in cons]
+        tasks = set.union(*[set(p) for p in per])
+        keep = {t: set.union(*[p.get(t, set()) for p in per]) for t in sorted(tasks)}
+    else:
+        tasks = set.intersection(*[set(p) for p in per])
+        keep = {t: set.intersection(*[p[t] for p in per]) for t in sorted(tasks)}
     dst = sqlite3.connect(out)
     cols = [r[1] for r in dst.execute("PRAGMA table_info(results)") if r[1] != "id"]
     for p, con in zip(ins, cons):
@@ -72,7 +83,7 @@ def main(argv: list[str]) -> int:
                             "FROM results").fetchone()[0]
         print(f"{p}: {n} rows copied ({n_cfg} configurations)")
     for t, s in keep.items():
-        print(f"{t}: {len(s)} samples complete in every source")
+        print(f"{t}: {len(s)} samples" + ("" if union else " complete in every source"))
     return 0
 
 

@@ -177,3 +177,23 @@ def test_combine_stores_copies_an_old_store(tmp_path):
         df = st.frame()
     assert sorted(df.method) == ["adakv", "knorm"] and list(df.compression_ratio) == [0.5, 0.5]
     assert set(df.params_json) == {p.params_json for p in make_pairs(["knorm", "adakv"], [0.5])}
+
+
+def test_combine_stores_union_keeps_samples_one_source_lacks(tmp_path):
+    """Default: only samples complete in every source; --union: every row of every source."""
+    def store(path, samples):
+        with ResultStore(path) as st:
+            for sid in samples:
+                st.add({"model": "m", "method": "knorm", "params_json": "{}", "compression_ratio": 0.5,
+                        "task": "passkey", "sample_id": sid, "seed": 0, "code_version": "w",
+                        "metric": "string_match_all", "score": 1.0, "prediction": "x", "kv_bytes": 500,
+                        "full_kv_bytes": 1000, "n_context_tokens": 100})
+    a, b = tmp_path / "a.sqlite", tmp_path / "b.sqlite"
+    store(a, ["s0", "s1"])
+    store(b, ["s0"])
+    for flag, want in ((), {"s0"}), (("--union",), {"s0", "s1"}):
+        out = tmp_path / f"out{len(flag)}.sqlite"
+        r = _bench("combine_stores.py", *flag, out, a, b)
+        assert r.returncode == 0, r.stdout + r.stderr
+        with ResultStore(out, create=False) as st:
+            assert set(st.frame().sample_id) == want
