@@ -46,8 +46,10 @@ def main() -> int:
     methods = [m.strip() for m in a.methods.split(",")]
     compression_ratios = [float(r) for r in a.compression_ratios.split(",")]
     pairs = make_pairs(methods, compression_ratios)
+    from kvsqueeze.runtime.calibration import prepare
+
     for p in pairs:
-        p.method.setup(model)  # Q-Filters calibration (first use) is not part of either timing
+        prepare(p.method, model)  # Q-Filters calibration (first use) is not part of either timing
     print(f"{a.model}, {len(samples)} samples of ~{a.length} tokens ({a.tasks}), {len(methods)} methods x "
           f"{len(compression_ratios)} compression_ratios = {len(pairs)} pairs; torch threads "
           f"{torch.get_num_threads()}", flush=True)
