@@ -55,7 +55,6 @@ def main(argv: list[str]) -> int:
     for p in ins:  # bring older files to the current schema (the `ratio` column -> compression_ratio, in place)
         ResultStore(p, create=False).close()
     cons = [sqlite3.connect(p) for p in ins]
-    per = [complete_samples(c) for c in cons]
     if union:  # every sample any source has
         per = [{t: {(sid, seed) for sid, seed in c.execute("SELECT DISTINCT sample_id, seed FROM results WHERE "
                                                             "task = ?", (t,))}
@@ -63,6 +62,7 @@ def main(argv: list[str]) -> int:
         tasks = set.union(*[set(p) for p in per])
         keep = {t: set.union(*[p.get(t, set()) for p in per]) for t in sorted(tasks)}
     else:
+        per = [complete_samples(c) for c in cons]
         tasks = set.intersection(*[set(p) for p in per])
         keep = {t: set.intersection(*[p[t] for p in per]) for t in sorted(tasks)}
     dst = sqlite3.connect(out)

@@ -43,13 +43,14 @@ def get_method(name: str, **kwargs) -> Method:
         raise KVSqueezeError("get_method: `ratio` was renamed `compression_ratio` (the fraction of tokens removed, "
                              f"kvpress's name): get_method({name!r}, compression_ratio={kwargs['ratio']!r})")
     outer, _, inner = name.partition(":")
-    cls = METHODS.get(outer.strip().lower().replace("-", "_"))
+    lookup = lambda n: METHODS.get(n.strip().lower().replace("-", "_"))  # noqa: E731
+    cls = lookup(outer)
     if cls is None:
         raise KVSqueezeError(f"unknown method {name!r}; choose from: {', '.join(METHODS)}")
     if inner:
         if "scorer" not in {f.name for f in fields(cls)}:
             raise KVSqueezeError(f"method {outer!r} takes no scorer (only {', '.join(wrappers())} do): {name!r}")
-        if METHODS.get(inner.strip().lower().replace("-", "_")) is None:
+        if lookup(inner) is None:
             raise KVSqueezeError(f"unknown scorer {inner!r} in {name!r} (the name after the colon is the scorer); "
                                  f"choose from: {', '.join(METHODS)}")
         kwargs = {**kwargs, "scorer": get_method(inner)}

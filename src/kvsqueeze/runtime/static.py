@@ -177,7 +177,12 @@ def check_model(model) -> None:
     """Refuse, before any prefill, a model the static decode path cannot run: sliding-window or chunked-attention
     layers (Gemma 2/3, Mistral's window, Llama 4's chunks) and attention softcapping. Raises KVSqueezeError (the
     same refusals `StaticCompressedCache.from_cache` makes on a filled cache)."""
-    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    _check_config(model.config)
+
+
+def _check_config(config) -> None:
+    """check_model's refusals, read from a model config (sliding / chunked layers, softcapping)."""
+    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
     kinds = set(getattr(cfg, "layer_types", None) or [])
     if kinds - {"full_attention"} or getattr(cfg, "use_sliding_window", False) or \
             (getattr(cfg, "sliding_window", None) and not kinds):
@@ -205,6 +210,7 @@ class StaticCompressedCache(Cache):
         self.position = _static(position.to(torch.long).clone())
         self.decode_step = _static(torch.tensor(decode_step, dtype=torch.long, device=position.device))
         self._exempt: list[int] = []
+        self._exempt_mask = torch.zeros(slots.n_layers, 1, 1, dtype=torch.bool, device=position.device)
         self.rule, self.every = rule, every
         self.tokens_seen = tokens_seen
         self.steps_left = steps_left
@@ -240,8 +246,7 @@ class StaticCompressedCache(Cache):
         if cache.selector is not None:
             raise KVSqueezeError("decode-time selection (Quest, AttentionPredictor) runs on the eager path only "
                                  + EAGER)
-        if getattr(cache.config, "attn_logit_softcapping", None):
-            raise KVSqueezeError("attention softcapping is not supported by the static decode path " + EAGER)
+        _check_config(cache.config)
         for i, layer in enumerate(cache.layers):
             if not isinstance(layer, CompressedLayer) or layer.sliding_window:
                 raise KVSqueezeError(f"layer {i} is a sliding-window or chunked-attention layer; the static decode "
@@ -300,6 +305,7 @@ class StaticCompressedCache(Cache):
         out = cls(slots, seen if position is None else position.to(dev), rule, every, l0.cumulative_length,
                   max_new_tokens, cache.config, decode_step=cache.decode_step, full_kv_bytes=full)
         out._exempt = sorted(exempt)
+        out._exempt_mask = torch.tensor([i in exempt for i in range(len(layers))], device=dev).view(-1, 1, 1)
         return out
 
     # --- what the model calls ------------------------------------------------------------------------------
@@ -349,11 +355,8 @@ class StaticCompressedCache(Cache):
         """Claim the write slots for the next token; returns the position ids (b, 1) to feed."""
         pos = self.position
         prio = None
-        if self.rule is not None and self.rule[0] == "sink":
-            prio = pos.float().masked_fill((pos >= 0) & (pos < self.rule[1]), float("inf"))
-            prio = prio.view(1, -1, 1).expand(self.slots.n_layers, -1, self.slots.kv_heads).clone()
-            for li in self._exempt:
-                prio[li] = float("inf")
+        if self.rule is not None and self.rule[0] == "sink":  # exempt layers never evict: +inf there
+            prio = _priority(self.rule, None, pos).view(1, -1, 1).masked_fill(self._exempt_mask, float("inf"))
         self.slots.begin_token(pos, prio)
         self.decode_step.add_(1)
         return pos[:, None].clone()
