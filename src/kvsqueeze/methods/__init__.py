@@ -50,7 +50,11 @@ def get_method(name: str, **kwargs) -> Method:
     if inner:
         if "scorer" not in {f.name for f in fields(cls)}:
             raise KVSqueezeError(f"method {outer!r} takes no scorer (only {', '.join(wrappers())} do): {name!r}")
-        if lookup(inner) is None:
+        inner_cls = lookup(inner)
+        if inner_cls is not None and ("scorer" in {f.name for f in fields(inner_cls)} or inner_cls is MiKV):
+            raise KVSqueezeError(f"{inner!r} wraps a method itself and cannot be the scorer in {name!r}; give a "
+                                 f"scorer such as snapkv, tova, knorm or qfilters")
+        if inner_cls is None:
             raise KVSqueezeError(f"unknown scorer {inner!r} in {name!r} (the name after the colon is the scorer); "
                                  f"choose from: {', '.join(METHODS)}")
         kwargs = {**kwargs, "scorer": get_method(inner)}
