@@ -235,6 +235,11 @@ def main(argv=None) -> int:
     ap.add_argument("--no-compile-static", dest="compile_static", action="store_false",
                     help="Run the static rows' step uncompiled.")
     ap.add_argument("--attn", default="sdpa", help="The model's attention implementation (sdpa or eager).")
+    ap.add_argument("--inductor-tuning", action="store_true",
+                    help="gpt-fast's inductor settings: coordinate-descent tuning of the generated kernels (longer "
+                         "compiles).")
+    ap.add_argument("--compile-mode", default="reduce-overhead",
+                    help="torch.compile mode of the compiled rows on CUDA (reduce-overhead, max-autotune).")
     ap.add_argument("--json", default=None, help="Write the rows to this JSON file.")
     ap.add_argument("--quick", action="store_true", help="Tiny shapes on the CPU (checks the script end to end).")
     args = ap.parse_args(argv)
@@ -250,7 +255,12 @@ def main(argv=None) -> int:
             return 2
         device, dtype, shapes = torch.device("cuda"), torch.bfloat16, LLAMA_8B
         lengths = [int(x) for x in args.lengths.split(",")]
-        compile_opts = {"mode": "reduce-overhead"}
+        compile_opts = {"mode": args.compile_mode}
+        if args.inductor_tuning:
+            import torch._inductor.config as inductor_config
+
+            inductor_config.coordinate_descent_tuning = True
+            inductor_config.coordinate_descent_check_all_directions = True
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     model = build_model(shapes, device, dtype, args.attn)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())

@@ -398,9 +398,12 @@ class StaticDecoder:
     """One greedy decoding step over a `StaticCompressedCache`, optionally compiled.
 
     `decoder(tokens)` with tokens (b,) long returns (logits (b, vocab) in the model's dtype, next tokens (b,)
-    long = argmax), both on the device, having written `tokens` into the cache. `kernel`: the attention kernel
-    (None: the model's own implementation, sdpa or eager; "matmul": two batched matrix products per kv-head
-    group, see `_static_matmul`). `compile=True` wraps the step in
+    long = argmax), both on the device, having written `tokens` into the cache. Under CUDA graphs the logits are
+    the graph's output buffer, overwritten by the next call (clone to keep them); the tokens are a copy.
+    `kernel`: the attention kernel ("sdpa", "eager": the model's own kind over the slots; "matmul": two batched
+    matrix products per kv-head group, see `_static_matmul`; None: "matmul" on CUDA, where it measured faster than
+    the static sdpa on an H200 at 4k and 32k slots (6.47 vs 8.87 ms/token at 4k full, 6.48 vs 8.88 at 32k / 8x;
+    docs/gpu.md), else the model's own implementation). `compile=True` wraps the step in
     `torch.compile(step, fullgraph=True, mode=...)`: `mode` defaults to "reduce-overhead" on CUDA (CUDA graphs)
     and None elsewhere; `backend` (e.g. "aot_eager", "eager") picks another backend (tests on the CPU). The
     model's attention implementation is switched to the static one only while a step runs. Raises
@@ -410,6 +413,8 @@ class StaticDecoder:
                  mode: str | None = None, kernel: str | None = None):
         if kernel is not None and kernel not in KERNELS:
             raise KVSqueezeError(f"the static attention kernel must be one of {', '.join(KERNELS)}, got {kernel!r}")
+        if kernel is None and cache.position.device.type == "cuda":
+            kernel = "matmul"  # measured faster than the static sdpa on an H200 (bench/gpu_decode.py, docs/gpu.md)
         self.model, self.cache, self.kernel = model, cache, kernel
         self._configs = attention_configs(model)
         kw = cache_kwargs(model, cache)
@@ -435,6 +440,7 @@ class StaticDecoder:
             self._step = torch.compile(step, **opts)
         else:
             self._step = step
+        self._graphs = bool(compile) and mode == "reduce-overhead"
 
     @torch.no_grad()
     def __call__(self, tokens: torch.Tensor):
@@ -443,9 +449,14 @@ class StaticDecoder:
         c.driven = True
         try:
             with static_attention(self.model, self._configs, self.kernel):
-                return self._step(tokens)
+                if self._graphs:  # a new replay: the previous step's outputs may be overwritten from here on
+                    torch.compiler.cudagraph_mark_step_begin()
+                logits, token = self._step(tokens)
         finally:
             c.driven = False
+        # the token outlives the next replay (it is that step's input): a copy of b ints; logits are the graph's
+        # own buffer, valid until the next call (clone them to keep them)
+        return logits, (token.clone() if self._graphs else token)
 
 
 @torch.no_grad()
