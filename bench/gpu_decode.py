@@ -18,7 +18,7 @@ Rows (`--rows` picks a subset by name):
                               adakv (AdaKV over SnapKV), streaming (StreamingLLM evicting at every decoding step),
                               knorm-decode (K-norm evicting at every decoding step); kernel = each of
                               `--static-kernels` (sdpa: torch's fused attention over the kv-head groups; matmul:
-                              two batched products per group)
+                              two batched products per group; triton: split-KV flash-decoding over the slots)
 Compressed rows keep 1/`--factor` of the context (compression_ratio 1 - 1/factor; streaming and knorm-decode: a budget of
 length/factor tokens).
 
@@ -230,8 +230,8 @@ def main(argv=None) -> int:
     ap.add_argument("--hbm-gbps", type=float, default=4200.0, help="Memory bandwidth of the bound, GB/s.")
     ap.add_argument("--rows", default="", help="Only these rows (names or prefixes: hf-dynamic, kvsq-static:knorm, "
                                                 "kvsq-eager, ...); default: all.")
-    ap.add_argument("--static-kernels", default="sdpa", help="Attention kernels of the static rows (sdpa, matmul, "
-                                                              "eager; comma-separated to compare).")
+    ap.add_argument("--static-kernels", default="matmul", help="Attention kernels of the static rows (sdpa, matmul, "
+                                                              "eager, triton; comma-separated to compare).")
     ap.add_argument("--no-compile-static", dest="compile_static", action="store_false",
                     help="Run the static rows' step uncompiled.")
     ap.add_argument("--attn", default="sdpa", help="The model's attention implementation (sdpa or eager).")

@@ -84,10 +84,21 @@ def _both(model, name, kw, compile_kw=None, kernel=None):
     return ref, got
 
 
+def _triton_runs() -> bool:
+    """The Triton kernel runs on CUDA, or on the CPU under Triton's interpreter (TRITON_INTERPRET=1)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return torch.device(DEVICE).type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
 @on_device
 @pytest.mark.parametrize("case", list(CASES))
-@pytest.mark.parametrize("kernel", [None, "matmul"])
+@pytest.mark.parametrize("kernel", [None, "sdpa", "matmul", "triton"])
 def test_static_logits_equal_eager_in_bf16(case, kernel):
+    if kernel == "triton" and not _triton_runs():
+        pytest.skip("triton on CUDA (or TRITON_INTERPRET=1 on the CPU) needed")
     name, kw = CASES[case]
     ref, got = _both(_model(), name, kw, kernel=kernel)
     for r, g in zip(ref, got):
@@ -95,14 +106,17 @@ def test_static_logits_equal_eager_in_bf16(case, kernel):
 
 
 @on_device
-@pytest.mark.parametrize("case", ["full", "adakv", "knorm_decode", "streaming_decode"])
-def test_compiled_step_equals_eager_and_never_syncs(case):
+@pytest.mark.parametrize("case,kernel", [("full", None), ("adakv", None), ("knorm_decode", None),
+                                         ("streaming_decode", None), ("adakv", "triton"), ("knorm_decode", "triton")])
+def test_compiled_step_equals_eager_and_never_syncs(case, kernel):
     import torch._dynamo
 
+    cuda = torch.device(DEVICE).type == "cuda"
+    if kernel == "triton" and not (cuda and _triton_runs()):
+        pytest.skip("a compiled Triton kernel needs CUDA")
     torch._dynamo.reset()
     name, kw = CASES[case]
-    cuda = torch.device(DEVICE).type == "cuda"
     compile_kw = dict(compile=True) if cuda else dict(compile=True, backend="aot_eager")
-    ref, got = _both(_model(), name, kw, compile_kw=compile_kw)
+    ref, got = _both(_model(), name, kw, compile_kw=compile_kw, kernel=kernel)
     for r, g in zip(ref, got):
         torch.testing.assert_close(g.float(), r.float(), atol=3e-2, rtol=3e-2)

@@ -26,6 +26,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .split_kv import _merge_splits, _sm_count, _split_plan
+
 try:
     import triton
     import triton.language as tl
@@ -168,52 +170,6 @@ if triton is not None:
         tl.store(O_M + off * GQ + rows, m_i, mask=qmask)
         tl.store(O_L + off * GQ + rows, l_i, mask=qmask)
         tl.store(O_ACC + (off * GQ + rows)[:, None] * D + ch[None, :], acc, mask=qmask[:, None])
-
-    @triton.jit
-    def _merge_splits(O_ACC, O_M, O_L, OUT, n_splits, s_o_b, s_o_h,
-                      HK: tl.constexpr, GQ: tl.constexpr, D: tl.constexpr, BLOCK_S: tl.constexpr):
-        # one program per (batch, query head): log-sum-exp merge of its splits, BLOCK_S splits per load
-        pid = tl.program_id(0)
-        bh = pid // GQ
-        r = pid % GQ
-        b = bh // HK
-        hk = bh % HK
-        ch = tl.arange(0, D)
-        si = tl.arange(0, BLOCK_S)
-        base = bh * n_splits * GQ + r
-        m_max = tl.max(tl.full([BLOCK_S], float("-inf"), tl.float32), 0)
-        for s0 in range(0, n_splits, BLOCK_S):
-            sm = (s0 + si) < n_splits
-            m_max = tl.maximum(m_max, tl.max(tl.load(O_M + base + (s0 + si) * GQ, mask=sm, other=float("-inf")), 0))
-        acc = tl.zeros([D], tl.float32)
-        l_sum = tl.max(tl.zeros([BLOCK_S], tl.float32), 0)
-        for s0 in range(0, n_splits, BLOCK_S):
-            sm = (s0 + si) < n_splits
-            w = tl.exp2(tl.load(O_M + base + (s0 + si) * GQ, mask=sm, other=float("-inf")) - m_max)
-            l_sum += tl.sum(tl.load(O_L + base + (s0 + si) * GQ, mask=sm, other=0.0) * w, 0)
-            a = tl.load(O_ACC + (base + (s0 + si) * GQ)[:, None] * D + ch[None, :], mask=sm[:, None], other=0.0)
-            acc += tl.sum(a * w[:, None], 0)
-        tl.store(OUT + b * s_o_b + (hk * GQ + r) * s_o_h + ch, (acc / l_sum).to(OUT.dtype.element_ty))
-
-
-_SM: dict = {}
-
-
-def _sm_count(dev) -> int:
-    if dev.type != "cuda":
-        return 4
-    key = dev.index if dev.index is not None else torch.cuda.current_device()
-    if key not in _SM:
-        _SM[key] = torch.cuda.get_device_properties(key).multi_processor_count
-    return _SM[key]
-
-
-def _split_plan(bh: int, nq: int, block_n: int, n_sm: int) -> tuple[int, int]:
-    """(number of splits over the quantized tokens, tokens per split): about 4 programs per SM."""
-    blocks = max(1, math.ceil(nq / block_n))
-    n = max(1, min(blocks, math.ceil(4 * n_sm / max(1, bh))))
-    chunk = math.ceil(blocks / n) * block_n
-    return math.ceil(max(nq, 1) / chunk), chunk
 
 
 def kivi_decode_attention(q: torch.Tensor, store, k_res: torch.Tensor, v_res: torch.Tensor,

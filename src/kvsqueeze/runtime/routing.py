@@ -283,7 +283,7 @@ def attention_configs(model) -> list:
 @contextlib.contextmanager
 def static_attention(model, configs: list | None = None, kernel: str | None = None):
     """Inside the block, `model`'s attention is the static decode step's (`kvsqueeze_static_sdpa` /
-    `kvsqueeze_static_eager` / `kvsqueeze_static_matmul`, registered by runtime/static.py): every config the model reads is switched, and
+    `kvsqueeze_static_eager` / `_matmul` / `_triton`, registered by runtime/static.py): every config the model reads is switched, and
     restored on exit, exceptions included. Called around each step of a `StaticDecoder`, outside the compiled
     function (the compiled graph then guards on the switched value); `configs` (from `attention_configs`, computed
     once by the caller) saves walking the model at every step; `kernel` names another static kernel than the

@@ -114,10 +114,22 @@ def _static_matmul(module, query, key, value, attention_mask, dropout=0.0, scali
     return out.reshape(b, hq, q, -1).transpose(1, 2).contiguous(), None
 
 
-KERNELS = ("sdpa", "eager", "matmul")  # the static step's attention kernels (`StaticDecoder(kernel=...)`)
+def _static_triton(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """Split-KV Triton decode attention over the slots (`kernels/slot_decode.py`): every slot read once, the
+    layer's slot mask read in place. Returns (b, 1, hq, d)."""
+    from ..kernels.slot_decode import slot_decode_attention
+
+    b = query.shape[0]
+    m = _layer_rows(module, attention_mask, b)  # (b, hk, 1, C)
+    out = slot_decode_attention(query[:, :, 0], key, value, m[:, :, 0], scale=scaling)
+    return out[:, None], None
+
+
+KERNELS = ("sdpa", "eager", "matmul", "triton")  # the static step's attention kernels (`StaticDecoder(kernel=...)`)
 AttentionInterface.register(STATIC_PREFIX + "matmul", _static_matmul)
 AttentionInterface.register(STATIC_PREFIX + "sdpa", _static_sdpa)
 AttentionInterface.register(STATIC_PREFIX + "eager", _static_eager)
+AttentionInterface.register(STATIC_PREFIX + "triton", _static_triton)
 
 
 # --- the cache ----------------------------------------------------------------------------------------------
@@ -401,7 +413,8 @@ class StaticDecoder:
     long = argmax), both on the device, having written `tokens` into the cache. Under CUDA graphs the logits are
     the graph's output buffer, overwritten by the next call (clone to keep them); the tokens are a copy.
     `kernel`: the attention kernel ("sdpa", "eager": the model's own kind over the slots; "matmul": two batched
-    matrix products per kv-head group, see `_static_matmul`; None: "matmul" on CUDA, where it measured faster than
+    matrix products per kv-head group, see `_static_matmul`; "triton": split-KV flash-decoding over the slots,
+    `kernels/slot_decode.py`, GPU; None: "matmul" on CUDA, where it measured faster than
     the static sdpa on an H200 at 4k and 32k slots (6.47 vs 8.87 ms/token at 4k full, 6.48 vs 8.88 at 32k / 8x;
     docs/gpu.md), else the model's own implementation). `compile=True` wraps the step in
     `torch.compile(step, fullgraph=True, mode=...)`: `mode` defaults to "reduce-overhead" on CUDA (CUDA graphs)
@@ -415,6 +428,10 @@ class StaticDecoder:
             raise KVSqueezeError(f"the static attention kernel must be one of {', '.join(KERNELS)}, got {kernel!r}")
         if kernel is None and cache.position.device.type == "cuda":
             kernel = "matmul"  # measured faster than the static sdpa on an H200 (bench/gpu_decode.py, docs/gpu.md)
+        if kernel == "triton" and cache.position.device.type == "cuda":
+            from ..kernels.split_kv import _sm_count
+
+            _sm_count(cache.position.device)  # cached before any trace: no device query inside a compiled step
         self.model, self.cache, self.kernel = model, cache, kernel
         self._configs = attention_configs(model)
         kw = cache_kwargs(model, cache)

@@ -1,0 +1,79 @@
+"""Split-KV (flash-decoding) helpers shared by the decode kernels: the merge of the splits' partial results and
+the split plan.
+
+A decode kernel runs one program per ((batch, kv head), split of the tokens) and writes, for each of the GQ query
+heads of its group, a partial output `acc` (unnormalised, fp32), the running max `m` (base-2 logits) and the sum
+`l` of exp2(logit - m); `_merge_splits` combines them with log-sum-exp weights (Dao et al., "Flash-Decoding for
+long-context inference", 2023):
+
+    out = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s,     M = max_s m_s
+
+Layouts: O_ACC (B*HK*splits*GQ, D) fp32, O_M and O_L (B*HK*splits*GQ,), indexed ((b*HK + hk)*splits + s)*GQ + r.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - CPU-only installs
+    triton = None
+    tl = None
+
+_merge_splits = None
+
+if triton is not None:
+
+    @triton.jit
+    def _merge_splits(O_ACC, O_M, O_L, OUT, n_splits, s_o_b, s_o_h,
+                      HK: tl.constexpr, GQ: tl.constexpr, D: tl.constexpr, BLOCK_S: tl.constexpr):
+        # one program per (batch, query head): log-sum-exp merge of its splits, BLOCK_S splits per load
+        pid = tl.program_id(0)
+        bh = pid // GQ
+        r = pid % GQ
+        b = bh // HK
+        hk = bh % HK
+        ch = tl.arange(0, D)
+        si = tl.arange(0, BLOCK_S)
+        base = bh * n_splits * GQ + r
+        m_max = tl.max(tl.full([BLOCK_S], float("-inf"), tl.float32), 0)
+        for s0 in range(0, n_splits, BLOCK_S):
+            sm = (s0 + si) < n_splits
+            m_max = tl.maximum(m_max, tl.max(tl.load(O_M + base + (s0 + si) * GQ, mask=sm, other=float("-inf")), 0))
+        acc = tl.zeros([D], tl.float32)
+        l_sum = tl.max(tl.zeros([BLOCK_S], tl.float32), 0)
+        for s0 in range(0, n_splits, BLOCK_S):
+            sm = (s0 + si) < n_splits
+            w = tl.exp2(tl.load(O_M + base + (s0 + si) * GQ, mask=sm, other=float("-inf")) - m_max)
+            l_sum += tl.sum(tl.load(O_L + base + (s0 + si) * GQ, mask=sm, other=0.0) * w, 0)
+            a = tl.load(O_ACC + (base + (s0 + si) * GQ)[:, None] * D + ch[None, :], mask=sm[:, None], other=0.0)
+            acc += tl.sum(a * w[:, None], 0)
+        tl.store(OUT + b * s_o_b + (hk * GQ + r) * s_o_h + ch, (acc / l_sum).to(OUT.dtype.element_ty))
+
+
+_SM: dict = {}
+
+
+def _sm_count(dev) -> int:
+    """Streaming multiprocessors of a CUDA device (cached); 4 elsewhere (Triton's CPU interpreter)."""
+    if dev.type != "cuda":
+        return 4
+    key = dev.index if dev.index is not None else torch.cuda.current_device()
+    if key not in _SM:
+        _SM[key] = torch.cuda.get_device_properties(key).multi_processor_count
+    return _SM[key]
+
+
+def _split_plan(bh: int, nq: int, block_n: int, n_sm: int) -> tuple[int, int]:
+    """(number of splits over `nq` tokens, tokens per split, a multiple of `block_n`): about 4 programs per SM
+    over the `bh` (batch, kv head) pairs."""
+    blocks = max(1, math.ceil(nq / block_n))
+    n = max(1, min(blocks, math.ceil(4 * n_sm / max(1, bh))))
+    chunk = math.ceil(blocks / n) * block_n
+    return math.ceil(max(nq, 1) / chunk), chunk
+
+
