@@ -51,8 +51,8 @@ def _layer_mask(layer: CompressedLayer, hf_mask, q_len: int, n_heads: int, eager
     window = layer.sliding_window
     if q_len == 1 and hf_mask is None and layer.valid is None and window is None:  # decoding, nothing to hide
         return None
-    b = layer.keys.shape[0]
-    device = layer.keys.device
+    b = layer.positions.shape[0]
+    device = layer.positions.device  # the compute device (an offloaded layer's keys are on the host)
     if hf_mask is None:
         new = torch.ones(q_len, q_len, dtype=torch.bool, device=device).tril()[None, None]
     elif hf_mask.dtype == torch.bool:
@@ -76,11 +76,6 @@ def _layer_mask(layer: CompressedLayer, hf_mask, q_len: int, n_heads: int, eager
     if eager:
         return torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill(~mask, torch.finfo(dtype).min)
     return mask
-
-
-def _gather_slots(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """(b, h, n, d) -> (b, h, k, d) at slot indices idx (b, h, k)."""
-    return t.gather(2, idx[..., None].expand(*idx.shape, t.shape[-1]))
 
 
 def _gather_mask(mask, idx: torch.Tensor, n_heads: int, eager: bool, dtype):
@@ -132,13 +127,20 @@ def _wrap(inner_name: str):
         selector = cache.selector
         if selector is not None and q_len == 1:
             idx = selector.select(layer_idx, layer, query)  # (batch, kv_heads, k) slot indices, or None: dense
+            key, value = layer.attend_kv(idx, key, value)  # an offloaded layer: from its device frames
             if idx is not None:
-                key, value = _gather_slots(key, idx), _gather_slots(value, idx)
                 mask = _gather_mask(mask, idx, query.shape[1], eager, query.dtype)
         elif selector is not None and hasattr(selector, "observe"):
             selector.observe(layer_idx, layer, query)  # prefill / appended tokens: AttentionPredictor's history
         out = inner(module, query, key, value, mask, **kwargs)
         cache.after_attention(module, layer_idx, query, kwargs.get("scaling"))
+        prefetch = getattr(layer, "prefetch_slots", None)
+        predict_next = getattr(selector, "predict_next", None)
+        if q_len == 1 and prefetch is not None and predict_next is not None:
+            ahead = predict_next(layer_idx, layer)  # the next step's slots, known now (AttentionPredictor)
+            if ahead is not None:
+                prefetch(ahead)  # their pages copied host -> device while the rest of this step computes
+        layer.end_attention()
         return out
 
     return attention

@@ -24,6 +24,7 @@ from transformers.cache_utils import Cache, DynamicSlidingWindowLayer
 from ..errors import KVSqueezeError
 from ..shapes import attention_shape
 from ..storage.layer import CompressedLayer
+from ..storage.offload import OffloadCounters, OffloadLayer
 from ..storage.stats import CacheStats, _nbytes
 from . import attention as _attention  # noqa: F401  registers the kvsqueeze_sdpa / kvsqueeze_eager wrappers
 from .budgets import Budgets
@@ -86,14 +87,29 @@ class CompressedCache(Cache):
 
     kvsqueeze_routes = True  # forwards with this cache go through kvsqueeze's attention (routing.routes)
 
-    def __init__(self, model, method=None, *, layer_factory=None, selector=None):
+    def __init__(self, model, method=None, *, layer_factory=None, selector=None, offload: str | None = None,
+                 offload_latency: float = 0.0):
+        if offload not in (None, "none", "cpu"):
+            raise KVSqueezeError(f"offload must be 'cpu' (or None), got {offload!r}"
+                                 + (" (the disk tier is not implemented yet)" if offload == "disk" else ""))
+        offload = None if offload == "none" else offload
+        if offload and selector is None:
+            raise KVSqueezeError("offloading needs a decode-time selector (--select quest or attention_predictor): "
+                                 "without one every step attends to every token, so every token would travel")
+        if offload and layer_factory is not None:
+            raise KVSqueezeError("offloading holds full-precision KV in host memory; it does not compose with "
+                                 "quantized storage (--quant) yet")
         attach(model)  # route the model's attention through kvsqueeze during this cache's forwards
         self.awaiting: int | None = None  # the layer whose update ran, waiting for its attention call
         config = model.config.get_text_config()
         self.config = config
         layers = []
         for i, kind in enumerate(layer_types_of(config)):
-            if kind == "full_attention":
+            if kind == "full_attention" and offload and i not in selector.dense_layers:
+                # the KV in host memory, the selector's budget of pages (+ the partial page) in device frames
+                layers.append(OffloadLayer(frames=selector.budget // selector.page + 1, page=selector.page,
+                                           latency_s=offload_latency))
+            elif kind == "full_attention":
                 layers.append((layer_factory or CompressedLayer)())
             elif kind == "sliding_attention":  # compressed too, never holding tokens outside the window
                 layer = (layer_factory or CompressedLayer)()
@@ -105,6 +121,7 @@ class CompressedCache(Cache):
                 raise KVSqueezeError(f"layer {i} is of type {kind!r}, which kvsqueeze's cache does not support")
         super().__init__(layers=layers)
         self.method = method
+        self.offload = offload  # None, or 'cpu': full-attention layers the selector makes sparse live in host memory
         # Decode-time selection (Quest, AttentionPredictor): every stored entry stays, each decoding step attends
         # to the subset `selector.select(...)` returns (see attention.py).
         self.selector = selector
@@ -329,8 +346,32 @@ class CompressedCache(Cache):
         self._index_rows(lambda t: t[indices.to(t.device) if isinstance(indices, torch.Tensor) else indices])
 
     # --- memory -------------------------------------------------------------------------------------
+    def offload_stats(self) -> dict:
+        """Offloading's traffic and memory, summed over the offloaded layers (`storage.offload`): hit_rate (pages
+        a step needed that were already on the device, prefetched or kept from the previous step), pages_per_token
+        and bytes_per_token (host -> device, per decoding step of the whole model), the raw `OffloadCounters`
+        fields, device_kv_bytes / host_kv_bytes (every layer's KV: the non-offloaded layers are all on the device).
+        Raises KVSqueezeError for a cache built without `offload`."""
+        if not self.offload:
+            raise KVSqueezeError("this cache does not offload (build it with offload='cpu')")
+        c = OffloadCounters()
+        for layer in self.layers:
+            if isinstance(layer, OffloadLayer) and layer.is_initialized:
+                c.add(layer.store.counters)
+        st = self.stats()
+        tokens = max(self.decode_step, 1)
+        return {
+            "hit_rate": c.hits / c.needed if c.needed else float("nan"),
+            "pages_per_token": (c.demand_pages + c.prefetch_pages) / tokens,
+            "bytes_per_token": c.bytes_moved / tokens,
+            "decode_steps": self.decode_step,
+            **{f: getattr(c, f) for f in c.__dataclass_fields__},
+            "device_kv_bytes": st.device_kv_bytes,
+            "host_kv_bytes": st.host_kv_bytes,
+        }
+
     def stats(self) -> CacheStats:
-        kv = total = full = 0
+        kv = total = full = host = 0
         stored = []
         for layer in self.layers:
             if isinstance(layer, CompressedLayer):  # read off the slot table and store: nothing dequantized
@@ -342,6 +383,8 @@ class CompressedCache(Cache):
                 itemsize = torch.empty((), dtype=layer.dtype).element_size()
                 full += 2 * b * h * layer.held_tokens() * layer.head_dim * itemsize
                 kv += layer.kv_nbytes()
+                if isinstance(layer, OffloadLayer):
+                    host += layer.offload_bytes()[1]
                 total += sum(_nbytes(t) for t in held.values())
                 stored.append(layer.n_stored)
                 continue
@@ -353,4 +396,4 @@ class CompressedCache(Cache):
             kv += _nbytes(layer.keys) + _nbytes(layer.values)
             total += _nbytes(layer.keys) + _nbytes(layer.values)
             stored.append(layer.keys.shape[-2])
-        return CacheStats(kv, total, full, self.get_seq_length(), stored)
+        return CacheStats(kv, total, full, self.get_seq_length(), stored, host_kv_bytes=host)

@@ -345,17 +345,45 @@ class AttentionPredictor(Selector):
     def _select(self, layer_idx: int, layer, query: torch.Tensor) -> torch.Tensor | None:
         st = self.layer_state(layer_idx, layer)
         n = layer.n_stored
+        ahead = st.pop("next", None)
+        if ahead is not None and ahead[0] == (n, layer.version):  # predicted one step ahead (`predict_next`)
+            return ahead[1]
+        return self._pages(st, layer, n)
+
+    @torch.no_grad()
+    def predict_next(self, layer_idx: int, layer) -> torch.Tensor | None:
+        """The slots (batch, kv_heads, k) the next decoding step of this layer will attend to, or None when it
+        will attend densely: known one token ahead, since the prediction reads only the history (the paper's
+        cross-token prefetch). Call it after this step's `select`; the next step's `select` returns the same
+        indices without predicting again (so the predictor runs once per step either way, with or without
+        offloading, and the selections are identical)."""
+        if layer_idx in self.dense_layers:
+            return None
+        st = self.layer_state(layer_idx, layer)
+        n = layer.n_stored + 1
+        if n <= self.budget:
+            return None
+        idx = self._pages(st, layer, n)
+        if idx is not None:
+            st["next"] = ((n, layer.version), idx)
+        return idx
+
+    def _pages(self, st: dict, layer, n: int) -> torch.Tensor | None:
+        """The selection for a step over `n` slots (the layer's slots as of now, the current token's included,
+        or one more: `predict_next`), from the history in `st`."""
         n_pages = math.ceil(n / self.page)
         sink_pages, local_pages = self.sink // self.page, self.local // self.page
         if n_pages <= sink_pages + local_pages + self.k_pages or "hist" not in st:
             return None
         pred = self.predict(st["hist"], n_pages, st if self.incremental else None)  # (b, hq, middle pages)
         b, hq, wm = pred.shape
-        hk = layer.keys.shape[1]
+        hk = layer.positions.shape[1]
         pred = pred.view(b, hk, hq // hk, wm)
         agg = pred.amax(2) if self.gqa == "max" else pred.mean(2)
-        if layer.valid is not None:
-            vp = torch.nn.functional.pad(layer.valid, (0, n_pages * self.page - n)).view(b, hk, n_pages, -1).any(-1)
+        if layer.valid is not None:  # (the slot of a step ahead is in the local pages, which this does not read)
+            valid = layer.valid[..., :n]
+            vp = torch.nn.functional.pad(valid, (0, n_pages * self.page - valid.shape[-1]))
+            vp = vp.view(b, hk, n_pages, -1).any(-1)
             agg = agg.masked_fill(~vp[..., sink_pages : n_pages - local_pages], float("-inf"))
         top = agg.topk(self.k_pages, dim=-1).indices + sink_pages
         fixed = torch.cat([torch.arange(sink_pages), torch.arange(n_pages - local_pages, n_pages)]).to(top.device)

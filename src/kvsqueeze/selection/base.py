@@ -175,13 +175,16 @@ class Selector:
 
     # --- helpers ---------------------------------------------------------------------------------------
     def full_probs(self, layer_idx: int, layer, query: torch.Tensor) -> torch.Tensor:
-        """(b, hq, n): dense attention of the current query over every stored slot."""
-        return attention_probs(query, layer.keys, self.scale(layer_idx, query), self.softcap, layer.valid)[:, :, 0]
+        """(b, hq, n): dense attention of the current query over every stored slot, computed where the keys are
+        (an offloaded layer's are in host memory) and returned on the query's device."""
+        keys = layer.keys
+        valid = None if layer.valid is None else layer.valid.to(keys.device)
+        p = attention_probs(query.to(keys.device), keys, self.scale(layer_idx, query), self.softcap, valid)
+        return p[:, :, 0].to(query.device)
 
     def sparse_probs(self, layer_idx: int, layer, query: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """(b, hq, n): the attention actually computed over the slots `idx`, zero elsewhere (the sparse row)."""
-        d = layer.keys.shape[-1]
-        keys = layer.keys.gather(2, idx[..., None].expand(*idx.shape, d))
+        keys = layer.selected_keys(idx)  # an offloaded layer reads them from its device frames
         valid = None if layer.valid is None else layer.valid.gather(2, idx)
         p = attention_probs(query, keys, self.scale(layer_idx, query), self.softcap, valid)[:, :, 0]  # (b, hq, k)
         hq, hk = query.shape[1], idx.shape[1]

@@ -57,23 +57,27 @@ class Quest(Selector):
         super().__init__(budget, page=page, dense_layers=dense_layers, track_recovery=track_recovery)
         self.gqa = gqa
 
-    def _metadata(self, layer_idx: int, layer) -> tuple[torch.Tensor, torch.Tensor]:
-        """Min/max of every page, the current partial page included: (b, hk, P, d) each."""
+    def _metadata(self, layer_idx: int, layer, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Min/max of every page, the current partial page included: (b, hk, P, d) each, on `device` (default: the
+        keys'; an offloaded layer's keys are in host memory, the summaries are computed there and moved)."""
         st = self.layer_state(layer_idx, layer)
         p = self.page
         n = layer.n_stored
         full = n // p
         version = layer.version  # moves whenever the layer's slots change other than by appending
         if "kmin" not in st or st.get("version") != version or st["full"] > full:
-            st["kmin"], st["kmax"] = page_minmax(layer.keys[:, :, : full * p], p)
+            keys = layer.keys
+            device = keys.device if device is None else device
+            st["kmin"], st["kmax"] = (t.to(device) for t in page_minmax(keys[:, :, : full * p], p))
         elif st["full"] < full:  # pages completed since the last step
             lo = st["full"] * p
             mn, mx = page_minmax(layer.keys[:, :, lo : full * p], p)
-            st["kmin"], st["kmax"] = torch.cat([st["kmin"], mn], 2), torch.cat([st["kmax"], mx], 2)
+            st["kmin"] = torch.cat([st["kmin"], mn.to(st["kmin"].device)], 2)
+            st["kmax"] = torch.cat([st["kmax"], mx.to(st["kmax"].device)], 2)
         st["full"], st["version"] = full, version
         kmin, kmax = st["kmin"], st["kmax"]
         if n > full * p:  # the partial page holding the current token
-            tail = layer.keys[:, :, full * p :].float()
+            tail = layer.keys[:, :, full * p :].float().to(kmin.device)
             kmin = torch.cat([kmin, tail.amin(2, keepdim=True)], 2)
             kmax = torch.cat([kmax, tail.amax(2, keepdim=True)], 2)
         return kmin, kmax
@@ -84,7 +88,7 @@ class Quest(Selector):
         k_pages = self.budget // self.page
         if k_pages >= n_pages:
             return None
-        kmin, kmax = self._metadata(layer_idx, layer)
+        kmin, kmax = self._metadata(layer_idx, layer, query.device)
         scores = page_scores(query[:, :, 0], kmin, kmax)  # (b, hq, P)
         b, hq, P = scores.shape
         hk = kmin.shape[1]

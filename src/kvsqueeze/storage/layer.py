@@ -144,6 +144,23 @@ class CompressedLayer(DynamicLayer):
         if self.is_initialized and self.store is not None:
             self.store.prefetch(self.device)
 
+    # --- what a decoding step with a selector reads (an offloaded layer gathers from its device frames) ---------
+    def attend_kv(self, idx: torch.Tensor | None, keys: torch.Tensor, values: torch.Tensor):
+        """The keys and values a one-token step attends to: `keys`, `values` (batch, kv_heads, n, head_dim), what
+        `update` returned, at the slots `idx` (batch, kv_heads, k), or whole when idx is None."""
+        if idx is None:
+            return keys, values
+        return (keys.gather(2, idx[..., None].expand(*idx.shape, keys.shape[-1])),
+                values.gather(2, idx[..., None].expand(*idx.shape, values.shape[-1])))
+
+    def selected_keys(self, idx: torch.Tensor) -> torch.Tensor:
+        """Keys (batch, kv_heads, k, head_dim) of the slots `idx` (batch, kv_heads, k) (a selector's sparse row)."""
+        keys = self.keys
+        return keys.gather(2, idx[..., None].expand(*idx.shape, keys.shape[-1]))
+
+    def end_attention(self) -> None:
+        """The attention call of this forward is over (an offloaded layer releases its transient device copy)."""
+
     def reset(self):
         self.store = self._new_store()
         self.is_initialized = False

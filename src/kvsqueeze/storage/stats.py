@@ -20,6 +20,12 @@ class CacheStats:
     full_kv_bytes: int  # keys + values a DynamicCache would hold for the same tokens
     tokens_seen: int
     tokens_stored: list[int] = field(default_factory=list)  # per layer
+    host_kv_bytes: int = 0  # the part of kv_bytes held in host memory (offloaded layers' host tier)
+
+    @property
+    def device_kv_bytes(self) -> int:
+        """Keys + values held on the compute device (`kv_bytes` less the offloaded host tier)."""
+        return self.kv_bytes - self.host_kv_bytes
 
     @property
     def kept_fraction(self) -> float:
@@ -33,4 +39,6 @@ class CacheStats:
             f"KV memory: {self.kv_bytes / mib:.2f} MiB kept of {self.full_kv_bytes / mib:.2f} MiB full "
             f"({100 * self.kept_fraction:.1f}%, {1 / max(self.kept_fraction, 1e-9):.2f}x smaller); "
             f"all cache tensors {self.total_bytes / mib:.2f} MiB; {self.tokens_seen} tokens seen"
+            + (f"; offloaded: {self.device_kv_bytes / mib:.2f} MiB of KV on the device, "
+               f"{self.host_kv_bytes / mib:.2f} MiB in host memory" if self.host_kv_bytes else "")
         )

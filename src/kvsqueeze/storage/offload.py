@@ -1,0 +1,419 @@
+"""Offloaded KV: every slot of a layer in host memory, a fixed budget of pages of it on the compute device.
+
+Two tiers per layer (AttentionPredictor's offloading setting, Yang et al. 2025, section "cross-token critical cache
+prefetching"; FlexGen / InfiniGen / ShadowKV keep the full KV on the host the same way):
+
+- **host tier**: keys and values of every slot, (batch, kv_heads, capacity, head_dim) in the model's dtype, in
+  page-locked (pinned) CPU memory when the compute device is CUDA (plain CPU memory otherwise). Appends write in
+  place; the capacity grows by a quarter when full.
+- **device tier**: `frames` page frames of `page` slots each, allocated once, (batch, kv_heads, frames * page,
+  head_dim) on the compute device, and a page table per (row, kv head): `page_frame` (batch, kv_heads, pages) long,
+  the frame holding a page or -1, and `frame_page` (batch, kv_heads, frames), the page a frame holds or -1. The
+  table lives on the host (the decisions: which pages to copy) and is mirrored on the device (the gather of a
+  step's slots from the frames, without a host round trip).
+
+A page (16 slots by default, `selection.base`) is the unit that travels. `gather(idx)` returns the keys and values of
+the slots `idx` (batch, kv_heads, k) from the frames, copying first (on demand) the pages not resident; `prefetch`
+copies a page set ahead (the next step's pages, predicted by AttentionPredictor) without blocking: on CUDA on a side
+stream, the next `gather` waiting on its event; elsewhere synchronously through the same code (optionally delayed by
+`latency_s` per copy, a simulated slow link for tests). Only pages not already resident travel, into frames whose
+pages are not needed (free frames first). A resident page always equals its host copy for every slot stored: a
+decoding step writes its token into the host tier and, when the page is resident, into its frame.
+
+When more pages are needed than there are frames (a dense step over more slots than the budget), the slots needed
+are copied from the host tier for that step only (counted in `OffloadCounters.full_fetches`).
+
+`OffloadLayer` is the `CompressedLayer` over this store (see its docstring for what a forward reads). Only
+full-precision storage: a quantized host tier is not implemented (`--quant` with `--offload` is refused upstream).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .layer import CompressedLayer
+from .slots import take
+from .stores import KVStore, nbytes
+
+
+@dataclass
+class OffloadCounters:
+    """Page traffic of offloaded layers (summed over layers by `CompressedCache.offload_stats`).
+
+    needed: pages a step attended to (per row and kv head, every offloaded layer); hits: those already resident when
+    the step asked (a prefetched page counts as a hit); demand_pages / prefetch_pages: pages copied host -> device
+    on demand / ahead; bytes_moved: host -> device bytes (keys + values, pages and full fetches); full_fetches:
+    steps that needed more pages than frames (their slots copied for that step only); steps: offloaded layer-steps
+    (one per layer and decoding step)."""
+
+    needed: int = 0
+    hits: int = 0
+    demand_pages: int = 0
+    prefetch_pages: int = 0
+    bytes_moved: int = 0
+    full_fetches: int = 0
+    steps: int = 0
+
+    def add(self, other: "OffloadCounters") -> "OffloadCounters":
+        for f in self.__dataclass_fields__:
+            setattr(self, f, getattr(self, f) + getattr(other, f))
+        return self
+
+
+class CopyEngine:
+    """Host -> device copies: on CUDA, prefetches run on a side stream and `wait()` makes the current stream wait
+    for the last one's event; on another device every copy is synchronous (after `latency_s` seconds of simulated
+    link latency, 0 by default)."""
+
+    def __init__(self, device, latency_s: float = 0.0):
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
+        self.stream = torch.cuda.Stream(self.device) if self.cuda else None
+        self.latency_s = float(latency_s)
+        self.pending = None  # the last prefetch's CUDA event
+
+    def run(self, fn, background: bool) -> None:
+        """Run the copy function `fn()`: on the side stream (after the work already queued on the current stream,
+        whose frames it may overwrite) when `background` and on CUDA, else now on the current stream."""
+        if self.latency_s:
+            time.sleep(self.latency_s)
+        if self.cuda and background:
+            main = torch.cuda.current_stream(self.device)
+            with torch.cuda.stream(self.stream):
+                self.stream.wait_stream(main)
+                fn()
+                self.pending = self.stream.record_event()
+            return
+        self.wait()
+        fn()
+
+    def wait(self) -> None:
+        """Make the current stream wait for the last prefetch (nothing to wait for off CUDA)."""
+        if self.pending is not None:
+            torch.cuda.current_stream(self.device).wait_event(self.pending)
+            self.pending = None
+
+
+class OffloadStore(KVStore):
+    """Host tier + device page frames of one layer (see the module docstring).
+
+    frames: page frames on the device (the budget in pages, plus the partial page: `budget // page + 1`); page:
+    slots per page; host: the host device ('cpu'); latency_s: simulated latency per copy off CUDA."""
+
+    ragged_heads = False  # every head keeps the layer's slots; a per-head budget hides (the table's valid)
+
+    def __init__(self, frames: int, page: int = 16, host: str = "cpu", latency_s: float = 0.0):
+        if frames < 2:
+            raise ValueError(f"an offloaded layer needs at least 2 page frames, got {frames}")
+        self.frames, self.page, self.host = int(frames), int(page), torch.device(host)
+        self.latency_s = latency_s
+        self.counters = OffloadCounters()
+        self.n = 0
+        self.kh = self.vh = None  # host tier (b, h, capacity, d)
+        self.kd = self.vd = None  # device frames (b, h, frames * page, d)
+        self._d2h = None  # CUDA event of the last device -> host write
+
+    # --- set-up --------------------------------------------------------------------------------------------
+    def init(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """An empty store for tensors shaped like keys, values (batch, kv_heads, q, head_dim) on the compute
+        device (their device), in their dtype."""
+        b, h, _, d = keys.shape
+        self.device, self.dtype = keys.device, keys.dtype
+        self.pin = keys.device.type == "cuda"
+        self.engine = CopyEngine(keys.device, self.latency_s)
+        self.b, self.h, self.dk, self.dv = b, h, d, values.shape[-1]
+        self.n = 0
+        self.kh, self.vh = self._host_empty(0)
+        self.kd = self.vd = None
+        self._flush()
+
+    def _host_empty(self, cap: int):
+        cap = -(-cap // self.page) * self.page
+        kw = dict(dtype=self.dtype, device=self.host, pin_memory=self.pin)
+        return (torch.empty(self.b, self.h, cap, self.dk, **kw), torch.empty(self.b, self.h, cap, self.dv, **kw))
+
+    @property
+    def capacity(self) -> int:
+        return self.kh.shape[2]
+
+    def _flush(self) -> None:
+        """Forget what the frames hold (after any change of which slots are stored other than an append)."""
+        pages = self.capacity // self.page
+        self.page_frame = torch.full((self.b, self.h, pages), -1, dtype=torch.long)
+        self.frame_page = torch.full((self.b, self.h, self.frames), -1, dtype=torch.long)
+        self.page_frame_dev = self.page_frame.to(self.device)
+
+    def _grow(self, n: int) -> None:
+        """Room for `n` slots in the host tier (growing by a quarter), the page tables widened to match."""
+        if n <= self.capacity:
+            return
+        kh, vh = self._host_empty(max(n, self.capacity + self.capacity // 4, 4 * self.page))
+        self._sync_host()
+        kh[:, :, : self.n], vh[:, :, : self.n] = self.kh[:, :, : self.n], self.vh[:, :, : self.n]
+        self.kh, self.vh = kh, vh
+        extra = self.capacity // self.page - self.page_frame.shape[2]
+        pad = torch.full((self.b, self.h, extra), -1, dtype=torch.long)
+        self.page_frame = torch.cat([self.page_frame, pad], 2)
+        self.page_frame_dev = torch.cat([self.page_frame_dev, pad.to(self.device)], 2)
+
+    def _frames(self):
+        if self.kd is None:
+            s = self.frames * self.page
+            self.kd = torch.zeros(self.b, self.h, s, self.dk, dtype=self.dtype, device=self.device)
+            self.vd = torch.zeros(self.b, self.h, s, self.dv, dtype=self.dtype, device=self.device)
+        return self.kd, self.vd
+
+    def _sync_host(self) -> None:
+        """Wait until the device -> host writes issued so far have landed (CUDA: they are asynchronous)."""
+        if self._d2h is not None:
+            self._d2h.synchronize()
+            self._d2h = None
+
+    # --- protocol --------------------------------------------------------------------------------------------
+    def append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """New slots (batch, kv_heads, q, head_dim) on the compute device: written into the host tier (and, for a
+        single token whose page is resident, into its frame; several tokens: the frames are forgotten)."""
+        q, n0 = keys.shape[2], self.n
+        self.engine.wait()  # a prefetch may be writing the frames and the page table's mirror
+        self._grow(n0 + q)
+        self.kh[:, :, n0 : n0 + q].copy_(keys, non_blocking=self.pin)
+        self.vh[:, :, n0 : n0 + q].copy_(values, non_blocking=self.pin)
+        if self.pin:
+            self._d2h = torch.cuda.current_stream(self.device).record_event()
+        self.n = n0 + q
+        if q > 1:
+            self._flush()
+            return
+        if self.kd is None:
+            return
+        p, off = divmod(n0, self.page)
+        fr = self.page_frame_dev[:, :, p]  # (b, h)
+        resident = (fr >= 0)[..., None, None]
+        slot = (fr.clamp(min=0) * self.page + off)[..., None]  # (b, h, 1)
+        for dev, new in ((self.kd, keys), (self.vd, values)):
+            j = slot[..., None].expand(*slot.shape, dev.shape[-1])
+            dev.scatter_(2, j, torch.where(resident, new.to(dev.dtype), dev.gather(2, j)))
+
+    def view(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every slot from the host tier (batch, kv_heads, n, head_dim), on the host device."""
+        self._sync_host()
+        return self.kh[:, :, : self.n], self.vh[:, :, : self.n]
+
+    def keep(self, idx: torch.Tensor, held: torch.Tensor | None = None) -> None:
+        k, v = self.view()
+        idx = idx.to(self.host)
+        self._replace(take(k, idx), take(v, idx))
+
+    def index_batch(self, fn) -> None:
+        k, v = self.view()
+        k, v = fn(k), fn(v)
+        self.b = k.shape[0]
+        self.kd = self.vd = None
+        self._replace(k, v)
+
+    def _replace(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Hold exactly the slots k, v (b, h, n, d) (host copies); the frames are forgotten."""
+        self.n = 0
+        self.kh, self.vh = self._host_empty(k.shape[2])
+        self._flush()
+        self.kh[:, :, : k.shape[2]], self.vh[:, :, : k.shape[2]] = k, v
+        self.n = k.shape[2]
+
+    def set_dense(self, which: int, t: torch.Tensor) -> None:
+        """Replace every slot's keys (which=0) or values (1) with `t` (batch, kv_heads, n, d)."""
+        k, v = self.view()
+        k, v = (t, v) if which == 0 else (k, t)
+        if k.shape[2] != v.shape[2]:  # the other half follows once it is assigned too
+            v = v.new_zeros(*v.shape[:2], k.shape[2], v.shape[-1]) if which == 0 else v
+            k = k.new_zeros(*k.shape[:2], v.shape[2], k.shape[-1]) if which == 1 else k
+        self._replace(k.to(self.host), v.to(self.host))
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out = {"keys": self.kh, "values": self.vh}
+        if self.kd is not None:
+            out.update(frame_keys=self.kd, frame_values=self.vd)
+        return out
+
+    def host_nbytes(self) -> int:
+        """Bytes of the host tier (its capacity: what is allocated)."""
+        return nbytes(self.kh) + nbytes(self.vh)
+
+    def device_nbytes(self) -> int:
+        """Bytes of the device frames (0 before the first decoding step)."""
+        return nbytes(self.kd) + nbytes(self.vd)
+
+    def offload(self) -> None:
+        """Free the device frames (the host tier holds everything)."""
+        self.kd = self.vd = None
+        self._flush()
+
+    def prefetch(self, device) -> None:
+        """Nothing to bring back: pages travel per step (`gather`, `prefetch_pages`)."""
+
+    # --- the device tier -------------------------------------------------------------------------------------
+    def _need(self, pages: torch.Tensor) -> torch.Tensor:
+        """(b, h, k) page indices (host) -> (b, h, pages of the table) bool."""
+        need = torch.zeros(self.page_frame.shape, dtype=torch.bool)
+        return need.scatter_(2, pages, True)
+
+    def _make_resident(self, need: torch.Tensor, background: bool) -> bool:
+        """Copy the pages marked in `need` (b, h, P) that are not resident into frames whose pages are not needed.
+        Returns False (nothing done) when a (row, head) needs more pages than there are frames."""
+        if int(need.sum(-1).max()) > self.frames:
+            return False
+        miss = need & (self.page_frame < 0)
+        if not bool(miss.any()):
+            return True
+        fp = self.frame_page
+        keep = (fp >= 0) & need.gather(2, fp.clamp(min=0))
+        order = keep.to(torch.int8).argsort(dim=-1, stable=True)  # frames holding no needed page first
+        rank = miss.long().cumsum(-1) - 1
+        bi, hi, p = miss.nonzero(as_tuple=True)
+        fr = order[bi, hi, rank[bi, hi, p]]
+        old = fp[bi, hi, fr]
+        had = old >= 0
+        self.page_frame[bi[had], hi[had], old[had]] = -1
+        self.page_frame[bi, hi, p] = fr
+        fp[bi, hi, fr] = p
+        m = p.shape[0]
+        if background:
+            self.counters.prefetch_pages += m
+        else:
+            self.counters.demand_pages += m
+        self.counters.bytes_moved += m * self.page * (self.dk + self.dv) * self.kh.element_size()
+        self._sync_host()
+        ar = torch.arange(self.page)
+        src = ((bi * self.h + hi) * self.capacity)[:, None] + p[:, None] * self.page + ar  # (m, page) host slots
+        kst = torch.empty(m * self.page, self.dk, dtype=self.dtype, pin_memory=self.pin)
+        vst = torch.empty(m * self.page, self.dv, dtype=self.dtype, pin_memory=self.pin)
+        torch.index_select(self.kh.view(-1, self.dk), 0, src.view(-1), out=kst)
+        torch.index_select(self.vh.view(-1, self.dv), 0, src.view(-1), out=vst)
+        dst = ((bi * self.h + hi) * (self.frames * self.page))[:, None] + fr[:, None] * self.page + ar
+        pages = self.page_frame.shape[2]
+        row = bi * self.h + hi
+        cleared = (row[had] * pages + old[had]), (row * pages + p)
+
+        def copy():
+            kd, vd = self._frames()
+            dev = self.device
+            kd.view(-1, self.dk).index_copy_(0, dst.view(-1).to(dev, non_blocking=self.pin),
+                                             kst.to(dev, non_blocking=self.pin))
+            vd.view(-1, self.dv).index_copy_(0, dst.view(-1).to(dev, non_blocking=self.pin),
+                                             vst.to(dev, non_blocking=self.pin))
+            mirror = self.page_frame_dev.view(-1)
+            mirror[cleared[0].to(dev, non_blocking=self.pin)] = -1
+            mirror[cleared[1].to(dev, non_blocking=self.pin)] = fr.to(dev, non_blocking=self.pin)
+
+        self.engine.run(copy, background)
+        return True
+
+    def gather(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values (batch, kv_heads, k, head_dim) on the compute device of the slots `idx` (batch,
+        kv_heads, k) long (any slots < n, in any order), from the frames; the pages not resident are copied first
+        (on demand). More pages than frames: the slots are copied from the host tier for this step only."""
+        self.counters.steps += 1
+        idx_h = idx.to(self.host)
+        need = self._need(idx_h // self.page)
+        self.counters.needed += int(need.sum())
+        self.counters.hits += int((need & (self.page_frame >= 0)).sum())
+        self.engine.wait()
+        if not self._make_resident(need, background=False):
+            k, v = self.view()
+            self.counters.full_fetches += 1
+            self.counters.bytes_moved += idx.numel() * (self.dk + self.dv) * self.kh.element_size()
+            return take(k, idx_h).to(self.device), take(v, idx_h).to(self.device)
+        self.engine.wait()
+        kd, vd = self._frames()
+        slot = self.page_frame_dev.gather(2, idx // self.page) * self.page + idx % self.page
+        return take(kd, slot), take(vd, slot)
+
+    def prefetch_slots(self, idx: torch.Tensor) -> None:
+        """Start copying the pages of the slots `idx` (batch, kv_heads, k) long (on any device; slots of the next
+        step may lie one past the slots stored) that are not resident into frames, without waiting (CUDA: a side
+        stream after the work queued so far; the next `gather` or decode append waits for it)."""
+        pages = (idx.to(self.host) // self.page).clamp(0, self.page_frame.shape[2] - 1)
+        self._make_resident(self._need(pages), background=True)
+
+
+class OffloadLayer(CompressedLayer):
+    """A `CompressedLayer` whose slots live in an `OffloadStore` (host tier + device page frames).
+
+    What the model's attention reads: a forward of several tokens (prefill chunk, appended question) attends to
+    every slot, on the device for that forward only (`keys` / `values` are then that transient; released by
+    `end_attention`); a one-token forward (a decoding step) reads only what `attend_kv(idx)` gathers from the
+    frames. Outside a forward, `keys` / `values` are the host tier (what a calibration row or a page summary
+    reads). frames, page, latency_s: see `OffloadStore`."""
+
+    def __init__(self, frames: int, page: int = 16, latency_s: float = 0.0, host: str = "cpu"):
+        self.offload_args = dict(frames=frames, page=page, latency_s=latency_s, host=host)
+        super().__init__(store_factory=lambda: OffloadStore(**self.offload_args))
+        self._forward_kv = None  # (keys, values) on the device during a multi-token forward
+        self._gathered = None  # (idx, keys, values) of the current step
+
+    def _kv(self, i: int):
+        if self._forward_kv is not None:
+            return self._forward_kv[i]
+        return super()._kv(i)
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        n0, q = self.n_stored, key_states.shape[-2]
+        self.store.append(key_states, value_states)
+        self._track_new(q)
+        self._gathered = None
+        if q == 1:  # a decoding step: the attention wrapper gathers the selected slots (`attend_kv`)
+            return self.store._frames()
+        if n0 == 0:
+            self._forward_kv = (key_states, value_states)
+        else:
+            k, v = self.store.view()
+            self._forward_kv = (k.to(key_states.device), v.to(value_states.device))
+        return self._forward_kv
+
+    def keep(self, idx, visible=None) -> None:
+        self._forward_kv = self._gathered = None
+        super().keep(idx, visible)
+
+    def _index_batch(self, fn):
+        self._forward_kv = self._gathered = None
+        super()._index_batch(fn)
+
+    def reset(self):
+        self._forward_kv = self._gathered = None
+        super().reset()
+
+    def attend_kv(self, idx, keys, values):
+        """The keys and values a one-token step attends to: the slots `idx` (batch, kv_heads, k), or every slot
+        (idx None), gathered from the frames."""
+        if idx is None:
+            b, h, n = self.positions.shape
+            idx = torch.arange(n, device=self.positions.device).expand(b, h, n)
+        g = self._gathered
+        if g is None or g[0] is not idx:
+            k, v = self.store.gather(idx)
+            self._gathered = g = (idx, k, v)
+        return g[1], g[2]
+
+    def selected_keys(self, idx):
+        return self.attend_kv(idx, None, None)[0]
+
+    def end_attention(self) -> None:
+        self._forward_kv = self._gathered = None
+
+    def prefetch_slots(self, idx: torch.Tensor) -> None:
+        """Copy ahead the pages of the slots `idx` (batch, kv_heads, k) the next step will attend to (see
+        `OffloadStore.prefetch_slots`)."""
+        self.store.prefetch_slots(idx)
+
+    def offload_bytes(self) -> tuple[int, int]:
+        """(bytes on the compute device, bytes on the host) of keys and values."""
+        if not self.is_initialized:
+            return 0, 0
+        return self.store.device_nbytes(), self.store.host_nbytes()
+
+    def stack_rows(self, rows, room: int = 0) -> None:
+        raise NotImplementedError("offloaded layers are not stacked (the sweep's merged batch); decode per sample")
