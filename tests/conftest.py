@@ -37,6 +37,11 @@ class Spy:
     def __init__(self, inner):
         self.inner, self.calls = inner, []
 
+    def __getattr__(self, name):  # budget, page, dense_layers, predict_next ...: the inner selector's
+        if name == "inner":
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
     def setup(self, model):
         self.inner.setup(model)
 

@@ -99,6 +99,9 @@ class CompressedCache(Cache):
         if offload and layer_factory is not None:
             raise KVSqueezeError("offloading holds full-precision KV in host memory; it does not compose with "
                                  "quantized storage (--quant) yet")
+        if offload and not all(hasattr(selector, a) for a in ("budget", "page", "dense_layers")):
+            raise KVSqueezeError(f"offloading sizes its device frames from the selector's budget, page and "
+                                 f"dense_layers, which {type(selector).__name__} does not have")
         attach(model)  # route the model's attention through kvsqueeze during this cache's forwards
         self.awaiting: int | None = None  # the layer whose update ran, waiting for its attention call
         config = model.config.get_text_config()

@@ -334,8 +334,10 @@ class OffloadStore(KVStore):
         """Start copying the pages of the slots `idx` (batch, kv_heads, k) long (on any device; slots of the next
         step may lie one past the slots stored) that are not resident into frames, without waiting (CUDA: a side
         stream after the work queued so far; the next `gather` or decode append waits for it)."""
-        pages = (idx.to(self.host) // self.page).clamp(0, self.page_frame.shape[2] - 1)
-        self._make_resident(self._need(pages), background=True)
+        idx = idx.to(self.host)
+        self.engine.wait()  # the previous prefetch's mirror writes come first
+        self._grow(int(idx.max()) + 1)  # the next token may open a page: room in the page table for it
+        self._make_resident(self._need(idx // self.page), background=True)
 
 
 class OffloadLayer(CompressedLayer):

@@ -1,0 +1,152 @@
+"""Offloaded KV (issue 13): the host tier + device page frames (storage/offload.py), AttentionPredictor's
+cross-token prefetch and Quest's on-demand fetch, on tiny random Llamas on the CPU (the copies go through the same
+code as on CUDA, synchronously)."""
+
+import math
+
+import pytest
+import torch
+
+import kvsqueeze as kq
+from kvsqueeze.errors import KVSqueezeError
+from kvsqueeze.quant import parse_quant
+from kvsqueeze.selection import AttentionPredictor, PredictorNet, Quest
+from kvsqueeze.selection.base import Selector, pages_to_slots
+from kvsqueeze.storage.offload import OffloadLayer
+
+from conftest import Spy, kv, tiny_llama
+
+
+def _net(seed=0, scale=0.3):
+    torch.manual_seed(seed)
+    net = PredictorNet()
+    for p in net.parameters():
+        p.data.normal_(0, scale)
+    return net.eval()
+
+
+def _selector(kind, budget=96):
+    if kind == "quest":
+        return Quest(budget)
+    return AttentionPredictor(budget, predictor=_net(), sink=16, local=32)
+
+
+@torch.no_grad()
+def _decode(model, selector, ids, steps=12, offload=None, method=None, chunk_size=None, latency=0.0):
+    """Greedy decoding: (logits (steps, batch, vocab), tokens (steps, batch), the cache)."""
+    cache = kq.CompressedCache(model, method, selector=selector, offload=offload, offload_latency=latency)
+    logits = kq.prefill(model, cache, ids, chunk_size=chunk_size)
+    out, toks = [], []
+    tok = logits.argmax(-1, keepdim=True)
+    for _ in range(steps):
+        lg = model(input_ids=tok, **kv(cache), use_cache=True).logits[:, -1]
+        out.append(lg)
+        tok = lg.argmax(-1, keepdim=True)
+        toks.append(tok[:, 0])
+    return torch.stack(out), torch.stack(toks), cache
+
+
+@pytest.mark.parametrize("kind", ["quest", "ap"])
+@pytest.mark.parametrize("case", ["plain", "chunked+snapkv", "batch2"])
+def test_offloaded_answers_equal_on_device_selection(kind, case):
+    """Same selector, same budget: the offloaded cache attends to the same pages, so the greedy tokens and the
+    logits are identical (bit for bit) to on-device selection."""
+    model = tiny_llama(layers=4)
+    torch.manual_seed(1)
+    ids = torch.randint(0, 101, (2 if case == "batch2" else 1, 200))
+    kw = {}
+    if case == "chunked+snapkv":  # prefill in chunks (a chunk after the first reads the host tier), evicting
+        kw = dict(method=kq.get_method("snapkv", compression_ratio=0.25), chunk_size=96)
+    ref_sel, off_sel = Spy(_selector(kind)), Spy(_selector(kind))
+    ref, ref_toks, _ = _decode(model, ref_sel, ids, **kw)
+    out, toks, cache = _decode(model, off_sel, ids, offload="cpu", **kw)
+    assert any(isinstance(layer, OffloadLayer) for layer in cache.layers)
+    assert torch.equal(toks, ref_toks)
+    assert torch.equal(out, ref)
+    sparse = [(li, n, idx) for li, n, idx in off_sel.calls if idx is not None]
+    assert sparse and len(sparse) == len([c for c in ref_sel.calls if c[2] is not None])
+    for (li, n, idx), (li2, n2, idx2) in zip(sparse, [c for c in ref_sel.calls if c[2] is not None]):
+        assert (li, n) == (li2, n2) and torch.equal(idx, idx2)  # the same pages attended
+
+
+def test_prefetch_makes_every_step_after_the_first_a_hit():
+    """AttentionPredictor: each step's pages are copied during the previous step, so only the first decoding step
+    (no prediction ahead of it) fetches on demand; Quest (needs the current query) fetches on demand only."""
+    model = tiny_llama(layers=4)
+    ids = torch.randint(0, 101, (1, 300))
+    _, _, ap = _decode(model, _selector("ap"), ids, steps=20, offload="cpu")
+    s = ap.offload_stats()
+    offloaded = sum(isinstance(layer, OffloadLayer) for layer in ap.layers)  # layers 2, 3 (0, 1 dense)
+    first_step = offloaded * 2 * (96 // 16)  # every page of the first step, per kv head
+    assert s["demand_pages"] == first_step
+    assert s["prefetch_pages"] > 0 and s["full_fetches"] == 0
+    assert s["hits"] == s["needed"] - first_step
+    assert s["needed"] == 20 * offloaded * 2 * (96 // 16)
+    _, _, q = _decode(model, _selector("quest"), ids, steps=20, offload="cpu")
+    sq = q.offload_stats()
+    assert sq["prefetch_pages"] == 0 and sq["demand_pages"] > 0
+    assert sq["demand_pages"] == sq["needed"] - sq["hits"]
+    assert sq["bytes_per_token"] == sq["demand_pages"] * 16 * 2 * 16 * 4 / 20  # pages x slots x (k+v) x d x fp32
+
+
+class FixedPages(Selector):
+    """Attends to pages 0, 1 and the last (partial) page: the same pages every step until a new page opens."""
+
+    name = "fixed"
+
+    def _select(self, layer_idx, layer, query):
+        n = layer.n_stored
+        last = math.ceil(n / 16) - 1
+        b, h = layer.positions.shape[:2]
+        pages = torch.tensor([0, 1, last]).expand(b, h, 3)
+        return pages_to_slots(pages, n, 16)
+
+
+def test_only_changed_pages_travel_and_device_memory_is_fixed():
+    model = tiny_llama(layers=4)
+    ids = torch.randint(0, 101, (1, 200))  # 12.5 pages: the first step's last page is page 12
+    steps = 40  # slots 200..239: pages 13 and 14 open at slots 208 and 224
+    cache = kq.CompressedCache(model, selector=FixedPages(64), offload="cpu")
+    tok = kq.prefill(model, cache, ids).argmax(-1, keepdim=True)
+    device_bytes = []
+    with torch.no_grad():
+        for _ in range(steps):
+            tok = model(input_ids=tok, **kv(cache), use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
+            device_bytes.append(sum(layer.offload_bytes()[0] for layer in cache.layers
+                                    if isinstance(layer, OffloadLayer)))
+    s = cache.offload_stats()
+    per_layer_head = 3 + 2  # first step: pages 0, 1, 12; then pages 13 and 14 as they open
+    assert s["demand_pages"] == 2 * 2 * per_layer_head  # 2 offloaded layers x 2 kv heads
+    assert len(set(device_bytes)) == 1  # frames allocated once
+    frames = 64 // 16 + 1  # the budget's pages + the partial page
+    assert device_bytes[0] == 2 * (2 * 2 * frames * 16 * 16 * 4)  # 2 layers x (k + v) x 2 heads x frames x d x fp32
+    dense_layers = 2 * 2 * (2 * 240 * 16) * 4  # layers 0, 1 (dense) stay on the device: (b, h, n, d) keys + values
+    assert s["device_kv_bytes"] == device_bytes[-1] + dense_layers
+    assert s["host_kv_bytes"] >= 2 * 2 * 2 * 240 * 16 * 4  # the offloaded layers' every slot, in host memory
+    st = cache.stats()
+    assert st.device_kv_bytes + st.host_kv_bytes == st.kv_bytes
+
+
+def test_simulated_slow_link_changes_time_not_answers():
+    model = tiny_llama(layers=4)
+    ids = torch.randint(0, 101, (1, 200))
+    ref, _, _ = _decode(model, _selector("ap"), ids, steps=6, offload="cpu")
+    import time
+
+    t0 = time.perf_counter()
+    out, _, cache = _decode(model, _selector("ap"), ids, steps=6, offload="cpu", latency=0.01)
+    copies = 2 * 6  # at most one copy per offloaded layer and step (the first on demand, then prefetches)
+    assert time.perf_counter() - t0 >= 0.01 * min(copies, 2)
+    assert torch.equal(out, ref)
+
+
+def test_offload_refusals():
+    model = tiny_llama(layers=4)
+    with pytest.raises(KVSqueezeError, match="decode-time selector"):
+        kq.CompressedCache(model, offload="cpu")
+    with pytest.raises(KVSqueezeError, match="quantized storage"):
+        kq.CompressedCache(model, selector=Quest(64), offload="cpu", layer_factory=parse_quant("kivi-4").layer_factory)
+    with pytest.raises(KVSqueezeError, match="disk tier is not implemented"):
+        kq.CompressedCache(model, selector=Quest(64), offload="disk")
+    with pytest.raises(KVSqueezeError, match="does not offload"):
+        kq.CompressedCache(model, selector=Quest(64)).offload_stats()
