@@ -150,3 +150,58 @@ def test_offload_refusals():
         kq.CompressedCache(model, selector=Quest(64), offload="disk")
     with pytest.raises(KVSqueezeError, match="does not offload"):
         kq.CompressedCache(model, selector=Quest(64)).offload_stats()
+
+
+# --- sweep and CLI -----------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    from conftest import save_tiny_llama_with_smollm2_tokenizer
+
+    return save_tiny_llama_with_smollm2_tokenizer(tmp_path_factory.mktemp("tiny-llama"))
+
+
+def test_sweep_offloaded_rows_answer_as_on_device_selection(tiny_dir, tmp_path):
+    """`make_pairs(..., offload='cpu')`: every pair offloaded (shared prefill and re-prefill alike), keys marked,
+    answers those of on-device selection; a grid with a dense pair or --quant is refused."""
+    from conftest import loaded_in_own_cache
+    from kvsqueeze.evaluation import make_pairs, run_sweep
+    from kvsqueeze.tasks import TaskConfig, build_samples
+
+    with loaded_in_own_cache(tiny_dir, tmp_path) as (model, tok):
+        samples = build_samples(tok, "passkey", TaskConfig(length=400, samples=2))
+        for s in samples:
+            s.max_new_tokens = 5
+        kw = dict(selects=[("quest", 64)])
+        runs = {}
+        for off in (None, "cpu"):
+            pairs = make_pairs(["full", "snapkv"], [0.25], offload=off, **kw)
+            assert all(('"offload": "cpu"' in p.params_json) == (off == "cpu") for p in pairs)
+            for share in (True, False):
+                runs[off, share] = run_sweep(model, tok, samples, pairs, None, model_name="tiny", progress=False,
+                                             keep_answers=True, code_version="t", share_prefill=share)
+        ref = sorted(runs[None, True].answers.values())
+        assert ref == sorted(runs["cpu", True].answers.values()) == sorted(runs["cpu", False].answers.values())
+    with pytest.raises(KVSqueezeError, match="needs --select"):
+        make_pairs(["full"], [0.0], selects=["none", ("quest", 64)], offload="cpu")
+    with pytest.raises(KVSqueezeError, match="--quant"):
+        make_pairs(["full"], [0.0], quants=["kivi-4"], selects=[("quest", 64)], offload="cpu")
+
+
+def test_cli_generate_offload(tiny_dir, tmp_path):
+    from click.testing import CliRunner
+
+    from conftest import assert_one_error_line, own_cache
+    from kvsqueeze.cli import main
+
+    ctx = tmp_path / "ctx.txt"
+    ctx.write_text("The grass is green. The sky is blue. " * 60 + "The pass key is 71432. " + "Here we go. " * 40)
+    args = ["generate", "--model", str(tiny_dir), "--method", "full", "--context-file", str(ctx), "--question",
+            "What is the pass key?", "--max-new-tokens", "6", "--select", "quest", "--select-budget", "64"]
+    with own_cache(tmp_path / "cache"):
+        dense = CliRunner().invoke(main, args)
+        off = CliRunner().invoke(main, args + ["--offload", "cpu"])
+    assert dense.exit_code == 0 and off.exit_code == 0, off.output
+    assert off.output.splitlines()[0] == dense.output.splitlines()[0]  # the same answer
+    assert "offloaded:" in off.output and "prefetch hit rate" in off.output and "KV offloaded to cpu" in off.output
+    assert_one_error_line(args[:-4] + ["--offload", "cpu"], "--offload needs --select")
+    assert_one_error_line(args + ["--offload", "cpu", "--quant", "kivi-4"], "does not compose with --quant")

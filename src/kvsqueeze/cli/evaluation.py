@@ -9,7 +9,7 @@ import click
 
 from ..errors import KVSqueezeError
 from ..models import DEFAULT_MODEL
-from .options import _floats, _quants, build_method, method_options
+from .options import _floats, _quants, build_method, method_options, offload_option
 
 DEFAULT_RESULTS = "results/kvsqueeze.sqlite"
 
@@ -91,6 +91,7 @@ def task_options(f):
         click.option("--code-version", default=None,
                      help="Override the code version in the result keys (default: package version + git commit)."),
         click.option("--quiet", is_flag=True, help="No progress bar."),
+        offload_option,  # --offload
         device_options,  # --device, --dtype, --attn-implementation
     ]
     for o in reversed(opts):
@@ -100,7 +101,7 @@ def task_options(f):
 
 def _run(pairs, *, model, tasks, length, samples, seed, haystack_dir, niah_lengths, niah_depths, ppl_tokens,
          results, query_aware, chunk_size, no_share_prefill, batch_size, code_version, quiet, quant=None,
-         select=None, select_budget=None, device="cpu", dtype="auto", attn_implementation="sdpa"):
+         select=None, select_budget=None, device="cpu", dtype="auto", attn_implementation="sdpa", offload=None):
     from ..devices import resolve_attn, resolve_device, resolve_dtype
     from ..tasks import TaskConfig, expand_tasks
     from ..evaluation.distributed import init_distributed
@@ -202,7 +203,7 @@ def register(main: click.Group) -> None:
         m = build_method(method, compression_ratio, budget, exempt_layers, compression_interval)
         quants, selects = _quants(kw["quant"]), _selects(kw["select"], kw["select_budget"])
         pairs = make_pairs([m], [compression_ratio], query_aware=kw["query_aware"], quants=quants,
-                           selects=selects)
+                           selects=selects, offload=kw["offload"])
         if reference and (m.name != "full" or quants != [None] or selects != [(None, None)]):
             ref = make_pairs(["full"], [0.0], query_aware=kw["query_aware"])
             pairs = ref + [p for p in pairs if p.params_json != ref[0].params_json or p.name != "full"]
@@ -229,7 +230,7 @@ def register(main: click.Group) -> None:
         rs = _floats(compression_ratios, "--compression-ratios", 0.0, 1.0, True)
         built = [build_method(n, rs[0], None, exempt_layers, compression_interval) for n in names]  # validates names
         pairs = make_pairs([b for b in built], rs, query_aware=kw["query_aware"], quants=_quants(kw["quant"]),
-                           selects=_selects(kw["select"], kw["select_budget"]))
+                           selects=_selects(kw["select"], kw["select_budget"]), offload=kw["offload"])
         _run(pairs, **kw)
 
 

@@ -10,7 +10,7 @@ import click
 from ..devices import device_options, resolve_attn, resolve_device, resolve_dtype
 from ..errors import KVSqueezeError
 from ..models import DEFAULT_MODEL, MODELS
-from .options import build_method, method_options
+from .options import build_method, method_options, offload_option
 
 
 def config_values(ctx, path) -> dict:
@@ -131,6 +131,7 @@ def models():
 @click.option("--select-budget", type=click.IntRange(min=32), default=512, show_default=True,
               help="Tokens each decoding step attends to with --select, in whole pages of 16 consecutive tokens "
                    "(rounded down to a multiple of 16; at least two pages).")
+@offload_option
 @device_options
 @click.option("--compile", "compiled", is_flag=True,
               help="Decode over a fixed-capacity copy of the compressed cache with one compiled step "
@@ -140,8 +141,8 @@ def models():
               help="JSON file of these options (e.g. from `kvsqueeze recommend --config FILE`); options given "
                    "on the command line override it.")
 def generate(model, method, compression_ratio, budget, exempt_layers, compression_interval, context_file, question,
-             max_new_tokens, chunk_size, query_aware, quant, select, select_budget, device, dtype, attn_implementation,
-             compiled, config):
+             max_new_tokens, chunk_size, query_aware, quant, select, select_budget, offload, device, dtype,
+             attn_implementation, compiled, config):
     """Compress a context, answer a question, report the KV memory kept."""
     if config is not None:
         v = config_values(click.get_current_context(), config)
@@ -152,7 +153,14 @@ def generate(model, method, compression_ratio, budget, exempt_layers, compressio
         quant, select, select_budget = v["quant"], v["select"], v["select_budget"]
         device, dtype = v.get("device", device), v.get("dtype", dtype)
         attn_implementation, compiled = v.get("attn_implementation", attn_implementation), v.get("compiled", compiled)
+        offload = v.get("offload", offload)
     attn = resolve_attn(attn_implementation)
+    if offload != "none" and select == "none":
+        raise KVSqueezeError("--offload needs --select (quest or attention_predictor): without a selector every "
+                             "decoding step attends to every token, so every token would travel each step")
+    if offload != "none" and (quant != "none" or compiled):
+        raise KVSqueezeError("--offload holds full-precision KV in host memory and decodes eagerly: it does not "
+                             "compose with --quant or --compile yet")
     if compiled and (quant != "none" or select != "none"):
         raise KVSqueezeError("--compile decodes full-precision caches without decode-time selection "
                              "(drop --quant / --select, or --compile)")
@@ -183,13 +191,19 @@ def generate(model, method, compression_ratio, budget, exempt_layers, compressio
         selector = Quest(select_budget) if select == "quest" else AttentionPredictor(select_budget)
     res = generate_answer(mdl, tok, context, question, m, max_new_tokens=max_new_tokens, chunk_size=chunk_size,
                           query_aware=query_aware, layer_factory=qspec.layer_factory if qspec else None,
-                          selector=selector, static=compiled, compile=compiled)
+                          selector=selector, static=compiled, compile=compiled, offload=offload)
     click.echo(res.answer)
     click.echo(f"method: {m.describe()}{f'; quant: {quant}' if qspec else ''}"
                f"{f'; decode-time selection: {selector.describe()}' if selector else ''}"
+               f"{f'; KV offloaded to {offload}' if offload != 'none' else ''}"
                f"{'; decoded over the static cache, step compiled' if compiled else ''}; "
                f"context: {res.n_context_tokens} tokens")
     click.echo(res.stats.line())
+    if res.offload is not None:
+        o = res.offload
+        click.echo(f"offload: prefetch hit rate {100 * o['hit_rate']:.1f}% of the pages needed; "
+                   f"{o['pages_per_token']:.1f} pages, {o['bytes_per_token'] / 1024:.1f} KiB moved per token "
+                   f"({o['prefetch_pages']} pages prefetched, {o['demand_pages']} on demand)")
     click.echo(f"time: {res.seconds:.2f} s (prefill + question + {max_new_tokens} new tokens at most)")
 
 

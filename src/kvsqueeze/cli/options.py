@@ -67,3 +67,13 @@ def _quants(text: str) -> list[str | None]:
         q = parse_quant(n)
         out.append(None if q is None else q.name)
     return list(dict.fromkeys(out))
+
+
+def offload_option(f):
+    """--offload (generate, eval, sweep): where the KV of the layers a --select selector makes sparse lives."""
+    return click.option(
+        "--offload", type=click.Choice(["none", "cpu"]), default="none", show_default=True,
+        help="cpu: hold the KV of every layer the --select selector makes sparse in host memory (pinned on CUDA); "
+             "the device keeps fixed frames for the selector's budget of pages, and only pages not already there "
+             "are copied each step (AttentionPredictor prefetches the next step's pages; Quest fetches on demand). "
+             "Needs --select; full-precision storage only (no --quant). Answers equal on-device selection.")(f)

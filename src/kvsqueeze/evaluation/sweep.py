@@ -100,6 +100,7 @@ class Pair:
     select: str | None = None  # decode-time selector name (None: dense)
     select_budget: int | None = None
     selector: object = None  # the Selector instance (reset before each cache it serves)
+    offload: str | None = None  # 'cpu': the selected layers' KV in host memory, pages moved per step (--offload)
     base: Method | None = None
     method_name: str | None = None  # the key's method column (default: method.name)
 
@@ -118,6 +119,10 @@ class Pair:
         neither."""
         return self.qspec is not None or self.selector is not None
 
+    def cache(self, cache):
+        """`cache` (built for this pair) offloaded when the pair says so (`CompressedCache.offload_to`)."""
+        return cache.offload_to(self.offload) if self.offload else cache
+
     def run_method(self, m: Method) -> Method:
         """`m` as the cache runs it with this pair's storage (`kvsqueeze.methods.for_storage`: MiKV wraps it;
         ZipCache storage takes its scores for the high-precision tokens)."""
@@ -129,6 +134,8 @@ class Pair:
             out += f" + {self.quant}"
         if self.select:
             out += f" + {self.select}@{self.select_budget}"
+        if self.offload:
+            out += f" offloaded to {self.offload}"
         return out
 
 
@@ -146,15 +153,28 @@ def _selects(selects) -> list[tuple[str | None, int | None]]:
 
 
 def make_pairs(methods: list[Method | str], compression_ratios: list[float], query_aware: bool = False,
-               quants: list[str | None] | None = None, selects: list | None = None, **method_kwargs) -> list[Pair]:
+               quants: list[str | None] | None = None, selects: list | None = None, offload: str | None = None,
+               **method_kwargs) -> list[Pair]:
     """The grid methods x compression_ratios x quants x selects. `full` runs once (compression_ratio 0); a method with
     a `budget` runs once (compression_ratio -1). `quants`: --quant scheme names ("none" / None: full precision);
     `selects`: (selector name, budget) pairs (("none", _) or None: dense attention). A configuration that comes out
-    identical to an earlier one runs once."""
+    identical to an earlier one runs once. `offload` ('cpu'): every pair offloaded (its params say so); needs a
+    selector and full-precision storage in every pair (KVSqueezeError otherwise)."""
     from ..quant import parse_quant
 
     qspecs = [parse_quant(q) for q in (quants or [None])]
     sels = _selects(selects)
+    offload = None if offload in (None, "none") else offload
+    if offload is not None:
+        if offload != "cpu":
+            raise KVSqueezeError(f"--offload must be cpu or none, got {offload!r}"
+                                 + (" (the disk tier is not implemented yet)" if offload == "disk" else ""))
+        if any(n is None for n, _ in sels):
+            raise KVSqueezeError("--offload needs --select (quest or attention_predictor) for every configuration: "
+                                 "without a selector every step attends to every token (drop 'none' from --select)")
+        if any(q is not None for q in qspecs):
+            raise KVSqueezeError("--offload holds full-precision KV in host memory; it does not compose with --quant "
+                                 "yet")
     if any(n is not None for n, _ in sels):
         from ..selection import get_selector
     pairs: list[Pair] = []
@@ -180,6 +200,8 @@ def make_pairs(methods: list[Method | str], compression_ratios: list[float], que
                         params["quant"] = qs.name
                     if sel is not None:
                         params["select"], params["select_budget"] = sel, budget
+                    if offload is not None:
+                        params["offload"] = offload
                     pj = json.dumps(params, sort_keys=True)
                     if (name, pj, key_ratio) in seen:
                         continue
@@ -187,7 +209,7 @@ def make_pairs(methods: list[Method | str], compression_ratios: list[float], que
                     selector = get_selector(sel, budget) if sel is not None else None
                     pairs.append(Pair(run, key_ratio, pj, query_aware, quant=qs.name if qs else None, qspec=qs,
                                       select=sel, select_budget=budget, selector=selector, base=m,
-                                      method_name=name))
+                                      method_name=name, offload=offload))
     return pairs
 
 
@@ -293,7 +315,8 @@ def fresh_answer(model, tokenizer, sample: Sample, pair: Pair, chunk_size, eos):
     check_budget(pair.method, len(ctx))
     if pair.selector is not None:
         pair.selector.reset()
-    cache = CompressedCache(model, pair.method, layer_factory=pair.layer_factory, selector=pair.selector)
+    cache = CompressedCache(model, pair.method, layer_factory=pair.layer_factory, selector=pair.selector,
+                            offload=pair.offload)
     prefill(model, cache, torch.tensor([ctx], device=_device(model)), chunk_size)
     stats, b16 = cache.stats(), bytes_16(cache)
     answer = _answer_from_cache(model, tokenizer, cache, q, sample.max_new_tokens, eos)
@@ -453,12 +476,13 @@ def _run_sample(model, tokenizer, sample: Sample, pending: list[Pair], store, re
             mm = pair.run_method(mm)
             if shared:
                 rec = record_for(False)
-                cache = attach_selector(rec.compress(model, mm, pair.layer_factory), pair, rec)
+                cache = pair.cache(attach_selector(rec.compress(model, mm, pair.layer_factory), pair, rec))
                 protocol = "capped-ppl"
             else:
                 if pair.selector is not None:
                     pair.selector.reset()
-                cache = CompressedCache(model, mm, layer_factory=pair.layer_factory, selector=pair.selector)
+                cache = CompressedCache(model, mm, layer_factory=pair.layer_factory, selector=pair.selector,
+                                        offload=pair.offload)
                 prefill(model, cache, torch.tensor([prefix], device=device), chunk_size)
                 protocol = "capped-ppl-re-prefill"
             stats, b16, digest = cache.stats(), bytes_16(cache), kept_digest(cache)
@@ -494,7 +518,7 @@ def _run_sample(model, tokenizer, sample: Sample, pending: list[Pair], store, re
             for pair in chunk:
                 check_budget(pair.method, len(c_ids))
                 rec = record_for(qa)
-                cache = attach_selector(rec.compress(model, pair.method, pair.layer_factory), pair, rec)
+                cache = pair.cache(attach_selector(rec.compress(model, pair.method, pair.layer_factory), pair, rec))
                 caches.append(cache)
                 stats.append(cache.stats())
                 b16s.append(bytes_16(cache))

@@ -349,6 +349,32 @@ class CompressedCache(Cache):
         self._index_rows(lambda t: t[indices.to(t.device) if isinstance(indices, torch.Tensor) else indices])
 
     # --- memory -------------------------------------------------------------------------------------
+    def offload_to(self, where: str | None = "cpu", latency_s: float = 0.0) -> "CompressedCache":
+        """Offload this cache's full-attention layers that its selector makes sparse (not `dense_layers`), as
+        building it with `offload=where` would have (a cache compressed from a shared prefill record, e.g. in a
+        sweep); returns the cache. `where` None or 'none': nothing to do. Raises KVSqueezeError as the
+        constructor does (no selector, quantized storage, a tier other than 'cpu')."""
+        if where in (None, "none"):
+            return self
+        sel = self.selector
+        if where != "cpu":
+            raise KVSqueezeError(f"offload must be 'cpu' (or None), got {where!r}"
+                                 + (" (the disk tier is not implemented yet)" if where == "disk" else ""))
+        if sel is None:
+            raise KVSqueezeError("offloading needs a decode-time selector (--select quest or attention_predictor): "
+                                 "without one every step attends to every token, so every token would travel")
+        for i, layer in enumerate(self.layers):
+            if type(layer) is not CompressedLayer or layer.sliding_window or i in sel.dense_layers:
+                continue
+            try:
+                self.layers[i] = OffloadLayer.from_layer(layer, frames=sel.budget // sel.page + 1, page=sel.page,
+                                                         latency_s=latency_s)
+            except TypeError as e:
+                raise KVSqueezeError(f"offloading holds full-precision KV in host memory ({e}); it does not "
+                                     "compose with quantized storage (--quant) yet") from None
+        self.offload = where
+        return self
+
     def offload_stats(self) -> dict:
         """Offloading's traffic and memory, summed over the offloaded layers (`storage.offload`): hit_rate (pages
         a step needed that were already on the device, prefetched or kept from the previous step), pages_per_token

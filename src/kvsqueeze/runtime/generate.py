@@ -171,6 +171,7 @@ class GenerationResult:
     seconds: float
     n_context_tokens: int
     n_question_tokens: int
+    offload: dict | None = None  # CompressedCache.offload_stats() after the answer, when offloaded
 
 
 def check_budget(method: Method | None, n_context: int) -> None:
@@ -188,12 +189,14 @@ def check_budget(method: Method | None, n_context: int) -> None:
 def generate_answer(model, tokenizer, context: str, question: str, method: Method | None = None,
                     max_new_tokens: int = 32, chunk_size: int | None = None, query_aware: bool = False,
                     answer_prefix: str = "", layer_factory=None, selector=None, static: bool = False,
-                    compile: bool = False) -> GenerationResult:
+                    compile: bool = False, offload: str | None = None) -> GenerationResult:
     """Compress `context` with `method`, then answer `question` greedily. `layer_factory` sets how the kept
     slots are stored (e.g. `kvsqueeze.quant.kivi(2)`: 2-bit KIVI; None: full precision); `selector` (e.g.
     `kvsqueeze.selection.Quest(512)`) makes every decoding step attend to a subset of what is stored.
     `static` / `compile`: decode over a fixed-capacity copy of the compressed cache, the step compiled with
-    `compile` (see `answer_tokens`; the stats are the eager cache's, before the copy)."""
+    `compile` (see `answer_tokens`; the stats are the eager cache's, before the copy). `offload` ('cpu', with a
+    `selector`): the sparse layers' KV in host memory, pages copied per step (`kvsqueeze.storage.offload`); the
+    result then carries `offload` (`CompressedCache.offload_stats()`)."""
     if not context.strip():
         raise KVSqueezeError("the context is empty")
     ctx, q = split_prompt(tokenizer, context, question, answer_prefix)
@@ -206,11 +209,12 @@ def generate_answer(model, tokenizer, context: str, question: str, method: Metho
         check_model(model)  # before the prefill, not after it
     device = _device(model)
     t0 = time.perf_counter()
-    cache = CompressedCache(model, method, layer_factory=layer_factory, selector=selector)
+    cache = CompressedCache(model, method, layer_factory=layer_factory, selector=selector, offload=offload)
     prefill(model, cache, torch.tensor([ctx], device=device), chunk_size)
     stats = cache.stats()  # the compressed context, before the question is appended
     tokens = answer_tokens(model, cache, torch.tensor([q], device=device), max_new_tokens,
                            _eos_ids(model, tokenizer), static=static, compile=compile)[0]
     seconds = time.perf_counter() - t0
     answer = tokenizer.decode(tokens, skip_special_tokens=True).strip()
-    return GenerationResult(answer, stats, seconds, len(ctx), len(q))
+    off = cache.offload_stats() if cache.offload else None
+    return GenerationResult(answer, stats, seconds, len(ctx), len(q), off)

@@ -355,6 +355,27 @@ class OffloadLayer(CompressedLayer):
         self._forward_kv = None  # (keys, values) on the device during a multi-token forward
         self._gathered = None  # (idx, keys, values) of the current step
 
+    @classmethod
+    def from_layer(cls, layer: CompressedLayer, frames: int, page: int = 16, latency_s: float = 0.0,
+                   host: str = "cpu") -> "OffloadLayer":
+        """An offloaded layer holding what the full-precision `layer` holds (its slot table taken over, its keys
+        and values copied to the host tier; `layer` should not be used afterwards). Raises TypeError for a layer
+        whose store is not full precision (`DenseStore`) or a sliding-window layer."""
+        if layer.store is not None and layer.is_initialized and type(layer.store).__name__ != "DenseStore":
+            raise TypeError(f"only full-precision layers can be offloaded, not {type(layer.store).__name__}")
+        if layer.sliding_window:
+            raise TypeError("sliding-window layers are not offloaded (they hold a window only)")
+        out = cls(frames=frames, page=page, latency_s=latency_s, host=host)
+        if not layer.is_initialized:
+            return out
+        k, v = layer.keys, layer.values
+        out.lazy_initialization(k[:, :, :0], v[:, :, :0])
+        out.store._replace(k.to(out.store.host), v.to(out.store.host))
+        out.table = layer.table
+        for name in ("cumulative_length", "n_new", "n_evicted", "row_keep"):
+            setattr(out, name, getattr(layer, name))
+        return out
+
     def _kv(self, i: int):
         if self._forward_kv is not None:
             return self._forward_kv[i]
