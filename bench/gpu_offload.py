@@ -1,0 +1,199 @@
+"""Offloaded decoding, side by side (issue 13, item 5): transformers' offloaded DynamicCache against kvsqueeze's
+selection on the GPU and offloaded to CPU memory, with AttentionPredictor's prefetch and with Quest on demand.
+
+    python bench/gpu_offload.py --lengths 32768,131072 --json offload.json     # the issue's rows (H200)
+    python bench/gpu_offload.py --quick                                        # tiny shapes on the CPU, seconds
+
+A random-initialised model with Llama-3.1-8B's shapes (bf16 on the GPU; `gpu_decode.py`'s builder, no download).
+The prompt (random ids) is prefilled in chunks (`--chunk`), then one token per step is decoded greedily, `--warmup`
+untimed steps and `--steps` timed ones (CUDA events; ms/token is the median step).
+
+Rows (`--rows` picks a subset by name):
+  hf-offloaded          transformers' DynamicCache(offloading=True): every layer's KV in CPU memory, each layer's
+                        whole KV copied to the GPU for its step (full attention)
+  kvsq-gpu:ap           kvsqueeze, the whole cache on the GPU, each step attending to --budget tokens chosen by
+  kvsq-gpu:quest        AttentionPredictor / Quest (the reference the offloaded rows must equal)
+  kvsq-offload:ap       the sparse layers' KV in (pinned) CPU memory, fixed GPU frames for the budget's pages; the
+                        next step's pages predicted and copied on a side stream during the current step
+  kvsq-offload:quest    the same store, pages fetched on demand once the step's query is known (no prefetch)
+
+Budgets: --budget-per-length (default 32768:2048,131072:4096, the issue's goals), else --budget. The random model
+has no trained predictor: AttentionPredictor runs its CNN initialised to the history heuristic
+(`PredictorNet.init_blend`; the CNN's cost does not depend on its weights).
+
+Columns: ms/token; moved = host -> device bytes per decoded token (offloaded rows: the store's counters over every
+step, warm-up included; hf-offloaded: every layer's KV once per step, an estimate from its cache size); hit = pages
+a step needed that were already on the GPU (prefetched, or kept from the step before); GPU KV = key / value bytes
+held on the GPU after the last step (hf-offloaded: not counted by transformers, shown as '-'); host KV = bytes in
+CPU memory; peak = max GPU memory allocated over the row (weights and prefill included); same = whether the
+offloaded row's tokens equal those of the kvsq-gpu row with the same selector (the rows must agree exactly).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", "src"))
+sys.path.insert(0, HERE)
+
+from transformers import DynamicCache  # noqa: E402
+
+import kvsqueeze as kq  # noqa: E402
+from kvsqueeze.runtime.generate import decode_step, prefill  # noqa: E402
+from kvsqueeze.selection import AttentionPredictor, PredictorNet, Quest  # noqa: E402
+
+from gpu_decode import LLAMA_8B, TINY, build_model, hf_prefill, kv_bytes_of, timed  # noqa: E402
+
+ROWS = ("hf-offloaded", "kvsq-gpu:ap", "kvsq-offload:ap", "kvsq-gpu:quest", "kvsq-offload:quest")
+
+
+def budget_for(length: int, args) -> int:
+    for item in args.budget_per_length.split(","):
+        if item.strip():
+            n, _, b = item.partition(":")
+            if int(n) == length:
+                return int(b)
+    return args.budget
+
+
+def selector_for(kind: str, budget: int):
+    if kind == "quest":
+        return Quest(budget)
+    return AttentionPredictor(budget, predictor=PredictorNet().init_blend(0.75, noise=0.0))
+
+
+def run_row(name, model, ids, args, device, budget):
+    """One row: a dict of its measures (and the decoded tokens, for the equality column)."""
+    toks: list[int] = []
+    if name == "hf-offloaded":
+        cache = DynamicCache(config=model.config, offloading=True)
+        with torch.no_grad():
+            tok = hf_prefill(model, cache, ids, args.chunk).argmax(-1)
+
+        def step():
+            nonlocal tok
+            out = model(input_ids=tok[:, None], past_key_values=cache, use_cache=True)
+            tok = out.logits[:, -1].argmax(-1)
+
+        with torch.no_grad():
+            ms = timed(step, args.warmup, args.steps, device)
+        kv = kv_bytes_of(cache)
+        return dict(ms=ms, moved_per_token=kv, hit_rate=None, gpu_kv=None, host_kv=kv, tokens=None)
+    kind, _, sel_name = name.partition(":")
+    selector = selector_for(sel_name, budget)
+    cache = kq.CompressedCache(model, None, selector=selector, offload="cpu" if kind == "kvsq-offload" else None,
+                               offload_latency=args.latency if device.type != "cuda" else 0.0)
+    with torch.no_grad():
+        tok = prefill(model, cache, ids, args.chunk).argmax(-1)
+
+    def step():
+        nonlocal tok
+        tok = decode_step(model, cache, tok).argmax(-1)
+        toks.append(tok)
+
+    with torch.no_grad():
+        ms = timed(step, args.warmup, args.steps, device)
+    st = cache.stats()
+    out = dict(ms=ms, gpu_kv=st.device_kv_bytes, host_kv=st.host_kv_bytes, moved_per_token=0, hit_rate=None,
+               tokens=torch.stack(toks).tolist())
+    if cache.offload:
+        o = cache.offload_stats()
+        out.update(moved_per_token=o["bytes_per_token"], hit_rate=o["hit_rate"], pages_per_token=o["pages_per_token"],
+                   prefetch_pages=o["prefetch_pages"], demand_pages=o["demand_pages"], full_fetches=o["full_fetches"])
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    ap.add_argument("--lengths", default="32768,131072", help="Context lengths, comma-separated.")
+    ap.add_argument("--budget-per-length", default="32768:2048,131072:4096",
+                    help="length:budget pairs (tokens a decoding step attends to).")
+    ap.add_argument("--budget", type=int, default=2048, help="Budget for lengths not in --budget-per-length.")
+    ap.add_argument("--steps", type=int, default=32, help="Timed decoding steps per row.")
+    ap.add_argument("--warmup", type=int, default=4, help="Untimed steps first.")
+    ap.add_argument("--chunk", type=int, default=4096, help="Prefill chunk (tokens).")
+    ap.add_argument("--rows", default="", help=f"Only these rows (comma-separated; of {', '.join(ROWS)}).")
+    ap.add_argument("--latency", type=float, default=0.0,
+                    help="Simulated seconds per host -> device copy off CUDA (--quick: a slow link on the CPU).")
+    ap.add_argument("--json", default=None, help="Write the rows to this JSON file.")
+    ap.add_argument("--quick", action="store_true", help="Tiny shapes on the CPU (checks the script end to end).")
+    args = ap.parse_args(argv)
+    if args.quick:
+        device, dtype, shapes = torch.device("cpu"), torch.float32, dict(TINY, num_hidden_layers=4)
+        lengths = [int(x) for x in (args.lengths if args.lengths != "32768,131072" else "512").split(",")]
+        args.steps, args.warmup, args.chunk = min(args.steps, 6), min(args.warmup, 2), min(args.chunk, 256)
+        args.budget = min(args.budget, 96)
+    else:
+        if not torch.cuda.is_available():
+            print("error: no CUDA GPU (use --quick for the CPU check)", file=sys.stderr)
+            return 2
+        device, dtype, shapes = torch.device("cuda"), torch.bfloat16, LLAMA_8B
+        lengths = [int(x) for x in args.lengths.split(",")]
+    names = list(ROWS)
+    if args.rows:
+        want = [r.strip() for r in args.rows.split(",") if r.strip()]
+        bad = [w for w in want if w not in ROWS]
+        if bad:
+            print(f"error: unknown row {bad[0]!r}; rows: {', '.join(ROWS)}", file=sys.stderr)
+            return 2
+        names = [r for r in ROWS if r in want]
+    model = build_model(shapes, device, dtype, "sdpa")
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    print(f"model: Llama-3.1-8B shapes{' (tiny: --quick)' if args.quick else ''}, {dtype}; weights "
+          f"{weight_bytes / 1e9:.2f} GB; {args.warmup} warm-up + {args.steps} timed steps", flush=True)
+    print(f"{'context':>8} {'budget':>6} {'row':<20} {'ms/tok':>8} {'moved/tok':>10} {'hit':>6} {'GPU KV GB':>9} "
+          f"{'host KV GB':>10} {'peak GB':>8} {'same':>5}")
+    rows_out = []
+    for length in lengths:
+        budget = budget_for(length, args)
+        gen = torch.Generator().manual_seed(length)
+        ids = torch.randint(0, shapes["vocab_size"], (1, length), generator=gen).to(device)
+        ref_tokens = {}
+        for name in names:
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+            row = {"context": length, "budget": budget, "row": name}
+            if name == "hf-offloaded" and device.type != "cuda":  # transformers offloads to and from CUDA only
+                row["skipped"] = "needs CUDA"
+                print(f"{length:>8} {budget:>6} {name:<20} skipped: transformers' offloading needs CUDA", flush=True)
+                rows_out.append(row)
+                continue
+            try:
+                r = run_row(name, model, ids, args, device, budget)
+            except Exception as e:  # one failing row must not lose the others
+                row["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+                print(f"{length:>8} {budget:>6} {name:<20} error: {row['error']}", flush=True)
+                rows_out.append(row)
+                continue
+            ms = r.pop("ms")
+            kind, _, sel = name.partition(":")
+            if kind == "kvsq-gpu":
+                ref_tokens[sel] = r["tokens"]
+            same = None
+            if kind == "kvsq-offload" and sel in ref_tokens:
+                same = r["tokens"] == ref_tokens[sel]
+            peak = torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else float("nan")
+            row.update({k: v for k, v in r.items() if k != "tokens"}, ms_per_token=statistics.median(ms),
+                       ms_min=min(ms), peak_gb=peak, same_tokens=same)
+            rows_out.append(row)
+            hit = "-" if r["hit_rate"] is None else f"{100 * r['hit_rate']:.1f}%"
+            gpu = "-" if r["gpu_kv"] is None else f"{r['gpu_kv'] / 1e9:.3f}"
+            print(f"{length:>8} {budget:>6} {name:<20} {row['ms_per_token']:8.2f} "
+                  f"{r['moved_per_token'] / 1e6:8.2f}MB {hit:>6} {gpu:>9} {r['host_kv'] / 1e9:10.3f} {peak:8.2f} "
+                  f"{'-' if same is None else ('yes' if same else 'NO'):>5}", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "rows": rows_out}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

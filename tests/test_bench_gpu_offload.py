@@ -1,0 +1,26 @@
+"""bench/gpu_offload.py runs end to end in its --quick mode (tiny shapes on the CPU): the offloaded rows decode the
+tokens of on-device selection, move bytes, and report a hit rate and the bytes held on each side."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_quick_mode_writes_rows(tmp_path):
+    out = tmp_path / "rows.json"
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_offload.py"), "--quick", "--steps", "4",
+                        "--rows", "hf-offloaded,kvsq-gpu:quest,kvsq-offload:quest", "--json", str(out)],
+                       capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = {d["row"]: d for d in json.loads(out.read_text())["rows"]}
+    assert list(rows) == ["hf-offloaded", "kvsq-gpu:quest", "kvsq-offload:quest"]
+    assert rows["hf-offloaded"]["skipped"] == "needs CUDA"
+    gpu, off = rows["kvsq-gpu:quest"], rows["kvsq-offload:quest"]
+    assert "error" not in gpu and "error" not in off, (gpu, off)
+    assert off["same_tokens"] is True
+    assert off["ms_per_token"] > 0 and off["moved_per_token"] > 0 and 0 <= off["hit_rate"] <= 1
+    assert gpu["host_kv"] == 0 and gpu["moved_per_token"] == 0
+    assert off["host_kv"] > 0 and off["gpu_kv"] < gpu["gpu_kv"]  # the sparse layers' KV left the device
