@@ -14,8 +14,8 @@ Pages (Quest's term; AttentionPredictor's paper calls them "blocks") are `page` 
 holds slots [16 j, 16 j + 16); the last page is partial while the current token fills it, and is always attended
 (it holds the current token). A selection is a set of whole pages per kv head, so every head attends to the same
 number of slots and the result stays one rectangular gather. The token budget counts every attended slot, the
-current token included. Pages are also the unit a later offloading would move (PagedAttention's / FlashInfer's
-term).
+current token included. Pages are also the unit offloading moves (`storage/offload.py`; PagedAttention's /
+FlashInfer's term).
 
 Attention recovery rate (AttentionPredictor's metric): the share of the true (dense) attention of the current
 query that falls on the attended slots, averaged over the query heads; `track_recovery=True` records it per layer
