@@ -205,3 +205,29 @@ def test_cli_generate_offload(tiny_dir, tmp_path):
     assert "offloaded:" in off.output and "prefetch hit rate" in off.output and "KV offloaded to cpu" in off.output
     assert_one_error_line(args[:-4] + ["--offload", "cpu"], "--offload needs --select")
     assert_one_error_line(args + ["--offload", "cpu", "--quant", "kivi-4"], "does not compose with --quant")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["quest", "ap"])
+def test_smollm2_offloaded_answers_equal_on_device_selection(smollm2, kind):
+    """The real default model (smollm2-135m, 30 layers, GQA 9:3) on a ~1,000-token passkey prompt: offloaded
+    selection decodes the tokens and logits of on-device selection (AttentionPredictor with its CNN initialised to
+    the history heuristic: no trained checkpoint needed, the equality does not depend on the weights)."""
+    from kvsqueeze.tasks.passkey import passkey_samples
+
+    model, tok = smollm2
+    s = passkey_samples(tok, 1, 1000, seed=0)[0]
+    ids = torch.tensor([tok(s.context + s.question).input_ids])
+
+    def sel():
+        if kind == "quest":
+            return Quest(256)
+        return AttentionPredictor(256, predictor=PredictorNet().init_blend(0.75, noise=0.0))
+
+    ref, ref_toks, _ = _decode(model, sel(), ids, steps=10)
+    out, toks, cache = _decode(model, sel(), ids, steps=10, offload="cpu")
+    assert torch.equal(toks, ref_toks) and torch.equal(out, ref)
+    st = cache.offload_stats()
+    assert st["needed"] > 0 and st["full_fetches"] == 0
+    if kind == "ap":
+        assert st["prefetch_pages"] > 0 and st["hit_rate"] > 0.85
