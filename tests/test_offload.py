@@ -127,6 +127,31 @@ def test_only_changed_pages_travel_and_device_memory_is_fixed():
     assert st.device_kv_bytes + st.host_kv_bytes == st.kv_bytes
 
 
+def test_disk_tier_answers_as_the_cpu_tier_from_mapped_files(tmp_path):
+    """offload='disk': the host tier is memory-mapped files in `offload_dir` (two per offloaded layer: keys and
+    values; a file replaced when the tier grows is deleted), the answers those of the CPU tier."""
+    model = tiny_llama(layers=4)
+    ids = torch.randint(0, 101, (1, 200))
+    ref, _, _ = _decode(model, _selector("quest"), ids, steps=20, offload="cpu")
+    cache = kq.CompressedCache(model, selector=_selector("quest"), offload="disk", offload_dir=str(tmp_path))
+    tok = kq.prefill(model, cache, ids).argmax(-1, keepdim=True)
+    out = []
+    with torch.no_grad():
+        for _ in range(20):  # 200 + 20 slots: the tier grows once (208 -> 260 slots), its old files deleted
+            lg = model(input_ids=tok, **kv(cache), use_cache=True).logits[:, -1]
+            out.append(lg)
+            tok = lg.argmax(-1, keepdim=True)
+    assert torch.equal(torch.stack(out), ref)
+    files = sorted(tmp_path.iterdir())
+    assert len(files) == 2 * 2  # 2 offloaded layers x (keys, values)
+    assert sum(f.stat().st_size for f in files) == cache.offload_stats()["host_kv_bytes"]
+    del cache
+    import gc
+
+    gc.collect()
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_simulated_slow_link_changes_time_not_answers():
     model = tiny_llama(layers=4)
     ids = torch.randint(0, 101, (1, 200))
@@ -146,8 +171,8 @@ def test_offload_refusals():
         kq.CompressedCache(model, offload="cpu")
     with pytest.raises(KVSqueezeError, match="quantized storage"):
         kq.CompressedCache(model, selector=Quest(64), offload="cpu", layer_factory=parse_quant("kivi-4").layer_factory)
-    with pytest.raises(KVSqueezeError, match="disk tier is not implemented"):
-        kq.CompressedCache(model, selector=Quest(64), offload="disk")
+    with pytest.raises(KVSqueezeError, match="'cpu' or 'disk'"):
+        kq.CompressedCache(model, selector=Quest(64), offload="gpu")
     with pytest.raises(KVSqueezeError, match="does not offload"):
         kq.CompressedCache(model, selector=Quest(64)).offload_stats()
 

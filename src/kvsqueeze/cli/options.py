@@ -72,8 +72,9 @@ def _quants(text: str) -> list[str | None]:
 def offload_option(f):
     """--offload (generate, eval, sweep): where the KV of the layers a --select selector makes sparse lives."""
     return click.option(
-        "--offload", type=click.Choice(["none", "cpu"]), default="none", show_default=True,
-        help="cpu: hold the KV of every layer the --select selector makes sparse in host memory (pinned on CUDA); "
+        "--offload", type=click.Choice(["none", "cpu", "disk"]), default="none", show_default=True,
+        help="cpu: hold the KV of every layer the --select selector makes sparse in host memory (pinned on CUDA; "
+             "disk: in memory-mapped files under $TMPDIR, for KV beyond CPU memory); "
              "the device keeps fixed frames for the selector's budget of pages, and only pages not already there "
              "are copied each step (AttentionPredictor prefetches the next step's pages; Quest fetches on demand). "
              "Needs --select; full-precision storage only (no --quant). Answers equal on-device selection.")(f)

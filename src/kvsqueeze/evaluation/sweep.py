@@ -100,7 +100,7 @@ class Pair:
     select: str | None = None  # decode-time selector name (None: dense)
     select_budget: int | None = None
     selector: object = None  # the Selector instance (reset before each cache it serves)
-    offload: str | None = None  # 'cpu': the selected layers' KV in host memory, pages moved per step (--offload)
+    offload: str | None = None  # 'cpu' / 'disk': the selected layers' KV off the device, pages moved per step
     base: Method | None = None
     method_name: str | None = None  # the key's method column (default: method.name)
 
@@ -158,7 +158,7 @@ def make_pairs(methods: list[Method | str], compression_ratios: list[float], que
     """The grid methods x compression_ratios x quants x selects. `full` runs once (compression_ratio 0); a method with
     a `budget` runs once (compression_ratio -1). `quants`: --quant scheme names ("none" / None: full precision);
     `selects`: (selector name, budget) pairs (("none", _) or None: dense attention). A configuration that comes out
-    identical to an earlier one runs once. `offload` ('cpu'): every pair offloaded (its params say so); needs a
+    identical to an earlier one runs once. `offload` ('cpu' or 'disk'): every pair offloaded (its params say so); needs a
     selector and full-precision storage in every pair (KVSqueezeError otherwise)."""
     from ..quant import parse_quant
 
@@ -166,9 +166,8 @@ def make_pairs(methods: list[Method | str], compression_ratios: list[float], que
     sels = _selects(selects)
     offload = None if offload in (None, "none") else offload
     if offload is not None:
-        if offload != "cpu":
-            raise KVSqueezeError(f"--offload must be cpu or none, got {offload!r}"
-                                 + (" (the disk tier is not implemented yet)" if offload == "disk" else ""))
+        if offload not in ("cpu", "disk"):
+            raise KVSqueezeError(f"--offload must be cpu, disk or none, got {offload!r}")
         if any(n is None for n, _ in sels):
             raise KVSqueezeError("--offload needs --select (quest or attention_predictor) for every configuration: "
                                  "without a selector every step attends to every token (drop 'none' from --select)")

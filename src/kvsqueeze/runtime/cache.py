@@ -88,10 +88,9 @@ class CompressedCache(Cache):
     kvsqueeze_routes = True  # forwards with this cache go through kvsqueeze's attention (routing.routes)
 
     def __init__(self, model, method=None, *, layer_factory=None, selector=None, offload: str | None = None,
-                 offload_latency: float = 0.0):
-        if offload not in (None, "none", "cpu"):
-            raise KVSqueezeError(f"offload must be 'cpu' (or None), got {offload!r}"
-                                 + (" (the disk tier is not implemented yet)" if offload == "disk" else ""))
+                 offload_latency: float = 0.0, offload_dir: str | None = None):
+        if offload not in (None, "none", "cpu", "disk"):
+            raise KVSqueezeError(f"offload must be 'cpu' or 'disk' (or None), got {offload!r}")
         offload = None if offload == "none" else offload
         if offload and selector is None:
             raise KVSqueezeError("offloading needs a decode-time selector (--select quest or attention_predictor): "
@@ -111,7 +110,7 @@ class CompressedCache(Cache):
             if kind == "full_attention" and offload and i not in selector.dense_layers:
                 # the KV in host memory, the selector's budget of pages (+ the partial page) in device frames
                 layers.append(OffloadLayer(frames=selector.budget // selector.page + 1, page=selector.page,
-                                           latency_s=offload_latency))
+                                           latency_s=offload_latency, tier=offload, disk_dir=offload_dir))
             elif kind == "full_attention":
                 layers.append((layer_factory or CompressedLayer)())
             elif kind == "sliding_attention":  # compressed too, never holding tokens outside the window
@@ -124,7 +123,7 @@ class CompressedCache(Cache):
                 raise KVSqueezeError(f"layer {i} is of type {kind!r}, which kvsqueeze's cache does not support")
         super().__init__(layers=layers)
         self.method = method
-        self.offload = offload  # None, or 'cpu': full-attention layers the selector makes sparse live in host memory
+        self.offload = offload  # None, 'cpu' or 'disk': where the layers the selector makes sparse keep their KV
         # Decode-time selection (Quest, AttentionPredictor): every stored entry stays, each decoding step attends
         # to the subset `selector.select(...)` returns (see attention.py).
         self.selector = selector
@@ -349,17 +348,17 @@ class CompressedCache(Cache):
         self._index_rows(lambda t: t[indices.to(t.device) if isinstance(indices, torch.Tensor) else indices])
 
     # --- memory -------------------------------------------------------------------------------------
-    def offload_to(self, where: str | None = "cpu", latency_s: float = 0.0) -> "CompressedCache":
+    def offload_to(self, where: str | None = "cpu", latency_s: float = 0.0,
+                   disk_dir: str | None = None) -> "CompressedCache":
         """Offload this cache's full-attention layers that its selector makes sparse (not `dense_layers`), as
         building it with `offload=where` would have (a cache compressed from a shared prefill record, e.g. in a
         sweep); returns the cache. `where` None or 'none': nothing to do. Raises KVSqueezeError as the
-        constructor does (no selector, quantized storage, a tier other than 'cpu')."""
+        constructor does (no selector, quantized storage, a tier other than 'cpu' / 'disk')."""
         if where in (None, "none"):
             return self
         sel = self.selector
-        if where != "cpu":
-            raise KVSqueezeError(f"offload must be 'cpu' (or None), got {where!r}"
-                                 + (" (the disk tier is not implemented yet)" if where == "disk" else ""))
+        if where not in ("cpu", "disk"):
+            raise KVSqueezeError(f"offload must be 'cpu' or 'disk' (or None), got {where!r}")
         if sel is None:
             raise KVSqueezeError("offloading needs a decode-time selector (--select quest or attention_predictor): "
                                  "without one every step attends to every token, so every token would travel")
@@ -368,7 +367,7 @@ class CompressedCache(Cache):
                 continue
             try:
                 self.layers[i] = OffloadLayer.from_layer(layer, frames=sel.budget // sel.page + 1, page=sel.page,
-                                                         latency_s=latency_s)
+                                                         latency_s=latency_s, tier=where, disk_dir=disk_dir)
             except TypeError as e:
                 raise KVSqueezeError(f"offloading holds full-precision KV in host memory ({e}); it does not "
                                      "compose with quantized storage (--quant) yet") from None

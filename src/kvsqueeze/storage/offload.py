@@ -25,10 +25,16 @@ are copied from the host tier for that step only (counted in `OffloadCounters.fu
 
 `OffloadLayer` is the `CompressedLayer` over this store (see its docstring for what a forward reads). Only
 full-precision storage: a quantized host tier is not implemented (`--quant` with `--offload` is refused upstream).
+
+Tier 'disk' keeps the host tier in memory-mapped files instead (a first step towards LeoAM's GPU-CPU-disk tiers:
+the operating system's page cache is the CPU tier; LeoAM's variable-sized chunks and per-chunk abstracts are not
+implemented).
 """
 
 from __future__ import annotations
 
+import os
+import tempfile
 import time
 from dataclasses import dataclass
 
@@ -101,14 +107,21 @@ class OffloadStore(KVStore):
     """Host tier + device page frames of one layer (see the module docstring).
 
     frames: page frames on the device (the budget in pages, plus the partial page: `budget // page + 1`); page:
-    slots per page; host: the host device ('cpu'); latency_s: simulated latency per copy off CUDA."""
+    slots per page; tier: 'cpu' (host memory, pinned on CUDA) or 'disk' (memory-mapped files in `disk_dir`, default
+    the system's temporary directory: the operating system pages them in and out, so the KV may exceed CPU memory;
+    a file is deleted when the store replaces or drops it); latency_s: simulated latency per copy off CUDA."""
 
     ragged_heads = False  # every head keeps the layer's slots; a per-head budget hides (the table's valid)
 
-    def __init__(self, frames: int, page: int = 16, host: str = "cpu", latency_s: float = 0.0):
+    def __init__(self, frames: int, page: int = 16, tier: str = "cpu", latency_s: float = 0.0,
+                 disk_dir: str | None = None):
         if frames < 2:
             raise ValueError(f"an offloaded layer needs at least 2 page frames, got {frames}")
-        self.frames, self.page, self.host = int(frames), int(page), torch.device(host)
+        if tier not in ("cpu", "disk"):
+            raise ValueError(f"tier must be 'cpu' or 'disk', got {tier!r}")
+        self.frames, self.page, self.host = int(frames), int(page), torch.device("cpu")
+        self.tier, self.disk_dir = tier, disk_dir
+        self._files: list[str] = []  # the memory-mapped files of the current host tier (tier 'disk')
         self.latency_s = latency_s
         self.counters = OffloadCounters()
         self.n = 0
@@ -122,18 +135,45 @@ class OffloadStore(KVStore):
         device (their device), in their dtype."""
         b, h, _, d = keys.shape
         self.device, self.dtype = keys.device, keys.dtype
-        self.pin = keys.device.type == "cuda"
+        self.cuda = keys.device.type == "cuda"  # staging buffers pinned, copies asynchronous
+        self.pin = self.cuda and self.tier == "cpu"  # the host tier itself pinned (a mapped file is not)
         self.engine = CopyEngine(keys.device, self.latency_s)
         self.b, self.h, self.dk, self.dv = b, h, d, values.shape[-1]
         self.n = 0
         self.kh, self.vh = self._host_empty(0)
+        self._drop_files(2)
         self.kd = self.vd = None
         self._flush()
 
     def _host_empty(self, cap: int):
+        """Uninitialised host buffers for `cap` slots (rounded up to whole pages): pinned memory, plain memory, or
+        memory-mapped files (tier 'disk'; the previous files are deleted by `_drop_files` once copied)."""
         cap = -(-cap // self.page) * self.page
-        kw = dict(dtype=self.dtype, device=self.host, pin_memory=self.pin)
-        return (torch.empty(self.b, self.h, cap, self.dk, **kw), torch.empty(self.b, self.h, cap, self.dv, **kw))
+        if self.tier == "cpu":
+            kw = dict(dtype=self.dtype, device=self.host, pin_memory=self.pin)
+            return (torch.empty(self.b, self.h, cap, self.dk, **kw), torch.empty(self.b, self.h, cap, self.dv, **kw))
+        out = []
+        for d in (self.dk, self.dv):
+            fd, path = tempfile.mkstemp(prefix="kvsqueeze-kv-", suffix=".bin", dir=self.disk_dir)
+            os.close(fd)
+            self._files.append(path)
+            n = self.b * self.h * cap * d
+            t = torch.from_file(path, shared=True, size=max(n, 1), dtype=self.dtype)[:n]
+            out.append(t.view(self.b, self.h, cap, d))
+        return tuple(out)
+
+    def _drop_files(self, keep: int) -> None:
+        """Delete the mapped files but the last `keep` (the current host tier's); mappings still alive stay valid."""
+        old, self._files = self._files[: len(self._files) - keep], self._files[len(self._files) - keep :]
+        for path in old:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+
+    def __del__(self):
+        if getattr(self, "_files", None):
+            self._drop_files(0)
 
     @property
     def capacity(self) -> int:
@@ -154,6 +194,7 @@ class OffloadStore(KVStore):
         self._sync_host()
         kh[:, :, : self.n], vh[:, :, : self.n] = self.kh[:, :, : self.n], self.vh[:, :, : self.n]
         self.kh, self.vh = kh, vh
+        self._drop_files(2)
         extra = self.capacity // self.page - self.page_frame.shape[2]
         pad = torch.full((self.b, self.h, extra), -1, dtype=torch.long)
         self.page_frame = torch.cat([self.page_frame, pad], 2)
@@ -221,6 +262,7 @@ class OffloadStore(KVStore):
         self._flush()
         self.kh[:, :, : k.shape[2]], self.vh[:, :, : k.shape[2]] = k, v
         self.n = k.shape[2]
+        self._drop_files(2)
 
     def set_dense(self, which: int, t: torch.Tensor) -> None:
         """Replace every slot's keys (which=0) or values (1) with `t` (batch, kv_heads, n, d)."""
@@ -238,7 +280,7 @@ class OffloadStore(KVStore):
         return out
 
     def host_nbytes(self) -> int:
-        """Bytes of the host tier (its capacity: what is allocated)."""
+        """Bytes of the host tier (its capacity: what is allocated, in memory or in mapped files)."""
         return nbytes(self.kh) + nbytes(self.vh)
 
     def device_nbytes(self) -> int:
@@ -287,8 +329,8 @@ class OffloadStore(KVStore):
         self._sync_host()
         ar = torch.arange(self.page)
         src = ((bi * self.h + hi) * self.capacity)[:, None] + p[:, None] * self.page + ar  # (m, page) host slots
-        kst = torch.empty(m * self.page, self.dk, dtype=self.dtype, pin_memory=self.pin)
-        vst = torch.empty(m * self.page, self.dv, dtype=self.dtype, pin_memory=self.pin)
+        kst = torch.empty(m * self.page, self.dk, dtype=self.dtype, pin_memory=self.cuda)
+        vst = torch.empty(m * self.page, self.dv, dtype=self.dtype, pin_memory=self.cuda)
         torch.index_select(self.kh.view(-1, self.dk), 0, src.view(-1), out=kst)
         torch.index_select(self.vh.view(-1, self.dv), 0, src.view(-1), out=vst)
         dst = ((bi * self.h + hi) * (self.frames * self.page))[:, None] + fr[:, None] * self.page + ar
@@ -298,14 +340,12 @@ class OffloadStore(KVStore):
 
         def copy():
             kd, vd = self._frames()
-            dev = self.device
-            kd.view(-1, self.dk).index_copy_(0, dst.view(-1).to(dev, non_blocking=self.pin),
-                                             kst.to(dev, non_blocking=self.pin))
-            vd.view(-1, self.dv).index_copy_(0, dst.view(-1).to(dev, non_blocking=self.pin),
-                                             vst.to(dev, non_blocking=self.pin))
+            dev, nb = self.device, self.cuda
+            kd.view(-1, self.dk).index_copy_(0, dst.view(-1).to(dev, non_blocking=nb), kst.to(dev, non_blocking=nb))
+            vd.view(-1, self.dv).index_copy_(0, dst.view(-1).to(dev, non_blocking=nb), vst.to(dev, non_blocking=nb))
             mirror = self.page_frame_dev.view(-1)
-            mirror[cleared[0].to(dev, non_blocking=self.pin)] = -1
-            mirror[cleared[1].to(dev, non_blocking=self.pin)] = fr.to(dev, non_blocking=self.pin)
+            mirror[cleared[0].to(dev, non_blocking=nb)] = -1
+            mirror[cleared[1].to(dev, non_blocking=nb)] = fr.to(dev, non_blocking=nb)
 
         self.engine.run(copy, background)
         return True
@@ -349,15 +389,16 @@ class OffloadLayer(CompressedLayer):
     frames. Outside a forward, `keys` / `values` are the host tier (what a calibration row or a page summary
     reads). frames, page, latency_s: see `OffloadStore`."""
 
-    def __init__(self, frames: int, page: int = 16, latency_s: float = 0.0, host: str = "cpu"):
-        self.offload_args = dict(frames=frames, page=page, latency_s=latency_s, host=host)
+    def __init__(self, frames: int, page: int = 16, latency_s: float = 0.0, tier: str = "cpu",
+                 disk_dir: str | None = None):
+        self.offload_args = dict(frames=frames, page=page, latency_s=latency_s, tier=tier, disk_dir=disk_dir)
         super().__init__(store_factory=lambda: OffloadStore(**self.offload_args))
         self._forward_kv = None  # (keys, values) on the device during a multi-token forward
         self._gathered = None  # (idx, keys, values) of the current step
 
     @classmethod
     def from_layer(cls, layer: CompressedLayer, frames: int, page: int = 16, latency_s: float = 0.0,
-                   host: str = "cpu") -> "OffloadLayer":
+                   tier: str = "cpu", disk_dir: str | None = None) -> "OffloadLayer":
         """An offloaded layer holding what the full-precision `layer` holds (its slot table taken over, its keys
         and values copied to the host tier; `layer` should not be used afterwards). Raises TypeError for a layer
         whose store is not full precision (`DenseStore`) or a sliding-window layer."""
@@ -365,7 +406,7 @@ class OffloadLayer(CompressedLayer):
             raise TypeError(f"only full-precision layers can be offloaded, not {type(layer.store).__name__}")
         if layer.sliding_window:
             raise TypeError("sliding-window layers are not offloaded (they hold a window only)")
-        out = cls(frames=frames, page=page, latency_s=latency_s, host=host)
+        out = cls(frames=frames, page=page, latency_s=latency_s, tier=tier, disk_dir=disk_dir)
         if not layer.is_initialized:
             return out
         k, v = layer.keys, layer.values
