@@ -173,6 +173,10 @@ def test_offload_refusals():
         kq.CompressedCache(model, selector=Quest(64), offload="cpu", layer_factory=parse_quant("kivi-4").layer_factory)
     with pytest.raises(KVSqueezeError, match="'cpu' or 'disk'"):
         kq.CompressedCache(model, selector=Quest(64), offload="gpu")
+    for m in (kq.get_method("h2o", compression_ratio=0.5), kq.get_method("knorm", budget=64, compression_interval=4),
+              kq.get_method("pyramidkv:knorm", compression_ratio=0.5, compression_interval=2)):
+        with pytest.raises(KVSqueezeError, match="while decoding"):
+            kq.CompressedCache(model, m, selector=Quest(64), offload="cpu")
     with pytest.raises(KVSqueezeError, match="does not offload"):
         kq.CompressedCache(model, selector=Quest(64)).offload_stats()
 
@@ -210,6 +214,8 @@ def test_sweep_offloaded_rows_answer_as_on_device_selection(tiny_dir, tmp_path):
         make_pairs(["full"], [0.0], selects=["none", ("quest", 64)], offload="cpu")
     with pytest.raises(KVSqueezeError, match="--quant"):
         make_pairs(["full"], [0.0], quants=["kivi-4"], selects=[("quest", 64)], offload="cpu")
+    with pytest.raises(KVSqueezeError, match="while decoding"):
+        make_pairs(["h2o"], [0.5], selects=[("quest", 64)], offload="cpu")
 
 
 def test_cli_generate_offload(tiny_dir, tmp_path):

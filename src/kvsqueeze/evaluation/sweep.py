@@ -200,6 +200,10 @@ def make_pairs(methods: list[Method | str], compression_ratios: list[float], que
                     if sel is not None:
                         params["select"], params["select_budget"] = sel, budget
                     if offload is not None:
+                        if not is_prefill_only(run) or getattr(run, "stateful", False):
+                            raise KVSqueezeError(f"--offload keeps the KV off the device between prefills: "
+                                                 f"{run.describe()} scores or evicts while decoding (drop it from "
+                                                 "the grid, or --offload)")
                         params["offload"] = offload
                     pj = json.dumps(params, sort_keys=True)
                     if (name, pj, key_ratio) in seen:

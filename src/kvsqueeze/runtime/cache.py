@@ -66,6 +66,14 @@ def check_layer_indices(indices, n_layers: int, what: str) -> None:
                              f"(the model has {n_layers} layers)")
 
 
+def _decode_time(method) -> bool:
+    """Whether `method` reads the cache while decoding: evicts every `compression_interval` steps (its scorer's, for
+    a wrapper) or observes every forward (`stateful`, H2O)."""
+    scorer = getattr(method, "scorer", None)
+    return (method.compression_interval > 0 or bool(getattr(method, "stateful", False))
+            or (scorer is not None and getattr(scorer, "compression_interval", 0) > 0))
+
+
 class CompressedCache(Cache):
     """A `transformers.Cache` that keeps only the KV entries a `Method` says matter.
 
@@ -98,6 +106,10 @@ class CompressedCache(Cache):
         if offload and layer_factory is not None:
             raise KVSqueezeError("offloading holds full-precision KV in host memory; it does not compose with "
                                  "quantized storage (--quant) yet")
+        if offload and method is not None and _decode_time(method):
+            raise KVSqueezeError(f"offloading keeps the KV off the device between prefills: {method.describe()} "
+                                 "scores or evicts while decoding (compression_interval, or a method observing every "
+                                 "step such as H2O); use a prefill-time method with --offload")
         if offload and not all(hasattr(selector, a) for a in ("budget", "page", "dense_layers")):
             raise KVSqueezeError(f"offloading sizes its device frames from the selector's budget, page and "
                                  f"dense_layers, which {type(selector).__name__} does not have")
@@ -362,6 +374,10 @@ class CompressedCache(Cache):
         if sel is None:
             raise KVSqueezeError("offloading needs a decode-time selector (--select quest or attention_predictor): "
                                  "without one every step attends to every token, so every token would travel")
+        if self.method is not None and _decode_time(self.method):
+            raise KVSqueezeError(f"offloading keeps the KV off the device between prefills: "
+                                 f"{self.method.describe()} scores or evicts while decoding; use a prefill-time "
+                                 "method with --offload")
         for i, layer in enumerate(self.layers):
             if type(layer) is not CompressedLayer or layer.sliding_window or i in sel.dense_layers:
                 continue
