@@ -46,6 +46,7 @@ sys.path.insert(0, HERE)
 from transformers import DynamicCache  # noqa: E402
 
 import kvsqueeze as kq  # noqa: E402
+from kvsqueeze.compat import cache_kwargs  # noqa: E402
 from kvsqueeze.runtime.generate import decode_step, prefill  # noqa: E402
 from kvsqueeze.selection import AttentionPredictor, PredictorNet, Quest  # noqa: E402
 
@@ -79,7 +80,7 @@ def run_row(name, model, ids, args, device, budget):
 
         def step():
             nonlocal tok
-            out = model(input_ids=tok[:, None], past_key_values=cache, use_cache=True)
+            out = model(input_ids=tok[:, None], **cache_kwargs(model, cache), use_cache=True)
             tok = out.logits[:, -1].argmax(-1)
 
         with torch.no_grad():
