@@ -185,6 +185,7 @@ class OffloadStore(KVStore):
         self.page_frame = torch.full((self.b, self.h, pages), -1, dtype=torch.long)
         self.frame_page = torch.full((self.b, self.h, self.frames), -1, dtype=torch.long)
         self.page_frame_dev = self.page_frame.to(self.device)
+        self._ahead = None  # (idx, pages) of the last prefetch: all resident, `gather(idx)` needs no host sync
 
     def _grow(self, n: int) -> None:
         """Room for `n` slots in the host tier (growing by a quarter), the page tables widened to match."""
@@ -355,6 +356,14 @@ class OffloadStore(KVStore):
         kv_heads, k) long (any slots < n, in any order), from the frames; the pages not resident are copied first
         (on demand). More pages than frames: the slots are copied from the host tier for this step only."""
         self.counters.steps += 1
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and ahead[0] is idx:  # prefetched: every page resident, no host round trip
+            self.counters.needed += ahead[1]
+            self.counters.hits += ahead[1]
+            self.engine.wait()
+            kd, vd = self._frames()
+            slot = self.page_frame_dev.gather(2, idx // self.page) * self.page + idx % self.page
+            return take(kd, slot), take(vd, slot)
         idx_h = idx.to(self.host)
         need = self._need(idx_h // self.page)
         self.counters.needed += int(need.sum())
@@ -374,10 +383,12 @@ class OffloadStore(KVStore):
         """Start copying the pages of the slots `idx` (batch, kv_heads, k) long (on any device; slots of the next
         step may lie one past the slots stored) that are not resident into frames, without waiting (CUDA: a side
         stream after the work queued so far; the next `gather` or decode append waits for it)."""
-        idx = idx.to(self.host)
+        idx_h = idx.to(self.host)
         self.engine.wait()  # the previous prefetch's mirror writes come first
-        self._grow(int(idx.max()) + 1)  # the next token may open a page: room in the page table for it
-        self._make_resident(self._need(idx // self.page), background=True)
+        self._grow(int(idx_h.max()) + 1)  # the next token may open a page: room in the page table for it
+        need = self._need(idx_h // self.page)
+        if self._make_resident(need, background=True):
+            self._ahead = (idx, int(need.sum()))
 
 
 class OffloadLayer(CompressedLayer):
