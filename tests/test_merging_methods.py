@@ -1,0 +1,119 @@
+"""The merging methods of issue 14 (KVMerger, D2O, EMS) against their rules computed by hand on tiny tensors, and on
+the tiny model: memory freed, the sweep's shared prefill building the same cache, registry and CLI names."""
+
+import math
+
+import pytest
+import torch
+
+import kvsqueeze as kq
+from kvsqueeze.methods import for_storage
+from kvsqueeze.methods.base import ScoreInputs
+from kvsqueeze.methods.kvmerger import KVMerger
+from kvsqueeze.quant import parse_quant
+from kvsqueeze.runtime.generate import record_prefill
+from kvsqueeze.storage import CompressedLayer
+
+from conftest import kv, tiny_llama
+
+
+def _inputs(keys, acc, n_keep, layer_idx=2, n_layers=5, values=None):
+    b, h, n, d = keys.shape
+    return ScoreInputs(layer_idx=layer_idx, n_layers=n_layers, queries=torch.zeros(b, h, 1, d), keys=keys,
+                       values=keys.clone() if values is None else values,
+                       positions=torch.arange(n, dtype=torch.int32).expand(b, h, n).contiguous(), valid=None,
+                       n_pad=None, seen=n, state={"acc": acc}, scaling=d ** -0.5, softcap=None, n_keep=n_keep)
+
+
+def _evict(method, x):
+    layer = CompressedLayer()
+    layer.update(x.keys, x.values)
+    scores = method.score(x)
+    layer.evict(scores, x.n_keep, merge=lambda idx, visible: method.merge_plan(x, idx, visible))
+    return layer
+
+
+def _gaussian_merge(keys, members, pivot):
+    """By hand: g_i = exp(-||k_i - k_p||^2 / (2 sigma^2)), sigma^2 = the mean squared distance to the pivot."""
+    d2 = [float(((keys[i] - keys[pivot]) ** 2).sum()) for i in members]
+    s2 = sum(d2) / len(d2)
+    g = [1.0 if s2 == 0 else math.exp(-x / (2 * s2)) for x in d2]
+    return sum(gi * keys[i] for gi, i in zip(g, members)) / sum(g)
+
+
+# 10 slots, one kv head: slots 1-3 share a direction, 4-5 another (the link 3-4 is the weakest above 0.75),
+# 7-8 a third; slots 0 and 6 are heavy hitters, slot 9 the most recent
+KEYS = torch.tensor([[0, 1, 0, 0], [1, 0.1, 0, 0], [1, 0.2, 0, 0], [1, 0, 0.1, 0], [1, 0, 0.6, 0],
+                     [1, 0, 0.7, 0.1], [0, 0, 0, 1], [0, 1, 1, 0], [0, 1, 0.9, 0], [0.3, -1, 0, 0.2]])
+ACC = torch.tensor([5, 0.1, 0.2, 0.3, 0.4, 0.5, 4, 0.6, 0.7, 0.8])
+
+
+def test_kvmerger_rule_by_hand():
+    keys = KEYS[None, None]
+    x = _inputs(keys, ACC[None, None].clone(), n_keep=6)
+    layer = _evict(KVMerger(compression_ratio=0.4), x)
+    # protected: budget 6 * 0.5 = 3: the most recent (slot 9) + the two heaviest (0, 6). The other 3 slots are
+    # pivots: the sets at 0.75 are {1..5}, {7, 8}; one set short, so the weakest link (3-4) is cut too
+    assert layer.positions[0, 0].tolist() == [0, 3, 5, 6, 8, 9]
+    got = layer.keys[0, 0]
+    k = KEYS
+    for j, (members, pivot) in enumerate([([0], 0), ([1, 2, 3], 3), ([4, 5], 5), ([6], 6), ([7, 8], 8), ([9], 9)]):
+        assert torch.allclose(got[j], _gaussian_merge(k, members, pivot), atol=1e-6), f"slot {pivot}"
+    assert layer.n_merged == 4
+
+
+def test_kvmerger_never_merges_below_the_threshold_and_evicts_the_lightest_sets():
+    keys = KEYS[None, None]
+    # budget 4: 2 protected (slots 9 and 0), 2 pivots for the 3 sets at 0.75 -> {1..5} and {6..8}? no: with 6
+    # unprotected the sets are {1..5}, {6}, {7, 8} (6-7 below the threshold); the lightest pivot (6's acc 4 is the
+    # heaviest, then 8, then 5) -> the set of 5 is evicted whole
+    x = _inputs(keys, ACC[None, None].clone(), n_keep=4)
+    layer = _evict(KVMerger(compression_ratio=0.6), x)
+    assert layer.positions[0, 0].tolist() == [0, 6, 8, 9]
+    got = layer.keys[0, 0]
+    assert torch.equal(got[1], KEYS[6])
+    assert torch.allclose(got[2], _gaussian_merge(KEYS, [7, 8], 8), atol=1e-6)
+    x = _inputs(keys, ACC[None, None].clone(), n_keep=4)
+    layer = _evict(KVMerger(compression_ratio=0.6, threshold=0.9999), x)  # nothing similar enough: no merge
+    assert layer.n_merged == 0 and torch.equal(layer.keys[0, 0], KEYS[[0, 6, 8, 9]])
+
+
+def test_kvmerger_leaves_the_edge_layers_unmerged():
+    keys = KEYS[None, None]
+    for layer_idx, merged in [(0, False), (1, False), (2, True), (4, False)]:
+        layer = _evict(KVMerger(compression_ratio=0.4), _inputs(keys, ACC[None, None].clone(), 6, layer_idx))
+        assert (layer.n_merged > 0) == merged, layer_idx
+    layer = _evict(KVMerger(compression_ratio=0.4, merge_edges=True), _inputs(keys, ACC[None, None].clone(), 6, 0))
+    assert layer.n_merged == 4
+
+
+# the tiny random model's keys are far less alike than a trained model's: thresholds low enough to merge
+TINY = {"kvmerger": {"threshold": 0.0}}
+
+
+@pytest.mark.parametrize("name", list(TINY))
+@pytest.mark.parametrize("scheme", ["fp", "kivi-4"])
+def test_merging_method_on_the_tiny_model_frees_memory_and_the_sweep_copy_equals_the_prefill(name, scheme):
+    model = tiny_llama(layers=4)
+    ids = torch.randint(0, 101, (1, 48), generator=torch.Generator().manual_seed(1))
+    factory = None if scheme == "fp" else parse_quant(scheme).layer_factory
+    method = lambda: kq.get_method(name, compression_ratio=0.5, **TINY[name])  # noqa: E731
+    cache = kq.CompressedCache(model, method(), layer_factory=factory)
+    with torch.no_grad():
+        model(ids, **kv(cache))
+    full = kq.CompressedCache(model, layer_factory=factory)
+    with torch.no_grad():
+        model(ids, **kv(full))
+    assert cache.stats().kv_bytes < 0.6 * full.stats().kv_bytes
+    assert sum(layer.n_merged for layer in cache.layers) > 0
+    copy = record_prefill(model, ids).compress(model, method(), factory)
+    for a, b in zip(cache.layers, copy.layers):
+        assert torch.equal(a.positions, b.positions)
+        assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+
+
+@pytest.mark.parametrize("name", list(TINY))
+def test_merging_methods_are_listed_and_refuse_mixed_precision(name):
+    assert name in kq.METHODS
+    with pytest.raises(kq.KVSqueezeError, match="merges"):
+        for_storage(kq.get_method(name, compression_ratio=0.5), parse_quant("zipcache-4-2"))
