@@ -88,7 +88,7 @@ def test_kvmerger_leaves_the_edge_layers_unmerged():
 
 
 # the tiny random model's keys are far less alike than a trained model's: thresholds low enough to merge
-TINY = {"kvmerger": {"threshold": 0.0}}
+TINY = {"kvmerger": {"threshold": 0.0}, "d2o": {"compress_edges": True}}
 
 
 @pytest.mark.parametrize("name", list(TINY))
@@ -117,3 +117,69 @@ def test_merging_methods_are_listed_and_refuse_mixed_precision(name):
     assert name in kq.METHODS
     with pytest.raises(kq.KVSqueezeError, match="merges"):
         for_storage(kq.get_method(name, compression_ratio=0.5), parse_quant("zipcache-4-2"))
+
+
+# --- D2O --------------------------------------------------------------------------------------------------------
+from kvsqueeze.methods.d2o import D2O, attention_density, layer_ratios  # noqa: E402
+
+
+def test_d2o_density_and_layer_ratios_by_hand():
+    s = torch.tensor([[[1.0, 2, 3], [0, 0, 6]]])  # variances over keys (unbiased): 1 and 12
+    assert torch.allclose(attention_density(s, None, 1), torch.tensor([(0 + 11 / (11 + 1e-6)) / 2]))
+    d = torch.tensor([0.5, 0.0, 1.0])
+    z = sum(math.exp(-v) for v in d.tolist())
+    expected = [min(1.0, max(0.01, math.exp(-v) / z * 3 * 0.5)) for v in d.tolist()]
+    assert torch.allclose(layer_ratios(d, 0.5), torch.tensor(expected, dtype=torch.float64))
+
+
+def test_d2o_token_level_merge_by_hand():
+    ang = torch.tensor([0.0, 0.1, 1.5, 1.0, 0.95, 2.0, 3.0, 0.5])  # key directions (radians), unit norm but slot 4
+    keys = torch.stack([ang.cos(), ang.sin()], -1) * torch.tensor([1, 1, 1, 1, 2, 1, 1, 1.0])[:, None]
+    acc = torch.tensor([0.1, 0.5, 0.4, 0.9, 0.3, 0.2, 0.0, 0.0])
+    x = _inputs(keys[None, None], acc[None, None], n_keep=4)
+    method = D2O(compression_ratio=0.5, n_sink=1)
+    layer = _evict(method, x)
+    # kept: sink 0, recent 6 and 7 (budget 4 * 0.5), heavy hitter 3
+    assert layer.positions[0, 0].tolist() == [0, 3, 6, 7]
+    kept = [0, 3, 6, 7]
+    cos = lambda a, b: float(torch.nn.functional.cosine_similarity(keys[a], keys[b], dim=0))  # noqa: E731
+    u = {e: max(cos(e, c) for c in kept) for e in (1, 2, 4, 5)}
+    into = {e: max(kept, key=lambda c: cos(e, c)) for e in u}
+    tau = sum(u.values()) / len(u)
+    merged = {c: [e for e in u if u[e] >= tau and into[e] == c] for c in kept}
+    for j, c in enumerate(kept):
+        w = [math.e] + [math.exp(u[e]) for e in merged[c]]
+        expected = sum(wi * keys[i] for wi, i in zip(w, [c, *merged[c]])) / sum(w)
+        assert torch.allclose(layer.keys[0, 0, j], expected, atol=1e-6), c
+    assert sum(len(m) for m in merged.values()) == layer.n_merged > 0
+    assert torch.allclose(x.row_state["d2o_tau"], torch.tensor([tau]))
+    # a second compression of the sequence moves the threshold by the EMA (a = 0.5)
+    y = _inputs(keys[None, None], acc[None, None], n_keep=3)
+    y.row_state = x.row_state
+    method.score(y)
+    idx = torch.tensor([[[0, 3, 7]]])
+    kept = [0, 3, 7]
+    u2 = [max(cos(e, c) for c in kept) for e in (1, 2, 4, 5, 6)]
+    method.merge_plan(y, idx, None)
+    assert torch.allclose(y.row_state["d2o_tau"], torch.tensor([0.5 * tau + 0.5 * sum(u2) / len(u2)]))
+
+
+def test_d2o_layer_budgets_follow_the_attention_density_of_every_layer():
+    from transformers import DynamicCache
+
+    model = tiny_llama("eager", layers=5)
+    ids = torch.randint(0, 101, (1, 40), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        att = model(ids, **kv(DynamicCache(config=model.config)), output_attentions=True).attentions
+    dens = []
+    for a in att:  # (1, heads, q, n): by hand, with torch's own variance
+        var = a.sum(2).var(-1)[0]
+        dens.append(float(((var - var.min()) / (var.max() - var.min() + 1e-6)).mean()))
+    z = sum(math.exp(-v) for v in dens)
+    ratios = [min(1.0, max(0.01, math.exp(-v) / z * 5 * 0.5)) for v in dens]
+    expected = [40 if i in (0, 1, 4) else int(40 * r) for i, r in enumerate(ratios)]
+    cache = kq.CompressedCache(model, D2O(compression_ratio=0.5))
+    with torch.no_grad():
+        model(ids, **kv(cache))
+    assert cache.stats().tokens_stored == expected
+    assert len(set(expected[2:4])) == 2 or expected[2] != 20  # the budgets really moved off the uniform 20

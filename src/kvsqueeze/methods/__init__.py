@@ -8,6 +8,7 @@ from dataclasses import fields
 from ..errors import KVSqueezeError
 from .adakv import AdaKV
 from .base import Method, ScoreInputs
+from .d2o import D2O
 from .full import Full
 from .h2o import H2O
 from .knorm import KNorm
@@ -23,7 +24,7 @@ from .zipcache import ZipCacheSaliency
 
 METHODS: dict[str, type[Method]] = {
     m.name: m for m in (Full, StreamingLLM, H2O, SnapKV, PyramidKV, TOVA, KNorm, Random, QFilters, AdaKV, MiKV,
-                        ZipCacheSaliency, KVMerger)
+                        ZipCacheSaliency, KVMerger, D2O)
 }
 
 

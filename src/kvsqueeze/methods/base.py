@@ -45,6 +45,7 @@ class ScoreInputs:
     sliding_window: int | None = None  # the layer's window (a sliding layer's queries see the last w positions)
     memo: dict | None = None  # shared by every method scoring the same recorded prefill (a sweep)
     scratch: dict = field(default_factory=dict)  # this call's own: what `score` leaves for `merge_plan`
+    row_state: dict = field(default_factory=dict)  # per-row tensors (b, ...) the method keeps for the sequence
 
     @property
     def row_positions(self) -> torch.Tensor:

@@ -221,6 +221,7 @@ class CompressedCache(Cache):
             n_pad=layer.n_pad,
             seen=layer.cumulative_length,
             state=layer.state,
+            row_state=layer.table.row_state,
             scaling=scaling if scaling is not None else query.shape[-1] ** -0.5,
             softcap=getattr(self.config, "attn_logit_softcapping", None),
             n_keep=0,
