@@ -88,7 +88,7 @@ def test_kvmerger_leaves_the_edge_layers_unmerged():
 
 
 # the tiny random model's keys are far less alike than a trained model's: thresholds low enough to merge
-TINY = {"kvmerger": {"threshold": 0.0}, "d2o": {"compress_edges": True}}
+TINY = {"kvmerger": {"threshold": 0.0}, "d2o": {"compress_edges": True}, "ems": {}}
 
 
 @pytest.mark.parametrize("name", list(TINY))
@@ -183,3 +183,57 @@ def test_d2o_layer_budgets_follow_the_attention_density_of_every_layer():
         model(ids, **kv(cache))
     assert cache.stats().tokens_stored == expected
     assert len(set(expected[2:4])) == 2 or expected[2] != 20  # the budgets really moved off the uniform 20
+
+
+# --- EMS --------------------------------------------------------------------------------------------------------
+from kvsqueeze.methods.ems import EMS  # noqa: E402
+
+
+def test_ems_global_local_score_by_hand():
+    g = torch.Generator().manual_seed(5)
+    keys, q = torch.randn(1, 1, 6, 4, generator=g), torch.randn(1, 2, 1, 4, generator=g)  # 2 query heads, 1 kv head
+    x = _inputs(keys, torch.tensor([[[3.0, 1, 0, 2, 0.5, 0]]]), n_keep=3)
+    x.queries = q
+    method = EMS(compression_ratio=0.5)
+    method.observe(x)
+    p = torch.softmax((q @ keys.transpose(-1, -2)) * x.scaling, -1)[0, :, 0].sum(0)  # (6,): both query heads
+    glo = torch.tensor([3.0, 1, 0, 2, 0.5, 0]) + p
+    expected = glo / glo.mean() + p / p.mean()
+    assert torch.allclose(method.score(x)[0, 0], expected, atol=1e-6)
+
+
+def test_ems_headwise_evict_then_merge_by_hand():
+    g = torch.Generator().manual_seed(6)
+    keys, values = torch.randn(1, 2, 10, 4, generator=g), torch.randn(1, 2, 10, 4, generator=g)
+    gl = torch.tensor([[[9.0, 8, 7, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7],  # head 0: concentrated on 3 tokens
+                        [1.0, 1.1, 1.2, 1.3, 1.4, 1.5, 1.6, 1.7, 1.8, 1.9]]])  # head 1: spread
+    x = _inputs(keys, torch.zeros(1, 2, 10), n_keep=4, values=values)
+    x.scratch["ems"] = gl  # the GL scores, given (their rule is checked above)
+    method = EMS(compression_ratio=0.6, zero_threshold=0.0)
+    counts = method.head_counts(gl, torch.tensor([4]), None)
+    # Ada-KV over GL: the layer's 8 slots to the top 8 scores of both heads, floor(0.2 * 4) = 0 guaranteed
+    top8 = gl.flatten().sort(descending=True).values[7]
+    assert counts.tolist() == [[int((gl[0, h] >= top8).sum()) for h in range(2)]]
+    layer = CompressedLayer()
+    layer.update(keys, values)
+    layer.evict(gl, int(counts.max()), counts, merge=lambda idx, visible: method.merge_plan(x, idx, visible))
+    for h in range(2):
+        kept = sorted(gl[0, h].argsort(descending=True)[: int(counts[0, h])].tolist())
+        vis = layer.valid[0, h] if layer.valid is not None else torch.ones(layer.n_stored, dtype=torch.bool)
+        assert layer.positions[0, h][vis].tolist() == kept
+        rest = sorted((t for t in range(10) if t not in kept), key=lambda t: float(gl[0, h, t]))
+        candidates = rest[round(len(rest) * 0.5):]  # the lower half evicted outright
+        cos = lambda a, b: float(torch.nn.functional.cosine_similarity(a, b, dim=0))  # noqa: E731
+        into = {}
+        for e in candidates:
+            r = {c: cos(keys[0, h, e], keys[0, h, c]) * cos(values[0, h, e], values[0, h, c]) for c in kept}
+            c = max(r, key=r.get)
+            if r[c] >= 0.0:
+                into.setdefault(c, []).append(e)
+        got = layer.keys[0, h][vis]
+        for j, c in enumerate(kept):
+            members = [c, *into.get(c, [])]
+            w = gl[0, h, members]
+            expected = (w[:, None] * keys[0, h, members]).sum(0) / w.sum()
+            assert torch.allclose(got[j], expected, atol=1e-5), (h, c)
+    assert layer.store.ragged and layer.kv_nbytes() == int(counts.sum()) * 4 * 2 * keys.element_size()

@@ -9,6 +9,7 @@ from ..errors import KVSqueezeError
 from .adakv import AdaKV
 from .base import Method, ScoreInputs
 from .d2o import D2O
+from .ems import EMS
 from .full import Full
 from .h2o import H2O
 from .knorm import KNorm
@@ -24,7 +25,7 @@ from .zipcache import ZipCacheSaliency
 
 METHODS: dict[str, type[Method]] = {
     m.name: m for m in (Full, StreamingLLM, H2O, SnapKV, PyramidKV, TOVA, KNorm, Random, QFilters, AdaKV, MiKV,
-                        ZipCacheSaliency, KVMerger, D2O)
+                        ZipCacheSaliency, KVMerger, D2O, EMS)
 }
 
 
