@@ -45,7 +45,7 @@ Composes with KIVI / GEAR (merged entries quantized once, at the commit); MiKV /
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -86,7 +86,6 @@ class D2O(Method):
     n_sink: int = 4  # the first tokens, always kept (the reference code's select_hh_scores[:, 0:4] = inf)
     ema: float = 0.5  # a in tau_t = a tau_{t-1} + (1 - a) mean u (the reference code's alpha = beta = 0.5)
     compress_edges: bool = False  # compress layers 0, 1 and the last too (the reference code leaves them full)
-    _density: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     name = "d2o"
     summary = "layer budgets from attention density; H2O eviction, evicted keys merged into the most similar kept one"
@@ -97,6 +96,7 @@ class D2O(Method):
 
     def __post_init__(self):
         super().__post_init__()
+        self._density: dict[int, torch.Tensor] = {}  # layer -> (b,): this forward's densities (not a field)
         for name in ("recent_share", "ema"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise KVSqueezeError(f"{name} must be in [0, 1], got {getattr(self, name)}")
