@@ -30,6 +30,11 @@ evicted token with u_e >= tau is merged into c* (keys and values), else dropped:
     w_e = exp(u_e) / (sum_{e' -> c} exp(u_e') + e),   w_c = e / (sum_{e' -> c} exp(u_e') + e)
     k_c <- w_c k_c + sum_{e -> c} w_e k_e            (v_c likewise; e = exp(1): a token's similarity to itself)
 
+Sources: the layer-level rule, the threshold's EMA, the H2O split and the uncompressed edge layers are read from the
+authors' code (LLM_merge_new/LMEval_kv_token_merge/modeling_llama3_7b_13b_d2o.py and modeling_llama3_new.py); the
+merge weights are the paper's as recalled, the paper's full text could not be opened in this session (its abstract
+and title were checked: arXiv:2406.13035).
+
 Deviations, written down: the reference code merges with `scatter_reduce(mean, include_self)` of u_e * k_e (a mean
 of the kept key and the similarity-scaled evicted keys), while the paper's weights above (normalised exponentials
 of the similarities) are used here; the reference compares the head-averaged similarity with the threshold, here

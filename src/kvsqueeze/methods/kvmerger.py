@@ -26,6 +26,11 @@ threshold raised just enough to fill the budget (never merging below delta); whe
 pivots have the lowest acc_t are evicted whole (H2O's rule on the pivots). Both are deviations forced by a fixed
 budget, written down here.
 
+Sources: title, arXiv id and abstract checked; the paper's full text could not be opened in this session and it has
+no public code, so the rule above is as recalled and as described by the public reviews of its submission and by
+third-party ports (delta = 0.75, pivot = the most-attended member, normalised Gaussian weights for keys and values,
+top-attention and recent tokens kept unmerged).
+
 Other deviations and choices: the paper's sigma is defined through the kernel values it produces (circular);
 sigma^2 here is the mean squared distance of the set's members to the pivot (the pivot counting 0), so the kernel
 is scale-free. The paper leaves the first two layers and the last layer unmerged (their attention is spread): with
