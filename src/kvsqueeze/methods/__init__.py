@@ -8,9 +8,12 @@ from dataclasses import fields
 from ..errors import KVSqueezeError
 from .adakv import AdaKV
 from .base import Method, ScoreInputs
+from .d2o import D2O
+from .ems import EMS
 from .full import Full
 from .h2o import H2O
 from .knorm import KNorm
+from .kvmerger import KVMerger
 from .mikv import MiKV, PrecisionSplit
 from .pyramidkv import PyramidKV
 from .qfilters import QFilters
@@ -22,7 +25,7 @@ from .zipcache import ZipCacheSaliency
 
 METHODS: dict[str, type[Method]] = {
     m.name: m for m in (Full, StreamingLLM, H2O, SnapKV, PyramidKV, TOVA, KNorm, Random, QFilters, AdaKV, MiKV,
-                        ZipCacheSaliency)
+                        ZipCacheSaliency, KVMerger, D2O, EMS)
 }
 
 
@@ -65,7 +68,10 @@ def for_storage(method: Method | None, qspec) -> Method | None:
     """The method a cache runs when `method` is composed with the quantized storage `qspec` (a
     `kvsqueeze.quant.QuantSpec`, or None: full precision). Never silently replaces what was asked:
 
-    - no scheme, KIVI, GEAR: `method` itself (the scheme only changes how the kept tokens are held);
+    - no scheme, KIVI, GEAR: `method` itself (the scheme only changes how the kept tokens are held; a merging
+      method's merged entries are quantized once, at the commit);
+    - a merging method (`merges`: KVMerger, D2O, EMS) with MiKV or ZipCache: `KVSqueezeError` (those keep the
+      evicted tokens at low precision instead of merging them);
     - MiKV (`mikv-<hi>-<lo>`): `MiKV(inner=method)`: its scores pick the high-precision tokens (`MiKV()`, H2O's
       rule as in the paper, when `method` is None);
     - ZipCache (`zipcache-<hi>-<lo>`): with `method` None, `zipcache`, or `full` (which splits nothing), ZipCache's
@@ -75,6 +81,10 @@ def for_storage(method: Method | None, qspec) -> Method | None:
     kind = getattr(qspec, "importance", None)
     if kind is None:
         return method
+    if method is not None and method.merges:
+        raise KVSqueezeError(f"{method.name} merges the entries it evicts into kept ones, while {qspec.name} keeps "
+                             "them at low precision instead: choose one (a merging method composes with kivi-*, "
+                             "gear-*)")
     if kind == "mikv":
         if isinstance(method, MiKV):
             return method

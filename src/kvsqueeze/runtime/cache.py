@@ -89,6 +89,7 @@ class CompressedCache(Cache):
     def __init__(self, model, method=None, *, layer_factory=None, selector=None):
         attach(model)  # route the model's attention through kvsqueeze during this cache's forwards
         self.awaiting: int | None = None  # the layer whose update ran, waiting for its attention call
+        self._deferred: list = []  # (layer_idx, ScoreInputs, query) waiting for the last layer (defer_eviction)
         config = model.config.get_text_config()
         self.config = config
         layers = []
@@ -138,6 +139,8 @@ class CompressedCache(Cache):
             self._in_prefill_block = False
 
     def _begin_forward(self, q_len: int):
+        if self._deferred:  # the last layer's attention did not come through the wrapper: evict them now
+            self._flush_deferred()
         if self.awaiting is not None:
             self.awaiting = None
             raise KVSqueezeError(
@@ -187,8 +190,11 @@ class CompressedCache(Cache):
         stores quantize what this forward appended and kept: after the eviction, so only kept tokens, once)."""
         self._observe_and_compress(layer_idx, query, scaling, memo)
         layer = self.layers[layer_idx]
-        if isinstance(layer, CompressedLayer):
+        waiting = any(i == layer_idx for i, _, _ in self._deferred)
+        if isinstance(layer, CompressedLayer) and not waiting:  # a deferred layer commits after its eviction
             layer.commit()
+        if self._deferred and layer_idx == self.n_layers - 1:
+            self._flush_deferred()
 
     def _observe_and_compress(self, layer_idx: int, query: torch.Tensor, scaling: float | None, memo: dict | None):
         method = self.method
@@ -215,6 +221,7 @@ class CompressedCache(Cache):
             n_pad=layer.n_pad,
             seen=layer.cumulative_length,
             state=layer.state,
+            row_state=layer.table.row_state,
             scaling=scaling if scaling is not None else query.shape[-1] ** -0.5,
             softcap=getattr(self.config, "attn_logit_softcapping", None),
             n_keep=0,
@@ -224,20 +231,38 @@ class CompressedCache(Cache):
         if method.stateful:
             method.observe(x)
         if compress:
-            x.n_keep = self.budget(layer_idx)
-            x.keep_per_row = layer.row_keep
-            if self.budgets.due(layer, x.n_keep):
-                balance = getattr(layer.store, "balance_keys", None)
-                if balance is not None:  # MiKV's storage balances key channels by the queries' channel maxima
-                    q = query.abs().masked_fill(~x.query_valid()[:, None, :, None], 0.0).amax(dim=2)  # (b, hq, d)
-                    b, hq, d = q.shape
-                    balance(q.view(b, hq // x.group, x.group, d).amax(2), layer.valid)  # the split follows
-                    x.keys, x.values = layer.keys, layer.values
-                scores = layer.window_scores(method.score(x))
-                if hasattr(layer.store, "split"):  # mixed precision: the method's top tokens high, the rest low
-                    layer.split(scores, x.n_keep, layer.row_keep)
-                else:
-                    layer.evict(scores, *self.budgets.counts(layer, scores, x.n_keep))
+            if method.defer_eviction:  # layer budgets that need every layer's observation of this forward (D2O)
+                self._deferred.append((layer_idx, x, query))
+                return
+            self._compress_layer(layer_idx, x, query)
+
+    def _compress_layer(self, layer_idx: int, x, query: torch.Tensor) -> None:
+        """Evict (or split) layer `layer_idx` down to its budget by the method's scores for `x` (its ScoreInputs);
+        a merging method's plan (`Method.merge_plan`) is applied with the eviction."""
+        method = self.method
+        layer = self.layers[layer_idx]
+        x.n_keep = self.budget(layer_idx)
+        x.keep_per_row = layer.row_keep
+        if self.budgets.due(layer, x.n_keep):
+            balance = getattr(layer.store, "balance_keys", None)
+            if balance is not None:  # MiKV's storage balances key channels by the queries' channel maxima
+                q = query.abs().masked_fill(~x.query_valid()[:, None, :, None], 0.0).amax(dim=2)  # (b, hq, d)
+                b, hq, d = q.shape
+                balance(q.view(b, hq // x.group, x.group, d).amax(2), layer.valid)  # the split follows
+                x.keys, x.values = layer.keys, layer.values
+            scores = layer.window_scores(method.score(x))
+            if hasattr(layer.store, "split"):  # mixed precision: the method's top tokens high, the rest low
+                layer.split(scores, x.n_keep, layer.row_keep)
+            else:
+                merge = (lambda idx, visible: method.merge_plan(x, idx, visible)) if method.merges else None
+                layer.evict(scores, *self.budgets.counts(layer, scores, x.n_keep), merge=merge)
+
+    def _flush_deferred(self) -> None:
+        """Evict, then commit, the layers whose eviction waited for the forward's last layer (`defer_eviction`)."""
+        deferred, self._deferred = self._deferred, []
+        for layer_idx, x, query in deferred:
+            self._compress_layer(layer_idx, x, query)
+            self.layers[layer_idx].commit()
 
     def compressed_copy(self, model, method, queries: dict[int, torch.Tensor], scaling: dict[int, float],
                         memo: dict | None = None, layer_factory=None):
@@ -268,8 +293,8 @@ class CompressedCache(Cache):
         out.phase = "prefill"
         for i, layer in enumerate(out.layers):
             if isinstance(layer, CompressedLayer) and layer.is_initialized:
-                out.after_attention(None, i, queries[i], scaling.get(i), memo)
-                layer.commit()
+                out.after_attention(None, i, queries[i], scaling.get(i), memo)  # commits, unless deferred
+        out._flush_deferred()
         out.phase = "append"
         return out
 
@@ -291,6 +316,7 @@ class CompressedCache(Cache):
         self._forwards = 0
         self.decode_step = 0
         self.awaiting = None
+        self._deferred = []
         # methods keep their per-sequence state in the layers (`layer.state`); one holding more says so with reset()
         reset_method = getattr(self.method, "reset", None)
         if reset_method is not None:

@@ -29,6 +29,7 @@ import torch
 from transformers.cache_utils import DynamicLayer
 
 from ..errors import KVSqueezeError
+from .merge import MergePlan
 from .slots import SlotTable
 from .stores import DenseStore, KVStore
 
@@ -50,6 +51,7 @@ class CompressedLayer(DynamicLayer):
         self.cumulative_length = 0
         self.n_new = 0  # tokens appended by the current forward
         self.n_evicted = 0  # slots ever removed
+        self.n_merged = 0  # evicted entries ever merged into a kept slot (a merging method's plan)
         self.row_keep: torch.Tensor | None = None  # (batch,) per-row budget when rows differ (set by the cache)
 
     # --- the slot table's fields ------------------------------------------------------------------------------
@@ -150,7 +152,7 @@ class CompressedLayer(DynamicLayer):
         self.cumulative_length = 0
         self.table.reset()
         self.row_keep = None
-        self.n_new = self.n_evicted = 0
+        self.n_new = self.n_evicted = self.n_merged = 0
 
     def crop(self, tokens_to_remove: int):
         raise KVSqueezeError("a compressed cache cannot be cropped (evicted tokens cannot be restored)")
@@ -250,23 +252,36 @@ class CompressedLayer(DynamicLayer):
             visible = visible.gather(2, perm)
         return idx, visible
 
-    def keep(self, idx: torch.Tensor, visible: torch.Tensor | None = None) -> None:
+    def keep(self, idx: torch.Tensor, visible: torch.Tensor | None = None, plan: MergePlan | None = None) -> None:
         """Keep slots `idx` (batch, kv_heads, k), in that order, and free the others; the kept slots where
         `visible` (batch, kv_heads, k) is False become empty (invalid, their entries freed when the store is
-        ragged-capable, else only hidden)."""
+        ragged-capable, else only hidden). With a `plan` (`storage.merge.MergePlan`, indexed by the slots before
+        this call) the evicted entries it names are first averaged into the kept slots it names (positions and
+        slot-aligned state of the kept slots unchanged; the evicted entries freed as without a plan)."""
         n = self.n_stored
         held = visible if (visible is not None and self.store is not None and self.store.ragged_heads) else None
-        self.store.keep(idx, held)
+        if plan is None:
+            self.store.keep(idx, held)
+        else:
+            valid, cutoff = self.valid, self.window_cutoff()
+            if cutoff is not None:  # a sliding layer's entries no later query can see are never merged in
+                valid = (self.positions >= cutoff) if valid is None else valid & (self.positions >= cutoff)
+            keys, values = self.store.view()
+            k, v = plan.apply(keys, values, idx, valid, visible)
+            self.store.keep_merged(idx, k, v, held)
+            dest, kept = plan.destinations(idx, valid, visible)
+            self.n_merged += int(((dest >= 0) & ~kept).sum())
         self.table.keep(idx)
         self.table.hide(visible)
         self.n_evicted += n - idx.shape[-1]
 
-    def evict(self, scores: torch.Tensor, n_keep: int, counts: torch.Tensor | None = None):
+    def evict(self, scores: torch.Tensor, n_keep: int, counts: torch.Tensor | None = None, merge=None):
         """Keep, per (row, kv head), the `n_keep` slots with the highest scores; free the rest.
 
         scores: (batch, kv_heads, n_stored). counts: (batch,) per-row budgets or (batch, kv_heads) per-head
         budgets, each <= n_keep (left-padded rows keep what they keep alone; head-wise budgets keep each head's
-        own top; the extra slots become empty, see `_keep_index`)."""
+        own top; the extra slots become empty, see `_keep_index`). merge: None, or a function (idx, visible) ->
+        `MergePlan` | None called with the slots chosen (a merging method's plan, see `keep`)."""
         b, h, n = self.positions.shape
         if scores.shape != (b, h, n):
             raise ValueError(f"scores must have shape {(b, h, n)}, got {tuple(scores.shape)}")
@@ -274,7 +289,7 @@ class CompressedLayer(DynamicLayer):
             return
         n_keep = min(n_keep, n)
         idx, visible = self._keep_index(scores, n_keep, counts)
-        self.keep(idx, visible)
+        self.keep(idx, visible, None if merge is None else merge(idx, visible))
 
     def split(self, scores: torch.Tensor, n_keep: int, counts: torch.Tensor | None = None) -> None:
         """Mixed-precision stores (`kvsqueeze.quant.MixedPrecisionStore`): instead of evicting, store the top

@@ -9,6 +9,8 @@ positions). Every store answers the same calls:
     keep(idx, held=None)        keep slots idx (batch, kv_heads, k), in that order; `held` (batch, kv_heads, k)
                                 bool marks the kept slots that still hold an entry (False: an empty slot, its
                                 memory freed)
+    keep_merged(idx, k, v, held=None)  as keep, the kept slots holding the new entries k, v (batch, kv_heads, k,
+                                d) instead of their own (a merge, `storage.merge.MergePlan`)
     index_batch(fn)             a batch operation on every per-row tensor (beam search, batch selection)
     nbytes() -> int             bytes of keys and values really held (what `CacheStats.kv_bytes` reports)
     tensors() -> dict           every tensor that encodes keys and values
@@ -62,6 +64,12 @@ class KVStore:
 
     def keep(self, idx: torch.Tensor, held: torch.Tensor | None = None) -> None:
         raise NotImplementedError
+
+    def keep_merged(self, idx: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                    held: torch.Tensor | None = None) -> None:
+        """Keep slots `idx` (batch, kv_heads, k) as `keep`, their entries replaced by `keys`, `values` (batch,
+        kv_heads, k, d) (the merged entries). Raises TypeError for a store that cannot hold replaced entries."""
+        raise TypeError(f"{type(self).__name__} cannot hold merged entries")
 
     def index_batch(self, fn) -> None:
         raise NotImplementedError
@@ -186,9 +194,18 @@ class DenseStore(KVStore):
         self._view = (weakref.ref(k), weakref.ref(v))
 
     def keep(self, idx: torch.Tensor, held: torch.Tensor | None = None) -> None:
-        self._room = None
         k, v = self.view()
-        k, v = take(k, idx), take(v, idx)
+        self._hold(idx, take(k, idx), take(v, idx), held)
+
+    def keep_merged(self, idx: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                    held: torch.Tensor | None = None) -> None:
+        """As `keep`, the kept slots holding `keys`, `values` (batch, kv_heads, k, d): rectangular or ragged alike
+        (an empty slot of a head-wise budget, `held` False, is freed whatever it was given)."""
+        self._hold(idx, keys.contiguous(), values.contiguous(), held)
+
+    def _hold(self, idx: torch.Tensor, k: torch.Tensor, v: torch.Tensor, held: torch.Tensor | None) -> None:
+        """Hold k, v (batch, kv_heads, k, d) as the slots `idx` kept (packed when some of them are not held)."""
+        self._room = None
         old = None if self.held is None else take(self.held, idx)
         if held is not None and old is not None:
             held = held & old
