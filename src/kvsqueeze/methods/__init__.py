@@ -12,17 +12,19 @@ from .full import Full
 from .h2o import H2O
 from .knorm import KNorm
 from .mikv import MiKV, PrecisionSplit
+from .minicache import MiniCache
 from .pyramidkv import PyramidKV
 from .qfilters import QFilters
 from .random import Random
 from .snapkv import SnapKV
 from .streaming_llm import StreamingLLM
 from .tova import TOVA
+from .xkv import XKV
 from .zipcache import ZipCacheSaliency
 
 METHODS: dict[str, type[Method]] = {
     m.name: m for m in (Full, StreamingLLM, H2O, SnapKV, PyramidKV, TOVA, KNorm, Random, QFilters, AdaKV, MiKV,
-                        ZipCacheSaliency)
+                        ZipCacheSaliency, MiniCache, XKV)
 }
 
 
@@ -51,7 +53,8 @@ def get_method(name: str, **kwargs) -> Method:
         if "scorer" not in {f.name for f in fields(cls)}:
             raise KVSqueezeError(f"method {outer!r} takes no scorer (only {', '.join(wrappers())} do): {name!r}")
         inner_cls = lookup(inner)
-        if inner_cls is not None and ("scorer" in {f.name for f in fields(inner_cls)} or inner_cls is MiKV):
+        if inner_cls is not None and ("scorer" in {f.name for f in fields(inner_cls)} or inner_cls is MiKV
+                                      or hasattr(inner_cls, "cross_layer_plan")):
             raise KVSqueezeError(f"{inner!r} wraps a method itself and cannot be the scorer in {name!r}; give a "
                                  f"scorer such as snapkv, tova, knorm or qfilters")
         if inner_cls is None:
