@@ -364,4 +364,6 @@ class CompressedCache(Cache):
             stored.append(layer.keys.shape[-2])
         kv += sum(_nbytes(t) for t in unique_tensors(kv_dicts))
         total += sum(_nbytes(t) for t in unique_tensors(all_dicts))
-        return CacheStats(kv, total, full, self.get_seq_length(), stored)
+        shared = sum(_nbytes(t) for t in unique_tensors(
+            {k: t for k, t in d.items() if k.startswith("shared.")} for d in kv_dicts))
+        return CacheStats(kv, total, full, self.get_seq_length(), stored, shared)

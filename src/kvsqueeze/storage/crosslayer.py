@@ -338,10 +338,10 @@ def xkv_ranks(n_tokens: int, n_layers: int, features: int, keep: float, value_sh
 class XKVStore(CrossLayerStore):
     """One layer of an xKV group: per row r, per half, X_l[r] = A[r] @ B_l[r] with A[r] (tokens_r, rank) the
     group's shared token-side factor (`shared.<half>_a<r>`) and B_l[r] (rank, kv_heads * head_dim) this layer's
-    coefficients (`<half>_b<r>`); the rows' tokens are the slots where `rows_held` (b, m) is True."""
+    coefficients (`<half>_b<r>`); the rows' tokens are the slots where `shared.rows_held` (b, m) is True."""
 
     def _reconstruct(self):
-        held = self.own["rows_held"]
+        held = self.shared.tensors["rows_held"]
         b, m = held.shape
         h = self.heads
         out = []
@@ -387,7 +387,7 @@ def share_xkv(layers, keep: float = 0.5, value_share: float = 0.6, group: tuple[
     views = [layer.store.view() for layer in layers]
     dtype = views[0][0].dtype
     d = views[0][0].shape[-1]
-    shared, owns = {}, [dict(rows_held=rows_held) for _ in layers]
+    shared, owns = {"rows_held": rows_held}, [{} for _ in layers]
     for i, half in enumerate(("keys", "values")):
         for r in range(b):
             sel = rows_held[r]
