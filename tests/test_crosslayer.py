@@ -256,3 +256,31 @@ def test_errors_are_one_clear_line(model):
         get_method("minicache", compression_interval=1)
     assert isinstance(get_method("minicache:tova", compression_ratio=0.5), MiniCache)
     assert isinstance(get_method("xkv", compression_ratio=0.5), XKV)
+
+
+@pytest.mark.parametrize("make", [lambda: MiniCache(start_layer=0), lambda: MiniCache(start_layer=0, compression_ratio=0.5),
+                                  lambda: XKV(compression_ratio=0.5, group_size=2)],
+                         ids=["minicache", "minicache+snapkv", "xkv"])
+def test_left_padded_rows_match_rows_alone(model, make):
+    """Each row of a left-padded batch is merged / factored from its own tokens (per-row retention threshold,
+    per-row SVD over the row's tokens): its logits equal the row alone."""
+    pads = [0, 5]
+    rows = [_ids(40 - p, seed=10 + i)[0] for i, p in enumerate(pads)]
+    ids = torch.zeros(2, 40, dtype=torch.long)
+    mask = torch.zeros(2, 40, dtype=torch.long)
+    for i, (r, p) in enumerate(zip(rows, pads)):
+        ids[i, p:], mask[i, p:] = r, 1
+
+    def run(x, m):
+        cache = kq.CompressedCache(model, make())
+        with torch.no_grad():
+            out = model.generate(x, attention_mask=m, **kv(cache), max_new_tokens=3, do_sample=False,
+                                 output_logits=True, return_dict_in_generate=True, pad_token_id=0)
+        return cache, out
+
+    batch_cache, batch = run(ids, mask)
+    assert isinstance(batch_cache.layers[0].store, (MiniCacheStore, XKVStore))
+    for i, (r, p) in enumerate(zip(rows, pads)):
+        _, alone = run(r[None], torch.ones(1, r.numel(), dtype=torch.long))
+        for lb, la in zip(batch.logits, alone.logits):
+            assert float((lb[i] - la[0]).abs().max()) < 1e-4
