@@ -246,6 +246,10 @@ def test_chunked_prefill_and_decoding_keep_working(model):
 def test_errors_are_one_clear_line(model):
     with pytest.raises(KVSqueezeError, match="quantized storage"):
         kq.CompressedCache(model, get_method("minicache"), layer_factory=kivi(2))
+    from kvsqueeze.evaluation import make_pairs
+
+    with pytest.raises(KVSqueezeError, match="--quant kivi-2"):  # a sweep refuses before running anything
+        make_pairs(["snapkv", "xkv"], [0.5], quants=["none", "kivi-2"])
     with pytest.raises(KVSqueezeError, match="budget"):
         get_method("xkv", budget=16)
     with pytest.raises(KVSqueezeError, match="cannot be the scorer"):

@@ -69,12 +69,16 @@ def for_storage(method: Method | None, qspec) -> Method | None:
     `kvsqueeze.quant.QuantSpec`, or None: full precision). Never silently replaces what was asked:
 
     - no scheme, KIVI, GEAR: `method` itself (the scheme only changes how the kept tokens are held);
+    - a cross-layer method (MiniCache, xKV) with any scheme: KVSqueezeError (their shared state is full precision);
     - MiKV (`mikv-<hi>-<lo>`): `MiKV(inner=method)`: its scores pick the high-precision tokens (`MiKV()`, H2O's
       rule as in the paper, when `method` is None);
     - ZipCache (`zipcache-<hi>-<lo>`): with `method` None, `zipcache`, or `full` (which splits nothing), ZipCache's
       own saliency (`ZipCacheSaliency`, compression_ratio 0.5 when none is given); with any other method,
       `PrecisionSplit(inner=method)`: that method's scores pick the high-precision tokens, and `describe()` says so.
     """
+    if qspec is not None and hasattr(method, "cross_layer_plan"):  # MiniCache, xKV: full-precision shared state
+        raise KVSqueezeError(f"{method.name} shares KV state across layers in full precision; it does not compose "
+                             f"with quantized storage (--quant {qspec.name}): drop one of them")
     kind = getattr(qspec, "importance", None)
     if kind is None:
         return method
