@@ -183,6 +183,14 @@ def test_bytes_drop_and_shared_state_is_counted_once(model, name, ratio):
     nbytes = lambda s: sum(t.numel() * t.element_size() for t in s.tensors.values())  # noqa: E731
     assert per_layer - st.kv_bytes == sum((len(s.layers) - 1) * nbytes(s) for s in shared.values())
     assert st.kv_bytes < full.stats().kv_bytes and st.full_kv_bytes == full.stats().full_kv_bytes
+    # the 16-bit sizes of the results store count the shared state once too (float32 here: 2 bytes per element)
+    from kvsqueeze.evaluation.sizes import kv_bytes_16
+
+    def b16(t):
+        return t.numel() * (2 if t.is_floating_point() else t.element_size())
+
+    once = sum(b16(t) for t in unique_tensors([layer.kv_tensors() for layer in cache.layers]))
+    assert kv_bytes_16(cache) == once < sum(b16(t) for layer in cache.layers for t in layer.kv_tensors().values())
     if name == "xkv":  # the rank follows the ratio: about (1 - ratio) of the full bytes
         assert abs(st.kept_fraction - (1 - ratio)) < 0.08
     elif ratio == 0:  # each merged pair holds about one layer (plus magnitudes, maps, retained tokens)
@@ -288,3 +296,12 @@ def test_left_padded_rows_match_rows_alone(model, make):
         _, alone = run(r[None], torch.ones(1, r.numel(), dtype=torch.long))
         for lb, la in zip(batch.logits, alone.logits):
             assert float((lb[i] - la[0]).abs().max()) < 1e-4
+
+
+def test_the_static_decode_path_refuses_cross_layer_storage_in_one_line(model):
+    from kvsqueeze.runtime.static import StaticCompressedCache
+
+    cache = kq.CompressedCache(model, get_method("xkv", compression_ratio=0.5))
+    prefill(model, cache, _ids(40))
+    with pytest.raises(KVSqueezeError, match="cross-layer"):
+        StaticCompressedCache.from_cache(cache, 4)
