@@ -43,6 +43,9 @@ in a kv head is merged (or retained), a token kept by only one stays that layer'
 nothing is evicted (MiniCache alone, as in the paper). Not composed: quantized storage (`--quant`; the paper
 quantizes the merged cache, kvsqueeze's quantized stores do not hold merged state: refused with one line) and
 decode-time eviction (`compression_interval`: an eviction after the merge would undo it; refused).
+Layer kinds: a group holding a sliding-window layer is not merged (its window drops tokens as decoding goes);
+models alternating sliding and full layers (Gemma 2/3) are left as the method's eviction leaves them. The static
+(compiled) decode path refuses cross-layer storage with one line (eager decoding only).
 """
 
 from __future__ import annotations

@@ -28,6 +28,9 @@ Deviations, written down:
 Composition: not with token eviction (the shared factor A needs the same tokens in every layer and kv head of a
 group; per-layer or per-head eviction keeps different ones), so xKV takes no scorer and `budget` is refused; not
 with quantized storage (`--quant`: refused with one line). It composes with decode-time selection.
+Layer kinds: a group holding a sliding-window layer is not merged (its window drops tokens as decoding goes);
+models alternating sliding and full layers (Gemma 2/3) are left as the method's eviction leaves them. The static
+(compiled) decode path refuses cross-layer storage with one line (eager decoding only).
 """
 
 from __future__ import annotations
