@@ -24,6 +24,7 @@ from transformers.cache_utils import Cache, DynamicSlidingWindowLayer
 from ..errors import KVSqueezeError
 from ..shapes import attention_shape
 from ..storage.layer import CompressedLayer
+from ..storage.crosslayer import unique_tensors
 from ..storage.stats import CacheStats, _nbytes
 from . import attention as _attention  # noqa: F401  registers the kvsqueeze_sdpa / kvsqueeze_eager wrappers
 from .budgets import Budgets
@@ -112,6 +113,9 @@ class CompressedCache(Cache):
         self.n_layers = len(layers)
         if method is not None:
             check_layer_indices(method.exempt_layers, self.n_layers, "exempt layers")
+            if hasattr(method, "cross_layer_plan") and layer_factory not in (None, CompressedLayer):
+                raise KVSqueezeError(f"{method.name} shares KV state across layers in full precision; it does not "
+                                     "compose with quantized storage (--quant): drop one of them")
         if selector is not None:
             check_layer_indices(getattr(selector, "dense_layers", ()), self.n_layers, "dense layers")
         _, self.num_kv_heads, self.head_dim = attention_shape(config)
@@ -195,6 +199,11 @@ class CompressedCache(Cache):
             layer.commit()
         if self._deferred and layer_idx == self.n_layers - 1:
             self._flush_deferred()
+        plan = getattr(self.method, "cross_layer_plan", None)
+        if plan is not None and self.phase == "prefill":  # MiniCache, xKV: a group's last layer is prefilled
+            from ..storage.crosslayer import apply_plan
+
+            apply_plan(plan(self.n_layers), self.layers, layer_idx)
 
     def _observe_and_compress(self, layer_idx: int, query: torch.Tensor, scaling: float | None, memo: dict | None):
         method = self.method
@@ -358,17 +367,17 @@ class CompressedCache(Cache):
     def stats(self) -> CacheStats:
         kv = total = full = 0
         stored = []
+        kv_dicts, all_dicts = [], []  # tensors shared by several layers (cross-layer stores) are counted once
         for layer in self.layers:
             if isinstance(layer, CompressedLayer):  # read off the slot table and store: nothing dequantized
                 if not layer.is_initialized or layer.store is None:
                     stored.append(0)
                     continue
-                held = layer.tensors()
                 b, h = layer.positions.shape[:2]
                 itemsize = torch.empty((), dtype=layer.dtype).element_size()
                 full += 2 * b * h * layer.held_tokens() * layer.head_dim * itemsize
-                kv += layer.kv_nbytes()
-                total += sum(_nbytes(t) for t in held.values())
+                kv_dicts.append(layer.kv_tensors())
+                all_dicts.append(layer.tensors())
                 stored.append(layer.n_stored)
                 continue
             if not layer.is_initialized or layer.keys is None:
@@ -379,4 +388,8 @@ class CompressedCache(Cache):
             kv += _nbytes(layer.keys) + _nbytes(layer.values)
             total += _nbytes(layer.keys) + _nbytes(layer.values)
             stored.append(layer.keys.shape[-2])
-        return CacheStats(kv, total, full, self.get_seq_length(), stored)
+        kv += sum(_nbytes(t) for t in unique_tensors(kv_dicts))
+        total += sum(_nbytes(t) for t in unique_tensors(all_dicts))
+        shared = sum(_nbytes(t) for t in unique_tensors(
+            {k: t for k, t in d.items() if k.startswith("shared.")} for d in kv_dicts))
+        return CacheStats(kv, total, full, self.get_seq_length(), stored, shared)

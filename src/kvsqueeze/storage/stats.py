@@ -20,6 +20,7 @@ class CacheStats:
     full_kv_bytes: int  # keys + values a DynamicCache would hold for the same tokens
     tokens_seen: int
     tokens_stored: list[int] = field(default_factory=list)  # per layer
+    shared_kv_bytes: int = 0  # of kv_bytes: tensors shared by several layers (MiniCache, xKV), counted once
 
     @property
     def kept_fraction(self) -> float:
@@ -33,4 +34,6 @@ class CacheStats:
             f"KV memory: {self.kv_bytes / mib:.2f} MiB kept of {self.full_kv_bytes / mib:.2f} MiB full "
             f"({100 * self.kept_fraction:.1f}%, {1 / max(self.kept_fraction, 1e-9):.2f}x smaller); "
             f"all cache tensors {self.total_bytes / mib:.2f} MiB; {self.tokens_seen} tokens seen"
+            + (f"; {self.shared_kv_bytes / mib:.2f} MiB of it shared across layers, counted once"
+               if self.shared_kv_bytes else "")
         )
