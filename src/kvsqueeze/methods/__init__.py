@@ -11,6 +11,7 @@ from .base import Method, ScoreInputs
 from .full import Full
 from .h2o import H2O
 from .knorm import KNorm
+from .kvcrush import KVCrush
 from .mikv import MiKV, PrecisionSplit
 from .pyramidkv import PyramidKV
 from .qfilters import QFilters
@@ -22,7 +23,7 @@ from .zipcache import ZipCacheSaliency
 
 METHODS: dict[str, type[Method]] = {
     m.name: m for m in (Full, StreamingLLM, H2O, SnapKV, PyramidKV, TOVA, KNorm, Random, QFilters, AdaKV, MiKV,
-                        ZipCacheSaliency)
+                        ZipCacheSaliency, KVCrush)
 }
 
 
