@@ -19,11 +19,12 @@ from .random import Random
 from .snapkv import SnapKV
 from .streaming_llm import StreamingLLM
 from .tova import TOVA
+from .windowkv import WindowKV
 from .zipcache import ZipCacheSaliency
 
 METHODS: dict[str, type[Method]] = {
     m.name: m for m in (Full, StreamingLLM, H2O, SnapKV, PyramidKV, TOVA, KNorm, Random, QFilters, AdaKV, MiKV,
-                        ZipCacheSaliency, KVCrush)
+                        ZipCacheSaliency, KVCrush, WindowKV)
 }
 
 
