@@ -13,6 +13,7 @@ from .h2o import H2O
 from .knorm import KNorm
 from .kvcrush import KVCrush
 from .mikv import MiKV, PrecisionSplit
+from .prefixkv import PrefixKV
 from .pyramidkv import PyramidKV
 from .qfilters import QFilters
 from .random import Random
@@ -24,7 +25,7 @@ from .zipcache import ZipCacheSaliency
 
 METHODS: dict[str, type[Method]] = {
     m.name: m for m in (Full, StreamingLLM, H2O, SnapKV, PyramidKV, TOVA, KNorm, Random, QFilters, AdaKV, MiKV,
-                        ZipCacheSaliency, KVCrush, WindowKV)
+                        ZipCacheSaliency, KVCrush, WindowKV, PrefixKV)
 }
 
 
