@@ -20,7 +20,8 @@ are group-wise, decreasing with depth (the reference's arithmetic `layer_decay_s
 of a layer (its budget minus the observation window), g = shared_layers, G = ceil(L / g) groups,
 
     k_min = C g / beta,  k_max = 2 C - k_min,  budget(group j) = k_max - (k_max - k_min) j / (G - 1)
-    (beta = 14; every layer also keeps its observation window)
+    (beta = 14; every layer also keeps its observation window; a beta below g gives every group C, where the
+    reference's formula would make the budget grow with depth)
 
 Deviations: the task classifier is a fine-tuned BERT (bert-base-cased + a linear head, trained by the authors on
 LongBench-style task labels; the checkpoint is not published with the code), so the mode is a field (`mode`,
@@ -100,7 +101,7 @@ def group_budget(base: int, window: int, layer_idx: int, n_layers: int, shared: 
     n_groups = math.ceil(n_layers / shared)
     if n_groups <= 1:
         return base
-    k_min = c * shared / beta
+    k_min = c * min(1.0, shared / beta)  # beta < shared: uniform (the formula would grow with depth)
     k_max = 2 * c - k_min
     step = (k_max - k_min) / (n_groups - 1)
     mean_group = sum(i // shared for i in range(n_layers)) / n_layers  # (G - 1) / 2 with full groups
@@ -132,9 +133,8 @@ class WindowKV(Method):
                         ("shared_layers", self.shared_layers)):
             if v < 1:
                 raise KVSqueezeError(f"WindowKV {what} must be >= 1, got {v}")
-        if not self.beta >= self.shared_layers:
-            raise KVSqueezeError(f"WindowKV beta must be >= shared_layers ({self.shared_layers}), got {self.beta}: "
-                                 "a smaller beta makes the budget grow with depth")
+        if not self.beta > 0:
+            raise KVSqueezeError(f"WindowKV beta must be > 0, got {self.beta}")
 
     @property
     def rule(self) -> str:
