@@ -265,6 +265,8 @@ def test_prefixkv_layer_budgets_and_kept_tokens_follow_the_rule():
         want = sorted(imp.topk(expected[li]).indices.tolist())
         for h in range(layer.positions.shape[1]):
             assert layer.positions[0, h].tolist() == want, f"layer {li} head {h}"
+    quantized = _assert_sweep_equals_prefill(model, make, ids, layer_factory=kivi(4))  # composes with KIVI
+    assert quantized.stats().tokens_stored == expected and quantized.stats().kv_bytes < cache.stats().kv_bytes
 
 
 def test_prefixkv_absolute_budget_keeps_the_mean_budget():
