@@ -134,6 +134,9 @@ class KVCrush(Delegating, Method):
         return self.scorer.layer_budget(base, layer_idx, n_layers)
 
     def score(self, x: ScoreInputs) -> torch.Tensor:
+        """(batch, kv_heads, n): the importance tokens (3), then the representatives (2), then the other slots in
+        the scorer's order (in (0, 1]); invalid slots -inf. The top `row_keep` per head are the module
+        docstring's I_h u R_h."""
         b, h, n = x.keys.shape[:3]
         keep = x.row_keep.to(x.keys.device)  # (b,)
         n_rep = (keep.double() * self.crush_share).long()

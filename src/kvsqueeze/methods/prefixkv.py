@@ -138,6 +138,7 @@ class PrefixKV(Method):
         return super().n_keep(n_seen, layer_idx, n_layers)
 
     def layer_budget(self, base: int, layer_idx: int, n_layers: int) -> int:
+        """round(base * share_l / mean(share)): the layer's calibrated share of the mean budget `base`."""
         s = self.shares(n_layers)
         mean = float(s.mean())
         if mean <= 0:
@@ -145,12 +146,16 @@ class PrefixKV(Method):
         return int(round(base * float(s[layer_idx]) / mean))
 
     def observe(self, x: ScoreInputs) -> None:
+        """Accumulate the attention every slot receives from this forward's queries, summed over each GQA group:
+        `state["prefixkv_acc"]` (batch, kv_heads, n)."""
         acc = x.to_kv_heads(x.attention_sum(), reduce="sum")  # (b, hk, n), new slots appended as zeros
         if "prefixkv_acc" in x.state:
             acc = acc + x.state["prefixkv_acc"]
         x.state["prefixkv_acc"] = acc
 
     def score(self, x: ScoreInputs) -> torch.Tensor:
+        """(batch, kv_heads, n): the accumulated attention averaged over the kv heads (every head the same), the
+        first `n_sink` tokens and the last token +inf."""
         acc = x.state["prefixkv_acc"]
         s = acc.float().mean(1, keepdim=True).expand_as(acc)  # every head: the head-averaged importance
         keep = (x.row_positions < self.n_sink) | x.recent(1)

@@ -148,6 +148,10 @@ class WindowKV(Method):
         return group_budget(base, self.window, layer_idx, n_layers, self.shared_layers, self.beta)
 
     def score(self, x: ScoreInputs) -> torch.Tensor:
+        """(batch, kv_heads, n) priorities, the same for every kv head: the observation window +inf, then the
+        windows best first (each window's first tokens first, so a budget cuts at most the last kept window),
+        invalid slots -inf. The first layer of a group scores the windows; the group's later layers in the same
+        forward reuse its ranking (keyed by group, layer type, tokens seen, batch size and padding)."""
         pos = x.row_positions  # (b, hk, n)
         valid = pos >= 0 if x.valid is None else x.valid & (pos >= 0)
         suffix = x.recent(self.window)
