@@ -315,3 +315,20 @@ def test_listed_and_built_by_name():
     for name in ("kvcrush", "windowkv", "prefixkv"):
         assert name in kq.METHODS
     assert isinstance(kq.get_method("kvcrush:tova", compression_ratio=0.5).scorer, kq.methods.TOVA)
+
+
+def test_sweep_parameters_hold_no_run_time_state():
+    """The sweep's key (`method_params`) holds parameters only: WindowKV's group memo and PrefixKV's shares cache
+    are not dataclass fields, so a used method keeps its key."""
+    import json
+
+    from kvsqueeze.evaluation.sweep import method_params
+
+    w = WindowKV(window=2, review_window=4, top=2, shared_layers=2)
+    before = json.dumps(method_params(w), sort_keys=True)
+    w.score(_inputs(10, 2, 1, 6, attn=_A))
+    assert json.dumps(method_params(w), sort_keys=True) == before and "_shared" not in before
+    p = PrefixKV(compression_ratio=0.5, profiles=prefixkv_profiles(3))
+    before = method_params(p)
+    p.n_keep(100, 0, 3)
+    assert method_params(p) == before and "_shares" not in before

@@ -33,7 +33,7 @@ reference drops one token at a fixed distance from the end instead).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -97,7 +97,6 @@ def layer_shares(profiles: torch.Tensor, compression_ratio: float, protect: int)
 class PrefixKV(Method):
     profiles: torch.Tensor | None = None  # (samples, layers, n_cal) cumulative importance; calibrated when None
     n_sink: int = 1  # first tokens always kept (the reference's start_size)
-    _shares: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     name = "prefixkv"
     summary = "per-layer budgets: one global share of cumulative attention kept per layer (binary search, calibrated offline)"
@@ -106,6 +105,7 @@ class PrefixKV(Method):
 
     def __post_init__(self):
         super().__post_init__()
+        self._shares: dict = {}  # compression_ratio -> keep shares (a cache of `shares`, not a parameter)
         if self.n_sink < 0:
             raise KVSqueezeError(f"PrefixKV n_sink must be >= 0, got {self.n_sink}")
 

@@ -40,7 +40,7 @@ sharing is within layers of one attention type (a sliding-window layer never reu
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -116,13 +116,13 @@ class WindowKV(Method):
     top: int | None = None  # the max rule's top-k per head: review_window // 2
     shared_layers: int = 8  # layers per group sharing the first layer's windows (and one budget)
     beta: float = 14.0
-    _shared: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     name = "windowkv"
     summary = "windows of 8 consecutive tokens scored as units (task-adaptive max / average rule), shared by groups of layers"
 
     def __post_init__(self):
         super().__post_init__()
+        self._shared: dict = {}  # group -> the first layer's window ranking (run-time memo, not a parameter)
         if self.mode not in MODES:
             raise KVSqueezeError(f"unknown WindowKV mode {self.mode!r}; choose from: {', '.join(MODES)}")
         if self.window is None:
