@@ -12,7 +12,7 @@ from kvsqueeze.methods import METHODS, MiKV, PyramidKV, QFilters, SnapKV, ZipCac
 from kvsqueeze.quant import gear, kivi, mikv, zipcache
 from kvsqueeze.selection import AttentionPredictor, PredictorNet, Quest
 
-from conftest import kv, tiny_gemma3, tiny_llama
+from conftest import kv, prefixkv_profiles, tiny_gemma3, tiny_llama
 
 
 def _ids(n, rows=1, seed=1):
@@ -27,6 +27,10 @@ def _method(name, layers, **kw):
         return PyramidKV(scorer=SnapKV(window=4), **kw)
     if name == "snapkv":
         return SnapKV(window=4, **kw)
+    if name == "prefixkv":  # profiles made here: no calibration run, no file
+        return kq.get_method(name, profiles=prefixkv_profiles(layers), **kw)
+    if name == "windowkv":  # windows and an observation window smaller than the budgets
+        return kq.get_method(name, window=4, review_window=4, shared_layers=2, **kw)
     return kq.get_method(name, **kw)
 
 

@@ -10,7 +10,7 @@ from kvsqueeze.errors import KVSqueezeError
 from kvsqueeze.methods import METHODS, MiKV, SnapKV, ZipCacheSaliency
 from kvsqueeze.quant import kivi, mikv, zipcache
 
-from conftest import kv, tiny_llama
+from conftest import kv, prefixkv_profiles, tiny_llama
 
 LAYERS = 2
 PADS = (0, 10, 4)  # left padding of each row; every row is 40 slots wide
@@ -32,6 +32,10 @@ def _method(name: str, amount: dict, compression_interval: int):
     if name == "qfilters":
         kw["filters"] = torch.randn(LAYERS, 2, 16, generator=torch.Generator().manual_seed(1))
         kw["window"] = 4
+    if name == "prefixkv":
+        kw["profiles"] = prefixkv_profiles(LAYERS)
+    if name == "windowkv":  # an observation window and windows smaller than the 40-token prompts
+        kw.update(window=4, review_window=4)
     return METHODS[name](**kw)
 
 

@@ -13,21 +13,24 @@ from .ems import EMS
 from .full import Full
 from .h2o import H2O
 from .knorm import KNorm
+from .kvcrush import KVCrush
 from .kvmerger import KVMerger
 from .mikv import MiKV, PrecisionSplit
 from .minicache import MiniCache
+from .prefixkv import PrefixKV
 from .pyramidkv import PyramidKV
 from .qfilters import QFilters
 from .random import Random
 from .snapkv import SnapKV
 from .streaming_llm import StreamingLLM
 from .tova import TOVA
+from .windowkv import WindowKV
 from .xkv import XKV
 from .zipcache import ZipCacheSaliency
 
 METHODS: dict[str, type[Method]] = {
     m.name: m for m in (Full, StreamingLLM, H2O, SnapKV, PyramidKV, TOVA, KNorm, Random, QFilters, AdaKV, MiKV,
-                        ZipCacheSaliency, KVMerger, D2O, EMS, MiniCache, XKV)
+                        ZipCacheSaliency, KVMerger, D2O, EMS, MiniCache, XKV, KVCrush, WindowKV, PrefixKV)
 }
 
 
