@@ -127,21 +127,41 @@ def build_press(name: str, compression_ratio: float):
     raise SystemExit(f"error: unknown press {name!r}; choose from none, {', '.join(simple)}, adakv_<press>")
 
 
+def _leaves(t) -> list:
+    """The plain tensors that hold a (possibly quantized) tensor: a tensor subclass (optimum-quanto's
+    `WeightQBitsTensor`: packed codes `_data`, `_scale`, `_shift`; its `PackedTensor` codes) is flattened through
+    `__tensor_flatten__`, recursively; a plain tensor is itself. Its own `numel() * element_size()` would count
+    the dequantized shape at the float dtype, not what is held."""
+    flatten = getattr(type(t), "__tensor_flatten__", None)
+    if flatten is None or type(t).__name__ in ("Tensor", "Parameter"):
+        return [t]
+    names, _ = t.__tensor_flatten__()
+    return [leaf for n in names for leaf in _leaves(getattr(t, n))]
+
+
 def cache_bytes(cache) -> tuple[int, int, int]:
-    """(bytes held as measured, bytes at 2 bytes per element, tokens of the longest layer) of a transformers cache."""
+    """(bytes held as measured, bytes at 2 bytes per element, tokens of the longest layer) of a transformers cache.
+
+    A `QuantizedCache` layer holds its quantized part (`_quantized_keys` / `_quantized_values`, counted as the
+    plain tensors inside them: packed integer codes at their real bytes, float scales and shifts at min(size, 2)
+    bytes in the 16-bit figure, as kvsqueeze's `evaluation/sizes.py`) plus its full-precision residual
+    (`keys` / `values`)."""
     measured = b16 = tokens = 0
     for layer in cache.layers:
-        ts = []
         for attr in ("keys", "values", "_quantized_keys", "_quantized_values"):
             t = getattr(layer, attr, None)
-            if t is not None and hasattr(t, "numel") and hasattr(t, "element_size"):
-                ts.append(t)
-        for t in ts:
-            measured += t.numel() * t.element_size()
-            b16 += t.numel() * (min(t.element_size(), 2) if t.is_floating_point() else t.element_size())
-        k = getattr(layer, "keys", None)
-        if k is not None and hasattr(k, "shape") and k.dim() == 4:
-            tokens = max(tokens, k.shape[2])
+            if t is None or not hasattr(t, "numel"):
+                continue
+            for leaf in _leaves(t):
+                measured += leaf.numel() * leaf.element_size()
+                b16 += leaf.numel() * (min(leaf.element_size(), 2) if leaf.is_floating_point()
+                                       else leaf.element_size())
+        n = 0
+        for attr in ("_quantized_keys", "keys"):
+            k = getattr(layer, attr, None)
+            if k is not None and hasattr(k, "shape") and len(k.shape) == 4:
+                n += k.shape[2]
+        tokens = max(tokens, n)
     return measured, b16, tokens
 
 
