@@ -98,6 +98,12 @@ def cmd_samples(a) -> None:
     _, tok = load_model(a.model)
     cfg = TaskConfig(length=a.length, samples=a.samples, seed=a.seed, haystack_dir=a.haystack_dir)
     samples = build_samples(tok, a.tasks, cfg)
+    if a.interleave:  # task after task, sample by sample: a partial `run` covers every task
+        by_task: dict[str, list] = {}
+        for smp in samples:
+            by_task.setdefault(smp.task, []).append(smp)
+        samples = [smp for i in range(max(map(len, by_task.values()))) for group in by_task.values()
+                   for smp in group[i : i + 1]]
     with open(a.out, "w") as f:
         for row in sample_rows(tok, samples, a.seed, a.model):
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
@@ -371,6 +377,8 @@ def main(argv=None) -> None:
     s.add_argument("--samples", type=int, default=2)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--haystack-dir", default=None)
+    s.add_argument("--interleave", action="store_true",
+                   help="order the samples task after task (sample 0 of each task, then sample 1, ...)")
     s.add_argument("-o", "--out", required=True)
     r = sub.add_parser("run", help="kvpress's venv: run presses on the JSONL, rows into a results store")
     r.add_argument("samples")
