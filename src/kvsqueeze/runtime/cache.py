@@ -110,6 +110,9 @@ class CompressedCache(Cache):
         # Decode-time selection (Quest, AttentionPredictor): every stored entry stays, each decoding step attends
         # to the subset `selector.select(...)` returns (see attention.py).
         self.selector = selector
+        # Rows whose next outputs the caller ignores (greedy decoding's finished rows): a decoding step over a
+        # stack of rows (`CompressedLayer.row_runs`) skips their attention (their output is zeros).
+        self.idle_rows: frozenset[int] = frozenset()
         self.n_layers = len(layers)
         if method is not None:
             check_layer_indices(method.exempt_layers, self.n_layers, "exempt layers")

@@ -53,6 +53,7 @@ class CompressedLayer(DynamicLayer):
         self.n_evicted = 0  # slots ever removed
         self.n_merged = 0  # evicted entries ever merged into a kept slot (a merging method's plan)
         self.row_keep: torch.Tensor | None = None  # (batch,) per-row budget when rows differ (set by the cache)
+        self.row_starts: tuple[list[int], int] | None = None  # (first slot per row, table version): `row_runs`
 
     # --- the slot table's fields ------------------------------------------------------------------------------
     positions = property(lambda self: self.table.positions, lambda self, t: setattr(self.table, "positions", t))
@@ -152,6 +153,7 @@ class CompressedLayer(DynamicLayer):
         self.cumulative_length = 0
         self.table.reset()
         self.row_keep = None
+        self.row_starts = None
         self.n_new = self.n_evicted = self.n_merged = 0
 
     def crop(self, tokens_to_remove: int):
@@ -350,8 +352,10 @@ class CompressedLayer(DynamicLayer):
 
     def stack_rows(self, rows: list["CompressedLayer"], room: int = 0) -> None:
         """Hold the layers `rows` (full-precision, batch 1 each, the same tokens seen) as the rows of one batch:
-        shorter rows are padded with empty, invalid slots to the longest, and `room` free slots are reserved after
-        them (appends then write in place, see `DenseStore.reserve`). Replaces what this layer held."""
+        shorter rows are padded in front with empty, invalid slots to the longest (right-aligned, see
+        `DenseStore.stacked`), and `room` free slots are reserved after them (appends then write in place, see
+        `DenseStore.reserve`). Replaces what this layer held. When every source row holds all its slots visible,
+        `row_starts` records where each row's own slots begin (see `row_runs`)."""
         n = max(r.n_stored for r in rows)
         k0 = rows[0].keys
         self.lazy_initialization(k0, rows[0].values)
@@ -361,11 +365,26 @@ class CompressedLayer(DynamicLayer):
         valid = torch.zeros(b, h, n, dtype=torch.bool, device=self.device)
         for i, r in enumerate(rows):
             m = r.n_stored
-            pos[i, :, :m] = r.positions[0]
-            valid[i, :, :m] = True if r.valid is None else r.valid[0]
+            pos[i, :, n - m :] = r.positions[0]
+            valid[i, :, n - m :] = True if r.valid is None else r.valid[0]
         self.table.positions, self.table.valid = pos, valid
         self.table.aligned = False
+        self.table.version += 1
         self.cumulative_length = rows[0].cumulative_length
+        self.row_starts = None
+        if all(r.valid is None for r in rows) and not self.sliding_window:
+            self.row_starts = ([n - r.n_stored for r in rows], self.table.version)
+
+    def row_runs(self) -> list[int] | None:
+        """Where each row's visible slots begin, when every row's visible slots are one contiguous run up to the
+        last slot (a right-aligned stack of rows, `stack_rows`, with tokens appended after it: row i sees exactly
+        slots `row_runs()[i]` .. n_stored - 1); None otherwise (any later change of which slots are held, e.g. an
+        eviction, padding marked in appended tokens or a batch operation, ends it). The attention wrapper then
+        attends row by row to each row's run alone, without reading the padding (`runtime.attention`)."""
+        rs = self.row_starts
+        if rs is None or rs[1] != self.table.version:
+            return None
+        return rs[0]
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """Every tensor this layer holds (what its memory is): the store's and the slot table's."""

@@ -116,15 +116,17 @@ class DenseStore(KVStore):
     @classmethod
     def stacked(cls, rows: list["DenseStore"], n: int, room: int = 0) -> "DenseStore":
         """One store holding `rows` (stores of batch 1) as the rows of a batch, each padded with zero slots to `n`
-        slots (the slot table marks those invalid), with `room` free slots after them (see `reserve`). Each row is
-        copied once, straight into its place."""
+        slots *in front of* its own (right-aligned: row i's m_i slots are slots n - m_i .. n - 1, so each row's
+        slots and everything appended after them are one contiguous run; the slot table marks the padding
+        invalid), with `room` free slots after them (see `reserve`). Each row is copied once, straight into its
+        place."""
         views = [r.view() for r in rows]
         k0, v0 = views[0]
         b, h = len(rows), k0.shape[1]
         bk = k0.new_zeros(b, h, n + room, k0.shape[-1])
         bv = v0.new_zeros(b, h, n + room, v0.shape[-1])
         for i, (k, v) in enumerate(views):
-            bk[i, :, : k.shape[2]], bv[i, :, : v.shape[2]] = k[0], v[0]
+            bk[i, :, n - k.shape[2] : n], bv[i, :, n - v.shape[2] : n] = k[0], v[0]
         out = cls(bk[:, :, :n], bv[:, :, :n])
         out._room = (bk, bv) if room > 0 else None
         return out
