@@ -51,6 +51,11 @@ the build had not finished after 4 minutes on the loaded 2-core CPU. Build it on
 delete a stale `lock`). hqq is not installed; byte counts of quantized layers are not checked.
 
 Resumable: keys already in the store are skipped; each row is committed as it is computed.
+
+Timing (`run --time`, no store): kvpress's own per-press loop, every press x compression_ratio on every sample,
+one pipeline call (one prefill of the context) each, after one untimed warm-up call; prints the wall seconds per
+configuration and a `KVPRESS_TIMES {json}` line (seconds, answers) that `bench/sweep_vs_reprefill.py
+--kvpress-python` reads to put kvpress's loop beside kvsqueeze's shared and re-prefill sweeps on the same samples.
 """
 
 from __future__ import annotations
@@ -68,24 +73,40 @@ PROTOCOL = "kvpress-pipeline"
 
 
 # --- step 1: samples (kvsqueeze's venv) ---------------------------------------------------------------------
+def sample_rows(tok, samples, seed: int, model: str) -> list[dict]:
+    """kvsqueeze's samples as the JSONL rows `run` reads (kvpress's columns, kvsqueeze's keys and the token ids of
+    kvsqueeze's prompt split)."""
+    from kvsqueeze.runtime.generate import split_prompt
+
+    out = []
+    for s in samples:
+        ctx, q = split_prompt(tok, s.context, s.question, s.answer_prefix)
+        out.append({
+            "context": s.context, "question": s.question, "answer_prefix": s.answer_prefix,
+            "answers": s.answers, "max_new_tokens": s.max_new_tokens, "task": s.task, "id": s.sample_id,
+            "sample_id": s.sample_id, "metric": s.metric, "meta": s.meta, "seed": seed, "model": model,
+            "context_ids": ctx, "question_ids": q,
+        })
+    return out
+
+
 def cmd_samples(a) -> None:
     sys.path.insert(0, str(SRC))
     from kvsqueeze.models import load_model
-    from kvsqueeze.runtime.generate import split_prompt
     from kvsqueeze.tasks import TaskConfig, build_samples
 
     _, tok = load_model(a.model)
     cfg = TaskConfig(length=a.length, samples=a.samples, seed=a.seed, haystack_dir=a.haystack_dir)
     samples = build_samples(tok, a.tasks, cfg)
+    if a.interleave:  # task after task, sample by sample: a partial `run` covers every task
+        by_task: dict[str, list] = {}
+        for smp in samples:
+            by_task.setdefault(smp.task, []).append(smp)
+        samples = [smp for i in range(max(map(len, by_task.values()))) for group in by_task.values()
+                   for smp in group[i : i + 1]]
     with open(a.out, "w") as f:
-        for s in samples:
-            ctx, q = split_prompt(tok, s.context, s.question, s.answer_prefix)
-            f.write(json.dumps({
-                "context": s.context, "question": s.question, "answer_prefix": s.answer_prefix,
-                "answers": s.answers, "max_new_tokens": s.max_new_tokens, "task": s.task, "id": s.sample_id,
-                "sample_id": s.sample_id, "metric": s.metric, "meta": s.meta, "seed": a.seed, "model": a.model,
-                "context_ids": ctx, "question_ids": q,
-            }, ensure_ascii=False) + "\n")
+        for row in sample_rows(tok, samples, a.seed, a.model):
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
     print(f"wrote {len(samples)} samples ({a.tasks}, {a.length} tokens, seed {a.seed}) to {a.out}")
 
 
@@ -127,21 +148,41 @@ def build_press(name: str, compression_ratio: float):
     raise SystemExit(f"error: unknown press {name!r}; choose from none, {', '.join(simple)}, adakv_<press>")
 
 
+def _leaves(t) -> list:
+    """The plain tensors that hold a (possibly quantized) tensor: a tensor subclass (optimum-quanto's
+    `WeightQBitsTensor`: packed codes `_data`, `_scale`, `_shift`; its `PackedTensor` codes) is flattened through
+    `__tensor_flatten__`, recursively; a plain tensor is itself. Its own `numel() * element_size()` would count
+    the dequantized shape at the float dtype, not what is held."""
+    flatten = getattr(type(t), "__tensor_flatten__", None)
+    if flatten is None or type(t).__name__ in ("Tensor", "Parameter"):
+        return [t]
+    names, _ = t.__tensor_flatten__()
+    return [leaf for n in names for leaf in _leaves(getattr(t, n))]
+
+
 def cache_bytes(cache) -> tuple[int, int, int]:
-    """(bytes held as measured, bytes at 2 bytes per element, tokens of the longest layer) of a transformers cache."""
+    """(bytes held as measured, bytes at 2 bytes per element, tokens of the longest layer) of a transformers cache.
+
+    A `QuantizedCache` layer holds its quantized part (`_quantized_keys` / `_quantized_values`, counted as the
+    plain tensors inside them: packed integer codes at their real bytes, float scales and shifts at min(size, 2)
+    bytes in the 16-bit figure, as kvsqueeze's `evaluation/sizes.py`) plus its full-precision residual
+    (`keys` / `values`)."""
     measured = b16 = tokens = 0
     for layer in cache.layers:
-        ts = []
         for attr in ("keys", "values", "_quantized_keys", "_quantized_values"):
             t = getattr(layer, attr, None)
-            if t is not None and hasattr(t, "numel") and hasattr(t, "element_size"):
-                ts.append(t)
-        for t in ts:
-            measured += t.numel() * t.element_size()
-            b16 += t.numel() * (min(t.element_size(), 2) if t.is_floating_point() else t.element_size())
-        k = getattr(layer, "keys", None)
-        if k is not None and hasattr(k, "shape") and k.dim() == 4:
-            tokens = max(tokens, k.shape[2])
+            if t is None or not hasattr(t, "numel"):
+                continue
+            for leaf in _leaves(t):
+                measured += leaf.numel() * leaf.element_size()
+                b16 += leaf.numel() * (min(leaf.element_size(), 2) if leaf.is_floating_point()
+                                       else leaf.element_size())
+        n = 0
+        for attr in ("_quantized_keys", "keys"):
+            k = getattr(layer, attr, None)
+            if k is not None and hasattr(k, "shape") and len(k.shape) == 4:
+                n += k.shape[2]
+        tokens = max(tokens, n)
     return measured, b16, tokens
 
 
@@ -191,8 +232,10 @@ def cmd_run(a) -> None:
             label, _, masked = build_press(name, r)
             configs.append((name, r, label, masked))
     quant = None if a.quant == "none" else a.quant
-    store = ResultStore(a.results)
-    done = store.done_keys(model_name, CODE_VERSION)
+    if a.results is None and not a.time:
+        raise SystemExit("error: --results is required (or --time, which stores nothing)")
+    store = ResultStore(a.results) if a.results is not None and not a.time else None
+    done = store.done_keys(model_name, CODE_VERSION) if store is not None else set()
     params = lambda label: json.dumps({"peer": "kvpress", **({"quant": quant} if quant else {})},  # noqa: E731
                                       sort_keys=True)
     todo = [(r, c) for r in rows for c in configs
@@ -202,8 +245,15 @@ def cmd_run(a) -> None:
           f"model {model_name} from {source}", file=sys.stderr)
     from tqdm.auto import tqdm
 
+    if a.time:  # one untimed pipeline call first (first-call allocations and lazy initialisation)
+        r0 = rows[0]
+        pipe(r0["context"], question="\n\n" + r0["question"], answer_prefix=r0.get("answer_prefix") or "",
+             press=None, max_new_tokens=2, cache=make_cache(model, quant))
+    times: dict[tuple[str, float], float] = {}
+    answers: dict[str, str] = {}
     errors: dict[str, str] = {}
-    for r, (name, compression_ratio, label, masked) in tqdm(todo, unit="row", file=sys.stderr, desc="kvpress"):
+    for r, (name, compression_ratio, label, masked) in tqdm(todo, unit="row", file=sys.stderr, desc="kvpress",
+                                                            disable=a.time):
         if label in errors:
             continue
         sample = Sample(r["context"], r["question"], r["answers"], r.get("answer_prefix") or "",
@@ -239,6 +289,10 @@ def cmd_run(a) -> None:
         seconds = time.perf_counter() - t0
         prediction = out["answer"].strip()
         metrics = score(sample, prediction)
+        times[(name, compression_ratio)] = times.get((name, compression_ratio), 0.0) + seconds
+        answers[f"{r['task']}|{r['sample_id']}|{name}|{compression_ratio}"] = prediction
+        if store is None:
+            continue
         kv_b, kv16, tokens = seen.get("kv", (None, None, None))
         # the uncompressed 16-bit (and measured, float32) cache of the same context
         cfg = model.config
@@ -266,10 +320,30 @@ def cmd_run(a) -> None:
             "depth": (r.get("meta") or {}).get("depth"), "meta_json": meta, "protocol": PROTOCOL,
             "seconds": seconds, "quant": quant, "kv_bytes_16": kv16, "full_kv_bytes_16": full16,
         })
-    store.close()
+    if store is not None:
+        store.close()
     for label, err in errors.items():
         print(f"{label}: error: {err}")
+    if a.time:
+        print_times(times, answers, len(rows), a.threads)
+        return
     print(f"done: {len(todo)} rows attempted, {len(errors)} press(es) failed; results in {a.results}")
+
+
+def print_times(times: dict, answers: dict, n_samples: int, threads: int) -> None:
+    """`run --time`: wall seconds of kvpress's pipeline per configuration (press, compression_ratio), summed over
+    the samples, as a table, then one line `KVPRESS_TIMES {json}` (seconds per configuration, the total, and
+    every answer keyed task|sample_id|press|compression_ratio) for `bench/sweep_vs_reprefill.py --kvpress-python`."""
+    total = sum(times.values())
+    print(f"kvpress 0.5.5 pipeline, one call (one prefill) per press and compression_ratio; {n_samples} sample(s), "
+          f"torch threads {threads}")
+    print("| press | compression_ratio | seconds (all samples) | seconds per sample |")
+    print("|---|---|---|---|")
+    for (name, r), sec in times.items():
+        print(f"| {name} | {r} | {sec:.2f} | {sec / max(n_samples, 1):.2f} |")
+    print(f"| total | {len(times)} configurations | {total:.2f} | {total / max(n_samples, 1):.2f} |")
+    print("KVPRESS_TIMES " + json.dumps({"seconds": {f"{n}@{r}": v for (n, r), v in times.items()}, "total": total,
+                                         "n_configs": len(times), "n_samples": n_samples, "answers": answers}))
 
 
 def count_masked(model) -> int:
@@ -303,10 +377,12 @@ def main(argv=None) -> None:
     s.add_argument("--samples", type=int, default=2)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--haystack-dir", default=None)
+    s.add_argument("--interleave", action="store_true",
+                   help="order the samples task after task (sample 0 of each task, then sample 1, ...)")
     s.add_argument("-o", "--out", required=True)
     r = sub.add_parser("run", help="kvpress's venv: run presses on the JSONL, rows into a results store")
     r.add_argument("samples")
-    r.add_argument("--results", required=True)
+    r.add_argument("--results", default=None, help="results store (required unless --time)")
     r.add_argument("--model-dir", default=str(Path.home() / ".cache" / "kvsqueeze" / "models" / "smollm2-135m"))
     r.add_argument("--gguf", default=None, help="DIR/FILE.gguf instead of --model-dir")
     r.add_argument("--model-name", default=None, help="the model column (default: the samples' model)")
@@ -317,6 +393,9 @@ def main(argv=None) -> None:
     r.add_argument("--quant", default="none", help="none, or transformers' QuantizedCache BACKEND-BITS "
                                                    "(quanto-4, hqq-4) under every press")
     r.add_argument("--threads", type=int, default=2)
+    r.add_argument("--time", action="store_true",
+                   help="time kvpress's per-press loop instead of storing rows: every configuration on every "
+                        "sample (nothing skipped, nothing stored), wall seconds per configuration printed")
     r.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (the weights stay float32)")
     a = ap.parse_args(argv)
     if a.cmd == "samples":

@@ -31,6 +31,16 @@ def tiny_gemma3(seed=0):
     return Gemma3ForCausalLM(cfg).eval()
 
 
+def prefixkv_profiles(layers: int, n: int = 64, seed: int = 0) -> torch.Tensor:
+    """PrefixKV calibration profiles (2 samples, `layers`, n) made from random importance whose concentration
+    differs by layer (no calibration run, no file)."""
+    from kvsqueeze.methods.prefixkv import cumulative_profiles
+
+    gen = torch.Generator().manual_seed(seed)
+    power = torch.linspace(1.0, 8.0, layers)[None, :, None]
+    return cumulative_profiles(torch.rand(2, layers, n, generator=gen) ** power).float()
+
+
 class Spy:
     """Wraps a selector and records what it returns: `calls` = [(layer_idx, slots stored, idx or None)]."""
 

@@ -12,7 +12,7 @@ from kvsqueeze.methods import METHODS, MiKV, PyramidKV, QFilters, SnapKV, ZipCac
 from kvsqueeze.quant import gear, kivi, mikv, zipcache
 from kvsqueeze.selection import AttentionPredictor, PredictorNet, Quest
 
-from conftest import kv, tiny_gemma3, tiny_llama
+from conftest import kv, prefixkv_profiles, tiny_gemma3, tiny_llama
 
 
 def _ids(n, rows=1, seed=1):
@@ -27,8 +27,14 @@ def _method(name, layers, **kw):
         return PyramidKV(scorer=SnapKV(window=4), **kw)
     if name == "snapkv":
         return SnapKV(window=4, **kw)
+    if name == "prefixkv":  # profiles made here: no calibration run, no file
+        return kq.get_method(name, profiles=prefixkv_profiles(layers), **kw)
+    if name == "windowkv":  # windows and an observation window smaller than the budgets
+        return kq.get_method(name, window=4, review_window=4, shared_layers=2, **kw)
     return kq.get_method(name, **kw)
 
+
+CROSS_LAYER = {n for n, c in METHODS.items() if hasattr(c, "cross_layer_plan")}
 
 # schemes: name -> (layer factory, method wrapper); small groups so that a few dozen tokens get quantized
 SCHEMES = {
@@ -92,11 +98,15 @@ def _assert_same_cache(fresh, used):
 def test_reset_then_a_new_prompt_equals_a_fresh_cache(name, scheme):
     if scheme == "zipcache" and name != "h2o":  # ZipCache replaces the method's scores: one method is enough
         pytest.skip("zipcache scores its own saliency")
+    cross = name in CROSS_LAYER  # MiniCache, xKV: full-precision storage, no decode-time eviction (they refuse both)
+    if cross and scheme != "fp":
+        pytest.skip(f"{name} does not compose with quantized storage")
     model = tiny_llama(layers=2)
     factory, wrap = SCHEMES[scheme]
+    extra = {"start_layer": 0} if name == "minicache" else {}  # 2 layers: merge the pair (0, 1)
 
     def build():
-        return kq.CompressedCache(model, wrap(_method(name, 2, compression_ratio=0.5, compression_interval=2)), layer_factory=factory)
+        return kq.CompressedCache(model, wrap(_method(name, 2, compression_ratio=0.5, compression_interval=0 if cross else 2, **extra)), layer_factory=factory)
 
     fresh = build()
     expected = _run(model, fresh, _ids(40, seed=2), steps=5)
@@ -160,7 +170,7 @@ def test_duck_typed_selector_without_reset_is_refused_clearly():
 
 
 # --- item 3: growth up to an absolute budget while decoding ---------------------------------------------------
-GROWING = sorted(n for n in METHODS if n != "full")
+GROWING = sorted(n for n in METHODS if n != "full" and n not in CROSS_LAYER)  # MiniCache, xKV evict nothing while decoding
 
 
 @pytest.mark.parametrize("name", GROWING)

@@ -137,6 +137,9 @@ def _method(name, model, tmp_path, monkeypatch):
         calibration.prepare(m, model)
         _assert_on(m.filters, "cpu")
         return m
+    if name == "prefixkv":  # profiles calibrated on the fly (short), on the CPU
+        profiles = calibration.calibrate_prefixkv(model, _CharTokenizer(), n_seq=2, seq_len=128, progress=False)
+        return kq.get_method(name, compression_ratio=0.5, profiles=profiles)
     kwargs = {"compression_interval": 1} if name in ("h2o", "tova") else {}
     return kq.get_method(name, **({} if name == "full" else {"compression_ratio": 0.5}), **kwargs)
 

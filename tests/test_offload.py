@@ -174,7 +174,8 @@ def test_offload_refusals():
     with pytest.raises(KVSqueezeError, match="'cpu' or 'disk'"):
         kq.CompressedCache(model, selector=Quest(64), offload="gpu")
     for m in (kq.get_method("h2o", compression_ratio=0.5), kq.get_method("knorm", budget=64, compression_interval=4),
-              kq.get_method("pyramidkv:knorm", compression_ratio=0.5, compression_interval=2)):
+              kq.get_method("pyramidkv:knorm", compression_ratio=0.5, compression_interval=2),
+              kq.get_method("minicache", compression_ratio=0.5), kq.get_method("kvmerger", compression_ratio=0.5)):
         with pytest.raises(KVSqueezeError, match="while decoding"):
             kq.CompressedCache(model, m, selector=Quest(64), offload="cpu")
     with pytest.raises(KVSqueezeError, match="does not offload"):

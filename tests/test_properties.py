@@ -137,8 +137,12 @@ def _needs_calibration(name: str) -> bool:
     return getattr(kq.METHODS[name], "calibration", None) is not None and name != "qfilters"
 
 
-ALL = [n for n in kq.METHODS if not _needs_calibration(n)]
-EVICTING = [n for n in ALL if n != "full"]
+# cross-layer stores (MiniCache, xKV) change the values held (lossy storage, like quantization): their rules are
+# tested in test_crosslayer.py, not by these exactness properties
+ALL = [n for n in kq.METHODS if not _needs_calibration(n) and not hasattr(kq.METHODS[n], "cross_layer_plan")]
+# property 2 compares with the uncompressed cache's entries masked: merging methods (KVMerger, D2O, EMS) change the
+# entries they keep (tests/test_merge.py and tests/test_merging_methods.py check their merges)
+EVICTING = [n for n in ALL if n != "full" and not kq.METHODS[n].merges]
 SCORERS = [n for n in ("snapkv", "tova", "knorm", "h2o", "qfilters", "streaming_llm", "random") if n in kq.METHODS]
 
 

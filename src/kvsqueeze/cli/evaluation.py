@@ -229,8 +229,16 @@ def register(main: click.Group) -> None:
             raise KVSqueezeError("--methods is empty")
         rs = _floats(compression_ratios, "--compression-ratios", 0.0, 1.0, True)
         built = [build_method(n, rs[0], None, exempt_layers, compression_interval) for n in names]  # validates names
+        skipped: list[str] = []
         pairs = make_pairs([b for b in built], rs, query_aware=kw["query_aware"], quants=_quants(kw["quant"]),
-                           selects=_selects(kw["select"], kw["select_budget"]), offload=kw["offload"])
+                           selects=_selects(kw["select"], kw["select_budget"]), skipped=skipped,
+                           offload=kw["offload"])
+        if skipped:
+            if not pairs:
+                raise KVSqueezeError(f"no configuration of the grid composes ({', '.join(skipped)}): see "
+                                     "`kvsqueeze methods` for which methods take which --quant")
+            click.echo(f"note: skipped {len(skipped)} method + storage combination(s) that do not compose: "
+                       f"{', '.join(skipped)}", err=True)
         _run(pairs, **kw)
 
 

@@ -234,6 +234,30 @@ def calibrate_qfilters(model, text_dir, n_seq, seq_len):
     click.echo(f"Q-Filters {tuple(filters.shape)} saved to {path}")
 
 
+@calibrate.command("prefixkv")
+@click.option("--model", default=DEFAULT_MODEL, show_default=True)
+@click.option("--text-dir", type=click.Path(file_okay=False, exists=True, path_type=Path), default=None,
+              help="Directory of .txt files to calibrate on (default: the text shipped with kvsqueeze).")
+@click.option("--n-seq", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--seq-len", type=click.IntRange(min=64), default=512, show_default=True)
+def calibrate_prefixkv(model, text_dir, n_seq, seq_len):
+    """Compute PrefixKV's per-layer importance profiles (offline prefix configuration) and store them."""
+    from ..models import load_model
+    from ..runtime import calibration
+
+    texts = None
+    if text_dir is not None:
+        texts = [p.read_text(errors="replace") for p in sorted(text_dir.glob("*.txt"))]
+        if not texts:
+            raise KVSqueezeError(f"no .txt files in {text_dir}")
+    mdl, tok = load_model(model)
+    path = calibration.prefixkv_path(mdl)
+    if path.exists():
+        path.unlink()  # recalibrate with the options given
+    profiles = calibration.load_or_calibrate_prefixkv(mdl, tok, texts=texts, n_seq=n_seq, seq_len=seq_len)
+    click.echo(f"PrefixKV profiles {tuple(profiles.shape)} saved to {path}")
+
+
 # Further command groups register here.
 from .selection import register_selection; register_selection(main)  # noqa: E402, E702
 from .evaluation import register as register_evaluation; register_evaluation(main)  # noqa: E402, E702

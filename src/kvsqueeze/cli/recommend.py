@@ -83,7 +83,13 @@ def register_recommend(main) -> None:
         task_names = expand_tasks(tasks)
         if "ppl" in task_names:
             raise KVSqueezeError("recommend ranks string-match tasks; leave 'ppl' out of --tasks")
-        pairs = make_pairs(names, rs, quants=quants)
+        skipped: list[str] = []
+        pairs = make_pairs(names, rs, quants=quants, skipped=skipped)
+        if not pairs:
+            raise KVSqueezeError(f"no candidate configuration composes ({', '.join(skipped)})")
+        if skipped and not quiet:
+            click.echo(f"note: skipped {len(skipped)} method + storage combination(s) that do not compose: "
+                       f"{', '.join(skipped)}")
         if tgt is not None:  # analytic pruning: an optimistic bound below the target cannot meet it
             bounds = [factor_bound(p.compression_ratio, p.quant, p.method.budget) for p in pairs]
             keep = [p for p, b in zip(pairs, bounds) if b >= tgt * (1.0 - tolerance)]

@@ -6,7 +6,8 @@ Sweeps mixing quantized and unquantized configurations are compared on one scale
 
 - **`kv_bytes_16(cache)`**, per tensor that encodes keys or values (for quantized layers: `layer.kv_tensors()`,
   i.e. packed codes, scales, zero points, low-rank factors, outliers, channel scales, and the full-precision
-  residual window; for other layers: `keys` and `values`):
+  residual window; for other layers: `keys` and `values`; a tensor shared by several layers, e.g. MiniCache's merged
+  directions or xKV's shared token factor, counted once):
     * a floating-point tensor counts `min(element_size, 2)` bytes per element: full-precision slots (the residual,
       MiKV's 16-bit tokens, an unquantized layer) at 2 bytes whatever the model dtype; float16 scales at their
       real 2 bytes; a float32 side tensor (e.g. packing.py's float32 fallback for scales beyond float16's range)
@@ -44,12 +45,10 @@ def _kv_tensors(layer) -> list[torch.Tensor]:
 
 def kv_bytes_16(cache) -> int:
     """Bytes of keys and values held, normalised to a 16-bit deployment (see the module docstring)."""
-    total = 0
-    for layer in cache.layers:
-        if not getattr(layer, "is_initialized", False):
-            continue
-        total += sum(_bytes16(t) for t in _kv_tensors(layer))
-    return total
+    from ..storage.crosslayer import unique_tensors
+
+    held = [dict(enumerate(_kv_tensors(layer))) for layer in cache.layers if getattr(layer, "is_initialized", False)]
+    return sum(_bytes16(t) for t in unique_tensors(held))  # a tensor shared by several layers counts once
 
 
 def full_kv_bytes_16(cache) -> int:

@@ -154,12 +154,15 @@ def _selects(selects) -> list[tuple[str | None, int | None]]:
 
 def make_pairs(methods: list[Method | str], compression_ratios: list[float], query_aware: bool = False,
                quants: list[str | None] | None = None, selects: list | None = None, offload: str | None = None,
-               **method_kwargs) -> list[Pair]:
+               skipped: list[str] | None = None, **method_kwargs) -> list[Pair]:
     """The grid methods x compression_ratios x quants x selects. `full` runs once (compression_ratio 0); a method with
     a `budget` runs once (compression_ratio -1). `quants`: --quant scheme names ("none" / None: full precision);
     `selects`: (selector name, budget) pairs (("none", _) or None: dense attention). A configuration that comes out
-    identical to an earlier one runs once. `offload` ('cpu' or 'disk'): every pair offloaded (its params say so); needs a
-    selector and full-precision storage in every pair (KVSqueezeError otherwise)."""
+    identical to an earlier one runs once. A method and a scheme that do not compose (`for_storage` refuses: a
+    merging method with MiKV / ZipCache, a cross-layer method with any scheme) raise its `KVSqueezeError`, or, when
+    `skipped` is a list, are left out of the grid and named there ("d2o + mikv-8-2"). `offload` ('cpu' or 'disk'):
+    every pair offloaded (its params say so); needs a selector and full-precision storage in every pair
+    (KVSqueezeError otherwise)."""
     from ..quant import parse_quant
 
     qspecs = [parse_quant(q) for q in (quants or [None])]
@@ -188,7 +191,14 @@ def make_pairs(methods: list[Method | str], compression_ratios: list[float], que
                 m = dataclasses.replace(m, compression_ratio=0.0, budget=None)
             key_ratio = 0.0 if m.name == "full" else (-1.0 if m.budget is not None else float(r))
             for qs in qspecs:
-                run = for_storage(m, qs)
+                try:
+                    run = for_storage(m, qs)
+                except KVSqueezeError:
+                    if skipped is None:
+                        raise
+                    if f"{m.name} + {qs.name}" not in skipped:
+                        skipped.append(f"{m.name} + {qs.name}")
+                    continue
                 # the method column: the given method, unless the scheme runs its own rule (ZipCache over `full`)
                 name = m.name if (run is m or getattr(run, "inner", None) is m) else run.name
                 for sel, budget in sels:
@@ -200,7 +210,8 @@ def make_pairs(methods: list[Method | str], compression_ratios: list[float], que
                     if sel is not None:
                         params["select"], params["select_budget"] = sel, budget
                     if offload is not None:
-                        if not is_prefill_only(run) or getattr(run, "stateful", False):
+                        if (not is_prefill_only(run) or getattr(run, "stateful", False)
+                                or hasattr(run, "cross_layer_plan")):
                             raise KVSqueezeError(f"--offload keeps the KV off the device between prefills: "
                                                  f"{run.describe()} scores or evicts while decoding (drop it from "
                                                  "the grid, or --offload)")

@@ -8,21 +8,29 @@ from dataclasses import fields
 from ..errors import KVSqueezeError
 from .adakv import AdaKV
 from .base import Method, ScoreInputs
+from .d2o import D2O
+from .ems import EMS
 from .full import Full
 from .h2o import H2O
 from .knorm import KNorm
+from .kvcrush import KVCrush
+from .kvmerger import KVMerger
 from .mikv import MiKV, PrecisionSplit
+from .minicache import MiniCache
+from .prefixkv import PrefixKV
 from .pyramidkv import PyramidKV
 from .qfilters import QFilters
 from .random import Random
 from .snapkv import SnapKV
 from .streaming_llm import StreamingLLM
 from .tova import TOVA
+from .windowkv import WindowKV
+from .xkv import XKV
 from .zipcache import ZipCacheSaliency
 
 METHODS: dict[str, type[Method]] = {
     m.name: m for m in (Full, StreamingLLM, H2O, SnapKV, PyramidKV, TOVA, KNorm, Random, QFilters, AdaKV, MiKV,
-                        ZipCacheSaliency)
+                        ZipCacheSaliency, KVMerger, D2O, EMS, MiniCache, XKV, KVCrush, WindowKV, PrefixKV)
 }
 
 
@@ -51,7 +59,8 @@ def get_method(name: str, **kwargs) -> Method:
         if "scorer" not in {f.name for f in fields(cls)}:
             raise KVSqueezeError(f"method {outer!r} takes no scorer (only {', '.join(wrappers())} do): {name!r}")
         inner_cls = lookup(inner)
-        if inner_cls is not None and ("scorer" in {f.name for f in fields(inner_cls)} or inner_cls is MiKV):
+        if inner_cls is not None and ("scorer" in {f.name for f in fields(inner_cls)} or inner_cls is MiKV
+                                      or hasattr(inner_cls, "cross_layer_plan")):
             raise KVSqueezeError(f"{inner!r} wraps a method itself and cannot be the scorer in {name!r}; give a "
                                  f"scorer such as snapkv, tova, knorm or qfilters")
         if inner_cls is None:
@@ -65,16 +74,27 @@ def for_storage(method: Method | None, qspec) -> Method | None:
     """The method a cache runs when `method` is composed with the quantized storage `qspec` (a
     `kvsqueeze.quant.QuantSpec`, or None: full precision). Never silently replaces what was asked:
 
-    - no scheme, KIVI, GEAR: `method` itself (the scheme only changes how the kept tokens are held);
+    - no scheme, KIVI, GEAR: `method` itself (the scheme only changes how the kept tokens are held; a merging
+      method's merged entries are quantized once, at the commit);
+    - a merging method (`merges`: KVMerger, D2O, EMS) with MiKV or ZipCache: `KVSqueezeError` (those keep the
+      evicted tokens at low precision instead of merging them);
+    - a cross-layer method (MiniCache, xKV) with any scheme: KVSqueezeError (their shared state is full precision);
     - MiKV (`mikv-<hi>-<lo>`): `MiKV(inner=method)`: its scores pick the high-precision tokens (`MiKV()`, H2O's
       rule as in the paper, when `method` is None);
     - ZipCache (`zipcache-<hi>-<lo>`): with `method` None, `zipcache`, or `full` (which splits nothing), ZipCache's
       own saliency (`ZipCacheSaliency`, compression_ratio 0.5 when none is given); with any other method,
       `PrecisionSplit(inner=method)`: that method's scores pick the high-precision tokens, and `describe()` says so.
     """
+    if qspec is not None and hasattr(method, "cross_layer_plan"):  # MiniCache, xKV: full-precision shared state
+        raise KVSqueezeError(f"{method.name} shares KV state across layers in full precision; it does not compose "
+                             f"with quantized storage (--quant {qspec.name}): drop one of them")
     kind = getattr(qspec, "importance", None)
     if kind is None:
         return method
+    if method is not None and method.merges:
+        raise KVSqueezeError(f"{method.name} merges the entries it evicts into kept ones, while {qspec.name} keeps "
+                             "them at low precision instead: choose one (a merging method composes with kivi-*, "
+                             "gear-*)")
     if kind == "mikv":
         if isinstance(method, MiKV):
             return method

@@ -13,7 +13,7 @@ by the prefill, an absolute one larger than the prompt is grown to first (see `C
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -44,6 +44,8 @@ class ScoreInputs:
     keep_per_row: torch.Tensor | None = None  # (b,) long: each row's own budget in a left-padded batch
     sliding_window: int | None = None  # the layer's window (a sliding layer's queries see the last w positions)
     memo: dict | None = None  # shared by every method scoring the same recorded prefill (a sweep)
+    scratch: dict = field(default_factory=dict)  # this call's own: what `score` leaves for `merge_plan`
+    row_state: dict = field(default_factory=dict)  # per-row tensors (b, ...) the method keeps for the sequence
 
     @property
     def row_positions(self) -> torch.Tensor:
@@ -135,6 +137,13 @@ class Delegating:
     def score(self, x: ScoreInputs) -> torch.Tensor:
         return getattr(self, self.delegate).score(x)
 
+    @property
+    def merges(self) -> bool:
+        return getattr(self, self.delegate).merges
+
+    def merge_plan(self, x: ScoreInputs, idx: torch.Tensor, visible: torch.Tensor | None):
+        return getattr(self, self.delegate).merge_plan(x, idx, visible)
+
 
 def layer_indices(indices, what: str) -> tuple[int, ...]:
     """`indices` (an iterable of ints) as a tuple; `KVSqueezeError` for non-integers or negative indices (not
@@ -170,6 +179,8 @@ class Method:
     name = "base"
     summary = ""
     stateful = False  # observe() runs on every forward, not only when compressing
+    merges = False  # merge_plan() gives a plan merging evicted entries into kept ones (KVMerger, D2O, EMS)
+    defer_eviction = False  # evict every layer after the forward's last layer was observed (D2O's layer budgets)
 
     def __post_init__(self):
         if not (0.0 <= self.compression_ratio < 1.0):
@@ -197,6 +208,13 @@ class Method:
 
     def score(self, x: ScoreInputs) -> torch.Tensor:
         raise NotImplementedError
+
+    def merge_plan(self, x: ScoreInputs, idx: torch.Tensor, visible: torch.Tensor | None):
+        """A merging method's `kvsqueeze.storage.merge.MergePlan` for the slots its scores chose: idx (batch,
+        kv_heads, k) long, the kept slots; visible (batch, kv_heads, k) bool or None (kept slots a head-wise budget
+        leaves empty). Called once per eviction, after `score(x)` with the same `x`, only when `merges` is set;
+        None: plain eviction."""
+        return None
 
     def describe(self) -> str:
         amount = (f"budget={self.budget}" if self.budget is not None

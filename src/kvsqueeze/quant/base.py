@@ -143,6 +143,15 @@ class QuantStore(KVStore):
         self._stores = []
         self._forget_view()
 
+    def keep_merged(self, idx: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                    held: torch.Tensor | None = None) -> None:
+        """As `keep`, the kept slots holding the merged entries `keys`, `values` (batch, kv_heads, k, d): they
+        become the full-precision residual, quantized by the next `commit()` (merge before the commit: what is kept
+        is quantized once)."""
+        self._k_res, self._v_res = keys.to(self.dtype).contiguous(), values.to(self.dtype).contiguous()
+        self._stores = []
+        self._forget_view()
+
     def set_dense(self, which: int, t: torch.Tensor) -> None:
         """Replace every slot's keys (which=0) or values (1) with the full-precision `t` (uncommitted until
         `commit()`); the other half is dequantized first so that it is kept."""

@@ -7,7 +7,10 @@ are transformers' own `sdpa_mask` / `eager_mask`, so masks are unchanged), each 
    built (after eviction, with per-layer budgets, with padding slots), it builds the layer's own mask from the
    cache: every valid stored slot is in the past of every new query, so old slots are visible wherever they
    are valid and the new tokens keep transformers' causal + padding mask (the mask's last `q` columns);
-2. it runs the wrapped kernel (sdpa stays sdpa: the model is never switched to eager);
+2. it runs the wrapped kernel (sdpa stays sdpa: the model is never switched to eager); a decoding step over a
+   right-aligned stack of caches of different sizes (`CompressedLayer.row_runs`, the sweep's merged answer batch)
+   runs it row by row over each row's own slots, with the mask each row alone would get, so padding is never
+   read and finished rows (`CompressedCache.idle_rows`) are skipped;
 3. at a decoding step, a cache `selector` (Quest, AttentionPredictor) may pick a subset of slots per kv head;
    only those keys and values are gathered and attended to; forwards of several tokens are shown to the
    selector's `observe` (AttentionPredictor starts its attention history from the prompt's last queries);
@@ -103,6 +106,43 @@ def _new_tokens_valid(hf_mask, q_len: int):
     return row if row.dtype == torch.bool else row == 0
 
 
+def _attend_row_runs(inner, module, query, key, value, runs: list[int], idle: frozenset, kwargs, hf_mask=None,
+                     eager: bool = False):
+    """Attention over a batch whose rows see contiguous runs of slots (`CompressedLayer.row_runs`: a right-aligned
+    stack of caches of different sizes): each row attends to its own run alone, with the mask a batch-1 cache of
+    that row gets (`_layer_mask`: none for one new token; for q new tokens every old slot visible and the new
+    tokens' own causal part of transformers' mask), so the padding in front of shorter rows is never read. Rows in
+    `idle` (finished rows whose output the caller ignores, `CompressedCache.idle_rows`) are not attended: their
+    output is zeros. query (batch, heads, q, head_dim), key / value (batch, kv_heads, n, head_dim), hf_mask
+    transformers' mask or None; returns the wrapped kernel's (output (batch, q, heads, head_dim), None)."""
+    q_len = query.shape[2]
+    n = key.shape[2]
+    outs = []
+    for i, start in enumerate(runs):
+        if i in idle:
+            outs.append(None)
+            continue
+        mask = None
+        if q_len > 1:
+            if hf_mask is None:
+                new = torch.ones(q_len, q_len, dtype=torch.bool, device=key.device).tril()[None, None]
+            else:
+                new = hf_mask[i : i + 1, :1, :, -q_len:]
+                new = new if new.dtype == torch.bool else new == 0
+            old = torch.ones(1, 1, q_len, n - q_len - start, dtype=torch.bool, device=key.device)
+            mask = torch.cat([old, new.expand(1, 1, q_len, q_len)], dim=-1)
+            if eager:
+                mask = torch.zeros(mask.shape, dtype=query.dtype, device=key.device).masked_fill(
+                    ~mask, torch.finfo(query.dtype).min)
+        outs.append(inner(module, query[i : i + 1], key[i : i + 1, :, start:], value[i : i + 1, :, start:], mask,
+                          **kwargs)[0])
+    ref = next((o for o in outs if o is not None), None)
+    if ref is None:  # every row idle
+        ref = query.new_zeros(1, query.shape[2], query.shape[1], value.shape[-1])
+    zero = ref.new_zeros(ref.shape)
+    return torch.cat([zero if o is None else o for o in outs]), None
+
+
 def _wrap(inner_name: str):
     eager = inner_name == "eager"
 
@@ -123,8 +163,15 @@ def _wrap(inner_name: str):
         valid_new = _new_tokens_valid(attention_mask, q_len)
         if valid_new is not None:
             layer.mark_invalid(valid_new)
-        mask = _layer_mask(layer, attention_mask, q_len, query.shape[1], eager, query.dtype)
         selector = cache.selector
+        if selector is None and (q_len == 1 or valid_new is None or bool(valid_new.all())):
+            runs = layer.row_runs()
+            if runs is not None and len(runs) == query.shape[0]:
+                out = _attend_row_runs(inner, module, query, key, value, runs, cache.idle_rows, kwargs,
+                                       attention_mask, eager)
+                cache.after_attention(module, layer_idx, query, kwargs.get("scaling"))
+                return out
+        mask = _layer_mask(layer, attention_mask, q_len, query.shape[1], eager, query.dtype)
         if selector is not None and q_len == 1:
             idx = selector.select(layer_idx, layer, query)  # (batch, kv_heads, k) slot indices, or None: dense
             key, value = layer.attend_kv(idx, key, value)  # an offloaded layer: from its device frames

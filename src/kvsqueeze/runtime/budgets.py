@@ -5,7 +5,8 @@ One object per cache (`CompressedCache.budgets`), reset with it. It allocates, f
 - **uniform**: the method's `n_keep(tokens seen)` per layer (`compression_ratio`: kvpress's
   `int(n * (1 - compression_ratio))`; or an absolute `budget`), the same for every kv head;
 - **per layer**: the method's `layer_budget` redistributes it over depth (PyramidKV's pyramid);
-- **per row**: in a left-padded batch each row's budget comes from its own real tokens (`row_keep`, (batch,));
+- **per row**: in a left-padded batch each row's budget comes from its own real tokens (`row_keep`, (batch,)); a
+  method with `per_row_budgets` (D2O: layer budgets from each row's attention) gets the row too;
 - **per kv head**: a method with `head_counts(scores, keep, visible)` (AdaKV) splits a layer's budget across its kv
   heads; each head keeps its own count and the store frees the rest (`CompressedLayer.evict(..., counts)`).
 
@@ -38,20 +39,23 @@ class Budgets:
         held afterwards. Sets `layer.row_keep` ((batch,) long) in a left-padded batch."""
         if phase == "prefill" or layer_idx not in self.per_layer:
             self.per_layer[layer_idx] = self.keep_target(layer.held_tokens(), layer_idx)
-            if getattr(layer, "n_pad", None) is not None:
+            per_row = getattr(self.method, "per_row_budgets", False)  # budgets from each row's own data (D2O)
+            if getattr(layer, "n_pad", None) is not None or per_row:
                 cap = layer.sliding_window - 1 if layer.sliding_window else None
                 seen = [int(s) if cap is None else min(int(s), cap) for s in layer.row_seen().tolist()]
-                rows = [self.keep_target(s, layer_idx) for s in seen]
+                rows = [self.keep_target(s, layer_idx, r if per_row else None) for r, s in enumerate(seen)]
                 layer.row_keep = torch.tensor(rows, dtype=torch.long, device=layer.device)
                 self.per_layer[layer_idx] = max(rows)
         return self.per_layer[layer_idx]
 
-    def keep_target(self, n_seen: int, layer_idx: int) -> int:
-        """The method's keep count after `n_seen` tokens, or its absolute target when that is clamped to `n_seen`."""
+    def keep_target(self, n_seen: int, layer_idx: int, row: int | None = None) -> int:
+        """The method's keep count after `n_seen` tokens, or its absolute target when that is clamped to `n_seen`.
+        `row`: the batch row, passed to a method whose budgets depend on each row's data (`per_row_budgets`)."""
         method = self.method
-        keep = method.n_keep(n_seen, layer_idx, self.n_layers)
+        at = {} if row is None else {"row": row}
+        keep = method.n_keep(n_seen, layer_idx, self.n_layers, **at)
         if keep >= n_seen:  # clamped to what the layer has seen: the target may lie beyond
-            target = method.n_keep(_UNBOUNDED, layer_idx, self.n_layers)
+            target = method.n_keep(_UNBOUNDED, layer_idx, self.n_layers, **at)
             if getattr(method, "budget", None) is not None or target >= _UNBOUNDED:
                 keep = max(keep, target)
         return keep

@@ -25,6 +25,7 @@ from ..errors import KVSqueezeError
 from ..shapes import attention_shape
 from ..storage.layer import CompressedLayer
 from ..storage.offload import OffloadCounters, OffloadLayer
+from ..storage.crosslayer import unique_tensors
 from ..storage.stats import CacheStats, _nbytes
 from . import attention as _attention  # noqa: F401  registers the kvsqueeze_sdpa / kvsqueeze_eager wrappers
 from .budgets import Budgets
@@ -67,11 +68,13 @@ def check_layer_indices(indices, n_layers: int, what: str) -> None:
 
 
 def _decode_time(method) -> bool:
-    """Whether `method` reads the cache while decoding: evicts every `compression_interval` steps (its scorer's, for
-    a wrapper) or observes every forward (`stateful`, H2O)."""
+    """Whether `method` does what an offloaded layer does not support: read the cache while decoding (evict every
+    `compression_interval` steps, its scorer's for a wrapper; observe every forward, `stateful`, H2O) or replace the
+    layers' stores (a cross-layer method)."""
     scorer = getattr(method, "scorer", None)
     return (method.compression_interval > 0 or bool(getattr(method, "stateful", False))
-            or (scorer is not None and getattr(scorer, "compression_interval", 0) > 0))
+            or (scorer is not None and getattr(scorer, "compression_interval", 0) > 0)
+            or hasattr(method, "cross_layer_plan"))  # MiniCache, xKV: replace the layers' stores after the prefill
 
 
 class CompressedCache(Cache):
@@ -109,12 +112,14 @@ class CompressedCache(Cache):
         if offload and method is not None and _decode_time(method):
             raise KVSqueezeError(f"offloading keeps the KV off the device between prefills: {method.describe()} "
                                  "scores or evicts while decoding (compression_interval, or a method observing every "
-                                 "step such as H2O); use a prefill-time method with --offload")
+                                 "step such as H2O) or shares stores across layers; use a prefill-time method with "
+                                 "--offload")
         if offload and not all(hasattr(selector, a) for a in ("budget", "page", "dense_layers")):
             raise KVSqueezeError(f"offloading sizes its device frames from the selector's budget, page and "
                                  f"dense_layers, which {type(selector).__name__} does not have")
         attach(model)  # route the model's attention through kvsqueeze during this cache's forwards
         self.awaiting: int | None = None  # the layer whose update ran, waiting for its attention call
+        self._deferred: list = []  # (layer_idx, ScoreInputs, query) waiting for the last layer (defer_eviction)
         config = model.config.get_text_config()
         self.config = config
         layers = []
@@ -139,9 +144,15 @@ class CompressedCache(Cache):
         # Decode-time selection (Quest, AttentionPredictor): every stored entry stays, each decoding step attends
         # to the subset `selector.select(...)` returns (see attention.py).
         self.selector = selector
+        # Rows whose next outputs the caller ignores (greedy decoding's finished rows): a decoding step over a
+        # stack of rows (`CompressedLayer.row_runs`) skips their attention (their output is zeros).
+        self.idle_rows: frozenset[int] = frozenset()
         self.n_layers = len(layers)
         if method is not None:
             check_layer_indices(method.exempt_layers, self.n_layers, "exempt layers")
+            if hasattr(method, "cross_layer_plan") and layer_factory not in (None, CompressedLayer):
+                raise KVSqueezeError(f"{method.name} shares KV state across layers in full precision; it does not "
+                                     "compose with quantized storage (--quant): drop one of them")
         if selector is not None:
             check_layer_indices(getattr(selector, "dense_layers", ()), self.n_layers, "dense layers")
         _, self.num_kv_heads, self.head_dim = attention_shape(config)
@@ -169,6 +180,8 @@ class CompressedCache(Cache):
             self._in_prefill_block = False
 
     def _begin_forward(self, q_len: int):
+        if self._deferred:  # the last layer's attention did not come through the wrapper: evict them now
+            self._flush_deferred()
         if self.awaiting is not None:
             self.awaiting = None
             raise KVSqueezeError(
@@ -218,8 +231,16 @@ class CompressedCache(Cache):
         stores quantize what this forward appended and kept: after the eviction, so only kept tokens, once)."""
         self._observe_and_compress(layer_idx, query, scaling, memo)
         layer = self.layers[layer_idx]
-        if isinstance(layer, CompressedLayer):
+        waiting = any(i == layer_idx for i, _, _ in self._deferred)
+        if isinstance(layer, CompressedLayer) and not waiting:  # a deferred layer commits after its eviction
             layer.commit()
+        if self._deferred and layer_idx == self.n_layers - 1:
+            self._flush_deferred()
+        plan = getattr(self.method, "cross_layer_plan", None)
+        if plan is not None and self.phase == "prefill":  # MiniCache, xKV: a group's last layer is prefilled
+            from ..storage.crosslayer import apply_plan
+
+            apply_plan(plan(self.n_layers), self.layers, layer_idx)
 
     def _observe_and_compress(self, layer_idx: int, query: torch.Tensor, scaling: float | None, memo: dict | None):
         method = self.method
@@ -246,6 +267,7 @@ class CompressedCache(Cache):
             n_pad=layer.n_pad,
             seen=layer.cumulative_length,
             state=layer.state,
+            row_state=layer.table.row_state,
             scaling=scaling if scaling is not None else query.shape[-1] ** -0.5,
             softcap=getattr(self.config, "attn_logit_softcapping", None),
             n_keep=0,
@@ -255,20 +277,38 @@ class CompressedCache(Cache):
         if method.stateful:
             method.observe(x)
         if compress:
-            x.n_keep = self.budget(layer_idx)
-            x.keep_per_row = layer.row_keep
-            if self.budgets.due(layer, x.n_keep):
-                balance = getattr(layer.store, "balance_keys", None)
-                if balance is not None:  # MiKV's storage balances key channels by the queries' channel maxima
-                    q = query.abs().masked_fill(~x.query_valid()[:, None, :, None], 0.0).amax(dim=2)  # (b, hq, d)
-                    b, hq, d = q.shape
-                    balance(q.view(b, hq // x.group, x.group, d).amax(2), layer.valid)  # the split follows
-                    x.keys, x.values = layer.keys, layer.values
-                scores = layer.window_scores(method.score(x))
-                if hasattr(layer.store, "split"):  # mixed precision: the method's top tokens high, the rest low
-                    layer.split(scores, x.n_keep, layer.row_keep)
-                else:
-                    layer.evict(scores, *self.budgets.counts(layer, scores, x.n_keep))
+            if method.defer_eviction:  # layer budgets that need every layer's observation of this forward (D2O)
+                self._deferred.append((layer_idx, x, query))
+                return
+            self._compress_layer(layer_idx, x, query)
+
+    def _compress_layer(self, layer_idx: int, x, query: torch.Tensor) -> None:
+        """Evict (or split) layer `layer_idx` down to its budget by the method's scores for `x` (its ScoreInputs);
+        a merging method's plan (`Method.merge_plan`) is applied with the eviction."""
+        method = self.method
+        layer = self.layers[layer_idx]
+        x.n_keep = self.budget(layer_idx)
+        x.keep_per_row = layer.row_keep
+        if self.budgets.due(layer, x.n_keep):
+            balance = getattr(layer.store, "balance_keys", None)
+            if balance is not None:  # MiKV's storage balances key channels by the queries' channel maxima
+                q = query.abs().masked_fill(~x.query_valid()[:, None, :, None], 0.0).amax(dim=2)  # (b, hq, d)
+                b, hq, d = q.shape
+                balance(q.view(b, hq // x.group, x.group, d).amax(2), layer.valid)  # the split follows
+                x.keys, x.values = layer.keys, layer.values
+            scores = layer.window_scores(method.score(x))
+            if hasattr(layer.store, "split"):  # mixed precision: the method's top tokens high, the rest low
+                layer.split(scores, x.n_keep, layer.row_keep)
+            else:
+                merge = (lambda idx, visible: method.merge_plan(x, idx, visible)) if method.merges else None
+                layer.evict(scores, *self.budgets.counts(layer, scores, x.n_keep), merge=merge)
+
+    def _flush_deferred(self) -> None:
+        """Evict, then commit, the layers whose eviction waited for the forward's last layer (`defer_eviction`)."""
+        deferred, self._deferred = self._deferred, []
+        for layer_idx, x, query in deferred:
+            self._compress_layer(layer_idx, x, query)
+            self.layers[layer_idx].commit()
 
     def compressed_copy(self, model, method, queries: dict[int, torch.Tensor], scaling: dict[int, float],
                         memo: dict | None = None, layer_factory=None):
@@ -299,8 +339,8 @@ class CompressedCache(Cache):
         out.phase = "prefill"
         for i, layer in enumerate(out.layers):
             if isinstance(layer, CompressedLayer) and layer.is_initialized:
-                out.after_attention(None, i, queries[i], scaling.get(i), memo)
-                layer.commit()
+                out.after_attention(None, i, queries[i], scaling.get(i), memo)  # commits, unless deferred
+        out._flush_deferred()
         out.phase = "append"
         return out
 
@@ -322,6 +362,7 @@ class CompressedCache(Cache):
         self._forwards = 0
         self.decode_step = 0
         self.awaiting = None
+        self._deferred = []
         # methods keep their per-sequence state in the layers (`layer.state`); one holding more says so with reset()
         reset_method = getattr(self.method, "reset", None)
         if reset_method is not None:
@@ -417,19 +458,19 @@ class CompressedCache(Cache):
     def stats(self) -> CacheStats:
         kv = total = full = host = 0
         stored = []
+        kv_dicts, all_dicts = [], []  # tensors shared by several layers (cross-layer stores) are counted once
         for layer in self.layers:
             if isinstance(layer, CompressedLayer):  # read off the slot table and store: nothing dequantized
                 if not layer.is_initialized or layer.store is None:
                     stored.append(0)
                     continue
-                held = layer.tensors()
                 b, h = layer.positions.shape[:2]
                 itemsize = torch.empty((), dtype=layer.dtype).element_size()
                 full += 2 * b * h * layer.held_tokens() * layer.head_dim * itemsize
-                kv += layer.kv_nbytes()
+                kv_dicts.append(layer.kv_tensors())
+                all_dicts.append(layer.tensors())
                 if isinstance(layer, OffloadLayer):
                     host += layer.offload_bytes()[1]
-                total += sum(_nbytes(t) for t in held.values())
                 stored.append(layer.n_stored)
                 continue
             if not layer.is_initialized or layer.keys is None:
@@ -440,4 +481,8 @@ class CompressedCache(Cache):
             kv += _nbytes(layer.keys) + _nbytes(layer.values)
             total += _nbytes(layer.keys) + _nbytes(layer.values)
             stored.append(layer.keys.shape[-2])
-        return CacheStats(kv, total, full, self.get_seq_length(), stored, host_kv_bytes=host)
+        kv += sum(_nbytes(t) for t in unique_tensors(kv_dicts))
+        total += sum(_nbytes(t) for t in unique_tensors(all_dicts))
+        shared = sum(_nbytes(t) for t in unique_tensors(
+            {k: t for k, t in d.items() if k.startswith("shared.")} for d in kv_dicts))
+        return CacheStats(kv, total, full, self.get_seq_length(), stored, shared, host_kv_bytes=host)

@@ -1,9 +1,10 @@
-"""Calibration passes (runtime: they run the model): Q-Filters' query directions.
+"""Calibration passes (runtime: they run the model): Q-Filters' query directions, PrefixKV's importance profiles.
 
 `prepare(method, model)` readies a method (and the methods nested in it) for a model before a cache uses it: a
 method whose class sets `calibration = "qfilters"` and has no `filters` gets them from the cache directory
 (safetensors, keyed by the model: `kvsqueeze.models.model_key`) or, the first time, from `calibrate_qfilters`;
-then its own `setup(model)` runs.
+one with `calibration = "prefixkv"` and no `profiles` gets them the same way (`calibrate_prefixkv`); then its own
+`setup(model)` runs.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..compat import cache_kwargs
 from ..errors import KVSqueezeError
 from ..methods.qfilters import filters_from_queries
 from ..models import cache_dir, model_key
@@ -105,6 +107,93 @@ def save(model, filters: torch.Tensor) -> Path:
 
 
 
+def prefixkv_path(model) -> Path:
+    return cache_dir() / "prefixkv" / f"{model_key(model)}.safetensors"
+
+
+@torch.no_grad()
+def calibrate_prefixkv(model, tokenizer, texts: list[str] | None = None, n_seq: int = 8, seq_len: int = 512,
+                       seed: int = 0, progress: bool = True) -> torch.Tensor:
+    """PrefixKV's offline profiles (samples, n_layers, seq_len) float32: for each of `n_seq` windows of `seq_len`
+    tokens of the calibration text (random offsets, contiguous, as `calibrate_qfilters`; one window when the text
+    is shorter), one uncompressed prefill; per layer the attention each token received, summed over the window's
+    queries and averaged over the query heads (recomputed from the post-RoPE queries and keys,
+    `kernels.attention_probs`), sorted and accumulated (`kvsqueeze.methods.prefixkv.cumulative_profiles`). Raises
+    `KVSqueezeError` for a text under 64 tokens or a model with sliding-window or chunked layers."""
+    from transformers import DynamicCache
+
+    from ..kernels.attention_probs import attention_chunks
+    from ..methods.prefixkv import cumulative_profiles
+    from .attention import record_queries
+    from .routing import patched
+
+    cfg = model.config.get_text_config()
+    if getattr(cfg, "sliding_window", None) or getattr(cfg, "attention_chunk_size", None) or any(
+            t != "full_attention" for t in (getattr(cfg, "layer_types", None) or [])):
+        raise KVSqueezeError("PrefixKV calibration supports models whose layers all attend to the full prompt")
+    texts = texts or default_calibration_texts()
+    gen = torch.Generator().manual_seed(seed)
+    ids = tokenizer("\n\n".join(texts), return_tensors="pt").input_ids[0]
+    if ids.numel() < 64:
+        raise KVSqueezeError("calibration text is too short (need at least 64 tokens)")
+    seq_len = min(seq_len, ids.numel())
+    if seq_len == ids.numel():
+        n_seq = 1
+    device = next(model.parameters()).device
+    starts = torch.randint(0, ids.numel() - seq_len + 1, (n_seq,), generator=gen).tolist()
+    if progress:
+        try:
+            from tqdm.auto import tqdm
+
+            starts = tqdm(starts, desc="PrefixKV calibration", unit="seq")
+        except ImportError:  # pragma: no cover
+            pass
+    softcap = getattr(cfg, "attn_logit_softcapping", None)
+    samples = []
+    for s in starts:
+        queries: dict[int, tuple] = {}
+
+        def rec(module, query):
+            queries[module.layer_idx] = (query, getattr(module, "scaling", None) or query.shape[-1] ** -0.5)
+
+        cache = DynamicCache(config=model.config)
+        with patched(model), record_queries(rec):
+            model(ids[s:s + seq_len][None].to(device), use_cache=True, **cache_kwargs(model, cache))
+        rows = []
+        for li in range(len(cache.layers)):
+            q, scaling = queries[li]
+            keys = cache.layers[li].keys
+            pos = torch.arange(keys.shape[2], device=keys.device)
+            total = torch.zeros(keys.shape[2], device=keys.device)
+            for c in attention_chunks(q, keys, scaling=scaling, softcap=softcap, q_positions=pos,
+                                      k_positions=pos.expand(1, keys.shape[1], -1)):
+                total += c.probs[0].sum(1).mean(0)  # summed over the chunk's queries, averaged over heads
+            rows.append(total.cpu())
+        samples.append(torch.stack(rows))
+    return cumulative_profiles(torch.stack(samples)).float()
+
+
+def load_or_calibrate_prefixkv(model, tokenizer=None, **kw) -> torch.Tensor:
+    """PrefixKV's profiles (samples, n_layers, n_cal) for `model`: from the cache directory, else calibrated (needs
+    the tokenizer) and saved. Raises `KVSqueezeError` when neither is possible."""
+    path = prefixkv_path(model)
+    if path.exists():
+        return load_file(str(path))["profiles"]
+    if tokenizer is None:
+        raise KVSqueezeError(
+            "no PrefixKV profiles calibrated for this model: run `kvsqueeze calibrate prefixkv --model M` "
+            "or load it with kvsqueeze.load_model"
+        )
+    profiles = calibrate_prefixkv(model, tokenizer, **kw)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file({"profiles": profiles.contiguous()}, str(tmp),
+              metadata={"model": str(getattr(model.config, "_name_or_path", "")),
+                        "shape": json.dumps(list(profiles.shape))})
+    tmp.replace(path)
+    return profiles
+
+
 def _nested(method) -> list:
     """`method` and every method held in its dataclass fields (a PyramidKV scorer, a wrapped inner method)."""
     out, todo = [], [method]
@@ -120,11 +209,13 @@ def _nested(method) -> list:
 
 def prepare(method, model) -> None:
     """Ready `method` (and the methods nested in it) for `model`: calibration data first (Q-Filters' filters,
-    loaded or calibrated once per model), then each method's `setup(model)`. Idempotent. Raises `KVSqueezeError`
-    when Q-Filters cannot be calibrated (no saved filters and no tokenizer on the model)."""
+    PrefixKV's profiles, loaded or calibrated once per model), then each method's `setup(model)`. Idempotent.
+    Raises `KVSqueezeError` when they cannot be calibrated (nothing saved and no tokenizer on the model)."""
     if method is None:
         return
     for m in _nested(method):
         if getattr(type(m), "calibration", None) == "qfilters" and getattr(m, "filters", None) is None:
             m.filters = load_or_calibrate(model, getattr(model, "kvsqueeze_tokenizer", None))
+        if getattr(type(m), "calibration", None) == "prefixkv" and getattr(m, "profiles", None) is None:
+            m.profiles = load_or_calibrate_prefixkv(model, getattr(model, "kvsqueeze_tokenizer", None))
     method.setup(model)

@@ -117,24 +117,32 @@ def greedy_decode_batch(model, cache, first_logits: torch.Tensor, max_new_tokens
     """Greedy decoding of every row from `first_logits` (batch, vocab) on top of `cache` (batch rows): the one
     greedy loop of kvsqueeze. Row r takes the argmax token, stops before an `eos` token (not included) or once it
     holds `max_new_tokens` tokens; one forward per step feeds every row (a finished row's argmax is fed too and
-    ignored, so the rows still running see exactly their own history). Returns each row's tokens."""
+    ignored, so the rows still running see exactly their own history; on a `CompressedCache` the finished rows
+    are its `idle_rows` meanwhile, whose attention a stacked batch skips). Returns each row's tokens."""
     b = first_logits.shape[0]
     outs: list[list[int]] = [[] for _ in range(b)]
     live = [True] * b
     token = first_logits.argmax(-1)
-    while True:
-        for r, t in enumerate(token.tolist()):
-            if not live[r]:
-                continue
-            if t in eos:
-                live[r] = False
-                continue
-            outs[r].append(t)
-            if len(outs[r]) >= max_new_tokens:
-                live[r] = False
-        if not any(live):
-            return outs
-        token = decode_step(model, cache, token).argmax(-1)
+    tracks = isinstance(cache, CompressedCache)
+    try:
+        while True:
+            for r, t in enumerate(token.tolist()):
+                if not live[r]:
+                    continue
+                if t in eos:
+                    live[r] = False
+                    continue
+                outs[r].append(t)
+                if len(outs[r]) >= max_new_tokens:
+                    live[r] = False
+            if not any(live):
+                return outs
+            if tracks:
+                cache.idle_rows = frozenset(r for r in range(b) if not live[r])
+            token = decode_step(model, cache, token).argmax(-1)
+    finally:
+        if tracks:
+            cache.idle_rows = frozenset()
 
 
 @torch.no_grad()

@@ -266,8 +266,8 @@ class StaticCompressedCache(Cache):
             if not layer.is_initialized or layer.positions is None or layer.positions.shape[-1] == 0:
                 raise KVSqueezeError("the cache is empty: prefill it before building the static cache")
             if type(layer.store) is not DenseStore:
-                raise KVSqueezeError(f"layer {i} is held by {type(layer.store).__name__}: quantized storage decodes "
-                                     "on the eager path only " + EAGER)
+                raise KVSqueezeError(f"layer {i} is held by {type(layer.store).__name__}: quantized and cross-layer "
+                                     "(MiniCache, xKV) storage decode on the eager path only " + EAGER)
         method = cache.method
         rule = _decode_rule(method)
         every = method.compression_interval if rule is not None else 0

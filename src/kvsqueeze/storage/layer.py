@@ -29,6 +29,7 @@ import torch
 from transformers.cache_utils import DynamicLayer
 
 from ..errors import KVSqueezeError
+from .merge import MergePlan
 from .slots import SlotTable
 from .stores import DenseStore, KVStore
 
@@ -50,7 +51,9 @@ class CompressedLayer(DynamicLayer):
         self.cumulative_length = 0
         self.n_new = 0  # tokens appended by the current forward
         self.n_evicted = 0  # slots ever removed
+        self.n_merged = 0  # evicted entries ever merged into a kept slot (a merging method's plan)
         self.row_keep: torch.Tensor | None = None  # (batch,) per-row budget when rows differ (set by the cache)
+        self.row_starts: tuple[list[int], int] | None = None  # (first slot per row, table version): `row_runs`
 
     # --- the slot table's fields ------------------------------------------------------------------------------
     positions = property(lambda self: self.table.positions, lambda self, t: setattr(self.table, "positions", t))
@@ -167,7 +170,8 @@ class CompressedLayer(DynamicLayer):
         self.cumulative_length = 0
         self.table.reset()
         self.row_keep = None
-        self.n_new = self.n_evicted = 0
+        self.row_starts = None
+        self.n_new = self.n_evicted = self.n_merged = 0
 
     def crop(self, tokens_to_remove: int):
         raise KVSqueezeError("a compressed cache cannot be cropped (evicted tokens cannot be restored)")
@@ -267,23 +271,36 @@ class CompressedLayer(DynamicLayer):
             visible = visible.gather(2, perm)
         return idx, visible
 
-    def keep(self, idx: torch.Tensor, visible: torch.Tensor | None = None) -> None:
+    def keep(self, idx: torch.Tensor, visible: torch.Tensor | None = None, plan: MergePlan | None = None) -> None:
         """Keep slots `idx` (batch, kv_heads, k), in that order, and free the others; the kept slots where
         `visible` (batch, kv_heads, k) is False become empty (invalid, their entries freed when the store is
-        ragged-capable, else only hidden)."""
+        ragged-capable, else only hidden). With a `plan` (`storage.merge.MergePlan`, indexed by the slots before
+        this call) the evicted entries it names are first averaged into the kept slots it names (positions and
+        slot-aligned state of the kept slots unchanged; the evicted entries freed as without a plan)."""
         n = self.n_stored
         held = visible if (visible is not None and self.store is not None and self.store.ragged_heads) else None
-        self.store.keep(idx, held)
+        if plan is None:
+            self.store.keep(idx, held)
+        else:
+            valid, cutoff = self.valid, self.window_cutoff()
+            if cutoff is not None:  # a sliding layer's entries no later query can see are never merged in
+                valid = (self.positions >= cutoff) if valid is None else valid & (self.positions >= cutoff)
+            keys, values = self.store.view()
+            k, v = plan.apply(keys, values, idx, valid, visible)
+            self.store.keep_merged(idx, k, v, held)
+            dest, kept = plan.destinations(idx, valid, visible)
+            self.n_merged += int(((dest >= 0) & ~kept).sum())
         self.table.keep(idx)
         self.table.hide(visible)
         self.n_evicted += n - idx.shape[-1]
 
-    def evict(self, scores: torch.Tensor, n_keep: int, counts: torch.Tensor | None = None):
+    def evict(self, scores: torch.Tensor, n_keep: int, counts: torch.Tensor | None = None, merge=None):
         """Keep, per (row, kv head), the `n_keep` slots with the highest scores; free the rest.
 
         scores: (batch, kv_heads, n_stored). counts: (batch,) per-row budgets or (batch, kv_heads) per-head
         budgets, each <= n_keep (left-padded rows keep what they keep alone; head-wise budgets keep each head's
-        own top; the extra slots become empty, see `_keep_index`)."""
+        own top; the extra slots become empty, see `_keep_index`). merge: None, or a function (idx, visible) ->
+        `MergePlan` | None called with the slots chosen (a merging method's plan, see `keep`)."""
         b, h, n = self.positions.shape
         if scores.shape != (b, h, n):
             raise ValueError(f"scores must have shape {(b, h, n)}, got {tuple(scores.shape)}")
@@ -291,7 +308,7 @@ class CompressedLayer(DynamicLayer):
             return
         n_keep = min(n_keep, n)
         idx, visible = self._keep_index(scores, n_keep, counts)
-        self.keep(idx, visible)
+        self.keep(idx, visible, None if merge is None else merge(idx, visible))
 
     def split(self, scores: torch.Tensor, n_keep: int, counts: torch.Tensor | None = None) -> None:
         """Mixed-precision stores (`kvsqueeze.quant.MixedPrecisionStore`): instead of evicting, store the top
@@ -352,8 +369,10 @@ class CompressedLayer(DynamicLayer):
 
     def stack_rows(self, rows: list["CompressedLayer"], room: int = 0) -> None:
         """Hold the layers `rows` (full-precision, batch 1 each, the same tokens seen) as the rows of one batch:
-        shorter rows are padded with empty, invalid slots to the longest, and `room` free slots are reserved after
-        them (appends then write in place, see `DenseStore.reserve`). Replaces what this layer held."""
+        shorter rows are padded in front with empty, invalid slots to the longest (right-aligned, see
+        `DenseStore.stacked`), and `room` free slots are reserved after them (appends then write in place, see
+        `DenseStore.reserve`). Replaces what this layer held. When every source row holds all its slots visible,
+        `row_starts` records where each row's own slots begin (see `row_runs`)."""
         n = max(r.n_stored for r in rows)
         k0 = rows[0].keys
         self.lazy_initialization(k0, rows[0].values)
@@ -363,11 +382,26 @@ class CompressedLayer(DynamicLayer):
         valid = torch.zeros(b, h, n, dtype=torch.bool, device=self.device)
         for i, r in enumerate(rows):
             m = r.n_stored
-            pos[i, :, :m] = r.positions[0]
-            valid[i, :, :m] = True if r.valid is None else r.valid[0]
+            pos[i, :, n - m :] = r.positions[0]
+            valid[i, :, n - m :] = True if r.valid is None else r.valid[0]
         self.table.positions, self.table.valid = pos, valid
         self.table.aligned = False
+        self.table.version += 1
         self.cumulative_length = rows[0].cumulative_length
+        self.row_starts = None
+        if all(r.valid is None for r in rows) and not self.sliding_window:
+            self.row_starts = ([n - r.n_stored for r in rows], self.table.version)
+
+    def row_runs(self) -> list[int] | None:
+        """Where each row's visible slots begin, when every row's visible slots are one contiguous run up to the
+        last slot (a right-aligned stack of rows, `stack_rows`, with tokens appended after it: row i sees exactly
+        slots `row_runs()[i]` .. n_stored - 1); None otherwise (any later change of which slots are held, e.g. an
+        eviction, padding marked in appended tokens or a batch operation, ends it). The attention wrapper then
+        attends row by row to each row's run alone, without reading the padding (`runtime.attention`)."""
+        rs = self.row_starts
+        if rs is None or rs[1] != self.table.version:
+            return None
+        return rs[0]
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """Every tensor this layer holds (what its memory is): the store's and the slot table's."""

@@ -449,9 +449,9 @@ class OffloadLayer(CompressedLayer):
             self._forward_kv = (k.to(key_states.device), v.to(value_states.device))
         return self._forward_kv
 
-    def keep(self, idx, visible=None) -> None:
+    def keep(self, idx, visible=None, plan=None) -> None:
         self._forward_kv = self._gathered = None
-        super().keep(idx, visible)
+        super().keep(idx, visible, plan)
 
     def _index_batch(self, fn):
         self._forward_kv = self._gathered = None

@@ -8,6 +8,9 @@ A layer's KV entries are *slots*, laid out per (batch row, kv head) along one ax
                                                   keeps fewer tokens than the widest head); None: all valid
     state     : name -> (batch, kv_heads, n, ...)  slot-aligned method state (e.g. H2O's accumulated attention)
     n_pad     : (batch,) long | None               left-padding tokens each row has seen (None: no padding)
+    row_state : name -> (batch, ...)                per-row method state not aligned with slots (D2O's EMA
+                                                   similarity threshold): follows batch operations, reset with
+                                                   the table
 
 Every change of which slots are held goes through `append`, `keep` or `index_batch` (and `reset`), so positions,
 validity and state can never fall out of step with the keys and values (`KVStore`) beside them. `version` counts
@@ -30,6 +33,7 @@ class SlotTable:
         self.valid: torch.Tensor | None = None
         self.state: dict[str, torch.Tensor] = {}
         self.n_pad: torch.Tensor | None = None
+        self.row_state: dict[str, torch.Tensor] = {}
         self.version = 0
         self.aligned = True
 
@@ -44,6 +48,7 @@ class SlotTable:
         self.positions = torch.empty(batch, kv_heads, 0, dtype=torch.int32, device=device)
         self.valid = None
         self.state = {}
+        self.row_state = {}
         self.n_pad = None
         self.aligned = True
         self.version += 1
@@ -104,12 +109,14 @@ class SlotTable:
             self.valid = fn(self.valid)
         self.n_pad = None if self.n_pad is None else fn(self.n_pad)
         self.state = {k: fn(v) for k, v in self.state.items()}
+        self.row_state = {k: fn(v) for k, v in self.row_state.items()}
         self.version += 1
 
     def reset(self) -> None:
         """Forget every slot: a fresh table (`version` back to 0; a selector clears its cached summaries on reset)."""
         self.positions = self.valid = self.n_pad = None
         self.state = {}
+        self.row_state = {}
         self.aligned = True
         self.version = 0
 
@@ -122,6 +129,7 @@ class SlotTable:
         if self.valid is not None:
             out["valid"] = self.valid
         out.update({f"state.{k}": v for k, v in self.state.items()})
+        out.update({f"row_state.{k}": v for k, v in self.row_state.items()})
         return out
 
 

@@ -20,6 +20,7 @@ class CacheStats:
     full_kv_bytes: int  # keys + values a DynamicCache would hold for the same tokens
     tokens_seen: int
     tokens_stored: list[int] = field(default_factory=list)  # per layer
+    shared_kv_bytes: int = 0  # of kv_bytes: tensors shared by several layers (MiniCache, xKV), counted once
     host_kv_bytes: int = 0  # the part of kv_bytes held in host memory (offloaded layers' host tier)
 
     @property
@@ -41,4 +42,6 @@ class CacheStats:
             f"all cache tensors {self.total_bytes / mib:.2f} MiB; {self.tokens_seen} tokens seen"
             + (f"; offloaded: {self.device_kv_bytes / mib:.2f} MiB of KV on the device, "
                f"{self.host_kv_bytes / mib:.2f} MiB in host memory" if self.host_kv_bytes else "")
+            + (f"; {self.shared_kv_bytes / mib:.2f} MiB of it shared across layers, counted once"
+               if self.shared_kv_bytes else "")
         )

@@ -9,6 +9,8 @@ positions). Every store answers the same calls:
     keep(idx, held=None)        keep slots idx (batch, kv_heads, k), in that order; `held` (batch, kv_heads, k)
                                 bool marks the kept slots that still hold an entry (False: an empty slot, its
                                 memory freed)
+    keep_merged(idx, k, v, held=None)  as keep, the kept slots holding the new entries k, v (batch, kv_heads, k,
+                                d) instead of their own (a merge, `storage.merge.MergePlan`)
     index_batch(fn)             a batch operation on every per-row tensor (beam search, batch selection)
     nbytes() -> int             bytes of keys and values really held (what `CacheStats.kv_bytes` reports)
     tensors() -> dict           every tensor that encodes keys and values
@@ -63,6 +65,12 @@ class KVStore:
     def keep(self, idx: torch.Tensor, held: torch.Tensor | None = None) -> None:
         raise NotImplementedError
 
+    def keep_merged(self, idx: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                    held: torch.Tensor | None = None) -> None:
+        """Keep slots `idx` (batch, kv_heads, k) as `keep`, their entries replaced by `keys`, `values` (batch,
+        kv_heads, k, d) (the merged entries). Raises TypeError for a store that cannot hold replaced entries."""
+        raise TypeError(f"{type(self).__name__} cannot hold merged entries")
+
     def index_batch(self, fn) -> None:
         raise NotImplementedError
 
@@ -108,15 +116,17 @@ class DenseStore(KVStore):
     @classmethod
     def stacked(cls, rows: list["DenseStore"], n: int, room: int = 0) -> "DenseStore":
         """One store holding `rows` (stores of batch 1) as the rows of a batch, each padded with zero slots to `n`
-        slots (the slot table marks those invalid), with `room` free slots after them (see `reserve`). Each row is
-        copied once, straight into its place."""
+        slots *in front of* its own (right-aligned: row i's m_i slots are slots n - m_i .. n - 1, so each row's
+        slots and everything appended after them are one contiguous run; the slot table marks the padding
+        invalid), with `room` free slots after them (see `reserve`). Each row is copied once, straight into its
+        place."""
         views = [r.view() for r in rows]
         k0, v0 = views[0]
         b, h = len(rows), k0.shape[1]
         bk = k0.new_zeros(b, h, n + room, k0.shape[-1])
         bv = v0.new_zeros(b, h, n + room, v0.shape[-1])
         for i, (k, v) in enumerate(views):
-            bk[i, :, : k.shape[2]], bv[i, :, : v.shape[2]] = k[0], v[0]
+            bk[i, :, n - k.shape[2] : n], bv[i, :, n - v.shape[2] : n] = k[0], v[0]
         out = cls(bk[:, :, :n], bv[:, :, :n])
         out._room = (bk, bv) if room > 0 else None
         return out
@@ -186,9 +196,18 @@ class DenseStore(KVStore):
         self._view = (weakref.ref(k), weakref.ref(v))
 
     def keep(self, idx: torch.Tensor, held: torch.Tensor | None = None) -> None:
-        self._room = None
         k, v = self.view()
-        k, v = take(k, idx), take(v, idx)
+        self._hold(idx, take(k, idx), take(v, idx), held)
+
+    def keep_merged(self, idx: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                    held: torch.Tensor | None = None) -> None:
+        """As `keep`, the kept slots holding `keys`, `values` (batch, kv_heads, k, d): rectangular or ragged alike
+        (an empty slot of a head-wise budget, `held` False, is freed whatever it was given)."""
+        self._hold(idx, keys.contiguous(), values.contiguous(), held)
+
+    def _hold(self, idx: torch.Tensor, k: torch.Tensor, v: torch.Tensor, held: torch.Tensor | None) -> None:
+        """Hold k, v (batch, kv_heads, k, d) as the slots `idx` kept (packed when some of them are not held)."""
+        self._room = None
         old = None if self.held is None else take(self.held, idx)
         if held is not None and old is not None:
             held = held & old
