@@ -104,7 +104,7 @@ def run_row(name, model, ids, args, device, budget):
     st = cache.stats()
     out = dict(ms=ms, gpu_kv=st.device_kv_bytes, host_kv=st.host_kv_bytes, moved_per_token=0, hit_rate=None,
                tokens=torch.stack(toks).tolist())
-    if cache.offload:
+    if cache.offload_tier:
         o = cache.offload_stats()
         out.update(moved_per_token=o["bytes_per_token"], hit_rate=o["hit_rate"], pages_per_token=o["pages_per_token"],
                    prefetch_pages=o["prefetch_pages"], demand_pages=o["demand_pages"], full_fetches=o["full_fetches"])

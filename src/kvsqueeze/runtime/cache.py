@@ -140,7 +140,7 @@ class CompressedCache(Cache):
                 raise KVSqueezeError(f"layer {i} is of type {kind!r}, which kvsqueeze's cache does not support")
         super().__init__(layers=layers)
         self.method = method
-        self.offload = offload  # None, 'cpu' or 'disk': where the layers the selector makes sparse keep their KV
+        self.offload_tier = offload  # None, 'cpu' or 'disk': where the layers the selector makes sparse keep their KV
         # Decode-time selection (Quest, AttentionPredictor): every stored entry stays, each decoding step attends
         # to the subset `selector.select(...)` returns (see attention.py).
         self.selector = selector
@@ -428,7 +428,7 @@ class CompressedCache(Cache):
             except TypeError as e:
                 raise KVSqueezeError(f"offloading holds full-precision KV in host memory ({e}); it does not "
                                      "compose with quantized storage (--quant) yet") from None
-        self.offload = where
+        self.offload_tier = where
         return self
 
     def offload_stats(self) -> dict:
@@ -437,7 +437,7 @@ class CompressedCache(Cache):
         and bytes_per_token (host -> device, per decoding step of the whole model), the raw `OffloadCounters`
         fields, device_kv_bytes / host_kv_bytes (every layer's KV: the non-offloaded layers are all on the device).
         Raises KVSqueezeError for a cache built without `offload`."""
-        if not self.offload:
+        if not self.offload_tier:
             raise KVSqueezeError("this cache does not offload (build it with offload='cpu')")
         c = OffloadCounters()
         for layer in self.layers:

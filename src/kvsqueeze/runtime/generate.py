@@ -224,5 +224,5 @@ def generate_answer(model, tokenizer, context: str, question: str, method: Metho
                            _eos_ids(model, tokenizer), static=static, compile=compile)[0]
     seconds = time.perf_counter() - t0
     answer = tokenizer.decode(tokens, skip_special_tokens=True).strip()
-    off = cache.offload_stats() if cache.offload else None
+    off = cache.offload_stats() if cache.offload_tier else None
     return GenerationResult(answer, stats, seconds, len(ctx), len(q), off)
