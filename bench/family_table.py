@@ -6,7 +6,7 @@ For every configuration of a compared method (per task and overall = the mean of
 score, its 16-bit KV bytes (`kv_bytes_16`: what a 16-bit deployment holds, quantized codes and scales included),
 the bytes per context token, and the base's score AT THE SAME BYTES: the base's configurations with the same
 storage (`--quant`) are read as a curve of score against log bytes and interpolated linearly at the method's
-bytes (no extrapolation: outside the base's range the cell says so). Equal compression_ratio does not mean equal
+bytes (no extrapolation: more than 2% outside the base's range the cell says so). Equal compression_ratio does not mean equal
 bytes for methods that share storage across layers (MiniCache, xKV) or change head-wise counts: the comparison is
 at bytes, not at ratio. `+-1` is how much one sample moves a cell (the store's own granularity).
 """
@@ -27,13 +27,17 @@ from kvsqueeze.errors import KVSqueezeError  # noqa: E402
 from kvsqueeze.evaluation.report import load_results  # noqa: E402
 
 
-def _strip(p, drop=("compression_ratio", "budget", "quant", "select", "select_budget", "name")):
-    """A method's parameters without the amount kept, its name and the storage (they are columns of the table);
-    a storage wrapper (MiKV's `inner`) is replaced by the method it wraps."""
+def _strip(p, drop=("compression_ratio", "budget", "quant", "select", "select_budget"), top=True):
+    """A method's parameters without the amount kept, its own name and the storage (they are columns of the
+    table; a scorer keeps its name: "kvcrush (scorer=snapkv)"); a storage wrapper (MiKV's `inner`) is replaced by
+    the method it wraps."""
     if isinstance(p, dict):
         if "inner" in p and p.get("name") == "mikv":
-            return _strip(p["inner"], drop)
-        return {k: _strip(v, drop) for k, v in p.items() if k not in drop}
+            return _strip(p["inner"], drop, top)
+        out = {k: _strip(v, drop, False) for k, v in p.items() if k not in drop and not (top and k == "name")}
+        if not top and "name" in out:  # a nested method (a scorer): its name stands for it
+            return out["name"]
+        return out
     return p
 
 
@@ -79,6 +83,9 @@ def points(df):
     return pts
 
 
+TOLERANCE = math.log(1.02)  # bytes within 2% of the base's end points (rounding of per-layer budgets) count as them
+
+
 def base_at(pts, base: str, quant: str, kv: float) -> float | None:
     """The base's score interpolated at `kv` bytes (linear in log bytes) among its configurations with storage
     `quant`, the full cache under that storage counted as its largest point; None outside their range."""
@@ -87,7 +94,7 @@ def base_at(pts, base: str, quant: str, kv: float) -> float | None:
         return None
     xs, ys = np.log(g.kv.to_numpy(float)), g.score.to_numpy(float)
     x = math.log(kv)
-    if x < xs[0] - 1e-9 or x > xs[-1] + 1e-9:
+    if x < xs[0] - TOLERANCE or x > xs[-1] + TOLERANCE:
         return None
     return float(np.interp(x, xs, ys))
 
