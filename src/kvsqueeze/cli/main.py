@@ -212,6 +212,16 @@ def calibrate():
     """Calibrate model-specific data for a method."""
 
 
+def _calibration_texts(text_dir: Path | None) -> list[str] | None:
+    """The .txt files of `text_dir` (None: the text shipped with kvsqueeze); KVSqueezeError when it has none."""
+    if text_dir is None:
+        return None
+    texts = [p.read_text(errors="replace") for p in sorted(text_dir.glob("*.txt"))]
+    if not texts:
+        raise KVSqueezeError(f"no .txt files in {text_dir}")
+    return texts
+
+
 @calibrate.command("qfilters")
 @click.option("--model", default=DEFAULT_MODEL, show_default=True)
 @click.option("--text-dir", type=click.Path(file_okay=False, exists=True, path_type=Path), default=None,
@@ -223,11 +233,7 @@ def calibrate_qfilters(model, text_dir, n_seq, seq_len):
     from ..models import load_model
     from ..runtime import calibration
 
-    texts = None
-    if text_dir is not None:
-        texts = [p.read_text(errors="replace") for p in sorted(text_dir.glob("*.txt"))]
-        if not texts:
-            raise KVSqueezeError(f"no .txt files in {text_dir}")
+    texts = _calibration_texts(text_dir)
     mdl, tok = load_model(model)
     filters = calibration.calibrate_qfilters(mdl, tok, texts, n_seq=n_seq, seq_len=seq_len)
     path = calibration.save(mdl, filters)
@@ -245,11 +251,7 @@ def calibrate_prefixkv(model, text_dir, n_seq, seq_len):
     from ..models import load_model
     from ..runtime import calibration
 
-    texts = None
-    if text_dir is not None:
-        texts = [p.read_text(errors="replace") for p in sorted(text_dir.glob("*.txt"))]
-        if not texts:
-            raise KVSqueezeError(f"no .txt files in {text_dir}")
+    texts = _calibration_texts(text_dir)
     mdl, tok = load_model(model)
     path = calibration.prefixkv_path(mdl)
     if path.exists():
