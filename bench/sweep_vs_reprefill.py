@@ -39,6 +39,7 @@ from pathlib import Path
 import torch
 
 import kvsqueeze as kq
+import kvsqueeze.runtime.attention as attention_mod
 from kvsqueeze.evaluation.sweep import make_pairs, run_sweep
 from kvsqueeze.tasks import TaskConfig, build_samples
 
@@ -54,6 +55,9 @@ def main() -> int:
                     help="comma-separated fractions of tokens removed (kvpress's compression_ratio)")
     ap.add_argument("--batch-size", default="8",
                     help="caches per batched answer decode; a comma-separated list (e.g. 8,24) times each")
+    ap.add_argument("--answer-attention", default="runs",
+                    help="the shared runs' answer-batch attention: runs (row by row over each row's slots), masked "
+                         "(one masked batch), or runs,masked to time both")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--skip-unbatched", action="store_true", help="skip the shared, b=1 run")
     ap.add_argument("--kvpress-python", default=None,
@@ -81,8 +85,13 @@ def main() -> int:
 
     batch_sizes = [int(x) for x in str(a.batch_size).split(",") if x.strip()]
     runs = {"re-prefill": dict(share_prefill=False, batch_size=1)}
+    modes = [m.strip() for m in a.answer_attention.split(",") if m.strip()]
+    if not modes or set(modes) - {"runs", "masked"}:
+        sys.exit(f"error: --answer-attention takes runs, masked or both, not {a.answer_attention!r}")
     for bs in batch_sizes:
-        runs[f"shared, b={bs}"] = dict(share_prefill=True, batch_size=bs)
+        for mode in modes:
+            label = f"shared, b={bs}" + (f" ({mode})" if len(modes) > 1 else "")
+            runs[label] = dict(share_prefill=True, batch_size=bs, _row_by_row=mode == "runs")
     if not a.skip_unbatched:
         runs["shared, b=1"] = dict(share_prefill=True, batch_size=1)
     times = {k: 0.0 for k in runs}
@@ -97,6 +106,8 @@ def main() -> int:
         tmp = tempfile.mkdtemp(prefix="kvsq-bench-")
     for i, s in enumerate(samples):
         for name, kw in runs.items():
+            kw = dict(kw)
+            attention_mod.ROW_BY_ROW = kw.pop("_row_by_row", True)
             t0 = time.perf_counter()
             r = run_sweep(model, tok, [s], pairs, None, model_name=a.model, progress=False, keep_answers=True,
                           code_version="bench", **kw)

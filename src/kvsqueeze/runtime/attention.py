@@ -36,6 +36,11 @@ from .routing import PREFIX, current_cache
 
 _RECORDERS: list = []
 
+# Whether a decoding step over a right-aligned stack of caches (`CompressedLayer.row_runs`) attends row by row (True)
+# or as one masked batch (False: the general path, padding read and masked). Both give the same logits
+# (tests/test_sweep_room.py); `bench/sweep_vs_reprefill.py --answer-attention` times the two.
+ROW_BY_ROW = True
+
 
 def _eager_of(module):
     fn = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
@@ -164,7 +169,7 @@ def _wrap(inner_name: str):
         if valid_new is not None:
             layer.mark_invalid(valid_new)
         selector = cache.selector
-        if selector is None and (q_len == 1 or valid_new is None or bool(valid_new.all())):
+        if ROW_BY_ROW and selector is None and (q_len == 1 or valid_new is None or bool(valid_new.all())):
             runs = layer.row_runs()
             if runs is not None and len(runs) == query.shape[0]:
                 out = _attend_row_runs(inner, module, query, key, value, runs, cache.idle_rows, kwargs,
