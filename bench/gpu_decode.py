@@ -116,8 +116,12 @@ class Clock:
         return [1000 * (b - a) for a, b in zip(self.marks, self.marks[1:])]
 
 
+PROFILE_STEPS = 0  # --profile: steps traced after the timed ones (0: none)
+
+
 def timed(step, warmup: int, steps: int, device) -> list[float]:
-    """Run `step()` warmup times, then `steps` times with a mark between steps; the per-step ms."""
+    """Run `step()` warmup times, then `steps` times with a mark between steps; the per-step ms. With
+    `--profile N`, N more steps are traced and their kernels summarised (`kernel_profile`)."""
     for _ in range(warmup):
         step()
     clock = Clock(device)
@@ -125,7 +129,36 @@ def timed(step, warmup: int, steps: int, device) -> list[float]:
     for _ in range(steps):
         step()
         clock.mark()
-    return clock.steps_ms()
+    ms = clock.steps_ms()
+    if PROFILE_STEPS:
+        kernel_profile(step, PROFILE_STEPS, device)
+    return ms
+
+
+def kernel_profile(step, n: int, device, top: int = 14):
+    """Trace `n` steps with torch.profiler and print, per step: the number of GPU kernels, their summed time (us),
+    and the `top` kernels by time (calls and us per step). Kernels replayed from CUDA graphs are included (CUPTI
+    records them). Off CUDA it prints the CPU operators instead."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=acts) as prof:
+        for _ in range(n):
+            step()
+        if cuda:
+            torch.cuda.synchronize()
+    kinds = (torch.autograd.DeviceType.CUDA,) if cuda else (torch.autograd.DeviceType.CPU,)
+    per: dict[str, list[float]] = {}
+    for e in prof.events():
+        if e.device_type in kinds and (cuda or e.cpu_parent is None):
+            per.setdefault(e.name, []).append(e.time_range.elapsed_us())
+    total = sum(sum(v) for v in per.values()) / n
+    count = sum(len(v) for v in per.values()) / n
+    print(f"{'':>8}   profile ({n} steps): {count:.0f} {'kernels' if cuda else 'top-level ops'} per step, "
+          f"{total:.0f} us of {'kernel' if cuda else 'op'} time per step", flush=True)
+    for name, v in sorted(per.items(), key=lambda kv: -sum(kv[1]))[:top]:
+        print(f"{'':>8}     {sum(v) / n:9.1f} us {len(v) / n:6.1f}x  {name[:110]}", flush=True)
 
 
 def kv_bytes_of(cache) -> int:
@@ -149,7 +182,7 @@ def hf_prefill(model, cache, ids, chunk):
 def run_row(name, model, ids, args, device, compile_opts):
     """One row: returns (per-step ms, KV bytes held)."""
     b, length = ids.shape
-    total_steps = args.warmup + args.steps
+    total_steps = args.warmup + args.steps + PROFILE_STEPS
     if name == "hf-dynamic":
         cache = DynamicCache(config=model.config)
         tok = hf_prefill(model, cache, ids, args.chunk).argmax(-1)
@@ -240,9 +273,14 @@ def main(argv=None) -> int:
                          "compiles).")
     ap.add_argument("--compile-mode", default="reduce-overhead",
                     help="torch.compile mode of the compiled rows on CUDA (reduce-overhead, max-autotune).")
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="After timing each row, trace N more steps and print its kernels per step (count, us, top "
+                         "kernels).")
     ap.add_argument("--json", default=None, help="Write the rows to this JSON file.")
     ap.add_argument("--quick", action="store_true", help="Tiny shapes on the CPU (checks the script end to end).")
     args = ap.parse_args(argv)
+    global PROFILE_STEPS
+    PROFILE_STEPS = args.profile
 
     if args.quick:
         device, dtype, shapes = torch.device("cpu"), torch.float32, TINY
@@ -260,7 +298,6 @@ def main(argv=None) -> int:
             import torch._inductor.config as inductor_config
 
             inductor_config.coordinate_descent_tuning = True
-            inductor_config.coordinate_descent_check_all_directions = True
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     model = build_model(shapes, device, dtype, args.attn)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
