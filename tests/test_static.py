@@ -2,6 +2,8 @@
 that compiles whole. Its greedy tokens and logits equal the eager `CompressedCache` path's (fp32, tight tolerance)
 for every kind of cache it holds, compiled (fullgraph, a CPU backend) or not; what it cannot run is refused."""
 
+import shutil
+
 import pytest
 import torch
 
@@ -292,3 +294,51 @@ def test_models_the_static_path_cannot_run_are_refused_before_the_prefill(monkey
                             static=True)
     assert called == []
     check_model(tiny_llama())  # full attention only: accepted
+
+
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
+                    reason="inductor on the CPU needs a C++ compiler")
+def test_compiled_writes_stay_in_place():
+    """A step's writes into the slots compile to in-place stores: inductor's code for `begin_token` + `write_kv` +
+    `end_token` never loops over a whole key / value buffer (with `scatter_` writes it copied every buffer out and
+    back each step: 0.8 ms of a 6.7 ms step on the H200) nor, without eviction, over the slot table; and the
+    compiled writes equal the eager ones."""
+    import re
+
+    from torch._inductor.utils import run_and_get_code
+
+    from kvsqueeze.storage.static import StaticSlots
+
+    def build(evicts):  # 2 layers, 2 rows, 2 kv heads, 32 slots, head_dim 8: a buffer has 1024 elements, a table 256
+        s = StaticSlots(2, 2, 2, 32, 8, torch.float32, "cpu", evicts=evicts)
+        s.write.copy_(torch.tensor([[[3, 5], [0, 31]], [[7, 1], [2, 2]]]))
+        if evicts:
+            s.priority.copy_(torch.rand(s.priority.shape, generator=torch.Generator().manual_seed(1)))
+            s.valid[..., :20] = True
+            s.limit.fill_(16)
+        return s
+
+    k = torch.randn(2, 2, 1, 8)
+    v = torch.randn(2, 2, 1, 8)
+    pos = torch.tensor([40, 41])
+    for evicts in (False, True):
+        eager, comp = build(evicts), build(evicts)
+
+        def step(s, k, v, pos):
+            s.begin_token(pos)
+            s.write_kv(1, k, v, -k[:, :, 0].norm(dim=-1) if evicts else None)
+            s.end_token(torch.tensor(True), max_victims=2)
+            return s.write.sum()
+
+        step(eager, k, v, pos)
+        torch._dynamo.reset()
+        _, code = run_and_get_code(torch.compile(lambda k, v, pos: step(comp, k, v, pos), fullgraph=True), k, v, pos)
+        bounds = [int(n) for n in re.findall(r"x0<static_cast<int64_t>\((\d+)L\)", "\n".join(code))]
+        assert 1024 not in bounds, "a compiled write loops over a whole key/value buffer (scatter_, not index_put_?)"
+        if not evicts:
+            assert 256 not in bounds, "a compiled write loops over a whole slot table"
+        for name in ("positions", "valid", "write"):
+            assert torch.equal(getattr(eager, name), getattr(comp, name)), name
+        if evicts:  # -||k|| computed by a fused kernel: equal up to rounding
+            torch.testing.assert_close(eager.priority, comp.priority)
+        assert torch.equal(eager.keys[1], comp.keys[1]) and torch.equal(eager.values[1], comp.values[1])

@@ -10,7 +10,7 @@ tokens, and `StaticDecoder` runs one greedy decoding step over them, in the spir
 
 A step feeds input ids (b, 1) with position ids (b, 1) = the tokens each row has seen (left padding not counted,
 as `generate()` counts them; RoPE stays exact whatever slot a token lands in), writes each layer's new key and
-value into that layer's write slot (`scatter_` into the buffers: no allocation, no concatenation), attends over
+value into that layer's write slot (`index_put_` into the buffers, in place even when compiled: no allocation, no concatenation), attends over
 every slot with a mask built on the device from the slots' `valid` bits, takes the argmax on the device, and, for
 a method that evicts while decoding, picks the next write slot (the victim) on the device. No `.item()`, no
 Python number that changes per step: the step is captured whole by `torch.compile(step, fullgraph=True,
