@@ -125,6 +125,17 @@ def _static_triton(module, query, key, value, attention_mask, dropout=0.0, scali
     return out[:, None], None
 
 
+def _default_cuda_kernel(cache) -> str:
+    """The static step's kernel on CUDA when none is named: "triton" (split-KV over the slots) where triton is
+    installed and the head dim suits it (a power of two >= 16), else "matmul". Measured on an H200 (docs/gpu.md,
+    Llama-3.1-8B shapes): triton 6.58 / 5.51 ms per token at 32k full / 8x, 6.08 at 128k / 8x; matmul 12.16 /
+    6.48 / 9.08 and sdpa 30.90 / 8.88 before the in-place writes (both slower than triton at every length)."""
+    from ..kernels.split_kv import triton
+
+    d = cache.slots.head_dim
+    return "triton" if triton is not None and d >= 16 and not d & (d - 1) else "matmul"
+
+
 KERNELS = ("sdpa", "eager", "matmul", "triton")  # the static step's attention kernels (`StaticDecoder(kernel=...)`)
 AttentionInterface.register(STATIC_PREFIX + "matmul", _static_matmul)
 AttentionInterface.register(STATIC_PREFIX + "sdpa", _static_sdpa)
@@ -414,9 +425,9 @@ class StaticDecoder:
     the graph's output buffer, overwritten by the next call (clone to keep them); the tokens are a copy.
     `kernel`: the attention kernel ("sdpa", "eager": the model's own kind over the slots; "matmul": two batched
     matrix products per kv-head group, see `_static_matmul`; "triton": split-KV flash-decoding over the slots,
-    `kernels/slot_decode.py`, GPU; None: "matmul" on CUDA, where it measured faster than
-    the static sdpa on an H200 at 4k and 32k slots (6.47 vs 8.87 ms/token at 4k full, 6.48 vs 8.88 at 32k / 8x;
-    docs/gpu.md), else the model's own implementation). `compile=True` wraps the step in
+    `kernels/slot_decode.py`, GPU; None: "triton" on CUDA where triton is installed and the head dim
+    suits it, else "matmul" (`_default_cuda_kernel`: measured fastest on an H200, docs/gpu.md), and the model's
+    own implementation elsewhere). `compile=True` wraps the step in
     `torch.compile(step, fullgraph=True, mode=...)`: `mode` defaults to "reduce-overhead" on CUDA (CUDA graphs)
     and None elsewhere; `backend` (e.g. "aot_eager", "eager") picks another backend (tests on the CPU). The
     model's attention implementation is switched to the static one only while a step runs. Raises
@@ -427,7 +438,7 @@ class StaticDecoder:
         if kernel is not None and kernel not in KERNELS:
             raise KVSqueezeError(f"the static attention kernel must be one of {', '.join(KERNELS)}, got {kernel!r}")
         if kernel is None and cache.position.device.type == "cuda":
-            kernel = "matmul"  # measured faster than the static sdpa on an H200 (bench/gpu_decode.py, docs/gpu.md)
+            kernel = _default_cuda_kernel(cache)
         if kernel == "triton" and cache.position.device.type == "cuda":
             from ..kernels.split_kv import _sm_count
 
