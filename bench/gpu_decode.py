@@ -18,7 +18,8 @@ Rows (`--rows` picks a subset by name):
                               adakv (AdaKV over SnapKV), streaming (StreamingLLM evicting at every decoding step),
                               knorm-decode (K-norm evicting at every decoding step); kernel = each of
                               `--static-kernels` (sdpa: torch's fused attention over the kv-head groups; matmul:
-                              two batched products per group; triton: split-KV flash-decoding over the slots)
+                              two batched products per group; triton: split-KV flash-decoding over the slots;
+                              a kernel with "+fuse", e.g. triton+fuse: q/k/v projections as one GEMV, fuse_qkv)
 Compressed rows keep 1/`--factor` of the context (compression_ratio 1 - 1/factor; streaming and knorm-decode: a budget of
 length/factor tokens).
 
@@ -231,7 +232,11 @@ def run_row(name, model, ids, args, device, compile_opts):
     static = StaticCompressedCache.from_cache(cache, total_steps + 1)
     del cache
     torch._dynamo.reset()  # one compiled step per cache (see runtime/static.py); keeps the recompile limit away
-    dec = StaticDecoder(model, static, compile=args.compile_static, kernel=kernel or None, **compile_opts)
+    kernel, _, extra = kernel.partition("+")
+    if extra not in ("", "fuse"):
+        raise SystemExit(f"error: unknown kernel option {extra!r} in {name!r} (kernel+fuse fuses q/k/v)")
+    dec = StaticDecoder(model, static, compile=args.compile_static, kernel=kernel or None, fuse_qkv=extra == "fuse",
+                        **compile_opts)
     tok = first.argmax(-1)
 
     def step():

@@ -342,3 +342,47 @@ def test_compiled_writes_stay_in_place():
         if evicts:  # -||k|| computed by a fused kernel: equal up to rounding
             torch.testing.assert_close(eager.priority, comp.priority)
         assert torch.equal(eager.keys[1], comp.keys[1]) and torch.equal(eager.values[1], comp.values[1])
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_fused_qkv_same_tokens_and_model_restored(model, compiled):
+    """`fuse_qkv=True` (one GEMV for q, k, v): the same tokens and logits (up to rounding) as separate projections,
+    compiled in one graph without a break, and the model's q_proj / k_proj / v_proj are its own Linear layers
+    again after every step."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    name, kw = CASES["snapkv"]
+    (c1, c2), (f1, f2) = _pair(model, name, kw, _ids())
+    ref_logits, got_logits = [], []
+    ref = static_greedy_decode(model, StaticCompressedCache.from_cache(c1, N), f1, N, set(), logits_out=ref_logits)
+    linears = [(m.q_proj, m.k_proj, m.v_proj) for m in model.modules() if hasattr(m, "q_proj")]
+    torch._dynamo.reset()
+    counters.clear()
+    opts = dict(compile=True, backend="aot_eager") if compiled else {}
+    got = static_greedy_decode(model, StaticCompressedCache.from_cache(c2, N), f2, N, set(), logits_out=got_logits,
+                               fuse_qkv=True, **opts)
+    assert got == ref
+    for a, b in zip(ref_logits, got_logits):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    assert [(m.q_proj, m.k_proj, m.v_proj) for m in model.modules() if hasattr(m, "q_proj")] == linears
+    if compiled:
+        assert counters["stats"]["unique_graphs"] == 1
+        assert not counters["graph_break"]
+
+
+def test_fused_qkv_refuses_another_projection_order():
+    """A stand-in called before q_proj (a model projecting k first) raises instead of returning a stale part."""
+    from kvsqueeze.errors import KVSqueezeError
+    from kvsqueeze.runtime.fused_projections import FusedQKV
+
+    lin = [torch.nn.Linear(8, n, bias=False) for n in (8, 4, 4)]
+    f = FusedQKV(*lin)
+    x = torch.randn(2, 8)
+    with pytest.raises(KVSqueezeError, match="before q_proj"):
+        f.k(x)
+    q = f(x)
+    torch.testing.assert_close(q, lin[0](x))
+    torch.testing.assert_close(f.k(x), lin[1](x))
+    with pytest.raises(KVSqueezeError):
+        f.v(torch.randn(2, 8))  # another input
