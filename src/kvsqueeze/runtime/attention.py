@@ -179,20 +179,14 @@ def _wrap(inner_name: str):
         mask = _layer_mask(layer, attention_mask, q_len, query.shape[1], eager, query.dtype)
         if selector is not None and q_len == 1:
             idx = selector.select(layer_idx, layer, query)  # (batch, kv_heads, k) slot indices, or None: dense
-            key, value = layer.attend_kv(idx, key, value)  # an offloaded layer: from its device frames
+            key, value = layer.attend_kv(idx, key, value)  # the layer gathers them where it holds them
             if idx is not None:
                 mask = _gather_mask(mask, idx, query.shape[1], eager, query.dtype)
         elif selector is not None and hasattr(selector, "observe"):
             selector.observe(layer_idx, layer, query)  # prefill / appended tokens: AttentionPredictor's history
         out = inner(module, query, key, value, mask, **kwargs)
         cache.after_attention(module, layer_idx, query, kwargs.get("scaling"))
-        prefetch = getattr(layer, "prefetch_slots", None)
-        predict_next = getattr(selector, "predict_next", None)
-        if q_len == 1 and prefetch is not None and predict_next is not None:
-            ahead = predict_next(layer_idx, layer)  # the next step's slots, known now (AttentionPredictor)
-            if ahead is not None:
-                prefetch(ahead)  # their pages copied host -> device while the rest of this step computes
-        layer.end_attention()
+        layer.end_attention(selector, layer_idx, decoding=q_len == 1)  # where the slots live is the layer's concern
         return out
 
     return attention
