@@ -222,6 +222,20 @@ def _calibration_texts(text_dir: Path | None) -> list[str] | None:
     return texts
 
 
+def _calibrate(name: str, model: str, text_dir: Path | None, n_seq: int, seq_len: int) -> None:
+    """`kvsqueeze calibrate <name>`: calibrate (`runtime.calibration.CALIBRATED[name]`) on the texts of
+    `text_dir`, replacing what was kept for the model, and say where it went."""
+    from ..models import load_model
+    from ..runtime.calibration import CALIBRATED
+
+    kind = CALIBRATED[name]
+    texts = _calibration_texts(text_dir)
+    mdl, tok = load_model(model)
+    data = kind.calibrate(mdl, tok, texts, n_seq=n_seq, seq_len=seq_len)
+    path = kind.save(mdl, data)
+    click.echo(f"{kind.title} {tuple(data.shape)} saved to {path}")
+
+
 @calibrate.command("qfilters")
 @click.option("--model", default=DEFAULT_MODEL, show_default=True)
 @click.option("--text-dir", type=click.Path(file_okay=False, exists=True, path_type=Path), default=None,
@@ -230,14 +244,7 @@ def _calibration_texts(text_dir: Path | None) -> list[str] | None:
 @click.option("--seq-len", type=click.IntRange(min=64), default=1024, show_default=True)
 def calibrate_qfilters(model, text_dir, n_seq, seq_len):
     """Compute Q-Filters (SVD of post-RoPE queries) and store them as safetensors."""
-    from ..models import load_model
-    from ..runtime import calibration
-
-    texts = _calibration_texts(text_dir)
-    mdl, tok = load_model(model)
-    filters = calibration.calibrate_qfilters(mdl, tok, texts, n_seq=n_seq, seq_len=seq_len)
-    path = calibration.save(mdl, filters)
-    click.echo(f"Q-Filters {tuple(filters.shape)} saved to {path}")
+    _calibrate("qfilters", model, text_dir, n_seq, seq_len)
 
 
 @calibrate.command("prefixkv")
@@ -248,16 +255,7 @@ def calibrate_qfilters(model, text_dir, n_seq, seq_len):
 @click.option("--seq-len", type=click.IntRange(min=64), default=512, show_default=True)
 def calibrate_prefixkv(model, text_dir, n_seq, seq_len):
     """Compute PrefixKV's per-layer importance profiles (offline prefix configuration) and store them."""
-    from ..models import load_model
-    from ..runtime import calibration
-
-    texts = _calibration_texts(text_dir)
-    mdl, tok = load_model(model)
-    path = calibration.prefixkv_path(mdl)
-    if path.exists():
-        path.unlink()  # recalibrate with the options given
-    profiles = calibration.load_or_calibrate_prefixkv(mdl, tok, texts=texts, n_seq=n_seq, seq_len=seq_len)
-    click.echo(f"PrefixKV profiles {tuple(profiles.shape)} saved to {path}")
+    _calibrate("prefixkv", model, text_dir, n_seq, seq_len)
 
 
 # Further command groups register here.
