@@ -236,23 +236,33 @@ def _calibrate(name: str, model: str, text_dir: Path | None, n_seq: int, seq_len
     click.echo(f"{kind.title} {tuple(data.shape)} saved to {path}")
 
 
+def _calibration_options(seq_len: int):
+    """The options of every `kvsqueeze calibrate` command; `seq_len` is the default window length."""
+    options = [
+        click.option("--model", default=DEFAULT_MODEL, show_default=True),
+        click.option("--text-dir", type=click.Path(file_okay=False, exists=True, path_type=Path), default=None,
+                     help="Directory of .txt files to calibrate on (default: the text shipped with kvsqueeze)."),
+        click.option("--n-seq", type=click.IntRange(min=1), default=8, show_default=True),
+        click.option("--seq-len", type=click.IntRange(min=64), default=seq_len, show_default=True),
+    ]
+
+    def decorate(fn):
+        for option in reversed(options):  # listed in --help in this order
+            fn = option(fn)
+        return fn
+
+    return decorate
+
+
 @calibrate.command("qfilters")
-@click.option("--model", default=DEFAULT_MODEL, show_default=True)
-@click.option("--text-dir", type=click.Path(file_okay=False, exists=True, path_type=Path), default=None,
-              help="Directory of .txt files to calibrate on (default: the text shipped with kvsqueeze).")
-@click.option("--n-seq", type=click.IntRange(min=1), default=8, show_default=True)
-@click.option("--seq-len", type=click.IntRange(min=64), default=1024, show_default=True)
+@_calibration_options(seq_len=1024)
 def calibrate_qfilters(model, text_dir, n_seq, seq_len):
     """Compute Q-Filters (SVD of post-RoPE queries) and store them as safetensors."""
     _calibrate("qfilters", model, text_dir, n_seq, seq_len)
 
 
 @calibrate.command("prefixkv")
-@click.option("--model", default=DEFAULT_MODEL, show_default=True)
-@click.option("--text-dir", type=click.Path(file_okay=False, exists=True, path_type=Path), default=None,
-              help="Directory of .txt files to calibrate on (default: the text shipped with kvsqueeze).")
-@click.option("--n-seq", type=click.IntRange(min=1), default=8, show_default=True)
-@click.option("--seq-len", type=click.IntRange(min=64), default=512, show_default=True)
+@_calibration_options(seq_len=512)
 def calibrate_prefixkv(model, text_dir, n_seq, seq_len):
     """Compute PrefixKV's per-layer importance profiles (offline prefix configuration) and store them."""
     _calibrate("prefixkv", model, text_dir, n_seq, seq_len)
