@@ -14,7 +14,11 @@ are transformers' own `sdpa_mask` / `eager_mask`, so masks are unchanged), each 
 3. at a decoding step, a cache `selector` (Quest, AttentionPredictor) may pick a subset of slots per kv head;
    only those keys and values are gathered and attended to; forwards of several tokens are shown to the
    selector's `observe` (AttentionPredictor starts its attention history from the prompt's last queries);
-4. it hands the post-RoPE queries to the cache, which lets its method score the slots and evicts.
+4. it hands the post-RoPE queries to the cache, which lets its method score the slots and evicts;
+5. it tells the layer its attention call is over (`end_attention(selector, layer_idx, decoding)`). The selected
+   keys and values come from the layer (`attend_kv`) and the end of the call goes to it, the same two calls
+   whatever the layer: where the slots live (an offloaded layer's host tier and device frames, its prefetch of
+   the next step's pages) is the layer's concern (`storage/offload.py`), not the wrapper's.
 
 Query recorders (`record_queries`) see every layer's post-RoPE queries; Q-Filters calibration uses them.
 When the model is switched, and how the wrapper finds its forward's cache: `routing.py`.
@@ -60,7 +64,7 @@ def _layer_mask(layer: CompressedLayer, hf_mask, q_len: int, n_heads: int, eager
     if q_len == 1 and hf_mask is None and layer.valid is None and window is None:  # decoding, nothing to hide
         return None
     b = layer.positions.shape[0]
-    device = layer.positions.device  # the compute device (an offloaded layer's keys are on the host)
+    device = layer.positions.device  # the compute device (the layer's stored keys need not be on it)
     if hf_mask is None:
         new = torch.ones(q_len, q_len, dtype=torch.bool, device=device).tril()[None, None]
     elif hf_mask.dtype == torch.bool:
