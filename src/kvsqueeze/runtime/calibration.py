@@ -35,9 +35,9 @@ def default_calibration_texts() -> list[str]:
 def _windows(tokenizer, texts: list[str] | None, n_seq: int, seq_len: int, gen: torch.Generator,
              desc: str, progress: bool):
     """The calibration windows both passes read: (token ids (T,) of the joined texts (None: the shipped text),
-    the windows' start offsets, `n_seq` of them drawn from `gen` so that each window of min(seq_len, T) tokens is
-    a contiguous slice of the text; one window when the text is not longer than `seq_len`), the starts wrapped
-    in a tqdm bar named `desc` when `progress` and tqdm is installed. Raises `KVSqueezeError` for a text under 64
+    the window length min(seq_len, T), the windows' start offsets), `n_seq` starts drawn from `gen` so that each
+    window is a contiguous slice of the text (one window when the text is not longer than `seq_len`), wrapped in
+    a tqdm bar named `desc` when `progress` and tqdm is installed. Raises `KVSqueezeError` for a text under 64
     tokens."""
     ids = tokenizer("\n\n".join(texts or default_calibration_texts()), return_tensors="pt").input_ids[0]
     if ids.numel() < 64:
