@@ -37,7 +37,6 @@ or `--rows hf-static-compiled,kvsq-static` and `--static-kernels sdpa,matmul` to
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -53,6 +52,8 @@ import kvsqueeze as kq  # noqa: E402
 from kvsqueeze.compat import cache_kwargs  # noqa: E402
 from kvsqueeze.runtime.generate import decode_step, prefill  # noqa: E402
 from kvsqueeze.runtime.static import StaticCompressedCache, StaticDecoder  # noqa: E402
+
+from _table import attempt, peak_gb, write_json  # noqa: E402  (bench/, the script's own folder)
 
 LLAMA_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                 num_key_value_heads=8, head_dim=128, vocab_size=128256, rope_theta=500000.0,
@@ -318,28 +319,21 @@ def main(argv=None) -> int:
         gen = torch.Generator().manual_seed(length)
         ids = torch.randint(0, shapes["vocab_size"], (args.batch, length), generator=gen).to(device)
         for name in names:
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats()
             row = {"context": length, "row": name, "batch": args.batch}
-            try:
-                ms, kv = run_row(name, model, ids, args, device, compile_opts)
-            except Exception as e:  # one failing row must not lose the others
-                row["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
-                print(f"{length:>8} {name:<34} error: {row['error']}", flush=True)
-                rows_out.append(row)
+            res = attempt(lambda: run_row(name, model, ids, args, device, compile_opts), row, rows_out,
+                          f"{length:>8} {name:<34}", device)
+            if res is None:
                 continue
+            ms, kv = res
             med = statistics.median(ms)
             limit = (weight_bytes + kv) / (args.hbm_gbps * 1e9) * 1e3
-            peak = torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else float("nan")
+            peak = peak_gb(device)
             row.update(ms_per_token=med, ms_min=min(ms), tokens_per_s=1000.0 * args.batch / med, peak_gb=peak,
                        kv_bytes=kv, weight_bytes=weight_bytes, limit_ms=limit, fraction_of_limit=limit / med)
             rows_out.append(row)
             print(f"{length:>8} {name:<34} {med:8.2f} {row['tokens_per_s']:8.1f} {peak:8.2f} {kv / 1e9:8.3f} "
                   f"{limit:9.2f} {row['fraction_of_limit']:8.1%}", flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "rows": rows_out}, f, indent=1)
+    write_json(args.json, args, rows_out)
     return 0
 
 

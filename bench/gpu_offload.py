@@ -32,7 +32,6 @@ offloaded row's tokens equal those of the kvsq-gpu row with the same selector (t
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -50,6 +49,7 @@ from kvsqueeze.compat import cache_kwargs  # noqa: E402
 from kvsqueeze.runtime.generate import decode_step, prefill  # noqa: E402
 from kvsqueeze.selection import AttentionPredictor, PredictorNet, Quest  # noqa: E402
 
+from _table import attempt, peak_gb, write_json  # noqa: E402
 from gpu_decode import LLAMA_8B, TINY, build_model, hf_prefill, kv_bytes_of, timed  # noqa: E402
 
 ROWS = ("hf-offloaded", "kvsq-gpu:ap", "kvsq-offload:ap", "kvsq-gpu:quest", "kvsq-offload:quest")
@@ -158,21 +158,15 @@ def main(argv=None) -> int:
         ids = torch.randint(0, shapes["vocab_size"], (1, length), generator=gen).to(device)
         ref_tokens = {}
         for name in names:
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats()
             row = {"context": length, "budget": budget, "row": name}
             if name == "hf-offloaded" and device.type != "cuda":  # transformers offloads to and from CUDA only
                 row["skipped"] = "needs CUDA"
                 print(f"{length:>8} {budget:>6} {name:<20} skipped: transformers' offloading needs CUDA", flush=True)
                 rows_out.append(row)
                 continue
-            try:
-                r = run_row(name, model, ids, args, device, budget)
-            except Exception as e:  # one failing row must not lose the others
-                row["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
-                print(f"{length:>8} {budget:>6} {name:<20} error: {row['error']}", flush=True)
-                rows_out.append(row)
+            r = attempt(lambda: run_row(name, model, ids, args, device, budget), row, rows_out,
+                        f"{length:>8} {budget:>6} {name:<20}", device)
+            if r is None:
                 continue
             ms = r.pop("ms")
             kind, _, sel = name.partition(":")
@@ -181,7 +175,7 @@ def main(argv=None) -> int:
             same = None
             if kind == "kvsq-offload" and sel in ref_tokens:
                 same = r["tokens"] == ref_tokens[sel]
-            peak = torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else float("nan")
+            peak = peak_gb(device)
             row.update({k: v for k, v in r.items() if k != "tokens"}, ms_per_token=statistics.median(ms),
                        ms_min=min(ms), peak_gb=peak, same_tokens=same)
             rows_out.append(row)
@@ -190,9 +184,7 @@ def main(argv=None) -> int:
             print(f"{length:>8} {budget:>6} {name:<20} {row['ms_per_token']:8.2f} "
                   f"{r['moved_per_token'] / 1e6:8.2f}MB {hit:>6} {gpu:>9} {r['host_kv'] / 1e9:10.3f} {peak:8.2f} "
                   f"{'-' if same is None else ('yes' if same else 'NO'):>5}", flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "rows": rows_out}, f, indent=1)
+    write_json(args.json, args, rows_out)
     return 0
 
 

@@ -116,3 +116,32 @@ def test_click_usage_errors_are_one_line():
     assert_one_error_line(["generate", "--compression-ratio", "1.5", "--question", "x"], "must be in [0, 1)")
     assert_one_error_line(["sweep", "--bogus"], "No such option '--bogus'")
     assert_one_error_line(["nocmd"], "No such command 'nocmd'")
+
+
+@pytest.mark.parametrize("kind,attr", [("qfilters", "filters"), ("prefixkv", "profiles")])
+def test_calibrate_commands_save_what_prepare_then_loads(tmp_path, monkeypatch, kind, attr):
+    """`kvsqueeze calibrate qfilters|prefixkv` write the model's data where `prepare` finds it (no tokenizer
+    needed then), and a second run replaces it with the options given."""
+    import kvsqueeze.models
+    from conftest import tiny_llama
+    from kvsqueeze.runtime import calibration
+    from test_methods import _CharTokenizer
+
+    monkeypatch.setenv("KVSQUEEZE_CACHE", str(tmp_path))
+    model = tiny_llama(seed=4)
+    monkeypatch.setattr(kvsqueeze.models, "load_model", lambda name: (model, _CharTokenizer()))
+    (tmp_path / "texts").mkdir()
+    (tmp_path / "texts" / "a.txt").write_text("".join(chr(97 + (i * 7) % 26) for i in range(600)))
+    shapes = []
+    for seq_len in ("64", "128"):
+        out = CliRunner().invoke(main, ["calibrate", kind, "--text-dir", str(tmp_path / "texts"), "--n-seq", "2",
+                                        "--seq-len", seq_len])
+        assert out.exit_code == 0, out.output
+        assert str(tmp_path / kind) in out.output
+        m = kq.get_method(kind, compression_ratio=0.5)
+        calibration.prepare(m, model)  # model has no tokenizer attached: loaded, not calibrated
+        shapes.append(tuple(getattr(m, attr).shape))
+    if kind == "prefixkv":  # (samples, layers, seq_len): the second run's options replaced the first's
+        assert shapes == [(2, 4, 64), (2, 4, 128)]
+    else:
+        assert shapes == [(4, 2, 16), (4, 2, 16)]

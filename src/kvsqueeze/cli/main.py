@@ -222,42 +222,50 @@ def _calibration_texts(text_dir: Path | None) -> list[str] | None:
     return texts
 
 
-@calibrate.command("qfilters")
-@click.option("--model", default=DEFAULT_MODEL, show_default=True)
-@click.option("--text-dir", type=click.Path(file_okay=False, exists=True, path_type=Path), default=None,
-              help="Directory of .txt files to calibrate on (default: the text shipped with kvsqueeze).")
-@click.option("--n-seq", type=click.IntRange(min=1), default=8, show_default=True)
-@click.option("--seq-len", type=click.IntRange(min=64), default=1024, show_default=True)
-def calibrate_qfilters(model, text_dir, n_seq, seq_len):
-    """Compute Q-Filters (SVD of post-RoPE queries) and store them as safetensors."""
+def _calibrate(name: str, model: str, text_dir: Path | None, n_seq: int, seq_len: int) -> None:
+    """`kvsqueeze calibrate <name>`: calibrate (`runtime.calibration.CALIBRATED[name]`) on the texts of
+    `text_dir`, replacing what was kept for the model, and say where it went."""
     from ..models import load_model
-    from ..runtime import calibration
+    from ..runtime.calibration import CALIBRATED
 
+    kind = CALIBRATED[name]
     texts = _calibration_texts(text_dir)
     mdl, tok = load_model(model)
-    filters = calibration.calibrate_qfilters(mdl, tok, texts, n_seq=n_seq, seq_len=seq_len)
-    path = calibration.save(mdl, filters)
-    click.echo(f"Q-Filters {tuple(filters.shape)} saved to {path}")
+    data = kind.calibrate(mdl, tok, texts, n_seq=n_seq, seq_len=seq_len)
+    path = kind.save(mdl, data)
+    click.echo(f"{kind.title} {tuple(data.shape)} saved to {path}")
+
+
+def _calibration_options(seq_len: int):
+    """The options of every `kvsqueeze calibrate` command; `seq_len` is the default window length."""
+    options = [
+        click.option("--model", default=DEFAULT_MODEL, show_default=True),
+        click.option("--text-dir", type=click.Path(file_okay=False, exists=True, path_type=Path), default=None,
+                     help="Directory of .txt files to calibrate on (default: the text shipped with kvsqueeze)."),
+        click.option("--n-seq", type=click.IntRange(min=1), default=8, show_default=True),
+        click.option("--seq-len", type=click.IntRange(min=64), default=seq_len, show_default=True),
+    ]
+
+    def decorate(fn):
+        for option in reversed(options):  # listed in --help in this order
+            fn = option(fn)
+        return fn
+
+    return decorate
+
+
+@calibrate.command("qfilters")
+@_calibration_options(seq_len=1024)
+def calibrate_qfilters(model, text_dir, n_seq, seq_len):
+    """Compute Q-Filters (SVD of post-RoPE queries) and store them as safetensors."""
+    _calibrate("qfilters", model, text_dir, n_seq, seq_len)
 
 
 @calibrate.command("prefixkv")
-@click.option("--model", default=DEFAULT_MODEL, show_default=True)
-@click.option("--text-dir", type=click.Path(file_okay=False, exists=True, path_type=Path), default=None,
-              help="Directory of .txt files to calibrate on (default: the text shipped with kvsqueeze).")
-@click.option("--n-seq", type=click.IntRange(min=1), default=8, show_default=True)
-@click.option("--seq-len", type=click.IntRange(min=64), default=512, show_default=True)
+@_calibration_options(seq_len=512)
 def calibrate_prefixkv(model, text_dir, n_seq, seq_len):
     """Compute PrefixKV's per-layer importance profiles (offline prefix configuration) and store them."""
-    from ..models import load_model
-    from ..runtime import calibration
-
-    texts = _calibration_texts(text_dir)
-    mdl, tok = load_model(model)
-    path = calibration.prefixkv_path(mdl)
-    if path.exists():
-        path.unlink()  # recalibrate with the options given
-    profiles = calibration.load_or_calibrate_prefixkv(mdl, tok, texts=texts, n_seq=n_seq, seq_len=seq_len)
-    click.echo(f"PrefixKV profiles {tuple(profiles.shape)} saved to {path}")
+    _calibrate("prefixkv", model, text_dir, n_seq, seq_len)
 
 
 # Further command groups register here.

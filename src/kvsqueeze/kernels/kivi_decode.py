@@ -26,7 +26,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .split_kv import _merge_splits, _sm_count, _split_plan
+from .split_kv import _sm_count, _split_plan, require_triton, split_kv_decode
 
 try:
     import triton
@@ -185,16 +185,14 @@ def kivi_decode_attention(q: torch.Tensor, store, k_res: torch.Tensor, v_res: to
     Defaults (block of 128 tokens at 2 bits, 64 at 4 and 8; 4 warps; about 2 programs per SM; scales broadcast
     in registers) are the fastest of the settings swept on an H100 (bench/quant_decode_gpu.py --sweep; see
     docs/quantization.md). `fold=True` folds the scales into the matrix products instead (slower there).
+    Raises RuntimeError without triton, ValueError for shapes or a grouping the kernel does not take
+    (`split_kv.split_kv_decode` checks the shapes, as for the slot decode kernel).
     """
-    if triton is None:
-        raise RuntimeError("the fused KIVI decode kernel needs triton (pip install 'kvsqueeze[gpu]')")
+    require_triton("the fused KIVI decode kernel")
     squeeze = q.dim() == 3
     q3 = q if squeeze else q[:, :, 0]
     B, HQ, D = q3.shape
     HK = k_res.shape[1]
-    GQ = HQ // HK
-    GP = max(16, triton.next_power_of_2(GQ))
-    scale = D ** -0.5 if scale is None else scale
     dev = q.device
     if store is not None and store.n > 0:
         kq, vq = store.k, store.v
@@ -226,24 +224,18 @@ def kivi_decode_attention(q: torch.Tensor, store, k_res: torch.Tensor, v_res: to
         chunk = math.ceil(NQ / n_splits / block_n) * block_n
         n_q_splits = math.ceil(NQ / chunk)
     total = n_q_splits + 1  # + the residual split
-    o_acc = torch.empty(B * HK * total * GQ, D, dtype=torch.float32, device=dev)
-    o_m = torch.empty(B * HK * total * GQ, dtype=torch.float32, device=dev)
-    o_l = torch.empty_like(o_m)
     extra = {} if num_stages is None else {"num_stages": num_stages}
-    _kivi_decode_split[(B * HK, total)](
-        q3, kc, ks, kz, vc, vs, vz, k_res, v_res, o_acc, o_m, o_l,
-        scale * 1.4426950408889634, NQ, k_res.shape[2], chunk,
-        q3.stride(0), q3.stride(1),
-        kc.stride(1), kc.stride(2), ks.stride(1), ks.stride(2),
-        vc.stride(1), vc.stride(2), vs.stride(1), vs.stride(2),
-        k_res.stride(1), k_res.stride(2), v_res.stride(1), v_res.stride(2),
-        HK=HK, GQ=GQ, GP=GP, D=D, BITS=bits, G=G, GV=GV, BLOCK_N=block_n, BLOCK_R=64, SCALE_LOADS=scale_loads, FOLD=fold,
-        DT=tl.float16 if q.dtype == torch.float16 else tl.bfloat16, num_warps=num_warps,
-        **extra,
+    out = split_kv_decode(
+        _kivi_decode_split, (q3, kc, ks, kz, vc, vs, vz, k_res, v_res),
+        (NQ, k_res.shape[2], chunk,
+         q3.stride(0), q3.stride(1),
+         kc.stride(1), kc.stride(2), ks.stride(1), ks.stride(2),
+         vc.stride(1), vc.stride(2), vs.stride(1), vs.stride(2),
+         k_res.stride(1), k_res.stride(2), v_res.stride(1), v_res.stride(2)),
+        q3, HK, total, scale, "the fused KIVI decode kernel",
+        BITS=bits, G=G, GV=GV, BLOCK_N=block_n, BLOCK_R=64, SCALE_LOADS=scale_loads, FOLD=fold,
+        DT=tl.float16 if q.dtype == torch.float16 else tl.bfloat16, num_warps=num_warps, **extra,
     )
-    out = torch.empty(B, HQ, D, dtype=q.dtype, device=dev)
-    _merge_splits[(B * HQ,)](o_acc, o_m, o_l, out, total, out.stride(0), out.stride(1),
-                             HK=HK, GQ=GQ, D=D, BLOCK_S=32, num_warps=4)
     return out if squeeze else out[:, :, None]
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from .split_kv import _merge_splits, _sm_count, _split_plan, tl, triton
+from .split_kv import _sm_count, _split_plan, require_triton, split_kv_decode, tl, triton
 
 if triton is not None:
 
@@ -84,33 +84,18 @@ def slot_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, val
     e.g. a view of a static cache's slot mask). HQ a multiple of HK (GQA), D a power of two >= 16. Returns
     (B, HQ, D) in q's dtype. Every (row, kv head) must have a valid slot (the current token is one).
     Raises RuntimeError without triton, ValueError for shapes the kernel does not take."""
-    if triton is None:
-        raise RuntimeError("the slot decode kernel needs triton (pip install 'kvsqueeze[gpu]')")
-    B, HQ, D = q.shape
-    HK, C = k.shape[1], k.shape[2]
-    if HQ % HK or D < 16 or D & (D - 1) or k.stride(-1) != 1 or v.stride(-1) != 1 or q.stride(-1) != 1:
-        raise ValueError(f"unsupported shapes for the slot decode kernel: q {tuple(q.shape)}, k {tuple(k.shape)}")
-    GQ = HQ // HK
-    GP = max(16, triton.next_power_of_2(GQ))
-    scale = D ** -0.5 if scale is None else scale
+    require_triton("the slot decode kernel")
+    B, HK, C = k.shape[0], k.shape[1], k.shape[2]
     n_splits, chunk = _split_plan(B * HK, C, block_n, _sm_count(q.device))
-    o_acc = torch.empty(B * HK * n_splits * GQ, D, dtype=torch.float32, device=q.device)
-    o_m = torch.empty(B * HK * n_splits * GQ, dtype=torch.float32, device=q.device)
-    o_l = torch.empty_like(o_m)
     mask = valid  # bool, read as int1 (a dtype view to uint8 does not lower in inductor: torch 2.11)
-    _slot_decode_split[(B * HK, n_splits)](
-        q, k, v, mask, o_acc, o_m, o_l,
-        scale * 1.4426950408889634, C, chunk,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-        mask.stride(0), mask.stride(1), mask.stride(2),
-        HK=HK, GQ=GQ, GP=GP, D=D, BLOCK_N=block_n,
-        DT=_dot_dtype(q),
-        num_warps=num_warps,
+    return split_kv_decode(
+        _slot_decode_split, (q, k, v, mask),
+        (C, chunk,
+         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+         mask.stride(0), mask.stride(1), mask.stride(2)),
+        q, HK, n_splits, scale, "the slot decode kernel", unit_stride=(k, v),
+        BLOCK_N=block_n, DT=_dot_dtype(q), num_warps=num_warps,
     )
-    out = torch.empty(B, HQ, D, dtype=q.dtype, device=q.device)
-    _merge_splits[(B * HQ,)](o_acc, o_m, o_l, out, n_splits, out.stride(0), out.stride(1),
-                             HK=HK, GQ=GQ, D=D, BLOCK_S=32, num_warps=4)
-    return out
 
 
 def reference_slot_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor,

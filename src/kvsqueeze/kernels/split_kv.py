@@ -1,5 +1,5 @@
-"""Split-KV (flash-decoding) helpers shared by the decode kernels: the merge of the splits' partial results and
-the split plan.
+"""Split-KV (flash-decoding) helpers shared by the decode kernels: the merge of the splits' partial results, the
+split plan, and the host side of a launch (`split_kv_decode`: checks, partial buffers, split kernel, merge).
 
 A decode kernel runs one program per ((batch, kv head), split of the tokens) and writes, for each of the GQ query
 heads of its group, a partial output `acc` (unnormalised, fp32), the running max `m` (base-2 logits) and the sum
@@ -9,6 +9,10 @@ long-context inference", 2023):
     out = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s,     M = max_s m_s
 
 Layouts: O_ACC (B*HK*splits*GQ, D) fp32, O_M and O_L (B*HK*splits*GQ,), indexed ((b*HK + hk)*splits + s)*GQ + r.
+
+A split kernel takes, in this order: its input tensors, O_ACC, O_M, O_L, qk_scale (the softmax scale times
+log2(e): the kernels run exp2), its other arguments; and the constexprs HK, GQ (query heads per kv head), GP (GQ
+rounded up to a power of two, at least 16: the rows of its `tl.dot` tile) and D by keyword.
 """
 
 from __future__ import annotations
@@ -66,6 +70,40 @@ def _sm_count(dev) -> int:
     if key not in _SM:
         _SM[key] = torch.cuda.get_device_properties(key).multi_processor_count
     return _SM[key]
+
+
+def require_triton(what: str) -> None:
+    """Raises RuntimeError naming `what` (e.g. "the slot decode kernel") when triton is not installed."""
+    if triton is None:
+        raise RuntimeError(f"{what} needs triton (pip install 'kvsqueeze[gpu]')")
+
+
+def split_kv_decode(kernel, inputs: tuple, args: tuple, q: torch.Tensor, n_kv_heads: int, n_splits: int,
+                    scale: float | None, what: str, unit_stride: tuple = (), **meta) -> torch.Tensor:
+    """Launch a split kernel over (B * HK programs, `n_splits` splits), then `_merge_splits`: one decode query per
+    row and query head, q (B, HQ, D), over `n_kv_heads` = HK kv heads. `inputs` are the kernel's tensors before
+    the partial buffers, `args` its arguments after qk_scale, `meta` its other keyword arguments (constexprs,
+    num_warps, ...); scale None is D ** -0.5. Returns (B, HQ, D) in q's dtype.
+
+    Raises ValueError (naming `what`) when HQ is not a multiple of HK, D is not a power of two >= 16, or q or a
+    tensor of `unit_stride` has a last stride other than 1. Call `require_triton` first."""
+    B, HQ, D = q.shape
+    HK = n_kv_heads
+    if HQ % HK or D < 16 or D & (D - 1) or any(t.stride(-1) != 1 for t in (q, *unit_stride)):
+        raise ValueError(f"unsupported shapes for {what}: q {tuple(q.shape)}, {HK} kv heads"
+                         + "".join(f", {tuple(t.shape)}" for t in unit_stride))
+    GQ = HQ // HK
+    GP = max(16, triton.next_power_of_2(GQ))
+    scale = D ** -0.5 if scale is None else scale
+    o_acc = torch.empty(B * HK * n_splits * GQ, D, dtype=torch.float32, device=q.device)
+    o_m = torch.empty(B * HK * n_splits * GQ, dtype=torch.float32, device=q.device)
+    o_l = torch.empty_like(o_m)
+    kernel[(B * HK, n_splits)](*inputs, o_acc, o_m, o_l, scale * 1.4426950408889634, *args,
+                               HK=HK, GQ=GQ, GP=GP, D=D, **meta)
+    out = torch.empty(B, HQ, D, dtype=q.dtype, device=q.device)
+    _merge_splits[(B * HQ,)](o_acc, o_m, o_l, out, n_splits, out.stride(0), out.stride(1),
+                             HK=HK, GQ=GQ, D=D, BLOCK_S=32, num_warps=4)
+    return out
 
 
 def _split_plan(bh: int, nq: int, block_n: int, n_sm: int) -> tuple[int, int]:

@@ -58,6 +58,7 @@ import torch.nn.functional as F
 from ..errors import KVSqueezeError
 from ..storage.merge import MergePlan
 from .base import Method, ScoreInputs
+from .h2o import accumulate_attention, heavy_hitters
 
 _ALL = 1 << 62  # a layer that keeps every token (clamped to the tokens seen by `Method.n_keep`)
 
@@ -137,17 +138,14 @@ class D2O(Method):
     # --- token level ----------------------------------------------------------------------------------------
     def observe(self, x: ScoreInputs) -> None:
         s = x.attention_sum()  # (b, hq, n)
-        acc = x.to_kv_heads(s, reduce="sum")
-        if "acc" in x.state:
-            acc = acc + x.state["acc"]  # new slots were appended as zeros
-        x.state["acc"] = acc
+        accumulate_attention(x, "acc", s)  # H2O's accumulated attention, (b, hk, n)
         if x.queries.shape[2] > 1:  # a prefill (or appended) forward: this layer's density
             self._density[x.layer_idx] = attention_density(s, x.valid, x.group).cpu()
 
     def score(self, x: ScoreInputs) -> torch.Tensor:
-        recent = x.recent((x.row_keep * self.recent_share).long())
-        sinks = x.row_positions < self.n_sink
-        return x.state["acc"].masked_fill(recent | sinks, float("inf"))
+        recent = (x.row_keep * self.recent_share).long()
+        sinks = x.row_positions < self.n_sink  # H2O's rule, the first n_sink tokens kept too
+        return heavy_hitters(x, x.state["acc"], recent).masked_fill(sinks, float("inf"))
 
     def merge_plan(self, x: ScoreInputs, idx: torch.Tensor, visible: torch.Tensor | None) -> MergePlan | None:
         keys = x.keys.float()

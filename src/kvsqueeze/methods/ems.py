@@ -47,6 +47,7 @@ from ..errors import KVSqueezeError
 from ..storage.merge import MergePlan
 from .adakv import allocate_heads
 from .base import Method, ScoreInputs
+from .h2o import accumulate_attention
 from .kvmerger import rank_slots
 
 
@@ -83,10 +84,7 @@ class EMS(Method):
             raise KVSqueezeError(f"zero_threshold is a product of cosines in [-1, 1], got {self.zero_threshold}")
 
     def observe(self, x: ScoreInputs) -> None:
-        acc = x.to_kv_heads(x.attention_sum(), reduce="sum")  # (b, hk, n)
-        if "acc" in x.state:
-            acc = acc + x.state["acc"]  # new slots were appended as zeros
-        x.state["acc"] = acc
+        accumulate_attention(x, "acc")  # s_glo: H2O's accumulated attention, (b, hk, n)
 
     def score(self, x: ScoreInputs) -> torch.Tensor:
         """GL (b, kv_heads, n): the mean-aligned global + local attention (module docstring)."""

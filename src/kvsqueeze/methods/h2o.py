@@ -18,6 +18,24 @@ import torch
 from .base import Method, ScoreInputs
 
 
+def accumulate_attention(x: ScoreInputs, key: str, summed: torch.Tensor | None = None) -> torch.Tensor:
+    """H2O's accumulated attention, (batch, kv_heads, n) float32: this forward's attention (`x.attention_sum()`, or
+    `summed` (batch, q_heads, n) when the caller already has it) summed over its queries and over each GQA group's
+    query heads, added to the slot-aligned `x.state[key]` (slots appended since were added as zeros) and stored
+    there. Every method that ranks by H2O's acc_t (module docstring) keeps it this way under its own key."""
+    acc = x.to_kv_heads(x.attention_sum() if summed is None else summed, reduce="sum")
+    if key in x.state:
+        acc = acc + x.state[key]  # new slots were appended as zeros
+    x.state[key] = acc
+    return acc
+
+
+def heavy_hitters(x: ScoreInputs, acc: torch.Tensor, n_recent: torch.Tensor) -> torch.Tensor:
+    """H2O's rule as scores (batch, kv_heads, n): the `n_recent` ((batch,) long, per row) most recent slots +inf,
+    the others their accumulated attention `acc` (batch, kv_heads, n)."""
+    return acc.masked_fill(x.recent(n_recent), float("inf"))
+
+
 @dataclass(kw_only=True)
 class H2O(Method):
     recent_share: float = 0.5
@@ -27,11 +45,8 @@ class H2O(Method):
     stateful = True
 
     def observe(self, x: ScoreInputs) -> None:
-        acc = x.to_kv_heads(x.attention_sum(), reduce="sum")  # (b, hkv, n)
-        if "h2o_acc" in x.state:
-            acc = acc + x.state["h2o_acc"]  # new slots were appended as zeros
-        x.state["h2o_acc"] = acc
+        accumulate_attention(x, "h2o_acc")  # acc_t, (b, hkv, n)
 
     def score(self, x: ScoreInputs) -> torch.Tensor:
         recent = (x.row_keep * self.recent_share).long()  # (b,): each row's own budget
-        return x.state["h2o_acc"].masked_fill(x.recent(recent), float("inf"))
+        return heavy_hitters(x, x.state["h2o_acc"], recent)

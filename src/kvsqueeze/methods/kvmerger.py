@@ -51,6 +51,7 @@ import torch.nn.functional as F
 from ..errors import KVSqueezeError
 from ..storage.merge import MergePlan
 from .base import Method, ScoreInputs
+from .h2o import accumulate_attention, heavy_hitters
 
 
 def adjacent_cosine(keys: torch.Tensor) -> torch.Tensor:
@@ -110,10 +111,7 @@ class KVMerger(Method):
             raise KVSqueezeError(f"threshold is a cosine similarity in [-1, 1], got {self.threshold}")
 
     def observe(self, x: ScoreInputs) -> None:
-        acc = x.to_kv_heads(x.attention_sum(), reduce="sum")  # (b, hk, n)
-        if "acc" in x.state:
-            acc = acc + x.state["acc"]  # new slots were appended as zeros
-        x.state["acc"] = acc
+        accumulate_attention(x, "acc")  # acc_t: H2O's accumulated attention, (b, hk, n)
 
     def _sets(self, x: ScoreInputs):
         """(protected, set ids, pivot of each slot's set (slot index, -1 none), pivot mask), cached in x.scratch."""
@@ -124,8 +122,8 @@ class KVMerger(Method):
         valid = torch.ones_like(acc, dtype=torch.bool) if x.valid is None else x.valid
         keep = x.row_keep  # (b,)
         n_protect = (keep.double() * self.protect_share).long()
-        recent = x.recent((n_protect.double() * self.recent_share).long()) & valid
-        prot_score = acc.masked_fill(recent, float("inf")).masked_fill(~valid, float("-inf"))
+        n_recent = (n_protect.double() * self.recent_share).long()
+        prot_score = heavy_hitters(x, acc, n_recent).masked_fill(~valid, float("-inf"))  # H2O's rule on P slots
         protected = (rank_slots(prot_score) < n_protect[:, None, None]) & valid
         candidate = valid & ~protected
         sid = merging_sets(adjacent_cosine(x.keys), candidate, self.threshold, keep - n_protect)

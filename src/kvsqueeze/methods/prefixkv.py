@@ -39,6 +39,7 @@ import torch
 
 from ..errors import KVSqueezeError
 from .base import Method, ScoreInputs
+from .h2o import accumulate_attention
 
 
 def cumulative_profiles(importance: torch.Tensor) -> torch.Tensor:
@@ -148,10 +149,7 @@ class PrefixKV(Method):
     def observe(self, x: ScoreInputs) -> None:
         """Accumulate the attention every slot receives from this forward's queries, summed over each GQA group:
         `state["prefixkv_acc"]` (batch, kv_heads, n)."""
-        acc = x.to_kv_heads(x.attention_sum(), reduce="sum")  # (b, hk, n), new slots appended as zeros
-        if "prefixkv_acc" in x.state:
-            acc = acc + x.state["prefixkv_acc"]
-        x.state["prefixkv_acc"] = acc
+        accumulate_attention(x, "prefixkv_acc")  # H2O's accumulated attention, (b, hk, n)
 
     def score(self, x: ScoreInputs) -> torch.Tensor:
         """(batch, kv_heads, n): the accumulated attention averaged over the kv heads (every head the same), the

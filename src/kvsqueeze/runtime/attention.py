@@ -14,7 +14,11 @@ are transformers' own `sdpa_mask` / `eager_mask`, so masks are unchanged), each 
 3. at a decoding step, a cache `selector` (Quest, AttentionPredictor) may pick a subset of slots per kv head;
    only those keys and values are gathered and attended to; forwards of several tokens are shown to the
    selector's `observe` (AttentionPredictor starts its attention history from the prompt's last queries);
-4. it hands the post-RoPE queries to the cache, which lets its method score the slots and evicts.
+4. it hands the post-RoPE queries to the cache, which lets its method score the slots and evicts;
+5. it tells the layer its attention call is over (`end_attention(selector, layer_idx, decoding)`). The selected
+   keys and values come from the layer (`attend_kv`) and the end of the call goes to it, the same two calls
+   whatever the layer: where the slots live (an offloaded layer's host tier and device frames, its prefetch of
+   the next step's pages) is the layer's concern (`storage/offload.py`), not the wrapper's.
 
 Query recorders (`record_queries`) see every layer's post-RoPE queries; Q-Filters calibration uses them.
 When the model is switched, and how the wrapper finds its forward's cache: `routing.py`.
@@ -60,7 +64,7 @@ def _layer_mask(layer: CompressedLayer, hf_mask, q_len: int, n_heads: int, eager
     if q_len == 1 and hf_mask is None and layer.valid is None and window is None:  # decoding, nothing to hide
         return None
     b = layer.positions.shape[0]
-    device = layer.positions.device  # the compute device (an offloaded layer's keys are on the host)
+    device = layer.positions.device  # the compute device (the layer's stored keys need not be on it)
     if hf_mask is None:
         new = torch.ones(q_len, q_len, dtype=torch.bool, device=device).tril()[None, None]
     elif hf_mask.dtype == torch.bool:
@@ -179,20 +183,14 @@ def _wrap(inner_name: str):
         mask = _layer_mask(layer, attention_mask, q_len, query.shape[1], eager, query.dtype)
         if selector is not None and q_len == 1:
             idx = selector.select(layer_idx, layer, query)  # (batch, kv_heads, k) slot indices, or None: dense
-            key, value = layer.attend_kv(idx, key, value)  # an offloaded layer: from its device frames
+            key, value = layer.attend_kv(idx, key, value)  # the layer gathers them where it holds them
             if idx is not None:
                 mask = _gather_mask(mask, idx, query.shape[1], eager, query.dtype)
         elif selector is not None and hasattr(selector, "observe"):
             selector.observe(layer_idx, layer, query)  # prefill / appended tokens: AttentionPredictor's history
         out = inner(module, query, key, value, mask, **kwargs)
         cache.after_attention(module, layer_idx, query, kwargs.get("scaling"))
-        prefetch = getattr(layer, "prefetch_slots", None)
-        predict_next = getattr(selector, "predict_next", None)
-        if q_len == 1 and prefetch is not None and predict_next is not None:
-            ahead = predict_next(layer_idx, layer)  # the next step's slots, known now (AttentionPredictor)
-            if ahead is not None:
-                prefetch(ahead)  # their pages copied host -> device while the rest of this step computes
-        layer.end_attention()
+        layer.end_attention(selector, layer_idx, decoding=q_len == 1)  # where the slots live is the layer's concern
         return out
 
     return attention

@@ -4,13 +4,17 @@
 method whose class sets `calibration = "qfilters"` and has no `filters` gets them from the cache directory
 (safetensors, keyed by the model: `kvsqueeze.models.model_key`) or, the first time, from `calibrate_qfilters`;
 one with `calibration = "prefixkv"` and no `profiles` gets them the same way (`calibrate_prefixkv`); then its own
-`setup(model)` runs.
+`setup(model)` runs. Both kinds of data are kept, loaded and calibrated by one mechanism, `Calibrated`
+(`QFILTERS`, `PREFIXKV`); `load_or_calibrate`, `save`, `filters_path`, `prefixkv_path` and
+`load_or_calibrate_prefixkv` are their per-kind names.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -23,13 +27,33 @@ from ..models import cache_dir, model_key
 from ..shapes import attention_shape
 
 
-def filters_path(model) -> Path:
-    return cache_dir() / "qfilters" / f"{model_key(model)}.safetensors"
-
-
 def default_calibration_texts() -> list[str]:
     text = (Path(__file__).resolve().parent.parent / "data" / "calibration.txt").read_text()
     return [p.strip() for p in text.split("\n\n") if p.strip()]
+
+
+def _windows(tokenizer, texts: list[str] | None, n_seq: int, seq_len: int, gen: torch.Generator,
+             desc: str, progress: bool):
+    """The calibration windows both passes read: (token ids (T,) of the joined texts (None: the shipped text),
+    the window length min(seq_len, T), the windows' start offsets), `n_seq` starts drawn from `gen` so that each
+    window is a contiguous slice of the text (one window when the text is not longer than `seq_len`), wrapped in
+    a tqdm bar named `desc` when `progress` and tqdm is installed. Raises `KVSqueezeError` for a text under 64
+    tokens."""
+    ids = tokenizer("\n\n".join(texts or default_calibration_texts()), return_tensors="pt").input_ids[0]
+    if ids.numel() < 64:
+        raise KVSqueezeError("calibration text is too short (need at least 64 tokens)")
+    seq_len = min(seq_len, ids.numel())
+    if seq_len == ids.numel():
+        n_seq = 1  # the whole text is one window: more would be the same queries again
+    starts = torch.randint(0, ids.numel() - seq_len + 1, (n_seq,), generator=gen).tolist()
+    if progress:
+        try:
+            from tqdm.auto import tqdm
+
+            return ids, seq_len, tqdm(starts, desc=desc, unit="seq")
+        except ImportError:  # pragma: no cover
+            pass
+    return ids, seq_len, starts
 
 
 @torch.no_grad()
@@ -47,15 +71,9 @@ def calibrate_qfilters(model, tokenizer, texts: list[str] | None = None, n_seq: 
     from .attention import record_queries
     from .routing import patched
 
-    texts = texts or default_calibration_texts()
     gen = torch.Generator().manual_seed(seed)
-    ids = tokenizer("\n\n".join(texts), return_tensors="pt").input_ids[0]
-    if ids.numel() < 64:
-        raise KVSqueezeError("calibration text is too short (need at least 64 tokens)")
-    seq_len = min(seq_len, ids.numel())
-    if seq_len == ids.numel():
-        n_seq = 1  # the whole text is one window: more would be the same queries again
-    per_seq = max(1, n_vectors // n_seq)
+    ids, seq_len, starts = _windows(tokenizer, texts, n_seq, seq_len, gen, "Q-Filters calibration", progress)
+    per_seq = max(1, n_vectors // len(starts))
     store: dict[int, list[torch.Tensor]] = {}
 
     def rec(module, query):
@@ -64,51 +82,12 @@ def calibrate_qfilters(model, tokenizer, texts: list[str] | None = None, n_seq: 
         store.setdefault(module.layer_idx, []).append(query[0, :, pick].float().cpu())
 
     device = next(model.parameters()).device
-    starts = torch.randint(0, ids.numel() - seq_len + 1, (n_seq,), generator=gen)
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover
-        tqdm = None
-    it = starts.tolist()
-    if progress and tqdm is not None:
-        it = tqdm(it, desc="Q-Filters calibration", unit="seq")
     with patched(model), record_queries(rec):  # the model is routed through kvsqueeze only inside the block
-        for s in it:
+        for s in starts:
             chunk = ids[s:s + seq_len]  # a contiguous window of the text (starts drawn so it fits)
             model(chunk[None].to(device), use_cache=False)
     n_kv = attention_shape(model.config.get_text_config())[1]
     return filters_from_queries({li: torch.cat(v, dim=1) for li, v in store.items()}, n_kv)
-
-
-def load_or_calibrate(model, tokenizer=None, **kw) -> torch.Tensor:
-    """Q-Filters (n_layers, kv_heads, head_dim) for `model`: from the cache directory, else calibrated (needs the
-    tokenizer) and saved. Raises `KVSqueezeError` when neither is possible."""
-    path = filters_path(model)
-    if path.exists():
-        return load_file(str(path))["filters"]
-    if tokenizer is None:
-        raise KVSqueezeError(
-            "no Q-Filters calibrated for this model: run `kvsqueeze calibrate qfilters --model M` "
-            "or load it with kvsqueeze.load_model"
-        )
-    filters = calibrate_qfilters(model, tokenizer, **kw)
-    save(model, filters)
-    return filters
-
-
-def save(model, filters: torch.Tensor) -> Path:
-    """Write Q-Filters (n_layers, kv_heads, head_dim) for `model` as safetensors; returns the path."""
-    path = filters_path(model)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"model": str(getattr(model.config, "_name_or_path", "")), "shape": json.dumps(list(filters.shape))}
-    save_file({"filters": filters.contiguous()}, str(path), metadata=meta)
-    return path
-
-
-
-
-def prefixkv_path(model) -> Path:
-    return cache_dir() / "prefixkv" / f"{model_key(model)}.safetensors"
 
 
 @torch.no_grad()
@@ -131,23 +110,9 @@ def calibrate_prefixkv(model, tokenizer, texts: list[str] | None = None, n_seq: 
     if getattr(cfg, "sliding_window", None) or getattr(cfg, "attention_chunk_size", None) or any(
             t != "full_attention" for t in (getattr(cfg, "layer_types", None) or [])):
         raise KVSqueezeError("PrefixKV calibration supports models whose layers all attend to the full prompt")
-    texts = texts or default_calibration_texts()
     gen = torch.Generator().manual_seed(seed)
-    ids = tokenizer("\n\n".join(texts), return_tensors="pt").input_ids[0]
-    if ids.numel() < 64:
-        raise KVSqueezeError("calibration text is too short (need at least 64 tokens)")
-    seq_len = min(seq_len, ids.numel())
-    if seq_len == ids.numel():
-        n_seq = 1
+    ids, seq_len, starts = _windows(tokenizer, texts, n_seq, seq_len, gen, "PrefixKV calibration", progress)
     device = next(model.parameters()).device
-    starts = torch.randint(0, ids.numel() - seq_len + 1, (n_seq,), generator=gen).tolist()
-    if progress:
-        try:
-            from tqdm.auto import tqdm
-
-            starts = tqdm(starts, desc="PrefixKV calibration", unit="seq")
-        except ImportError:  # pragma: no cover
-            pass
     softcap = getattr(cfg, "attn_logit_softcapping", None)
     samples = []
     for s in starts:
@@ -173,25 +138,78 @@ def calibrate_prefixkv(model, tokenizer, texts: list[str] | None = None, n_seq: 
     return cumulative_profiles(torch.stack(samples)).float()
 
 
+@dataclass(frozen=True)
+class Calibrated:
+    """One kind of calibration data kept per model: the tensor `calibrate(model, tokenizer, **kw)` returns,
+    saved as `$KVSQUEEZE_CACHE/<name>/<models.model_key(model)>.safetensors` under the key `attr`, which is also
+    the attribute of a method (whose class sets `calibration = name`) that `prepare` fills. `title` names the data
+    in messages. What differs between the kinds is here; where they are kept, loaded and saved is one code."""
+
+    name: str  # "qfilters": the cache folder, the method classes' `calibration`, `kvsqueeze calibrate <name>`
+    attr: str  # "filters": the tensor's key in the file and the method's attribute
+    title: str  # "Q-Filters"
+    calibrate: Callable[..., torch.Tensor]
+
+    def path(self, model) -> Path:
+        return cache_dir() / self.name / f"{model_key(model)}.safetensors"
+
+    def save(self, model, data: torch.Tensor) -> Path:
+        """Write `data` for `model` as safetensors (written whole, then renamed: a reader never sees a partial
+        file), the model's name and the shape as metadata; returns the path."""
+        path = self.path(model)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        meta = {"model": str(getattr(model.config, "_name_or_path", "")), "shape": json.dumps(list(data.shape))}
+        save_file({self.attr: data.contiguous()}, str(tmp), metadata=meta)
+        tmp.replace(path)
+        return path
+
+    def load_or_calibrate(self, model, tokenizer=None, **kw) -> torch.Tensor:
+        """The data for `model`: from the cache directory, else calibrated (`calibrate(model, tokenizer, **kw)`,
+        which needs the tokenizer) and saved. Raises `KVSqueezeError` when neither is possible."""
+        path = self.path(model)
+        if path.exists():
+            return load_file(str(path))[self.attr]
+        if tokenizer is None:
+            raise KVSqueezeError(
+                f"no {self.title} calibrated for this model: run `kvsqueeze calibrate {self.name} --model M` "
+                "or load it with kvsqueeze.load_model"
+            )
+        data = self.calibrate(model, tokenizer, **kw)
+        self.save(model, data)
+        return data
+
+
+QFILTERS = Calibrated("qfilters", "filters", "Q-Filters", calibrate_qfilters)  # (n_layers, kv_heads, head_dim)
+PREFIXKV = Calibrated("prefixkv", "profiles", "PrefixKV profiles", calibrate_prefixkv)  # (samples, n_layers, n_cal)
+CALIBRATED = {c.name: c for c in (QFILTERS, PREFIXKV)}
+
+
+def filters_path(model) -> Path:
+    """Where `model`'s Q-Filters are kept."""
+    return QFILTERS.path(model)
+
+
+def prefixkv_path(model) -> Path:
+    """Where `model`'s PrefixKV profiles are kept."""
+    return PREFIXKV.path(model)
+
+
+def save(model, filters: torch.Tensor) -> Path:
+    """Write Q-Filters (n_layers, kv_heads, head_dim) for `model` as safetensors; returns the path."""
+    return QFILTERS.save(model, filters)
+
+
+def load_or_calibrate(model, tokenizer=None, **kw) -> torch.Tensor:
+    """Q-Filters (n_layers, kv_heads, head_dim) for `model`: from the cache directory, else calibrated (needs the
+    tokenizer) and saved. Raises `KVSqueezeError` when neither is possible."""
+    return QFILTERS.load_or_calibrate(model, tokenizer, **kw)
+
+
 def load_or_calibrate_prefixkv(model, tokenizer=None, **kw) -> torch.Tensor:
     """PrefixKV's profiles (samples, n_layers, n_cal) for `model`: from the cache directory, else calibrated (needs
     the tokenizer) and saved. Raises `KVSqueezeError` when neither is possible."""
-    path = prefixkv_path(model)
-    if path.exists():
-        return load_file(str(path))["profiles"]
-    if tokenizer is None:
-        raise KVSqueezeError(
-            "no PrefixKV profiles calibrated for this model: run `kvsqueeze calibrate prefixkv --model M` "
-            "or load it with kvsqueeze.load_model"
-        )
-    profiles = calibrate_prefixkv(model, tokenizer, **kw)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    save_file({"profiles": profiles.contiguous()}, str(tmp),
-              metadata={"model": str(getattr(model.config, "_name_or_path", "")),
-                        "shape": json.dumps(list(profiles.shape))})
-    tmp.replace(path)
-    return profiles
+    return PREFIXKV.load_or_calibrate(model, tokenizer, **kw)
 
 
 def _nested(method) -> list:
@@ -214,8 +232,7 @@ def prepare(method, model) -> None:
     if method is None:
         return
     for m in _nested(method):
-        if getattr(type(m), "calibration", None) == "qfilters" and getattr(m, "filters", None) is None:
-            m.filters = load_or_calibrate(model, getattr(model, "kvsqueeze_tokenizer", None))
-        if getattr(type(m), "calibration", None) == "prefixkv" and getattr(m, "profiles", None) is None:
-            m.profiles = load_or_calibrate_prefixkv(model, getattr(model, "kvsqueeze_tokenizer", None))
+        kind = CALIBRATED.get(getattr(type(m), "calibration", None))
+        if kind is not None and getattr(m, kind.attr, None) is None:
+            setattr(m, kind.attr, kind.load_or_calibrate(model, getattr(model, "kvsqueeze_tokenizer", None)))
     method.setup(model)

@@ -161,8 +161,12 @@ class CompressedLayer(DynamicLayer):
         keys = self.keys
         return keys.gather(2, idx[..., None].expand(*idx.shape, keys.shape[-1]))
 
-    def end_attention(self) -> None:
-        """The attention call of this forward is over (an offloaded layer releases its transient device copy)."""
+    def end_attention(self, selector=None, layer_idx: int | None = None, decoding: bool = False) -> None:
+        """The attention call of this forward on this layer is over (the attention wrapper calls it for every
+        layer, after the cache's `after_attention`): `selector` is the cache's decode-time selector (or None),
+        `layer_idx` this layer's index, `decoding` whether the forward was a one-token decoding step. A layer
+        whose slots are all on the compute device has nothing to do; an offloaded layer (`OffloadLayer`) copies
+        the next step's pages ahead and releases its transient device copy."""
 
     def reset(self):
         self.store = self._new_store()

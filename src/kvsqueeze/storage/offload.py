@@ -397,8 +397,10 @@ class OffloadLayer(CompressedLayer):
     What the model's attention reads: a forward of several tokens (prefill chunk, appended question) attends to
     every slot, on the device for that forward only (`keys` / `values` are then that transient; released by
     `end_attention`); a one-token forward (a decoding step) reads only what `attend_kv(idx)` gathers from the
-    frames. Outside a forward, `keys` / `values` are the host tier (what a calibration row or a page summary
-    reads). frames, page, latency_s: see `OffloadStore`."""
+    frames, and its `end_attention` copies the next step's pages ahead when the selector predicts them. Outside
+    a forward, `keys` / `values` are the host tier (what a calibration row or a page summary reads). The
+    attention wrapper calls only `attend_kv` and `end_attention`, as for any layer: the offloading protocol
+    (gather, prefetch, release) stays here. frames, page, latency_s: see `OffloadStore`."""
 
     def __init__(self, frames: int, page: int = 16, latency_s: float = 0.0, tier: str = "cpu",
                  disk_dir: str | None = None):
@@ -476,7 +478,16 @@ class OffloadLayer(CompressedLayer):
     def selected_keys(self, idx):
         return self.attend_kv(idx, None, None)[0]
 
-    def end_attention(self) -> None:
+    def end_attention(self, selector=None, layer_idx: int | None = None, decoding: bool = False) -> None:
+        """After a decoding step's attention, ask `selector` for the next step's slots (`predict_next`: only a
+        selector that knows them one token ahead has it, AttentionPredictor) and copy their pages ahead
+        (`prefetch_slots`), while the rest of the step computes; then release the forward's transient device
+        copy and the step's gathered keys and values."""
+        predict_next = getattr(selector, "predict_next", None)
+        if decoding and predict_next is not None:
+            ahead = predict_next(layer_idx, self)  # (batch, kv_heads, k) slot indices, or None: a dense step
+            if ahead is not None:
+                self.prefetch_slots(ahead)
         self._forward_kv = self._gathered = None
 
     def prefetch_slots(self, idx: torch.Tensor) -> None:

@@ -1,0 +1,36 @@
+"""The row loop's pieces the GPU benchmarks share (gpu_decode.py, gpu_offload.py): each row runs on its own (the
+peak-memory counter reset first; a failure is recorded in the row and printed on the row's line, and the other rows
+go on), its peak GPU memory is read after it, and the rows are written to a JSON file with the arguments."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+
+def attempt(fn, row: dict, rows: list, label: str, device):
+    """fn()'s result, the peak-memory counter reset first (CUDA); None when fn raised: then `row["error"]` is the
+    exception's type and first line, `label error: ...` is printed and `row` is appended to `rows`."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        return fn()
+    except Exception as e:  # one failing row must not lose the others
+        row["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+        print(f"{label} error: {row['error']}", flush=True)
+        rows.append(row)
+        return None
+
+
+def peak_gb(device) -> float:
+    """The most GPU memory allocated since the last reset (`attempt`), in GB (1e9 bytes); NaN off CUDA."""
+    return torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else float("nan")
+
+
+def write_json(path: str | None, args, rows: list) -> None:
+    """Write {"args": vars(args), "rows": rows} to `path` (nothing when path is None)."""
+    if path:
+        with open(path, "w") as f:
+            json.dump({"args": vars(args), "rows": rows}, f, indent=1)
