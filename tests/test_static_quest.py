@@ -3,6 +3,8 @@
 its page metadata kept on the device equals a rebuild from the slots; the selection matters (the logits differ
 from the full cache's); what it cannot run is refused. The Triton page kernel: tests/test_page_decode.py."""
 
+import os
+
 import pytest
 import torch
 
@@ -50,6 +52,13 @@ def _eager(model, cache, first, n):
     return torch.stack(toks, 1).tolist(), logits
 
 
+def _triton_runs() -> bool:
+    """The Triton page kernel runs here: CUDA, or the CPU under Triton's interpreter (TRITON_INTERPRET=1)."""
+    from kvsqueeze.kernels.split_kv import triton
+
+    return triton is not None and (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1")
+
+
 @pytest.fixture
 def recorded(monkeypatch):
     """Record the slots the eager Quest attends to and the pages the static one picks, per sparse step."""
@@ -89,8 +98,10 @@ def _same_pages(eager, static, page=16):
 
 
 @pytest.mark.parametrize("gqa", ["max", "raw", "mean"])
-@pytest.mark.parametrize("kernel", [None, "matmul", "eager"])
+@pytest.mark.parametrize("kernel", [None, "matmul", "eager", "triton"])
 def test_static_quest_picks_eager_pages_and_gives_eager_tokens(model, recorded, gqa, kernel):
+    if kernel == "triton" and not _triton_runs():
+        pytest.skip("triton on CUDA, or TRITON_INTERPRET=1 on the CPU, needed")
     ids = _ids()
     c1, f1 = _cache(model, ids, gqa=gqa)
     ref, ref_logits = _eager(model, c1, f1, N)

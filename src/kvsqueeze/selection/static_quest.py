@@ -46,6 +46,8 @@ class StaticQuest:
     `selector`: the eager cache's `Quest` (its budget, page, gqa rule and dense layers are used; its own state is
     not); `slots`: the static slots (capacity a multiple of `selector.page`). Memory: 2 * head_dim * 4 bytes per
     page per (sparse layer, row, kv head), i.e. head_dim / 2 bytes per slot (a quarter of bf16 K+V's 4 * head_dim).
+    `chosen` (layers, b, kv_heads, k) long: the pages each sparse layer attended to at its last step (a device
+    buffer written by `select`; -1 before the first step and for dense layers).
     Raises KVSqueezeError for another selector, a budget that is not a multiple of the page, recovery tracking,
     or a capacity that is not a multiple of the page."""
 
@@ -75,6 +77,9 @@ class StaticQuest:
             sparse = i not in self.dense_layers
             self.kmin.append(_static(torch.zeros(shape, dtype=torch.float32, device=dev)) if sparse else None)
             self.kmax.append(_static(torch.zeros(shape, dtype=torch.float32, device=dev)) if sparse else None)
+        # the pages each sparse layer attended to at its last step (inspection, tests; -1 before any step)
+        self.chosen = _static(torch.full((slots.n_layers, slots.batch, slots.kv_heads, self.k_pages), -1,
+                                         dtype=torch.long, device=dev))
         self._offs = torch.arange(page, device=dev)
         self._page_ids = torch.arange(self.n_pages, device=dev)
 
@@ -136,7 +141,9 @@ class StaticQuest:
         agg = agg.masked_fill(self._page_ids == cur, float("inf"))
         held = s.valid[layer_idx].view(b, hk, P, self.page).any(-1)
         agg = agg.masked_fill(~held, float("-inf"))
-        return agg.topk(self.k_pages, dim=-1).indices.sort(dim=-1).values
+        pages = agg.topk(self.k_pages, dim=-1).indices.sort(dim=-1).values
+        self.chosen[layer_idx].copy_(pages)
+        return pages
 
     def nbytes(self) -> int:
         """Bytes of the page metadata (every sparse layer's kmin and kmax)."""
