@@ -30,9 +30,17 @@ Decode-time eviction without attention weights is supported: StreamingLLM (the v
 not a sink: a ring over the window) and K-norm (the slot whose key has the largest L2 norm; the norms live in the
 slot-aligned `priority` buffer), PyramidKV over either (per-layer budgets). Methods whose decode-time eviction
 needs the step's attention weights (H2O, TOVA, SnapKV, ... with `compression_interval > 0`), AdaKV with decode
-eviction (its head budgets are re-split at each eviction), quantized storage, selectors (Quest,
-AttentionPredictor), sliding-window layers and attention softcapping are refused with a `KVSqueezeError` naming the
-eager path (`greedy_decode_batch`).
+eviction (its head budgets are re-split at each eviction), quantized storage, AttentionPredictor, Quest with
+decode-time eviction or offloading, sliding-window layers and attention softcapping are refused with a
+`KVSqueezeError` naming the eager path (`greedy_decode_batch`).
+
+Quest selection (Tang et al., 2024, arXiv 2406.10774) runs in the step: a cache built with `selector=Quest(...)`
+is copied with its selector as a `StaticQuest` (`selection/static_quest.py`: per-page key min / max in fixed
+buffers, refreshed on the device for the page each step writes); the step's forward carries it to the static
+attention under the keyword `kvsqueeze_pages` (transformers passes a forward's extra keyword arguments down to the
+attention function), where each sparse layer picks its top budget / page pages per kv head on the device and
+attends to them only: read in place by the Triton page kernel (`kernels/page_decode.py`), gathered by the torch
+kernels.
 
 `model.generate(input_ids, cache=<static cache>)` works, uncompiled: prefill all but the last prompt token into the
 `CompressedCache`, build the static copy, and give `generate()` the whole prompt: its first forward then brings one
@@ -279,8 +287,10 @@ class StaticCompressedCache(Cache):
         any (layer, row, kv head) holds plus `max_new_tokens`; with it (StreamingLLM, K-norm, PyramidKV over
         them, `compression_interval = N`), the largest budget plus N (exempt layers: their fill plus
         `max_new_tokens`); rounded up to a multiple of `ALIGN` (16) slots. `position` (b,) long: the position id
-        of each row's next token (default: the tokens the row has seen, its left padding not counted). Raises KVSqueezeError for what the static path cannot
-        hold (see the module docstring) and for an empty cache."""
+        of each row's next token (default: the tokens the row has seen, its left padding not counted). A `Quest`
+        selector of the cache is carried over (`pages`, a `StaticQuest`; capacity then in whole pages; its budget must
+        be a multiple of its page). Raises KVSqueezeError for what the static path cannot hold (see the module
+        docstring) and for an empty cache."""
         from .cache import CompressedCache
 
         if not isinstance(cache, CompressedCache):
