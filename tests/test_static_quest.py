@@ -243,3 +243,25 @@ def test_static_selection_is_the_eager_rule_on_random_keys(gqa):
             assert got[..., : want.shape[-1]].tolist() == want.tolist()
             moved.add(tuple(pages.flatten().tolist()))
     assert len(moved) > 3
+
+
+def test_cli_generate_compile_with_quest(tmp_path):
+    """`kvsqueeze generate --select quest --compile` answers what the eager Quest loop answers (a budget that is not
+    a whole number of pages is rounded down to whole pages, as --select-budget's help says)."""
+    from click.testing import CliRunner
+
+    from conftest import own_cache, save_tiny_llama_with_smollm2_tokenizer
+    from kvsqueeze.cli import main
+
+    d = save_tiny_llama_with_smollm2_tokenizer(tmp_path / "tiny")
+    ctx = tmp_path / "c.txt"
+    ctx.write_text("The passkey is 4821. Remember it well, it matters later on. " * 12)
+    base = ["generate", "--model", str(d), "--context-file", str(ctx), "--question", "What is the passkey?",
+            "--method", "full", "--max-new-tokens", "8", "--select", "quest", "--select-budget", "40"]
+    with own_cache(tmp_path / "cache"):
+        eager = CliRunner().invoke(main, base[:-1] + ["32"])
+        assert eager.exit_code == 0, eager.output
+        compiled = CliRunner().invoke(main, base + ["--compile"])
+        assert compiled.exit_code == 0, compiled.output
+    assert compiled.output.splitlines()[0] == eager.output.splitlines()[0]
+    assert "quest(budget=32)" in compiled.output
