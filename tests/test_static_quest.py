@@ -265,3 +265,13 @@ def test_cli_generate_compile_with_quest(tmp_path):
         assert compiled.exit_code == 0, compiled.output
     assert compiled.output.splitlines()[0] == eager.output.splitlines()[0]
     assert "quest(budget=32)" in compiled.output
+
+
+def test_a_forward_that_drops_the_pages_is_refused(model, monkeypatch):
+    """A model whose forward would not hand `kvsqueeze_pages` down to its attention (the step would silently attend
+    densely) is refused after the first step."""
+    c, f = _cache(model, _ids())
+    st = StaticCompressedCache.from_cache(c, N)
+    monkeypatch.setattr(StaticCompressedCache, "forward_kwargs", lambda self: {})
+    with pytest.raises(kq.KVSqueezeError, match="keyword arguments"):
+        StaticDecoder(model, st)(f.argmax(-1))

@@ -523,6 +523,7 @@ class StaticDecoder:
         else:
             self._step = step
         self._graphs = bool(compile) and mode == "reduce-overhead"
+        self._checked = cache.pages is None  # Quest: checked once that the model's attention saw the pages
 
     @torch.no_grad()
     def __call__(self, tokens: torch.Tensor):
@@ -536,9 +537,23 @@ class StaticDecoder:
                 logits, token = self._step(tokens)
         finally:
             c.driven = False
+        if not self._checked:  # one host sync, at the first step only
+            self._check_selected()
         # the token outlives the next replay (it is that step's input): a copy of b ints; logits are the graph's
         # own buffer, valid until the next call (clone them to keep them)
         return logits, (token.clone() if self._graphs else token)
+
+    def _check_selected(self) -> None:
+        """After the first step with Quest: every sparse layer chose its pages, i.e. the model's forward handed
+        its extra keyword arguments (`kvsqueeze_pages`) down to the attention function, as transformers' Llama,
+        Qwen, Mistral, ... do. Raises KVSqueezeError otherwise (the step would have attended densely)."""
+        q = self.cache.pages
+        sparse = [i for i in range(len(q.kmin)) if q.sparse(i)]
+        if sparse and not bool((q.chosen[sparse] >= 0).all()):
+            raise KVSqueezeError(f"{type(self.model).__name__}'s forward does not pass keyword arguments down to its "
+                                 "attention, so the static step cannot run Quest on it; decode on the eager path "
+                                 + EAGER)
+        self._checked = True
 
 
 @torch.no_grad()
