@@ -208,6 +208,10 @@ def test_capacity_holds_whole_pages(model):
     st = StaticCompressedCache.from_cache(c, 3)
     assert st.slots.capacity % 32 == 0 and st.slots.capacity >= 43
     assert st.pages.n_pages == st.slots.capacity // 32
+    # the page metadata counts in the bytes held: min and max, float32 (4 bytes), per channel (16), page, kv head
+    # (2) and sparse layer (2 and 3)
+    assert st.stats().total_bytes == (st.slots.nbytes() + st.slots.table_nbytes()
+                                      + 2 * 2 * 2 * st.pages.n_pages * 16 * 4)
     StaticDecoder(model, st)  # builds
 
 

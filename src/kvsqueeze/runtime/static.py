@@ -306,6 +306,9 @@ class StaticCompressedCache(Cache):
                                      "only (the static decode path runs Quest) " + EAGER)
             if getattr(cache, "offload_tier", None):
                 raise KVSqueezeError("an offloaded cache decodes on the eager path only " + EAGER)
+            from ..selection.static_quest import StaticQuest
+
+            StaticQuest.check(selector)
         _check_config(cache.config)
         for i, layer in enumerate(cache.layers):
             if not isinstance(layer, CompressedLayer) or layer.sliding_window:
@@ -455,10 +458,10 @@ class StaticCompressedCache(Cache):
 
     # --- memory ----------------------------------------------------------------------------------------------
     def stats(self) -> CacheStats:
-        """Bytes held: every layer's full-capacity buffers (`kv_bytes`), with the slot bookkeeping
-        (`total_bytes`), against a full cache of the tokens seen at the conversion (`full_kv_bytes`)."""
+        """Bytes held: every layer's full-capacity buffers (`kv_bytes`), with the slot bookkeeping and Quest's
+        page metadata (`total_bytes`), against a full cache of the tokens seen at the conversion (`full_kv_bytes`)."""
         kv = self.slots.nbytes()
-        total = kv + self.slots.table_nbytes()
+        total = kv + self.slots.table_nbytes() + (0 if self.pages is None else self.pages.nbytes())
         return CacheStats(kv, total, self.full_kv_bytes, self.tokens_seen, [self.slots.capacity] * self.slots.n_layers)
 
 

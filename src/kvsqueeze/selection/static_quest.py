@@ -52,13 +52,7 @@ class StaticQuest:
     or a capacity that is not a multiple of the page."""
 
     def __init__(self, selector, slots):
-        if not isinstance(selector, Quest):
-            raise KVSqueezeError(f"the static decode path runs Quest selection only, not {type(selector).__name__}")
-        if selector.budget % selector.page:
-            raise KVSqueezeError(f"the static Quest step needs a budget that is a multiple of the page "
-                                 f"({selector.page}), got {selector.budget}")
-        if selector.track_recovery:
-            raise KVSqueezeError("attention recovery tracking (track_recovery=True) runs on the eager path only")
+        self.check(selector)
         page = selector.page
         if slots.capacity % page:
             raise KVSqueezeError(f"static capacity {slots.capacity} is not a multiple of the page {page}")
@@ -82,6 +76,18 @@ class StaticQuest:
                                          dtype=torch.long, device=dev))
         self._offs = torch.arange(page, device=dev)
         self._page_ids = torch.arange(self.n_pages, device=dev)
+
+    @staticmethod
+    def check(selector) -> None:
+        """Raise KVSqueezeError unless `selector` is a Quest the static step runs (a budget in whole pages, no
+        recovery tracking): what `StaticCompressedCache.from_cache` checks before it allocates anything."""
+        if not isinstance(selector, Quest):
+            raise KVSqueezeError(f"the static decode path runs Quest selection only, not {type(selector).__name__}")
+        if selector.budget % selector.page:
+            raise KVSqueezeError(f"the static Quest step needs a budget that is a multiple of the page "
+                                 f"({selector.page}), got {selector.budget}")
+        if selector.track_recovery:
+            raise KVSqueezeError("attention recovery tracking (track_recovery=True) runs on the eager path only")
 
     def sparse(self, layer_idx: int) -> bool:
         """Whether `layer_idx` selects pages (False for `dense_layers`)."""
