@@ -49,7 +49,8 @@ def test_reference_is_masked_attention_over_the_selected_slots():
 
 
 @kernel_runs
-@pytest.mark.parametrize("B,HQ,HK,C,D,KP,page,block_n", [(1, 8, 2, 512, 64, 7, 16, 64), (2, 32, 8, 1024, 128, 16, 16, 64),
+@pytest.mark.parametrize("B,HQ,HK,C,D,KP,page,block_n", [(1, 8, 2, 512, 64, 7, 16, 64),
+                                                          (2, 32, 8, 1024, 128, 16, 16, 64),
                                                           (1, 3, 3, 192, 16, 5, 32, 32), (2, 4, 2, 256, 32, 9, 16, 16)])
 def test_kernel_matches_reference(B, HQ, HK, C, D, KP, page, block_n):
     dt = torch.bfloat16 if CUDA else torch.float32

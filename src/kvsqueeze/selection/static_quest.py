@@ -45,7 +45,8 @@ class StaticQuest:
 
     `selector`: the eager cache's `Quest` (its budget, page, gqa rule and dense layers are used; its own state is
     not); `slots`: the static slots (capacity a multiple of `selector.page`). Memory: 2 * head_dim * 4 bytes per
-    page per (sparse layer, row, kv head), i.e. head_dim / 2 bytes per slot (an eighth of bf16 K+V's 4 * head_dim bytes).
+    page per (sparse layer, row, kv head), i.e. head_dim / 2 bytes per slot (an eighth of bf16 K+V's 4 * head_dim
+    bytes).
     `chosen` (layers, b, kv_heads, k) long: the pages each sparse layer attended to at its last step (a device
     buffer written by `select`; -1 before the first step and for dense layers).
     Raises KVSqueezeError for another selector, a budget that is not a multiple of the page, recovery tracking,
