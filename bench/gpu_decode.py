@@ -13,15 +13,20 @@ timed with CUDA events; ms/token is the median step.
 Rows (`--rows` picks a subset by name):
   hf-dynamic                  transformers, eager, DynamicCache (full)
   hf-static-compiled          transformers, StaticCache + torch.compile(mode="reduce-overhead", fullgraph) (full)
-  kvsq-eager:M                kvsqueeze's eager loop over a CompressedCache (M = full, knorm, snapkv)
+  kvsq-eager:M                kvsqueeze's eager loop over a CompressedCache (M = full, knorm, snapkv, quest)
   kvsq-static:M[/kernel]      kvsqueeze's static cache, the step compiled (CUDA graphs): M = full, knorm, snapkv,
                               adakv (AdaKV over SnapKV), streaming (StreamingLLM evicting at every decoding step),
-                              knorm-decode (K-norm evicting at every decoding step); kernel = each of
+                              knorm-decode (K-norm evicting at every decoding step), quest (the full cache with
+                              Quest selection at `--budget` tokens: pages chosen on the device, attention over
+                              them only); kernel = each of
                               `--static-kernels` (sdpa: torch's fused attention over the kv-head groups; matmul:
-                              two batched products per group; triton: split-KV flash-decoding over the slots;
+                              two batched products per group; triton: split-KV flash-decoding over the slots, for
+                              quest over the selected pages read in place; sdpa / matmul gather the pages first;
                               a kernel with "+fuse", e.g. triton+fuse: q/k/v projections as one GEMV, fuse_qkv)
 Compressed rows keep 1/`--factor` of the context (compression_ratio 1 - 1/factor; streaming and knorm-decode: a budget of
-length/factor tokens).
+length/factor tokens). Quest rows hold the full cache (their KV GB and bandwidth limit count all of it, though a
+step reads only the `--budget` selected slots and the page metadata); `--quick` lowers the budget to a quarter of
+the context and keeps only layer 0 dense, so that the selection runs.
 
 Columns: ms/token, tokens/s (batch / ms), peak GPU memory (max allocated over the row, the weights and the prefill included), KV bytes held
 (the cache's key and value tensors: a static cache holds its full capacity), the bandwidth limit = (weight bytes +
@@ -60,8 +65,8 @@ LLAMA_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                 max_position_embeddings=131072)
 TINY = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             head_dim=16, vocab_size=101, max_position_embeddings=4096)
-EAGER_METHODS = ("full", "knorm", "snapkv")
-STATIC_METHODS = ("full", "knorm", "snapkv", "adakv", "streaming", "knorm-decode")
+EAGER_METHODS = ("full", "knorm", "snapkv", "quest")
+STATIC_METHODS = ("full", "knorm", "snapkv", "adakv", "streaming", "knorm-decode", "quest")
 
 
 def build_model(cfg_kwargs: dict, device: torch.device, dtype: torch.dtype, attn: str):
@@ -80,7 +85,7 @@ def build_model(cfg_kwargs: dict, device: torch.device, dtype: torch.dtype, attn
 def method_for(name: str, length: int, factor: float):
     compression_ratio = 1.0 - 1.0 / factor
     budget = max(8, int(length / factor))
-    if name == "full":
+    if name in ("full", "quest"):  # quest: the full cache, selection by the cache's selector (cache_for)
         return kq.get_method("full")
     if name == "knorm":
         return kq.get_method("knorm", compression_ratio=compression_ratio)
@@ -93,6 +98,20 @@ def method_for(name: str, length: int, factor: float):
     if name == "knorm-decode":
         return kq.get_method("knorm", budget=budget, compression_interval=1)
     raise SystemExit(f"error: unknown method {name!r}")
+
+
+def cache_for(model, mname: str, length: int, args):
+    """The eager CompressedCache of a kvsqueeze row: `method_for`'s method; for quest, Quest selection at
+    `args.budget` tokens, layers 0-1 dense (under --quick: a quarter of the context in whole pages, layer 0 dense)."""
+    selector = None
+    if mname == "quest":
+        from kvsqueeze.selection import Quest
+
+        budget, dense = args.budget, (0, 1)  # layers 0-1 dense, as the Quest paper
+        if args.quick:  # tiny model: 2 layers, a short context
+            budget, dense = max(32, min(budget, length // 4 // 16 * 16)), (0,)
+        selector = Quest(budget, dense_layers=dense)
+    return kq.CompressedCache(model, method_for(mname, length, args.factor), selector=selector)
 
 
 class Clock:
@@ -217,8 +236,7 @@ def run_row(name, model, ids, args, device, compile_opts):
         return ms, kv_bytes_of(cache)
     kind, _, spec = name.partition(":")
     mname, _, kernel = spec.partition("/")
-    method = method_for(mname, length, args.factor)
-    cache = kq.CompressedCache(model, method)
+    cache = cache_for(model, mname, length, args)
     first = prefill(model, cache, ids, args.chunk)
     if kind == "kvsq-eager":
         tok = first.argmax(-1)
@@ -263,6 +281,8 @@ def main(argv=None) -> int:
     ap.add_argument("--lengths", default="4096,32768", help="Context lengths, comma-separated.")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--factor", type=float, default=8.0, help="Compression factor of the compressed rows.")
+    ap.add_argument("--budget", type=int, default=4096, help="Quest rows: tokens attended per step (a multiple "
+                                                             "of 16; issue 12's goal: 4096).")
     ap.add_argument("--steps", type=int, default=32, help="Timed decoding steps per row.")
     ap.add_argument("--warmup", type=int, default=5, help="Untimed steps first (compilation, graph capture).")
     ap.add_argument("--chunk", type=int, default=4096, help="Prefill chunk (tokens).")

@@ -27,3 +27,19 @@ def test_quick_mode_writes_rows(tmp_path):
     # the compressed caches hold less than the full ones (streaming: a budget of length / 8 plus one slot)
     assert by["kvsq-static:streaming/sdpa"]["kv_bytes"] < by["hf-dynamic"]["kv_bytes"] / 4
     assert by["kvsq-eager:knorm"]["kv_bytes"] < by["hf-dynamic"]["kv_bytes"] / 4
+
+
+def test_quick_mode_runs_the_quest_rows(tmp_path):
+    """Quest rows (issue 12: budget 4096 on the GPU; --quick: a quarter of the context) run eager and static, the
+    static one with each torch kernel; the static cache holds the full context."""
+    out = tmp_path / "rows.json"
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_decode.py"), "--quick", "--rows",
+                        "kvsq-eager:full,kvsq-eager:quest,kvsq-static:quest", "--static-kernels", "sdpa,matmul",
+                        "--json", str(out)], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    data = {d["row"]: d for d in json.loads(out.read_text())["rows"]}
+    assert list(data) == ["kvsq-eager:full", "kvsq-eager:quest", "kvsq-static:quest/sdpa", "kvsq-static:quest/matmul"]
+    for d in data.values():
+        assert "error" not in d, d
+        assert d["ms_per_token"] > 0
+    assert data["kvsq-static:quest/sdpa"]["kv_bytes"] >= data["kvsq-eager:full"]["kv_bytes"]

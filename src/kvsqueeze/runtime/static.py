@@ -30,9 +30,17 @@ Decode-time eviction without attention weights is supported: StreamingLLM (the v
 not a sink: a ring over the window) and K-norm (the slot whose key has the largest L2 norm; the norms live in the
 slot-aligned `priority` buffer), PyramidKV over either (per-layer budgets). Methods whose decode-time eviction
 needs the step's attention weights (H2O, TOVA, SnapKV, ... with `compression_interval > 0`), AdaKV with decode
-eviction (its head budgets are re-split at each eviction), quantized storage, selectors (Quest,
-AttentionPredictor), sliding-window layers and attention softcapping are refused with a `KVSqueezeError` naming the
-eager path (`greedy_decode_batch`).
+eviction (its head budgets are re-split at each eviction), quantized storage, AttentionPredictor, Quest with
+decode-time eviction or offloading, sliding-window layers and attention softcapping are refused with a
+`KVSqueezeError` naming the eager path (`greedy_decode_batch`).
+
+Quest selection (Tang et al., 2024, arXiv 2406.10774) runs in the step: a cache built with `selector=Quest(...)`
+is copied with its selector as a `StaticQuest` (`selection/static_quest.py`: per-page key min / max in fixed
+buffers, refreshed on the device for the page each step writes); the step's forward carries it to the static
+attention under the keyword `kvsqueeze_pages` (transformers passes a forward's extra keyword arguments down to the
+attention function), where each sparse layer picks its top budget / page pages per kv head on the device and
+attends to them only: read in place by the Triton page kernel (`kernels/page_decode.py`), gathered by the torch
+kernels.
 
 `model.generate(input_ids, cache=<static cache>)` works, uncompiled: prefill all but the last prompt token into the
 `CompressedCache`, build the static copy, and give `generate()` the whole prompt: its first forward then brings one
@@ -45,6 +53,7 @@ model inside a captured graph is not supported); the compiled step is `StaticDec
 from __future__ import annotations
 
 import contextlib
+import math
 import sys
 
 import torch
@@ -74,12 +83,32 @@ def _layer_rows(module, attention_mask: torch.Tensor, b: int) -> torch.Tensor:
     return attention_mask[li * b:(li + 1) * b]
 
 
+PAGES_KW = "kvsqueeze_pages"  # the forward kwarg carrying a cache's `StaticQuest` down to the static attention
+
+
+def _selected(module, query, key, value, m, scaling, kwargs):
+    """Quest in the static step: when the forward carries a `StaticQuest` (kwarg `kvsqueeze_pages`) and this
+    layer is sparse, its selected pages (b, hk, k) and the keys, values (b, hk, k * page, d) and mask rows
+    (b, hk, 1, k * page) of those pages (a gather: the torch kernels' way; the Triton kernel reads the pages in
+    place); else (None, key, value, m) unchanged."""
+    quest = kwargs.pop(PAGES_KW, None)
+    pages = None if quest is None else quest.select(module.layer_idx, query, scaling)
+    if pages is None:
+        return None, key, value, m
+    from ..kernels.page_decode import gather_pages
+
+    key, value, ok = gather_pages(key, value, m[:, :, 0], pages, quest.page)
+    return pages, key, value, ok[:, :, None]
+
+
 def _static_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
     """sdpa over every slot of a static layer: query (b, hq, 1, d), key / value (b, hk, capacity, d); the hq // hk
-    query heads of a group are the rows of one query per kv head (no repeated keys). Returns (b, 1, hq, d)."""
+    query heads of a group are the rows of one query per kv head (no repeated keys). Returns (b, 1, hq, d). With
+    Quest (`_selected`), over the selected pages' slots only."""
     b, hq, q, d = query.shape
     hk = key.shape[1]
     m = _layer_rows(module, attention_mask, b)  # (b, hk, 1, C)
+    _, key, value, m = _selected(module, query, key, value, m, scaling, kwargs)
     qg = query.reshape(b, hk, (hq // hk) * q, d)
     out = F.scaled_dot_product_attention(qg, key, value, attn_mask=m, scale=scaling)
     return out.reshape(b, hq, q, -1).transpose(1, 2).contiguous(), None
@@ -87,12 +116,13 @@ def _static_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling
 
 def _static_eager(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """The model's own `eager_attention_forward` over every slot, with this layer's rows of the slot mask as an
-    additive mask (b, hq, 1, capacity)."""
+    additive mask (b, hq, 1, capacity). With Quest (`_selected`), over the selected pages' slots only."""
     fn = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
     if fn is None:
         raise KVSqueezeError(f"{type(module).__name__} has no eager_attention_forward; use attn_implementation='sdpa'")
     b, hq = query.shape[:2]
     m = _layer_rows(module, attention_mask, b)
+    _, key, value, m = _selected(module, query, key, value, m, scaling, kwargs)
     m = m.repeat_interleave(hq // m.shape[1], dim=1)
     add = torch.zeros(m.shape, dtype=query.dtype, device=query.device).masked_fill(~m, torch.finfo(query.dtype).min)
     return fn(module, query, key, value, add, dropout=dropout, scaling=scaling, **kwargs)
@@ -102,10 +132,12 @@ def _static_matmul(module, query, key, value, attention_mask, dropout=0.0, scali
     """Decode attention as two batched matrix products over each kv-head group (no repeated keys): scores
     (b, hk, g, capacity) = q K^T * scaling, masked, softmax in float32 (as transformers' eager attention), then
     times V. For one query token, cuBLAS spreads the long capacity axis over the GPU where a fused kernel
-    without split-KV would run one block per (row, head). Returns (b, 1, hq, d)."""
+    without split-KV would run one block per (row, head). With Quest (`_selected`), over the gathered selected
+    pages (the torch reference of the Triton page kernel). Returns (b, 1, hq, d)."""
     b, hq, q, d = query.shape
     hk = key.shape[1]
     m = _layer_rows(module, attention_mask, b)  # (b, hk, 1, C)
+    _, key, value, m = _selected(module, query, key, value, m, scaling, kwargs)
     qg = query.reshape(b, hk, (hq // hk) * q, d)
     scale = scaling if scaling is not None else d ** -0.5
     s = torch.matmul(qg, key.transpose(-1, -2)) * scale
@@ -117,12 +149,19 @@ def _static_matmul(module, query, key, value, attention_mask, dropout=0.0, scali
 
 def _static_triton(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """Split-KV Triton decode attention over the slots (`kernels/slot_decode.py`): every slot read once, the
-    layer's slot mask read in place. Returns (b, 1, hq, d)."""
+    layer's slot mask read in place. With Quest, over the selected pages read in place
+    (`kernels/page_decode.py`: no gather copy). Returns (b, 1, hq, d)."""
+    from ..kernels.page_decode import page_decode_attention
     from ..kernels.slot_decode import slot_decode_attention
 
     b = query.shape[0]
     m = _layer_rows(module, attention_mask, b)  # (b, hk, 1, C)
-    out = slot_decode_attention(query[:, :, 0], key, value, m[:, :, 0], scale=scaling)
+    quest = kwargs.get(PAGES_KW)
+    pages = None if quest is None else quest.select(module.layer_idx, query, scaling)
+    if pages is not None:
+        out = page_decode_attention(query[:, :, 0], key, value, m[:, :, 0], pages, quest.page, scale=scaling)
+    else:
+        out = slot_decode_attention(query[:, :, 0], key, value, m[:, :, 0], scale=scaling)
     return out[:, None], None
 
 
@@ -241,6 +280,7 @@ class StaticCompressedCache(Cache):
         self.full_kv_bytes = full_kv_bytes
         self.driven = False  # True while a StaticDecoder runs a step (the routing hooks then stay out)
         self.hook_depth, self.hook_saved = 0, None  # a forward driven by the routing hooks (model.generate)
+        self.pages = None  # a StaticQuest (selection/static_quest.py) when the eager cache had a Quest selector
 
     @property
     def is_compileable(self) -> bool:
@@ -259,17 +299,28 @@ class StaticCompressedCache(Cache):
         any (layer, row, kv head) holds plus `max_new_tokens`; with it (StreamingLLM, K-norm, PyramidKV over
         them, `compression_interval = N`), the largest budget plus N (exempt layers: their fill plus
         `max_new_tokens`); rounded up to a multiple of `ALIGN` (16) slots. `position` (b,) long: the position id
-        of each row's next token (default: the tokens the row has seen, its left padding not counted). Raises KVSqueezeError for what the static path cannot
-        hold (see the module docstring) and for an empty cache."""
+        of each row's next token (default: the tokens the row has seen, its left padding not counted). A `Quest`
+        selector of the cache is carried over (`pages`, a `StaticQuest`; capacity then in whole pages; its budget must
+        be a multiple of its page). Raises KVSqueezeError for what the static path cannot hold (see the module
+        docstring) and for an empty cache."""
         from .cache import CompressedCache
 
         if not isinstance(cache, CompressedCache):
             raise KVSqueezeError(f"StaticCompressedCache.from_cache needs a CompressedCache, got {type(cache).__name__}")
         if max_new_tokens < 1:
             raise KVSqueezeError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        if cache.selector is not None:
-            raise KVSqueezeError("decode-time selection (Quest, AttentionPredictor) runs on the eager path only "
-                                 + EAGER)
+        selector = cache.selector
+        if selector is not None:
+            from ..selection import Quest
+
+            if not isinstance(selector, Quest):
+                raise KVSqueezeError(f"decode-time selection by {type(selector).__name__} runs on the eager path "
+                                     "only (the static decode path runs Quest) " + EAGER)
+            if getattr(cache, "offload_tier", None):
+                raise KVSqueezeError("an offloaded cache decodes on the eager path only " + EAGER)
+            from ..selection.static_quest import StaticQuest
+
+            StaticQuest.check(selector)
         _check_config(cache.config)
         for i, layer in enumerate(cache.layers):
             if not isinstance(layer, CompressedLayer) or layer.sliding_window:
@@ -282,6 +333,9 @@ class StaticCompressedCache(Cache):
                                      "(MiniCache, xKV) storage decode on the eager path only " + EAGER)
         method = cache.method
         rule = _decode_rule(method)
+        if selector is not None and rule is not None:
+            raise KVSqueezeError("Quest selection with decode-time eviction (compression_interval > 0) runs on "
+                                 "the eager path only " + EAGER)
         every = method.compression_interval if rule is not None else 0
         exempt = set(getattr(method, "exempt_layers", ()) or ())
         layers = cache.layers
@@ -304,7 +358,8 @@ class StaticCompressedCache(Cache):
         cap = 1
         for fill, lim in zip(fills, limits):
             cap = max(cap, fill + max_new_tokens if lim is None else max(fill, int(lim.max())) + every)
-        cap = -(-cap // ALIGN) * ALIGN  # aligned rows for the attention kernels; the extra slots stay empty
+        align = ALIGN if selector is None else math.lcm(ALIGN, selector.page)  # whole Quest pages
+        cap = -(-cap // align) * align  # aligned rows for the attention kernels; the extra slots stay empty
         slots = StaticSlots(len(layers), b, h, cap, l0.head_dim, l0.dtype, dev, evicts=rule is not None,
                             value_dim=l0.values.shape[-1])
         for i, layer in enumerate(layers):
@@ -330,6 +385,11 @@ class StaticCompressedCache(Cache):
                   max_new_tokens, cache.config, decode_step=cache.decode_step, full_kv_bytes=full)
         out._exempt = sorted(exempt)
         out._exempt_mask = torch.tensor([i in exempt for i in range(len(layers))], device=dev).view(-1, 1, 1)
+        if selector is not None:
+            from ..selection.static_quest import StaticQuest
+
+            out.pages = StaticQuest(selector, slots)
+            out.pages.load()
         return out
 
     # --- what the model calls ------------------------------------------------------------------------------
@@ -342,7 +402,10 @@ class StaticCompressedCache(Cache):
         prio = None
         if self.rule is not None and self.rule[0] == "norm" and layer_idx not in self._exempt:
             prio = -key_states[:, :, 0].float().norm(dim=-1)
-        return self.slots.write_kv(layer_idx, key_states, value_states, prio)
+        out = self.slots.write_kv(layer_idx, key_states, value_states, prio)
+        if self.pages is not None:  # Quest: the written page's key min / max (on the device)
+            self.pages.refresh(layer_idx)
+        return out
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.tokens_seen
@@ -361,7 +424,12 @@ class StaticCompressedCache(Cache):
                 "ids one token longer than what the cache has seen (prefill all but the last prompt token into the "
                 "CompressedCache before StaticCompressedCache.from_cache)")
         self._count_step()
-        return dict(kwargs, position_ids=self.begin_step(), attention_mask=self.mask())
+        return dict(kwargs, position_ids=self.begin_step(), attention_mask=self.mask(), **self.forward_kwargs())
+
+    def forward_kwargs(self) -> dict:
+        """Extra keyword arguments of a step's model forward: the `StaticQuest` under `kvsqueeze_pages` (transformers
+        hands a forward's extra keyword arguments down to the attention function) when the cache selects pages."""
+        return {} if self.pages is None else {PAGES_KW: self.pages}
 
     def finish_forward(self) -> None:
         """After such a forward (the routing post-hook): evict where due and move the write slots."""
@@ -402,10 +470,10 @@ class StaticCompressedCache(Cache):
 
     # --- memory ----------------------------------------------------------------------------------------------
     def stats(self) -> CacheStats:
-        """Bytes held: every layer's full-capacity buffers (`kv_bytes`), with the slot bookkeeping
-        (`total_bytes`), against a full cache of the tokens seen at the conversion (`full_kv_bytes`)."""
+        """Bytes held: every layer's full-capacity buffers (`kv_bytes`), with the slot bookkeeping and Quest's
+        page metadata (`total_bytes`), against a full cache of the tokens seen at the conversion (`full_kv_bytes`)."""
         kv = self.slots.nbytes()
-        total = kv + self.slots.table_nbytes()
+        total = kv + self.slots.table_nbytes() + (0 if self.pages is None else self.pages.nbytes())
         return CacheStats(kv, total, self.full_kv_bytes, self.tokens_seen, [self.slots.capacity] * self.slots.n_layers)
 
 
@@ -449,7 +517,7 @@ class StaticDecoder:
         self.model, self.cache, self.kernel = model, cache, kernel
         self._configs = attention_configs(model)
         self._fused = build_fused_qkv(model) if fuse_qkv else None
-        kw = cache_kwargs(model, cache)
+        kw = dict(cache_kwargs(model, cache), **cache.forward_kwargs())
 
         def step(tokens: torch.Tensor):
             pos = cache.begin_step()
@@ -473,6 +541,7 @@ class StaticDecoder:
         else:
             self._step = step
         self._graphs = bool(compile) and mode == "reduce-overhead"
+        self._checked = cache.pages is None  # Quest: checked once that the model's attention saw the pages
 
     @torch.no_grad()
     def __call__(self, tokens: torch.Tensor):
@@ -486,9 +555,23 @@ class StaticDecoder:
                 logits, token = self._step(tokens)
         finally:
             c.driven = False
+        if not self._checked:  # one host sync, at the first step only
+            self._check_selected()
         # the token outlives the next replay (it is that step's input): a copy of b ints; logits are the graph's
         # own buffer, valid until the next call (clone them to keep them)
         return logits, (token.clone() if self._graphs else token)
+
+    def _check_selected(self) -> None:
+        """After the first step with Quest: every sparse layer chose its pages, i.e. the model's forward handed
+        its extra keyword arguments (`kvsqueeze_pages`) down to the attention function, as transformers' Llama,
+        Qwen, Mistral, ... do. Raises KVSqueezeError otherwise (the step would have attended densely)."""
+        q = self.cache.pages
+        sparse = [i for i in range(len(q.kmin)) if q.sparse(i)]
+        if sparse and not bool((q.chosen[sparse] >= 0).all()):
+            raise KVSqueezeError(f"{type(self.model).__name__}'s forward does not pass keyword arguments down to its "
+                                 "attention, so the static step cannot run Quest on it; decode on the eager path "
+                                 + EAGER)
+        self._checked = True
 
 
 @torch.no_grad()
