@@ -111,6 +111,9 @@ def test_tuned_and_default_are_distinct_rows_and_resume(tmp_path):
         r = CliRunner().invoke(main, args)
         assert r.exit_code == 0, r.output
         assert "2 rows added, 0 already stored" in r.output
+        # the printed table keeps the two configurations apart
+        assert "kvmerger(protect_share=0.25,threshold=0.5)" in r.output
+        assert "kvmerger(protect_share=0.5,threshold=0.75)" in r.output
         df = ResultStore(db).frame()
         params = sorted((json.loads(p) for p in df.params_json), key=lambda p: p["threshold"])
         assert list(df.method) == ["kvmerger", "kvmerger"]
