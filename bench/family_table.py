@@ -41,10 +41,25 @@ def _strip(p, drop=("compression_ratio", "budget", "quant", "select", "select_bu
     return p
 
 
+def default_params(method: str) -> str | None:
+    """The stripped parameters (`_strip`, JSON) of `method` as `kvsqueeze.methods.get_method` builds it with no
+    parameter given: the method's default (the paper's setting unless its docstring says otherwise); None for a
+    name kvsqueeze does not know."""
+    from kvsqueeze.evaluation.sweep import method_params
+
+    try:
+        from kvsqueeze.methods import get_method
+
+        return json.dumps(_strip(method_params(get_method(method))), sort_keys=True)
+    except KVSqueezeError:
+        return None
+
+
 def points(df):
     """One row per (task, method variant, storage, compression_ratio) and per (overall, ...): mean score over the
     samples (overall: the mean of the tasks' means, for configurations present on every task), mean 16-bit KV
-    bytes, mean context tokens, and one sample's step."""
+    bytes, mean context tokens, and one sample's step. A method with several variants in the store is labelled by
+    the parameters that tell them apart ("kvmerger (threshold=0.5)"), its default variant marked "[default]"."""
     import pandas as pd
 
     d = df.copy()
@@ -61,7 +76,8 @@ def points(df):
                 continue
             mine, others = json.loads(v), [json.loads(o) for o in variants if o != v]
             diff = {k: x for k, x in mine.items() if any(o.get(k) != x for o in others)}
-            names[(m, v)] = m + " (" + ", ".join(f"{k}={x}" for k, x in sorted(diff.items())) + ")"
+            names[(m, v)] = m + " (" + ", ".join(f"{k}={x}" for k, x in sorted(diff.items())) + ")" + (
+                " [default]" if v == default_params(m) else "")
     d["variant"] = [names[(m, v)] for m, v in zip(d.method, d._params)]
     rows = []
     keys = ["variant", "method", "quant", "compression_ratio"]
@@ -99,16 +115,20 @@ def base_at(pts, base: str, quant: str, kv: float) -> float | None:
     return float(np.interp(x, xs, ys))
 
 
+def _cfg(r) -> str:
+    return f"{r.variant} @{r.compression_ratio:g}" + ("" if r.quant == "none" else f" + {r.quant}")
+
+
 def table(pts, pairs: dict[str, str]) -> list[str]:
-    lines = [f"{'task':<12} {'configuration':<40} {'score':>6} {'+-1':>6} {'KiB (16-bit)':>13} {'B/token':>8} "
+    rows = [r for r in pts.sort_values(["task", "variant", "quant", "compression_ratio"]).itertuples()
+            if r.method in pairs]
+    w = max([40] + [len(_cfg(r)) for r in rows])
+    lines = [f"{'task':<12} {'configuration':<{w}} {'score':>6} {'+-1':>6} {'KiB (16-bit)':>13} {'B/token':>8} "
              f"{'base':<14} {'base @ bytes':>12} {'diff':>7}"]
-    for r in pts.sort_values(["task", "variant", "quant", "compression_ratio"]).itertuples():
-        if r.method not in pairs:
-            continue
+    for r in rows:
         base = pairs[r.method]
         b = base_at(pts[pts.task == r.task], base, r.quant, r.kv)
-        cfg = f"{r.variant} @{r.compression_ratio:g}" + ("" if r.quant == "none" else f" + {r.quant}")
-        lines.append(f"{r.task:<12} {cfg:<40} {r.score:6.3f} {r.step:6.3f} {r.kv / 1024:13.1f} "
+        lines.append(f"{r.task:<12} {_cfg(r):<{w}} {r.score:6.3f} {r.step:6.3f} {r.kv / 1024:13.1f} "
                      f"{r.kv / r.tokens:8.1f} {base:<14} {('%.3f' % b) if b is not None else 'out of range':>12} "
                      f"{('%+.3f' % (r.score - b)) if b is not None else '':>7}")
     return lines

@@ -41,6 +41,7 @@ import torch
 import kvsqueeze as kq
 import kvsqueeze.runtime.attention as attention_mod
 from kvsqueeze.evaluation.sweep import make_pairs, run_sweep
+from kvsqueeze.methods import split_methods
 from kvsqueeze.tasks import TaskConfig, build_samples
 
 
@@ -72,7 +73,7 @@ def main() -> int:
 
     model, tok = kq.load_model(a.model)
     samples = build_samples(tok, a.tasks, TaskConfig(length=a.length, samples=a.samples))
-    methods = [m.strip() for m in a.methods.split(",")]
+    methods = split_methods(a.methods)  # commas inside name(key=value,...) stay
     compression_ratios = [float(r) for r in a.compression_ratios.split(",")]
     pairs = make_pairs(methods, compression_ratios)
     from kvsqueeze.runtime.calibration import prepare

@@ -212,7 +212,9 @@ def register(main: click.Group) -> None:
 
     @click.command("sweep")
     @click.option("--methods", default="all", show_default=True,
-                  help="Comma-separated method names, or 'all' (see `kvsqueeze methods`). 'full' runs once.")
+                  help="Comma-separated method names, or 'all' (see `kvsqueeze methods`). 'full' runs once. A method's "
+                       "parameters go in parentheses (commas inside them do not split): "
+                       "'kvmerger,kvmerger(threshold=0.5)' runs the default and the tuned one as two configurations.")
     @click.option("--compression-ratios", "--ratios", "compression_ratios", default="0.5,0.75,0.875",
                   show_default=True, help="Comma-separated fractions of tokens removed (kvpress's compression_ratio).")
     @click.option("--exempt-layers", default="", help="Comma-separated layer indices never compressed.")
@@ -221,10 +223,10 @@ def register(main: click.Group) -> None:
     @task_options
     def sweep_cmd(methods, compression_ratios, exempt_layers, compression_interval, **kw):
         """Evaluate a grid of methods x compression_ratios x tasks x samples, one prefill per sample (resumable)."""
-        from ..methods import ALL, METHODS
+        from ..methods import ALL, METHODS, split_methods
         from ..evaluation.sweep import make_pairs
 
-        names = list(ALL) if methods.strip() == "all" else [x.strip() for x in methods.split(",") if x.strip()]
+        names = list(ALL) if methods.strip() == "all" else split_methods(methods)
         if not names:
             raise KVSqueezeError("--methods is empty")
         rs = _floats(compression_ratios, "--compression-ratios", 0.0, 1.0, True)

@@ -26,7 +26,8 @@ def method_options(f):
                      show_default=True, callback=_ratio,
                      help="Fraction of tokens removed (kvpress's compression_ratio; 0.75 keeps a quarter).")(f)
     f = click.option("--method", default="tova", show_default=True,
-                     help="Method name (see `kvsqueeze methods`); wrappers take a scorer: adakv:tova, pyramidkv:knorm. "
+                     help="Method name (see `kvsqueeze methods`); wrappers take a scorer: adakv:tova, pyramidkv:knorm; "
+                          "parameters in parentheses after the name: 'minicache(t=0.3,start_layer=20)'. "
                           "TOVA is the default: the strongest question-agnostic method of the README's passkey table "
                           "(question-agnostic SnapKV keeps no needle there).")(f)
     return f

@@ -31,7 +31,8 @@ def register_recommend(main) -> None:
     @click.option("--max-bytes", default=None,
                   help="Or: the most 16-bit KV bytes the cache may hold per calibration sample (512K, 2M, ...).")
     @click.option("--methods", default=DEFAULT_METHODS, show_default=True,
-                  help="Candidate methods, comma-separated ('full' with --quant: quantization only).")
+                  help="Candidate methods, comma-separated ('full' with --quant: quantization only); parameters in "
+                       "parentheses: 'kvmerger(threshold=0.5)'.")
     @click.option("--compression-ratios", "--ratios", "compression_ratios", default=DEFAULT_RATIOS, show_default=True,
                   help="Candidate fractions of tokens removed (kvpress's compression_ratio).")
     @click.option("--quant", "quant", default=DEFAULT_QUANTS, show_default=True,
@@ -63,7 +64,7 @@ def register_recommend(main) -> None:
                       tolerance, results, config_out, verify_seed, verify_samples, batch_size, code_version, quiet,
                       device="cpu", dtype="auto", attn_implementation="sdpa"):
         """Pick the configuration with the best measured score at a byte budget (short calibration sweep)."""
-        from ..methods import ALL, METHODS
+        from ..methods import ALL, METHODS, split_methods
         from ..models import cache_dir, load_model
         from ..tasks import TaskConfig, build_samples, expand_tasks
         from ..evaluation.store import ResultStore, code_version as auto_version
@@ -75,7 +76,7 @@ def register_recommend(main) -> None:
             raise KVSqueezeError(f"--verify-seed must differ from the calibration --seed ({seed})")
         tgt = parse_target(target) if target is not None else None
         mb = parse_bytes(max_bytes) if max_bytes is not None else None
-        names = list(ALL) if methods.strip() == "all" else [x.strip() for x in methods.split(",") if x.strip()]
+        names = list(ALL) if methods.strip() == "all" else split_methods(methods)
         if not names:
             raise KVSqueezeError("--methods is empty")
         rs = _floats(compression_ratios, "--compression-ratios", 0.0, 1.0, True)

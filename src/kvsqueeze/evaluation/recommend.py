@@ -192,8 +192,10 @@ def line(row) -> str:
 def config_dict(pair, model: str, row: dict | None = None, info: dict | None = None) -> dict:
     """The JSON `kvsqueeze generate --config FILE` reads for a sweep `Pair`: generate's options (the method as
     given, before the scheme wraps it), plus `recommended` (how it was measured) when `row` / `info` are given."""
+    from ..methods import method_spec
+
     base = pair.base or pair.method
-    cfg = {"model": model, "method": base.name,
+    cfg = {"model": model, "method": method_spec(base),  # name[:scorer][(tuned parameters)]: get_method reads it
            "compression_ratio": (0.0 if base.name == "full"
                                  else (base.compression_ratio if base.budget is None else 0.5)),
            "budget": base.budget,
@@ -213,7 +215,9 @@ def config_dict(pair, model: str, row: dict | None = None, info: dict | None = N
 
 def generate_line(cfg: dict) -> str:
     """The `kvsqueeze generate` command line equivalent to a config dict (defaults left out)."""
-    parts = ["kvsqueeze generate", f"--model {cfg['model']}", f"--method {cfg['method']}"]
+    import shlex
+
+    parts = ["kvsqueeze generate", f"--model {cfg['model']}", f"--method {shlex.quote(cfg['method'])}"]
     if cfg.get("budget") is not None:
         parts.append(f"--budget {cfg['budget']}")
     elif cfg["method"] != "full":

@@ -225,10 +225,45 @@ class ResultStore:
         return pd.read_sql_query("SELECT * FROM results ORDER BY id", self.conn)
 
 
+_NOT_VARIANT = {"name", "quant", "select", "select_budget", "offload", "protocol"}  # columns, or the same per row
+
+
+def variant_labels(df) -> list[str]:
+    """The `method` column of a results frame with, for a method stored with several parameter sets, the
+    parameters that set its variants apart: ["kvmerger(threshold=0.5)", "kvmerger(threshold=0.75)", "h2o", ...]
+    (one per row). Storage, selection and the protocol are not parameters here (they have columns); a nested
+    method (a scorer) counts by its name, so its compression_ratio, which follows the row's, never splits a
+    method."""
+    def stripped(pj: str) -> str:
+        p = json.loads(pj) if pj else {}
+        return json.dumps({k: (v.get("name") if isinstance(v, dict) else v) for k, v in p.items()
+                           if k not in _NOT_VARIANT}, sort_keys=True, default=str)
+
+    keys = [stripped(p) for p in df.params_json] if "params_json" in df else [""] * len(df)
+    by_method: dict[str, list[str]] = {}
+    for m, k in zip(df.method, keys):
+        by_method.setdefault(m, [])
+        if k not in by_method[m]:
+            by_method[m].append(k)
+    labels = {}
+    for m, variants in by_method.items():
+        for v in variants:
+            if len(variants) == 1:
+                labels[(m, v)] = m
+                continue
+            mine, others = json.loads(v), [json.loads(o) for o in variants if o != v]
+            diff = {k: x for k, x in mine.items() if any(o.get(k) != x for o in others)}
+            labels[(m, v)] = f"{m}(" + ",".join(f"{k}={x}" for k, x in sorted(diff.items())) + ")"
+    return [labels[(m, k)] for m, k in zip(df.method, keys)]
+
+
 def summary_table(df, value: str = "score"):
-    """Mean `value` per (method, compression_ratio) row and task column: the table printed after a sweep."""
+    """Mean `value` per (method, compression_ratio) row and task column: the table printed after a sweep. A method
+    stored with several parameter sets (a tuned and a default configuration) gets one row per set, labelled by
+    `variant_labels`."""
     if df.empty:
         return df
+    df = df.assign(method=variant_labels(df))
     index = ["method", "compression_ratio"]
     extra = [c for c in ("quant", "select", "select_budget") if c in df and df[c].notna().any()]
     if extra:  # storage / selection sweeps: one row per configuration ("-": full precision, dense)
