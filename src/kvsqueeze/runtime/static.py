@@ -54,6 +54,8 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from ..compat import cache_kwargs
 from ..errors import KVSqueezeError
+from ..quant.kivi import KIVIStore
+from ..quant.kivi_static import StaticKIVI
 from ..storage.layer import CompressedLayer
 from ..storage.stats import CacheStats
 from ..storage.static import StaticSlots, _static
@@ -64,6 +66,21 @@ EAGER = "(`kvsqueeze generate` without --compile; static=False in Python)"  # wh
 
 
 # --- the attention functions of the static step ---------------------------------------------------------------
+# The static KIVI buffers of the step running now (`StaticKIVI`; None for fp16 slots): set by
+# `StaticCompressedCache.update` just before the layer's attention function runs (the attention interface is given
+# the layer's residual buffers, not the packed ones), read by the attention functions below.
+_ACTIVE_KIVI: list = [None]
+
+
+def _kivi_attention(module, query, scaling, kernel):
+    """The layer's attention over static KIVI buffers (b, 1, hq, d), or None when the step's cache holds fp16
+    slots."""
+    kv = _ACTIVE_KIVI[0]
+    if kv is None:
+        return None
+    return kv.attention(module.layer_idx, query, scaling, kernel)
+
+
 def _layer_rows(module, attention_mask: torch.Tensor, b: int) -> torch.Tensor:
     """This layer's (b, kv_heads, 1, capacity) bool rows of the stacked per-layer mask."""
     if attention_mask is None or attention_mask.dim() != 4:
@@ -76,6 +93,9 @@ def _layer_rows(module, attention_mask: torch.Tensor, b: int) -> torch.Tensor:
 def _static_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
     """sdpa over every slot of a static layer: query (b, hq, 1, d), key / value (b, hk, capacity, d); the hq // hk
     query heads of a group are the rows of one query per kv head (no repeated keys). Returns (b, 1, hq, d)."""
+    kivi_out = _kivi_attention(module, query, scaling, None)
+    if kivi_out is not None:
+        return kivi_out, None
     b, hq, q, d = query.shape
     hk = key.shape[1]
     m = _layer_rows(module, attention_mask, b)  # (b, hk, 1, C)
@@ -87,6 +107,9 @@ def _static_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling
 def _static_eager(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """The model's own `eager_attention_forward` over every slot, with this layer's rows of the slot mask as an
     additive mask (b, hq, 1, capacity)."""
+    kivi_out = _kivi_attention(module, query, scaling, None)
+    if kivi_out is not None:
+        return kivi_out, None
     fn = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
     if fn is None:
         raise KVSqueezeError(f"{type(module).__name__} has no eager_attention_forward; use attn_implementation='sdpa'")
@@ -102,6 +125,9 @@ def _static_matmul(module, query, key, value, attention_mask, dropout=0.0, scali
     (b, hk, g, capacity) = q K^T * scaling, masked, softmax in float32 (as transformers' eager attention), then
     times V. For one query token, cuBLAS spreads the long capacity axis over the GPU where a fused kernel
     without split-KV would run one block per (row, head). Returns (b, 1, hq, d)."""
+    kivi_out = _kivi_attention(module, query, scaling, None)
+    if kivi_out is not None:
+        return kivi_out, None
     b, hq, q, d = query.shape
     hk = key.shape[1]
     m = _layer_rows(module, attention_mask, b)  # (b, hk, 1, C)
@@ -117,6 +143,9 @@ def _static_matmul(module, query, key, value, attention_mask, dropout=0.0, scali
 def _static_triton(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """Split-KV Triton decode attention over the slots (`kernels/slot_decode.py`): every slot read once, the
     layer's slot mask read in place. Returns (b, 1, hq, d)."""
+    kivi_out = _kivi_attention(module, query, scaling, "triton")
+    if kivi_out is not None:
+        return kivi_out, None
     from ..kernels.slot_decode import slot_decode_attention
 
     b = query.shape[0]
@@ -265,9 +294,14 @@ class StaticCompressedCache(Cache):
                                      "path supports full-attention layers only " + EAGER)
             if not layer.is_initialized or layer.positions is None or layer.positions.shape[-1] == 0:
                 raise KVSqueezeError("the cache is empty: prefill it before building the static cache")
+        kinds = {type(layer.store) for layer in cache.layers}
+        if kinds == {KIVIStore}:
+            return cls._from_kivi(cache, max_new_tokens, position)
+        for i, layer in enumerate(cache.layers):
             if type(layer.store) is not DenseStore:
-                raise KVSqueezeError(f"layer {i} is held by {type(layer.store).__name__}: quantized and cross-layer "
-                                     "(MiniCache, xKV) storage decode on the eager path only " + EAGER)
+                raise KVSqueezeError(f"layer {i} is held by {type(layer.store).__name__}: quantized storage other "
+                                     "than KIVI (on every layer) and cross-layer storage (MiniCache, xKV) decode on "
+                                     "the eager path only " + EAGER)
         method = cache.method
         rule = _decode_rule(method)
         every = method.compression_interval if rule is not None else 0
@@ -320,6 +354,42 @@ class StaticCompressedCache(Cache):
         out._exempt_mask = torch.tensor([i in exempt for i in range(len(layers))], device=dev).view(-1, 1, 1)
         return out
 
+    @classmethod
+    def _from_kivi(cls, cache, max_new_tokens: int, position: torch.Tensor | None) -> "StaticCompressedCache":
+        """`from_cache` for a cache whose every layer holds a `KIVIStore` (KIVI over a full cache, or after a
+        prefill eviction): the slots are `StaticKIVI` buffers. Quantized capacity: the most tokens a layer holds
+        plus `max_new_tokens`, rounded up to the group, plus one spare group (the group every step quantizes
+        early, see quant/kivi_static.py); residual capacity R + G. Raises KVSqueezeError for decode-time eviction
+        (`compression_interval > 0`: the static KIVI step does not evict), values of another width than keys, or
+        layers with different KIVI settings."""
+        method = cache.method
+        if getattr(method, "compression_interval", 0) if method is not None else 0:
+            raise KVSqueezeError("decode-time eviction (compression_interval > 0) over KIVI storage is not supported "
+                                 "by the static decode path; decode with the eager loop " + EAGER +
+                                 ", or set compression_interval=0")
+        layers = cache.layers
+        l0 = layers[0]
+        st0 = l0.store
+        b, h, _ = l0.positions.shape
+        dev = l0.device
+        d = l0.head_dim
+        if st0.residual_values.shape[-1] != d:
+            raise KVSqueezeError("the static KIVI path needs values as wide as keys (head_dim)")
+        most = max(layer.store.n for layer in layers)
+        g = st0.group
+        cq = -(-(most + max_new_tokens) // g) * g + g
+        slots = StaticKIVI(len(layers), b, h, d, cq, st0.bits, g, st0.value_group, st0.residual, l0.dtype, dev)
+        for i, layer in enumerate(layers):
+            slots.load(i, layer.store, layer.valid)
+        n_pad = l0.n_pad
+        seen = torch.full((b,), l0.cumulative_length, dtype=torch.long, device=dev)
+        if n_pad is not None:
+            seen = seen - n_pad.to(dev)
+        item = torch.empty((), dtype=l0.dtype).element_size()
+        full = sum(2 * b * h * layer.held_tokens() * d * item for layer in layers)
+        return cls(slots, seen if position is None else position.to(dev), None, 0, l0.cumulative_length,
+                   max_new_tokens, cache.config, decode_step=cache.decode_step, full_kv_bytes=full)
+
     # --- what the model calls ------------------------------------------------------------------------------
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         """Write one token's keys / values (b, kv_heads, 1, d) into layer `layer_idx`'s write slots; return the
@@ -330,6 +400,7 @@ class StaticCompressedCache(Cache):
         prio = None
         if self.rule is not None and self.rule[0] == "norm" and layer_idx not in self._exempt:
             prio = -key_states[:, :, 0].float().norm(dim=-1)
+        _ACTIVE_KIVI[0] = self.slots if isinstance(self.slots, StaticKIVI) else None  # for the attention function
         return self.slots.write_kv(layer_idx, key_states, value_states, prio)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -406,6 +477,14 @@ def _priority(rule, keys: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
 
 
 # --- the step and the loop ------------------------------------------------------------------------------------
+def _has_triton() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:  # pragma: no cover - CPU-only installs
+        return False
+    return True
+
+
 class StaticDecoder:
     """One greedy decoding step over a `StaticCompressedCache`, optionally compiled.
 
@@ -428,6 +507,8 @@ class StaticDecoder:
             raise KVSqueezeError(f"the static attention kernel must be one of {', '.join(KERNELS)}, got {kernel!r}")
         if kernel is None and cache.position.device.type == "cuda":
             kernel = "matmul"  # measured faster than the static sdpa on an H200 (bench/gpu_decode.py, docs/gpu.md)
+            if isinstance(cache.slots, StaticKIVI) and _has_triton():
+                kernel = "triton"  # the fused kernel over the packed KIVI buffers
         if kernel == "triton" and cache.position.device.type == "cuda":
             from ..kernels.split_kv import _sm_count
 
