@@ -13,12 +13,17 @@ timed with CUDA events; ms/token is the median step.
 Rows (`--rows` picks a subset by name):
   hf-dynamic                  transformers, eager, DynamicCache (full)
   hf-static-compiled          transformers, StaticCache + torch.compile(mode="reduce-overhead", fullgraph) (full)
-  kvsq-eager:M                kvsqueeze's eager loop over a CompressedCache (M = full, knorm, snapkv)
+  kvsq-eager:M                kvsqueeze's eager loop over a CompressedCache (M = full, knorm, snapkv, kivi2)
   kvsq-static:M[/kernel]      kvsqueeze's static cache, the step compiled (CUDA graphs): M = full, knorm, snapkv,
                               adakv (AdaKV over SnapKV), streaming (StreamingLLM evicting at every decoding step),
                               knorm-decode (K-norm evicting at every decoding step); kernel = each of
                               `--static-kernels` (sdpa: torch's fused attention over the kv-head groups; matmul:
                               two batched products per group; triton: split-KV flash-decoding over the slots)
+  kvsq-static:S               KIVI storage in the static step (issue 12 item 2): S = kivi2, kivi4 (KIVI-2 / -4 over
+                              the full cache), knorm+kivi2 (K-norm's prefill eviction, then KIVI-2); the attention is
+                              the fused Triton kernel over the packed buffers (the default kernel of a static KIVI
+                              cache on CUDA; the dequantizing torch reference on the CPU); KV bytes = packed codes,
+                              scales, zeros and residual at the static capacity
 Compressed rows keep 1/`--factor` of the context (compression_ratio 1 - 1/factor; streaming and knorm-decode: a budget of
 length/factor tokens).
 
@@ -58,8 +63,9 @@ LLAMA_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                 max_position_embeddings=131072)
 TINY = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             head_dim=16, vocab_size=101, max_position_embeddings=4096)
-EAGER_METHODS = ("full", "knorm", "snapkv")
+EAGER_METHODS = ("full", "knorm", "snapkv", "kivi2")
 STATIC_METHODS = ("full", "knorm", "snapkv", "adakv", "streaming", "knorm-decode")
+KIVI_STATIC_METHODS = ("kivi2", "kivi4", "knorm+kivi2")  # one row each, the static KIVI cache's default kernel
 
 
 def build_model(cfg_kwargs: dict, device: torch.device, dtype: torch.dtype, attn: str):
@@ -73,6 +79,19 @@ def build_model(cfg_kwargs: dict, device: torch.device, dtype: torch.dtype, attn
     finally:
         torch.set_default_dtype(old)
     return model.eval()
+
+
+def storage_for(name: str):
+    """(method name, layer factory or None): "kivi2" -> ("full", kivi(2)), "knorm+kivi4" -> ("knorm", kivi(4)),
+    any other name -> (name, None)."""
+    base, _, quant = name.rpartition("+")
+    if not base and quant.startswith("kivi"):
+        base = "full"
+    if base and quant.startswith("kivi") and quant[4:].isdigit():
+        from kvsqueeze.quant import kivi
+
+        return base, kivi(int(quant[4:]))
+    return name, None
 
 
 def method_for(name: str, length: int, factor: float):
@@ -182,8 +201,10 @@ def run_row(name, model, ids, args, device, compile_opts):
         return ms, kv_bytes_of(cache)
     kind, _, spec = name.partition(":")
     mname, _, kernel = spec.partition("/")
+    mname, layer_factory = storage_for(mname)
     method = method_for(mname, length, args.factor)
-    cache = kq.CompressedCache(model, method)
+    cache = kq.CompressedCache(model, method) if layer_factory is None else \
+        kq.CompressedCache(model, method, layer_factory=layer_factory)
     first = prefill(model, cache, ids, args.chunk)
     if kind == "kvsq-eager":
         tok = first.argmax(-1)
@@ -213,6 +234,7 @@ def row_names(args) -> list[str]:
     rows = ["hf-dynamic", "hf-static-compiled"] + [f"kvsq-eager:{m}" for m in EAGER_METHODS]
     kernels = [k for k in args.static_kernels.split(",") if k.strip()]
     rows += [f"kvsq-static:{m}/{k}" for m in STATIC_METHODS for k in kernels]
+    rows += [f"kvsq-static:{m}" for m in KIVI_STATIC_METHODS]
     if args.rows:
         want = [r.strip() for r in args.rows.split(",") if r.strip()]
         rows = [r for r in rows if any(r == w or r.startswith(w + "/") or r.startswith(w + ":") for w in want)]
