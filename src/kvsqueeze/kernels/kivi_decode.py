@@ -14,7 +14,9 @@ bus: about 5x fewer bytes than an fp16 cache at 2 bits (d = 128, G = 32: 96 inst
 
     out = softmax(q K_hat^T * scale) V_hat      K_hat, V_hat as in kivi.py, never materialised in memory
 
-`kivi_decode_attention` is the entry point; `reference_decode_attention` dequantizes with torch and calls
+`kivi_decode_attention` is the entry point over an eager store; `kivi_decode_static` the same kernel over the
+fixed-capacity buffers of the static decode step (lengths read from device tensors, optional per-slot masks, a grid
+planned on the capacity: capturable in a CUDA graph); `reference_decode_attention` dequantizes with torch and calls
 `scaled_dot_product_attention` (the reference path, also used to check the kernel). Deviation from KIVI's own
 CUDA kernels: values are packed along tokens too (KIVI packs them along channels), so both share one loop.
 """

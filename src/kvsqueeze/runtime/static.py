@@ -30,9 +30,17 @@ Decode-time eviction without attention weights is supported: StreamingLLM (the v
 not a sink: a ring over the window) and K-norm (the slot whose key has the largest L2 norm; the norms live in the
 slot-aligned `priority` buffer), PyramidKV over either (per-layer budgets). Methods whose decode-time eviction
 needs the step's attention weights (H2O, TOVA, SnapKV, ... with `compression_interval > 0`), AdaKV with decode
-eviction (its head budgets are re-split at each eviction), quantized storage, selectors (Quest,
-AttentionPredictor), sliding-window layers and attention softcapping are refused with a `KVSqueezeError` naming the
-eager path (`greedy_decode_batch`).
+eviction (its head budgets are re-split at each eviction), quantized storage other than KIVI, KIVI with decode-time
+eviction, selectors (Quest, AttentionPredictor), sliding-window layers and attention softcapping are refused with a
+`KVSqueezeError` naming the eager path (`greedy_decode_batch`).
+
+KIVI storage (issue 12, item 2): a cache whose every layer holds a `KIVIStore` (KIVI over the full cache, or after a
+prefill eviction) is copied into `quant.kivi_static.StaticKIVI` buffers instead of fp16 slots: packed 2/4-bit
+groups at fixed capacity plus a residual of R + G full-precision tokens per layer, the residual flushed into the
+next packed group on the device (see that module). `update` writes into the residual and points `_ACTIVE_KIVI` at
+the buffers; every static attention function then attends over them: kernel "triton" (the default on CUDA) with
+the fused split-KV kernel over the packed bytes (`kernels/kivi_decode.kivi_decode_static`, lengths read on the
+device), any other kernel with the dequantizing torch reference (two matrix products, float32 softmax).
 
 `model.generate(input_ids, cache=<static cache>)` works, uncompiled: prefill all but the last prompt token into the
 `CompressedCache`, build the static copy, and give `generate()` the whole prompt: its first forward then brings one
@@ -276,8 +284,9 @@ class StaticCompressedCache(Cache):
         any (layer, row, kv head) holds plus `max_new_tokens`; with it (StreamingLLM, K-norm, PyramidKV over
         them, `compression_interval = N`), the largest budget plus N (exempt layers: their fill plus
         `max_new_tokens`); rounded up to a multiple of `ALIGN` (16) slots. `position` (b,) long: the position id
-        of each row's next token (default: the tokens the row has seen, its left padding not counted). Raises KVSqueezeError for what the static path cannot
-        hold (see the module docstring) and for an empty cache."""
+        of each row's next token (default: the tokens the row has seen, its left padding not counted). A cache whose
+        every layer holds a `KIVIStore` becomes `StaticKIVI` buffers (`_from_kivi`). Raises KVSqueezeError for what
+        the static path cannot hold (see the module docstring) and for an empty cache."""
         from .cache import CompressedCache
 
         if not isinstance(cache, CompressedCache):
@@ -493,7 +502,9 @@ class StaticDecoder:
     the graph's output buffer, overwritten by the next call (clone to keep them); the tokens are a copy.
     `kernel`: the attention kernel ("sdpa", "eager": the model's own kind over the slots; "matmul": two batched
     matrix products per kv-head group, see `_static_matmul`; "triton": split-KV flash-decoding over the slots,
-    `kernels/slot_decode.py`, GPU; None: "matmul" on CUDA, where it measured faster than
+    `kernels/slot_decode.py`, GPU; over KIVI buffers "triton" is the fused KIVI kernel and the others the
+    dequantizing reference, see the module docstring; None: "triton" for a KIVI cache on CUDA with triton installed,
+    else "matmul" on CUDA, where it measured faster than
     the static sdpa on an H200 at 4k and 32k slots (6.47 vs 8.87 ms/token at 4k full, 6.48 vs 8.88 at 32k / 8x;
     docs/gpu.md), else the model's own implementation). `compile=True` wraps the step in
     `torch.compile(step, fullgraph=True, mode=...)`: `mode` defaults to "reduce-overhead" on CUDA (CUDA graphs)
