@@ -13,7 +13,7 @@ timed with CUDA events; ms/token is the median step.
 Rows (`--rows` picks a subset by name):
   hf-dynamic                  transformers, eager, DynamicCache (full)
   hf-static-compiled          transformers, StaticCache + torch.compile(mode="reduce-overhead", fullgraph) (full)
-  kvsq-eager:M                kvsqueeze's eager loop over a CompressedCache (M = full, knorm, snapkv, quest)
+  kvsq-eager:M                kvsqueeze's eager loop over a CompressedCache (M = full, knorm, snapkv, quest, kivi2)
   kvsq-static:M[/kernel]      kvsqueeze's static cache, the step compiled (CUDA graphs): M = full, knorm, snapkv,
                               adakv (AdaKV over SnapKV), streaming (StreamingLLM evicting at every decoding step),
                               knorm-decode (K-norm evicting at every decoding step), quest (the full cache with
@@ -23,6 +23,11 @@ Rows (`--rows` picks a subset by name):
                               two batched products per group; triton: split-KV flash-decoding over the slots, for
                               quest over the selected pages read in place; sdpa / matmul gather the pages first;
                               a kernel with "+fuse", e.g. triton+fuse: q/k/v projections as one GEMV, fuse_qkv)
+  kvsq-static:S               KIVI storage in the static step (issue 12 item 2): S = kivi2, kivi4 (KIVI-2 / -4 over
+                              the full cache), knorm+kivi2 (K-norm's prefill eviction, then KIVI-2); the attention is
+                              the fused Triton kernel over the packed buffers (the default kernel of a static KIVI
+                              cache on CUDA; the dequantizing torch reference on the CPU); KV bytes = packed codes,
+                              scales, zeros and residual at the static capacity
 Compressed rows keep 1/`--factor` of the context (compression_ratio 1 - 1/factor; streaming and knorm-decode: a budget of
 length/factor tokens). Quest rows hold the full cache (their KV GB and bandwidth limit count all of it, though a
 step reads only the `--budget` selected slots and the page metadata); `--quick` lowers the budget to a quarter of
@@ -65,8 +70,9 @@ LLAMA_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                 max_position_embeddings=131072)
 TINY = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             head_dim=16, vocab_size=101, max_position_embeddings=4096)
-EAGER_METHODS = ("full", "knorm", "snapkv", "quest")
+EAGER_METHODS = ("full", "knorm", "snapkv", "quest", "kivi2")
 STATIC_METHODS = ("full", "knorm", "snapkv", "adakv", "streaming", "knorm-decode", "quest")
+KIVI_STATIC_METHODS = ("kivi2", "kivi4", "knorm+kivi2")  # one row each, the static KIVI cache's default kernel
 
 
 def build_model(cfg_kwargs: dict, device: torch.device, dtype: torch.dtype, attn: str):
@@ -80,6 +86,19 @@ def build_model(cfg_kwargs: dict, device: torch.device, dtype: torch.dtype, attn
     finally:
         torch.set_default_dtype(old)
     return model.eval()
+
+
+def storage_for(name: str):
+    """(method name, layer factory or None): "kivi2" -> ("full", kivi(2)), "knorm+kivi4" -> ("knorm", kivi(4)),
+    any other name -> (name, None)."""
+    base, _, quant = name.rpartition("+")
+    if not base and quant.startswith("kivi"):
+        base = "full"
+    if base and quant.startswith("kivi") and quant[4:].isdigit():
+        from kvsqueeze.quant import kivi
+
+        return base, kivi(int(quant[4:]))
+    return name, None
 
 
 def method_for(name: str, length: int, factor: float):
@@ -111,7 +130,9 @@ def cache_for(model, mname: str, length: int, args):
         if args.quick:  # tiny model: 2 layers, a short context
             budget, dense = max(32, min(budget, length // 4 // 16 * 16)), (0,)
         selector = Quest(budget, dense_layers=dense)
-    return kq.CompressedCache(model, method_for(mname, length, args.factor), selector=selector)
+    mname, layer_factory = storage_for(mname)  # kivi2, knorm+kivi2, ...: KIVI storage
+    kw = {} if layer_factory is None else {"layer_factory": layer_factory}
+    return kq.CompressedCache(model, method_for(mname, length, args.factor), selector=selector, **kw)
 
 
 class Clock:
@@ -270,6 +291,7 @@ def row_names(args) -> list[str]:
     rows = ["hf-dynamic", "hf-static-compiled"] + [f"kvsq-eager:{m}" for m in EAGER_METHODS]
     kernels = [k for k in args.static_kernels.split(",") if k.strip()]
     rows += [f"kvsq-static:{m}/{k}" for m in STATIC_METHODS for k in kernels]
+    rows += [f"kvsq-static:{m}" for m in KIVI_STATIC_METHODS]
     if args.rows:
         want = [r.strip() for r in args.rows.split(",") if r.strip()]
         rows = [r for r in rows if any(r == w or r.startswith(w + "/") or r.startswith(w + ":") for w in want)]

@@ -1,7 +1,8 @@
 """The static decode path on the GPU (issue 12, item 1): bf16 logits of the static step (uncompiled, and compiled with
 CUDA graphs, `mode="reduce-overhead"`) equal the eager `CompressedCache` path's within bf16 tolerance, for a full
-cache, SnapKV, AdaKV (ragged heads), PyramidKV, StreamingLLM and K-norm with decode-time eviction, and Quest
-selection (item 2: the selected pages read in place by the Triton kernel, gathered by the torch ones); the compiled
+cache, SnapKV, AdaKV (ragged heads), PyramidKV, StreamingLLM and K-norm with decode-time eviction, Quest selection
+(item 2: the selected pages read in place by the Triton kernel, gathered by the torch ones), and KIVI-2 / KIVI-4
+storage (full cache, K-norm prefill eviction; item 2: the fused kernel over the packed buffers); the compiled
 step synchronises with the host nowhere (`torch.cuda.set_sync_debug_mode("error")` around the timed steps).
 
 They skip without CUDA; KVSQUEEZE_TEST_DEVICE=cpu runs them on the CPU (the compiled case then uses the aot_eager
@@ -9,7 +10,7 @@ backend and no sync check). On the GPU machine:
 
     PYTHONPATH=$PWD/src python -m pytest -q -p no:cacheprovider tests/test_gpu_static.py
 
-The same logic is tested on the CPU in fp32 by tests/test_static.py.
+The same logic is tested on the CPU in fp32 by tests/test_static.py and tests/test_static_kivi.py.
 """
 
 import contextlib
@@ -20,6 +21,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import kvsqueeze as kq
+from kvsqueeze.quant import kivi
 from kvsqueeze.runtime.generate import decode_step, prefill
 from kvsqueeze.runtime.static import StaticCompressedCache, StaticDecoder
 
@@ -46,9 +48,9 @@ def _model(attn="sdpa"):
     return LlamaForCausalLM(cfg).eval().to(DEVICE, DTYPE)
 
 
-def _feed():
+def _feed(prompt=160):
     g = torch.Generator().manual_seed(1)
-    return torch.randint(0, 101, (1, 160), generator=g), torch.randint(0, 101, (STEPS, 1), generator=g)
+    return torch.randint(0, 101, (1, prompt), generator=g), torch.randint(0, 101, (STEPS, 1), generator=g)
 
 
 @contextlib.contextmanager
@@ -64,13 +66,16 @@ def _no_sync():
 
 
 @torch.no_grad()
-def _both(model, name, kw, compile_kw=None, kernel=None):
-    """Teacher-forced logits (the same tokens fed to both): eager decode steps vs the static decoder."""
-    ids, feed = _feed()
-    eager = kq.CompressedCache(model, kq.get_method(name, **kw))
+def _both(model, name, kw, compile_kw=None, kernel=None, bits=None):
+    """Teacher-forced logits (the same tokens fed to both): eager decode steps vs the static decoder. `bits`: KIVI
+    storage (group = residual = 32) at that many bits; the prompt of 185 tokens then leaves 57 residual tokens, so
+    the residual is flushed into a packed group at the 7th decoded step."""
+    ids, feed = _feed(160 if bits is None else 185)
+    lf = {} if bits is None else dict(layer_factory=kivi(bits))
+    eager = kq.CompressedCache(model, kq.get_method(name, **kw), **lf)
     prefill(model, eager, ids.to(DEVICE))
     ref = [decode_step(model, eager, t.to(DEVICE)) for t in feed]
-    cache = kq.CompressedCache(model, kq.get_method(name, **kw))
+    cache = kq.CompressedCache(model, kq.get_method(name, **kw), **lf)
     prefill(model, cache, ids.to(DEVICE))
     static = StaticCompressedCache.from_cache(cache, STEPS)
     dec = StaticDecoder(model, static, kernel=kernel, **(compile_kw or {}))
@@ -183,3 +188,41 @@ def test_static_quest_logits_equal_eager_in_bf16(kernel, compiled):
     prefill(model, full, ids.to(DEVICE))
     dense = [decode_step(model, full, t.to(DEVICE)) for t in feed]
     assert max(float((a.float() - b.float()).abs().max()) for a, b in zip(dense, ref)) > 3e-2
+
+
+KIVI_CASES = {  # name -> (method, kwargs, bits): KIVI storage over a full cache and after a prefill eviction
+    "kivi2": ("full", {}, 2),
+    "kivi4": ("full", {}, 4),
+    "knorm+kivi2": ("knorm", dict(compression_ratio=0.5), 2),
+}
+
+
+@on_device
+@pytest.mark.parametrize("case", list(KIVI_CASES))
+@pytest.mark.parametrize("kernel", [None, "matmul", "triton"])
+def test_static_kivi_logits_equal_eager_in_bf16(case, kernel):
+    """The static KIVI step (packed buffers + residual; None = the fused Triton kernel on CUDA, "matmul" the
+    dequantizing reference) gives the eager KIVI cache's bf16 logits, across a residual flush."""
+    if kernel in (None, "triton") and not _triton_runs():
+        pytest.skip("triton on CUDA (or TRITON_INTERPRET=1 on the CPU) needed")
+    name, kw, bits = KIVI_CASES[case]
+    ref, got = _both(_model(), name, kw, kernel=kernel, bits=bits)
+    for r, g in zip(ref, got):
+        torch.testing.assert_close(g.float(), r.float(), atol=3e-2, rtol=3e-2)
+
+
+@on_device
+@pytest.mark.parametrize("case", list(KIVI_CASES))
+def test_compiled_static_kivi_equals_eager_and_never_syncs(case):
+    """torch.compile(mode="reduce-overhead") of the static KIVI step with the fused kernel (CUDA graphs): the eager
+    KIVI cache's logits, no host synchronisation in the timed steps (a residual flush among them)."""
+    import torch._dynamo
+
+    cuda = torch.device(DEVICE).type == "cuda"
+    if not (cuda and _triton_runs()):
+        pytest.skip("a compiled Triton kernel needs CUDA")
+    torch._dynamo.reset()
+    name, kw, bits = KIVI_CASES[case]
+    ref, got = _both(_model(), name, kw, compile_kw=dict(compile=True), kernel="triton", bits=bits)
+    for r, g in zip(ref, got):
+        torch.testing.assert_close(g.float(), r.float(), atol=3e-2, rtol=3e-2)

@@ -30,9 +30,9 @@ Decode-time eviction without attention weights is supported: StreamingLLM (the v
 not a sink: a ring over the window) and K-norm (the slot whose key has the largest L2 norm; the norms live in the
 slot-aligned `priority` buffer), PyramidKV over either (per-layer budgets). Methods whose decode-time eviction
 needs the step's attention weights (H2O, TOVA, SnapKV, ... with `compression_interval > 0`), AdaKV with decode
-eviction (its head budgets are re-split at each eviction), quantized storage, AttentionPredictor, Quest with
-decode-time eviction or offloading, sliding-window layers and attention softcapping are refused with a
-`KVSqueezeError` naming the eager path (`greedy_decode_batch`).
+eviction (its head budgets are re-split at each eviction), quantized storage other than KIVI, KIVI with decode-time
+eviction, AttentionPredictor, Quest with decode-time eviction or offloading, sliding-window layers and attention
+softcapping are refused with a `KVSqueezeError` naming the eager path (`greedy_decode_batch`).
 
 Quest selection (Tang et al., 2024, arXiv 2406.10774) runs in the step: a cache built with `selector=Quest(...)`
 is copied with its selector as a `StaticQuest` (`selection/static_quest.py`: per-page key min / max in fixed
@@ -41,6 +41,14 @@ attention under the keyword `kvsqueeze_pages` (transformers passes a forward's e
 attention function), where each sparse layer picks its top budget / page pages per kv head on the device and
 attends to them only: read in place by the Triton page kernel (`kernels/page_decode.py`), gathered by the torch
 kernels.
+
+KIVI storage (issue 12, item 2): a cache whose every layer holds a `KIVIStore` (KIVI over the full cache, or after a
+prefill eviction) is copied into `quant.kivi_static.StaticKIVI` buffers instead of fp16 slots: packed 2/4-bit
+groups at fixed capacity plus a residual of R + G full-precision tokens per layer, the residual flushed into the
+next packed group on the device (see that module). `update` writes into the residual and points `_ACTIVE_KIVI` at
+the buffers; every static attention function then attends over them: kernel "triton" (the default on CUDA) with
+the fused split-KV kernel over the packed bytes (`kernels/kivi_decode.kivi_decode_static`, lengths read on the
+device), any other kernel with the dequantizing torch reference (two matrix products, float32 softmax).
 
 `model.generate(input_ids, cache=<static cache>)` works, uncompiled: prefill all but the last prompt token into the
 `CompressedCache`, build the static copy, and give `generate()` the whole prompt: its first forward then brings one
@@ -63,6 +71,8 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from ..compat import cache_kwargs
 from ..errors import KVSqueezeError
+from ..quant.kivi import KIVIStore
+from ..quant.kivi_static import StaticKIVI
 from ..storage.layer import CompressedLayer
 from ..storage.stats import CacheStats
 from ..storage.static import StaticSlots, _static
@@ -74,6 +84,21 @@ EAGER = "(`kvsqueeze generate` without --compile; static=False in Python)"  # wh
 
 
 # --- the attention functions of the static step ---------------------------------------------------------------
+# The static KIVI buffers of the step running now (`StaticKIVI`; None for fp16 slots): set by
+# `StaticCompressedCache.update` just before the layer's attention function runs (the attention interface is given
+# the layer's residual buffers, not the packed ones), read by the attention functions below.
+_ACTIVE_KIVI: list = [None]
+
+
+def _kivi_attention(module, query, scaling, kernel):
+    """The layer's attention over static KIVI buffers (b, 1, hq, d), or None when the step's cache holds fp16
+    slots."""
+    kv = _ACTIVE_KIVI[0]
+    if kv is None:
+        return None
+    return kv.attention(module.layer_idx, query, scaling, kernel)
+
+
 def _layer_rows(module, attention_mask: torch.Tensor, b: int) -> torch.Tensor:
     """This layer's (b, kv_heads, 1, capacity) bool rows of the stacked per-layer mask."""
     if attention_mask is None or attention_mask.dim() != 4:
@@ -105,6 +130,9 @@ def _static_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling
     """sdpa over every slot of a static layer: query (b, hq, 1, d), key / value (b, hk, capacity, d); the hq // hk
     query heads of a group are the rows of one query per kv head (no repeated keys). Returns (b, 1, hq, d). With
     Quest (`_selected`), over the selected pages' slots only."""
+    kivi_out = _kivi_attention(module, query, scaling, None)
+    if kivi_out is not None:
+        return kivi_out, None
     b, hq, q, d = query.shape
     hk = key.shape[1]
     m = _layer_rows(module, attention_mask, b)  # (b, hk, 1, C)
@@ -117,6 +145,9 @@ def _static_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling
 def _static_eager(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """The model's own `eager_attention_forward` over every slot, with this layer's rows of the slot mask as an
     additive mask (b, hq, 1, capacity). With Quest (`_selected`), over the selected pages' slots only."""
+    kivi_out = _kivi_attention(module, query, scaling, None)
+    if kivi_out is not None:
+        return kivi_out, None
     fn = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
     if fn is None:
         raise KVSqueezeError(f"{type(module).__name__} has no eager_attention_forward; use attn_implementation='sdpa'")
@@ -134,6 +165,9 @@ def _static_matmul(module, query, key, value, attention_mask, dropout=0.0, scali
     times V. For one query token, cuBLAS spreads the long capacity axis over the GPU where a fused kernel
     without split-KV would run one block per (row, head). With Quest (`_selected`), over the gathered selected
     pages (the torch reference of the Triton page kernel). Returns (b, 1, hq, d)."""
+    kivi_out = _kivi_attention(module, query, scaling, None)
+    if kivi_out is not None:
+        return kivi_out, None
     b, hq, q, d = query.shape
     hk = key.shape[1]
     m = _layer_rows(module, attention_mask, b)  # (b, hk, 1, C)
@@ -151,6 +185,9 @@ def _static_triton(module, query, key, value, attention_mask, dropout=0.0, scali
     """Split-KV Triton decode attention over the slots (`kernels/slot_decode.py`): every slot read once, the
     layer's slot mask read in place. With Quest, over the selected pages read in place
     (`kernels/page_decode.py`: no gather copy). Returns (b, 1, hq, d)."""
+    kivi_out = _kivi_attention(module, query, scaling, "triton")
+    if kivi_out is not None:
+        return kivi_out, None
     from ..kernels.page_decode import page_decode_attention
     from ..kernels.slot_decode import slot_decode_attention
 
@@ -301,8 +338,9 @@ class StaticCompressedCache(Cache):
         `max_new_tokens`); rounded up to a multiple of `ALIGN` (16) slots. `position` (b,) long: the position id
         of each row's next token (default: the tokens the row has seen, its left padding not counted). A `Quest`
         selector of the cache is carried over (`pages`, a `StaticQuest`; capacity then in whole pages; its budget must
-        be a multiple of its page). Raises KVSqueezeError for what the static path cannot hold (see the module
-        docstring) and for an empty cache."""
+        be a multiple of its page). A cache whose every layer holds a `KIVIStore` becomes `StaticKIVI` buffers
+        (`_from_kivi`). Raises KVSqueezeError for what the static path cannot hold (see the module docstring) and
+        for an empty cache."""
         from .cache import CompressedCache
 
         if not isinstance(cache, CompressedCache):
@@ -328,9 +366,14 @@ class StaticCompressedCache(Cache):
                                      "path supports full-attention layers only " + EAGER)
             if not layer.is_initialized or layer.positions is None or layer.positions.shape[-1] == 0:
                 raise KVSqueezeError("the cache is empty: prefill it before building the static cache")
+        kinds = {type(layer.store) for layer in cache.layers}
+        if kinds == {KIVIStore}:
+            return cls._from_kivi(cache, max_new_tokens, position)
+        for i, layer in enumerate(cache.layers):
             if type(layer.store) is not DenseStore:
-                raise KVSqueezeError(f"layer {i} is held by {type(layer.store).__name__}: quantized and cross-layer "
-                                     "(MiniCache, xKV) storage decode on the eager path only " + EAGER)
+                raise KVSqueezeError(f"layer {i} is held by {type(layer.store).__name__}: quantized storage other "
+                                     "than KIVI (on every layer) and cross-layer storage (MiniCache, xKV) decode on "
+                                     "the eager path only " + EAGER)
         method = cache.method
         rule = _decode_rule(method)
         if selector is not None and rule is not None:
@@ -392,6 +435,42 @@ class StaticCompressedCache(Cache):
             out.pages.load()
         return out
 
+    @classmethod
+    def _from_kivi(cls, cache, max_new_tokens: int, position: torch.Tensor | None) -> "StaticCompressedCache":
+        """`from_cache` for a cache whose every layer holds a `KIVIStore` (KIVI over a full cache, or after a
+        prefill eviction): the slots are `StaticKIVI` buffers. Quantized capacity: the most tokens a layer holds
+        plus `max_new_tokens`, rounded up to the group, plus one spare group (the group every step quantizes
+        early, see quant/kivi_static.py); residual capacity R + G. Raises KVSqueezeError for decode-time eviction
+        (`compression_interval > 0`: the static KIVI step does not evict), values of another width than keys, or
+        layers with different KIVI settings."""
+        method = cache.method
+        if getattr(method, "compression_interval", 0) if method is not None else 0:
+            raise KVSqueezeError("decode-time eviction (compression_interval > 0) over KIVI storage is not supported "
+                                 "by the static decode path; decode with the eager loop " + EAGER +
+                                 ", or set compression_interval=0")
+        layers = cache.layers
+        l0 = layers[0]
+        st0 = l0.store
+        b, h, _ = l0.positions.shape
+        dev = l0.device
+        d = l0.head_dim
+        if st0.residual_values.shape[-1] != d:
+            raise KVSqueezeError("the static KIVI path needs values as wide as keys (head_dim)")
+        most = max(layer.store.n for layer in layers)
+        g = st0.group
+        cq = -(-(most + max_new_tokens) // g) * g + g
+        slots = StaticKIVI(len(layers), b, h, d, cq, st0.bits, g, st0.value_group, st0.residual, l0.dtype, dev)
+        for i, layer in enumerate(layers):
+            slots.load(i, layer.store, layer.valid)
+        n_pad = l0.n_pad
+        seen = torch.full((b,), l0.cumulative_length, dtype=torch.long, device=dev)
+        if n_pad is not None:
+            seen = seen - n_pad.to(dev)
+        item = torch.empty((), dtype=l0.dtype).element_size()
+        full = sum(2 * b * h * layer.held_tokens() * d * item for layer in layers)
+        return cls(slots, seen if position is None else position.to(dev), None, 0, l0.cumulative_length,
+                   max_new_tokens, cache.config, decode_step=cache.decode_step, full_kv_bytes=full)
+
     # --- what the model calls ------------------------------------------------------------------------------
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         """Write one token's keys / values (b, kv_heads, 1, d) into layer `layer_idx`'s write slots; return the
@@ -402,6 +481,7 @@ class StaticCompressedCache(Cache):
         prio = None
         if self.rule is not None and self.rule[0] == "norm" and layer_idx not in self._exempt:
             prio = -key_states[:, :, 0].float().norm(dim=-1)
+        _ACTIVE_KIVI[0] = self.slots if isinstance(self.slots, StaticKIVI) else None  # for the attention function
         out = self.slots.write_kv(layer_idx, key_states, value_states, prio)
         if self.pages is not None:  # Quest: the written page's key min / max (on the device)
             self.pages.refresh(layer_idx)
@@ -486,6 +566,14 @@ def _priority(rule, keys: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
 
 
 # --- the step and the loop ------------------------------------------------------------------------------------
+def _has_triton() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:  # pragma: no cover - CPU-only installs
+        return False
+    return True
+
+
 class StaticDecoder:
     """One greedy decoding step over a `StaticCompressedCache`, optionally compiled.
 
@@ -494,9 +582,10 @@ class StaticDecoder:
     the graph's output buffer, overwritten by the next call (clone to keep them); the tokens are a copy.
     `kernel`: the attention kernel ("sdpa", "eager": the model's own kind over the slots; "matmul": two batched
     matrix products per kv-head group, see `_static_matmul`; "triton": split-KV flash-decoding over the slots,
-    `kernels/slot_decode.py`, GPU; None: "triton" on CUDA where triton is installed and the head dim
-    suits it, else "matmul" (`_default_cuda_kernel`: measured fastest on an H200, docs/gpu.md), and the model's
-    own implementation elsewhere). `compile=True` wraps the step in
+    `kernels/slot_decode.py`, GPU; over KIVI buffers "triton" is the fused KIVI kernel and the others the
+    dequantizing reference, see the module docstring; None: "triton" on CUDA where triton is installed and the head
+    dim suits it (for a KIVI cache: where triton is installed), else "matmul" (`_default_cuda_kernel`: measured
+    fastest on an H200, docs/gpu.md), and the model's own implementation elsewhere). `compile=True` wraps the step in
     `torch.compile(step, fullgraph=True, mode=...)`: `mode` defaults to "reduce-overhead" on CUDA (CUDA graphs)
     and None elsewhere; `backend` (e.g. "aot_eager", "eager") picks another backend (tests on the CPU). The
     model's attention implementation is switched to the static one only while a step runs. Raises
