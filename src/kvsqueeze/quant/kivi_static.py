@@ -16,7 +16,7 @@ capacity in tokens, a multiple of the group G; RC = R + G the residual capacity;
 
 A step (the `StaticSlots` protocol of `storage/static.py`, so `StaticCompressedCache` drives both):
 `begin_token` claims residual slot `nr` of every layer (`nr += 1`, its valid bit set); `write_kv` writes the
-layer's new key / value there (`index_copy_` at a device index); the attention (`attention`) reads the quantized
+layer's new key / value there (`index_copy_` at a device index; every write is in place when compiled); the attention (`attention`) reads the quantized
 slots [0, nq) and the residual [0, nr); `end_token` then quantizes the residual's oldest G tokens of every layer
 into the next packed group (slot group nq / G) *every step* and only counts them where the residual is full
 (nr == R + G: nq += G, the residual shifted by G, nr = R) -- writing a group that is not counted yet is
@@ -42,6 +42,11 @@ from ..errors import KVSqueezeError
 from ..storage.static import _static
 from .kivi import KIVIStore, channel_group
 from .packing import PER_CHANNEL, PER_TOKEN, QTensor, quantize
+
+
+def _ar(n: int, dim: int, ndim: int, device) -> torch.Tensor:
+    """arange(n) shaped to broadcast along `dim` of `ndim` dims (an index grid for `index_put_`)."""
+    return torch.arange(n, device=device).view([n if i == dim else 1 for i in range(ndim)])
 
 
 class StaticKIVI:
@@ -130,8 +135,9 @@ class StaticKIVI:
         self.nr.add_(1)
         self.w.copy_(self.nr - 1)
         L, b, h = self.n_layers, self.batch, self.kv_heads
-        idx = (self.w + self.q_capacity).view(L, 1, 1, 1).expand(L, b, h, 1)
-        self.valid.scatter_(3, idx, True)
+        dev = self.w.device
+        at = (_ar(L, 0, 3, dev), _ar(b, 1, 3, dev), _ar(h, 2, 3, dev), (self.w + self.q_capacity).view(L, 1, 1))
+        self.valid.index_put_(at, torch.ones((), dtype=torch.bool, device=dev))
 
     def write_kv(self, layer_idx: int, keys: torch.Tensor, values: torch.Tensor,
                  priority: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -154,20 +160,25 @@ class StaticKIVI:
         qv = quantize(self.vr[:, :, :, :G].reshape(L * b, h, G, d), self.bits, PER_TOKEN, self.value_group,
                       pack_along="token")
         g = self.nq // G  # (L,) the next group slot
-        ar = torch.arange(rows, device=g.device)
-        r_idx = (g[:, None] * rows + ar).view(L, 1, 1, rows, 1).expand(L, b, h, rows, d)
-        self.kc.scatter_(3, r_idx, qk.codes.view(L, b, h, rows, d))
-        self.vc.scatter_(3, r_idx, qv.codes.view(L, b, h, rows, d))
-        g_idx = g.view(L, 1, 1, 1, 1).expand(L, b, h, 1, d)
-        self.ks.scatter_(3, g_idx, qk.scale.view(L, b, h, 1, d))
-        self.kz.scatter_(3, g_idx, qk.zero.view(L, b, h, 1, d))
-        t_idx = (g[:, None] * G + torch.arange(G, device=g.device)).view(L, 1, 1, G, 1).expand(L, b, h, G, ngv)
-        self.vs.scatter_(3, t_idx, qv.scale.view(L, b, h, G, ngv))
-        self.vz.scatter_(3, t_idx, qv.zero.view(L, b, h, G, ngv))
+        # every write below is an index_put_ (advanced-index assignment), never a scatter_: inductor re-inplaces
+        # index_put on the compiled step's inputs, while a scatter_ compiled to a copy of the whole buffer back
+        # each step (see storage/static.py StaticSlots.begin_token)
+        dev = g.device
+        lbh = (_ar(L, 0, 5, dev), _ar(b, 1, 5, dev), _ar(h, 2, 5, dev))
+        r_at = (*lbh, (g[:, None] * rows + torch.arange(rows, device=dev)).view(L, 1, 1, rows, 1), _ar(d, 4, 5, dev))
+        self.kc.index_put_(r_at, qk.codes.view(L, b, h, rows, d))
+        self.vc.index_put_(r_at, qv.codes.view(L, b, h, rows, d))
+        g_at = (*lbh, g.view(L, 1, 1, 1, 1), _ar(d, 4, 5, dev))
+        self.ks.index_put_(g_at, qk.scale.view(L, b, h, 1, d))
+        self.kz.index_put_(g_at, qk.zero.view(L, b, h, 1, d))
+        t = (g[:, None] * G + torch.arange(G, device=dev)).view(L, 1, 1, G, 1)
+        t_at = (*lbh, t, _ar(ngv, 4, 5, dev))
+        self.vs.index_put_(t_at, qv.scale.view(L, b, h, G, ngv))
+        self.vz.index_put_(t_at, qv.zero.view(L, b, h, G, ngv))
         fb = full.view(L, 1, 1, 1)
         rv = self.valid[:, :, :, cq:]
         moved = rv[..., :G] & fb
-        self.valid.scatter_(3, t_idx[..., 0], moved)
+        self.valid.index_put_((*(x[..., 0] for x in lbh), t[..., 0]), moved)
         shifted = torch.cat([rv[..., G:], torch.zeros_like(rv[..., :G])], dim=-1)
         rv.copy_(torch.where(fb, shifted, rv))
         f5 = full.view(L, 1, 1, 1, 1)
