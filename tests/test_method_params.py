@@ -132,3 +132,16 @@ def test_cli_bad_parameter_is_one_error_line(tmp_path):
 
 def test_get_method_is_exported():
     assert kq.get_method("kvmerger(threshold=0.5)").threshold == 0.5
+
+
+def test_method_label_shows_the_parameters_given():
+    """`generate`'s `method:` line (method_label) names parameters given in parentheses that describe() leaves
+    out, and adds nothing for a method at its defaults."""
+    from kvsqueeze.methods import get_method, method_label
+
+    m = get_method("minicache(start_layer=24)", compression_ratio=0.0)
+    assert "start_layer=24" in method_label(m) and "start_layer" not in m.describe()
+    d = get_method("d2o(ema=0.9)", compression_ratio=0.5)
+    assert "ema=0.9" in method_label(d)
+    plain = get_method("d2o", compression_ratio=0.5)
+    assert method_label(plain) == plain.describe()

@@ -172,6 +172,9 @@ def generate(model, method, compression_ratio, budget, exempt_layers, compressio
     if not context.strip():
         raise KVSqueezeError(f"the context file {context_file} is empty")
     m = build_method(method, compression_ratio, budget, exempt_layers, compression_interval)
+    from ..methods import method_label
+
+    label = method_label(m)  # the method as asked (its parameters), before any storage wraps it
     from ..models import load_model
     from ..quant import parse_quant
     from ..runtime.generate import generate_answer
@@ -198,7 +201,7 @@ def generate(model, method, compression_ratio, budget, exempt_layers, compressio
                           query_aware=query_aware, layer_factory=qspec.layer_factory if qspec else None,
                           selector=selector, static=compiled, compile=compiled, offload=offload)
     click.echo(res.answer)
-    click.echo(f"method: {m.describe()}{f'; quant: {quant}' if qspec else ''}"
+    click.echo(f"method: {m.describe() if m.describe() not in label else label}{f'; quant: {quant}' if qspec else ''}"
                f"{f'; decode-time selection: {selector.describe()}' if selector else ''}"
                f"{f'; KV offloaded to {offload}' if offload != 'none' else ''}"
                f"{'; decoded over the static cache, step compiled' if compiled else ''}; "

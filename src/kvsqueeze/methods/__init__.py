@@ -213,6 +213,14 @@ def method_spec(m: Method) -> str:
     return out + (f"({','.join(changed)})" if changed else "")
 
 
+def method_label(m: Method) -> str:
+    """What a user is told ran: `m.describe()`, followed by the parameters given in parentheses when any differs
+    from its default (`method_spec`), since `describe()` shows only some of them:
+    `method_label(get_method("minicache(start_layer=24)"))` ends with "; as given: minicache:snapkv(start_layer=24)"."""
+    spec = method_spec(m)
+    return m.describe() + (f"; as given: {spec}" if "(" in spec else "")
+
+
 def for_storage(method: Method | None, qspec) -> Method | None:
     """The method a cache runs when `method` is composed with the quantized storage `qspec` (a
     `kvsqueeze.quant.QuantSpec`, or None: full precision). Never silently replaces what was asked:
@@ -259,6 +267,6 @@ def wrappers() -> list[str]:
     return [n for n, c in METHODS.items() if "scorer" in {f.name for f in fields(c)}]
 
 
-__all__ = ["METHODS", "Method", "PrecisionSplit", "ScoreInputs", "for_storage", "get_method", "method_spec",
+__all__ = ["METHODS", "Method", "method_label", "PrecisionSplit", "ScoreInputs", "for_storage", "get_method", "method_spec",
            "parse_params", "settable", "split_methods",
            *[c.__name__ for c in METHODS.values()]]
