@@ -112,6 +112,10 @@ def representatives(distance: torch.Tensor, eligible: torch.Tensor, k: torch.Ten
 
 @dataclass(kw_only=True)
 class KVCrush(Delegating, Method):
+    """KVCrush (arXiv 2503.00022): `scorer`'s top tokens kept, plus one representative per group of the rest,
+    grouped by their binary head-behaviour vectors (the rule and deviations: module docstring). Scores
+    (b, kv_heads, n) per the `Method` protocol; the budget split is `crush_share` (fraction of the budget for the
+    representatives). Raises KVSqueezeError for a share outside [0, 1)."""
     scorer: Method = field(default_factory=H2O)
     crush_share: float = 0.25  # the budget share of the representatives (the authors' kvcrush_ratio)
     anchor: str = "alternate"

@@ -96,6 +96,9 @@ def layer_shares(profiles: torch.Tensor, compression_ratio: float, protect: int)
 
 @dataclass(kw_only=True)
 class PrefixKV(Method):
+    """PrefixKV (arXiv 2412.03409): per-layer budgets from one global threshold on the cumulative importance of
+    importance-sorted tokens, found by binary search over offline `profiles` (calibrated on first use;
+    `kvsqueeze calibrate prefixkv`); the rule and deviations: module docstring. Scores (b, kv_heads, n)."""
     profiles: torch.Tensor | None = None  # (samples, layers, n_cal) cumulative importance; calibrated when None
     n_sink: int = 1  # first tokens always kept (the reference's start_size)
 

@@ -113,6 +113,9 @@ def group_budget(base: int, window: int, layer_idx: int, n_layers: int, shared: 
 
 @dataclass(kw_only=True)
 class WindowKV(Method):
+    """WindowKV (arXiv 2503.17922): semantic windows of `review_window` tokens chosen task-adaptively (`mode`),
+    the selected indices shared by the `shared_layers` layers of a group (the rule and deviations: module
+    docstring). Scores (b, kv_heads, n) per the `Method` protocol."""
     mode: str = "localization"  # "localization" (max rule) or "aggregation" (average rule): the task's kind
     review_window: int = 8  # tokens per semantic window
     window: int | None = None  # the observation window (kept): 32 for localization, 16 for aggregation
