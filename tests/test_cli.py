@@ -145,3 +145,14 @@ def test_calibrate_commands_save_what_prepare_then_loads(tmp_path, monkeypatch, 
         assert shapes == [(2, 4, 64), (2, 4, 128)]
     else:
         assert shapes == [(4, 2, 16), (4, 2, 16)]
+
+
+def test_select_budget_without_select_is_refused():
+    """--select-budget with no --select was silently ignored (the run went on dense): one error line now, for
+    generate, sweep and eval alike."""
+    from conftest import assert_one_error_line
+
+    msg = "--select-budget is the budget of --select"
+    assert_one_error_line(["generate", "--context-file", "README.md", "--question", "x", "--select-budget", "64"], msg)
+    assert_one_error_line(["sweep", "--select-budget", "64", "--results", "/tmp/kvsq-never.sqlite"], msg)
+    assert_one_error_line(["eval", "--select-budget", "64", "--results", "/tmp/kvsq-never.sqlite"], msg)

@@ -26,6 +26,14 @@ def _ints(text: str | None, what: str) -> list[int] | None:
     return vals
 
 
+def _given_on_command_line(param: str) -> bool:
+    """Whether the running click command got `param` from the command line (not its default or a config)."""
+    ctx = click.get_current_context(silent=True)
+    if ctx is None:
+        return False
+    return ctx.get_parameter_source(param) == click.core.ParameterSource.COMMANDLINE
+
+
 def _selects(select: str, budgets: str) -> list[tuple[str | None, int | None]]:
     """--select x --select-budget: (selector, budget) pairs; 'none' once, whatever the budgets."""
     from ..selection import SELECTORS
@@ -42,6 +50,9 @@ def _selects(select: str, budgets: str) -> list[tuple[str | None, int | None]]:
         raise KVSqueezeError(f"--select-budget must be comma-separated integers, got {budgets!r}") from None
     if not bs or min(bs) < 32:
         raise KVSqueezeError(f"--select-budget must be integers >= 32, got {budgets!r}")
+    if set(names) == {"none"} and _given_on_command_line("select_budget"):
+        raise KVSqueezeError("--select-budget is the budget of --select (quest, attention_predictor): give --select "
+                             "too, or drop --select-budget")
     out: list[tuple[str | None, int | None]] = []
     for n in names:
         out += [(None, None)] if n == "none" else [(n, b) for b in bs]

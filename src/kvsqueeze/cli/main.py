@@ -155,6 +155,10 @@ def generate(model, method, compression_ratio, budget, exempt_layers, compressio
         attn_implementation, compiled = v.get("attn_implementation", attn_implementation), v.get("compiled", compiled)
         offload = v.get("offload", offload)
     attn = resolve_attn(attn_implementation)
+    if select == "none" and click.get_current_context().get_parameter_source("select_budget") == \
+            click.core.ParameterSource.COMMANDLINE:
+        raise KVSqueezeError("--select-budget is the budget of --select (quest, attention_predictor): give --select "
+                             "too, or drop --select-budget")
     if offload != "none" and select == "none":
         raise KVSqueezeError("--offload needs --select (quest or attention_predictor): without a selector every "
                              "decoding step attends to every token, so every token would travel each step")
