@@ -108,3 +108,19 @@ def reference_slot_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, val
     s = torch.matmul(qg, k.float().transpose(-1, -2)) * scale
     s = s.masked_fill(~valid[:, :, None, :], float("-inf"))
     return torch.matmul(torch.softmax(s, -1), v.float()).reshape(B, HQ, D).to(q.dtype)
+
+
+def grouped_matmul_decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,
+                          scaling: float | None = None) -> torch.Tensor:
+    """Decode attention as two batched matrix products per kv-head group (no repeated keys), any device: query
+    (b, hq, q, d), key / value (b, hk, C, d), mask (b, hk, 1, C) bool (True: attend). Scores q K^T * scaling in the
+    inputs' dtype, masked, softmax in float32 (as transformers' eager attention), then times V. Returns
+    (b, q, hq, d) contiguous. The static step's "matmul" kernel and the static KIVI cache's reference path."""
+    b, hq, q, d = query.shape
+    hk = key.shape[1]
+    qg = query.reshape(b, hk, (hq // hk) * q, d)
+    scale = scaling if scaling is not None else d ** -0.5
+    s = torch.matmul(qg, key.transpose(-1, -2)) * scale
+    s = s.masked_fill(~mask, torch.finfo(s.dtype).min)
+    p = torch.softmax(s, dim=-1, dtype=torch.float32).to(value.dtype)
+    return torch.matmul(p, value).reshape(b, hq, q, -1).transpose(1, 2).contiguous()

@@ -39,6 +39,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import KVSqueezeError
+from ..kernels.slot_decode import grouped_matmul_decode
 from ..storage.static import _static
 from .kivi import KIVIStore, channel_group
 from .packing import PER_CHANNEL, PER_TOKEN, QTensor, quantize
@@ -202,8 +203,6 @@ class StaticKIVI:
         """One decode query (b, hq, 1, d) over layer `layer_idx`; returns (b, 1, hq, d). kernel "triton": the fused
         kernel (`kivi_decode_static`); otherwise dequantize + two matrix products per kv-head group, softmax in
         float32 (the reference path)."""
-        b, hq, q, d = query.shape
-        h = self.kv_heads
         i, cq = layer_idx, self.q_capacity
         if kernel == "triton":
             from ..kernels.kivi_decode import kivi_decode_static
@@ -215,14 +214,7 @@ class StaticKIVI:
                                      self.bits, self.group, self.value_group, scale=scaling, q_valid=qv, r_valid=rv)
             return out[:, None]
         keys, values = self.dequantized(i, query.dtype)
-        m = self.valid[i][:, :, None, :]  # (b, h, 1, C)
-        qg = query.reshape(b, h, (hq // h) * q, d)
-        scale = scaling if scaling is not None else d ** -0.5
-        s = torch.matmul(qg, keys.transpose(-1, -2)) * scale
-        s = s.masked_fill(~m, torch.finfo(s.dtype).min)
-        p = torch.softmax(s, dim=-1, dtype=torch.float32).to(values.dtype)
-        out = torch.matmul(p, values)
-        return out.reshape(b, hq, q, -1).transpose(1, 2).contiguous()
+        return grouped_matmul_decode(query, keys, values, self.valid[i][:, :, None, :], scaling)
 
     # --- reading ----------------------------------------------------------------------------------------------
     def held_counts(self) -> torch.Tensor:

@@ -75,6 +75,7 @@ from ..quant.kivi import KIVIStore
 from ..quant.kivi_static import StaticKIVI
 from ..storage.layer import CompressedLayer
 from ..storage.stats import CacheStats
+from ..kernels.slot_decode import grouped_matmul_decode
 from ..storage.static import StaticSlots, _static
 from .fused_projections import build_fused_qkv, swapped as fused_qkv_swapped
 from ..storage.stores import DenseStore
@@ -168,17 +169,9 @@ def _static_matmul(module, query, key, value, attention_mask, dropout=0.0, scali
     kivi_out = _kivi_attention(module, query, scaling, None)
     if kivi_out is not None:
         return kivi_out, None
-    b, hq, q, d = query.shape
-    hk = key.shape[1]
-    m = _layer_rows(module, attention_mask, b)  # (b, hk, 1, C)
+    m = _layer_rows(module, attention_mask, query.shape[0])  # (b, hk, 1, C)
     _, key, value, m = _selected(module, query, key, value, m, scaling, kwargs)
-    qg = query.reshape(b, hk, (hq // hk) * q, d)
-    scale = scaling if scaling is not None else d ** -0.5
-    s = torch.matmul(qg, key.transpose(-1, -2)) * scale
-    s = s.masked_fill(~m, torch.finfo(s.dtype).min)
-    p = torch.softmax(s, dim=-1, dtype=torch.float32).to(value.dtype)
-    out = torch.matmul(p, value)
-    return out.reshape(b, hq, q, -1).transpose(1, 2).contiguous(), None
+    return grouped_matmul_decode(query, key, value, m, scaling), None
 
 
 def _static_triton(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
