@@ -25,6 +25,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
 from kvsqueeze.errors import KVSqueezeError  # noqa: E402
 from kvsqueeze.evaluation.report import load_results  # noqa: E402
+from kvsqueeze.evaluation.store import distinguishing_params  # noqa: E402
 
 
 def _strip(p, drop=("compression_ratio", "budget", "quant", "select", "select_budget"), top=True):
@@ -70,13 +71,8 @@ def points(df):
     names = {}
     for m, g in d.groupby("method"):
         variants = sorted(g._params.unique())
-        for v in variants:
-            if len(variants) == 1:
-                names[(m, v)] = m
-                continue
-            mine, others = json.loads(v), [json.loads(o) for o in variants if o != v]
-            diff = {k: x for k, x in mine.items() if any(o.get(k) != x for o in others)}
-            names[(m, v)] = m + " (" + ", ".join(f"{k}={x}" for k, x in sorted(diff.items())) + ")" + (
+        for v, diff in distinguishing_params(variants).items():
+            names[(m, v)] = m if diff is None else m + " (" + ", ".join(f"{k}={x}" for k, x in diff) + ")" + (
                 " [default]" if v == default_params(m) else "")
     d["variant"] = [names[(m, v)] for m, v in zip(d.method, d._params)]
     rows = []

@@ -247,14 +247,21 @@ def variant_labels(df) -> list[str]:
             by_method[m].append(k)
     labels = {}
     for m, variants in by_method.items():
-        for v in variants:
-            if len(variants) == 1:
-                labels[(m, v)] = m
-                continue
-            mine, others = json.loads(v), [json.loads(o) for o in variants if o != v]
-            diff = {k: x for k, x in mine.items() if any(o.get(k) != x for o in others)}
-            labels[(m, v)] = f"{m}(" + ",".join(f"{k}={x}" for k, x in sorted(diff.items())) + ")"
+        for v, diff in distinguishing_params(variants).items():
+            labels[(m, v)] = m if diff is None else f"{m}(" + ",".join(f"{k}={x}" for k, x in diff) + ")"
     return [labels[(m, k)] for m, k in zip(df.method, keys)]
+
+
+def distinguishing_params(variants: list[str]) -> dict[str, list[tuple[str, object]] | None]:
+    """For one method's parameter sets (JSON objects as strings): each set's (key, value) pairs, sorted by key, that
+    differ from at least one other set; None when the method has a single set (nothing to tell apart)."""
+    if len(variants) == 1:
+        return {variants[0]: None}
+    out = {}
+    for v in variants:
+        mine, others = json.loads(v), [json.loads(o) for o in variants if o != v]
+        out[v] = sorted((k, x) for k, x in mine.items() if any(o.get(k) != x for o in others))
+    return out
 
 
 def summary_table(df, value: str = "score"):
