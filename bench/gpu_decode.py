@@ -22,7 +22,8 @@ Rows (`--rows` picks a subset by name):
                               `--static-kernels` (sdpa: torch's fused attention over the kv-head groups; matmul:
                               two batched products per group; triton: split-KV flash-decoding over the slots, for
                               quest over the selected pages read in place; sdpa / matmul gather the pages first;
-                              a kernel with "+fuse", e.g. triton+fuse: q/k/v projections as one GEMV, fuse_qkv)
+                              q/k/v and gate/up run as one GEMV each (StaticDecoder's default on CUDA); a kernel
+                              with "+nofuse", e.g. triton+nofuse, runs them as separate GEMVs)
   kvsq-static:S               KIVI storage in the static step (issue 12 item 2): S = kivi2, kivi4 (KIVI-2 / -4 over
                               the full cache), knorm+kivi2 (K-norm's prefill eviction, then KIVI-2); the attention is
                               the fused Triton kernel over the packed buffers (the default kernel of a static KIVI
@@ -273,10 +274,10 @@ def run_row(name, model, ids, args, device, compile_opts):
     del cache
     torch._dynamo.reset()  # one compiled step per cache (see runtime/static.py); keeps the recompile limit away
     kernel, _, extra = kernel.partition("+")
-    if extra not in ("", "fuse"):
-        raise SystemExit(f"error: unknown kernel option {extra!r} in {name!r} (kernel+fuse fuses q/k/v)")
-    dec = StaticDecoder(model, static, compile=args.compile_static, kernel=kernel or None, fuse_qkv=extra == "fuse",
-                        **compile_opts)
+    if extra not in ("", "nofuse"):
+        raise SystemExit(f"error: unknown kernel option {extra!r} in {name!r} (kernel+nofuse: separate projections)")
+    dec = StaticDecoder(model, static, compile=args.compile_static, kernel=kernel or None,
+                        fuse_projections=False if extra == "nofuse" else None, **compile_opts)
     tok = first.argmax(-1)
 
     def step():

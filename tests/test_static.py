@@ -344,45 +344,72 @@ def test_compiled_writes_stay_in_place():
         assert torch.equal(eager.keys[1], comp.keys[1]) and torch.equal(eager.values[1], comp.values[1])
 
 
+def _projections(model):
+    return [getattr(m, n) for m in model.modules() for n in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
+            if hasattr(m, n)]
+
+
 @pytest.mark.parametrize("compiled", [False, True])
-def test_fused_qkv_same_tokens_and_model_restored(model, compiled):
-    """`fuse_qkv=True` (one GEMV for q, k, v): the same tokens and logits (up to rounding) as separate projections,
-    compiled in one graph without a break, and the model's q_proj / k_proj / v_proj are its own Linear layers
-    again after every step."""
+def test_fused_projections_same_tokens_and_model_restored(model, compiled):
+    """`fuse_projections=True` (one GEMV for q, k, v and one for gate, up): the same tokens and logits (up to
+    rounding) as separate projections, compiled in one graph without a break; the model's projections are its own
+    Linear layers again after every step, their weights unchanged in value and now views of the fused weights (no
+    extra memory); a second decoder reuses the fused weights instead of copying again."""
     import torch._dynamo
     from torch._dynamo.utils import counters
 
     name, kw = CASES["snapkv"]
     (c1, c2), (f1, f2) = _pair(model, name, kw, _ids())
     ref_logits, got_logits = [], []
-    ref = static_greedy_decode(model, StaticCompressedCache.from_cache(c1, N), f1, N, set(), logits_out=ref_logits)
-    linears = [(m.q_proj, m.k_proj, m.v_proj) for m in model.modules() if hasattr(m, "q_proj")]
+    ref = static_greedy_decode(model, StaticCompressedCache.from_cache(c1, N), f1, N, set(), logits_out=ref_logits,
+                               fuse_projections=False)
+    linears = _projections(model)
+    weights = [p.weight.detach().clone() for p in linears]
     torch._dynamo.reset()
     counters.clear()
     opts = dict(compile=True, backend="aot_eager") if compiled else {}
     got = static_greedy_decode(model, StaticCompressedCache.from_cache(c2, N), f2, N, set(), logits_out=got_logits,
-                               fuse_qkv=True, **opts)
+                               fuse_projections=True, **opts)
     assert got == ref
     for a, b in zip(ref_logits, got_logits):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
-    assert [(m.q_proj, m.k_proj, m.v_proj) for m in model.modules() if hasattr(m, "q_proj")] == linears
+    assert _projections(model) == linears
+    assert all(torch.equal(p.weight, w) for p, w in zip(linears, weights))
+    fused = [m.__dict__["_kvsqueeze_fused"] for m in model.modules() if "_kvsqueeze_fused" in m.__dict__]
+    assert len(fused) == 2 * model.config.num_hidden_layers  # attention and MLP of every layer
+    for groups in fused:
+        for f in groups.values():  # the originals point into the fused weight: no second copy held
+            base = f.weight.untyped_storage().data_ptr()
+            assert all(v.untyped_storage().data_ptr() == base for v in f.views())
+    q0 = next(m for m in model.modules() if hasattr(m, "q_proj")).q_proj
+    assert q0.weight.untyped_storage().data_ptr() == fused[0][("q_proj", "k_proj", "v_proj")].weight.data_ptr()
+    from kvsqueeze.runtime.fused_projections import build_fused_projections
+
+    again = build_fused_projections(model)
+    assert all(f is m.__dict__["_kvsqueeze_fused"][f.names] for m, f in again)
     if compiled:
         assert counters["stats"]["unique_graphs"] == 1
         assert not counters["graph_break"]
 
 
-def test_fused_qkv_refuses_another_projection_order():
-    """A stand-in called before q_proj (a model projecting k first) raises instead of returning a stale part."""
+def test_fused_projections_refuse_another_projection_order():
+    """A stand-in called before the group's first projection (a model projecting k first) raises instead of
+    returning a stale part; the parts equal the separate products."""
     from kvsqueeze.errors import KVSqueezeError
-    from kvsqueeze.runtime.fused_projections import FusedQKV
+    from kvsqueeze.runtime.fused_projections import FusedProjection
 
-    lin = [torch.nn.Linear(8, n, bias=False) for n in (8, 4, 4)]
-    f = FusedQKV(*lin)
+    lin = [torch.nn.Linear(8, n, bias=True) for n in (8, 4, 4)]
+    want = [torch.nn.functional.linear(x, p.weight.detach().clone(), p.bias.detach().clone()) for p in lin
+            for x in [torch.ones(2, 8)]]
+    f = FusedProjection(("q_proj", "k_proj", "v_proj"), lin)
+    k_part, v_part = f.others
     x = torch.randn(2, 8)
     with pytest.raises(KVSqueezeError, match="before q_proj"):
-        f.k(x)
+        k_part(x)
     q = f(x)
     torch.testing.assert_close(q, lin[0](x))
-    torch.testing.assert_close(f.k(x), lin[1](x))
+    torch.testing.assert_close(k_part(x), lin[1](x))
     with pytest.raises(KVSqueezeError):
-        f.v(torch.randn(2, 8))  # another input
+        v_part(torch.randn(2, 8))  # another input
+    for p, w in zip(lin, want):  # the weights are views of the fused matrix, values unchanged
+        torch.testing.assert_close(p(torch.ones(2, 8)), w)

@@ -1,21 +1,28 @@
-"""One matrix product for each layer's query, key and value projections while a static decoding step runs.
+"""One matrix product for the projections that read the same input, while a static decoding step runs.
 
 At one token per row each projection is a GEMV that reads its weight once. On an H200 (Llama-3.1-8B shapes,
 `bench/gpu_decode.py --profile`, docs/gpu.md) cuBLAS ran the 4096 -> 1024 key and value GEMVs at 1.6 TB/s and the
-4096 -> 4096 query one at 2.7 TB/s, against 3.6-3.9 TB/s for the large MLP ones: small GEMVs do not fill the GPU.
-Concatenating the three weights into one ((hq + 2 hk) * head_dim, hidden) matrix makes one larger GEMV
-(gpt-fast's `wqkv`; vLLM's `QKVParallelLinear`).
+4096 -> 4096 query one at 2.7 TB/s, against 3.6-3.9 TB/s for the large MLP ones: small GEMVs do not fill the GPU,
+and every GEMV of a split-K plan adds a reduction kernel. Concatenating the weights that read the same input makes
+one larger GEMV per group (gpt-fast's `wqkv` and `w1`/`w3`; vLLM's `QKVParallelLinear` and
+`MergedColumnParallelLinear`). The groups (`GROUPS`):
 
-The attention module's own forward is kept: while a step runs, `q_proj` is swapped for `FusedQKV`, which computes
-the fused product and returns the query part, leaving the key and value parts for the `StashedPart` stand-ins
-swapped in for `k_proj` and `v_proj`. Each stand-in checks that it is called on the same input after `q_proj`
-(the order of Llama, Mistral, Qwen2/3, Gemma 2/3's forwards) and raises `KVSqueezeError` otherwise, so a model
-that projects in another order fails loudly instead of mixing tokens. Nothing is held between steps (the stash is
-emptied as it is read). The swap is a context manager (`swapped`), like the static attention implementation: the
-model is left as loaded outside a step.
+    attention:  [W_q; W_k; W_v]   (q_proj, k_proj, v_proj)   x -> q, k, v
+    MLP:        [W_gate; W_up]    (gate_proj, up_proj)      x -> gate, up     (then down(act(gate) * up))
 
-Memory: the fused weights are a copy, (hq + 2 hk) * head_dim * hidden elements per layer (1.6 GB for
-Llama-3.1-8B in bf16, 10% of its weights), built once by `build_fused_qkv(model)`.
+The modules' own forwards are kept: while a step runs, a group's first projection is swapped for
+`FusedProjection`, which computes the fused product and returns its own part, leaving the others' parts for the
+`StashedPart` stand-ins swapped in for them. Each stand-in checks that it is called on the same input after the
+first (the order of Llama, Mistral, Qwen2/3, Gemma 2/3's forwards: q before k before v, gate before up) and raises
+`KVSqueezeError` otherwise, so a model that projects in another order fails loudly instead of mixing tokens.
+Nothing is held between steps (the stash is emptied as it is read). The swap is a context manager (`swapped`),
+like the static attention implementation: the model's modules are the loaded ones outside a step.
+
+Memory: none extra. The fused weight is built once per group (`build_fused_projections(model)`), and the original
+`nn.Linear` weights then become row views of it (each projection's `weight.data` is re-pointed at its rows of
+the fused matrix; the values are unchanged, so the model outside a step computes what it did). Only one group's
+copy is alive at a time while building, and a second build on the same model reuses the first's fused weights. Linear layers that are not plain `torch.nn.Linear` with floating weights
+on one device (quantized or offloaded layers) are left alone.
 """
 
 from __future__ import annotations
@@ -28,9 +35,11 @@ from torch import nn
 
 from ..errors import KVSqueezeError
 
+GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # projections that read the same input
+
 
 class _Stash:
-    """The key or value part of the last fused product, with the input it was computed from."""
+    """A part of the last fused product, with the input it was computed from."""
 
     def __init__(self):
         self.x = None
@@ -38,76 +47,103 @@ class _Stash:
 
 
 class StashedPart(nn.Module):
-    """Stands in for `k_proj` / `v_proj`: returns its part of the product `FusedQKV` computed from the same input
-    (shape (..., out_features)). Raises KVSqueezeError when called before `q_proj` or on another input."""
+    """Stands in for a group's later projection (k_proj, v_proj, up_proj): returns its part of the product
+    `FusedProjection` computed from the same input (shape (..., out_features)). Raises KVSqueezeError when called
+    before the group's first projection or on another input."""
 
-    def __init__(self, name: str, out_features: int):
+    def __init__(self, name: str, first: str, out_features: int):
         super().__init__()
-        self.name, self.out_features = name, out_features
+        self.name, self.first, self.out_features = name, first, out_features
         self.stash = _Stash()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s = self.stash
         if s.out is None or s.x is not x:
-            raise KVSqueezeError(f"fused QKV projections: {self.name} was called before q_proj or on another input; "
-                                 "this model projects in another order: build the decoder without fuse_qkv")
+            raise KVSqueezeError(f"fused projections: {self.name} was called before {self.first} or on another "
+                                 "input; this model projects in another order: build the decoder with "
+                                 "fuse_projections=False")
         out = s.out
         s.x = s.out = None
         return out
 
 
-class FusedQKV(nn.Module):
-    """Stands in for `q_proj`: x (..., hidden) -> the query part (..., hq * head_dim) of x @ [Wq; Wk; Wv]^T (+ the
-    biases), the key and value parts stashed for `k` and `v` (`StashedPart`)."""
+def _fusable(parts) -> bool:
+    return (all(type(p) is nn.Linear for p in parts) and len({p.in_features for p in parts}) == 1
+            and len({(p.weight.dtype, p.weight.device) for p in parts}) == 1 and parts[0].weight.is_floating_point()
+            and parts[0].weight.device.type != "meta" and len({p.bias is None for p in parts}) == 1)
 
-    def __init__(self, q: nn.Linear, k: nn.Linear, v: nn.Linear):
+
+class FusedProjection(nn.Module):
+    """Stands in for a group's first projection: x (..., in) -> its part (..., out_0) of x @ [W_0; W_1; ...]^T
+    (+ the biases), the other parts stashed for `others` (`StashedPart`s, in the group's order).
+
+    `names`: the projections' attribute names (e.g. q_proj, k_proj, v_proj); `parts`: their `nn.Linear`s. Building
+    re-points each part's weight (and bias) at its rows of the fused matrix: no extra memory (module docstring)."""
+
+    def __init__(self, names: tuple[str, ...], parts: list[nn.Linear]):
         super().__init__()
         with torch.no_grad():
-            self.register_buffer("weight", torch.cat([q.weight, k.weight, v.weight]), persistent=False)
-            biased = q.bias is not None
-            self.register_buffer("bias", torch.cat([q.bias, k.bias, v.bias]) if biased else None, persistent=False)
-        self.splits = (q.out_features, k.out_features, v.out_features)
-        self.k = StashedPart("k_proj", k.out_features)
-        self.v = StashedPart("v_proj", v.out_features)
+            weight = torch.cat([p.weight for p in parts])
+            bias = torch.cat([p.bias for p in parts]) if parts[0].bias is not None else None
+            start = 0
+            for p in parts:  # the originals become views of the fused rows (their storage is freed)
+                n = p.out_features
+                p.weight.data = weight[start:start + n]
+                if bias is not None:
+                    p.bias.data = bias[start:start + n]
+                start += n
+        self.register_buffer("weight", weight, persistent=False)
+        self.register_buffer("bias", bias, persistent=False)
+        self.names = names
+        self.splits = tuple(p.out_features for p in parts)
+        self.others = nn.ModuleList(StashedPart(n, names[0], p.out_features) for n, p in zip(names[1:], parts[1:]))
+
+    def views(self) -> tuple[torch.Tensor, ...]:
+        """The fused weight's row blocks, one per projection (what the originals' weights point at)."""
+        return self.weight.split(self.splits)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q, k, v = F.linear(x, self.weight, self.bias).split(self.splits, dim=-1)
-        self.k.stash.x = self.v.stash.x = x
-        self.k.stash.out, self.v.stash.out = k, v
-        return q
+        first, *rest = F.linear(x, self.weight, self.bias).split(self.splits, dim=-1)
+        for part, out in zip(self.others, rest):
+            part.stash.x, part.stash.out = x, out
+        return first
 
 
-def build_fused_qkv(model) -> list[tuple[nn.Module, FusedQKV]]:
-    """For every attention module of `model` with `q_proj`, `k_proj`, `v_proj` linear layers of one input size,
-    dtype and bias kind: (module, its `FusedQKV`). Raises KVSqueezeError when the model has none."""
+def build_fused_projections(model) -> list[tuple[nn.Module, FusedProjection]]:
+    """For every module of `model` holding one of `GROUPS` as plain `nn.Linear` layers of one input size, dtype,
+    device and bias kind: (module, its `FusedProjection`); the originals' weights become views of the fused ones.
+    Raises KVSqueezeError when the model has no such group."""
     out = []
-    for mod in model.modules():
-        parts = [getattr(mod, n, None) for n in ("q_proj", "k_proj", "v_proj")]
-        if not all(isinstance(p, nn.Linear) for p in parts):
-            continue
-        q, k, v = parts
-        if len({p.in_features for p in parts}) > 1 or len({p.weight.dtype for p in parts}) > 1 or \
-                len({p.bias is None for p in parts}) > 1:
-            continue
-        out.append((mod, FusedQKV(q, k, v)))
+    for mod in list(model.modules()):
+        for names in GROUPS:
+            parts = [getattr(mod, n, None) for n in names]
+            if not (all(isinstance(p, nn.Module) for p in parts) and _fusable(parts)):
+                continue
+            built = mod.__dict__.setdefault("_kvsqueeze_fused", {})  # one fused weight per group, however many decoders
+            f = built.get(names)
+            if f is None or any(p.weight.data_ptr() != v.data_ptr() for p, v in zip(parts, f.views())):
+                f = built[names] = FusedProjection(names, parts)
+            out.append((mod, f))
     if not out:
-        raise KVSqueezeError("fuse_qkv: the model has no attention module with q_proj / k_proj / v_proj linear "
-                             "layers to fuse")
+        raise KVSqueezeError("fuse_projections: the model has no q_proj / k_proj / v_proj or gate_proj / up_proj "
+                             "linear layers to fuse")
     return out
 
 
 @contextlib.contextmanager
-def swapped(fused: list[tuple[nn.Module, FusedQKV]] | None):
-    """While the block runs, each module's q_proj / k_proj / v_proj are the fused stand-ins; restored after
-    (also on error). `fused` None: nothing is swapped."""
+def swapped(fused: list[tuple[nn.Module, FusedProjection]] | None):
+    """While the block runs, each group's projections are the fused stand-ins; restored after (also on error).
+    `fused` None or empty: nothing is swapped."""
     if not fused:
         yield
         return
-    saved = [(mod, mod.q_proj, mod.k_proj, mod.v_proj) for mod, _ in fused]
+    saved = [(mod, f.names, [getattr(mod, n) for n in f.names]) for mod, f in fused]
     try:
         for mod, f in fused:
-            mod.q_proj, mod.k_proj, mod.v_proj = f, f.k, f.v
+            for name, stand_in in zip(f.names, (f, *f.others)):
+                setattr(mod, name, stand_in)
         yield
     finally:
-        for mod, q, k, v in saved:
-            mod.q_proj, mod.k_proj, mod.v_proj = q, k, v
+        for mod, names, parts in saved:
+            for name, part in zip(names, parts):
+                setattr(mod, name, part)

@@ -77,7 +77,7 @@ from ..storage.layer import CompressedLayer
 from ..storage.stats import CacheStats
 from ..kernels.slot_decode import grouped_matmul_decode
 from ..storage.static import StaticSlots, _static
-from .fused_projections import build_fused_qkv, swapped as fused_qkv_swapped
+from .fused_projections import build_fused_projections, swapped as fused_swapped
 from ..storage.stores import DenseStore
 from .routing import STATIC_PREFIX, attention_configs, static_attention
 
@@ -583,11 +583,13 @@ class StaticDecoder:
     and None elsewhere; `backend` (e.g. "aot_eager", "eager") picks another backend (tests on the CPU). The
     model's attention implementation is switched to the static one only while a step runs. Raises
     KVSqueezeError when the cache has no room left (more steps than `max_new_tokens` without eviction).
-    `fuse_qkv=True`: each layer's query, key and value projections run as one GEMV during the step
-    (`runtime/fused_projections.py`; a copy of those weights: +1.6 GB for Llama-3.1-8B in bf16)."""
+    `fuse_projections`: each layer's query, key and value projections run as one GEMV during the step, and so do
+    the MLP's gate and up projections (`runtime/fused_projections.py`; no extra memory: the model's weights become
+    views of the fused ones). None (default): on where the cache is on CUDA (measured faster on an H200,
+    docs/gpu.md), off elsewhere."""
 
     def __init__(self, model, cache: StaticCompressedCache, compile: bool = False, backend: str | None = None,
-                 mode: str | None = None, kernel: str | None = None, fuse_qkv: bool = False):
+                 mode: str | None = None, kernel: str | None = None, fuse_projections: bool | None = None):
         if kernel is not None and kernel not in KERNELS:
             raise KVSqueezeError(f"the static attention kernel must be one of {', '.join(KERNELS)}, got {kernel!r}")
         if kernel is None and cache.position.device.type == "cuda":
@@ -598,7 +600,9 @@ class StaticDecoder:
             _sm_count(cache.position.device)  # cached before any trace: no device query inside a compiled step
         self.model, self.cache, self.kernel = model, cache, kernel
         self._configs = attention_configs(model)
-        self._fused = build_fused_qkv(model) if fuse_qkv else None
+        if fuse_projections is None:
+            fuse_projections = cache.position.device.type == "cuda"
+        self._fused = build_fused_projections(model) if fuse_projections else None
         kw = dict(cache_kwargs(model, cache), **cache.forward_kwargs())
 
         def step(tokens: torch.Tensor):
@@ -631,7 +635,7 @@ class StaticDecoder:
         c._count_step()
         c.driven = True
         try:
-            with static_attention(self.model, self._configs, self.kernel), fused_qkv_swapped(self._fused):
+            with static_attention(self.model, self._configs, self.kernel), fused_swapped(self._fused):
                 if self._graphs:  # a new replay: the previous step's outputs may be overwritten from here on
                     torch.compiler.cudagraph_mark_step_begin()
                 logits, token = self._step(tokens)
@@ -660,19 +664,19 @@ class StaticDecoder:
 def static_greedy_decode(model, cache: StaticCompressedCache, first_logits: torch.Tensor, max_new_tokens: int,
                          eos: set[int], compile: bool = False, backend: str | None = None, mode: str | None = None,
                          eos_every: int = 16, logits_out: list | None = None,
-                         kernel: str | None = None, fuse_qkv: bool = False) -> list[list[int]]:
+                         kernel: str | None = None, fuse_projections: bool | None = None) -> list[list[int]]:
     """Greedy decoding of every row from `first_logits` (b, vocab) over a static cache: the same tokens as
     `greedy_decode_batch` on the eager cache (row r stops before its first `eos` token or at `max_new_tokens`).
     Generated ids stay on the device; EOS is looked for every `eos_every` steps (one host sync) and at the end.
     `logits_out`, when given, receives each step's logits (b, vocab) (cloned: a CUDA graph reuses its outputs).
-    `compile`, `backend`, `mode`, `kernel`, `fuse_qkv`: see `StaticDecoder`. Returns each row's tokens."""
+    `compile`, `backend`, `mode`, `kernel`, `fuse_projections`: see `StaticDecoder`. Returns each row's tokens."""
     b = first_logits.shape[0]
     dev = first_logits.device
     ids = torch.empty(b, max_new_tokens, dtype=torch.long, device=dev)
     token = first_logits.argmax(-1)
     eos_t = torch.tensor(sorted(eos), dtype=torch.long, device=dev) if eos else None
     decoder = StaticDecoder(model, cache, compile=compile, backend=backend, mode=mode, kernel=kernel,
-                            fuse_qkv=fuse_qkv)
+                            fuse_projections=fuse_projections)
     n = 0
     for i in range(max_new_tokens):
         ids[:, i] = token
