@@ -4,7 +4,7 @@ Quest (Tang et al., 2024, "Quest: Query-Aware Sparsity for Efficient Long-Contex
 2406.10774; the rule: `selection/quest.py`) over the fixed-capacity slots of a `StaticCompressedCache`
 (`storage/static.py`). A page is `page` consecutive slots of the static capacity: page j of a (layer, row, kv head)
 holds slots [j * page, (j + 1) * page). Per (layer, row, kv head, page) the buffers `kmin` / `kmax`
-(b, kv_heads, capacity // page, head_dim) float32 hold the channel-wise minimum and maximum of the keys of the
+(b, kv_heads, capacity // page, head_dim) in the keys' dtype hold the channel-wise minimum and maximum of the keys of the
 page's valid slots (0 for a page with none). They are built once from the slots (`load`) and, at every decoding
 step, the page the step writes into is recomputed on the device from its `page` slots (`refresh`: only that page
 changes; the write slots are device tensors).
@@ -37,7 +37,8 @@ import torch
 
 from ..errors import KVSqueezeError
 from ..storage.static import _static
-from .quest import Quest, page_scores
+from ..kernels.topk import topk_increasing
+from .quest import Quest
 
 
 class StaticQuest:
@@ -45,8 +46,8 @@ class StaticQuest:
 
     `selector`: the eager cache's `Quest` (its budget, page, gqa rule and dense layers are used; its own state is
     not); `slots`: the static slots (capacity a multiple of `selector.page`). Memory: 2 * head_dim * 4 bytes per
-    page per (sparse layer, row, kv head), i.e. head_dim / 2 bytes per slot (an eighth of bf16 K+V's 4 * head_dim
-    bytes).
+    page per (sparse layer, row, kv head) in float32 keys, half that in bf16 (the metadata is held in the keys'
+    dtype: a minimum or maximum of keys is exact there), i.e. an eighth of K+V's bytes at pages of 16 slots.
     `chosen` (layers, b, kv_heads, k) long: the pages each sparse layer attended to at its last step (a device
     buffer written by `select`; -1 before the first step and for dense layers).
     Raises KVSqueezeError for another selector, a budget that is not a multiple of the page, recovery tracking,
@@ -66,12 +67,13 @@ class StaticQuest:
         self.dense_layers = frozenset(selector.dense_layers)
         dev = slots.valid.device
         shape = (slots.batch, slots.kv_heads, self.n_pages, slots.head_dim)
+        dt = slots.keys[0].dtype  # min / max of the keys are keys: exact in the keys' dtype
         self.kmin: list[torch.Tensor | None] = []
         self.kmax: list[torch.Tensor | None] = []
         for i in range(slots.n_layers):
             sparse = i not in self.dense_layers
-            self.kmin.append(_static(torch.zeros(shape, dtype=torch.float32, device=dev)) if sparse else None)
-            self.kmax.append(_static(torch.zeros(shape, dtype=torch.float32, device=dev)) if sparse else None)
+            self.kmin.append(_static(torch.zeros(shape, dtype=dt, device=dev)) if sparse else None)
+            self.kmax.append(_static(torch.zeros(shape, dtype=dt, device=dev)) if sparse else None)
         # the pages each sparse layer attended to at its last step (inspection, tests; -1 before any step)
         self.chosen = _static(torch.full((slots.n_layers, slots.batch, slots.kv_heads, self.k_pages), -1,
                                          dtype=torch.long, device=dev))
@@ -102,7 +104,7 @@ class StaticQuest:
             if not self.sparse(i):
                 continue
             b, h, c, d = s.keys[i].shape
-            keys = s.keys[i].float().view(b, h, self.n_pages, self.page, d)
+            keys = s.keys[i].view(b, h, self.n_pages, self.page, d)
             ok = s.valid[i].view(b, h, self.n_pages, self.page)
             mn, mx = _masked_minmax(keys, ok, 3)
             self.kmin[i].copy_(mn)
@@ -118,7 +120,7 @@ class StaticQuest:
         b, h, c, d = keys.shape
         pg = s.write[layer_idx] // self.page  # (b, h)
         idx = pg[..., None] * self.page + self._offs  # (b, h, page)
-        k = keys.gather(2, idx[..., None].expand(b, h, self.page, d)).float()
+        k = keys.gather(2, idx[..., None].expand(b, h, self.page, d))
         ok = s.valid[layer_idx].gather(2, idx)
         mn, mx = _masked_minmax(k, ok, 2)  # (b, h, d)
         # index_put_, not scatter_: inductor re-inplaces it (a scatter_ on the buffer compiled to a copy of the
@@ -137,7 +139,11 @@ class StaticQuest:
         kmin, kmax = self.kmin[layer_idx], self.kmax[layer_idx]
         b, hk, P, d = kmin.shape
         hq = query.shape[1]
-        scores = page_scores(query[:, :, 0], kmin, kmax).view(b, hk, hq // hk, P)  # (b, hk, g, P) fp32
+        # Quest's bound as one fused elementwise product and sum over the channels (compiled: one reduction
+        # kernel reading the metadata in the keys' dtype; two float32 matrix products with 4 query rows ran at
+        # ~0.3 TB/s on an H200), float32 arithmetic: `page_scores`' values up to the summation order
+        q = query[:, :, 0].float().view(b, hk, hq // hk, 1, d)
+        scores = torch.maximum(q * kmin[:, :, None].float(), q * kmax[:, :, None].float()).sum(-1)  # (b, hk, g, P)
         cur = (s.write[layer_idx] // self.page)[..., None]  # (b, hk, 1): the page being written
         live = self._page_ids <= cur  # (b, hk, P)
         if self.gqa == "raw":
@@ -150,7 +156,7 @@ class StaticQuest:
         agg = agg.masked_fill(self._page_ids == cur, float("inf"))
         held = s.valid[layer_idx].view(b, hk, P, self.page).any(-1)
         agg = agg.masked_fill(~held, float("-inf"))
-        pages = agg.topk(self.k_pages, dim=-1).indices.sort(dim=-1).values
+        pages = topk_increasing(agg, self.k_pages)  # one Triton program per (row, kv head) on CUDA
         self.chosen[layer_idx].copy_(pages)
         return pages
 
