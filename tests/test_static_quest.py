@@ -280,3 +280,37 @@ def test_a_forward_that_drops_the_pages_is_refused(model, monkeypatch):
     monkeypatch.setattr(StaticCompressedCache, "forward_kwargs", lambda self: {})
     with pytest.raises(kq.KVSqueezeError, match="keyword arguments"):
         StaticDecoder(model, st)(f.argmax(-1))
+
+
+def test_compiled_metadata_refresh_stays_in_place():
+    """The per-step metadata write (`StaticQuest.refresh`) compiles to an in-place store of one page per (row, kv
+    head): inductor's code never loops over a whole metadata buffer (a copy out and back per layer and step would
+    cost as much as reading the metadata), and the compiled refresh equals the eager one."""
+    import re
+
+    from torch._inductor.utils import run_and_get_code
+
+    from kvsqueeze.selection import Quest
+    from kvsqueeze.selection.static_quest import StaticQuest
+    from kvsqueeze.storage.static import StaticSlots
+
+    def build():  # 2 layers, 2 rows, 2 kv heads, 64 slots, head_dim 8; pages of 16: a metadata buffer has 256 values
+        s = StaticSlots(2, 2, 2, 64, 8, torch.float32, "cpu")
+        g = torch.Generator().manual_seed(3)
+        for i in range(2):
+            s.keys[i].copy_(torch.randn(s.keys[i].shape, generator=g))
+        s.valid[..., :40] = True
+        s.write.copy_(torch.tensor([[[39, 20], [5, 63]], [[17, 33], [48, 2]]]))
+        q = StaticQuest(Quest(32, dense_layers=()), s)
+        q.load()
+        s.keys[1].mul_(2.0)  # the refreshed pages change
+        return q
+
+    eager, comp = build(), build()
+    eager.refresh(1)
+    torch._dynamo.reset()
+    _, code = run_and_get_code(torch.compile(lambda: comp.refresh(1), fullgraph=True))
+    bounds = [int(n) for n in re.findall(r"x0<static_cast<int64_t>\((\d+)L\)", "\n".join(code))]
+    assert comp.meta[1].numel() == 256 and 256 not in bounds, "the compiled refresh copies a whole metadata buffer"
+    assert torch.equal(eager.meta[1], comp.meta[1])
+    assert not torch.equal(comp.meta[1], build().meta[1])  # the write happened

@@ -5,11 +5,14 @@ head) out of P, every layer and step, then reads them in increasing order. `torc
 about 60 us per layer on an H200 at P = 8192 (128k tokens in pages of 16; `bench/gpu_decode.py --profile`:
 radix-select passes over memory, then two sorts), far more than the attention it selects for. Here one program
 holds its row in registers and finds the k-th largest value by bisection on the value's bits, with no memory
-traffic per pass:
+traffic per pass (a radix select):
 
-    key(x) = bits(x) XOR (0x7FFFFFFF if x < 0 else 0)     (an int32 whose order is the float order)
-    T      = max { t : #{j : key_j >= t} >= k }          (32 halvings of the int32 range)
-    take_j = key_j > T  or  (key_j == T and j among the first k - #{key > T} such j)
+    key(x) = an unsigned 32-bit integer whose order is the float order (sign bit flipped for x >= 0, every bit
+             flipped for x < 0)
+    T      = the k-th largest key, found 8 bits at a time from the top: per pass a 256-bin histogram of the next
+             digit over the keys sharing the digits found so far, and the largest digit with >= `need` keys at or
+             above it (`need` drops by the keys strictly above)
+    take_j = key_j > T  or  (key_j == T and j among the first `need` such j)
     out    = the taken j in increasing order               (positions by a prefix sum: no sort)
 
 Ties at the threshold go to the lowest indices (`torch.topk` leaves their order unspecified). Rows longer than
@@ -32,19 +35,25 @@ if triton is not None:
         j = tl.arange(0, BLOCK_P)
         ok = j < P
         x = tl.load(X + row * s_x + j, mask=ok, other=float("-inf")).to(tl.float32)
-        bits = x.to(tl.int32, bitcast=True)
-        key = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.int64)
-        key = tl.where(ok, key, -(2 ** 40))  # padding: below every real key, never taken (K <= P)
-        lo = tl.min(tl.where(ok, key, 2 ** 40), 0)  # count(key >= lo) = P >= K
-        hi = tl.max(key, 0)
-        for _ in range(33):  # invariant: count(key >= lo) >= K and the answer is in [lo, hi]; 2^32 keys: 33 halvings
-            mid = lo + (hi - lo + 1) // 2
-            enough = tl.sum((key >= mid).to(tl.int32), 0) >= K
-            lo = tl.where(enough, mid, lo)
-            hi = tl.where(enough, hi, mid - 1)
-        gt = key > lo
-        eq = key == lo
-        need = K - tl.sum(gt.to(tl.int32), 0)
+        bits = x.to(tl.int32, bitcast=True).to(tl.int64)
+        # an unsigned 32-bit key in the float order: negative floats have every bit flipped, positive ones the sign
+        key = tl.where(bits < 0, -1 - bits, bits + 2 ** 31)  # bits < 0: 2^31 - 1 - (bits & 0x7FFFFFFF)
+        bins = tl.arange(0, 512)
+        real = bins < 256
+        prefix = tl.zeros([], tl.int64)  # the high digits of the k-th largest key found so far
+        need = tl.zeros([], tl.int32) + K  # how many of the keys with that prefix are still to be taken
+        for p in tl.static_range(4):  # radix select, 8 bits per pass from the top
+            shift: tl.constexpr = 24 - 8 * p
+            match = ok & ((key >> (shift + 8)) == prefix)
+            digit = tl.where(match, (key >> shift) & 255, 256 + (j & 255))  # others into the spare bins
+            h = tl.histogram(digit.to(tl.int32), 512)
+            h = tl.where(real, h, 0)
+            above_eq = tl.sum(h, 0) - tl.cumsum(h, 0) + h  # keys with this prefix and digit >= the bin
+            d = tl.max(tl.where(real & (above_eq >= need), bins, -1), 0)
+            need = need - (tl.sum(tl.where(bins == d, above_eq - h, 0), 0)).to(tl.int32)
+            prefix = prefix * 256 + d
+        gt = ok & (key > prefix)
+        eq = ok & (key == prefix)
         take = gt | (eq & (tl.cumsum(eq.to(tl.int32), 0) <= need))
         pos = tl.cumsum(take.to(tl.int32), 0) - 1
         tl.store(OUT + row * s_o + pos, j.to(tl.int64), mask=take)
