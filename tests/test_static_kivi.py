@@ -15,6 +15,7 @@ import kvsqueeze as kq
 from kvsqueeze.methods import get_method
 from kvsqueeze.quant import kivi
 from kvsqueeze.quant.kivi_static import StaticKIVI
+from kvsqueeze.quant.packing import unpack
 from kvsqueeze.runtime.generate import decode_step, prefill
 from kvsqueeze.runtime.static import StaticCompressedCache, static_greedy_decode
 
@@ -78,16 +79,17 @@ def _same_store(static, eager_cache, nq0):
     groups bit for bit, the groups flushed while decoding (quantized from the decoded keys, equal to ~1e-7: a code
     may round the other way) and the residual within float tolerance."""
     s = static.slots
-    per = 8 // s.bits
     for i, layer in enumerate(eager_cache.layers):
         st = layer.store
         nq, nr = st.n_compressed, st.residual_keys.shape[2]
         assert (int(s.nq[i]), int(s.nr[i])) == (nq, nr), f"layer {i}"
         seg = st.segments[0]
         p0 = int(nq0[i])
-        assert torch.equal(s.kc[i, :, :, :p0 // per], seg.k.codes[:, :, :p0 // per])
+        kc, vc = s.codes(i)  # the group-aligned buffers unpacked to token order
+        ek, ev = unpack(seg.k.codes, s.bits, "token"), unpack(seg.v.codes, s.bits, "token")
+        assert torch.equal(kc[:, :, :p0], ek[:, :, :p0]) and torch.equal(vc[:, :, :p0], ev[:, :, :p0])
         assert torch.equal(s.vs[i, :, :, :p0], seg.v.scale[:, :, :p0])
-        for have, want in ((s.kc[i, :, :, :nq // per], seg.k.codes), (s.vc[i, :, :, :nq // per], seg.v.codes)):
+        for have, want in ((kc[:, :, :nq], ek), (vc[:, :, :nq], ev)):
             assert float((have != want).float().mean()) < 0.01
         torch.testing.assert_close(s.ks[i, :, :, :nq // G].float(), seg.k.scale.float(), atol=1e-5, rtol=1e-2)
         torch.testing.assert_close(s.kr[i, :, :, :nr], st.residual_keys, **TOL)
