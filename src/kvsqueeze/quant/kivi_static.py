@@ -115,6 +115,7 @@ class StaticKIVI:
         self.w = z(L, dt=torch.long)  # the residual slot of the token being written, per layer
         self.masked = False  # whether a slot inside the lengths is hidden (the fused kernel then reads the masks)
         self.priority = None  # never evicts while decoding (StaticSlots' protocol)
+        self.kernel_options: dict = {}  # keyword arguments of kivi_decode_static (block_n, num_warps, v_mode, ...)
 
     # --- filling from the eager store -------------------------------------------------------------------------
     def load(self, layer_idx: int, store: KIVIStore, valid: torch.Tensor | None) -> None:
@@ -256,7 +257,8 @@ class StaticKIVI:
             rv = self.valid[i, :, :, cq:] if self.masked else None
             out = kivi_decode_static(query[:, :, 0], self.kc[i], self.ks[i], self.kz[i], self.vc[i], self.vs[i],
                                      self.vz[i], self.kr[i], self.vr[i], self.nq[i:i + 1], self.nr[i:i + 1],
-                                     self.bits, self.group, self.value_group, scale=scaling, q_valid=qv, r_valid=rv)
+                                     self.bits, self.group, self.value_group, scale=scaling, q_valid=qv, r_valid=rv,
+                                     **self.kernel_options)
             return out[:, None]
         keys, values = self.dequantized(i, query.dtype)
         return grouped_matmul_decode(query, keys, values, self.valid[i][:, :, None, :], scaling)
