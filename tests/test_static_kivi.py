@@ -213,3 +213,161 @@ def test_fused_kernel_under_the_interpreter(model, bits, padded):
     assert got == ref
     for a, b in zip(logits, ref_logits):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+# --- the group-aligned layout and the fused static kernel (kernels/kivi_decode.kivi_decode_static) ---------------
+
+@pytest.mark.parametrize("bits,group", [(2, 8), (4, 8), (2, 32), (4, 16)])
+def test_group_aligned_packing_places_group_j_in_bit_field_j(bits, group):
+    """Row r of block k holds token k*BT + r + j*G in bit field j (BT = G * 8 / bits); unpacking inverts packing."""
+    from kvsqueeze.quant.kivi_static import pack_group_aligned, unpack_group_aligned
+
+    per, n, d = 8 // bits, 3 * group * (8 // bits), 4
+    codes = torch.randint(0, 1 << bits, (2, 3, n, d), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    packed = pack_group_aligned(codes, bits, group)
+    assert packed.shape == (2, 3, n // per, d)
+    for blk in range(n // (group * per)):
+        for r in range(group):
+            for j in range(per):
+                field = (packed[:, :, blk * group + r] >> (j * bits)) & ((1 << bits) - 1)
+                assert torch.equal(field, codes[:, :, blk * group * per + r + j * group])
+    assert torch.equal(unpack_group_aligned(packed, bits, group), codes)
+    with pytest.raises(ValueError, match="multiple"):
+        pack_group_aligned(codes[:, :, :group], bits, group)  # a part of a block
+
+
+def _eager_store(bits, group, n, b=2, h=2, d=64, seed=0, device="cpu", dtype=torch.float32):
+    gen = torch.Generator().manual_seed(seed)
+    layer = kivi(bits, group=group, residual=group)()
+    k = torch.randn(b, h, n, d, generator=gen)
+    k[..., :4] *= 8  # outlier channels, as real keys have
+    layer.append(k.to(device, dtype), torch.randn(b, h, n, d, generator=gen).to(device, dtype))
+    layer.commit()
+    return layer.store
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_loaded_codes_equal_the_eager_codes(bits):
+    """`load` repacks the eager store's codes: unpacked, both layouts give the same codes and the same
+    dequantized keys / values (the static reference path reads the new layout)."""
+    from kvsqueeze.quant.packing import unpack as unpack_tokens
+
+    G = 16
+    st = _eager_store(bits, G, 7 * G + 5)  # 6 groups quantized: not a whole number of blocks at 2 bits
+    s = StaticKIVI(1, 2, 2, 64, st.n + 2 * G, bits, G, G, G, torch.float32, "cpu")
+    s.load(0, st, None)
+    seg = st.segments[0]
+    nq = seg.n
+    assert s.q_capacity % s.block == 0 and int(s.nq[0]) == nq
+    kc, vc = s.codes(0)
+    assert torch.equal(kc[:, :, :nq], unpack_tokens(seg.k.codes, bits, "token"))
+    assert torch.equal(vc[:, :, :nq], unpack_tokens(seg.v.codes, bits, "token"))
+    assert not kc[:, :, nq:].any() and not vc[:, :, nq:].any()
+    keys, values = s.dequantized(0, torch.float32)
+    torch.testing.assert_close(keys[:, :, :nq], seg.keys(torch.float32), atol=0, rtol=0)
+    torch.testing.assert_close(values[:, :, :nq], seg.values(torch.float32), atol=0, rtol=0)
+
+
+def _kernel_device():
+    if torch.cuda.is_available():
+        try:
+            import triton  # noqa: F401
+            return "cuda"
+        except ImportError:
+            return None
+    return "cpu" if _interpreter() else None
+
+
+needs_kernel = pytest.mark.skipif(_kernel_device() is None,
+                                  reason="a CUDA GPU with triton, or Triton's CPU interpreter (TRITON_INTERPRET=1)")
+VARIANTS = [(kf, vm) for kf in (True, False) for vm in ("fold", "gather", "reshape")]
+
+
+def _static_from_eager(bits, group, n, dev, masked=False, spare=4, seed=0):
+    """StaticKIVI (one layer) loaded from an eager store of n tokens, on `dev` (bf16 residual on CUDA); with
+    `masked`, some quantized and residual slots hidden."""
+    dt = torch.bfloat16 if dev == "cuda" else torch.float32
+    st = _eager_store(bits, group, n, seed=seed, device=dev, dtype=dt)
+    s = StaticKIVI(1, 2, 2, 64, st.n + spare * group, bits, group, group, group, dt, dev)
+    valid = None
+    if masked:
+        valid = torch.rand(2, 2, st.n, generator=torch.Generator().manual_seed(seed + 1)) > 0.3
+        valid[:, :, -1] = True  # one visible slot per (row, kv head) at least
+    s.load(0, st, None if valid is None else valid.to(dev))
+    return s
+
+
+def _check_kernel(s, q, tol_cpu=2e-5):
+    ref = s.attention(0, q, None, None).float()
+    out = s.attention(0, q, None, "triton").float()
+    assert not out.isnan().any()
+    if q.device.type == "cuda":
+        assert float((out - ref).norm() / ref.norm()) < 1e-2
+    else:
+        torch.testing.assert_close(out, ref, atol=tol_cpu, rtol=tol_cpu)
+
+
+@needs_kernel
+@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("k_fold,v_mode", VARIANTS)
+@pytest.mark.parametrize("masked", [False, True])
+def test_static_kernel_equals_reference(bits, k_fold, v_mode, masked):
+    """Every variant of the fused static kernel equals dequantize + attention (the reference path) over
+    group-aligned buffers with a partly filled last block and a residual holding a partial group, with and
+    without slot masks, for two block sizes."""
+    dev = _kernel_device()
+    G = 32
+    s = _static_from_eager(bits, G, 9 * G + 7, dev, masked=masked)  # 8 groups quantized, 39 residual tokens
+    assert s.masked == masked and int(s.nr[0]) == G + 7
+    q = torch.randn(2, 8, 1, 64, generator=torch.Generator().manual_seed(3)).to(dev, s.dtype)
+    for block_n in (s.block, 2 * s.block):
+        s.kernel_options = dict(k_fold=k_fold, v_mode=v_mode, block_n=block_n)
+        _check_kernel(s, q)
+
+
+@needs_kernel
+@pytest.mark.parametrize("bits,group", [(2, 8), (4, 16)])
+def test_static_kernel_small_groups(bits, group):
+    """Groups below 16 tokens (no `tl.dot`: the broadcast-sum path) and 16-token groups give the reference."""
+    dev = _kernel_device()
+    s = _static_from_eager(bits, group, 11 * group + 3, dev, masked=True)
+    q = torch.randn(2, 8, 1, 64, generator=torch.Generator().manual_seed(4)).to(dev, s.dtype)
+    for k_fold, v_mode in ((True, "fold"), (False, "gather")):
+        s.kernel_options = dict(k_fold=k_fold, v_mode=v_mode)
+        _check_kernel(s, q)
+
+
+@needs_kernel
+@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("masked", [False, True])
+def test_static_kernel_over_end_token_steps(bits, masked):
+    """Decode steps (begin_token, write_kv, the kernel, end_token) through two residual flushes: the kernel equals
+    the reference at every step, including the step where the residual is full; each flush writes only its
+    group's bit field (the codes of the groups held before are unchanged) and the new group's codes are what
+    `quantize` gives for the flushed tokens."""
+    from kvsqueeze.quant.packing import PER_CHANNEL, quantize, unpack as unpack_tokens
+
+    dev = _kernel_device()
+    G = 16
+    s = _static_from_eager(bits, G, 4 * G + G - 2, dev, masked=masked)  # residual R + G - 2: flush after 2 steps
+    gen = torch.Generator().manual_seed(5)
+    flushes = 0
+    for step in range(G + 4):
+        nq = int(s.nq[0])
+        kc0, vc0 = s.codes(0)
+        s.begin_token(torch.zeros(2, dtype=torch.long, device=dev))
+        k, v = (torch.randn(2, 2, 1, 64, generator=gen).to(dev, s.dtype) for _ in range(2))
+        s.write_kv(0, k, v)
+        full = int(s.nr[0]) == s.res_capacity
+        oldest = s.kr[0, :, :, :G].clone()
+        q = torch.randn(2, 8, 1, 64, generator=gen).to(dev, s.dtype)
+        _check_kernel(s, q)
+        s.end_token()
+        kc1, vc1 = s.codes(0)
+        assert torch.equal(kc1[:, :, :nq], kc0[:, :, :nq]) and torch.equal(vc1[:, :, :nq], vc0[:, :, :nq])
+        if full:
+            flushes += 1
+            assert int(s.nq[0]) == nq + G
+            want = quantize(oldest, bits, PER_CHANNEL, G, pack_along="token")
+            assert torch.equal(kc1[:, :, nq:nq + G], unpack_tokens(want.codes, bits, "token"))
+    assert flushes == 2

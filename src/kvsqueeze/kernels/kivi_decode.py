@@ -14,9 +14,11 @@ bus: about 5x fewer bytes than an fp16 cache at 2 bits (d = 128, G = 32: 96 inst
 
     out = softmax(q K_hat^T * scale) V_hat      K_hat, V_hat as in kivi.py, never materialised in memory
 
-`kivi_decode_attention` is the entry point over an eager store; `kivi_decode_static` the same kernel over the
-fixed-capacity buffers of the static decode step (lengths read from device tensors, optional per-slot masks, a grid
-planned on the capacity: capturable in a CUDA graph); `reference_decode_attention` dequantizes with torch and calls
+`kivi_decode_attention` is the entry point over an eager store; `kivi_decode_static` runs a second split kernel
+(`_kivi_static_split`) over the fixed-capacity buffers of the static decode step, whose codes are packed
+group-aligned (`quant/kivi_static.py`: bit field j of a block's G packed rows is one whole key group, so keys need
+no per-token scale broadcast: logits = (q * s_g) . codes + q . z_g), with lengths read from device tensors,
+optional per-slot masks and a grid planned on the capacity (capturable in a CUDA graph); `reference_decode_attention` dequantizes with torch and calls
 `scaled_dot_product_attention` (the reference path, also used to check the kernel). Deviation from KIVI's own
 CUDA kernels: values are packed along tokens too (KIVI packs them along channels), so both share one loop.
 """
@@ -212,9 +214,10 @@ if triton is not None:
     def _mm(a, b, USE_DOT: tl.constexpr):
         # a (M, K) @ b (K, N) in float32: tl.dot (K, N >= 16), else a broadcast sum (small groups, e.g. G = 8)
         if USE_DOT:
-            return tl.dot(a, b)
+            out = tl.dot(a, b)
         else:
-            return tl.sum(a.to(tl.float32)[:, :, None] * b.to(tl.float32)[None, :, :], 1)
+            out = tl.sum(a.to(tl.float32)[:, :, None] * b.to(tl.float32)[None, :, :], 1)
+        return out
 
     @triton.jit
     def _kivi_static_split(
