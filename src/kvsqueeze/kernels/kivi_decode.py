@@ -18,8 +18,9 @@ bus: about 5x fewer bytes than an fp16 cache at 2 bits (d = 128, G = 32: 96 inst
 (`_kivi_static_split`) over the fixed-capacity buffers of the static decode step, whose codes are packed
 group-aligned (`quant/kivi_static.py`: bit field j of a block's G packed rows is one whole key group, so keys need
 no per-token scale broadcast: logits = (q * s_g) . codes + q . z_g), with lengths read from device tensors,
-optional per-slot masks and a grid planned on the capacity (capturable in a CUDA graph); `reference_decode_attention` dequantizes with torch and calls
-`scaled_dot_product_attention` (the reference path, also used to check the kernel). Deviation from KIVI's own
+optional per-slot masks and a grid planned on the capacity (capturable in a CUDA graph);
+`reference_decode_attention` dequantizes with torch and calls `scaled_dot_product_attention` (the reference path,
+also used to check the kernel). Deviation from KIVI's own
 CUDA kernels: values are packed along tokens too (KIVI packs them along channels), so both share one loop.
 """
 

@@ -56,7 +56,8 @@ from .packing import PER_CHANNEL, PER_TOKEN, QTensor, pack, quantize, unpack
 def _transpose_blocks(codes: torch.Tensor, a: int, b: int) -> torch.Tensor:
     """(.., n, d) -> (.., n, d): within each block of a*b tokens, the token at a-major position (i, j) (i < a, j < b)
     moves to b-major position (j, i). With a = p, b = G this turns token order into the order whose adjacent
-    p-tuples `packing.pack(along="token")` puts in one byte as the group-aligned layout wants; a = G, b = p undoes it."""
+    p-tuples `packing.pack(along="token")` puts in one byte as the group-aligned layout wants; a = G, b = p undoes
+    it."""
     *lead, n, d = codes.shape
     return codes.reshape(*lead, n // (a * b), a, b, d).transpose(-3, -2).reshape(*lead, n, d)
 
@@ -85,8 +86,10 @@ class StaticKIVI:
     """KIVI buffers of every layer at fixed capacity (see the module docstring for the layout and the step).
 
     n_layers, batch, kv_heads, head_dim: the cache's shape; q_capacity: quantized tokens the buffers hold (rounded
-    up to a multiple of the block BT = group * 8 / bits); bits, group, value_group, residual: the KIVI settings (`KIVIStore`'s); dtype:
-    the model's (residual) dtype. Raises KVSqueezeError for settings the static path does not hold."""
+    up to a multiple of the block BT = group * 8 / bits); bits, group, value_group, residual: the KIVI settings
+    (`KIVIStore`'s); dtype: the model's (residual) dtype. `kernel_options`: keyword arguments the fused kernel
+    gets (`kivi_decode_static`'s settings: block_n, num_warps, num_stages, programs_per_sm, k_fold, v_mode).
+    Raises KVSqueezeError for settings the static path does not hold."""
 
     def __init__(self, n_layers: int, batch: int, kv_heads: int, head_dim: int, q_capacity: int, bits: int,
                  group: int, value_group: int, residual: int, dtype, device):
