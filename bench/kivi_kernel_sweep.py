@@ -38,6 +38,15 @@ def _strs(s):
     return [x for x in s.split(",") if x != ""]
 
 
+def _label(o: dict) -> str:
+    """Compact settings label: bn=128 w=4 st=- pps=4 kf=1 v=fold."""
+    if "block_n" not in o:
+        return "-"
+    st = "-" if o["num_stages"] is None else o["num_stages"]
+    return (f"bn={o['block_n']} w={o['num_warps']} st={st} pps={o['programs_per_sm']} kf={int(o['k_fold'])} "
+            f"v={o['v_mode']}")
+
+
 def parse(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--context", type=int, default=32768)
@@ -164,13 +173,13 @@ def main(argv=None):
         rows.append(dict(kernel=name, **settings, eager_ms=ms[0], graph_ms=ms[1], gb=gb, gbps=gb / best * 1e3,
                          rel_err=err))
         r = rows[-1]
-        print(f"{name:<14} {str(settings):<88} {r['eager_ms']:9.3f} "
+        print(f"{name:<14} {_label(settings):<44} {r['eager_ms']:9.3f} "
               f"{'' if r['graph_ms'] is None else format(r['graph_ms'], '9.3f'):>9} {gb:7.3f} {r['gbps']:8.1f} "
               f"{err:9.2e}", flush=True)
 
     print(f"{L} layers, batch {B}, {HQ}/{HK} heads, d {D}, {bits} bits, G {G}, context {nq} + residual {R}, "
           f"{'CUDA ' + torch.cuda.get_device_name() if cuda else 'CPU interpreter'}")
-    print(f"{'kernel':<14} {'settings':<88} {'eager ms':>9} {'graph ms':>9} {'GB':>7} {'GB/s':>8} {'rel err':>9}")
+    print(f"{'kernel':<14} {'settings':<44} {'eager ms':>9} {'graph ms':>9} {'GB':>7} {'GB/s':>8} {'rel err':>9}")
     block_ns = a.block_n or [2 * G * per]
     for bn, nw, ns, pps, kf, vm in itertools.product(block_ns, a.num_warps, a.num_stages, a.programs_per_sm,
                                                      a.k_fold, a.v_mode):
@@ -187,7 +196,7 @@ def main(argv=None):
                                      s.nq[0:1], s.nr[0:1], bits, G, gv, **opts)
             row("kivi static", opts, timed(step), L * q_bytes / 1e9, rel(out))
         except Exception as e:  # a setting the compiler refuses (e.g. shared memory): report it, go on
-            print(f"{'kivi static':<14} {str(opts):<88} failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
+            print(f"{'kivi static':<14} {_label(opts):<44} failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
 
     if not a.no_reference:
         ks = [torch.randn(B, HK, nq + R, D, device=dev, generator=gen).to(dt) for _ in range(L)]
@@ -215,6 +224,12 @@ def main(argv=None):
 
         if cuda:
             row("kivi eager", {}, timed(eager_step), L * q_bytes / 1e9, float("nan"))
+    mine = [r for r in rows if r["kernel"] == "kivi static"]
+    if mine:
+        key = "graph_ms" if mine[0]["graph_ms"] is not None else "eager_ms"
+        best = min(mine, key=lambda r: r[key])
+        print(f"fastest kivi static ({key}): {_label(best)}: {best[key]:.3f} ms, {best['gbps']:.0f} GB/s; kwargs "
+              f"{ {k: best[k] for k in ('block_n', 'num_warps', 'num_stages', 'programs_per_sm', 'k_fold', 'v_mode')} }")
     if a.json:
         with open(a.json, "w") as f:
             json.dump(rows, f, indent=1)
