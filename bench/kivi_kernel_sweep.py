@@ -63,7 +63,7 @@ def parse(argv=None):
     ap.add_argument("--num-stages", type=_ints, default=[0], help="comma list; 0 = Triton's default")
     ap.add_argument("--programs-per-sm", type=_ints, default=[4])
     ap.add_argument("--k-fold", type=_ints, default=[1], help="comma list of 1 / 0")
-    ap.add_argument("--v-mode", type=_strs, default=["fold"], help="comma list of fold, gather, reshape")
+    ap.add_argument("--v-mode", type=_strs, default=["gather"], help="comma list of fold, gather, reshape")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--no-graph", action="store_true", help="skip the CUDA-graph timing")
     ap.add_argument("--no-reference", action="store_true", help="skip the fp16 and eager-kernel rows")
@@ -75,7 +75,7 @@ def parse(argv=None):
         a.context, a.layers, a.hq, a.hk, a.d, a.reps = 512, 2, 4, 2, 64, 2
         if a.block_n is None:
             a.block_n = [128, 256]
-        if a.k_fold == [1] and a.v_mode == ["fold"]:
+        if a.k_fold == [1] and a.v_mode == ["gather"]:
             a.k_fold, a.v_mode = [1, 0], ["fold", "gather", "reshape"]
     return a
 

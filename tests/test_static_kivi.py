@@ -371,3 +371,50 @@ def test_static_kernel_over_end_token_steps(bits, masked):
             want = quantize(oldest, bits, PER_CHANNEL, G, pack_along="token")
             assert torch.equal(kc1[:, :, nq:nq + G], unpack_tokens(want.codes, bits, "token"))
     assert flushes == 2
+
+
+def test_compiled_group_write_stays_in_place():
+    """`end_token`'s read-modify-write of a group's bit field compiles to in-place stores: inductor's code never
+    loops over a whole packed code buffer (a scatter_, or a functional copy of the buffer, would), and the
+    compiled step equals the eager one (two flushes: the codes, scales and counts)."""
+    import re
+
+    from torch._inductor.utils import run_and_get_code
+
+    def _exact(shape, seed):  # values in {0, 3}: every group's scale is 0 or 1, so the codes have no rounding to
+        # differ by (inductor's quantize may round a code the other way than eager's: ~1e-7 apart)
+        return 3.0 * torch.randint(0, 2, shape, generator=torch.Generator().manual_seed(seed))
+
+    def build():  # kc / vc: 2 layers * 2 kv heads * 24 packed rows * 16 channels = 1536 bytes (no other buffer's size)
+        s = StaticKIVI(2, 1, 2, 16, 96, 2, 8, 8, 8, torch.float32, "cpu")
+        s.nq.copy_(torch.tensor([24, 40]))
+        s.nr.copy_(torch.tensor([14, 15]))
+        s.kr.copy_(_exact(s.kr.shape, 2))
+        s.vr.copy_(_exact(s.vr.shape, 3))
+        s.kc.copy_(torch.randint(0, 256, s.kc.shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(4)))
+        return s
+
+    eager, comp = build(), build()
+    assert comp.kc.numel() == 1536
+
+    def step(s, k, v):
+        s.begin_token(torch.zeros(1, dtype=torch.long))
+        s.write_kv(0, k, v)
+        s.write_kv(1, k, v)
+        s.end_token()
+        return s.nq.sum()
+
+    torch._dynamo.reset()
+    fn = torch.compile(lambda k, v: step(comp, k, v), fullgraph=True)
+    for i in range(3):  # layer 0 flushes at the 2nd step, layer 1 at the 1st
+        k, v = _exact((1, 2, 1, 16), 10 + i), _exact((1, 2, 1, 16), 20 + i)
+        step(eager, k, v)
+        if i == 0:
+            _, code = run_and_get_code(fn, k, v)
+            bounds = [int(n) for n in re.findall(r"x0<static_cast<int64_t>\((\d+)L\)", "\n".join(code))]
+            assert 1536 not in bounds, "a compiled write loops over a whole packed code buffer"
+        else:
+            fn(k, v)
+    assert eager.nq.tolist() == [32, 48]
+    for name in ("kc", "vc", "ks", "kz", "vs", "vz", "nq", "nr", "valid"):
+        assert torch.equal(getattr(eager, name), getattr(comp, name)), name

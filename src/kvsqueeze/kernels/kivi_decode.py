@@ -434,7 +434,7 @@ def kivi_decode_static(q: torch.Tensor, kc: torch.Tensor, ks: torch.Tensor, kz: 
                        scale: float | None = None, q_valid: torch.Tensor | None = None,
                        r_valid: torch.Tensor | None = None, block_n: int | None = None,
                        num_warps: int = 4, programs_per_sm: int = 4, num_stages: int | None = None,
-                       k_fold: bool = True, v_mode: str = "fold") -> torch.Tensor:
+                       k_fold: bool = True, v_mode: str = "gather") -> torch.Tensor:
     """The fused KIVI decode attention over the fixed-capacity, group-aligned buffers of the static decode step
     (`kvsqueeze.quant.kivi_static.StaticKIVI`), lengths on the device.
 
