@@ -250,7 +250,7 @@ class StaticKIVI:
 
     def attention(self, layer_idx: int, query: torch.Tensor, scaling: float | None, kernel: str | None) -> torch.Tensor:
         """One decode query (b, hq, 1, d) over layer `layer_idx`; returns (b, 1, hq, d). kernel "triton": the fused
-        kernel (`kivi_decode_static`); otherwise dequantize + two matrix products per kv-head group, softmax in
+        kernel over the group-aligned buffers (`kivi_decode_static`, with `kernel_options`); otherwise dequantize + two matrix products per kv-head group, softmax in
         float32 (the reference path)."""
         i, cq = layer_idx, self.q_capacity
         if kernel == "triton":
