@@ -57,9 +57,10 @@ if triton is not None:
         SCALE_LOADS: tl.constexpr, FOLD: tl.constexpr, DT: tl.constexpr,
         DEV_LENS: tl.constexpr = False, HAS_MASK: tl.constexpr = False,
     ):
-        # DEV_LENS: NQ and NR are pointers to device scalars (the static decode step: no host number per step);
-        # HAS_MASK: QM (quantized slots) and RM (residual slots) are per-(row, kv head) bool masks of the slots
-        # attention may see (padding, hidden slots of narrower heads), on top of the lengths.
+        # DEV_LENS: NQ and NR are pointers to device scalars (no host number per step); HAS_MASK: QM (quantized
+        # slots) and RM (residual slots) are per-(row, kv head) bool masks of the slots attention may see, on top
+        # of the lengths. Neither entry point sets them now (the static step reads the group-aligned layout with
+        # `_kivi_static_split`); kept for callers of this adjacent-token layout with device lengths.
         # codes are packed along tokens: packed row r of a (batch, kv head) holds tokens PER*r + j (j < PER), every
         # channel in natural order; key scales/zeros: one row of D per group of G tokens; value scales/zeros:
         # D // GV per token. DT: the tl.dot operand dtype (bfloat16 unless the model is float16: dequantized values
