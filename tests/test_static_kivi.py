@@ -418,3 +418,16 @@ def test_compiled_group_write_stays_in_place():
     assert eager.nq.tolist() == [32, 48]
     for name in ("kc", "vc", "ks", "kz", "vs", "vz", "nq", "nr", "valid"):
         assert torch.equal(getattr(eager, name), getattr(comp, name)), name
+
+
+@needs_kernel
+def test_static_kernel_with_nothing_quantized_yet():
+    """A context shorter than R + G: every quantized split finds nq = 0 and exits; the residual split alone gives
+    the reference."""
+    dev = _kernel_device()
+    s = _static_from_eager(2, 32, 20, dev)
+    assert int(s.nq[0]) == 0 and int(s.nr[0]) == 20
+    q = torch.randn(2, 8, 1, 64, generator=torch.Generator().manual_seed(6)).to(dev, s.dtype)
+    for k_fold, v_mode in ((True, "gather"), (False, "fold")):
+        s.kernel_options = dict(k_fold=k_fold, v_mode=v_mode)
+        _check_kernel(s, q)
