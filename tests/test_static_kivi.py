@@ -15,7 +15,6 @@ import kvsqueeze as kq
 from kvsqueeze.methods import get_method
 from kvsqueeze.quant import kivi
 from kvsqueeze.quant.kivi_static import StaticKIVI
-from kvsqueeze.quant.packing import unpack
 from kvsqueeze.runtime.generate import decode_step, prefill
 from kvsqueeze.runtime.static import StaticCompressedCache, static_greedy_decode
 
@@ -79,17 +78,16 @@ def _same_store(static, eager_cache, nq0):
     groups bit for bit, the groups flushed while decoding (quantized from the decoded keys, equal to ~1e-7: a code
     may round the other way) and the residual within float tolerance."""
     s = static.slots
+    per = 8 // s.bits
     for i, layer in enumerate(eager_cache.layers):
         st = layer.store
         nq, nr = st.n_compressed, st.residual_keys.shape[2]
         assert (int(s.nq[i]), int(s.nr[i])) == (nq, nr), f"layer {i}"
         seg = st.segments[0]
         p0 = int(nq0[i])
-        kc, vc = s.codes(i)  # the group-aligned buffers unpacked to token order
-        ek, ev = unpack(seg.k.codes, s.bits, "token"), unpack(seg.v.codes, s.bits, "token")
-        assert torch.equal(kc[:, :, :p0], ek[:, :, :p0]) and torch.equal(vc[:, :, :p0], ev[:, :, :p0])
+        assert torch.equal(s.kc[i, :, :, :p0 // per], seg.k.codes[:, :, :p0 // per])
         assert torch.equal(s.vs[i, :, :, :p0], seg.v.scale[:, :, :p0])
-        for have, want in ((kc[:, :, :nq], ek), (vc[:, :, :nq], ev)):
+        for have, want in ((s.kc[i, :, :, :nq // per], seg.k.codes), (s.vc[i, :, :, :nq // per], seg.v.codes)):
             assert float((have != want).float().mean()) < 0.01
         torch.testing.assert_close(s.ks[i, :, :, :nq // G].float(), seg.k.scale.float(), atol=1e-5, rtol=1e-2)
         torch.testing.assert_close(s.kr[i, :, :, :nr], st.residual_keys, **TOL)
@@ -213,221 +211,3 @@ def test_fused_kernel_under_the_interpreter(model, bits, padded):
     assert got == ref
     for a, b in zip(logits, ref_logits):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
-
-
-# --- the group-aligned layout and the fused static kernel (kernels/kivi_decode.kivi_decode_static) ---------------
-
-@pytest.mark.parametrize("bits,group", [(2, 8), (4, 8), (2, 32), (4, 16)])
-def test_group_aligned_packing_places_group_j_in_bit_field_j(bits, group):
-    """Row r of block k holds token k*BT + r + j*G in bit field j (BT = G * 8 / bits); unpacking inverts packing."""
-    from kvsqueeze.quant.kivi_static import pack_group_aligned, unpack_group_aligned
-
-    per, n, d = 8 // bits, 3 * group * (8 // bits), 4
-    codes = torch.randint(0, 1 << bits, (2, 3, n, d), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
-    packed = pack_group_aligned(codes, bits, group)
-    assert packed.shape == (2, 3, n // per, d)
-    for blk in range(n // (group * per)):
-        for r in range(group):
-            for j in range(per):
-                field = (packed[:, :, blk * group + r] >> (j * bits)) & ((1 << bits) - 1)
-                assert torch.equal(field, codes[:, :, blk * group * per + r + j * group])
-    assert torch.equal(unpack_group_aligned(packed, bits, group), codes)
-    with pytest.raises(ValueError, match="multiple"):
-        pack_group_aligned(codes[:, :, :group], bits, group)  # a part of a block
-
-
-def _eager_store(bits, group, n, b=2, h=2, d=64, seed=0, device="cpu", dtype=torch.float32):
-    gen = torch.Generator().manual_seed(seed)
-    layer = kivi(bits, group=group, residual=group)()
-    k = torch.randn(b, h, n, d, generator=gen)
-    k[..., :4] *= 8  # outlier channels, as real keys have
-    layer.append(k.to(device, dtype), torch.randn(b, h, n, d, generator=gen).to(device, dtype))
-    layer.commit()
-    return layer.store
-
-
-@pytest.mark.parametrize("bits", [2, 4])
-def test_loaded_codes_equal_the_eager_codes(bits):
-    """`load` repacks the eager store's codes: unpacked, both layouts give the same codes and the same
-    dequantized keys / values (the static reference path reads the new layout)."""
-    from kvsqueeze.quant.packing import unpack as unpack_tokens
-
-    G = 16
-    st = _eager_store(bits, G, 7 * G + 5)  # 6 groups quantized: not a whole number of blocks at 2 bits
-    s = StaticKIVI(1, 2, 2, 64, st.n + 2 * G, bits, G, G, G, torch.float32, "cpu")
-    s.load(0, st, None)
-    seg = st.segments[0]
-    nq = seg.n
-    assert s.q_capacity % s.block == 0 and int(s.nq[0]) == nq
-    kc, vc = s.codes(0)
-    assert torch.equal(kc[:, :, :nq], unpack_tokens(seg.k.codes, bits, "token"))
-    assert torch.equal(vc[:, :, :nq], unpack_tokens(seg.v.codes, bits, "token"))
-    assert not kc[:, :, nq:].any() and not vc[:, :, nq:].any()
-    keys, values = s.dequantized(0, torch.float32)
-    torch.testing.assert_close(keys[:, :, :nq], seg.keys(torch.float32), atol=0, rtol=0)
-    torch.testing.assert_close(values[:, :, :nq], seg.values(torch.float32), atol=0, rtol=0)
-
-
-def _kernel_device():
-    if torch.cuda.is_available():
-        try:
-            import triton  # noqa: F401
-            return "cuda"
-        except ImportError:
-            return None
-    return "cpu" if _interpreter() else None
-
-
-needs_kernel = pytest.mark.skipif(_kernel_device() is None,
-                                  reason="a CUDA GPU with triton, or Triton's CPU interpreter (TRITON_INTERPRET=1)")
-VARIANTS = [(kf, vm) for kf in (True, False) for vm in ("fold", "gather", "reshape")]
-
-
-def _static_from_eager(bits, group, n, dev, masked=False, spare=4, seed=0):
-    """StaticKIVI (one layer) loaded from an eager store of n tokens, on `dev` (bf16 residual on CUDA); with
-    `masked`, some quantized and residual slots hidden."""
-    dt = torch.bfloat16 if dev == "cuda" else torch.float32
-    st = _eager_store(bits, group, n, seed=seed, device=dev, dtype=dt)
-    s = StaticKIVI(1, 2, 2, 64, st.n + spare * group, bits, group, group, group, dt, dev)
-    valid = None
-    if masked:
-        valid = torch.rand(2, 2, st.n, generator=torch.Generator().manual_seed(seed + 1)) > 0.3
-        valid[:, :, -1] = True  # one visible slot per (row, kv head) at least
-    s.load(0, st, None if valid is None else valid.to(dev))
-    return s
-
-
-def _check_kernel(s, q, tol_cpu=2e-5):
-    ref = s.attention(0, q.float(), None, None)  # the reference path in float32 (bf16 buffers on CUDA)
-    out = s.attention(0, q, None, "triton").float()
-    assert not out.isnan().any()
-    if q.device.type == "cuda":
-        assert float((out - ref).norm() / ref.norm()) < 1e-2
-    else:
-        torch.testing.assert_close(out, ref, atol=tol_cpu, rtol=tol_cpu)
-
-
-@needs_kernel
-@pytest.mark.parametrize("bits", [2, 4])
-@pytest.mark.parametrize("k_fold,v_mode", VARIANTS)
-@pytest.mark.parametrize("masked", [False, True])
-def test_static_kernel_equals_reference(bits, k_fold, v_mode, masked):
-    """Every variant of the fused static kernel equals dequantize + attention (the reference path) over
-    group-aligned buffers with a partly filled last block and a residual holding a partial group, with and
-    without slot masks, for two block sizes."""
-    dev = _kernel_device()
-    G = 32
-    s = _static_from_eager(bits, G, 9 * G + 7, dev, masked=masked)  # 8 groups quantized, 39 residual tokens
-    assert s.masked == masked and int(s.nr[0]) == G + 7
-    q = torch.randn(2, 8, 1, 64, generator=torch.Generator().manual_seed(3)).to(dev, s.dtype)
-    for block_n in (s.block, 2 * s.block):
-        s.kernel_options = dict(k_fold=k_fold, v_mode=v_mode, block_n=block_n)
-        _check_kernel(s, q)
-
-
-@needs_kernel
-@pytest.mark.parametrize("bits,group", [(2, 8), (4, 16)])
-def test_static_kernel_small_groups(bits, group):
-    """Groups below 16 tokens (no `tl.dot`: the broadcast-sum path) and 16-token groups give the reference."""
-    dev = _kernel_device()
-    s = _static_from_eager(bits, group, 11 * group + 3, dev, masked=True)
-    q = torch.randn(2, 8, 1, 64, generator=torch.Generator().manual_seed(4)).to(dev, s.dtype)
-    for k_fold, v_mode in ((True, "fold"), (False, "gather")):
-        s.kernel_options = dict(k_fold=k_fold, v_mode=v_mode)
-        _check_kernel(s, q)
-
-
-@needs_kernel
-@pytest.mark.parametrize("bits", [2, 4])
-@pytest.mark.parametrize("masked", [False, True])
-def test_static_kernel_over_end_token_steps(bits, masked):
-    """Decode steps (begin_token, write_kv, the kernel, end_token) through two residual flushes: the kernel equals
-    the reference at every step, including the step where the residual is full; each flush writes only its
-    group's bit field (the codes of the groups held before are unchanged) and the new group's codes are what
-    `quantize` gives for the flushed tokens."""
-    from kvsqueeze.quant.packing import PER_CHANNEL, quantize, unpack as unpack_tokens
-
-    dev = _kernel_device()
-    G = 16
-    s = _static_from_eager(bits, G, 4 * G + G - 2, dev, masked=masked)  # residual R + G - 2: flush after 2 steps
-    gen = torch.Generator().manual_seed(5)
-    flushes = 0
-    for step in range(G + 4):
-        nq = int(s.nq[0])
-        kc0, vc0 = s.codes(0)
-        s.begin_token(torch.zeros(2, dtype=torch.long, device=dev))
-        k, v = (torch.randn(2, 2, 1, 64, generator=gen).to(dev, s.dtype) for _ in range(2))
-        s.write_kv(0, k, v)
-        full = int(s.nr[0]) == s.res_capacity
-        oldest = s.kr[0, :, :, :G].clone()
-        q = torch.randn(2, 8, 1, 64, generator=gen).to(dev, s.dtype)
-        _check_kernel(s, q)
-        s.end_token()
-        kc1, vc1 = s.codes(0)
-        assert torch.equal(kc1[:, :, :nq], kc0[:, :, :nq]) and torch.equal(vc1[:, :, :nq], vc0[:, :, :nq])
-        if full:
-            flushes += 1
-            assert int(s.nq[0]) == nq + G
-            want = quantize(oldest, bits, PER_CHANNEL, G, pack_along="token")
-            assert torch.equal(kc1[:, :, nq:nq + G], unpack_tokens(want.codes, bits, "token"))
-    assert flushes == 2
-
-
-def test_compiled_group_write_stays_in_place():
-    """`end_token`'s read-modify-write of a group's bit field compiles to in-place stores: inductor's code never
-    loops over a whole packed code buffer (a scatter_, or a functional copy of the buffer, would), and the
-    compiled step equals the eager one (two flushes: the codes, scales and counts)."""
-    import re
-
-    from torch._inductor.utils import run_and_get_code
-
-    def _exact(shape, seed):  # values in {0, 3}: every group's scale is 0 or 1, so the codes have no rounding to
-        # differ by (inductor's quantize may round a code the other way than eager's: ~1e-7 apart)
-        return 3.0 * torch.randint(0, 2, shape, generator=torch.Generator().manual_seed(seed))
-
-    def build():  # kc / vc: 2 layers * 2 kv heads * 24 packed rows * 16 channels = 1536 bytes (no other buffer's size)
-        s = StaticKIVI(2, 1, 2, 16, 96, 2, 8, 8, 8, torch.float32, "cpu")
-        s.nq.copy_(torch.tensor([24, 40]))
-        s.nr.copy_(torch.tensor([14, 15]))
-        s.kr.copy_(_exact(s.kr.shape, 2))
-        s.vr.copy_(_exact(s.vr.shape, 3))
-        s.kc.copy_(torch.randint(0, 256, s.kc.shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(4)))
-        return s
-
-    eager, comp = build(), build()
-    assert comp.kc.numel() == 1536
-
-    def step(s, k, v):
-        s.begin_token(torch.zeros(1, dtype=torch.long))
-        s.write_kv(0, k, v)
-        s.write_kv(1, k, v)
-        s.end_token()
-        return s.nq.sum()
-
-    torch._dynamo.reset()
-    fn = torch.compile(lambda k, v: step(comp, k, v), fullgraph=True)
-    for i in range(3):  # layer 0 flushes at the 2nd step, layer 1 at the 1st
-        k, v = _exact((1, 2, 1, 16), 10 + i), _exact((1, 2, 1, 16), 20 + i)
-        step(eager, k, v)
-        if i == 0:
-            _, code = run_and_get_code(fn, k, v)
-            bounds = [int(n) for n in re.findall(r"x0<static_cast<int64_t>\((\d+)L\)", "\n".join(code))]
-            assert 1536 not in bounds, "a compiled write loops over a whole packed code buffer"
-        else:
-            fn(k, v)
-    assert eager.nq.tolist() == [32, 48]
-    for name in ("kc", "vc", "ks", "kz", "vs", "vz", "nq", "nr", "valid"):
-        assert torch.equal(getattr(eager, name), getattr(comp, name)), name
-
-
-@needs_kernel
-def test_static_kernel_with_nothing_quantized_yet():
-    """A context shorter than R + G: every quantized split finds nq = 0 and exits; the residual split alone gives
-    the reference."""
-    dev = _kernel_device()
-    s = _static_from_eager(2, 32, 20, dev)
-    assert int(s.nq[0]) == 0 and int(s.nr[0]) == 20
-    q = torch.randn(2, 8, 1, 64, generator=torch.Generator().manual_seed(6)).to(dev, s.dtype)
-    for k_fold, v_mode in ((True, "gather"), (False, "fold")):
-        s.kernel_options = dict(k_fold=k_fold, v_mode=v_mode)
-        _check_kernel(s, q)

@@ -14,13 +14,10 @@ bus: about 5x fewer bytes than an fp16 cache at 2 bits (d = 128, G = 32: 96 inst
 
     out = softmax(q K_hat^T * scale) V_hat      K_hat, V_hat as in kivi.py, never materialised in memory
 
-`kivi_decode_attention` is the entry point over an eager store; `kivi_decode_static` runs a second split kernel
-(`_kivi_static_split`) over the fixed-capacity buffers of the static decode step, whose codes are packed
-group-aligned (`quant/kivi_static.py`: bit field j of a block's G packed rows is one whole key group, so keys need
-no per-token scale broadcast: logits = (q * s_g) . codes + q . z_g), with lengths read from device tensors,
-optional per-slot masks and a grid planned on the capacity (capturable in a CUDA graph);
-`reference_decode_attention` dequantizes with torch and calls `scaled_dot_product_attention` (the reference path,
-also used to check the kernel). Deviation from KIVI's own
+`kivi_decode_attention` is the entry point over an eager store; `kivi_decode_static` the same kernel over the
+fixed-capacity buffers of the static decode step (lengths read from device tensors, optional per-slot masks, a grid
+planned on the capacity: capturable in a CUDA graph); `reference_decode_attention` dequantizes with torch and calls
+`scaled_dot_product_attention` (the reference path, also used to check the kernel). Deviation from KIVI's own
 CUDA kernels: values are packed along tokens too (KIVI packs them along channels), so both share one loop.
 """
 
@@ -57,10 +54,9 @@ if triton is not None:
         SCALE_LOADS: tl.constexpr, FOLD: tl.constexpr, DT: tl.constexpr,
         DEV_LENS: tl.constexpr = False, HAS_MASK: tl.constexpr = False,
     ):
-        # DEV_LENS: NQ and NR are pointers to device scalars (no host number per step); HAS_MASK: QM (quantized
-        # slots) and RM (residual slots) are per-(row, kv head) bool masks of the slots attention may see, on top
-        # of the lengths. Neither entry point sets them now (the static step reads the group-aligned layout with
-        # `_kivi_static_split`); kept for callers of this adjacent-token layout with device lengths.
+        # DEV_LENS: NQ and NR are pointers to device scalars (the static decode step: no host number per step);
+        # HAS_MASK: QM (quantized slots) and RM (residual slots) are per-(row, kv head) bool masks of the slots
+        # attention may see (padding, hidden slots of narrower heads), on top of the lengths.
         # codes are packed along tokens: packed row r of a (batch, kv head) holds tokens PER*r + j (j < PER), every
         # channel in natural order; key scales/zeros: one row of D per group of G tokens; value scales/zeros:
         # D // GV per token. DT: the tl.dot operand dtype (bfloat16 unless the model is float16: dequantized values
@@ -202,147 +198,6 @@ if triton is not None:
         tl.store(O_ACC + (off * GQ + rows)[:, None] * D + ch[None, :], acc, mask=qmask[:, None])
 
 
-    @triton.jit
-    def _softmax_step(s, m_i, l_i, acc):
-        # one online-softmax step over logits s (GP, N) (base 2, -inf where hidden): returns p (GP, N), the new
-        # running max and sum, and acc rescaled to the new max
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing visible so far
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
-        return p, m_new, l_i * alpha + tl.sum(p, 1), acc * alpha[:, None]
-
-    @triton.jit
-    def _mm(a, b, USE_DOT: tl.constexpr):
-        # a (M, K) @ b (K, N) in float32: tl.dot (K, N >= 16), else a broadcast sum (small groups, e.g. G = 8)
-        if USE_DOT:
-            out = tl.dot(a, b)
-        else:
-            out = tl.sum(a.to(tl.float32)[:, :, None] * b.to(tl.float32)[None, :, :], 1)
-        return out
-
-    @triton.jit
-    def _kivi_static_split(
-        Q, KC, KS, KZ, VC, VS, VZ, KR, VR, O_ACC, O_M, O_L, QM, RM,
-        qk_scale, NQ, NR, CHUNK,
-        s_q_b, s_q_h,
-        s_qm_b, s_qm_h, s_rm_b, s_rm_h,
-        s_kc_bh, s_kc_r, s_ks_bh, s_ks_g,
-        s_vc_bh, s_vc_r, s_vs_bh, s_vs_n,
-        s_kr_bh, s_kr_n, s_vr_bh, s_vr_n,
-        HK: tl.constexpr, GQ: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
-        G: tl.constexpr, GV: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-        K_FOLD: tl.constexpr, V_MODE: tl.constexpr, USE_DOT: tl.constexpr, DT: tl.constexpr,
-        HAS_MASK: tl.constexpr,
-    ):
-        # the static decode step's split kernel over StaticKIVI's group-aligned layout: packed row r of block k
-        # (BT = G * PER tokens) holds tokens k*BT + r + j*G in bit field j, so field j of the block's G rows is key
-        # group k*PER + j (kivi_decode_static's docstring for the variants). NQ, NR: pointers to the device
-        # lengths; HAS_MASK: QM / RM per-(row, kv head) bool slot masks on top of the lengths.
-        PER: tl.constexpr = 8 // BITS
-        MASK: tl.constexpr = (1 << BITS) - 1
-        BT: tl.constexpr = G * PER
-        NGV: tl.constexpr = D // GV
-        bh = tl.program_id(0)
-        split = tl.program_id(1)
-        n_splits = tl.num_programs(1)
-        b = bh // HK
-        hk = bh % HK
-        nq = tl.load(NQ)
-        nr = tl.load(NR)
-        rows = tl.arange(0, GP)
-        ch = tl.arange(0, D)
-        qmask = rows < GQ
-        q = tl.load(Q + b * s_q_b + (hk * GQ + rows)[:, None] * s_q_h + ch[None, :], mask=qmask[:, None], other=0.0)
-        qf = q.to(tl.float32) * qk_scale
-        q = qf.to(DT)
-        m_i = tl.full([GP], float("-inf"), tl.float32)
-        l_i = tl.zeros([GP], tl.float32)
-        acc = tl.zeros([GP, D], tl.float32)
-        if split < n_splits - 1:
-            ri = tl.arange(0, G)
-            cg = ch // GV  # value group of each channel
-            n_groups = nq // G  # key groups held
-            start = split * CHUNK
-            for it in range(0, tl.minimum(CHUNK // BLOCK_N, tl.cdiv(nq - start, BLOCK_N))):
-                for nb in tl.static_range(BLOCK_N // BT):
-                    b0 = start + it * BLOCK_N + nb * BT  # the block's first token
-                    bok = (b0 // G + ri * 0) < n_groups  # (G,) the block holds a group (else: past nq)
-                    prow = (b0 // PER + ri)[:, None]
-                    kp = tl.load(KC + bh * s_kc_bh + prow * s_kc_r + ch[None, :], mask=bok[:, None],
-                                 other=0).to(tl.int32)
-                    vp = tl.load(VC + bh * s_vc_bh + prow * s_vc_r + ch[None, :], mask=bok[:, None],
-                                 other=0).to(tl.int32)
-                    for j in tl.static_range(PER):
-                        grp = b0 // G + j  # the key group of bit field j
-                        tok = b0 + j * G + ri
-                        ok = (grp + ri * 0) < n_groups
-                        if HAS_MASK:
-                            ok = ok & (tl.load(QM + b * s_qm_b + hk * s_qm_h + tok, mask=ok, other=0) != 0)
-                        kso = bh * s_ks_bh + grp * s_ks_g + ch
-                        ks = tl.load(KS + kso, mask=(grp + ch * 0) < n_groups, other=0.0).to(tl.float32)
-                        kz = tl.load(KZ + kso, mask=(grp + ch * 0) < n_groups, other=0.0).to(tl.float32)
-                        kc = (kp >> (j * BITS)) & MASK  # (G, D) codes of group grp
-                        if K_FOLD:
-                            s = _mm((qf * ks[None, :]).to(DT), tl.trans(kc.to(DT)), USE_DOT)
-                            s += tl.sum(qf * kz[None, :], 1)[:, None]
-                        else:
-                            k = (kc.to(tl.float32) * ks[None, :] + kz[None, :]).to(DT)
-                            s = _mm(q, tl.trans(k), USE_DOT)
-                        s = tl.where(ok[None, :], s, float("-inf"))
-                        p, m_i, l_i, acc = _softmax_step(s, m_i, l_i, acc)
-                        vcj = (vp >> (j * BITS)) & MASK  # (G, D) value codes of the same tokens
-                        if V_MODE == 2:  # fold: one dot per value group, kept on the group's channels
-                            vcd = vcj.to(DT)
-                            for g in tl.static_range(NGV):
-                                vso = bh * s_vs_bh + tok * s_vs_n + g
-                                vs = tl.load(VS + vso, mask=ok, other=0.0).to(tl.float32)
-                                vz = tl.load(VZ + vso, mask=ok, other=0.0).to(tl.float32)
-                                part = _mm((p * vs[None, :]).to(DT), vcd, USE_DOT)
-                                part += tl.sum(p * vz[None, :], 1)[:, None]
-                                acc += tl.where((cg == g)[None, :], part, 0.0)
-                        else:
-                            if V_MODE == 0:  # gather: per-element scale loads (the G_v channels of a group hit
-                                # one address)
-                                vso = bh * s_vs_bh + tok[:, None] * s_vs_n + cg[None, :]
-                                v = vcj.to(tl.float32) * tl.load(VS + vso, mask=ok[:, None], other=0.0).to(
-                                    tl.float32) + tl.load(VZ + vso, mask=ok[:, None], other=0.0).to(tl.float32)
-                            else:  # reshape: (G, NGV) scales broadcast over each group's channels
-                                gv = tl.arange(0, NGV)
-                                vso = bh * s_vs_bh + tok[:, None] * s_vs_n + gv[None, :]
-                                vs = tl.load(VS + vso, mask=ok[:, None], other=0.0).to(tl.float32)
-                                vz = tl.load(VZ + vso, mask=ok[:, None], other=0.0).to(tl.float32)
-                                v = tl.reshape(vcj.to(tl.float32), (G, NGV, GV)) * vs[:, :, None] + vz[:, :, None]
-                                v = tl.reshape(v, (G, D))
-                            acc += _mm(p.to(DT), v.to(DT), USE_DOT)
-        else:
-            m_i, l_i, acc = _attend_residual(q, m_i, l_i, acc, KR, VR, RM, nr, b, hk, bh, s_rm_b, s_rm_h,
-                                             s_kr_bh, s_kr_n, s_vr_bh, s_vr_n, D, BLOCK_R, DT, HAS_MASK)
-        off = bh * n_splits + split  # partial results of the GQ real query rows only: (BH, splits, GQ, D)
-        tl.store(O_M + off * GQ + rows, m_i, mask=qmask)
-        tl.store(O_L + off * GQ + rows, l_i, mask=qmask)
-        tl.store(O_ACC + (off * GQ + rows)[:, None] * D + ch[None, :], acc, mask=qmask[:, None])
-
-    @triton.jit
-    def _attend_residual(q, m_i, l_i, acc, KR, VR, RM, nr, b, hk, bh, s_rm_b, s_rm_h, s_kr_bh, s_kr_n, s_vr_bh,
-                         s_vr_n, D: tl.constexpr, BLOCK_R: tl.constexpr, DT: tl.constexpr, HAS_MASK: tl.constexpr):
-        # the residual split: full-precision slots [0, nr) of one (batch, kv head), BLOCK_R at a time
-        ch = tl.arange(0, D)
-        for s0 in range(0, nr, BLOCK_R):
-            tok = s0 + tl.arange(0, BLOCK_R)
-            tmask = tok < nr
-            k = tl.load(KR + bh * s_kr_bh + tok[:, None] * s_kr_n + ch[None, :], mask=tmask[:, None], other=0.0)
-            s = tl.dot(q, tl.trans(k.to(DT)))
-            ok = tmask
-            if HAS_MASK:
-                ok = ok & (tl.load(RM + b * s_rm_b + hk * s_rm_h + tok, mask=tmask, other=0) != 0)
-            s = tl.where(ok[None, :], s, float("-inf"))
-            p, m_i, l_i, acc = _softmax_step(s, m_i, l_i, acc)
-            v = tl.load(VR + bh * s_vr_bh + tok[:, None] * s_vr_n + ch[None, :], mask=tmask[:, None], other=0.0)
-            acc += tl.dot(p.to(DT), v.to(DT))
-        return m_i, l_i, acc
-
-
 def kivi_decode_attention(q: torch.Tensor, store, k_res: torch.Tensor, v_res: torch.Tensor,
                           scale: float | None = None, block_n: int | None = None, n_splits: int | None = None,
                           num_warps: int = 4, programs_per_sm: int = 2, num_stages: int | None = None,
@@ -426,45 +281,25 @@ def _static_dot_dtype(q: torch.Tensor):
     return tl.float16 if q.dtype == torch.float16 else tl.bfloat16
 
 
-V_MODES = ("gather", "reshape", "fold")  # kivi_decode_static's value variants (see its docstring)
-
-
 def kivi_decode_static(q: torch.Tensor, kc: torch.Tensor, ks: torch.Tensor, kz: torch.Tensor, vc: torch.Tensor,
                        vs: torch.Tensor, vz: torch.Tensor, k_res: torch.Tensor, v_res: torch.Tensor,
                        nq: torch.Tensor, nr: torch.Tensor, bits: int, group: int, value_group: int,
                        scale: float | None = None, q_valid: torch.Tensor | None = None,
                        r_valid: torch.Tensor | None = None, block_n: int | None = None,
-                       num_warps: int = 4, programs_per_sm: int = 4, num_stages: int | None = None,
-                       k_fold: bool = True, v_mode: str = "gather") -> torch.Tensor:
-    """The fused KIVI decode attention over the fixed-capacity, group-aligned buffers of the static decode step
-    (`kvsqueeze.quant.kivi_static.StaticKIVI`), lengths on the device.
+                       num_warps: int = 4, programs_per_sm: int = 2) -> torch.Tensor:
+    """The fused KIVI decode attention over fixed-capacity buffers with lengths on the device (the static,
+    capturable decode step: `kvsqueeze.quant.kivi_static.StaticKIVI`); the same kernel as `kivi_decode_attention`.
 
-    q: (B, HQ, D). Packed keys kc: (B, HK, CQ * bits / 8, D) uint8 in `StaticKIVI`'s group-aligned layout (row r
-    of block k holds tokens k*BT + r + j*group in bit field j, BT = group * 8 / bits), ks / kz: (B, HK, CQ / group,
-    D) bfloat16 per-channel scales / zeros; values vc: (B, HK, CQ * bits / 8, D) uint8 (same layout), vs / vz:
-    (B, HK, CQ, D / value_group) bfloat16 per-token scales / zeros (CQ: the quantized capacity, a multiple of BT);
-    k_res / v_res: (B, HK, NR_max, D) the full-precision residual buffers. nq, nr: 1-element long device tensors,
-    the quantized tokens (a multiple of `group`) and residual tokens in use (slots [0, nq) and [0, nr) count);
-    q_valid (B, HK, CQ) / r_valid (B, HK, NR_max) bool, optional: which of those slots attention may see
-    (padding, narrower heads); both or neither. Returns (B, HQ, D) in q's dtype.
-
-    The kernel (`_kivi_static_split`): one program per ((batch, kv head), split of the quantized capacity) plus a
-    residual split, merged by log-sum-exp (`split_kv._merge_splits`); the grid is planned on CQ (no host number
-    per step: capturable in a CUDA graph, a user-defined Triton kernel under `torch.compile`); splits past nq exit
-    at once. Bit field j of a block's G rows is one key group, so per field:
-      keys, k_fold=True: logits = (q * ks_g) . codes^T + q . kz_g (the codes only converted; one `tl.dot`);
-        k_fold=False: K_hat = codes * ks_g + kz_g (one scale row broadcast over the G tokens), then q . K_hat^T;
-      values (a scale / zero per token and group of value_group channels), v_mode "fold": one `tl.dot` per value
-        group, (p * vs[:, g]) @ codes, kept on group g's channels, plus sum_t p_t vz[t, g]; "gather": V_hat
-        dequantized with per-element scale loads (index channel // value_group, cache hits), one `tl.dot`;
-        "reshape": V_hat dequantized with the (G, D / value_group) scales broadcast by a reshape, one `tl.dot`.
-    Settings: block_n tokens per loop step (a multiple of BT; default 2 * BT), num_warps, num_stages (Triton's
-    default when None), about programs_per_sm programs per SM over the grid. The defaults are a guess until the
-    GPU sweep (bench/kivi_kernel_sweep.py) sets them.
-
-    Raises RuntimeError without triton, ValueError for a grouping or setting the kernel does not take. Every
-    (row, kv head) must see one slot at least (the current token is in the residual). Source: KIVI (Liu et al.,
-    2024) quantization; flash-decoding (Dao et al., 2023) splits; the group-aligned layout is kvsqueeze's."""
+    q: (B, HQ, D). Packed keys kc: (B, HK, CQ * bits / 8, D) uint8 (codes packed along tokens), ks / kz:
+    (B, HK, CQ / group, D) bfloat16 per-channel scales / zeros; values vc: (B, HK, CQ * bits / 8, D) uint8,
+    vs / vz: (B, HK, CQ, D / value_group) bfloat16 per-token scales / zeros (CQ: the quantized capacity, a
+    multiple of `group`); k_res / v_res: (B, HK, NR_max, D) the full-precision residual buffers. nq, nr: 1-element
+    long device tensors, the quantized tokens (a multiple of `group`) and residual tokens in use (slots
+    [0, nq) and [0, nr) count); q_valid (B, HK, CQ) / r_valid (B, HK, NR_max) bool, optional: which of those slots
+    attention may see (padding, narrower heads); both or neither. The grid is planned on CQ (no host number per
+    step: capturable in a CUDA graph, a user-defined Triton kernel under `torch.compile`); splits past nq exit
+    at once. Returns (B, HQ, D) in q's dtype. Raises RuntimeError without triton, ValueError for a grouping the
+    kernel does not take. Every (row, kv head) must see one slot at least (the current token is in the residual)."""
     if triton is None:
         raise RuntimeError("the fused KIVI decode kernel needs triton (pip install 'kvsqueeze[gpu]')")
     B, HQ, D = q.shape
@@ -473,17 +308,14 @@ def kivi_decode_static(q: torch.Tensor, kc: torch.Tensor, ks: torch.Tensor, kz: 
     GP = max(16, triton.next_power_of_2(GQ))
     scale = D ** -0.5 if scale is None else scale
     per = 8 // bits
-    bt = group * per
     cq = kc.shape[2] * per
     if block_n is None:
-        block_n = 2 * bt
-    if v_mode not in V_MODES:
-        raise ValueError(f"v_mode must be one of {V_MODES}, got {v_mode!r}")
-    if bits not in (1, 2, 4, 8) or block_n % bt or cq % bt or group & (group - 1) or \
-            value_group & (value_group - 1) or D % value_group or (q_valid is None) != (r_valid is None):
+        block_n = 128 if bits <= 2 else 64
+    block_n = max(block_n, group, 16 * per)
+    if block_n % group or group % per or (group & (group - 1)) or (value_group & (value_group - 1)) or \
+            (q_valid is None) != (r_valid is None):
         raise ValueError(f"unsupported KIVI grouping for the kernel: G={group}, G_v={value_group}, {bits} bits, "
-                         f"block {block_n} (a multiple of {bt}), capacity {cq} (or only one of q_valid / r_valid "
-                         "given)")
+                         f"block {block_n} (or only one of q_valid / r_valid given)")
     n_q_splits, chunk = _split_plan(B * HK, cq, block_n, _sm_count(q.device) * programs_per_sm // 4)
     total = n_q_splits + 1  # + the residual split
     dev = q.device
@@ -492,8 +324,7 @@ def kivi_decode_static(q: torch.Tensor, kc: torch.Tensor, ks: torch.Tensor, kz: 
     o_l = torch.empty_like(o_m)
     masked = q_valid is not None
     qm, rm = (q_valid, r_valid) if masked else (o_m, o_m)
-    extra = {} if num_stages is None else {"num_stages": num_stages}
-    _kivi_static_split[(B * HK, total)](
+    _kivi_decode_split[(B * HK, total)](
         q, kc, ks, kz, vc, vs, vz, k_res, v_res, o_acc, o_m, o_l, qm, rm,
         scale * 1.4426950408889634, nq, nr, chunk,
         q.stride(0), q.stride(1),
@@ -503,8 +334,8 @@ def kivi_decode_static(q: torch.Tensor, kc: torch.Tensor, ks: torch.Tensor, kz: 
         vc.stride(1), vc.stride(2), vs.stride(1), vs.stride(2),
         k_res.stride(1), k_res.stride(2), v_res.stride(1), v_res.stride(2),
         HK=HK, GQ=GQ, GP=GP, D=D, BITS=bits, G=group, GV=value_group, BLOCK_N=block_n, BLOCK_R=64,
-        K_FOLD=k_fold, V_MODE=V_MODES.index(v_mode), USE_DOT=group >= 16, DT=_static_dot_dtype(q),
-        HAS_MASK=masked, num_warps=num_warps, **extra,
+        SCALE_LOADS=False, FOLD=False, DT=_static_dot_dtype(q), DEV_LENS=True, HAS_MASK=masked,
+        num_warps=num_warps,
     )
     out = torch.empty(B, HQ, D, dtype=q.dtype, device=dev)
     _merge_splits[(B * HQ,)](o_acc, o_m, o_l, out, total, out.stride(0), out.stride(1),

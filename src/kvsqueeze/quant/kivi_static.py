@@ -4,29 +4,21 @@ The eager `KIVIStore` (kivi.py) grows its segments and residual by concatenation
 in preallocated buffers, stacked over the layers, so that one decoding step only writes into them (no allocation,
 no host synchronisation, no data-dependent Python branch: capturable by `torch.compile(fullgraph=True,
 mode="reduce-overhead")`, CUDA graphs). Layout (L layers, b rows, h kv heads, d = head_dim, CQ the quantized
-capacity in tokens, a multiple of BT = G * p; RC = R + G the residual capacity; p = 8 / bits codes per byte):
+capacity in tokens, a multiple of the group G; RC = R + G the residual capacity; p = 8 / bits codes per byte):
 
-    kc : (L, b, h, CQ / p, d) uint8     key codes, packed group-aligned (below)
+    kc : (L, b, h, CQ / p, d) uint8     key codes, packed along tokens (KIVI's layout; kivi.py, packing.py)
     ks, kz : (L, b, h, CQ / G, d) bf16  per-channel key scales / zero points, one row per group of G tokens
-    vc : (L, b, h, CQ / p, d) uint8     value codes, packed group-aligned (below)
+    vc : (L, b, h, CQ / p, d) uint8     value codes, packed along tokens
     vs, vz : (L, b, h, CQ, d / G_v) bf16  per-token value scales / zero points
     kr, vr : (L, b, h, RC, d)           the full-precision residual (the model's dtype)
     valid : (L, b, h, CQ + RC) bool     which slots attention may see: quantized slots, then residual slots
     nq, nr : (L,) long                  quantized tokens held (a multiple of G) and residual tokens held per layer
 
-Group-aligned packing (these buffers only; the eager store packs adjacent tokens into a byte, packing.py): the
-quantized slots form blocks of BT = G * p tokens; packed row r (0 <= r < G) of block k holds the codes of tokens
-k*BT + r + j*G in bit field j (bits [j*b, j*b + b), j < p). So bit field j of a block's G rows is exactly key
-group k*p + j: the fused kernel reads one key scale / zero row per field and needs no per-token broadcast
-(`kernels/kivi_decode.py`). The codes are the eager store's, only placed differently (`load` repacks them once;
-`codes` unpacks them back to token order).
-
 A step (the `StaticSlots` protocol of `storage/static.py`, so `StaticCompressedCache` drives both):
 `begin_token` claims residual slot `nr` of every layer (`nr += 1`, its valid bit set); `write_kv` writes the
 layer's new key / value there (`index_copy_` at a device index; every write is in place when compiled); the attention (`attention`) reads the quantized
 slots [0, nq) and the residual [0, nr); `end_token` then quantizes the residual's oldest G tokens of every layer
-into the next packed group (slot group g = nq / G: bit field g % p of rows [(g // p) * G, + G), cleared and
-OR-ed, a read-modify-write) *every step* and only counts them where the residual is full
+into the next packed group (slot group nq / G) *every step* and only counts them where the residual is full
 (nr == R + G: nq += G, the residual shifted by G, nr = R) -- writing a group that is not counted yet is
 harmless (its slots are invalid), so no step depends on a host-side decision. This is the eager rule exactly
 (`QuantStore.commit` after each forward: R..R+G-1 tokens stay in full precision, the oldest G quantized as one
@@ -50,31 +42,7 @@ from ..errors import KVSqueezeError
 from ..kernels.slot_decode import grouped_matmul_decode
 from ..storage.static import _static
 from .kivi import KIVIStore, channel_group
-from .packing import PER_CHANNEL, PER_TOKEN, QTensor, pack, quantize, unpack
-
-
-def _transpose_blocks(codes: torch.Tensor, a: int, b: int) -> torch.Tensor:
-    """(.., n, d) -> (.., n, d): within each block of a*b tokens, the token at a-major position (i, j) (i < a, j < b)
-    moves to b-major position (j, i). With a = p, b = G this turns token order into the order whose adjacent
-    p-tuples `packing.pack(along="token")` puts in one byte as the group-aligned layout wants; a = G, b = p undoes
-    it."""
-    *lead, n, d = codes.shape
-    return codes.reshape(*lead, n // (a * b), a, b, d).transpose(-3, -2).reshape(*lead, n, d)
-
-
-def pack_group_aligned(codes: torch.Tensor, bits: int, group: int) -> torch.Tensor:
-    """Codes (b, h, n, d) uint8 < 2^bits in token order, n a multiple of BT = group * 8 / bits -> the group-aligned
-    packed rows (b, h, n * bits / 8, d) of `StaticKIVI` (module docstring): row r of block k holds tokens
-    k*BT + r + j*group in bit field j. Raises ValueError (packing.py) for n not a multiple of BT."""
-    per = 8 // bits
-    if codes.shape[-2] % (group * per):
-        raise ValueError(f"{codes.shape[-2]} tokens is not a multiple of the {group * per}-token block")
-    return pack(_transpose_blocks(codes, per, group), bits, "token")
-
-
-def unpack_group_aligned(packed: torch.Tensor, bits: int, group: int) -> torch.Tensor:
-    """Inverse of `pack_group_aligned`: (b, h, n * bits / 8, d) uint8 -> codes (b, h, n, d) in token order."""
-    return _transpose_blocks(unpack(packed, bits, "token"), group, 8 // bits)
+from .packing import PER_CHANNEL, PER_TOKEN, QTensor, quantize
 
 
 def _ar(n: int, dim: int, ndim: int, device) -> torch.Tensor:
@@ -86,10 +54,8 @@ class StaticKIVI:
     """KIVI buffers of every layer at fixed capacity (see the module docstring for the layout and the step).
 
     n_layers, batch, kv_heads, head_dim: the cache's shape; q_capacity: quantized tokens the buffers hold (rounded
-    up to a multiple of the block BT = group * 8 / bits); bits, group, value_group, residual: the KIVI settings
-    (`KIVIStore`'s); dtype: the model's (residual) dtype. `kernel_options`: keyword arguments the fused kernel
-    gets (`kivi_decode_static`'s settings: block_n, num_warps, num_stages, programs_per_sm, k_fold, v_mode).
-    Raises KVSqueezeError for settings the static path does not hold."""
+    up to a multiple of `group`); bits, group, value_group, residual: the KIVI settings (`KIVIStore`'s); dtype:
+    the model's (residual) dtype. Raises KVSqueezeError for settings the static path does not hold."""
 
     def __init__(self, n_layers: int, batch: int, kv_heads: int, head_dim: int, q_capacity: int, bits: int,
                  group: int, value_group: int, residual: int, dtype, device):
@@ -100,8 +66,7 @@ class StaticKIVI:
         self.n_layers, self.batch, self.kv_heads, self.head_dim = n_layers, batch, kv_heads, head_dim
         self.bits, self.group, self.residual = bits, group, residual
         self.value_group = channel_group(head_dim, value_group)
-        self.block = group * per  # BT: the tokens of one group-aligned block (module docstring)
-        self.q_capacity = -(-max(q_capacity, 1) // self.block) * self.block
+        self.q_capacity = -(-max(q_capacity, 1) // group) * group
         self.res_capacity = residual + group
         self.capacity = self.q_capacity + self.res_capacity  # the slot mask's width
         self.dtype = dtype
@@ -118,7 +83,6 @@ class StaticKIVI:
         self.w = z(L, dt=torch.long)  # the residual slot of the token being written, per layer
         self.masked = False  # whether a slot inside the lengths is hidden (the fused kernel then reads the masks)
         self.priority = None  # never evicts while decoding (StaticSlots' protocol)
-        self.kernel_options: dict = {}  # keyword arguments of kivi_decode_static (block_n, num_warps, v_mode, ...)
 
     # --- filling from the eager store -------------------------------------------------------------------------
     def load(self, layer_idx: int, store: KIVIStore, valid: torch.Tensor | None) -> None:
@@ -149,13 +113,10 @@ class StaticKIVI:
         for buf in (self.kc, self.vc, self.ks, self.kz, self.vs, self.vz, self.kr, self.vr, self.valid):
             buf[i].zero_()
         if seg is not None:
-            nb = -(-nq // self.block) * self.block  # whole blocks; the tail of the last one holds zero codes
-            for src, dst in ((seg.k.codes, self.kc), (seg.v.codes, self.vc)):
-                codes = unpack(src, self.bits, "token")
-                codes = torch.cat([codes, codes.new_zeros(*codes.shape[:2], nb - nq, codes.shape[3])], 2)
-                dst[i, :, :, :nb // per] = pack_group_aligned(codes, self.bits, self.group)
+            self.kc[i, :, :, :nq // per] = seg.k.codes
             self.ks[i, :, :, :nq // self.group] = seg.k.scale
             self.kz[i, :, :, :nq // self.group] = seg.k.zero
+            self.vc[i, :, :, :nq // per] = seg.v.codes
             self.vs[i, :, :, :nq] = seg.v.scale
             self.vz[i, :, :, :nq] = seg.v.zero
         self.kr[i, :, :, :nr] = kr.to(self.dtype)
@@ -194,23 +155,20 @@ class StaticKIVI:
         see the module docstring."""
         L, b, h, d, G = self.n_layers, self.batch, self.kv_heads, self.head_dim, self.group
         per = 8 // self.bits
-        ngv, cq = d // self.value_group, self.q_capacity
+        rows, ngv, cq = G // per, d // self.value_group, self.q_capacity
         full = self.nr == self.res_capacity  # (L,)
         qk = quantize(self.kr[:, :, :, :G].reshape(L * b, h, G, d), self.bits, PER_CHANNEL, G, pack_along="token")
         qv = quantize(self.vr[:, :, :, :G].reshape(L * b, h, G, d), self.bits, PER_TOKEN, self.value_group,
                       pack_along="token")
-        g = self.nq // G  # (L,) the next group slot: bit field g % per of the rows of block g // per
+        g = self.nq // G  # (L,) the next group slot
         # every write below is an index_put_ (advanced-index assignment), never a scatter_: inductor re-inplaces
         # index_put on the compiled step's inputs, while a scatter_ compiled to a copy of the whole buffer back
         # each step (see storage/static.py StaticSlots.begin_token)
         dev = g.device
         lbh = (_ar(L, 0, 5, dev), _ar(b, 1, 5, dev), _ar(h, 2, 5, dev))
-        r_at = (*lbh, ((g // per)[:, None] * G + torch.arange(G, device=dev)).view(L, 1, 1, G, 1), _ar(d, 4, 5, dev))
-        shift = ((g % per) * self.bits).to(torch.uint8).view(L, 1, 1, 1, 1)
-        keep = ~(torch.full((), (1 << self.bits) - 1, dtype=torch.uint8, device=dev) << shift)  # clears field g % per
-        for buf, q in ((self.kc, qk), (self.vc, qv)):  # read-modify-write of the block's G rows
-            codes = unpack(q.codes, self.bits, "token").view(L, b, h, G, d)
-            buf.index_put_(r_at, (buf[r_at] & keep) | (codes << shift))
+        r_at = (*lbh, (g[:, None] * rows + torch.arange(rows, device=dev)).view(L, 1, 1, rows, 1), _ar(d, 4, 5, dev))
+        self.kc.index_put_(r_at, qk.codes.view(L, b, h, rows, d))
+        self.vc.index_put_(r_at, qv.codes.view(L, b, h, rows, d))
         g_at = (*lbh, g.view(L, 1, 1, 1, 1), _ar(d, 4, 5, dev))
         self.ks.index_put_(g_at, qk.scale.view(L, b, h, 1, d))
         self.kz.index_put_(g_at, qk.zero.view(L, b, h, 1, d))
@@ -236,21 +194,14 @@ class StaticKIVI:
         (as `QTensor.dequantize`, the eager view's rule) followed by the residual buffers; `valid[layer_idx]` says
         which count."""
         i, d = layer_idx, self.head_dim
-        kc, vc = self.codes(i)  # unpacked: QTensor with 8 bits reads them as they are
-        k = QTensor(kc, self.ks[i], self.kz[i], 8, PER_CHANNEL, self.group, d, "token")
-        v = QTensor(vc, self.vs[i], self.vz[i], 8, PER_TOKEN, self.value_group, d, "token")
+        k = QTensor(self.kc[i], self.ks[i], self.kz[i], self.bits, PER_CHANNEL, self.group, d, "token")
+        v = QTensor(self.vc[i], self.vs[i], self.vz[i], self.bits, PER_TOKEN, self.value_group, d, "token")
         return (torch.cat([k.dequantize(dtype), self.kr[i].to(dtype)], 2),
                 torch.cat([v.dequantize(dtype), self.vr[i].to(dtype)], 2))
 
-    def codes(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Layer `layer_idx`'s key and value codes (b, h, CQ, d) uint8 in token order (`unpack_group_aligned` of
-        the packed buffers): what the eager store's codes unpack to (`packing.unpack(codes, bits, "token")`)."""
-        return (unpack_group_aligned(self.kc[layer_idx], self.bits, self.group),
-                unpack_group_aligned(self.vc[layer_idx], self.bits, self.group))
-
     def attention(self, layer_idx: int, query: torch.Tensor, scaling: float | None, kernel: str | None) -> torch.Tensor:
         """One decode query (b, hq, 1, d) over layer `layer_idx`; returns (b, 1, hq, d). kernel "triton": the fused
-        kernel over the group-aligned buffers (`kivi_decode_static`, with `kernel_options`); otherwise dequantize + two matrix products per kv-head group, softmax in
+        kernel (`kivi_decode_static`); otherwise dequantize + two matrix products per kv-head group, softmax in
         float32 (the reference path)."""
         i, cq = layer_idx, self.q_capacity
         if kernel == "triton":
@@ -260,8 +211,7 @@ class StaticKIVI:
             rv = self.valid[i, :, :, cq:] if self.masked else None
             out = kivi_decode_static(query[:, :, 0], self.kc[i], self.ks[i], self.kz[i], self.vc[i], self.vs[i],
                                      self.vz[i], self.kr[i], self.vr[i], self.nq[i:i + 1], self.nr[i:i + 1],
-                                     self.bits, self.group, self.value_group, scale=scaling, q_valid=qv, r_valid=rv,
-                                     **self.kernel_options)
+                                     self.bits, self.group, self.value_group, scale=scaling, q_valid=qv, r_valid=rv)
             return out[:, None]
         keys, values = self.dequantized(i, query.dtype)
         return grouped_matmul_decode(query, keys, values, self.valid[i][:, :, None, :], scaling)
