@@ -48,7 +48,6 @@ or `--rows hf-static-compiled,kvsq-static` and `--static-kernels sdpa,matmul` to
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -273,8 +272,6 @@ def run_row(name, model, ids, args, device, compile_opts):
         return ms, cache.stats().kv_bytes
     static = StaticCompressedCache.from_cache(cache, total_steps + 1)
     del cache
-    if args.kivi_options and hasattr(static.slots, "kernel_options"):  # the static KIVI kernel's settings
-        static.slots.kernel_options = dict(args.kivi_options)
     torch._dynamo.reset()  # one compiled step per cache (see runtime/static.py); keeps the recompile limit away
     kernel, _, extra = kernel.partition("+")
     if extra not in ("", "nofuse"):
@@ -328,9 +325,6 @@ def main(argv=None) -> int:
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="After timing each row, trace N more steps and print its kernels per step (count, us, top "
                          "kernels).")
-    ap.add_argument("--kivi-options", type=json.loads, default=None, metavar="JSON",
-                    help="Keyword arguments of the static KIVI kernel (kivi_decode_static), e.g. "
-                         "'{\"block_n\": 256, \"v_mode\": \"gather\"}' (bench/kivi_kernel_sweep.py prints them).")
     ap.add_argument("--json", default=None, help="Write the rows to this JSON file.")
     ap.add_argument("--quick", action="store_true", help="Tiny shapes on the CPU (checks the script end to end).")
     args = ap.parse_args(argv)
