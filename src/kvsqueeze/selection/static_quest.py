@@ -37,7 +37,6 @@ import torch
 
 from ..errors import KVSqueezeError
 from ..storage.static import _static
-from ..kernels.topk import topk_increasing
 from .quest import Quest
 
 
@@ -157,7 +156,8 @@ class StaticQuest:
         agg = agg.masked_fill(self._page_ids == cur, float("inf"))
         held = s.valid[layer_idx].view(b, hk, P, self.page).any(-1)
         agg = agg.masked_fill(~held, float("-inf"))
-        pages = topk_increasing(agg, self.k_pages)  # one Triton program per (row, kv head) on CUDA
+        # unsorted top-k, then the k indices sorted (topk's own sort of its values cost 0.6 ms per step at 128k)
+        pages = agg.topk(self.k_pages, dim=-1, sorted=False).indices.sort(dim=-1).values
         self.chosen[layer_idx].copy_(pages)
         return pages
 
