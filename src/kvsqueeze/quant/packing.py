@@ -152,6 +152,24 @@ class QTensor:
         """Apply fn to every tensor (batch-dimension operations: beam reorder, batch select)."""
         return replace(self, codes=fn(self.codes), scale=fn(self.scale), zero=fn(self.zero))
 
+    def take_groups(self, runs: torch.Tensor, size: int) -> "QTensor":
+        """Whole runs of `size` tokens, exact (codes, scales and zeros copied, nothing re-quantized): runs (b, h, m)
+        long, run r = tokens r * size .. r * size + size - 1 of each (row, head) -> a QTensor of m * size tokens,
+        run after run. Raises ValueError unless the codes are packed along tokens and `size` is a multiple of the
+        tokens per byte (8 // bits) and, per channel, of the token group (so a run is whole bytes and groups)."""
+        per = 8 // self.bits
+        if self.packed_along != "token" or size % per or (self.axis == PER_CHANNEL and size % self.group):
+            raise ValueError(f"runs of {size} tokens are not whole packed bytes and groups of this tensor")
+        b, h, m = runs.shape
+
+        def rows(unit: int) -> torch.Tensor:  # (b, h, m * unit): the rows r * unit .. r * unit + unit - 1
+            step = torch.arange(unit, device=runs.device)
+            return (runs[..., None] * unit + step).view(b, h, m * unit)
+
+        s_rows = rows(size // self.group) if self.axis == PER_CHANNEL else rows(size)
+        return replace(self, codes=_take(self.codes, rows(size // per)), scale=_take(self.scale, s_rows),
+                       zero=_take(self.zero, s_rows))
+
     def take_tokens(self, idx: torch.Tensor) -> "QTensor":
         """Gather tokens idx (b, h, k): exact (no requantization) for per-token groups (axis="per_token")."""
         if self.axis != PER_TOKEN or self.packed_along != "channel":
@@ -161,6 +179,11 @@ class QTensor:
             return t.gather(2, idx[..., None].expand(*idx.shape, t.shape[-1]))
 
         return self.map(take)
+
+
+def _take(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """t (b, h, n, c) at rows idx (b, h, k) along dim 2 -> (b, h, k, c), contiguous."""
+    return t.gather(2, idx[..., None].expand(*idx.shape, t.shape[-1])).contiguous()
 
 
 def quantize(x: torch.Tensor, bits: int, axis: str, group: int, pack_along: str = "channel") -> QTensor:

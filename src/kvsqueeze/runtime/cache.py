@@ -301,7 +301,10 @@ class CompressedCache(Cache):
                 layer.split(scores, x.n_keep, layer.row_keep)
             else:
                 merge = (lambda idx, visible: method.merge_plan(x, idx, visible)) if method.merges else None
-                layer.evict(scores, *self.budgets.counts(layer, scores, x.n_keep), merge=merge)
+                # slots may leave position order where the store gains (a quantized store keeps whole groups as
+                # they are): not for merging methods (KVMerger merges adjacent slots) nor page-wise selectors
+                layer.evict(scores, *self.budgets.counts(layer, scores, x.n_keep), merge=merge,
+                            reorder=merge is None and self.selector is None)
 
     def _flush_deferred(self) -> None:
         """Evict, then commit, the layers whose eviction waited for the forward's last layer (`defer_eviction`)."""

@@ -1,0 +1,133 @@
+"""Per-chunk cost of a chunked prefill into a compressed cache, the reference path and kvsqueeze's side by side (CPU).
+
+    python bench/prefill_chunks.py --length 16384 --chunk 512          # K-norm 8x + KIVI-2, 2 layers of 8B's heads
+    python bench/prefill_chunks.py --length 2048 --chunk 128 --layers 1 # seconds
+
+A random Llama with Llama-3.1-8B's attention shapes (32 query / 8 kv heads, head_dim 128) and a tiny hidden size
+(`--hidden`, `--layers`), so that what a chunk costs beyond the attention shows. The same prompt is prefilled in
+chunks of `--chunk` tokens into a K-norm cache (compression_ratio 1 - 1/`--factor`) with KIVI-2 storage, twice:
+
+  reference   every chunk attends through the model's kernel with the layer's (chunk x stored) mask and the stored
+              keys repeated per query head (`attention.SPLIT_CHUNKS = False`), and every eviction re-quantizes every
+              kept token (`QuantStore.keep_whole_groups = False`): the path before issue 12's prefill work
+  kvsqueeze   the defaults: mask-free split attention (`attention.chunk_attention`), whole quantized groups kept as
+              they are by an eviction
+
+Per variant: ms per chunk over the first chunks (after the first) and the last 10%, their ratio (per-chunk cost
+growth), the attention kernel's share of the last chunks (torch.profiler: the flash op), tokens quantized per chunk
+at the end (`KIVIStore._compress`; the reference re-quantizes the whole kept cache), and the largest transient of a
+chunk above what the cache holds (tracemalloc can't see torch's allocator: measured as the peak of torch's CPU
+allocations per chunk with `torch.profiler`'s memory profile off; instead we report the bytes of the largest tensor
+a chunk builds: the mask or the repeated keys, from the shapes). The logits of the last chunk of the two variants
+are compared (max abs difference). `--json` writes the rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
+
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+import kvsqueeze as kq  # noqa: E402
+from kvsqueeze.compat import cache_kwargs  # noqa: E402
+from kvsqueeze.quant import kivi  # noqa: E402
+from kvsqueeze.quant.base import QuantStore  # noqa: E402
+from kvsqueeze.quant.kivi import KIVIStore  # noqa: E402
+from kvsqueeze.runtime import attention  # noqa: E402
+
+
+def run(model, ids, chunk: int, factor: float, reference: bool, bits: int) -> dict:
+    attention.SPLIT_CHUNKS = not reference
+    QuantStore.keep_whole_groups = not reference
+    quantized: list[int] = []
+    compress = KIVIStore._compress
+
+    def counting(self, k, v):
+        quantized[-1] += k.shape[-2]
+        return compress(self, k, v)
+
+    KIVIStore._compress = counting
+    cache = kq.CompressedCache(model, kq.get_method("knorm", compression_ratio=1 - 1 / factor),
+                               layer_factory=kivi(bits))
+    times, attn = [], []
+    logits = None
+    try:
+        with torch.no_grad(), cache.prefill():
+            for s in range(0, ids.shape[1], chunk):
+                quantized.append(0)
+                with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                    t0 = time.perf_counter()
+                    out = model(input_ids=ids[:, s:s + chunk], **cache_kwargs(model, cache), use_cache=True,
+                                logits_to_keep=1)
+                    times.append(time.perf_counter() - t0)
+                logits = out.logits[:, -1]
+                attn.append(sum(e.self_cpu_time_total for e in prof.key_averages()
+                                if "flash_attention" in e.key) / 1e6)
+    finally:
+        KIVIStore._compress = compress
+        attention.SPLIT_CHUNKS = True
+        QuantStore.keep_whole_groups = True
+    n = len(times)
+    first = slice(1, 1 + max(1, min(3, n // 10)))
+    last = slice(n - max(1, n // 10), n)
+
+    def mean(xs):
+        return sum(xs) / len(xs)
+
+    t_first, t_last = mean(times[first]), mean(times[last])
+    return dict(variant="reference" if reference else "kvsqueeze", chunks=n, ms_first=1e3 * t_first,
+                ms_last=1e3 * t_last, growth=t_last / t_first, attention_share_last=mean(attn[last]) / t_last,
+                ms_last_outside_attention=1e3 * (t_last - mean(attn[last])),
+                ms_first_outside_attention=1e3 * (t_first - mean(attn[first])),
+                quantized_last=mean(quantized[last]) / len(cache.layers), kept=cache.layers[0].n_stored,
+                kv_bytes=cache.stats().kv_bytes, logits=logits)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    ap.add_argument("--length", type=int, default=16384)
+    ap.add_argument("--chunk", type=int, default=512)
+    ap.add_argument("--factor", type=float, default=8.0)
+    ap.add_argument("--bits", type=int, default=2)
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    cfg = LlamaConfig(vocab_size=256, hidden_size=args.hidden, intermediate_size=args.hidden,
+                      num_hidden_layers=args.layers, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                      max_position_embeddings=max(4096, args.length), attn_implementation="sdpa")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(0, 256, (1, args.length), generator=torch.Generator().manual_seed(0))
+    rows = [run(model, ids, args.chunk, args.factor, ref, args.bits) for ref in (True, False)]
+    diff = (rows[0]["logits"] - rows[1]["logits"]).abs().max().item()
+    print(f"K-norm {args.factor:g}x + KIVI-{args.bits}, {args.length} tokens in chunks of {args.chunk}, "
+          f"{args.layers} layers (32 q / 8 kv heads, head_dim 128), CPU {args.threads} thread(s)")
+    print(f"{'variant':<10} {'chunks':>6} {'ms first':>9} {'ms last':>9} {'growth':>7} {'attn share':>10} "
+          f"{'ms out first':>12} {'ms out last':>11} {'quantized/chunk':>15} {'kept':>6} {'KV bytes':>10}")
+    for r in rows:
+        print(f"{r['variant']:<10} {r['chunks']:>6} {r['ms_first']:9.1f} {r['ms_last']:9.1f} {r['growth']:7.2f} "
+              f"{r['attention_share_last']:10.1%} {r['ms_first_outside_attention']:12.1f} "
+              f"{r['ms_last_outside_attention']:11.1f} {r['quantized_last']:15.0f} {r['kept']:>6} {r['kv_bytes']:>10}")
+    print(f"last logits, max |reference - kvsqueeze| = {diff:.3g} (of max |logit| "
+          f"{rows[0]['logits'].abs().max().item():.3g})")
+    if args.json:
+        for r in rows:
+            r.pop("logits")
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "rows": rows, "logit_diff": diff}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
