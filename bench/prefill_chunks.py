@@ -8,29 +8,33 @@ A random Llama with Llama-3.1-8B's attention shapes (32 query / 8 kv heads, head
 chunks of `--chunk` tokens into a K-norm cache (compression_ratio 1 - 1/`--factor`) with KIVI-2 storage, twice:
 
   reference   every chunk attends through the model's kernel with the layer's (chunk x stored) mask and the stored
-              keys repeated per query head (`attention.SPLIT_CHUNKS = False`), and every eviction re-quantizes every
-              kept token (`QuantStore.keep_whole_groups = False`): the path before issue 12's prefill work
+              keys repeated per query head (`attention.SPLIT_CHUNKS = False`), every eviction re-quantizes every
+              kept token (`QuantStore.keep_whole_groups = False`) and K-norm re-scores the old slots from their
+              dequantized keys (`CompressedCache.hold_static_scores = False`): the path before issue 12's prefill
+              work
   kvsqueeze   the defaults: mask-free split attention (`attention.chunk_attention`), whole quantized groups kept as
-              they are by an eviction
+              they are by an eviction, K-norm's scores held from when each slot was new
 
 Per variant: ms per chunk over the first chunks (after the first) and the last 10%, their ratio (per-chunk cost
-growth), the attention kernel's share of the last chunks (torch.profiler: the flash op), tokens quantized per chunk
-at the end (`KIVIStore._compress`; the reference re-quantizes the whole kept cache), and the largest transient of a
-chunk above what the cache holds (tracemalloc can't see torch's allocator: measured as the peak of torch's CPU
-allocations per chunk with `torch.profiler`'s memory profile off; instead we report the bytes of the largest tensor
-a chunk builds: the mask or the repeated keys, from the shapes). The logits of the last chunk of the two variants
-are compared (max abs difference). `--json` writes the rows.
+growth), old slots evicted per chunk at the end (slots stored before the chunk that its eviction drops: K-norm
+over fp16 drops a few; re-scored from 2-bit keys it dropped about half), the attention's time (the wrapped kernel or `chunk_attention`, host clock around the calls) and what the
+chunk costs outside it, tokens quantized per chunk at the end (`KIVIStore._compress`: the reference re-quantizes
+every kept token per eviction), the largest tensor a late chunk allocates (a TorchDispatchMode over the forward:
+the mask or the keys repeated per query head in the reference), slots kept and KV bytes held. The logits of the
+last chunk of the two variants are compared (max abs difference). `--json` writes the rows.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 import time
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
@@ -42,11 +46,30 @@ from kvsqueeze.quant import kivi  # noqa: E402
 from kvsqueeze.quant.base import QuantStore  # noqa: E402
 from kvsqueeze.quant.kivi import KIVIStore  # noqa: E402
 from kvsqueeze.runtime import attention  # noqa: E402
+from kvsqueeze.storage.layer import CompressedLayer  # noqa: E402
+
+
+class LargestTensor(TorchDispatchMode):
+    """The bytes of the largest tensor any op returns inside the block (transients included)."""
+
+    def __init__(self):
+        super().__init__()
+        self.bytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if any(r.alias_info is not None for r in func._schema.returns):  # a view (expand, slice): no allocation
+            return out
+        for t in (out if isinstance(out, (tuple, list)) else (out,)):
+            if isinstance(t, torch.Tensor):
+                self.bytes = max(self.bytes, t.untyped_storage().nbytes())
+        return out
 
 
 def run(model, ids, chunk: int, factor: float, reference: bool, bits: int) -> dict:
     attention.SPLIT_CHUNKS = not reference
     QuantStore.keep_whole_groups = not reference
+    kq.CompressedCache.hold_static_scores = not reference
     quantized: list[int] = []
     compress = KIVIStore._compress
 
@@ -55,26 +78,54 @@ def run(model, ids, chunk: int, factor: float, reference: bool, bits: int) -> di
         return compress(self, k, v)
 
     KIVIStore._compress = counting
-    cache = kq.CompressedCache(model, kq.get_method("knorm", compression_ratio=1 - 1 / factor),
-                               layer_factory=kivi(bits))
+    dropped: list[float] = []  # per eviction: slots stored before the forward that it drops (mean over heads)
+    keep = CompressedLayer.keep
+
+    def watching(self, idx, visible=None, plan=None):
+        old = self.positions < self.cumulative_length - self.n_new
+        dropped.append(float(old.sum(-1).float().mean() - old.gather(2, idx).sum(-1).float().mean()))
+        return keep(self, idx, visible, plan)
+
+    CompressedLayer.keep = watching
     times, attn = [], []
+    inner, split = attention.sdpa_attention_forward, attention.chunk_attention
+
+    def clocked(fn):
+        def call(*a, **k):
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                attn[-1] += time.perf_counter() - t0
+        return call
+
+    attention.sdpa_attention_forward, attention.chunk_attention = clocked(inner), clocked(split)
+    cache = kq.CompressedCache(model, kq.get_method("knorm", compression_ratio=1 - 1 / factor),
+                               layer_factory=kivi(bits) if bits else None)
     logits = None
+    n_chunks = -(-ids.shape[1] // chunk)
+    largest = 0
     try:
         with torch.no_grad(), cache.prefill():
-            for s in range(0, ids.shape[1], chunk):
+            for i, s in enumerate(range(0, ids.shape[1], chunk)):
                 quantized.append(0)
-                with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                attn.append(0.0)
+                watch = LargestTensor() if i == n_chunks - 2 else contextlib.nullcontext()
+                with watch:
                     t0 = time.perf_counter()
                     out = model(input_ids=ids[:, s:s + chunk], **cache_kwargs(model, cache), use_cache=True,
                                 logits_to_keep=1)
                     times.append(time.perf_counter() - t0)
+                if isinstance(watch, LargestTensor):
+                    largest = watch.bytes
                 logits = out.logits[:, -1]
-                attn.append(sum(e.self_cpu_time_total for e in prof.key_averages()
-                                if "flash_attention" in e.key) / 1e6)
     finally:
         KIVIStore._compress = compress
+        CompressedLayer.keep = keep
+        attention.sdpa_attention_forward, attention.chunk_attention = inner, split
         attention.SPLIT_CHUNKS = True
         QuantStore.keep_whole_groups = True
+        kq.CompressedCache.hold_static_scores = True
     n = len(times)
     first = slice(1, 1 + max(1, min(3, n // 10)))
     last = slice(n - max(1, n // 10), n)
@@ -88,6 +139,8 @@ def run(model, ids, chunk: int, factor: float, reference: bool, bits: int) -> di
                 ms_last_outside_attention=1e3 * (t_last - mean(attn[last])),
                 ms_first_outside_attention=1e3 * (t_first - mean(attn[first])),
                 quantized_last=mean(quantized[last]) / len(cache.layers), kept=cache.layers[0].n_stored,
+                largest_tensor_mb=largest / 2**20,
+                old_dropped_last=mean(dropped[-len(cache.layers) * (last.stop - last.start):]),
                 kv_bytes=cache.stats().kv_bytes, logits=logits)
 
 
@@ -110,17 +163,25 @@ def main(argv=None) -> int:
     model = LlamaForCausalLM(cfg).eval()
     ids = torch.randint(0, 256, (1, args.length), generator=torch.Generator().manual_seed(0))
     rows = [run(model, ids, args.chunk, args.factor, ref, args.bits) for ref in (True, False)]
+    dense = run(model, ids, args.chunk, args.factor, False, 0)["logits"]  # K-norm over full-precision storage
     diff = (rows[0]["logits"] - rows[1]["logits"]).abs().max().item()
+    for r in rows:
+        r["logit_diff_vs_fp"] = (r["logits"] - dense).abs().max().item()
     print(f"K-norm {args.factor:g}x + KIVI-{args.bits}, {args.length} tokens in chunks of {args.chunk}, "
           f"{args.layers} layers (32 q / 8 kv heads, head_dim 128), CPU {args.threads} thread(s)")
     print(f"{'variant':<10} {'chunks':>6} {'ms first':>9} {'ms last':>9} {'growth':>7} {'attn share':>10} "
-          f"{'ms out first':>12} {'ms out last':>11} {'quantized/chunk':>15} {'kept':>6} {'KV bytes':>10}")
+          f"{'ms out first':>12} {'ms out last':>11} {'quantized/chunk':>15} {'old dropped':>11} {'largest MB':>10} "
+          f"{'kept':>6} "
+          f"{'KV bytes':>10}")
     for r in rows:
         print(f"{r['variant']:<10} {r['chunks']:>6} {r['ms_first']:9.1f} {r['ms_last']:9.1f} {r['growth']:7.2f} "
               f"{r['attention_share_last']:10.1%} {r['ms_first_outside_attention']:12.1f} "
-              f"{r['ms_last_outside_attention']:11.1f} {r['quantized_last']:15.0f} {r['kept']:>6} {r['kv_bytes']:>10}")
+              f"{r['ms_last_outside_attention']:11.1f} {r['quantized_last']:15.0f} {r['old_dropped_last']:11.1f} "
+              f"{r['largest_tensor_mb']:10.1f} "
+              f"{r['kept']:>6} {r['kv_bytes']:>10}")
     print(f"last logits, max |reference - kvsqueeze| = {diff:.3g} (of max |logit| "
-          f"{rows[0]['logits'].abs().max().item():.3g})")
+          f"{rows[0]['logits'].abs().max().item():.3g}); max |variant - K-norm over full-precision storage|: "
+          + ", ".join(f"{r['variant']} {r['logit_diff_vs_fp']:.3g}" for r in rows))
     if args.json:
         for r in rows:
             r.pop("logits")
