@@ -10,10 +10,11 @@ are transformers' own `sdpa_mask` / `eager_mask`, so masks are unchanged), each 
 2. it runs the wrapped kernel (sdpa stays sdpa: the model is never switched to eager); a decoding step over a
    right-aligned stack of caches of different sizes (`CompressedLayer.row_runs`, the sweep's merged answer batch)
    runs it row by row over each row's own slots, with the mask each row alone would get, so padding is never
-   read and finished rows (`CompressedCache.idle_rows`) are skipped; a prefill chunk over a layer whose stored slots are all
-   visible (no padding, no hidden slot, no sliding window) runs as two mask-free flash calls merged by their
-   log-sum-exp instead (`chunk_attention`: no mask of chunk x stored slots, no copy of the stored keys per query
-   head, so a chunk's transient does not grow with what the layer holds beyond the attention itself);
+   read and finished rows (`CompressedCache.idle_rows`) are skipped; a prefill chunk over a layer whose stored
+   slots are all visible (no padding, no hidden slot, no sliding window) and no longer aligned (evicted) runs as
+   two mask-free flash calls merged by their log-sum-exp instead (`chunk_attention`: no mask of chunk x stored
+   slots, no copy of the stored keys per query head, so a chunk's transient does not grow with what the layer
+   holds beyond the attention itself);
 3. at a decoding step, a cache `selector` (Quest, AttentionPredictor) may pick a subset of slots per kv head;
    only those keys and values are gathered and attended to; forwards of several tokens are shown to the
    selector's `observe` (AttentionPredictor starts its attention history from the prompt's last queries);
@@ -46,7 +47,8 @@ _RECORDERS: list = []
 # Whether a prefill chunk over a layer whose stored slots are all visible attends as two mask-free flash calls
 # merged by their log-sum-exp (`chunk_attention`: no (chunk x stored) mask, no copy of the stored keys per query
 # head) instead of one masked call over everything (True), or through the model's kernel with the layer's mask
-# (False: the reference). Both give the same outputs (tests/test_prefill_long.py); bench/prefill_chunks.py times them.
+# (False: the reference). Only after an eviction: an aligned layer keeps transformers' own path. Both give the
+# same outputs (tests/test_prefill_long.py); bench/prefill_chunks.py times them.
 SPLIT_CHUNKS = True
 
 # Whether a decoding step over a right-aligned stack of caches (`CompressedLayer.row_runs`) attends row by row (True)
@@ -219,10 +221,13 @@ def chunk_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
 
 def _splits(layer: CompressedLayer, query, key, value, valid_new, kwargs, eager: bool) -> bool:
     """Whether this forward's attention on `layer` is a prefill chunk `chunk_attention` computes exactly: several
-    new tokens, none padding, after stored slots all visible (no `valid` mask, no sliding window), no softcap, no
+    new tokens, none padding, after stored slots all visible (no `valid` mask, no sliding window) that are no longer
+    the contiguous past transformers' mask describes (an eviction ran: while the layer is `aligned` the model's own
+    path stays, bit for bit a DynamicCache's), no softcap, no
     dropout, the sdpa wrapper, keys and values of one head_dim, and a device / dtype torch's flash kernels take."""
     q_len = query.shape[2]
-    return (SPLIT_CHUNKS and not eager and q_len > 1 and key.shape[2] > q_len and layer.valid is None
+    return (SPLIT_CHUNKS and not eager and q_len > 1 and key.shape[2] > q_len and not layer.aligned
+            and layer.table.valid is None
             and value.shape[-1] == key.shape[-1]
             and not layer.sliding_window and (valid_new is None or bool(valid_new.all()))
             and kwargs.get("softcap") is None and not kwargs.get("dropout") and kwargs.get("position_bias") is None
