@@ -310,8 +310,9 @@ class CompressedCache(Cache):
     @staticmethod
     def _held_scores(layer, scores: torch.Tensor, method) -> torch.Tensor:
         """`scores` (batch, kv_heads, n) with, for a method whose scores never change once a slot is seen
-        (`static_scores`, K-norm), the slots stored before this forward given back the scores they got when they
-        were new, remembered in the slot table's state (`score`, float32, following every keep). A quantized store
+        (`static_scores`, K-norm), the slots scored before given back the scores they got when first scored (new),
+        remembered in the slot table's state (`score` float32 and `scored` bool, following every keep; slots
+        appended since, e.g. by decoding steps between evictions, are scored now). A quantized store
         shows old keys dequantized: scored again, their norms would grow by the quantization error (2-bit KIVI:
         about half the kept slots lost to the next chunk's new tokens per chunk, a recency bias that is not the
         method's rule), and the scores of old and new slots would not compare. With full-precision storage the
@@ -319,11 +320,11 @@ class CompressedCache(Cache):
         if not (CompressedCache.hold_static_scores and getattr(method, "static_scores", False)):
             return scores
         scores = scores.float()
-        held = layer.state.get("score")
-        n_old = scores.shape[-1] - layer.n_new
-        if held is not None and held.shape == scores.shape and n_old > 0:
-            scores = torch.cat([held[..., :n_old], scores[..., n_old:]], dim=-1)
+        held, scored = layer.state.get("score"), layer.state.get("scored")  # appended slots: 0 and False
+        if held is not None and scored is not None and held.shape == scores.shape:
+            scores = torch.where(scored, held, scores)
         layer.state["score"] = scores
+        layer.state["scored"] = torch.ones_like(scores, dtype=torch.bool)
         return scores
 
     def _flush_deferred(self) -> None:
