@@ -16,6 +16,9 @@ from .base import Method, ScoreInputs
 class KNorm(Method):
     name = "knorm"
     summary = "keep keys with the smallest L2 norm (no attention needed)"
+    # a slot's score never changes once its key is seen: the cache keeps the score each slot got from the key as
+    # the model wrote it (`CompressedCache`: a quantized store's later view of the key must not re-rank it)
+    static_scores = True
 
     def score(self, x: ScoreInputs) -> torch.Tensor:
         return -x.keys.float().norm(dim=-1)

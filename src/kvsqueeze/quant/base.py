@@ -23,7 +23,13 @@ older ones as stored). The remembered view is dropped when the slots change (app
 Composition with eviction: `keep(idx)` gathers the kept slots from the view and holds them as the residual;
 `commit()` quantizes them. A later eviction (decode-time `compression_interval`, chunked prefill, a sliding window) regroups
 tokens that were already quantized: they are re-quantized from their dequantized values (a second rounding,
-documented deviation).
+documented deviation). Whole groups are spared that: in a store whose segment can copy whole groups (KIVI,
+`_takes_groups`), `keep_order(idx)` puts, per (row, kv head), the kept slots of quantized groups the eviction
+left whole first (in their order), and `keep` copies the leading whole groups every (row, kv head) has, packed
+codes and scales as they are; only the other kept slots (groups the eviction broke, the residual, the forward's
+new tokens) become the residual and are quantized by `commit()`. In a chunked prefill the work per chunk is then
+the tokens the chunk adds and the groups its eviction breaks, not every kept token (`keep_whole_groups = False`
+restores the reference: every kept slot re-quantized).
 
 Head-wise budgets: quantized stores are rectangular (`ragged_heads = False`). A head keeping fewer slots than the
 widest head keeps its extra slots, hidden by the slot table's `valid` mask; their bytes are held and counted
@@ -55,6 +61,7 @@ class QuantStore(KVStore):
 
     ragged_heads = False
     scheme = "quantized"
+    keep_whole_groups = True  # an eviction copies the quantized groups it leaves whole (False: re-quantize all kept)
 
     def __init__(self, residual: int = 32, group: int = 32):
         if group < 1 or residual < 0:
@@ -135,12 +142,60 @@ class QuantStore(KVStore):
         self._v_res = torch.cat([self._v_res, values], dim=-2)
         self._forget_view()
 
+    def _takes_groups(self) -> bool:
+        """Whether this scheme's segment can copy whole groups of `group` slots exactly (`take_groups`)."""
+        return False
+
+    def _group_segment(self):
+        """The one segment whole groups are copied from, or None (the scheme cannot, `keep_whole_groups` is off,
+        or the quantized slots are not one segment)."""
+        if not (self.keep_whole_groups and self._takes_groups() and len(self._stores) == 1):
+            return None
+        return self._stores[0] if hasattr(self._stores[0], "take_groups") else None
+
+    def keep_order(self, idx: torch.Tensor, visible: torch.Tensor | None = None):
+        """The slots `idx` (batch, kv_heads, k) long, ascending, reordered per (row, kv head) so that the kept
+        slots of quantized groups kept whole come first (in their order), then the others (in theirs); `visible`
+        ((batch, kv_heads, k) bool or None) follows. Returns (idx, visible); unchanged when this store cannot copy
+        whole groups. The caller keeps the slots in the returned order (`CompressedLayer.evict(reorder=True)`):
+        `keep` then copies the leading whole groups instead of re-quantizing them."""
+        seg = self._group_segment()
+        g, nc = self.group, self.n_compressed
+        if seg is None or nc < g:
+            return idx, visible
+        ng = nc // g
+        in_q = idx < ng * g
+        grp = torch.where(in_q, idx // g, ng)  # (b, h, k): the group of each kept slot (ng: not quantized)
+        count = torch.zeros(*idx.shape[:2], ng + 1, dtype=torch.int32, device=idx.device)
+        count.scatter_add_(2, grp, torch.ones_like(grp, dtype=torch.int32))
+        whole = (count == g).gather(2, grp) & in_q  # the slot's group is kept whole (slots are distinct)
+        perm = (~whole).to(torch.uint8).argsort(dim=-1, stable=True)
+        return idx.gather(2, perm), None if visible is None else visible.gather(2, perm)
+
+    def _leading_groups(self, idx: torch.Tensor) -> int:
+        """How many leading runs of `group` kept slots are, in every (row, kv head), one whole quantized group in
+        order (slots r * group .. r * group + group - 1). One host synchronisation."""
+        g, nc = self.group, self.n_compressed
+        ng = min(idx.shape[-1], nc) // g
+        if ng == 0:
+            return 0
+        b, h = idx.shape[:2]
+        head = idx[..., : ng * g].view(b, h, ng, g)
+        first = head[..., :1]
+        ok = ((first % g == 0) & (first + g <= nc)).squeeze(-1) & (head == first + torch.arange(g, device=idx.device)).all(-1)
+        return int(ok.all(0).all(0).to(torch.int32).cumprod(0).sum())
+
     def keep(self, idx: torch.Tensor, held: torch.Tensor | None = None) -> None:
         """Keep slots idx (batch, kv_heads, k) in that order (`held` is ignored: not ragged, see the module doc).
-        The kept slots become the full-precision residual, quantized by the next `commit()`."""
+        The leading runs of `group` slots that are whole quantized groups in every (row, kv head) (see
+        `keep_order`) are copied as they are (packed codes and scales); the other kept slots become the
+        full-precision residual, quantized by the next `commit()`."""
         keys, values = self.view()
-        self._k_res, self._v_res = take(keys, idx), take(values, idx)
-        self._stores = []
+        seg = self._group_segment()
+        m = 0 if seg is None else self._leading_groups(idx)
+        rest = idx[..., m * self.group :]
+        self._k_res, self._v_res = take(keys, rest), take(values, rest)
+        self._stores = [seg.take_groups(idx[..., : m * self.group : self.group] // self.group, self.group)] if m else []
         self._forget_view()
 
     def keep_merged(self, idx: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,

@@ -17,7 +17,8 @@ with 16-byte loads); scales and zero points are bfloat16 (packing.py). Bytes hel
 (d = 128, b = 2, G = G_v = 32: 32 + 16 + 32 + 16 = 96 bytes instead of 512 in fp16, 5.3x; plus the residual).
 
 Deviations: the residual is kept identical for keys and values (KIVI keeps exactly R values in full precision
-and 0..R-1 keys), so that slots stay aligned; after an eviction the kept tokens are regrouped (see base.py).
+and 0..R-1 keys), so that slots stay aligned; after an eviction the groups it leaves whole are kept as they are and
+the other kept tokens regrouped (see base.py).
 Attention runs over dequantized tensors (the reference path); `kernels/kivi_decode.py` has the fused GPU decode kernel
 (`KIVIStore.fused_decode_attention`).
 
@@ -63,6 +64,11 @@ class KIVISegment:
     def map(self, fn) -> "KIVISegment":
         return KIVISegment(self.k.map(fn), self.v.map(fn))
 
+    def take_groups(self, runs: torch.Tensor, size: int) -> "KIVISegment":
+        """Whole runs of `size` slots (runs (b, h, m) long, run r = slots r * size ..), exact: `QTensor.take_groups`
+        of keys and values."""
+        return KIVISegment(self.k.take_groups(runs, size), self.v.take_groups(runs, size))
+
 
 def channel_group(d: int, group: int) -> int:
     """The value group size along channels: `group` when it divides head_dim, else head_dim (one group)."""
@@ -84,6 +90,11 @@ class KIVIStore(QuantStore):
         gv = channel_group(v.shape[-1], self.value_group)
         return KIVISegment(quantize(k, self.bits, PER_CHANNEL, self.group, pack_along="token"),
                          quantize(v, self.bits, PER_TOKEN, gv, pack_along="token"))
+
+    def _takes_groups(self) -> bool:
+        """A key group (G tokens) is whole packed bytes (8 // bits tokens each) and whole value scales (per token):
+        an eviction can copy whole groups (`QuantStore.keep`)."""
+        return self.group % (8 // self.bits) == 0
 
     def fused_decode_attention(self, query, scale: float | None = None):
         """One decode query per sequence (B, HQ, 1, D) attending to every stored slot, dequantized inside the

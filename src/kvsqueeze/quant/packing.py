@@ -30,6 +30,11 @@ from dataclasses import dataclass, replace
 import torch
 
 SUPPORTED_BITS = (1, 2, 4, 8)
+# Elements (batch * heads * tokens * d) quantized or dequantized at once: longer tensors go in slices of whole groups
+# and packed bytes, so the float32 temporaries of either stay near 4 * SLICE_ELEMENTS bytes each whatever the
+# length (a chunked prefill's eviction re-quantizes the kept cache of a layer: at 1M tokens and 8x, 0.5 GB per
+# temporary unsliced). The results are the same bit for bit (groups never straddle a slice).
+SLICE_ELEMENTS = 1 << 24
 PER_CHANNEL = "per_channel"  # KIVI's key quantization: a group is `group` tokens of one channel
 PER_TOKEN = "per_token"  # KIVI's value quantization: a group is `group` channels of one token
 AXES = (PER_CHANNEL, PER_TOKEN)
@@ -130,9 +135,32 @@ class QTensor:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors().values())
 
+    def _token_unit(self) -> int:
+        """Tokens of the smallest slice that is whole packed bytes and whole groups."""
+        per = 8 // self.bits if self.packed_along == "token" else 1
+        return per * self.group if self.axis == PER_CHANNEL else per
+
+    def slice_tokens(self, start: int, stop: int) -> "QTensor":
+        """Tokens start .. stop - 1 (both multiples of the whole-bytes-and-groups unit, or stop = n), as views."""
+        per = 8 // self.bits if self.packed_along == "token" else 1
+        g = self.group if self.axis == PER_CHANNEL else 1
+        return replace(self, codes=self.codes[:, :, start // per : -(-stop // per)],
+                       scale=self.scale[:, :, start // g : -(-stop // g)], zero=self.zero[:, :, start // g : -(-stop // g)])
+
     def dequantize(self, dtype=torch.float32) -> torch.Tensor:
         """(b, h, n, d) in `dtype`: computed in float32 (code * s can exceed float16's range when X_hat does not),
-        then clamped to dtype's finite range."""
+        then clamped to dtype's finite range; in slices of about `SLICE_ELEMENTS` elements (the same values)."""
+        b, h = self.codes.shape[:2]
+        n, d = self.n, self.d
+        step = _slice_step(b * h * d, self._token_unit())
+        if n <= step:
+            return self._dequantize(dtype)
+        out = torch.empty(b, h, n, d, dtype=dtype, device=self.codes.device)
+        for start in range(0, n, step):
+            out[:, :, start : start + step] = self.slice_tokens(start, min(n, start + step))._dequantize(dtype)
+        return out
+
+    def _dequantize(self, dtype) -> torch.Tensor:
         codes = unpack(self.codes, self.bits, self.packed_along)
         b, h, n, d = codes.shape
         f = torch.float32
@@ -152,6 +180,24 @@ class QTensor:
         """Apply fn to every tensor (batch-dimension operations: beam reorder, batch select)."""
         return replace(self, codes=fn(self.codes), scale=fn(self.scale), zero=fn(self.zero))
 
+    def take_groups(self, runs: torch.Tensor, size: int) -> "QTensor":
+        """Whole runs of `size` tokens, exact (codes, scales and zeros copied, nothing re-quantized): runs (b, h, m)
+        long, run r = tokens r * size .. r * size + size - 1 of each (row, head) -> a QTensor of m * size tokens,
+        run after run. Raises ValueError unless the codes are packed along tokens and `size` is a multiple of the
+        tokens per byte (8 // bits) and, per channel, of the token group (so a run is whole bytes and groups)."""
+        per = 8 // self.bits
+        if self.packed_along != "token" or size % per or (self.axis == PER_CHANNEL and size % self.group):
+            raise ValueError(f"runs of {size} tokens are not whole packed bytes and groups of this tensor")
+        b, h, m = runs.shape
+
+        def rows(unit: int) -> torch.Tensor:  # (b, h, m * unit): the rows r * unit .. r * unit + unit - 1
+            step = torch.arange(unit, device=runs.device)
+            return (runs[..., None] * unit + step).view(b, h, m * unit)
+
+        s_rows = rows(size // self.group) if self.axis == PER_CHANNEL else rows(size)
+        return replace(self, codes=_take(self.codes, rows(size // per)), scale=_take(self.scale, s_rows),
+                       zero=_take(self.zero, s_rows))
+
     def take_tokens(self, idx: torch.Tensor) -> "QTensor":
         """Gather tokens idx (b, h, k): exact (no requantization) for per-token groups (axis="per_token")."""
         if self.axis != PER_TOKEN or self.packed_along != "channel":
@@ -163,15 +209,38 @@ class QTensor:
         return self.map(take)
 
 
+def _take(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """t (b, h, n, c) at rows idx (b, h, k) along dim 2 -> (b, h, k, c), contiguous."""
+    return t.gather(2, idx[..., None].expand(*idx.shape, t.shape[-1])).contiguous()
+
+
+def _slice_step(elements_per_token: int, unit: int) -> int:
+    """Tokens per slice: a multiple of `unit`, about `SLICE_ELEMENTS` elements (at least one unit)."""
+    return max(unit, SLICE_ELEMENTS // max(1, elements_per_token) // unit * unit)
+
+
 def quantize(x: torch.Tensor, bits: int, axis: str, group: int, pack_along: str = "channel") -> QTensor:
     """Quantize x (b, h, n, d) with `bits`-bit asymmetric min/max, per channel (`axis="per_channel"`: groups of
     `group` tokens) or per token (`axis="per_token"`: groups of `group` channels) (see module doc), codes packed
-    along `pack_along` ("channel" or "token"); scales and zeros in bfloat16 (any finite x).
+    along `pack_along` ("channel" or "token"); scales and zeros in bfloat16 (any finite x). A long x is quantized
+    in slices of whole groups and packed bytes (`SLICE_ELEMENTS`; the same result, bounded float32 temporaries).
 
     Raises ValueError for unsupported bits, an unknown axis, or n (per channel) / d (per token) not a multiple of
     `group`."""
-    _check_bits(bits)
+    per = _check_bits(bits)
     _check_axis(axis)
+    _packed_dim(pack_along)
+    b, h, n, d = x.shape
+    unit = (per if pack_along == "token" else 1) * (group if axis == PER_CHANNEL else 1)
+    step = _slice_step(b * h * d, unit)
+    if n > step and n % unit == 0:
+        parts = [_quantize(x[:, :, s : s + step], bits, axis, group, pack_along) for s in range(0, n, step)]
+        return replace(parts[0], codes=torch.cat([p.codes for p in parts], 2),
+                       scale=torch.cat([p.scale for p in parts], 2), zero=torch.cat([p.zero for p in parts], 2))
+    return _quantize(x, bits, axis, group, pack_along)
+
+
+def _quantize(x: torch.Tensor, bits: int, axis: str, group: int, pack_along: str) -> QTensor:
     b, h, n, d = x.shape
     xf = x.float()
     if axis == PER_CHANNEL:

@@ -10,7 +10,11 @@ are transformers' own `sdpa_mask` / `eager_mask`, so masks are unchanged), each 
 2. it runs the wrapped kernel (sdpa stays sdpa: the model is never switched to eager); a decoding step over a
    right-aligned stack of caches of different sizes (`CompressedLayer.row_runs`, the sweep's merged answer batch)
    runs it row by row over each row's own slots, with the mask each row alone would get, so padding is never
-   read and finished rows (`CompressedCache.idle_rows`) are skipped;
+   read and finished rows (`CompressedCache.idle_rows`) are skipped; a prefill chunk over a layer whose stored
+   slots are all visible (no padding, no hidden slot, no sliding window) and no longer aligned (evicted) runs as
+   two mask-free flash calls merged by their log-sum-exp instead (`chunk_attention`: no mask of chunk x stored
+   slots, no copy of the stored keys per query head, so a chunk's transient does not grow with what the layer
+   holds beyond the attention itself);
 3. at a decoding step, a cache `selector` (Quest, AttentionPredictor) may pick a subset of slots per kv head;
    only those keys and values are gathered and attended to; forwards of several tokens are shown to the
    selector's `observe` (AttentionPredictor starts its attention history from the prompt's last queries);
@@ -39,6 +43,13 @@ from ..storage.layer import CompressedLayer
 from .routing import PREFIX, current_cache
 
 _RECORDERS: list = []
+
+# Whether a prefill chunk over a layer whose stored slots are all visible attends as two mask-free flash calls
+# merged by their log-sum-exp (`chunk_attention`: no (chunk x stored) mask, no copy of the stored keys per query
+# head) instead of one masked call over everything (True), or through the model's kernel with the layer's mask
+# (False: the reference). Only after an eviction: an aligned layer keeps transformers' own path. Both give the
+# same outputs (tests/test_prefill_long.py); bench/prefill_chunks.py times them.
+SPLIT_CHUNKS = True
 
 # Whether a decoding step over a right-aligned stack of caches (`CompressedLayer.row_runs`) attends row by row (True)
 # or as one masked batch (False: the general path, padding read and masked). Both give the same logits
@@ -152,6 +163,78 @@ def _attend_row_runs(inner, module, query, key, value, runs: list[int], idle: fr
     return torch.cat([zero if o is None else o for o in outs]), None
 
 
+def _flash_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float):
+    """torch's flash attention with its log-sum-exp: q (b, h, s, d), k / v (b, h, n, d), the same heads ->
+    (out (b, h, s, d) in q's dtype, lse (b, h, s) float32). `causal`: query i sees keys 0..i (s == n here)."""
+    if q.device.type == "cuda":
+        out = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)
+    else:
+        out = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
+    return out[0], out[1][..., : q.shape[2]]
+
+
+def _split_supported(query: torch.Tensor) -> bool:
+    """Whether `chunk_attention` can run on this query's device and dtype (torch's flash kernels: on CUDA fp16 /
+    bf16 with head_dim a multiple of 8 up to 256, flash available and enabled; on the CPU any float dtype)."""
+    if query.device.type == "cpu":
+        return query.dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+    if query.device.type != "cuda" or query.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    d = query.shape[-1]
+    return (d % 8 == 0 and d <= 256 and torch.backends.cuda.flash_sdp_enabled()
+            and torch.backends.cuda.is_flash_attention_available())
+
+
+def chunk_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, q_len: int,
+                    scale: float | None = None) -> torch.Tensor:
+    """Attention of a prefill chunk over a layer's stored slots, all visible, and its own tokens, causal.
+
+    query (b, hq, q, d); key, value (b, hk, n_old + q, d): the stored slots (every one visible to every query:
+    a compressed layer's kept slots are all in the chunk's past) followed by the chunk's own q tokens, which see
+    each other causally. Returns (b, q, hq, d), as transformers' `sdpa_attention_forward`.
+
+    Two mask-free flash calls (FlashAttention's split into blocks merged by the softmax's log-sum-exp, Dao et al.
+    2022; flash-decoding's merge of splits): (1) the chunk's queries over the stored slots, the hq / hk query heads
+    sharing a kv head laid out as one longer query sequence (GQA without repeating keys); (2) the chunk over its
+    own tokens, causal (its keys repeated per query head: q tokens only). out = sum_i o_i exp(lse_i - lse),
+    lse = log(exp(lse_1) + exp(lse_2)), in float32. Nothing of size q x n_old is built (transformers' path
+    builds a (q, n_old + q) mask and copies the stored keys and values per query head, hq / hk times).
+    """
+    b, hq, _, d = query.shape
+    hk = key.shape[1]
+    rep = hq // hk
+    n_old = key.shape[2] - q_len
+    scale = d ** -0.5 if scale is None else scale
+    q_packed = query.reshape(b, hk, rep * q_len, d)  # query heads j * rep .. j * rep + rep - 1 share kv head j
+    o1, l1 = _flash_lse(q_packed, key[:, :, :n_old], value[:, :, :n_old], False, scale)
+    k_new, v_new = key[:, :, n_old:], value[:, :, n_old:]
+    if rep > 1:
+        k_new = k_new.repeat_interleave(rep, dim=1)
+        v_new = v_new.repeat_interleave(rep, dim=1)
+    o2, l2 = _flash_lse(query, k_new, v_new, True, scale)
+    l1 = l1.reshape(b, hq, q_len)
+    lse = torch.logaddexp(l1, l2)
+    out = o1.reshape(b, hq, q_len, d).float() * (l1 - lse).exp()[..., None]
+    out += o2.float() * (l2 - lse).exp()[..., None]
+    return out.to(query.dtype).transpose(1, 2).contiguous()
+
+
+def _splits(layer: CompressedLayer, query, key, value, valid_new, kwargs, eager: bool) -> bool:
+    """Whether this forward's attention on `layer` is a prefill chunk `chunk_attention` computes exactly: several
+    new tokens, none padding, after stored slots all visible (no `valid` mask, no sliding window) that are no longer
+    the contiguous past transformers' mask describes (an eviction ran: while the layer is `aligned` the model's own
+    path stays, bit for bit a DynamicCache's), no softcap, no
+    dropout, the sdpa wrapper, keys and values of one head_dim, and a device / dtype torch's flash kernels take."""
+    q_len = query.shape[2]
+    return (SPLIT_CHUNKS and not eager and q_len > 1 and key.shape[2] > q_len and not layer.aligned
+            and layer.table.valid is None
+            and value.shape[-1] == key.shape[-1]
+            and not layer.sliding_window and (valid_new is None or bool(valid_new.all()))
+            and kwargs.get("softcap") is None and not kwargs.get("dropout") and kwargs.get("position_bias") is None
+            and not kwargs.get("output_attentions") and query.shape[1] % key.shape[1] == 0
+            and _split_supported(query))
+
+
 def _wrap(inner_name: str):
     eager = inner_name == "eager"
 
@@ -180,6 +263,11 @@ def _wrap(inner_name: str):
                                        attention_mask, eager)
                 cache.after_attention(module, layer_idx, query, kwargs.get("scaling"))
                 return out
+        if selector is None and _splits(layer, query, key, value, valid_new, kwargs, eager):
+            out = chunk_attention(query, key, value, q_len, kwargs.get("scaling"))
+            cache.after_attention(module, layer_idx, query, kwargs.get("scaling"))
+            layer.end_attention(selector, layer_idx, decoding=False)
+            return out, None
         mask = _layer_mask(layer, attention_mask, q_len, query.shape[1], eager, query.dtype)
         if selector is not None and q_len == 1:
             idx = selector.select(layer_idx, layer, query)  # (batch, kv_heads, k) slot indices, or None: dense

@@ -97,6 +97,7 @@ class CompressedCache(Cache):
     """
 
     kvsqueeze_routes = True  # forwards with this cache go through kvsqueeze's attention (routing.routes)
+    hold_static_scores = True  # a `static_scores` method's old slots keep their first scores (False: re-scored)
 
     def __init__(self, model, method=None, *, layer_factory=None, selector=None, offload: str | None = None,
                  offload_latency: float = 0.0, offload_dir: str | None = None):
@@ -296,12 +297,35 @@ class CompressedCache(Cache):
                 b, hq, d = q.shape
                 balance(q.view(b, hq // x.group, x.group, d).amax(2), layer.valid)  # the split follows
                 x.keys, x.values = layer.keys, layer.values
-            scores = layer.window_scores(method.score(x))
+            scores = layer.window_scores(self._held_scores(layer, method.score(x), method))
             if hasattr(layer.store, "split"):  # mixed precision: the method's top tokens high, the rest low
                 layer.split(scores, x.n_keep, layer.row_keep)
             else:
                 merge = (lambda idx, visible: method.merge_plan(x, idx, visible)) if method.merges else None
-                layer.evict(scores, *self.budgets.counts(layer, scores, x.n_keep), merge=merge)
+                # slots may leave position order where the store gains (a quantized store keeps whole groups as
+                # they are): not for merging methods (KVMerger merges adjacent slots) nor page-wise selectors
+                layer.evict(scores, *self.budgets.counts(layer, scores, x.n_keep), merge=merge,
+                            reorder=merge is None and self.selector is None)
+
+    @staticmethod
+    def _held_scores(layer, scores: torch.Tensor, method) -> torch.Tensor:
+        """`scores` (batch, kv_heads, n) with, for a method whose scores never change once a slot is seen
+        (`static_scores`, K-norm), the slots scored before given back the scores they got when first scored (new),
+        remembered in the slot table's state (`score` float32 and `scored` bool, following every keep; slots
+        appended since, e.g. by decoding steps between evictions, are scored now). A quantized store
+        shows old keys dequantized: scored again, their norms would grow by the quantization error (2-bit KIVI:
+        about half the kept slots lost to the next chunk's new tokens per chunk, a recency bias that is not the
+        method's rule), and the scores of old and new slots would not compare. With full-precision storage the
+        remembered scores are the ones recomputed."""
+        if not (CompressedCache.hold_static_scores and getattr(method, "static_scores", False)):
+            return scores
+        scores = scores.float()
+        held, scored = layer.state.get("score"), layer.state.get("scored")  # appended slots: 0 and False
+        if held is not None and scored is not None and held.shape == scores.shape:
+            scores = torch.where(scored, held, scores)
+        layer.state["score"] = scores
+        layer.state["scored"] = torch.ones_like(scores, dtype=torch.bool)
+        return scores
 
     def _flush_deferred(self) -> None:
         """Evict, then commit, the layers whose eviction waited for the forward's last layer (`defer_eviction`)."""

@@ -298,13 +298,17 @@ class CompressedLayer(DynamicLayer):
         self.table.hide(visible)
         self.n_evicted += n - idx.shape[-1]
 
-    def evict(self, scores: torch.Tensor, n_keep: int, counts: torch.Tensor | None = None, merge=None):
+    def evict(self, scores: torch.Tensor, n_keep: int, counts: torch.Tensor | None = None, merge=None,
+              reorder: bool = False):
         """Keep, per (row, kv head), the `n_keep` slots with the highest scores; free the rest.
 
         scores: (batch, kv_heads, n_stored). counts: (batch,) per-row budgets or (batch, kv_heads) per-head
         budgets, each <= n_keep (left-padded rows keep what they keep alone; head-wise budgets keep each head's
         own top; the extra slots become empty, see `_keep_index`). merge: None, or a function (idx, visible) ->
-        `MergePlan` | None called with the slots chosen (a merging method's plan, see `keep`)."""
+        `MergePlan` | None called with the slots chosen (a merging method's plan, see `keep`). reorder: the kept
+        slots may leave position order where the store holds them more cheaply so (a quantized store's whole
+        groups first, `QuantStore.keep_order`); only for callers whose rules read positions, not slot order
+        (without a merge plan; not for slot-adjacency rules or page-wise selectors)."""
         b, h, n = self.positions.shape
         if scores.shape != (b, h, n):
             raise ValueError(f"scores must have shape {(b, h, n)}, got {tuple(scores.shape)}")
@@ -312,6 +316,9 @@ class CompressedLayer(DynamicLayer):
             return
         n_keep = min(n_keep, n)
         idx, visible = self._keep_index(scores, n_keep, counts)
+        order = getattr(self.store, "keep_order", None)
+        if reorder and merge is None and order is not None:
+            idx, visible = order(idx, visible)
         self.keep(idx, visible, None if merge is None else merge(idx, visible))
 
     def split(self, scores: torch.Tensor, n_keep: int, counts: torch.Tensor | None = None) -> None:
