@@ -294,7 +294,7 @@ def test_compiled_metadata_refresh_stays_in_place():
     from kvsqueeze.selection.static_quest import StaticQuest
     from kvsqueeze.storage.static import StaticSlots
 
-    def build():  # 2 layers, 2 rows, 2 kv heads, 64 slots, head_dim 8; pages of 16: a metadata buffer has 256 values
+    def build():  # 2 layers, 2 rows, 2 kv heads, 64 slots, head_dim 8; pages of 16: kmin / kmax have 128 values each
         s = StaticSlots(2, 2, 2, 64, 8, torch.float32, "cpu")
         g = torch.Generator().manual_seed(3)
         for i in range(2):
@@ -311,6 +311,6 @@ def test_compiled_metadata_refresh_stays_in_place():
     torch._dynamo.reset()
     _, code = run_and_get_code(torch.compile(lambda: comp.refresh(1), fullgraph=True))
     bounds = [int(n) for n in re.findall(r"x0<static_cast<int64_t>\((\d+)L\)", "\n".join(code))]
-    assert comp.meta[1].numel() == 256 and 256 not in bounds, "the compiled refresh copies a whole metadata buffer"
-    assert torch.equal(eager.meta[1], comp.meta[1])
-    assert not torch.equal(comp.meta[1], build().meta[1])  # the write happened
+    assert comp.kmin[1].numel() == 128 and 128 not in bounds, "the compiled refresh copies a whole metadata buffer"
+    assert torch.equal(eager.kmin[1], comp.kmin[1]) and torch.equal(eager.kmax[1], comp.kmax[1])
+    assert not torch.equal(comp.kmax[1], build().kmax[1])  # the write happened

@@ -4,7 +4,7 @@ Quest (Tang et al., 2024, "Quest: Query-Aware Sparsity for Efficient Long-Contex
 2406.10774; the rule: `selection/quest.py`) over the fixed-capacity slots of a `StaticCompressedCache`
 (`storage/static.py`). A page is `page` consecutive slots of the static capacity: page j of a (layer, row, kv head)
 holds slots [j * page, (j + 1) * page). Per (layer, row, kv head, page) the buffers `kmin` / `kmax`
-(b, kv_heads, capacity // page, head_dim) in the keys' dtype (views of one buffer `meta`, [max | min]) hold the channel-wise minimum and maximum of the keys of the
+(b, kv_heads, capacity // page, head_dim) float32 hold the channel-wise minimum and maximum of the keys of the
 page's valid slots (0 for a page with none). They are built once from the slots (`load`) and, at every decoding
 step, the page the step writes into is recomputed on the device from its `page` slots (`refresh`: only that page
 changes; the write slots are device tensors).
@@ -37,7 +37,7 @@ import torch
 
 from ..errors import KVSqueezeError
 from ..storage.static import _static
-from .quest import Quest
+from .quest import Quest, page_scores
 
 
 class StaticQuest:
@@ -45,8 +45,8 @@ class StaticQuest:
 
     `selector`: the eager cache's `Quest` (its budget, page, gqa rule and dense layers are used; its own state is
     not); `slots`: the static slots (capacity a multiple of `selector.page`). Memory: 2 * head_dim * 4 bytes per
-    page per (sparse layer, row, kv head) in float32 keys, half that in bf16 (the metadata is held in the keys'
-    dtype: a minimum or maximum of keys is exact there), i.e. an eighth of K+V's bytes at pages of 16 slots.
+    page per (sparse layer, row, kv head), i.e. head_dim / 2 bytes per slot (an eighth of bf16 K+V's 4 * head_dim
+    bytes).
     `chosen` (layers, b, kv_heads, k) long: the pages each sparse layer attended to at its last step (a device
     buffer written by `select`; -1 before the first step and for dense layers).
     Raises KVSqueezeError for another selector, a budget that is not a multiple of the page, recovery tracking,
@@ -66,14 +66,12 @@ class StaticQuest:
         self.dense_layers = frozenset(selector.dense_layers)
         dev = slots.valid.device
         shape = (slots.batch, slots.kv_heads, self.n_pages, slots.head_dim)
-        dt = slots.keys[0].dtype  # min / max of the keys are keys: exact in the keys' dtype
-        d = slots.head_dim
-        # one buffer per sparse layer, [max | min] along the channels: the bound is then one matrix product
-        self.meta: list[torch.Tensor | None] = [
-            _static(torch.zeros(*shape[:3], 2 * d, dtype=dt, device=dev)) if i not in self.dense_layers else None
-            for i in range(slots.n_layers)]
-        self.kmax = [None if m is None else m[..., :d] for m in self.meta]  # views
-        self.kmin = [None if m is None else m[..., d:] for m in self.meta]
+        self.kmin: list[torch.Tensor | None] = []
+        self.kmax: list[torch.Tensor | None] = []
+        for i in range(slots.n_layers):
+            sparse = i not in self.dense_layers
+            self.kmin.append(_static(torch.zeros(shape, dtype=torch.float32, device=dev)) if sparse else None)
+            self.kmax.append(_static(torch.zeros(shape, dtype=torch.float32, device=dev)) if sparse else None)
         # the pages each sparse layer attended to at its last step (inspection, tests; -1 before any step)
         self.chosen = _static(torch.full((slots.n_layers, slots.batch, slots.kv_heads, self.k_pages), -1,
                                          dtype=torch.long, device=dev))
@@ -104,10 +102,11 @@ class StaticQuest:
             if not self.sparse(i):
                 continue
             b, h, c, d = s.keys[i].shape
-            keys = s.keys[i].view(b, h, self.n_pages, self.page, d)
+            keys = s.keys[i].float().view(b, h, self.n_pages, self.page, d)
             ok = s.valid[i].view(b, h, self.n_pages, self.page)
             mn, mx = _masked_minmax(keys, ok, 3)
-            self.meta[i].copy_(torch.cat([mx, mn], dim=-1))
+            self.kmin[i].copy_(mn)
+            self.kmax[i].copy_(mx)
 
     def refresh(self, layer_idx: int) -> None:
         """Recompute the metadata of the page each (row, kv head) of `layer_idx` writes into this step (after the
@@ -119,13 +118,14 @@ class StaticQuest:
         b, h, c, d = keys.shape
         pg = s.write[layer_idx] // self.page  # (b, h)
         idx = pg[..., None] * self.page + self._offs  # (b, h, page)
-        k = keys.gather(2, idx[..., None].expand(b, h, self.page, d))
+        k = keys.gather(2, idx[..., None].expand(b, h, self.page, d)).float()
         ok = s.valid[layer_idx].gather(2, idx)
         mn, mx = _masked_minmax(k, ok, 2)  # (b, h, d)
         # index_put_, not scatter_: inductor re-inplaces it (a scatter_ on the buffer compiled to a copy of the
         # whole metadata back each step; see StaticSlots.begin_token)
         at = (torch.arange(b, device=pg.device)[:, None], torch.arange(h, device=pg.device)[None, :], pg)
-        self.meta[layer_idx].index_put_(at, torch.cat([mx, mn], dim=-1))
+        self.kmin[layer_idx].index_put_(at, mn)
+        self.kmax[layer_idx].index_put_(at, mx)
 
     def select(self, layer_idx: int, query: torch.Tensor, scaling: float | None) -> torch.Tensor | None:
         """The pages (b, kv_heads, k) long, increasing, each (row, kv head) of layer `layer_idx` attends to for
@@ -137,13 +137,7 @@ class StaticQuest:
         kmin, kmax = self.kmin[layer_idx], self.kmax[layer_idx]
         b, hk, P, d = kmin.shape
         hq = query.shape[1]
-        # Quest's bound as one matrix product in the keys' dtype: [q+ | q-] . [max | min] (`page_scores`' rule;
-        # float32 accumulation, rounded once to that dtype, as Quest's fp16 kernels). On an H200 two float32
-        # products with 4 query rows ran at ~0.3 TB/s, and an elementwise form was fused by inductor into the
-        # softmax's reduction over the pages (32 programs): both cost more than the attention they select for.
-        q = query[:, :, 0].to(kmin.dtype).view(b, hk, hq // hk, d)
-        q2 = torch.cat([q.clamp(min=0), q.clamp(max=0)], dim=-1)
-        scores = torch.matmul(q2, self.meta[layer_idx].transpose(-1, -2)).float()  # (b, hk, g, P)
+        scores = page_scores(query[:, :, 0], kmin, kmax).view(b, hk, hq // hk, P)  # (b, hk, g, P) fp32
         cur = (s.write[layer_idx] // self.page)[..., None]  # (b, hk, 1): the page being written
         live = self._page_ids <= cur  # (b, hk, P)
         if self.gqa == "raw":
@@ -156,14 +150,14 @@ class StaticQuest:
         agg = agg.masked_fill(self._page_ids == cur, float("inf"))
         held = s.valid[layer_idx].view(b, hk, P, self.page).any(-1)
         agg = agg.masked_fill(~held, float("-inf"))
-        # unsorted top-k, then the k indices sorted (topk's own sort of its values cost 0.6 ms per step at 128k)
+        # unsorted top-k, then the k indices sorted (topk's own sort of its values: 0.6 ms per step at 128k, H200)
         pages = agg.topk(self.k_pages, dim=-1, sorted=False).indices.sort(dim=-1).values
         self.chosen[layer_idx].copy_(pages)
         return pages
 
     def nbytes(self) -> int:
         """Bytes of the page metadata (every sparse layer's kmin and kmax)."""
-        return sum(t.numel() * t.element_size() for t in self.meta if t is not None)
+        return sum(t.numel() * t.element_size() for t in (*self.kmin, *self.kmax) if t is not None)
 
 
 def _masked_minmax(keys: torch.Tensor, ok: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
