@@ -146,6 +146,24 @@ def test_compiled_fullgraph_equals_uncompiled_one_graph(model):
     assert not counters["graph_break"]
 
 
+def test_a_forward_that_drops_the_kivi_buffers_is_refused(model, monkeypatch):
+    """The KIVI buffers reach the attention as the forward's keyword argument `kvsqueeze_kivi` (Quest's route); a
+    model whose forward did not hand it down would attend over the residual only: the first step says so instead
+    (simulated: the step's forward carries no extra keyword arguments). With the keyword, the buffers are read."""
+    from kvsqueeze.errors import KVSqueezeError
+    from kvsqueeze.runtime.static import KIVI_KW, StaticDecoder
+
+    (c1, c2), (f1, _) = _caches(model, "full", 2, _ids())
+    static = StaticCompressedCache.from_cache(c1, N)
+    assert KIVI_KW in static.forward_kwargs()
+    StaticDecoder(model, static)(f1.argmax(-1))
+    assert static.slots.routed
+    dropped = StaticCompressedCache.from_cache(c2, N)
+    monkeypatch.setattr(type(dropped), "forward_kwargs", lambda self: {})
+    with pytest.raises(KVSqueezeError, match="KIVI storage"):
+        StaticDecoder(model, dropped)(f1.argmax(-1))
+
+
 def test_model_generate_drives_the_static_kivi_cache(model):
     ids = _ids()
     (c1, c2), _ = _caches(model, "full", 2, ids[:, :-1])

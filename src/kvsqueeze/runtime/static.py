@@ -45,8 +45,8 @@ kernels.
 KIVI storage (issue 12, item 2): a cache whose every layer holds a `KIVIStore` (KIVI over the full cache, or after a
 prefill eviction) is copied into `quant.kivi_static.StaticKIVI` buffers instead of fp16 slots: packed 2/4-bit
 groups at fixed capacity plus a residual of R + G full-precision tokens per layer, the residual flushed into the
-next packed group on the device (see that module). `update` writes into the residual and points `_ACTIVE_KIVI` at
-the buffers; every static attention function then attends over them: kernel "triton" (the default on CUDA) with
+next packed group on the device (see that module). `update` writes into the residual; the step's forward carries
+the buffers to the static attention under the keyword `kvsqueeze_kivi` (as Quest's), which attends over them: kernel "triton" (the default on CUDA) with
 the fused split-KV kernel over the packed bytes (`kernels/kivi_decode.kivi_decode_static`, lengths read on the
 device), any other kernel with the dequantizing torch reference (two matrix products, float32 softmax).
 
@@ -85,31 +85,38 @@ EAGER = "(`kvsqueeze generate` without --compile; static=False in Python)"  # wh
 
 
 # --- the attention functions of the static step ---------------------------------------------------------------
-# The static KIVI buffers of the step running now (`StaticKIVI`; None for fp16 slots): set by
-# `StaticCompressedCache.update` just before the layer's attention function runs (the attention interface is given
-# the layer's residual buffers, not the packed ones), read by the attention functions below.
-_ACTIVE_KIVI: list = [None]
+# A step's forward carries what its attention needs beyond the layer's buffers as extra keyword arguments
+# (`StaticCompressedCache.forward_kwargs`; transformers hands them down to the attention function): the static KIVI
+# buffers under `kvsqueeze_kivi` (the attention interface is given the layer's residual buffers, not the packed
+# ones) and Quest's `StaticQuest` under `kvsqueeze_pages`. One route for both; `StaticDecoder` checks after its
+# first step that the model's forward passed them down.
+KIVI_KW = "kvsqueeze_kivi"  # the forward kwarg carrying a cache's `StaticKIVI` down to the static attention
+PAGES_KW = "kvsqueeze_pages"  # the forward kwarg carrying a cache's `StaticQuest` down to the static attention
 
 
-def _kivi_attention(module, query, scaling, kernel):
-    """The layer's attention over static KIVI buffers (b, 1, hq, d), or None when the step's cache holds fp16
-    slots."""
-    kv = _ACTIVE_KIVI[0]
+def _kivi_attention(module, query, scaling, kernel, kwargs):
+    """The layer's attention over the static KIVI buffers the forward carries (kwarg `kvsqueeze_kivi`, removed
+    from `kwargs`): (b, 1, hq, d); None when the step's cache holds fp16 slots."""
+    kv = kwargs.pop(KIVI_KW, None)
     if kv is None:
         return None
+    kv.routed = True  # what `StaticDecoder` checks after its first step (a plain attribute: no device work)
     return kv.attention(module.layer_idx, query, scaling, kernel)
 
 
-def _layer_rows(module, attention_mask: torch.Tensor, b: int) -> torch.Tensor:
-    """This layer's (b, kv_heads, 1, capacity) bool rows of the stacked per-layer mask."""
+def _layer_rows(module, attention_mask: torch.Tensor, b: int, key: torch.Tensor) -> torch.Tensor:
+    """This layer's (b, kv_heads, 1, capacity) bool rows of the stacked per-layer mask. Raises KVSqueezeError
+    without that mask, or when the layer's keys `key` (b, hk, n, d) are not the mask's width (a KIVI cache's
+    residual buffers reached a fp16 attention: the forward did not pass `kvsqueeze_kivi` down)."""
     if attention_mask is None or attention_mask.dim() != 4:
         raise KVSqueezeError("the static attention needs the stacked slot mask of a StaticCompressedCache step "
                              "(use StaticDecoder / static_greedy_decode, not a plain forward)")
+    if attention_mask.shape[-1] != key.shape[2]:
+        raise KVSqueezeError(f"{type(module).__name__}'s forward does not pass keyword arguments down to its "
+                             "attention, so the static step cannot run KIVI storage on it (its attention got the "
+                             "residual buffers); decode on the eager path " + EAGER)
     li = module.layer_idx
     return attention_mask[li * b:(li + 1) * b]
-
-
-PAGES_KW = "kvsqueeze_pages"  # the forward kwarg carrying a cache's `StaticQuest` down to the static attention
 
 
 def _selected(module, query, key, value, m, scaling, kwargs):
@@ -131,12 +138,12 @@ def _static_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling
     """sdpa over every slot of a static layer: query (b, hq, 1, d), key / value (b, hk, capacity, d); the hq // hk
     query heads of a group are the rows of one query per kv head (no repeated keys). Returns (b, 1, hq, d). With
     Quest (`_selected`), over the selected pages' slots only."""
-    kivi_out = _kivi_attention(module, query, scaling, None)
+    kivi_out = _kivi_attention(module, query, scaling, None, kwargs)
     if kivi_out is not None:
         return kivi_out, None
     b, hq, q, d = query.shape
     hk = key.shape[1]
-    m = _layer_rows(module, attention_mask, b)  # (b, hk, 1, C)
+    m = _layer_rows(module, attention_mask, b, key)  # (b, hk, 1, C)
     _, key, value, m = _selected(module, query, key, value, m, scaling, kwargs)
     qg = query.reshape(b, hk, (hq // hk) * q, d)
     out = F.scaled_dot_product_attention(qg, key, value, attn_mask=m, scale=scaling)
@@ -146,14 +153,14 @@ def _static_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling
 def _static_eager(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """The model's own `eager_attention_forward` over every slot, with this layer's rows of the slot mask as an
     additive mask (b, hq, 1, capacity). With Quest (`_selected`), over the selected pages' slots only."""
-    kivi_out = _kivi_attention(module, query, scaling, None)
+    kivi_out = _kivi_attention(module, query, scaling, None, kwargs)
     if kivi_out is not None:
         return kivi_out, None
     fn = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
     if fn is None:
         raise KVSqueezeError(f"{type(module).__name__} has no eager_attention_forward; use attn_implementation='sdpa'")
     b, hq = query.shape[:2]
-    m = _layer_rows(module, attention_mask, b)
+    m = _layer_rows(module, attention_mask, b, key)
     _, key, value, m = _selected(module, query, key, value, m, scaling, kwargs)
     m = m.repeat_interleave(hq // m.shape[1], dim=1)
     add = torch.zeros(m.shape, dtype=query.dtype, device=query.device).masked_fill(~m, torch.finfo(query.dtype).min)
@@ -166,10 +173,10 @@ def _static_matmul(module, query, key, value, attention_mask, dropout=0.0, scali
     times V. For one query token, cuBLAS spreads the long capacity axis over the GPU where a fused kernel
     without split-KV would run one block per (row, head). With Quest (`_selected`), over the gathered selected
     pages (the torch reference of the Triton page kernel). Returns (b, 1, hq, d)."""
-    kivi_out = _kivi_attention(module, query, scaling, None)
+    kivi_out = _kivi_attention(module, query, scaling, None, kwargs)
     if kivi_out is not None:
         return kivi_out, None
-    m = _layer_rows(module, attention_mask, query.shape[0])  # (b, hk, 1, C)
+    m = _layer_rows(module, attention_mask, query.shape[0], key)  # (b, hk, 1, C)
     _, key, value, m = _selected(module, query, key, value, m, scaling, kwargs)
     return grouped_matmul_decode(query, key, value, m, scaling), None
 
@@ -178,14 +185,14 @@ def _static_triton(module, query, key, value, attention_mask, dropout=0.0, scali
     """Split-KV Triton decode attention over the slots (`kernels/slot_decode.py`): every slot read once, the
     layer's slot mask read in place. With Quest, over the selected pages read in place
     (`kernels/page_decode.py`: no gather copy). Returns (b, 1, hq, d)."""
-    kivi_out = _kivi_attention(module, query, scaling, "triton")
+    kivi_out = _kivi_attention(module, query, scaling, "triton", kwargs)
     if kivi_out is not None:
         return kivi_out, None
     from ..kernels.page_decode import page_decode_attention
     from ..kernels.slot_decode import slot_decode_attention
 
     b = query.shape[0]
-    m = _layer_rows(module, attention_mask, b)  # (b, hk, 1, C)
+    m = _layer_rows(module, attention_mask, b, key)  # (b, hk, 1, C)
     quest = kwargs.get(PAGES_KW)
     pages = None if quest is None else quest.select(module.layer_idx, query, scaling)
     if pages is not None:
@@ -474,7 +481,6 @@ class StaticCompressedCache(Cache):
         prio = None
         if self.rule is not None and self.rule[0] == "norm" and layer_idx not in self._exempt:
             prio = -key_states[:, :, 0].float().norm(dim=-1)
-        _ACTIVE_KIVI[0] = self.slots if isinstance(self.slots, StaticKIVI) else None  # for the attention function
         out = self.slots.write_kv(layer_idx, key_states, value_states, prio)
         if self.pages is not None:  # Quest: the written page's key min / max (on the device)
             self.pages.refresh(layer_idx)
@@ -500,9 +506,15 @@ class StaticCompressedCache(Cache):
         return dict(kwargs, position_ids=self.begin_step(), attention_mask=self.mask(), **self.forward_kwargs())
 
     def forward_kwargs(self) -> dict:
-        """Extra keyword arguments of a step's model forward: the `StaticQuest` under `kvsqueeze_pages` (transformers
-        hands a forward's extra keyword arguments down to the attention function) when the cache selects pages."""
-        return {} if self.pages is None else {PAGES_KW: self.pages}
+        """Extra keyword arguments of a step's model forward (transformers hands them down to the attention
+        function): the `StaticKIVI` buffers under `kvsqueeze_kivi` when the cache holds KIVI storage, the
+        `StaticQuest` under `kvsqueeze_pages` when it selects pages."""
+        out = {}
+        if isinstance(self.slots, StaticKIVI):
+            out[KIVI_KW] = self.slots
+        if self.pages is not None:
+            out[PAGES_KW] = self.pages
+        return out
 
     def finish_forward(self) -> None:
         """After such a forward (the routing post-hook): evict where due and move the write slots."""
@@ -627,7 +639,8 @@ class StaticDecoder:
         else:
             self._step = step
         self._graphs = bool(compile) and mode == "reduce-overhead"
-        self._checked = cache.pages is None  # Quest: checked once that the model's attention saw the pages
+        # checked once that the model's attention saw what the forward carries (Quest's pages, KIVI's buffers)
+        self._checked = cache.pages is None and not isinstance(cache.slots, StaticKIVI)
 
     @torch.no_grad()
     def __call__(self, tokens: torch.Tensor):
@@ -648,14 +661,17 @@ class StaticDecoder:
         return logits, (token.clone() if self._graphs else token)
 
     def _check_selected(self) -> None:
-        """After the first step with Quest: every sparse layer chose its pages, i.e. the model's forward handed
-        its extra keyword arguments (`kvsqueeze_pages`) down to the attention function, as transformers' Llama,
-        Qwen, Mistral, ... do. Raises KVSqueezeError otherwise (the step would have attended densely)."""
+        """After the first step with Quest or KIVI storage: every sparse layer chose its pages and the KIVI buffers
+        were attended, i.e. the model's forward handed its extra keyword arguments (`kvsqueeze_pages`,
+        `kvsqueeze_kivi`) down to the attention function, as transformers' Llama, Qwen, Mistral, ... do. Raises
+        KVSqueezeError otherwise (the step would have attended densely, or over the residual only)."""
         q = self.cache.pages
-        sparse = [i for i in range(len(q.kmin)) if q.sparse(i)]
-        if sparse and not bool((q.chosen[sparse] >= 0).all()):
+        sparse = [] if q is None else [i for i in range(len(q.kmin)) if q.sparse(i)]
+        kivi = self.cache.slots if isinstance(self.cache.slots, StaticKIVI) else None
+        if (sparse and not bool((q.chosen[sparse] >= 0).all())) or (kivi is not None and not kivi.routed):
+            what = "Quest" if sparse else "KIVI storage"
             raise KVSqueezeError(f"{type(self.model).__name__}'s forward does not pass keyword arguments down to its "
-                                 "attention, so the static step cannot run Quest on it; decode on the eager path "
+                                 f"attention, so the static step cannot run {what} on it; decode on the eager path "
                                  + EAGER)
         self._checked = True
 
