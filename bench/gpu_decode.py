@@ -136,6 +136,18 @@ def cache_for(model, mname: str, length: int, args):
     return kq.CompressedCache(model, method_for(mname, length, args.factor), selector=selector, **kw)
 
 
+def bench_target(quick: bool, tiny: dict | None = None):
+    """(device, dtype, shapes) of a GPU bench: the CPU, float32 and `tiny` (default TINY) under --quick, else CUDA,
+    bfloat16 and Llama-3.1-8B's shapes; None (after one error line on stderr) when --quick is off and torch sees
+    no CUDA GPU."""
+    if quick:
+        return torch.device("cpu"), torch.float32, TINY if tiny is None else tiny
+    if not torch.cuda.is_available():
+        print("error: no CUDA GPU (use --quick for the CPU check)", file=sys.stderr)
+        return None
+    return torch.device("cuda"), torch.bfloat16, LLAMA_8B
+
+
 class Clock:
     """Per-step timing: CUDA events on the GPU (read after the last step: no sync per step), a host clock on the
     CPU."""
@@ -331,16 +343,15 @@ def main(argv=None) -> int:
     global PROFILE_STEPS
     PROFILE_STEPS = args.profile
 
+    target = bench_target(args.quick)
+    if target is None:
+        return 2
+    device, dtype, shapes = target
     if args.quick:
-        device, dtype, shapes = torch.device("cpu"), torch.float32, TINY
         lengths = [int(x) for x in (args.lengths if args.lengths != "4096,32768" else "256").split(",")]
         args.steps, args.warmup, args.chunk = min(args.steps, 3), min(args.warmup, 2), min(args.chunk, 128)
         compile_opts = {"backend": "aot_eager"}  # no C++ toolchain needed, seconds to compile
     else:
-        if not torch.cuda.is_available():
-            print("error: no CUDA GPU (use --quick for the CPU check)", file=sys.stderr)
-            return 2
-        device, dtype, shapes = torch.device("cuda"), torch.bfloat16, LLAMA_8B
         lengths = [int(x) for x in args.lengths.split(",")]
         compile_opts = {"mode": args.compile_mode}
         if args.inductor_tuning:

@@ -50,7 +50,7 @@ from kvsqueeze.runtime.generate import decode_step, prefill  # noqa: E402
 from kvsqueeze.selection import AttentionPredictor, PredictorNet, Quest  # noqa: E402
 
 from _table import attempt, peak_gb, write_json  # noqa: E402
-from gpu_decode import LLAMA_8B, TINY, build_model, hf_prefill, kv_bytes_of, timed  # noqa: E402
+from gpu_decode import TINY, bench_target, build_model, hf_prefill, kv_bytes_of, timed  # noqa: E402
 
 ROWS = ("hf-offloaded", "kvsq-gpu:ap", "kvsq-offload:ap", "kvsq-gpu:quest", "kvsq-offload:quest")
 
@@ -126,16 +126,15 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None, help="Write the rows to this JSON file.")
     ap.add_argument("--quick", action="store_true", help="Tiny shapes on the CPU (checks the script end to end).")
     args = ap.parse_args(argv)
+    target = bench_target(args.quick, dict(TINY, num_hidden_layers=4))
+    if target is None:
+        return 2
+    device, dtype, shapes = target
     if args.quick:
-        device, dtype, shapes = torch.device("cpu"), torch.float32, dict(TINY, num_hidden_layers=4)
         lengths = [int(x) for x in (args.lengths if args.lengths != "32768,131072" else "512").split(",")]
         args.steps, args.warmup, args.chunk = min(args.steps, 6), min(args.warmup, 2), min(args.chunk, 256)
         args.budget = min(args.budget, 96)
     else:
-        if not torch.cuda.is_available():
-            print("error: no CUDA GPU (use --quick for the CPU check)", file=sys.stderr)
-            return 2
-        device, dtype, shapes = torch.device("cuda"), torch.bfloat16, LLAMA_8B
         lengths = [int(x) for x in args.lengths.split(",")]
     names = list(ROWS)
     if args.rows:

@@ -28,10 +28,10 @@ After the table: the scoring overhead per length, SnapKV's and K-norm's prefill 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import os
 import sys
-import time
 
 import torch
 
@@ -45,47 +45,15 @@ import kvsqueeze as kq  # noqa: E402
 from kvsqueeze.compat import cache_kwargs  # noqa: E402
 
 from _table import attempt, peak_gb, write_json  # noqa: E402
-from gpu_decode import LLAMA_8B, TINY, build_model, method_for, storage_for  # noqa: E402
+from gpu_decode import Clock, bench_target, build_model, cache_for, kv_bytes_of  # noqa: E402
 
 ROWS = ("kvsq:knorm", "kvsq:knorm+kivi2", "kvsq:snapkv", "kvsq:full", "hf-dynamic")
 FULL_ROWS = ("kvsq:full", "hf-dynamic")
 
 
-class ChunkClock:
-    """Per-chunk times: CUDA events on the GPU (no synchronisation per chunk), a host clock on the CPU."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-        self.marks: list = []
-
-    def mark(self):
-        if self.cuda:
-            e = torch.cuda.Event(enable_timing=True)
-            e.record()
-            self.marks.append(e)
-        else:
-            self.marks.append(time.perf_counter())
-
-    def seconds(self) -> list[float]:
-        """Seconds of each chunk (between consecutive marks)."""
-        if self.cuda:
-            torch.cuda.synchronize()
-            return [a.elapsed_time(b) / 1e3 for a, b in zip(self.marks, self.marks[1:])]
-        return [b - a for a, b in zip(self.marks, self.marks[1:])]
-
-
 def full_kv_bytes(cfg: dict, length: int, itemsize: int) -> int:
     """Bytes of a full cache of `length` tokens (keys and values, every layer)."""
     return 2 * cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * cfg["head_dim"] * length * itemsize
-
-
-def hf_kv_bytes(cache) -> int:
-    total = 0
-    for layer in cache.layers:
-        for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
-            if isinstance(t, torch.Tensor):
-                total += t.numel() * t.element_size()
-    return total
 
 
 @torch.no_grad()
@@ -95,14 +63,12 @@ def run_row(name: str, model, ids: torch.Tensor, args, device) -> tuple[list[flo
     if name == "hf-dynamic":
         cache = DynamicCache(config=model.config)
     else:
-        mname, layer_factory = storage_for(name.partition(":")[2])
-        kw = {} if layer_factory is None else {"layer_factory": layer_factory}
-        cache = kq.CompressedCache(model, method_for(mname, length, args.factor), **kw)
-    clock = ChunkClock(device)
+        cache = cache_for(model, name.partition(":")[2], length, args)
+    clock = Clock(device)
     starts = range(0, length, args.chunk)
     bar = tqdm(starts, desc=f"{length} {name}", unit="chunk", leave=False, mininterval=2.0,
                disable=args.no_progress)
-    block = cache.prefill() if isinstance(cache, kq.CompressedCache) else _nothing()
+    block = cache.prefill() if isinstance(cache, kq.CompressedCache) else contextlib.nullcontext()
     with block:
         clock.mark()
         for s in bar:
@@ -110,21 +76,13 @@ def run_row(name: str, model, ids: torch.Tensor, args, device) -> tuple[list[flo
                   logits_to_keep=1)
             clock.mark()
     bar.close()
-    seconds = clock.seconds()
-    kv = hf_kv_bytes(cache) if name == "hf-dynamic" else cache.stats().kv_bytes
+    seconds = [ms / 1e3 for ms in clock.steps_ms()]
+    kv = kv_bytes_of(cache) if name == "hf-dynamic" else cache.stats().kv_bytes
     del cache
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return seconds, kv
-
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def row_names(args) -> list[str]:
@@ -152,17 +110,16 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="Tiny shapes on the CPU (checks the script end to end).")
     args = ap.parse_args(argv)
     names = row_names(args)
+    target = bench_target(args.quick)
+    if target is None:
+        return 2
+    device, dtype, shapes = target
     if args.quick:
-        device, dtype, shapes = torch.device("cpu"), torch.float32, TINY
         lengths = [int(x) for x in (args.lengths if args.lengths != "32768,131072,1048576" else "512,1024").split(",")]
         args.chunk = min(args.chunk, 64)
         args.headroom_gb = 0.0
         torch.set_num_threads(1)  # tiny ops: threads contending with other jobs cost more than they give
     else:
-        if not torch.cuda.is_available():
-            print("error: no CUDA GPU (use --quick for the CPU check)", file=sys.stderr)
-            return 2
-        device, dtype, shapes = torch.device("cuda"), torch.bfloat16, LLAMA_8B
         lengths = [int(x) for x in args.lengths.split(",")]
         memory = torch.cuda.get_device_properties(device).total_memory
     model = build_model(shapes, device, dtype, args.attn)

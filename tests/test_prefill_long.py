@@ -20,7 +20,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import kvsqueeze as kq
@@ -33,6 +32,8 @@ from kvsqueeze.runtime.generate import prefill
 from conftest import kv, tiny_llama
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+from prefill_chunks import LargestTensor  # noqa: E402  (the bench's own probe: bytes of the largest tensor allocated)
 
 
 def gqa_llama(layers=2, positions=4096, seed=0):
@@ -139,23 +140,6 @@ def test_split_chunks_leave_padded_batches_to_the_masked_path():
     finally:
         attention.chunk_attention = inner
     assert not calls
-
-
-class LargestTensor(TorchDispatchMode):
-    """The bytes of the largest tensor any op allocates inside the block (views are not allocations)."""
-
-    def __init__(self):
-        super().__init__()
-        self.bytes = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if any(r.alias_info is not None for r in func._schema.returns):  # a view (expand, slice): no allocation
-            return out
-        for t in (out if isinstance(out, (tuple, list)) else (out,)):
-            if isinstance(t, torch.Tensor):
-                self.bytes = max(self.bytes, t.untyped_storage().nbytes())
-        return out
 
 
 @pytest.mark.parametrize("storage", [None, "kivi2"])
