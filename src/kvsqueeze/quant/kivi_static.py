@@ -83,7 +83,6 @@ class StaticKIVI:
         self.w = z(L, dt=torch.long)  # the residual slot of the token being written, per layer
         self.masked = False  # whether a slot inside the lengths is hidden (the fused kernel then reads the masks)
         self.priority = None  # never evicts while decoding (StaticSlots' protocol)
-        self.routed = False  # set by the static attention when a step's forward carried these buffers to it
 
     # --- filling from the eager store -------------------------------------------------------------------------
     def load(self, layer_idx: int, store: KIVIStore, valid: torch.Tensor | None) -> None:

@@ -46,9 +46,9 @@ KIVI storage (issue 12, item 2): a cache whose every layer holds a `KIVIStore` (
 prefill eviction) is copied into `quant.kivi_static.StaticKIVI` buffers instead of fp16 slots: packed 2/4-bit
 groups at fixed capacity plus a residual of R + G full-precision tokens per layer, the residual flushed into the
 next packed group on the device (see that module). `update` writes into the residual; the step's forward carries
-the buffers to the static attention under the keyword `kvsqueeze_kivi` (as Quest's), which attends over them: kernel "triton" (the default on CUDA) with
-the fused split-KV kernel over the packed bytes (`kernels/kivi_decode.kivi_decode_static`, lengths read on the
-device), any other kernel with the dequantizing torch reference (two matrix products, float32 softmax).
+the buffers to the static attention under the keyword `kvsqueeze_kivi` (as Quest's), which attends over them:
+kernel "triton" (the default on CUDA) with the fused split-KV kernel over the packed bytes
+(`kernels/kivi_decode.kivi_decode_static`, lengths read on the device), any other kernel with the dequantizing torch reference (two matrix products, float32 softmax).
 
 `model.generate(input_ids, cache=<static cache>)` works, uncompiled: prefill all but the last prompt token into the
 `CompressedCache`, build the static copy, and give `generate()` the whole prompt: its first forward then brings one
@@ -88,8 +88,9 @@ EAGER = "(`kvsqueeze generate` without --compile; static=False in Python)"  # wh
 # A step's forward carries what its attention needs beyond the layer's buffers as extra keyword arguments
 # (`StaticCompressedCache.forward_kwargs`; transformers hands them down to the attention function): the static KIVI
 # buffers under `kvsqueeze_kivi` (the attention interface is given the layer's residual buffers, not the packed
-# ones) and Quest's `StaticQuest` under `kvsqueeze_pages`. One route for both; `StaticDecoder` checks after its
-# first step that the model's forward passed them down.
+# ones) and Quest's `StaticQuest` under `kvsqueeze_pages`. One route for both. A forward that does not pass them
+# down is refused: without the KIVI buffers the attention gets the residual, narrower than the slot mask
+# (`_layer_rows`); without the pages no layer chooses any (`StaticDecoder._check_selected`).
 KIVI_KW = "kvsqueeze_kivi"  # the forward kwarg carrying a cache's `StaticKIVI` down to the static attention
 PAGES_KW = "kvsqueeze_pages"  # the forward kwarg carrying a cache's `StaticQuest` down to the static attention
 
@@ -100,7 +101,6 @@ def _kivi_attention(module, query, scaling, kernel, kwargs):
     kv = kwargs.pop(KIVI_KW, None)
     if kv is None:
         return None
-    kv.routed = True  # what `StaticDecoder` checks after its first step (a plain attribute: no device work)
     return kv.attention(module.layer_idx, query, scaling, kernel)
 
 
@@ -639,8 +639,7 @@ class StaticDecoder:
         else:
             self._step = step
         self._graphs = bool(compile) and mode == "reduce-overhead"
-        # checked once that the model's attention saw what the forward carries (Quest's pages, KIVI's buffers)
-        self._checked = cache.pages is None and not isinstance(cache.slots, StaticKIVI)
+        self._checked = cache.pages is None  # Quest: checked once that the model's attention saw the pages
 
     @torch.no_grad()
     def __call__(self, tokens: torch.Tensor):
@@ -661,17 +660,14 @@ class StaticDecoder:
         return logits, (token.clone() if self._graphs else token)
 
     def _check_selected(self) -> None:
-        """After the first step with Quest or KIVI storage: every sparse layer chose its pages and the KIVI buffers
-        were attended, i.e. the model's forward handed its extra keyword arguments (`kvsqueeze_pages`,
-        `kvsqueeze_kivi`) down to the attention function, as transformers' Llama, Qwen, Mistral, ... do. Raises
-        KVSqueezeError otherwise (the step would have attended densely, or over the residual only)."""
+        """After the first step with Quest: every sparse layer chose its pages, i.e. the model's forward handed
+        its extra keyword arguments (`kvsqueeze_pages`) down to the attention function, as transformers' Llama,
+        Qwen, Mistral, ... do. Raises KVSqueezeError otherwise (the step would have attended densely)."""
         q = self.cache.pages
-        sparse = [] if q is None else [i for i in range(len(q.kmin)) if q.sparse(i)]
-        kivi = self.cache.slots if isinstance(self.cache.slots, StaticKIVI) else None
-        if (sparse and not bool((q.chosen[sparse] >= 0).all())) or (kivi is not None and not kivi.routed):
-            what = "Quest" if sparse else "KIVI storage"
+        sparse = [i for i in range(len(q.kmin)) if q.sparse(i)]
+        if sparse and not bool((q.chosen[sparse] >= 0).all()):
             raise KVSqueezeError(f"{type(self.model).__name__}'s forward does not pass keyword arguments down to its "
-                                 f"attention, so the static step cannot run {what} on it; decode on the eager path "
+                                 "attention, so the static step cannot run Quest on it; decode on the eager path "
                                  + EAGER)
         self._checked = True
 
