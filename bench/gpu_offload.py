@@ -16,15 +16,23 @@ Rows (`--rows` picks a subset by name):
   kvsq-offload:ap       the sparse layers' KV in (pinned) CPU memory, fixed GPU frames for the budget's pages; the
                         next step's pages predicted and copied on a side stream during the current step
   kvsq-offload:quest    the same store, pages fetched on demand once the step's query is known (no prefetch)
+  kvsq-static:quest     kvsqueeze's static decode step (one CUDA graph, runtime/static.py) with Quest, the whole
+                        cache on the GPU, the selected pages read in place by the Triton page kernel
+  kvsq-static-offload:quest  the same step with the sparse layers' KV in mapped host memory (storage/mapped.py):
+                        the page kernel reads the selected pages over the host link in place, no copies, no page
+                        table; prefilled through the eager offloaded cache (the KV never all on the GPU)
 
 Budgets: --budget-per-length (default 32768:2048,131072:4096, the issue's goals), else --budget. The random model
 has no trained predictor: AttentionPredictor runs its CNN initialised to the history heuristic
 (`PredictorNet.init_blend`; the CNN's cost does not depend on its weights).
 
 Columns: ms/token; moved = host -> device bytes per decoded token (offloaded rows: the store's counters over every
-step, warm-up included; hf-offloaded: every layer's KV once per step, an estimate from its cache size); hit = pages
+step, warm-up included; hf-offloaded: every layer's KV once per step, an estimate from its cache size;
+kvsq-static-offload: the selected pages' keys and values of the host layers, what the page kernel reads over the
+link each step, computed from the selection's size); hit = pages
 a step needed that were already on the GPU (prefetched, or kept from the step before); GPU KV = key / value bytes
-held on the GPU after the last step (hf-offloaded: not counted by transformers, shown as '-'); host KV = bytes in
+held on the GPU after the last step (hf-offloaded: not counted by transformers, shown as '-'; static rows: plus
+Quest's page metadata, printed after a '+'); host KV = bytes in
 CPU memory; peak = max GPU memory allocated over the row (weights and prefill included); same = whether the
 offloaded row's tokens equal those of the kvsq-gpu row with the same selector (the rows must agree exactly).
 """
@@ -47,12 +55,14 @@ from transformers import DynamicCache  # noqa: E402
 import kvsqueeze as kq  # noqa: E402
 from kvsqueeze.compat import cache_kwargs  # noqa: E402
 from kvsqueeze.runtime.generate import decode_step, prefill  # noqa: E402
+from kvsqueeze.runtime.static import StaticCompressedCache, StaticDecoder  # noqa: E402
 from kvsqueeze.selection import AttentionPredictor, PredictorNet, Quest  # noqa: E402
 
 from _table import attempt, peak_gb, write_json  # noqa: E402
 from gpu_decode import TINY, bench_target, build_model, hf_prefill, kv_bytes_of, timed  # noqa: E402
 
-ROWS = ("hf-offloaded", "kvsq-gpu:ap", "kvsq-offload:ap", "kvsq-gpu:quest", "kvsq-offload:quest")
+ROWS = ("hf-offloaded", "kvsq-gpu:ap", "kvsq-offload:ap", "kvsq-gpu:quest", "kvsq-offload:quest", "kvsq-static:quest",
+        "kvsq-static-offload:quest")
 
 
 def budget_for(length: int, args) -> int:
@@ -89,6 +99,8 @@ def run_row(name, model, ids, args, device, budget):
         return dict(ms=ms, moved_per_token=kv, hit_rate=None, gpu_kv=None, host_kv=kv, tokens=None)
     kind, _, sel_name = name.partition(":")
     selector = selector_for(sel_name, budget)
+    if kind.startswith("kvsq-static"):
+        return static_row(kind, model, ids, args, device, selector)
     cache = kq.CompressedCache(model, None, selector=selector, offload="cpu" if kind == "kvsq-offload" else None,
                                offload_latency=args.latency if device.type != "cuda" else 0.0)
     with torch.no_grad():
@@ -109,6 +121,36 @@ def run_row(name, model, ids, args, device, budget):
         out.update(moved_per_token=o["bytes_per_token"], hit_rate=o["hit_rate"], pages_per_token=o["pages_per_token"],
                    prefetch_pages=o["prefetch_pages"], demand_pages=o["demand_pages"], full_fetches=o["full_fetches"])
     return out
+
+
+def static_row(kind, model, ids, args, device, selector):
+    """A static-step row: the eager cache prefilled (offloaded for kvsq-static-offload), copied into the static
+    cache (the host layers in mapped memory), decoded by the compiled `StaticDecoder`."""
+    import torch._dynamo
+
+    offload = "cpu" if kind == "kvsq-static-offload" else None
+    cache = kq.CompressedCache(model, None, selector=selector, offload=offload)
+    with torch.no_grad():
+        tok = prefill(model, cache, ids, args.chunk).argmax(-1)
+    static = StaticCompressedCache.from_cache(cache, args.warmup + args.steps + 1)
+    del cache
+    torch._dynamo.reset()  # one compiled step per cache
+    compile_kw = dict(compile=True) if device.type == "cuda" else dict(compile=True, backend="aot_eager")
+    dec = StaticDecoder(model, static, **compile_kw)
+    toks: list[torch.Tensor] = []
+
+    def step():
+        nonlocal tok
+        tok = dec(tok)[1]
+        toks.append(tok)
+
+    ms = timed(step, args.warmup, args.steps, device)
+    st = static.stats()
+    s, q = static.slots, static.pages
+    page_bytes = q.page * (s.head_dim + s.values[0].shape[-1]) * s.keys[0].element_size()
+    moved = len(s.host_layers) * s.batch * s.kv_heads * q.k_pages * page_bytes
+    return dict(ms=ms, gpu_kv=st.device_kv_bytes, gpu_meta=q.nbytes(), host_kv=st.host_kv_bytes,
+                moved_per_token=moved, hit_rate=None, tokens=torch.stack(toks).tolist())
 
 
 def main(argv=None) -> int:
@@ -148,7 +190,7 @@ def main(argv=None) -> int:
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     print(f"model: Llama-3.1-8B shapes{' (tiny: --quick)' if args.quick else ''}, {dtype}; weights "
           f"{weight_bytes / 1e9:.2f} GB; {args.warmup} warm-up + {args.steps} timed steps", flush=True)
-    print(f"{'context':>8} {'budget':>6} {'row':<20} {'ms/tok':>8} {'moved/tok':>10} {'hit':>6} {'GPU KV GB':>9} "
+    print(f"{'context':>8} {'budget':>6} {'row':<26} {'ms/tok':>8} {'moved/tok':>10} {'hit':>6} {'GPU KV GB':>9} "
           f"{'host KV GB':>10} {'peak GB':>8} {'same':>5}")
     rows_out = []
     for length in lengths:
@@ -160,27 +202,30 @@ def main(argv=None) -> int:
             row = {"context": length, "budget": budget, "row": name}
             if name == "hf-offloaded" and device.type != "cuda":  # transformers offloads to and from CUDA only
                 row["skipped"] = "needs CUDA"
-                print(f"{length:>8} {budget:>6} {name:<20} skipped: transformers' offloading needs CUDA", flush=True)
+                print(f"{length:>8} {budget:>6} {name:<26} skipped: transformers' offloading needs CUDA", flush=True)
                 rows_out.append(row)
                 continue
             r = attempt(lambda: run_row(name, model, ids, args, device, budget), row, rows_out,
-                        f"{length:>8} {budget:>6} {name:<20}", device)
+                        f"{length:>8} {budget:>6} {name:<26}", device)
             if r is None:
                 continue
             ms = r.pop("ms")
             kind, _, sel = name.partition(":")
-            if kind == "kvsq-gpu":
-                ref_tokens[sel] = r["tokens"]
+            if kind in ("kvsq-gpu", "kvsq-static"):
+                ref_tokens[kind, sel] = r["tokens"]
             same = None
-            if kind == "kvsq-offload" and sel in ref_tokens:
-                same = r["tokens"] == ref_tokens[sel]
+            ref_kind = {"kvsq-offload": "kvsq-gpu", "kvsq-static-offload": "kvsq-static"}.get(kind)
+            if (ref_kind, sel) in ref_tokens:
+                same = r["tokens"] == ref_tokens[ref_kind, sel]
             peak = peak_gb(device)
             row.update({k: v for k, v in r.items() if k != "tokens"}, ms_per_token=statistics.median(ms),
                        ms_min=min(ms), peak_gb=peak, same_tokens=same)
             rows_out.append(row)
             hit = "-" if r["hit_rate"] is None else f"{100 * r['hit_rate']:.1f}%"
             gpu = "-" if r["gpu_kv"] is None else f"{r['gpu_kv'] / 1e9:.3f}"
-            print(f"{length:>8} {budget:>6} {name:<20} {row['ms_per_token']:8.2f} "
+            if r.get("gpu_meta"):
+                gpu += f"+{r['gpu_meta'] / 1e9:.3f}"
+            print(f"{length:>8} {budget:>6} {name:<26} {row['ms_per_token']:8.2f} "
                   f"{r['moved_per_token'] / 1e6:8.2f}MB {hit:>6} {gpu:>9} {r['host_kv'] / 1e9:10.3f} {peak:8.2f} "
                   f"{'-' if same is None else ('yes' if same else 'NO'):>5}", flush=True)
     write_json(args.json, args, rows_out)
