@@ -20,7 +20,9 @@ Rows (`--rows` picks a subset by name):
                         cache on the GPU, the selected pages read in place by the Triton page kernel
   kvsq-static-offload:quest  the same step with the sparse layers' KV in mapped host memory (storage/mapped.py):
                         the page kernel reads the selected pages over the host link in place, no copies, no page
-                        table; prefilled through the eager offloaded cache (the KV never all on the GPU)
+                        table (the prefill runs on the GPU, shared with kvsq-static:quest, then the cache is
+                        copied out: the peak column includes that prefill; `CompressedCache(offload="cpu")`
+                        prefills without ever holding the whole KV on the GPU, slower)
 
 Budgets: --budget-per-length (default 32768:2048,131072:4096, the issue's goals), else --budget. The random model
 has no trained predictor: AttentionPredictor runs its CNN initialised to the history heuristic
@@ -58,6 +60,7 @@ from kvsqueeze.runtime.generate import decode_step, prefill  # noqa: E402
 from kvsqueeze.runtime.static import StaticCompressedCache, StaticDecoder  # noqa: E402
 from kvsqueeze.selection import AttentionPredictor, PredictorNet, Quest  # noqa: E402
 
+import gpu_decode  # noqa: E402
 from _table import attempt, peak_gb, write_json  # noqa: E402
 from gpu_decode import TINY, bench_target, build_model, hf_prefill, kv_bytes_of, timed  # noqa: E402
 
@@ -123,17 +126,24 @@ def run_row(name, model, ids, args, device, budget):
     return out
 
 
+_PREFILLED: dict = {}  # (length, budget) -> (the eager Quest cache after the prefill, its first token)
+
+
 def static_row(kind, model, ids, args, device, selector):
-    """A static-step row: the eager cache prefilled (offloaded for kvsq-static-offload), copied into the static
-    cache (the host layers in mapped memory), decoded by the compiled `StaticDecoder`."""
+    """A static-step row: the eager Quest cache prefilled on the GPU (once per length, shared by both static rows),
+    copied into the static cache (for kvsq-static-offload with the sparse layers in mapped host memory,
+    `from_cache(..., offload="cpu")`), decoded by the compiled `StaticDecoder`."""
     import torch._dynamo
 
+    key = (ids.shape[-1], selector.budget)
+    if key not in _PREFILLED:  # one prefill (on the GPU) for both static rows of a length
+        _PREFILLED.clear()
+        cache = kq.CompressedCache(model, None, selector=selector)
+        with torch.no_grad():
+            _PREFILLED[key] = cache, prefill(model, cache, ids, args.chunk).argmax(-1)
+    cache, tok = _PREFILLED[key]
     offload = "cpu" if kind == "kvsq-static-offload" else None
-    cache = kq.CompressedCache(model, None, selector=selector, offload=offload)
-    with torch.no_grad():
-        tok = prefill(model, cache, ids, args.chunk).argmax(-1)
-    static = StaticCompressedCache.from_cache(cache, args.warmup + args.steps + 1)
-    del cache
+    static = StaticCompressedCache.from_cache(cache, args.warmup + args.steps + 1, offload=offload)
     torch._dynamo.reset()  # one compiled step per cache
     compile_kw = dict(compile=True) if device.type == "cuda" else dict(compile=True, backend="aot_eager")
     dec = StaticDecoder(model, static, **compile_kw)
@@ -166,8 +176,11 @@ def main(argv=None) -> int:
     ap.add_argument("--latency", type=float, default=0.0,
                     help="Simulated seconds per host -> device copy off CUDA (--quick: a slow link on the CPU).")
     ap.add_argument("--json", default=None, help="Write the rows to this JSON file.")
+    ap.add_argument("--profile", type=int, default=0,
+                    help="Trace N more steps per row and print the GPU kernels by time (gpu_decode.kernel_profile).")
     ap.add_argument("--quick", action="store_true", help="Tiny shapes on the CPU (checks the script end to end).")
     args = ap.parse_args(argv)
+    gpu_decode.PROFILE_STEPS = args.profile  # read by gpu_decode.timed
     target = bench_target(args.quick, dict(TINY, num_hidden_layers=4))
     if target is None:
         return 2

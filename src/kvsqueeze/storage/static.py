@@ -68,13 +68,23 @@ class StaticSlots:
         vd = value_dim or head_dim
         shape = (batch, kv_heads, capacity)
 
+        # offloaded layers: one block of host memory the step's kernels read in place (storage/mapped.py), carved
+        # into their buffers (one allocation: the pinned allocator rounds each up to a power of two)
+        per = batch * kv_heads * capacity
+        host = mapped_zeros((len(self.host_layers) * per * (head_dim + vd),), dtype, device) if self.host_layers \
+            else None
+        parts = iter(host.split([per * d for _ in self.host_layers for d in (head_dim, vd)])) if host is not None \
+            else iter(())
+
         def buffer(i: int, d: int) -> torch.Tensor:
-            if i in self.host_layers:  # offloaded: host memory the step's kernels read in place (storage/mapped.py)
-                return _static(mapped_zeros((*shape, d), dtype, device))
+            if i in self.host_layers:
+                return _static(next(parts).view(*shape, d))
             return _static(torch.zeros(*shape, d, dtype=dtype, device=device))
 
-        self.keys = [buffer(i, head_dim) for i in range(n_layers)]
-        self.values = [buffer(i, vd) for i in range(n_layers)]
+        self.keys, self.values = [], []
+        for i in range(n_layers):
+            self.keys.append(buffer(i, head_dim))
+            self.values.append(buffer(i, vd))
         self.positions = _static(torch.full((n_layers, *shape), -1, dtype=torch.long, device=device))
         self.valid = _static(torch.zeros((n_layers, *shape), dtype=torch.bool, device=device))
         self.priority = _static(torch.zeros((n_layers, *shape), dtype=torch.float32, device=device)) if evicts \
