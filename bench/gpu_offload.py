@@ -143,7 +143,8 @@ def static_row(kind, model, ids, args, device, selector):
             _PREFILLED[key] = cache, prefill(model, cache, ids, args.chunk).argmax(-1)
     cache, tok = _PREFILLED[key]
     offload = "cpu" if kind == "kvsq-static-offload" else None
-    static = StaticCompressedCache.from_cache(cache, args.warmup + args.steps + 1, offload=offload)
+    static = StaticCompressedCache.from_cache(cache, args.warmup + args.steps + gpu_decode.PROFILE_STEPS + 1,
+                                              offload=offload)
     torch._dynamo.reset()  # one compiled step per cache
     compile_kw = dict(compile=True) if device.type == "cuda" else dict(compile=True, backend="aot_eager")
     dec = StaticDecoder(model, static, **compile_kw)
