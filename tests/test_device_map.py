@@ -317,3 +317,28 @@ def test_cli_device_map(tiny_dir, tmp_path):
     for cmd in (["eval", "--method", "snapkv"], ["sweep", "--methods", "snapkv"]):
         assert_one_error_line(cmd + ["--model", str(tiny_dir), "--results", str(tmp_path / "r.sqlite"),
                                      "--device-map", "auto", "--device", "cuda"], "drop --device cuda")
+
+
+def test_cli_sweep_device_map(tiny_dir, tmp_path, monkeypatch):
+    """`sweep --device-map auto` stores the scores of the plain sweep; under torchrun (WORLD_SIZE > 1) it is one
+    error line."""
+    from click.testing import CliRunner
+
+    from conftest import own_cache
+    from kvsqueeze.cli import main
+
+    args = ["sweep", "--model", str(tiny_dir), "--methods", "snapkv", "--compression-ratios", "0.5", "--tasks",
+            "passkey", "--samples", "2", "--length", "256", "--code-version", "t", "--quiet"]
+    with own_cache(tmp_path / "cache"):
+        plain = CliRunner().invoke(main, args + ["--results", str(tmp_path / "a.sqlite")])
+        split = CliRunner().invoke(main, args + ["--results", str(tmp_path / "b.sqlite"), "--device-map", "auto"])
+    assert plain.exit_code == 0 and split.exit_code == 0, split.output
+
+    def table(out):
+        return out[out.index("mean score"):]
+
+    assert "rows added" in split.output and table(split.output) == table(plain.output)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    assert_one_error_line(args + ["--results", str(tmp_path / "c.sqlite"), "--device-map", "auto"],
+                          "under torchrun each rank holds a model of its own")
