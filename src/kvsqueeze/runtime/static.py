@@ -31,8 +31,9 @@ not a sink: a ring over the window) and K-norm (the slot whose key has the large
 slot-aligned `priority` buffer), PyramidKV over either (per-layer budgets). Methods whose decode-time eviction
 needs the step's attention weights (H2O, TOVA, SnapKV, ... with `compression_interval > 0`), AdaKV with decode
 eviction (its head budgets are re-split at each eviction), quantized storage other than KIVI, KIVI with decode-time
-eviction, AttentionPredictor, Quest with decode-time eviction, offloading to disk, sliding-window layers and attention
-softcapping are refused with a `KVSqueezeError` naming the eager path (`greedy_decode_batch`).
+eviction, AttentionPredictor, Quest with decode-time eviction, offloading to disk, sliding-window layers, attention
+softcapping and a model split over several devices (`device_map`) are refused with a `KVSqueezeError` naming the
+eager path (`greedy_decode_batch`).
 
 Quest selection (Tang et al., 2024, arXiv 2406.10774) runs in the step: a cache built with `selector=Quest(...)`
 is copied with its selector as a `StaticQuest` (`selection/static_quest.py`: per-page key min / max in fixed
@@ -282,9 +283,21 @@ def _decode_rule(method):
 
 def check_model(model) -> None:
     """Refuse, before any prefill, a model the static decode path cannot run: sliding-window or chunked-attention
-    layers (Gemma 2/3, Mistral's window, Llama 4's chunks) and attention softcapping. Raises KVSqueezeError (the
-    same refusals `StaticCompressedCache.from_cache` makes on a filled cache)."""
+    layers (Gemma 2/3, Mistral's window, Llama 4's chunks), attention softcapping, and a model on several devices
+    (split by `device_map`: the static slots, the step's buffers and its CUDA graph live on one device). Raises
+    KVSqueezeError (the same refusals `StaticCompressedCache.from_cache` makes on a filled cache)."""
     _check_config(model.config)
+    from ..devices import model_devices
+
+    _check_one_device(model_devices(model))
+
+
+def _check_one_device(devices) -> None:
+    """Refuse a model or cache on more than one device (`devices`: the distinct devices). Raises KVSqueezeError."""
+    devices = list(dict.fromkeys(str(d) for d in devices))
+    if len(devices) > 1:
+        raise KVSqueezeError(f"the static decode path runs a model on one device; this one is split over "
+                             f"{', '.join(devices)} (device_map): decode it with the eager loop " + EAGER)
 
 
 def _check_config(config) -> None:
@@ -383,6 +396,7 @@ class StaticCompressedCache(Cache):
                                      "path supports full-attention layers only " + EAGER)
             if not layer.is_initialized or layer.positions is None or layer.positions.shape[-1] == 0:
                 raise KVSqueezeError("the cache is empty: prefill it before building the static cache")
+        _check_one_device(layer.device for layer in cache.layers)  # each layer's KV is on its layer's device
         kinds = {type(layer.store) for layer in cache.layers}
         if kinds == {KIVIStore}:
             return cls._from_kivi(cache, max_new_tokens, position)
