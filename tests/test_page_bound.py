@@ -65,4 +65,14 @@ def test_kernel_refuses_shapes_it_does_not_take():
     with pytest.raises(ValueError, match="page bound kernel"):
         page_bound(q[:, :7], kmin, kmax)  # 7 query heads over 2 kv heads
     with pytest.raises(ValueError, match="page bound kernel"):
-        page_bound(q, kmin.half(), kmax.half())  # the metadata is float32
+        page_bound(q, kmin.half(), kmax)  # one dtype for both
+
+
+@kernel_runs
+def test_kernel_reads_metadata_in_the_keys_dtype_losslessly():
+    """The min / max of bf16 keys are bf16 values: metadata kept in bf16 gives the float32 metadata's bound."""
+    q, _, _, keys = _case(1, 8, 2, 24, 64, 4)
+    kb = keys.to(torch.bfloat16)
+    mn, mx = kb.amin(3), kb.amax(3)
+    assert torch.equal(mn.float(), kb.float().amin(3)) and torch.equal(mx.float(), kb.float().amax(3))
+    torch.testing.assert_close(page_bound(q, mn, mx), page_bound(q, mn.float(), mx.float()), rtol=0, atol=0)

@@ -34,8 +34,8 @@ if triton is not None:
         pm = p < P
         ch = tl.arange(0, D)
         off = b * s_m_b + hk * s_m_h + p[:, None] * s_m_p + ch[None, :]
-        mn = tl.load(KMIN + off, mask=pm[:, None], other=0.0)
-        mx = tl.load(KMAX + off, mask=pm[:, None], other=0.0)
+        mn = tl.load(KMIN + off, mask=pm[:, None], other=0.0).to(tl.float32)
+        mx = tl.load(KMAX + off, mask=pm[:, None], other=0.0).to(tl.float32)
         for g in tl.static_range(GQ):
             h = hk * GQ + g
             q = tl.load(Q + b * s_q_b + h * s_q_h + ch).to(tl.float32)
@@ -46,14 +46,16 @@ if triton is not None:
 def page_bound(query: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, block_p: int = 32,
                num_warps: int = 4) -> torch.Tensor:
     """Quest's bound U (b, hq, P) float32 for query (b, hq, d) (any float dtype, unit last stride) over the page
-    metadata kmin / kmax (b, hk, P, d) float32 (the same strides, a unit last one). hq a multiple of hk, d a power
-    of two. Raises RuntimeError without triton, ValueError for shapes the kernel does not take."""
+    metadata kmin / kmax (b, hk, P, d) (one float dtype, e.g. the keys' own: the min and max of bf16 keys are bf16
+    values, so storing them in bf16 loses nothing; the same strides, a unit last one), summed in float32. hq a
+    multiple of hk, d a power of two. Raises RuntimeError without triton, ValueError for shapes the kernel does not
+    take."""
     if triton is None:
         raise RuntimeError("the page bound kernel needs triton (pip install 'kvsqueeze[gpu]')")
     b, hq, d = query.shape
     hk, P = kmin.shape[1], kmin.shape[2]
     if hq % hk or d & (d - 1) or query.stride(-1) != 1 or kmin.stride() != kmax.stride() or kmin.stride(-1) != 1 \
-            or kmin.dtype != torch.float32 or kmax.dtype != torch.float32 or tuple(kmin.shape) != (b, hk, P, d):
+            or kmin.dtype != kmax.dtype or not kmin.is_floating_point() or tuple(kmin.shape) != (b, hk, P, d):
         raise ValueError(f"unsupported shapes for the page bound kernel: query {tuple(query.shape)}, "
                          f"metadata {tuple(kmin.shape)} {kmin.dtype}")
     u = torch.empty(b, hq, P, dtype=torch.float32, device=query.device)

@@ -4,8 +4,9 @@ Quest (Tang et al., 2024, "Quest: Query-Aware Sparsity for Efficient Long-Contex
 2406.10774; the rule: `selection/quest.py`) over the fixed-capacity slots of a `StaticCompressedCache`
 (`storage/static.py`). A page is `page` consecutive slots of the static capacity: page j of a (layer, row, kv head)
 holds slots [j * page, (j + 1) * page). Per (layer, row, kv head, page) the buffers `kmin` / `kmax`
-(b, kv_heads, capacity // page, head_dim) float32 hold the channel-wise minimum and maximum of the keys of the
-page's valid slots (0 for a page with none). They are built once from the slots (`load`) and, at every decoding
+(b, kv_heads, capacity // page, head_dim), in the keys' dtype, hold the channel-wise minimum and maximum of the keys
+of the page's valid slots (0 for a page with none): the min and max of bf16 keys are bf16 values, so this is exact
+(the eager Quest holds the same values in float32) at half the bytes; the bound is summed in float32. They are built once from the slots (`load`) and, at every decoding
 step, the page the step writes into is recomputed on the device from its `page` slots (`refresh`: only that page
 changes; the write slots are device tensors).
 
@@ -46,9 +47,9 @@ class StaticQuest:
     """Quest's page metadata and selection over a `StaticSlots` (see the module docstring).
 
     `selector`: the eager cache's `Quest` (its budget, page, gqa rule and dense layers are used; its own state is
-    not); `slots`: the static slots (capacity a multiple of `selector.page`). Memory: 2 * head_dim * 4 bytes per
-    page per (sparse layer, row, kv head), i.e. head_dim / 2 bytes per slot (an eighth of bf16 K+V's 4 * head_dim
-    bytes).
+    not); `slots`: the static slots (capacity a multiple of `selector.page`). Memory: 2 * head_dim * itemsize bytes per
+    page per (sparse layer, row, kv head): for bf16, head_dim / 4 bytes per slot, a sixteenth of K+V's 4 * head_dim
+    bytes.
     `chosen` (layers, b, kv_heads, k) long: the pages each sparse layer attended to at its last step (a device
     buffer written by `select`; -1 before the first step and for dense layers).
     Raises KVSqueezeError for another selector, a budget that is not a multiple of the page, recovery tracking,
@@ -72,8 +73,9 @@ class StaticQuest:
         self.kmax: list[torch.Tensor | None] = []
         for i in range(slots.n_layers):
             sparse = i not in self.dense_layers
-            self.kmin.append(_static(torch.zeros(shape, dtype=torch.float32, device=dev)) if sparse else None)
-            self.kmax.append(_static(torch.zeros(shape, dtype=torch.float32, device=dev)) if sparse else None)
+            dt = slots.keys[i].dtype  # the min / max of the keys are values of their dtype: no rounding
+            self.kmin.append(_static(torch.zeros(shape, dtype=dt, device=dev)) if sparse else None)
+            self.kmax.append(_static(torch.zeros(shape, dtype=dt, device=dev)) if sparse else None)
         # the pages each sparse layer attended to at its last step (inspection, tests; -1 before any step)
         self.chosen = _static(torch.full((slots.n_layers, slots.batch, slots.kv_heads, self.k_pages), -1,
                                          dtype=torch.long, device=dev))
@@ -104,7 +106,7 @@ class StaticQuest:
             if not self.sparse(i):
                 continue
             b, h, c, d = s.keys[i].shape
-            keys = s.keys[i].float().view(b, h, self.n_pages, self.page, d)
+            keys = s.keys[i].view(b, h, self.n_pages, self.page, d)
             ok = s.valid[i].view(b, h, self.n_pages, self.page)
             mn, mx = _masked_minmax(keys, ok, 3)
             self.kmin[i].copy_(mn)
@@ -120,7 +122,7 @@ class StaticQuest:
         b, h, c, d = keys.shape
         pg = s.write[layer_idx] // self.page  # (b, h)
         idx = pg[..., None] * self.page + self._offs  # (b, h, page)
-        k = keys.gather(2, idx[..., None].expand(b, h, self.page, d)).float()
+        k = keys.gather(2, idx[..., None].expand(b, h, self.page, d))
         ok = s.valid[layer_idx].gather(2, idx)
         mn, mx = _masked_minmax(k, ok, 2)  # (b, h, d)
         # index_put_, not scatter_: inductor re-inplaces it (a scatter_ on the buffer compiled to a copy of the
@@ -142,7 +144,7 @@ class StaticQuest:
         if query.is_cuda and triton is not None:  # one pass over the metadata (kernels/page_bound.py)
             scores = page_bound(query[:, :, 0], kmin, kmax)
         else:
-            scores = page_scores(query[:, :, 0], kmin, kmax)
+            scores = page_scores(query[:, :, 0], kmin.float(), kmax.float())
         scores = scores.view(b, hk, hq // hk, P)  # (b, hk, g, P) fp32
         cur = (s.write[layer_idx] // self.page)[..., None]  # (b, hk, 1): the page being written
         live = self._page_ids <= cur  # (b, hk, P)
