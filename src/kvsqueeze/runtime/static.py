@@ -273,6 +273,20 @@ def _decode_rule(method):
                          + EAGER + ", or set compression_interval=0")
 
 
+def _static_selector(selector):
+    """The static counterpart of an eager selector: `StaticQuest` for Quest, `StaticAttentionPredictor` for
+    AttentionPredictor (both carried to the attention under `kvsqueeze_pages`, one protocol)."""
+    from ..selection import AttentionPredictor
+
+    if isinstance(selector, AttentionPredictor):
+        from ..selection.static_attention_predictor import StaticAttentionPredictor
+
+        return StaticAttentionPredictor
+    from ..selection.static_quest import StaticQuest
+
+    return StaticQuest
+
+
 def check_model(model) -> None:
     """Refuse, before any prefill, a model the static decode path cannot run: sliding-window or chunked-attention
     layers (Gemma 2/3, Mistral's window, Llama 4's chunks) and attention softcapping. Raises KVSqueezeError (the
@@ -349,16 +363,14 @@ class StaticCompressedCache(Cache):
             raise KVSqueezeError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         selector = cache.selector
         if selector is not None:
-            from ..selection import Quest
+            from ..selection import AttentionPredictor, Quest
 
-            if not isinstance(selector, Quest):
+            if not isinstance(selector, (Quest, AttentionPredictor)):
                 raise KVSqueezeError(f"decode-time selection by {type(selector).__name__} runs on the eager path "
-                                     "only (the static decode path runs Quest) " + EAGER)
+                                     "only (the static decode path runs Quest and AttentionPredictor) " + EAGER)
             if getattr(cache, "offload_tier", None):
                 raise KVSqueezeError("an offloaded cache decodes on the eager path only " + EAGER)
-            from ..selection.static_quest import StaticQuest
-
-            StaticQuest.check(selector)
+            _static_selector(selector).check(selector)
         _check_config(cache.config)
         for i, layer in enumerate(cache.layers):
             if not isinstance(layer, CompressedLayer) or layer.sliding_window:
@@ -377,8 +389,8 @@ class StaticCompressedCache(Cache):
         method = cache.method
         rule = _decode_rule(method)
         if selector is not None and rule is not None:
-            raise KVSqueezeError("Quest selection with decode-time eviction (compression_interval > 0) runs on "
-                                 "the eager path only " + EAGER)
+            raise KVSqueezeError(f"{type(selector).__name__} selection with decode-time eviction "
+                                 "(compression_interval > 0) runs on the eager path only " + EAGER)
         every = method.compression_interval if rule is not None else 0
         exempt = set(getattr(method, "exempt_layers", ()) or ())
         layers = cache.layers
@@ -429,10 +441,19 @@ class StaticCompressedCache(Cache):
         out._exempt = sorted(exempt)
         out._exempt_mask = torch.tensor([i in exempt for i in range(len(layers))], device=dev).view(-1, 1, 1)
         if selector is not None:
-            from ..selection.static_quest import StaticQuest
+            from ..selection.static_attention_predictor import StaticAttentionPredictor
 
-            out.pages = StaticQuest(selector, slots)
-            out.pages.load()
+            if _static_selector(selector) is StaticAttentionPredictor:
+                from ..shapes import attention_shape
+
+                cfg = cache.config.get_text_config() if hasattr(cache.config, "get_text_config") else cache.config
+                out.pages = StaticAttentionPredictor(selector, slots, attention_shape(cfg)[0])
+                out.pages.load(selector, [layer.n_stored for layer in layers])
+            else:
+                from ..selection.static_quest import StaticQuest
+
+                out.pages = StaticQuest(selector, slots)
+                out.pages.load()
         return out
 
     @classmethod
@@ -526,6 +547,9 @@ class StaticCompressedCache(Cache):
                 raise KVSqueezeError("the static cache is full: build it with a larger max_new_tokens")
         self.steps_left -= 1
         self.tokens_seen += 1
+        host_step = getattr(self.pages, "host_step", None)
+        if host_step is not None:  # AttentionPredictor: this step's calibration flags (a host counter, no sync)
+            host_step()
 
     # --- one step (graph-friendly) ---------------------------------------------------------------------------
     def begin_step(self) -> torch.Tensor:
@@ -664,7 +688,7 @@ class StaticDecoder:
         its extra keyword arguments (`kvsqueeze_pages`) down to the attention function, as transformers' Llama,
         Qwen, Mistral, ... do. Raises KVSqueezeError otherwise (the step would have attended densely)."""
         q = self.cache.pages
-        sparse = [i for i in range(len(q.kmin)) if q.sparse(i)]
+        sparse = [i for i in range(q.slots.n_layers) if q.sparse(i)]
         if sparse and not bool((q.chosen[sparse] >= 0).all()):
             raise KVSqueezeError(f"{type(self.model).__name__}'s forward does not pass keyword arguments down to its "
                                  "attention, so the static step cannot run Quest on it; decode on the eager path "
