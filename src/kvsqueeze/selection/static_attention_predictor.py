@@ -207,13 +207,16 @@ class StaticAttentionPredictor:
         self._calib = tuple(flags)
 
     # --- device side (the compiled step) -------------------------------------------------------------------
-    def _z(self, x: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
-        """(N, S, W) history rows (zero where not `ok`) -> (N, S, W) each row's contribution w3 . relu(conv2(
-        relu(conv1(x)) masked)): the conv layers' zero padding is the mask (the eager crop of the middle pages and
-        of the T live rows)."""
-        f = torch.relu(F.conv2d(x[:, None], self.w1, self.b1, padding=1)) * ok[:, None]
-        f = torch.relu(F.conv2d(f, self.w2, self.b2, padding=1))
-        return torch.einsum("ncsw,c->nsw", f, self.w3)
+    def _z(self, x: torch.Tensor, ok: torch.Tensor, rows: bool = True, cols: bool = True) -> torch.Tensor:
+        """(N, S, W) history rows (zero where not `ok` (N, S, W)) -> each row's contribution w3 . relu(conv2(
+        relu(conv1(x)) masked)) (N, S, W): the conv layers' zero padding is the mask (the eager crop of the middle
+        pages and of the T live rows). `rows` / `cols` False: no padding along that axis, so the output loses two
+        rows / columns at each end (only the inner ones are computed: a slab's or strip's kept part)."""
+        pad = (int(rows), int(cols))
+        f = torch.relu(F.conv2d(x[:, None], self.w1, self.b1, padding=pad))
+        f = f * ok[:, None, 1 - pad[0] : ok.shape[1] - 1 + pad[0], 1 - pad[1] : ok.shape[2] - 1 + pad[1]]
+        f = torch.relu(F.conv2d(f, self.w2, self.b2, padding=pad))
+        return (f * self.w3.view(1, -1, 1, 1)).sum(1)  # w3 . f over the channels
 
     def _slab(self, layer_idx: int, t: torch.Tensor, c: torch.Tensor, T: torch.Tensor):
         """History rows at time indices `t` (S,) (0 = the oldest live row; outside [0, T) zero): (N, S, P) and
@@ -240,10 +243,10 @@ class StaticAttentionPredictor:
         tb = T - 5 + torch.arange(7, device=dev)
         xb, okb = self._slab(layer_idx, tb, c, T)
         okb = okb[None, :, None] & cols_ok[:, None, :]
-        zb = self._z(xb * okb, okb)
+        zb = self._z(xb * okb, okb, rows=False)  # rows T-3, T-2, T-1
         r_new = torch.remainder(c - 3, H).view(1)
         old = z.index_select(0, r_new)[:, :, :P]
-        z.index_put_((r_new,), F.pad(torch.where(T >= 5, zb[:, 2], old[0]), (0, 1))[None])
+        z.index_put_((r_new,), F.pad(torch.where(T >= 5, zb[:, 0], old[0]), (0, 1))[None])
         # the last columns of every row: [hi - 3, hi) from the x columns [hi - 5, hi + 2)
         craw = hi_q[:, None] - 5 + torch.arange(7, device=dev)  # (N, 7)
         cok = (craw >= lo) & (craw < hi_q[:, None]) & (craw < P)
@@ -252,7 +255,7 @@ class StaticAttentionPredictor:
         ring_t = torch.remainder(c - T + t_all, H)  # time order -> ring slot
         xs = self.hist[layer_idx].flatten(1, 2).gather(2, cidx[None].expand(H, N, 7)).index_select(0, ring_t)
         oks = (t_all < T)[:, None, None] & cok[None]  # (H, N, 7)
-        zs = self._z((xs * oks).transpose(0, 1), oks.transpose(0, 1))[:, :, 2:5]  # (N, H, 3) time order
+        zs = self._z((xs * oks).transpose(0, 1), oks.transpose(0, 1), cols=False)  # (N, H, 3) time order
         t_of_r = torch.remainder(t_all - (c - T), H)  # ring slot -> time index
         dest = torch.where(cok[:, 2:5], craw[:, 2:5], P)  # (N, 3); masked columns go to the scratch column P
         z.index_put_((t_all.view(1, H, 1), torch.arange(N, device=dev).view(N, 1, 1), dest[:, None, :]),
@@ -261,9 +264,9 @@ class StaticAttentionPredictor:
         tf = torch.arange(-2, 4, device=dev)
         xf, okf = self._slab(layer_idx, tf, c, T)
         okf = okf[None, :, None] & cols_ok[:, None, :]
-        zf = self._z(xf * okf, okf)[:, 2:4]  # rows 0, 1
+        zf = self._z(xf * okf, okf, rows=False)  # rows 0, 1
         front = zf * (tf[2:4] < T)[None, :, None]
-        back = zb[:, 3:5] * (tb[3:5] >= 2)[None, :, None]  # rows T-2, T-1 unless they are rows 0, 1
+        back = zb[:, 1:] * (tb[3:5] >= 2)[None, :, None]  # rows T-2, T-1 unless they are rows 0, 1
         interior = (t_of_r >= 2) & (t_of_r <= T - 3)  # (H,) ring slots holding an interior row
         inner = torch.where(interior[:, None, None], z[:, :, :P], 0.0).sum(0)
         total = inner + back.sum(1) + front.sum(1)
