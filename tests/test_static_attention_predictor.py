@@ -273,3 +273,44 @@ def test_a_forward_that_drops_the_pages_is_refused(model, monkeypatch):
     monkeypatch.setattr(StaticCompressedCache, "forward_kwargs", lambda self: {})
     with pytest.raises(kq.KVSqueezeError, match="keyword arguments"):
         StaticDecoder(model, st)(f.argmax(-1))
+
+
+@pytest.mark.parametrize("calibrate", [False, True])
+def test_compiled_history_update_stays_in_place(calibrate):
+    """The compiled step (inductor) writes one history row and the z rows / columns it recomputes in place: its
+    code never loops over a whole history or z buffer (a copy out and back per layer and step would cost more
+    than the selection), and it selects and updates what the uncompiled step does."""
+    import re
+
+    from torch._inductor.utils import run_and_get_code
+
+    from kvsqueeze.storage.static import StaticSlots
+
+    b, hk, hq, d, cap, n, H = 1, 2, 8, 16, 160, 120, 8
+
+    def build():
+        g = torch.Generator().manual_seed(0)
+        slots = StaticSlots(1, b, hk, cap, d, torch.float32, "cpu")
+        keys = torch.randn(b, hk, n, d, generator=g)
+        slots.load(0, keys, keys, torch.arange(n).expand(b, hk, -1), None)
+        slots.write[0] = n - 1
+        sel = AttentionPredictor(48, predictor=PredictorNet().init_blend(noise=0.3), sink=16, local=16,
+                                 history=H, dense_layers=())
+        sel.state[0] = {"hist": torch.rand(b, hq, H, 8, generator=g), "n": n - 1}
+        sap = StaticAttentionPredictor(sel, slots, hq)
+        sap.load(sel, [n - 1])
+        sap._calib = (calibrate,)
+        return sap
+
+    q = torch.randn(b, hq, 1, d, generator=torch.Generator().manual_seed(1))
+    eager, comp = build(), build()
+    want = eager.select(0, q, 0.25)
+    torch._dynamo.reset()
+    got, code = run_and_get_code(torch.compile(lambda: comp.select(0, q, 0.25), fullgraph=True))
+    bounds = {int(x) for x in re.findall(r"static_cast<int64_t>\((\d+)L\)", "\n".join(code))}
+    assert comp.hist[0].numel() == H * hq * 10 and comp.z[0].numel() == H * hq * 11
+    assert not bounds & {comp.hist[0].numel(), comp.z[0].numel()}, "the compiled step copies a whole buffer"
+    assert torch.equal(want, got)
+    torch.testing.assert_close(comp.hist[0], eager.hist[0])
+    torch.testing.assert_close(comp.z[0][..., :10], eager.z[0][..., :10], atol=1e-6, rtol=1e-5)  # not the scratch
+    assert int(comp.rows[0]) == H + 1 and comp.wprev[0].tolist() == [[8, 8]]
