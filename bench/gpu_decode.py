@@ -391,7 +391,8 @@ def main(argv=None) -> int:
             med = statistics.median(ms)
             limit = (weight_bytes + kv) / (args.hbm_gbps * 1e9) * 1e3
             peak = peak_gb(device)
-            row.update(ms_per_token=med, ms_min=min(ms), ms_mean=statistics.fmean(ms), tokens_per_s=1000.0 * args.batch / med, peak_gb=peak,
+            row.update(ms_per_token=med, ms_min=min(ms), ms_mean=statistics.fmean(ms),
+                       tokens_per_s=1000.0 * args.batch / med, peak_gb=peak,
                        kv_bytes=kv, weight_bytes=weight_bytes, limit_ms=limit, fraction_of_limit=limit / med)
             rows_out.append(row)
             print(f"{length:>8} {name:<34} {med:8.2f} {row['tokens_per_s']:8.1f} {peak:8.2f} {kv / 1e9:8.3f} "

@@ -31,7 +31,7 @@ not a sink: a ring over the window) and K-norm (the slot whose key has the large
 slot-aligned `priority` buffer), PyramidKV over either (per-layer budgets). Methods whose decode-time eviction
 needs the step's attention weights (H2O, TOVA, SnapKV, ... with `compression_interval > 0`), AdaKV with decode
 eviction (its head budgets are re-split at each eviction), quantized storage other than KIVI, KIVI with decode-time
-eviction, AttentionPredictor, Quest with decode-time eviction or offloading, sliding-window layers and attention
+eviction, Quest / AttentionPredictor with decode-time eviction or offloading, sliding-window layers and attention
 softcapping are refused with a `KVSqueezeError` naming the eager path (`greedy_decode_batch`).
 
 Quest selection (Tang et al., 2024, arXiv 2406.10774) runs in the step: a cache built with `selector=Quest(...)`
@@ -41,6 +41,13 @@ attention under the keyword `kvsqueeze_pages` (transformers passes a forward's e
 attention function), where each sparse layer picks its top budget / page pages per kv head on the device and
 attends to them only: read in place by the Triton page kernel (`kernels/page_decode.py`), gathered by the torch
 kernels.
+
+AttentionPredictor (Yang, Wang et al., 2025) runs in the step the same way: a cache built with
+`selector=AttentionPredictor(...)` is copied with a `StaticAttentionPredictor`
+(`selection/static_attention_predictor.py`: the attention history and the CNN's per-row terms in fixed ring
+buffers, prediction from the history up to the previous step, the step's row pushed on the device) under the same
+keyword; its calibration steps (a full attention row every `calibration_every` steps) are a second compiled variant,
+chosen on the host by the step counter (`_count_step` -> `host_step`).
 
 KIVI storage (issue 12, item 2): a cache whose every layer holds a `KIVIStore` (KIVI over the full cache, or after a
 prefill eviction) is copied into `quant.kivi_static.StaticKIVI` buffers instead of fp16 slots: packed 2/4-bit
@@ -88,11 +95,12 @@ EAGER = "(`kvsqueeze generate` without --compile; static=False in Python)"  # wh
 # A step's forward carries what its attention needs beyond the layer's buffers as extra keyword arguments
 # (`StaticCompressedCache.forward_kwargs`; transformers hands them down to the attention function): the static KIVI
 # buffers under `kvsqueeze_kivi` (the attention interface is given the layer's residual buffers, not the packed
-# ones) and Quest's `StaticQuest` under `kvsqueeze_pages`. One route for both. A forward that does not pass them
-# down is refused: without the KIVI buffers the attention gets the residual, narrower than the slot mask
-# (`_layer_rows`); without the pages no layer chooses any (`StaticDecoder._check_selected`).
+# ones) and the page selector (`StaticQuest` or `StaticAttentionPredictor`) under `kvsqueeze_pages`. One route for
+# all. A forward that does not pass them down is refused: without the KIVI buffers the attention gets the
+# residual, narrower than the slot mask (`_layer_rows`); without the pages no layer chooses any
+# (`StaticDecoder._check_selected`).
 KIVI_KW = "kvsqueeze_kivi"  # the forward kwarg carrying a cache's `StaticKIVI` down to the static attention
-PAGES_KW = "kvsqueeze_pages"  # the forward kwarg carrying a cache's `StaticQuest` down to the static attention
+PAGES_KW = "kvsqueeze_pages"  # the forward kwarg carrying a cache's page selector down to the static attention
 
 
 def _kivi_attention(module, query, scaling, kernel, kwargs):
@@ -331,7 +339,7 @@ class StaticCompressedCache(Cache):
         self.full_kv_bytes = full_kv_bytes
         self.driven = False  # True while a StaticDecoder runs a step (the routing hooks then stay out)
         self.hook_depth, self.hook_saved = 0, None  # a forward driven by the routing hooks (model.generate)
-        self.pages = None  # a StaticQuest (selection/static_quest.py) when the eager cache had a Quest selector
+        self.pages = None  # a StaticQuest / StaticAttentionPredictor when the eager cache had that selector
 
     @property
     def is_compileable(self) -> bool:
@@ -352,7 +360,8 @@ class StaticCompressedCache(Cache):
         `max_new_tokens`); rounded up to a multiple of `ALIGN` (16) slots. `position` (b,) long: the position id
         of each row's next token (default: the tokens the row has seen, its left padding not counted). A `Quest`
         selector of the cache is carried over (`pages`, a `StaticQuest`; capacity then in whole pages; its budget must
-        be a multiple of its page). A cache whose every layer holds a `KIVIStore` becomes `StaticKIVI` buffers
+        be a multiple of its page), an `AttentionPredictor` as a `StaticAttentionPredictor` (its history copied;
+        the same page rules). A cache whose every layer holds a `KIVIStore` becomes `StaticKIVI` buffers
         (`_from_kivi`). Raises KVSqueezeError for what the static path cannot hold (see the module docstring) and
         for an empty cache."""
         from .cache import CompressedCache
@@ -684,15 +693,16 @@ class StaticDecoder:
         return logits, (token.clone() if self._graphs else token)
 
     def _check_selected(self) -> None:
-        """After the first step with Quest: every sparse layer chose its pages, i.e. the model's forward handed
-        its extra keyword arguments (`kvsqueeze_pages`) down to the attention function, as transformers' Llama,
-        Qwen, Mistral, ... do. Raises KVSqueezeError otherwise (the step would have attended densely)."""
+        """After the first step with a page selector (Quest, AttentionPredictor): every sparse layer chose its
+        pages, i.e. the model's forward handed its extra keyword arguments (`kvsqueeze_pages`) down to the attention
+        function, as transformers' Llama, Qwen, Mistral, ... do. Raises KVSqueezeError otherwise (the step would
+        have attended densely)."""
         q = self.cache.pages
         sparse = [i for i in range(q.slots.n_layers) if q.sparse(i)]
         if sparse and not bool((q.chosen[sparse] >= 0).all()):
             raise KVSqueezeError(f"{type(self.model).__name__}'s forward does not pass keyword arguments down to its "
-                                 "attention, so the static step cannot run Quest on it; decode on the eager path "
-                                 + EAGER)
+                                 "attention, so the static step cannot run page selection on it; decode on the eager "
+                                 "path " + EAGER)
         self._checked = True
 
 

@@ -131,7 +131,8 @@ class StaticAttentionPredictor:
         `PredictorNet` (not a heuristic module), a budget in whole pages, no recovery tracking. What
         `StaticCompressedCache.from_cache` checks before it allocates anything."""
         if not isinstance(selector, AttentionPredictor):
-            raise KVSqueezeError(f"StaticAttentionPredictor runs AttentionPredictor only, not {type(selector).__name__}")
+            raise KVSqueezeError(f"StaticAttentionPredictor runs AttentionPredictor only, not "
+                                 f"{type(selector).__name__}")
         if not isinstance(selector.net, PredictorNet):
             raise KVSqueezeError(f"the static AttentionPredictor step runs the paper's CNN (PredictorNet), not "
                                  f"{type(selector.net).__name__}; decode on the eager path")
