@@ -314,3 +314,29 @@ def test_compiled_history_update_stays_in_place(calibrate):
     torch.testing.assert_close(comp.hist[0], eager.hist[0])
     torch.testing.assert_close(comp.z[0][..., :10], eager.z[0][..., :10], atol=1e-6, rtol=1e-5)  # not the scratch
     assert int(comp.rows[0]) == H + 1 and comp.wprev[0].tolist() == [[8, 8]]
+
+
+def test_cli_generate_compile_with_attention_predictor(tmp_path, monkeypatch):
+    """`kvsqueeze generate --select attention_predictor --compile` answers what the eager AttentionPredictor loop
+    answers (a predictor at its blend init stands in for a trained one; a budget that is not a whole number of
+    pages is rounded down to whole pages)."""
+    from click.testing import CliRunner
+
+    from conftest import own_cache, save_tiny_llama_with_smollm2_tokenizer
+    from kvsqueeze.cli import main
+    from kvsqueeze.selection import attention_predictor, save_predictor
+
+    path = save_predictor(PredictorNet().init_blend(noise=0.3), tmp_path / "ap.safetensors")
+    monkeypatch.setattr(attention_predictor, "predictor_path", lambda model: path)
+    d = save_tiny_llama_with_smollm2_tokenizer(tmp_path / "tiny")
+    ctx = tmp_path / "c.txt"
+    ctx.write_text("The passkey is 4821. Remember it well, it matters later on. " * 12)
+    base = ["generate", "--model", str(d), "--context-file", str(ctx), "--question", "What is the passkey?",
+            "--method", "full", "--max-new-tokens", "8", "--select", "attention_predictor", "--select-budget", "72"]
+    with own_cache(tmp_path / "cache"):
+        eager = CliRunner().invoke(main, base[:-1] + ["64"])
+        assert eager.exit_code == 0, eager.output
+        compiled = CliRunner().invoke(main, base + ["--compile"])
+        assert compiled.exit_code == 0, compiled.output
+    assert compiled.output.splitlines()[0] == eager.output.splitlines()[0]
+    assert "attention_predictor(budget=64" in compiled.output
