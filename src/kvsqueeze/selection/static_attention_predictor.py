@@ -46,11 +46,11 @@ hi = max(lo, W - local // page), K = (sink + local) // page + k_pages = budget /
    per-layer flags `_calib`, a Python tuple, so torch.compile guards on it and keeps two graphs): a full row
    every step would read every key at every step, the cost the selection exists to avoid.
 
-Per-step cost of a sparse layer (b * q_heads images, P pages): the conv layers over 13 rows x P pages (the three
-slabs) and 64 rows x 7 pages (the strip), a read of the z ring (H x P) for the interior sum, the gather and q.k over
-K * page keys, and a write of one history row and one z row. At 128k tokens and 32 query heads that is about
-12 GFLOP per layer (conv2: 16 -> 32 channels, 3 x 3) and 67 MB of z read per layer per step; the eager
-AttentionPredictor does the same work.
+Per-step cost of a sparse layer (b * q_heads images, P pages): conv2 over 5 output rows x P pages (conv1 over the
+9 rows they need: the two slabs compute only the rows they keep) and over 64 rows x 3 pages (the strip), a read of
+the z ring (H x P) for the interior sum, the gather and q.k over K * page keys, and a write of one history row and
+one z row. At 128k tokens and 32 query heads that is about 12 GFLOP per layer (conv2: 16 -> 32 channels, 3 x 3)
+and 67 MB of z read per layer per step; the eager AttentionPredictor does the same work.
 
 Equality with the eager AttentionPredictor (same pages, same logits) holds where the eager and static slot grids
 line up (as `static_quest.py` states: a full cache or a method that keeps every head's entries in position order,
