@@ -340,3 +340,21 @@ def test_cli_generate_compile_with_attention_predictor(tmp_path, monkeypatch):
         assert compiled.exit_code == 0, compiled.output
     assert compiled.output.splitlines()[0] == eager.output.splitlines()[0]
     assert "attention_predictor(budget=64" in compiled.output
+
+
+def test_generate_with_a_static_ap_cache(model):
+    """model.generate over the static copy (uncompiled, driven by the routing hooks: the host step counter advances
+    there too, so the calibration rows fall on the eager steps) gives generate()'s tokens over the eager cache
+    prefilled the same way (all but the last prompt token)."""
+    from conftest import kv
+
+    ids = _ids()
+    eager = kq.CompressedCache(model, None, selector=_selector())
+    prefill(model, eager, ids[:, :-1])
+    ref = model.generate(ids, **kv(eager), max_new_tokens=N, do_sample=False, pad_token_id=0)
+    c = kq.CompressedCache(model, None, selector=_selector())
+    prefill(model, c, ids[:, :-1])
+    static = StaticCompressedCache.from_cache(c, N)
+    got = model.generate(ids, **kv(static), max_new_tokens=N, do_sample=False, pad_token_id=0)
+    assert got.tolist() == ref.tolist()
+    _same_history(eager.selector, static.pages)
