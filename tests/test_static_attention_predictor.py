@@ -383,3 +383,19 @@ def test_a_history_reset_by_the_prefill_compression_regrows(model, recorded):
     assert len(sparse) >= 6 * 2 and all(idx is not None for _, idx in eager)
     _same_pages(eager, sparse, min_sparse=6 * 2)
     _same_history(c1.selector, static.pages)
+
+
+def test_a_capacity_below_the_budget_is_dense(model):
+    """A static capacity of fewer pages than the budget (40 prompt tokens + 4, budget 64): every step attends to
+    every page, as the eager steps (n <= budget) do; the first-step check of the route passes."""
+    ids = _ids(1, 40)
+    c1, f1 = _cache(model, ids)
+    ref, ref_logits = _eager(model, c1, f1, 4)
+    c2, f2 = _cache(model, ids)
+    st = StaticCompressedCache.from_cache(c2, 4)
+    assert st.slots.capacity // 16 < st.pages.k_pages
+    logits = []
+    assert static_greedy_decode(model, st, f2, 4, set(), logits_out=logits) == ref
+    for a, b in zip(logits, ref_logits):
+        torch.testing.assert_close(a, b, **TOL)
+    assert st.pages.chosen[2].tolist() == [[[0, 1, 2]] * 2]

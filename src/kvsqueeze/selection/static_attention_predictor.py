@@ -13,7 +13,8 @@ Buffers (allocated once, float32 as the eager history, on the slots' device), pe
                                   a scratch column that absorbs masked writes)
     rows  (layers,) long          rows pushed so far (the ring's write count); T = min(rows, H) rows are live
     wprev (layers, b, kv_heads)   the page count W of the last row (the eager history's width)
-    chosen (layers, b, kv_heads, K) long  the pages attended at the last step (-1 before any step, dense layers)
+    chosen (layers, b, kv_heads, K) long  the pages attended at the last step (-1 before any step, dense layers;
+                                  min(K, P) pages where the capacity holds fewer than K)
 
 Memory: 2 * H * q_heads * P * 4 bytes per (sparse layer, row), i.e. 2 * 64 * q_heads * 4 / page = 32 * q_heads
 bytes per slot of capacity (Llama-3.1-8B, 32 query heads, page 16: 1 KiB per slot and sparse layer, twice the
@@ -120,7 +121,9 @@ class StaticAttentionPredictor:
             self.z.append(_static(torch.zeros(H, b * q_heads, P + 1, device=dev)) if sparse else None)
         self.rows = _static(torch.zeros(slots.n_layers, dtype=torch.long, device=dev))
         self.wprev = _static(torch.zeros(slots.n_layers, b, hk, dtype=torch.long, device=dev))
-        self.chosen = _static(torch.full((slots.n_layers, b, hk, self.k_pages), -1, dtype=torch.long, device=dev))
+        # (a capacity of fewer pages than K: every step dense over its min(K, P) pages)
+        self.chosen = _static(torch.full((slots.n_layers, b, hk, min(self.k_pages, P)), -1, dtype=torch.long,
+                                         device=dev))
         self._page_ids = torch.arange(P, device=dev)
         self._steps = [0] * slots.n_layers  # host: decoding steps of each layer's history (the eager st["step"])
         self._calib: tuple[bool, ...] = (False,) * slots.n_layers  # host: this step's calibration flags
@@ -304,7 +307,7 @@ class StaticAttentionPredictor:
             pages = torch.where((npc <= K)[..., None], dense, pages)
         else:  # the capacity holds no more than the budget: always dense
             pages = dense
-        self.chosen[layer_idx][..., : pages.shape[-1]].copy_(pages)
+        self.chosen[layer_idx].copy_(pages)
         self._push(layer_idx, query, scaling, pages, npc)
         return pages
 
