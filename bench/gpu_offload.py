@@ -16,15 +16,25 @@ Rows (`--rows` picks a subset by name):
   kvsq-offload:ap       the sparse layers' KV in (pinned) CPU memory, fixed GPU frames for the budget's pages; the
                         next step's pages predicted and copied on a side stream during the current step
   kvsq-offload:quest    the same store, pages fetched on demand once the step's query is known (no prefetch)
+  kvsq-static:quest     kvsqueeze's static decode step (one CUDA graph, runtime/static.py) with Quest, the whole
+                        cache on the GPU, the selected pages read in place by the Triton page kernel
+  kvsq-static-offload:quest  the same step with the sparse layers' KV in mapped host memory (storage/mapped.py):
+                        the page kernel reads the selected pages over the host link in place, no copies, no page
+                        table (the prefill runs on the GPU, shared with kvsq-static:quest, then the cache is
+                        copied out: the peak column includes that prefill; `CompressedCache(offload="cpu")`
+                        prefills without ever holding the whole KV on the GPU, slower)
 
 Budgets: --budget-per-length (default 32768:2048,131072:4096, the issue's goals), else --budget. The random model
 has no trained predictor: AttentionPredictor runs its CNN initialised to the history heuristic
 (`PredictorNet.init_blend`; the CNN's cost does not depend on its weights).
 
 Columns: ms/token; moved = host -> device bytes per decoded token (offloaded rows: the store's counters over every
-step, warm-up included; hf-offloaded: every layer's KV once per step, an estimate from its cache size); hit = pages
+step, warm-up included; hf-offloaded: every layer's KV once per step, an estimate from its cache size;
+kvsq-static-offload: the selected pages' keys and values of the host layers, what the page kernel reads over the
+link each step, computed from the selection's size); hit = pages
 a step needed that were already on the GPU (prefetched, or kept from the step before); GPU KV = key / value bytes
-held on the GPU after the last step (hf-offloaded: not counted by transformers, shown as '-'); host KV = bytes in
+held on the GPU after the last step (hf-offloaded: not counted by transformers, shown as '-'; static rows: plus
+Quest's page metadata, printed after a '+'); host KV = bytes in
 CPU memory; peak = max GPU memory allocated over the row (weights and prefill included); same = whether the
 offloaded row's tokens equal those of the kvsq-gpu row with the same selector (the rows must agree exactly).
 """
@@ -47,12 +57,15 @@ from transformers import DynamicCache  # noqa: E402
 import kvsqueeze as kq  # noqa: E402
 from kvsqueeze.compat import cache_kwargs  # noqa: E402
 from kvsqueeze.runtime.generate import decode_step, prefill  # noqa: E402
+from kvsqueeze.runtime.static import StaticCompressedCache, StaticDecoder  # noqa: E402
 from kvsqueeze.selection import AttentionPredictor, PredictorNet, Quest  # noqa: E402
 
+import gpu_decode  # noqa: E402
 from _table import attempt, peak_gb, write_json  # noqa: E402
 from gpu_decode import TINY, bench_target, build_model, hf_prefill, kv_bytes_of, timed  # noqa: E402
 
-ROWS = ("hf-offloaded", "kvsq-gpu:ap", "kvsq-offload:ap", "kvsq-gpu:quest", "kvsq-offload:quest")
+ROWS = ("hf-offloaded", "kvsq-gpu:ap", "kvsq-offload:ap", "kvsq-gpu:quest", "kvsq-offload:quest", "kvsq-static:quest",
+        "kvsq-static-offload:quest")
 
 
 def budget_for(length: int, args) -> int:
@@ -89,6 +102,8 @@ def run_row(name, model, ids, args, device, budget):
         return dict(ms=ms, moved_per_token=kv, hit_rate=None, gpu_kv=None, host_kv=kv, tokens=None)
     kind, _, sel_name = name.partition(":")
     selector = selector_for(sel_name, budget)
+    if kind.startswith("kvsq-static"):
+        return static_row(kind, model, ids, args, device, selector)
     cache = kq.CompressedCache(model, None, selector=selector, offload="cpu" if kind == "kvsq-offload" else None,
                                offload_latency=args.latency if device.type != "cuda" else 0.0)
     with torch.no_grad():
@@ -111,6 +126,44 @@ def run_row(name, model, ids, args, device, budget):
     return out
 
 
+_PREFILLED: dict = {}  # (length, budget) -> (the eager Quest cache after the prefill, its first token)
+
+
+def static_row(kind, model, ids, args, device, selector):
+    """A static-step row: the eager Quest cache prefilled on the GPU (once per length, shared by both static rows),
+    copied into the static cache (for kvsq-static-offload with the sparse layers in mapped host memory,
+    `from_cache(..., offload="cpu")`), decoded by the compiled `StaticDecoder`."""
+    import torch._dynamo
+
+    key = (ids.shape[-1], selector.budget)
+    if key not in _PREFILLED:  # one prefill (on the GPU) for both static rows of a length
+        _PREFILLED.clear()
+        cache = kq.CompressedCache(model, None, selector=selector)
+        with torch.no_grad():
+            _PREFILLED[key] = cache, prefill(model, cache, ids, args.chunk).argmax(-1)
+    cache, tok = _PREFILLED[key]
+    offload = "cpu" if kind == "kvsq-static-offload" else None
+    static = StaticCompressedCache.from_cache(cache, args.warmup + args.steps + gpu_decode.PROFILE_STEPS + 1,
+                                              offload=offload)
+    torch._dynamo.reset()  # one compiled step per cache
+    compile_kw = dict(compile=True) if device.type == "cuda" else dict(compile=True, backend="aot_eager")
+    dec = StaticDecoder(model, static, **compile_kw)
+    toks: list[torch.Tensor] = []
+
+    def step():
+        nonlocal tok
+        tok = dec(tok)[1]
+        toks.append(tok)
+
+    ms = timed(step, args.warmup, args.steps, device)
+    st = static.stats()
+    s, q = static.slots, static.pages
+    page_bytes = q.page * (s.head_dim + s.values[0].shape[-1]) * s.keys[0].element_size()
+    moved = len(s.host_layers) * s.batch * s.kv_heads * q.k_pages * page_bytes
+    return dict(ms=ms, gpu_kv=st.device_kv_bytes, gpu_meta=q.nbytes(), host_kv=st.host_kv_bytes,
+                moved_per_token=moved, hit_rate=None, tokens=torch.stack(toks).tolist())
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     ap.add_argument("--lengths", default="32768,131072", help="Context lengths, comma-separated.")
@@ -124,8 +177,11 @@ def main(argv=None) -> int:
     ap.add_argument("--latency", type=float, default=0.0,
                     help="Simulated seconds per host -> device copy off CUDA (--quick: a slow link on the CPU).")
     ap.add_argument("--json", default=None, help="Write the rows to this JSON file.")
+    ap.add_argument("--profile", type=int, default=0,
+                    help="Trace N more steps per row and print the GPU kernels by time (gpu_decode.kernel_profile).")
     ap.add_argument("--quick", action="store_true", help="Tiny shapes on the CPU (checks the script end to end).")
     args = ap.parse_args(argv)
+    gpu_decode.PROFILE_STEPS = args.profile  # read by gpu_decode.timed
     target = bench_target(args.quick, dict(TINY, num_hidden_layers=4))
     if target is None:
         return 2
@@ -148,7 +204,7 @@ def main(argv=None) -> int:
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     print(f"model: Llama-3.1-8B shapes{' (tiny: --quick)' if args.quick else ''}, {dtype}; weights "
           f"{weight_bytes / 1e9:.2f} GB; {args.warmup} warm-up + {args.steps} timed steps", flush=True)
-    print(f"{'context':>8} {'budget':>6} {'row':<20} {'ms/tok':>8} {'moved/tok':>10} {'hit':>6} {'GPU KV GB':>9} "
+    print(f"{'context':>8} {'budget':>6} {'row':<26} {'ms/tok':>8} {'moved/tok':>10} {'hit':>6} {'GPU KV GB':>9} "
           f"{'host KV GB':>10} {'peak GB':>8} {'same':>5}")
     rows_out = []
     for length in lengths:
@@ -160,27 +216,30 @@ def main(argv=None) -> int:
             row = {"context": length, "budget": budget, "row": name}
             if name == "hf-offloaded" and device.type != "cuda":  # transformers offloads to and from CUDA only
                 row["skipped"] = "needs CUDA"
-                print(f"{length:>8} {budget:>6} {name:<20} skipped: transformers' offloading needs CUDA", flush=True)
+                print(f"{length:>8} {budget:>6} {name:<26} skipped: transformers' offloading needs CUDA", flush=True)
                 rows_out.append(row)
                 continue
             r = attempt(lambda: run_row(name, model, ids, args, device, budget), row, rows_out,
-                        f"{length:>8} {budget:>6} {name:<20}", device)
+                        f"{length:>8} {budget:>6} {name:<26}", device)
             if r is None:
                 continue
             ms = r.pop("ms")
             kind, _, sel = name.partition(":")
-            if kind == "kvsq-gpu":
-                ref_tokens[sel] = r["tokens"]
+            if kind in ("kvsq-gpu", "kvsq-static"):
+                ref_tokens[kind, sel] = r["tokens"]
             same = None
-            if kind == "kvsq-offload" and sel in ref_tokens:
-                same = r["tokens"] == ref_tokens[sel]
+            ref_kind = {"kvsq-offload": "kvsq-gpu", "kvsq-static-offload": "kvsq-static"}.get(kind)
+            if (ref_kind, sel) in ref_tokens:
+                same = r["tokens"] == ref_tokens[ref_kind, sel]
             peak = peak_gb(device)
             row.update({k: v for k, v in r.items() if k != "tokens"}, ms_per_token=statistics.median(ms),
                        ms_min=min(ms), peak_gb=peak, same_tokens=same)
             rows_out.append(row)
             hit = "-" if r["hit_rate"] is None else f"{100 * r['hit_rate']:.1f}%"
             gpu = "-" if r["gpu_kv"] is None else f"{r['gpu_kv'] / 1e9:.3f}"
-            print(f"{length:>8} {budget:>6} {name:<20} {row['ms_per_token']:8.2f} "
+            if r.get("gpu_meta"):
+                gpu += f"+{r['gpu_meta'] / 1e9:.3f}"
+            print(f"{length:>8} {budget:>6} {name:<26} {row['ms_per_token']:8.2f} "
                   f"{r['moved_per_token'] / 1e6:8.2f}MB {hit:>6} {gpu:>9} {r['host_kv'] / 1e9:10.3f} {peak:8.2f} "
                   f"{'-' if same is None else ('yes' if same else 'NO'):>5}", flush=True)
     write_json(args.json, args, rows_out)

@@ -136,14 +136,33 @@ def _quest_both(model, kernel, compile_kw=None, budget=64):
     step and kv head: ([eager logits], [static logits], [eager pages], [static pages])."""
     from kvsqueeze.selection import Quest
 
+    import kvsqueeze.selection.quest as quest_mod
+
     ids, feed = _feed()
     eager = kq.CompressedCache(model, None, selector=Quest(budget, dense_layers=(0,)))
     prefill(model, eager, ids.to(DEVICE))
-    ref, ref_pages = [], []
-    select = eager.selector._select
-    eager.selector._select = lambda i, layer, q: ref_pages.append(select(i, layer, q)) or ref_pages[-1]
-    for t in feed:
-        ref.append(decode_step(model, eager, t.to(DEVICE)))
+    ref, ref_pages, ref_agg, scores = [], [], [], []
+    select, page_scores = eager.selector._select, quest_mod.page_scores
+
+    def record(i, layer, q):  # the eager pages, and the aggregated page scores they were chosen by (b, hk, P)
+        n = len(scores)
+        idx = select(i, layer, q)
+        agg = None
+        if len(scores) > n:
+            b, hq, P = scores[-1].shape
+            hk = layer.keys.shape[1]
+            agg = torch.softmax(scores[-1] * eager.selector.scale(i, q), -1).view(b, hk, hq // hk, P).amax(2)
+        ref_pages.append(idx)
+        ref_agg.append(agg)
+        return idx
+
+    eager.selector._select = record
+    quest_mod.page_scores = lambda *a: scores.append(page_scores(*a)) or scores[-1]
+    try:
+        for t in feed:
+            ref.append(decode_step(model, eager, t.to(DEVICE)))
+    finally:
+        quest_mod.page_scores = page_scores
     ref_pages = [None if idx is None else [sorted(set(h.tolist())) for h in (idx[0] // 16)] for idx in ref_pages]
     cache = kq.CompressedCache(model, None, selector=Quest(budget, dense_layers=(0,)))
     prefill(model, cache, ids.to(DEVICE))
@@ -155,16 +174,40 @@ def _quest_both(model, kernel, compile_kw=None, budget=64):
         with contextlib.nullcontext() if i < 3 else _no_sync():  # warm-up: compilation, graph capture
             got.append(dec(t)[0].clone())
         pages.append(static.pages.chosen[1, 0].tolist())  # per kv head of row 0, increasing
-    return ref, got, ref_pages, pages
+    return ref, got, ref_pages, pages, ref_agg
+
+
+def _near_ties(ref_pages, pages, ref_agg, rtol: float) -> list[str]:
+    """The steps where the static pages differ from the eager ones other than by a near tie: for each kv head, the
+    pages only one side chose must score (eager aggregated score, row 0) within `rtol` of each other. Returns
+    descriptions of the violations (empty: every difference is a near tie)."""
+    bad = []
+    for step, (a, b, agg) in enumerate(zip(ref_pages, pages, ref_agg)):
+        if a == b:
+            continue
+        if a is None or agg is None:
+            bad.append(f"step {step}: eager dense, static {b}")
+            continue
+        for h, (pa, pb) in enumerate(zip(a, b)):
+            only_e, only_s = set(pa) - set(pb), set(pb) - set(pa)
+            if not only_e and not only_s:
+                continue
+            ve = [float(agg[0, h, j]) for j in only_e]
+            vs = [float(agg[0, h, j]) for j in only_s if j < agg.shape[-1]]
+            if not ve or not vs or min(vs) < max(ve) * (1 - rtol):
+                bad.append(f"step {step} kv head {h}: eager-only pages {sorted(only_e)} scores {ve}, "
+                           f"static-only {sorted(only_s)} scores {vs}")
+    return bad
 
 
 @on_device
 @pytest.mark.parametrize("compiled", [False, True])
 @pytest.mark.parametrize("kernel", [None, "sdpa", "matmul", "triton"])
 def test_static_quest_logits_equal_eager_in_bf16(kernel, compiled):
-    """Where the two pick the same pages (all but near ties: bf16 rounding of the query, which differs between
-    the attention kernels of layer 0, may swap two pages of close scores; at most 2 of 12 steps), the logits
-    agree within bf16 tolerance."""
+    """The two pick the same pages but for near ties (bf16 rounding of the query, which differs between the
+    attention kernels of layer 0, and float32 rounding of the bound, products or the Triton pass, may swap pages
+    whose scores are within 5% of each other), on most steps; where they do, the logits agree within bf16
+    tolerance."""
     import torch._dynamo
 
     cuda = torch.device(DEVICE).type == "cuda"
@@ -177,9 +220,10 @@ def test_static_quest_logits_equal_eager_in_bf16(kernel, compiled):
     if compiled:
         compile_kw = dict(compile=True) if cuda else dict(compile=True, backend="aot_eager")
     model = _model()
-    ref, got, ref_pages, pages = _quest_both(model, kernel, compile_kw)
+    ref, got, ref_pages, pages, ref_agg = _quest_both(model, kernel, compile_kw)
     same = [a == b for a, b in zip(ref_pages, pages)]
-    assert sum(same) >= len(same) - 2, (ref_pages, pages)
+    assert sum(same) >= len(same) // 2, (ref_pages, pages)
+    assert not _near_ties(ref_pages, pages, ref_agg, rtol=0.05), _near_ties(ref_pages, pages, ref_agg, rtol=0.05)
     for r, g, ok in zip(ref, got, same):
         if ok:
             torch.testing.assert_close(g.float(), r.float(), atol=3e-2, rtol=3e-2)
@@ -295,3 +339,11 @@ def test_compiled_static_kivi_equals_eager_and_never_syncs(case):
     ref, got = _both(_model(), name, kw, compile_kw=dict(compile=True), kernel="triton", bits=bits)
     for r, g in zip(ref, got):
         torch.testing.assert_close(g.float(), r.float(), atol=3e-2, rtol=3e-2)
+
+
+def test_near_ties_tells_a_near_tie_from_a_wrong_page():
+    agg = torch.tensor([[[0.50, 0.30, 0.29, 0.01]]])  # (b=1, hk=1, P=4)
+    eager = [[[0, 1]]]
+    assert _near_ties(eager, [[[0, 1]]], [agg], rtol=0.05) == []
+    assert _near_ties(eager, [[[0, 2]]], [agg], rtol=0.05) == []  # 0.29 vs 0.30: a near tie
+    assert _near_ties(eager, [[[0, 3]]], [agg], rtol=0.05)  # 0.01 vs 0.30: a wrong page

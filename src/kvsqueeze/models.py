@@ -93,13 +93,13 @@ def check_supported(model) -> None:
     attention_shape(text)  # KVSqueezeError when the config names no heads or no head size
 
 
-def _from_gguf(spec: ModelSpec, dtype: torch.dtype):
+def _from_gguf(spec: ModelSpec, dtype: torch.dtype, device_map=None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     saved = cache_dir() / "models" / spec.alias
     if (saved / "model.safetensors").exists():
         tok = AutoTokenizer.from_pretrained(saved)
-        model = AutoModelForCausalLM.from_pretrained(saved, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(saved, dtype=dtype, **_map_kwargs(device_map))
         return model, tok
     directory, name = spec.gguf()
     tok = AutoTokenizer.from_pretrained(directory, gguf_file=name)
@@ -119,19 +119,53 @@ def _from_gguf(spec: ModelSpec, dtype: torch.dtype):
         tmp.rename(saved)
     except (OSError, ValueError):
         pass
+    if device_map is not None:  # placed by transformers from the safetensors just kept
+        if not (saved / "model.safetensors").exists():
+            raise KVSqueezeError(f"device_map needs {spec.alias}'s converted weights, which could not be kept under "
+                                 f"{saved}: load it once without device_map")
+        return _from_gguf(spec, dtype, device_map)
     return model.to(dtype), tok
 
 
-def load_model(name: str = DEFAULT_MODEL, dtype: torch.dtype | str = torch.float32, device: str = "cpu",
-               attn_implementation: str = "sdpa"):
-    """Load `(model, tokenizer)` by alias (see `MODELS`), HF hub id or local directory."""
+def _map_kwargs(device_map) -> dict:
+    """from_pretrained's `device_map` keyword (none when `device_map` is None: the model loads on the CPU)."""
+    return {} if device_map is None else {"device_map": device_map}
+
+
+def _check_device_map(device_map, device) -> None:
+    """Refuse a `device_map` load_model cannot pass on (see `load_model`). Raises KVSqueezeError."""
+    from .devices import DEVICE_MAPS
+
+    if device is not None:
+        raise KVSqueezeError(f"pass device ({device!r}) or device_map, not both: a model split by device_map has "
+                             "no one device")
+    if not (isinstance(device_map, dict) or device_map in DEVICE_MAPS):
+        raise KVSqueezeError(f"device_map must be one of {', '.join(DEVICE_MAPS)} or a dict module name -> device, "
+                             f"got {device_map!r}")
+    if importlib.util.find_spec("accelerate") is None:  # transformers dispatches split models through it
+        raise KVSqueezeError("device_map needs the accelerate package: pip install accelerate")
+
+
+def load_model(name: str = DEFAULT_MODEL, dtype: torch.dtype | str = torch.float32, device: str | None = None,
+               attn_implementation: str = "sdpa", device_map: str | dict | None = None):
+    """Load `(model, tokenizer)` by alias (see `MODELS`), HF hub id or local directory, in eval mode.
+
+    `device`: where the whole model goes (`model.to(device)`; default cpu). `device_map`: instead, let transformers
+    place it (`from_pretrained(device_map=...)`, dispatched by accelerate with hooks that move each module's inputs
+    to its device): "auto" (fill the visible GPUs in order, then CPU memory: a model larger than one GPU),
+    "balanced", "balanced_low_0", "sequential", or a dict module name -> device ("model.layers.0": "cuda:0", ...);
+    the model is then not moved. A `CompressedCache` keeps each layer's KV on that layer's device; the static
+    decode path (`runtime/static.py`) refuses a model on several devices. Raises KVSqueezeError for an unknown
+    model, both `device` and `device_map`, another `device_map` value, or accelerate missing."""
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
+    if device_map is not None:
+        _check_device_map(device_map, device)
     spec = MODELS.get(name)
     if spec is not None:
         if importlib.util.find_spec(spec.package) is None:
             raise KVSqueezeError(f"model {name!r} needs the package {spec.package}: {spec.install}")
-        model, tok = _from_gguf(spec, dtype)
+        model, tok = _from_gguf(spec, dtype, device_map)
     else:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -141,13 +175,15 @@ def load_model(name: str = DEFAULT_MODEL, dtype: torch.dtype | str = torch.float
             )
         try:
             tok = AutoTokenizer.from_pretrained(name)
-            model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+            model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, **_map_kwargs(device_map))
         except (OSError, ValueError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise KVSqueezeError(f"could not load {name!r} (offline, or not a causal LM?): {first}") from None
     if model.config._attn_implementation != attn_implementation:
         model.set_attn_implementation(attn_implementation)
     check_supported(model)
-    model = model.to(device).eval()
+    if device_map is None:
+        model = model.to(device or "cpu")
+    model = model.eval()
     model.kvsqueeze_tokenizer = tok  # Q-Filters calibrates with it on first use
     return model, tok

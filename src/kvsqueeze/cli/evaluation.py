@@ -60,7 +60,7 @@ def _selects(select: str, budgets: str) -> list[tuple[str | None, int | None]]:
 
 
 def task_options(f):
-    from ..devices import device_options
+    from ..devices import device_map_option, device_options
 
     opts = [
         click.option("--model", default=DEFAULT_MODEL, show_default=True,
@@ -104,6 +104,7 @@ def task_options(f):
         click.option("--quiet", is_flag=True, help="No progress bar."),
         offload_option,  # --offload
         device_options,  # --device, --dtype, --attn-implementation
+        device_map_option,  # --device-map
     ]
     for o in reversed(opts):
         f = o(f)
@@ -112,10 +113,11 @@ def task_options(f):
 
 def _run(pairs, *, model, tasks, length, samples, seed, haystack_dir, niah_lengths, niah_depths, ppl_tokens,
          results, query_aware, chunk_size, no_share_prefill, batch_size, code_version, quiet, quant=None,
-         select=None, select_budget=None, device="cpu", dtype="auto", attn_implementation="sdpa", offload=None):
-    from ..devices import resolve_attn, resolve_device, resolve_dtype
+         select=None, select_budget=None, device="cpu", dtype="auto", attn_implementation="sdpa", offload=None,
+         device_map="none"):
+    from ..devices import device_map_device, resolve_attn, resolve_device, resolve_device_map, resolve_dtype
     from ..tasks import TaskConfig, expand_tasks
-    from ..evaluation.distributed import init_distributed
+    from ..evaluation.distributed import init_distributed, world_from_env
     from ..evaluation.store import code_version as auto_version
 
     task_names = expand_tasks(tasks)
@@ -124,20 +126,24 @@ def _run(pairs, *, model, tasks, length, samples, seed, haystack_dir, niah_lengt
                      niah_lengths=_ints(niah_lengths, "--niah-lengths"),
                      niah_depths=_floats(niah_depths, "--niah-depths", 0.0, 1.0, False), ppl_tokens=ppl_tokens)
     version = code_version or auto_version()
-    dev = resolve_device(device)
+    dmap = resolve_device_map(device_map, device)
+    if dmap is not None and world_from_env()[1] > 1:
+        raise KVSqueezeError("--device-map splits one model over the GPUs; under torchrun each rank holds a model of "
+                             "its own (--device cuda): drop one of them")
+    dev = resolve_device(device) if dmap is None else device_map_device(dmap)
     dt = resolve_dtype(dtype, dev)
     attn = resolve_attn(attn_implementation)
     dist = init_distributed(dev)  # torchrun (WORLD_SIZE > 1): this rank's device, process group joined
     try:
         _run_ranked(pairs, dist, model=model, task_names=task_names, cfg=cfg, version=version, dt=dt,
                     results=results, seed=seed, chunk_size=chunk_size, no_share_prefill=no_share_prefill,
-                    batch_size=batch_size, quiet=quiet, attn=attn)
+                    batch_size=batch_size, quiet=quiet, attn=attn, device_map=dmap)
     finally:
         dist.close()
 
 
 def _run_ranked(pairs, dist, *, model, task_names, cfg, version, dt, results, seed, chunk_size, no_share_prefill,
-                batch_size, quiet, attn="sdpa"):
+                batch_size, quiet, attn="sdpa", device_map=None):
     """The rest of `_run` on one rank (the only one when not distributed): rank 0 creates the store before the
     others open it; after the sweep, a barrier, then rank 0 prints the summary with counts summed over ranks."""
     from ..models import load_model
@@ -154,11 +160,15 @@ def _run_ranked(pairs, dist, *, model, task_names, cfg, version, dt, results, se
     finally:
         if dist.active and dist.is_main:
             dist.barrier()
-    mdl, tok = load_model(model, dtype=dt, device=str(dist.device), attn_implementation=attn)
+    if device_map is None:
+        mdl, tok = load_model(model, dtype=dt, device=str(dist.device), attn_implementation=attn)
+    else:  # one model split over the devices (not distributed: `_run` refuses both)
+        mdl, tok = load_model(model, dtype=dt, attn_implementation=attn, device_map=device_map)
     smp = build_samples(tok, task_names, cfg)
     if not quiet and dist.is_main:
         ranks = f"; {dist.world} ranks ({dist.backend}), samples dealt round-robin" if dist.active else ""
-        click.echo(f"{len(smp)} samples x {len(pairs)} configurations on {model} ({dist.device}, "
+        where = dist.device if device_map is None else f"device_map {device_map}"
+        click.echo(f"{len(smp)} samples x {len(pairs)} configurations on {model} ({where}, "
                    f"{str(dt).replace('torch.', '')}); code {version}; results -> {results}{ranks}", err=True)
     try:
         res = run_sweep(mdl, tok, smp, pairs, store, model_name=model, seed=seed, code_version=version,

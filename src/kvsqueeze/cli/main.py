@@ -7,7 +7,8 @@ from pathlib import Path
 
 import click
 
-from ..devices import device_options, resolve_attn, resolve_device, resolve_dtype
+from ..devices import (device_map_device, device_map_option, device_options, resolve_attn, resolve_device,
+                       resolve_device_map, resolve_dtype)
 from ..errors import KVSqueezeError
 from ..models import DEFAULT_MODEL, MODELS
 from .options import build_method, method_options, offload_option
@@ -133,6 +134,7 @@ def models():
                    "(rounded down to a multiple of 16; at least two pages).")
 @offload_option
 @device_options
+@device_map_option
 @click.option("--compile", "compiled", is_flag=True,
               help="Decode over a fixed-capacity copy of the compressed cache with one compiled step "
                    "(torch.compile; CUDA graphs on a GPU). Full-precision storage; --select quest or attention_predictor "
@@ -142,7 +144,7 @@ def models():
                    "on the command line override it.")
 def generate(model, method, compression_ratio, budget, exempt_layers, compression_interval, context_file, question,
              max_new_tokens, chunk_size, query_aware, quant, select, select_budget, offload, device, dtype,
-             attn_implementation, compiled, config):
+             attn_implementation, device_map, compiled, config):
     """Compress a context, answer a question, report the KV memory kept."""
     if config is not None:
         v = config_values(click.get_current_context(), config)
@@ -154,7 +156,11 @@ def generate(model, method, compression_ratio, budget, exempt_layers, compressio
         device, dtype = v.get("device", device), v.get("dtype", dtype)
         attn_implementation, compiled = v.get("attn_implementation", attn_implementation), v.get("compiled", compiled)
         offload = v.get("offload", offload)
+        device_map = v.get("device_map", device_map)
     attn = resolve_attn(attn_implementation)
+    dmap = resolve_device_map(device_map, device)
+    if dmap is not None and compiled:
+        raise KVSqueezeError("--compile decodes on one device: drop --device-map (or --compile) for a split model")
     if select == "none" and click.get_current_context().get_parameter_source("select_budget") == \
             click.core.ParameterSource.COMMANDLINE:
         raise KVSqueezeError("--select-budget is the budget of --select (quest, attention_predictor): give --select "
@@ -188,8 +194,12 @@ def generate(model, method, compression_ratio, budget, exempt_layers, compressio
             # no --method given: ZipCache's own saliency picks the high-precision tokens (with the budget asked)
             m = build_method("zipcache", compression_ratio, budget, exempt_layers, compression_interval)
         m = for_storage(m, qspec)
-    dev = resolve_device(device)
-    mdl, tok = load_model(model, dtype=resolve_dtype(dtype, dev), device=str(dev), attn_implementation=attn)
+    if dmap is None:
+        dev = resolve_device(device)
+        mdl, tok = load_model(model, dtype=resolve_dtype(dtype, dev), device=str(dev), attn_implementation=attn)
+    else:  # split over the devices by transformers / accelerate
+        mdl, tok = load_model(model, dtype=resolve_dtype(dtype, device_map_device(dmap)), attn_implementation=attn,
+                              device_map=dmap)
     selector = None
     if select != "none":
         from ..selection import AttentionPredictor, Quest

@@ -229,7 +229,9 @@ def make_pairs(methods: list[Method | str], compression_ratios: list[float], que
 
 # --- one pair on one sample ----------------------------------------------------------------------------------
 def _device(model):
-    return next(model.parameters()).device
+    from ..devices import input_device
+
+    return input_device(model)  # the input embeddings' device (a model split by device_map: its first)
 
 
 @torch.no_grad()

@@ -166,7 +166,7 @@ class WindowKV(Method):
                None if x.n_pad is None else tuple(x.n_pad.tolist()))
         entry = self._shared.get(key[:2])
         if entry is not None and entry[0] == key[2:] and entry[1] < x.layer_idx:
-            ranks = entry[2]  # a later layer of the group: the first layer's windows
+            ranks = entry[2].to(pos.device)  # a later layer of the group: the first layer's windows (its device)
         else:
             w = min(self.window, x.queries.shape[2])
             attn = x.attention_sum(last=w)  # (b, hq, n)

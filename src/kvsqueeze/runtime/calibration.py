@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..compat import cache_kwargs
+from ..devices import input_device
 from ..errors import KVSqueezeError
 from ..methods.qfilters import filters_from_queries
 from ..models import cache_dir, model_key
@@ -81,7 +82,7 @@ def calibrate_qfilters(model, tokenizer, texts: list[str] | None = None, n_seq: 
         pick = torch.randperm(q, generator=gen)[:per_seq]
         store.setdefault(module.layer_idx, []).append(query[0, :, pick].float().cpu())
 
-    device = next(model.parameters()).device
+    device = input_device(model)  # the embeddings' (a split model's first device)
     with patched(model), record_queries(rec):  # the model is routed through kvsqueeze only inside the block
         for s in starts:
             chunk = ids[s:s + seq_len]  # a contiguous window of the text (starts drawn so it fits)
@@ -112,7 +113,7 @@ def calibrate_prefixkv(model, tokenizer, texts: list[str] | None = None, n_seq: 
         raise KVSqueezeError("PrefixKV calibration supports models whose layers all attend to the full prompt")
     gen = torch.Generator().manual_seed(seed)
     ids, seq_len, starts = _windows(tokenizer, texts, n_seq, seq_len, gen, "PrefixKV calibration", progress)
-    device = next(model.parameters()).device
+    device = input_device(model)  # the embeddings' (a split model's first device)
     softcap = getattr(cfg, "attn_logit_softcapping", None)
     samples = []
     for s in starts:

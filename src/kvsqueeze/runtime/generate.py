@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..compat import cache_kwargs
+from ..devices import input_device
 from ..errors import KVSqueezeError
 from ..methods import Method
 from ..storage.stats import CacheStats
@@ -39,7 +40,9 @@ def split_prompt(tokenizer, context: str, question: str, answer_prefix: str = ""
 
 
 def _device(model):
-    return next(model.parameters()).device
+    """Where the prompt's ids go: the input embeddings' device (`devices.input_device`: the first device of a
+    model split by `device_map`)."""
+    return input_device(model)
 
 
 @torch.no_grad()

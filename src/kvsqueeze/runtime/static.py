@@ -31,8 +31,9 @@ not a sink: a ring over the window) and K-norm (the slot whose key has the large
 slot-aligned `priority` buffer), PyramidKV over either (per-layer budgets). Methods whose decode-time eviction
 needs the step's attention weights (H2O, TOVA, SnapKV, ... with `compression_interval > 0`), AdaKV with decode
 eviction (its head budgets are re-split at each eviction), quantized storage other than KIVI, KIVI with decode-time
-eviction, Quest / AttentionPredictor with decode-time eviction or offloading, sliding-window layers and attention
-softcapping are refused with a `KVSqueezeError` naming the eager path (`greedy_decode_batch`).
+eviction, Quest / AttentionPredictor with decode-time eviction, offloading to disk, sliding-window layers,
+attention softcapping and a model split over several devices (`device_map`) are refused with a `KVSqueezeError`
+naming the eager path (`greedy_decode_batch`).
 
 Quest selection (Tang et al., 2024, arXiv 2406.10774) runs in the step: a cache built with `selector=Quest(...)`
 is copied with its selector as a `StaticQuest` (`selection/static_quest.py`: per-page key min / max in fixed
@@ -48,6 +49,12 @@ AttentionPredictor (Yang, Wang et al., 2025) runs in the step the same way: a ca
 buffers, prediction from the history up to the previous step, the step's row pushed on the device) under the same
 keyword; its calibration steps (a full attention row every `calibration_every` steps) are a second compiled variant,
 chosen on the host by the step counter (`_count_step` -> `host_step`).
+
+Offloading (issue 13) with Quest or AttentionPredictor: an offloaded cache (`offload="cpu"`), or
+`from_cache(..., offload="cpu")`, keeps the sparse layers' slot buffers in mapped host memory (`storage/mapped.py`): the step is the same code, its page
+attention reads the selected pages over the host link in place and its token is written there; the page metadata,
+the slot tables and the dense layers stay on the device. No page table, no copy engine, no host synchronisation:
+the step stays one CUDA graph.
 
 KIVI storage (issue 12, item 2): a cache whose every layer holds a `KIVIStore` (KIVI over the full cache, or after a
 prefill eviction) is copied into `quant.kivi_static.StaticKIVI` buffers instead of fp16 slots: packed 2/4-bit
@@ -81,6 +88,7 @@ from ..errors import KVSqueezeError
 from ..quant.kivi import KIVIStore
 from ..quant.kivi_static import StaticKIVI
 from ..storage.layer import CompressedLayer
+from ..storage.offload import OffloadLayer
 from ..storage.stats import CacheStats
 from ..kernels.slot_decode import grouped_matmul_decode
 from ..storage.static import StaticSlots, _static
@@ -297,9 +305,21 @@ def _static_selector(selector):
 
 def check_model(model) -> None:
     """Refuse, before any prefill, a model the static decode path cannot run: sliding-window or chunked-attention
-    layers (Gemma 2/3, Mistral's window, Llama 4's chunks) and attention softcapping. Raises KVSqueezeError (the
-    same refusals `StaticCompressedCache.from_cache` makes on a filled cache)."""
+    layers (Gemma 2/3, Mistral's window, Llama 4's chunks), attention softcapping, and a model on several devices
+    (split by `device_map`: the static slots, the step's buffers and its CUDA graph live on one device). Raises
+    KVSqueezeError (the same refusals `StaticCompressedCache.from_cache` makes on a filled cache)."""
     _check_config(model.config)
+    from ..devices import model_devices
+
+    _check_one_device(model_devices(model))
+
+
+def _check_one_device(devices) -> None:
+    """Refuse a model or cache on more than one device (`devices`: the distinct devices). Raises KVSqueezeError."""
+    devices = list(dict.fromkeys(str(d) for d in devices))
+    if len(devices) > 1:
+        raise KVSqueezeError(f"the static decode path runs a model on one device; this one is split over "
+                             f"{', '.join(devices)} (device_map): decode it with the eager loop " + EAGER)
 
 
 def _check_config(config) -> None:
@@ -351,7 +371,8 @@ class StaticCompressedCache(Cache):
     # --- building ------------------------------------------------------------------------------------------
     @classmethod
     @torch.no_grad()
-    def from_cache(cls, cache, max_new_tokens: int, position: torch.Tensor | None = None) -> "StaticCompressedCache":
+    def from_cache(cls, cache, max_new_tokens: int, position: torch.Tensor | None = None,
+                   offload: str | None = "auto") -> "StaticCompressedCache":
         """The static copy of a prefilled `CompressedCache` with room for `max_new_tokens` decoding steps.
 
         Capacity (slots per layer, row and kv head): without decode-time eviction, the largest number of entries
@@ -362,8 +383,11 @@ class StaticCompressedCache(Cache):
         selector of the cache is carried over (`pages`, a `StaticQuest`; capacity then in whole pages; its budget must
         be a multiple of its page), an `AttentionPredictor` as a `StaticAttentionPredictor` (its history copied;
         the same page rules). A cache whose every layer holds a `KIVIStore` becomes `StaticKIVI` buffers
-        (`_from_kivi`). Raises KVSqueezeError for what the static path cannot hold (see the module docstring) and
-        for an empty cache."""
+        (`_from_kivi`). `offload`: "cpu" keeps the keys and values of the layers the selector makes sparse in host
+        memory the step reads in place (`StaticSlots(host_layers=...)`, storage/mapped.py; needs a Quest or
+        AttentionPredictor selector), None keeps everything on the device, "auto" (default) follows the cache
+        (`cache.offload_tier`). Raises KVSqueezeError for what the static path cannot hold (see the module
+        docstring) and for an empty cache."""
         from .cache import CompressedCache
 
         if not isinstance(cache, CompressedCache):
@@ -377,9 +401,16 @@ class StaticCompressedCache(Cache):
             if not isinstance(selector, (Quest, AttentionPredictor)):
                 raise KVSqueezeError(f"decode-time selection by {type(selector).__name__} runs on the eager path "
                                      "only (the static decode path runs Quest and AttentionPredictor) " + EAGER)
-            if getattr(cache, "offload_tier", None):
-                raise KVSqueezeError("an offloaded cache decodes on the eager path only " + EAGER)
             _static_selector(selector).check(selector)
+        if offload == "auto":
+            offload = getattr(cache, "offload_tier", None)
+        if offload not in (None, "none", "cpu"):
+            raise KVSqueezeError(f"the static step offloads to 'cpu' (host memory it reads in place), not {offload!r}: "
+                                 "a disk tier decodes on the eager path only " + EAGER)
+        offload = None if offload == "none" else offload
+        if offload and selector is None:
+            raise KVSqueezeError("offloading needs a decode-time selector (--select quest or attention_predictor): "
+                                 "the static step reads the selected pages from host memory")
         _check_config(cache.config)
         for i, layer in enumerate(cache.layers):
             if not isinstance(layer, CompressedLayer) or layer.sliding_window:
@@ -387,11 +418,12 @@ class StaticCompressedCache(Cache):
                                      "path supports full-attention layers only " + EAGER)
             if not layer.is_initialized or layer.positions is None or layer.positions.shape[-1] == 0:
                 raise KVSqueezeError("the cache is empty: prefill it before building the static cache")
+        _check_one_device(layer.device for layer in cache.layers)  # each layer's KV is on its layer's device
         kinds = {type(layer.store) for layer in cache.layers}
         if kinds == {KIVIStore}:
             return cls._from_kivi(cache, max_new_tokens, position)
         for i, layer in enumerate(cache.layers):
-            if type(layer.store) is not DenseStore:
+            if type(layer.store) is not DenseStore and not isinstance(layer, OffloadLayer):
                 raise KVSqueezeError(f"layer {i} is held by {type(layer.store).__name__}: quantized storage other "
                                      "than KIVI (on every layer) and cross-layer storage (MiniCache, xKV) decode on "
                                      "the eager path only " + EAGER)
@@ -424,10 +456,11 @@ class StaticCompressedCache(Cache):
             cap = max(cap, fill + max_new_tokens if lim is None else max(fill, int(lim.max())) + every)
         align = ALIGN if selector is None else math.lcm(ALIGN, selector.page)  # whole Quest pages
         cap = -(-cap // align) * align  # aligned rows for the attention kernels; the extra slots stay empty
+        host = [i for i in range(len(layers)) if i not in selector.dense_layers] if offload else ()
         slots = StaticSlots(len(layers), b, h, cap, l0.head_dim, l0.dtype, dev, evicts=rule is not None,
-                            value_dim=l0.values.shape[-1])
+                            value_dim=l0.values.shape[-1], host_layers=host)
         for i, layer in enumerate(layers):
-            keys, values = layer.keys, layer.values
+            keys, values = layer.keys.to(dev), layer.values.to(dev)  # an offloaded layer's host tier: one layer at a time
             pos = layer.positions.long()
             if n_pad is not None:  # positions in each row's own frame (as generate()'s position ids)
                 pos = pos - n_pad.to(dev)[:, None, None]
@@ -592,7 +625,9 @@ class StaticCompressedCache(Cache):
         page metadata (`total_bytes`), against a full cache of the tokens seen at the conversion (`full_kv_bytes`)."""
         kv = self.slots.nbytes()
         total = kv + self.slots.table_nbytes() + (0 if self.pages is None else self.pages.nbytes())
-        return CacheStats(kv, total, self.full_kv_bytes, self.tokens_seen, [self.slots.capacity] * self.slots.n_layers)
+        host = self.slots.host_nbytes() if isinstance(self.slots, StaticSlots) else 0
+        return CacheStats(kv, total, self.full_kv_bytes, self.tokens_seen, [self.slots.capacity] * self.slots.n_layers,
+                          host_kv_bytes=host)
 
 
 def _priority(rule, keys: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:

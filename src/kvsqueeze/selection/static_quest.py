@@ -11,7 +11,8 @@ changes; the write slots are device tensors).
 
 `select(layer_idx, query, scaling)` then does what `Quest._select` does, with static shapes:
 
-    U[b, h, j] = sum_d max(q_d * min_d, q_d * max_d)                  (per query head h, `page_scores`)
+    U[b, h, j] = sum_d max(q_d * min_d, q_d * max_d)   (per query head h; on CUDA the Triton pass
+                                                        `kernels/page_bound.py`, else `page_scores`)
     gqa="max":  agg[b, hk, j] = max over the group's heads of softmax_j(scaling * U[b, h, :])  (over live pages)
     gqa="mean": the mean instead of the max; gqa="raw": max over the group's heads of U itself
     the current page (the one holding the token being written) +inf; pages with no valid slot -inf
@@ -36,6 +37,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import KVSqueezeError
+from ..kernels.page_bound import page_bound, triton
 from ..storage.static import _static
 from .quest import Quest, page_scores
 
@@ -137,7 +139,11 @@ class StaticQuest:
         kmin, kmax = self.kmin[layer_idx], self.kmax[layer_idx]
         b, hk, P, d = kmin.shape
         hq = query.shape[1]
-        scores = page_scores(query[:, :, 0], kmin, kmax).view(b, hk, hq // hk, P)  # (b, hk, g, P) fp32
+        if query.is_cuda and triton is not None:  # one pass over the metadata (kernels/page_bound.py)
+            scores = page_bound(query[:, :, 0], kmin, kmax)
+        else:
+            scores = page_scores(query[:, :, 0], kmin, kmax)
+        scores = scores.view(b, hk, hq // hk, P)  # (b, hk, g, P) fp32
         cur = (s.write[layer_idx] // self.page)[..., None]  # (b, hk, 1): the page being written
         live = self._page_ids <= cur  # (b, hk, P)
         if self.gqa == "raw":

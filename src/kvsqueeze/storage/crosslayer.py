@@ -24,7 +24,8 @@ earlier chunk are merged again from their reconstruction (a second approximation
 re-quantizes after a later eviction).
 
 Scope: full-attention `CompressedLayer`s with full-precision storage (`DenseStore`); a group holding a sliding-window
-layer, a quantized store or an uninitialised layer is left as it is (`apply_plan` skips it).
+layer, a quantized store or an uninitialised layer, or whose layers are on different devices (a model split by
+`device_map` at that group), is left as it is (`apply_plan` skips it).
 """
 
 from __future__ import annotations
@@ -416,7 +417,8 @@ SCHEMES = {"minicache": share_minicache, "xkv": share_xkv}
 def apply_plan(plan: CrossLayerPlan, layers, layer_idx: int) -> bool:
     """Apply `plan` to the group whose last layer is `layer_idx`, if every member is an initialised full-attention
     `CompressedLayer` with full-precision storage (a `DenseStore`, or a member merged by an earlier prefill forward,
-    which is dissolved and merged again). Returns whether a group was merged."""
+    which is dissolved and merged again) and all are on one device (shared tensors live on one device; a group
+    across a split model's device boundary keeps its layers' own KV). Returns whether a group was merged."""
     from .layer import CompressedLayer
 
     group = plan.group_ending_at(layer_idx)
@@ -428,6 +430,8 @@ def apply_plan(plan: CrossLayerPlan, layers, layer_idx: int) -> bool:
             return False
         if not isinstance(layer.store, (DenseStore, CrossLayerStore)):
             return False
+    if len({layer.device for layer in members}) > 1:
+        return False
     for layer in members:
         if isinstance(layer.store, CrossLayerStore):
             layer.store.dissolve()

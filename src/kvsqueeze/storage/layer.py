@@ -194,7 +194,8 @@ class CompressedLayer(DynamicLayer):
         self._index_batch(lambda t: t.repeat_interleave(repeats, dim=0))
 
     def batch_select_indices(self, indices):
-        self._index_batch(lambda t: t[indices])
+        # the indices may come from another device than this layer's (a model split by device_map)
+        self._index_batch(lambda t: t[indices.to(t.device) if isinstance(indices, torch.Tensor) else indices])
 
     # --- what kvsqueeze adds ------------------------------------------------------------------------
     @property

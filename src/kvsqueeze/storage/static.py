@@ -26,6 +26,11 @@ rounds it up to 16 slots). So a
 head-wise (AdaKV) or layer-wise (PyramidKV) budget holds its widest head's slots everywhere: the empty slots are
 hidden by `valid`, not freed (the eager `DenseStore` frees them but cannot be captured in a graph).
 
+Offloading (`host_layers`): those layers' keys and values live in mapped host memory (`storage/mapped.py`: pinned
+CPU memory the step's kernels access in place over the host link), everything else on the device. A step then
+reads over the link only what its attention touches (Quest's selected pages) and writes its token there; the
+tables above stay on the device.
+
 The order of the slots is not the order of positions (a write goes where a victim was): attention never depends
 on slot order, and `positions` says what each slot holds.
 """
@@ -35,6 +40,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import KVSqueezeError
+from .mapped import mapped_zeros
 
 
 def _static(t: torch.Tensor) -> torch.Tensor:
@@ -53,15 +59,32 @@ class StaticSlots:
     """Preallocated KV slots of every layer of a cache (see the module docstring for the fields and shapes)."""
 
     def __init__(self, n_layers: int, batch: int, kv_heads: int, capacity: int, head_dim: int, dtype, device,
-                 evicts: bool = False, value_dim: int | None = None):
+                 evicts: bool = False, value_dim: int | None = None, host_layers=()):
         if capacity < 1:
             raise KVSqueezeError(f"a static cache needs a capacity of at least 1 slot, got {capacity}")
         self.n_layers, self.batch, self.kv_heads, self.capacity = n_layers, batch, kv_heads, capacity
         self.head_dim = head_dim
+        self.host_layers = frozenset(int(i) for i in host_layers)
         vd = value_dim or head_dim
         shape = (batch, kv_heads, capacity)
-        self.keys = [_static(torch.zeros(*shape, head_dim, dtype=dtype, device=device)) for _ in range(n_layers)]
-        self.values = [_static(torch.zeros(*shape, vd, dtype=dtype, device=device)) for _ in range(n_layers)]
+
+        # offloaded layers: one block of host memory the step's kernels read in place (storage/mapped.py), carved
+        # into their buffers (one allocation: the pinned allocator rounds each up to a power of two)
+        per = batch * kv_heads * capacity
+        host = mapped_zeros((len(self.host_layers) * per * (head_dim + vd),), dtype, device) if self.host_layers \
+            else None
+        parts = iter(host.split([per * d for _ in self.host_layers for d in (head_dim, vd)])) if host is not None \
+            else iter(())
+
+        def buffer(i: int, d: int) -> torch.Tensor:
+            if i in self.host_layers:
+                return _static(next(parts).view(*shape, d))
+            return _static(torch.zeros(*shape, d, dtype=dtype, device=device))
+
+        self.keys, self.values = [], []
+        for i in range(n_layers):
+            self.keys.append(buffer(i, head_dim))
+            self.values.append(buffer(i, vd))
         self.positions = _static(torch.full((n_layers, *shape), -1, dtype=torch.long, device=device))
         self.valid = _static(torch.zeros((n_layers, *shape), dtype=torch.bool, device=device))
         self.priority = _static(torch.zeros((n_layers, *shape), dtype=torch.float32, device=device)) if evicts \
@@ -94,10 +117,15 @@ class StaticSlots:
 
         slot = torch.arange(width, device=pos.device)
         filled = slot[None, None, :] < counts[..., None]  # (b, h, width)
-        self.keys[layer_idx].zero_()
-        self.values[layer_idx].zero_()
-        self.keys[layer_idx][:, :, :width] = take(keys) * filled[..., None].to(keys.dtype)
-        self.values[layer_idx][:, :, :width] = take(values) * filled[..., None].to(values.dtype)
+        k_dst, v_dst = self.keys[layer_idx], self.values[layer_idx]
+        mapped = layer_idx in self.host_layers and k_dst.device.type == "cuda"
+        # a host layer's buffers are assembled on the device and cross the link once, as one copy each
+        k_buf, v_buf = (torch.zeros_like(k_dst), torch.zeros_like(v_dst)) if mapped else (k_dst.zero_(), v_dst.zero_())
+        k_buf[:, :, :width] = take(keys) * filled[..., None].to(keys.dtype)
+        v_buf[:, :, :width] = take(values) * filled[..., None].to(values.dtype)
+        if mapped:
+            k_dst.copy_(k_buf)
+            v_dst.copy_(v_buf)
         self.positions[layer_idx].fill_(-1)
         self.positions[layer_idx, :, :, :width] = take(pos).masked_fill(~filled, -1)
         self.valid[layer_idx].zero_()
@@ -176,8 +204,13 @@ class StaticSlots:
         return self.valid.sum(-1)
 
     def nbytes(self) -> int:
-        """Bytes of keys and values held: every layer's buffers at full capacity."""
+        """Bytes of keys and values held: every layer's buffers at full capacity (host layers included)."""
         return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
+
+    def host_nbytes(self) -> int:
+        """Bytes of keys and values in host memory (the `host_layers`' buffers)."""
+        return sum(self.keys[i].numel() * self.keys[i].element_size() +
+                   self.values[i].numel() * self.values[i].element_size() for i in self.host_layers)
 
     def table_nbytes(self) -> int:
         """Bytes of the slot bookkeeping (positions, valid, priority, limit, write)."""

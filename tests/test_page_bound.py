@@ -1,0 +1,68 @@
+"""Quest's page bound kernel (kernels/page_bound.py) against the rule in torch and against the eager Quest's two
+matrix products (`selection.quest.page_scores`): equal up to float32 rounding order, the same top pages. The kernel
+runs on CUDA, or on the CPU under Triton's interpreter (TRITON_INTERPRET=1); the references everywhere."""
+
+import os
+
+import pytest
+import torch
+
+from kvsqueeze.kernels.page_bound import page_bound, reference_page_bound
+from kvsqueeze.kernels.split_kv import triton
+from kvsqueeze.selection.quest import page_scores
+
+CUDA = torch.cuda.is_available()
+DEV = "cuda" if CUDA else "cpu"
+kernel_runs = pytest.mark.skipif(triton is None or (not CUDA and os.environ.get("TRITON_INTERPRET") != "1"),
+                                 reason="triton with CUDA or TRITON_INTERPRET=1 needed")
+
+
+def _case(b, hq, hk, P, d, seed, qdt=torch.bfloat16):
+    g = torch.Generator().manual_seed(seed)
+    keys = torch.randn(b, hk, P, 16, d, generator=g)
+    kmin, kmax = keys.amin(3), keys.amax(3)
+    kmin[:, :, -1] = kmax[:, :, -1] = 0.0  # an empty page (no valid slot): metadata 0
+    q = torch.randn(b, hq, d, generator=g).to(qdt)
+    return q.to(DEV), kmin.to(DEV), kmax.to(DEV), keys.to(DEV)
+
+
+def test_reference_bounds_every_key_and_equals_the_products():
+    q, kmin, kmax, keys = _case(2, 8, 2, 9, 32, 0)
+    u = reference_page_bound(q, kmin, kmax)  # (b, hq, P)
+    b, hq, d = q.shape
+    qk = torch.einsum("bhgd,bhpsd->bhgps", q.float().view(b, 2, 4, d), keys).reshape(b, hq, 9, 16)
+    assert (u[..., :-1] >= qk.amax(-1)[..., :-1] - 1e-5).all()  # an upper bound of every key's q.k
+    torch.testing.assert_close(u, page_scores(q, kmin, kmax), rtol=1e-5, atol=1e-5)
+
+
+@kernel_runs
+@pytest.mark.parametrize("b,hq,hk,P,d,block_p", [(1, 32, 8, 100, 128, 32), (2, 8, 2, 37, 64, 16),
+                                                 (1, 4, 4, 5, 16, 32)])
+def test_kernel_matches_reference_and_picks_the_same_pages(b, hq, hk, P, d, block_p):
+    q, kmin, kmax, _ = _case(b, hq, hk, P, d, 1)
+    u = page_bound(q, kmin, kmax, block_p=block_p)
+    torch.testing.assert_close(u, reference_page_bound(q, kmin, kmax), rtol=1e-5, atol=1e-4)
+    ref = page_scores(q, kmin, kmax)
+    k = min(8, P)
+    assert torch.equal(u.topk(k).indices.sort().values, ref.topk(k).indices.sort().values)
+
+
+@kernel_runs
+def test_kernel_reads_strided_metadata():
+    q, kmin, kmax, _ = _case(1, 8, 2, 20, 32, 2, qdt=torch.float32)
+    wide_q = torch.zeros(1, 8, 64, device=DEV)
+    wide_q[..., :32] = q
+    big_min = torch.zeros(1, 2, 40, 32, device=DEV)
+    big_max = torch.zeros(1, 2, 40, 32, device=DEV)
+    big_min[:, :, :20], big_max[:, :, :20] = kmin, kmax
+    u = page_bound(wide_q[..., :32], big_min[:, :, :20], big_max[:, :, :20])
+    torch.testing.assert_close(u, reference_page_bound(q, kmin, kmax), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.skipif(triton is None, reason="triton needed")
+def test_kernel_refuses_shapes_it_does_not_take():
+    q, kmin, kmax, _ = _case(1, 8, 2, 4, 32, 3)
+    with pytest.raises(ValueError, match="page bound kernel"):
+        page_bound(q[:, :7], kmin, kmax)  # 7 query heads over 2 kv heads
+    with pytest.raises(ValueError, match="page bound kernel"):
+        page_bound(q, kmin.half(), kmax.half())  # the metadata is float32

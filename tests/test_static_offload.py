@@ -1,0 +1,172 @@
+"""Offloading in the static decode step (issue 13 over issue 12's step): the layers Quest makes sparse keep their
+slot buffers in mapped host memory (`storage/mapped.py`) that the step's kernels read in place.
+
+The step is the same code over other memory, so its logits and chosen pages must equal the on-device static step's
+exactly (same kernels, same values), uncompiled and compiled, and the compiled step must never synchronise with the
+host. On the CPU host memory is the device's memory: the tests there check the plumbing (which layers go to the
+host, the byte accounting, the refusals) and the equality; on CUDA (or KVSQUEEZE_TEST_DEVICE=cuda) they also check
+that the buffers really are host memory (no device memory allocated for them, writes through the CUDA alias seen
+in the pinned tensor).
+
+    PYTHONPATH=$PWD/src python -m pytest -q -p no:cacheprovider tests/test_static_offload.py
+"""
+
+import contextlib
+import os
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import kvsqueeze as kq
+from kvsqueeze.errors import KVSqueezeError
+from kvsqueeze.runtime.generate import prefill
+from kvsqueeze.runtime.static import StaticCompressedCache, StaticDecoder
+from kvsqueeze.selection import AttentionPredictor, PredictorNet, Quest
+from kvsqueeze.storage.mapped import map_host, mapped_zeros
+
+DEVICE = os.environ.get("KVSQUEEZE_TEST_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+CUDA = torch.device(DEVICE).type == "cuda"
+cuda_only = pytest.mark.skipif(not CUDA, reason="mapped host memory needs CUDA")
+STEPS = 10
+
+
+def _model():
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=101, max_position_embeddings=1024, hidden_size=256, intermediate_size=256,
+                      num_hidden_layers=3, num_attention_heads=16, num_key_value_heads=4, head_dim=64)
+    dtype = torch.bfloat16 if CUDA else torch.float32
+    return LlamaForCausalLM(cfg).eval().to(DEVICE, dtype)
+
+
+def _feed(prompt=200):
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(0, 101, (1, prompt), generator=g).to(DEVICE), \
+        torch.randint(0, 101, (STEPS, 1), generator=g).to(DEVICE)
+
+
+@contextlib.contextmanager
+def _no_sync():
+    if not CUDA:
+        yield
+        return
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@torch.no_grad()
+def _run(model, offload, eager_offload, kernel=None, compiled=False, selector="quest"):
+    """Teacher-forced logits and layer-2 pages of the static Quest (or AttentionPredictor) step (layer 0 dense;
+    budget 64 of ~200 slots)."""
+    import torch._dynamo
+
+    ids, feed = _feed()
+    sel = Quest(64, dense_layers=(0,)) if selector == "quest" else AttentionPredictor(64, predictor=PredictorNet().init_blend(noise=0.3),
+                                                                          dense_layers=(0,))
+    cache = kq.CompressedCache(model, None, selector=sel, offload=eager_offload)
+    prefill(model, cache, ids)
+    static = StaticCompressedCache.from_cache(cache, STEPS, offload=offload)
+    torch._dynamo.reset()
+    kw = {}
+    if compiled:
+        kw = dict(compile=True) if CUDA else dict(compile=True, backend="aot_eager")
+    dec = StaticDecoder(model, static, kernel=kernel, **kw)
+    logits, pages = [], []
+    for i, t in enumerate(feed):
+        with contextlib.nullcontext() if i < 3 else _no_sync():  # warm-up: compilation, graph capture
+            logits.append(dec(t)[0].clone())
+        pages.append(static.pages.chosen[2].tolist())
+    return static, torch.stack(logits), pages
+
+
+def _kernels():
+    out = [None, "matmul"]
+    if CUDA:
+        out.append("triton")
+    return out
+
+
+@pytest.mark.parametrize("selector", ["quest", "attention_predictor"])
+@pytest.mark.parametrize("compiled", [False, True])
+@pytest.mark.parametrize("kernel", _kernels())
+def test_offloaded_static_step_equals_on_device_step(kernel, compiled, selector):
+    model = _model()
+    ref_static, ref, ref_pages = _run(model, None, None, kernel, compiled, selector)
+    static, got, pages = _run(model, "auto", "cpu", kernel, compiled, selector)  # an offloaded eager cache
+    assert static.slots.host_layers == {1, 2} and ref_static.slots.host_layers == frozenset()
+    assert pages == ref_pages
+    assert torch.equal(got, ref)
+    if CUDA:  # the sparse layers' buffers are host memory aliased as CUDA tensors, the dense layer's are not
+        segments = _device_segments()
+        inside = lambda t: any(a <= t.data_ptr() < a + n for a, n in segments)  # noqa: E731
+        assert inside(static.slots.keys[0]) and inside(static.slots.values[0])
+        assert not any(inside(t) for i in (1, 2) for t in (static.slots.keys[i], static.slots.values[i]))
+    # and the selection matters: the same cache without Quest decodes differently
+    ids, feed = _feed()
+    full = kq.CompressedCache(model, None)
+    with torch.no_grad():
+        prefill(model, full, ids)
+        dense = StaticDecoder(model, StaticCompressedCache.from_cache(full, STEPS), kernel=kernel)
+        logits = torch.stack([dense(t)[0].clone() for t in feed])
+    assert not torch.allclose(logits.float(), ref.float(), atol=1e-3)
+
+
+def _device_segments() -> list[tuple[int, int]]:
+    """(address, bytes) of the CUDA caching allocator's segments: the device memory torch allocated."""
+    return [(seg["address"], seg["total_size"]) for seg in torch.cuda.memory_snapshot()]
+
+
+def test_offload_accounting_and_conversion_of_an_on_device_cache():
+    """`from_cache(..., offload="cpu")` offloads a cache prefilled on the device; the stats split the bytes."""
+    model = _model()
+    ids, _ = _feed()
+    cache = kq.CompressedCache(model, None, selector=Quest(64, dense_layers=(0,)))
+    with torch.no_grad():
+        prefill(model, cache, ids)
+    static = StaticCompressedCache.from_cache(cache, STEPS, offload="cpu")
+    s = static.slots
+    per_layer = [k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in zip(s.keys, s.values)]
+    st = static.stats()
+    assert s.host_layers == {1, 2}
+    assert st.host_kv_bytes == per_layer[1] + per_layer[2]
+    assert st.device_kv_bytes == per_layer[0]
+    assert "in host memory" in st.line()
+    assert StaticCompressedCache.from_cache(cache, STEPS).stats().host_kv_bytes == 0  # "auto": the cache's tier
+
+
+def test_offload_refusals():
+    model = _model()
+    ids, _ = _feed()
+    plain = kq.CompressedCache(model, None)
+    quest = kq.CompressedCache(model, None, selector=Quest(64, dense_layers=(0,)))
+    with torch.no_grad():
+        prefill(model, plain, ids)
+        prefill(model, quest, ids)
+    with pytest.raises(KVSqueezeError, match="decode-time selector"):
+        StaticCompressedCache.from_cache(plain, STEPS, offload="cpu")
+    with pytest.raises(KVSqueezeError, match="disk tier decodes on the eager path"):
+        StaticCompressedCache.from_cache(quest, STEPS, offload="disk")
+
+
+def test_mapped_zeros_off_cuda_is_a_plain_tensor():
+    t = mapped_zeros((2, 3), torch.float32, "cpu")
+    assert t.device.type == "cpu" and t.shape == (2, 3) and not t.any()
+
+
+@cuda_only
+def test_mapped_memory_is_host_memory_seen_by_cuda_kernels():
+    host = torch.zeros(1 << 20, dtype=torch.bfloat16, pin_memory=True)
+    alias = map_host(host, DEVICE)
+    assert alias.device.type == "cuda" and alias.data_ptr() == host.data_ptr()
+    alias[5:9].fill_(3.0)  # a CUDA kernel writing host memory
+    torch.cuda.synchronize()
+    assert host[5:9].tolist() == [3.0] * 4 and float(host.sum()) == 12.0
+    before = torch.cuda.memory_allocated()
+    big = mapped_zeros((64, 1 << 20), torch.bfloat16, DEVICE)  # 128 MiB of host memory
+    assert torch.cuda.memory_allocated() - before < 1 << 20
+    assert float(big[63].float().sum()) == 0.0
+    with pytest.raises(ValueError, match="pinned"):
+        map_host(torch.zeros(4), DEVICE)
