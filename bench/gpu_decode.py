@@ -13,12 +13,16 @@ timed with CUDA events; ms/token is the median step.
 Rows (`--rows` picks a subset by name):
   hf-dynamic                  transformers, eager, DynamicCache (full)
   hf-static-compiled          transformers, StaticCache + torch.compile(mode="reduce-overhead", fullgraph) (full)
-  kvsq-eager:M                kvsqueeze's eager loop over a CompressedCache (M = full, knorm, snapkv, quest, kivi2)
+  kvsq-eager:M                kvsqueeze's eager loop over a CompressedCache (M = full, knorm, snapkv, quest, ap, kivi2)
   kvsq-static:M[/kernel]      kvsqueeze's static cache, the step compiled (CUDA graphs): M = full, knorm, snapkv,
                               adakv (AdaKV over SnapKV), streaming (StreamingLLM evicting at every decoding step),
                               knorm-decode (K-norm evicting at every decoding step), quest (the full cache with
                               Quest selection at `--budget` tokens: pages chosen on the device, attention over
-                              them only); kernel = each of
+                              them only), ap (the full cache with AttentionPredictor selection at `--budget`
+                              tokens: sink 64 + predicted pages + local 64, the paper's CNN at its blend init (random
+                              weights do not change the time), history and prediction on the device, a full
+                              calibration row every 5th step: the second compiled variant; ms_mean in the JSON and
+                              "mean" on its line count those steps, the median does not); kernel = each of
                               `--static-kernels` (sdpa: torch's fused attention over the kv-head groups; matmul:
                               two batched products per group; triton: split-KV flash-decoding over the slots, for
                               quest over the selected pages read in place; sdpa / matmul gather the pages first;
@@ -71,8 +75,8 @@ LLAMA_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                 max_position_embeddings=131072)
 TINY = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             head_dim=16, vocab_size=101, max_position_embeddings=4096)
-EAGER_METHODS = ("full", "knorm", "snapkv", "quest", "kivi2")
-STATIC_METHODS = ("full", "knorm", "snapkv", "adakv", "streaming", "knorm-decode", "quest")
+EAGER_METHODS = ("full", "knorm", "snapkv", "quest", "ap", "kivi2")
+STATIC_METHODS = ("full", "knorm", "snapkv", "adakv", "streaming", "knorm-decode", "quest", "ap")
 KIVI_STATIC_METHODS = ("kivi2", "kivi4", "knorm+kivi2")  # one row each, the static KIVI cache's default kernel
 
 
@@ -105,7 +109,7 @@ def storage_for(name: str):
 def method_for(name: str, length: int, factor: float):
     compression_ratio = 1.0 - 1.0 / factor
     budget = max(8, int(length / factor))
-    if name in ("full", "quest"):  # quest: the full cache, selection by the cache's selector (cache_for)
+    if name in ("full", "quest", "ap"):  # quest, ap: the full cache, selection by the cache's selector (cache_for)
         return kq.get_method("full")
     if name == "knorm":
         return kq.get_method("knorm", compression_ratio=compression_ratio)
@@ -121,16 +125,21 @@ def method_for(name: str, length: int, factor: float):
 
 
 def cache_for(model, mname: str, length: int, args):
-    """The eager CompressedCache of a kvsqueeze row: `method_for`'s method; for quest, Quest selection at
-    `args.budget` tokens, layers 0-1 dense (under --quick: a quarter of the context in whole pages, layer 0 dense)."""
+    """The eager CompressedCache of a kvsqueeze row: `method_for`'s method; for quest (ap), Quest
+    (AttentionPredictor) selection at `args.budget` tokens, layers 0-1 dense (under --quick: a quarter of the
+    context in whole pages, layer 0 dense)."""
     selector = None
-    if mname == "quest":
-        from kvsqueeze.selection import Quest
+    if mname in ("quest", "ap"):
+        from kvsqueeze.selection import AttentionPredictor, PredictorNet, Quest
 
-        budget, dense = args.budget, (0, 1)  # layers 0-1 dense, as the Quest paper
+        budget, dense = args.budget, (0, 1)  # layers 0-1 dense, as both papers
         if args.quick:  # tiny model: 2 layers, a short context
-            budget, dense = max(32, min(budget, length // 4 // 16 * 16)), (0,)
-        selector = Quest(budget, dense_layers=dense)
+            # (AttentionPredictor: at least sink 16 + local 16 + one predicted page)
+            budget, dense = max(32 if mname == "quest" else 48, min(budget, length // 4 // 16 * 16)), (0,)
+        if mname == "quest":
+            selector = Quest(budget, dense_layers=dense)
+        else:  # the paper's CNN, blend init (no checkpoint needed: the weights do not change the time)
+            selector = AttentionPredictor(budget, predictor=PredictorNet().init_blend(), dense_layers=dense)
     mname, layer_factory = storage_for(mname)  # kivi2, knorm+kivi2, ...: KIVI storage
     kw = {} if layer_factory is None else {"layer_factory": layer_factory}
     return kq.CompressedCache(model, method_for(mname, length, args.factor), selector=selector, **kw)
@@ -382,11 +391,13 @@ def main(argv=None) -> int:
             med = statistics.median(ms)
             limit = (weight_bytes + kv) / (args.hbm_gbps * 1e9) * 1e3
             peak = peak_gb(device)
-            row.update(ms_per_token=med, ms_min=min(ms), tokens_per_s=1000.0 * args.batch / med, peak_gb=peak,
+            row.update(ms_per_token=med, ms_min=min(ms), ms_mean=statistics.fmean(ms),
+                       tokens_per_s=1000.0 * args.batch / med, peak_gb=peak,
                        kv_bytes=kv, weight_bytes=weight_bytes, limit_ms=limit, fraction_of_limit=limit / med)
             rows_out.append(row)
             print(f"{length:>8} {name:<34} {med:8.2f} {row['tokens_per_s']:8.1f} {peak:8.2f} {kv / 1e9:8.3f} "
-                  f"{limit:9.2f} {row['fraction_of_limit']:8.1%}", flush=True)
+                  f"{limit:9.2f} {row['fraction_of_limit']:8.1%}"
+                  + (f"  mean {row['ms_mean']:.2f}" if ":ap" in name else ""), flush=True)
     write_json(args.json, args, rows_out)
     return 0
 

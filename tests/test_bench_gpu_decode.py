@@ -30,16 +30,18 @@ def test_quick_mode_writes_rows(tmp_path):
 
 
 def test_quick_mode_runs_the_quest_rows(tmp_path):
-    """Quest rows (issue 12: budget 4096 on the GPU; --quick: a quarter of the context) run eager and static, the
-    static one with each torch kernel; the static cache holds the full context."""
+    """Quest and AttentionPredictor rows (issue 12: budget 4096 on the GPU; --quick: a quarter of the context) run
+    eager and static, the static one with each torch kernel; the static cache holds the full context."""
     out = tmp_path / "rows.json"
     r = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_decode.py"), "--quick", "--rows",
-                        "kvsq-eager:full,kvsq-eager:quest,kvsq-static:quest", "--static-kernels", "sdpa,matmul",
-                        "--json", str(out)], capture_output=True, text=True, timeout=600, cwd=ROOT)
+                        "kvsq-eager:full,kvsq-eager:quest,kvsq-static:quest,kvsq-static:ap", "--static-kernels",
+                        "sdpa,matmul", "--json", str(out)], capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-3000:]
     data = {d["row"]: d for d in json.loads(out.read_text())["rows"]}
-    assert list(data) == ["kvsq-eager:full", "kvsq-eager:quest", "kvsq-static:quest/sdpa", "kvsq-static:quest/matmul"]
+    assert list(data) == ["kvsq-eager:full", "kvsq-eager:quest", "kvsq-static:quest/sdpa", "kvsq-static:quest/matmul",
+                          "kvsq-static:ap/sdpa", "kvsq-static:ap/matmul"]
     for d in data.values():
         assert "error" not in d, d
-        assert d["ms_per_token"] > 0
+        assert d["ms_per_token"] > 0 and d["ms_mean"] > 0
     assert data["kvsq-static:quest/sdpa"]["kv_bytes"] >= data["kvsq-eager:full"]["kv_bytes"]
+    assert data["kvsq-static:ap/sdpa"]["kv_bytes"] == data["kvsq-static:quest/sdpa"]["kv_bytes"]

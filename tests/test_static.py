@@ -12,7 +12,7 @@ from kvsqueeze.methods import H2O, get_method
 from kvsqueeze.quant import gear
 from kvsqueeze.runtime.generate import decode_step, prefill
 from kvsqueeze.runtime.static import StaticCompressedCache, StaticDecoder, static_greedy_decode
-from kvsqueeze.selection import AttentionPredictor, PredictorNet
+from kvsqueeze.selection import Selector
 
 from conftest import kv, tiny_llama
 
@@ -201,9 +201,9 @@ def test_unsupported_caches_are_refused_naming_the_eager_path(model):
     prefill(model, c, ids)  # KIVI is held (tests/test_static_kivi.py); other quantized storage is not
     with pytest.raises(kq.KVSqueezeError, match="quantized"):
         StaticCompressedCache.from_cache(c, 4)
-    c = kq.CompressedCache(model, None, selector=AttentionPredictor(48, predictor=PredictorNet().init_blend()))
+    c = kq.CompressedCache(model, None, selector=Selector(48))  # a selector with no static counterpart
     prefill(model, c, ids)
-    with pytest.raises(kq.KVSqueezeError, match="selection"):  # Quest runs (tests/test_static_quest.py)
+    with pytest.raises(kq.KVSqueezeError, match="selection"):  # Quest and AttentionPredictor run (their tests)
         StaticCompressedCache.from_cache(c, 4)
     with pytest.raises(kq.KVSqueezeError, match="empty"):
         StaticCompressedCache.from_cache(kq.CompressedCache(model, None), 4)

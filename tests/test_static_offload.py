@@ -22,7 +22,7 @@ import kvsqueeze as kq
 from kvsqueeze.errors import KVSqueezeError
 from kvsqueeze.runtime.generate import prefill
 from kvsqueeze.runtime.static import StaticCompressedCache, StaticDecoder
-from kvsqueeze.selection import Quest
+from kvsqueeze.selection import AttentionPredictor, PredictorNet, Quest
 from kvsqueeze.storage.mapped import map_host, mapped_zeros
 
 DEVICE = os.environ.get("KVSQUEEZE_TEST_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -58,12 +58,15 @@ def _no_sync():
 
 
 @torch.no_grad()
-def _run(model, offload, eager_offload, kernel=None, compiled=False):
-    """Teacher-forced logits and layer-2 pages of the static Quest step (layer 0 dense; budget 64 of ~200 slots)."""
+def _run(model, offload, eager_offload, kernel=None, compiled=False, selector="quest"):
+    """Teacher-forced logits and layer-2 pages of the static Quest (or AttentionPredictor) step (layer 0 dense;
+    budget 64 of ~200 slots)."""
     import torch._dynamo
 
     ids, feed = _feed()
-    cache = kq.CompressedCache(model, None, selector=Quest(64, dense_layers=(0,)), offload=eager_offload)
+    sel = Quest(64, dense_layers=(0,)) if selector == "quest" else AttentionPredictor(64, predictor=PredictorNet().init_blend(noise=0.3),
+                                                                          dense_layers=(0,))
+    cache = kq.CompressedCache(model, None, selector=sel, offload=eager_offload)
     prefill(model, cache, ids)
     static = StaticCompressedCache.from_cache(cache, STEPS, offload=offload)
     torch._dynamo.reset()
@@ -86,12 +89,13 @@ def _kernels():
     return out
 
 
+@pytest.mark.parametrize("selector", ["quest", "attention_predictor"])
 @pytest.mark.parametrize("compiled", [False, True])
 @pytest.mark.parametrize("kernel", _kernels())
-def test_offloaded_static_step_equals_on_device_step(kernel, compiled):
+def test_offloaded_static_step_equals_on_device_step(kernel, compiled, selector):
     model = _model()
-    ref_static, ref, ref_pages = _run(model, None, None, kernel, compiled)
-    static, got, pages = _run(model, "auto", "cpu", kernel, compiled)  # an offloaded eager cache, its tier kept
+    ref_static, ref, ref_pages = _run(model, None, None, kernel, compiled, selector)
+    static, got, pages = _run(model, "auto", "cpu", kernel, compiled, selector)  # an offloaded eager cache
     assert static.slots.host_layers == {1, 2} and ref_static.slots.host_layers == frozenset()
     assert pages == ref_pages
     assert torch.equal(got, ref)
@@ -141,7 +145,7 @@ def test_offload_refusals():
     with torch.no_grad():
         prefill(model, plain, ids)
         prefill(model, quest, ids)
-    with pytest.raises(KVSqueezeError, match="Quest selector"):
+    with pytest.raises(KVSqueezeError, match="decode-time selector"):
         StaticCompressedCache.from_cache(plain, STEPS, offload="cpu")
     with pytest.raises(KVSqueezeError, match="disk tier decodes on the eager path"):
         StaticCompressedCache.from_cache(quest, STEPS, offload="disk")

@@ -12,7 +12,7 @@ import kvsqueeze as kq
 from kvsqueeze.methods import get_method
 from kvsqueeze.runtime.generate import decode_step, prefill
 from kvsqueeze.runtime.static import StaticCompressedCache, StaticDecoder, static_greedy_decode
-from kvsqueeze.selection import AttentionPredictor, PredictorNet, Quest
+from kvsqueeze.selection import Quest
 from kvsqueeze.selection.static_quest import StaticQuest
 
 from conftest import kv, tiny_llama
@@ -188,10 +188,12 @@ def test_generate_with_a_static_quest_cache(model):
 
 
 def test_what_the_static_quest_step_refuses(model):
+    from kvsqueeze.selection import Selector
+
     ids = _ids(1, 40)
-    c = kq.CompressedCache(model, None, selector=AttentionPredictor(48, predictor=PredictorNet().init_blend()))
+    c = kq.CompressedCache(model, None, selector=Selector(48))  # a selector with no static counterpart
     prefill(model, c, ids)
-    with pytest.raises(kq.KVSqueezeError, match="AttentionPredictor.*eager"):
+    with pytest.raises(kq.KVSqueezeError, match="Selector.*eager"):
         StaticCompressedCache.from_cache(c, 4)
     c, _ = _cache(model, ids, get_method("knorm", budget=32, compression_interval=1))
     with pytest.raises(kq.KVSqueezeError, match="decode-time eviction"):

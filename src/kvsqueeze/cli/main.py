@@ -137,8 +137,8 @@ def models():
 @device_map_option
 @click.option("--compile", "compiled", is_flag=True,
               help="Decode over a fixed-capacity copy of the compressed cache with one compiled step "
-                   "(torch.compile; CUDA graphs on a GPU). Full-precision storage; --select quest only (its "
-                   "pages chosen on the device); decode-time eviction only for streaming_llm and knorm.")
+                   "(torch.compile; CUDA graphs on a GPU). Full-precision storage; --select quest or attention_predictor "
+                   "(pages chosen on the device); decode-time eviction only for streaming_llm and knorm.")
 @click.option("--config", "config", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="JSON file of these options (e.g. from `kvsqueeze recommend --config FILE`); options given "
                    "on the command line override it.")
@@ -173,9 +173,6 @@ def generate(model, method, compression_ratio, budget, exempt_layers, compressio
                              "compose with --quant or --compile yet")
     if compiled and quant != "none":
         raise KVSqueezeError("--compile decodes full-precision caches (drop --quant, or --compile)")
-    if compiled and select == "attention_predictor":
-        raise KVSqueezeError("--compile runs decode-time selection by quest only (drop --compile for "
-                             "attention_predictor)")
     if not context_file.exists():
         raise KVSqueezeError(f"context file not found: {context_file}")
     context = context_file.read_text(errors="replace")
@@ -207,10 +204,9 @@ def generate(model, method, compression_ratio, budget, exempt_layers, compressio
     if select != "none":
         from ..selection import AttentionPredictor, Quest
 
-        if select == "quest":  # the static step takes whole pages (the eager one attends to budget // 16 pages)
-            selector = Quest(select_budget - select_budget % 16 if compiled else select_budget)
-        else:
-            selector = AttentionPredictor(select_budget)
+        # the static step takes whole pages (the eager one attends to budget // 16 pages)
+        budget_sel = select_budget - select_budget % 16 if compiled else select_budget
+        selector = Quest(budget_sel) if select == "quest" else AttentionPredictor(budget_sel)
     res = generate_answer(mdl, tok, context, question, m, max_new_tokens=max_new_tokens, chunk_size=chunk_size,
                           query_aware=query_aware, layer_factory=qspec.layer_factory if qspec else None,
                           selector=selector, static=compiled, compile=compiled, offload=offload)

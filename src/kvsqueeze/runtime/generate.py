@@ -157,7 +157,8 @@ def answer_tokens(model, cache, question: torch.Tensor, max_new_tokens: int, eos
     `static=True` decodes over a fixed-capacity copy of the cache instead (`runtime/static.py`: the same tokens,
     no Python or allocation per step beyond the step call), `compile=True` with the step compiled
     (`torch.compile`, CUDA graphs on a GPU; implies `static`). Raises KVSqueezeError for a cache the static path
-    cannot hold (quantized storage, a selector other than Quest, attention-based decode-time eviction)."""
+    cannot hold (quantized storage other than KIVI, a selector other than Quest and AttentionPredictor,
+    attention-based decode-time eviction)."""
     logits = model(input_ids=question, **cache_kwargs(model, cache), logits_to_keep=1).logits[:, -1]
     if static or compile:
         from .static import StaticCompressedCache, static_greedy_decode

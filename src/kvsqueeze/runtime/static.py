@@ -31,9 +31,9 @@ not a sink: a ring over the window) and K-norm (the slot whose key has the large
 slot-aligned `priority` buffer), PyramidKV over either (per-layer budgets). Methods whose decode-time eviction
 needs the step's attention weights (H2O, TOVA, SnapKV, ... with `compression_interval > 0`), AdaKV with decode
 eviction (its head budgets are re-split at each eviction), quantized storage other than KIVI, KIVI with decode-time
-eviction, AttentionPredictor, Quest with decode-time eviction, offloading to disk, sliding-window layers, attention
-softcapping and a model split over several devices (`device_map`) are refused with a `KVSqueezeError` naming the
-eager path (`greedy_decode_batch`).
+eviction, Quest / AttentionPredictor with decode-time eviction, offloading to disk, sliding-window layers,
+attention softcapping and a model split over several devices (`device_map`) are refused with a `KVSqueezeError`
+naming the eager path (`greedy_decode_batch`).
 
 Quest selection (Tang et al., 2024, arXiv 2406.10774) runs in the step: a cache built with `selector=Quest(...)`
 is copied with its selector as a `StaticQuest` (`selection/static_quest.py`: per-page key min / max in fixed
@@ -43,8 +43,15 @@ attention function), where each sparse layer picks its top budget / page pages p
 attends to them only: read in place by the Triton page kernel (`kernels/page_decode.py`), gathered by the torch
 kernels.
 
-Offloading (issue 13) with Quest: an offloaded cache (`offload="cpu"`), or `from_cache(..., offload="cpu")`, keeps
-the sparse layers' slot buffers in mapped host memory (`storage/mapped.py`): the step is the same code, its page
+AttentionPredictor (Yang, Wang et al., 2025) runs in the step the same way: a cache built with
+`selector=AttentionPredictor(...)` is copied with a `StaticAttentionPredictor`
+(`selection/static_attention_predictor.py`: the attention history and the CNN's per-row terms in fixed ring
+buffers, prediction from the history up to the previous step, the step's row pushed on the device) under the same
+keyword; its calibration steps (a full attention row every `calibration_every` steps) are a second compiled variant,
+chosen on the host by the step counter (`_count_step` -> `host_step`).
+
+Offloading (issue 13) with Quest or AttentionPredictor: an offloaded cache (`offload="cpu"`), or
+`from_cache(..., offload="cpu")`, keeps the sparse layers' slot buffers in mapped host memory (`storage/mapped.py`): the step is the same code, its page
 attention reads the selected pages over the host link in place and its token is written there; the page metadata,
 the slot tables and the dense layers stay on the device. No page table, no copy engine, no host synchronisation:
 the step stays one CUDA graph.
@@ -96,11 +103,12 @@ EAGER = "(`kvsqueeze generate` without --compile; static=False in Python)"  # wh
 # A step's forward carries what its attention needs beyond the layer's buffers as extra keyword arguments
 # (`StaticCompressedCache.forward_kwargs`; transformers hands them down to the attention function): the static KIVI
 # buffers under `kvsqueeze_kivi` (the attention interface is given the layer's residual buffers, not the packed
-# ones) and Quest's `StaticQuest` under `kvsqueeze_pages`. One route for both. A forward that does not pass them
-# down is refused: without the KIVI buffers the attention gets the residual, narrower than the slot mask
-# (`_layer_rows`); without the pages no layer chooses any (`StaticDecoder._check_selected`).
+# ones) and the page selector (`StaticQuest` or `StaticAttentionPredictor`) under `kvsqueeze_pages`. One route for
+# all. A forward that does not pass them down is refused: without the KIVI buffers the attention gets the
+# residual, narrower than the slot mask (`_layer_rows`); without the pages no layer chooses any
+# (`StaticDecoder._check_selected`).
 KIVI_KW = "kvsqueeze_kivi"  # the forward kwarg carrying a cache's `StaticKIVI` down to the static attention
-PAGES_KW = "kvsqueeze_pages"  # the forward kwarg carrying a cache's `StaticQuest` down to the static attention
+PAGES_KW = "kvsqueeze_pages"  # the forward kwarg carrying a cache's page selector down to the static attention
 
 
 def _kivi_attention(module, query, scaling, kernel, kwargs):
@@ -281,6 +289,20 @@ def _decode_rule(method):
                          + EAGER + ", or set compression_interval=0")
 
 
+def _static_selector(selector):
+    """The static counterpart of an eager selector: `StaticQuest` for Quest, `StaticAttentionPredictor` for
+    AttentionPredictor (both carried to the attention under `kvsqueeze_pages`, one protocol)."""
+    from ..selection import AttentionPredictor
+
+    if isinstance(selector, AttentionPredictor):
+        from ..selection.static_attention_predictor import StaticAttentionPredictor
+
+        return StaticAttentionPredictor
+    from ..selection.static_quest import StaticQuest
+
+    return StaticQuest
+
+
 def check_model(model) -> None:
     """Refuse, before any prefill, a model the static decode path cannot run: sliding-window or chunked-attention
     layers (Gemma 2/3, Mistral's window, Llama 4's chunks), attention softcapping, and a model on several devices
@@ -337,7 +359,7 @@ class StaticCompressedCache(Cache):
         self.full_kv_bytes = full_kv_bytes
         self.driven = False  # True while a StaticDecoder runs a step (the routing hooks then stay out)
         self.hook_depth, self.hook_saved = 0, None  # a forward driven by the routing hooks (model.generate)
-        self.pages = None  # a StaticQuest (selection/static_quest.py) when the eager cache had a Quest selector
+        self.pages = None  # a StaticQuest / StaticAttentionPredictor when the eager cache had that selector
 
     @property
     def is_compileable(self) -> bool:
@@ -359,11 +381,13 @@ class StaticCompressedCache(Cache):
         `max_new_tokens`); rounded up to a multiple of `ALIGN` (16) slots. `position` (b,) long: the position id
         of each row's next token (default: the tokens the row has seen, its left padding not counted). A `Quest`
         selector of the cache is carried over (`pages`, a `StaticQuest`; capacity then in whole pages; its budget must
-        be a multiple of its page). A cache whose every layer holds a `KIVIStore` becomes `StaticKIVI` buffers
-        (`_from_kivi`). `offload`: "cpu" keeps the keys and values of the layers Quest makes sparse in host memory
-        the step reads in place (`StaticSlots(host_layers=...)`, storage/mapped.py; needs a Quest selector), None
-        keeps everything on the device, "auto" (default) follows the cache (`cache.offload_tier`). Raises
-        KVSqueezeError for what the static path cannot hold (see the module docstring) and for an empty cache."""
+        be a multiple of its page), an `AttentionPredictor` as a `StaticAttentionPredictor` (its history copied;
+        the same page rules). A cache whose every layer holds a `KIVIStore` becomes `StaticKIVI` buffers
+        (`_from_kivi`). `offload`: "cpu" keeps the keys and values of the layers the selector makes sparse in host
+        memory the step reads in place (`StaticSlots(host_layers=...)`, storage/mapped.py; needs a Quest or
+        AttentionPredictor selector), None keeps everything on the device, "auto" (default) follows the cache
+        (`cache.offload_tier`). Raises KVSqueezeError for what the static path cannot hold (see the module
+        docstring) and for an empty cache."""
         from .cache import CompressedCache
 
         if not isinstance(cache, CompressedCache):
@@ -372,14 +396,12 @@ class StaticCompressedCache(Cache):
             raise KVSqueezeError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         selector = cache.selector
         if selector is not None:
-            from ..selection import Quest
+            from ..selection import AttentionPredictor, Quest
 
-            if not isinstance(selector, Quest):
+            if not isinstance(selector, (Quest, AttentionPredictor)):
                 raise KVSqueezeError(f"decode-time selection by {type(selector).__name__} runs on the eager path "
-                                     "only (the static decode path runs Quest) " + EAGER)
-            from ..selection.static_quest import StaticQuest
-
-            StaticQuest.check(selector)
+                                     "only (the static decode path runs Quest and AttentionPredictor) " + EAGER)
+            _static_selector(selector).check(selector)
         if offload == "auto":
             offload = getattr(cache, "offload_tier", None)
         if offload not in (None, "none", "cpu"):
@@ -387,8 +409,8 @@ class StaticCompressedCache(Cache):
                                  "a disk tier decodes on the eager path only " + EAGER)
         offload = None if offload == "none" else offload
         if offload and selector is None:
-            raise KVSqueezeError("offloading needs a Quest selector (--select quest): the static step reads the "
-                                 "selected pages from host memory")
+            raise KVSqueezeError("offloading needs a decode-time selector (--select quest or attention_predictor): "
+                                 "the static step reads the selected pages from host memory")
         _check_config(cache.config)
         for i, layer in enumerate(cache.layers):
             if not isinstance(layer, CompressedLayer) or layer.sliding_window:
@@ -408,8 +430,8 @@ class StaticCompressedCache(Cache):
         method = cache.method
         rule = _decode_rule(method)
         if selector is not None and rule is not None:
-            raise KVSqueezeError("Quest selection with decode-time eviction (compression_interval > 0) runs on "
-                                 "the eager path only " + EAGER)
+            raise KVSqueezeError(f"{type(selector).__name__} selection with decode-time eviction "
+                                 "(compression_interval > 0) runs on the eager path only " + EAGER)
         every = method.compression_interval if rule is not None else 0
         exempt = set(getattr(method, "exempt_layers", ()) or ())
         layers = cache.layers
@@ -461,10 +483,19 @@ class StaticCompressedCache(Cache):
         out._exempt = sorted(exempt)
         out._exempt_mask = torch.tensor([i in exempt for i in range(len(layers))], device=dev).view(-1, 1, 1)
         if selector is not None:
-            from ..selection.static_quest import StaticQuest
+            from ..selection.static_attention_predictor import StaticAttentionPredictor
 
-            out.pages = StaticQuest(selector, slots)
-            out.pages.load()
+            if _static_selector(selector) is StaticAttentionPredictor:
+                from ..shapes import attention_shape
+
+                cfg = cache.config.get_text_config() if hasattr(cache.config, "get_text_config") else cache.config
+                out.pages = StaticAttentionPredictor(selector, slots, attention_shape(cfg)[0])
+                out.pages.load(selector, [layer.n_stored for layer in layers])
+            else:
+                from ..selection.static_quest import StaticQuest
+
+                out.pages = StaticQuest(selector, slots)
+                out.pages.load()
         return out
 
     @classmethod
@@ -558,6 +589,9 @@ class StaticCompressedCache(Cache):
                 raise KVSqueezeError("the static cache is full: build it with a larger max_new_tokens")
         self.steps_left -= 1
         self.tokens_seen += 1
+        host_step = getattr(self.pages, "host_step", None)
+        if host_step is not None:  # AttentionPredictor: this step's calibration flags (a host counter, no sync)
+            host_step()
 
     # --- one step (graph-friendly) ---------------------------------------------------------------------------
     def begin_step(self) -> torch.Tensor:
@@ -694,15 +728,16 @@ class StaticDecoder:
         return logits, (token.clone() if self._graphs else token)
 
     def _check_selected(self) -> None:
-        """After the first step with Quest: every sparse layer chose its pages, i.e. the model's forward handed
-        its extra keyword arguments (`kvsqueeze_pages`) down to the attention function, as transformers' Llama,
-        Qwen, Mistral, ... do. Raises KVSqueezeError otherwise (the step would have attended densely)."""
+        """After the first step with a page selector (Quest, AttentionPredictor): every sparse layer chose its
+        pages, i.e. the model's forward handed its extra keyword arguments (`kvsqueeze_pages`) down to the attention
+        function, as transformers' Llama, Qwen, Mistral, ... do. Raises KVSqueezeError otherwise (the step would
+        have attended densely)."""
         q = self.cache.pages
-        sparse = [i for i in range(len(q.kmin)) if q.sparse(i)]
+        sparse = [i for i in range(q.slots.n_layers) if q.sparse(i)]
         if sparse and not bool((q.chosen[sparse] >= 0).all()):
             raise KVSqueezeError(f"{type(self.model).__name__}'s forward does not pass keyword arguments down to its "
-                                 "attention, so the static step cannot run Quest on it; decode on the eager path "
-                                 + EAGER)
+                                 "attention, so the static step cannot run page selection on it; decode on the eager "
+                                 "path " + EAGER)
         self._checked = True
 
 
