@@ -18,11 +18,18 @@ Rows (`--rows` picks a subset by name):
   kvsq-offload:quest    the same store, pages fetched on demand once the step's query is known (no prefetch)
   kvsq-static:quest     kvsqueeze's static decode step (one CUDA graph, runtime/static.py) with Quest, the whole
                         cache on the GPU, the selected pages read in place by the Triton page kernel
-  kvsq-static-offload:quest  the same step with the sparse layers' KV in mapped host memory (storage/mapped.py):
-                        the page kernel reads the selected pages over the host link in place, no copies, no page
-                        table (the prefill runs on the GPU, shared with kvsq-static:quest, then the cache is
-                        copied out: the peak column includes that prefill; `CompressedCache(offload="cpu")`
-                        prefills without ever holding the whole KV on the GPU, slower)
+  kvsq-static-mapped:quest  the same step with the sparse layers' KV in mapped host memory (storage/mapped.py):
+                        the page kernel reads every selected page over the host link in place, no copies, no
+                        page table (`from_cache(..., offload="cpu", page_frames=False)`; the prefill runs on the
+                        GPU, shared with kvsq-static:quest, then the cache is copied out: the peak column includes
+                        that prefill; `CompressedCache(offload="cpu")` prefills without ever holding the whole KV
+                        on the GPU, slower)
+  kvsq-static-offload:quest  the same, with device page frames (storage/frames.py, the default): each step copies
+                        only the selected pages its frames do not hold from the step before (page table on the
+                        device, one CUDA graph)
+  kvsq-static:ap        the static step with AttentionPredictor (selection/static_attention_predictor.py), on the
+  kvsq-static-offload:ap  GPU / offloaded with page frames: the pages it predicts from the history change little
+                        from step to step, so few cross the link
 
 Budgets: --budget-per-length (default 32768:2048,131072:4096, the issue's goals), else --budget. The random model
 has no trained predictor: AttentionPredictor runs its CNN initialised to the history heuristic
@@ -30,8 +37,8 @@ has no trained predictor: AttentionPredictor runs its CNN initialised to the his
 
 Columns: ms/token; moved = host -> device bytes per decoded token (offloaded rows: the store's counters over every
 step, warm-up included; hf-offloaded: every layer's KV once per step, an estimate from its cache size;
-kvsq-static-offload: the selected pages' keys and values of the host layers, what the page kernel reads over the
-link each step, computed from the selection's size); hit = pages
+static offloaded rows: `StaticCompressedCache.offload_stats()`, every step since the conversion, warm-up
+included; kvsq-static-mapped: every selected page of the host layers, read over the link in place); hit = pages
 a step needed that were already on the GPU (prefetched, or kept from the step before); GPU KV = key / value bytes
 held on the GPU after the last step (hf-offloaded: not counted by transformers, shown as '-'; static rows: plus
 Quest's page metadata, printed after a '+'); host KV = bytes in
@@ -65,7 +72,7 @@ from _table import attempt, peak_gb, write_json  # noqa: E402
 from gpu_decode import TINY, bench_target, build_model, hf_prefill, kv_bytes_of, timed  # noqa: E402
 
 ROWS = ("hf-offloaded", "kvsq-gpu:ap", "kvsq-offload:ap", "kvsq-gpu:quest", "kvsq-offload:quest", "kvsq-static:quest",
-        "kvsq-static-offload:quest")
+        "kvsq-static-mapped:quest", "kvsq-static-offload:quest", "kvsq-static:ap", "kvsq-static-offload:ap")
 
 
 def budget_for(length: int, args) -> int:
@@ -135,16 +142,16 @@ def static_row(kind, model, ids, args, device, selector):
     `from_cache(..., offload="cpu")`), decoded by the compiled `StaticDecoder`."""
     import torch._dynamo
 
-    key = (ids.shape[-1], selector.budget)
-    if key not in _PREFILLED:  # one prefill (on the GPU) for both static rows of a length
+    key = (ids.shape[-1], selector.budget, type(selector).__name__)
+    if key not in _PREFILLED:  # one prefill (on the GPU) for the static rows of a length and selector
         _PREFILLED.clear()
         cache = kq.CompressedCache(model, None, selector=selector)
         with torch.no_grad():
             _PREFILLED[key] = cache, prefill(model, cache, ids, args.chunk).argmax(-1)
     cache, tok = _PREFILLED[key]
-    offload = "cpu" if kind == "kvsq-static-offload" else None
+    offload = "cpu" if kind in ("kvsq-static-offload", "kvsq-static-mapped") else None
     static = StaticCompressedCache.from_cache(cache, args.warmup + args.steps + gpu_decode.PROFILE_STEPS + 1,
-                                              offload=offload)
+                                              offload=offload, page_frames=kind == "kvsq-static-offload")
     torch._dynamo.reset()  # one compiled step per cache
     compile_kw = dict(compile=True) if device.type == "cuda" else dict(compile=True, backend="aot_eager")
     dec = StaticDecoder(model, static, **compile_kw)
@@ -157,11 +164,12 @@ def static_row(kind, model, ids, args, device, selector):
 
     ms = timed(step, args.warmup, args.steps, device)
     st = static.stats()
-    s, q = static.slots, static.pages
-    page_bytes = q.page * (s.head_dim + s.values[0].shape[-1]) * s.keys[0].element_size()
-    moved = len(s.host_layers) * s.batch * s.kv_heads * q.k_pages * page_bytes
-    return dict(ms=ms, gpu_kv=st.device_kv_bytes, gpu_meta=q.nbytes(), host_kv=st.host_kv_bytes,
-                moved_per_token=moved, hit_rate=None, tokens=torch.stack(toks).tolist())
+    out = dict(ms=ms, gpu_kv=st.device_kv_bytes, gpu_meta=static.pages.nbytes(), host_kv=st.host_kv_bytes,
+               moved_per_token=0, hit_rate=None, tokens=torch.stack(toks).tolist())
+    if offload:
+        o = static.offload_stats()
+        out.update(moved_per_token=o["bytes_per_token"], hit_rate=o["hit_rate"], pages_per_token=o["pages_per_token"])
+    return out
 
 
 def main(argv=None) -> int:
@@ -228,7 +236,8 @@ def main(argv=None) -> int:
             if kind in ("kvsq-gpu", "kvsq-static"):
                 ref_tokens[kind, sel] = r["tokens"]
             same = None
-            ref_kind = {"kvsq-offload": "kvsq-gpu", "kvsq-static-offload": "kvsq-static"}.get(kind)
+            ref_kind = {"kvsq-offload": "kvsq-gpu", "kvsq-static-offload": "kvsq-static",
+                        "kvsq-static-mapped": "kvsq-static"}.get(kind)
             if (ref_kind, sel) in ref_tokens:
                 same = r["tokens"] == ref_tokens[ref_kind, sel]
             peak = peak_gb(device)

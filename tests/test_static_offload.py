@@ -58,7 +58,7 @@ def _no_sync():
 
 
 @torch.no_grad()
-def _run(model, offload, eager_offload, kernel=None, compiled=False, selector="quest"):
+def _run(model, offload, eager_offload, kernel=None, compiled=False, selector="quest", frames=True):
     """Teacher-forced logits and layer-2 pages of the static Quest (or AttentionPredictor) step (layer 0 dense;
     budget 64 of ~200 slots)."""
     import torch._dynamo
@@ -68,7 +68,7 @@ def _run(model, offload, eager_offload, kernel=None, compiled=False, selector="q
                                                                           dense_layers=(0,))
     cache = kq.CompressedCache(model, None, selector=sel, offload=eager_offload)
     prefill(model, cache, ids)
-    static = StaticCompressedCache.from_cache(cache, STEPS, offload=offload)
+    static = StaticCompressedCache.from_cache(cache, STEPS, offload=offload, page_frames=frames)
     torch._dynamo.reset()
     kw = {}
     if compiled:
@@ -89,13 +89,22 @@ def _kernels():
     return out
 
 
+@pytest.mark.parametrize("frames", [True, False])
 @pytest.mark.parametrize("selector", ["quest", "attention_predictor"])
 @pytest.mark.parametrize("compiled", [False, True])
 @pytest.mark.parametrize("kernel", _kernels())
-def test_offloaded_static_step_equals_on_device_step(kernel, compiled, selector):
+def test_offloaded_static_step_equals_on_device_step(kernel, compiled, selector, frames):
+    """Offloaded (device page frames, or every page read in place) equals the on-device step exactly."""
     model = _model()
     ref_static, ref, ref_pages = _run(model, None, None, kernel, compiled, selector)
-    static, got, pages = _run(model, "auto", "cpu", kernel, compiled, selector)  # an offloaded eager cache
+    static, got, pages = _run(model, "auto", "cpu", kernel, compiled, selector, frames)  # an offloaded eager cache
+    o = static.offload_stats()
+    per_step = 2 * 1 * 4 * ref_static.pages.chosen.shape[-1]  # host layers x rows x kv heads x pages per step
+    assert o["decode_steps"] == STEPS and o["needed"] == per_step * STEPS
+    if frames:  # consecutive steps share pages: fewer cross the link than are read
+        assert (static.frames is not None) and 0 < o["hits"] < o["needed"] and o["hit_rate"] > 0.3
+    else:
+        assert static.frames is None and o["hits"] == 0 and o["hit_rate"] is None
     assert static.slots.host_layers == {1, 2} and ref_static.slots.host_layers == frozenset()
     assert pages == ref_pages
     assert torch.equal(got, ref)
@@ -132,7 +141,10 @@ def test_offload_accounting_and_conversion_of_an_on_device_cache():
     st = static.stats()
     assert s.host_layers == {1, 2}
     assert st.host_kv_bytes == per_layer[1] + per_layer[2]
-    assert st.device_kv_bytes == per_layer[0]
+    assert st.device_kv_bytes == per_layer[0] + static.frames.nbytes()  # the dense layer and the page frames
+    assert static.frames.nbytes() == 2 * 2 * 4 * static.pages.chosen.shape[-1] * 16 * 64 * 4  # 2 host layers, K+V
+    inplace = StaticCompressedCache.from_cache(cache, STEPS, offload="cpu", page_frames=False).stats()
+    assert inplace.device_kv_bytes == per_layer[0] and inplace.host_kv_bytes == st.host_kv_bytes
     assert "in host memory" in st.line()
     assert StaticCompressedCache.from_cache(cache, STEPS).stats().host_kv_bytes == 0  # "auto": the cache's tier
 

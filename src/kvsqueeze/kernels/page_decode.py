@@ -31,11 +31,12 @@ if triton is not None:
 
     @triton.jit
     def _page_decode_split(
-        Q, K, V, M, PG, O_ACC, O_M, O_L,
+        Q, K, V, M, PG, FR, O_ACC, O_M, O_L,
         qk_scale, NSEL, CHUNK,
         s_q_b, s_q_h, s_k_b, s_k_h, s_k_n, s_v_b, s_v_h, s_v_n, s_m_b, s_m_h, s_m_n, s_p_b, s_p_h, s_p_n,
+        s_f_b, s_f_h, s_f_n,
         HK: tl.constexpr, GQ: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
-        PAGE: tl.constexpr, DT: tl.constexpr,
+        PAGE: tl.constexpr, DT: tl.constexpr, HAS_FR: tl.constexpr,
     ):
         bh = tl.program_id(0)
         split = tl.program_id(1)
@@ -55,8 +56,11 @@ if triton is not None:
             e = start + it * BLOCK_N + tl.arange(0, BLOCK_N)  # index among the selected slots
             em = e < NSEL
             pid = tl.load(PG + b * s_p_b + hk * s_p_h + (e // PAGE) * s_p_n, mask=em, other=0)
-            n = pid * PAGE + e % PAGE  # the slot in the layer's buffers
+            n = pid * PAGE + e % PAGE  # the slot in the layer's buffers (its validity)
             ok = (tl.load(M + b * s_m_b + hk * s_m_h + n * s_m_n, mask=em, other=0) != 0) & em
+            if HAS_FR:  # keys and values from the page frame holding the page
+                fid = tl.load(FR + b * s_f_b + hk * s_f_h + (e // PAGE) * s_f_n, mask=em, other=0)
+                n = fid * PAGE + e % PAGE
             k = tl.load(K + b * s_k_b + hk * s_k_h + n[:, None] * s_k_n + ch[None, :], mask=em[:, None], other=0.0)
             s = tl.dot(q, tl.trans(k.to(DT)))
             s = tl.where(ok[None, :], s, float("-inf"))
@@ -76,12 +80,15 @@ if triton is not None:
 
 def page_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor,
                           pages: torch.Tensor, page: int, scale: float | None = None, block_n: int = 64,
-                          num_warps: int = 4) -> torch.Tensor:
+                          num_warps: int = 4, frames: torch.Tensor | None = None) -> torch.Tensor:
     """One decode query per row over the selected pages of masked slots, read in place, split-KV on the GPU.
 
     q: (B, HQ, D); k, v: (B, HK, C, D) (any strides with a unit last one); valid: (B, HK, C) bool (any strides);
     pages: (B, HK, KP) integer page ids in [0, C // page) (any strides; page j = slots [j * page, (j + 1) * page));
-    `page` slots per page (C a multiple of it). HQ a multiple of HK (GQA), D a power of two >= 16. Returns
+    `page` slots per page (C a multiple of it). `frames` (B, HK, KP) integer, optional: the keys and values of
+    selected page i are read from page frame frames[..., i] of k / v (slots [f * page, (f + 1) * page); k / v then
+    (B, HK, F * page, D), the device frames of an offloaded layer, `storage/frames.py`) while its validity is still
+    read at the page's slots in `valid` (B, HK, C). HQ a multiple of HK (GQA), D a power of two >= 16. Returns
     (B, HQ, D) in q's dtype. Every (row, kv head) must have a valid slot among its pages (the current token is
     one). The order of the page ids does not matter (up to float rounding). Raises RuntimeError without triton,
     ValueError for shapes the kernel does not take."""
@@ -91,7 +98,8 @@ def page_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, val
     HK, C = k.shape[1], k.shape[2]
     KP = pages.shape[-1]
     if HQ % HK or D < 16 or D & (D - 1) or k.stride(-1) != 1 or v.stride(-1) != 1 or q.stride(-1) != 1 \
-            or page < 1 or C % page or tuple(pages.shape[:2]) != (B, HK):
+            or page < 1 or C % page or tuple(pages.shape[:2]) != (B, HK) \
+            or (frames is not None and frames.shape != pages.shape):
         raise ValueError(f"unsupported shapes for the page decode kernel: q {tuple(q.shape)}, k {tuple(k.shape)}, "
                          f"pages {tuple(pages.shape)}, page {page}")
     GQ = HQ // HK
@@ -102,13 +110,15 @@ def page_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, val
     o_acc = torch.empty(B * HK * n_splits * GQ, D, dtype=torch.float32, device=q.device)
     o_m = torch.empty(B * HK * n_splits * GQ, dtype=torch.float32, device=q.device)
     o_l = torch.empty_like(o_m)
+    fr = pages if frames is None else frames
     _page_decode_split[(B * HK, n_splits)](
-        q, k, v, valid, pages, o_acc, o_m, o_l,
+        q, k, v, valid, pages, fr, o_acc, o_m, o_l,
         scale * 1.4426950408889634, nsel, chunk,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         valid.stride(0), valid.stride(1), valid.stride(2), pages.stride(0), pages.stride(1), pages.stride(2),
+        fr.stride(0), fr.stride(1), fr.stride(2),
         HK=HK, GQ=GQ, GP=GP, D=D, BLOCK_N=block_n, PAGE=page,
-        DT=_dot_dtype(q),
+        DT=_dot_dtype(q), HAS_FR=frames is not None,
         num_warps=num_warps,
     )
     out = torch.empty(B, HQ, D, dtype=q.dtype, device=q.device)
@@ -124,18 +134,24 @@ def page_slots(pages: torch.Tensor, page: int) -> torch.Tensor:
     return (pages.long()[..., None] * page + offs).view(B, HK, KP * page)
 
 
-def gather_pages(k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor, pages: torch.Tensor, page: int):
+def gather_pages(k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor, pages: torch.Tensor, page: int,
+                 frames: torch.Tensor | None = None):
     """The selected pages' keys, values (B, HK, KP * page, D) and validity (B, HK, KP * page) bool, copied out of
-    k / v (B, HK, C, D) and valid (B, HK, C): the gather the Triton kernel avoids."""
+    k / v (B, HK, C, D) and valid (B, HK, C): the gather the Triton kernel avoids. With `frames` (B, HK, KP), the
+    keys and values of page i come from frame frames[..., i] of k / v (B, HK, F * page, D), as
+    `page_decode_attention`'s."""
     idx = page_slots(pages, page)
-    kk = k.gather(2, idx[..., None].expand(-1, -1, -1, k.shape[-1]))
-    vv = v.gather(2, idx[..., None].expand(-1, -1, -1, v.shape[-1]))
+    kv_idx = idx if frames is None else page_slots(frames, page)
+    kk = k.gather(2, kv_idx[..., None].expand(-1, -1, -1, k.shape[-1]))
+    vv = v.gather(2, kv_idx[..., None].expand(-1, -1, -1, v.shape[-1]))
     return kk, vv, valid.gather(2, idx)
 
 
 def reference_page_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor,
-                          pages: torch.Tensor, page: int, scale: float | None = None) -> torch.Tensor:
+                          pages: torch.Tensor, page: int, scale: float | None = None,
+                          frames: torch.Tensor | None = None) -> torch.Tensor:
     """`page_decode_attention` in torch (gather the pages, then masked attention with an fp32 softmax):
-    q (B, HQ, D), k / v (B, HK, C, D), valid (B, HK, C) bool, pages (B, HK, KP). Returns (B, HQ, D) in q's dtype."""
-    kk, vv, m = gather_pages(k, v, valid, pages, page)
+    q (B, HQ, D), k / v (B, HK, C, D) (or frames: see `gather_pages`), valid (B, HK, C) bool, pages (B, HK, KP).
+    Returns (B, HQ, D) in q's dtype."""
+    kk, vv, m = gather_pages(k, v, valid, pages, page, frames)
     return reference_slot_decode(q, kk, vv, m, scale=scale)

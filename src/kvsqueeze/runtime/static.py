@@ -51,10 +51,13 @@ keyword; its calibration steps (a full attention row every `calibration_every` s
 chosen on the host by the step counter (`_count_step` -> `host_step`).
 
 Offloading (issue 13) with Quest or AttentionPredictor: an offloaded cache (`offload="cpu"`), or
-`from_cache(..., offload="cpu")`, keeps the sparse layers' slot buffers in mapped host memory (`storage/mapped.py`): the step is the same code, its page
-attention reads the selected pages over the host link in place and its token is written there; the page metadata,
-the slot tables and the dense layers stay on the device. No page table, no copy engine, no host synchronisation:
-the step stays one CUDA graph.
+`from_cache(..., offload="cpu")`, keeps the sparse layers' slot buffers in mapped host memory (`storage/mapped.py`)
+and, by default, device page frames for the pages a step attends to (`storage/frames.py`, kwarg
+`kvsqueeze_frames`): each step copies over the host link only the selected pages its frames do not hold from the
+step before (and the page it writes into), with the page table on the device; with `page_frames=False` the page
+attention reads every selected page over the link in place. The step's token is written to host memory; the page
+metadata, the slot tables and the dense layers stay on the device. No copy engine, no host synchronisation: the
+step stays one CUDA graph. `offload_stats()`: pages and bytes moved per token, hit rate.
 
 KIVI storage (issue 12, item 2): a cache whose every layer holds a `KIVIStore` (KIVI over the full cache, or after a
 prefill eviction) is copied into `quant.kivi_static.StaticKIVI` buffers instead of fp16 slots: packed 2/4-bit
@@ -109,6 +112,7 @@ EAGER = "(`kvsqueeze generate` without --compile; static=False in Python)"  # wh
 # (`StaticDecoder._check_selected`).
 KIVI_KW = "kvsqueeze_kivi"  # the forward kwarg carrying a cache's `StaticKIVI` down to the static attention
 PAGES_KW = "kvsqueeze_pages"  # the forward kwarg carrying a cache's page selector down to the static attention
+FRAMES_KW = "kvsqueeze_frames"  # and an offloaded cache's device page frames (`StaticFrames`)
 
 
 def _kivi_attention(module, query, scaling, kernel, kwargs):
@@ -141,13 +145,24 @@ def _selected(module, query, key, value, m, scaling, kwargs):
     (b, hk, 1, k * page) of those pages (a gather: the torch kernels' way; the Triton kernel reads the pages in
     place); else (None, key, value, m) unchanged."""
     quest = kwargs.pop(PAGES_KW, None)
+    frames = kwargs.pop(FRAMES_KW, None)
     pages = None if quest is None else quest.select(module.layer_idx, query, scaling)
     if pages is None:
         return None, key, value, m
     from ..kernels.page_decode import gather_pages
 
-    key, value, ok = gather_pages(key, value, m[:, :, 0], pages, quest.page)
+    key, value, fr = _resident(frames, module.layer_idx, key, value, pages)
+    key, value, ok = gather_pages(key, value, m[:, :, 0], pages, quest.page, fr)
     return pages, key, value, ok[:, :, None]
+
+
+def _resident(frames, layer_idx: int, key, value, pages):
+    """An offloaded layer with device page frames (`storage/frames.py`, kwarg `kvsqueeze_frames`): its selected
+    pages made resident (the missing ones copied from host memory) and (frame keys, frame values, frame_of), for
+    the page attention to read from the frames; else (key, value, None): the pages read where they are."""
+    if frames is None or not frames.holds(layer_idx):
+        return key, value, None
+    return frames.fetch(layer_idx, pages)
 
 
 def _static_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
@@ -212,7 +227,9 @@ def _static_triton(module, query, key, value, attention_mask, dropout=0.0, scali
     quest = kwargs.get(PAGES_KW)
     pages = None if quest is None else quest.select(module.layer_idx, query, scaling)
     if pages is not None:
-        out = page_decode_attention(query[:, :, 0], key, value, m[:, :, 0], pages, quest.page, scale=scaling)
+        key, value, fr = _resident(kwargs.get(FRAMES_KW), module.layer_idx, key, value, pages)
+        out = page_decode_attention(query[:, :, 0], key, value, m[:, :, 0], pages, quest.page, scale=scaling,
+                                    frames=fr)
     else:
         out = slot_decode_attention(query[:, :, 0], key, value, m[:, :, 0], scale=scaling)
     return out[:, None], None
@@ -356,10 +373,12 @@ class StaticCompressedCache(Cache):
         self.rule, self.every = rule, every
         self.tokens_seen = tokens_seen
         self.steps_left = steps_left
+        self._steps_built = steps_left
         self.full_kv_bytes = full_kv_bytes
         self.driven = False  # True while a StaticDecoder runs a step (the routing hooks then stay out)
         self.hook_depth, self.hook_saved = 0, None  # a forward driven by the routing hooks (model.generate)
         self.pages = None  # a StaticQuest / StaticAttentionPredictor when the eager cache had that selector
+        self.frames = None  # StaticFrames: device page frames of the offloaded layers (offload="cpu", page_frames)
 
     @property
     def is_compileable(self) -> bool:
@@ -372,7 +391,7 @@ class StaticCompressedCache(Cache):
     @classmethod
     @torch.no_grad()
     def from_cache(cls, cache, max_new_tokens: int, position: torch.Tensor | None = None,
-                   offload: str | None = "auto") -> "StaticCompressedCache":
+                   offload: str | None = "auto", page_frames: bool = True) -> "StaticCompressedCache":
         """The static copy of a prefilled `CompressedCache` with room for `max_new_tokens` decoding steps.
 
         Capacity (slots per layer, row and kv head): without decode-time eviction, the largest number of entries
@@ -386,8 +405,10 @@ class StaticCompressedCache(Cache):
         (`_from_kivi`). `offload`: "cpu" keeps the keys and values of the layers the selector makes sparse in host
         memory the step reads in place (`StaticSlots(host_layers=...)`, storage/mapped.py; needs a Quest or
         AttentionPredictor selector), None keeps everything on the device, "auto" (default) follows the cache
-        (`cache.offload_tier`). Raises KVSqueezeError for what the static path cannot hold (see the module
-        docstring) and for an empty cache."""
+        (`cache.offload_tier`). `page_frames` (with offload): the offloaded layers also hold the step's pages in
+        device frames (`storage/frames.py`: only the pages a step lacks cross the host link; the default) instead
+        of every step reading its pages over the link in place. Raises KVSqueezeError for what the static path
+        cannot hold (see the module docstring) and for an empty cache."""
         from .cache import CompressedCache
 
         if not isinstance(cache, CompressedCache):
@@ -496,6 +517,10 @@ class StaticCompressedCache(Cache):
 
                 out.pages = StaticQuest(selector, slots)
                 out.pages.load()
+            if slots.host_layers and page_frames:
+                from ..storage.frames import StaticFrames
+
+                out.frames = StaticFrames(slots, selector.page, out.pages.chosen.shape[-1])
         return out
 
     @classmethod
@@ -577,6 +602,8 @@ class StaticCompressedCache(Cache):
             out[KIVI_KW] = self.slots
         if self.pages is not None:
             out[PAGES_KW] = self.pages
+        if self.frames is not None:
+            out[FRAMES_KW] = self.frames
         return out
 
     def finish_forward(self) -> None:
@@ -620,11 +647,37 @@ class StaticCompressedCache(Cache):
         return s.valid.view(s.n_layers * s.batch, s.kv_heads, 1, s.capacity)
 
     # --- memory ----------------------------------------------------------------------------------------------
+    def offload_stats(self) -> dict:
+        """Host -> device traffic of an offloaded static cache since its conversion (one host synchronisation: call
+        outside timed steps), as `CompressedCache.offload_stats`: decode_steps, bytes_per_token, pages_per_token
+        (pages copied or read over the link per step, whole model), hit_rate (with page frames: pages a step needed
+        that its frames held from the step before; None when the pages are read in place: every selected page
+        crosses the link each step), needed / hits (pages), device_kv_bytes / host_kv_bytes. Raises
+        KVSqueezeError for a cache that does not offload."""
+        s = self.slots
+        if not getattr(s, "host_layers", None):
+            raise KVSqueezeError("this static cache does not offload (build it with from_cache(..., offload='cpu'))")
+        steps = max(self._steps_built - self.steps_left, 1)
+        st = self.stats()
+        per_page = self.pages.page * (s.keys[0].shape[-1] + s.values[0].shape[-1]) * s.keys[0].element_size()
+        k = self.pages.chosen.shape[-1]
+        if self.frames is not None:
+            t = self.frames.traffic()
+            needed, hits, rate = t["needed"], t["hits"], t["hit_rate"]
+        else:
+            needed = len(s.host_layers) * s.batch * s.kv_heads * k * steps
+            hits, rate = 0, None
+        return {"decode_steps": steps, "hit_rate": rate, "needed": needed, "hits": hits,
+                "pages_per_token": (needed - hits) / steps, "bytes_per_token": (needed - hits) * per_page / steps,
+                "device_kv_bytes": st.device_kv_bytes, "host_kv_bytes": st.host_kv_bytes}
+
     def stats(self) -> CacheStats:
-        """Bytes held: every layer's full-capacity buffers (`kv_bytes`), with the slot bookkeeping and Quest's
-        page metadata (`total_bytes`), against a full cache of the tokens seen at the conversion (`full_kv_bytes`)."""
-        kv = self.slots.nbytes()
-        total = kv + self.slots.table_nbytes() + (0 if self.pages is None else self.pages.nbytes())
+        """Bytes held: every layer's full-capacity buffers (`kv_bytes`; an offloaded cache's device page frames
+        included), with the slot bookkeeping, the page metadata and the frames' page table (`total_bytes`), against
+        a full cache of the tokens seen at the conversion (`full_kv_bytes`)."""
+        kv = self.slots.nbytes() + (0 if self.frames is None else self.frames.nbytes())
+        total = kv + self.slots.table_nbytes() + (0 if self.pages is None else self.pages.nbytes()) + \
+            (0 if self.frames is None else self.frames.table_nbytes())
         host = self.slots.host_nbytes() if isinstance(self.slots, StaticSlots) else 0
         return CacheStats(kv, total, self.full_kv_bytes, self.tokens_seen, [self.slots.capacity] * self.slots.n_layers,
                           host_kv_bytes=host)

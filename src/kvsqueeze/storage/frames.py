@@ -1,0 +1,110 @@
+"""Device page frames for the offloaded layers of a static cache: only the pages a step lacks cross the host link.
+
+The static decode step keeps an offloaded layer's slots in mapped host memory (`storage/static.py`,
+`storage/mapped.py`) and its selector (Quest, AttentionPredictor) picks K pages per (row, kv head) and step. Read
+in place, every step reads all K pages over the link, though consecutive steps pick mostly the same pages. Here
+each offloaded layer also holds F = K page frames on the device, in fixed buffers, and a page table on the device
+(the same words as the eager `storage/offload.py`):
+
+    keys[l], values[l] : (b, kv_heads, F * page, d)   device frames of offloaded layer l (frame f = slots
+                                                      [f * page, (f + 1) * page))
+    frame_page         : (layers, b, kv_heads, F) long  the page each frame holds (-1: none)
+    counts             : (layers, 2) long               pages needed and pages already resident (hits), summed
+                                                      over steps, rows and kv heads
+
+A step's `fetch(layer, pages)` (after the step's token is written, before its attention), all on the device with
+fixed shapes (no host synchronisation, capturable in a CUDA graph):
+
+1. a selected page is resident when a frame holds it and it is not the page the step writes into (that page
+   changed since it was copied: it is copied again, one page of K);
+2. the resident pages keep their frames; the missing ones take the other frames (the i-th missing page the i-th
+   frame not kept, in frame order), so after the step the frames hold exactly the step's pages (F = K);
+3. only the frames that took a missing page are copied from the host (`kernels/page_copy.py`: one program per
+   frame, moving nothing for a resident one);
+4. the attention reads the keys and values of selected page i from frame `frame_of[..., i]` and its validity at
+   the page's own slots (`kernels/page_decode.py`'s `frames`): the values, the page order and so the logits are
+   those of the in-place read.
+
+Hits are the overlap of consecutive steps' page sets, what AttentionPredictor's history makes stable (its
+one-token-ahead prefetch in the eager `storage/offload.py` is this reuse plus an early copy; in the static step the
+missing pages are copied at the start of the layer's attention, on the compute stream). Memory on the device:
+2 * F * page * head_dim * itemsize bytes per (offloaded layer, row, kv head), the budget's KV.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..kernels.page_copy import copy_pages
+from .static import StaticSlots, _static
+
+
+class StaticFrames:
+    """Device page frames and the page table of the `host_layers` of `slots` (see the module docstring).
+
+    slots: the `StaticSlots` whose `host_layers` are offloaded; page: slots per page (the selector's); frames: F,
+    the pages the selector picks per step (its `chosen` width). Raises ValueError for F < 1 or a capacity that is
+    not a multiple of the page."""
+
+    def __init__(self, slots: StaticSlots, page: int, frames: int):
+        if frames < 1 or slots.capacity % page:
+            raise ValueError(f"page frames need F >= 1 and a capacity ({slots.capacity}) that is a multiple of the "
+                             f"page ({page}); got F = {frames}")
+        self.slots, self.page, self.n_frames = slots, page, frames
+        b, h = slots.batch, slots.kv_heads
+        dev = slots.valid.device
+        self.keys: list[torch.Tensor | None] = [None] * slots.n_layers
+        self.values: list[torch.Tensor | None] = [None] * slots.n_layers
+        for i in sorted(slots.host_layers):
+            k, v = slots.keys[i], slots.values[i]
+            self.keys[i] = _static(torch.zeros(b, h, frames * page, k.shape[-1], dtype=k.dtype, device=dev))
+            self.values[i] = _static(torch.zeros(b, h, frames * page, v.shape[-1], dtype=v.dtype, device=dev))
+        self.frame_page = _static(torch.full((slots.n_layers, b, h, frames), -1, dtype=torch.long, device=dev))
+        self.counts = _static(torch.zeros(slots.n_layers, 2, dtype=torch.long, device=dev))
+
+    def holds(self, layer_idx: int) -> bool:
+        """Whether `layer_idx` has frames (it is offloaded)."""
+        return self.keys[layer_idx] is not None
+
+    def fetch(self, layer_idx: int, pages: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Make the step's pages (b, kv_heads, K) long (distinct per row and kv head, K <= F) resident in layer
+        `layer_idx`'s frames, copying only the missing ones (and the page being written) from its host slots.
+        Returns the frames' keys and values (b, kv_heads, F * page, d) and frame_of (b, kv_heads, K) long: the
+        frame holding each selected page. Call after the step's token is written into the slots."""
+        fp = self.frame_page[layer_idx]  # (b, h, F)
+        writing = (self.slots.write[layer_idx] // self.page)[..., None]  # (b, h, 1): the page being written
+        eq = (pages[..., :, None] == fp[..., None, :]) & (pages != writing)[..., None]  # (b, h, K, F)
+        hit = eq.any(-1)  # (b, h, K)
+        kept = eq.any(-2)  # (b, h, F)
+        hit_frame = eq.to(torch.int8).argmax(-1)  # (b, h, K)
+        free = kept.to(torch.int8).sort(dim=-1, stable=True).indices  # the frames not kept first, in frame order
+        rank = (~hit).long().cumsum(-1) - 1  # the i-th missing page takes the i-th free frame
+        frame_of = torch.where(hit, hit_frame, free.gather(-1, rank.clamp(min=0)))
+        new_fp = torch.full_like(fp, -1).scatter(-1, frame_of, pages.long())
+        load = torch.zeros_like(kept).scatter(-1, frame_of, ~hit)
+        fp.copy_(new_fp)
+        self.counts[layer_idx, 0].add_(pages.numel())
+        self.counts[layer_idx, 1].add_(hit.sum())
+        copy_pages(self.slots.keys[layer_idx], self.slots.values[layer_idx], self.keys[layer_idx],
+                   self.values[layer_idx], fp, load, self.page)
+        return self.keys[layer_idx], self.values[layer_idx], frame_of
+
+    def nbytes(self) -> int:
+        """Device bytes of the frames' keys and values (the page table not counted: `table_nbytes`)."""
+        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values) if t is not None)
+
+    def table_nbytes(self) -> int:
+        """Device bytes of the page table and counters."""
+        return sum(t.numel() * t.element_size() for t in (self.frame_page, self.counts))
+
+    def traffic(self) -> dict:
+        """Page traffic so far (one host synchronisation: call outside the timed steps): needed, hits (pages),
+        hit_rate, bytes_moved (host -> device bytes of the copied pages, keys and values)."""
+        needed, hits = (int(x) for x in self.counts.sum(0).tolist())
+        per_page = 0
+        for k, v in zip(self.keys, self.values):
+            if k is not None:
+                per_page = self.page * (k.shape[-1] * k.element_size() + v.shape[-1] * v.element_size())
+                break
+        return {"needed": needed, "hits": hits, "hit_rate": hits / needed if needed else 0.0,
+                "bytes_moved": (needed - hits) * per_page}

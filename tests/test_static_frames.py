@@ -1,0 +1,162 @@
+"""Device page frames of an offloaded static cache (storage/frames.py, kernels/page_copy.py, the frames path of
+kernels/page_decode.py): after every fetch the frames hold exactly the selected pages with their host contents,
+only the pages missing from the step before (and the page being written) are copied, and the page attention over
+the frames equals the in-place read.
+
+The kernels run on CUDA, or on the CPU under Triton's interpreter (TRITON_INTERPRET=1); the torch references
+everywhere. The step-level equality (offloaded with frames vs on the device, uncompiled and compiled, Quest and
+AttentionPredictor) is in tests/test_static_offload.py.
+"""
+
+import os
+
+import pytest
+import torch
+
+from kvsqueeze.kernels.page_copy import copy_pages, reference_copy_pages
+from kvsqueeze.kernels.page_decode import page_decode_attention, reference_page_decode
+from kvsqueeze.kernels.split_kv import triton
+from kvsqueeze.storage.frames import StaticFrames
+from kvsqueeze.storage.static import StaticSlots
+
+CUDA = torch.cuda.is_available()
+DEV = "cuda" if CUDA else "cpu"
+kernel_runs = pytest.mark.skipif(triton is None or (not CUDA and os.environ.get("TRITON_INTERPRET") != "1"),
+                                 reason="triton with CUDA or TRITON_INTERPRET=1 needed")
+PAGE = 4
+
+
+def _slots(b=2, h=3, pages=10, d=8, layers=2):
+    s = StaticSlots(layers, b, h, pages * PAGE, d, torch.float32, DEV, host_layers=[1])
+    g = torch.Generator().manual_seed(0)
+    for i in range(layers):
+        s.keys[i].copy_(torch.randn(s.keys[i].shape, generator=g))
+        s.values[i].copy_(torch.randn(s.values[i].shape, generator=g))
+    return s
+
+
+def _frame_contents(frames, layer, frame_of):
+    b, h, k = frame_of.shape
+    offs = torch.arange(PAGE, device=frame_of.device)
+    idx = (frame_of[..., None] * PAGE + offs).view(b, h, k * PAGE)
+    return frames.keys[layer].gather(2, idx[..., None].expand(-1, -1, -1, frames.keys[layer].shape[-1]))
+
+
+def _host_contents(slots, layer, pages):
+    b, h, k = pages.shape
+    offs = torch.arange(PAGE, device=pages.device)
+    idx = (pages[..., None] * PAGE + offs).view(b, h, k * PAGE)
+    return slots.keys[layer].gather(2, idx[..., None].expand(-1, -1, -1, slots.keys[layer].shape[-1]))
+
+
+def test_frames_hold_the_selected_pages_and_copy_only_the_missing_ones():
+    """Random page sets over 12 steps, with a write into the current page between steps: after every fetch each
+    selected page's frame equals its host page (the written page copied again), and the copies counted are the
+    pages not selected the step before plus the written page when it stayed selected."""
+    s = _slots()
+    k = 4
+    fr = StaticFrames(s, PAGE, k)
+    g = torch.Generator().manual_seed(1)
+    prev = None
+    b, h = s.batch, s.kv_heads
+    for step in range(12):
+        s.write[1] = torch.randint(0, s.capacity, (b, h), generator=g).to(DEV)
+        writing = s.write[1] // PAGE
+        s.keys[1][0, 0, int(s.write[1][0, 0])] += 1.0  # this step's token changes the page being written
+        # k distinct pages, the current one among them (Quest and AttentionPredictor always select it)
+        n_pages = s.capacity // PAGE
+        pages = torch.stack([torch.stack([
+            torch.cat([writing[bi, hi, None].cpu(),
+                       torch.tensor([p for p in torch.randperm(n_pages, generator=g).tolist()
+                                     if p != int(writing[bi, hi])][:k - 1])]).sort().values
+            for hi in range(h)]) for bi in range(b)]).to(DEV)
+        before = fr.counts[1].clone()
+        keys, values, frame_of = fr.fetch(1, pages)
+        assert torch.equal(_frame_contents(fr, 1, frame_of), _host_contents(s, 1, pages))
+        assert sorted(fr.frame_page[1].flatten().tolist()) == sorted(pages.flatten().tolist())
+        expect_hits = 0
+        if prev is not None:
+            for bi in range(b):
+                for hi in range(h):
+                    now = set(pages[bi, hi].tolist()) - {int(writing[bi, hi])}
+                    expect_hits += len(now & set(prev[bi, hi].tolist()))
+        assert int(fr.counts[1, 1] - before[1]) == expect_hits
+        assert int(fr.counts[1, 0] - before[0]) == pages.numel()
+        prev = pages
+    t = fr.traffic()
+    assert t["needed"] == 12 * b * h * k and 0 < t["hits"] < t["needed"]
+    assert t["bytes_moved"] == (t["needed"] - t["hits"]) * PAGE * 2 * 8 * 4
+    assert not fr.holds(0) and fr.holds(1) and fr.nbytes() == 2 * b * h * k * PAGE * 8 * 4
+
+
+def test_a_repeated_page_set_is_all_hits_but_the_written_page():
+    s = _slots(b=1, h=2)
+    fr = StaticFrames(s, PAGE, 3)
+    s.write[1] = torch.tensor([[9, 9]], device=DEV)  # page 2
+    pages = torch.tensor([[[0, 2, 5], [1, 2, 7]]], device=DEV)
+    fr.fetch(1, pages)
+    fr.fetch(1, pages)
+    assert fr.counts[1].tolist() == [12, 4]  # second step: 2 heads x (3 pages - the written one)
+
+
+@pytest.mark.parametrize("frac", [0.0, 0.3, 1.0])
+def test_copy_pages_reference_moves_only_flagged_frames(frac):
+    g = torch.Generator().manual_seed(2)
+    src_k, src_v = torch.randn(2, 3, 40, 8, generator=g), torch.randn(2, 3, 40, 16, generator=g)
+    dst_k, dst_v = torch.zeros(2, 3, 5 * PAGE, 8), torch.zeros(2, 3, 5 * PAGE, 16)
+    fp = torch.randint(0, 10, (2, 3, 5), generator=g)
+    load = torch.rand(2, 3, 5, generator=g) < frac
+    reference_copy_pages(src_k, src_v, dst_k, dst_v, fp, load, PAGE)
+    for bi in range(2):
+        for hi in range(3):
+            for f in range(5):
+                got = dst_k[bi, hi, f * PAGE:(f + 1) * PAGE]
+                want = src_k[bi, hi, fp[bi, hi, f] * PAGE:(fp[bi, hi, f] + 1) * PAGE] if load[bi, hi, f] \
+                    else torch.zeros_like(got)
+                assert torch.equal(got, want)
+
+
+@kernel_runs
+@pytest.mark.parametrize("d,dv", [(64, 64), (16, 32)])
+def test_copy_pages_kernel_equals_the_reference(d, dv):
+    g = torch.Generator().manual_seed(3)
+    src_k, src_v = torch.randn(2, 3, 64, d, generator=g).to(DEV), torch.randn(2, 3, 64, dv, generator=g).to(DEV)
+    fp = torch.randint(0, 64 // 16, (2, 3, 3), generator=g).to(DEV)
+    load = (torch.rand(2, 3, 3, generator=g) < 0.5).to(DEV)
+    outs = []
+    for fn in (copy_pages, reference_copy_pages):
+        dk = torch.full((2, 3, 48, d), -7.0, device=DEV)
+        dv_ = torch.full((2, 3, 48, dv), -7.0, device=DEV)
+        if fn is copy_pages and not CUDA:  # the interpreter: call the kernel path directly
+            from kvsqueeze.kernels import page_copy
+
+            page_copy._copy_pages[(6, 3)](
+                src_k, src_v, dk, dv_, fp, load.view(torch.uint8), *src_k.stride()[:3], *src_v.stride()[:3],
+                *dk.stride()[:3], *dv_.stride()[:3], *fp.stride(), HK=3, PAGE=16, D=d, DVAL=dv)
+        else:
+            fn(src_k, src_v, dk, dv_, fp, load, 16)
+        outs.append((dk, dv_))
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+
+
+@kernel_runs
+def test_page_kernel_over_frames_equals_the_in_place_read():
+    """The page kernel reading keys / values from frames (frames=) gives the in-place result exactly."""
+    g = torch.Generator().manual_seed(4)
+    b, hq, hk, d, page, P, K = 1, 8, 2, 64, 16, 12, 5
+    dt = torch.bfloat16 if CUDA else torch.float32
+    q = torch.randn(b, hq, d, generator=g).to(DEV, dt)
+    k = torch.randn(b, hk, P * page, d, generator=g).to(DEV, dt)
+    v = torch.randn(b, hk, P * page, d, generator=g).to(DEV, dt)
+    valid = torch.rand(b, hk, P * page, generator=g).to(DEV) < 0.8
+    pages = torch.stack([torch.randperm(P, generator=g)[:K] for _ in range(hk)])[None].to(DEV)
+    frame_of = torch.stack([torch.randperm(K, generator=g) for _ in range(hk)])[None].to(DEV)
+    fk, fv = torch.zeros(b, hk, K * page, d, device=DEV, dtype=dt), torch.zeros(b, hk, K * page, d, device=DEV,
+                                                                               dtype=dt)
+    reference_copy_pages(k, v, fk, fv, torch.zeros_like(frame_of).scatter(-1, frame_of, pages),
+                         torch.ones_like(frame_of, dtype=torch.bool), page)
+    ref = page_decode_attention(q, k, v, valid, pages, page)
+    got = page_decode_attention(q, fk, fv, valid, pages, page, frames=frame_of)
+    assert torch.equal(got, ref)
+    torch.testing.assert_close(reference_page_decode(q, fk, fv, valid, pages, page, frames=frame_of).float(),
+                               ref.float(), rtol=2e-2, atol=2e-2)
