@@ -228,6 +228,7 @@ def test_static_rule_is_the_eager_rule_on_random_histories(rows):
         want = sel.select(0, layer, query)
         sap.host_step()
         pages = sap.select(0, query, 0.25)
+        sap.observe(0, query, 0.25, pages)
         got = (pages[..., None] * 16 + torch.arange(16)).flatten(-2)
         assert want is not None
         assert [[[x for x in r if x < n] for r in h] for h in got.tolist()] == want.tolist()
@@ -304,9 +305,14 @@ def test_compiled_history_update_stays_in_place(calibrate):
 
     q = torch.randn(b, hq, 1, d, generator=torch.Generator().manual_seed(1))
     eager, comp = build(), build()
-    want = eager.select(0, q, 0.25)
+    def step(sap):
+        pages = sap.select(0, q, 0.25)
+        sap.observe(0, q, 0.25, pages)
+        return pages
+
+    want = step(eager)
     torch._dynamo.reset()
-    got, code = run_and_get_code(torch.compile(lambda: comp.select(0, q, 0.25), fullgraph=True))
+    got, code = run_and_get_code(torch.compile(lambda: step(comp), fullgraph=True))
     bounds = {int(x) for x in re.findall(r"static_cast<int64_t>\((\d+)L\)", "\n".join(code))}
     assert comp.hist[0].numel() == H * hq * 10 and comp.z[0].numel() == H * hq * 11
     assert not bounds & {comp.hist[0].numel(), comp.z[0].numel()}, "the compiled step copies a whole buffer"

@@ -108,6 +108,8 @@ def test_offloaded_static_step_equals_on_device_step(kernel, compiled, selector,
     assert static.slots.host_layers == {1, 2} and ref_static.slots.host_layers == frozenset()
     assert pages == ref_pages
     assert torch.equal(got, ref)
+    if selector != "quest":  # the history rows (from the frames' keys when offloaded) equal the on-device ones
+        assert all(torch.equal(a, b) for a, b in zip(static.pages.hist[1:], ref_static.pages.hist[1:]))
     if CUDA:  # the sparse layers' buffers are host memory aliased as CUDA tensors, the dense layer's are not
         segments = _device_segments()
         inside = lambda t: any(a <= t.data_ptr() < a + n for a, n in segments)  # noqa: E731

@@ -152,6 +152,7 @@ def _selected(module, query, key, value, m, scaling, kwargs):
     from ..kernels.page_decode import gather_pages
 
     key, value, fr = _resident(frames, module.layer_idx, key, value, pages)
+    quest.observe(module.layer_idx, query, scaling, pages, key, fr)
     key, value, ok = gather_pages(key, value, m[:, :, 0], pages, quest.page, fr)
     return pages, key, value, ok[:, :, None]
 
@@ -228,6 +229,7 @@ def _static_triton(module, query, key, value, attention_mask, dropout=0.0, scali
     pages = None if quest is None else quest.select(module.layer_idx, query, scaling)
     if pages is not None:
         key, value, fr = _resident(kwargs.get(FRAMES_KW), module.layer_idx, key, value, pages)
+        quest.observe(module.layer_idx, query, scaling, pages, key, fr)
         out = page_decode_attention(query[:, :, 0], key, value, m[:, :, 0], pages, quest.page, scale=scaling,
                                     frames=fr)
     else:

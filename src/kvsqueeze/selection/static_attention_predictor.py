@@ -21,7 +21,8 @@ bytes per slot of capacity (Llama-3.1-8B, 32 query heads, page 16: 1 KiB per slo
 bf16 K+V of a slot (8 kv heads x 128 x 2 x 2 bytes = 4 KiB) / 4; at 128k tokens, 30 sparse layers: 4.0 GB). The
 eager AttentionPredictor holds the same two tensors (`hist` and IncrementalCNN's `z`).
 
-One step of a sparse layer (`select(layer_idx, query, scaling)`, after the step's key is written), with
+One step of a sparse layer (`select(layer_idx, query, scaling)` for steps 1-2, after the step's key is written;
+`observe(...)` for step 3, once the selected pages are where the attention reads them), with
 n = write + 1 slots, n_pages = ceil(n / page), W = the width of the last history row, lo = sink // page,
 hi = max(lo, W - local // page), K = (sink + local) // page + k_pages = budget // page:
 
@@ -38,7 +39,8 @@ hi = max(lo, W - local // page), K = (sink + local) // page + k_pages = budget /
    current, partial, page counting as one), in increasing order: (b, kv_heads, K) page ids. A (row, kv head) with
    n_pages <= K attends densely, i.e. to pages 0 .. K - 1 (the eager path is dense while n <= budget).
 3. the history row of this step, from the attention actually computed: the probabilities (float32, as
-   `Selector.sparse_probs`) of the query over the selected pages' keys (a gather of K * page keys and one q.k
+   `Selector.sparse_probs`) of the query over the selected pages' keys (from the device page frames of an
+   offloaded layer, not over the host link; a gather of K * page keys and one q.k
    product per page slot: the Triton page kernel returns only the output, so this is an extra pass reading half
    the bytes the sparse attention reads; the torch kernels gather the same keys a second time), max-pooled per
    page and scattered into a zero row of P pages; every `calibration_every`-th step of a layer instead the full
@@ -81,7 +83,8 @@ class StaticAttentionPredictor:
     period, gqa rule, dense layers and CNN weights are used; its state is read by `load`); `slots`: the static
     slots (capacity a multiple of `selector.page`); `q_heads`: the model's query heads. The selection protocol is
     `StaticQuest`'s: `select(layer_idx, query, scaling)` -> pages (b, kv_heads, K) or None for a dense layer,
-    `page`, `sparse(i)`, `chosen`, `refresh` (nothing to do), `nbytes`.
+    `observe(layer_idx, query, scaling, pages, keys, frames)` after it (the history row), `page`, `sparse(i)`,
+    `chosen`, `refresh` (nothing to do), `nbytes`.
     Raises KVSqueezeError for another selector (see `check`) or a capacity that is not a multiple of the page."""
 
     def __init__(self, selector: AttentionPredictor, slots, q_heads: int):
@@ -308,12 +311,24 @@ class StaticAttentionPredictor:
         else:  # the capacity holds no more than the budget: always dense
             pages = dense
         self.chosen[layer_idx].copy_(pages)
-        self._push(layer_idx, query, scaling, pages, npc)
         return pages
 
+    def observe(self, layer_idx: int, query: torch.Tensor, scaling: float | None, pages: torch.Tensor,
+                keys: torch.Tensor | None = None, frames: torch.Tensor | None = None) -> None:
+        """After `select` and before the next step: append this step's page-pooled attention row (module docstring,
+        step 3) to layer `layer_idx`'s history (a dense layer: nothing). `pages` (b, kv_heads, K): what `select`
+        returned; `keys`: where the attention reads the selected pages' keys, (b, kv_heads, C, d) the slots'
+        buffers (default) or, for an offloaded layer with device page frames (`storage/frames.py`),
+        (b, kv_heads, F * page, d) the frames, `frames` (b, kv_heads, K) the frame of each selected page (so the
+        row is computed from device memory, not over the host link). A calibration step reads every slot's key."""
+        if not self.sparse(layer_idx):
+            return
+        npc = self.slots.write[layer_idx] // self.page + 1
+        self._push(layer_idx, query, scaling, pages, npc, keys, frames)
+
     def _push(self, layer_idx: int, query: torch.Tensor, scaling: float | None, pages: torch.Tensor,
-              npc: torch.Tensor) -> None:
-        """Append this step's page-pooled row (module docstring, step 3) to the layer's history."""
+              npc: torch.Tensor, read: torch.Tensor | None = None, frames: torch.Tensor | None = None) -> None:
+        """Append this step's page-pooled row (module docstring, step 3) to the layer's history (`observe`)."""
         s = self.slots
         keys, valid = s.keys[layer_idx], s.valid[layer_idx]
         b, hk = valid.shape[:2]
@@ -325,7 +340,8 @@ class StaticAttentionPredictor:
             row = p.view(b, hq, P, page).amax(-1)
         else:
             idx = page_slots(pages, page)  # (b, hk, K * page)
-            kk = keys.gather(2, idx[..., None].expand(*idx.shape, keys.shape[-1]))
+            src, at = (keys, idx) if read is None else (read, idx if frames is None else page_slots(frames, page))
+            kk = src.gather(2, at[..., None].expand(*at.shape, src.shape[-1]))
             p = attention_probs(query, kk, scaling=scale, valid=valid.gather(2, idx))[:, :, 0]
             pooled = p.view(b, hq, -1, page).amax(-1)  # (b, hq, K)
             row = torch.zeros(b, hq, P, dtype=pooled.dtype, device=pooled.device)

@@ -163,6 +163,11 @@ class StaticQuest:
         self.chosen[layer_idx].copy_(pages)
         return pages
 
+    def observe(self, layer_idx: int, query: torch.Tensor, scaling: float | None, pages: torch.Tensor,
+                keys: torch.Tensor | None = None, frames: torch.Tensor | None = None) -> None:
+        """Nothing: Quest keeps no state from a step's attention (its metadata follows the writes, `refresh`); the
+        selector protocol's hook after `select` (see `StaticAttentionPredictor.observe`)."""
+
     def nbytes(self) -> int:
         """Bytes of the page metadata (every sparse layer's kmin and kmax)."""
         return sum(t.numel() * t.element_size() for t in (*self.kmin, *self.kmax) if t is not None)
