@@ -70,9 +70,13 @@ def test_kernel_refuses_shapes_it_does_not_take():
 
 @kernel_runs
 def test_kernel_reads_metadata_in_the_keys_dtype_losslessly():
-    """The min / max of bf16 keys are bf16 values: metadata kept in bf16 gives the float32 metadata's bound."""
+    """The min / max of bf16 keys are bf16 values: metadata kept in bf16 gives the float32 metadata's bound, up to
+    float32 rounding (the two specialisations may contract the products into FMAs differently: 20 of 192 bounds
+    differed by <= 1.1e-7 relative on the H200), and the same reference bound."""
     q, _, _, keys = _case(1, 8, 2, 24, 64, 4)
     kb = keys.to(torch.bfloat16)
     mn, mx = kb.amin(3), kb.amax(3)
     assert torch.equal(mn.float(), kb.float().amin(3)) and torch.equal(mx.float(), kb.float().amax(3))
-    torch.testing.assert_close(page_bound(q, mn, mx), page_bound(q, mn.float(), mx.float()), rtol=0, atol=0)
+    torch.testing.assert_close(page_bound(q, mn, mx), page_bound(q, mn.float(), mx.float()), rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(page_bound(q, mn, mx), reference_page_bound(q, mn.float(), mx.float()), rtol=1e-5,
+                               atol=1e-4)

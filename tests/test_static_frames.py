@@ -160,3 +160,27 @@ def test_page_kernel_over_frames_equals_the_in_place_read():
     assert torch.equal(got, ref)
     torch.testing.assert_close(reference_page_decode(q, fk, fv, valid, pages, page, frames=frame_of).float(),
                                ref.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_fetch_compiles_with_inductor_and_equals_eager():
+    """`fetch` inside a compiled step (inductor, fullgraph: what StaticDecoder(compile=True) builds on CUDA; here on
+    the CPU) gives the eager result: frames, table, counters (inductor lowers no scatter of bools)."""
+    import torch._dynamo
+
+    runs = []
+    for compiled in (False, True):
+        s = _slots(b=1, h=2, pages=12)
+        fr = StaticFrames(s, PAGE, 4)
+        fetch = fr.fetch
+        if compiled:
+            torch._dynamo.reset()
+            fetch = torch.compile(fr.fetch, backend="inductor", fullgraph=True)
+        outs = []
+        for step, sel in enumerate(([0, 3, 5, 9], [0, 3, 6, 9], [1, 3, 6, 10], [1, 3, 6, 10])):
+            s.write[1] = torch.tensor([[4 * step + 1, 4 * step + 2]], device=DEV)  # pages 0/1, 1/2, 2/3, 3/4
+            pages = torch.tensor([sel, sel], device=DEV)[None]
+            k, v, frame_of = fetch(1, pages)
+            outs.append((k.clone(), frame_of.clone(), fr.frame_page.clone(), fr.counts.clone()))
+        runs.append(outs)
+    for a, b in zip(*runs):
+        assert all(torch.equal(x, y) for x, y in zip(a, b))

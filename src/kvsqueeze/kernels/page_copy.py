@@ -61,7 +61,7 @@ def copy_pages(src_k: torch.Tensor, src_v: torch.Tensor, dst_k: torch.Tensor, ds
         reference_copy_pages(src_k, src_v, dst_k, dst_v, frame_page, load, page)
         return
     _copy_pages[(B * HK, F)](
-        src_k, src_v, dst_k, dst_v, frame_page, load.view(torch.uint8),
+        src_k, src_v, dst_k, dst_v, frame_page, load.view(torch.uint8) if load.dtype == torch.bool else load,
         src_k.stride(0), src_k.stride(1), src_k.stride(2), src_v.stride(0), src_v.stride(1), src_v.stride(2),
         dst_k.stride(0), dst_k.stride(1), dst_k.stride(2), dst_v.stride(0), dst_v.stride(1), dst_v.stride(2),
         frame_page.stride(0), frame_page.stride(1), frame_page.stride(2),
@@ -74,7 +74,7 @@ def reference_copy_pages(src_k: torch.Tensor, src_v: torch.Tensor, dst_k: torch.
     B, HK, F = frame_page.shape
     offs = torch.arange(page, device=frame_page.device)
     idx = (frame_page.clamp(min=0).long()[..., None] * page + offs).view(B, HK, F * page)
-    on = load[..., None].expand(B, HK, F, page).reshape(B, HK, F * page, 1)
+    on = load.bool()[..., None].expand(B, HK, F, page).reshape(B, HK, F * page, 1)
     for src, dst in ((src_k, dst_k), (src_v, dst_v)):
         got = src.gather(2, idx[..., None].expand(-1, -1, -1, src.shape[-1]))
         dst.copy_(torch.where(on, got.to(dst.dtype), dst))

@@ -81,7 +81,8 @@ class StaticFrames:
         rank = (~hit).long().cumsum(-1) - 1  # the i-th missing page takes the i-th free frame
         frame_of = torch.where(hit, hit_frame, free.gather(-1, rank.clamp(min=0)))
         new_fp = torch.full_like(fp, -1).scatter(-1, frame_of, pages.long())
-        load = torch.zeros_like(kept).scatter(-1, frame_of, ~hit)
+        # uint8, not bool: inductor's CUDA lowering of a bool scatter fails (torch.iinfo(torch.bool), H200 run)
+        load = torch.zeros_like(fp, dtype=torch.uint8).scatter(-1, frame_of, (~hit).to(torch.uint8))
         fp.copy_(new_fp)
         self.counts[layer_idx, 0].add_(pages.numel())
         self.counts[layer_idx, 1].add_(hit.sum())
