@@ -232,9 +232,16 @@ def test_cli_generate_offload(tiny_dir, tmp_path):
     with own_cache(tmp_path / "cache"):
         dense = CliRunner().invoke(main, args)
         off = CliRunner().invoke(main, args + ["--offload", "cpu"])
+        static = CliRunner().invoke(main, args + ["--compile"])
+        static_off = CliRunner().invoke(main, args + ["--compile", "--offload", "cpu"])
     assert dense.exit_code == 0 and off.exit_code == 0, off.output
     assert off.output.splitlines()[0] == dense.output.splitlines()[0]  # the same answer
     assert "offloaded:" in off.output and "prefetch hit rate" in off.output and "KV offloaded to cpu" in off.output
+    # the compiled static step, offloaded with device frames: the on-device static step's answer, frames' traffic
+    assert static.exit_code == 0 and static_off.exit_code == 0, static_off.output
+    assert static_off.output.splitlines()[0] == static.output.splitlines()[0]
+    line = next(x for x in static_off.output.splitlines() if x.startswith("offload:"))
+    assert "were in the device frames" in line and "KiB moved per token" in line, line
     assert_one_error_line(args[:-4] + ["--offload", "cpu"], "--offload needs --select")
     assert_one_error_line(args + ["--offload", "cpu", "--quant", "kivi-4"], "does not compose with --quant")
 

@@ -168,9 +168,11 @@ def generate(model, method, compression_ratio, budget, exempt_layers, compressio
     if offload != "none" and select == "none":
         raise KVSqueezeError("--offload needs --select (quest or attention_predictor): without a selector every "
                              "decoding step attends to every token, so every token would travel each step")
-    if offload != "none" and (quant != "none" or compiled):
-        raise KVSqueezeError("--offload holds full-precision KV in host memory and decodes eagerly: it does not "
-                             "compose with --quant or --compile yet")
+    if offload != "none" and quant != "none":
+        raise KVSqueezeError("--offload holds full-precision KV in host memory: it does not compose with --quant yet")
+    if offload == "disk" and compiled:
+        raise KVSqueezeError("--compile offloads to cpu only (host memory its step reads); --offload disk decodes "
+                             "eagerly: drop --compile")
     if compiled and quant != "none":
         raise KVSqueezeError("--compile decodes full-precision caches (drop --quant, or --compile)")
     if not context_file.exists():
@@ -219,9 +221,14 @@ def generate(model, method, compression_ratio, budget, exempt_layers, compressio
     click.echo(res.stats.line())
     if res.offload is not None:
         o = res.offload
-        click.echo(f"offload: prefetch hit rate {100 * o['hit_rate']:.1f}% of the pages needed; "
-                   f"{o['pages_per_token']:.1f} pages, {o['bytes_per_token'] / 1024:.1f} KiB moved per token "
-                   f"({o['prefetch_pages']} pages prefetched, {o['demand_pages']} on demand)")
+        if "prefetch_pages" in o:  # the eager store
+            click.echo(f"offload: prefetch hit rate {100 * o['hit_rate']:.1f}% of the pages needed; "
+                       f"{o['pages_per_token']:.1f} pages, {o['bytes_per_token'] / 1024:.1f} KiB moved per token "
+                       f"({o['prefetch_pages']} pages prefetched, {o['demand_pages']} on demand)")
+        else:  # the static step's device frames
+            click.echo(f"offload: {100 * o['hit_rate']:.1f}% of the pages needed were in the device frames from "
+                       f"the step before; {o['pages_per_token']:.1f} pages, {o['bytes_per_token'] / 1024:.1f} KiB "
+                       "moved per token")
     click.echo(f"time: {res.seconds:.2f} s (prefill + question + {max_new_tokens} new tokens at most)")
 
 

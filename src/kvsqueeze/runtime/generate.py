@@ -150,7 +150,7 @@ def greedy_decode_batch(model, cache, first_logits: torch.Tensor, max_new_tokens
 
 @torch.no_grad()
 def answer_tokens(model, cache, question: torch.Tensor, max_new_tokens: int, eos: set[int], static: bool = False,
-                  compile: bool = False) -> list[list[int]]:
+                  compile: bool = False, static_out: list | None = None) -> list[list[int]]:
     """Append `question` (batch, q) token ids to `cache` (uncompressed unless the method compresses appends),
     then decode every row greedily (`greedy_decode_batch`). Returns each row's answer tokens.
 
@@ -158,12 +158,16 @@ def answer_tokens(model, cache, question: torch.Tensor, max_new_tokens: int, eos
     no Python or allocation per step beyond the step call), `compile=True` with the step compiled
     (`torch.compile`, CUDA graphs on a GPU; implies `static`). Raises KVSqueezeError for a cache the static path
     cannot hold (quantized storage other than KIVI, a selector other than Quest and AttentionPredictor,
-    attention-based decode-time eviction)."""
+    attention-based decode-time eviction). An offloaded cache (`offload="cpu"`) stays offloaded in the static
+    copy (its sparse layers in host memory, the step's pages in device frames: `StaticCompressedCache.from_cache`).
+    `static_out`: a list the static copy is appended to (for its `offload_stats()`)."""
     logits = model(input_ids=question, **cache_kwargs(model, cache), logits_to_keep=1).logits[:, -1]
     if static or compile:
         from .static import StaticCompressedCache, static_greedy_decode
 
         st = StaticCompressedCache.from_cache(cache, max_new_tokens)
+        if static_out is not None:
+            static_out.append(st)
         return static_greedy_decode(model, st, logits, max_new_tokens, eos, compile=compile)
     return greedy_decode_batch(model, cache, logits, max_new_tokens, eos)
 
@@ -207,8 +211,9 @@ def generate_answer(model, tokenizer, context: str, question: str, method: Metho
     `kvsqueeze.selection.Quest(512)`) makes every decoding step attend to a subset of what is stored.
     `static` / `compile`: decode over a fixed-capacity copy of the compressed cache, the step compiled with
     `compile` (see `answer_tokens`; the stats are the eager cache's, before the copy). `offload` ('cpu', with a
-    `selector`): the sparse layers' KV in host memory, pages copied per step (`kvsqueeze.storage.offload`); the
-    result then carries `offload` (`CompressedCache.offload_stats()`)."""
+    `selector`): the sparse layers' KV in host memory, pages copied per step (`kvsqueeze.storage.offload`; with
+    `static`, the static copy's device frames, `storage/frames.py`); the result then carries `offload`
+    (`CompressedCache.offload_stats()`, or the static copy's `offload_stats()`)."""
     if not context.strip():
         raise KVSqueezeError("the context is empty")
     ctx, q = split_prompt(tokenizer, context, question, answer_prefix)
@@ -224,9 +229,12 @@ def generate_answer(model, tokenizer, context: str, question: str, method: Metho
     cache = CompressedCache(model, method, layer_factory=layer_factory, selector=selector, offload=offload)
     prefill(model, cache, torch.tensor([ctx], device=device), chunk_size)
     stats = cache.stats()  # the compressed context, before the question is appended
+    copies: list = []
     tokens = answer_tokens(model, cache, torch.tensor([q], device=device), max_new_tokens,
-                           _eos_ids(model, tokenizer), static=static, compile=compile)[0]
+                           _eos_ids(model, tokenizer), static=static, compile=compile, static_out=copies)[0]
     seconds = time.perf_counter() - t0
     answer = tokenizer.decode(tokens, skip_special_tokens=True).strip()
-    off = cache.offload_stats() if cache.offload_tier else None
+    off = None
+    if cache.offload_tier:
+        off = copies[0].offload_stats() if copies else cache.offload_stats()
     return GenerationResult(answer, stats, seconds, len(ctx), len(q), off)
