@@ -35,7 +35,7 @@ Budgets: --budget-per-length (default 32768:2048,131072:4096, the issue's goals)
 has no trained predictor: AttentionPredictor runs its CNN initialised to the history heuristic
 (`PredictorNet.init_blend`; the CNN's cost does not depend on its weights).
 
-Columns: ms/token; moved = host -> device bytes per decoded token (offloaded rows: the store's counters over every
+Columns: ms/token (the median step), mean (AttentionPredictor's calibration steps, every 5th, count there); moved = host -> device bytes per decoded token (offloaded rows: the store's counters over every
 step, warm-up included; hf-offloaded: every layer's KV once per step, an estimate from its cache size;
 static offloaded rows: `StaticCompressedCache.offload_stats()`, every step since the conversion, warm-up
 included; kvsq-static-mapped: every selected page of the host layers, read over the link in place); hit = pages
@@ -212,7 +212,7 @@ def main(argv=None) -> int:
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     print(f"model: Llama-3.1-8B shapes{' (tiny: --quick)' if args.quick else ''}, {dtype}; weights "
           f"{weight_bytes / 1e9:.2f} GB; {args.warmup} warm-up + {args.steps} timed steps", flush=True)
-    print(f"{'context':>8} {'budget':>6} {'row':<26} {'ms/tok':>8} {'moved/tok':>10} {'hit':>6} {'GPU KV GB':>9} "
+    print(f"{'context':>8} {'budget':>6} {'row':<26} {'ms/tok':>8} {'mean':>7} {'moved/tok':>10} {'hit':>6} {'GPU KV GB':>9} "
           f"{'host KV GB':>10} {'peak GB':>8} {'same':>5}")
     rows_out = []
     for length in lengths:
@@ -242,13 +242,13 @@ def main(argv=None) -> int:
                 same = r["tokens"] == ref_tokens[ref_kind, sel]
             peak = peak_gb(device)
             row.update({k: v for k, v in r.items() if k != "tokens"}, ms_per_token=statistics.median(ms),
-                       ms_min=min(ms), peak_gb=peak, same_tokens=same)
+                       ms_min=min(ms), ms_mean=statistics.fmean(ms), peak_gb=peak, same_tokens=same)
             rows_out.append(row)
             hit = "-" if r["hit_rate"] is None else f"{100 * r['hit_rate']:.1f}%"
             gpu = "-" if r["gpu_kv"] is None else f"{r['gpu_kv'] / 1e9:.3f}"
             if r.get("gpu_meta"):
                 gpu += f"+{r['gpu_meta'] / 1e9:.3f}"
-            print(f"{length:>8} {budget:>6} {name:<26} {row['ms_per_token']:8.2f} "
+            print(f"{length:>8} {budget:>6} {name:<26} {row['ms_per_token']:8.2f} {row['ms_mean']:7.2f} "
                   f"{r['moved_per_token'] / 1e6:8.2f}MB {hit:>6} {gpu:>9} {r['host_kv'] / 1e9:10.3f} {peak:8.2f} "
                   f"{'-' if same is None else ('yes' if same else 'NO'):>5}", flush=True)
     write_json(args.json, args, rows_out)
