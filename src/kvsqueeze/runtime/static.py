@@ -393,7 +393,7 @@ class StaticCompressedCache(Cache):
     @classmethod
     @torch.no_grad()
     def from_cache(cls, cache, max_new_tokens: int, position: torch.Tensor | None = None,
-                   offload: str | None = "auto", page_frames: bool = True) -> "StaticCompressedCache":
+                   offload: str | None = "auto", page_frames: bool | float = True) -> "StaticCompressedCache":
         """The static copy of a prefilled `CompressedCache` with room for `max_new_tokens` decoding steps.
 
         Capacity (slots per layer, row and kv head): without decode-time eviction, the largest number of entries
@@ -409,7 +409,8 @@ class StaticCompressedCache(Cache):
         AttentionPredictor selector), None keeps everything on the device, "auto" (default) follows the cache
         (`cache.offload_tier`). `page_frames` (with offload): the offloaded layers also hold the step's pages in
         device frames (`storage/frames.py`: only the pages a step lacks cross the host link; the default) instead
-        of every step reading its pages over the link in place. Raises KVSqueezeError for what the static path
+        of every step reading its pages over the link in place (False); a number r >= 1: r times as many frames as
+        pages per step (recent pages stay resident; at most the capacity's pages). Raises KVSqueezeError for what the static path
         cannot hold (see the module docstring) and for an empty cache."""
         from .cache import CompressedCache
 
@@ -431,6 +432,9 @@ class StaticCompressedCache(Cache):
             raise KVSqueezeError(f"the static step offloads to 'cpu' (host memory it reads in place), not {offload!r}: "
                                  "a disk tier decodes on the eager path only " + EAGER)
         offload = None if offload == "none" else offload
+        if page_frames is not True and page_frames is not False and not page_frames >= 1:
+            raise KVSqueezeError(f"page_frames must be True, False or a ratio >= 1 of frames to pages per step, "
+                                 f"got {page_frames!r}")
         if offload and selector is None:
             raise KVSqueezeError("offloading needs a decode-time selector (--select quest or attention_predictor): "
                                  "the static step reads the selected pages from host memory")
@@ -522,7 +526,9 @@ class StaticCompressedCache(Cache):
             if slots.host_layers and page_frames:
                 from ..storage.frames import StaticFrames
 
-                out.frames = StaticFrames(slots, selector.page, out.pages.chosen.shape[-1])
+                k = out.pages.chosen.shape[-1]
+                n = k if page_frames is True else min(math.ceil(page_frames * k), slots.capacity // selector.page)
+                out.frames = StaticFrames(slots, selector.page, max(n, k))
         return out
 
     @classmethod

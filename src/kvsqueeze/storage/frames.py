@@ -3,12 +3,13 @@
 The static decode step keeps an offloaded layer's slots in mapped host memory (`storage/static.py`,
 `storage/mapped.py`) and its selector (Quest, AttentionPredictor) picks K pages per (row, kv head) and step. Read
 in place, every step reads all K pages over the link, though consecutive steps pick mostly the same pages. Here
-each offloaded layer also holds F = K page frames on the device, in fixed buffers, and a page table on the device
-(the same words as the eager `storage/offload.py`):
+each offloaded layer also holds F >= K page frames on the device (F = K by default), in fixed buffers, and a page
+table on the device (the same words as the eager `storage/offload.py`):
 
     keys[l], values[l] : (b, kv_heads, F * page, d)   device frames of offloaded layer l (frame f = slots
                                                       [f * page, (f + 1) * page))
     frame_page         : (layers, b, kv_heads, F) long  the page each frame holds (-1: none)
+    last_used          : (layers, b, kv_heads, F) long  the step (per layer) a frame's page was last selected
     counts             : (layers, 2) long               pages needed and pages already resident (hits), summed
                                                       over steps, rows and kv heads
 
@@ -17,8 +18,10 @@ fixed shapes (no host synchronisation, capturable in a CUDA graph):
 
 1. a selected page is resident when a frame holds it and it is not the page the step writes into (that page
    changed since it was copied: it is copied again, one page of K);
-2. the resident pages keep their frames; the missing ones take the other frames (the i-th missing page the i-th
-   frame not kept, in frame order), so after the step the frames hold exactly the step's pages (F = K);
+2. the resident pages keep their frames; the missing ones take the other frames, least recently used first (the
+   i-th missing page the i-th such frame; empty frames first). With F = K the frames then hold exactly the step's
+   pages; with F > K the pages of recent steps stay resident too (a page selected again later is a hit). A frame
+   left holding the page being written (not selected this step) is emptied: its copy is stale;
 3. only the frames that took a missing page are copied from the host (`kernels/page_copy.py`: one program per
    frame, moving nothing for a resident one);
 4. the attention reads the keys and values of selected page i from frame `frame_of[..., i]` and its validity at
@@ -43,8 +46,8 @@ class StaticFrames:
     """Device page frames and the page table of the `host_layers` of `slots` (see the module docstring).
 
     slots: the `StaticSlots` whose `host_layers` are offloaded; page: slots per page (the selector's); frames: F,
-    the pages the selector picks per step (its `chosen` width). Raises ValueError for F < 1 or a capacity that is
-    not a multiple of the page."""
+    at least the pages the selector picks per step (its `chosen` width; more keep recent pages resident). Raises
+    ValueError for F < 1 or a capacity that is not a multiple of the page."""
 
     def __init__(self, slots: StaticSlots, page: int, frames: int):
         if frames < 1 or slots.capacity % page:
@@ -60,6 +63,8 @@ class StaticFrames:
             self.keys[i] = _static(torch.zeros(b, h, frames * page, k.shape[-1], dtype=k.dtype, device=dev))
             self.values[i] = _static(torch.zeros(b, h, frames * page, v.shape[-1], dtype=v.dtype, device=dev))
         self.frame_page = _static(torch.full((slots.n_layers, b, h, frames), -1, dtype=torch.long, device=dev))
+        self.last_used = _static(torch.full((slots.n_layers, b, h, frames), -1, dtype=torch.long, device=dev))
+        self.clock = _static(torch.zeros(slots.n_layers, dtype=torch.long, device=dev))  # fetches per layer
         self.counts = _static(torch.zeros(slots.n_layers, 2, dtype=torch.long, device=dev))
 
     def holds(self, layer_idx: int) -> bool:
@@ -77,12 +82,20 @@ class StaticFrames:
         hit = eq.any(-1)  # (b, h, K)
         kept = eq.any(-2)  # (b, h, F)
         hit_frame = eq.to(torch.int8).argmax(-1)  # (b, h, K)
-        free = kept.to(torch.int8).sort(dim=-1, stable=True).indices  # the frames not kept first, in frame order
+        last = self.last_used[layer_idx]
+        age = torch.where(kept, torch.iinfo(torch.long).max, last)  # frames not kept, least recently used first
+        free = age.sort(dim=-1, stable=True).indices
         rank = (~hit).long().cumsum(-1) - 1  # the i-th missing page takes the i-th free frame
         frame_of = torch.where(hit, hit_frame, free.gather(-1, rank.clamp(min=0)))
-        new_fp = torch.full_like(fp, -1).scatter(-1, frame_of, pages.long())
         # uint8, not bool: inductor's CUDA lowering of a bool scatter fails (torch.iinfo(torch.bool), H200 run)
+        assigned = torch.zeros_like(fp, dtype=torch.uint8).scatter(-1, frame_of, torch.ones_like(frame_of,
+                                                                                                 dtype=torch.uint8))
         load = torch.zeros_like(fp, dtype=torch.uint8).scatter(-1, frame_of, (~hit).to(torch.uint8))
+        stale = (fp == writing) & (assigned == 0)  # an old copy of the page being written
+        new_fp = fp.scatter(-1, frame_of, pages.long()).masked_fill(stale, -1)
+        clock = self.clock[layer_idx]
+        clock.add_(1)
+        last.copy_(last.scatter(-1, frame_of, clock.expand_as(frame_of)))
         fp.copy_(new_fp)
         self.counts[layer_idx, 0].add_(pages.numel())
         self.counts[layer_idx, 1].add_(hit.sum())
@@ -95,8 +108,8 @@ class StaticFrames:
         return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values) if t is not None)
 
     def table_nbytes(self) -> int:
-        """Device bytes of the page table and counters."""
-        return sum(t.numel() * t.element_size() for t in (self.frame_page, self.counts))
+        """Device bytes of the page table, its use times and counters."""
+        return sum(t.numel() * t.element_size() for t in (self.frame_page, self.last_used, self.clock, self.counts))
 
     def traffic(self) -> dict:
         """Page traffic so far (one host synchronisation: call outside the timed steps): needed, hits (pages),
