@@ -151,7 +151,9 @@ def static_row(kind, model, ids, args, device, selector):
     cache, tok = _PREFILLED[key]
     offload = "cpu" if kind in ("kvsq-static-offload", "kvsq-static-mapped") else None
     static = StaticCompressedCache.from_cache(cache, args.warmup + args.steps + gpu_decode.PROFILE_STEPS + 1,
-                                              offload=offload, page_frames=kind == "kvsq-static-offload")
+                                              offload=offload,
+                                              page_frames=(args.frames if args.frames != 1 else True)
+                                              if kind == "kvsq-static-offload" else False)
     torch._dynamo.reset()  # one compiled step per cache
     compile_kw = dict(compile=True) if device.type == "cuda" else dict(compile=True, backend="aot_eager")
     dec = StaticDecoder(model, static, **compile_kw)
@@ -184,11 +186,17 @@ def main(argv=None) -> int:
     ap.add_argument("--rows", default="", help=f"Only these rows (comma-separated; of {', '.join(ROWS)}).")
     ap.add_argument("--latency", type=float, default=0.0,
                     help="Simulated seconds per host -> device copy off CUDA (--quick: a slow link on the CPU).")
+    ap.add_argument("--frames", type=float, default=1.0,
+                    help="kvsq-static-offload: device page frames per page a step selects (>= 1; more keep recent "
+                         "pages resident).")
     ap.add_argument("--json", default=None, help="Write the rows to this JSON file.")
     ap.add_argument("--profile", type=int, default=0,
                     help="Trace N more steps per row and print the GPU kernels by time (gpu_decode.kernel_profile).")
     ap.add_argument("--quick", action="store_true", help="Tiny shapes on the CPU (checks the script end to end).")
     args = ap.parse_args(argv)
+    if args.frames < 1:
+        print(f"error: --frames must be >= 1, got {args.frames}", file=sys.stderr)
+        return 2
     gpu_decode.PROFILE_STEPS = args.profile  # read by gpu_decode.timed
     target = bench_target(args.quick, dict(TINY, num_hidden_layers=4))
     if target is None:

@@ -33,7 +33,7 @@ def test_quick_mode_static_rows(tmp_path):
     names = ["kvsq-static:quest", "kvsq-static-mapped:quest", "kvsq-static-offload:quest", "kvsq-static:ap",
              "kvsq-static-offload:ap"]
     r = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_offload.py"), "--quick", "--steps", "4",
-                        "--rows", ",".join(names), "--json", str(out)],
+                        "--rows", ",".join(names), "--frames", "1.5", "--json", str(out)],
                        capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-3000:]
     rows = {d["row"]: d for d in json.loads(out.read_text())["rows"]}
@@ -44,3 +44,10 @@ def test_quick_mode_static_rows(tmp_path):
     assert mapped["hit_rate"] is None and 0 < framed["hit_rate"] < 1 and 0 < ap["hit_rate"] < 1
     assert 0 < framed["moved_per_token"] < mapped["moved_per_token"]
     assert rows["kvsq-static:quest"]["moved_per_token"] == 0 and framed["host_kv"] > 0
+    assert framed["gpu_kv"] > mapped["gpu_kv"]  # the frames (1.5x the pages per step) are device KV
+
+
+def test_bad_frames_ratio_is_one_error_line():
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_offload.py"), "--quick", "--frames", "0.5"],
+                       capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert r.returncode == 2 and r.stderr.strip() == "error: --frames must be >= 1, got 0.5"
