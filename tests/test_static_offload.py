@@ -107,6 +107,8 @@ def test_offloaded_static_step_equals_on_device_step(kernel, compiled, selector,
     assert o["decode_steps"] == STEPS and o["needed"] == per_step * STEPS
     if frames:  # consecutive steps share pages: fewer cross the link than are read
         assert (static.frames is not None) and 0 < o["hits"] < o["needed"] and o["hit_rate"] > 0.3
+        # the first step finds the frames empty: after it, the same hits over one step's pages fewer
+        assert o["hit_rate_after_first"] == pytest.approx(o["hits"] / (o["needed"] - per_step))
     else:
         assert static.frames is None and o["hits"] == 0 and o["hit_rate"] is None
     assert static.slots.host_layers == {1, 2} and ref_static.slots.host_layers == frozenset()
@@ -167,6 +169,10 @@ def test_offload_refusals():
         StaticCompressedCache.from_cache(plain, STEPS, offload="cpu")
     with pytest.raises(KVSqueezeError, match="disk tier decodes on the eager path"):
         StaticCompressedCache.from_cache(quest, STEPS, offload="disk")
+    with pytest.raises(KVSqueezeError, match="offload must be 'auto', 'cpu' or None, got 'gpu'"):
+        StaticCompressedCache.from_cache(quest, STEPS, offload="gpu")
+    with pytest.raises(KVSqueezeError, match="page_frames must be True, False or a ratio >= 1"):
+        StaticCompressedCache.from_cache(quest, STEPS, offload="cpu", page_frames=0.5)
 
 
 def test_mapped_zeros_off_cuda_is_a_plain_tensor():

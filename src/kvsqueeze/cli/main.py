@@ -138,7 +138,8 @@ def models():
 @click.option("--compile", "compiled", is_flag=True,
               help="Decode over a fixed-capacity copy of the compressed cache with one compiled step "
                    "(torch.compile; CUDA graphs on a GPU). Full-precision storage; --select quest or attention_predictor "
-                   "(pages chosen on the device); decode-time eviction only for streaming_llm and knorm.")
+                   "(pages chosen on the device), with --offload cpu too; decode-time eviction only for streaming_llm "
+                   "and knorm. On a CPU the first steps compile for minutes (AttentionPredictor: two graphs, ~10).")
 @click.option("--config", "config", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="JSON file of these options (e.g. from `kvsqueeze recommend --config FILE`); options given "
                    "on the command line override it.")
@@ -219,6 +220,10 @@ def generate(model, method, compression_ratio, budget, exempt_layers, compressio
                f"{'; decoded over the static cache, step compiled' if compiled else ''}; "
                f"context: {res.n_context_tokens} tokens")
     click.echo(res.stats.line())
+    if res.decode_stats is not None and res.offload is not None:  # the static copy adds the device page frames
+        click.echo(f"while decoding (static cache, capacity {res.decode_stats.tokens_stored[0]} slots): "
+                   f"{res.decode_stats.device_kv_bytes / 2**20:.2f} MiB of KV on the device (page frames included), "
+                   f"{res.decode_stats.host_kv_bytes / 2**20:.2f} MiB in host memory")
     if res.offload is not None:
         o = res.offload
         if "prefetch_pages" in o:  # the eager store
@@ -226,9 +231,11 @@ def generate(model, method, compression_ratio, budget, exempt_layers, compressio
                        f"{o['pages_per_token']:.1f} pages, {o['bytes_per_token'] / 1024:.1f} KiB moved per token "
                        f"({o['prefetch_pages']} pages prefetched, {o['demand_pages']} on demand)")
         else:  # the static step's device frames
-            click.echo(f"offload: {100 * o['hit_rate']:.1f}% of the pages needed were in the device frames from "
-                       f"the step before; {o['pages_per_token']:.1f} pages, {o['bytes_per_token'] / 1024:.1f} KiB "
-                       "moved per token")
+            warm = o["hit_rate_after_first"]
+            click.echo(f"offload: {100 * warm:.1f}% of the pages a step needed were already in the device frames "
+                       f"(steps after the first; {100 * o['hit_rate']:.1f}% with the first, whose frames start "
+                       f"empty); {o['pages_per_token']:.1f} pages (of 16 tokens, per layer and kv head) = "
+                       f"{o['bytes_per_token'] / 1024:.1f} KiB moved per token")
     click.echo(f"time: {res.seconds:.2f} s (prefill + question + {max_new_tokens} new tokens at most)")
 
 

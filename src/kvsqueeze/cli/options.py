@@ -78,4 +78,7 @@ def offload_option(f):
              "disk: in memory-mapped files under $TMPDIR, for KV beyond CPU memory); "
              "the device keeps fixed frames for the selector's budget of pages, and only pages not already there "
              "are copied each step (AttentionPredictor prefetches the next step's pages; Quest fetches on demand). "
-             "Needs --select; full-precision storage only (no --quant). Answers equal on-device selection.")(f)
+             "With generate --compile (cpu only): the compiled static step reads host memory directly and copies "
+             "the pages its device frames lack at the start of each layer's attention (no prefetch). "
+             "Needs --select; full-precision storage only (no --quant). Answers equal on-device selection. "
+             "On a CPU device it only simulates the tiers (host memory is the device's memory).")(f)

@@ -188,6 +188,7 @@ class GenerationResult:
     n_context_tokens: int
     n_question_tokens: int
     offload: dict | None = None  # CompressedCache.offload_stats() after the answer, when offloaded
+    decode_stats: CacheStats | None = None  # the static copy's bytes (static / compile), frames included
 
 
 def check_budget(method: Method | None, n_context: int) -> None:
@@ -237,4 +238,4 @@ def generate_answer(model, tokenizer, context: str, question: str, method: Metho
     off = None
     if cache.offload_tier:
         off = copies[0].offload_stats() if copies else cache.offload_stats()
-    return GenerationResult(answer, stats, seconds, len(ctx), len(q), off)
+    return GenerationResult(answer, stats, seconds, len(ctx), len(q), off, copies[0].stats() if copies else None)

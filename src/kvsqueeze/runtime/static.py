@@ -428,9 +428,11 @@ class StaticCompressedCache(Cache):
             _static_selector(selector).check(selector)
         if offload == "auto":
             offload = getattr(cache, "offload_tier", None)
+        if offload == "disk":
+            raise KVSqueezeError("the static step offloads to 'cpu' (host memory it reads in place): a disk tier "
+                                 "decodes on the eager path only " + EAGER)
         if offload not in (None, "none", "cpu"):
-            raise KVSqueezeError(f"the static step offloads to 'cpu' (host memory it reads in place), not {offload!r}: "
-                                 "a disk tier decodes on the eager path only " + EAGER)
+            raise KVSqueezeError(f"offload must be 'auto', 'cpu' or None, got {offload!r}")
         offload = None if offload == "none" else offload
         if page_frames is not True and page_frames is not False and not page_frames >= 1:
             raise KVSqueezeError(f"page_frames must be True, False or a ratio >= 1 of frames to pages per step, "
@@ -658,10 +660,11 @@ class StaticCompressedCache(Cache):
     def offload_stats(self) -> dict:
         """Host -> device traffic of an offloaded static cache since its conversion (one host synchronisation: call
         outside timed steps), as `CompressedCache.offload_stats`: decode_steps, bytes_per_token, pages_per_token
-        (pages copied or read over the link per step, whole model), hit_rate (with page frames: pages a step needed
-        that its frames held from the step before; None when the pages are read in place: every selected page
-        crosses the link each step), needed / hits (pages), device_kv_bytes / host_kv_bytes. Raises
-        KVSqueezeError for a cache that does not offload."""
+        (pages of `page` slots per layer and kv head copied or read over the link per step, whole model, every step
+        counted), hit_rate (with page frames: pages a step needed that its frames already held, every step counted,
+        the first one too, whose frames start empty; None when the pages are read in place: every selected page
+        crosses the link each step), hit_rate_after_first (the same over the steps after the first), needed / hits
+        (pages), device_kv_bytes / host_kv_bytes. Raises KVSqueezeError for a cache that does not offload."""
         s = self.slots
         if not getattr(s, "host_layers", None):
             raise KVSqueezeError("this static cache does not offload (build it with from_cache(..., offload='cpu'))")
@@ -671,11 +674,11 @@ class StaticCompressedCache(Cache):
         k = self.pages.chosen.shape[-1]
         if self.frames is not None:
             t = self.frames.traffic()
-            needed, hits, rate = t["needed"], t["hits"], t["hit_rate"]
+            needed, hits, rate, warm = t["needed"], t["hits"], t["hit_rate"], t["hit_rate_after_first"]
         else:
             needed = len(s.host_layers) * s.batch * s.kv_heads * k * steps
-            hits, rate = 0, None
-        return {"decode_steps": steps, "hit_rate": rate, "needed": needed, "hits": hits,
+            hits, rate, warm = 0, None, None
+        return {"decode_steps": steps, "hit_rate": rate, "hit_rate_after_first": warm, "needed": needed, "hits": hits,
                 "pages_per_token": (needed - hits) / steps, "bytes_per_token": (needed - hits) * per_page / steps,
                 "device_kv_bytes": st.device_kv_bytes, "host_kv_bytes": st.host_kv_bytes}
 

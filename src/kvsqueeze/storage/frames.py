@@ -113,12 +113,16 @@ class StaticFrames:
 
     def traffic(self) -> dict:
         """Page traffic so far (one host synchronisation: call outside the timed steps): needed, hits (pages),
-        hit_rate, bytes_moved (host -> device bytes of the copied pages, keys and values)."""
+        hit_rate (every fetch), hit_rate_after_first (the fetches after each layer's first, whose frames were
+        empty: a fetch needs the same number of pages every step, so the first one's is needed / fetches),
+        bytes_moved (host -> device bytes of the copied pages, keys and values)."""
         needed, hits = (int(x) for x in self.counts.sum(0).tolist())
+        first = sum(n // c for (n, _), c in zip(self.counts.tolist(), self.clock.tolist()) if c > 0)
         per_page = 0
         for k, v in zip(self.keys, self.values):
             if k is not None:
                 per_page = self.page * (k.shape[-1] * k.element_size() + v.shape[-1] * v.element_size())
                 break
         return {"needed": needed, "hits": hits, "hit_rate": hits / needed if needed else 0.0,
+                "hit_rate_after_first": hits / (needed - first) if needed > first else 0.0,
                 "bytes_moved": (needed - hits) * per_page}
