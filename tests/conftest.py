@@ -160,3 +160,42 @@ def tiny_llama_d64(seed: int = 0):
     cfg = LlamaConfig(vocab_size=128, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=1024)
     return LlamaForCausalLM(cfg).eval()
+
+
+@contextlib.contextmanager
+def no_host_sync(device):
+    """On a CUDA `device`: make any host synchronisation inside the block an error (torch's sync debug mode); a
+    no-op elsewhere. The static decode step must run without one after its warm-up."""
+    if torch.device(device).type != "cuda":
+        yield
+        return
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def check_compiled_static_step(model, make_cache, n, tol, graphs):
+    """Decode `n` tokens greedily over the static copy of `make_cache()` ((prefilled CompressedCache, its first
+    logits)), uncompiled and compiled (fullgraph, aot_eager): the same tokens, the logits within `tol`, `graphs`
+    compiled graphs and no graph break."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from kvsqueeze.runtime.static import StaticCompressedCache, static_greedy_decode
+
+    c1, f1 = make_cache()
+    ref_logits = []
+    ref = static_greedy_decode(model, StaticCompressedCache.from_cache(c1, n), f1, n, set(), logits_out=ref_logits)
+    c2, f2 = make_cache()
+    torch._dynamo.reset()
+    counters.clear()
+    logits = []
+    got = static_greedy_decode(model, StaticCompressedCache.from_cache(c2, n), f2, n, set(), compile=True,
+                               backend="aot_eager", logits_out=logits)
+    assert got == ref
+    for a, b in zip(logits, ref_logits):
+        torch.testing.assert_close(a, b, **tol)
+    assert counters["stats"]["unique_graphs"] == graphs
+    assert not counters["graph_break"]

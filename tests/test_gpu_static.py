@@ -26,6 +26,8 @@ from kvsqueeze.quant import kivi
 from kvsqueeze.runtime.generate import decode_step, prefill
 from kvsqueeze.runtime.static import StaticCompressedCache, StaticDecoder
 
+from conftest import no_host_sync
+
 DEVICE = os.environ.get("KVSQUEEZE_TEST_DEVICE") or ("cuda" if torch.cuda.is_available() else None)
 on_device = pytest.mark.skipif(DEVICE is None, reason="no GPU (KVSQUEEZE_TEST_DEVICE=cpu runs it on the CPU)")
 DTYPE = torch.bfloat16
@@ -54,16 +56,24 @@ def _feed(prompt=160):
     return torch.randint(0, 101, (1, prompt), generator=g), torch.randint(0, 101, (STEPS, 1), generator=g)
 
 
-@contextlib.contextmanager
 def _no_sync():
-    if torch.device(DEVICE).type != "cuda":
-        yield
-        return
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        yield
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
+    return no_host_sync(DEVICE)
+
+
+def _compile_kw(kernel, compiled):
+    """Skip what this machine cannot run (the Triton kernel without triton; compiled Triton off CUDA), reset dynamo,
+    and return the StaticDecoder compile arguments: None, inductor on CUDA, aot_eager on the CPU."""
+    import torch._dynamo
+
+    cuda = torch.device(DEVICE).type == "cuda"
+    if kernel == "triton" and not _triton_runs():
+        pytest.skip("triton on CUDA (or TRITON_INTERPRET=1 on the CPU) needed")
+    if compiled and kernel == "triton" and not cuda:
+        pytest.skip("a compiled Triton kernel needs CUDA")
+    torch._dynamo.reset()
+    if not compiled:
+        return None
+    return dict(compile=True) if cuda else dict(compile=True, backend="aot_eager")
 
 
 @torch.no_grad()
@@ -208,17 +218,7 @@ def test_static_quest_logits_equal_eager_in_bf16(kernel, compiled):
     attention kernels of layer 0, and float32 rounding of the bound, products or the Triton pass, may swap pages
     whose scores are within 5% of each other), on most steps; where they do, the logits agree within bf16
     tolerance."""
-    import torch._dynamo
-
-    cuda = torch.device(DEVICE).type == "cuda"
-    if kernel == "triton" and not _triton_runs():
-        pytest.skip("triton on CUDA (or TRITON_INTERPRET=1 on the CPU) needed")
-    if compiled and kernel == "triton" and not cuda:
-        pytest.skip("a compiled Triton kernel needs CUDA")
-    torch._dynamo.reset()
-    compile_kw = None
-    if compiled:
-        compile_kw = dict(compile=True) if cuda else dict(compile=True, backend="aot_eager")
+    compile_kw = _compile_kw(kernel, compiled)
     model = _model()
     ref, got, ref_pages, pages, ref_agg = _quest_both(model, kernel, compile_kw)
     same = [a == b for a, b in zip(ref_pages, pages)]
@@ -276,17 +276,7 @@ def test_static_attention_predictor_logits_equal_eager_in_bf16(kernel, compiled)
     bf16 rounding of the query, which differs between the attention kernels of layer 0, may swap two pages of
     close scores, and from there each history holds its own rows), the logits agree within bf16 tolerance; at
     least the first 8 of 12 steps agree."""
-    import torch._dynamo
-
-    cuda = torch.device(DEVICE).type == "cuda"
-    if kernel == "triton" and not _triton_runs():
-        pytest.skip("triton on CUDA (or TRITON_INTERPRET=1 on the CPU) needed")
-    if compiled and kernel == "triton" and not cuda:
-        pytest.skip("a compiled Triton kernel needs CUDA")
-    torch._dynamo.reset()
-    compile_kw = None
-    if compiled:
-        compile_kw = dict(compile=True) if cuda else dict(compile=True, backend="aot_eager")
+    compile_kw = _compile_kw(kernel, compiled)
     model = _model()
     tf32 = torch.backends.cudnn.allow_tf32
     torch.backends.cudnn.allow_tf32 = False  # the CNN in float32 on both paths (TF32 rounds its scores to ~1e-3)

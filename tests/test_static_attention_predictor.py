@@ -19,7 +19,7 @@ from kvsqueeze.selection import AttentionPredictor, PredictorNet
 from kvsqueeze.selection.attention_predictor import IncrementalCNN, LastRow
 from kvsqueeze.selection.static_attention_predictor import StaticAttentionPredictor
 
-from conftest import tiny_llama
+from conftest import check_compiled_static_step, tiny_llama
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 N = 14  # tokens generated: 13 decoding steps, calibration rows at steps 5 and 10
@@ -171,23 +171,8 @@ def test_static_ap_batch_of_two(model, recorded):
 def test_compiled_step_equals_uncompiled_two_graphs(model):
     """fullgraph, aot_eager: the same tokens and logits; two graphs (the calibration step's full row is the
     second variant, chosen on the host), no graph break."""
-    from torch._dynamo.utils import counters
-
     ids = _ids()
-    c1, f1 = _cache(model, ids)
-    ref_logits = []
-    ref = static_greedy_decode(model, StaticCompressedCache.from_cache(c1, N), f1, N, set(), logits_out=ref_logits)
-    c2, f2 = _cache(model, ids)
-    torch._dynamo.reset()
-    counters.clear()
-    logits = []
-    got = static_greedy_decode(model, StaticCompressedCache.from_cache(c2, N), f2, N, set(), compile=True,
-                               backend="aot_eager", logits_out=logits)
-    assert got == ref
-    for a, b in zip(logits, ref_logits):
-        torch.testing.assert_close(a, b, **TOL)
-    assert counters["stats"]["unique_graphs"] == 2
-    assert not counters["graph_break"]
+    check_compiled_static_step(model, lambda: _cache(model, ids), N, TOL, graphs=2)
 
 
 class _Layer(SimpleNamespace):

@@ -18,7 +18,7 @@ from kvsqueeze.quant.kivi_static import StaticKIVI
 from kvsqueeze.runtime.generate import decode_step, prefill
 from kvsqueeze.runtime.static import StaticCompressedCache, static_greedy_decode
 
-from conftest import kv, tiny_llama
+from conftest import check_compiled_static_step, kv, tiny_llama
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 N = 20  # tokens generated: the residual (8..15 tokens after the prefill) is flushed twice or three times
@@ -128,22 +128,8 @@ def test_left_padded_batch_masks_the_padding(model, bits):
 
 
 def test_compiled_fullgraph_equals_uncompiled_one_graph(model):
-    import torch._dynamo
-    from torch._dynamo.utils import counters
-
     (c1, c2), (f1, f2) = _caches(model, "knorm", 2, _ids())
-    ref_logits = []
-    ref = static_greedy_decode(model, StaticCompressedCache.from_cache(c1, N), f1, N, set(), logits_out=ref_logits)
-    torch._dynamo.reset()
-    counters.clear()
-    logits = []
-    got = static_greedy_decode(model, StaticCompressedCache.from_cache(c2, N), f2, N, set(), compile=True,
-                               backend="aot_eager", logits_out=logits)
-    assert got == ref
-    for a, b in zip(logits, ref_logits):
-        torch.testing.assert_close(a, b, **TOL)
-    assert counters["stats"]["unique_graphs"] == 1
-    assert not counters["graph_break"]
+    check_compiled_static_step(model, iter([(c1, f1), (c2, f2)]).__next__, N, TOL, graphs=1)
 
 
 def test_a_forward_that_drops_the_kivi_buffers_is_refused(model, monkeypatch):

@@ -25,6 +25,8 @@ from kvsqueeze.runtime.static import StaticCompressedCache, StaticDecoder
 from kvsqueeze.selection import AttentionPredictor, PredictorNet, Quest
 from kvsqueeze.storage.mapped import map_host, mapped_zeros
 
+from conftest import no_host_sync
+
 DEVICE = os.environ.get("KVSQUEEZE_TEST_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
 CUDA = torch.device(DEVICE).type == "cuda"
 cuda_only = pytest.mark.skipif(not CUDA, reason="mapped host memory needs CUDA")
@@ -43,18 +45,6 @@ def _feed(prompt=200):
     g = torch.Generator().manual_seed(1)
     return torch.randint(0, 101, (1, prompt), generator=g).to(DEVICE), \
         torch.randint(0, 101, (STEPS, 1), generator=g).to(DEVICE)
-
-
-@contextlib.contextmanager
-def _no_sync():
-    if not CUDA:
-        yield
-        return
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        yield
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
 
 
 @torch.no_grad()
@@ -80,7 +70,7 @@ def _run(model, offload, eager_offload, kernel=None, compiled=False, selector="q
         s0 = static.pages._steps[2]
         calib = next(i for i in range(STEPS) if (s0 + i + 1) % static.pages.calibration_every == 0)
     for i, t in enumerate(feed):
-        with contextlib.nullcontext() if i < 3 or i == calib else _no_sync():  # warm-up: compilation, capture
+        with contextlib.nullcontext() if i < 3 or i == calib else no_host_sync(DEVICE):  # warm-up: compilation, capture
             logits.append(dec(t)[0].clone())
         pages.append(static.pages.chosen[2].tolist())
     return static, torch.stack(logits), pages

@@ -15,7 +15,7 @@ from kvsqueeze.runtime.static import StaticCompressedCache, StaticDecoder, stati
 from kvsqueeze.selection import Quest
 from kvsqueeze.selection.static_quest import StaticQuest
 
-from conftest import kv, tiny_llama
+from conftest import check_compiled_static_step, kv, tiny_llama
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 N = 12  # tokens generated
@@ -153,24 +153,8 @@ def test_page_metadata_kept_on_the_device_equals_a_rebuild(model):
 
 
 def test_compiled_step_equals_uncompiled_one_graph(model):
-    import torch._dynamo
-    from torch._dynamo.utils import counters
-
     ids = _ids()
-    c1, f1 = _cache(model, ids)
-    ref_logits = []
-    ref = static_greedy_decode(model, StaticCompressedCache.from_cache(c1, N), f1, N, set(), logits_out=ref_logits)
-    c2, f2 = _cache(model, ids)
-    torch._dynamo.reset()
-    counters.clear()
-    logits = []
-    got = static_greedy_decode(model, StaticCompressedCache.from_cache(c2, N), f2, N, set(), compile=True,
-                               backend="aot_eager", logits_out=logits)
-    assert got == ref
-    for a, b in zip(logits, ref_logits):
-        torch.testing.assert_close(a, b, **TOL)
-    assert counters["stats"]["unique_graphs"] == 1
-    assert not counters["graph_break"]
+    check_compiled_static_step(model, lambda: _cache(model, ids), N, TOL, graphs=1)
 
 
 def test_generate_with_a_static_quest_cache(model):

@@ -77,7 +77,6 @@ model inside a captured graph is not supported); the compiled step is `StaticDec
 
 from __future__ import annotations
 
-import contextlib
 import math
 import sys
 
@@ -145,25 +144,30 @@ def _selected(module, query, key, value, m, scaling, kwargs):
     (b, hk, 1, k * page) of those pages (a gather: the torch kernels' way; the Triton kernel reads the pages in
     place); else (None, key, value, m) unchanged."""
     quest = kwargs.pop(PAGES_KW, None)
-    frames = kwargs.pop(FRAMES_KW, None)
-    pages = None if quest is None else quest.select(module.layer_idx, query, scaling)
+    pages, key, value, fr = _select_pages(quest, kwargs.pop(FRAMES_KW, None), module.layer_idx, query, scaling, key,
+                                          value)
     if pages is None:
         return None, key, value, m
     from ..kernels.page_decode import gather_pages
 
-    key, value, fr = _resident(frames, module.layer_idx, key, value, pages)
-    quest.observe(module.layer_idx, query, scaling, pages, key, fr)
     key, value, ok = gather_pages(key, value, m[:, :, 0], pages, quest.page, fr)
     return pages, key, value, ok[:, :, None]
 
 
-def _resident(frames, layer_idx: int, key, value, pages):
-    """An offloaded layer with device page frames (`storage/frames.py`, kwarg `kvsqueeze_frames`): its selected
-    pages made resident (the missing ones copied from host memory) and (frame keys, frame values, frame_of), for
-    the page attention to read from the frames; else (key, value, None): the pages read where they are."""
-    if frames is None or not frames.holds(layer_idx):
-        return key, value, None
-    return frames.fetch(layer_idx, pages)
+def _select_pages(selector, frames, layer_idx: int, query, scaling, key, value):
+    """One layer's page selection in the static step: the selector's pages (b, hk, K), or None (no selector, a
+    dense layer: (None, key, value, None)); for an offloaded layer with device page frames (`storage/frames.py`,
+    kwarg `kvsqueeze_frames`) those pages made resident (the missing ones copied from host memory), the attention
+    then reading the frames' keys / values through frame_of (b, hk, K); then the selector's `observe` over what the
+    attention reads. Returns (pages, keys, values, frame_of or None)."""
+    pages = None if selector is None else selector.select(layer_idx, query, scaling)
+    if pages is None:
+        return None, key, value, None
+    fr = None
+    if frames is not None and frames.holds(layer_idx):
+        key, value, fr = frames.fetch(layer_idx, pages)
+    selector.observe(layer_idx, query, scaling, pages, key, fr)
+    return pages, key, value, fr
 
 
 def _static_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
@@ -226,10 +230,8 @@ def _static_triton(module, query, key, value, attention_mask, dropout=0.0, scali
     b = query.shape[0]
     m = _layer_rows(module, attention_mask, b, key)  # (b, hk, 1, C)
     quest = kwargs.get(PAGES_KW)
-    pages = None if quest is None else quest.select(module.layer_idx, query, scaling)
+    pages, key, value, fr = _select_pages(quest, kwargs.get(FRAMES_KW), module.layer_idx, query, scaling, key, value)
     if pages is not None:
-        key, value, fr = _resident(kwargs.get(FRAMES_KW), module.layer_idx, key, value, pages)
-        quest.observe(module.layer_idx, query, scaling, pages, key, fr)
         out = page_decode_attention(query[:, :, 0], key, value, m[:, :, 0], pages, quest.page, scale=scaling,
                                     frames=fr)
     else:
@@ -410,8 +412,8 @@ class StaticCompressedCache(Cache):
         (`cache.offload_tier`). `page_frames` (with offload): the offloaded layers also hold the step's pages in
         device frames (`storage/frames.py`: only the pages a step lacks cross the host link; the default) instead
         of every step reading its pages over the link in place (False); a number r >= 1: r times as many frames as
-        pages per step (recent pages stay resident; at most the capacity's pages). Raises KVSqueezeError for what the static path
-        cannot hold (see the module docstring) and for an empty cache."""
+        pages per step (recent pages stay resident; at most the capacity's pages). Raises KVSqueezeError for what
+        the static path cannot hold (see the module docstring) and for an empty cache."""
         from .cache import CompressedCache
 
         if not isinstance(cache, CompressedCache):

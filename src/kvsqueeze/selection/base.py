@@ -62,6 +62,17 @@ def pages_to_slots(pages: torch.Tensor, n: int, page: int) -> torch.Tensor:
     return slots[..., : K * page - missing]
 
 
+def check_static_pages(selector, step: str) -> None:
+    """The page rules a static decode step's selector shares (`static_quest.py`, `static_attention_predictor.py`):
+    a budget in whole pages (the step attends to budget // page pages, a static shape) and no recovery tracking.
+    `step` names the step in the message. Raises KVSqueezeError."""
+    if selector.budget % selector.page:
+        raise KVSqueezeError(f"the static {step} step needs a budget that is a multiple of the page "
+                             f"({selector.page}), got {selector.budget}")
+    if selector.track_recovery:
+        raise KVSqueezeError("attention recovery tracking (track_recovery=True) runs on the eager path only")
+
+
 def recovery(probs: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """Attention recovery rate per (batch, q head): the share of `probs` (b, hq, n) (rows summing to 1) on the
     slots `idx` (b, hk, k) of each head's kv head."""

@@ -74,6 +74,7 @@ from ..kernels.attention_probs import attention_probs
 from ..kernels.page_decode import page_slots
 from ..storage.static import _static
 from .attention_predictor import AttentionPredictor, PredictorNet
+from .base import check_static_pages
 
 
 class StaticAttentionPredictor:
@@ -142,18 +143,14 @@ class StaticAttentionPredictor:
         if not isinstance(selector.net, PredictorNet):
             raise KVSqueezeError(f"the static AttentionPredictor step runs the paper's CNN (PredictorNet), not "
                                  f"{type(selector.net).__name__}; decode on the eager path")
-        if selector.budget % selector.page:
-            raise KVSqueezeError(f"the static AttentionPredictor step needs a budget that is a multiple of the page "
-                                 f"({selector.page}), got {selector.budget}")
-        if selector.track_recovery:
-            raise KVSqueezeError("attention recovery tracking (track_recovery=True) runs on the eager path only")
+        check_static_pages(selector, "AttentionPredictor")
 
     def sparse(self, layer_idx: int) -> bool:
         """Whether `layer_idx` selects pages (False for `dense_layers`)."""
         return self.hist[layer_idx] is not None
 
     def refresh(self, layer_idx: int) -> None:
-        """Nothing: the history is updated by `select` (the protocol `StaticCompressedCache.update` calls)."""
+        """Nothing: the history is updated by `observe` (the protocol `StaticCompressedCache.update` calls)."""
 
     def nbytes(self) -> int:
         """Bytes of the history and z buffers (every sparse layer)."""

@@ -6,9 +6,9 @@ Quest (Tang et al., 2024, "Quest: Query-Aware Sparsity for Efficient Long-Contex
 holds slots [j * page, (j + 1) * page). Per (layer, row, kv head, page) the buffers `kmin` / `kmax`
 (b, kv_heads, capacity // page, head_dim), in the keys' dtype, hold the channel-wise minimum and maximum of the keys
 of the page's valid slots (0 for a page with none): the min and max of bf16 keys are bf16 values, so this is exact
-(the eager Quest holds the same values in float32) at half the bytes; the bound is summed in float32. They are built once from the slots (`load`) and, at every decoding
-step, the page the step writes into is recomputed on the device from its `page` slots (`refresh`: only that page
-changes; the write slots are device tensors).
+(the eager Quest holds the same values in float32) at half the bytes; the bound is summed in float32. They are
+built once from the slots (`load`) and, at every decoding step, the page the step writes into is recomputed on the
+device from its `page` slots (`refresh`: only that page changes; the write slots are device tensors).
 
 `select(layer_idx, query, scaling)` then does what `Quest._select` does, with static shapes:
 
@@ -40,6 +40,7 @@ import torch
 from ..errors import KVSqueezeError
 from ..kernels.page_bound import page_bound, triton
 from ..storage.static import _static
+from .base import check_static_pages
 from .quest import Quest, page_scores
 
 
@@ -88,11 +89,7 @@ class StaticQuest:
         recovery tracking): what `StaticCompressedCache.from_cache` checks before it allocates anything."""
         if not isinstance(selector, Quest):
             raise KVSqueezeError(f"the static decode path runs Quest selection only, not {type(selector).__name__}")
-        if selector.budget % selector.page:
-            raise KVSqueezeError(f"the static Quest step needs a budget that is a multiple of the page "
-                                 f"({selector.page}), got {selector.budget}")
-        if selector.track_recovery:
-            raise KVSqueezeError("attention recovery tracking (track_recovery=True) runs on the eager path only")
+        check_static_pages(selector, "Quest")
 
     def sparse(self, layer_idx: int) -> bool:
         """Whether `layer_idx` selects pages (False for `dense_layers`)."""

@@ -88,11 +88,9 @@ class StaticFrames:
         rank = (~hit).long().cumsum(-1) - 1  # the i-th missing page takes the i-th free frame
         frame_of = torch.where(hit, hit_frame, free.gather(-1, rank.clamp(min=0)))
         # uint8, not bool: inductor's CUDA lowering of a bool scatter fails (torch.iinfo(torch.bool), H200 run)
-        assigned = torch.zeros_like(fp, dtype=torch.uint8).scatter(-1, frame_of, torch.ones_like(frame_of,
-                                                                                                 dtype=torch.uint8))
         load = torch.zeros_like(fp, dtype=torch.uint8).scatter(-1, frame_of, (~hit).to(torch.uint8))
-        stale = (fp == writing) & (assigned == 0)  # an old copy of the page being written
-        new_fp = fp.scatter(-1, frame_of, pages.long()).masked_fill(stale, -1)
+        # an old copy of the page being written is forgotten unless its frame takes a page this step
+        new_fp = fp.masked_fill(fp == writing, -1).scatter(-1, frame_of, pages.long())
         clock = self.clock[layer_idx]
         clock.add_(1)
         last.copy_(last.scatter(-1, frame_of, clock.expand_as(frame_of)))
