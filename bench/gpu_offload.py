@@ -52,6 +52,7 @@ import argparse
 import os
 import statistics
 import sys
+import time
 
 import torch
 
@@ -142,18 +143,25 @@ def static_row(kind, model, ids, args, device, selector):
     `from_cache(..., offload="cpu")`), decoded by the compiled `StaticDecoder`."""
     import torch._dynamo
 
+    wall = {}  # seconds per phase (stderr and the JSON row: where a row's minutes go, compilation included)
+    t0 = time.perf_counter()
     key = (ids.shape[-1], selector.budget, type(selector).__name__)
     if key not in _PREFILLED:  # one prefill (on the GPU) for the static rows of a length and selector
         _PREFILLED.clear()
         cache = kq.CompressedCache(model, None, selector=selector)
         with torch.no_grad():
             _PREFILLED[key] = cache, prefill(model, cache, ids, args.chunk).argmax(-1)
+        _sync(device)
+        wall["prefill_s"] = time.perf_counter() - t0
     cache, tok = _PREFILLED[key]
+    t0 = time.perf_counter()
     offload = "cpu" if kind in ("kvsq-static-offload", "kvsq-static-mapped") else None
     static = StaticCompressedCache.from_cache(cache, args.warmup + args.steps + gpu_decode.PROFILE_STEPS + 1,
                                               offload=offload,
                                               page_frames=(args.frames if args.frames != 1 else True)
                                               if kind == "kvsq-static-offload" else False)
+    _sync(device)
+    wall["from_cache_s"] = time.perf_counter() - t0
     torch._dynamo.reset()  # one compiled step per cache
     compile_kw = dict(compile=True) if device.type == "cuda" else dict(compile=True, backend="aot_eager")
     dec = StaticDecoder(model, static, **compile_kw)
@@ -164,14 +172,26 @@ def static_row(kind, model, ids, args, device, selector):
         tok = dec(tok)[1]
         toks.append(tok)
 
-    ms = timed(step, args.warmup, args.steps, device)
+    t0 = time.perf_counter()
+    step()  # the first step compiles (and captures) the step: counted as a warm-up step
+    _sync(device)
+    wall["first_step_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    ms = timed(step, max(args.warmup - 1, 0), args.steps, device)
+    wall["steps_s"] = time.perf_counter() - t0
+    print("   " + ", ".join(f"{k} {v:.1f}" for k, v in wall.items()), file=sys.stderr, flush=True)
     st = static.stats()
     out = dict(ms=ms, gpu_kv=st.device_kv_bytes, gpu_meta=static.pages.nbytes(), host_kv=st.host_kv_bytes,
-               moved_per_token=0, hit_rate=None, tokens=torch.stack(toks).tolist())
+               moved_per_token=0, hit_rate=None, tokens=torch.stack(toks).tolist(), **wall)
     if offload:
         o = static.offload_stats()
         out.update(moved_per_token=o["bytes_per_token"], hit_rate=o["hit_rate"], pages_per_token=o["pages_per_token"])
     return out
+
+
+def _sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def main(argv=None) -> int:

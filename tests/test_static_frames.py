@@ -221,3 +221,22 @@ def test_fetch_compiles_with_inductor_and_equals_eager():
         runs.append(outs)
     for a, b in zip(*runs):
         assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("n_frames", [1, 7, 256, 512])
+def test_lru_order_is_the_stable_sort_of_the_ages_without_sorting(n_frames):
+    """`_lru_order` (the frames' hand-out order, counted by comparisons so that the compiled step runs no sort: the
+    H200 run at 128k, F = 256, hit a device-side index assert in the compiled fetch when it sorted) is the place of
+    each frame in the stable ascending sort of its age, kept frames last: checked against torch.sort over ages
+    with many ties (never used: -1, the same step) and random kept sets."""
+    from kvsqueeze.storage.frames import _lru_order
+
+    g = torch.Generator().manual_seed(n_frames)
+    for trial in range(20):
+        last = torch.randint(-1, 4 if trial % 2 else 10**6, (2, 3, n_frames), generator=g).to(DEV)
+        kept = (torch.rand(2, 3, n_frames, generator=g) < (trial % 4) / 4).to(DEV)
+        order = _lru_order(last, kept)
+        age = torch.where(kept, torch.iinfo(torch.long).max, last)
+        ref = torch.empty_like(order).scatter_(-1, age.sort(dim=-1, stable=True).indices,
+                                               torch.arange(n_frames, device=DEV).expand_as(age).contiguous())
+        assert torch.equal(order, ref)

@@ -83,10 +83,15 @@ class StaticFrames:
         kept = eq.any(-2)  # (b, h, F)
         hit_frame = eq.to(torch.int8).argmax(-1)  # (b, h, K)
         last = self.last_used[layer_idx]
-        age = torch.where(kept, torch.iinfo(torch.long).max, last)  # frames not kept, least recently used first
-        free = age.sort(dim=-1, stable=True).indices
-        rank = (~hit).long().cumsum(-1) - 1  # the i-th missing page takes the i-th free frame
-        frame_of = torch.where(hit, hit_frame, free.gather(-1, rank.clamp(min=0)))
+        # the i-th missing page takes the i-th frame not kept, least recently used first (ties: the lower frame).
+        # Orders by counting (F x F and K x K comparisons), not by sort and cumsum: the H200 run at 128k (F = 256)
+        # hit a device-side index assert in the compiled step's LRU sort (inductor); the counts have no index.
+        order = _lru_order(last, kept)  # (b, h, F): each frame's place in that order
+        missing = ~hit
+        k = torch.arange(missing.shape[-1], device=pages.device)
+        rank = (missing[..., None, :] & (k[None, :] < k[:, None])).sum(-1)  # (b, h, K): missing pages before it
+        take = (rank[..., :, None] == order[..., None, :]).to(torch.int8).argmax(-1)  # (b, h, K)
+        frame_of = torch.where(hit, hit_frame, take)
         # uint8, not bool: inductor's CUDA lowering of a bool scatter fails (torch.iinfo(torch.bool), H200 run)
         load = torch.zeros_like(fp, dtype=torch.uint8).scatter(-1, frame_of, (~hit).to(torch.uint8))
         # an old copy of the page being written is forgotten unless its frame takes a page this step
@@ -124,3 +129,16 @@ class StaticFrames:
         return {"needed": needed, "hits": hits, "hit_rate": hits / needed if needed else 0.0,
                 "hit_rate_after_first": hits / (needed - first) if needed > first else 0.0,
                 "bytes_moved": (needed - hits) * per_page}
+
+
+def _lru_order(last: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """Each frame's place (b, h, F) long, a permutation of 0..F-1, in the order frames are given to missing pages:
+    the frames not kept first, least recently used (`last`, (b, h, F) long: the step each was last selected, -1
+    never) first, ties by frame index; the kept frames last. Counted by comparisons, not sorted."""
+    big = torch.iinfo(torch.long).max
+    age = last.masked_fill(kept, big)
+    f = torch.arange(age.shape[-1], device=age.device)
+    a, b = age[..., :, None], age[..., None, :]  # (b, h, F, F): frame f (row) against frame g (column)
+    before = (b < a) | ((b == a) & (f[None, :] < f[:, None]))  # g comes before f
+    return before.sum(-1)
+
