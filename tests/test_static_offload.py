@@ -65,12 +65,8 @@ def _run(model, offload, eager_offload, kernel=None, compiled=False, selector="q
         kw = dict(compile=True) if CUDA else dict(compile=True, backend="aot_eager")
     dec = StaticDecoder(model, static, kernel=kernel, **kw)
     logits, pages = [], []
-    calib = None  # AttentionPredictor: the first calibration step compiles / captures its second variant
-    if selector != "quest":
-        s0 = static.pages._steps[2]
-        calib = next(i for i in range(STEPS) if (s0 + i + 1) % static.pages.calibration_every == 0)
-    for i, t in enumerate(feed):
-        with contextlib.nullcontext() if i < 3 or i == calib else no_host_sync(DEVICE):  # warm-up: compilation, capture
+    for i, t in enumerate(feed):  # AttentionPredictor's calibration steps (eager, after the step) sync nothing either
+        with contextlib.nullcontext() if i < 3 else no_host_sync(DEVICE):  # warm-up: compilation, capture
             logits.append(dec(t)[0].clone())
         pages.append(static.pages.chosen[2].tolist())
     return static, torch.stack(logits), pages

@@ -139,7 +139,7 @@ def models():
               help="Decode over a fixed-capacity copy of the compressed cache with one compiled step "
                    "(torch.compile; CUDA graphs on a GPU). Full-precision storage; --select quest or attention_predictor "
                    "(pages chosen on the device), with --offload cpu too; decode-time eviction only for streaming_llm "
-                   "and knorm. On a CPU the first steps compile for minutes (AttentionPredictor: two graphs, ~10).")
+                   "and knorm. On a CPU the first step compiles for minutes.")
 @click.option("--config", "config", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="JSON file of these options (e.g. from `kvsqueeze recommend --config FILE`); options given "
                    "on the command line override it.")

@@ -47,8 +47,8 @@ AttentionPredictor (Yang, Wang et al., 2025) runs in the step the same way: a ca
 `selector=AttentionPredictor(...)` is copied with a `StaticAttentionPredictor`
 (`selection/static_attention_predictor.py`: the attention history and the CNN's per-row terms in fixed ring
 buffers, prediction from the history up to the previous step, the step's row pushed on the device) under the same
-keyword; its calibration steps (a full attention row every `calibration_every` steps) are a second compiled variant,
-chosen on the host by the step counter (`_count_step` -> `host_step`).
+keyword; its calibration steps (a full attention row every `calibration_every` steps) run eagerly after the compiled
+step, chosen on the host by the step counter (`_count_step` -> `host_step`, then `_after_step` -> `after_step`).
 
 Offloading (issue 13) with Quest or AttentionPredictor: an offloaded cache (`offload="cpu"`), or
 `from_cache(..., offload="cpu")`, keeps the sparse layers' slot buffers in mapped host memory (`storage/mapped.py`)
@@ -621,6 +621,12 @@ class StaticCompressedCache(Cache):
     def finish_forward(self) -> None:
         """After such a forward (the routing post-hook): evict where due and move the write slots."""
         self.end_step()
+        self._after_step()
+
+    def _after_step(self) -> None:
+        after_step = getattr(self.pages, "after_step", None)
+        if after_step is not None:  # AttentionPredictor: a calibration step's full history rows (eager, no sync)
+            after_step()
 
     def _count_step(self) -> None:
         if self.rule is None or self._exempt:
@@ -787,6 +793,7 @@ class StaticDecoder:
                 logits, token = self._step(tokens)
         finally:
             c.driven = False
+        c._after_step()
         if not self._checked:  # one host sync, at the first step only
             self._check_selected()
         # the token outlives the next replay (it is that step's input): a copy of b ints; logits are the graph's

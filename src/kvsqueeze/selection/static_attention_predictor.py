@@ -13,6 +13,7 @@ Buffers (allocated once, float32 as the eager history, on the slots' device), pe
                                   a scratch column that absorbs masked writes)
     rows  (layers,) long          rows pushed so far (the ring's write count); T = min(rows, H) rows are live
     wprev (layers, b, kv_heads)   the page count W of the last row (the eager history's width)
+    qbuf  (b, q_heads, head_dim)  the step's query, post-RoPE, in the keys' dtype (read by `after_step`)
     chosen (layers, b, kv_heads, K) long  the pages attended at the last step (-1 before any step, dense layers;
                                   min(K, P) pages where the capacity holds fewer than K)
 
@@ -44,10 +45,13 @@ hi = max(lo, W - local // page), K = (sink + local) // page + k_pages = budget /
    product per page slot: the Triton page kernel returns only the output, so this is an extra pass reading half
    the bytes the sparse attention reads; the torch kernels gather the same keys a second time), max-pooled per
    page and scattered into a zero row of P pages; every `calibration_every`-th step of a layer instead the full
-   row over every slot (the paper's distribution-error calibration). The calibration step is a second variant
-   of the compiled step, chosen on the host by the step counter (`host_step`; the compiled step reads the
-   per-layer flags `_calib`, a Python tuple, so torch.compile guards on it and keeps two graphs): a full row
-   every step would read every key at every step, the cost the selection exists to avoid.
+   row over every slot (the paper's distribution-error calibration). The compiled step always writes the
+   selected row and keeps the step's query (`qbuf`); on a calibration step (the host's step counter,
+   `host_step`) `after_step` then overwrites that history row with the full row, eagerly, after the compiled
+   step. Nothing reads the row in between (the next step's prediction recomputes the last rows' CNN terms from
+   `hist`), so the history equals the eager path's, and the step stays one graph (a second variant, chosen by a
+   Python flag, doubled the compilation). A full row every step would read every key at every step, the cost
+   the selection exists to avoid.
 
 Per-step cost of a sparse layer (b * q_heads images, P pages): conv2 over 5 output rows x P pages (conv1 over the
 9 rows they need: the two slabs compute only the rows they keep) and over 64 rows x 3 pages (the strip), a read of
@@ -119,10 +123,13 @@ class StaticAttentionPredictor:
         b, hk, P, H = slots.batch, slots.kv_heads, self.n_pages, self.history
         self.hist: list[torch.Tensor | None] = []
         self.z: list[torch.Tensor | None] = []
+        self.qbuf: list[torch.Tensor | None] = []
         for i in range(slots.n_layers):
             sparse = i not in self.dense_layers
             self.hist.append(_static(torch.zeros(H, b, q_heads, P, device=dev)) if sparse else None)
             self.z.append(_static(torch.zeros(H, b * q_heads, P + 1, device=dev)) if sparse else None)
+            self.qbuf.append(_static(torch.zeros(b, q_heads, slots.head_dim, dtype=slots.keys[i].dtype, device=dev))
+                             if sparse else None)
         self.rows = _static(torch.zeros(slots.n_layers, dtype=torch.long, device=dev))
         self.wprev = _static(torch.zeros(slots.n_layers, b, hk, dtype=torch.long, device=dev))
         # (a capacity of fewer pages than K: every step dense over its min(K, P) pages)
@@ -131,6 +138,7 @@ class StaticAttentionPredictor:
         self._page_ids = torch.arange(P, device=dev)
         self._steps = [0] * slots.n_layers  # host: decoding steps of each layer's history (the eager st["step"])
         self._calib: tuple[bool, ...] = (False,) * slots.n_layers  # host: this step's calibration flags
+        self._scale: list[float | None] = [None] * slots.n_layers  # each layer's attention scale (from observe)
 
     @staticmethod
     def check(selector) -> None:
@@ -209,6 +217,23 @@ class StaticAttentionPredictor:
             else:
                 flags.append(False)
         self._calib = tuple(flags)
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        """After each decoding step, eagerly, outside the compiled step: for each sparse layer whose step this was a
+        calibration step (`host_step`'s flags), replace the history row the step wrote (the selected pages' row)
+        by the full row: the probabilities of the step's query (`qbuf`) over every valid slot, max-pooled per page
+        (the paper's distribution-error calibration; module docstring, step 3). Reads every key of those layers
+        (over the host link for an offloaded layer); no host synchronisation."""
+        s = self.slots
+        for i, due in enumerate(self._calib):
+            if not due or self._scale[i] is None:
+                continue
+            b, hq = self.qbuf[i].shape[:2]
+            p = attention_probs(self.qbuf[i][:, :, None], s.keys[i], scaling=self._scale[i], valid=s.valid[i])[:, :, 0]
+            row = p.view(b, hq, self.n_pages, self.page).amax(-1)
+            at = torch.remainder(self.rows[i] - 1, self.history).view(1)
+            self.hist[i].index_put_((at,), row[None].to(self.hist[i].dtype))
 
     # --- device side (the compiled step) -------------------------------------------------------------------
     def _z(self, x: torch.Tensor, ok: torch.Tensor, rows: bool = True, cols: bool = True) -> torch.Tensor:
@@ -317,7 +342,8 @@ class StaticAttentionPredictor:
         returned; `keys`: where the attention reads the selected pages' keys, (b, kv_heads, C, d) the slots'
         buffers (default) or, for an offloaded layer with device page frames (`storage/frames.py`),
         (b, kv_heads, F * page, d) the frames, `frames` (b, kv_heads, K) the frame of each selected page (so the
-        row is computed from device memory, not over the host link). A calibration step reads every slot's key."""
+        row is computed from device memory, not over the host link). On a calibration step `after_step` then
+        replaces the row by the full one."""
         if not self.sparse(layer_idx):
             return
         npc = self.slots.write[layer_idx] // self.page + 1
@@ -332,17 +358,16 @@ class StaticAttentionPredictor:
         hq = query.shape[1]
         P, page = self.n_pages, self.page
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-        if self._calib[layer_idx]:  # the full row (a Python flag: the compiled step's second variant)
-            p = attention_probs(query, keys, scaling=scale, valid=valid)[:, :, 0]  # (b, hq, C)
-            row = p.view(b, hq, P, page).amax(-1)
-        else:
-            idx = page_slots(pages, page)  # (b, hk, K * page)
-            src, at = (keys, idx) if read is None else (read, idx if frames is None else page_slots(frames, page))
-            kk = src.gather(2, at[..., None].expand(*at.shape, src.shape[-1]))
-            p = attention_probs(query, kk, scaling=scale, valid=valid.gather(2, idx))[:, :, 0]
-            pooled = p.view(b, hq, -1, page).amax(-1)  # (b, hq, K)
-            row = torch.zeros(b, hq, P, dtype=pooled.dtype, device=pooled.device)
-            row = row.scatter(-1, pages.repeat_interleave(hq // hk, dim=1), pooled)
+        # the selected pages' row; on a calibration step `after_step` replaces it by the full row from qbuf
+        idx = page_slots(pages, page)  # (b, hk, K * page)
+        src, at = (keys, idx) if read is None else (read, idx if frames is None else page_slots(frames, page))
+        kk = src.gather(2, at[..., None].expand(*at.shape, src.shape[-1]))
+        p = attention_probs(query, kk, scaling=scale, valid=valid.gather(2, idx))[:, :, 0]
+        pooled = p.view(b, hq, -1, page).amax(-1)  # (b, hq, K)
+        row = torch.zeros(b, hq, P, dtype=pooled.dtype, device=pooled.device)
+        row = row.scatter(-1, pages.repeat_interleave(hq // hk, dim=1), pooled)
+        self.qbuf[layer_idx].copy_(query[:, :, 0])
+        self._scale[layer_idx] = scale
         c = self.rows[layer_idx]
         self.hist[layer_idx].index_put_((torch.remainder(c, self.history).view(1),), row[None])
         self.rows[layer_idx].add_(1)
