@@ -199,6 +199,40 @@ def test_page_kernel_over_frames_equals_the_in_place_read():
                                ref.float(), rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.parametrize("n_pages,n_frames,k", [(600, 256, 256), (600, 512, 256)])
+def test_fetch_at_the_128k_widths_compiles_and_equals_eager(n_pages, n_frames, k):
+    """At 128k's widths (K = 256 pages per step, F = K or 2K: where the H200's compiled step hit an index assert
+    when the fetch sorted), the compiled fetch (inductor; on CUDA where there is one) equals the eager one over
+    12 steps whose page sets overlap by about 70%: frame of each page, page table, counters."""
+    import torch._dynamo
+
+    g = torch.Generator().manual_seed(n_frames)
+    sels, prev = [], torch.randperm(n_pages, generator=g)[:k]
+    for _ in range(12):
+        keep = prev[torch.rand(k, generator=g) < 0.7]
+        rest = torch.randperm(n_pages, generator=g)
+        rest = rest[~torch.isin(rest, keep)][: k - keep.numel()]
+        prev = torch.cat([keep, rest])
+        sels.append(prev.sort().values)
+    runs = []
+    for compiled in (False, True):
+        s = _slots(b=1, h=2, pages=n_pages, d=4)
+        fr = StaticFrames(s, PAGE, n_frames)
+        fetch = fr.fetch
+        if compiled:
+            torch._dynamo.reset()
+            fetch = torch.compile(fr.fetch, fullgraph=True)
+        outs = []
+        for sel in sels:
+            s.write[1] = torch.full((1, 2), int(sel[-1]) * PAGE + 1, device=DEV)
+            _, _, frame_of = fetch(1, torch.stack([sel, ((sel + 1) % n_pages).sort().values])[None].to(DEV))
+            outs.append((frame_of.clone(), fr.frame_page.clone(), fr.counts.clone()))
+        runs.append(outs)
+    for a, b in zip(*runs):
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert 0 < int(runs[1][-1][2][1, 1]) < int(runs[1][-1][2][1, 0])  # some hits, some copies
+
+
 def test_fetch_compiles_with_inductor_and_equals_eager():
     """`fetch` inside a compiled step (inductor, fullgraph: what StaticDecoder(compile=True) builds on CUDA; here on
     the CPU) gives the eager result: frames, table, counters (inductor lowers no scatter of bools)."""

@@ -300,3 +300,34 @@ def test_compiled_metadata_refresh_stays_in_place():
     assert comp.kmin[1].numel() == 128 and 128 not in bounds, "the compiled refresh copies a whole metadata buffer"
     assert torch.equal(eager.kmin[1], comp.kmin[1]) and torch.equal(eager.kmax[1], comp.kmax[1])
     assert not torch.equal(comp.kmax[1], build().kmax[1])  # the write happened
+
+
+def test_compiled_selection_at_128k_widths_equals_uncompiled():
+    """At 128k's widths (8,192 pages per kv head, budget 4096 = K 256 pages: the top-k and the sort of its indices
+    over 256 values per row, where the H200's compiled offloaded step hit an index assert), the compiled selection
+    (inductor; on CUDA where there is one, in the keys' dtype there) picks the uncompiled one's pages: K distinct
+    increasing pages per (row, kv head), the page being written among them."""
+    from kvsqueeze.selection import Quest
+    from kvsqueeze.selection.static_quest import StaticQuest
+    from kvsqueeze.storage.static import StaticSlots
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if dev == "cuda" else torch.float32
+    b, hk, hq, d, cap = 1, 2, 4, 16, 131072
+    g = torch.Generator().manual_seed(5)
+    s = StaticSlots(3, b, hk, cap, d, dtype, dev)
+    n = cap - 40
+    keys = (torch.randn(b, hk, n, d, generator=g) * torch.rand(1, 1, n, 1, generator=g) * 3).to(dev, dtype)
+    for i in range(3):
+        s.load(i, keys, keys, torch.arange(n, device=dev).expand(b, hk, -1), None)
+    s.write[2] = n - 1
+    sq = StaticQuest(Quest(4096, dense_layers=()), s)
+    sq.load()
+    queries = [(torch.randn(b, hq, 1, d, generator=g) * 2).to(dev, dtype) for _ in range(4)]
+    want = [sq.select(2, q, d ** -0.5).clone() for q in queries]
+    torch._dynamo.reset()
+    sel = torch.compile(lambda q: sq.select(2, q, d ** -0.5), fullgraph=True)
+    got = [sel(q).clone() for q in queries]
+    for w, x in zip(want, got):
+        assert x.shape[-1] == 256 and bool((x.diff(dim=-1) > 0).all()) and bool((x == (n - 1) // 16).any(-1).all())
+        assert torch.equal(w, x)
