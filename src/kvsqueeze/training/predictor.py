@@ -18,6 +18,7 @@ import copy
 import math
 import random
 import time
+from pathlib import Path
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -303,7 +304,7 @@ def collect_traces(model, sequences: list[tuple[str, list[int]]], *, history: in
 def train_predictor(model, tokenizer, texts: list[str] | None = None, *, n_seq: int = 16, seq_len: int = 2048,
                     steps: int = 64, copy_share: float = 0.3, retrieval_share: float = 0.3,
                     cfg: TrainConfig | None = None, progress: bool = True,
-                    path=None, seed: int = 0) -> tuple[TrainResult, "Path", dict]:
+                    path=None, seed: int = 0) -> tuple[TrainResult, Path, dict]:
     """Collect traces on `texts` (default: the calibration text shipped with kvsqueeze), train, save safetensors.
 
     Returns the result, the checkpoint path and timings (seconds for traces, training, total)."""
