@@ -232,3 +232,12 @@ def test_prefill_record_serves_every_method():
             prefill(model, c1, ids)
             c2 = rec.compress(model, kq.get_method(name, compression_ratio=0.7))
             assert torch.equal(model(q, **kv(c1)).logits, model(q, **kv(c2)).logits)
+
+
+def test_stats_line_says_larger_when_more_than_the_full_cache_is_held():
+    """An offloaded cache holds its host copy plus device frames: more than the full cache, reported as "x larger",
+    not as a factor below 1 "smaller"; a compressed one as "x smaller"."""
+    from kvsqueeze.storage.stats import CacheStats
+
+    assert "(101.0%, 1.01x larger)" in CacheStats(1010, 1100, 1000, 10).line()
+    assert "(25.0%, 4.00x smaller)" in CacheStats(250, 300, 1000, 10).line()

@@ -227,7 +227,8 @@ def generate(model, method, compression_ratio, budget, exempt_layers, compressio
     if res.offload is not None:
         o = res.offload
         if "prefetch_pages" in o:  # the eager store
-            click.echo(f"offload: prefetch hit rate {100 * o['hit_rate']:.1f}% of the pages needed; "
+            click.echo(f"offload: {100 * o['hit_rate']:.1f}% of the pages needed were already on the device "
+                       f"(prefetched, or kept from the step before); "
                        f"{o['pages_per_token']:.1f} pages, {o['bytes_per_token'] / 1024:.1f} KiB moved per token "
                        f"({o['prefetch_pages']} pages prefetched, {o['demand_pages']} on demand)")
         else:  # the static step's device frames
@@ -236,7 +237,8 @@ def generate(model, method, compression_ratio, budget, exempt_layers, compressio
                        f"(steps after the first; {100 * o['hit_rate']:.1f}% with the first, whose frames start "
                        f"empty); {o['pages_per_token']:.1f} pages (of 16 tokens, per layer and kv head) = "
                        f"{o['bytes_per_token'] / 1024:.1f} KiB moved per token")
-    click.echo(f"time: {res.seconds:.2f} s (prefill + question + {max_new_tokens} new tokens at most)")
+    click.echo(f"time: {res.seconds:.2f} s (prefill + question + {max_new_tokens} new tokens at most"
+               f"{', compiling the step included' if compiled else ''})")
 
 
 @main.group()

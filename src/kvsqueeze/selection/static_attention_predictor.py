@@ -224,7 +224,9 @@ class StaticAttentionPredictor:
         calibration step (`host_step`'s flags), replace the history row the step wrote (the selected pages' row)
         by the full row: the probabilities of the step's query (`qbuf`) over every valid slot, max-pooled per page
         (the paper's distribution-error calibration; module docstring, step 3). Reads every key of those layers
-        (over the host link for an offloaded layer); no host synchronisation."""
+        (over the host link for an offloaded layer); no host synchronisation. The layer's scale is the Python float
+        `observe` recorded (`_scale`; in a compiled step torch.compile replays that attribute write after the
+        graph): a layer not yet observed is skipped."""
         s = self.slots
         for i, due in enumerate(self._calib):
             if not due or self._scale[i] is None:

@@ -86,7 +86,8 @@ class StaticFrames:
         last = self.last_used[layer_idx]
         # the i-th missing page takes the i-th frame not kept, least recently used first (ties: the lower frame).
         # Orders by counting (F x F and K x K comparisons), not by sort and cumsum: the H200 run at 128k (F = 256)
-        # hit a device-side index assert in the compiled step's LRU sort (inductor); the counts have no index.
+        # hit a device-side index assert in an inductor kernel of the compiled step, likely the LRU sort's indices
+        # (not confirmed); the counts index nothing.
         order = _lru_order(last, kept)  # (b, h, F): each frame's place in that order
         missing = ~hit
         k = torch.arange(missing.shape[-1], device=pages.device)

@@ -38,10 +38,19 @@ class CacheStats:
         mib = 1024**2
         return (
             f"KV memory: {self.kv_bytes / mib:.2f} MiB kept of {self.full_kv_bytes / mib:.2f} MiB full "
-            f"({100 * self.kept_fraction:.1f}%, {1 / max(self.kept_fraction, 1e-9):.2f}x smaller); "
+            f"({100 * self.kept_fraction:.1f}%, {_factor(self.kept_fraction)}); "
             f"all cache tensors {self.total_bytes / mib:.2f} MiB; {self.tokens_seen} tokens seen"
             + (f"; offloaded: {self.device_kv_bytes / mib:.2f} MiB of KV on the device, "
                f"{self.host_kv_bytes / mib:.2f} MiB in host memory" if self.host_kv_bytes else "")
             + (f"; {self.shared_kv_bytes / mib:.2f} MiB of it shared across layers, counted once"
                if self.shared_kv_bytes else "")
         )
+
+
+def _factor(kept: float) -> str:
+    """"4.00x smaller" for a kept fraction of 0.25; "1.01x larger" when more than the full cache is held (an
+    offloaded cache's device frames on top of its host copy)."""
+    if kept > 1.0:
+        return f"{kept:.2f}x larger"
+    return f"{1 / max(kept, 1e-9):.2f}x smaller"
+
