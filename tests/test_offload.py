@@ -145,6 +145,7 @@ def test_disk_tier_answers_as_the_cpu_tier_from_mapped_files(tmp_path):
     files = sorted(tmp_path.iterdir())
     assert len(files) == 2 * 2  # 2 offloaded layers x (keys, values)
     assert sum(f.stat().st_size for f in files) == cache.offload_stats()["host_kv_bytes"]
+    assert "MiB in memory-mapped files on disk" in cache.stats().line()  # not "in host memory"
     del cache
     import gc
 

@@ -509,4 +509,5 @@ class CompressedCache(Cache):
         total += sum(_nbytes(t) for t in unique_tensors(all_dicts))
         shared = sum(_nbytes(t) for t in unique_tensors(
             {k: t for k, t in d.items() if k.startswith("shared.")} for d in kv_dicts))
-        return CacheStats(kv, total, full, self.get_seq_length(), stored, shared, host_kv_bytes=host)
+        tier = "memory-mapped files on disk" if self.offload_tier == "disk" else "host memory"
+        return CacheStats(kv, total, full, self.get_seq_length(), stored, shared, host_kv_bytes=host, host_tier=tier)

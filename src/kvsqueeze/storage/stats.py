@@ -22,6 +22,7 @@ class CacheStats:
     tokens_stored: list[int] = field(default_factory=list)  # per layer
     shared_kv_bytes: int = 0  # of kv_bytes: tensors shared by several layers (MiniCache, xKV), counted once
     host_kv_bytes: int = 0  # the part of kv_bytes held in host memory (offloaded layers' host tier)
+    host_tier: str = "host memory"  # where that part is: "host memory", or "memory-mapped files on disk"
 
     @property
     def device_kv_bytes(self) -> int:
@@ -41,7 +42,7 @@ class CacheStats:
             f"({100 * self.kept_fraction:.1f}%, {_factor(self.kept_fraction)}); "
             f"all cache tensors {self.total_bytes / mib:.2f} MiB; {self.tokens_seen} tokens seen"
             + (f"; offloaded: {self.device_kv_bytes / mib:.2f} MiB of KV on the device, "
-               f"{self.host_kv_bytes / mib:.2f} MiB in host memory" if self.host_kv_bytes else "")
+               f"{self.host_kv_bytes / mib:.2f} MiB in {self.host_tier}" if self.host_kv_bytes else "")
             + (f"; {self.shared_kv_bytes / mib:.2f} MiB of it shared across layers, counted once"
                if self.shared_kv_bytes else "")
         )
