@@ -14,7 +14,7 @@ from kvsqueeze.runtime.generate import decode_step, prefill
 from kvsqueeze.runtime.static import StaticCompressedCache, StaticDecoder, static_greedy_decode
 from kvsqueeze.selection import Selector
 
-from conftest import kv, tiny_llama
+from conftest import check_compiled_static_step, kv, tiny_llama
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 N = 10  # tokens generated
@@ -145,20 +145,9 @@ def test_eager_attention_implementation():
 def test_compiled_fullgraph_same_tokens_one_graph(model, case):
     """torch.compile(step, fullgraph=True, backend="aot_eager"): compiles with no graph break (fullgraph raises on
     one), once (no recompilation per step: nothing in the step is a Python number that changes), same tokens."""
-    import torch._dynamo
-    from torch._dynamo.utils import counters
-
     name, kw = CASES[case]
     (c1, c2), (f1, f2) = _pair(model, name, kw, _ids())
-    ref = static_greedy_decode(model, StaticCompressedCache.from_cache(c1, N), f1, N, set())
-    torch._dynamo.reset()
-    counters.clear()
-    logits = []
-    got = static_greedy_decode(model, StaticCompressedCache.from_cache(c2, N), f2, N, set(), compile=True,
-                               backend="aot_eager", logits_out=logits)
-    assert got == ref
-    assert counters["stats"]["unique_graphs"] == 1
-    assert not counters["graph_break"]
+    check_compiled_static_step(model, iter([(c1, f1), (c2, f2)]).__next__, N, TOL, graphs=1)
 
 
 def test_eos_stops_each_row_like_the_eager_loop(model):

@@ -1,8 +1,8 @@
 """AttentionPredictor in the static decode step (issue 12, item 2; issue 13 needs its one-token-ahead rule): the
 static step picks the same pages as the eager AttentionPredictor (selection/attention_predictor.py), step by step,
 and gives the same greedy tokens and logits, uncompiled and compiled (fullgraph, aot_eager: one graph, the
-calibration rows written eagerly after the step); its history after decoding equals the eager one (sparse rows and the full
-calibration rows); the rule holds on random histories and keys over page boundaries; what it cannot run is
+calibration rows written eagerly after the step); its history after decoding equals the eager one (sparse rows and
+the full calibration rows); the rule holds on random histories and keys over page boundaries; what it cannot run is
 refused."""
 
 import os

@@ -260,8 +260,8 @@ def test_fetch_compiles_with_inductor_and_equals_eager():
 @pytest.mark.parametrize("n_frames", [1, 7, 256, 512])
 def test_lru_order_is_the_stable_sort_of_the_ages_without_sorting(n_frames):
     """`_lru_order` (the frames' hand-out order, counted by comparisons so that the compiled step runs no sort: the
-    H200 run at 128k, F = 256, hit a device-side index assert in the compiled step while the fetch sorted) is the place of
-    each frame in the stable ascending sort of its age, kept frames last: checked against torch.sort over ages
+    H200 run at 128k, F = 256, hit a device-side index assert in the compiled step while the fetch sorted) is the
+    place of each frame in the stable ascending sort of its age, kept frames last: checked against torch.sort over ages
     with many ties (never used: -1, the same step) and random kept sets."""
     from kvsqueeze.storage.frames import _lru_order
 

@@ -143,4 +143,3 @@ def _lru_order(last: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
     a, b = age[..., :, None], age[..., None, :]  # (b, h, F, F): frame f (row) against frame g (column)
     before = (b < a) | ((b == a) & (f[None, :] < f[:, None]))  # g comes before f
     return before.sum(-1)
-

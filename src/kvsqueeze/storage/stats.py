@@ -54,4 +54,3 @@ def _factor(kept: float) -> str:
     if kept > 1.0:
         return f"{kept:.2f}x larger"
     return f"{1 / max(kept, 1e-9):.2f}x smaller"
-

@@ -18,8 +18,8 @@ import copy
 import math
 import random
 import time
-from pathlib import Path
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 
