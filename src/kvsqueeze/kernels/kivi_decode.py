@@ -28,7 +28,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .split_kv import _merge_splits, _sm_count, _split_plan
+from .split_kv import _finish_split, _sm_count, _split_plan, split_kv_decode
 
 try:
     import triton
@@ -42,17 +42,17 @@ if triton is not None:
 
     @triton.jit
     def _kivi_decode_split(
-        Q, KC, KS, KZ, VC, VS, VZ, KR, VR, O_ACC, O_M, O_L, QM, RM,
+        Q, KC, KS, KZ, VC, VS, VZ, KR, VR, QM, RM, O_ACC, O_M, O_L, OUT, LOCK,
         qk_scale, NQ, NR, CHUNK,
         s_q_b, s_q_h,
         s_qm_b, s_qm_h, s_rm_b, s_rm_h,
         s_kc_bh, s_kc_r, s_ks_bh, s_ks_g,
         s_vc_bh, s_vc_r, s_vs_bh, s_vs_n,
-        s_kr_bh, s_kr_n, s_vr_bh, s_vr_n,
+        s_kr_bh, s_kr_n, s_vr_bh, s_vr_n, s_o_b, s_o_h,
         HK: tl.constexpr, GQ: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
         G: tl.constexpr, GV: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
         SCALE_LOADS: tl.constexpr, FOLD: tl.constexpr, DT: tl.constexpr,
-        DEV_LENS: tl.constexpr = False, HAS_MASK: tl.constexpr = False,
+        DEV_LENS: tl.constexpr = False, HAS_MASK: tl.constexpr = False, FUSED: tl.constexpr = False,
     ):
         # DEV_LENS: NQ and NR are pointers to device scalars (the static decode step: no host number per step);
         # HAS_MASK: QM (quantized slots) and RM (residual slots) are per-(row, kv head) bool masks of the slots
@@ -192,10 +192,8 @@ if triton is not None:
                 v = tl.load(VR + bh * s_vr_bh + tok[:, None] * s_vr_n + ch[None, :], mask=tmask[:, None], other=0.0)
                 acc = acc * alpha[:, None] + tl.dot(p.to(DT), v.to(DT))
                 m_i = m_new
-        off = bh * n_splits + split  # partial results of the GQ real query rows only: (BH, splits, GQ, D)
-        tl.store(O_M + off * GQ + rows, m_i, mask=qmask)
-        tl.store(O_L + off * GQ + rows, l_i, mask=qmask)
-        tl.store(O_ACC + (off * GQ + rows)[:, None] * D + ch[None, :], acc, mask=qmask[:, None])
+        # partial results of the GQ real query rows only: (BH, splits, GQ, D); merged here (FUSED) or after
+        _finish_split(O_ACC, O_M, O_L, OUT, LOCK, acc, m_i, l_i, s_o_b, s_o_h, HK=HK, GQ=GQ, GP=GP, D=D, FUSED=FUSED)
 
 
 def kivi_decode_attention(q: torch.Tensor, store, k_res: torch.Tensor, v_res: torch.Tensor,
@@ -218,8 +216,6 @@ def kivi_decode_attention(q: torch.Tensor, store, k_res: torch.Tensor, v_res: to
     q3 = q if squeeze else q[:, :, 0]
     B, HQ, D = q3.shape
     HK = k_res.shape[1]
-    GQ = HQ // HK
-    GP = max(16, triton.next_power_of_2(GQ))
     scale = D ** -0.5 if scale is None else scale
     dev = q.device
     if store is not None and store.n > 0:
@@ -252,24 +248,18 @@ def kivi_decode_attention(q: torch.Tensor, store, k_res: torch.Tensor, v_res: to
         chunk = math.ceil(NQ / n_splits / block_n) * block_n
         n_q_splits = math.ceil(NQ / chunk)
     total = n_q_splits + 1  # + the residual split
-    o_acc = torch.empty(B * HK * total * GQ, D, dtype=torch.float32, device=dev)
-    o_m = torch.empty(B * HK * total * GQ, dtype=torch.float32, device=dev)
-    o_l = torch.empty_like(o_m)
     extra = {} if num_stages is None else {"num_stages": num_stages}
-    _kivi_decode_split[(B * HK, total)](
-        q3, kc, ks, kz, vc, vs, vz, k_res, v_res, o_acc, o_m, o_l, o_m, o_m,
-        scale * 1.4426950408889634, NQ, k_res.shape[2], chunk,
-        q3.stride(0), q3.stride(1), 0, 0, 0, 0,
-        kc.stride(1), kc.stride(2), ks.stride(1), ks.stride(2),
-        vc.stride(1), vc.stride(2), vs.stride(1), vs.stride(2),
-        k_res.stride(1), k_res.stride(2), v_res.stride(1), v_res.stride(2),
-        HK=HK, GQ=GQ, GP=GP, D=D, BITS=bits, G=G, GV=GV, BLOCK_N=block_n, BLOCK_R=64, SCALE_LOADS=scale_loads, FOLD=fold,
-        DT=tl.float16 if q.dtype == torch.float16 else tl.bfloat16, num_warps=num_warps,
-        **extra,
+    out = split_kv_decode(
+        _kivi_decode_split, (q3, kc, ks, kz, vc, vs, vz, k_res, v_res, q3, q3),
+        (NQ, k_res.shape[2], chunk,
+         q3.stride(0), q3.stride(1), 0, 0, 0, 0,
+         kc.stride(1), kc.stride(2), ks.stride(1), ks.stride(2),
+         vc.stride(1), vc.stride(2), vs.stride(1), vs.stride(2),
+         k_res.stride(1), k_res.stride(2), v_res.stride(1), v_res.stride(2)),
+        q3, HK, total, scale, "the fused KIVI kernel",
+        BITS=bits, G=G, GV=GV, BLOCK_N=block_n, BLOCK_R=64, SCALE_LOADS=scale_loads, FOLD=fold,
+        DT=tl.float16 if q.dtype == torch.float16 else tl.bfloat16, num_warps=num_warps, **extra,
     )
-    out = torch.empty(B, HQ, D, dtype=q.dtype, device=dev)
-    _merge_splits[(B * HQ,)](o_acc, o_m, o_l, out, total, out.stride(0), out.stride(1),
-                             HK=HK, GQ=GQ, D=D, BLOCK_S=32, num_warps=4)
     return out if squeeze else out[:, :, None]
 
 
@@ -286,7 +276,8 @@ def kivi_decode_static(q: torch.Tensor, kc: torch.Tensor, ks: torch.Tensor, kz: 
                        nq: torch.Tensor, nr: torch.Tensor, bits: int, group: int, value_group: int,
                        scale: float | None = None, q_valid: torch.Tensor | None = None,
                        r_valid: torch.Tensor | None = None, block_n: int | None = None,
-                       num_warps: int = 4, programs_per_sm: int = 2) -> torch.Tensor:
+                       num_warps: int = 4, programs_per_sm: int = 2,
+                       lock: torch.Tensor | None = None) -> torch.Tensor:
     """The fused KIVI decode attention over fixed-capacity buffers with lengths on the device (the static,
     capturable decode step: `kvsqueeze.quant.kivi_static.StaticKIVI`); the same kernel as `kivi_decode_attention`.
 
@@ -299,13 +290,13 @@ def kivi_decode_static(q: torch.Tensor, kc: torch.Tensor, ks: torch.Tensor, kz: 
     attention may see (padding, narrower heads); both or neither. The grid is planned on CQ (no host number per
     step: capturable in a CUDA graph, a user-defined Triton kernel under `torch.compile`); splits past nq exit
     at once. Returns (B, HQ, D) in q's dtype. Raises RuntimeError without triton, ValueError for a grouping the
-    kernel does not take. Every (row, kv head) must see one slot at least (the current token is in the residual)."""
+    kernel does not take. Every (row, kv head) must see one slot at least (the current token is in the residual).
+    `lock`: the fused merge's counters (`split_kv.split_lock(B * HK, device)`; see `split_kv`), else a second
+    kernel merges."""
     if triton is None:
         raise RuntimeError("the fused KIVI decode kernel needs triton (pip install 'kvsqueeze[gpu]')")
     B, HQ, D = q.shape
     HK = k_res.shape[1]
-    GQ = HQ // HK
-    GP = max(16, triton.next_power_of_2(GQ))
     scale = D ** -0.5 if scale is None else scale
     per = 8 // bits
     cq = kc.shape[2] * per
@@ -318,29 +309,22 @@ def kivi_decode_static(q: torch.Tensor, kc: torch.Tensor, ks: torch.Tensor, kz: 
                          f"block {block_n} (or only one of q_valid / r_valid given)")
     n_q_splits, chunk = _split_plan(B * HK, cq, block_n, _sm_count(q.device) * programs_per_sm // 4)
     total = n_q_splits + 1  # + the residual split
-    dev = q.device
-    o_acc = torch.empty(B * HK * total * GQ, D, dtype=torch.float32, device=dev)
-    o_m = torch.empty(B * HK * total * GQ, dtype=torch.float32, device=dev)
-    o_l = torch.empty_like(o_m)
     masked = q_valid is not None
-    qm, rm = (q_valid, r_valid) if masked else (o_m, o_m)
-    _kivi_decode_split[(B * HK, total)](
-        q, kc, ks, kz, vc, vs, vz, k_res, v_res, o_acc, o_m, o_l, qm, rm,
-        scale * 1.4426950408889634, nq, nr, chunk,
-        q.stride(0), q.stride(1),
-        qm.stride(0) if masked else 0, qm.stride(1) if masked else 0,
-        rm.stride(0) if masked else 0, rm.stride(1) if masked else 0,
-        kc.stride(1), kc.stride(2), ks.stride(1), ks.stride(2),
-        vc.stride(1), vc.stride(2), vs.stride(1), vs.stride(2),
-        k_res.stride(1), k_res.stride(2), v_res.stride(1), v_res.stride(2),
-        HK=HK, GQ=GQ, GP=GP, D=D, BITS=bits, G=group, GV=value_group, BLOCK_N=block_n, BLOCK_R=64,
+    qm, rm = (q_valid, r_valid) if masked else (q, q)
+    return split_kv_decode(
+        _kivi_decode_split, (q, kc, ks, kz, vc, vs, vz, k_res, v_res, qm, rm),
+        (nq, nr, chunk,
+         q.stride(0), q.stride(1),
+         qm.stride(0) if masked else 0, qm.stride(1) if masked else 0,
+         rm.stride(0) if masked else 0, rm.stride(1) if masked else 0,
+         kc.stride(1), kc.stride(2), ks.stride(1), ks.stride(2),
+         vc.stride(1), vc.stride(2), vs.stride(1), vs.stride(2),
+         k_res.stride(1), k_res.stride(2), v_res.stride(1), v_res.stride(2)),
+        q, HK, total, scale, "the fused KIVI kernel", lock=lock,
+        BITS=bits, G=group, GV=value_group, BLOCK_N=block_n, BLOCK_R=64,
         SCALE_LOADS=False, FOLD=False, DT=_static_dot_dtype(q), DEV_LENS=True, HAS_MASK=masked,
         num_warps=num_warps,
     )
-    out = torch.empty(B, HQ, D, dtype=q.dtype, device=dev)
-    _merge_splits[(B * HQ,)](o_acc, o_m, o_l, out, total, out.stride(0), out.stride(1),
-                             HK=HK, GQ=GQ, D=D, BLOCK_S=32, num_warps=4)
-    return out
 
 
 def reference_decode_attention(q: torch.Tensor, store, k_res: torch.Tensor, v_res: torch.Tensor,

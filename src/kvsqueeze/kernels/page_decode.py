@@ -25,22 +25,21 @@ from __future__ import annotations
 import torch
 
 from .slot_decode import _dot_dtype, reference_slot_decode
-from .split_kv import _merge_splits, _sm_count, _split_plan, tl, triton
+from .split_kv import _finish_split, _sm_count, _split_plan, require_triton, split_kv_decode, tl, triton
 
 if triton is not None:
 
     @triton.jit
     def _page_decode_split(
-        Q, K, V, M, PG, FR, O_ACC, O_M, O_L,
+        Q, K, V, M, PG, FR, O_ACC, O_M, O_L, OUT, LOCK,
         qk_scale, NSEL, CHUNK,
         s_q_b, s_q_h, s_k_b, s_k_h, s_k_n, s_v_b, s_v_h, s_v_n, s_m_b, s_m_h, s_m_n, s_p_b, s_p_h, s_p_n,
-        s_f_b, s_f_h, s_f_n,
+        s_f_b, s_f_h, s_f_n, s_o_b, s_o_h,
         HK: tl.constexpr, GQ: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
-        PAGE: tl.constexpr, DT: tl.constexpr, HAS_FR: tl.constexpr,
+        PAGE: tl.constexpr, DT: tl.constexpr, HAS_FR: tl.constexpr, FUSED: tl.constexpr,
     ):
         bh = tl.program_id(0)
         split = tl.program_id(1)
-        n_splits = tl.num_programs(1)
         b = bh // HK
         hk = bh % HK
         rows = tl.arange(0, GP)
@@ -72,15 +71,13 @@ if triton is not None:
             v = tl.load(V + b * s_v_b + hk * s_v_h + n[:, None] * s_v_n + ch[None, :], mask=em[:, None], other=0.0)
             acc = acc * alpha[:, None] + tl.dot(p.to(DT), v.to(DT))
             m_i = m_new
-        off = bh * n_splits + split
-        tl.store(O_M + off * GQ + rows, m_i, mask=qmask)
-        tl.store(O_L + off * GQ + rows, l_i, mask=qmask)
-        tl.store(O_ACC + (off * GQ + rows)[:, None] * D + ch[None, :], acc, mask=qmask[:, None])
+        _finish_split(O_ACC, O_M, O_L, OUT, LOCK, acc, m_i, l_i, s_o_b, s_o_h, HK=HK, GQ=GQ, GP=GP, D=D, FUSED=FUSED)
 
 
 def page_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor,
                           pages: torch.Tensor, page: int, scale: float | None = None, block_n: int = 64,
-                          num_warps: int = 4, frames: torch.Tensor | None = None) -> torch.Tensor:
+                          num_warps: int = 4, frames: torch.Tensor | None = None,
+                          lock: torch.Tensor | None = None, programs_per_sm: int = 4) -> torch.Tensor:
     """One decode query per row over the selected pages of masked slots, read in place, split-KV on the GPU.
 
     q: (B, HQ, D); k, v: (B, HK, C, D) (any strides with a unit last one); valid: (B, HK, C) bool (any strides);
@@ -90,10 +87,10 @@ def page_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, val
     (B, HK, F * page, D), the device frames of an offloaded layer, `storage/frames.py`) while its validity is still
     read at the page's slots in `valid` (B, HK, C). HQ a multiple of HK (GQA), D a power of two >= 16. Returns
     (B, HQ, D) in q's dtype. Every (row, kv head) must have a valid slot among its pages (the current token is
-    one). The order of the page ids does not matter (up to float rounding). Raises RuntimeError without triton,
-    ValueError for shapes the kernel does not take."""
-    if triton is None:
-        raise RuntimeError("the page decode kernel needs triton (pip install 'kvsqueeze[gpu]')")
+    one). The order of the page ids does not matter (up to float rounding). `lock` and `programs_per_sm` as
+    `slot_decode_attention`'s. Raises RuntimeError without triton, ValueError for shapes the kernel (or `lock`)
+    does not take."""
+    require_triton("the page decode kernel")
     B, HQ, D = q.shape
     HK, C = k.shape[1], k.shape[2]
     KP = pages.shape[-1]
@@ -102,29 +99,18 @@ def page_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, val
             or (frames is not None and frames.shape != pages.shape):
         raise ValueError(f"unsupported shapes for the page decode kernel: q {tuple(q.shape)}, k {tuple(k.shape)}, "
                          f"pages {tuple(pages.shape)}, page {page}")
-    GQ = HQ // HK
-    GP = max(16, triton.next_power_of_2(GQ))
-    scale = D ** -0.5 if scale is None else scale
     nsel = KP * page
-    n_splits, chunk = _split_plan(B * HK, nsel, block_n, _sm_count(q.device))
-    o_acc = torch.empty(B * HK * n_splits * GQ, D, dtype=torch.float32, device=q.device)
-    o_m = torch.empty(B * HK * n_splits * GQ, dtype=torch.float32, device=q.device)
-    o_l = torch.empty_like(o_m)
+    n_splits, chunk = _split_plan(B * HK, nsel, block_n, _sm_count(q.device), programs_per_sm)
     fr = pages if frames is None else frames
-    _page_decode_split[(B * HK, n_splits)](
-        q, k, v, valid, pages, fr, o_acc, o_m, o_l,
-        scale * 1.4426950408889634, nsel, chunk,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-        valid.stride(0), valid.stride(1), valid.stride(2), pages.stride(0), pages.stride(1), pages.stride(2),
-        fr.stride(0), fr.stride(1), fr.stride(2),
-        HK=HK, GQ=GQ, GP=GP, D=D, BLOCK_N=block_n, PAGE=page,
-        DT=_dot_dtype(q), HAS_FR=frames is not None,
-        num_warps=num_warps,
+    return split_kv_decode(
+        _page_decode_split, (q, k, v, valid, pages, fr),
+        (nsel, chunk,
+         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+         valid.stride(0), valid.stride(1), valid.stride(2), pages.stride(0), pages.stride(1), pages.stride(2),
+         fr.stride(0), fr.stride(1), fr.stride(2)),
+        q, HK, n_splits, scale, "the page decode kernel", lock=lock,
+        BLOCK_N=block_n, PAGE=page, DT=_dot_dtype(q), HAS_FR=frames is not None, num_warps=num_warps,
     )
-    out = torch.empty(B, HQ, D, dtype=q.dtype, device=q.device)
-    _merge_splits[(B * HQ,)](o_acc, o_m, o_l, out, n_splits, out.stride(0), out.stride(1),
-                             HK=HK, GQ=GQ, D=D, BLOCK_S=32, num_warps=4)
-    return out
 
 
 def page_slots(pages: torch.Tensor, page: int) -> torch.Tensor:

@@ -223,6 +223,7 @@ class AttentionPredictor(Selector):
     name = "attention_predictor"
     summary = "a learned CNN predicts the next step's page attention from the history of attention rows"
     row_free_state = ("z_valid",)  # IncrementalCNN's per-time-step flags
+    host_state = ("z_valid",)  # on the CPU whatever the layer's device: read on the host, no device sync
 
     def __init__(self, budget: int, *, predictor: PredictorNet | str | Path | None = None, sink: int | None = None,
                  local: int | None = None, history: int = HISTORY, page: int = PAGE,

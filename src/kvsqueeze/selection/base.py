@@ -94,6 +94,7 @@ class Selector:
     # Per-layer state entries (tensors) with no batch axis; every other tensor in a layer's state is (batch, ...)
     # and follows the cache's batch operations (`index_batch`). Batch-flattened tensors: override `_index_layer`.
     row_free_state: tuple[str, ...] = ()
+    host_state: tuple[str, ...] = ()  # state tensors kept on the CPU by design (host-side control flags)
 
     def __init__(self, budget: int, *, page: int = 16, dense_layers: tuple[int, ...] = (0, 1),
                  track_recovery: bool = False):

@@ -20,7 +20,7 @@ fixed shapes (no host synchronisation, capturable in a CUDA graph):
    changed since it was copied: it is copied again, one page of K);
 2. the resident pages keep their frames; the missing ones take the other frames, least recently used first (the
    i-th missing page the i-th such frame; empty frames first; the order counted by F x F comparisons, not
-   sorted, `_lru_order`). With F = K the frames then hold exactly the step's
+   sorted, `_lru_order`; the page table updated by K x F comparisons, not scattered: no indirect indexing). With F = K the frames then hold exactly the step's
    pages; with F > K the pages of recent steps stay resident too (a page selected again later is a hit). A frame
    left holding the page being written (not selected this step) is emptied: its copy is stale;
 3. only the frames that took a missing page are copied from the host (`kernels/page_copy.py`: one program per
@@ -82,25 +82,28 @@ class StaticFrames:
         eq = (pages[..., :, None] == fp[..., None, :]) & (pages != writing)[..., None]  # (b, h, K, F)
         hit = eq.any(-1)  # (b, h, K)
         kept = eq.any(-2)  # (b, h, F)
-        hit_frame = eq.to(torch.int8).argmax(-1)  # (b, h, K)
+        f = torch.arange(fp.shape[-1], device=pages.device)
+        hit_frame = (eq * f).sum(-1)  # (b, h, K): the frame holding a resident page (at most one does)
         last = self.last_used[layer_idx]
         # the i-th missing page takes the i-th frame not kept, least recently used first (ties: the lower frame).
-        # Orders by counting (F x F and K x K comparisons), not by sort and cumsum: the H200 run at 128k (F = 256)
-        # hit a device-side index assert in an inductor kernel of the compiled step, likely the LRU sort's indices
-        # (not confirmed); the counts index nothing.
+        # No sort, cumsum, argmax or scatter: every index is counted by comparisons (F x F, K x K, K x F). The H200's
+        # compiled step at 128k (K = F = 256) hit a device-side "index out of bounds: 0 <= tmp < 256" assert in an
+        # inductor reduction kernel that fused argmax with the scatters of the page table (torch 2.11); with no
+        # indirect indexing left, no such assert can be generated.
         order = _lru_order(last, kept)  # (b, h, F): each frame's place in that order
         missing = ~hit
         k = torch.arange(missing.shape[-1], device=pages.device)
         rank = (missing[..., None, :] & (k[None, :] < k[:, None])).sum(-1)  # (b, h, K): missing pages before it
-        take = (rank[..., :, None] == order[..., None, :]).to(torch.int8).argmax(-1)  # (b, h, K)
-        frame_of = torch.where(hit, hit_frame, take)
-        # uint8, not bool: inductor's CUDA lowering of a bool scatter fails (torch.iinfo(torch.bool), H200 run)
-        load = torch.zeros_like(fp, dtype=torch.uint8).scatter(-1, frame_of, (~hit).to(torch.uint8))
+        take = ((rank[..., :, None] == order[..., None, :]) * f).sum(-1)  # (b, h, K): its frame
+        frame_of = torch.where(hit, hit_frame, take)  # distinct per (row, kv head)
+        sel = frame_of[..., :, None] == f  # (b, h, K, F): frame f holds selected page k after the fetch
+        taken = sel.any(-2)  # (b, h, F)
+        load = (sel & missing[..., None]).any(-2).to(torch.uint8)  # frames to copy (uint8: the copy kernel's)
         # an old copy of the page being written is forgotten unless its frame takes a page this step
-        new_fp = fp.masked_fill(fp == writing, -1).scatter(-1, frame_of, pages.long())
+        new_fp = torch.where(taken, (sel * pages.long()[..., None]).sum(-2), fp.masked_fill(fp == writing, -1))
         clock = self.clock[layer_idx]
         clock.add_(1)
-        last.copy_(last.scatter(-1, frame_of, clock.expand_as(frame_of)))
+        last.copy_(torch.where(taken, clock, last))
         fp.copy_(new_fp)
         self.counts[layer_idx, 0].add_(pages.numel())
         self.counts[layer_idx, 1].add_(hit.sum())
