@@ -27,9 +27,7 @@ Rows (`--rows` picks a subset by name):
                               two batched products per group; triton: split-KV flash-decoding over the slots, for
                               quest over the selected pages read in place; sdpa / matmul gather the pages first;
                               q/k/v and gate/up run as one GEMV each (StaticDecoder's default on CUDA); a kernel
-                              with "+nofuse", e.g. triton+nofuse, runs them as separate GEMVs; triton merges the
-                              splits inside its kernel, "+nomerge" with a second kernel per layer, as before the
-                              twelfth session; options combine: triton+nofuse+nomerge)
+                              with "+nofuse", e.g. triton+nofuse, runs them as separate GEMVs)
   kvsq-static:S               KIVI storage in the static step (issue 12 item 2): S = kivi2, kivi4 (KIVI-2 / -4 over
                               the full cache), knorm+kivi2 (K-norm's prefill eviction, then KIVI-2); the attention is
                               the fused Triton kernel over the packed buffers (the default kernel of a static KIVI
@@ -296,14 +294,11 @@ def run_row(name, model, ids, args, device, compile_opts):
     static = StaticCompressedCache.from_cache(cache, total_steps + 1)
     del cache
     torch._dynamo.reset()  # one compiled step per cache (see runtime/static.py); keeps the recompile limit away
-    kernel, *extra = kernel.split("+")
-    if set(extra) - {"nofuse", "nomerge"}:
-        raise SystemExit(f"error: unknown kernel option in {name!r} (kernel+nofuse: separate projections; "
-                         "kernel+nomerge: the splits merged by a second kernel)")
-    if "nomerge" in extra:
-        static.split_lock = None
+    kernel, _, extra = kernel.partition("+")
+    if extra not in ("", "nofuse"):
+        raise SystemExit(f"error: unknown kernel option {extra!r} in {name!r} (kernel+nofuse: separate projections)")
     dec = StaticDecoder(model, static, compile=args.compile_static, kernel=kernel or None,
-                        fuse_projections=False if "nofuse" in extra else None, **compile_opts)
+                        fuse_projections=False if extra == "nofuse" else None, **compile_opts)
     tok = first.argmax(-1)
 
     def step():

@@ -52,12 +52,11 @@ def test_slot_decode_reads_strided_views():
                                reference_slot_decode(q, k, v, valid.contiguous()).float(), atol=2e-2, rtol=2e-2)
 
 
-@pytest.mark.parametrize("B,HQ,HK,C,per_sm", [(1, 4, 1, 4096, 16), (2, 8, 2, 1000, 4), (1, 3, 3, 70, 1)])
-def test_fused_merge_equals_the_merge_kernel_and_leaves_the_lock_zeroed(B, HQ, HK, C, per_sm):
-    """lock=: the last program of each (row, kv head) merges the splits (over 32 splits too: the merge's blocks);
-    the same output as the separate merge kernel, the counters back at 0 so the next launch (a CUDA graph
-    replay) merges again."""
-    from kvsqueeze.kernels.split_kv import _sm_count, _split_plan, split_lock
+@pytest.mark.parametrize("B,HQ,HK,C,per_sm", [(1, 4, 1, 4096, 16), (2, 8, 2, 1000, 2), (1, 3, 3, 70, 1)])
+def test_every_split_plan_gives_the_reference(B, HQ, HK, C, per_sm):
+    """The split plan (programs per SM: 1 split, a few, over 32 splits: the merge's blocks of 32) changes only the
+    float rounding of the merge."""
+    from kvsqueeze.kernels.split_kv import _sm_count, _split_plan
 
     g = torch.Generator().manual_seed(C + per_sm)
     dt = torch.bfloat16 if CUDA else torch.float32
@@ -67,16 +66,8 @@ def test_fused_merge_equals_the_merge_kernel_and_leaves_the_lock_zeroed(B, HQ, H
     v = torch.randn(B, HK, C, D, generator=g).to(DEV, dt)
     valid = (torch.rand(B, HK, C, generator=g) < 0.5).to(DEV)
     valid[..., -1] = True
-    lock = split_lock(B * HK + 3, DEV)
     n_splits = _split_plan(B * HK, C, 64, _sm_count(q.device), per_sm)[0]
-    assert n_splits > (32 if per_sm == 16 else 1)
-    ref = slot_decode_attention(q, k, v, valid, programs_per_sm=per_sm)
-    for _ in range(2):
-        out = slot_decode_attention(q, k, v, valid, lock=lock, programs_per_sm=per_sm)
-        torch.testing.assert_close(out.float(), ref.float(), atol=1e-5 if not CUDA else 1e-2, rtol=1e-5)
-        assert int(lock.abs().sum()) == 0
-    torch.testing.assert_close(out.float(), reference_slot_decode(q, k, v, valid).float(), atol=2e-2, rtol=2e-2)
-    with pytest.raises(ValueError, match="split lock"):
-        slot_decode_attention(q, k, v, valid, lock=lock.long())
-    with pytest.raises(ValueError, match="split lock"):
-        slot_decode_attention(q, k, v, valid, lock=lock[:B * HK - 1])
+    assert (n_splits > 32) if per_sm == 16 else (n_splits >= 1)
+    out = slot_decode_attention(q, k, v, valid, programs_per_sm=per_sm)
+    tol = 2e-2 if dt == torch.bfloat16 else 1e-5
+    torch.testing.assert_close(out.float(), reference_slot_decode(q, k, v, valid).float(), atol=tol, rtol=tol)

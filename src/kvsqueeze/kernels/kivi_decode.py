@@ -28,7 +28,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .split_kv import _finish_split, _sm_count, _split_plan, split_kv_decode
+from .split_kv import _store_split, _sm_count, _split_plan, split_kv_decode
 
 try:
     import triton
@@ -42,17 +42,17 @@ if triton is not None:
 
     @triton.jit
     def _kivi_decode_split(
-        Q, KC, KS, KZ, VC, VS, VZ, KR, VR, QM, RM, O_ACC, O_M, O_L, OUT, LOCK,
+        Q, KC, KS, KZ, VC, VS, VZ, KR, VR, QM, RM, O_ACC, O_M, O_L,
         qk_scale, NQ, NR, CHUNK,
         s_q_b, s_q_h,
         s_qm_b, s_qm_h, s_rm_b, s_rm_h,
         s_kc_bh, s_kc_r, s_ks_bh, s_ks_g,
         s_vc_bh, s_vc_r, s_vs_bh, s_vs_n,
-        s_kr_bh, s_kr_n, s_vr_bh, s_vr_n, s_o_b, s_o_h,
+        s_kr_bh, s_kr_n, s_vr_bh, s_vr_n,
         HK: tl.constexpr, GQ: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
         G: tl.constexpr, GV: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
         SCALE_LOADS: tl.constexpr, FOLD: tl.constexpr, DT: tl.constexpr,
-        DEV_LENS: tl.constexpr = False, HAS_MASK: tl.constexpr = False, FUSED: tl.constexpr = False,
+        DEV_LENS: tl.constexpr = False, HAS_MASK: tl.constexpr = False,
     ):
         # DEV_LENS: NQ and NR are pointers to device scalars (the static decode step: no host number per step);
         # HAS_MASK: QM (quantized slots) and RM (residual slots) are per-(row, kv head) bool masks of the slots
@@ -192,8 +192,8 @@ if triton is not None:
                 v = tl.load(VR + bh * s_vr_bh + tok[:, None] * s_vr_n + ch[None, :], mask=tmask[:, None], other=0.0)
                 acc = acc * alpha[:, None] + tl.dot(p.to(DT), v.to(DT))
                 m_i = m_new
-        # partial results of the GQ real query rows only: (BH, splits, GQ, D); merged here (FUSED) or after
-        _finish_split(O_ACC, O_M, O_L, OUT, LOCK, acc, m_i, l_i, s_o_b, s_o_h, HK=HK, GQ=GQ, GP=GP, D=D, FUSED=FUSED)
+        # partial results of the GQ real query rows only: (BH, splits, GQ, D)
+        _store_split(O_ACC, O_M, O_L, acc, m_i, l_i, GQ=GQ, GP=GP, D=D)
 
 
 def kivi_decode_attention(q: torch.Tensor, store, k_res: torch.Tensor, v_res: torch.Tensor,
@@ -243,7 +243,7 @@ def kivi_decode_attention(q: torch.Tensor, store, k_res: torch.Tensor, v_res: to
     if NQ == 0:
         n_q_splits, chunk = 0, block_n
     elif n_splits is None:
-        n_q_splits, chunk = _split_plan(B * HK, NQ, block_n, n_sm * programs_per_sm // 4)
+        n_q_splits, chunk = _split_plan(B * HK, NQ, block_n, n_sm, programs_per_sm)
     else:
         chunk = math.ceil(NQ / n_splits / block_n) * block_n
         n_q_splits = math.ceil(NQ / chunk)
@@ -276,8 +276,7 @@ def kivi_decode_static(q: torch.Tensor, kc: torch.Tensor, ks: torch.Tensor, kz: 
                        nq: torch.Tensor, nr: torch.Tensor, bits: int, group: int, value_group: int,
                        scale: float | None = None, q_valid: torch.Tensor | None = None,
                        r_valid: torch.Tensor | None = None, block_n: int | None = None,
-                       num_warps: int = 4, programs_per_sm: int = 2,
-                       lock: torch.Tensor | None = None) -> torch.Tensor:
+                       num_warps: int = 4, programs_per_sm: int = 2) -> torch.Tensor:
     """The fused KIVI decode attention over fixed-capacity buffers with lengths on the device (the static,
     capturable decode step: `kvsqueeze.quant.kivi_static.StaticKIVI`); the same kernel as `kivi_decode_attention`.
 
@@ -290,9 +289,7 @@ def kivi_decode_static(q: torch.Tensor, kc: torch.Tensor, ks: torch.Tensor, kz: 
     attention may see (padding, narrower heads); both or neither. The grid is planned on CQ (no host number per
     step: capturable in a CUDA graph, a user-defined Triton kernel under `torch.compile`); splits past nq exit
     at once. Returns (B, HQ, D) in q's dtype. Raises RuntimeError without triton, ValueError for a grouping the
-    kernel does not take. Every (row, kv head) must see one slot at least (the current token is in the residual).
-    `lock`: the fused merge's counters (`split_kv.split_lock(B * HK, device)`; see `split_kv`), else a second
-    kernel merges."""
+    kernel does not take. Every (row, kv head) must see one slot at least (the current token is in the residual)."""
     if triton is None:
         raise RuntimeError("the fused KIVI decode kernel needs triton (pip install 'kvsqueeze[gpu]')")
     B, HQ, D = q.shape
@@ -307,7 +304,7 @@ def kivi_decode_static(q: torch.Tensor, kc: torch.Tensor, ks: torch.Tensor, kz: 
             (q_valid is None) != (r_valid is None):
         raise ValueError(f"unsupported KIVI grouping for the kernel: G={group}, G_v={value_group}, {bits} bits, "
                          f"block {block_n} (or only one of q_valid / r_valid given)")
-    n_q_splits, chunk = _split_plan(B * HK, cq, block_n, _sm_count(q.device) * programs_per_sm // 4)
+    n_q_splits, chunk = _split_plan(B * HK, cq, block_n, _sm_count(q.device), programs_per_sm)
     total = n_q_splits + 1  # + the residual split
     masked = q_valid is not None
     qm, rm = (q_valid, r_valid) if masked else (q, q)
@@ -320,7 +317,7 @@ def kivi_decode_static(q: torch.Tensor, kc: torch.Tensor, ks: torch.Tensor, kz: 
          kc.stride(1), kc.stride(2), ks.stride(1), ks.stride(2),
          vc.stride(1), vc.stride(2), vs.stride(1), vs.stride(2),
          k_res.stride(1), k_res.stride(2), v_res.stride(1), v_res.stride(2)),
-        q, HK, total, scale, "the fused KIVI kernel", lock=lock,
+        q, HK, total, scale, "the fused KIVI kernel",
         BITS=bits, G=group, GV=value_group, BLOCK_N=block_n, BLOCK_R=64,
         SCALE_LOADS=False, FOLD=False, DT=_static_dot_dtype(q), DEV_LENS=True, HAS_MASK=masked,
         num_warps=num_warps,

@@ -25,18 +25,18 @@ from __future__ import annotations
 import torch
 
 from .slot_decode import _dot_dtype, reference_slot_decode
-from .split_kv import _finish_split, _sm_count, _split_plan, require_triton, split_kv_decode, tl, triton
+from .split_kv import PROGRAMS_PER_SM, _store_split, _sm_count, _split_plan, require_triton, split_kv_decode, tl, triton
 
 if triton is not None:
 
     @triton.jit
     def _page_decode_split(
-        Q, K, V, M, PG, FR, O_ACC, O_M, O_L, OUT, LOCK,
+        Q, K, V, M, PG, FR, O_ACC, O_M, O_L,
         qk_scale, NSEL, CHUNK,
         s_q_b, s_q_h, s_k_b, s_k_h, s_k_n, s_v_b, s_v_h, s_v_n, s_m_b, s_m_h, s_m_n, s_p_b, s_p_h, s_p_n,
-        s_f_b, s_f_h, s_f_n, s_o_b, s_o_h,
+        s_f_b, s_f_h, s_f_n,
         HK: tl.constexpr, GQ: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
-        PAGE: tl.constexpr, DT: tl.constexpr, HAS_FR: tl.constexpr, FUSED: tl.constexpr,
+        PAGE: tl.constexpr, DT: tl.constexpr, HAS_FR: tl.constexpr,
     ):
         bh = tl.program_id(0)
         split = tl.program_id(1)
@@ -71,13 +71,13 @@ if triton is not None:
             v = tl.load(V + b * s_v_b + hk * s_v_h + n[:, None] * s_v_n + ch[None, :], mask=em[:, None], other=0.0)
             acc = acc * alpha[:, None] + tl.dot(p.to(DT), v.to(DT))
             m_i = m_new
-        _finish_split(O_ACC, O_M, O_L, OUT, LOCK, acc, m_i, l_i, s_o_b, s_o_h, HK=HK, GQ=GQ, GP=GP, D=D, FUSED=FUSED)
+        _store_split(O_ACC, O_M, O_L, acc, m_i, l_i, GQ=GQ, GP=GP, D=D)
 
 
 def page_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor,
                           pages: torch.Tensor, page: int, scale: float | None = None, block_n: int = 64,
                           num_warps: int = 4, frames: torch.Tensor | None = None,
-                          lock: torch.Tensor | None = None, programs_per_sm: int = 4) -> torch.Tensor:
+                          programs_per_sm: int = PROGRAMS_PER_SM) -> torch.Tensor:
     """One decode query per row over the selected pages of masked slots, read in place, split-KV on the GPU.
 
     q: (B, HQ, D); k, v: (B, HK, C, D) (any strides with a unit last one); valid: (B, HK, C) bool (any strides);
@@ -87,9 +87,9 @@ def page_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, val
     (B, HK, F * page, D), the device frames of an offloaded layer, `storage/frames.py`) while its validity is still
     read at the page's slots in `valid` (B, HK, C). HQ a multiple of HK (GQA), D a power of two >= 16. Returns
     (B, HQ, D) in q's dtype. Every (row, kv head) must have a valid slot among its pages (the current token is
-    one). The order of the page ids does not matter (up to float rounding). `lock` and `programs_per_sm` as
-    `slot_decode_attention`'s. Raises RuntimeError without triton, ValueError for shapes the kernel (or `lock`)
-    does not take."""
+    one). The order of the page ids does not matter (up to float rounding). `programs_per_sm` as
+    `slot_decode_attention`'s. Raises RuntimeError without triton, ValueError for shapes the kernel does not
+    take."""
     require_triton("the page decode kernel")
     B, HQ, D = q.shape
     HK, C = k.shape[1], k.shape[2]
@@ -108,7 +108,7 @@ def page_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, val
          q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
          valid.stride(0), valid.stride(1), valid.stride(2), pages.stride(0), pages.stride(1), pages.stride(2),
          fr.stride(0), fr.stride(1), fr.stride(2)),
-        q, HK, n_splits, scale, "the page decode kernel", lock=lock,
+        q, HK, n_splits, scale, "the page decode kernel",
         BLOCK_N=block_n, PAGE=page, DT=_dot_dtype(q), HAS_FR=frames is not None, num_warps=num_warps,
     )
 

@@ -8,8 +8,7 @@ the slots with `valid[b, hk, c]` are attended (head-wise budgets, evicted or emp
 Flash-decoding (Dao et al., "Flash-Decoding for long-context inference", 2023): each program takes one
 (row, kv head) and one split of the C slots, with the GQ query heads of the group as the rows of one `tl.dot` tile
 (keys are never repeated per query head), runs an online softmax in base 2 over blocks of BLOCK_N slots, and
-writes its partial result; the splits are merged in the kernel by the last program of each (row, kv head) when
-a `lock` is given (the static step), else by `split_kv._merge_splits` after it. Every slot is read once: the bytes moved
+writes its partial result; `split_kv._merge_splits` combines the splits. Every slot is read once: the bytes moved
 are the K and V buffers plus one bool per slot, so the step's attention runs near the memory-bandwidth limit
 however long the capacity, where two matrix products write and re-read fp32 scores (`runtime/static.py`'s
 "matmul" kernel). Fully masked blocks still load (the mask is data on the device: no host decision per step).
@@ -22,17 +21,17 @@ from __future__ import annotations
 
 import torch
 
-from .split_kv import _finish_split, _sm_count, _split_plan, require_triton, split_kv_decode, tl, triton
+from .split_kv import PROGRAMS_PER_SM, _store_split, _sm_count, _split_plan, require_triton, split_kv_decode, tl, triton
 
 if triton is not None:
 
     @triton.jit
     def _slot_decode_split(
-        Q, K, V, M, O_ACC, O_M, O_L, OUT, LOCK,
+        Q, K, V, M, O_ACC, O_M, O_L,
         qk_scale, C, CHUNK,
-        s_q_b, s_q_h, s_k_b, s_k_h, s_k_n, s_v_b, s_v_h, s_v_n, s_m_b, s_m_h, s_m_n, s_o_b, s_o_h,
+        s_q_b, s_q_h, s_k_b, s_k_h, s_k_n, s_v_b, s_v_h, s_v_n, s_m_b, s_m_h, s_m_n,
         HK: tl.constexpr, GQ: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
-        DT: tl.constexpr, FUSED: tl.constexpr,
+        DT: tl.constexpr,
     ):
         bh = tl.program_id(0)
         split = tl.program_id(1)
@@ -62,7 +61,7 @@ if triton is not None:
             v = tl.load(V + b * s_v_b + hk * s_v_h + n[:, None] * s_v_n + ch[None, :], mask=nm[:, None], other=0.0)
             acc = acc * alpha[:, None] + tl.dot(p.to(DT), v.to(DT))
             m_i = m_new
-        _finish_split(O_ACC, O_M, O_L, OUT, LOCK, acc, m_i, l_i, s_o_b, s_o_h, HK=HK, GQ=GQ, GP=GP, D=D, FUSED=FUSED)
+        _store_split(O_ACC, O_M, O_L, acc, m_i, l_i, GQ=GQ, GP=GP, D=D)
 
 
 def _dot_dtype(q: torch.Tensor):
@@ -75,15 +74,14 @@ def _dot_dtype(q: torch.Tensor):
 
 def slot_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor,
                           scale: float | None = None, block_n: int = 64, num_warps: int = 4,
-                          lock: torch.Tensor | None = None, programs_per_sm: int = 4) -> torch.Tensor:
+                          programs_per_sm: int = PROGRAMS_PER_SM) -> torch.Tensor:
     """One decode query per row over masked slots, split-KV on the GPU.
 
     q: (B, HQ, D); k, v: (B, HK, C, D) (any strides with a unit last one); valid: (B, HK, C) bool (any strides;
     e.g. a view of a static cache's slot mask). HQ a multiple of HK (GQA), D a power of two >= 16. Returns
-    (B, HQ, D) in q's dtype. Every (row, kv head) must have a valid slot (the current token is one). `lock`: the
-    fused merge's counters (`split_kv.split_lock(B * HK, device)`, kept across calls), else a second kernel
-    merges; `programs_per_sm`: the split plan (about that many programs per SM). Raises RuntimeError without
-    triton, ValueError for shapes the kernel (or `lock`) does not take."""
+    (B, HQ, D) in q's dtype. Every (row, kv head) must have a valid slot (the current token is one). 
+    `programs_per_sm`: the split plan (about that many programs per SM; `split_kv._split_plan`). Raises
+    RuntimeError without triton, ValueError for shapes the kernel does not take."""
     require_triton("the slot decode kernel")
     B, HK, C = k.shape[0], k.shape[1], k.shape[2]
     n_splits, chunk = _split_plan(B * HK, C, block_n, _sm_count(q.device), programs_per_sm)
@@ -93,7 +91,7 @@ def slot_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, val
         (C, chunk,
          q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
          mask.stride(0), mask.stride(1), mask.stride(2)),
-        q, HK, n_splits, scale, "the slot decode kernel", unit_stride=(k, v), lock=lock,
+        q, HK, n_splits, scale, "the slot decode kernel", unit_stride=(k, v),
         BLOCK_N=block_n, DT=_dot_dtype(q), num_warps=num_warps,
     )
 

@@ -199,11 +199,10 @@ class StaticKIVI:
         return (torch.cat([k.dequantize(dtype), self.kr[i].to(dtype)], 2),
                 torch.cat([v.dequantize(dtype), self.vr[i].to(dtype)], 2))
 
-    def attention(self, layer_idx: int, query: torch.Tensor, scaling: float | None, kernel: str | None,
-                  lock: torch.Tensor | None = None) -> torch.Tensor:
+    def attention(self, layer_idx: int, query: torch.Tensor, scaling: float | None, kernel: str | None) -> torch.Tensor:
         """One decode query (b, hq, 1, d) over layer `layer_idx`; returns (b, 1, hq, d). kernel "triton": the fused
-        kernel (`kivi_decode_static`; `lock`: its split merge counters, see `kernels/split_kv.py`); otherwise
-        dequantize + two matrix products per kv-head group, softmax in float32 (the reference path)."""
+        kernel (`kivi_decode_static`); otherwise dequantize + two matrix products per kv-head group, softmax in
+        float32 (the reference path)."""
         i, cq = layer_idx, self.q_capacity
         if kernel == "triton":
             from ..kernels.kivi_decode import kivi_decode_static
@@ -212,8 +211,7 @@ class StaticKIVI:
             rv = self.valid[i, :, :, cq:] if self.masked else None
             out = kivi_decode_static(query[:, :, 0], self.kc[i], self.ks[i], self.kz[i], self.vc[i], self.vs[i],
                                      self.vz[i], self.kr[i], self.vr[i], self.nq[i:i + 1], self.nr[i:i + 1],
-                                     self.bits, self.group, self.value_group, scale=scaling, q_valid=qv, r_valid=rv,
-                                     lock=lock)
+                                     self.bits, self.group, self.value_group, scale=scaling, q_valid=qv, r_valid=rv)
             return out[:, None]
         keys, values = self.dequantized(i, query.dtype)
         return grouped_matmul_decode(query, keys, values, self.valid[i][:, :, None, :], scaling)

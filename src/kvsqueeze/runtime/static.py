@@ -93,7 +93,6 @@ from ..storage.layer import CompressedLayer
 from ..storage.offload import OffloadLayer
 from ..storage.stats import CacheStats
 from ..kernels.slot_decode import grouped_matmul_decode
-from ..kernels.split_kv import split_lock
 from ..storage.static import StaticSlots, _static
 from .fused_projections import build_fused_projections, swapped as fused_swapped
 from ..storage.stores import DenseStore
@@ -113,7 +112,6 @@ EAGER = "(`kvsqueeze generate` without --compile; static=False in Python)"  # wh
 KIVI_KW = "kvsqueeze_kivi"  # the forward kwarg carrying a cache's `StaticKIVI` down to the static attention
 PAGES_KW = "kvsqueeze_pages"  # the forward kwarg carrying a cache's page selector down to the static attention
 FRAMES_KW = "kvsqueeze_frames"  # and an offloaded cache's device page frames (`StaticFrames`)
-LOCK_KW = "kvsqueeze_split_lock"  # the Triton kernels' fused split merge counters (`kernels/split_kv.py`)
 
 
 def _kivi_attention(module, query, scaling, kernel, kwargs):
@@ -122,7 +120,7 @@ def _kivi_attention(module, query, scaling, kernel, kwargs):
     kv = kwargs.pop(KIVI_KW, None)
     if kv is None:
         return None
-    return kv.attention(module.layer_idx, query, scaling, kernel, lock=kwargs.get(LOCK_KW))
+    return kv.attention(module.layer_idx, query, scaling, kernel)
 
 
 def _layer_rows(module, attention_mask: torch.Tensor, b: int, key: torch.Tensor) -> torch.Tensor:
@@ -146,7 +144,6 @@ def _selected(module, query, key, value, m, scaling, kwargs):
     (b, hk, 1, k * page) of those pages (a gather: the torch kernels' way; the Triton kernel reads the pages in
     place); else (None, key, value, m) unchanged."""
     quest = kwargs.pop(PAGES_KW, None)
-    kwargs.pop(LOCK_KW, None)
     pages, key, value, fr = _select_pages(quest, kwargs.pop(FRAMES_KW, None), module.layer_idx, query, scaling, key,
                                           value)
     if pages is None:
@@ -223,8 +220,7 @@ def _static_matmul(module, query, key, value, attention_mask, dropout=0.0, scali
 def _static_triton(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """Split-KV Triton decode attention over the slots (`kernels/slot_decode.py`): every slot read once, the
     layer's slot mask read in place. With Quest, over the selected pages read in place
-    (`kernels/page_decode.py`: no gather copy). The splits are merged inside the kernel when the step carries the
-    cache's `split_lock` (one launch per layer). Returns (b, 1, hq, d)."""
+    (`kernels/page_decode.py`: no gather copy). Returns (b, 1, hq, d)."""
     kivi_out = _kivi_attention(module, query, scaling, "triton", kwargs)
     if kivi_out is not None:
         return kivi_out, None
@@ -234,13 +230,12 @@ def _static_triton(module, query, key, value, attention_mask, dropout=0.0, scali
     b = query.shape[0]
     m = _layer_rows(module, attention_mask, b, key)  # (b, hk, 1, C)
     quest = kwargs.get(PAGES_KW)
-    lock = kwargs.get(LOCK_KW)
     pages, key, value, fr = _select_pages(quest, kwargs.get(FRAMES_KW), module.layer_idx, query, scaling, key, value)
     if pages is not None:
         out = page_decode_attention(query[:, :, 0], key, value, m[:, :, 0], pages, quest.page, scale=scaling,
-                                    frames=fr, lock=lock)
+                                    frames=fr)
     else:
-        out = slot_decode_attention(query[:, :, 0], key, value, m[:, :, 0], scale=scaling, lock=lock)
+        out = slot_decode_attention(query[:, :, 0], key, value, m[:, :, 0], scale=scaling)
     return out[:, None], None
 
 
@@ -388,9 +383,6 @@ class StaticCompressedCache(Cache):
         self.hook_depth, self.hook_saved = 0, None  # a forward driven by the routing hooks (model.generate)
         self.pages = None  # a StaticQuest / StaticAttentionPredictor when the eager cache had that selector
         self.frames = None  # StaticFrames: device page frames of the offloaded layers (offload="cpu", page_frames)
-        # the Triton kernels' fused split merge: one counter per (row, kv head), zero between launches (None: the
-        # kernels merge with a second launch, as outside the static step)
-        self.split_lock = _static(split_lock(slots.batch * slots.kv_heads, position.device))
 
     @property
     def is_compileable(self) -> bool:
@@ -616,8 +608,7 @@ class StaticCompressedCache(Cache):
     def forward_kwargs(self) -> dict:
         """Extra keyword arguments of a step's model forward (transformers hands them down to the attention
         function): the `StaticKIVI` buffers under `kvsqueeze_kivi` when the cache holds KIVI storage, the
-        `StaticQuest` under `kvsqueeze_pages` when it selects pages, the Triton kernels' `split_lock` under
-        `kvsqueeze_split_lock`."""
+        `StaticQuest` under `kvsqueeze_pages` when it selects pages."""
         out = {}
         if isinstance(self.slots, StaticKIVI):
             out[KIVI_KW] = self.slots
@@ -625,8 +616,6 @@ class StaticCompressedCache(Cache):
             out[PAGES_KW] = self.pages
         if self.frames is not None:
             out[FRAMES_KW] = self.frames
-        if self.split_lock is not None:
-            out[LOCK_KW] = self.split_lock
         return out
 
     def finish_forward(self) -> None:
