@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import torch
 
-from .split_kv import PROGRAMS_PER_SM, _store_split, _sm_count, _split_plan, require_triton, split_kv_decode, tl, triton
+from .split_kv import (PROGRAMS_PER_SM, _sm_count, _split_plan, _store_split, require_triton, split_kv_decode, tl,
+                       triton)
 
 if triton is not None:
 

@@ -35,7 +35,7 @@ except ImportError:  # pragma: no cover - CPU-only installs
     triton = None
     tl = None
 
-_merge_splits = None
+_merge_splits = _store_split = None  # Triton kernels: None where triton is not installed (CPU-only installs)
 
 if triton is not None:
 
