@@ -1,6 +1,7 @@
-"""Split plans of the split-KV decode kernels on the GPU: programs per SM x block of slots x warps, for the slot
-kernel (evicted caches, every slot read) and the page kernel (Quest's selected pages read in place). The slot
-and page kernels' default plan (`split_kv.PROGRAMS_PER_SM`, block 64, 4 warps) was chosen from this table.
+"""Times the split-KV decode kernels' split plans on the GPU (programs per SM x block of slots x warps).
+
+Two kernels: the slot kernel (evicted caches, every slot read) and the page kernel (Quest's selected pages read in
+place). Their default plan (`split_kv.PROGRAMS_PER_SM`, block 64, 4 warps) was chosen from this table.
 
     python bench/split_plan.py                                       # H200: about a minute
     python bench/split_plan.py --slots 4096,16384 --per-sm 1,2,3 --block-n 32,64 --warps 4 --json plans.json
@@ -53,16 +54,17 @@ def _graph_us(fn, reps: int) -> float:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--slots", default="4096,16384,32768", help="Slot rows: slots per layer, comma-separated.")
     ap.add_argument("--pages", type=int, default=256, help="Page rows: selected pages (16 slots each) per step; "
                                                            "0: no page rows.")
     ap.add_argument("--per-sm", default="1,2,3,4", help="Programs per SM, comma-separated.")
     ap.add_argument("--block-n", default="32,64,128", help="Slots per block, comma-separated.")
     ap.add_argument("--warps", default="4", help="Warps per program, comma-separated.")
-    ap.add_argument("--layers", type=int, default=32)
-    ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--reps", type=int, default=50)
+    ap.add_argument("--layers", type=int, default=32, help="Launches per step (one per layer, own buffers each).")
+    ap.add_argument("--batch", type=int, default=1, help="Rows (sequences) per launch.")
+    ap.add_argument("--reps", type=int, default=50, help="Timed replays of the step's CUDA graph (the median).")
     ap.add_argument("--json", default=None, help="Write the rows to this JSON file.")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():

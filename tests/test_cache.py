@@ -241,3 +241,7 @@ def test_stats_line_says_larger_when_more_than_the_full_cache_is_held():
 
     assert "(101.0%, 1.01x larger)" in CacheStats(1010, 1100, 1000, 10).line()
     assert "(25.0%, 4.00x smaller)" in CacheStats(250, 300, 1000, 10).line()
+    # an offloaded cache holding more than the full one says where the extra bytes are (fresh-user report)
+    larger = CacheStats(1010, 1100, 1000, 10, host_kv_bytes=1000).line()
+    assert "page frames copy pages the host tier also holds" in larger
+    assert "page frames" not in CacheStats(990, 1100, 1000, 10, host_kv_bytes=900).line()
