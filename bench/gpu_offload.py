@@ -64,6 +64,7 @@ from transformers import DynamicCache  # noqa: E402
 
 import kvsqueeze as kq  # noqa: E402
 from kvsqueeze.compat import cache_kwargs  # noqa: E402
+from kvsqueeze.kernels import topk  # noqa: E402
 from kvsqueeze.runtime.generate import decode_step, prefill  # noqa: E402
 from kvsqueeze.runtime.static import StaticCompressedCache, StaticDecoder  # noqa: E402
 from kvsqueeze.selection import AttentionPredictor, PredictorNet, Quest  # noqa: E402
@@ -212,8 +213,11 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None, help="Write the rows to this JSON file.")
     ap.add_argument("--profile", type=int, default=0,
                     help="Trace N more steps per row and print the GPU kernels by time (gpu_decode.kernel_profile).")
+    ap.add_argument("--topk", choices=("kernel", "torch"), default="kernel",
+                    help="The static selectors' page choice: the top-k kernel (kernels/topk.py) or torch.topk + sort.")
     ap.add_argument("--quick", action="store_true", help="Tiny shapes on the CPU (checks the script end to end).")
     args = ap.parse_args(argv)
+    topk.KERNEL = args.topk == "kernel"
     if args.frames < 1:
         print(f"error: --frames must be >= 1, got {args.frames}", file=sys.stderr)
         return 2
