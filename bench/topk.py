@@ -2,14 +2,16 @@
 (kernels/topk.py) over its search widths and warps.
 
     python bench/topk.py                                   # H200: well under a minute
-    python bench/topk.py --cases 8x8192:256 --ways 2,4,8,16 --warps 4,8,16 --json topk.json
+    python bench/topk.py --cases 8x8200:256 --ways 2,4,8,16 --warps 4,8,16 --tiles 1024,4096 --json topk.json
 
-A case RxP:k is R rows (batch x kv heads: 8 for Llama-3.1-8B at batch 1) of P page scores, k kept: 8x8192:256 is
-Quest's budget 4096 at 128k in pages of 16, 8x2048:128 its budget 2048 at 32k. Each row captures `--layers` calls
-(one per layer, own scores each) in one CUDA graph and replays it: us per step for all layers (median of `--reps`
-replays, CUDA events). Scores are softmax-like (positive, distinct); before timing, every variant's output is
-checked against the rule (the k largest, increasing, ties to the lowest index) on those scores and on rows with
-ties and infinities: "ok" or the number of rows that differ. Needs CUDA (one error line, exit 2, otherwise).
+A case RxP:k is R rows (batch x kv heads: 8 for Llama-3.1-8B at batch 1) of P page scores, k kept: 8x8200:256 is
+Quest's budget 4096 at 128k in pages of 16 (the static cache's capacity adds the decoded tokens' pages, so P is
+not a power of two), 8x2056:128 its budget 2048 at 32k. Each row captures `--layers` calls (one per layer, own
+scores each) in one CUDA graph and replays it: us per step for all layers (median of `--reps` replays, CUDA
+events). Scores look like Quest's: a softmax over the pages (distinct, positive), -inf for the last 8 pages (not
+written yet) and +inf for one (the page being written). Before timing, every variant's output is checked against
+the rule (the k largest, increasing, ties to the lowest index) on those scores and on rows with ties and
+infinities: "ok" or the number of rows that differ. Needs CUDA (one error line, exit 2, otherwise).
 """
 
 from __future__ import annotations
@@ -46,9 +48,10 @@ def _case(spec: str) -> tuple[int, int, int]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--cases", default="8x8192:256,8x2048:128", help="RxP:k, comma-separated.")
-    ap.add_argument("--ways", default="2,4,8,16", help="The kernel's search widths (powers of two).")
-    ap.add_argument("--warps", default="4,8,16", help="The kernel's warps per program.")
+    ap.add_argument("--cases", default="8x8200:256,8x2056:128", help="RxP:k, comma-separated.")
+    ap.add_argument("--ways", default="4,8", help="The kernel's search widths (powers of two).")
+    ap.add_argument("--warps", default="4,8", help="The kernel's warps per program.")
+    ap.add_argument("--tiles", default="1024,2048,4096", help="The kernel's tiles (scores per pass step).")
     ap.add_argument("--layers", type=int, default=30, help="Calls per step (one per sparse layer).")
     ap.add_argument("--reps", type=int, default=30, help="Timed replays per variant.")
     ap.add_argument("--json", default=None, help="Write the rows to this JSON file.")
@@ -57,6 +60,7 @@ def main(argv=None) -> int:
         cases = [_case(c) for c in args.cases.split(",")]
         ways = [int(w) for w in args.ways.split(",")]
         warps = [int(w) for w in args.warps.split(",")]
+        tiles = [int(w) for w in args.tiles.split(",")]
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -69,12 +73,16 @@ def main(argv=None) -> int:
     print(f"{args.layers} calls per step; us per step (median of {args.reps} CUDA graph replays)")
     for R, P, k in cases:
         xs = [torch.softmax(torch.randn(R, P, device=dev, generator=gen) * 3, -1) for _ in range(args.layers)]
+        for x in xs:
+            x[:, -8:] = float("-inf")
+            x[:, -9] = float("inf")
         ties = torch.floor(torch.rand(R, P, device=dev, generator=gen) * 8) / 8
         ties[0, ::5] = float("-inf")
         ties[-1, 1::9] = float("inf")
         variants = [("torch topk(sorted=False) + sort", reference_topk_increasing)]
-        variants += [(f"kernel ways={w} warps={nw}", lambda x, k, w=w, nw=nw: topk_increasing(x, k, w, nw))
-                     for w in ways for nw in warps]
+        variants += [(f"kernel ways={w} warps={nw} tile={t}",
+                      lambda x, k, w=w, nw=nw, t=t: topk_increasing(x, k, w, nw, t))
+                     for w in ways for nw in warps for t in tiles]
         for name, fn in variants:
             bad = sum(int((fn(x, k) != _rule(x, k)).any(-1).sum()) for x in (xs[0], ties))
             # torch's order of ties is unspecified: its tie rows are compared as value sets
@@ -84,7 +92,7 @@ def main(argv=None) -> int:
                 bad += int((fn(xs[0], k) != _rule(xs[0], k)).any(-1).sum())
             us = graph_us(lambda fn=fn: [fn(x, k) for x in xs], args.reps)
             check = "ok" if bad == 0 else f"{bad} rows differ"
-            print(f"  {R}x{P}:{k:<5} {name:<34} {us:9.1f} us per step  {us / args.layers:7.2f} per call  {check}")
+            print(f"  {R}x{P}:{k:<5} {name:<38} {us:9.1f} us per step  {us / args.layers:7.2f} per call  {check}")
             rows.append(dict(rows=R, pages=P, k=k, variant=name, us_per_step=us, us_per_call=us / args.layers,
                              rows_differ=bad))
     if args.json:

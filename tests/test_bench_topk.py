@@ -18,7 +18,7 @@ def _run(*extra):
 
 def test_topk_bench_runs_or_refuses_in_one_line(tmp_path):
     out = tmp_path / "rows.json"
-    r = _run("--cases", "8x512:32", "--ways", "2,16", "--warps", "4", "--layers", "2", "--reps", "3",
+    r = _run("--cases", "8x512:32", "--ways", "2,16", "--warps", "4", "--tiles", "256", "--layers", "2", "--reps", "3",
              "--json", str(out))
     if not torch.cuda.is_available():
         assert r.returncode == 2 and "Traceback" not in r.stderr

@@ -38,12 +38,12 @@ def _rows(seed: int, rows: int, P: int, ties: bool) -> torch.Tensor:
 
 
 @kernel_runs
-@pytest.mark.parametrize("P,k", [(8192, 256), (2048, 128), (1000, 37), (37, 37), (16, 1), (300, 299)])
-@pytest.mark.parametrize("ways", [2, 4, 16])
-def test_kernel_equals_the_rule(P, k, ways):
+@pytest.mark.parametrize("P,k", [(8200, 256), (2048, 128), (1000, 37), (37, 37), (16, 1), (300, 299)])
+@pytest.mark.parametrize("ways,tile", [(2, 2048), (4, 256), (16, 64)])
+def test_kernel_equals_the_rule(P, k, ways, tile):
     for ties in (False, True):
         x = _rows(P + k + ways, 3, P, ties).to(DEV)
-        got = topk_increasing(x, k, ways=ways)
+        got = topk_increasing(x, k, ways=ways, tile=tile)
         assert got.shape == (3, k) and got.dtype == torch.long
         torch.testing.assert_close(got.cpu(), _rule(x.cpu(), k), rtol=0, atol=0)
 
@@ -69,6 +69,8 @@ def test_fallback_and_errors():
         topk_increasing(x, 0)
     with pytest.raises(ValueError, match="power of two"):
         topk_increasing(x, 3, ways=3)
+    with pytest.raises(ValueError, match="tile"):
+        topk_increasing(x, 3, tile=100)
 
 
 def test_rule_helper_breaks_ties_to_the_lowest_index():

@@ -5,8 +5,9 @@ keep, every layer and step, the k pages of largest score per (row, kv head) out 
 order. `torch.topk` followed by a sort of the indices cost 43 + 4.5 us per layer on an H200 at P = 8192 (128k
 tokens in pages of 16, k = 256; `bench/gpu_decode.py --profile 2`, thirteenth session): a single-block radix
 select of 16 passes of 2 bits over memory for 8 rows, 1.4 ms of a 7.8 ms step over 30 layers. Here one program
-holds its row in registers and finds the k-th largest value by a W-ary search on the values' order keys, stopping
-as soon as the count at the lower end is exactly k:
+per row finds the k-th largest value by a W-ary search on the values' order keys, stopping as soon as the count
+at the lower end is exactly k. Each pass reads the row in tiles of `TILE` scores (from L1 after the first pass)
+and counts per lane, so one cross-warp reduction per pass whatever the row's length:
 
     key(x)   = bits(x) XOR (0x7FFFFFFF if x < 0 else 0)        an int32 whose order is the float order
     [lo, hi] : count(key >= lo) >= k > count(key >= hi + 1)      (lo, hi: the smallest and largest key at first)
@@ -19,7 +20,7 @@ as soon as the count at the lower end is exactly k:
 At most ceil(32 / log2 W) passes; usually fewer (the count hits k exactly once the interval separates the k-th
 value from the (k+1)-th). Ties at the k-th value go to the lowest indices (`torch.topk` leaves them unspecified);
 NaN scores count as -inf. Comparisons are on the floats (thresholds converted back from keys), so the padding of
-the row's block is NaN and never counts. Rows longer than `MAX_ROW` fall back to `reference_topk_increasing`.
+the last tile is NaN and never counts.
 
 The twelfth session's two kernels were a binary search (one cut per pass: 33 passes, 67 us per layer, slower than
 torch) and a radix select on `tl.histogram` (failed on the H200 with triton 3.6; git history, 3d418e7).
@@ -33,12 +34,18 @@ import torch
 
 from .split_kv import tl, triton
 
-MAX_ROW = 16384  # longest row one program holds in registers
 WAYS = 4  # cuts + 1 per pass (bench/topk.py)
 WARPS = 8
+TILE = 2048  # scores a program holds in registers at once; a longer row is read in tiles per pass (from L1)
 KERNEL = True  # False: `topk_increasing` always takes the torch rule (bench/gpu_decode.py --topk torch)
 
 if triton is not None:
+
+    @triton.jit
+    def _float_key(x):
+        # float32 scalar -> its int64 order key (int32 range)
+        bits = x.to(tl.int32, bitcast=True)
+        return (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.int64)
 
     @triton.jit
     def _key_float(t):
@@ -47,33 +54,56 @@ if triton is not None:
         return bits.to(tl.int32).to(tl.float32, bitcast=True)
 
     @triton.jit
-    def _topk_increasing(X, OUT, P, K, s_x, s_o, BLOCK_P: tl.constexpr, W: tl.constexpr):
+    def _tile(X, t0, j, P):
+        # scores t0 + j of a row as float32: NaN scores -inf, positions past P NaN (no comparison holds)
+        ok = t0 + j < P
+        x = tl.load(X + t0 + j, mask=ok, other=0.0).to(tl.float32)
+        x = tl.where(x == x, x, float("-inf"))
+        return tl.where(ok, x, float("nan")), ok
+
+    @triton.jit
+    def _topk_increasing(X, OUT, P, K, s_x, s_o, TILE: tl.constexpr, W: tl.constexpr):
         row = tl.program_id(0)
-        j = tl.arange(0, BLOCK_P)
-        ok = j < P
-        x = tl.load(X + row * s_x + j, mask=ok, other=0.0).to(tl.float32)
-        x = tl.where(x == x, x, float("-inf"))  # NaN scores: -inf
-        bits = x.to(tl.int32, bitcast=True)
-        key = bits ^ ((bits >> 31) & 0x7FFFFFFF)
-        lo = tl.min(tl.where(ok, key, 2147483647), 0).to(tl.int64)
-        hi = tl.max(tl.where(ok, key, -2147483648), 0).to(tl.int64)
-        x = tl.where(ok, x, float("nan"))  # padding: no comparison holds
+        X = X + row * s_x
+        j = tl.arange(0, TILE)
+        mn = tl.full([TILE], float("inf"), tl.float32)
+        mx = tl.full([TILE], float("-inf"), tl.float32)
+        for t0 in range(0, P, TILE):
+            x, ok = _tile(X, t0, j, P)
+            mn = tl.minimum(mn, tl.where(ok, x, float("inf")))
+            mx = tl.maximum(mx, tl.where(ok, x, float("-inf")))
+        lo = _float_key(tl.min(mn, 0))
+        hi = _float_key(tl.max(mx, 0))
         cnt_lo = P
         w = tl.arange(0, W).to(tl.int64) + 1  # cut i = 1 .. W (cut W is hi + 1: count < K, invariant)
         while (lo < hi) & (cnt_lo != K):
             t = lo + (w * (hi - lo + 1) + W - 1) // W  # (W,) increasing, t_1 > lo
-            c = tl.sum((x[None, :] >= _key_float(t)[:, None]).to(tl.int32), 1)  # (W,) decreasing in i
+            tf = _key_float(t)
+            acc = tl.zeros([W, TILE], tl.int32)  # per-lane counts: one cross-warp reduction per pass
+            for t0 in range(0, P, TILE):
+                x, ok = _tile(X, t0, j, P)
+                acc += (x[None, :] >= tf[:, None]).to(tl.int32)
+            c = tl.sum(acc, 1)  # (W,) decreasing in i
             enough = c >= K
             lo = tl.max(tl.where(enough, t, lo), 0)
             cnt_lo = tl.min(tl.where(enough, c, cnt_lo), 0)
             hi = tl.min(tl.where(enough, hi + 1, t), 0) - 1
         thr = _key_float(lo)
-        gt = x > thr
-        eq = x == thr
-        need = K - tl.sum(gt.to(tl.int32), 0)
-        take = gt | (eq & (tl.cumsum(eq.to(tl.int32), 0) <= need))
-        pos = tl.cumsum(take.to(tl.int32), 0) - 1
-        tl.store(OUT + row * s_o + pos, j.to(tl.int64), mask=take)
+        n_gt = tl.zeros([TILE], tl.int32)
+        for t0 in range(0, P, TILE):
+            x, ok = _tile(X, t0, j, P)
+            n_gt += (x > thr).to(tl.int32)
+        need = K - tl.sum(n_gt, 0)  # ties at thr to take, lowest index first
+        n_eq = tl.zeros([], tl.int32)
+        n_take = tl.zeros([], tl.int32)
+        for t0 in range(0, P, TILE):
+            x, ok = _tile(X, t0, j, P)
+            eq = (x == thr).to(tl.int32)
+            take = (x > thr) | ((n_eq + tl.cumsum(eq, 0) <= need) & (eq != 0))
+            pos = n_take + tl.cumsum(take.to(tl.int32), 0) - 1
+            tl.store(OUT + row * s_o + pos, (t0 + j).to(tl.int64), mask=take)
+            n_eq += tl.sum(eq, 0)
+            n_take += tl.sum(take.to(tl.int32), 0)
 
 
 def reference_topk_increasing(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -83,9 +113,9 @@ def reference_topk_increasing(x: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def kernel_applies(x: torch.Tensor) -> bool:
-    """Whether `topk_increasing` runs the Triton kernel for `x`: `KERNEL` set, triton installed, rows of at most
-    `MAX_ROW`, and x on CUDA (or on the CPU under TRITON_INTERPRET=1 outside torch.compile, for tests)."""
-    if not KERNEL or triton is None or x.shape[-1] > MAX_ROW:
+    """Whether `topk_increasing` runs the Triton kernel for `x`: `KERNEL` set, triton installed, and x on CUDA (or
+    on the CPU under TRITON_INTERPRET=1 outside torch.compile, for tests)."""
+    if not KERNEL or triton is None:
         return False
     if x.device.type == "cuda":
         return True
@@ -93,26 +123,29 @@ def kernel_applies(x: torch.Tensor) -> bool:
             and not torch.compiler.is_compiling())
 
 
-def topk_increasing(x: torch.Tensor, k: int, ways: int | None = None, num_warps: int | None = None) -> torch.Tensor:
+def topk_increasing(x: torch.Tensor, k: int, ways: int | None = None, num_warps: int | None = None,
+                    tile: int | None = None) -> torch.Tensor:
     """x (..., P) float (any float dtype) -> (..., k) long: the indices of the k largest values of each row, in
     increasing order; ties at the k-th value go to the lowest indices, NaN counts as -inf. The Triton kernel
     (module docstring) where `kernel_applies(x)`, `reference_topk_increasing` otherwise (the same set up to the
     order of ties). `ways` (a power of two >= 2, default `WAYS`) and `num_warps` (default `WARPS`) tune the kernel.
     Capturable in a CUDA graph (a fixed grid, no host number per call). Raises ValueError for k outside [1, P] or a
-    bad `ways`."""
+    bad `ways` or `tile`."""
     P = x.shape[-1]
     if not 1 <= k <= P:
         raise ValueError(f"top-k: k={k} outside [1, {P}]")
     ways = WAYS if ways is None else ways
     if ways < 2 or ways & (ways - 1):
         raise ValueError(f"top-k: ways={ways} is not a power of two >= 2")
+    if tile is not None and (tile < 16 or tile & (tile - 1)):
+        raise ValueError(f"top-k: tile={tile} is not a power of two >= 16")
     if not kernel_applies(x):
         return reference_topk_increasing(x, k)
     rows = x.reshape(-1, P)
     if rows.stride(-1) != 1:
         rows = rows.contiguous()
     out = torch.empty(rows.shape[0], k, dtype=torch.long, device=x.device)
-    _topk_increasing[(rows.shape[0],)](rows, out, P, k, rows.stride(0), out.stride(0),
-                                       BLOCK_P=max(16, triton.next_power_of_2(P)), W=ways,
+    tile = min(TILE if tile is None else tile, max(16, triton.next_power_of_2(P)))
+    _topk_increasing[(rows.shape[0],)](rows, out, P, k, rows.stride(0), out.stride(0), TILE=tile, W=ways,
                                        num_warps=WARPS if num_warps is None else num_warps)
     return out.view(*x.shape[:-1], k)
