@@ -77,3 +77,18 @@ def test_rule_helper_breaks_ties_to_the_lowest_index():
     x = torch.tensor([[1.0, 3.0, 3.0, 2.0, 3.0, float("nan")]])
     assert _rule(x, 2).tolist() == [[1, 2]]
     assert _rule(x, 4).tolist() == [[1, 2, 3, 4]]
+
+
+@kernel_runs
+def test_kernel_at_the_infinities():
+    """The search starts on the finite range: k within the +inf scores, k reaching into the -inf ones, no finite
+    score at all."""
+    x = torch.full((4, 300), float("-inf"))
+    x[0, 10:20] = torch.arange(10.0)  # 10 finite, k = 15 takes 5 of the -inf scores (the lowest indices)
+    x[1, 50:55] = float("inf")  # k = 15 > 5 +inf: the rest from the finite ones
+    x[1, 100:200] = torch.rand(100)
+    x[2, 7::30] = float("inf")  # 10 +inf, k = 15: 5 from -inf
+    x[3, ::2] = float("inf")  # 150 +inf >= k: the first 15 of them
+    for k in (1, 15, 300):
+        got = topk_increasing(x.to(DEV), k).cpu()
+        torch.testing.assert_close(got, _rule(x, k), rtol=0, atol=0)

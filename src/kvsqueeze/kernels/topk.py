@@ -10,7 +10,7 @@ at the lower end is exactly k. Each pass reads the row in tiles of `TILE` scores
 and counts per lane, so one cross-warp reduction per pass whatever the row's length:
 
     key(x)   = bits(x) XOR (0x7FFFFFFF if x < 0 else 0)        an int32 whose order is the float order
-    [lo, hi] : count(key >= lo) >= k > count(key >= hi + 1)      (lo, hi: the smallest and largest key at first)
+    [lo, hi] : count(key >= lo) >= k > count(key >= hi + 1)      (at first the smallest and largest finite keys)
     per pass : W - 1 cuts t_i = lo + ceil(i (hi - lo + 1) / W) counted at once (a (W, P) comparison and a sum),
                [lo, hi] becomes the cut interval holding the k-th largest key; until lo = hi or count(key >= lo) = k
     T        = the float of key lo
@@ -34,9 +34,9 @@ import torch
 
 from .split_kv import tl, triton
 
-WAYS = 4  # cuts + 1 per pass (bench/topk.py)
+WAYS = 8  # cuts + 1 per pass (bench/topk.py)
 WARPS = 8
-TILE = 2048  # scores a program holds in registers at once; a longer row is read in tiles per pass (from L1)
+TILE = 1024  # scores a program holds in registers at once; a longer row is read in tiles per pass (from L1)
 KERNEL = True  # False: `topk_increasing` always takes the torch rule (bench/gpu_decode.py --topk torch)
 
 if triton is not None:
@@ -66,15 +66,27 @@ if triton is not None:
         row = tl.program_id(0)
         X = X + row * s_x
         j = tl.arange(0, TILE)
+        # the search starts on the finite scores' range (infinities would cost it two or three passes): lo the
+        # smallest score above -inf (-inf itself when fewer than K are above it), hi the largest below +inf (lo =
+        # hi = +inf when K or more are +inf)
         mn = tl.full([TILE], float("inf"), tl.float32)
         mx = tl.full([TILE], float("-inf"), tl.float32)
+        n_up = tl.zeros([TILE], tl.int32)  # scores above -inf
+        n_inf = tl.zeros([TILE], tl.int32)  # +inf
         for t0 in range(0, P, TILE):
             x, ok = _tile(X, t0, j, P)
-            mn = tl.minimum(mn, tl.where(ok, x, float("inf")))
-            mx = tl.maximum(mx, tl.where(ok, x, float("-inf")))
-        lo = _float_key(tl.min(mn, 0))
+            up = ok & (x > float("-inf"))
+            n_up += up.to(tl.int32)
+            n_inf += (x == float("inf")).to(tl.int32)
+            mn = tl.minimum(mn, tl.where(up, x, float("inf")))
+            mx = tl.maximum(mx, tl.where(x < float("inf"), x, float("-inf")))
+        above = tl.sum(n_up, 0)
+        lo = tl.where(above >= K, _float_key(tl.min(mn, 0)), -2139095041)  # key(-inf)
+        cnt_lo = tl.where(above >= K, above, P)
         hi = _float_key(tl.max(mx, 0))
-        cnt_lo = P
+        top = tl.sum(n_inf, 0) >= K
+        lo = tl.where(top, 2139095040, lo)  # key(+inf)
+        hi = tl.where(top, lo, hi)
         w = tl.arange(0, W).to(tl.int64) + 1  # cut i = 1 .. W (cut W is hi + 1: count < K, invariant)
         while (lo < hi) & (cnt_lo != K):
             t = lo + (w * (hi - lo + 1) + W - 1) // W  # (W,) increasing, t_1 > lo
