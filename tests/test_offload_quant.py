@@ -166,6 +166,9 @@ def test_a_flush_drops_the_frames_of_the_pages_it_quantizes():
                 assert torch.equal(page_now, k[0, h, (p0 + j) * 16 : (p0 + j) * 16 + 16])
                 assert not torch.equal(page_now, before[0, h, f_old * 16 : f_old * 16 + 16])  # the value changed
     assert flushes >= 2
+    k, n, nc = store.view()[0], store.n, store.codec.n_compressed
+    for lo, hi in ((0, 16), (40, 70), (nc - 16, nc + 16), (nc - 48, nc), (n - 5, n), (nc, n), (0, n), (7, 7)):
+        assert torch.equal(store.key_slots(lo, hi), k[:, :, lo:hi]), (lo, hi)  # Quest's summaries read these
 
 
 def test_refusals():
@@ -239,3 +242,22 @@ def test_cli_generate_kivi_offload(tiny_dir, tmp_path):
     for spec in ("gear-4", "mikv-8-2"):
         assert_one_error_line(args[:-1] + [spec, "--offload", "cpu"], "composes with --quant kivi-<bits> only")
     assert_one_error_line(args + ["--offload", "cpu", "--compile"], "--compile does not read a quantized host tier")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (pinned host tier, side-stream prefetch)")
+@pytest.mark.parametrize("kind", ["quest", "ap"])
+def test_kivi_offloaded_on_cuda_equals_kivi_on_cuda(kind):
+    """On CUDA: the host tier pinned, pages copied asynchronously (AttentionPredictor's on a side stream) and
+    dequantized on the GPU, the flushes quantized on the host: the tokens and logits of `--quant kivi-2` on the
+    GPU."""
+    model = tiny_llama(layers=4).cuda()
+    torch.manual_seed(1)
+    ids = torch.randint(0, 101, (1, 200), device="cuda")
+    ref, ref_toks, _ = decode(model, selector(kind), ids, steps=STEPS, layer_factory=KIVI2)
+    out, toks, cache = decode(model, selector(kind), ids, steps=STEPS, layer_factory=KIVI2, offload="cpu")
+    torch.cuda.synchronize()
+    assert torch.equal(toks, ref_toks)
+    assert torch.equal(out, ref)
+    for layer in _offloaded(cache):
+        assert all(t.is_pinned() for t in layer.store.codec.tensors().values())
+        _assert_frames_hold_host_copy(layer.store)

@@ -193,6 +193,21 @@ class KIVIOffloadStore(OffloadStore):
     def half(self, i: int) -> torch.Tensor:
         return self.codec.half(i)
 
+    def key_slots(self, lo: int, hi: int) -> torch.Tensor:
+        """Keys (batch, kv_heads, hi - lo, head_dim) of slots lo .. hi - 1 as `view()` shows them, dequantizing on
+        the host only the key groups they fall in (Quest's summaries of the newest pages, each step)."""
+        c, g = self.codec, self.codec.group
+        nc = c.n_compressed
+        parts = []
+        if lo < min(hi, nc):
+            g0, g1 = lo // g * g, min(nc, -(-hi // g) * g)
+            parts.append(c.segments[0].k.slice_tokens(g0, g1).dequantize(c.dtype)[:, :, lo - g0 : hi - g0])
+        if hi > nc:
+            parts.append(c.residual_keys[:, :, max(lo, nc) - nc : hi - nc])
+        if len(parts) == 1:
+            return parts[0]
+        return torch.cat(parts, 2) if parts else c.residual_keys[:, :, :0]
+
     def commit(self) -> None:
         """KIVI's flush (`KIVIStore.commit`): the oldest residual tokens quantized in whole groups; the pages
         they cover are dropped from their frames (their stored value changed)."""

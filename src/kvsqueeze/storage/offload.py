@@ -260,6 +260,10 @@ class OffloadStore(KVStore):
         self._sync_host()
         return self.kh[:, :, : self.n], self.vh[:, :, : self.n]
 
+    def key_slots(self, lo: int, hi: int) -> torch.Tensor:
+        """Keys (batch, kv_heads, hi - lo, head_dim) of slots lo .. hi - 1 from the host tier."""
+        return self.view()[0][:, :, lo:hi]
+
     def keep(self, idx: torch.Tensor, held: torch.Tensor | None = None) -> None:
         k, v = self.view()
         idx = idx.to(self.host)
@@ -526,6 +530,11 @@ class OffloadLayer(CompressedLayer):
 
     def selected_keys(self, idx):
         return self.attend_kv(idx, None, None)[0]
+
+    def key_slots(self, lo: int, hi: int) -> torch.Tensor:
+        if self._forward_kv is not None:
+            return self._forward_kv[0][:, :, lo:hi]
+        return self.store.key_slots(lo, hi)
 
     def end_attention(self, selector=None, layer_idx: int | None = None, decoding: bool = False) -> None:
         """After a decoding step's attention, ask `selector` for the next step's slots (`predict_next`: only a
