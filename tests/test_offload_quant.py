@@ -28,7 +28,7 @@ def _assert_frames_hold_host_copy(store: KIVIOffloadStore):
     """Every resident page's frame equals the host tier's view (dequantized) at the page's stored slots."""
     if store.kd is None:
         return
-    k, v = store.view()
+    k, v = (t.to(store.kd.device) for t in store.view())
     n, page = store.n, store.page
     for b, h, p in (store.page_frame >= 0).nonzero().tolist():
         f = int(store.page_frame[b, h, p])

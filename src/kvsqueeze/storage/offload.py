@@ -23,8 +23,16 @@ decoding step writes its token into the host tier and, when the page is resident
 When more pages are needed than there are frames (a dense step over more slots than the budget), the slots needed
 are copied from the host tier for that step only (counted in `OffloadCounters.full_fetches`).
 
-`OffloadLayer` is the `CompressedLayer` over this store (see its docstring for what a forward reads). Only
-full-precision storage: a quantized host tier is not implemented (`--quant` with `--offload` is refused upstream).
+`OffloadLayer` is the `CompressedLayer` over this store (see its docstring for what a forward reads).
+
+The host tier's form is the store's: here full precision; a subclass holds another form behind five hooks
+(`_init_host`, `_write_host`, `_grow_host`, `_stage` / `_unstage`: what travels for a set of pages and how the
+device turns it into the pages' keys and values, `_fetch_slots`: the full fetch) plus the protocol calls that
+change the slots (`keep`, `index_batch`, `set_dense`, `adopt`, `commit`), while the frames, the page table, the
+prefetch and the counters stay here. `kvsqueeze.quant.offload.KIVIOffloadStore` is such a subclass: KIVI's packed
+storage on the host, pages dequantized on the device, frames of the pages a residual flush quantizes dropped
+(`--quant kivi-<bits> --offload cpu|disk`; other `--quant` schemes are refused upstream). `OffloadLayer` takes
+the tier's class as `store_factory`.
 
 Tier 'disk' keeps the host tier in memory-mapped files instead (a first step towards LeoAM's GPU-CPU-disk tiers:
 the operating system's page cache is the CPU tier; LeoAM's variable-sized chunks and per-chunk abstracts are not
