@@ -39,15 +39,15 @@ def _assert_frames_hold_host_copy(store: KIVIOffloadStore):
 
 
 @pytest.mark.parametrize("kind", ["quest", "ap"])
-@pytest.mark.parametrize("case", ["plain", "chunked+snapkv", "few-frames", "disk"])
+@pytest.mark.parametrize("case", ["plain", "chunked+snapkv", "few-frames", "disk", "batch2"])
 def test_kivi_offloaded_answers_equal_kivi_on_device(kind, case, tmp_path):
     """The same selector over `--quant kivi-2`, offloaded or on the device, over 100 decoding steps (three
     residual flushes): the same tokens and logits (bit for bit); the frames hold their pages' host values after the
-    run. few-frames: 3 frames for 7 pages a step, so every sparse step takes the full fetch (packed pages moved and
+    run. batch2: two rows. few-frames: 3 frames for 7 pages a step, so every sparse step takes the full fetch (packed pages moved and
     dequantized for that step only); disk: the packed segment in memory-mapped files."""
     model = tiny_llama(layers=4)
     torch.manual_seed(1)
-    ids = torch.randint(0, 101, (1, 200))
+    ids = torch.randint(0, 101, (2 if case == "batch2" else 1, 200))
     kw = {}
     if case == "chunked+snapkv":  # a chunk after the first reads the host tier; the eviction keeps whole groups
         kw = dict(method=kq.get_method("snapkv", compression_ratio=0.25), chunk_size=96)
