@@ -15,35 +15,7 @@ from kvsqueeze.selection.base import Selector, pages_to_slots
 from kvsqueeze.storage.offload import OffloadLayer
 
 from conftest import Spy, kv, tiny_llama
-
-
-def _net(seed=0, scale=0.3):
-    torch.manual_seed(seed)
-    net = PredictorNet()
-    for p in net.parameters():
-        p.data.normal_(0, scale)
-    return net.eval()
-
-
-def _selector(kind, budget=96):
-    if kind == "quest":
-        return Quest(budget)
-    return AttentionPredictor(budget, predictor=_net(), sink=16, local=32)
-
-
-@torch.no_grad()
-def _decode(model, selector, ids, steps=12, offload=None, method=None, chunk_size=None, latency=0.0):
-    """Greedy decoding: (logits (steps, batch, vocab), tokens (steps, batch), the cache)."""
-    cache = kq.CompressedCache(model, method, selector=selector, offload=offload, offload_latency=latency)
-    logits = kq.prefill(model, cache, ids, chunk_size=chunk_size)
-    out, toks = [], []
-    tok = logits.argmax(-1, keepdim=True)
-    for _ in range(steps):
-        lg = model(input_ids=tok, **kv(cache), use_cache=True).logits[:, -1]
-        out.append(lg)
-        tok = lg.argmax(-1, keepdim=True)
-        toks.append(tok[:, 0])
-    return torch.stack(out), torch.stack(toks), cache
+from offload_helpers import decode as _decode, predictor_net as _net, selector as _selector
 
 
 @pytest.mark.parametrize("kind", ["quest", "ap"])
@@ -170,8 +142,8 @@ def test_offload_refusals():
     model = tiny_llama(layers=4)
     with pytest.raises(KVSqueezeError, match="decode-time selector"):
         kq.CompressedCache(model, offload="cpu")
-    with pytest.raises(KVSqueezeError, match="quantized storage"):
-        kq.CompressedCache(model, selector=Quest(64), offload="cpu", layer_factory=parse_quant("kivi-4").layer_factory)
+    with pytest.raises(KVSqueezeError, match="kivi-<bits> only"):  # KIVI has a host tier (test_offload_quant.py)
+        kq.CompressedCache(model, selector=Quest(64), offload="cpu", layer_factory=parse_quant("gear-4").layer_factory)
     with pytest.raises(KVSqueezeError, match="'cpu' or 'disk'"):
         kq.CompressedCache(model, selector=Quest(64), offload="gpu")
     for m in (kq.get_method("h2o", compression_ratio=0.5), kq.get_method("knorm", budget=64, compression_interval=4),
@@ -193,7 +165,7 @@ def tiny_dir(tmp_path_factory):
 
 def test_sweep_offloaded_rows_answer_as_on_device_selection(tiny_dir, tmp_path):
     """`make_pairs(..., offload='cpu')`: every pair offloaded (shared prefill and re-prefill alike), keys marked,
-    answers those of on-device selection; a grid with a dense pair or --quant is refused."""
+    answers those of on-device selection; a grid with a dense pair or a --quant scheme other than KIVI is refused."""
     from conftest import loaded_in_own_cache
     from kvsqueeze.evaluation import make_pairs, run_sweep
     from kvsqueeze.tasks import TaskConfig, build_samples
@@ -214,8 +186,8 @@ def test_sweep_offloaded_rows_answer_as_on_device_selection(tiny_dir, tmp_path):
         assert ref == sorted(runs["cpu", True].answers.values()) == sorted(runs["cpu", False].answers.values())
     with pytest.raises(KVSqueezeError, match="needs --select"):
         make_pairs(["full"], [0.0], selects=["none", ("quest", 64)], offload="cpu")
-    with pytest.raises(KVSqueezeError, match="--quant"):
-        make_pairs(["full"], [0.0], quants=["kivi-4"], selects=[("quest", 64)], offload="cpu")
+    with pytest.raises(KVSqueezeError, match="--quant kivi-<bits> only"):
+        make_pairs(["full"], [0.0], quants=["kivi-4", "mikv-8-2"], selects=[("quest", 64)], offload="cpu")
     with pytest.raises(KVSqueezeError, match="while decoding"):
         make_pairs(["h2o"], [0.5], selects=[("quest", 64)], offload="cpu")
 
@@ -247,7 +219,7 @@ def test_cli_generate_offload(tiny_dir, tmp_path):
     frames_line = next(x for x in static_off.output.splitlines() if x.startswith("while decoding"))
     assert "page frames included" in frames_line, static_off.output
     assert_one_error_line(args[:-4] + ["--offload", "cpu"], "--offload needs --select")
-    assert_one_error_line(args + ["--offload", "cpu", "--quant", "kivi-4"], "does not compose with --quant")
+    assert_one_error_line(args + ["--offload", "cpu", "--quant", "gear-4"], "composes with --quant kivi-<bits> only")
 
 
 @pytest.mark.slow

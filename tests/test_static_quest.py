@@ -224,7 +224,9 @@ def test_static_selection_is_the_eager_rule_on_random_keys(gqa):
         sq.load()
         assert slots.write[2].eq(write + 1).all()
         slots.write[2] = write
-        layer = SimpleNamespace(n_stored=write + 1, keys=keys[:, :, : write + 1], valid=None, version=write)
+        held = keys[:, :, : write + 1]
+        layer = SimpleNamespace(n_stored=write + 1, keys=held, valid=None, version=write,
+                                key_slots=lambda lo, hi, held=held: held[:, :, lo:hi])  # what Quest reads
         for _ in range(8):  # queries of several draws: heads of the group take turns deciding the ranking
             quest.reset()
             query = torch.randn(b, hq, 1, d, generator=g) * torch.tensor([0.2, 1, 2, 4] * 2).view(1, hq, 1, 1)

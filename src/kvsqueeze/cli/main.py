@@ -170,7 +170,13 @@ def generate(model, method, compression_ratio, budget, exempt_layers, compressio
         raise KVSqueezeError("--offload needs --select (quest or attention_predictor): without a selector every "
                              "decoding step attends to every token, so every token would travel each step")
     if offload != "none" and quant != "none":
-        raise KVSqueezeError("--offload holds full-precision KV in host memory: it does not compose with --quant yet")
+        if compiled:
+            raise KVSqueezeError("--compile does not read a quantized host tier: --quant with --offload decodes "
+                                 "eagerly (drop --compile)")
+        from ..quant import parse_quant
+        from ..quant.offload import host_tier_for_layers
+
+        host_tier_for_layers(parse_quant(quant).layer_factory)  # KIVI only: one line for the other schemes
     if offload == "disk" and compiled:
         raise KVSqueezeError("--compile offloads to cpu only (host memory its step reads); --offload disk decodes "
                              "eagerly: drop --compile")

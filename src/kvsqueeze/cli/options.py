@@ -80,5 +80,7 @@ def offload_option(f):
              "are copied each step (AttentionPredictor prefetches the next step's pages; Quest fetches on demand). "
              "With generate --compile (cpu only): the compiled static step reads host memory directly and copies "
              "the pages its device frames lack at the start of each layer's attention (no prefetch). "
-             "Needs --select; full-precision storage only (no --quant). Answers equal on-device selection. "
+             "Needs --select; with --quant kivi-<bits> the host holds KIVI's packed storage (the bytes --quant "
+             "holds on the device) and the frames dequantized pages (other --quant schemes refused; eager only). "
+             "Answers equal on-device selection. "
              "On a CPU device it only simulates the tiers (host memory is the device's memory).")(f)

@@ -161,8 +161,8 @@ def make_pairs(methods: list[Method | str], compression_ratios: list[float], que
     identical to an earlier one runs once. A method and a scheme that do not compose (`for_storage` refuses: a
     merging method with MiKV / ZipCache, a cross-layer method with any scheme) raise its `KVSqueezeError`, or, when
     `skipped` is a list, are left out of the grid and named there ("d2o + mikv-8-2"). `offload` ('cpu' or 'disk'):
-    every pair offloaded (its params say so); needs a selector and full-precision storage in every pair
-    (KVSqueezeError otherwise)."""
+    every pair offloaded (its params say so); needs a selector in every pair, and full-precision or KIVI storage
+    (KIVI's packed storage is the host tier, `kvsqueeze.quant.offload`) (KVSqueezeError otherwise)."""
     from ..quant import parse_quant
 
     qspecs = [parse_quant(q) for q in (quants or [None])]
@@ -174,9 +174,10 @@ def make_pairs(methods: list[Method | str], compression_ratios: list[float], que
         if any(n is None for n, _ in sels):
             raise KVSqueezeError("--offload needs --select (quest or attention_predictor) for every configuration: "
                                  "without a selector every step attends to every token (drop 'none' from --select)")
-        if any(q is not None for q in qspecs):
-            raise KVSqueezeError("--offload holds full-precision KV in host memory; it does not compose with --quant "
-                                 "yet")
+        from ..quant.offload import host_tier_for_layers
+
+        for q in qspecs:  # KIVI's packed storage has a host tier; other schemes are refused (KVSqueezeError)
+            host_tier_for_layers(q.layer_factory if q is not None else None)
     if any(n is not None for n, _ in sels):
         from ..selection import get_selector
     pairs: list[Pair] = []

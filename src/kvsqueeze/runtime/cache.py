@@ -22,6 +22,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicSlidingWindowLayer
 
 from ..errors import KVSqueezeError
+from ..quant.offload import host_tier_for, host_tier_for_layers
 from ..shapes import attention_shape
 from ..storage.layer import CompressedLayer
 from ..storage.offload import OffloadCounters, OffloadLayer
@@ -107,9 +108,6 @@ class CompressedCache(Cache):
         if offload and selector is None:
             raise KVSqueezeError("offloading needs a decode-time selector (--select quest or attention_predictor): "
                                  "without one every step attends to every token, so every token would travel")
-        if offload and layer_factory is not None:
-            raise KVSqueezeError("offloading holds full-precision KV in host memory; it does not compose with "
-                                 "quantized storage (--quant) yet")
         if offload and method is not None and _decode_time(method):
             raise KVSqueezeError(f"offloading keeps the KV off the device between prefills: {method.describe()} "
                                  "scores or evicts while decoding (compression_interval, or a method observing every "
@@ -118,6 +116,8 @@ class CompressedCache(Cache):
         if offload and not all(hasattr(selector, a) for a in ("budget", "page", "dense_layers")):
             raise KVSqueezeError(f"offloading sizes its device frames from the selector's budget, page and "
                                  f"dense_layers, which {type(selector).__name__} does not have")
+        # the host tier of a quantized scheme (KIVI: its packed storage; KVSqueezeError for the others)
+        host_store = host_tier_for_layers(layer_factory, selector.page) if offload else None
         attach(model)  # route the model's attention through kvsqueeze during this cache's forwards
         self.awaiting: int | None = None  # the layer whose update ran, waiting for its attention call
         self._deferred: list = []  # (layer_idx, ScoreInputs, query) waiting for the last layer (defer_eviction)
@@ -128,7 +128,8 @@ class CompressedCache(Cache):
             if kind == "full_attention" and offload and i not in selector.dense_layers:
                 # the KV in host memory, the selector's budget of pages (+ the partial page) in device frames
                 layers.append(OffloadLayer(frames=selector.budget // selector.page + 1, page=selector.page,
-                                           latency_s=offload_latency, tier=offload, disk_dir=offload_dir))
+                                           latency_s=offload_latency, tier=offload, disk_dir=offload_dir,
+                                           store_factory=host_store))
             elif kind == "full_attention":
                 layers.append((layer_factory or CompressedLayer)())
             elif kind == "sliding_attention":  # compressed too, never holding tokens outside the window
@@ -430,7 +431,8 @@ class CompressedCache(Cache):
         """Offload this cache's full-attention layers that its selector makes sparse (not `dense_layers`), as
         building it with `offload=where` would have (a cache compressed from a shared prefill record, e.g. in a
         sweep); returns the cache. `where` None or 'none': nothing to do. Raises KVSqueezeError as the
-        constructor does (no selector, quantized storage, a tier other than 'cpu' / 'disk')."""
+        constructor does (no selector, quantized storage other than KIVI, a tier other than 'cpu' / 'disk').
+        KIVI layers move their packed storage as it is (`kvsqueeze.quant.offload`)."""
         if where in (None, "none"):
             return self
         sel = self.selector
@@ -446,12 +448,13 @@ class CompressedCache(Cache):
         for i, layer in enumerate(self.layers):
             if type(layer) is not CompressedLayer or layer.sliding_window or i in sel.dense_layers:
                 continue
+            host_store = host_tier_for(layer.store, sel.page)  # None: full precision
             try:
                 self.layers[i] = OffloadLayer.from_layer(layer, frames=sel.budget // sel.page + 1, page=sel.page,
-                                                         latency_s=latency_s, tier=where, disk_dir=disk_dir)
+                                                         latency_s=latency_s, tier=where, disk_dir=disk_dir,
+                                                         store_factory=host_store)
             except TypeError as e:
-                raise KVSqueezeError(f"offloading holds full-precision KV in host memory ({e}); it does not "
-                                     "compose with quantized storage (--quant) yet") from None
+                raise KVSqueezeError(f"offloading cannot hold layer {i}'s storage in host memory ({e})") from None
         self.offload_tier = where
         return self
 

@@ -212,7 +212,8 @@ def generate_answer(model, tokenizer, context: str, question: str, method: Metho
     `kvsqueeze.selection.Quest(512)`) makes every decoding step attend to a subset of what is stored.
     `static` / `compile`: decode over a fixed-capacity copy of the compressed cache, the step compiled with
     `compile` (see `answer_tokens`; the stats are the eager cache's, before the copy). `offload` ('cpu', with a
-    `selector`): the sparse layers' KV in host memory, pages copied per step (`kvsqueeze.storage.offload`; with
+    `selector`): the sparse layers' KV in host memory, pages copied per step (`kvsqueeze.storage.offload`; with a
+    KIVI `layer_factory`, KIVI's packed storage on the host, `kvsqueeze.quant.offload`; with
     `static`, the static copy's device frames, `storage/frames.py`); the result then carries `offload`
     (`CompressedCache.offload_stats()`, or the static copy's `offload_stats()`)."""
     if not context.strip():

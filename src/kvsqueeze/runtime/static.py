@@ -90,7 +90,7 @@ from ..errors import KVSqueezeError
 from ..quant.kivi import KIVIStore
 from ..quant.kivi_static import StaticKIVI
 from ..storage.layer import CompressedLayer
-from ..storage.offload import OffloadLayer
+from ..storage.offload import OffloadLayer, OffloadStore
 from ..storage.stats import CacheStats
 from ..kernels.slot_decode import grouped_matmul_decode
 from ..storage.static import StaticSlots, _static
@@ -450,6 +450,9 @@ class StaticCompressedCache(Cache):
             if not layer.is_initialized or layer.positions is None or layer.positions.shape[-1] == 0:
                 raise KVSqueezeError("the cache is empty: prefill it before building the static cache")
         _check_one_device(layer.device for layer in cache.layers)  # each layer's KV is on its layer's device
+        if any(isinstance(layer, OffloadLayer) and layer.host_store is not OffloadStore for layer in cache.layers):
+            raise KVSqueezeError("the static decode step does not read a quantized host tier (--quant with "
+                                 "--offload) " + EAGER)
         kinds = {type(layer.store) for layer in cache.layers}
         if kinds == {KIVIStore}:
             return cls._from_kivi(cache, max_new_tokens, position)

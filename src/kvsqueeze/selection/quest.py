@@ -71,13 +71,13 @@ class Quest(Selector):
             st["kmin"], st["kmax"] = (t.to(device) for t in page_minmax(keys[:, :, : full * p], p))
         elif st["full"] < full:  # pages completed since the last step
             lo = st["full"] * p
-            mn, mx = page_minmax(layer.keys[:, :, lo : full * p], p)
+            mn, mx = page_minmax(layer.key_slots(lo, full * p), p)
             st["kmin"] = torch.cat([st["kmin"], mn.to(st["kmin"].device)], 2)
             st["kmax"] = torch.cat([st["kmax"], mx.to(st["kmax"].device)], 2)
         st["full"], st["version"] = full, version
         kmin, kmax = st["kmin"], st["kmax"]
         if n > full * p:  # the partial page holding the current token
-            tail = layer.keys[:, :, full * p :].float().to(kmin.device)
+            tail = layer.key_slots(full * p, n).float().to(kmin.device)
             kmin = torch.cat([kmin, tail.amin(2, keepdim=True)], 2)
             kmax = torch.cat([kmax, tail.amax(2, keepdim=True)], 2)
         return kmin, kmax

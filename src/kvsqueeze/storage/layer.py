@@ -156,6 +156,11 @@ class CompressedLayer(DynamicLayer):
         return (keys.gather(2, idx[..., None].expand(*idx.shape, keys.shape[-1])),
                 values.gather(2, idx[..., None].expand(*idx.shape, values.shape[-1])))
 
+    def key_slots(self, lo: int, hi: int) -> torch.Tensor:
+        """Keys (batch, kv_heads, hi - lo, head_dim) of slots lo .. hi - 1, as `keys` shows them (a selector's
+        per-page summaries read a few pages; an offloaded quantized layer dequantizes only those)."""
+        return self.keys[:, :, lo:hi]
+
     def selected_keys(self, idx: torch.Tensor) -> torch.Tensor:
         """Keys (batch, kv_heads, k, head_dim) of the slots `idx` (batch, kv_heads, k) (a selector's sparse row)."""
         keys = self.keys

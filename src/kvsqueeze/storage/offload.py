@@ -23,8 +23,16 @@ decoding step writes its token into the host tier and, when the page is resident
 When more pages are needed than there are frames (a dense step over more slots than the budget), the slots needed
 are copied from the host tier for that step only (counted in `OffloadCounters.full_fetches`).
 
-`OffloadLayer` is the `CompressedLayer` over this store (see its docstring for what a forward reads). Only
-full-precision storage: a quantized host tier is not implemented (`--quant` with `--offload` is refused upstream).
+`OffloadLayer` is the `CompressedLayer` over this store (see its docstring for what a forward reads).
+
+The host tier's form is the store's: here full precision; a subclass holds another form behind five hooks
+(`_init_host`, `_write_host`, `_grow_host`, `_stage` / `_unstage`: what travels for a set of pages and how the
+device turns it into the pages' keys and values, `_fetch_slots`: the full fetch) plus the protocol calls that
+change the slots (`keep`, `index_batch`, `set_dense`, `adopt`, `commit`), while the frames, the page table, the
+prefetch and the counters stay here. `kvsqueeze.quant.offload.KIVIOffloadStore` is such a subclass: KIVI's packed
+storage on the host, pages dequantized on the device, frames of the pages a residual flush quantizes dropped
+(`--quant kivi-<bits> --offload cpu|disk`; other `--quant` schemes are refused upstream). `OffloadLayer` takes
+the tier's class as `store_factory`.
 
 Tier 'disk' keeps the host tier in memory-mapped files instead (a first step towards LeoAM's GPU-CPU-disk tiers:
 the operating system's page cache is the CPU tier; LeoAM's variable-sized chunks and per-chunk abstracts are not
@@ -42,7 +50,7 @@ import torch
 
 from .layer import CompressedLayer
 from .slots import take
-from .stores import KVStore, nbytes
+from .stores import DenseStore, KVStore, nbytes
 
 
 @dataclass
@@ -53,7 +61,8 @@ class OffloadCounters:
     the step asked (a prefetched page counts as a hit); demand_pages / prefetch_pages: pages copied host -> device
     on demand / ahead; bytes_moved: host -> device bytes (keys + values, pages and full fetches); full_fetches:
     steps that needed more pages than frames (their slots copied for that step only); steps: offloaded layer-steps
-    (one per layer and decoding step)."""
+    (one per layer and decoding step); invalidated: resident pages dropped from their frames because their stored
+    value changed in the host tier (a quantized tier's residual flush, `kvsqueeze.quant.offload`)."""
 
     needed: int = 0
     hits: int = 0
@@ -62,6 +71,7 @@ class OffloadCounters:
     bytes_moved: int = 0
     full_fetches: int = 0
     steps: int = 0
+    invalidated: int = 0
 
     def add(self, other: "OffloadCounters") -> "OffloadCounters":
         for f in self.__dataclass_fields__:
@@ -140,10 +150,14 @@ class OffloadStore(KVStore):
         self.engine = CopyEngine(keys.device, self.latency_s)
         self.b, self.h, self.dk, self.dv = b, h, d, values.shape[-1]
         self.n = 0
-        self.kh, self.vh = self._host_empty(0)
-        self._drop_files(2)
+        self._init_host(keys, values)
         self.kd = self.vd = None
         self._flush()
+
+    def _init_host(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """An empty host tier for tensors shaped like keys, values (batch, kv_heads, q, head_dim)."""
+        self.kh, self.vh = self._host_empty(0)
+        self._drop_files(2)
 
     def _host_empty(self, cap: int):
         """Uninitialised host buffers for `cap` slots (rounded up to whole pages): pinned memory, plain memory, or
@@ -191,15 +205,19 @@ class OffloadStore(KVStore):
         """Room for `n` slots in the host tier (growing by a quarter), the page tables widened to match."""
         if n <= self.capacity:
             return
-        kh, vh = self._host_empty(max(n, self.capacity + self.capacity // 4, 4 * self.page))
-        self._sync_host()
-        kh[:, :, : self.n], vh[:, :, : self.n] = self.kh[:, :, : self.n], self.vh[:, :, : self.n]
-        self.kh, self.vh = kh, vh
-        self._drop_files(2)
+        self._grow_host(max(n, self.capacity + self.capacity // 4, 4 * self.page))
         extra = self.capacity // self.page - self.page_frame.shape[2]
         pad = torch.full((self.b, self.h, extra), -1, dtype=torch.long)
         self.page_frame = torch.cat([self.page_frame, pad], 2)
         self.page_frame_dev = torch.cat([self.page_frame_dev, pad.to(self.device)], 2)
+
+    def _grow_host(self, cap: int) -> None:
+        """Reallocate the host tier for `cap` slots (rounded up to whole pages), the stored slots copied over."""
+        kh, vh = self._host_empty(cap)
+        self._sync_host()
+        kh[:, :, : self.n], vh[:, :, : self.n] = self.kh[:, :, : self.n], self.vh[:, :, : self.n]
+        self.kh, self.vh = kh, vh
+        self._drop_files(2)
 
     def _frames(self):
         if self.kd is None:
@@ -221,10 +239,7 @@ class OffloadStore(KVStore):
         q, n0 = keys.shape[2], self.n
         self.engine.wait()  # a prefetch may be writing the frames and the page table's mirror
         self._grow(n0 + q)
-        self.kh[:, :, n0 : n0 + q].copy_(keys, non_blocking=self.pin)
-        self.vh[:, :, n0 : n0 + q].copy_(values, non_blocking=self.pin)
-        if self.pin:
-            self._d2h = torch.cuda.current_stream(self.device).record_event()
+        self._write_host(keys, values, n0)
         self.n = n0 + q
         if q > 1:
             self._flush()
@@ -239,10 +254,23 @@ class OffloadStore(KVStore):
             j = slot[..., None].expand(*slot.shape, dev.shape[-1])
             dev.scatter_(2, j, torch.where(resident, new.to(dev.dtype), dev.gather(2, j)))
 
+    def _write_host(self, keys: torch.Tensor, values: torch.Tensor, n0: int) -> None:
+        """Write the new slots (batch, kv_heads, q, head_dim) into the host tier at slots n0 .. n0 + q - 1
+        (asynchronously from CUDA into pinned memory: `_sync_host` waits for it)."""
+        q = keys.shape[2]
+        self.kh[:, :, n0 : n0 + q].copy_(keys, non_blocking=self.pin)
+        self.vh[:, :, n0 : n0 + q].copy_(values, non_blocking=self.pin)
+        if self.pin:
+            self._d2h = torch.cuda.current_stream(self.device).record_event()
+
     def view(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Every slot from the host tier (batch, kv_heads, n, head_dim), on the host device."""
         self._sync_host()
         return self.kh[:, :, : self.n], self.vh[:, :, : self.n]
+
+    def key_slots(self, lo: int, hi: int) -> torch.Tensor:
+        """Keys (batch, kv_heads, hi - lo, head_dim) of slots lo .. hi - 1 from the host tier."""
+        return self.view()[0][:, :, lo:hi]
 
     def keep(self, idx: torch.Tensor, held: torch.Tensor | None = None) -> None:
         k, v = self.view()
@@ -264,6 +292,15 @@ class OffloadStore(KVStore):
         self.kh[:, :, : k.shape[2]], self.vh[:, :, : k.shape[2]] = k, v
         self.n = k.shape[2]
         self._drop_files(2)
+
+    def adopt(self, src: KVStore) -> None:
+        """Hold what the device store `src` holds, in this tier's form (here: full precision, every slot copied to
+        the host tier; the frames empty). Raises TypeError for a store this tier cannot hold (here anything but
+        `DenseStore`; a quantized tier, `kvsqueeze.quant.offload`, takes its scheme's store)."""
+        if not isinstance(src, DenseStore):
+            raise TypeError(f"only full-precision layers can be offloaded to this tier, not {type(src).__name__}")
+        k, v = src.view()
+        self._replace(k.to(self.host), v.to(self.host))
 
     def set_dense(self, which: int, t: torch.Tensor) -> None:
         """Replace every slot's keys (which=0) or values (1) with `t` (batch, kv_heads, n, d)."""
@@ -326,14 +363,9 @@ class OffloadStore(KVStore):
             self.counters.prefetch_pages += m
         else:
             self.counters.demand_pages += m
-        self.counters.bytes_moved += m * self.page * (self.dk + self.dv) * self.kh.element_size()
-        self._sync_host()
+        staged, moved = self._stage(bi, hi, p)
+        self.counters.bytes_moved += moved
         ar = torch.arange(self.page)
-        src = ((bi * self.h + hi) * self.capacity)[:, None] + p[:, None] * self.page + ar  # (m, page) host slots
-        kst = torch.empty(m * self.page, self.dk, dtype=self.dtype, pin_memory=self.cuda)
-        vst = torch.empty(m * self.page, self.dv, dtype=self.dtype, pin_memory=self.cuda)
-        torch.index_select(self.kh.view(-1, self.dk), 0, src.view(-1), out=kst)
-        torch.index_select(self.vh.view(-1, self.dv), 0, src.view(-1), out=vst)
         dst = ((bi * self.h + hi) * (self.frames * self.page))[:, None] + fr[:, None] * self.page + ar
         pages = self.page_frame.shape[2]
         row = bi * self.h + hi
@@ -342,14 +374,44 @@ class OffloadStore(KVStore):
         def copy():
             kd, vd = self._frames()
             dev, nb = self.device, self.cuda
-            kd.view(-1, self.dk).index_copy_(0, dst.view(-1).to(dev, non_blocking=nb), kst.to(dev, non_blocking=nb))
-            vd.view(-1, self.dv).index_copy_(0, dst.view(-1).to(dev, non_blocking=nb), vst.to(dev, non_blocking=nb))
+            kst, vst = self._unstage(staged)
+            kd.view(-1, self.dk).index_copy_(0, dst.view(-1).to(dev, non_blocking=nb), kst)
+            vd.view(-1, self.dv).index_copy_(0, dst.view(-1).to(dev, non_blocking=nb), vst)
             mirror = self.page_frame_dev.view(-1)
             mirror[cleared[0].to(dev, non_blocking=nb)] = -1
             mirror[cleared[1].to(dev, non_blocking=nb)] = fr.to(dev, non_blocking=nb)
 
         self.engine.run(copy, background)
         return True
+
+    def _stage(self, bi: torch.Tensor, hi: torch.Tensor, p: torch.Tensor):
+        """Gather on the host what travels for the pages `p` of (row `bi`, kv head `hi`) (m,) long each: here
+        their keys and values, (m * page, head_dim) in the model's dtype (pinned on CUDA). Returns (staged, bytes
+        that will cross host -> device); `_unstage(staged)` runs on the compute stream (or the copy stream)."""
+        self._sync_host()
+        m = p.shape[0]
+        ar = torch.arange(self.page)
+        src = ((bi * self.h + hi) * self.capacity)[:, None] + p[:, None] * self.page + ar  # (m, page) host slots
+        kst = torch.empty(m * self.page, self.dk, dtype=self.dtype, pin_memory=self.cuda)
+        vst = torch.empty(m * self.page, self.dv, dtype=self.dtype, pin_memory=self.cuda)
+        torch.index_select(self.kh.view(-1, self.dk), 0, src.view(-1), out=kst)
+        torch.index_select(self.vh.view(-1, self.dv), 0, src.view(-1), out=vst)
+        return (kst, vst), nbytes(kst) + nbytes(vst)
+
+    def _unstage(self, staged) -> tuple[torch.Tensor, torch.Tensor]:
+        """`_stage`'s result -> the pages' keys (m * page, dk) and values (m * page, dv) on the compute device, in
+        the model's dtype, page after page."""
+        kst, vst = staged
+        return kst.to(self.device, non_blocking=self.cuda), vst.to(self.device, non_blocking=self.cuda)
+
+    def _fetch_slots(self, idx: torch.Tensor, idx_h: torch.Tensor, need: torch.Tensor):
+        """The full fetch (more pages needed than frames): keys and values (batch, kv_heads, k, head_dim) of the
+        slots `idx` on the compute device, copied from the host tier for this step only (here the slots alone);
+        `need` (b, h, pages) bool marks their pages. Counted in `full_fetches` and `bytes_moved`."""
+        k, v = self.view()
+        self.counters.full_fetches += 1
+        self.counters.bytes_moved += idx.numel() * (self.dk + self.dv) * self.kh.element_size()
+        return take(k, idx_h).to(self.device), take(v, idx_h).to(self.device)
 
     def gather(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values (batch, kv_heads, k, head_dim) on the compute device of the slots `idx` (batch,
@@ -370,10 +432,7 @@ class OffloadStore(KVStore):
         self.counters.hits += int((need & (self.page_frame >= 0)).sum())
         self.engine.wait()
         if not self._make_resident(need, background=False):
-            k, v = self.view()
-            self.counters.full_fetches += 1
-            self.counters.bytes_moved += idx.numel() * (self.dk + self.dv) * self.kh.element_size()
-            return take(k, idx_h).to(self.device), take(v, idx_h).to(self.device)
+            return self._fetch_slots(idx, idx_h, need)
         self.engine.wait()
         kd, vd = self._frames()
         slot = self.page_frame_dev.gather(2, idx // self.page) * self.page + idx % self.page
@@ -403,28 +462,30 @@ class OffloadLayer(CompressedLayer):
     (gather, prefetch, release) stays here. frames, page, latency_s: see `OffloadStore`."""
 
     def __init__(self, frames: int, page: int = 16, latency_s: float = 0.0, tier: str = "cpu",
-                 disk_dir: str | None = None):
+                 disk_dir: str | None = None, store_factory=None):
         self.offload_args = dict(frames=frames, page=page, latency_s=latency_s, tier=tier, disk_dir=disk_dir)
-        super().__init__(store_factory=lambda: OffloadStore(**self.offload_args))
+        self.host_store = store_factory or OffloadStore  # (**offload_args) -> an empty OffloadStore (or subclass)
+        super().__init__(store_factory=lambda: self.host_store(**self.offload_args))
         self._forward_kv = None  # (keys, values) on the device during a multi-token forward
         self._gathered = None  # (idx, keys, values) of the current step
 
     @classmethod
     def from_layer(cls, layer: CompressedLayer, frames: int, page: int = 16, latency_s: float = 0.0,
-                   tier: str = "cpu", disk_dir: str | None = None) -> "OffloadLayer":
-        """An offloaded layer holding what the full-precision `layer` holds (its slot table taken over, its keys
-        and values copied to the host tier; `layer` should not be used afterwards). Raises TypeError for a layer
-        whose store is not full precision (`DenseStore`) or a sliding-window layer."""
-        if layer.store is not None and layer.is_initialized and type(layer.store).__name__ != "DenseStore":
-            raise TypeError(f"only full-precision layers can be offloaded, not {type(layer.store).__name__}")
+                   tier: str = "cpu", disk_dir: str | None = None, store_factory=None) -> "OffloadLayer":
+        """An offloaded layer holding what `layer` holds (its slot table taken over, its store's content copied to
+        the host tier in the tier's form, `OffloadStore.adopt`; `layer` should not be used afterwards).
+        `store_factory`: the host tier's class (default `OffloadStore`, full precision; a quantized layer needs
+        its scheme's tier, `kvsqueeze.quant.offload`). Raises TypeError for a store the tier cannot hold or a
+        sliding-window layer."""
         if layer.sliding_window:
             raise TypeError("sliding-window layers are not offloaded (they hold a window only)")
-        out = cls(frames=frames, page=page, latency_s=latency_s, tier=tier, disk_dir=disk_dir)
+        out = cls(frames=frames, page=page, latency_s=latency_s, tier=tier, disk_dir=disk_dir,
+                  store_factory=store_factory)
         if not layer.is_initialized:
             return out
         k, v = layer.keys, layer.values
         out.lazy_initialization(k[:, :, :0], v[:, :, :0])
-        out.store._replace(k.to(out.store.host), v.to(out.store.host))
+        out.store.adopt(layer.store)
         out.table = layer.table
         for name in ("cumulative_length", "n_new", "n_evicted", "row_keep"):
             setattr(out, name, getattr(layer, name))
@@ -477,6 +538,11 @@ class OffloadLayer(CompressedLayer):
 
     def selected_keys(self, idx):
         return self.attend_kv(idx, None, None)[0]
+
+    def key_slots(self, lo: int, hi: int) -> torch.Tensor:
+        if self._forward_kv is not None:
+            return self._forward_kv[0][:, :, lo:hi]
+        return self.store.key_slots(lo, hi)
 
     def end_attention(self, selector=None, layer_idx: int | None = None, decoding: bool = False) -> None:
         """After a decoding step's attention, ask `selector` for the next step's slots (`predict_next`: only a

@@ -1,0 +1,44 @@
+"""What the offloading tests share (tests/test_offload.py, tests/test_offload_quant.py): a random AttentionPredictor
+CNN, the two selectors at a budget, and greedy decoding over a `CompressedCache` returning every step's logits."""
+
+import torch
+
+import kvsqueeze as kq
+from kvsqueeze.selection import AttentionPredictor, PredictorNet, Quest
+
+from conftest import kv
+
+
+def predictor_net(seed=0, scale=0.3):
+    """A PredictorNet with random N(0, scale) weights (no training: the equality tests do not depend on them)."""
+    torch.manual_seed(seed)
+    net = PredictorNet()
+    for p in net.parameters():
+        p.data.normal_(0, scale)
+    return net.eval()
+
+
+def selector(kind, budget=96):
+    """'quest' -> Quest(budget); 'ap' -> AttentionPredictor(budget) over `predictor_net()`, sink 16, local 32."""
+    if kind == "quest":
+        return Quest(budget)
+    return AttentionPredictor(budget, predictor=predictor_net(), sink=16, local=32)
+
+
+@torch.no_grad()
+def decode(model, selector, ids, steps=12, offload=None, method=None, chunk_size=None, latency=0.0,
+           layer_factory=None, offload_dir=None, cache=None):
+    """Greedy decoding of `steps` tokens after prefilling ids (batch, n): (logits (steps, batch, vocab), tokens
+    (steps, batch), the cache). `cache`: a cache built by the caller (the other cache arguments are then unused)."""
+    if cache is None:
+        cache = kq.CompressedCache(model, method, selector=selector, offload=offload, offload_latency=latency,
+                                   layer_factory=layer_factory, offload_dir=offload_dir)
+    logits = kq.prefill(model, cache, ids, chunk_size=chunk_size)
+    out, toks = [], []
+    tok = logits.argmax(-1, keepdim=True)
+    for _ in range(steps):
+        lg = model(input_ids=tok, **kv(cache), use_cache=True).logits[:, -1]
+        out.append(lg)
+        tok = lg.argmax(-1, keepdim=True)
+        toks.append(tok[:, 0])
+    return torch.stack(out), torch.stack(toks), cache
