@@ -32,7 +32,7 @@ if triton is not None:
 
     @triton.jit
     def _cnn_rows(X, OK, W1, B1, W2, B2, W3, OUT, S, W, S2, W2N,
-                  s_x_m, s_x_s, s_ok_m, s_ok_s, s_o_m, s_o_s,
+                  s_x_m, s_x_s, s_ok_m, s_ok_s, s_ok_w, s_o_m, s_o_s,
                   PR: tl.constexpr, PC: tl.constexpr, BLOCK_W: tl.constexpr, PREC: tl.constexpr):
         m = tl.program_id(0)
         cols = tl.program_id(2) * BLOCK_W + tl.arange(0, BLOCK_W)  # output columns of conv2
@@ -58,7 +58,8 @@ if triton is not None:
                         xv = tl.load(X + m * s_x_m + rx * s_x_s + cx, mask=ld, other=0.0)
                         w = tl.load(W1 + c16 * 9 + ky * 3 + kx)
                         f += xv[:, None] * w[None, :]
-                okv = tl.load(OK + m * s_ok_m + (r1 + 1 - PR) * s_ok_s + (c1 + 1 - PC), mask=inside, other=0.0)
+                okv = tl.load(OK + m * s_ok_m + (r1 + 1 - PR) * s_ok_s + (c1 + 1 - PC) * s_ok_w, mask=inside,
+                              other=0.0)
                 f = tl.maximum(f + b1[None, :], 0.0) * okv[:, None]  # zero outside conv1's extent too (okv 0)
                 w2 = tl.load(W2 + c32[None, :] * 144 + c16[:, None] * 9 + dy * 3 + dx)  # (16, 32)
                 acc += tl.dot(f, w2, input_precision=PREC)
@@ -71,7 +72,8 @@ def predictor_cnn(x: torch.Tensor, ok: torch.Tensor, w1: torch.Tensor, b1: torch
                   b2: torch.Tensor, w3: torch.Tensor, rows: bool = True, cols: bool = True, block_w: int = 64,
                   precision: str = "ieee") -> torch.Tensor:
     """The CNN's contribution z (M, S', W') float32 of history rows x (M, S, W) float32 (zero where not `ok`) with
-    validity ok (M, S, W) (bool or float): `reference_predictor_cnn`'s value in one kernel. w1 (16, 1, 3, 3), b1
+    validity ok (M, S, W) (bool or float; or any shape that broadcasts to x's, e.g. (1, S, W) for every image):
+    `reference_predictor_cnn`'s value in one kernel. w1 (16, 1, 3, 3), b1
     (16,), w2 (32, 16, 3, 3), b2 (32,), w3 (32,): `PredictorNet`'s conv1, conv2 and conv3 (float32). `rows` /
     `cols` False: no padding along that axis (S' = S - 4, W' = W - 4; else S, W). `precision`: `tl.dot`'s input
     precision ("ieee": float32 products; "tf32" on the GPU: tensor cores, as cuDNN's default for float32
@@ -84,14 +86,14 @@ def predictor_cnn(x: torch.Tensor, ok: torch.Tensor, w1: torch.Tensor, b1: torch
     pr, pc = int(rows), int(cols)
     S2, W2 = S - 4 + 4 * pr, W - 4 + 4 * pc
     x = x.float().contiguous()
-    okf = ok.float().contiguous()
+    okf = ok.float().expand(M, S, W)  # ok may broadcast over the images (stride 0)
     out = torch.empty(M, max(S2, 0), max(W2, 0), dtype=torch.float32, device=x.device)
     if S2 <= 0 or W2 <= 0 or M == 0:
         return out
     grid = (M, S2, triton.cdiv(W2, block_w))
     _cnn_rows[grid](x, okf, w1.float().contiguous(), b1.float().contiguous(), w2.float().contiguous(),
                     b2.float().contiguous(), w3.float().contiguous().view(-1), out, S, W, S2, W2,
-                    x.stride(0), x.stride(1), okf.stride(0), okf.stride(1), out.stride(0), out.stride(1),
+                    x.stride(0), x.stride(1), okf.stride(0), okf.stride(1), okf.stride(2), out.stride(0), out.stride(1),
                     PR=pr, PC=pc, BLOCK_W=block_w, PREC=precision, num_warps=4)
     return out
 
