@@ -33,7 +33,7 @@ if triton is not None:
     @triton.jit
     def _cnn_rows(X, OK, W1, B1, W2, B2, W3, OUT, S, W, S2, W2N,
                   s_x_m, s_x_s, s_ok_m, s_ok_s, s_ok_w, s_o_m, s_o_s,
-                  PR: tl.constexpr, PC: tl.constexpr, BLOCK_W: tl.constexpr, PREC: tl.constexpr):
+                  PR: tl.constexpr, PC: tl.constexpr, BLOCK_W: tl.constexpr, TF32: tl.constexpr):
         m = tl.program_id(0)
         cols = tl.program_id(2) * BLOCK_W + tl.arange(0, BLOCK_W)  # output columns of conv2
         # the output row, as a vector (Triton's interpreter refuses a mask of a vector and a scalar condition)
@@ -62,7 +62,10 @@ if triton is not None:
                               other=0.0)
                 f = tl.maximum(f + b1[None, :], 0.0) * okv[:, None]  # zero outside conv1's extent too (okv 0)
                 w2 = tl.load(W2 + c32[None, :] * 144 + c16[:, None] * 9 + dy * 3 + dx)  # (16, 32)
-                acc += tl.dot(f, w2, input_precision=PREC)
+                if TF32:  # an int flag, not a string constexpr: what torch.compile's Triton wrapper passes safely
+                    acc += tl.dot(f, w2, input_precision="tf32")
+                else:
+                    acc += tl.dot(f, w2, input_precision="ieee")
         g = tl.maximum(acc + tl.load(B2 + c32)[None, :], 0.0)
         z = tl.sum(g * tl.load(W3 + c32)[None, :], 1)
         tl.store(OUT + m * s_o_m + tl.program_id(1) * s_o_s + cols, z, mask=cols < W2N)
@@ -77,8 +80,10 @@ def predictor_cnn(x: torch.Tensor, ok: torch.Tensor, w1: torch.Tensor, b1: torch
     (16,), w2 (32, 16, 3, 3), b2 (32,), w3 (32,): `PredictorNet`'s conv1, conv2 and conv3 (float32). `rows` /
     `cols` False: no padding along that axis (S' = S - 4, W' = W - 4; else S, W). `precision`: `tl.dot`'s input
     precision ("ieee": float32 products; "tf32" on the GPU: tensor cores, as cuDNN's default for float32
-    convolutions). Raises RuntimeError without triton, ValueError for other channel counts."""
+    convolutions). Raises RuntimeError without triton, ValueError for other channel counts or precisions."""
     require_triton("the predictor CNN kernel")
+    if precision not in ("ieee", "tf32"):
+        raise ValueError(f"precision must be 'ieee' or 'tf32', got {precision!r}")
     if tuple(w1.shape) != (16, 1, 3, 3) or tuple(w2.shape) != (32, 16, 3, 3) or w3.numel() != 32:
         raise ValueError(f"the predictor CNN kernel takes PredictorNet's 1 -> 16 -> 32 -> 1 channels, got conv1 "
                          f"{tuple(w1.shape)}, conv2 {tuple(w2.shape)}, conv3 {w3.numel()}")
@@ -94,7 +99,7 @@ def predictor_cnn(x: torch.Tensor, ok: torch.Tensor, w1: torch.Tensor, b1: torch
     _cnn_rows[grid](x, okf, w1.float().contiguous(), b1.float().contiguous(), w2.float().contiguous(),
                     b2.float().contiguous(), w3.float().contiguous().view(-1), out, S, W, S2, W2,
                     x.stride(0), x.stride(1), okf.stride(0), okf.stride(1), okf.stride(2), out.stride(0), out.stride(1),
-                    PR=pr, PC=pc, BLOCK_W=block_w, PREC=precision, num_warps=4)
+                    PR=pr, PC=pc, BLOCK_W=block_w, TF32=int(precision == "tf32"), num_warps=4)
     return out
 
 
