@@ -21,8 +21,8 @@ Rows (`--rows` picks a subset by name):
                               them only), ap (the full cache with AttentionPredictor selection at `--budget`
                               tokens: sink 64 + predicted pages + local 64, the paper's CNN at its blend init (random
                               weights do not change the time), history and prediction on the device, a full
-                              calibration row every 5th step, written eagerly after the compiled step; ms_mean in the JSON and
-                              "mean" on its line count those steps, the median does not); kernel = each of
+                              calibration row every 5th step, written eagerly after the compiled step; ms_mean in
+                              the JSON and "mean" on its line count those steps, the median does not); kernel = each of
                               `--static-kernels` (sdpa: torch's fused attention over the kv-head groups; matmul:
                               two batched products per group; triton: split-KV flash-decoding over the slots, for
                               quest over the selected pages read in place; sdpa / matmul gather the pages first;

@@ -67,7 +67,8 @@ def test_every_split_plan_gives_the_reference(B, HQ, HK, C, per_sm):
     valid = (torch.rand(B, HK, C, generator=g) < 0.5).to(DEV)
     valid[..., -1] = True
     n_splits = _split_plan(B * HK, C, 64, _sm_count(q.device), per_sm)[0]
-    assert (n_splits > 32) if per_sm == 16 else (n_splits >= 1)
+    if per_sm == 16:  # the merge's blocks of 32 splits are all exercised
+        assert n_splits > 32
     out = slot_decode_attention(q, k, v, valid, programs_per_sm=per_sm)
     tol = 2e-2 if dt == torch.bfloat16 else 1e-5
     torch.testing.assert_close(out.float(), reference_slot_decode(q, k, v, valid).float(), atol=tol, rtol=tol)

@@ -168,7 +168,7 @@ def test_static_ap_batch_of_two(model, recorded):
     _same_pages(eager, st)
 
 
-def test_compiled_step_equals_uncompiled_two_graphs(model):
+def test_compiled_step_equals_uncompiled_one_graph(model):
     """fullgraph, aot_eager: the same tokens and logits; one graph (a calibration step's full row is written by
     `after_step`, eagerly, after the compiled step), no graph break."""
     ids = _ids()

@@ -202,7 +202,7 @@ def test_page_kernel_over_frames_equals_the_in_place_read():
 @pytest.mark.parametrize("n_pages,n_frames,k", [(600, 256, 256), (600, 512, 256)])
 def test_fetch_at_the_128k_widths_compiles_and_equals_eager(n_pages, n_frames, k):
     """At 128k's widths (K = 256 pages per step, F = K or 2K: where the H200's compiled step hit an index assert
-    when the fetch sorted), the compiled fetch (inductor; on CUDA where there is one) equals the eager one over
+    in an inductor kernel fusing the fetch's argmax with its scatters), the compiled fetch (inductor; on CUDA where there is one) equals the eager one over
     12 steps whose page sets overlap by about 70%: frame of each page, page table, counters."""
     import torch._dynamo
 
@@ -259,9 +259,9 @@ def test_fetch_compiles_with_inductor_and_equals_eager():
 
 @pytest.mark.parametrize("n_frames", [1, 7, 256, 512])
 def test_lru_order_is_the_stable_sort_of_the_ages_without_sorting(n_frames):
-    """`_lru_order` (the frames' hand-out order, counted by comparisons so that the compiled step runs no sort: the
-    H200 run at 128k, F = 256, hit a device-side index assert in the compiled step while the fetch sorted) is the
-    place of each frame in the stable ascending sort of its age, kept frames last: checked against torch.sort over ages
+    """`_lru_order` (the frames' hand-out order, counted by comparisons: the compiled fetch does no sort, cumsum,
+    argmax or scatter, after the H200's 128k index assert in an inductor kernel of the fetch) is the place of each
+    frame in the stable ascending sort of its age, kept frames last: checked against torch.sort over ages
     with many ties (never used: -1, the same step) and random kept sets."""
     from kvsqueeze.storage.frames import _lru_order
 

@@ -304,9 +304,10 @@ def test_compiled_metadata_refresh_stays_in_place():
 
 def test_compiled_selection_at_128k_widths_equals_uncompiled():
     """At 128k's widths (8,192 pages per kv head, budget 4096 = K 256 pages: the top-k and the sort of its indices
-    over 256 values per row, where the H200's compiled offloaded step hit an index assert), the compiled selection
-    (inductor; on CUDA where there is one, in the keys' dtype there) picks the uncompiled one's pages: K distinct
-    increasing pages per (row, kv head), the page being written among them."""
+    over 256 values per row, the widths at which the H200's compiled offloaded step once hit an index assert,
+    traced to the frames' fetch), the compiled selection (inductor; on CUDA where there is one, in the keys' dtype
+    there) picks the uncompiled one's pages: K distinct increasing pages per (row, kv head), the page being written
+    among them."""
     from kvsqueeze.selection import Quest
     from kvsqueeze.selection.static_quest import StaticQuest
     from kvsqueeze.storage.static import StaticSlots

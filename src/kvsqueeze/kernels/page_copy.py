@@ -44,8 +44,8 @@ if triton is not None:
 def copy_pages(src_k: torch.Tensor, src_v: torch.Tensor, dst_k: torch.Tensor, dst_v: torch.Tensor,
                frame_page: torch.Tensor, load: torch.Tensor, page: int) -> None:
     """Copy page frame_page[b, hk, f] of src_k / src_v (B, HK, C, D) into frame f of dst_k / dst_v
-    (B, HK, F * page, D) wherever load[b, hk, f] (bool or uint8) is set, in place; frame_page (B, HK, F) integer (any value
-    where load is False), load (B, HK, F) bool, with the same strides. On CUDA with triton one kernel moving only the
+    (B, HK, F * page, D) wherever load[b, hk, f] is set, in place; frame_page (B, HK, F) integer (any value where
+    load is not set), load (B, HK, F) bool or uint8, with the same strides. On CUDA with triton one kernel moving only the
     flagged pages; elsewhere `reference_copy_pages`. page and D powers of two (the kernel's tiles). Raises
     ValueError for shapes that do not line up."""
     B, HK, F = frame_page.shape

@@ -80,7 +80,7 @@ def slot_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, val
 
     q: (B, HQ, D); k, v: (B, HK, C, D) (any strides with a unit last one); valid: (B, HK, C) bool (any strides;
     e.g. a view of a static cache's slot mask). HQ a multiple of HK (GQA), D a power of two >= 16. Returns
-    (B, HQ, D) in q's dtype. Every (row, kv head) must have a valid slot (the current token is one). 
+    (B, HQ, D) in q's dtype. Every (row, kv head) must have a valid slot (the current token is one).
     `programs_per_sm`: the split plan (about that many programs per SM; `split_kv._split_plan`). Raises
     RuntimeError without triton, ValueError for shapes the kernel does not take."""
     require_triton("the slot decode kernel")

@@ -20,8 +20,8 @@ fixed shapes (no host synchronisation, capturable in a CUDA graph):
    changed since it was copied: it is copied again, one page of K);
 2. the resident pages keep their frames; the missing ones take the other frames, least recently used first (the
    i-th missing page the i-th such frame; empty frames first; the order counted by F x F comparisons, not
-   sorted, `_lru_order`; the page table updated by K x F comparisons, not scattered: no indirect indexing). With F = K the frames then hold exactly the step's
-   pages; with F > K the pages of recent steps stay resident too (a page selected again later is a hit). A frame
+   sorted, `_lru_order`; the page table updated by K x F comparisons, not scattered: no indirect indexing).
+   With F = K the frames then hold exactly the step's pages; with F > K the pages of recent steps stay resident too (a page selected again later is a hit). A frame
    left holding the page being written (not selected this step) is emptied: its copy is stale;
 3. only the frames that took a missing page are copied from the host (`kernels/page_copy.py`: one program per
    frame, moving nothing for a resident one);

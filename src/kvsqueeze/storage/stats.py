@@ -37,17 +37,17 @@ class CacheStats:
 
     def line(self) -> str:
         mib = 1024**2
-        return (
-            f"KV memory: {self.kv_bytes / mib:.2f} MiB kept of {self.full_kv_bytes / mib:.2f} MiB full "
-            f"({100 * self.kept_fraction:.1f}%, {_factor(self.kept_fraction)}); "
-            f"all cache tensors {self.total_bytes / mib:.2f} MiB; {self.tokens_seen} tokens seen"
-            + (f"; offloaded: {self.device_kv_bytes / mib:.2f} MiB of KV on the device, "
-               f"{self.host_kv_bytes / mib:.2f} MiB in {self.host_tier}"
-               + (" (the device's page frames copy pages the host tier also holds)"
-                  if self.kv_bytes > self.full_kv_bytes else "") if self.host_kv_bytes else "")
-            + (f"; {self.shared_kv_bytes / mib:.2f} MiB of it shared across layers, counted once"
-               if self.shared_kv_bytes else "")
-        )
+        parts = [f"KV memory: {self.kv_bytes / mib:.2f} MiB kept of {self.full_kv_bytes / mib:.2f} MiB full "
+                 f"({100 * self.kept_fraction:.1f}%, {_factor(self.kept_fraction)})",
+                 f"all cache tensors {self.total_bytes / mib:.2f} MiB", f"{self.tokens_seen} tokens seen"]
+        if self.host_kv_bytes:
+            extra = " (the device's page frames copy pages the host tier also holds)" \
+                if self.kv_bytes > self.full_kv_bytes else ""
+            parts.append(f"offloaded: {self.device_kv_bytes / mib:.2f} MiB of KV on the device, "
+                         f"{self.host_kv_bytes / mib:.2f} MiB in {self.host_tier}{extra}")
+        if self.shared_kv_bytes:
+            parts.append(f"{self.shared_kv_bytes / mib:.2f} MiB of it shared across layers, counted once")
+        return "; ".join(parts)
 
 
 def _factor(kept: float) -> str:
