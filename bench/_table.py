@@ -1,10 +1,11 @@
-"""The row loop's pieces the GPU benchmarks share (gpu_decode.py, gpu_offload.py): each row runs on its own (the
+"""The pieces the GPU benchmarks share. The row loop (gpu_decode.py, gpu_offload.py): each row runs on its own (the
 peak-memory counter reset first; a failure is recorded in the row and printed on the row's line, and the other rows
 go on), its peak GPU memory is read after it, and the rows are written to a JSON file with the arguments."""
 
 from __future__ import annotations
 
 import json
+import statistics
 
 import torch
 
@@ -34,3 +35,28 @@ def write_json(path: str | None, args, rows: list) -> None:
     if path:
         with open(path, "w") as f:
             json.dump({"args": vars(args), "rows": rows}, f, indent=1)
+
+
+def graph_us(fn, reps: int) -> float:
+    """Median us of one replay of a CUDA graph of `fn` (captured after warm-up launches on a side stream)."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    for _ in range(5):
+        g.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) * 1000.0)
+    return statistics.median(times)

@@ -64,6 +64,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, StaticCache  # noqa: E402
 
 import kvsqueeze as kq  # noqa: E402
+from kvsqueeze.kernels import topk  # noqa: E402
 from kvsqueeze.compat import cache_kwargs  # noqa: E402
 from kvsqueeze.runtime.generate import decode_step, prefill  # noqa: E402
 from kvsqueeze.runtime.static import StaticCompressedCache, StaticDecoder  # noqa: E402
@@ -347,10 +348,13 @@ def main(argv=None) -> int:
                     help="After timing each row, trace N more steps and print its kernels per step (count, us, top "
                          "kernels).")
     ap.add_argument("--json", default=None, help="Write the rows to this JSON file.")
+    ap.add_argument("--topk", choices=("kernel", "torch"), default="kernel",
+                    help="The static selectors' page choice: the top-k kernel (kernels/topk.py) or torch.topk + sort.")
     ap.add_argument("--quick", action="store_true", help="Tiny shapes on the CPU (checks the script end to end).")
     args = ap.parse_args(argv)
     global PROFILE_STEPS
     PROFILE_STEPS = args.profile
+    topk.KERNEL = args.topk == "kernel"
 
     target = bench_target(args.quick)
     if target is None:

@@ -64,6 +64,7 @@ from transformers import DynamicCache  # noqa: E402
 
 import kvsqueeze as kq  # noqa: E402
 from kvsqueeze.compat import cache_kwargs  # noqa: E402
+from kvsqueeze.kernels import topk  # noqa: E402
 from kvsqueeze.runtime.generate import decode_step, prefill  # noqa: E402
 from kvsqueeze.runtime.static import StaticCompressedCache, StaticDecoder  # noqa: E402
 from kvsqueeze.selection import AttentionPredictor, PredictorNet, Quest  # noqa: E402
@@ -214,8 +215,11 @@ def main(argv=None) -> int:
                     help="Trace N more steps per row and print the GPU kernels by time (gpu_decode.kernel_profile).")
     ap.add_argument("--ap-cnn", choices=("torch", "fused"), default=None,
                     help="AttentionPredictor rows: the static step's CNN kernels (static_attention_predictor.CNN).")
+    ap.add_argument("--topk", choices=("kernel", "torch"), default="kernel",
+                    help="The static selectors' page choice: the top-k kernel (kernels/topk.py) or torch.topk + sort.")
     ap.add_argument("--quick", action="store_true", help="Tiny shapes on the CPU (checks the script end to end).")
     args = ap.parse_args(argv)
+    topk.KERNEL = args.topk == "kernel"
     if args.ap_cnn is not None:
         from kvsqueeze.selection import static_attention_predictor
 

@@ -22,35 +22,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 
 import torch
 
-
-def _graph_us(fn, reps: int) -> float:
-    """Median us of one replay of a CUDA graph of `fn` (captured after warm-up launches on a side stream)."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    for _ in range(5):
-        g.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1000.0)
-    return statistics.median(times)
+from _table import graph_us  # bench/, the script's own folder
 
 
 def main(argv=None) -> int:
@@ -109,7 +85,7 @@ def main(argv=None) -> int:
                     plan = dict(programs_per_sm=per_sm, block_n=block_n, num_warps=warps)
                     splits = _split_plan(B * HK, sel, block_n, _sm_count(dev), per_sm)[0]
                     diff = (run(0, **plan).float() - ref.float()).abs().max().item()
-                    us = _graph_us(lambda: [run(i, **plan) for i in range(L)], args.reps)
+                    us = graph_us(lambda: [run(i, **plan) for i in range(L)], args.reps)
                     row = dict(kernel=kind, C=C, selected=sel, splits=splits, us_per_step=round(us, 1),
                                gbps=round(read / us / 1e3, 1), diff=diff, **plan)
                     rows.append(row)

@@ -76,6 +76,7 @@ import torch.nn.functional as F
 from ..errors import KVSqueezeError
 from ..kernels.attention_probs import attention_probs
 from ..kernels.page_decode import page_slots
+from ..kernels.topk import topk_increasing
 from ..storage.static import _static
 from .attention_predictor import AttentionPredictor, PredictorNet
 from .base import check_static_pages
@@ -340,10 +341,11 @@ class StaticAttentionPredictor:
             middle = (ids >= self.sink_pages) & (ids < (npc - self.local_pages)[..., None])
             # middle pages with no valid slot below every other middle page, the rest never chosen
             agg = agg.masked_fill(~held, torch.finfo(agg.dtype).min).masked_fill(~middle, float("-inf"))
-            top = agg.topk(self.top, dim=-1, sorted=False).indices
+            # increasing, and (npc > K: more middle pages than `top`) all middle pages, so sink < top < local
+            top = topk_increasing(agg, self.top)
             sink = torch.arange(self.sink_pages, device=ids.device).expand(b, hk, -1)
             local = (npc - self.local_pages)[..., None] + torch.arange(self.local_pages, device=ids.device)
-            pages = torch.cat([sink, top, local], dim=-1).sort(dim=-1).values
+            pages = torch.cat([sink, top, local], dim=-1)
             pages = torch.where((npc <= K)[..., None], dense, pages)
         else:  # the capacity holds no more than the budget: always dense
             pages = dense

@@ -1,0 +1,97 @@
+"""Times the page choice of the static selectors on the GPU: torch.topk + an index sort against the top-k kernel
+(kernels/topk.py) over its search widths and warps.
+
+    python bench/topk.py                                   # H200: well under a minute
+    python bench/topk.py --cases 8x8192:256 --ways 2,4,8,16 --warps 4,8,16 --json topk.json
+
+A case RxP:k is R rows (batch x kv heads: 8 for Llama-3.1-8B at batch 1) of P page scores, k kept: 8x8192:256 is
+Quest's budget 4096 at 128k in pages of 16, 8x2048:128 its budget 2048 at 32k. Each row captures `--layers` calls
+(one per layer, own scores each) in one CUDA graph and replays it: us per step for all layers (median of `--reps`
+replays, CUDA events). Scores are softmax-like (positive, distinct); before timing, every variant's output is
+checked against the rule (the k largest, increasing, ties to the lowest index) on those scores and on rows with
+ties and infinities: "ok" or the number of rows that differ. Needs CUDA (one error line, exit 2, otherwise).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
+from _table import graph_us  # noqa: E402  (bench/, the script's own folder)
+
+from kvsqueeze.kernels.topk import reference_topk_increasing, topk_increasing  # noqa: E402
+
+
+def _rule(x: torch.Tensor, k: int) -> torch.Tensor:
+    x = torch.nan_to_num(x.float(), nan=float("-inf"), posinf=float("inf"), neginf=float("-inf"))
+    return torch.sort(x, dim=-1, descending=True, stable=True).indices[..., :k].sort(dim=-1).values
+
+
+def _case(spec: str) -> tuple[int, int, int]:
+    try:
+        shape, k = spec.split(":")
+        r, p = shape.split("x")
+        r, p, k = int(r), int(p), int(k)
+    except ValueError:
+        raise SystemExit(f"error: a case is RxP:k (e.g. 8x8192:256), got {spec!r}") from None
+    if not (r >= 1 and 1 <= k <= p):
+        raise SystemExit(f"error: case {spec!r} needs R >= 1 and 1 <= k <= P")
+    return r, p, k
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--cases", default="8x8192:256,8x2048:128", help="RxP:k, comma-separated.")
+    ap.add_argument("--ways", default="2,4,8,16", help="The kernel's search widths (powers of two).")
+    ap.add_argument("--warps", default="4,8,16", help="The kernel's warps per program.")
+    ap.add_argument("--layers", type=int, default=30, help="Calls per step (one per sparse layer).")
+    ap.add_argument("--reps", type=int, default=30, help="Timed replays per variant.")
+    ap.add_argument("--json", default=None, help="Write the rows to this JSON file.")
+    args = ap.parse_args(argv)
+    try:
+        cases = [_case(c) for c in args.cases.split(",")]
+        ways = [int(w) for w in args.ways.split(",")]
+        warps = [int(w) for w in args.warps.split(",")]
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if not torch.cuda.is_available():
+        print("error: bench/topk.py needs a CUDA GPU", file=sys.stderr)
+        return 2
+    dev = torch.device("cuda")
+    gen = torch.Generator(device=dev).manual_seed(0)
+    rows = []
+    print(f"{args.layers} calls per step; us per step (median of {args.reps} CUDA graph replays)")
+    for R, P, k in cases:
+        xs = [torch.softmax(torch.randn(R, P, device=dev, generator=gen) * 3, -1) for _ in range(args.layers)]
+        ties = torch.floor(torch.rand(R, P, device=dev, generator=gen) * 8) / 8
+        ties[0, ::5] = float("-inf")
+        ties[-1, 1::9] = float("inf")
+        variants = [("torch topk(sorted=False) + sort", reference_topk_increasing)]
+        variants += [(f"kernel ways={w} warps={nw}", lambda x, k, w=w, nw=nw: topk_increasing(x, k, w, nw))
+                     for w in ways for nw in warps]
+        for name, fn in variants:
+            bad = sum(int((fn(x, k) != _rule(x, k)).any(-1).sum()) for x in (xs[0], ties))
+            # torch's order of ties is unspecified: its tie rows are compared as value sets
+            if name.startswith("torch"):
+                bad = int((ties.gather(-1, fn(ties, k)).sort(-1).values
+                           != ties.gather(-1, _rule(ties, k)).sort(-1).values).any(-1).sum())
+                bad += int((fn(xs[0], k) != _rule(xs[0], k)).any(-1).sum())
+            us = graph_us(lambda fn=fn: [fn(x, k) for x in xs], args.reps)
+            check = "ok" if bad == 0 else f"{bad} rows differ"
+            print(f"  {R}x{P}:{k:<5} {name:<34} {us:9.1f} us per step  {us / args.layers:7.2f} per call  {check}")
+            rows.append(dict(rows=R, pages=P, k=k, variant=name, us_per_step=us, us_per_call=us / args.layers,
+                             rows_differ=bad))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(args=vars(args), rows=rows), f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
