@@ -213,11 +213,17 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None, help="Write the rows to this JSON file.")
     ap.add_argument("--profile", type=int, default=0,
                     help="Trace N more steps per row and print the GPU kernels by time (gpu_decode.kernel_profile).")
+    ap.add_argument("--ap-cnn", choices=("torch", "fused"), default=None,
+                    help="AttentionPredictor rows: the static step's CNN kernels (static_attention_predictor.CNN).")
     ap.add_argument("--topk", choices=("kernel", "torch"), default="kernel",
                     help="The static selectors' page choice: the top-k kernel (kernels/topk.py) or torch.topk + sort.")
     ap.add_argument("--quick", action="store_true", help="Tiny shapes on the CPU (checks the script end to end).")
     args = ap.parse_args(argv)
     topk.KERNEL = args.topk == "kernel"
+    if args.ap_cnn is not None:
+        from kvsqueeze.selection import static_attention_predictor
+
+        static_attention_predictor.CNN = args.ap_cnn
     if args.frames < 1:
         print(f"error: --frames must be >= 1, got {args.frames}", file=sys.stderr)
         return 2

@@ -82,6 +82,9 @@ from .attention_predictor import AttentionPredictor, PredictorNet
 from .base import check_static_pages
 
 
+CNN = "torch"  # the static step's CNN kernels by default; "fused" (kernels/predictor_cnn.py) awaits its GPU timing
+
+
 class StaticAttentionPredictor:
     """AttentionPredictor's history, prediction and page selection over a `StaticSlots` (module docstring).
 
@@ -93,8 +96,12 @@ class StaticAttentionPredictor:
     `chosen`, `refresh` (nothing to do), `nbytes`.
     Raises KVSqueezeError for another selector (see `check`) or a capacity that is not a multiple of the page."""
 
-    def __init__(self, selector: AttentionPredictor, slots, q_heads: int):
+    def __init__(self, selector: AttentionPredictor, slots, q_heads: int, cnn: str | None = None):
         self.check(selector)
+        # the CNN's kernels: "torch" (convolutions) or "fused" (one Triton kernel); None: CNN (module default)
+        self.cnn = CNN if cnn is None else cnn
+        if self.cnn not in ("torch", "fused"):
+            raise KVSqueezeError(f"cnn must be 'torch' or 'fused', got {self.cnn!r}")
         page = selector.page
         if slots.capacity % page:
             raise KVSqueezeError(f"static capacity {slots.capacity} is not a multiple of the page {page}")
@@ -243,7 +250,13 @@ class StaticAttentionPredictor:
         """(N, S, W) history rows (zero where not `ok` (N, S, W)) -> each row's contribution w3 . relu(conv2(
         relu(conv1(x)) masked)) (N, S, W): the conv layers' zero padding is the mask (the eager crop of the middle
         pages and of the T live rows). `rows` / `cols` False: no padding along that axis, so the output loses two
-        rows / columns at each end (only the inner ones are computed: a slab's or strip's kept part)."""
+        rows / columns at each end (only the inner ones are computed: a slab's or strip's kept part). With `cnn`
+        "fused", one Triton kernel (`kernels/predictor_cnn.py`) computes the same value."""
+        if self.cnn == "fused":
+            from ..kernels.predictor_cnn import predictor_cnn
+
+            return predictor_cnn(x, ok, self.w1, self.b1, self.w2, self.b2, self.w3, rows=rows, cols=cols,
+                                 precision="tf32" if x.is_cuda else "ieee")
         pad = (int(rows), int(cols))
         f = torch.relu(F.conv2d(x[:, None], self.w1, self.b1, padding=pad))
         f = f * ok[:, None, 1 - pad[0] : ok.shape[1] - 1 + pad[0], 1 - pad[1] : ok.shape[2] - 1 + pad[1]]

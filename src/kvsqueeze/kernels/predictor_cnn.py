@@ -1,0 +1,114 @@
+"""AttentionPredictor's CNN over history slabs in one Triton kernel: conv1, ReLU, mask, conv2, ReLU and the 1x1
+conv3's weighted channel sum, with no intermediate activation written to memory.
+
+The static AttentionPredictor (`selection/static_attention_predictor.py`, `_z`) computes, per image m (a (row,
+query head)) of its history rows x (M, S, W) with validity `ok` (M, S, W):
+
+    f = ReLU(conv2d(x, w1, b1, padding=p)) * ok[crop]          (16 channels; ok cropped to f's centres)
+    z = sum_c w3[c] ReLU(conv2d(f, w2, b2, padding=p))[c]      (32 channels -> 1)
+
+with p = (pr, pc) in {0, 1}^2 (pr = 0: no padding along the rows, the slab's output loses two rows at each end).
+In torch these are two convolutions, two ReLUs, a multiply and a reduction, each reading and writing activations of
+16 or 32 floats per history cell (about 150 MB per layer and step at 32k tokens and 32 query heads). Here one
+program computes a block of BLOCK_W output columns of one output row of one image: for each of conv2's 9 taps it
+rebuilds the 16 conv1 channels at the shifted positions from x (9 loads of BLOCK_W floats, kept in cache), then
+accumulates (BLOCK_W x 16) @ (16 x 32) with `tl.dot`; the 32 channels never leave registers.
+
+`predictor_cnn(x, ok, w1, b1, w2, b2, w3, rows, cols)` is the entry point; `reference_predictor_cnn` is the torch
+computation it replaces (the tests compare the two). Not wired into the step: its speed on the GPU is not
+measured yet (twelfth session; see docs/gpu.md).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .split_kv import require_triton, tl, triton
+
+_cnn_rows = None  # the Triton kernel: None where triton is not installed
+
+if triton is not None:
+
+    @triton.jit
+    def _cnn_rows(X, OK, W1, B1, W2, B2, W3, OUT, S, W, S2, W2N,
+                  s_x_m, s_x_s, s_ok_m, s_ok_s, s_ok_w, s_o_m, s_o_s,
+                  PR: tl.constexpr, PC: tl.constexpr, BLOCK_W: tl.constexpr, TF32: tl.constexpr):
+        m = tl.program_id(0)
+        cols = tl.program_id(2) * BLOCK_W + tl.arange(0, BLOCK_W)  # output columns of conv2
+        # the output row, as a vector (Triton's interpreter refuses a mask of a vector and a scalar condition)
+        r2 = tl.program_id(1) + tl.zeros([BLOCK_W], tl.int32)
+        c16 = tl.arange(0, 16)
+        c32 = tl.arange(0, 32)
+        S1 = S - 2 + 2 * PR  # conv1's output extent
+        W1N = W - 2 + 2 * PC
+        acc = tl.zeros([BLOCK_W, 32], tl.float32)
+        b1 = tl.load(B1 + c16)
+        for dy in tl.static_range(3):
+            for dx in tl.static_range(3):
+                r1 = r2 + dy - PR  # conv1's output row feeding this tap (conv2's padding: zero outside)
+                c1 = cols + dx - PC
+                inside = (r1 >= 0) & (r1 < S1) & (c1 >= 0) & (c1 < W1N)  # (BLOCK_W,)
+                f = tl.zeros([BLOCK_W, 16], tl.float32)
+                for ky in tl.static_range(3):
+                    for kx in tl.static_range(3):
+                        rx = r1 + ky - PR  # input row and columns (conv1's padding: zero outside)
+                        cx = c1 + kx - PC
+                        ld = inside & (rx >= 0) & (rx < S) & (cx >= 0) & (cx < W)
+                        xv = tl.load(X + m * s_x_m + rx * s_x_s + cx, mask=ld, other=0.0)
+                        w = tl.load(W1 + c16 * 9 + ky * 3 + kx)
+                        f += xv[:, None] * w[None, :]
+                okv = tl.load(OK + m * s_ok_m + (r1 + 1 - PR) * s_ok_s + (c1 + 1 - PC) * s_ok_w, mask=inside,
+                              other=0.0)
+                f = tl.maximum(f + b1[None, :], 0.0) * okv[:, None]  # zero outside conv1's extent too (okv 0)
+                w2 = tl.load(W2 + c32[None, :] * 144 + c16[:, None] * 9 + dy * 3 + dx)  # (16, 32)
+                if TF32:  # an int flag, not a string constexpr: what torch.compile's Triton wrapper passes safely
+                    acc += tl.dot(f, w2, input_precision="tf32")
+                else:
+                    acc += tl.dot(f, w2, input_precision="ieee")
+        g = tl.maximum(acc + tl.load(B2 + c32)[None, :], 0.0)
+        z = tl.sum(g * tl.load(W3 + c32)[None, :], 1)
+        tl.store(OUT + m * s_o_m + tl.program_id(1) * s_o_s + cols, z, mask=cols < W2N)
+
+
+def predictor_cnn(x: torch.Tensor, ok: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
+                  b2: torch.Tensor, w3: torch.Tensor, rows: bool = True, cols: bool = True, block_w: int = 64,
+                  precision: str = "ieee") -> torch.Tensor:
+    """The CNN's contribution z (M, S', W') float32 of history rows x (M, S, W) float32 (zero where not `ok`) with
+    validity ok (M, S, W) (bool or float; or any shape that broadcasts to x's, e.g. (1, S, W) for every image):
+    `reference_predictor_cnn`'s value in one kernel. w1 (16, 1, 3, 3), b1
+    (16,), w2 (32, 16, 3, 3), b2 (32,), w3 (32,): `PredictorNet`'s conv1, conv2 and conv3 (float32). `rows` /
+    `cols` False: no padding along that axis (S' = S - 4, W' = W - 4; else S, W). `precision`: `tl.dot`'s input
+    precision ("ieee": float32 products; "tf32" on the GPU: tensor cores, as cuDNN's default for float32
+    convolutions). Raises RuntimeError without triton, ValueError for other channel counts or precisions."""
+    require_triton("the predictor CNN kernel")
+    if precision not in ("ieee", "tf32"):
+        raise ValueError(f"precision must be 'ieee' or 'tf32', got {precision!r}")
+    if tuple(w1.shape) != (16, 1, 3, 3) or tuple(w2.shape) != (32, 16, 3, 3) or w3.numel() != 32:
+        raise ValueError(f"the predictor CNN kernel takes PredictorNet's 1 -> 16 -> 32 -> 1 channels, got conv1 "
+                         f"{tuple(w1.shape)}, conv2 {tuple(w2.shape)}, conv3 {w3.numel()}")
+    M, S, W = x.shape
+    pr, pc = int(rows), int(cols)
+    S2, W2 = S - 4 + 4 * pr, W - 4 + 4 * pc
+    x = x.float().contiguous()
+    okf = ok.float().expand(M, S, W)  # ok may broadcast over the images (stride 0)
+    out = torch.empty(M, max(S2, 0), max(W2, 0), dtype=torch.float32, device=x.device)
+    if S2 <= 0 or W2 <= 0 or M == 0:
+        return out
+    grid = (M, S2, triton.cdiv(W2, block_w))
+    _cnn_rows[grid](x, okf, w1.float().contiguous(), b1.float().contiguous(), w2.float().contiguous(),
+                    b2.float().contiguous(), w3.float().contiguous().view(-1), out, S, W, S2, W2,
+                    x.stride(0), x.stride(1), okf.stride(0), okf.stride(1), okf.stride(2), out.stride(0), out.stride(1),
+                    PR=pr, PC=pc, BLOCK_W=block_w, TF32=int(precision == "tf32"), num_warps=4)
+    return out
+
+
+def reference_predictor_cnn(x: torch.Tensor, ok: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor,
+                            w2: torch.Tensor, b2: torch.Tensor, w3: torch.Tensor, rows: bool = True,
+                            cols: bool = True) -> torch.Tensor:
+    """`predictor_cnn` in torch (the static AttentionPredictor's `_z`): x, ok (M, S, W) -> z (M, S', W')."""
+    pad = (int(rows), int(cols))
+    f = torch.relu(F.conv2d(x[:, None], w1, b1, padding=pad))
+    f = f * ok[:, None, 1 - pad[0] : ok.shape[1] - 1 + pad[0], 1 - pad[1] : ok.shape[2] - 1 + pad[1]]
+    f = torch.relu(F.conv2d(f, w2, b2, padding=pad))
+    return (f * w3.view(1, -1, 1, 1)).sum(1)

@@ -1,0 +1,87 @@
+"""The fused predictor CNN kernel (kernels/predictor_cnn.py) against the torch convolutions it replaces: the
+static AttentionPredictor's slabs (no row padding), strips (no column padding) and whole histories, masked cells,
+widths that are not a multiple of the block. Runs on CUDA, or on the CPU under Triton's interpreter
+(TRITON_INTERPRET=1)."""
+
+import os
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+from kvsqueeze.kernels.predictor_cnn import predictor_cnn, reference_predictor_cnn  # noqa: E402
+from kvsqueeze.selection import PredictorNet  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+pytestmark = pytest.mark.skipif(not CUDA and os.environ.get("TRITON_INTERPRET") != "1",
+                                reason="CUDA or TRITON_INTERPRET=1 needed")
+DEV = "cuda" if CUDA else "cpu"
+
+
+@pytest.mark.parametrize("rows,cols,S,W", [(False, True, 7, 37), (False, True, 6, 64), (True, False, 9, 7),
+                                           (True, True, 8, 20)])
+def test_fused_cnn_equals_the_convolutions(rows, cols, S, W):
+    torch.manual_seed(S * W)
+    net = PredictorNet()
+    w1, b1 = net.conv1.weight.detach(), net.conv1.bias.detach()
+    w2, b2 = net.conv2.weight.detach(), net.conv2.bias.detach()
+    w3 = net.conv3.weight.detach()[0, :, 0]
+    g = torch.Generator().manual_seed(W)
+    ok = torch.rand(5, S, W, generator=g) < 0.8
+    x = (torch.rand(5, S, W, generator=g) ** 4) * ok
+    args = [t.to(DEV) for t in (x, ok, w1, b1, w2, b2, w3)]
+    got = predictor_cnn(*args, rows=rows, cols=cols, block_w=16)
+    want = reference_predictor_cnn(*args, rows=rows, cols=cols)
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    # a validity shared by every image (the static AttentionPredictor's load passes (1, S, W)): broadcast, not read
+    # past its end
+    shared = ok[:1].to(DEV)
+    args = [t.to(DEV) for t in (x * ok[:1], shared, w1, b1, w2, b2, w3)]
+    torch.testing.assert_close(predictor_cnn(*args, rows=rows, cols=cols, block_w=16),
+                               reference_predictor_cnn(*args, rows=rows, cols=cols), atol=1e-5, rtol=1e-4)
+
+
+def test_static_attention_predictor_with_the_fused_cnn_predicts_the_same_scores():
+    """The static AttentionPredictor with cnn="fused" (the kernel) predicts the scores it does with cnn="torch"
+    over 6 steps of a random history (within float rounding: pages with equal scores may then be taken in another
+    order, so the pages must agree on most steps, not all), and keeps the same z rows."""
+    from kvsqueeze.selection import AttentionPredictor
+    from kvsqueeze.selection.static_attention_predictor import StaticAttentionPredictor
+    from kvsqueeze.storage.static import StaticSlots
+
+    b, hk, hq, d, n0, cap = 1, 2, 4, 16, 100, 160
+    g = torch.Generator().manual_seed(5)
+    keys = torch.randn(b, hk, n0 + 6, d, generator=g).to(DEV)
+    hist = torch.rand(b, hq, 12, 7, generator=g) ** 4
+    queries = [torch.randn(b, hq, 1, d, generator=g).to(DEV) for _ in range(6)]
+    runs = []
+    for cnn in ("torch", "fused"):
+        torch.manual_seed(3)
+        sel = AttentionPredictor(64, predictor=PredictorNet(), sink=16, local=16, history=16, dense_layers=())
+        sel.state[0] = {"hist": hist.clone(), "n": n0}
+        slots = StaticSlots(1, b, hk, cap, d, torch.float32, DEV)
+        slots.load(0, keys[:, :, :n0], keys[:, :, :n0], torch.arange(n0, device=DEV).expand(b, hk, -1), None)
+        sap = StaticAttentionPredictor(sel, slots, hq, cnn=cnn)
+        sap.load(sel, [n0])
+        preds, pages = [], []
+        predict = sap._predict
+        sap._predict = lambda *a, predict=predict, preds=preds: preds.append(predict(*a)) or preds[-1]
+        for s, q in enumerate(queries):
+            n = n0 + s + 1
+            slots.keys[0][:, :, n - 1] = keys[:, :, n - 1]
+            slots.valid[0][:, :, n - 1] = True
+            slots.write[0] = n - 1
+            sap.host_step()
+            p = sap.select(0, q, 0.25)
+            sap.observe(0, q, 0.25, p)
+            sap.after_step()
+            pages.append(p.clone())
+        runs.append((preds, pages, sap.z[0][..., :-1].clone()))
+    (s1, p1, z1), (s2, p2, z2) = runs
+    assert len(s1) == len(s2) == 6
+    for a, c in zip(s1, s2):
+        torch.testing.assert_close(a, c, atol=1e-5, rtol=1e-4)
+    assert sum(torch.equal(a, c) for a, c in zip(p1, p2)) >= 4
+    torch.testing.assert_close(z1, z2, atol=1e-5, rtol=1e-4)
