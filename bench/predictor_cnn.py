@@ -15,34 +15,11 @@ otherwise).
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 
 import torch
 
-
-def _graph_us(fn, reps: int) -> float:
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    for _ in range(3):
-        g.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1000.0)
-    return statistics.median(times)
+from _table import graph_us  # bench/, the script's own folder
 
 
 def main(argv=None) -> int:
@@ -82,7 +59,7 @@ def main(argv=None) -> int:
     print(f"{L} layers, {N} images, P = {P} pages: per step, the CNN of every sparse layer")
     for name, fn in variants.items():
         diff = max((fn(*a) - r).abs().max().item() for a, r in zip(inputs[0], ref))
-        us = _graph_us(lambda fn=fn: [fn(*a) for layer in inputs for a in layer], args.reps)
+        us = graph_us(lambda fn=fn: [fn(*a) for layer in inputs for a in layer], args.reps)
         print(f"{name:>11}: {us:9.1f} us per step; max |diff| from torch {diff:.2e}", flush=True)
     return 0
 
