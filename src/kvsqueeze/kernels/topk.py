@@ -22,8 +22,11 @@ value from the (k+1)-th). Ties at the k-th value go to the lowest indices (`torc
 NaN scores count as -inf. Comparisons are on the floats (thresholds converted back from keys), so the padding of
 the last tile is NaN and never counts.
 
-The twelfth session's two kernels were a binary search (one cut per pass: 33 passes, 67 us per layer, slower than
-torch) and a radix select on `tl.histogram` (failed on the H200 with triton 3.6; git history, 3d418e7).
+Measured on the H200 (docs/gpu.md, thirteenth session): 33 us per layer inside the 128k Quest step (986 us per
+step against 1421 for torch.topk and the sort; the step 7.14 ms against 7.77), and in `bench/topk.py` 32.6 us
+against 70.8 (8 rows x 8200 scores, k = 256) and 14.1 against 30.5 (8 x 2056, k = 128). The eighth session's two
+kernels were a binary search (one cut per pass: 33 passes, 67 us per layer, slower than torch) and a radix select
+on `tl.histogram` (failed on the H200 with triton 3.6; git history, 3d418e7).
 """
 
 from __future__ import annotations
