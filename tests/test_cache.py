@@ -241,7 +241,13 @@ def test_stats_line_says_larger_when_more_than_the_full_cache_is_held():
 
     assert "(101.0%, 1.01x larger)" in CacheStats(1010, 1100, 1000, 10).line()
     assert "(25.0%, 4.00x smaller)" in CacheStats(250, 300, 1000, 10).line()
-    # an offloaded cache holding more than the full one says where the extra bytes are (fresh-user report)
-    larger = CacheStats(1010, 1100, 1000, 10, host_kv_bytes=1000).line()
-    assert "page frames copy pages the host tier also holds" in larger
-    assert "page frames" not in CacheStats(990, 1100, 1000, 10, host_kv_bytes=900).line()
+    # an offloaded cache says how much of its device part is page frames, whether or not it holds more than the
+    # full cache (fresh-user reports, twelfth and thirteenth sessions: KIVI on the host, frames in the model's dtype)
+    mib = 1024**2
+    larger = CacheStats(1010 * mib, 1100 * mib, 1000 * mib, 10, host_kv_bytes=1000 * mib,
+                        frame_kv_bytes=10 * mib).line()
+    assert "10.00 MiB of KV on the device (10.00 MiB of it page frames: copies of pages the host tier" in larger
+    smaller = CacheStats(300 * mib, 330 * mib, 1000 * mib, 10, host_kv_bytes=100 * mib, frame_kv_bytes=150 * mib)
+    assert "200.00 MiB of KV on the device (150.00 MiB of it page frames" in smaller.line()
+    assert "page frames not allocated yet" in CacheStats(990, 1100, 1000, 10, host_kv_bytes=900).line()
+    assert "page frames" not in CacheStats(990, 1100, 1000, 10).line()

@@ -97,6 +97,8 @@ def test_only_changed_pages_travel_and_device_memory_is_fixed():
     assert s["host_kv_bytes"] >= 2 * 2 * 2 * 240 * 16 * 4  # the offloaded layers' every slot, in host memory
     st = cache.stats()
     assert st.device_kv_bytes + st.host_kv_bytes == st.kv_bytes
+    assert st.frame_kv_bytes == device_bytes[-1]  # the device part's frames, said in the stats line
+    assert f"({device_bytes[-1] / 2**20:.2f} MiB of it page frames" in st.line()
 
 
 def test_disk_tier_answers_as_the_cpu_tier_from_mapped_files(tmp_path):
@@ -211,6 +213,9 @@ def test_cli_generate_offload(tiny_dir, tmp_path):
     assert off.output.splitlines()[0] == dense.output.splitlines()[0]  # the same answer
     assert "offloaded:" in off.output and "KV offloaded to cpu" in off.output
     assert "were already on the device (prefetched, or kept" in off.output
+    # the prefill's line has no frames yet; the decoding's line counts them (fresh-user report, thirteenth session)
+    assert "(page frames not allocated yet: no decoding step)" in off.output
+    assert "while decoding: " in off.output and "MiB of KV on the device (page frames included)" in off.output
     # the compiled static step, offloaded with device frames: the on-device static step's answer, frames' traffic
     assert static.exit_code == 0 and static_off.exit_code == 0, static_off.output
     assert static_off.output.splitlines()[0] == static.output.splitlines()[0]

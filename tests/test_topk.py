@@ -13,7 +13,7 @@ from kvsqueeze.kernels.topk import kernel_applies, reference_topk_increasing, to
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
 kernel_runs = pytest.mark.skipif(triton is None or (not CUDA and os.environ.get("TRITON_INTERPRET") != "1"),
-                                 reason="triton with CUDA or TRITON_INTERPRET=1 needed")
+                                 reason="needs triton (not in the CPU venv), and CUDA or TRITON_INTERPRET=1")
 
 
 def _rule(x: torch.Tensor, k: int) -> torch.Tensor:

@@ -7,6 +7,7 @@ from .errors import KVSqueezeError
 from .methods import METHODS, Method, ScoreInputs, get_method
 from .models import load_model
 from .runtime.generate import GenerationResult, generate_answer, prefill
+from . import quant, selection  # kq.quant.kivi(2), kq.selection.Quest(512): the storage and selector factories
 
 from .version import __version__
 

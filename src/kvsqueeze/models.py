@@ -68,14 +68,18 @@ def cache_dir() -> Path:
 
 def model_key(model) -> str:
     """A key that changes when the model's config or weights do (names files calibrated for a model: Q-Filters,
-    AttentionPredictor weights)."""
+    AttentionPredictor weights): `<name>-<12 hex digits>`, the name being a local model folder's own name (not its
+    whole path) or the hub id with "/" as "_", at most 40 characters."""
     import hashlib
 
     cfg = model.config.get_text_config()
     h = hashlib.sha256(cfg.to_json_string(use_diff=False).encode())
     first = next(m for m in model.modules() if hasattr(m, "q_proj"))
     h.update(repr(first.q_proj.weight.detach().float().sum().item()).encode())
-    name = str(getattr(model.config, "_name_or_path", "") or "model").replace("/", "_").replace(" ", "_")[-40:]
+    name = str(getattr(model.config, "_name_or_path", "") or "model")
+    if os.path.isdir(name):  # a local folder: its name (its whole path would be cut to an arbitrary tail)
+        name = Path(name).resolve().name or "model"
+    name = name.replace("/", "_").replace(" ", "_")[-40:]
     return f"{name}-{h.hexdigest()[:12]}"
 
 

@@ -360,8 +360,8 @@ def host_tier_for(store, page: int = 16):
     if store is None or not hasattr(store, "scheme"):
         return None
     if type(store) is not KIVIStore:
-        raise KVSqueezeError(f"--offload composes with --quant kivi-<bits> only: {type(store).__name__} "
-                             f"({store.scheme}) storage has no host tier yet")
+        raise KVSqueezeError(f"--offload composes with --quant kivi-<bits> only: {store.scheme} storage "
+                             f"has no host tier yet")
     args = dict(bits=store.bits, group=store.group, residual=store.residual, value_group=store.value_group)
     try:
         KIVIOffloadStore(2, page=page, **args)

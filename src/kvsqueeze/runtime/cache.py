@@ -483,7 +483,7 @@ class CompressedCache(Cache):
         }
 
     def stats(self) -> CacheStats:
-        kv = total = full = host = 0
+        kv = total = full = host = frames = 0
         stored = []
         kv_dicts, all_dicts = [], []  # tensors shared by several layers (cross-layer stores) are counted once
         for layer in self.layers:
@@ -497,7 +497,9 @@ class CompressedCache(Cache):
                 kv_dicts.append(layer.kv_tensors())
                 all_dicts.append(layer.tensors())
                 if isinstance(layer, OffloadLayer):
-                    host += layer.offload_bytes()[1]
+                    dev, hst = layer.offload_bytes()
+                    frames += dev
+                    host += hst
                 stored.append(layer.n_stored)
                 continue
             if not layer.is_initialized or layer.keys is None:
@@ -513,4 +515,5 @@ class CompressedCache(Cache):
         shared = sum(_nbytes(t) for t in unique_tensors(
             {k: t for k, t in d.items() if k.startswith("shared.")} for d in kv_dicts))
         tier = "memory-mapped files on disk" if self.offload_tier == "disk" else "host memory"
-        return CacheStats(kv, total, full, self.get_seq_length(), stored, shared, host_kv_bytes=host, host_tier=tier)
+        return CacheStats(kv, total, full, self.get_seq_length(), stored, shared, host_kv_bytes=host, host_tier=tier,
+                          frame_kv_bytes=frames)

@@ -23,6 +23,8 @@ class CacheStats:
     shared_kv_bytes: int = 0  # of kv_bytes: tensors shared by several layers (MiniCache, xKV), counted once
     host_kv_bytes: int = 0  # the part of kv_bytes held in host memory (offloaded layers' host tier)
     host_tier: str = "host memory"  # where that part is: "host memory", or "memory-mapped files on disk"
+    frame_kv_bytes: int = 0  # of the device's part: offloaded layers' page frames (copies of host pages, filled
+    #                          while decoding, in the model's dtype also over a quantized host tier)
 
     @property
     def device_kv_bytes(self) -> int:
@@ -41,10 +43,10 @@ class CacheStats:
                  f"({100 * self.kept_fraction:.1f}%, {_factor(self.kept_fraction)})",
                  f"all cache tensors {self.total_bytes / mib:.2f} MiB", f"{self.tokens_seen} tokens seen"]
         if self.host_kv_bytes:
-            extra = " (the device's page frames copy pages the host tier also holds)" \
-                if self.kv_bytes > self.full_kv_bytes else ""
-            parts.append(f"offloaded: {self.device_kv_bytes / mib:.2f} MiB of KV on the device, "
-                         f"{self.host_kv_bytes / mib:.2f} MiB in {self.host_tier}{extra}")
+            frames = (f" ({self.frame_kv_bytes / mib:.2f} MiB of it page frames: copies of pages the host tier also "
+                      f"holds)") if self.frame_kv_bytes else " (page frames not allocated yet: no decoding step)"
+            parts.append(f"offloaded: {self.device_kv_bytes / mib:.2f} MiB of KV on the device{frames}, "
+                         f"{self.host_kv_bytes / mib:.2f} MiB in {self.host_tier}")
         if self.shared_kv_bytes:
             parts.append(f"{self.shared_kv_bytes / mib:.2f} MiB of it shared across layers, counted once")
         return "; ".join(parts)
