@@ -49,6 +49,7 @@ from transformers import DynamicCache  # noqa: E402
 
 import kvsqueeze as kq  # noqa: E402
 from kvsqueeze.compat import cache_kwargs  # noqa: E402
+from kvsqueeze.kernels import attention_sum  # noqa: E402
 
 from _table import attempt, peak_gb, write_json  # noqa: E402
 from gpu_decode import Clock, bench_target, build_model, cache_for, kv_bytes_of  # noqa: E402
@@ -111,6 +112,9 @@ def main(argv=None) -> int:
     ap.add_argument("--headroom-gb", type=float, default=8.0,
                     help="Memory a full row needs beyond weights and its KV (activations, a layer's transient).")
     ap.add_argument("--attn", default="sdpa", help="The model's attention implementation (sdpa or eager).")
+    ap.add_argument("--attention-sum", choices=("kernel", "torch"), default="kernel",
+                    help="Attention-based scores' sum over queries: the two-pass kernel (kernels/attention_sum.py) "
+                         "or the float32 chunks.")
     ap.add_argument("--no-warmup", dest="warmup", action="store_false",
                     help="Skip the untimed prefill of 2 chunks per row before the table.")
     ap.add_argument("--no-progress", action="store_true", help="No tqdm bar over the chunks.")
@@ -118,6 +122,7 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="Tiny shapes on the CPU (checks the script end to end).")
     args = ap.parse_args(argv)
     names = row_names(args)
+    attention_sum.KERNEL = args.attention_sum == "kernel"
     target = bench_target(args.quick)
     if target is None:
         return 2

@@ -1,6 +1,7 @@
 """Attention probabilities recomputed from queries and stored keys: the one softmax(q K^T) of the package.
 
-Every score that needs attention weights (H2O, SnapKV, TOVA, PyramidKV through `ScoreInputs.attention`,
+Every score that needs attention weights (H2O, SnapKV, TOVA, PyramidKV through `ScoreInputs.attention`; their sum
+over queries, `attention_sum`, runs `kernels/attention_sum.py`'s two passes on CUDA instead of the chunks,
 ZipCache's probe rows, the selectors' recovery rate and AttentionPredictor's history, the predictor's training
 traces) calls `attention_chunks` (or `attention_probs`, all queries at once). The rule is the model's own eager
 attention (transformers' `eager_attention_forward`), in fp32:
@@ -88,6 +89,26 @@ def attention_chunks(queries: torch.Tensor, keys: torch.Tensor, *, scaling: floa
             logits = logits.masked_fill(~allowed, float("-inf"))
         # a query with no visible key (padding) gets a NaN row from softmax: zeros, it contributes nothing
         yield AttentionChunk(s, torch.softmax(logits, dim=-1).nan_to_num_(0.0).view(b, hq, c, n), allowed)
+
+
+def attention_sum(queries: torch.Tensor, keys: torch.Tensor, *, scaling: float, softcap: float | None = None,
+                  q_positions: torch.Tensor | None = None, k_positions: torch.Tensor | None = None,
+                  valid: torch.Tensor | None = None, window: int | None = None,
+                  chunk: int | None = None) -> torch.Tensor:
+    """(batch, q_heads, n) fp32: the attention of `attention_chunks` (same arguments) summed over the queries. On
+    CUDA (no softcap) the two-pass Triton kernel of `kernels/attention_sum.py`, which never holds the q x n
+    probabilities in memory; elsewhere the chunks' sums. Equal up to float32 summation order."""
+    from .attention_sum import attention_sum_kernel, kernel_applies
+
+    if kernel_applies(queries, keys, softcap):
+        return attention_sum_kernel(queries, keys, scaling=scaling, q_positions=q_positions,
+                                    k_positions=k_positions, valid=valid, window=window)
+    total = None
+    for c in attention_chunks(queries, keys, scaling=scaling, softcap=softcap, q_positions=q_positions,
+                              k_positions=k_positions, valid=valid, window=window, chunk=chunk):
+        s = c.probs.sum(2)
+        total = s if total is None else total + s
+    return total
 
 
 def attention_probs(queries: torch.Tensor, keys: torch.Tensor, *, scaling: float, softcap: float | None = None,

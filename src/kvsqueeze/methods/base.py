@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import KVSqueezeError
-from ..kernels.attention_probs import attention_chunks
+from ..kernels.attention_probs import attention_chunks, attention_sum
 
 
 @dataclass
@@ -84,28 +84,34 @@ class ScoreInputs:
         x = x.reshape(b, hq // self.group, self.group, *x.shape[2:])
         return x.mean(2) if reduce == "mean" else x.sum(2)
 
+    def _window(self, last: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """This forward's queries (the last `last`), (batch, q_heads, w, head_dim), and their positions (b, w) in
+        each row's own frame."""
+        q = self.queries if last is None else self.queries[:, :, -last:]
+        w = q.shape[2]
+        return q, self.row_seen[:, None] - w + torch.arange(w, device=q.device)
+
     def attention(self, last: int | None = None, chunk: int | None = None):
         """Yield softmax attention probabilities (batch, q_heads, w, n), fp32, of this forward's queries (the last
         `last` of them) over the stored slots, causal and without padding, `chunk` queries at a time: never a full
         T x T matrix. Recomputed from queries and cached keys, so it works whatever kernel the model runs
         (`kvsqueeze.kernels.attention_probs.attention_chunks`)."""
-        q = self.queries if last is None else self.queries[:, :, -last:]
-        w = q.shape[2]
-        q_pos = self.row_seen[:, None] - w + torch.arange(w, device=q.device)  # (b, w), in each row's own frame
+        q, q_pos = self._window(last)
         for c in attention_chunks(q, self.keys, scaling=self.scaling, softcap=self.softcap, q_positions=q_pos,
                                   k_positions=self.row_positions, valid=self.valid,
                                   window=self.sliding_window, chunk=chunk):
             yield c.probs
 
     def attention_sum(self, last: int | None = None) -> torch.Tensor:
-        """(batch, q_heads, n): attention summed over this forward's queries (or the last `last`)."""
+        """(batch, q_heads, n) fp32: attention summed over this forward's queries (or the last `last`): on CUDA a
+        Triton kernel that never holds the probabilities (`kernels.attention_probs.attention_sum`), memoized per
+        layer and window."""
         key = ("attention_sum", self.layer_idx, last)
         if self.memo is not None and key in self.memo:
             return self.memo[key]
-        total = None
-        for p in self.attention(last):
-            s = p.sum(2)
-            total = s if total is None else total + s
+        q, q_pos = self._window(last)
+        total = attention_sum(q, self.keys, scaling=self.scaling, softcap=self.softcap, q_positions=q_pos,
+                              k_positions=self.row_positions, valid=self.valid, window=self.sliding_window)
         if self.memo is not None:
             self.memo[key] = total
         return total
