@@ -74,6 +74,13 @@ def test_dispatch_and_errors():
                                _rule(q, k, scaling=0.25, softcap=30.0))
     torch.testing.assert_close(attention_sum(q, k, scaling=0.25, q_positions=qp, k_positions=kp), ref,
                                rtol=1e-5, atol=1e-6)
+    import kvsqueeze.kernels.attention_sum as mod
+
+    old, mod.KERNEL = mod.KERNEL, False  # off: the chunks' sums wherever the kernel could run
+    try:
+        assert not kernel_applies(q, k, softcap=None)
+    finally:
+        mod.KERNEL = old
     with pytest.raises(ValueError, match="both"):
         attention_sum_kernel(q, k, scaling=0.25, q_positions=qp)
     with pytest.raises(ValueError, match="multiple"):

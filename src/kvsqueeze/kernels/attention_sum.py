@@ -27,7 +27,9 @@ from .split_kv import tl, triton
 
 BLOCK_M = 32  # query rows per program step
 BLOCK_N = 64  # keys per program step
-KERNEL = True  # False: `attention_probs.attention_sum` always sums the chunks (bench/gpu_prefill.py --attention-sum)
+# Off until its first GPU run (thirteenth session: written and tested under Triton's interpreter only): True makes
+# `attention_probs.attention_sum` take the kernel where `kernel_applies` (bench/gpu_prefill.py --attention-sum kernel)
+KERNEL = False
 
 if triton is not None:
 

@@ -103,9 +103,9 @@ class ScoreInputs:
             yield c.probs
 
     def attention_sum(self, last: int | None = None) -> torch.Tensor:
-        """(batch, q_heads, n) fp32: attention summed over this forward's queries (or the last `last`): on CUDA a
-        Triton kernel that never holds the probabilities (`kernels.attention_probs.attention_sum`), memoized per
-        layer and window."""
+        """(batch, q_heads, n) fp32: attention summed over this forward's queries (or the last `last`), memoized
+        per layer and window (`kernels.attention_probs.attention_sum`: the chunks' sums, or a Triton kernel that
+        never holds the probabilities)."""
         key = ("attention_sum", self.layer_idx, last)
         if self.memo is not None and key in self.memo:
             return self.memo[key]
