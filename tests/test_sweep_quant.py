@@ -253,6 +253,13 @@ def test_tables_state_n_and_one_sample_step(tmp_path):
                                "passkey n=4 (one sample moves a cell by 0.25)"]
     t = summary_table(df)
     assert len(t) == 3 and list(t.index.names) == ["method", "compression_ratio", "quant"]  # quant configurations apart
+    # offloaded rows apart too (fresh-user report, thirteenth session: the table could not tell them apart)
+    db2 = _store(tmp_path / "g.sqlite", [("tova", {"name": "tova", "quant": "kivi-2"}, 0.5, 150, [1, 0, 1, 0]),
+                                         ("tova", {"name": "tova", "quant": "kivi-2", "offload": "cpu"}, 0.5, 150,
+                                          [1, 0, 1, 1])])
+    t2 = summary_table(load_results(db2))
+    assert list(t2.index.names) == ["method", "compression_ratio", "quant", "offload"] and len(t2) == 2
+    assert ("tova", 0.5, "kivi-2", "cpu") in t2.index and ("tova", 0.5, "kivi-2", "-") in t2.index
     md = markdown_table(df, bootstrap=300).splitlines()
     assert "passkey (n=4, 1 sample = 0.25)" in md[0]
     row = next(l for l in md if l.startswith("| tova + kivi-4 |"))

@@ -267,12 +267,16 @@ def distinguishing_params(variants: list[str]) -> dict[str, list[tuple[str, obje
 def summary_table(df, value: str = "score"):
     """Mean `value` per (method, compression_ratio) row and task column: the table printed after a sweep. A method
     stored with several parameter sets (a tuned and a default configuration) gets one row per set, labelled by
-    `variant_labels`."""
+    `variant_labels`; storage, selection and offloading, where they vary, are index columns ("-": none)."""
     if df.empty:
         return df
     df = df.assign(method=variant_labels(df))
+    if "params_json" in df:  # offloading is a run parameter, not a column: a column here when some row offloaded
+        off = [json.loads(p).get("offload") if p else None for p in df.params_json]
+        if any(o not in (None, "none") for o in off):
+            df = df.assign(offload=off)
     index = ["method", "compression_ratio"]
-    extra = [c for c in ("quant", "select", "select_budget") if c in df and df[c].notna().any()]
+    extra = [c for c in ("quant", "select", "select_budget", "offload") if c in df and df[c].notna().any()]
     if extra:  # storage / selection sweeps: one row per configuration ("-": full precision, dense)
         df = df.assign(**{c: df[c].map(lambda v: "-" if v is None or v != v else
                                        (str(int(v)) if isinstance(v, float) else str(v))) for c in extra})
