@@ -251,3 +251,31 @@ def test_smollm2_offloaded_answers_equal_on_device_selection(smollm2, kind):
     assert st["needed"] > 0 and st["full_fetches"] == 0
     if kind == "ap":
         assert st["prefetch_pages"] > 0 and st["hit_rate"] > 0.85
+
+
+def test_cli_offload_line_without_a_decoding_step(tiny_dir, tmp_path, monkeypatch):
+    """An answer that ends at once (end of sequence first) leaves no decoding step: the offload line says so
+    instead of printing "nan%"."""
+    from click.testing import CliRunner
+
+    import kvsqueeze.runtime.generate as gen
+    from conftest import own_cache
+    from kvsqueeze.cli import main
+
+    real = gen.generate_answer
+
+    def no_steps(*a, **kw):
+        res = real(*a, **dict(kw, max_new_tokens=1))
+        res.offload = dict(res.offload, hit_rate=float("nan"), pages_per_token=0.0, bytes_per_token=0.0,
+                           prefetch_pages=0, demand_pages=0)
+        return res
+
+    monkeypatch.setattr(gen, "generate_answer", no_steps)
+    ctx = tmp_path / "ctx.txt"
+    ctx.write_text("The grass is green. " * 80)
+    args = ["generate", "--model", str(tiny_dir), "--method", "full", "--context-file", str(ctx), "--question",
+            "What?", "--max-new-tokens", "1", "--select", "quest", "--select-budget", "64", "--offload", "cpu"]
+    with own_cache(tmp_path / "cache"):
+        r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    assert "offload: no decoding step: none of the pages needed" in r.output and "nan" not in r.output

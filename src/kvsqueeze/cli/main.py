@@ -235,7 +235,8 @@ def generate(model, method, compression_ratio, budget, exempt_layers, compressio
         if "prefetch_pages" in o:  # the eager store: the line above is the prefill's, before any page frame
             click.echo(f"while decoding: {o['device_kv_bytes'] / 2**20:.2f} MiB of KV on the device (page frames "
                        f"included), {o['host_kv_bytes'] / 2**20:.2f} MiB in host memory")
-            click.echo(f"offload: {100 * o['hit_rate']:.1f}% of the pages needed were already on the device "
+            hit = "no decoding step: none" if o["hit_rate"] != o["hit_rate"] else f"{100 * o['hit_rate']:.1f}%"
+            click.echo(f"offload: {hit} of the pages needed were already on the device "
                        f"(prefetched, or kept from the step before); "
                        f"{o['pages_per_token']:.1f} pages, {o['bytes_per_token'] / 1024:.1f} KiB moved per token "
                        f"({o['prefetch_pages']} pages prefetched, {o['demand_pages']} on demand)")
