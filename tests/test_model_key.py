@@ -30,3 +30,20 @@ def test_hub_id_keeps_its_owner_and_weights_change_the_key():
     with torch.no_grad():
         next(m for m in a.modules() if hasattr(m, "q_proj")).q_proj.weight.add_(1.0)
     assert model_key(a) != key
+
+
+def test_a_file_under_the_old_key_is_renamed(tmp_path):
+    from kvsqueeze.models import model_file
+
+    folder = tmp_path / "models" / "some-model"
+    folder.mkdir(parents=True)
+    model = _tiny(str(folder))
+    key = model_key(model)
+    old_name = str(folder).replace("/", "_")[-40:] + key[key.rindex("-"):] + ".safetensors"
+    store = tmp_path / "predictor"
+    store.mkdir()
+    (store / old_name).write_bytes(b"weights")
+    path = model_file(store, model)
+    assert path.name == f"{key}.safetensors" and path.read_bytes() == b"weights"
+    assert not (store / old_name).exists()
+    assert model_file(store, model) == path  # found under the new name from then on

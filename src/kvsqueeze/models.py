@@ -83,6 +83,18 @@ def model_key(model) -> str:
     return f"{name}-{h.hexdigest()[:12]}"
 
 
+def model_file(folder: Path, model) -> Path:
+    """`folder / "<model_key(model)>.safetensors"`: the file calibrated for `model`. A file saved before the
+    thirteenth session under the old key (a local folder's whole path, "/" as "_", cut to its last 40 characters)
+    is renamed to the new name when only it exists."""
+    path = folder / f"{model_key(model)}.safetensors"
+    raw = str(getattr(model.config, "_name_or_path", "") or "model")
+    old = folder / (raw.replace("/", "_").replace(" ", "_")[-40:] + path.name[path.name.rindex("-"):])
+    if not path.exists() and old != path and old.exists():
+        old.rename(path)
+    return path
+
+
 
 def check_supported(model) -> None:
     """Refuse architectures whose cache is not plain per-layer K/V tensors."""

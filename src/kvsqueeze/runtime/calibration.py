@@ -24,7 +24,7 @@ from ..compat import cache_kwargs
 from ..devices import input_device
 from ..errors import KVSqueezeError
 from ..methods.qfilters import filters_from_queries
-from ..models import cache_dir, model_key
+from ..models import cache_dir, model_file
 from ..shapes import attention_shape
 
 
@@ -152,7 +152,7 @@ class Calibrated:
     calibrate: Callable[..., torch.Tensor]
 
     def path(self, model) -> Path:
-        return cache_dir() / self.name / f"{model_key(model)}.safetensors"
+        return model_file(cache_dir() / self.name, model)
 
     def save(self, model, data: torch.Tensor) -> Path:
         """Write `data` for `model` as safetensors (written whole, then renamed: a reader never sees a partial

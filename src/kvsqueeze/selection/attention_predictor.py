@@ -176,9 +176,9 @@ class IncrementalCNN:
 
 # --- checkpoints ------------------------------------------------------------------------------------------
 def predictor_path(model) -> Path:
-    from ..models import cache_dir, model_key
+    from ..models import cache_dir, model_file
 
-    return cache_dir() / "predictor" / f"{model_key(model)}.safetensors"
+    return model_file(cache_dir() / "predictor", model)
 
 
 def save_predictor(net: PredictorNet, path: str | Path, meta: dict | None = None) -> Path:
