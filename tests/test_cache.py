@@ -249,5 +249,7 @@ def test_stats_line_says_larger_when_more_than_the_full_cache_is_held():
     assert "10.00 MiB of KV on the device (10.00 MiB of it page frames: copies of pages the host tier" in larger
     smaller = CacheStats(300 * mib, 330 * mib, 1000 * mib, 10, host_kv_bytes=100 * mib, frame_kv_bytes=150 * mib)
     assert "200.00 MiB of KV on the device (150.00 MiB of it page frames" in smaller.line()
-    assert "page frames not allocated yet" in CacheStats(990, 1100, 1000, 10, host_kv_bytes=900).line()
+    assert "page frames not allocated yet" in CacheStats(990, 1100, 1000, 10, host_kv_bytes=900,
+                                                         frame_kv_bytes=0).line()
+    assert "page frames" not in CacheStats(990, 1100, 1000, 10, host_kv_bytes=900).line()  # a cache without any
     assert "page frames" not in CacheStats(990, 1100, 1000, 10).line()

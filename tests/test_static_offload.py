@@ -97,6 +97,10 @@ def test_offloaded_static_step_equals_on_device_step(kernel, compiled, selector,
         assert o["hit_rate_after_first"] == pytest.approx(o["hits"] / (o["needed"] - per_step))
     else:
         assert static.frames is None and o["hits"] == 0 and o["hit_rate"] is None
+    # the stats line names the frames' bytes, and says nothing of frames where pages are read in place
+    line = static.stats().line()
+    assert (f"({static.frames.nbytes() / 2**20:.2f} MiB of it page frames" in line) if frames else \
+        ("page frames" not in line)
     assert static.slots.host_layers == {1, 2} and ref_static.slots.host_layers == frozenset()
     assert pages == ref_pages
     assert torch.equal(got, ref)

@@ -702,7 +702,7 @@ class StaticCompressedCache(Cache):
             (0 if self.frames is None else self.frames.table_nbytes())
         host = self.slots.host_nbytes() if isinstance(self.slots, StaticSlots) else 0
         return CacheStats(kv, total, self.full_kv_bytes, self.tokens_seen, [self.slots.capacity] * self.slots.n_layers,
-                          host_kv_bytes=host)
+                          host_kv_bytes=host, frame_kv_bytes=None if self.frames is None else self.frames.nbytes())
 
 
 def _priority(rule, keys: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:

@@ -23,8 +23,9 @@ class CacheStats:
     shared_kv_bytes: int = 0  # of kv_bytes: tensors shared by several layers (MiniCache, xKV), counted once
     host_kv_bytes: int = 0  # the part of kv_bytes held in host memory (offloaded layers' host tier)
     host_tier: str = "host memory"  # where that part is: "host memory", or "memory-mapped files on disk"
-    frame_kv_bytes: int = 0  # of the device's part: offloaded layers' page frames (copies of host pages, filled
-    #                          while decoding, in the model's dtype also over a quantized host tier)
+    frame_kv_bytes: int | None = None  # of the device's part: offloaded layers' page frames (copies of host pages,
+    #   in the model's dtype also over a quantized host tier); 0: not allocated yet (the eager store allocates them
+    #   at the first decoding step); None: this cache has none
 
     @property
     def device_kv_bytes(self) -> int:
@@ -43,8 +44,9 @@ class CacheStats:
                  f"({100 * self.kept_fraction:.1f}%, {_factor(self.kept_fraction)})",
                  f"all cache tensors {self.total_bytes / mib:.2f} MiB", f"{self.tokens_seen} tokens seen"]
         if self.host_kv_bytes:
-            frames = (f" ({self.frame_kv_bytes / mib:.2f} MiB of it page frames: copies of pages the host tier also "
-                      f"holds)") if self.frame_kv_bytes else " (page frames not allocated yet: no decoding step)"
+            frames = "" if self.frame_kv_bytes is None else \
+                " (page frames not allocated yet: no decoding step)" if self.frame_kv_bytes == 0 else \
+                f" ({self.frame_kv_bytes / mib:.2f} MiB of it page frames: copies of pages the host tier also holds)"
             parts.append(f"offloaded: {self.device_kv_bytes / mib:.2f} MiB of KV on the device{frames}, "
                          f"{self.host_kv_bytes / mib:.2f} MiB in {self.host_tier}")
         if self.shared_kv_bytes:
