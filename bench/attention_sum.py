@@ -14,7 +14,6 @@ largest relative difference of the kernel's sums from the chunks'. Needs CUDA (o
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -22,6 +21,8 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
+
+from _table import write_json  # noqa: E402  (bench/, the script's own folder)
 
 from kvsqueeze.kernels.attention_probs import attention_chunks  # noqa: E402
 from kvsqueeze.kernels.attention_sum import attention_sum_kernel  # noqa: E402
@@ -81,9 +82,7 @@ def main(argv=None) -> int:
             rows.append(dict(queries=w, keys=n, variant=name, ms_per_layer=ms, max_rel_diff=diff))
         del qs, ks
         torch.cuda.empty_cache()
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(args=vars(args), rows=rows), f, indent=1)
+    write_json(args.json, args, rows)
     return 0
 
 

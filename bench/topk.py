@@ -17,14 +17,13 @@ infinities: "ok" or the number of rows that differ. Needs CUDA (one error line, 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
-from _table import graph_us  # noqa: E402  (bench/, the script's own folder)
+from _table import graph_us, write_json  # noqa: E402  (bench/, the script's own folder)
 
 from kvsqueeze.kernels.topk import reference_topk_increasing, topk_increasing  # noqa: E402
 
@@ -95,9 +94,7 @@ def main(argv=None) -> int:
             print(f"  {R}x{P}:{k:<5} {name:<38} {us:9.1f} us per step  {us / args.layers:7.2f} per call  {check}")
             rows.append(dict(rows=R, pages=P, k=k, variant=name, us_per_step=us, us_per_call=us / args.layers,
                              rows_differ=bad))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(args=vars(args), rows=rows), f, indent=1)
+    write_json(args.json, args, rows)
     return 0
 
 

@@ -130,6 +130,23 @@ def assert_one_error_line(args, message):
     assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], r.output
 
 
+def run_bench(name, *args, timeout=600):
+    """`python bench/<name>.py ARGS` with the package's src on the path: the CompletedProcess (text output)."""
+    import subprocess
+    import sys
+
+    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+    env = dict(os.environ, PYTHONPATH=os.path.join(root, "src"))
+    return subprocess.run([sys.executable, os.path.join(root, "bench", f"{name}.py"), *args], capture_output=True,
+                          text=True, timeout=timeout, env=env)
+
+
+def assert_needs_cuda(r, name):
+    """A GPU bench run without CUDA: exit 2 and the one line `error: bench/<name>.py needs a CUDA GPU`."""
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip() == f"error: bench/{name}.py needs a CUDA GPU"
+
+
 @pytest.fixture
 def llama():
     return tiny_llama()

@@ -1,10 +1,14 @@
 """What the offloading tests share (tests/test_offload.py, tests/test_offload_quant.py): a random AttentionPredictor
-CNN, the two selectors at a budget, and greedy decoding over a `CompressedCache` returning every step's logits."""
+CNN, the two selectors at a budget, a selector of fixed pages, and greedy decoding over a `CompressedCache`
+returning every step's logits."""
+
+import math
 
 import torch
 
 import kvsqueeze as kq
 from kvsqueeze.selection import AttentionPredictor, PredictorNet, Quest
+from kvsqueeze.selection.base import Selector, pages_to_slots
 
 from conftest import kv
 
@@ -23,6 +27,24 @@ def selector(kind, budget=96):
     if kind == "quest":
         return Quest(budget)
     return AttentionPredictor(budget, predictor=predictor_net(), sink=16, local=32)
+
+
+class PinnedPages(Selector):
+    """Attends to pages 0 .. lead - 1 and the last `tail` pages (the partial one included): the same pages every
+    step until a new page opens (the offloading traffic tests)."""
+
+    name = "pinned"
+
+    def __init__(self, budget, lead, tail):
+        super().__init__(budget)
+        self.lead, self.tail = lead, tail
+
+    def _select(self, layer_idx, layer, query):
+        n = layer.n_stored
+        last = math.ceil(n / 16) - 1
+        b, h = layer.positions.shape[:2]
+        pages = torch.cat([torch.arange(self.lead), torch.arange(last - self.tail + 1, last + 1)])
+        return pages_to_slots(pages.expand(b, h, -1), n, 16)
 
 
 @torch.no_grad()

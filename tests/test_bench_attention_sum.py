@@ -2,32 +2,22 @@
 row per (case, variant), the kernel close to the chunks."""
 
 import json
-import os
-import subprocess
-import sys
 
 import torch
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-SCRIPT = os.path.join(HERE, "..", "bench", "attention_sum.py")
-
-
-def _run(*extra):
-    return subprocess.run([sys.executable, SCRIPT, *extra], capture_output=True, text=True, timeout=600)
+from conftest import assert_needs_cuda, run_bench
 
 
 def test_attention_sum_bench_runs_or_refuses_in_one_line(tmp_path):
     out = tmp_path / "rows.json"
-    r = _run("--cases", "16x300", "--layers", "2", "--reps", "2", "--json", str(out))
+    r = run_bench("attention_sum", "--cases", "16x300", "--layers", "2", "--reps", "2", "--json", str(out))
     if not torch.cuda.is_available():
-        assert r.returncode == 2 and "Traceback" not in r.stderr
-        assert r.stderr.strip() == "error: bench/attention_sum.py needs a CUDA GPU"
-        return
+        return assert_needs_cuda(r, "attention_sum")
     assert r.returncode == 0, r.stderr
     rows = json.loads(out.read_text())["rows"]
     assert len(rows) == 2 and all(row["ms_per_layer"] > 0 and row["max_rel_diff"] < 1e-3 for row in rows)
 
 
 def test_attention_sum_bench_rejects_a_malformed_case():
-    r = _run("--cases", "64")
+    r = run_bench("attention_sum", "--cases", "64")
     assert r.returncode != 0 and "Traceback" not in r.stderr and "WxN" in r.stderr

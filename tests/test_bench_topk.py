@@ -2,28 +2,18 @@
 per (case, variant), every variant equal to the rule."""
 
 import json
-import os
-import subprocess
-import sys
 
 import torch
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-SCRIPT = os.path.join(HERE, "..", "bench", "topk.py")
-
-
-def _run(*extra):
-    return subprocess.run([sys.executable, SCRIPT, *extra], capture_output=True, text=True, timeout=600)
+from conftest import assert_needs_cuda, run_bench
 
 
 def test_topk_bench_runs_or_refuses_in_one_line(tmp_path):
     out = tmp_path / "rows.json"
-    r = _run("--cases", "8x512:32", "--ways", "2,16", "--warps", "4", "--tiles", "256", "--layers", "2", "--reps", "3",
-             "--json", str(out))
+    r = run_bench("topk", "--cases", "8x512:32", "--ways", "2,16", "--warps", "4", "--tiles", "256", "--layers", "2",
+                  "--reps", "3", "--json", str(out))
     if not torch.cuda.is_available():
-        assert r.returncode == 2 and "Traceback" not in r.stderr
-        assert r.stderr.strip() == "error: bench/topk.py needs a CUDA GPU"
-        return
+        return assert_needs_cuda(r, "topk")
     assert r.returncode == 0, r.stderr
     rows = json.loads(out.read_text())["rows"]
     assert len(rows) == 3  # torch + 2 widths
@@ -31,5 +21,5 @@ def test_topk_bench_runs_or_refuses_in_one_line(tmp_path):
 
 
 def test_topk_bench_rejects_a_malformed_case():
-    r = _run("--cases", "8x512")  # checked before the CUDA check
+    r = run_bench("topk", "--cases", "8x512")  # checked before the CUDA check
     assert r.returncode != 0 and "Traceback" not in r.stderr and "RxP:k" in r.stderr

@@ -2,8 +2,6 @@
 cross-token prefetch and Quest's on-demand fetch, on tiny random Llamas on the CPU (the copies go through the same
 code as on CUDA, synchronously)."""
 
-import math
-
 import pytest
 import torch
 
@@ -11,11 +9,10 @@ import kvsqueeze as kq
 from kvsqueeze.errors import KVSqueezeError
 from kvsqueeze.quant import parse_quant
 from kvsqueeze.selection import AttentionPredictor, PredictorNet, Quest
-from kvsqueeze.selection.base import Selector, pages_to_slots
 from kvsqueeze.storage.offload import OffloadLayer
 
 from conftest import Spy, kv, tiny_llama
-from offload_helpers import decode as _decode, predictor_net as _net, selector as _selector
+from offload_helpers import PinnedPages, decode as _decode, selector as _selector
 
 
 @pytest.mark.parametrize("kind", ["quest", "ap"])
@@ -61,24 +58,11 @@ def test_prefetch_makes_every_step_after_the_first_a_hit():
     assert sq["bytes_per_token"] == sq["demand_pages"] * 16 * 2 * 16 * 4 / 20  # pages x slots x (k+v) x d x fp32
 
 
-class FixedPages(Selector):
-    """Attends to pages 0, 1 and the last (partial) page: the same pages every step until a new page opens."""
-
-    name = "fixed"
-
-    def _select(self, layer_idx, layer, query):
-        n = layer.n_stored
-        last = math.ceil(n / 16) - 1
-        b, h = layer.positions.shape[:2]
-        pages = torch.tensor([0, 1, last]).expand(b, h, 3)
-        return pages_to_slots(pages, n, 16)
-
-
 def test_only_changed_pages_travel_and_device_memory_is_fixed():
     model = tiny_llama(layers=4)
     ids = torch.randint(0, 101, (1, 200))  # 12.5 pages: the first step's last page is page 12
     steps = 40  # slots 200..239: pages 13 and 14 open at slots 208 and 224
-    cache = kq.CompressedCache(model, selector=FixedPages(64), offload="cpu")
+    cache = kq.CompressedCache(model, selector=PinnedPages(64, lead=2, tail=1), offload="cpu")
     tok = kq.prefill(model, cache, ids).argmax(-1, keepdim=True)
     device_bytes = []
     with torch.no_grad():

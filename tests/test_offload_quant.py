@@ -2,7 +2,6 @@
 the host tier, dequantized pages in the device frames (src/kvsqueeze/quant/offload.py), on tiny random Llamas on
 the CPU. The reference everywhere is the same selector over `--quant kivi-2` on the device."""
 
-import math
 
 import pytest
 import torch
@@ -10,11 +9,10 @@ import torch
 import kvsqueeze as kq
 from kvsqueeze.quant import parse_quant
 from kvsqueeze.quant.offload import KIVIOffloadStore
-from kvsqueeze.selection.base import Selector, pages_to_slots
 from kvsqueeze.storage.offload import OffloadLayer
 
 from conftest import kv, tiny_llama
-from offload_helpers import decode, selector
+from offload_helpers import PinnedPages, decode, selector
 
 KIVI2 = parse_quant("kivi-2").layer_factory
 STEPS = 100  # 200 prompt tokens: 160 quantized after the prefill, residual 40; flushes after steps 24, 56 and 88
@@ -117,19 +115,6 @@ def test_host_tier_holds_the_bytes_of_kivi_on_device(method):
     assert f"{host / 2**20:.2f} MiB" in off.stats().line()
 
 
-class LastPages(Selector):
-    """Attends to page 0 and the last 5 pages (the residual's pages are always resident)."""
-
-    name = "last-pages"
-
-    def _select(self, layer_idx, layer, query):
-        n = layer.n_stored
-        last = math.ceil(n / 16) - 1
-        b, h = layer.positions.shape[:2]
-        pages = torch.tensor([0, last - 4, last - 3, last - 2, last - 1, last]).expand(b, h, 6)
-        return pages_to_slots(pages, n, 16)
-
-
 @torch.no_grad()
 def test_a_flush_drops_the_frames_of_the_pages_it_quantizes():
     """Pages resident in full precision (the residual) change value when KIVI's flush quantizes them: the flush
@@ -138,7 +123,7 @@ def test_a_flush_drops_the_frames_of_the_pages_it_quantizes():
     model = tiny_llama(layers=4)
     torch.manual_seed(3)
     ids = torch.randint(0, 101, (1, 200))
-    cache = kq.CompressedCache(model, selector=LastPages(96), layer_factory=KIVI2, offload="cpu")
+    cache = kq.CompressedCache(model, selector=PinnedPages(96, lead=1, tail=5), layer_factory=KIVI2, offload="cpu")
     tok = kq.prefill(model, cache, ids).argmax(-1, keepdim=True)
     store = _offloaded(cache)[0].store
     flushes = 0

@@ -14,14 +14,7 @@ from kvsqueeze.selection.quest import page_minmax, page_scores
 from kvsqueeze.training.predictor import TrainConfig, collect_traces, recovery_at, train
 
 from conftest import Spy, kv, tiny_llama
-
-
-def _net(seed=0, scale=0.3):
-    torch.manual_seed(seed)
-    net = PredictorNet()
-    for p in net.parameters():
-        p.data.normal_(0, scale)
-    return net.eval()
+from offload_helpers import predictor_net as _net
 
 
 @torch.no_grad()

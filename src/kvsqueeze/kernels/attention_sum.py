@@ -57,6 +57,18 @@ if triton is not None:
         return tl.where(ok, s, float("-inf"))
 
     @triton.jit
+    def _rows(Q, QP, b, h, i, ch, w, s_q_b, s_q_h, s_q_i, s_qp_b, D: tl.constexpr, HAS_POS: tl.constexpr):
+        # query rows i of (b, h): the rows (BM, DP), their positions (the row index without positions), their mask
+        rmask = i < w
+        q = tl.load(Q + b * s_q_b + h * s_q_h + i[:, None] * s_q_i + ch[None, :],
+                    mask=rmask[:, None] & (ch < D)[None, :], other=0.0)
+        if HAS_POS:
+            qp = tl.load(QP + b * s_qp_b + i, mask=rmask, other=0)
+        else:
+            qp = i
+        return q, qp, rmask
+
+    @triton.jit
     def _row_stats(Q, K, QP, KP, VAL, M, Z, n, w, scaling,
                    s_q_b, s_q_h, s_q_i, s_k_bh, s_k_n, s_qp_b, s_kp_bh, s_v_bh,
                    HK: tl.constexpr, G: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
@@ -67,14 +79,8 @@ if triton is not None:
         h = bh % (HK * G)
         bhk = b * HK + h // G
         i = tl.program_id(1) * BM + tl.arange(0, BM)
-        rmask = i < w
         ch = tl.arange(0, DP)
-        q = tl.load(Q + b * s_q_b + h * s_q_h + i[:, None] * s_q_i + ch[None, :],
-                    mask=rmask[:, None] & (ch < D)[None, :], other=0.0)
-        if HAS_POS:
-            qp = tl.load(QP + b * s_qp_b + i, mask=rmask, other=0)
-        else:
-            qp = i
+        q, qp, rmask = _rows(Q, QP, b, h, i, ch, w, s_q_b, s_q_h, s_q_i, s_qp_b, D, HAS_POS)
         m_i = tl.full([BM], float("-inf"), tl.float32)
         z_i = tl.zeros([BM], tl.float32)
         for n0 in range(0, n, BN):
@@ -104,13 +110,7 @@ if triton is not None:
             acc = tl.zeros([BN], tl.float32)
             for i0 in range(0, w, BM):
                 i = i0 + tl.arange(0, BM)
-                rmask = i < w
-                q = tl.load(Q + b * s_q_b + h * s_q_h + i[:, None] * s_q_i + ch[None, :],
-                            mask=rmask[:, None] & (ch < D)[None, :], other=0.0)
-                if HAS_POS:
-                    qp = tl.load(QP + b * s_qp_b + i, mask=rmask, other=0)
-                else:
-                    qp = i
+                q, qp, rmask = _rows(Q, QP, b, h, i, ch, w, s_q_b, s_q_h, s_q_i, s_qp_b, D, HAS_POS)
                 s = _logits(q, K, KP, VAL, qp, j, ch, bhk, n, scaling, s_k_bh, s_k_n, s_kp_bh, s_v_bh,
                             D, HAS_POS, HAS_VALID, WINDOW, IEEE)
                 m = tl.load(M + bh * w + i, mask=rmask, other=0.0)
