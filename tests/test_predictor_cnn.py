@@ -85,3 +85,32 @@ def test_static_attention_predictor_with_the_fused_cnn_predicts_the_same_scores(
         torch.testing.assert_close(a, c, atol=1e-5, rtol=1e-4)
     assert sum(torch.equal(a, c) for a, c in zip(p1, p2)) >= 4
     torch.testing.assert_close(z1, z2, atol=1e-5, rtol=1e-4)
+
+
+def test_the_fused_cnn_is_one_opaque_operator_under_torch_compile():
+    """torch.compile traces `predictor_cnn` as one custom operator (`kvsqueeze::predictor_cnn`) with no graph break
+    (fullgraph), its fake (meta) shapes match the launch's (torch.library.opcheck), and the compiled call equals
+    the eager one. Inductor then never analyses the Triton kernel (the static step's slow compile, fourteenth
+    session)."""
+    torch.manual_seed(0)
+    net = PredictorNet()
+    w = [net.conv1.weight.detach(), net.conv1.bias.detach(), net.conv2.weight.detach(), net.conv2.bias.detach(),
+         net.conv3.weight.detach()[0, :, 0]]
+    x = torch.rand(2, 7, 20)
+    ok = torch.ones(1, 7, 20)
+    args = [t.to(DEV) for t in (x, ok, *w)]
+    torch.library.opcheck(torch.ops.kvsqueeze.predictor_cnn.default, (*args, False, True, 16, False),
+                          test_utils=("test_schema", "test_faketensor"))
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm
+
+    fn = torch.compile(lambda *a: predictor_cnn(*a, rows=False, cols=True, block_w=16) * 2.0, backend=backend,
+                       fullgraph=True)
+    got = fn(*args)
+    assert len(graphs) == 1
+    targets = [n.target for n in graphs[0].graph.nodes if n.op == "call_function"]
+    assert torch.ops.kvsqueeze.predictor_cnn.default in targets
+    torch.testing.assert_close(got, predictor_cnn(*args, rows=False, cols=True, block_w=16) * 2.0)

@@ -96,7 +96,7 @@ def attention_sum(queries: torch.Tensor, keys: torch.Tensor, *, scaling: float, 
                   valid: torch.Tensor | None = None, window: int | None = None,
                   chunk: int | None = None) -> torch.Tensor:
     """(batch, q_heads, n) fp32: the attention of `attention_chunks` (same arguments) summed over the queries. With
-    `attention_sum.KERNEL` set (off until its first GPU run), on CUDA and without softcap, the two-pass Triton
+    `attention_sum.KERNEL` set (the default), on CUDA and without softcap, the two-pass Triton
     kernel of `kernels/attention_sum.py`, which never holds the q x n probabilities in memory; otherwise the
     chunks' sums. Equal up to float32 summation order."""
     from .attention_sum import attention_sum_kernel, kernel_applies

@@ -14,8 +14,9 @@ program computes a block of BLOCK_W output columns of one output row of one imag
 rebuilds the 16 conv1 channels at the shifted positions from x (9 loads of BLOCK_W floats, kept in cache), then
 accumulates (BLOCK_W x 16) @ (16 x 32) with `tl.dot`; the 32 channels never leave registers.
 
-`predictor_cnn(x, ok, w1, b1, w2, b2, w3, rows, cols)` is the entry point; `reference_predictor_cnn` is the torch
-computation it replaces (the tests compare the two). Not wired into the step: its speed on the GPU is not
+`predictor_cnn(x, ok, w1, b1, w2, b2, w3, rows, cols)` is the entry point, a custom operator
+(`kvsqueeze::predictor_cnn`) that torch.compile keeps opaque; `reference_predictor_cnn` is the torch computation it
+replaces (the tests compare the two). Not wired into the step: its speed on the GPU is not
 measured yet (twelfth session; see docs/gpu.md).
 """
 
@@ -87,20 +88,38 @@ def predictor_cnn(x: torch.Tensor, ok: torch.Tensor, w1: torch.Tensor, b1: torch
     if tuple(w1.shape) != (16, 1, 3, 3) or tuple(w2.shape) != (32, 16, 3, 3) or w3.numel() != 32:
         raise ValueError(f"the predictor CNN kernel takes PredictorNet's 1 -> 16 -> 32 -> 1 channels, got conv1 "
                          f"{tuple(w1.shape)}, conv2 {tuple(w2.shape)}, conv3 {w3.numel()}")
+    return _cnn_op(x, ok, w1, b1, w2, b2, w3, bool(rows), bool(cols), int(block_w), precision == "tf32")
+
+
+def _out_shape(x: torch.Tensor, rows: bool, cols: bool) -> tuple[int, int, int]:
     M, S, W = x.shape
-    pr, pc = int(rows), int(cols)
-    S2, W2 = S - 4 + 4 * pr, W - 4 + 4 * pc
+    return M, max(S - 4 + 4 * int(rows), 0), max(W - 4 + 4 * int(cols), 0)
+
+
+# One opaque operator for torch.compile: inductor calls the launch below as an extern kernel instead of tracing the
+# Triton kernel (its analysis of a user-defined kernel ran for minutes on the static step's 90 call sites per
+# token in the thirteenth session's GPU run); CUDA graphs capture the launch as any other.
+@torch.library.custom_op("kvsqueeze::predictor_cnn", mutates_args=())
+def _cnn_op(x: torch.Tensor, ok: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
+            b2: torch.Tensor, w3: torch.Tensor, rows: bool, cols: bool, block_w: int, tf32: bool) -> torch.Tensor:
+    M, S, W = x.shape
+    _, S2, W2 = _out_shape(x, rows, cols)
     x = x.float().contiguous()
     okf = ok.float().expand(M, S, W)  # ok may broadcast over the images (stride 0)
-    out = torch.empty(M, max(S2, 0), max(W2, 0), dtype=torch.float32, device=x.device)
-    if S2 <= 0 or W2 <= 0 or M == 0:
+    out = torch.empty(M, S2, W2, dtype=torch.float32, device=x.device)
+    if S2 == 0 or W2 == 0 or M == 0:
         return out
     grid = (M, S2, triton.cdiv(W2, block_w))
     _cnn_rows[grid](x, okf, w1.float().contiguous(), b1.float().contiguous(), w2.float().contiguous(),
                     b2.float().contiguous(), w3.float().contiguous().view(-1), out, S, W, S2, W2,
                     x.stride(0), x.stride(1), okf.stride(0), okf.stride(1), okf.stride(2), out.stride(0), out.stride(1),
-                    PR=pr, PC=pc, BLOCK_W=block_w, TF32=int(precision == "tf32"), num_warps=4)
+                    PR=int(rows), PC=int(cols), BLOCK_W=block_w, TF32=int(tf32), num_warps=4)
     return out
+
+
+@_cnn_op.register_fake
+def _(x, ok, w1, b1, w2, b2, w3, rows, cols, block_w, tf32):
+    return x.new_empty(_out_shape(x, rows, cols), dtype=torch.float32)
 
 
 def reference_predictor_cnn(x: torch.Tensor, ok: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor,
