@@ -213,7 +213,7 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None, help="Write the rows to this JSON file.")
     ap.add_argument("--profile", type=int, default=0,
                     help="Trace N more steps per row and print the GPU kernels by time (gpu_decode.kernel_profile).")
-    ap.add_argument("--ap-cnn", choices=("torch", "fused"), default=None,
+    ap.add_argument("--ap-cnn", choices=("torch", "fused", "auto"), default=None,
                     help="AttentionPredictor rows: the static step's CNN kernels (static_attention_predictor.CNN).")
     ap.add_argument("--topk", choices=("kernel", "torch"), default="kernel",
                     help="The static selectors' page choice: the top-k kernel (kernels/topk.py) or torch.topk + sort.")

@@ -84,7 +84,7 @@ def test_static_attention_predictor_with_the_fused_cnn_predicts_the_same_scores(
     for a, c in zip(s1, s2):
         torch.testing.assert_close(a, c, atol=1e-5, rtol=1e-4)
     assert sum(torch.equal(a, c) for a, c in zip(p1, p2)) >= 4
-    torch.testing.assert_close(z1, z2, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(z1, z2, **tol)
 
 
 def test_the_fused_cnn_is_one_opaque_operator_under_torch_compile():
