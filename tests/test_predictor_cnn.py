@@ -81,8 +81,11 @@ def test_static_attention_predictor_with_the_fused_cnn_predicts_the_same_scores(
         runs.append((preds, pages, sap.z[0][..., :-1].clone()))
     (s1, p1, z1), (s2, p2, z2) = runs
     assert len(s1) == len(s2) == 6
+    # on CUDA both paths take TF32 products (cuDNN's default, which the kernel follows): rounding near 1e-3 relative
+    # (the H200, fourteenth session: 2.6e-5 absolute, 0.7% relative on a small score)
+    tol = dict(atol=2e-4, rtol=2e-2) if CUDA and torch.backends.cudnn.allow_tf32 else dict(atol=1e-5, rtol=1e-4)
     for a, c in zip(s1, s2):
-        torch.testing.assert_close(a, c, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(a, c, **tol)
     assert sum(torch.equal(a, c) for a, c in zip(p1, p2)) >= 4
     torch.testing.assert_close(z1, z2, **tol)
 
