@@ -106,7 +106,8 @@ class CompressedCache(Cache):
             raise KVSqueezeError(f"offload must be 'cpu' or 'disk' (or None), got {offload!r}")
         offload = None if offload == "none" else offload
         if offload and selector is None:
-            raise KVSqueezeError("offloading needs a decode-time selector (--select quest or attention_predictor): "
+            raise KVSqueezeError("offloading needs a decode-time selector (--select quest, attention_predictor or "
+                                 "leoam): "
                                  "without one every step attends to every token, so every token would travel")
         if offload and method is not None and _decode_time(method):
             raise KVSqueezeError(f"offloading keeps the KV off the device between prefills: {method.describe()} "
@@ -439,7 +440,8 @@ class CompressedCache(Cache):
         if where not in ("cpu", "disk"):
             raise KVSqueezeError(f"offload must be 'cpu' or 'disk' (or None), got {where!r}")
         if sel is None:
-            raise KVSqueezeError("offloading needs a decode-time selector (--select quest or attention_predictor): "
+            raise KVSqueezeError("offloading needs a decode-time selector (--select quest, attention_predictor or "
+                                 "leoam): "
                                  "without one every step attends to every token, so every token would travel")
         if self.method is not None and _decode_time(self.method):
             raise KVSqueezeError(f"offloading keeps the KV off the device between prefills: "
