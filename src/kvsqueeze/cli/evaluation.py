@@ -51,7 +51,8 @@ def _selects(select: str, budgets: str) -> list[tuple[str | None, int | None]]:
     if not bs or min(bs) < 32:
         raise KVSqueezeError(f"--select-budget must be integers >= 32, got {budgets!r}")
     if set(names) == {"none"} and _given_on_command_line("select_budget"):
-        raise KVSqueezeError("--select-budget is the budget of --select (quest, attention_predictor): give --select "
+        raise KVSqueezeError("--select-budget is the budget of --select (quest, attention_predictor, leoam): give "
+                             "--select "
                              "too, or drop --select-budget")
     out: list[tuple[str | None, int | None]] = []
     for n in names:
@@ -95,7 +96,7 @@ def task_options(f):
                           "precision), kivi-2, kivi-4, gear-4, mikv-8-2, zipcache-4-2 (see `kvsqueeze generate`)."),
         click.option("--select", "select", default="none", show_default=True,
                      help="Comma-separated decode-time selectors crossed with the grid: none, quest, "
-                          "attention_predictor (needs `kvsqueeze train-predictor`). They keep the whole cache."),
+                          "attention_predictor (needs `kvsqueeze train-predictor`), leoam. They keep the whole cache."),
         click.option("--select-budget", default="512", show_default=True,
                      help="Comma-separated token budgets per decoding step for --select, in whole pages of 16 "
                           "consecutive tokens (rounded down to a multiple of 16; each >= 32)."),

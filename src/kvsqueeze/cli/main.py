@@ -126,7 +126,8 @@ def models():
               help="Store the kept tokens quantized: kivi-2, kivi-4, gear-4, mikv-8-2 (the method's evicted tokens "
                    "at 2 bits), zipcache-4-2 (the --method's top tokens at 4 bits, the rest at 2; without --method, "
                    "ZipCache's saliency picks them); with --method full, quantization only.")
-@click.option("--select", "select", type=click.Choice(["none", "quest", "attention_predictor"]), default="none",
+@click.option("--select", "select", type=click.Choice(["none", "quest", "attention_predictor", "leoam"]),
+              default="none",
               show_default=True, help="Decode-time selection: each decoding step attends only to --select-budget of "
               "the stored tokens (AttentionPredictor needs `kvsqueeze train-predictor` first).")
 @click.option("--select-budget", type=click.IntRange(min=32), default=512, show_default=True,
@@ -164,10 +165,11 @@ def generate(model, method, compression_ratio, budget, exempt_layers, compressio
         raise KVSqueezeError("--compile decodes on one device: drop --device-map (or --compile) for a split model")
     if select == "none" and click.get_current_context().get_parameter_source("select_budget") == \
             click.core.ParameterSource.COMMANDLINE:
-        raise KVSqueezeError("--select-budget is the budget of --select (quest, attention_predictor): give --select "
+        raise KVSqueezeError("--select-budget is the budget of --select (quest, attention_predictor, leoam): give "
+                             "--select "
                              "too, or drop --select-budget")
     if offload != "none" and select == "none":
-        raise KVSqueezeError("--offload needs --select (quest or attention_predictor): without a selector every "
+        raise KVSqueezeError("--offload needs --select (quest, attention_predictor or leoam): without a selector every "
                              "decoding step attends to every token, so every token would travel each step")
     if offload != "none" and quant != "none":
         if compiled:
@@ -211,11 +213,11 @@ def generate(model, method, compression_ratio, budget, exempt_layers, compressio
                               device_map=dmap)
     selector = None
     if select != "none":
-        from ..selection import AttentionPredictor, Quest
+        from ..selection import get_selector
 
         # the static step takes whole pages (the eager one attends to budget // 16 pages)
         budget_sel = select_budget - select_budget % 16 if compiled else select_budget
-        selector = Quest(budget_sel) if select == "quest" else AttentionPredictor(budget_sel)
+        selector = get_selector(select, budget_sel)
     res = generate_answer(mdl, tok, context, question, m, max_new_tokens=max_new_tokens, chunk_size=chunk_size,
                           query_aware=query_aware, layer_factory=qspec.layer_factory if qspec else None,
                           selector=selector, static=compiled, compile=compiled, offload=offload)

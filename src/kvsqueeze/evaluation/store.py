@@ -52,7 +52,7 @@ COLUMNS = {
     # their rows read NULL = none). The key stays the KEY above: a configuration's quant / select / budget are
     # also folded into params_json (only when set, so rows without them keep their old keys).
     "quant": "TEXT",  # --quant scheme (kivi-4, ...), NULL: full-precision storage
-    "select": "TEXT",  # decode-time selector (quest, attention_predictor), NULL: dense attention
+    "select": "TEXT",  # decode-time selector (quest, attention_predictor, leoam), NULL: dense attention
     "select_budget": "INTEGER",  # tokens each decoding step attends to with the selector
     "kv_bytes_16": "INTEGER",  # kv bytes as a 16-bit deployment holds them (see evaluation/sizes.py)
     "full_kv_bytes_16": "INTEGER",  # the uncompressed 16-bit cache's bytes for the same tokens

@@ -172,7 +172,8 @@ def make_pairs(methods: list[Method | str], compression_ratios: list[float], que
         if offload not in ("cpu", "disk"):
             raise KVSqueezeError(f"--offload must be cpu, disk or none, got {offload!r}")
         if any(n is None for n, _ in sels):
-            raise KVSqueezeError("--offload needs --select (quest or attention_predictor) for every configuration: "
+            raise KVSqueezeError("--offload needs --select (quest, attention_predictor or leoam) for every "
+                                 "configuration: "
                                  "without a selector every step attends to every token (drop 'none' from --select)")
         from ..quant.offload import host_tier_for_layers
 

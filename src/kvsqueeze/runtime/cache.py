@@ -78,6 +78,21 @@ def _decode_time(method) -> bool:
             or hasattr(method, "cross_layer_plan"))  # MiniCache, xKV: replace the layers' stores after the prefill
 
 
+def _cpu_cache_pages(offload, pages: int | None, selector) -> int:
+    """The disk tier's CPU cache in pages per offloaded layer: `pages`, or by default `DEFAULT_CPU_CACHE` times
+    the layer's frames for tier 'disk' (0 otherwise). Raises KVSqueezeError for a negative number, or a CPU cache
+    asked for another tier."""
+    if pages is not None and pages < 0:
+        raise KVSqueezeError(f"the disk tier's CPU cache holds a number of pages >= 0, got {pages}")
+    if offload != "disk":
+        if pages:
+            raise KVSqueezeError("a CPU cache of pages sits in front of the disk tier only (offload='disk')")
+        return 0
+    if pages is None:
+        return CompressedCache.DEFAULT_CPU_CACHE * (selector.budget // selector.page + 1)
+    return int(pages)
+
+
 class CompressedCache(Cache):
     """A `transformers.Cache` that keeps only the KV entries a `Method` says matter.
 
@@ -95,18 +110,25 @@ class CompressedCache(Cache):
 
     Building the cache does not switch the model for good: `kvsqueeze.runtime.routing.attach` routes the model's
     attention through kvsqueeze only during forwards that use a `CompressedCache`.
+
+    Offloading (`offload='cpu'|'disk'`, `storage/offload.py`): `offload_dir` holds the disk tier's files;
+    `offload_cpu_cache` the pages of the disk tier's CPU cache per offloaded layer (None: `DEFAULT_CPU_CACHE`
+    times the layer's page frames for 'disk', 0 for 'cpu', which has none).
     """
+
+    DEFAULT_CPU_CACHE = 4  # the disk tier's CPU cache, in multiples of a layer's page frames
 
     kvsqueeze_routes = True  # forwards with this cache go through kvsqueeze's attention (routing.routes)
     hold_static_scores = True  # a `static_scores` method's old slots keep their first scores (False: re-scored)
 
     def __init__(self, model, method=None, *, layer_factory=None, selector=None, offload: str | None = None,
-                 offload_latency: float = 0.0, offload_dir: str | None = None):
+                 offload_latency: float = 0.0, offload_dir: str | None = None, offload_cpu_cache: int | None = None):
         if offload not in (None, "none", "cpu", "disk"):
             raise KVSqueezeError(f"offload must be 'cpu' or 'disk' (or None), got {offload!r}")
         offload = None if offload == "none" else offload
         if offload and selector is None:
-            raise KVSqueezeError("offloading needs a decode-time selector (--select quest or attention_predictor): "
+            raise KVSqueezeError("offloading needs a decode-time selector (--select quest, attention_predictor or "
+                                 "leoam): "
                                  "without one every step attends to every token, so every token would travel")
         if offload and method is not None and _decode_time(method):
             raise KVSqueezeError(f"offloading keeps the KV off the device between prefills: {method.describe()} "
@@ -118,6 +140,7 @@ class CompressedCache(Cache):
                                  f"dense_layers, which {type(selector).__name__} does not have")
         # the host tier of a quantized scheme (KIVI: its packed storage; KVSqueezeError for the others)
         host_store = host_tier_for_layers(layer_factory, selector.page) if offload else None
+        cpu_cache = _cpu_cache_pages(offload, offload_cpu_cache, selector)
         attach(model)  # route the model's attention through kvsqueeze during this cache's forwards
         self.awaiting: int | None = None  # the layer whose update ran, waiting for its attention call
         self._deferred: list = []  # (layer_idx, ScoreInputs, query) waiting for the last layer (defer_eviction)
@@ -129,7 +152,7 @@ class CompressedCache(Cache):
                 # the KV in host memory, the selector's budget of pages (+ the partial page) in device frames
                 layers.append(OffloadLayer(frames=selector.budget // selector.page + 1, page=selector.page,
                                            latency_s=offload_latency, tier=offload, disk_dir=offload_dir,
-                                           store_factory=host_store))
+                                           store_factory=host_store, cpu_cache_pages=cpu_cache))
             elif kind == "full_attention":
                 layers.append((layer_factory or CompressedLayer)())
             elif kind == "sliding_attention":  # compressed too, never holding tokens outside the window
@@ -427,7 +450,7 @@ class CompressedCache(Cache):
 
     # --- memory -------------------------------------------------------------------------------------
     def offload_to(self, where: str | None = "cpu", latency_s: float = 0.0,
-                   disk_dir: str | None = None) -> "CompressedCache":
+                   disk_dir: str | None = None, cpu_cache: int | None = None) -> "CompressedCache":
         """Offload this cache's full-attention layers that its selector makes sparse (not `dense_layers`), as
         building it with `offload=where` would have (a cache compressed from a shared prefill record, e.g. in a
         sweep); returns the cache. `where` None or 'none': nothing to do. Raises KVSqueezeError as the
@@ -439,12 +462,14 @@ class CompressedCache(Cache):
         if where not in ("cpu", "disk"):
             raise KVSqueezeError(f"offload must be 'cpu' or 'disk' (or None), got {where!r}")
         if sel is None:
-            raise KVSqueezeError("offloading needs a decode-time selector (--select quest or attention_predictor): "
+            raise KVSqueezeError("offloading needs a decode-time selector (--select quest, attention_predictor or "
+                                 "leoam): "
                                  "without one every step attends to every token, so every token would travel")
         if self.method is not None and _decode_time(self.method):
             raise KVSqueezeError(f"offloading keeps the KV off the device between prefills: "
                                  f"{self.method.describe()} scores or evicts while decoding; use a prefill-time "
                                  "method with --offload")
+        cpu_cache = _cpu_cache_pages(where, cpu_cache, sel)
         for i, layer in enumerate(self.layers):
             if type(layer) is not CompressedLayer or layer.sliding_window or i in sel.dense_layers:
                 continue
@@ -452,7 +477,7 @@ class CompressedCache(Cache):
             try:
                 self.layers[i] = OffloadLayer.from_layer(layer, frames=sel.budget // sel.page + 1, page=sel.page,
                                                          latency_s=latency_s, tier=where, disk_dir=disk_dir,
-                                                         store_factory=host_store)
+                                                         store_factory=host_store, cpu_cache_pages=cpu_cache)
             except TypeError as e:
                 raise KVSqueezeError(f"offloading cannot hold layer {i}'s storage in host memory ({e})") from None
         self.offload_tier = where
@@ -463,19 +488,29 @@ class CompressedCache(Cache):
         a step needed that were already on the device, prefetched or kept from the previous step), pages_per_token
         and bytes_per_token (host -> device, per decoding step of the whole model), the raw `OffloadCounters`
         fields, device_kv_bytes / host_kv_bytes (every layer's KV: the non-offloaded layers are all on the device).
+        Tier 'disk' (`storage.offload`'s CPU cache): disk_pages_per_token and disk_bytes_per_token (read from the
+        files per decoding step), cpu_cache_hit_rate (pages that travelled to the device from the CPU cache / all
+        that travelled, nan when none did), cpu_cache_bytes (the caches' pages, every offloaded layer).
         Raises KVSqueezeError for a cache built without `offload`."""
         if not self.offload_tier:
             raise KVSqueezeError("this cache does not offload (build it with offload='cpu')")
         c = OffloadCounters()
+        cache_bytes = 0
         for layer in self.layers:
             if isinstance(layer, OffloadLayer) and layer.is_initialized:
                 c.add(layer.store.counters)
+                cache_bytes += layer.store.cpu_cache_nbytes()
         st = self.stats()
         tokens = max(self.decode_step, 1)
+        travelled = c.cache_hits + c.disk_pages - c.disk_prefetch_pages
         return {
             "hit_rate": c.hits / c.needed if c.needed else float("nan"),
             "pages_per_token": (c.demand_pages + c.prefetch_pages) / tokens,
             "bytes_per_token": c.bytes_moved / tokens,
+            "disk_pages_per_token": c.disk_pages / tokens,
+            "disk_bytes_per_token": c.disk_bytes / tokens,
+            "cpu_cache_hit_rate": c.cache_hits / travelled if travelled else float("nan"),
+            "cpu_cache_bytes": cache_bytes,
             "decode_steps": self.decode_step,
             **{f: getattr(c, f) for f in c.__dataclass_fields__},
             "device_kv_bytes": st.device_kv_bytes,

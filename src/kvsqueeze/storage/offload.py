@@ -34,9 +34,20 @@ storage on the host, pages dequantized on the device, frames of the pages a resi
 (`--quant kivi-<bits> --offload cpu|disk`; other `--quant` schemes are refused upstream). `OffloadLayer` takes
 the tier's class as `store_factory`.
 
-Tier 'disk' keeps the host tier in memory-mapped files instead (a first step towards LeoAM's GPU-CPU-disk tiers:
-the operating system's page cache is the CPU tier; LeoAM's variable-sized chunks and per-chunk abstracts are not
-implemented).
+Tier 'disk' keeps the host tier in memory-mapped files instead, with a third tier between them and the device
+(LeoAM's GPU-CPU-disk tiers, Sun et al. 2025, arXiv:2506.20187; its chunks and abstracts are a selector,
+`selection/leoam.py`): a bounded **CPU cache** of `cpu_cache_pages` pages per layer (over its rows and kv heads;
+pinned on CUDA), least recently used out first. A page that travels to the device is read from the CPU cache when
+it is there (`cache_hits`) and from the files otherwise (`disk_pages`, `disk_bytes`), and then kept in the cache.
+Writes go through: a decoding step's token is written into the file and into its page's cached copy, and any other
+change of the slots empties the cache (as it forgets the frames), so every read equals what was written. Where the
+next step's pages are known early (AttentionPredictor's `predict_next`), the pages of them the cache lacks are read
+from the files into the cache by a background thread while the rest of the step computes (`disk_prefetch_pages`),
+and the ones already cached are copied on to the device frames ahead (as on tier 'cpu'); the thread's result
+enters the cache at the store's next call (each call waits for it first, so the thread never races a write), and
+those pages are copied to the device on demand, from the cache, at the step that needs them. The page of the
+current token, which the next step writes, is never read ahead. `cpu_cache_pages=0`: no CPU cache, the operating system's page
+cache plays that tier, as before the fourteenth session.
 """
 
 from __future__ import annotations
@@ -44,6 +55,7 @@ from __future__ import annotations
 import os
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -62,7 +74,12 @@ class OffloadCounters:
     on demand / ahead; bytes_moved: host -> device bytes (keys + values, pages and full fetches); full_fetches:
     steps that needed more pages than frames (their slots copied for that step only); steps: offloaded layer-steps
     (one per layer and decoding step); invalidated: resident pages dropped from their frames because their stored
-    value changed in the host tier (a quantized tier's residual flush, `kvsqueeze.quant.offload`)."""
+    value changed in the host tier (a quantized tier's residual flush, `kvsqueeze.quant.offload`).
+
+    Tier 'disk': disk_pages / disk_bytes: pages (and their key + value bytes) read from the memory-mapped files to
+    travel to the device (a full fetch counts its slots' bytes); cache_hits: pages that travelled from the CPU
+    cache instead; disk_prefetch_pages: pages read from the files into the CPU cache ahead, in the background
+    (their later use counts as a cache hit)."""
 
     needed: int = 0
     hits: int = 0
@@ -72,6 +89,10 @@ class OffloadCounters:
     full_fetches: int = 0
     steps: int = 0
     invalidated: int = 0
+    disk_pages: int = 0
+    disk_bytes: int = 0
+    cache_hits: int = 0
+    disk_prefetch_pages: int = 0
 
     def add(self, other: "OffloadCounters") -> "OffloadCounters":
         for f in self.__dataclass_fields__:
@@ -113,22 +134,39 @@ class CopyEngine:
             self.pending = None
 
 
+_READER: ThreadPoolExecutor | None = None  # the disk tier's background reader (one thread for every store)
+
+
+def _reader() -> ThreadPoolExecutor:
+    global _READER
+    if _READER is None:
+        _READER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvsqueeze-disk")
+    return _READER
+
+
 class OffloadStore(KVStore):
     """Host tier + device page frames of one layer (see the module docstring).
 
     frames: page frames on the device (the budget in pages, plus the partial page: `budget // page + 1`); page:
     slots per page; tier: 'cpu' (host memory, pinned on CUDA) or 'disk' (memory-mapped files in `disk_dir`, default
     the system's temporary directory: the operating system pages them in and out, so the KV may exceed CPU memory;
-    a file is deleted when the store replaces or drops it); latency_s: simulated latency per copy off CUDA."""
+    a file is deleted when the store replaces or drops it); latency_s: simulated latency per copy off CUDA;
+    cpu_cache_pages: tier 'disk' only, the pages of the CPU cache between the files and the device frames (0: none).
+    Raises ValueError for fewer than 2 frames, another tier, a negative cache or a CPU cache with tier 'cpu'."""
 
     ragged_heads = False  # every head keeps the layer's slots; a per-head budget hides (the table's valid)
 
     def __init__(self, frames: int, page: int = 16, tier: str = "cpu", latency_s: float = 0.0,
-                 disk_dir: str | None = None):
+                 disk_dir: str | None = None, cpu_cache_pages: int = 0):
         if frames < 2:
             raise ValueError(f"an offloaded layer needs at least 2 page frames, got {frames}")
         if tier not in ("cpu", "disk"):
             raise ValueError(f"tier must be 'cpu' or 'disk', got {tier!r}")
+        if cpu_cache_pages < 0 or (cpu_cache_pages and tier != "disk"):
+            raise ValueError(f"a CPU cache of pages ({cpu_cache_pages}) sits in front of tier 'disk' only, "
+                             f"and is not negative")
+        self.cpu_cache_pages = int(cpu_cache_pages)
+        self._reading = None  # the background reader's future: (bi, hi, p, keys, values) of pages read ahead
         self.frames, self.page, self.host = int(frames), int(page), torch.device("cpu")
         self.tier, self.disk_dir = tier, disk_dir
         self._files: list[str] = []  # the memory-mapped files of the current host tier (tier 'disk')
@@ -152,6 +190,10 @@ class OffloadStore(KVStore):
         self.n = 0
         self._init_host(keys, values)
         self.kd = self.vd = None
+        if self.cpu_cache_pages:
+            S, kw = self.cpu_cache_pages, dict(dtype=self.dtype, pin_memory=self.cuda)
+            self.ck = torch.empty(S, self.page, self.dk, **kw)  # the CPU cache's pages
+            self.cv = torch.empty(S, self.page, self.dv, **kw)
         self._flush()
 
     def _init_host(self, keys: torch.Tensor, values: torch.Tensor) -> None:
@@ -194,8 +236,17 @@ class OffloadStore(KVStore):
         return self.kh.shape[2]
 
     def _flush(self) -> None:
-        """Forget what the frames hold (after any change of which slots are stored other than an append)."""
+        """Forget what the frames and the CPU cache hold (after any change of which slots are stored other than an
+        append)."""
+        self._join(keep=False)
         pages = self.capacity // self.page
+        if self.cpu_cache_pages:
+            S = self.cpu_cache_pages
+            self.cache_slot = torch.full((self.b, self.h, pages), -1, dtype=torch.long)  # page -> cache slot
+            self.slot_bh = torch.full((S,), -1, dtype=torch.long)  # cache slot -> row * h + head, page
+            self.slot_p = torch.full((S,), -1, dtype=torch.long)
+            self.slot_used = torch.full((S,), -1, dtype=torch.long)  # LRU clock of the last use (-1: free)
+            self.clock = 0
         self.page_frame = torch.full((self.b, self.h, pages), -1, dtype=torch.long)
         self.frame_page = torch.full((self.b, self.h, self.frames), -1, dtype=torch.long)
         self.page_frame_dev = self.page_frame.to(self.device)
@@ -209,12 +260,15 @@ class OffloadStore(KVStore):
         extra = self.capacity // self.page - self.page_frame.shape[2]
         pad = torch.full((self.b, self.h, extra), -1, dtype=torch.long)
         self.page_frame = torch.cat([self.page_frame, pad], 2)
+        if self.cpu_cache_pages:
+            self.cache_slot = torch.cat([self.cache_slot, pad], 2)
         self.page_frame_dev = torch.cat([self.page_frame_dev, pad.to(self.device)], 2)
 
     def _grow_host(self, cap: int) -> None:
         """Reallocate the host tier for `cap` slots (rounded up to whole pages), the stored slots copied over."""
         kh, vh = self._host_empty(cap)
         self._sync_host()
+        self._join()
         kh[:, :, : self.n], vh[:, :, : self.n] = self.kh[:, :, : self.n], self.vh[:, :, : self.n]
         self.kh, self.vh = kh, vh
         self._drop_files(2)
@@ -237,6 +291,7 @@ class OffloadStore(KVStore):
         """New slots (batch, kv_heads, q, head_dim) on the compute device: written into the host tier (and, for a
         single token whose page is resident, into its frame; several tokens: the frames are forgotten)."""
         q, n0 = keys.shape[2], self.n
+        self._join()  # the background reader's pages enter the CPU cache before any write
         self.engine.wait()  # a prefetch may be writing the frames and the page table's mirror
         self._grow(n0 + q)
         self._write_host(keys, values, n0)
@@ -262,9 +317,17 @@ class OffloadStore(KVStore):
         self.vh[:, :, n0 : n0 + q].copy_(values, non_blocking=self.pin)
         if self.pin:
             self._d2h = torch.cuda.current_stream(self.device).record_event()
+        if self.cpu_cache_pages and q == 1 and n0 // self.page < self.cache_slot.shape[2]:  # write through
+            p, off = divmod(n0, self.page)
+            bi, hi = (self.cache_slot[:, :, p] >= 0).nonzero(as_tuple=True)
+            if bi.numel():
+                s = self.cache_slot[bi, hi, p]
+                self.ck[s, off] = self.kh[bi, hi, n0]
+                self.cv[s, off] = self.vh[bi, hi, n0]
 
     def view(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Every slot from the host tier (batch, kv_heads, n, head_dim), on the host device."""
+        self._join()
         self._sync_host()
         return self.kh[:, :, : self.n], self.vh[:, :, : self.n]
 
@@ -390,13 +453,98 @@ class OffloadStore(KVStore):
         that will cross host -> device); `_unstage(staged)` runs on the compute stream (or the copy stream)."""
         self._sync_host()
         m = p.shape[0]
-        ar = torch.arange(self.page)
-        src = ((bi * self.h + hi) * self.capacity)[:, None] + p[:, None] * self.page + ar  # (m, page) host slots
         kst = torch.empty(m * self.page, self.dk, dtype=self.dtype, pin_memory=self.cuda)
         vst = torch.empty(m * self.page, self.dv, dtype=self.dtype, pin_memory=self.cuda)
-        torch.index_select(self.kh.view(-1, self.dk), 0, src.view(-1), out=kst)
-        torch.index_select(self.vh.view(-1, self.dv), 0, src.view(-1), out=vst)
+        if not self.cpu_cache_pages:
+            src = self._host_slots(bi, hi, p)
+            torch.index_select(self.kh.view(-1, self.dk), 0, src, out=kst)
+            torch.index_select(self.vh.view(-1, self.dv), 0, src, out=vst)
+            if self.tier == "disk":
+                self.counters.disk_pages += m
+                self.counters.disk_bytes += nbytes(kst) + nbytes(vst)
+            return (kst, vst), nbytes(kst) + nbytes(vst)
+        s = self.cache_slot[bi, hi, p]
+        hit = s >= 0
+        self.counters.cache_hits += int(hit.sum())
+        self.clock += 1
+        self.slot_used[s[hit]] = self.clock  # the pages of this call are the last to leave
+        kst3, vst3 = kst.view(m, self.page, self.dk), vst.view(m, self.page, self.dv)
+        if bool(hit.any()):
+            kst3[hit], vst3[hit] = self.ck[s[hit]], self.cv[s[hit]]
+        miss = ~hit
+        if bool(miss.any()):
+            src = self._host_slots(bi[miss], hi[miss], p[miss])
+            k, v = self.kh.view(-1, self.dk)[src], self.vh.view(-1, self.dv)[src]
+            self.counters.disk_pages += int(miss.sum())
+            self.counters.disk_bytes += nbytes(k) + nbytes(v)
+            k, v = k.view(-1, self.page, self.dk), v.view(-1, self.page, self.dv)
+            kst3[miss], vst3[miss] = k, v
+            self._cache_put(bi[miss], hi[miss], p[miss], k, v)
         return (kst, vst), nbytes(kst) + nbytes(vst)
+
+    # --- the CPU cache (tier 'disk') ---------------------------------------------------------------------------
+    def _host_slots(self, bi: torch.Tensor, hi: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        """Flat host-tier slot indices (m * page,) of the pages p of (row bi, kv head hi) (m,) long each."""
+        ar = torch.arange(self.page)
+        return (((bi * self.h + hi) * self.capacity)[:, None] + p[:, None] * self.page + ar).view(-1)
+
+    def _cache_put(self, bi: torch.Tensor, hi: torch.Tensor, p: torch.Tensor, k: torch.Tensor,
+                   v: torch.Tensor) -> None:
+        """Keep the pages p of (row bi, kv head hi) (m,) long, not cached, with their keys (m, page, dk) and values
+        (m, page, dv), in the least recently used cache slots (free ones first); the pages used by the current
+        call (clock now) are the last to go. As many as fit when m exceeds the others."""
+        m = min(p.shape[0], int((self.slot_used < self.clock).sum()))
+        if m <= 0:
+            return
+        bi, hi, p, k, v = bi[:m], hi[:m], p[:m], k[:m], v[:m]
+        slots = self.slot_used.argsort(stable=True)[:m]
+        old = self.slot_bh[slots] >= 0
+        if bool(old.any()):
+            ob, op = self.slot_bh[slots[old]], self.slot_p[slots[old]]
+            self.cache_slot.view(-1, self.cache_slot.shape[2])[ob, op] = -1
+        self.cache_slot[bi, hi, p] = slots
+        self.slot_bh[slots], self.slot_p[slots] = bi * self.h + hi, p
+        self.slot_used[slots] = self.clock
+        self.ck[slots], self.cv[slots] = k, v
+
+    def _read_ahead(self, need: torch.Tensor) -> None:
+        """Start reading, in the background thread, the pages marked in `need` (b, h, P) bool that are neither in
+        the frames nor in the CPU cache, up to the last full page (the current token's page is written by the next
+        step: never read ahead), from the files; `_join` puts them into the cache."""
+        self._join()
+        full = self.n // self.page
+        want = need[..., :full] & (self.cache_slot[..., :full] < 0) & (self.page_frame[..., :full] < 0)
+        bi, hi, p = want.nonzero(as_tuple=True)
+        if not bi.numel():
+            return
+        bi, hi, p = bi[: self.cpu_cache_pages], hi[: self.cpu_cache_pages], p[: self.cpu_cache_pages]
+        src = self._host_slots(bi, hi, p)
+        kh, vh = self.kh.view(-1, self.dk), self.vh.view(-1, self.dv)
+
+        def read():
+            return kh[src].view(-1, self.page, self.dk), vh[src].view(-1, self.page, self.dv)
+
+        self._reading = (bi, hi, p, _reader().submit(read))
+
+    def _join(self, keep: bool = True) -> None:
+        """Wait for the background reader and put its pages into the CPU cache (keep=False: drop them)."""
+        job, self._reading = getattr(self, "_reading", None), None
+        if job is None:
+            return
+        bi, hi, p, fut = job
+        k, v = fut.result()
+        if not keep:
+            return
+        fresh = self.cache_slot[bi, hi, p] < 0
+        self.counters.disk_prefetch_pages += int(fresh.sum())
+        self.counters.disk_pages += int(fresh.sum())
+        self.counters.disk_bytes += int(fresh.sum()) * self.page * (self.dk + self.dv) * self.kh.element_size()
+        self.clock += 1
+        self._cache_put(bi[fresh], hi[fresh], p[fresh], k[fresh], v[fresh])
+
+    def cpu_cache_nbytes(self) -> int:
+        """Bytes of the CPU cache's pages (0 without one, or before the first append)."""
+        return nbytes(getattr(self, "ck", None)) + nbytes(getattr(self, "cv", None)) if self.cpu_cache_pages else 0
 
     def _unstage(self, staged) -> tuple[torch.Tensor, torch.Tensor]:
         """`_stage`'s result -> the pages' keys (m * page, dk) and values (m * page, dv) on the compute device, in
@@ -411,6 +559,8 @@ class OffloadStore(KVStore):
         k, v = self.view()
         self.counters.full_fetches += 1
         self.counters.bytes_moved += idx.numel() * (self.dk + self.dv) * self.kh.element_size()
+        if self.tier == "disk":
+            self.counters.disk_bytes += idx.numel() * (self.dk + self.dv) * self.kh.element_size()
         return take(k, idx_h).to(self.device), take(v, idx_h).to(self.device)
 
     def gather(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -418,6 +568,7 @@ class OffloadStore(KVStore):
         kv_heads, k) long (any slots < n, in any order), from the frames; the pages not resident are copied first
         (on demand). More pages than frames: the slots are copied from the host tier for this step only."""
         self.counters.steps += 1
+        self._join()
         ahead, self._ahead = self._ahead, None
         if ahead is not None and ahead[0] is idx:  # prefetched: every page resident, no host round trip
             self.counters.needed += ahead[1]
@@ -446,6 +597,12 @@ class OffloadStore(KVStore):
         self.engine.wait()  # the previous prefetch's mirror writes come first
         self._grow(int(idx_h.max()) + 1)  # the next token may open a page: room in the page table for it
         need = self._need(idx_h // self.page)
+        if self.cpu_cache_pages:
+            # disk -> CPU cache in the background for the pages the cache lacks (copied to the device on demand at
+            # the next step, from the cache); the cached ones go on to the device frames ahead now, as on tier 'cpu'
+            self._read_ahead(need)
+            self._make_resident(need & ((self.page_frame >= 0) | (self.cache_slot >= 0)), background=True)
+            return
         if self._make_resident(need, background=True):
             self._ahead = (idx, int(need.sum()))
 
@@ -459,11 +616,14 @@ class OffloadLayer(CompressedLayer):
     frames, and its `end_attention` copies the next step's pages ahead when the selector predicts them. Outside
     a forward, `keys` / `values` are the host tier (what a calibration row or a page summary reads). The
     attention wrapper calls only `attend_kv` and `end_attention`, as for any layer: the offloading protocol
-    (gather, prefetch, release) stays here. frames, page, latency_s: see `OffloadStore`."""
+    (gather, prefetch, release) stays here. frames, page, latency_s, cpu_cache_pages: see `OffloadStore` (the CPU
+    cache is the full-precision tier's: with a `store_factory` it is not passed on)."""
 
     def __init__(self, frames: int, page: int = 16, latency_s: float = 0.0, tier: str = "cpu",
-                 disk_dir: str | None = None, store_factory=None):
+                 disk_dir: str | None = None, store_factory=None, cpu_cache_pages: int = 0):
         self.offload_args = dict(frames=frames, page=page, latency_s=latency_s, tier=tier, disk_dir=disk_dir)
+        if cpu_cache_pages and store_factory is None:  # the full-precision tier's CPU cache (a quantized tier: none)
+            self.offload_args["cpu_cache_pages"] = cpu_cache_pages
         self.host_store = store_factory or OffloadStore  # (**offload_args) -> an empty OffloadStore (or subclass)
         super().__init__(store_factory=lambda: self.host_store(**self.offload_args))
         self._forward_kv = None  # (keys, values) on the device during a multi-token forward
@@ -471,7 +631,8 @@ class OffloadLayer(CompressedLayer):
 
     @classmethod
     def from_layer(cls, layer: CompressedLayer, frames: int, page: int = 16, latency_s: float = 0.0,
-                   tier: str = "cpu", disk_dir: str | None = None, store_factory=None) -> "OffloadLayer":
+                   tier: str = "cpu", disk_dir: str | None = None, store_factory=None,
+                   cpu_cache_pages: int = 0) -> "OffloadLayer":
         """An offloaded layer holding what `layer` holds (its slot table taken over, its store's content copied to
         the host tier in the tier's form, `OffloadStore.adopt`; `layer` should not be used afterwards).
         `store_factory`: the host tier's class (default `OffloadStore`, full precision; a quantized layer needs
@@ -480,7 +641,7 @@ class OffloadLayer(CompressedLayer):
         if layer.sliding_window:
             raise TypeError("sliding-window layers are not offloaded (they hold a window only)")
         out = cls(frames=frames, page=page, latency_s=latency_s, tier=tier, disk_dir=disk_dir,
-                  store_factory=store_factory)
+                  store_factory=store_factory, cpu_cache_pages=cpu_cache_pages)
         if not layer.is_initialized:
             return out
         k, v = layer.keys, layer.values
