@@ -117,3 +117,28 @@ def test_the_fused_cnn_is_one_opaque_operator_under_torch_compile():
     targets = [n.target for n in graphs[0].graph.nodes if n.op == "call_function"]
     assert torch.ops.kvsqueeze.predictor_cnn.default in targets
     torch.testing.assert_close(got, predictor_cnn(*args, rows=False, cols=True, block_w=16) * 2.0)
+
+
+@pytest.mark.parametrize("rows,cols", [(True, False), (False, True)])
+def test_strided_and_bool_inputs_and_the_transposed_strip(rows, cols):
+    """The kernel reads x through its strides (a transposed view: no copy) and a bool validity as stored, and a
+    strip (rows padded, columns not: the static AttentionPredictor's last columns, (N, H, 7)) computed on its
+    transpose with transposed filters equals the convolutions of the strip itself."""
+    torch.manual_seed(1)
+    net = PredictorNet()
+    w1, b1 = net.conv1.weight.detach(), net.conv1.bias.detach()
+    w2, b2 = net.conv2.weight.detach(), net.conv2.bias.detach()
+    w3 = net.conv3.weight.detach()[0, :, 0]
+    g = torch.Generator().manual_seed(2)
+    ok = torch.rand(3, 21, 7, generator=g) < 0.8  # (N, H, 7): a strip
+    x = (torch.rand(3, 21, 7, generator=g) ** 4) * ok
+    want = reference_predictor_cnn(x, ok.float(), w1, b1, w2, b2, w3, rows=rows, cols=cols)
+    xd, okd = x.to(DEV), ok.to(DEV)
+    dev_w = [t.to(DEV) for t in (w1, b1, w2, b2, w3)]
+    # as it is (bool ok), and through the transpose (strided views of x and ok, transposed filters)
+    got = predictor_cnn(xd, okd, *dev_w, rows=rows, cols=cols, block_w=16)
+    wt1, wt2 = dev_w[0].transpose(-1, -2).contiguous(), dev_w[2].transpose(-1, -2).contiguous()
+    got_t = predictor_cnn(xd.transpose(1, 2), okd.transpose(1, 2), wt1, dev_w[1], wt2, dev_w[3], dev_w[4],
+                          rows=cols, cols=rows, block_w=16).transpose(1, 2)
+    torch.testing.assert_close(got.cpu(), want, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(got_t.cpu(), want, atol=1e-5, rtol=1e-4)

@@ -33,7 +33,7 @@ if triton is not None:
 
     @triton.jit
     def _cnn_rows(X, OK, W1, B1, W2, B2, W3, OUT, S, W, S2, W2N,
-                  s_x_m, s_x_s, s_ok_m, s_ok_s, s_ok_w, s_o_m, s_o_s,
+                  s_x_m, s_x_s, s_x_w, s_ok_m, s_ok_s, s_ok_w, s_o_m, s_o_s,
                   PR: tl.constexpr, PC: tl.constexpr, BLOCK_W: tl.constexpr, TF32: tl.constexpr):
         m = tl.program_id(0)
         cols = tl.program_id(2) * BLOCK_W + tl.arange(0, BLOCK_W)  # output columns of conv2
@@ -56,11 +56,11 @@ if triton is not None:
                         rx = r1 + ky - PR  # input row and columns (conv1's padding: zero outside)
                         cx = c1 + kx - PC
                         ld = inside & (rx >= 0) & (rx < S) & (cx >= 0) & (cx < W)
-                        xv = tl.load(X + m * s_x_m + rx * s_x_s + cx, mask=ld, other=0.0)
+                        xv = tl.load(X + m * s_x_m + rx * s_x_s + cx * s_x_w, mask=ld, other=0.0)
                         w = tl.load(W1 + c16 * 9 + ky * 3 + kx)
                         f += xv[:, None] * w[None, :]
                 okv = tl.load(OK + m * s_ok_m + (r1 + 1 - PR) * s_ok_s + (c1 + 1 - PC) * s_ok_w, mask=inside,
-                              other=0.0)
+                              other=0).to(tl.float32)  # bool or float validity, read as stored
                 f = tl.maximum(f + b1[None, :], 0.0) * okv[:, None]  # zero outside conv1's extent too (okv 0)
                 w2 = tl.load(W2 + c32[None, :] * 144 + c16[:, None] * 9 + dy * 3 + dx)  # (16, 32)
                 if TF32:  # an int flag, not a string constexpr: what torch.compile's Triton wrapper passes safely
@@ -104,15 +104,16 @@ def _cnn_op(x: torch.Tensor, ok: torch.Tensor, w1: torch.Tensor, b1: torch.Tenso
             b2: torch.Tensor, w3: torch.Tensor, rows: bool, cols: bool, block_w: int, tf32: bool) -> torch.Tensor:
     M, S, W = x.shape
     _, S2, W2 = _out_shape(x, rows, cols)
-    x = x.float().contiguous()
-    okf = ok.float().expand(M, S, W)  # ok may broadcast over the images (stride 0)
+    x = x if x.dtype == torch.float32 else x.float()  # read through its strides: a transposed view costs no copy
+    okf = ok.expand(M, S, W)  # bool or float; may broadcast over the images (stride 0)
     out = torch.empty(M, S2, W2, dtype=torch.float32, device=x.device)
     if S2 == 0 or W2 == 0 or M == 0:
         return out
     grid = (M, S2, triton.cdiv(W2, block_w))
     _cnn_rows[grid](x, okf, w1.float().contiguous(), b1.float().contiguous(), w2.float().contiguous(),
                     b2.float().contiguous(), w3.float().contiguous().view(-1), out, S, W, S2, W2,
-                    x.stride(0), x.stride(1), okf.stride(0), okf.stride(1), okf.stride(2), out.stride(0), out.stride(1),
+                    x.stride(0), x.stride(1), x.stride(2), okf.stride(0), okf.stride(1), okf.stride(2),
+                    out.stride(0), out.stride(1),
                     PR=int(rows), PC=int(cols), BLOCK_W=block_w, TF32=int(tf32), num_warps=4)
     return out
 

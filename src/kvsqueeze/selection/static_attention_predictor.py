@@ -136,6 +136,8 @@ class StaticAttentionPredictor:
         self.w2 = net.conv2.weight.detach().to(dev, torch.float32)
         self.b2 = net.conv2.bias.detach().to(dev, torch.float32)
         self.w3 = net.conv3.weight.detach()[0, :, 0].to(dev, torch.float32)
+        self.w1t = self.w1.transpose(-1, -2).contiguous()  # the filters of the transposed image (fused CNN's strips)
+        self.w2t = self.w2.transpose(-1, -2).contiguous()
         self.b3 = net.conv3.bias.detach()[0].to(dev, torch.float32)
         b, hk, P, H = slots.batch, slots.kv_heads, self.n_pages, self.history
         self.hist: list[torch.Tensor | None] = []
@@ -265,9 +267,16 @@ class StaticAttentionPredictor:
             from ..kernels.predictor_cnn import predictor_cnn
 
             # TF32 products where torch's float32 convolutions would take them (cuDNN's switch, on by default)
-            tf32 = x.is_cuda and torch.backends.cudnn.allow_tf32
+            prec = "tf32" if x.is_cuda and torch.backends.cudnn.allow_tf32 else "ieee"
+            if rows and not cols:
+                # a strip (the last columns of every history row: W = 7, S = the history): the kernel's programs
+                # span output columns, so it runs on the transposed strip with the transposed filters (the
+                # convolution of a transpose is the transpose of the convolution) and gives its transpose back
+                z = predictor_cnn(x.transpose(1, 2), ok.transpose(1, 2), self.w1t, self.b1, self.w2t, self.b2,
+                                  self.w3, rows=False, cols=True, precision=prec)
+                return z.transpose(1, 2)
             return predictor_cnn(x, ok, self.w1, self.b1, self.w2, self.b2, self.w3, rows=rows, cols=cols,
-                                 precision="tf32" if tf32 else "ieee")
+                                 precision=prec)
         pad = (int(rows), int(cols))
         f = torch.relu(F.conv2d(x[:, None], self.w1, self.b1, padding=pad))
         f = f * ok[:, None, 1 - pad[0] : ok.shape[1] - 1 + pad[0], 1 - pad[1] : ok.shape[2] - 1 + pad[1]]
