@@ -193,6 +193,7 @@ def test_cli_generate_offload(tiny_dir, tmp_path):
         off = CliRunner().invoke(main, args + ["--offload", "cpu"])
         static = CliRunner().invoke(main, args + ["--compile"])
         static_off = CliRunner().invoke(main, args + ["--compile", "--offload", "cpu"])
+        static_off2 = CliRunner().invoke(main, args + ["--compile", "--offload", "cpu", "--page-frames", "2"])
     assert dense.exit_code == 0 and off.exit_code == 0, off.output
     assert off.output.splitlines()[0] == dense.output.splitlines()[0]  # the same answer
     assert "offloaded:" in off.output and "KV offloaded to cpu" in off.output
@@ -207,6 +208,16 @@ def test_cli_generate_offload(tiny_dir, tmp_path):
     assert "already in the device frames (steps after the first" in line and "KiB moved per token" in line, line
     frames_line = next(x for x in static_off.output.splitlines() if x.startswith("while decoding"))
     assert "page frames included" in frames_line, static_off.output
+    # --page-frames 2: the same answer, twice the frames (more device bytes while decoding)
+    assert static_off2.exit_code == 0, static_off2.output
+    assert static_off2.output.splitlines()[0] == static.output.splitlines()[0]
+
+    def device_mib(out):
+        line = next(x for x in out.splitlines() if x.startswith("while decoding"))
+        return float(line.split("): ")[1].split(" MiB")[0])
+
+    assert device_mib(static_off2.output) > device_mib(static_off.output)
+    assert_one_error_line(args + ["--page-frames", "2"], "--page-frames sets the compiled step's device page frames")
     assert_one_error_line(args[:-4] + ["--offload", "cpu"], "--offload needs --select")
     assert_one_error_line(args + ["--offload", "cpu", "--quant", "gear-4"], "composes with --quant kivi-<bits> only")
 

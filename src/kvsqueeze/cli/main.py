@@ -141,12 +141,15 @@ def models():
                    "(torch.compile; CUDA graphs on a GPU). Full-precision storage; --select quest or attention_predictor "
                    "(pages chosen on the device), with --offload cpu too; decode-time eviction only for streaming_llm "
                    "and knorm. On a CPU the first step compiles for minutes.")
+@click.option("--page-frames", "page_frames", type=click.FloatRange(min=1.0), default=None,
+              help="With --compile --offload cpu: device page frames per offloaded layer, as a ratio of the pages a "
+                   "step reads (default 1; 2 keeps twice as many, so fewer pages cross the link per step).")
 @click.option("--config", "config", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="JSON file of these options (e.g. from `kvsqueeze recommend --config FILE`); options given "
                    "on the command line override it.")
 def generate(model, method, compression_ratio, budget, exempt_layers, compression_interval, context_file, question,
              max_new_tokens, chunk_size, query_aware, quant, select, select_budget, offload, device, dtype,
-             attn_implementation, device_map, compiled, config):
+             attn_implementation, device_map, compiled, page_frames, config):
     """Compress a context, answer a question, report the KV memory kept."""
     if config is not None:
         v = config_values(click.get_current_context(), config)
@@ -184,6 +187,9 @@ def generate(model, method, compression_ratio, budget, exempt_layers, compressio
                              "eagerly: drop --compile")
     if compiled and quant != "none":
         raise KVSqueezeError("--compile decodes full-precision caches (drop --quant, or --compile)")
+    if page_frames is not None and not (compiled and offload == "cpu"):
+        raise KVSqueezeError("--page-frames sets the compiled step's device page frames: give --compile --offload cpu "
+                             "too, or drop --page-frames")
     if not context_file.exists():
         raise KVSqueezeError(f"context file not found: {context_file}")
     context = context_file.read_text(errors="replace")
@@ -220,7 +226,8 @@ def generate(model, method, compression_ratio, budget, exempt_layers, compressio
         selector = get_selector(select, budget_sel)
     res = generate_answer(mdl, tok, context, question, m, max_new_tokens=max_new_tokens, chunk_size=chunk_size,
                           query_aware=query_aware, layer_factory=qspec.layer_factory if qspec else None,
-                          selector=selector, static=compiled, compile=compiled, offload=offload)
+                          selector=selector, static=compiled, compile=compiled, offload=offload,
+                          page_frames=True if page_frames is None else page_frames)
     click.echo(res.answer)
     click.echo(f"method: {m.describe() if m.describe() not in label else label}{f'; quant: {quant}' if qspec else ''}"
                f"{f'; decode-time selection: {selector.describe()}' if selector else ''}"

@@ -150,7 +150,8 @@ def greedy_decode_batch(model, cache, first_logits: torch.Tensor, max_new_tokens
 
 @torch.no_grad()
 def answer_tokens(model, cache, question: torch.Tensor, max_new_tokens: int, eos: set[int], static: bool = False,
-                  compile: bool = False, static_out: list | None = None) -> list[list[int]]:
+                  compile: bool = False, static_out: list | None = None,
+                  page_frames: bool | float = True) -> list[list[int]]:
     """Append `question` (batch, q) token ids to `cache` (uncompressed unless the method compresses appends),
     then decode every row greedily (`greedy_decode_batch`). Returns each row's answer tokens.
 
@@ -160,12 +161,14 @@ def answer_tokens(model, cache, question: torch.Tensor, max_new_tokens: int, eos
     cannot hold (quantized storage other than KIVI, a selector other than Quest and AttentionPredictor,
     attention-based decode-time eviction). An offloaded cache (`offload="cpu"`) stays offloaded in the static
     copy (its sparse layers in host memory, the step's pages in device frames: `StaticCompressedCache.from_cache`).
-    `static_out`: a list the static copy is appended to (for its `offload_stats()`)."""
+    `static_out`: a list the static copy is appended to (for its `offload_stats()`). `page_frames`: the static
+    copy's device page frames of an offloaded cache (`from_cache`'s: True = the pages per step, a ratio r >= 1 = r
+    times as many, False = none, pages read in place)."""
     logits = model(input_ids=question, **cache_kwargs(model, cache), logits_to_keep=1).logits[:, -1]
     if static or compile:
         from .static import StaticCompressedCache, static_greedy_decode
 
-        st = StaticCompressedCache.from_cache(cache, max_new_tokens)
+        st = StaticCompressedCache.from_cache(cache, max_new_tokens, page_frames=page_frames)
         if static_out is not None:
             static_out.append(st)
         return static_greedy_decode(model, st, logits, max_new_tokens, eos, compile=compile)
@@ -206,7 +209,8 @@ def check_budget(method: Method | None, n_context: int) -> None:
 def generate_answer(model, tokenizer, context: str, question: str, method: Method | None = None,
                     max_new_tokens: int = 32, chunk_size: int | None = None, query_aware: bool = False,
                     answer_prefix: str = "", layer_factory=None, selector=None, static: bool = False,
-                    compile: bool = False, offload: str | None = None) -> GenerationResult:
+                    compile: bool = False, offload: str | None = None,
+                    page_frames: bool | float = True) -> GenerationResult:
     """Compress `context` with `method`, then answer `question` greedily. `layer_factory` sets how the kept
     slots are stored (e.g. `kvsqueeze.quant.kivi(2)`: 2-bit KIVI; None: full precision); `selector` (e.g.
     `kvsqueeze.selection.Quest(512)`) makes every decoding step attend to a subset of what is stored.
@@ -215,7 +219,10 @@ def generate_answer(model, tokenizer, context: str, question: str, method: Metho
     `selector`): the sparse layers' KV in host memory, pages copied per step (`kvsqueeze.storage.offload`; with a
     KIVI `layer_factory`, KIVI's packed storage on the host, `kvsqueeze.quant.offload`; with
     `static`, the static copy's device frames, `storage/frames.py`); the result then carries `offload`
-    (`CompressedCache.offload_stats()`, or the static copy's `offload_stats()`)."""
+    (`CompressedCache.offload_stats()`, or the static copy's `offload_stats()`). `page_frames`: with `static` and
+    `offload`, the device page frames per offloaded layer as a ratio r >= 1 of the pages a step reads (more frames
+    keep more of the earlier steps' pages: fewer cross the link; `answer_tokens`). Raises KVSqueezeError for an
+    empty context, a budget not below it, or what the static path refuses."""
     if not context.strip():
         raise KVSqueezeError("the context is empty")
     ctx, q = split_prompt(tokenizer, context, question, answer_prefix)
@@ -233,7 +240,8 @@ def generate_answer(model, tokenizer, context: str, question: str, method: Metho
     stats = cache.stats()  # the compressed context, before the question is appended
     copies: list = []
     tokens = answer_tokens(model, cache, torch.tensor([q], device=device), max_new_tokens,
-                           _eos_ids(model, tokenizer), static=static, compile=compile, static_out=copies)[0]
+                           _eos_ids(model, tokenizer), static=static, compile=compile, static_out=copies,
+                           page_frames=page_frames)[0]
     seconds = time.perf_counter() - t0
     answer = tokenizer.decode(tokens, skip_special_tokens=True).strip()
     off = None
