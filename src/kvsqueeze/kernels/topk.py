@@ -27,6 +27,38 @@ step against 1421 for torch.topk and the sort; the step 7.14 ms against 7.77), a
 against 70.8 (8 rows x 8200 scores, k = 256) and 14.1 against 30.5 (8 x 2056, k = 128). The eighth session's two
 kernels were a binary search (one cut per pass: 33 passes, 67 us per layer, slower than torch) and a radix select
 on `tl.histogram` (failed on the H200 with triton 3.6; git history, 3d418e7).
+
+The sample variant (`topk_increasing(x, k, algo="sample")`, `_topk_sample`; the same output) reads the full row
+about twice instead of 3 + the search's passes: a pivot from a sample in registers, one pass compacting the scores
+at or above it, the exact search on those only. One program per row; S, RA, RB and CAP come from the shapes
+(`sample_plan`), so a CUDA graph keeps them:
+
+    S        = min(SAMPLE, next_pow2(P))   sample_i = x[floor(i P / S)], i < S  (the whole row when P <= S)
+    r        = k S / P                      the expected sample rank of the k-th largest
+    RA, RB   = ceil(r + 3 sqrt(r) + 3), ceil(r + 5 sqrt(r) + 8)                (RA = RB = k when P <= S)
+    a        = a sample score with RA <= count(sample >= a) <= RB   (the search above on the sample's registers,
+               stopping once the count is in the window: a pass or two)
+    one pass : n = count(x >= a); the first CAP of them (score, index) to a buffer, in increasing index order
+               (positions by a prefix sum per tile); a barrier (the buffer is read by every thread)
+    CAP      = min(next_pow2(P), next_pow2(2 (RB + 4 sqrt(RB) + 4) P / S))  (the buffer: torch.empty per call)
+    k <= n <= CAP : the k-th largest of the row is the k-th largest of the buffer, all the row's scores above it
+               and every tie at it are in the buffer: T by the exact search over the n buffered scores (chunks of
+               min(TILE, CAP) from L1), then take_j and out as above over the buffer, which is in index order
+    otherwise : the row runs the search kernel's steps as they are (`_search_row`; per row, the flag FELL = 1)
+
+The window puts count(x >= a) >= k with a margin of about 3 standard deviations of the sample rank when the
+sample's positions are independent of the scores (Quest's: no fallback on `bench/topk.py`'s rows at 8x8200:256,
+8x2056:128 and 8x3000:64 in the interpreter, nor on 16 rows of each at S = 512 to 2048 in a numpy model); rows where they are not (the largest scores on the sampled positions, more equal scores at the
+k-th than the buffer holds) take the fallback and cost one pass more than the search kernel. In the interpreter
+(numpy model, `bench/topk.py`'s Quest rows, W = 8) the search kernel makes about 1 + 4.3 + 2 full-row passes at
+8x8200:256, the sample variant one full-row pass plus about 2 passes over a 1024-score sample and 6 over about 450
+buffered scores.
+
+Untimed: the sample variant has not run on a GPU yet (built in the fourteenth session without one). `ALGO` stays
+"search" until `python bench/topk.py --algos search,sample ...` shows the sample variant correct ("ok", fallback 0
+on the Quest rows) and faster on the H200. Its new device-side pieces are the global scratch buffer written and
+read back by one program across `tl.debug_barrier()`, an `if` on a scalar around a whole search, and a search in
+registers without tiles; the rest is the search kernel's operations.
 """
 
 from __future__ import annotations
