@@ -48,11 +48,12 @@ at or above it, the exact search on those only. One program per row; S, RA, RB a
 
 The window puts count(x >= a) >= k with a margin of about 3 standard deviations of the sample rank when the
 sample's positions are independent of the scores (Quest's: no fallback on `bench/topk.py`'s rows at 8x8200:256,
-8x2056:128 and 8x3000:64 in the interpreter, nor on 16 rows of each at S = 512 to 2048 in a numpy model); rows where they are not (the largest scores on the sampled positions, more equal scores at the
-k-th than the buffer holds) take the fallback and cost one pass more than the search kernel. In the interpreter
-(numpy model, `bench/topk.py`'s Quest rows, W = 8) the search kernel makes about 1 + 4.3 + 2 full-row passes at
-8x8200:256, the sample variant one full-row pass plus about 2 passes over a 1024-score sample and 6 over about 450
-buffered scores.
+8x2056:128 and 8x3000:64 in the interpreter, nor on 16 rows of each at S = 512 to 2048 in a numpy model). Rows
+where they are not (the largest scores on the sampled positions, more equal scores at the k-th than the buffer
+holds) take the fallback and cost one pass more than the search kernel. In the numpy model of the searches
+(`bench/topk.py`'s Quest rows, W = 8) the search kernel makes 1 + about 4.3 + 2 full-row passes at 8x8200:256,
+the sample variant one full-row pass (with a prefix sum per tile) plus about 2 passes over a 1024-score sample
+and 1 + about 4 + 2 over about 450 buffered scores.
 
 Untimed: the sample variant has not run on a GPU yet (built in the fourteenth session without one). `ALGO` stays
 "search" until `python bench/topk.py --algos search,sample ...` shows the sample variant correct ("ok", fallback 0
