@@ -358,18 +358,22 @@ def kernel_applies(x: torch.Tensor) -> bool:
             and not torch.compiler.is_compiling())
 
 
+def _pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
 def sample_plan(P: int, k: int, sample: int | None = None) -> tuple[int, int, int, int]:
     """The sample variant's numbers for a row of P scores and k kept (shapes only: no data, so a CUDA graph keeps
     them): (S, RA, RB, CAP), the sample size (a power of two), the pivot's sample-rank window and the compacted
     buffer's size (a power of two). Module docstring, last section."""
-    S = min(SAMPLE if sample is None else sample, max(16, triton.next_power_of_2(P)))
+    S = min(SAMPLE if sample is None else sample, max(16, _pow2(P)))
     if P <= S:  # the sample is the row: the pivot is the k-th largest itself
-        return S, k, k, triton.next_power_of_2(P)
+        return S, k, k, _pow2(P)
     r = k * S / P
     ra = math.ceil(r + MARGIN * math.sqrt(r) + 3)
     rb = math.ceil(r + (MARGIN + 2) * math.sqrt(r) + 8)
     cap = 2 * (rb + 4 * math.sqrt(rb) + 4) * P / S
-    return S, ra, rb, min(triton.next_power_of_2(P), triton.next_power_of_2(math.ceil(cap)))
+    return S, ra, rb, min(_pow2(P), _pow2(math.ceil(cap)))
 
 
 def _check(P: int, k: int, ways: int, tile: int | None, algo: str, sample: int | None) -> None:
