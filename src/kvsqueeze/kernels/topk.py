@@ -27,10 +27,44 @@ step against 1421 for torch.topk and the sort; the step 7.14 ms against 7.77), a
 against 70.8 (8 rows x 8200 scores, k = 256) and 14.1 against 30.5 (8 x 2056, k = 128). The eighth session's two
 kernels were a binary search (one cut per pass: 33 passes, 67 us per layer, slower than torch) and a radix select
 on `tl.histogram` (failed on the H200 with triton 3.6; git history, 3d418e7).
+
+The sample variant (`topk_increasing(x, k, algo="sample")`, `_topk_sample`; the same output) reads the full row
+about twice instead of 3 + the search's passes: a pivot from a sample in registers, one pass compacting the scores
+at or above it, the exact search on those only. One program per row; S, RA, RB and CAP come from the shapes
+(`sample_plan`), so a CUDA graph keeps them:
+
+    S        = min(SAMPLE, next_pow2(P))   sample_i = x[floor(i P / S)], i < S  (the whole row when P <= S)
+    r        = k S / P                      the expected sample rank of the k-th largest
+    RA, RB   = ceil(r + 3 sqrt(r) + 3), ceil(r + 5 sqrt(r) + 8)                (RA = RB = k when P <= S)
+    a        = a sample score with RA <= count(sample >= a) <= RB   (the search above on the sample's registers,
+               stopping once the count is in the window: a pass or two)
+    one pass : n = count(x >= a); the first CAP of them (score, index) to a buffer, in increasing index order
+               (positions by a prefix sum per tile); a barrier (the buffer is read by every thread)
+    CAP      = min(next_pow2(P), next_pow2(2 (RB + 4 sqrt(RB) + 4) P / S))  (the buffer: torch.empty per call)
+    k <= n <= CAP : the k-th largest of the row is the k-th largest of the buffer, all the row's scores above it
+               and every tie at it are in the buffer: T by the exact search over the n buffered scores (chunks of
+               min(TILE, CAP) from L1), then take_j and out as above over the buffer, which is in index order
+    otherwise : the row runs the search kernel's steps as they are (`_search_row`; per row, the flag FELL = 1)
+
+The window puts count(x >= a) >= k with a margin of about 3 standard deviations of the sample rank when the
+sample's positions are independent of the scores (Quest's: no fallback on `bench/topk.py`'s rows at 8x8200:256,
+8x2056:128 and 8x3000:64 in the interpreter, nor on 16 rows of each at S = 512 to 2048 in a numpy model). Rows
+where they are not (the largest scores on the sampled positions, more equal scores at the k-th than the buffer
+holds) take the fallback and cost one pass more than the search kernel. In the numpy model of the searches
+(`bench/topk.py`'s Quest rows, W = 8) the search kernel makes 1 + about 4.3 + 2 full-row passes at 8x8200:256,
+the sample variant one full-row pass (with a prefix sum per tile) plus about 2 passes over a 1024-score sample
+and 1 + about 4 + 2 over about 450 buffered scores.
+
+Untimed: the sample variant has not run on a GPU yet (built in the fourteenth session without one). `ALGO` stays
+"search" until `python bench/topk.py --algos search,sample ...` shows the sample variant correct ("ok", fallback 0
+on the Quest rows) and faster on the H200. Its new device-side pieces are the global scratch buffer written and
+read back by one program across `tl.debug_barrier()`, an `if` on a scalar around a whole search, and a search in
+registers without tiles; the rest is the search kernel's operations.
 """
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -40,6 +74,10 @@ from .split_kv import tl, triton
 WAYS = 8  # cuts + 1 per pass (bench/topk.py)
 WARPS = 8
 TILE = 1024  # scores a program holds in registers at once; a longer row is read in tiles per pass (from L1)
+ALGOS = ("search", "sample")
+ALGO = "search"  # `topk_increasing`'s kernel: "sample" is untimed on a GPU (module docstring, last section)
+SAMPLE = 1024  # the sample variant's sample size (scores read into registers; bench/topk.py --samples)
+MARGIN = 3.0  # the sample variant's pivot: standard deviations of the sample rank above the expected one
 KERNEL = True  # False: `topk_increasing` always takes the torch rule (bench/gpu_decode.py --topk torch)
 
 if triton is not None:
@@ -120,6 +158,188 @@ if triton is not None:
             n_eq += tl.sum(eq, 0)
             n_take += tl.sum(take.to(tl.int32), 0)
 
+    # ---- the sample variant (algo="sample"; module docstring, last section) ----
+
+    @triton.jit
+    def _search_regs(v, KLO, KHI, W: tl.constexpr):
+        # v (N,) float32 in registers, NaN where no score. The W-ary key search of `_topk_increasing` on v alone:
+        # returns (lo, c) with c = count(v >= float(lo)) >= KLO (lo = key(-inf), c = the scores when fewer than
+        # KLO are above -inf), stopping at the first lo with c <= KHI (or lo = hi: ties)
+        up = v > float("-inf")
+        above = tl.sum(up.to(tl.int32), 0)
+        n_all = tl.sum((v == v).to(tl.int32), 0)
+        n_inf = tl.sum((v == float("inf")).to(tl.int32), 0)
+        mn = tl.min(tl.where(up, v, float("inf")), 0)
+        mx = tl.max(tl.where(v < float("inf"), v, float("-inf")), 0)
+        lo = tl.where(above >= KLO, _float_key(mn), -2139095041)  # key(-inf)
+        cnt = tl.where(above >= KLO, above, n_all)
+        hi = _float_key(mx)
+        top = n_inf >= KLO
+        lo = tl.where(top, 2139095040, lo)  # key(+inf)
+        hi = tl.where(top, lo, hi)
+        w = tl.arange(0, W).to(tl.int64) + 1
+        while (lo < hi) & (cnt > KHI):
+            t = lo + (w * (hi - lo + 1) + W - 1) // W
+            tf = _key_float(t)
+            c = tl.sum((v[None, :] >= tf[:, None]).to(tl.int32), 1)
+            enough = c >= KLO
+            lo = tl.max(tl.where(enough, t, lo), 0)
+            cnt = tl.min(tl.where(enough, c, cnt), 0)
+            hi = tl.min(tl.where(enough, hi + 1, t), 0) - 1
+        return lo, cnt
+
+    @triton.jit
+    def _chunk(SV, c0, c, n):
+        # compacted scores c0 + c (< n) as float32, NaN past n
+        ok = c0 + c < n
+        return tl.load(SV + c0 + c, mask=ok, other=float("nan")), ok
+
+    @triton.jit
+    def _search_mem(SV, n, K, CT: tl.constexpr, W: tl.constexpr):
+        # the exact search (count = K or lo = hi) of `_topk_increasing` over the n compacted scores SV[0:n] (no
+        # NaN among them), read in chunks of CT: returns the key of the K-th largest
+        c = tl.arange(0, CT)
+        mn = tl.full([CT], float("inf"), tl.float32)
+        mx = tl.full([CT], float("-inf"), tl.float32)
+        n_up = tl.zeros([CT], tl.int32)
+        n_inf = tl.zeros([CT], tl.int32)
+        for c0 in range(0, n, CT):
+            v, ok = _chunk(SV, c0, c, n)
+            up = ok & (v > float("-inf"))
+            n_up += up.to(tl.int32)
+            n_inf += (v == float("inf")).to(tl.int32)
+            mn = tl.minimum(mn, tl.where(up, v, float("inf")))
+            mx = tl.maximum(mx, tl.where(v < float("inf"), v, float("-inf")))
+        above = tl.sum(n_up, 0)
+        lo = tl.where(above >= K, _float_key(tl.min(mn, 0)), -2139095041)
+        cnt = tl.where(above >= K, above, n)
+        hi = _float_key(tl.max(mx, 0))
+        top = tl.sum(n_inf, 0) >= K
+        lo = tl.where(top, 2139095040, lo)
+        hi = tl.where(top, lo, hi)
+        w = tl.arange(0, W).to(tl.int64) + 1
+        while (lo < hi) & (cnt != K):
+            t = lo + (w * (hi - lo + 1) + W - 1) // W
+            tf = _key_float(t)
+            acc = tl.zeros([W, CT], tl.int32)
+            for c0 in range(0, n, CT):
+                v, ok = _chunk(SV, c0, c, n)
+                acc += (v[None, :] >= tf[:, None]).to(tl.int32)
+            cc = tl.sum(acc, 1)
+            enough = cc >= K
+            lo = tl.max(tl.where(enough, t, lo), 0)
+            cnt = tl.min(tl.where(enough, cc, cnt), 0)
+            hi = tl.min(tl.where(enough, hi + 1, t), 0) - 1
+        return lo
+
+    @triton.jit
+    def _search_row(X, OUT, P, K, TILE: tl.constexpr, W: tl.constexpr):
+        # the whole of `_topk_increasing` for one row (X, OUT at the row): the sample variant's fallback
+        j = tl.arange(0, TILE)
+        mn = tl.full([TILE], float("inf"), tl.float32)
+        mx = tl.full([TILE], float("-inf"), tl.float32)
+        n_up = tl.zeros([TILE], tl.int32)
+        n_inf = tl.zeros([TILE], tl.int32)
+        for t0 in range(0, P, TILE):
+            x, ok = _tile(X, t0, j, P)
+            up = ok & (x > float("-inf"))
+            n_up += up.to(tl.int32)
+            n_inf += (x == float("inf")).to(tl.int32)
+            mn = tl.minimum(mn, tl.where(up, x, float("inf")))
+            mx = tl.maximum(mx, tl.where(x < float("inf"), x, float("-inf")))
+        above = tl.sum(n_up, 0)
+        lo = tl.where(above >= K, _float_key(tl.min(mn, 0)), -2139095041)
+        cnt_lo = tl.where(above >= K, above, P)
+        hi = _float_key(tl.max(mx, 0))
+        top = tl.sum(n_inf, 0) >= K
+        lo = tl.where(top, 2139095040, lo)
+        hi = tl.where(top, lo, hi)
+        w = tl.arange(0, W).to(tl.int64) + 1
+        while (lo < hi) & (cnt_lo != K):
+            t = lo + (w * (hi - lo + 1) + W - 1) // W
+            tf = _key_float(t)
+            acc = tl.zeros([W, TILE], tl.int32)
+            for t0 in range(0, P, TILE):
+                x, ok = _tile(X, t0, j, P)
+                acc += (x[None, :] >= tf[:, None]).to(tl.int32)
+            c = tl.sum(acc, 1)
+            enough = c >= K
+            lo = tl.max(tl.where(enough, t, lo), 0)
+            cnt_lo = tl.min(tl.where(enough, c, cnt_lo), 0)
+            hi = tl.min(tl.where(enough, hi + 1, t), 0) - 1
+        thr = _key_float(lo)
+        n_gt = tl.zeros([TILE], tl.int32)
+        for t0 in range(0, P, TILE):
+            x, ok = _tile(X, t0, j, P)
+            n_gt += (x > thr).to(tl.int32)
+        need = K - tl.sum(n_gt, 0)
+        n_eq = tl.zeros([], tl.int32)
+        n_take = tl.zeros([], tl.int32)
+        for t0 in range(0, P, TILE):
+            x, ok = _tile(X, t0, j, P)
+            eq = (x == thr).to(tl.int32)
+            take = (x > thr) | ((n_eq + tl.cumsum(eq, 0) <= need) & (eq != 0))
+            pos = n_take + tl.cumsum(take.to(tl.int32), 0) - 1
+            tl.store(OUT + pos, (t0 + j).to(tl.int64), mask=take)
+            n_eq += tl.sum(eq, 0)
+            n_take += tl.sum(take.to(tl.int32), 0)
+
+    @triton.jit
+    def _topk_sample(X, OUT, SV, SI, FELL, P, K, RA, RB, s_x, s_o, s_c, CAP: tl.constexpr, TILE: tl.constexpr,
+                     S: tl.constexpr, CT: tl.constexpr, W: tl.constexpr):
+        row = tl.program_id(0)
+        X = X + row * s_x
+        OUT = OUT + row * s_o
+        SV = SV + row * s_c
+        SI = SI + row * s_c
+        # (1) the sample: scores floor(i P / S), i < S (the whole row when P <= S), in registers; the pivot a is a
+        # sample score with between RA and RB sample scores >= it
+        i = tl.arange(0, S).to(tl.int64)
+        pick = tl.where(P > S, i * P // S, i)
+        ok = pick < P
+        v = tl.load(X + pick, mask=ok, other=0.0).to(tl.float32)
+        v = tl.where(v == v, v, float("-inf"))
+        v = tl.where(ok, v, float("nan"))
+        a_key, _c = _search_regs(v, RA, RB, W)
+        a = _key_float(a_key)
+        # (2) one pass over the row: the scores >= a and their indices, compacted in increasing index order
+        j = tl.arange(0, TILE)
+        n = tl.zeros([], tl.int32)
+        for t0 in range(0, P, TILE):
+            x, okx = _tile(X, t0, j, P)
+            ge = (x >= a).to(tl.int32)
+            pos = n + tl.cumsum(ge, 0) - 1
+            keep = (ge != 0) & (pos < CAP)
+            tl.store(SV + pos, x, mask=keep)
+            tl.store(SI + pos, t0 + j, mask=keep)
+            n += tl.sum(ge, 0)
+        tl.debug_barrier()  # the compacted scores, written by every thread, read by every thread
+        fell = (n < K) | (n > CAP)
+        tl.store(FELL + row, fell.to(tl.int32))
+        if fell:
+            # (3') the sample missed: the full-row search
+            _search_row(X, OUT, P, K, TILE, W)
+        else:
+            # (3) the K-th largest of the row is the K-th largest of the compacted scores
+            thr = _key_float(_search_mem(SV, n, K, CT, W))
+            c = tl.arange(0, CT)
+            n_gt = tl.zeros([CT], tl.int32)
+            for c0 in range(0, n, CT):
+                s, okc = _chunk(SV, c0, c, n)
+                n_gt += (s > thr).to(tl.int32)
+            need = K - tl.sum(n_gt, 0)
+            n_eq = tl.zeros([], tl.int32)
+            n_take = tl.zeros([], tl.int32)
+            for c0 in range(0, n, CT):
+                s, okc = _chunk(SV, c0, c, n)
+                idx = tl.load(SI + c0 + c, mask=okc, other=0)
+                eq = (s == thr).to(tl.int32)
+                take = (s > thr) | ((n_eq + tl.cumsum(eq, 0) <= need) & (eq != 0))
+                pos = n_take + tl.cumsum(take.to(tl.int32), 0) - 1
+                tl.store(OUT + pos, idx.to(tl.int64), mask=take)
+                n_eq += tl.sum(eq, 0)
+                n_take += tl.sum(take.to(tl.int32), 0)
+
 
 def reference_topk_increasing(x: torch.Tensor, k: int) -> torch.Tensor:
     """x (..., P) float -> (..., k) long: the indices of the k largest values of each row, in increasing order
@@ -138,29 +358,92 @@ def kernel_applies(x: torch.Tensor) -> bool:
             and not torch.compiler.is_compiling())
 
 
-def topk_increasing(x: torch.Tensor, k: int, ways: int | None = None, num_warps: int | None = None,
-                    tile: int | None = None) -> torch.Tensor:
-    """x (..., P) float (any float dtype) -> (..., k) long: the indices of the k largest values of each row, in
-    increasing order; ties at the k-th value go to the lowest indices, NaN counts as -inf. The Triton kernel
-    (module docstring) where `kernel_applies(x)`, `reference_topk_increasing` otherwise (the same set up to the
-    order of ties). `ways` (a power of two >= 2, default `WAYS`) and `num_warps` (default `WARPS`) tune the kernel.
-    Capturable in a CUDA graph (a fixed grid, no host number per call). Raises ValueError for k outside [1, P] or a
-    bad `ways` or `tile`."""
-    P = x.shape[-1]
+def _pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def sample_plan(P: int, k: int, sample: int | None = None) -> tuple[int, int, int, int]:
+    """The sample variant's numbers for a row of P scores and k kept (shapes only: no data, so a CUDA graph keeps
+    them): (S, RA, RB, CAP), the sample size (a power of two), the pivot's sample-rank window and the compacted
+    buffer's size (a power of two). Module docstring, last section."""
+    S = min(SAMPLE if sample is None else sample, max(16, _pow2(P)))
+    if P <= S:  # the sample is the row: the pivot is the k-th largest itself
+        return S, k, k, _pow2(P)
+    r = k * S / P
+    ra = math.ceil(r + MARGIN * math.sqrt(r) + 3)
+    rb = math.ceil(r + (MARGIN + 2) * math.sqrt(r) + 8)
+    cap = 2 * (rb + 4 * math.sqrt(rb) + 4) * P / S
+    return S, ra, rb, min(_pow2(P), _pow2(math.ceil(cap)))
+
+
+def _check(P: int, k: int, ways: int, tile: int | None, algo: str, sample: int | None) -> None:
     if not 1 <= k <= P:
         raise ValueError(f"top-k: k={k} outside [1, {P}]")
-    ways = WAYS if ways is None else ways
     if ways < 2 or ways & (ways - 1):
         raise ValueError(f"top-k: ways={ways} is not a power of two >= 2")
     if tile is not None and (tile < 16 or tile & (tile - 1)):
         raise ValueError(f"top-k: tile={tile} is not a power of two >= 16")
+    if algo not in ALGOS:
+        raise ValueError(f"top-k: algo={algo!r} is not one of {ALGOS}")
+    if sample is not None and (sample < 16 or sample & (sample - 1)):
+        raise ValueError(f"top-k: sample={sample} is not a power of two >= 16")
+
+
+def _launch_sample(rows: torch.Tensor, k: int, ways: int, num_warps: int, tile: int,
+                   sample: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    R, P = rows.shape
+    S, ra, rb, cap = sample_plan(P, k, sample)
+    out = torch.empty(R, k, dtype=torch.long, device=rows.device)
+    sv = torch.empty(R, cap, dtype=torch.float32, device=rows.device)
+    si = torch.empty(R, cap, dtype=torch.int32, device=rows.device)
+    fell = torch.empty(R, dtype=torch.int32, device=rows.device)
+    _topk_sample[(R,)](rows, out, sv, si, fell, P, k, ra, rb, rows.stride(0), out.stride(0), cap, CAP=cap,
+                       TILE=tile, S=S, CT=min(tile, cap), W=ways, num_warps=num_warps)
+    return out, fell
+
+
+def sample_fallbacks(x: torch.Tensor, k: int, ways: int | None = None, num_warps: int | None = None,
+                     tile: int | None = None, sample: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sample variant's kernel on x (..., P) with its path per row: (indices as `topk_increasing(x, k,
+    algo="sample")`, (...,) bool, True where the row took the full-row fallback). Needs `kernel_applies(x)` (tests,
+    bench/topk.py)."""
+    P = x.shape[-1]
+    ways = WAYS if ways is None else ways
+    _check(P, k, ways, tile, "sample", sample)
+    if not kernel_applies(x):
+        raise RuntimeError("top-k: sample_fallbacks needs the Triton kernel (CUDA, or TRITON_INTERPRET=1)")
+    rows = x.reshape(-1, P)
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    tile = min(TILE if tile is None else tile, max(16, triton.next_power_of_2(P)))
+    out, fell = _launch_sample(rows, k, ways, WARPS if num_warps is None else num_warps, tile, sample)
+    return out.view(*x.shape[:-1], k), fell.view(x.shape[:-1]).bool()
+
+
+def topk_increasing(x: torch.Tensor, k: int, ways: int | None = None, num_warps: int | None = None,
+                    tile: int | None = None, algo: str | None = None, sample: int | None = None) -> torch.Tensor:
+    """x (..., P) float (any float dtype) -> (..., k) long: the indices of the k largest values of each row, in
+    increasing order; ties at the k-th value go to the lowest indices, NaN counts as -inf. The Triton kernel
+    (module docstring) where `kernel_applies(x)`, `reference_topk_increasing` otherwise (the same set up to the
+    order of ties). `algo` picks the kernel (default `ALGO`): "search" the full-row search, "sample" the sample
+    variant (`sample` scores, a power of two, default `SAMPLE`; module docstring, last section); the same output.
+    `ways` (a power of two >= 2, default `WAYS`) and `num_warps` (default `WARPS`) tune both. Capturable in a CUDA
+    graph (a fixed grid, no host number per call that depends on the data). Raises ValueError for k outside [1, P]
+    or a bad `ways`, `tile`, `algo` or `sample`."""
+    P = x.shape[-1]
+    ways = WAYS if ways is None else ways
+    algo = ALGO if algo is None else algo
+    _check(P, k, ways, tile, algo, sample)
     if not kernel_applies(x):
         return reference_topk_increasing(x, k)
     rows = x.reshape(-1, P)
     if rows.stride(-1) != 1:
         rows = rows.contiguous()
-    out = torch.empty(rows.shape[0], k, dtype=torch.long, device=x.device)
     tile = min(TILE if tile is None else tile, max(16, triton.next_power_of_2(P)))
+    if algo == "sample":
+        return _launch_sample(rows, k, ways, WARPS if num_warps is None else num_warps, tile, sample)[0].view(
+            *x.shape[:-1], k)
+    out = torch.empty(rows.shape[0], k, dtype=torch.long, device=x.device)
     _topk_increasing[(rows.shape[0],)](rows, out, P, k, rows.stride(0), out.stride(0), TILE=tile, W=ways,
                                        num_warps=WARPS if num_warps is None else num_warps)
     return out.view(*x.shape[:-1], k)
