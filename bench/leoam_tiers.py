@@ -32,7 +32,9 @@ sys.path.insert(0, os.path.join(HERE, "..", "src"))
 sys.path.insert(0, HERE)
 
 import kvsqueeze as kq  # noqa: E402
+from kvsqueeze.errors import KVSqueezeError  # noqa: E402
 from kvsqueeze.models import load_model  # noqa: E402
+from kvsqueeze.compat import cache_kwargs  # noqa: E402
 from kvsqueeze.runtime.generate import prefill  # noqa: E402
 from kvsqueeze.selection import LeoAM, Quest  # noqa: E402
 from offload_hits import haystack  # noqa: E402
@@ -72,7 +74,7 @@ def decode(model, ids, selector, steps, offload=None, offload_dir=None, cpu_cach
     tok = prefill(model, cache, ids).argmax(-1, keepdim=True)
     toks = [int(tok)]
     for _ in range(steps - 1):
-        tok = model(input_ids=tok, past_key_values=cache, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
+        tok = model(input_ids=tok, **cache_kwargs(model, cache), use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
         toks.append(int(tok))
     return toks, cache
 
@@ -87,10 +89,14 @@ def main(argv=None) -> int:
     ap.add_argument("--cpu-cache", type=int, default=4, help="CPU cache pages per layer, in multiples of the frames.")
     ap.add_argument("--max-chunk", type=int, default=8)
     ap.add_argument("--desert-mass", type=float, default=0.02)
+    ap.add_argument("--refine", type=int, default=2, help="LeoAM's candidate pages per budget page.")
     args = ap.parse_args(argv)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     model, tok = load_model(args.model)
-    ids = haystack(args.essays, tok, args.context)
+    try:
+        ids = haystack(args.essays, tok, args.context)
+    except KVSqueezeError as e:  # one line, no traceback (the essays are not in the repository)
+        raise SystemExit(f"error: {e} (give --essays DIR, a folder of .txt files)") from None
     g = torch.Generator().manual_seed(0)
     number = str(int(torch.randint(10000, 99999, (1,), generator=g)))
     frames = args.budget // 16 + 1
@@ -107,7 +113,7 @@ def main(argv=None) -> int:
             if name == "quest":
                 return CountingQuest(args.budget)
             cls = LeoAM if name == "leoam" else FixedChunks
-            return cls(args.budget, max_chunk=args.max_chunk, desert_mass=args.desert_mass)
+            return cls(args.budget, max_chunk=args.max_chunk, desert_mass=args.desert_mass, refine=args.refine)
 
         t0 = time.perf_counter()
         ref_toks, _ = decode(model, ids, make(), args.steps)

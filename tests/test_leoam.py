@@ -300,3 +300,19 @@ def test_sweep_leoam_rows_offloaded_to_disk_answer_as_on_device(tiny_dir, tmp_pa
             answers[off] = sorted(run_sweep(model, tok, samples, pairs, None, model_name="tiny", progress=False,
                                             keep_answers=True, code_version="t").answers.values())
         assert answers[None] == answers["disk"]
+
+
+@pytest.mark.parametrize("gqa", ["max", "mean", "raw"])
+def test_every_page_a_candidate_selects_as_quest_whatever_the_chunks(gqa):
+    """With `refine` large enough that every page is a candidate, the page step scores every page by its own bound
+    with Quest's softmax over the pages, so the chunks (here long desert chunks) change nothing: Quest's pages.
+    (A softmax normaliser taken from the chunks' loose bounds instead broke this, and lost smollm2-135m's passkey.)"""
+    sel, layers = _observed_selector(budget=64, desert_mass=0.3, max_chunk=8, refine=100, gqa=gqa)
+    quest = Quest(64, gqa=gqa)
+    torch.manual_seed(4)
+    for li, layer in layers.items():
+        for _ in range(3):
+            query = torch.randn(1, 4, 1, 16)
+            a, c = quest.select(li, layer, query), sel.select(li, layer, query)
+            assert torch.equal(a.sort(-1).values, c.sort(-1).values)
+    assert max(x["mean_chunk_pages"] for x in sel.stats()["layers"].values()) > 1.5  # chunks were built

@@ -32,15 +32,20 @@ read to decide); loading runs disk -> CPU -> GPU, pipelined with compute (the ti
    U(q, chunk) = sum_i max(q_i M_i, q_i m_i) >= q . k for every key k of the chunk), float32 on the compute
    device: 2 x head_dim floats per chunk instead of 2 x 16 x head_dim per page of KV, so judging reads no KV of
    an offloaded (or disk) tier after the chunks are built.
-6. *Selection.* Each sparse step scores every chunk's abstract with the current query (GQA as Quest's `gqa`:
-   softmax(scaling * U) over the chunks per query head, max over the group), then takes the sink pages, the last
-   `window` pages (the partial page counting as one) and chunks in decreasing score until `budget // page` pages;
-   the chunk at the budget's edge contributes its first pages only, so every kv head attends to the same number
-   of slots and the budget is never exceeded. Pages without a valid slot come last. With every chunk one page
+6. *Selection, coarse to fine.* Each sparse step scores every chunk's abstract with the current query (GQA as
+   Quest's `gqa`: softmax(scaling * U) over the chunks per query head, max over the group) and orders the pages by
+   their chunk's rank (pages in order within a chunk; the sink pages and the last `window` pages, the partial page
+   counting as one, first). The first `refine` x (budget // page) pages of that order are the candidates; each
+   candidate page is then scored by its own page bound (Quest's softmax over the pages, each page not a candidate
+   counted at its chunk's bound), and the sink and window pages plus the best candidates up to `budget // page`
+   pages are attended. Pages without a
+   valid slot come last. A chunk's box bounds every key in it, so a long desert chunk's bound is loose (it often
+   ranks high); the page step keeps such a chunk from spending the budget on its low pages (without it,
+   `refine=1`, smollm2-135m lost the README's passkey at budget 512: docs/offload.md). With every chunk one page
    (`max_chunk=1` or `desert_mass=0`), sink 0 and window 16 this is Quest's selection.
 
-Cost (`stats()`): abstracts scored per sparse step vs the pages Quest would score for the same steps; the desert
-rate and the mean chunk size per layer. The ranking of variable chunks is what the chunks buy: where deserts are
+Cost (`stats()`): abstracts scored per sparse step (the chunks' and the candidate pages') vs the pages Quest
+would score for the same steps; the desert rate and the mean chunk size per layer. The ranking of variable chunks is what the chunks buy: where deserts are
 long, few abstracts stand for many pages.
 
 Layers 0-1 stay dense (as Quest), and a step over fewer slots than the budget is dense.
@@ -115,8 +120,9 @@ class LeoAM(Selector):
     desert chunk spans (>= 1); desert_mass: the share of a layer's observed attention its desert pages hold at
     most, in [0, 1) (0: no deserts, every chunk one page); observe_window: the last queries of a multi-token
     forward whose attention measures the skew (>= 1); sink / window: slots always attended at the start / end,
-    multiples of the page (window at least one page: the current token's); gqa: 'max', 'raw' or 'mean' (Quest's).
-    Raises KVSqueezeError for any other value."""
+    multiples of the page (window at least one page: the current token's); gqa: 'max', 'raw' or 'mean' (Quest's);
+    refine: candidate pages per budget page whose own page bounds are scored after the chunks' (>= 1; 1: the
+    chunks' order alone). Raises KVSqueezeError for any other value."""
 
     name = "leoam"
     summary = ("LeoAM's adaptive chunks: desert pages (low prefill attention) merged into chunks up to max_chunk "
@@ -124,7 +130,7 @@ class LeoAM(Selector):
 
     def __init__(self, budget: int, *, page: int = 16, max_chunk: int = 8, desert_mass: float = 0.02,
                  observe_window: int = 32, sink: int = 0, window: int | None = None, gqa: str = "max",
-                 dense_layers: tuple[int, ...] = (0, 1), track_recovery: bool = False):
+                 refine: int = 2, dense_layers: tuple[int, ...] = (0, 1), track_recovery: bool = False):
         if not isinstance(budget, int) or isinstance(budget, bool):
             raise KVSqueezeError(f"budget must be an integer number of tokens, got {budget!r}")
         if not isinstance(page, int) or page < 1:
@@ -139,6 +145,8 @@ class LeoAM(Selector):
             raise KVSqueezeError(f"observe_window must be a positive integer number of queries, got {observe_window!r}")
         if gqa not in ("max", "raw", "mean"):
             raise KVSqueezeError(f"gqa must be 'max', 'raw' or 'mean', got {gqa!r}")
+        if not isinstance(refine, int) or isinstance(refine, bool) or refine < 1:
+            raise KVSqueezeError(f"refine must be a positive integer (candidate pages per budget page), got {refine!r}")
         window = page if window is None else window
         if sink < 0 or sink % page or window % page or window < page:
             raise KVSqueezeError(f"sink and window must be multiples of the page ({page}), window at least one page; "
@@ -147,7 +155,7 @@ class LeoAM(Selector):
         if budget // page <= (sink + window) // page:
             raise KVSqueezeError(f"budget {budget} leaves no page to rank beyond sink {sink} + window {window}")
         self.max_chunk, self.desert_mass, self.observe_window = max_chunk, float(desert_mass), observe_window
-        self.sink, self.window, self.gqa = sink, window, gqa
+        self.sink, self.window, self.gqa, self.refine = sink, window, gqa, refine
 
     def reset(self) -> None:
         super().reset()
@@ -156,7 +164,7 @@ class LeoAM(Selector):
 
     def describe(self) -> str:
         return (f"{self.name}(budget={self.budget}, max_chunk={self.max_chunk}, desert_mass={self.desert_mass}, "
-                f"sink={self.sink}, window={self.window})")
+                f"sink={self.sink}, window={self.window}, refine={self.refine})")
 
     # --- the skew signal ------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -184,7 +192,7 @@ class LeoAM(Selector):
         L = int(layer.cumulative_length)
         by_pos = mass.new_zeros(b, hk, max(L, 1))
         by_pos.scatter_add_(2, pos.to(mass.device).long().clamp(0, max(L, 1) - 1), mass)
-        for name in ("chunk_of", "cmin", "cmax", "real", "size"):
+        for name in ("chunk_of", "cmin", "cmax", "real", "size", "pmin", "pmax"):
             st.pop(name, None)
         st["obs"] = by_pos
 
@@ -224,7 +232,7 @@ class LeoAM(Selector):
         C = int(n_chunks.max()) if n_chunks.numel() else 0
         cmin, cmax, real, size = chunk_abstracts(kmin, kmax, chunk_of, C)
         st.update(chunk_of=chunk_of, cmin=cmin, cmax=cmax, real=real, size=size, full=full,
-                  version=layer.version)
+                  version=layer.version, pmin=kmin, pmax=kmax)
         pages = desert.numel()
         self.layer_info[layer_idx] = {
             "desert_rate": float(desert.float().mean()) if pages else 0.0,
@@ -241,8 +249,9 @@ class LeoAM(Selector):
 
     def _chunks(self, layer_idx: int, layer, query: torch.Tensor):
         """The layer's chunk state, built or extended to the pages completed since the last step (each a chunk of
-        its own), and the partial page's abstract: (chunk_of (b, hk, P), cmin, cmax (b, hk, C', d), real (b, hk, C'))
-        with the partial page, when there is one, as the last chunk."""
+        its own), and the partial page's abstract: (chunk_of (b, hk, P), cmin, cmax (b, hk, C', d), real (b, hk, C'),
+        pmin, pmax (b, hk, P, d): the pages' own bounds) with the partial page, when there is one, as the last chunk
+        and the last page."""
         st = self.layer_state(layer_idx, layer)
         p = self.page
         n = layer.n_stored
@@ -260,17 +269,21 @@ class LeoAM(Selector):
             st["cmax"] = torch.cat([st["cmax"], mx.to(st["cmax"].device)], 2)
             st["real"] = torch.cat([st["real"], st["real"].new_ones(b, hk, k)], 2)
             st["size"] = torch.cat([st["size"], st["size"].new_ones(b, hk, k)], 2)
+            st["pmin"] = torch.cat([st["pmin"], mn.to(st["pmin"].device)], 2)
+            st["pmax"] = torch.cat([st["pmax"], mx.to(st["pmax"].device)], 2)
             st["full"] = full
         chunk_of, cmin, cmax, real = st["chunk_of"], st["cmin"], st["cmax"], st["real"]
+        pmin, pmax = st["pmin"], st["pmax"]
         if n > full * p:  # the partial page holding the current token
             tail = layer.key_slots(full * p, n).float().to(cmin.device)
             b, hk = tail.shape[:2]
             C = cmin.shape[2]
+            tmin, tmax = tail.amin(2, keepdim=True), tail.amax(2, keepdim=True)
             chunk_of = torch.cat([chunk_of, chunk_of.new_full((b, hk, 1), C)], 2)
-            cmin = torch.cat([cmin, tail.amin(2, keepdim=True)], 2)
-            cmax = torch.cat([cmax, tail.amax(2, keepdim=True)], 2)
+            cmin, cmax = torch.cat([cmin, tmin], 2), torch.cat([cmax, tmax], 2)
+            pmin, pmax = torch.cat([pmin, tmin], 2), torch.cat([pmax, tmax], 2)
             real = torch.cat([real, real.new_ones(b, hk, 1)], 2)
-        return chunk_of, cmin, cmax, real
+        return chunk_of, cmin, cmax, real, pmin, pmax
 
     # --- selection ------------------------------------------------------------------------------------------
     def _select(self, layer_idx: int, layer, query: torch.Tensor) -> torch.Tensor | None:
@@ -280,20 +293,21 @@ class LeoAM(Selector):
         k_pages = self.budget // p
         if k_pages >= n_pages:
             return None
-        chunk_of, cmin, cmax, real = self._chunks(layer_idx, layer, query)
-        scores = page_scores(query[:, :, 0], cmin, cmax)  # (b, hq, C)
+        chunk_of, cmin, cmax, real, pmin, pmax = self._chunks(layer_idx, layer, query)
+        q = query[:, :, 0]
+        scores = page_scores(q, cmin, cmax)  # (b, hq, C)
         b, hq, C = scores.shape
         hk = cmin.shape[1]
+        g = hq // hk
         self.counts["sparse_steps"] += 1
-        self.counts["abstracts_scored"] += int(real.sum())
         self.counts["pages"] += b * hk * n_pages
+        real_q = real.repeat_interleave(g, 1)
+        scale = self.scale(layer_idx, query)
         if self.gqa == "raw":
-            agg = scores.masked_fill(~real.repeat_interleave(hq // hk, 1), float("-inf")).view(b, hk, hq // hk, C)
-            agg = agg.amax(2)
+            agg = scores.masked_fill(~real_q, float("-inf")).view(b, hk, g, C).amax(2)
         else:
-            logits = (scores * self.scale(layer_idx, query)).masked_fill(~real.repeat_interleave(hq // hk, 1),
-                                                                        float("-inf"))
-            est = torch.softmax(logits, dim=-1).view(b, hk, hq // hk, C)
+            logits = (scores * scale).masked_fill(~real_q, float("-inf"))
+            est = torch.softmax(logits, dim=-1).view(b, hk, g, C)
             agg = est.amax(2) if self.gqa == "max" else est.mean(2)
         agg = agg.masked_fill(~real, float("-inf"))
         # chunks in decreasing score (ties: the earlier chunk first), pages in order within a chunk
@@ -301,12 +315,35 @@ class LeoAM(Selector):
         rank = torch.empty_like(order).scatter_(-1, order, torch.arange(C, device=order.device).expand_as(order))
         ar = torch.arange(n_pages, device=order.device)
         key = rank.gather(-1, chunk_of) * n_pages + ar  # (b, hk, P): smaller is taken first
+        vp = None
         if layer.valid is not None:  # pages with no valid slot are never worth a slot of the budget
             vp = torch.nn.functional.pad(layer.valid, (0, n_pages * p - n)).view(b, hk, n_pages, p).any(-1)
-            key = torch.where(vp.to(key.device), key, C * n_pages + ar)
+            vp = vp.to(key.device)
+            key = torch.where(vp, key, C * n_pages + ar)
         forced = (ar < self.sink // p) | (ar >= n_pages - self.window // p)
         key = key.masked_fill(forced, -1)
-        pages = key.topk(k_pages, dim=-1, largest=False).indices
+        # the candidates: the first refine x budget pages of the chunks' order; then each one's own page bound
+        n_cand = min(n_pages, self.refine * k_pages)
+        cand = key.topk(n_cand, dim=-1, largest=False, sorted=True).indices  # (b, hk, n_cand)
+        self.counts["abstracts_scored"] += int(real.sum()) + (b * hk * n_cand if n_cand > k_pages else 0)
+        if n_cand == k_pages:
+            return pages_to_slots(cand, n, p)
+        d = pmin.shape[-1]
+        at = cand[..., None].expand(b, hk, n_cand, d)
+        ps = page_scores(q, pmin.gather(2, at), pmax.gather(2, at))  # (b, hq, n_cand)
+        if self.gqa == "raw":
+            pagg = ps.view(b, hk, g, n_cand).amax(2)
+        else:
+            # Quest's softmax over every page, each candidate by its own bound and every other page by its chunk's
+            # (so with one-page chunks, or every page a candidate, Quest's values exactly)
+            lp = logits.gather(2, chunk_of.repeat_interleave(g, 1))  # (b, hq, P): the chunk's logit per page
+            lp = lp.scatter(2, cand.repeat_interleave(g, 1), ps * scale)
+            pe = (ps * scale - lp.logsumexp(-1, keepdim=True)).exp().view(b, hk, g, n_cand)
+            pagg = pe.amax(2) if self.gqa == "max" else pe.mean(2)
+        pagg = pagg.masked_fill(forced[cand], float("inf"))
+        if vp is not None:
+            pagg = pagg.masked_fill(~vp.gather(-1, cand), float("-inf"))
+        pages = cand.gather(-1, pagg.topk(k_pages, dim=-1).indices)
         return pages_to_slots(pages, n, p)
 
     def stats(self) -> dict:
