@@ -280,6 +280,11 @@ def test_cli_generate_leoam_offload_disk(tiny_dir, tmp_path):
         assert dense.exit_code == 0 and off.exit_code == 0, off.output
         assert off.output.splitlines()[0] == dense.output.splitlines()[0]  # the same answer
         assert f"decode-time selection: leoam(budget={b}" in off.output and "KV offloaded to disk" in off.output
+    # the disk tier's own line: reads from the files and the CPU cache (fresh-user report, fourteenth session)
+    off = runs["64"][1].output
+    disk = next(x for x in off.splitlines() if x.startswith("disk: "))
+    assert "read from the files per token" in disk and "CPU cache (" in disk and "came from it" in disk, off
+    assert "MiB in memory-mapped files on disk" in next(x for x in off.splitlines() if x.startswith("while decoding"))
     assert_one_error_line(base + ["--compile"], "eager path only")
 
 

@@ -96,7 +96,8 @@ def task_options(f):
                           "precision), kivi-2, kivi-4, gear-4, mikv-8-2, zipcache-4-2 (see `kvsqueeze generate`)."),
         click.option("--select", "select", default="none", show_default=True,
                      help="Comma-separated decode-time selectors crossed with the grid: none, quest, "
-                          "attention_predictor (needs `kvsqueeze train-predictor`), leoam. They keep the whole cache."),
+                          "attention_predictor (needs `kvsqueeze train-predictor`), leoam (LeoAM's variable-sized "
+                          "chunks of pages judged by min/max key abstracts). They keep the whole cache."),
         click.option("--select-budget", default="512", show_default=True,
                      help="Comma-separated token budgets per decoding step for --select, in whole pages of 16 "
                           "consecutive tokens (rounded down to a multiple of 16; each >= 32)."),

@@ -129,7 +129,10 @@ def models():
 @click.option("--select", "select", type=click.Choice(["none", "quest", "attention_predictor", "leoam"]),
               default="none",
               show_default=True, help="Decode-time selection: each decoding step attends only to --select-budget of "
-              "the stored tokens (AttentionPredictor needs `kvsqueeze train-predictor` first).")
+              "the stored tokens: quest (pages ranked by a bound of q.k from per-page key min/max), "
+              "attention_predictor (a small CNN predicts the next step's attention; needs `kvsqueeze "
+              "train-predictor` first), leoam (LeoAM's variable-sized chunks of pages, judged by min/max key "
+              "abstracts, then the best chunks' pages by their own bounds; docs/offload.md).")
 @click.option("--select-budget", type=click.IntRange(min=32), default=512, show_default=True,
               help="Tokens each decoding step attends to with --select, in whole pages of 16 consecutive tokens "
                    "(rounded down to a multiple of 16; at least two pages).")
@@ -236,19 +239,28 @@ def generate(model, method, compression_ratio, budget, exempt_layers, compressio
                f"context: {res.n_context_tokens} tokens")
     click.echo(res.stats.line())
     if res.decode_stats is not None and res.offload is not None:  # the static copy adds the device page frames
-        click.echo(f"while decoding (static cache, capacity {res.decode_stats.tokens_stored[0]} slots): "
-                   f"{res.decode_stats.device_kv_bytes / 2**20:.2f} MiB of KV on the device (page frames included), "
-                   f"{res.decode_stats.host_kv_bytes / 2**20:.2f} MiB in host memory")
+        ratio = 1.0 if page_frames is None else page_frames
+        click.echo(f"while decoding (static cache, capacity {res.decode_stats.tokens_stored[0]} slots, page frames "
+                   f"{ratio:g}x the pages a step reads): {res.decode_stats.device_kv_bytes / 2**20:.2f} MiB of KV on "
+                   f"the device (page frames included), {res.decode_stats.host_kv_bytes / 2**20:.2f} MiB in host "
+                   f"memory")
     if res.offload is not None:
         o = res.offload
         if "prefetch_pages" in o:  # the eager store: the line above is the prefill's, before any page frame
+            where = "in memory-mapped files on disk" if offload == "disk" else "in host memory"
             click.echo(f"while decoding: {o['device_kv_bytes'] / 2**20:.2f} MiB of KV on the device (page frames "
-                       f"included), {o['host_kv_bytes'] / 2**20:.2f} MiB in host memory")
+                       f"included), {o['host_kv_bytes'] / 2**20:.2f} MiB {where}")
             hit = "no decoding step: none" if o["hit_rate"] != o["hit_rate"] else f"{100 * o['hit_rate']:.1f}%"
             click.echo(f"offload: {hit} of the pages needed were already on the device "
                        f"(prefetched, or kept from the step before); "
                        f"{o['pages_per_token']:.1f} pages, {o['bytes_per_token'] / 1024:.1f} KiB moved per token "
                        f"({o['prefetch_pages']} pages prefetched, {o['demand_pages']} on demand)")
+            if offload == "disk":  # the third tier: the CPU cache between the files and the device frames
+                cached = o["cpu_cache_hit_rate"]
+                hit = "no page travelled" if cached != cached else f"{100 * cached:.1f}% of the pages that travelled"
+                click.echo(f"disk: {o['disk_pages_per_token']:.1f} pages, {o['disk_bytes_per_token'] / 1024:.1f} KiB "
+                           f"read from the files per token ({o['disk_prefetch_pages']} pages read ahead); CPU cache "
+                           f"({o['cpu_cache_bytes'] / 2**20:.2f} MiB): {hit} came from it")
         else:  # the static step's device frames
             warm = o["hit_rate_after_first"]
             click.echo(f"offload: {100 * warm:.1f}% of the pages a step needed were already in the device frames "

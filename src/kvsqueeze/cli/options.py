@@ -75,9 +75,11 @@ def offload_option(f):
     return click.option(
         "--offload", type=click.Choice(["none", "cpu", "disk"]), default="none", show_default=True,
         help="cpu: hold the KV of every layer the --select selector makes sparse in host memory (pinned on CUDA; "
-             "disk: in memory-mapped files under $TMPDIR, for KV beyond CPU memory); "
+             "disk: in memory-mapped files under $TMPDIR, for KV beyond CPU memory, with a CPU cache of pages "
+             "in front of them, 4x the frames per layer: LeoAM's GPU-CPU-disk tiers); "
              "the device keeps fixed frames for the selector's budget of pages, and only pages not already there "
-             "are copied each step (AttentionPredictor prefetches the next step's pages; Quest fetches on demand). "
+             "are copied each step (AttentionPredictor prefetches the next step's pages, and with disk reads the "
+             "ones the CPU cache lacks in the background; Quest and LeoAM fetch on demand). "
              "With generate --compile (cpu only): the compiled static step reads host memory directly and copies "
              "the pages its device frames lack at the start of each layer's attention (no prefetch). "
              "Needs --select; with --quant kivi-<bits> the host holds KIVI's packed storage (the bytes --quant "
