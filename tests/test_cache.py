@@ -241,6 +241,8 @@ def test_stats_line_says_larger_when_more_than_the_full_cache_is_held():
 
     assert "(101.0%, 1.01x larger)" in CacheStats(1010, 1100, 1000, 10).line()
     assert "(25.0%, 4.00x smaller)" in CacheStats(250, 300, 1000, 10).line()
+    assert "(100.0%, the full cache's size)" in CacheStats(1000, 1000, 1000, 10).line()
+    assert "(99.6%, the full cache's size)" in CacheStats(996, 1000, 1000, 10).line()
     # an offloaded cache says how much of its device part is page frames, whether or not it holds more than the
     # full cache (fresh-user reports, twelfth and thirteenth sessions: KIVI on the host, frames in the model's dtype)
     mib = 1024**2
