@@ -2,6 +2,7 @@
 (storage/offload.py), on synthetic attention and tiny random Llamas on the CPU."""
 
 import math
+import re
 
 import pytest
 import torch
@@ -321,3 +322,49 @@ def test_every_page_a_candidate_selects_as_quest_whatever_the_chunks(gqa):
             a, c = quest.select(li, layer, query), sel.select(li, layer, query)
             assert torch.equal(a.sort(-1).values, c.sort(-1).values)
     assert max(x["mean_chunk_pages"] for x in sel.stats()["layers"].values()) > 1.5  # chunks were built
+
+
+def test_selector_specs_with_options():
+    """`--select NAME(option=value, ...)` (generate, eval, sweep) and `get_selector`: options parsed as literals,
+    commas inside parentheses kept when a list is split, bad specs one KVSqueezeError (fresh-user report, fourteenth
+    session: LeoAM's options were Python-only)."""
+    from kvsqueeze.selection import parse_selector, split_selectors
+
+    assert parse_selector("leoam") == ("leoam", {})
+    assert parse_selector(" LeoAM( max_chunk=1, refine=4 ) ") == ("leoam", {"max_chunk": 1, "refine": 4})
+    assert parse_selector("attention-predictor(gqa='mean')") == ("attention_predictor", {"gqa": "mean"})
+    assert split_selectors("none, quest,leoam(max_chunk=1,refine=4)") == ["none", "quest", "leoam(max_chunk=1,refine=4)"]
+    from kvsqueeze.cli.evaluation import _selects
+
+    assert _selects("none,quest,leoam(max_chunk=1,refine=4)", "64,128") == [
+        (None, None), ("quest", 64), ("quest", 128), ("leoam(max_chunk=1,refine=4)", 64),
+        ("leoam(max_chunk=1,refine=4)", 128)]
+    with pytest.raises(KVSqueezeError, match="no option 'chunk'"):
+        _selects("quest,leoam(chunk=2)", "64")
+    sel = get_selector("leoam(max_chunk=1, refine=4)", 256)
+    assert isinstance(sel, LeoAM) and (sel.max_chunk, sel.refine, sel.budget) == (1, 4, 256)
+    for spec, msg in [("leoam(1)", "NAME(option=value"), ("leoam(max_chunk=os.sep)", "NAME(option=value"),
+                      ("leoam(max_chunk=1", "NAME(option=value"), ("leoam(chunk=1)", "no option 'chunk'"),
+                      ("leoam(max_chunk=0)", "max_chunk must be a positive"), ("nope(x=1)", "unknown selector")]:
+        with pytest.raises(KVSqueezeError, match=re.escape(msg)):
+            get_selector(spec, 256)
+
+
+def test_cli_select_with_options(tiny_dir, tmp_path):
+    from click.testing import CliRunner
+
+    from conftest import assert_one_error_line, own_cache
+    from kvsqueeze.cli import main
+
+    ctx = tmp_path / "ctx.txt"
+    ctx.write_text("The grass is green. The sky is blue. " * 100 + "The pass key is 71432. " + "Here we go. " * 40)
+    base = ["generate", "--model", str(tiny_dir), "--method", "full", "--context-file", str(ctx), "--question",
+            "What is the pass key?", "--max-new-tokens", "4", "--select-budget", "64"]
+    with own_cache(tmp_path / "cache"):
+        one = CliRunner().invoke(main, base + ["--select", "leoam(max_chunk=1)"])
+        quest = CliRunner().invoke(main, base + ["--select", "quest"])
+    assert one.exit_code == 0, one.output
+    assert "leoam(budget=64, max_chunk=1," in one.output
+    assert one.output.splitlines()[0] == quest.output.splitlines()[0]  # one-page chunks select as Quest
+    assert_one_error_line(base + ["--select", "leoam(chunk=1)"], "LeoAM has no option 'chunk'")
+    assert_one_error_line(base + ["--select", "nope"], "unknown --select 'nope'")

@@ -36,14 +36,16 @@ def _given_on_command_line(param: str) -> bool:
 
 def _selects(select: str, budgets: str) -> list[tuple[str | None, int | None]]:
     """--select x --select-budget: (selector, budget) pairs; 'none' once, whatever the budgets."""
-    from ..selection import SELECTORS
+    from ..selection import SELECTORS, get_selector, parse_selector, split_selectors
 
-    names = [x.strip().lower().replace("-", "_") for x in select.split(",") if x.strip()]
+    names = split_selectors(select)
     if not names:
         raise KVSqueezeError("--select is empty (use 'none' for dense attention)")
-    bad = [n for n in names if n != "none" and n not in SELECTORS]
+    names = ["none" if parse_selector(n)[0] == "none" else n for n in names]
+    bad = [n for n in names if n != "none" and parse_selector(n)[0] not in SELECTORS]
     if bad:
-        raise KVSqueezeError(f"unknown --select {bad[0]!r}; choose from: none, {', '.join(SELECTORS)}")
+        raise KVSqueezeError(f"unknown --select {bad[0]!r}; choose from: none, {', '.join(SELECTORS)} (options as "
+                             f"NAME(option=value, ...))")
     try:
         bs = [int(x) for x in budgets.split(",") if x.strip()]
     except ValueError:
@@ -57,6 +59,9 @@ def _selects(select: str, budgets: str) -> list[tuple[str | None, int | None]]:
     out: list[tuple[str | None, int | None]] = []
     for n in names:
         out += [(None, None)] if n == "none" else [(n, b) for b in bs]
+    for n, b in out:  # an option the selector does not take, or a bad value: one line now, before any model
+        if n is not None:
+            get_selector(n, b)
     return list(dict.fromkeys(out))
 
 
@@ -97,7 +102,8 @@ def task_options(f):
         click.option("--select", "select", default="none", show_default=True,
                      help="Comma-separated decode-time selectors crossed with the grid: none, quest, "
                           "attention_predictor (needs `kvsqueeze train-predictor`), leoam (LeoAM's variable-sized "
-                          "chunks of pages judged by min/max key abstracts). They keep the whole cache."),
+                          "chunks of pages judged by min/max key abstracts); options as NAME(option=value, ...), "
+                          "e.g. 'leoam(max_chunk=4,refine=4)'. They keep the whole cache."),
         click.option("--select-budget", default="512", show_default=True,
                      help="Comma-separated token budgets per decoding step for --select, in whole pages of 16 "
                           "consecutive tokens (rounded down to a multiple of 16; each >= 32)."),

@@ -126,9 +126,10 @@ def models():
               help="Store the kept tokens quantized: kivi-2, kivi-4, gear-4, mikv-8-2 (the method's evicted tokens "
                    "at 2 bits), zipcache-4-2 (the --method's top tokens at 4 bits, the rest at 2; without --method, "
                    "ZipCache's saliency picks them); with --method full, quantization only.")
-@click.option("--select", "select", type=click.Choice(["none", "quest", "attention_predictor", "leoam"]),
-              default="none",
-              show_default=True, help="Decode-time selection: each decoding step attends only to --select-budget of "
+@click.option("--select", "select", default="none",
+              show_default=True, help="Decode-time selection (none, quest, attention_predictor, leoam; options as "
+              "NAME(option=value, ...), e.g. 'leoam(max_chunk=4,refine=4)'): each decoding step attends only to "
+              "--select-budget of "
               "the stored tokens: quest (pages ranked by a bound of q.k from per-page key min/max), "
               "attention_predictor (a small CNN predicts the next step's attention; needs `kvsqueeze "
               "train-predictor` first), leoam (LeoAM's variable-sized chunks of pages, judged by min/max key "
@@ -167,6 +168,13 @@ def generate(model, method, compression_ratio, budget, exempt_layers, compressio
         device_map = v.get("device_map", device_map)
     attn = resolve_attn(attn_implementation)
     dmap = resolve_device_map(device_map, device)
+    from ..selection import SELECTORS, parse_selector
+
+    if parse_selector(select)[0] == "none":
+        select = "none"
+    elif parse_selector(select)[0] not in SELECTORS:
+        raise KVSqueezeError(f"unknown --select {select!r}; choose from: none, {', '.join(SELECTORS)} (options as "
+                             f"NAME(option=value, ...))")
     if dmap is not None and compiled:
         raise KVSqueezeError("--compile decodes on one device: drop --device-map (or --compile) for a split model")
     if select == "none" and click.get_current_context().get_parameter_source("select_budget") == \
@@ -198,6 +206,13 @@ def generate(model, method, compression_ratio, budget, exempt_layers, compressio
     context = context_file.read_text(errors="replace")
     if not context.strip():
         raise KVSqueezeError(f"the context file {context_file} is empty")
+    selector = None
+    if select != "none":
+        from ..selection import get_selector
+
+        # the static step takes whole pages (the eager one attends to budget // 16 pages)
+        budget_sel = select_budget - select_budget % 16 if compiled else select_budget
+        selector = get_selector(select, budget_sel)
     m = build_method(method, compression_ratio, budget, exempt_layers, compression_interval)
     from ..methods import method_label
 
@@ -220,13 +235,6 @@ def generate(model, method, compression_ratio, budget, exempt_layers, compressio
     else:  # split over the devices by transformers / accelerate
         mdl, tok = load_model(model, dtype=resolve_dtype(dtype, device_map_device(dmap)), attn_implementation=attn,
                               device_map=dmap)
-    selector = None
-    if select != "none":
-        from ..selection import get_selector
-
-        # the static step takes whole pages (the eager one attends to budget // 16 pages)
-        budget_sel = select_budget - select_budget % 16 if compiled else select_budget
-        selector = get_selector(select, budget_sel)
     res = generate_answer(mdl, tok, context, question, m, max_new_tokens=max_new_tokens, chunk_size=chunk_size,
                           query_aware=query_aware, layer_factory=qspec.layer_factory if qspec else None,
                           selector=selector, static=compiled, compile=compiled, offload=offload,

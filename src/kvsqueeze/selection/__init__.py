@@ -17,23 +17,72 @@ from .quest import Quest
 SELECTORS = {"quest": Quest, "attention_predictor": AttentionPredictor, "leoam": LeoAM}
 
 
+def parse_selector(spec: str) -> tuple[str, dict]:
+    """A selector spec -> (name, options): 'leoam' -> ('leoam', {}); 'leoam(max_chunk=1, refine=4)' -> ('leoam',
+    {'max_chunk': 1, 'refine': 4}). Option values are Python literals (numbers, booleans, strings, tuples); the
+    name is lower-cased with '-' read as '_'. Raises KVSqueezeError for anything else (a positional value, an
+    expression, unbalanced parentheses)."""
+    import ast
+    import re
+
+    from ..errors import KVSqueezeError
+
+    m = re.fullmatch(r"\s*([A-Za-z_][\w-]*)\s*(?:\((.*)\))?\s*", spec, re.S)
+    bad = KVSqueezeError(f"a selector is NAME or NAME(option=value, ...) with literal values, got {spec!r}")
+    if m is None:
+        raise bad
+    name, args = m.group(1).lower().replace("-", "_"), m.group(2)
+    opts: dict = {}
+    if args is not None and args.strip():
+        try:
+            call = ast.parse(f"f({args})", mode="eval").body
+            if call.args or any(k.arg is None for k in call.keywords):
+                raise ValueError
+            opts = {k.arg: ast.literal_eval(k.value) for k in call.keywords}
+        except (SyntaxError, ValueError):
+            raise bad from None
+    return name, opts
+
+
+def split_selectors(text: str) -> list[str]:
+    """A comma-separated list of selector specs, commas inside parentheses kept: 'quest,leoam(max_chunk=1,
+    refine=4)' -> ['quest', 'leoam(max_chunk=1,refine=4)'] (each stripped, empty ones dropped)."""
+    out, depth, cur = [], 0, ""
+    for ch in text:
+        depth += (ch == "(") - (ch == ")")
+        if ch == "," and depth == 0:
+            out.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    out.append(cur)
+    return [x.strip() for x in out if x.strip()]
+
+
 def get_selector(name: str, budget: int, **kwargs) -> Selector:
-    """The selector `name` (a key of SELECTORS) at `budget` tokens, with keyword options. Raises KVSqueezeError
-    for an unknown name or an option the selector does not take (and for the selector's own bad values)."""
+    """The selector `name` (a key of SELECTORS, or a spec with options, 'leoam(max_chunk=1)': `parse_selector`) at
+    `budget` tokens, with keyword options (over the spec's). Raises KVSqueezeError for an unknown name, a malformed
+    spec or an option the selector does not take (and for the selector's own bad values)."""
     import inspect
 
     from ..errors import KVSqueezeError
 
-    cls = SELECTORS.get(name.lower().replace("-", "_"))
+    base, opts = parse_selector(name)
+    opts.update(kwargs)
+    cls = SELECTORS.get(base)
     if cls is None:
-        raise KVSqueezeError(f"unknown selector {name!r}; choose from: {', '.join(SELECTORS)}")
+        raise KVSqueezeError(f"unknown selector {base!r}; choose from: {', '.join(SELECTORS)}")
     params = inspect.signature(cls.__init__).parameters
-    bad = [k for k in kwargs if k not in params or k in ("self", "budget")]
+    bad = [k for k in opts if k not in params or k in ("self", "budget")]
     if bad:
         known = [k for k, p in params.items() if p.kind is p.KEYWORD_ONLY]
         raise KVSqueezeError(f"{cls.__name__} has no option {bad[0]!r}; its options: {', '.join(known)}")
-    return cls(budget, **kwargs)
+    try:
+        return cls(budget, **opts)
+    except TypeError as e:  # e.g. a tuple where a number is expected, caught by no check of the selector's
+        raise KVSqueezeError(f"{cls.__name__}: {e}") from None
 
 
 __all__ = ["AttentionPredictor", "LeoAM", "PredictorNet", "Quest", "SELECTORS", "Selector", "attention_probs",
-           "get_selector", "load_predictor", "page_pool", "predictor_path", "recovery", "save_predictor"]
+           "get_selector", "load_predictor", "page_pool", "parse_selector", "predictor_path", "recovery", "save_predictor",
+           "split_selectors"]
