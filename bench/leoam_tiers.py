@@ -90,6 +90,8 @@ def main(argv=None) -> int:
     ap.add_argument("--max-chunk", type=int, default=8)
     ap.add_argument("--desert-mass", type=float, default=0.02)
     ap.add_argument("--refine", type=int, default=2, help="LeoAM's candidate pages per budget page.")
+    ap.add_argument("--deserts-last", type=int, choices=(0, 1), default=None,
+                    help="LeoAM's deserts_last (1: desert chunks ranked after the others; default: LeoAM's).")
     args = ap.parse_args(argv)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     model, tok = load_model(args.model)
@@ -113,7 +115,8 @@ def main(argv=None) -> int:
             if name == "quest":
                 return CountingQuest(args.budget)
             cls = LeoAM if name == "leoam" else FixedChunks
-            return cls(args.budget, max_chunk=args.max_chunk, desert_mass=args.desert_mass, refine=args.refine)
+            kw = {} if args.deserts_last is None else {"deserts_last": bool(args.deserts_last)}
+            return cls(args.budget, max_chunk=args.max_chunk, desert_mass=args.desert_mass, refine=args.refine, **kw)
 
         t0 = time.perf_counter()
         ref_toks, _ = decode(model, ids, make(), args.steps)

@@ -368,3 +368,32 @@ def test_cli_select_with_options(tiny_dir, tmp_path):
     assert one.output.splitlines()[0] == quest.output.splitlines()[0]  # one-page chunks select as Quest
     assert_one_error_line(base + ["--select", "leoam(chunk=1)"], "LeoAM has no option 'chunk'")
     assert_one_error_line(base + ["--select", "nope"], "unknown --select 'nope'")
+
+
+def test_deserts_last_keeps_a_loose_desert_chunk_from_crowding_out_a_hot_page():
+    """A desert chunk's min / max box over 8 pages bounds q.k loosely: here pages 2 and 3 each hold one key on one
+    axis ([3, 0] and [0, 3]); their chunk's box reaches [3, 3], bound 6 for q = [1, 1], above page 12's own key
+    [2.5, 2.5] (bound 5), itself above either desert page's own bound (3). Ranked by bound alone, the desert
+    chunk's pages fill the candidates and page 12 is lost (refine 1 and 2); with `deserts_last` the non-desert
+    pages come first and page 12 is attended."""
+
+    class Deserts(LeoAM):
+        def deserts(self, mass, protect):
+            d = torch.ones_like(mass, dtype=torch.bool)
+            d[..., 12] = False
+            return d & ~protect
+
+    keys = torch.randn(1, 1, 256, 2) * 0.01
+    keys[0, 0, 2 * 16] = torch.tensor([3.0, 0.0])
+    keys[0, 0, 3 * 16] = torch.tensor([0.0, 3.0])
+    keys[0, 0, 12 * 16] = torch.tensor([2.5, 2.5])
+    query = torch.ones(1, 1, 1, 2)
+    picked = {}
+    for refine in (1, 2):
+        for last in (False, True):
+            sel = Deserts(48, max_chunk=8, refine=refine, deserts_last=last)
+            idx = sel.select(2, _layer(keys), query)
+            picked[refine, last] = set((idx[0, 0] // 16).tolist())
+    assert 12 not in picked[1, False] and 12 not in picked[2, False]
+    assert 12 in picked[1, True] and 12 in picked[2, True]
+    assert picked[2, False] == {2, 3, 15}  # the page step picks the chunk's best pages, still not page 12
