@@ -46,7 +46,7 @@ read to decide); loading runs disk -> CPU -> GPU, pipelined with compute (the ti
    default) ranks the chunks of several pages (desert runs) after the one-page chunks (each group by score), so
    a desert run's pages are candidates only where the other pages leave room, which is what "desert" claims of
    them (without it, smollm2-135m at 8k matched the full cache's greedy tokens for 1 step of 12, Quest for 5;
-   with it, 5, moving 5% fewer bytes than Quest: docs/offload.md). With every chunk one page
+   with it, 5, moving 4.6% fewer bytes than Quest: docs/offload.md). With every chunk one page
    (`max_chunk=1` or `desert_mass=0`), sink 0 and window 16 this is Quest's selection.
 
 Cost (`stats()`): abstracts scored per sparse step (the chunks' and the candidate pages') vs the pages Quest
