@@ -40,8 +40,9 @@ read to decide); loading runs disk -> CPU -> GPU, pipelined with compute (the ti
    counted at its chunk's bound), and the sink and window pages plus the best candidates up to `budget // page`
    pages are attended. Pages without a
    valid slot come last. A chunk's box bounds every key in it, so a long desert chunk's bound is loose (it often
-   ranks high); the page step keeps such a chunk from spending the budget on its low pages (without it,
-   `refine=1`, smollm2-135m lost the README's passkey at budget 512: docs/offload.md). The box's looseness grows
+   ranks high); the page step keeps such a chunk from spending the budget on its low pages (the first version,
+   with neither this step nor `deserts_last`, lost the README's passkey on smollm2-135m at budget 512, and so did
+   `refine=2` alone: docs/offload.md). The box's looseness grows
    with the chunk, so desert chunks outrank tight single pages by their size, not their keys: `deserts_last` (the
    default) ranks the chunks of several pages (desert runs) after the one-page chunks (each group by score), so
    a desert run's pages are candidates only where the other pages leave room, which is what "desert" claims of
