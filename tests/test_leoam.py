@@ -286,6 +286,13 @@ def test_cli_generate_leoam_offload_disk(tiny_dir, tmp_path):
     disk = next(x for x in off.splitlines() if x.startswith("disk: "))
     assert "read from the files per token" in disk and "CPU cache (" in disk and "came from it" in disk, off
     assert "MiB in memory-mapped files on disk" in next(x for x in off.splitlines() if x.startswith("while decoding"))
+    # --cpu-cache 0: no CPU cache, every page that travels is read from the files (0 MiB of cache)
+    with own_cache(tmp_path / "cache"):
+        nocache = CliRunner().invoke(main, base + ["--select-budget", "64", "--offload", "disk", "--cpu-cache", "0"])
+    assert nocache.exit_code == 0, nocache.output
+    assert nocache.output.splitlines()[0] == runs["64"][0].output.splitlines()[0]
+    assert "CPU cache (0.00 MiB): 0.0% of the pages that travelled came from it" in nocache.output, nocache.output
+    assert_one_error_line(base + ["--cpu-cache", "8"], "--cpu-cache sits in front of the disk tier")
     assert_one_error_line(base + ["--compile"], "eager path only")
 
 

@@ -148,12 +148,15 @@ def models():
 @click.option("--page-frames", "page_frames", type=click.FloatRange(min=1.0), default=None,
               help="With --compile --offload cpu: device page frames per offloaded layer, as a ratio of the pages a "
                    "step reads (default 1; 2 keeps twice as many, so fewer pages cross the link per step).")
+@click.option("--cpu-cache", "cpu_cache", type=click.IntRange(min=0), default=None,
+              help="With --offload disk: pages of the CPU cache per offloaded layer between the memory-mapped files "
+                   "and the device frames (default 4x the frames; 0: none, the operating system's page cache).")
 @click.option("--config", "config", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="JSON file of these options (e.g. from `kvsqueeze recommend --config FILE`); options given "
                    "on the command line override it.")
 def generate(model, method, compression_ratio, budget, exempt_layers, compression_interval, context_file, question,
              max_new_tokens, chunk_size, query_aware, quant, select, select_budget, offload, device, dtype,
-             attn_implementation, device_map, compiled, page_frames, config):
+             attn_implementation, device_map, compiled, page_frames, cpu_cache, config):
     """Compress a context, answer a question, report the KV memory kept."""
     if config is not None:
         v = config_values(click.get_current_context(), config)
@@ -201,6 +204,8 @@ def generate(model, method, compression_ratio, budget, exempt_layers, compressio
     if page_frames is not None and not (compiled and offload == "cpu"):
         raise KVSqueezeError("--page-frames sets the compiled step's device page frames: give --compile --offload cpu "
                              "too, or drop --page-frames")
+    if cpu_cache is not None and offload != "disk":
+        raise KVSqueezeError("--cpu-cache sits in front of the disk tier: give --offload disk too, or drop --cpu-cache")
     if not context_file.exists():
         raise KVSqueezeError(f"context file not found: {context_file}")
     context = context_file.read_text(errors="replace")
@@ -238,7 +243,7 @@ def generate(model, method, compression_ratio, budget, exempt_layers, compressio
     res = generate_answer(mdl, tok, context, question, m, max_new_tokens=max_new_tokens, chunk_size=chunk_size,
                           query_aware=query_aware, layer_factory=qspec.layer_factory if qspec else None,
                           selector=selector, static=compiled, compile=compiled, offload=offload,
-                          page_frames=True if page_frames is None else page_frames)
+                          page_frames=True if page_frames is None else page_frames, offload_cpu_cache=cpu_cache)
     click.echo(res.answer)
     click.echo(f"method: {m.describe() if m.describe() not in label else label}{f'; quant: {quant}' if qspec else ''}"
                f"{f'; decode-time selection: {selector.describe()}' if selector else ''}"

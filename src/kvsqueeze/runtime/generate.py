@@ -210,7 +210,7 @@ def generate_answer(model, tokenizer, context: str, question: str, method: Metho
                     max_new_tokens: int = 32, chunk_size: int | None = None, query_aware: bool = False,
                     answer_prefix: str = "", layer_factory=None, selector=None, static: bool = False,
                     compile: bool = False, offload: str | None = None,
-                    page_frames: bool | float = True) -> GenerationResult:
+                    page_frames: bool | float = True, offload_cpu_cache: int | None = None) -> GenerationResult:
     """Compress `context` with `method`, then answer `question` greedily. `layer_factory` sets how the kept
     slots are stored (e.g. `kvsqueeze.quant.kivi(2)`: 2-bit KIVI; None: full precision); `selector` (e.g.
     `kvsqueeze.selection.Quest(512)`) makes every decoding step attend to a subset of what is stored.
@@ -221,7 +221,9 @@ def generate_answer(model, tokenizer, context: str, question: str, method: Metho
     `static`, the static copy's device frames, `storage/frames.py`); the result then carries `offload`
     (`CompressedCache.offload_stats()`, or the static copy's `offload_stats()`). `page_frames`: with `static` and
     `offload`, the device page frames per offloaded layer as a ratio r >= 1 of the pages a step reads (more frames
-    keep more of the earlier steps' pages: fewer cross the link; `answer_tokens`). Raises KVSqueezeError for an
+    keep more of the earlier steps' pages: fewer cross the link; `answer_tokens`). `offload_cpu_cache`: with
+    `offload="disk"`, the CPU cache's pages per offloaded layer (`CompressedCache`'s; None: 4x the frames, 0: none).
+    Raises KVSqueezeError for an
     empty context, a budget not below it, or what the static path refuses."""
     if not context.strip():
         raise KVSqueezeError("the context is empty")
@@ -235,7 +237,8 @@ def generate_answer(model, tokenizer, context: str, question: str, method: Metho
         check_model(model)  # before the prefill, not after it
     device = _device(model)
     t0 = time.perf_counter()
-    cache = CompressedCache(model, method, layer_factory=layer_factory, selector=selector, offload=offload)
+    cache = CompressedCache(model, method, layer_factory=layer_factory, selector=selector, offload=offload,
+                            offload_cpu_cache=offload_cpu_cache)
     prefill(model, cache, torch.tensor([ctx], device=device), chunk_size)
     stats = cache.stats()  # the compressed context, before the question is appended
     copies: list = []
