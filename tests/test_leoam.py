@@ -404,3 +404,21 @@ def test_deserts_last_keeps_a_loose_desert_chunk_from_crowding_out_a_hot_page():
     assert 12 not in picked[1, False] and 12 not in picked[2, False]
     assert 12 in picked[1, True] and 12 in picked[2, True]
     assert picked[2, False] == {2, 3, 15}  # the page step picks the chunk's best pages, still not page 12
+
+
+def test_selector_specs_are_keyed_canonically_and_bad_values_are_one_error():
+    """A sweep keys a configuration once however its spec was typed (options sorted, defaults dropped), and option
+    values of the wrong type give one KVSqueezeError, never a traceback (second fresh-user report)."""
+    from kvsqueeze.cli.evaluation import _selects
+    from kvsqueeze.selection import canonical_selector
+
+    assert canonical_selector(" LeoAM( refine=4, max_chunk=2 ) ") == "leoam(max_chunk=2,refine=4)"
+    assert canonical_selector("leoam(max_chunk=8, deserts_last=True)") == "leoam"
+    assert canonical_selector("quest(gqa='mean')") == "quest(gqa='mean')"
+    assert _selects("leoam(refine=4, max_chunk=2),leoam,leoam(max_chunk=8),leoam(max_chunk=2,refine=4)", "64") == [
+        ("leoam(max_chunk=2,refine=4)", 64), ("leoam", 64)]
+    for spec, msg in [('leoam(desert_mass="a")', "bad option value"), ("quest(page=0)", "page must be a positive"),
+                      ('leoam(window="x")', "integer numbers of tokens"), ("leoam(budget=256)", "--select-budget"),
+                      ("leoam(deserts_last=3)", "True or False")]:
+        with pytest.raises(KVSqueezeError, match=re.escape(msg)):
+            get_selector(spec, 256)

@@ -36,7 +36,7 @@ def _given_on_command_line(param: str) -> bool:
 
 def _selects(select: str, budgets: str) -> list[tuple[str | None, int | None]]:
     """--select x --select-budget: (selector, budget) pairs; 'none' once, whatever the budgets."""
-    from ..selection import SELECTORS, get_selector, parse_selector, split_selectors
+    from ..selection import SELECTORS, canonical_selector, get_selector, parse_selector, split_selectors
 
     names = split_selectors(select)
     if not names:
@@ -46,6 +46,8 @@ def _selects(select: str, budgets: str) -> list[tuple[str | None, int | None]]:
     if bad:
         raise KVSqueezeError(f"unknown --select {bad[0]!r}; choose from: none, {', '.join(SELECTORS)} (options as "
                              f"NAME(option=value, ...))")
+    # one key per configuration, however it was typed (options sorted, defaults dropped)
+    names = [n if n == "none" else canonical_selector(n) for n in names]
     try:
         bs = [int(x) for x in budgets.split(",") if x.strip()]
     except ValueError:

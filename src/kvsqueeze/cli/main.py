@@ -149,8 +149,9 @@ def models():
               help="With --compile --offload cpu: device page frames per offloaded layer, as a ratio of the pages a "
                    "step reads (default 1; 2 keeps twice as many, so fewer pages cross the link per step).")
 @click.option("--cpu-cache", "cpu_cache", type=click.IntRange(min=0), default=None,
-              help="With --offload disk: pages of the CPU cache per offloaded layer between the memory-mapped files "
-                   "and the device frames (default 4x the frames; 0: none, the operating system's page cache).")
+              help="With --offload disk: pages of the CPU cache per offloaded layer (shared by its rows and kv heads) "
+                   "between the memory-mapped files and the device frames (default 4 x the pages a step reads per kv "
+                   "head, budget // 16 + 1; 0: none, the operating system's page cache).")
 @click.option("--config", "config", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="JSON file of these options (e.g. from `kvsqueeze recommend --config FILE`); options given "
                    "on the command line override it.")
@@ -266,14 +267,15 @@ def generate(model, method, compression_ratio, budget, exempt_layers, compressio
             hit = "no decoding step: none" if o["hit_rate"] != o["hit_rate"] else f"{100 * o['hit_rate']:.1f}%"
             click.echo(f"offload: {hit} of the pages needed were already on the device "
                        f"(prefetched, or kept from the step before); "
-                       f"{o['pages_per_token']:.1f} pages, {o['bytes_per_token'] / 1024:.1f} KiB moved per token "
-                       f"({o['prefetch_pages']} pages prefetched, {o['demand_pages']} on demand)")
+                       f"{o['pages_per_token']:.1f} pages (of 16 tokens, per layer and kv head) = "
+                       f"{o['bytes_per_token'] / 1024:.1f} KiB moved per token; over the {o['decode_steps']} "
+                       f"steps: {o['prefetch_pages']} pages prefetched, {o['demand_pages']} on demand")
             if offload == "disk":  # the third tier: the CPU cache between the files and the device frames
                 cached = o["cpu_cache_hit_rate"]
                 hit = "no page travelled" if cached != cached else f"{100 * cached:.1f}% of the pages that travelled"
                 click.echo(f"disk: {o['disk_pages_per_token']:.1f} pages, {o['disk_bytes_per_token'] / 1024:.1f} KiB "
-                           f"read from the files per token ({o['disk_prefetch_pages']} pages read ahead); CPU cache "
-                           f"({o['cpu_cache_bytes'] / 2**20:.2f} MiB): {hit} came from it")
+                           f"read from the files per token ({o['disk_prefetch_pages']} pages read ahead over the run); "
+                           f"CPU cache ({o['cpu_cache_bytes'] / 2**20:.2f} MiB): {hit} came from it")
         else:  # the static step's device frames
             warm = o["hit_rate_after_first"]
             click.echo(f"offload: {100 * warm:.1f}% of the pages a step needed were already in the device frames "

@@ -80,7 +80,7 @@ def _decode_time(method) -> bool:
 
 def _cpu_cache_pages(offload, pages: int | None, selector) -> int:
     """The disk tier's CPU cache in pages per offloaded layer: `pages`, or by default `DEFAULT_CPU_CACHE` times
-    the layer's frames for tier 'disk' (0 otherwise). Raises KVSqueezeError for a negative number, or a CPU cache
+    the pages a step reads per kv head (budget // page + 1) for tier 'disk' (0 otherwise). Raises KVSqueezeError for a negative number, or a CPU cache
     asked for another tier."""
     if pages is not None and pages < 0:
         raise KVSqueezeError(f"the disk tier's CPU cache holds a number of pages >= 0, got {pages}")
@@ -112,11 +112,12 @@ class CompressedCache(Cache):
     attention through kvsqueeze only during forwards that use a `CompressedCache`.
 
     Offloading (`offload='cpu'|'disk'`, `storage/offload.py`): `offload_dir` holds the disk tier's files;
-    `offload_cpu_cache` the pages of the disk tier's CPU cache per offloaded layer (None: `DEFAULT_CPU_CACHE`
-    times the layer's page frames for 'disk', 0 for 'cpu', which has none).
+    `offload_cpu_cache` the pages of the disk tier's CPU cache per offloaded layer, shared by its rows and kv heads
+    (None: `DEFAULT_CPU_CACHE` times the pages a step reads per kv head, budget // page + 1, for 'disk'; 0 for
+    'cpu', which has none).
     """
 
-    DEFAULT_CPU_CACHE = 4  # the disk tier's CPU cache, in multiples of a layer's page frames
+    DEFAULT_CPU_CACHE = 4  # the disk tier's CPU cache per layer, in multiples of the pages a step reads per kv head
 
     kvsqueeze_routes = True  # forwards with this cache go through kvsqueeze's attention (routing.routes)
     hold_static_scores = True  # a `static_scores` method's old slots keep their first scores (False: re-scored)

@@ -72,6 +72,8 @@ def get_selector(name: str, budget: int, **kwargs) -> Selector:
     cls = SELECTORS.get(base)
     if cls is None:
         raise KVSqueezeError(f"unknown selector {base!r}; choose from: {', '.join(SELECTORS)}")
+    if "budget" in opts:
+        raise KVSqueezeError(f"the budget is not an option of {name!r}: give it apart (--select-budget)")
     params = inspect.signature(cls.__init__).parameters
     bad = [k for k in opts if k not in params or k in ("self", "budget")]
     if bad:
@@ -79,10 +81,29 @@ def get_selector(name: str, budget: int, **kwargs) -> Selector:
         raise KVSqueezeError(f"{cls.__name__} has no option {bad[0]!r}; its options: {', '.join(known)}")
     try:
         return cls(budget, **opts)
-    except TypeError as e:  # e.g. a tuple where a number is expected, caught by no check of the selector's
-        raise KVSqueezeError(f"{cls.__name__}: {e}") from None
+    except (TypeError, ValueError, ZeroDivisionError) as e:  # a value of a type no check of the selector's expects
+        raise KVSqueezeError(f"{cls.__name__}: a bad option value in {name!r} ({type(e).__name__}: {e})") from None
+
+
+def canonical_selector(spec: str) -> str:
+    """The canonical form of a selector spec: the name, then the options that differ from the selector's defaults,
+    sorted, as `name(k=v,...)` ('LeoAM( refine=4, max_chunk=8 )' -> 'leoam(refine=4)'), so a sweep keys the same
+    configuration once however it was typed. Raises KVSqueezeError as `parse_selector`, and for an unknown name."""
+    import inspect
+
+    from ..errors import KVSqueezeError
+
+    base, opts = parse_selector(spec)
+    cls = SELECTORS.get(base)
+    if cls is None:
+        raise KVSqueezeError(f"unknown selector {base!r}; choose from: {', '.join(SELECTORS)}")
+    params = inspect.signature(cls.__init__).parameters
+    kept = {k: v for k, v in sorted(opts.items())
+            if not (k in params and params[k].default is not inspect.Parameter.empty and params[k].default == v
+                    and type(params[k].default) is type(v))}
+    return base if not kept else f"{base}({','.join(f'{k}={v!r}' for k, v in kept.items())})"
 
 
 __all__ = ["AttentionPredictor", "LeoAM", "PredictorNet", "Quest", "SELECTORS", "Selector", "attention_probs",
-           "get_selector", "load_predictor", "page_pool", "parse_selector", "predictor_path", "recovery", "save_predictor",
+           "canonical_selector", "get_selector", "load_predictor", "page_pool", "parse_selector", "predictor_path", "recovery", "save_predictor",
            "split_selectors"]

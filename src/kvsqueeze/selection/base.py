@@ -98,6 +98,10 @@ class Selector:
 
     def __init__(self, budget: int, *, page: int = 16, dense_layers: tuple[int, ...] = (0, 1),
                  track_recovery: bool = False):
+        if not isinstance(page, int) or isinstance(page, bool) or page < 1:
+            raise KVSqueezeError(f"page must be a positive integer number of tokens, got {page!r}")
+        if not isinstance(budget, int) or isinstance(budget, bool):
+            raise KVSqueezeError(f"budget must be an integer number of tokens, got {budget!r}")
         if budget < 2 * page:
             raise KVSqueezeError(f"budget must be at least {2 * page} tokens (two pages of {page}), got {budget}")
         self.budget = int(budget)

@@ -155,6 +155,13 @@ class LeoAM(Selector):
         if not isinstance(refine, int) or isinstance(refine, bool) or refine < 1:
             raise KVSqueezeError(f"refine must be a positive integer (candidate pages per budget page), got {refine!r}")
         window = page if window is None else window
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (sink, window)):
+            raise KVSqueezeError(f"sink and window must be integer numbers of tokens, got sink={sink!r}, "
+                                 f"window={window!r}")
+        if not isinstance(deserts_last, bool):
+            raise KVSqueezeError(f"deserts_last must be True or False, got {deserts_last!r}")
+        if not isinstance(desert_mass, (int, float)) or isinstance(desert_mass, bool):
+            raise KVSqueezeError(f"desert_mass must be a number in [0, 1), got {desert_mass!r}")
         if sink < 0 or sink % page or window % page or window < page:
             raise KVSqueezeError(f"sink and window must be multiples of the page ({page}), window at least one page; "
                                  f"got sink={sink}, window={window}")
