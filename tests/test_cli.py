@@ -28,6 +28,9 @@ def test_methods_lists_every_method_scheme_and_selector_with_one_line():
                                                    + [[s, "--quant"] for s in SCHEMES]
                                                    + [[s, "--select"] for s in SELECTORS])
     assert all(len(line.split()) > 4 for line in lines)
+    # each selector's line names its options in the --select spec syntax (NAME(option=value, ...))
+    leoam = next(line for line in lines if line.startswith("leoam "))
+    assert "(options: leoam(page=..., max_chunk=..., desert_mass=..." in leoam and "refine=..." in leoam
 
 
 def _package_method_classes():

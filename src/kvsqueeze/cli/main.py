@@ -87,7 +87,11 @@ def methods():
                 text += f"; with --method M: {PrecisionSplit.__name__}, M's scores pick the high-precision tokens"
             text += ")"
         rows.append((name, "--quant", text))
-    rows += [(name, "--select", f"{cls.__name__}: {cls.summary}") for name, cls in SELECTORS.items()]
+    import inspect
+
+    for name, cls in SELECTORS.items():
+        opts = [k for k, p in inspect.signature(cls.__init__).parameters.items() if p.kind is p.KEYWORD_ONLY]
+        rows.append((name, "--select", f"{cls.__name__}: {cls.summary} (options: {name}({'=..., '.join(opts)}=...))"))
     width = max(len(r[0]) for r in rows)
     for name, option, text in rows:
         click.echo(f"{name:<{width}}  {option:<8}  {text}")

@@ -133,7 +133,8 @@ class LeoAM(Selector):
 
     name = "leoam"
     summary = ("LeoAM's adaptive chunks: desert pages (low prefill attention) merged into chunks up to max_chunk "
-               "pages, chunks ranked by a min/max key abstract")
+               "pages, chunks ranked by a min/max key abstract (desert chunks last), then the best chunks' pages "
+               "by their own bounds")
 
     def __init__(self, budget: int, *, page: int = 16, max_chunk: int = 8, desert_mass: float = 0.02,
                  observe_window: int = 32, sink: int = 0, window: int | None = None, gqa: str = "max",
