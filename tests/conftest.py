@@ -147,6 +147,12 @@ def assert_needs_cuda(r, name):
     assert r.stderr.strip() == f"error: bench/{name}.py needs a CUDA GPU"
 
 
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """A tiny random Llama with SmolLM2's tokenizer, saved as a local model directory (one per test module)."""
+    return save_tiny_llama_with_smollm2_tokenizer(tmp_path_factory.mktemp("tiny-llama"))
+
+
 @pytest.fixture
 def llama():
     return tiny_llama()

@@ -212,13 +212,6 @@ def test_generate_answer_static_refuses_before_the_prefill(monkeypatch):
 
 
 # --- loading ------------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    from conftest import save_tiny_llama_with_smollm2_tokenizer
-
-    return save_tiny_llama_with_smollm2_tokenizer(tmp_path_factory.mktemp("tiny-llama-dm"))
-
-
 CONTEXT = "The grass is green. The sky is blue. " * 30 + "The pass key is 71432. " + "Here we go. " * 20
 
 

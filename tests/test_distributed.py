@@ -16,14 +16,9 @@ from kvsqueeze.devices import resolve_device, resolve_dtype
 from kvsqueeze.errors import KVSqueezeError
 from kvsqueeze.evaluation.distributed import DistInfo, init_distributed, world_from_env
 
-from conftest import assert_one_error_line, own_cache, save_tiny_llama_with_smollm2_tokenizer
+from conftest import assert_one_error_line, own_cache
 
 SRC = str(Path(kvsqueeze.__file__).resolve().parents[1])
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return save_tiny_llama_with_smollm2_tokenizer(tmp_path_factory.mktemp("tiny-llama"))
 
 
 def _rows(db):

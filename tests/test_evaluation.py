@@ -21,7 +21,7 @@ import torch
 
 import kvsqueeze as kq
 
-from conftest import loaded_in_own_cache, save_tiny_llama_with_smollm2_tokenizer
+from conftest import loaded_in_own_cache
 from kvsqueeze.errors import KVSqueezeError
 from kvsqueeze.evaluation import ResultStore, make_pairs, method_params, run_sweep
 from kvsqueeze.evaluation.sweep import capped_method, capped_perplexity
@@ -29,12 +29,6 @@ from kvsqueeze.runtime.generate import generate_answer, record_prefill
 from kvsqueeze.tasks import Sample, TaskConfig, build_samples
 
 ALL = ["full", "streaming_llm", "h2o", "snapkv", "pyramidkv", "tova", "knorm", "random", "qfilters"]
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    """A tiny random Llama with SmolLM2's tokenizer, saved as a local model directory."""
-    return save_tiny_llama_with_smollm2_tokenizer(tmp_path_factory.mktemp("tiny-llama"))
 
 
 @pytest.fixture(scope="module")

@@ -257,11 +257,12 @@ def test_bad_input_is_refused_with_one_error():
 
 
 # --- CLI and sweep -----------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    from conftest import save_tiny_llama_with_smollm2_tokenizer
-
-    return save_tiny_llama_with_smollm2_tokenizer(tmp_path_factory.mktemp("tiny-llama"))
+def _generate_args(tiny_dir, tmp_path, filler: int, max_new: int) -> list[str]:
+    """`kvsqueeze generate` over the tiny model and a passkey context of `filler` repeated sentences."""
+    ctx = tmp_path / "ctx.txt"
+    ctx.write_text("The grass is green. The sky is blue. " * filler + "The pass key is 71432. " + "Here we go. " * 40)
+    return ["generate", "--model", str(tiny_dir), "--method", "full", "--context-file", str(ctx), "--question",
+            "What is the pass key?", "--max-new-tokens", str(max_new)]
 
 
 def test_cli_generate_leoam_offload_disk(tiny_dir, tmp_path):
@@ -270,10 +271,7 @@ def test_cli_generate_leoam_offload_disk(tiny_dir, tmp_path):
     from conftest import assert_one_error_line, own_cache
     from kvsqueeze.cli import main
 
-    ctx = tmp_path / "ctx.txt"
-    ctx.write_text("The grass is green. The sky is blue. " * 150 + "The pass key is 71432. " + "Here we go. " * 40)
-    base = ["generate", "--model", str(tiny_dir), "--method", "full", "--context-file", str(ctx), "--question",
-            "What is the pass key?", "--max-new-tokens", "6", "--select", "leoam"]
+    base = _generate_args(tiny_dir, tmp_path, 150, 6) + ["--select", "leoam"]
     with own_cache(tmp_path / "cache"):
         runs = {b: (CliRunner().invoke(main, base + ["--select-budget", b]),
                     CliRunner().invoke(main, base + ["--select-budget", b, "--offload", "disk"])) for b in ("64", "512")}
@@ -363,10 +361,7 @@ def test_cli_select_with_options(tiny_dir, tmp_path):
     from conftest import assert_one_error_line, own_cache
     from kvsqueeze.cli import main
 
-    ctx = tmp_path / "ctx.txt"
-    ctx.write_text("The grass is green. The sky is blue. " * 100 + "The pass key is 71432. " + "Here we go. " * 40)
-    base = ["generate", "--model", str(tiny_dir), "--method", "full", "--context-file", str(ctx), "--question",
-            "What is the pass key?", "--max-new-tokens", "4", "--select-budget", "64"]
+    base = _generate_args(tiny_dir, tmp_path, 100, 4) + ["--select-budget", "64"]
     with own_cache(tmp_path / "cache"):
         one = CliRunner().invoke(main, base + ["--select", "leoam(max_chunk=1)"])
         quest = CliRunner().invoke(main, base + ["--select", "quest"])

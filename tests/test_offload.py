@@ -142,13 +142,6 @@ def test_offload_refusals():
 
 
 # --- sweep and CLI -----------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    from conftest import save_tiny_llama_with_smollm2_tokenizer
-
-    return save_tiny_llama_with_smollm2_tokenizer(tmp_path_factory.mktemp("tiny-llama"))
-
-
 def test_sweep_offloaded_rows_answer_as_on_device_selection(tiny_dir, tmp_path):
     """`make_pairs(..., offload='cpu')`: every pair offloaded (shared prefill and re-prefill alike), keys marked,
     answers those of on-device selection; a grid with a dense pair or a --quant scheme other than KIVI is refused."""

@@ -176,13 +176,6 @@ def test_refusals():
 
 
 # --- sweep and CLI -----------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    from conftest import save_tiny_llama_with_smollm2_tokenizer
-
-    return save_tiny_llama_with_smollm2_tokenizer(tmp_path_factory.mktemp("tiny-llama"))
-
-
 def test_sweep_kivi_offloaded_rows_answer_as_kivi_on_device(tiny_dir, tmp_path):
     """`make_pairs(quants=['kivi-2'], offload='cpu')`: a shared prefill's KIVI layers moved to the host tier as they
     are (`offload_to`), and re-prefilled caches built offloaded, answer as `--quant kivi-2` on the device."""

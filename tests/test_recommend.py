@@ -9,7 +9,6 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import save_tiny_llama_with_smollm2_tokenizer
 from kvsqueeze.errors import KVSqueezeError
 from kvsqueeze.evaluation import ResultStore
 from kvsqueeze.evaluation.recommend import (candidates, factor_bound, parse_bytes, parse_target, pick,
@@ -105,11 +104,6 @@ def test_bound_is_an_upper_bound_of_measured_factors():
 
 
 # --- CLI end to end ----------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return save_tiny_llama_with_smollm2_tokenizer(tmp_path_factory.mktemp("tiny-llama-rec"))
-
-
 def _invoke(args, monkeypatch, cache):
     from click.testing import CliRunner
 

@@ -9,7 +9,7 @@ import click
 
 from ..errors import KVSqueezeError
 from ..models import DEFAULT_MODEL
-from .options import _floats, _quants, build_method, method_options, offload_option
+from .options import _floats, _quants, build_method, method_options, offload_option, select_spec
 
 DEFAULT_RESULTS = "results/kvsqueeze.sqlite"
 
@@ -36,18 +36,12 @@ def _given_on_command_line(param: str) -> bool:
 
 def _selects(select: str, budgets: str) -> list[tuple[str | None, int | None]]:
     """--select x --select-budget: (selector, budget) pairs; 'none' once, whatever the budgets."""
-    from ..selection import SELECTORS, canonical_selector, get_selector, parse_selector, split_selectors
+    from ..selection import get_selector, split_selectors
 
     names = split_selectors(select)
     if not names:
         raise KVSqueezeError("--select is empty (use 'none' for dense attention)")
-    names = ["none" if parse_selector(n)[0] == "none" else n for n in names]
-    bad = [n for n in names if n != "none" and parse_selector(n)[0] not in SELECTORS]
-    if bad:
-        raise KVSqueezeError(f"unknown --select {bad[0]!r}; choose from: none, {', '.join(SELECTORS)} (options as "
-                             f"NAME(option=value, ...))")
-    # one key per configuration, however it was typed (options sorted, defaults dropped)
-    names = [n if n == "none" else canonical_selector(n) for n in names]
+    names = [select_spec(n) for n in names]  # one key per configuration, however it was typed
     try:
         bs = [int(x) for x in budgets.split(",") if x.strip()]
     except ValueError:

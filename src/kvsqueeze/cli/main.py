@@ -11,7 +11,7 @@ from ..devices import (device_map_device, device_map_option, device_options, res
                        resolve_device_map, resolve_dtype)
 from ..errors import KVSqueezeError
 from ..models import DEFAULT_MODEL, MODELS
-from .options import build_method, method_options, offload_option
+from .options import build_method, method_options, offload_option, select_spec
 
 
 def config_values(ctx, path) -> dict:
@@ -176,13 +176,7 @@ def generate(model, method, compression_ratio, budget, exempt_layers, compressio
         device_map = v.get("device_map", device_map)
     attn = resolve_attn(attn_implementation)
     dmap = resolve_device_map(device_map, device)
-    from ..selection import SELECTORS, parse_selector
-
-    if parse_selector(select)[0] == "none":
-        select = "none"
-    elif parse_selector(select)[0] not in SELECTORS:
-        raise KVSqueezeError(f"unknown --select {select!r}; choose from: none, {', '.join(SELECTORS)} (options as "
-                             f"NAME(option=value, ...))")
+    select = select_spec(select)
     if dmap is not None and compiled:
         raise KVSqueezeError("--compile decodes on one device: drop --device-map (or --compile) for a split model")
     if select == "none" and click.get_current_context().get_parameter_source("select_budget") == \

@@ -45,6 +45,20 @@ def build_method(method: str, compression_ratio: float, budget: int | None, exem
                       compression_interval=compression_interval)
 
 
+def select_spec(text: str) -> str:
+    """One --select value -> 'none' or its canonical spec (`selection.canonical_selector`: options sorted, defaults
+    dropped). Raises KVSqueezeError for an unknown selector or a malformed spec."""
+    from ..selection import SELECTORS, canonical_selector, parse_selector
+
+    name = parse_selector(text)[0]
+    if name == "none":
+        return "none"
+    if name not in SELECTORS:
+        raise KVSqueezeError(f"unknown --select {text!r}; choose from: none, {', '.join(SELECTORS)} (options as "
+                             f"NAME(option=value, ...))")
+    return canonical_selector(text)
+
+
 def _floats(text: str, what: str, lo: float, hi: float, hi_open: bool) -> list[float]:
     try:
         vals = [float(x) for x in text.split(",") if x.strip()]

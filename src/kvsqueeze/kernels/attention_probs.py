@@ -22,6 +22,8 @@ from typing import Iterator, NamedTuple
 
 import torch
 
+from .attention_sum import attention_shapes, attention_sum_kernel, kernel_applies
+
 CHUNK_ELEMENTS = 1 << 26  # logits per chunk (fp32: 256 MiB) when no chunk size is given
 
 
@@ -57,12 +59,7 @@ def attention_chunks(queries: torch.Tensor, keys: torch.Tensor, *, scaling: floa
     Raises ValueError when only one of the positions is given or q_heads is not a multiple of kv_heads.
     Source: transformers' eager attention (scaling, softcap, mask, fp32 softmax); GQA grouping as in sdpa's
     `enable_gqa`."""
-    if (q_positions is None) != (k_positions is None):
-        raise ValueError("attention_chunks: give both q_positions and k_positions, or neither")
-    b, hq, w, d = queries.shape
-    hk, n = keys.shape[1], keys.shape[2]
-    if hq % hk:
-        raise ValueError(f"attention_chunks: {hq} query heads are not a multiple of {hk} kv heads")
+    b, hq, w, d, hk, n = attention_shapes("attention_chunks", queries, keys, q_positions, k_positions)
     g = hq // hk
     k = keys.float()
     if chunk is None:
@@ -99,8 +96,6 @@ def attention_sum(queries: torch.Tensor, keys: torch.Tensor, *, scaling: float, 
     `attention_sum.KERNEL` set (the default), on CUDA and without softcap, the two-pass Triton
     kernel of `kernels/attention_sum.py`, which never holds the q x n probabilities in memory; otherwise the
     chunks' sums. Equal up to float32 summation order."""
-    from .attention_sum import attention_sum_kernel, kernel_applies
-
     if kernel_applies(queries, keys, softcap):
         return attention_sum_kernel(queries, keys, scaling=scaling, q_positions=q_positions,
                                     k_positions=k_positions, valid=valid, window=window)

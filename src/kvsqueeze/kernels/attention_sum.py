@@ -123,6 +123,20 @@ if triton is not None:
             tl.store(OUT + bh * n + j, acc, mask=j < n)
 
 
+def attention_shapes(where: str, queries: torch.Tensor, keys: torch.Tensor, q_positions: torch.Tensor | None,
+                     k_positions: torch.Tensor | None) -> tuple[int, int, int, int, int, int]:
+    """(batch, q_heads, q, head_dim, kv_heads, n) of `attention_probs.attention_chunks`' arguments (and the
+    attention-sum kernel's), checked: raises ValueError (naming `where`) when only one of the positions is given or
+    q_heads is not a multiple of kv_heads."""
+    if (q_positions is None) != (k_positions is None):
+        raise ValueError(f"{where}: give both q_positions and k_positions, or neither")
+    b, hq, w, d = queries.shape
+    hk, n = keys.shape[1], keys.shape[2]
+    if hq % hk:
+        raise ValueError(f"{where}: {hq} query heads are not a multiple of {hk} kv heads")
+    return b, hq, w, d, hk, n
+
+
 def kernel_applies(queries: torch.Tensor, keys: torch.Tensor, softcap: float | None) -> bool:
     """Whether `attention_sum_kernel` takes these inputs: `KERNEL` set, triton, CUDA tensors (or the CPU under
     TRITON_INTERPRET=1 outside torch.compile, for tests), one floating dtype, no softcap."""
@@ -144,12 +158,7 @@ def attention_sum_kernel(queries: torch.Tensor, keys: torch.Tensor, *, scaling: 
     `attention_probs.attention_chunks` (`q_positions` (w,) or (batch, w), `k_positions` (batch, kv_heads, n), both
     or neither; `valid` (batch, kv_heads, n) bool; `window`); no softcap (`kernel_applies`). Raises ValueError when
     only one of the positions is given or q_heads is not a multiple of kv_heads."""
-    if (q_positions is None) != (k_positions is None):
-        raise ValueError("attention_sum_kernel: give both q_positions and k_positions, or neither")
-    b, hq, w, d = queries.shape
-    hk, n = keys.shape[1], keys.shape[2]
-    if hq % hk:
-        raise ValueError(f"attention_sum_kernel: {hq} query heads are not a multiple of {hk} kv heads")
+    b, hq, w, d, hk, n = attention_shapes("attention_sum_kernel", queries, keys, q_positions, k_positions)
     out = torch.zeros(b, hq, n, dtype=torch.float32, device=keys.device)
     if w == 0 or n == 0:
         return out

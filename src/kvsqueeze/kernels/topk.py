@@ -103,9 +103,9 @@ if triton is not None:
         return tl.where(ok, x, float("nan")), ok
 
     @triton.jit
-    def _topk_increasing(X, OUT, P, K, s_x, s_o, TILE: tl.constexpr, W: tl.constexpr):
-        row = tl.program_id(0)
-        X = X + row * s_x
+    def _kth_key(X, P, K, TILE: tl.constexpr, W: tl.constexpr):
+        # the order key of the K-th largest of the P scores at X (read by `_tile`): the W-ary search, stopping at
+        # count = K or lo = hi (ties)
         j = tl.arange(0, TILE)
         # the search starts on the finite scores' range (infinities would cost it two or three passes): lo the
         # smallest score above -inf (-inf itself when fewer than K are above it), hi the largest below +inf (lo =
@@ -141,7 +141,14 @@ if triton is not None:
             lo = tl.max(tl.where(enough, t, lo), 0)
             cnt_lo = tl.min(tl.where(enough, c, cnt_lo), 0)
             hi = tl.min(tl.where(enough, hi + 1, t), 0) - 1
-        thr = _key_float(lo)
+        return lo
+
+    @triton.jit
+    def _search_row(X, OUT, P, K, TILE: tl.constexpr, W: tl.constexpr):
+        # the top-K of one row (X, OUT at the row): the K-th largest's key, then the taken indices in increasing
+        # order (the default kernel's whole program, and the sample variant's fallback)
+        thr = _key_float(_kth_key(X, P, K, TILE, W))
+        j = tl.arange(0, TILE)
         n_gt = tl.zeros([TILE], tl.int32)
         for t0 in range(0, P, TILE):
             x, ok = _tile(X, t0, j, P)
@@ -154,9 +161,14 @@ if triton is not None:
             eq = (x == thr).to(tl.int32)
             take = (x > thr) | ((n_eq + tl.cumsum(eq, 0) <= need) & (eq != 0))
             pos = n_take + tl.cumsum(take.to(tl.int32), 0) - 1
-            tl.store(OUT + row * s_o + pos, (t0 + j).to(tl.int64), mask=take)
+            tl.store(OUT + pos, (t0 + j).to(tl.int64), mask=take)
             n_eq += tl.sum(eq, 0)
             n_take += tl.sum(take.to(tl.int32), 0)
+
+    @triton.jit
+    def _topk_increasing(X, OUT, P, K, s_x, s_o, TILE: tl.constexpr, W: tl.constexpr):
+        row = tl.program_id(0)
+        _search_row(X + row * s_x, OUT + row * s_o, P, K, TILE, W)
 
     # ---- the sample variant (algo="sample"; module docstring, last section) ----
 
@@ -187,102 +199,6 @@ if triton is not None:
             cnt = tl.min(tl.where(enough, c, cnt), 0)
             hi = tl.min(tl.where(enough, hi + 1, t), 0) - 1
         return lo, cnt
-
-    @triton.jit
-    def _chunk(SV, c0, c, n):
-        # compacted scores c0 + c (< n) as float32, NaN past n
-        ok = c0 + c < n
-        return tl.load(SV + c0 + c, mask=ok, other=float("nan")), ok
-
-    @triton.jit
-    def _search_mem(SV, n, K, CT: tl.constexpr, W: tl.constexpr):
-        # the exact search (count = K or lo = hi) of `_topk_increasing` over the n compacted scores SV[0:n] (no
-        # NaN among them), read in chunks of CT: returns the key of the K-th largest
-        c = tl.arange(0, CT)
-        mn = tl.full([CT], float("inf"), tl.float32)
-        mx = tl.full([CT], float("-inf"), tl.float32)
-        n_up = tl.zeros([CT], tl.int32)
-        n_inf = tl.zeros([CT], tl.int32)
-        for c0 in range(0, n, CT):
-            v, ok = _chunk(SV, c0, c, n)
-            up = ok & (v > float("-inf"))
-            n_up += up.to(tl.int32)
-            n_inf += (v == float("inf")).to(tl.int32)
-            mn = tl.minimum(mn, tl.where(up, v, float("inf")))
-            mx = tl.maximum(mx, tl.where(v < float("inf"), v, float("-inf")))
-        above = tl.sum(n_up, 0)
-        lo = tl.where(above >= K, _float_key(tl.min(mn, 0)), -2139095041)
-        cnt = tl.where(above >= K, above, n)
-        hi = _float_key(tl.max(mx, 0))
-        top = tl.sum(n_inf, 0) >= K
-        lo = tl.where(top, 2139095040, lo)
-        hi = tl.where(top, lo, hi)
-        w = tl.arange(0, W).to(tl.int64) + 1
-        while (lo < hi) & (cnt != K):
-            t = lo + (w * (hi - lo + 1) + W - 1) // W
-            tf = _key_float(t)
-            acc = tl.zeros([W, CT], tl.int32)
-            for c0 in range(0, n, CT):
-                v, ok = _chunk(SV, c0, c, n)
-                acc += (v[None, :] >= tf[:, None]).to(tl.int32)
-            cc = tl.sum(acc, 1)
-            enough = cc >= K
-            lo = tl.max(tl.where(enough, t, lo), 0)
-            cnt = tl.min(tl.where(enough, cc, cnt), 0)
-            hi = tl.min(tl.where(enough, hi + 1, t), 0) - 1
-        return lo
-
-    @triton.jit
-    def _search_row(X, OUT, P, K, TILE: tl.constexpr, W: tl.constexpr):
-        # the whole of `_topk_increasing` for one row (X, OUT at the row): the sample variant's fallback
-        j = tl.arange(0, TILE)
-        mn = tl.full([TILE], float("inf"), tl.float32)
-        mx = tl.full([TILE], float("-inf"), tl.float32)
-        n_up = tl.zeros([TILE], tl.int32)
-        n_inf = tl.zeros([TILE], tl.int32)
-        for t0 in range(0, P, TILE):
-            x, ok = _tile(X, t0, j, P)
-            up = ok & (x > float("-inf"))
-            n_up += up.to(tl.int32)
-            n_inf += (x == float("inf")).to(tl.int32)
-            mn = tl.minimum(mn, tl.where(up, x, float("inf")))
-            mx = tl.maximum(mx, tl.where(x < float("inf"), x, float("-inf")))
-        above = tl.sum(n_up, 0)
-        lo = tl.where(above >= K, _float_key(tl.min(mn, 0)), -2139095041)
-        cnt_lo = tl.where(above >= K, above, P)
-        hi = _float_key(tl.max(mx, 0))
-        top = tl.sum(n_inf, 0) >= K
-        lo = tl.where(top, 2139095040, lo)
-        hi = tl.where(top, lo, hi)
-        w = tl.arange(0, W).to(tl.int64) + 1
-        while (lo < hi) & (cnt_lo != K):
-            t = lo + (w * (hi - lo + 1) + W - 1) // W
-            tf = _key_float(t)
-            acc = tl.zeros([W, TILE], tl.int32)
-            for t0 in range(0, P, TILE):
-                x, ok = _tile(X, t0, j, P)
-                acc += (x[None, :] >= tf[:, None]).to(tl.int32)
-            c = tl.sum(acc, 1)
-            enough = c >= K
-            lo = tl.max(tl.where(enough, t, lo), 0)
-            cnt_lo = tl.min(tl.where(enough, c, cnt_lo), 0)
-            hi = tl.min(tl.where(enough, hi + 1, t), 0) - 1
-        thr = _key_float(lo)
-        n_gt = tl.zeros([TILE], tl.int32)
-        for t0 in range(0, P, TILE):
-            x, ok = _tile(X, t0, j, P)
-            n_gt += (x > thr).to(tl.int32)
-        need = K - tl.sum(n_gt, 0)
-        n_eq = tl.zeros([], tl.int32)
-        n_take = tl.zeros([], tl.int32)
-        for t0 in range(0, P, TILE):
-            x, ok = _tile(X, t0, j, P)
-            eq = (x == thr).to(tl.int32)
-            take = (x > thr) | ((n_eq + tl.cumsum(eq, 0) <= need) & (eq != 0))
-            pos = n_take + tl.cumsum(take.to(tl.int32), 0) - 1
-            tl.store(OUT + pos, (t0 + j).to(tl.int64), mask=take)
-            n_eq += tl.sum(eq, 0)
-            n_take += tl.sum(take.to(tl.int32), 0)
 
     @triton.jit
     def _topk_sample(X, OUT, SV, SI, FELL, P, K, RA, RB, s_x, s_o, s_c, CAP: tl.constexpr, TILE: tl.constexpr,
@@ -321,17 +237,17 @@ if triton is not None:
             _search_row(X, OUT, P, K, TILE, W)
         else:
             # (3) the K-th largest of the row is the K-th largest of the compacted scores
-            thr = _key_float(_search_mem(SV, n, K, CT, W))
+            thr = _key_float(_kth_key(SV, n, K, CT, W))  # no NaN among them
             c = tl.arange(0, CT)
             n_gt = tl.zeros([CT], tl.int32)
             for c0 in range(0, n, CT):
-                s, okc = _chunk(SV, c0, c, n)
+                s, okc = _tile(SV, c0, c, n)
                 n_gt += (s > thr).to(tl.int32)
             need = K - tl.sum(n_gt, 0)
             n_eq = tl.zeros([], tl.int32)
             n_take = tl.zeros([], tl.int32)
             for c0 in range(0, n, CT):
-                s, okc = _chunk(SV, c0, c, n)
+                s, okc = _tile(SV, c0, c, n)
                 idx = tl.load(SI + c0 + c, mask=okc, other=0)
                 eq = (s == thr).to(tl.int32)
                 take = (s > thr) | ((n_eq + tl.cumsum(eq, 0) <= need) & (eq != 0))
