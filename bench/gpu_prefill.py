@@ -25,6 +25,11 @@ After the table: the scoring overhead per length, SnapKV's and K-norm's prefill 
 (issue 12's goal: SnapKV at 32k within 5%). Rows free their caches between them (one model for all rows); before
 the table every row prefills 2 chunks untimed (`--no-warmup` skips it).
 
+`--decode N` then decodes N tokens greedily through the row's cache (kvsqueeze's eager step, `decode_step`; two
+untimed first), the median ms per token in the `decode ms` column: issue 12's "prefill 1M into 8x + KIVI-2, then
+decode". `--report-every K` prints the elapsed seconds every K chunks (one host sync each), so a run cut short by
+a time limit still shows how far it got and at what marginal cost.
+
 Two readings of the overhead: with chunks shorter than the context, a compressed row's later chunks attend to the
 kept cache only, so it can be faster than the full cache (negative overhead: eviction saves more than scoring
 costs); with `--chunk` equal to the length (one chunk, compressed once at the end) both rows run the same attention
@@ -37,7 +42,9 @@ import argparse
 import contextlib
 import gc
 import os
+import statistics
 import sys
+import time
 
 import torch
 
@@ -53,6 +60,7 @@ from kvsqueeze.kernels import attention_sum  # noqa: E402
 
 from _table import attempt, peak_gb, write_json  # noqa: E402
 from gpu_decode import Clock, bench_target, build_model, cache_for, kv_bytes_of  # noqa: E402
+from kvsqueeze.runtime.generate import decode_step  # noqa: E402
 
 ROWS = ("kvsq:knorm", "kvsq:knorm+kivi2", "kvsq:snapkv", "kvsq:full", "hf-dynamic")
 FULL_ROWS = ("kvsq:full", "hf-dynamic")
@@ -64,8 +72,11 @@ def full_kv_bytes(cfg: dict, length: int, itemsize: int) -> int:
 
 
 @torch.no_grad()
-def run_row(name: str, model, ids: torch.Tensor, args, device) -> tuple[list[float], int]:
-    """Prefill `ids` (1, length) in chunks through the row's cache: (seconds per chunk, KV bytes held at the end)."""
+def run_row(name: str, model, ids: torch.Tensor, args, device,
+            decode: int = 0, report_every: int = 0) -> tuple[list[float], int, float | None]:
+    """Prefill `ids` (1, length) in chunks through the row's cache, then `decode` greedy steps: (seconds per chunk,
+    KV bytes held at the end, median ms per decoded token or None). `report_every` > 0 prints the elapsed seconds
+    every that many chunks."""
     length = ids.shape[1]
     if name == "hf-dynamic":
         cache = DynamicCache(config=model.config)
@@ -76,20 +87,38 @@ def run_row(name: str, model, ids: torch.Tensor, args, device) -> tuple[list[flo
     bar = tqdm(starts, desc=f"{length} {name}", unit="chunk", leave=False, mininterval=2.0,
                disable=args.no_progress)
     block = cache.prefill() if isinstance(cache, kq.CompressedCache) else contextlib.nullcontext()
+    every = report_every
+    t0 = time.perf_counter()
     with block:
         clock.mark()
-        for s in bar:
-            model(input_ids=ids[:, s:s + args.chunk], **cache_kwargs(model, cache), use_cache=True,
-                  logits_to_keep=1)
+        for i, s in enumerate(bar):
+            logits = model(input_ids=ids[:, s:s + args.chunk], **cache_kwargs(model, cache), use_cache=True,
+                           logits_to_keep=1).logits[:, -1]
             clock.mark()
+            if every and (i + 1) % every == 0:
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                print(f"{'':>8}   {name}: {s + args.chunk} of {length} tokens in {time.perf_counter() - t0:.1f} s",
+                      flush=True)
     bar.close()
     seconds = [ms / 1e3 for ms in clock.steps_ms()]
+    decode_ms = None
+    if decode > 0:
+        tok = logits.argmax(-1)
+        for _ in range(2):  # untimed: the decode path's first calls
+            tok = decode_step(model, cache, tok).argmax(-1)
+        dclock = Clock(device)
+        dclock.mark()
+        for _ in range(decode):
+            tok = decode_step(model, cache, tok).argmax(-1)
+            dclock.mark()
+        decode_ms = statistics.median(dclock.steps_ms())
     kv = kv_bytes_of(cache) if name == "hf-dynamic" else cache.stats().kv_bytes
     del cache
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return seconds, kv
+    return seconds, kv, decode_ms
 
 
 def row_names(args) -> list[str]:
@@ -117,10 +146,16 @@ def main(argv=None) -> int:
                          "or the float32 chunks.")
     ap.add_argument("--no-warmup", dest="warmup", action="store_false",
                     help="Skip the untimed prefill of 2 chunks per row before the table.")
+    ap.add_argument("--decode", type=int, default=0,
+                    help="Greedy tokens decoded after each row's prefill (eager step; median ms per token).")
+    ap.add_argument("--report-every", type=int, default=0,
+                    help="Print the elapsed seconds every this many chunks (0: never).")
     ap.add_argument("--no-progress", action="store_true", help="No tqdm bar over the chunks.")
     ap.add_argument("--json", default=None, help="Write the rows to this JSON file.")
     ap.add_argument("--quick", action="store_true", help="Tiny shapes on the CPU (checks the script end to end).")
     args = ap.parse_args(argv)
+    if args.decode < 0 or args.report_every < 0:
+        ap.error("--decode and --report-every take a count >= 0")
     names = row_names(args)
     attention_sum.KERNEL = args.attention_sum == "kernel"
     target = bench_target(args.quick)
@@ -143,7 +178,7 @@ def main(argv=None) -> int:
     print(f"model: Llama-3.1-8B shapes{' (tiny: --quick)' if args.quick else ''}, {dtype}, {args.attn}, batch 1; "
           f"weights {weight_bytes / 1e9:.2f} GB; chunks of {args.chunk}; compressed rows {args.factor:g}x", flush=True)
     print(f"{'context':>8} {'row':<18} {'seconds':>8} {'ms/1k':>8} {'ms/1k last10%':>13} {'peak GB':>8} "
-          f"{'KV GB':>8}", flush=True)
+          f"{'KV GB':>8}" + (f" {'decode ms':>10}" if args.decode else ""), flush=True)
     if args.warmup:  # every row's kernels run once untimed (the first row otherwise pays CUDA's and cuBLAS's set-up)
         ids0 = torch.randint(0, shapes["vocab_size"], (1, min(lengths[0], 2 * args.chunk))).to(device)
         for name in names:
@@ -165,20 +200,23 @@ def main(argv=None) -> int:
                 rows_out.append(row)
                 print(f"{length:>8} {name:<18} skipped: {row['skipped']}", flush=True)
                 continue
-            res = attempt(lambda: run_row(name, model, ids, args, device), row, rows_out, f"{length:>8} {name:<18}",
+            res = attempt(lambda: run_row(name, model, ids, args, device, args.decode, args.report_every), row, rows_out, f"{length:>8} {name:<18}",
                           device)
             if res is None:
                 continue
-            sec, kv = res
+            sec, kv, decode_ms = res
             n_last = max(1, len(sec) // 10)
             last_tokens = length - args.chunk * (len(sec) - n_last)
             total = sum(sec)
             row.update(seconds=total, ms_per_1k=total / length * 1e6,
                        ms_per_1k_last10=sum(sec[-n_last:]) / last_tokens * 1e6, peak_gb=peak_gb(device),
                        kv_bytes=kv, chunks=len(sec), weight_bytes=weight_bytes)
+            if decode_ms is not None:
+                row.update(decode_ms=decode_ms, decode_steps=args.decode)
             rows_out.append(row)
             print(f"{length:>8} {name:<18} {total:8.2f} {row['ms_per_1k']:8.1f} {row['ms_per_1k_last10']:13.1f} "
-                  f"{row['peak_gb']:8.2f} {kv / 1e9:8.3f}", flush=True)
+                  f"{row['peak_gb']:8.2f} {kv / 1e9:8.3f}" + (f" {decode_ms:10.2f}" if decode_ms is not None else ""),
+                  flush=True)
         del ids
     by = {(r["context"], r["row"]): r for r in rows_out if "seconds" in r}
     for length in lengths:

@@ -296,7 +296,8 @@ def test_sliced_quantize_and_dequantize_equal_the_whole(axis, along, bits, monke
 def test_gpu_prefill_quick(tmp_path):
     out = tmp_path / "rows.json"
     r = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_prefill.py"), "--quick", "--no-progress",
-                        "--json", str(out)], capture_output=True, text=True, timeout=600, cwd=ROOT)
+                        "--decode", "2", "--report-every", "4", "--json", str(out)], capture_output=True, text=True,
+                       timeout=600, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]
     names = ["kvsq:knorm", "kvsq:knorm+kivi2", "kvsq:snapkv", "kvsq:full", "hf-dynamic"]
@@ -307,11 +308,13 @@ def test_gpu_prefill_quick(tmp_path):
             assert "skipped" in d  # the pretend device of --quick holds a full cache of 768 tokens
             continue
         assert d["seconds"] > 0 and d["ms_per_1k"] > 0 and d["ms_per_1k_last10"] > 0 and d["chunks"] == d["context"] // 64
+        assert d["decode_ms"] > 0 and d["decode_steps"] == 2  # --decode: tokens decoded after the prefill
     by = {(d["context"], d["row"]): d for d in rows}
     assert by[(512, "kvsq:knorm+kivi2")]["kv_bytes"] < by[(512, "kvsq:knorm")]["kv_bytes"] < \
         by[(512, "kvsq:full")]["kv_bytes"] / 4
     assert "overhead_vs_full" in by[(512, "kvsq:snapkv")]
     assert "scoring overhead at 512" in r.stdout
+    assert "kvsq:knorm+kivi2: 256 of 512 tokens in" in r.stdout  # --report-every 4 (chunks of 64)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
