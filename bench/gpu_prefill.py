@@ -27,7 +27,9 @@ the table every row prefills 2 chunks untimed (`--no-warmup` skips it).
 
 `--decode N` then decodes N tokens greedily through the row's cache (kvsqueeze's eager step, `decode_step`; two
 untimed first), the median ms per token in the `decode ms` column: issue 12's "prefill 1M into 8x + KIVI-2, then
-decode". `--report-every K` prints the elapsed seconds every K chunks (one host sync each), so a run cut short by
+decode". With `--decode-static` the tokens go through kvsqueeze's static step instead (`StaticCompressedCache.from_cache`
+of the prefilled cache, `StaticDecoder` compiled with CUDA graphs, its default kernels on CUDA; under `--quick`
+torch's `aot_eager` backend): its first two (compiling) steps untimed, as `bench/gpu_decode.py`'s static rows. `--report-every K` prints the elapsed seconds every K chunks (one host sync each), so a run cut short by
 a time limit still shows how far it got and at what marginal cost.
 
 Two readings of the overhead: with chunks shorter than the context, a compressed row's later chunks attend to the
@@ -73,9 +75,9 @@ def full_kv_bytes(cfg: dict, length: int, itemsize: int) -> int:
 
 @torch.no_grad()
 def run_row(name: str, model, ids: torch.Tensor, args, device,
-            decode: int = 0, report_every: int = 0) -> tuple[list[float], int, float | None]:
+            decode: int = 0, report_every: int = 0) -> tuple[list[float], int, dict]:
     """Prefill `ids` (1, length) in chunks through the row's cache, then `decode` greedy steps: (seconds per chunk,
-    KV bytes held at the end, median ms per decoded token or None). `report_every` > 0 prints the elapsed seconds
+    KV bytes held at the end, {"decode_ms": median ms per decoded token, "decode_tokens": the timed tokens} or {}). `report_every` > 0 prints the elapsed seconds
     every that many chunks."""
     length = ids.shape[1]
     if name == "hf-dynamic":
@@ -102,23 +104,49 @@ def run_row(name: str, model, ids: torch.Tensor, args, device,
                       flush=True)
     bar.close()
     seconds = [ms / 1e3 for ms in clock.steps_ms()]
-    decode_ms = None
+    decoded: dict = {}
     if decode > 0:
-        tok = logits.argmax(-1)
-        for _ in range(2):  # untimed: the decode path's first calls
-            tok = decode_step(model, cache, tok).argmax(-1)
+        step = decode_stepper(model, cache, logits.argmax(-1), decode, device, getattr(args, "decode_static", False),
+                              args.quick)
+        for _ in range(2):  # untimed: the decode path's first calls (the static step compiles there)
+            step()
         dclock = Clock(device)
         dclock.mark()
+        toks = []
         for _ in range(decode):
-            tok = decode_step(model, cache, tok).argmax(-1)
+            toks.append(step().clone())  # a CUDA-graph replay overwrites its outputs
             dclock.mark()
-        decode_ms = statistics.median(dclock.steps_ms())
+        decoded = {"decode_ms": statistics.median(dclock.steps_ms()), "decode_tokens": torch.cat(toks).tolist()}
     kv = kv_bytes_of(cache) if name == "hf-dynamic" else cache.stats().kv_bytes
     del cache
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return seconds, kv, decode_ms
+    return seconds, kv, decoded
+
+
+def decode_stepper(model, cache, tok: torch.Tensor, decode: int, device, static: bool, quick: bool):
+    """A function decoding one greedy token per call from `tok` (1,) on top of the prefilled `cache`: kvsqueeze's
+    eager step, or (`static`) the compiled static step over `StaticCompressedCache.from_cache(cache)` with room for
+    the 2 untimed and `decode` timed tokens (DynamicCache rows: eager only)."""
+    if not static or not isinstance(cache, kq.CompressedCache):
+        state = {"tok": tok}
+
+        def step():
+            state["tok"] = decode_step(model, cache, state["tok"]).argmax(-1)
+            return state["tok"]
+        return step
+    from kvsqueeze.runtime.static import StaticCompressedCache, StaticDecoder
+
+    torch._dynamo.reset()  # one compiled step per cache (as bench/gpu_decode.py)
+    opts = {"backend": "aot_eager"} if quick else {"mode": "reduce-overhead"}
+    dec = StaticDecoder(model, StaticCompressedCache.from_cache(cache, decode + 3), compile=True, **opts)
+    state = {"tok": tok}
+
+    def step():
+        state["tok"] = dec(state["tok"])[1]
+        return state["tok"]
+    return step
 
 
 def row_names(args) -> list[str]:
@@ -148,6 +176,8 @@ def main(argv=None) -> int:
                     help="Skip the untimed prefill of 2 chunks per row before the table.")
     ap.add_argument("--decode", type=int, default=0,
                     help="Greedy tokens decoded after each row's prefill (eager step; median ms per token).")
+    ap.add_argument("--decode-static", action="store_true",
+                    help="Decode through kvsqueeze's compiled static step (from the prefilled cache), not the eager one.")
     ap.add_argument("--report-every", type=int, default=0,
                     help="Print the elapsed seconds every this many chunks (0: never).")
     ap.add_argument("--no-progress", action="store_true", help="No tqdm bar over the chunks.")
@@ -204,18 +234,18 @@ def main(argv=None) -> int:
                           device)
             if res is None:
                 continue
-            sec, kv, decode_ms = res
+            sec, kv, decoded = res
             n_last = max(1, len(sec) // 10)
             last_tokens = length - args.chunk * (len(sec) - n_last)
             total = sum(sec)
             row.update(seconds=total, ms_per_1k=total / length * 1e6,
                        ms_per_1k_last10=sum(sec[-n_last:]) / last_tokens * 1e6, peak_gb=peak_gb(device),
                        kv_bytes=kv, chunks=len(sec), weight_bytes=weight_bytes)
-            if decode_ms is not None:
-                row.update(decode_ms=decode_ms, decode_steps=args.decode)
+            if decoded:
+                row.update(decoded, decode_steps=args.decode, decode_static=args.decode_static)
             rows_out.append(row)
             print(f"{length:>8} {name:<18} {total:8.2f} {row['ms_per_1k']:8.1f} {row['ms_per_1k_last10']:13.1f} "
-                  f"{row['peak_gb']:8.2f} {kv / 1e9:8.3f}" + (f" {decode_ms:10.2f}" if decode_ms is not None else ""),
+                  f"{row['peak_gb']:8.2f} {kv / 1e9:8.3f}" + (f" {decoded['decode_ms']:10.2f}" if decoded else ""),
                   flush=True)
         del ids
     by = {(r["context"], r["row"]): r for r in rows_out if "seconds" in r}

@@ -317,6 +317,24 @@ def test_gpu_prefill_quick(tmp_path):
     assert "kvsq:knorm+kivi2: 256 of 512 tokens in" in r.stdout  # --report-every 4 (chunks of 64)
 
 
+def test_gpu_prefill_decode_static_decodes_the_eager_tokens(tmp_path):
+    """--decode-static: the compiled static step over the prefilled cache decodes the tokens the eager step does
+    (--quick: float32, aot_eager), for a compressed and a quantized row."""
+    got = {}
+    for mode in ("eager", "static"):
+        out = tmp_path / f"{mode}.json"
+        r = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_prefill.py"), "--quick", "--no-progress",
+                            "--no-warmup", "--lengths", "512", "--rows", "kvsq:knorm,kvsq:knorm+kivi2", "--decode", "4",
+                            "--json", str(out)] + (["--decode-static"] if mode == "static" else []),
+                           capture_output=True, text=True, timeout=600, cwd=ROOT)
+        assert r.returncode == 0, r.stderr[-3000:]
+        got[mode] = {d["row"]: d for d in json.loads(out.read_text())["rows"]}
+    for row in ("kvsq:knorm", "kvsq:knorm+kivi2"):
+        assert got["static"][row]["decode_static"] and not got["eager"][row]["decode_static"]
+        assert len(got["eager"][row]["decode_tokens"]) == 4
+        assert got["static"][row]["decode_tokens"] == got["eager"][row]["decode_tokens"], row
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_chunk_attention_cuda_bf16():
     """On the GPU (torch's flash kernel and its log-sum-exp): equal to masked attention within bf16 tolerance, at
