@@ -34,14 +34,17 @@ Rows (`--rows` picks a subset by name):
                               cache on CUDA; the dequantizing torch reference on the CPU); KV bytes = packed codes,
                               scales, zeros and residual at the static capacity
 Compressed rows keep 1/`--factor` of the context (compression_ratio 1 - 1/factor; streaming and knorm-decode: a budget of
-length/factor tokens). Quest rows hold the full cache (their KV GB and bandwidth limit count all of it, though a
-step reads only the `--budget` selected slots and the page metadata); `--quick` lowers the budget to a quarter of
+length/factor tokens). Quest rows hold the full cache (their KV GB counts all of it; their bandwidth limit only what
+a step reads: the `--budget` selected slots, the dense layers and the page metadata); `--quick` lowers the budget to a quarter of
 the context and keeps only layer 0 dense, so that the selection runs.
 
 Columns: ms/token, tokens/s (batch / ms), peak GPU memory (max allocated over the row, the weights and the prefill included), KV bytes held
 (the cache's key and value tensors: a static cache holds its full capacity), the bandwidth limit = (weight bytes +
-KV bytes held, all read once per token) / `--hbm-gbps` (4200 GB/s: the H200's measured copy rate, read + write),
-and the fraction of that limit reached (limit / ms).
+KV bytes a step reads) / `--hbm-gbps` (4200 GB/s: the H200's measured copy rate, read + write), and the fraction
+of that limit reached (limit / ms). A step reads every byte it holds, except with decode-time selection (static
+quest and ap rows): there it reads the dense layers' slots, each sparse layer's budget of pages and the
+selector's own buffers (Quest's page metadata, AttentionPredictor's history), `step_read_bytes`; the JSON keeps
+both (`kv_bytes`, `read_bytes`).
 
 Time: each compiled row compiles its step (about a minute for 32 layers; rows of the same shapes hit inductor's
 cache), and one device command may run 10 minutes: split a full run, e.g. `--lengths 4096` then `--lengths 32768`,
@@ -244,8 +247,24 @@ def hf_prefill(model, cache, ids, chunk):
     return logits
 
 
+def step_read_bytes(static) -> int | None:
+    """Bytes of KV (and selector state) one static step reads where decode-time selection runs (the cache's
+    `pages`, a StaticQuest or StaticAttentionPredictor): a dense layer's whole slot buffers, a sparse layer's
+    `k_pages` pages of `page` slots each, plus the selector's buffers (`nbytes`: Quest's page metadata,
+    AttentionPredictor's history). None without selection (a step then reads every byte held)."""
+    sel = getattr(static, "pages", None)
+    if sel is None:
+        return None
+    s = static.slots
+    total = sel.nbytes()
+    for i in range(s.n_layers):
+        held = sum(t.numel() * t.element_size() for t in (s.keys[i], s.values[i]))
+        total += held if not sel.sparse(i) else held * min(1.0, sel.k_pages * sel.page / s.capacity)
+    return int(total)
+
+
 def run_row(name, model, ids, args, device, compile_opts):
-    """One row: returns (per-step ms, KV bytes held)."""
+    """One row: returns (per-step ms, KV bytes held, KV bytes a step reads or None for all held)."""
     b, length = ids.shape
     total_steps = args.warmup + args.steps + PROFILE_STEPS
     if name == "hf-dynamic":
@@ -258,7 +277,7 @@ def run_row(name, model, ids, args, device, compile_opts):
 
         with torch.no_grad():
             ms = timed(step, args.warmup, args.steps, device)
-        return ms, kv_bytes_of(cache)
+        return ms, kv_bytes_of(cache), None
     if name == "hf-static-compiled":
         cache = StaticCache(config=model.config, max_cache_len=length + total_steps + 1)
         tok = hf_prefill(model, cache, ids, args.chunk).argmax(-1)
@@ -277,7 +296,7 @@ def run_row(name, model, ids, args, device, compile_opts):
 
         with torch.no_grad():
             ms = timed(step, args.warmup, args.steps, device)
-        return ms, kv_bytes_of(cache)
+        return ms, kv_bytes_of(cache), None
     kind, _, spec = name.partition(":")
     mname, _, kernel = spec.partition("/")
     cache = cache_for(model, mname, length, args)
@@ -291,7 +310,7 @@ def run_row(name, model, ids, args, device, compile_opts):
 
         with torch.no_grad():
             ms = timed(step, args.warmup, args.steps, device)
-        return ms, cache.stats().kv_bytes
+        return ms, cache.stats().kv_bytes, None
     static = StaticCompressedCache.from_cache(cache, total_steps + 1)
     del cache
     torch._dynamo.reset()  # one compiled step per cache (see runtime/static.py); keeps the recompile limit away
@@ -307,7 +326,7 @@ def run_row(name, model, ids, args, device, compile_opts):
         tok = dec(tok)[1]
 
     ms = timed(step, args.warmup, args.steps, device)
-    return ms, static.stats().kv_bytes
+    return ms, static.stats().kv_bytes, step_read_bytes(static)
 
 
 def row_names(args) -> list[str]:
@@ -391,13 +410,14 @@ def main(argv=None) -> int:
                           f"{length:>8} {name:<34}", device)
             if res is None:
                 continue
-            ms, kv = res
+            ms, kv, read = res
+            read = kv if read is None else read
             med = statistics.median(ms)
-            limit = (weight_bytes + kv) / (args.hbm_gbps * 1e9) * 1e3
+            limit = (weight_bytes + read) / (args.hbm_gbps * 1e9) * 1e3
             peak = peak_gb(device)
             row.update(ms_per_token=med, ms_min=min(ms), ms_mean=statistics.fmean(ms),
                        tokens_per_s=1000.0 * args.batch / med, peak_gb=peak,
-                       kv_bytes=kv, weight_bytes=weight_bytes, limit_ms=limit, fraction_of_limit=limit / med)
+                       kv_bytes=kv, read_bytes=read, weight_bytes=weight_bytes, limit_ms=limit, fraction_of_limit=limit / med)
             rows_out.append(row)
             print(f"{length:>8} {name:<34} {med:8.2f} {row['tokens_per_s']:8.1f} {peak:8.2f} {kv / 1e9:8.3f} "
                   f"{limit:9.2f} {row['fraction_of_limit']:8.1%}"

@@ -22,6 +22,7 @@ def test_quick_mode_writes_rows(tmp_path):
     for d in data:
         assert "error" not in d, d
         assert d["ms_per_token"] > 0 and d["kv_bytes"] > 0
+        assert d["read_bytes"] == d["kv_bytes"]  # no selection: a step reads every byte it holds
         assert abs(d["limit_ms"] - (d["weight_bytes"] + d["kv_bytes"]) / 4.2e12 * 1e3) < 1e-9
     by = {d["row"]: d for d in data}
     # the compressed caches hold less than the full ones (streaming: a budget of length / 8 plus one slot)
@@ -45,3 +46,10 @@ def test_quick_mode_runs_the_quest_rows(tmp_path):
         assert d["ms_per_token"] > 0 and d["ms_mean"] > 0
     assert data["kvsq-static:quest/sdpa"]["kv_bytes"] >= data["kvsq-eager:full"]["kv_bytes"]
     assert data["kvsq-static:ap/sdpa"]["kv_bytes"] == data["kvsq-static:quest/sdpa"]["kv_bytes"]
+    # the bound counts what a selecting step reads: layer 0 dense (half the KV of the 2-layer model), a quarter of
+    # layer 1 (--quick's budget) and the selector's buffers, not the whole cache held
+    for row in ("kvsq-static:quest/sdpa", "kvsq-static:ap/sdpa"):
+        d = data[row]
+        assert 0.5 * d["kv_bytes"] < d["read_bytes"] < d["kv_bytes"], row
+        assert abs(d["limit_ms"] - (d["weight_bytes"] + d["read_bytes"]) / 4.2e12 * 1e3) < 1e-9
+    assert data["kvsq-eager:quest"]["read_bytes"] == data["kvsq-eager:quest"]["kv_bytes"]
