@@ -242,7 +242,8 @@ def main(argv=None) -> int:
                        ms_per_1k_last10=sum(sec[-n_last:]) / last_tokens * 1e6, peak_gb=peak_gb(device),
                        kv_bytes=kv, chunks=len(sec), weight_bytes=weight_bytes)
             if decoded:
-                row.update(decoded, decode_steps=args.decode, decode_static=args.decode_static)
+                static = args.decode_static and name != "hf-dynamic"  # a DynamicCache decodes eagerly
+                row.update(decoded, decode_steps=args.decode, decode_static=static)
             rows_out.append(row)
             print(f"{length:>8} {name:<18} {total:8.2f} {row['ms_per_1k']:8.1f} {row['ms_per_1k_last10']:13.1f} "
                   f"{row['peak_gb']:8.2f} {kv / 1e9:8.3f}" + (f" {decoded['decode_ms']:10.2f}" if decoded else ""),
