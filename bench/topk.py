@@ -1,9 +1,11 @@
 """Times the page choice of the static selectors on the GPU: torch.topk + an index sort against the top-k kernels
-(kernels/topk.py: algo "search", the default, and "sample") over their search widths, warps, tiles and samples.
+(kernels/topk.py: algo "search", "sample" (the default) and "split") over their search widths, warps, tiles,
+samples and segments.
 
     python bench/topk.py                                   # H200: well under a minute
     python bench/topk.py --cases 8x8200:256 --ways 2,4,8,16 --warps 4,8,16 --tiles 1024,4096 --json topk.json
     python bench/topk.py --algos search,sample --samples 512,1024,2048 --ways 8,16 --warps 4,8 --tiles 1024,2048
+    python bench/topk.py --algos sample,split --samples 2048 --segments 256,512,1024 --ways 8 --warps 4,8 --tiles 1024
 
 A case RxP:k is R rows (batch x kv heads: 8 for Llama-3.1-8B at batch 1) of P page scores, k kept: 8x8200:256 is
 Quest's budget 4096 at 128k in pages of 16 (the static cache's capacity adds the decoded tokens' pages, so P is
@@ -12,7 +14,7 @@ scores each) in one CUDA graph and replays it: us per step for all layers (media
 events). Scores look like Quest's: a softmax over the pages (distinct, positive), -inf for the last 8 pages (not
 written yet) and +inf for one (the page being written). Before timing, every variant's output is checked against
 the rule (the k largest, increasing, ties to the lowest index) on those scores and on rows with ties and
-infinities: "ok" or the number of rows that differ. A "sample" variant is also checked on rows made to take its
+infinities: "ok" or the number of rows that differ. A "sample" or "split" variant is also checked on rows made to take its
 full-row fallback (equal scores; the largest on the sample's positions), and prints how many rows took the
 fallback (`fallback q/t/a`: of the Quest-like rows of the first layer, of the tie rows, of those made to: q should
 be 0, a the rows made to when the row is longer than the buffer). Needs CUDA (one error line, exit 2,
@@ -74,8 +76,9 @@ def main(argv=None) -> int:
     ap.add_argument("--ways", default="4,8", help="The kernel's search widths (powers of two).")
     ap.add_argument("--warps", default="4,8", help="The kernel's warps per program.")
     ap.add_argument("--tiles", default="1024,2048,4096", help="The kernel's tiles (scores per pass step).")
-    ap.add_argument("--algos", default="search", help="The kernels: search (the default kernel), sample.")
-    ap.add_argument("--samples", default="1024", help="The sample kernel's sample sizes (powers of two).")
+    ap.add_argument("--algos", default="search", help="The kernels: search, sample (the default kernel), split.")
+    ap.add_argument("--samples", default="1024", help="The sample and split kernels' sample sizes (powers of two).")
+    ap.add_argument("--segments", default="512", help="The split kernel's segments (scores per program, powers of two).")
     ap.add_argument("--layers", type=int, default=30, help="Calls per step (one per sparse layer).")
     ap.add_argument("--reps", type=int, default=30, help="Timed replays per variant.")
     ap.add_argument("--json", default=None, help="Write the rows to this JSON file.")
@@ -86,8 +89,13 @@ def main(argv=None) -> int:
         warps = [int(w) for w in args.warps.split(",")]
         tiles = [int(w) for w in args.tiles.split(",")]
         samples = [int(w) for w in args.samples.split(",")]
+        segments = [int(w) for w in args.segments.split(",")]
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    bad = [n for n in samples + segments if n < 16 or n & (n - 1)]
+    if bad:
+        print(f"error: --samples and --segments take powers of two >= 16, got {bad[0]}", file=sys.stderr)
         return 2
     algos = args.algos.split(",")
     if not algos or any(a not in ALGOS for a in algos):
@@ -119,6 +127,12 @@ def main(argv=None) -> int:
                           lambda x, k, w=w, nw=nw, t=t, sm=sm: topk_increasing(x, k, w, nw, t, "sample", sm),
                           dict(ways=w, num_warps=nw, tile=t, sample=sm))
                          for sm in samples for w in ways for nw in warps for t in tiles]
+        if "split" in algos:
+            variants += [(f"split S={sm} seg={sg} ways={w} warps={nw} tile={t}",
+                          lambda x, k, w=w, nw=nw, t=t, sm=sm, sg=sg: topk_increasing(x, k, w, nw, t, "split", sm,
+                                                                                       sg),
+                          dict(ways=w, num_warps=nw, tile=t, sample=sm, algo="split", segment=sg))
+                         for sm in samples for sg in segments for w in ways for nw in warps for t in tiles]
         for name, fn, kw in variants:
             bad = sum(int((fn(x, k) != _rule(x, k)).any(-1).sum()) for x in (xs[0], ties))
             # torch's order of ties is unspecified: its tie rows are compared as value sets

@@ -1,7 +1,7 @@
-"""The top-k kernels (kernels/topk.py, algo "search" and "sample"): the k largest of each row in increasing order,
+"""The top-k kernels (kernels/topk.py, algo "search", "sample" and "split"): the k largest of each row in increasing order,
 ties at the k-th value to the lowest indices, against torch.topk. The kernels run on CUDA, or on the CPU under
-Triton's interpreter (TRITON_INTERPRET=1); the fallback and the argument checks everywhere. The sample variant is
-also checked on rows that force its full-row fallback, and on rows where it must not take it."""
+Triton's interpreter (TRITON_INTERPRET=1); the fallback and the argument checks everywhere. The sample and split
+variants are also checked on rows that force their full-row fallback, and on rows where they must not take it."""
 
 import os
 
@@ -39,7 +39,8 @@ def _rows(seed: int, rows: int, P: int, ties: bool) -> torch.Tensor:
     return x
 
 
-ALGOS = [("search", None), ("sample", None), ("sample", 64)]  # (algo, sample size)
+ALGOS = [("search", None), ("sample", None), ("sample", 64), ("split", None), ("split", 64)]  # (algo, sample size)
+SAMPLED = ["sample", "split"]  # the variants with a pivot from a sample, and a fallback
 
 
 @kernel_runs
@@ -83,6 +84,10 @@ def test_fallback_and_errors():
         topk_increasing(x, 3, algo="radix")
     with pytest.raises(ValueError, match="sample"):
         topk_increasing(x, 3, algo="sample", sample=1000)
+    with pytest.raises(ValueError, match="segment"):
+        topk_increasing(x, 3, algo="split", segment=100)
+    with pytest.raises(ValueError, match="no fallback"):
+        sample_fallbacks(x, 3, algo="search")
 
 
 def test_rule_helper_breaks_ties_to_the_lowest_index():
@@ -117,14 +122,15 @@ def _quest_rows(seed: int, rows: int, P: int) -> torch.Tensor:
 
 
 @kernel_runs
+@pytest.mark.parametrize("algo", SAMPLED)
 @pytest.mark.parametrize("P,k,sample", [(8200, 256, None), (8200, 256, 512), (2056, 128, None), (20000, 64, 256)])
-def test_sample_variant_takes_its_fast_path_on_quest_rows(P, k, sample):
+def test_sample_variant_takes_its_fast_path_on_quest_rows(P, k, sample, algo):
     """On Quest-like rows the sample's pivot brackets the k-th: no row falls back, and the output is the rule's;
     also with fine ties (about 4 copies of each value, so ties at the k-th) and many rows."""
     x = _quest_rows(P + k, 16, P)
     fine = torch.floor(torch.rand(3, P, generator=torch.Generator().manual_seed(1)) * (P // 4)) / (P // 4)
     for rows in (x, fine):
-        got, fell = sample_fallbacks(rows.to(DEV), k, sample=sample)
+        got, fell = sample_fallbacks(rows.to(DEV), k, sample=sample, algo=algo)
         assert not fell.any()
         torch.testing.assert_close(got.cpu(), _rule(rows, k), rtol=0, atol=0)
 
@@ -155,24 +161,40 @@ def _adversarial(P: int, k: int, sample: int | None) -> torch.Tensor:
 
 
 @kernel_runs
+@pytest.mark.parametrize("algo", SAMPLED)
 @pytest.mark.parametrize("P,k,sample", [(8200, 256, None), (6000, 50, 256)])
-def test_sample_variant_falls_back_on_adversarial_rows(P, k, sample):
+def test_sample_variant_falls_back_on_adversarial_rows(P, k, sample, algo):
     x = _adversarial(P, k, sample)
-    got, fell = sample_fallbacks(x.to(DEV), k, sample=sample)
+    got, fell = sample_fallbacks(x.to(DEV), k, sample=sample, algo=algo)
     assert fell.all(), fell
     torch.testing.assert_close(got.cpu(), _rule(x, k), rtol=0, atol=0)
     # the same rows through the public entry point, and the search kernel on them
-    for algo in ("sample", "search"):
-        torch.testing.assert_close(topk_increasing(x.to(DEV), k, algo=algo, sample=sample).cpu(), _rule(x, k),
+    for a in (algo, "search"):
+        torch.testing.assert_close(topk_increasing(x.to(DEV), k, algo=a, sample=sample).cpu(), _rule(x, k),
                                    rtol=0, atol=0)
 
 
 @kernel_runs
-def test_sample_variant_mixes_paths_across_rows():
+@pytest.mark.parametrize("segment", [16, 64, 512, 16384])
+def test_split_variant_gathers_its_segments_in_order(segment):
+    """The split variant over segments of every size, down to 16 scores (many segments, most of them empty of
+    candidates: the gather must skip them) and up to the whole row (one segment): the rule's output, no
+    fallback on Quest-like rows."""
+    P, k = 3000, 64
+    x = _quest_rows(11, 4, P)
+    x[1, : P // 2] = 0.0  # the first half of a row holds no candidate: its segments are empty
+    got, fell = sample_fallbacks(x.to(DEV), k, algo="split", segment=segment)
+    assert not fell.any()
+    torch.testing.assert_close(got.cpu(), _rule(x, k), rtol=0, atol=0)
+
+
+@kernel_runs
+@pytest.mark.parametrize("algo", SAMPLED)
+def test_sample_variant_mixes_paths_across_rows(algo):
     """Rows of one call take different paths (fast, fallback, fast): each row's output its own."""
     P, k = 8200, 256
     x = torch.cat([_quest_rows(3, 1, P), _adversarial(P, k, None)[1:2], _quest_rows(4, 1, P)])
-    got, fell = sample_fallbacks(x.to(DEV), k)
+    got, fell = sample_fallbacks(x.to(DEV), k, algo=algo)
     assert fell.tolist() == [False, True, False]
     torch.testing.assert_close(got.cpu(), _rule(x, k), rtol=0, atol=0)
 
@@ -197,6 +219,17 @@ from kvsqueeze.kernels import topk as T
 if sys.argv[1] == "search":
     fn, sig = T._topk_increasing, {"X": "*fp32", "OUT": "*i64", "P": "i32", "K": "i32", "s_x": "i32", "s_o": "i32"}
     consts = {"TILE": 1024, "W": 8}
+elif sys.argv[1] == "split-compact":
+    fn = T._topk_split_compact
+    sig = {"X": "*bf16", "SV": "*fp32", "SI": "*i32", "CNT": "*i32", "P": "i32", "RA": "i32", "RB": "i32",
+           "SEG": "i32", "s_x": "i32", "s_c": "i32", "s_n": "i32"}
+    consts = {"TILE": 512, "S": 2048, "W": 8}
+elif sys.argv[1] == "split-take":
+    fn = T._topk_split_take
+    sig = {"X": "*bf16", "OUT": "*i64", "SV": "*fp32", "SI": "*i32", "CNT": "*i32", "BV": "*fp32", "BI": "*i32",
+           "FELL": "*i32", "P": "i32", "K": "i32", "NS": "i32", "SEG": "i32", "s_x": "i32", "s_o": "i32",
+           "s_c": "i32", "s_n": "i32", "s_b": "i32"}
+    consts = {"CAP": 1024, "TILE": 1024, "CT": 1024, "GT": 256, "NSP": 32, "W": 8}
 else:
     fn = T._topk_sample
     sig = {"X": "*bf16", "OUT": "*i64", "SV": "*fp32", "SI": "*i32", "FELL": "*i32", "P": "i32", "K": "i32",
@@ -210,11 +243,12 @@ print("cubin", len(k.asm["cubin"]), "bar.sync", k.asm["ptx"].count("bar.sync"))
 
 
 @pytest.mark.skipif(triton is None, reason="needs triton (not in the CPU venv)")
-@pytest.mark.parametrize("algo", ["search", "sample"])
+@pytest.mark.parametrize("algo", ["search", "sample", "split-compact", "split-take"])
 def test_kernels_compile_for_sm90(algo):
-    """Both kernels through Triton's whole compiler for an H100/H200 (sm_90: TTIR to cubin, no GPU needed; in a
+    """The kernels through Triton's whole compiler for an H100/H200 (sm_90: TTIR to cubin, no GPU needed; in a
     subprocess without TRITON_INTERPRET): catches what the interpreter lets through (a loop-carried value changing
-    type, an unsupported construct). The sample kernel's buffer is read back after a barrier (bar.sync)."""
+    type, an unsupported construct). The sample kernel's buffer (and the split variant's gathered one) is read back
+after a barrier (bar.sync)."""
     import subprocess
     import sys
 
@@ -226,4 +260,4 @@ def test_kernels_compile_for_sm90(algo):
         pytest.skip(f"this triton cannot compile for sm_90 here: {r.stderr.strip().splitlines()[-1]}")
     assert r.returncode == 0, r.stderr[-3000:]
     cubin, size, _, bars = r.stdout.split()
-    assert int(size) > 0 and (algo == "search" or int(bars) > 0)
+    assert int(size) > 0 and (algo in ("search", "split-compact") or int(bars) > 0)

@@ -64,6 +64,20 @@ fallback on the Quest-like rows nor the tie rows, the 5 rows made to fall back d
     8 x 2056 : 128   30.5                14.0                    14.4            12.9
 
 so `ALGO` is "sample" with `SAMPLE` = 2048: a third less than the search at 128k's Quest rows, 8% less at 32k's.
+
+The split variant (`topk_increasing(x, k, algo="split")`; the same output, the same plan) spreads the sample
+variant's one full-row pass over programs, since a step has only as many rows as kv heads (8 of the H200's 132
+SMs ran the sample kernel):
+
+    kernel 1, grid (rows, NS = ceil(P / SEG)) : every program finds the row's pivot a from the sample (the same
+               search, so the same a), then compacts its segment [s SEG, (s + 1) SEG) of scores >= a to the
+               segment's own part of a row-sized buffer (it cannot overflow), and writes their count n_s
+    kernel 2, grid (rows) : n = sum n_s; if K <= n <= CAP the candidates are gathered in segment order (so in
+               increasing index order) into a CAP buffer, position i from the last segment whose first position
+               sum_{s' < s} n_s' is <= i, then the sample variant's step (3); otherwise the full-row search
+
+Untimed: written in the fifteenth session without a GPU; `python bench/topk.py --algos sample,split ...`
+decides whether it becomes `ALGO`.
 """
 
 from __future__ import annotations
@@ -78,9 +92,10 @@ from .split_kv import tl, triton
 WAYS = 8  # cuts + 1 per pass (bench/topk.py)
 WARPS = 8
 TILE = 1024  # scores a program holds in registers at once; a longer row is read in tiles per pass (from L1)
-ALGOS = ("search", "sample")
+ALGOS = ("search", "sample", "split")
 ALGO = "sample"  # `topk_increasing`'s kernel (module docstring, last section: measured on the H200)
 SAMPLE = 2048  # the sample variant's sample size (scores read into registers; bench/topk.py --samples)
+SEGMENT = 512  # the split variant's segment: scores per compaction program (bench/topk.py --segments)
 MARGIN = 3.0  # the sample variant's pivot: standard deviations of the sample rank above the expected one
 KERNEL = True  # False: `topk_increasing` always takes the torch rule (bench/gpu_decode.py --topk torch)
 
@@ -205,14 +220,8 @@ if triton is not None:
         return lo, cnt
 
     @triton.jit
-    def _topk_sample(X, OUT, SV, SI, FELL, P, K, RA, RB, s_x, s_o, s_c, CAP: tl.constexpr, TILE: tl.constexpr,
-                     S: tl.constexpr, CT: tl.constexpr, W: tl.constexpr):
-        row = tl.program_id(0)
-        X = X + row * s_x
-        OUT = OUT + row * s_o
-        SV = SV + row * s_c
-        SI = SI + row * s_c
-        # (1) the sample: scores floor(i P / S), i < S (the whole row when P <= S), in registers; the pivot a is a
+    def _sample_pivot(X, P, RA, RB, S: tl.constexpr, W: tl.constexpr):
+        # the sample: scores floor(i P / S), i < S (the whole row when P <= S), in registers; the pivot a is a
         # sample score with between RA and RB sample scores >= it
         i = tl.arange(0, S).to(tl.int64)
         pick = tl.where(P > S, i * P // S, i)
@@ -221,18 +230,57 @@ if triton is not None:
         v = tl.where(v == v, v, float("-inf"))
         v = tl.where(ok, v, float("nan"))
         a_key, _c = _search_regs(v, RA, RB, W)
-        a = _key_float(a_key)
-        # (2) one pass over the row: the scores >= a and their indices, compacted in increasing index order
+        return _key_float(a_key)
+
+    @triton.jit
+    def _compact(X, SV, SI, t_lo, t_hi, a, CAP, TILE: tl.constexpr):
+        # one pass over the scores [t_lo, t_hi) of X: those >= a and their indices (absolute) to SV / SI from
+        # position 0, in increasing index order (the first CAP of them); returns how many there are
         j = tl.arange(0, TILE)
         n = tl.zeros([], tl.int32)
-        for t0 in range(0, P, TILE):
-            x, okx = _tile(X, t0, j, P)
+        for t0 in range(t_lo, t_hi, TILE):
+            x, okx = _tile(X, t0, j, t_hi)
             ge = (x >= a).to(tl.int32)
             pos = n + tl.cumsum(ge, 0) - 1
             keep = (ge != 0) & (pos < CAP)
             tl.store(SV + pos, x, mask=keep)
             tl.store(SI + pos, t0 + j, mask=keep)
             n += tl.sum(ge, 0)
+        return n
+
+    @triton.jit
+    def _take_buffer(SV, SI, OUT, n, K, CT: tl.constexpr, W: tl.constexpr):
+        # the top-K of n >= K buffered scores SV (no NaN) with their row indices SI (increasing): the K-th largest
+        # by the search over the buffer, then the taken indices in increasing order (ties to the lowest index)
+        thr = _key_float(_kth_key(SV, n, K, CT, W))
+        c = tl.arange(0, CT)
+        n_gt = tl.zeros([CT], tl.int32)
+        for c0 in range(0, n, CT):
+            s, okc = _tile(SV, c0, c, n)
+            n_gt += (s > thr).to(tl.int32)
+        need = K - tl.sum(n_gt, 0)
+        n_eq = tl.zeros([], tl.int32)
+        n_take = tl.zeros([], tl.int32)
+        for c0 in range(0, n, CT):
+            s, okc = _tile(SV, c0, c, n)
+            idx = tl.load(SI + c0 + c, mask=okc, other=0)
+            eq = (s == thr).to(tl.int32)
+            take = (s > thr) | ((n_eq + tl.cumsum(eq, 0) <= need) & (eq != 0))
+            pos = n_take + tl.cumsum(take.to(tl.int32), 0) - 1
+            tl.store(OUT + pos, idx.to(tl.int64), mask=take)
+            n_eq += tl.sum(eq, 0)
+            n_take += tl.sum(take.to(tl.int32), 0)
+
+    @triton.jit
+    def _topk_sample(X, OUT, SV, SI, FELL, P, K, RA, RB, s_x, s_o, s_c, CAP: tl.constexpr, TILE: tl.constexpr,
+                     S: tl.constexpr, CT: tl.constexpr, W: tl.constexpr):
+        row = tl.program_id(0)
+        X = X + row * s_x
+        OUT = OUT + row * s_o
+        SV = SV + row * s_c
+        SI = SI + row * s_c
+        a = _sample_pivot(X, P, RA, RB, S, W)  # (1)
+        n = _compact(X, SV, SI, 0, P, a, CAP, TILE)  # (2) one pass over the row
         tl.debug_barrier()  # the compacted scores, written by every thread, read by every thread
         fell = (n < K) | (n > CAP)
         tl.store(FELL + row, fell.to(tl.int32))
@@ -241,24 +289,60 @@ if triton is not None:
             _search_row(X, OUT, P, K, TILE, W)
         else:
             # (3) the K-th largest of the row is the K-th largest of the compacted scores
-            thr = _key_float(_kth_key(SV, n, K, CT, W))  # no NaN among them
-            c = tl.arange(0, CT)
-            n_gt = tl.zeros([CT], tl.int32)
-            for c0 in range(0, n, CT):
-                s, okc = _tile(SV, c0, c, n)
-                n_gt += (s > thr).to(tl.int32)
-            need = K - tl.sum(n_gt, 0)
-            n_eq = tl.zeros([], tl.int32)
-            n_take = tl.zeros([], tl.int32)
-            for c0 in range(0, n, CT):
-                s, okc = _tile(SV, c0, c, n)
-                idx = tl.load(SI + c0 + c, mask=okc, other=0)
-                eq = (s == thr).to(tl.int32)
-                take = (s > thr) | ((n_eq + tl.cumsum(eq, 0) <= need) & (eq != 0))
-                pos = n_take + tl.cumsum(take.to(tl.int32), 0) - 1
-                tl.store(OUT + pos, idx.to(tl.int64), mask=take)
-                n_eq += tl.sum(eq, 0)
-                n_take += tl.sum(take.to(tl.int32), 0)
+            _take_buffer(SV, SI, OUT, n, K, CT, W)
+
+    # ---- the split variant (algo="split"; module docstring, last section) ----
+
+    @triton.jit
+    def _topk_split_compact(X, SV, SI, CNT, P, RA, RB, SEG, s_x, s_c, s_n, TILE: tl.constexpr, S: tl.constexpr,
+                            W: tl.constexpr):
+        # program (row, segment): the row's pivot from its sample (every segment's program finds the same one),
+        # then its segment [seg SEG, (seg + 1) SEG) compacted to the segment's own part of SV / SI, the count to CNT
+        row = tl.program_id(0)
+        seg = tl.program_id(1)
+        X = X + row * s_x
+        a = _sample_pivot(X, P, RA, RB, S, W)
+        t_lo = seg * SEG
+        t_hi = tl.minimum(t_lo + SEG, P)
+        n = _compact(X, SV + row * s_c + t_lo, SI + row * s_c + t_lo, t_lo, t_hi, a, SEG, TILE)
+        tl.store(CNT + row * s_n + seg, n)
+
+    @triton.jit
+    def _topk_split_take(X, OUT, SV, SI, CNT, BV, BI, FELL, P, K, NS, SEG, s_x, s_o, s_c, s_n, s_b,
+                         CAP: tl.constexpr, TILE: tl.constexpr, CT: tl.constexpr, GT: tl.constexpr,
+                         NSP: tl.constexpr, W: tl.constexpr):
+        # program (row): the segments' compacted scores gathered in order into BV / BI (CAP), then as the sample
+        # variant's step (3), or its fallback when they are fewer than K or more than CAP
+        row = tl.program_id(0)
+        X = X + row * s_x
+        OUT = OUT + row * s_o
+        SV = SV + row * s_c
+        SI = SI + row * s_c
+        BV = BV + row * s_b
+        BI = BI + row * s_b
+        sid = tl.arange(0, NSP)
+        live = sid < NS
+        cnt = tl.load(CNT + row * s_n + sid, mask=live, other=0)
+        first = tl.cumsum(cnt, 0) - cnt  # each segment's first position in the gathered buffer
+        n = tl.sum(cnt, 0)
+        fell = (n < K) | (n > CAP)
+        tl.store(FELL + row, fell.to(tl.int32))
+        if fell:
+            _search_row(X, OUT, P, K, TILE, W)
+        else:
+            g = tl.arange(0, GT)
+            for c0 in range(0, n, GT):
+                i = c0 + g
+                ok = i < n
+                # position i's segment: the last live one starting at or before i (empty ones start where the
+                # next does, so the last is the one that holds i)
+                seg = tl.sum(((first[None, :] <= i[:, None]) & live[None, :]).to(tl.int32), 1) - 1
+                start = tl.sum(tl.where(seg[:, None] == sid[None, :], first[None, :], 0), 1)
+                src = seg * SEG + (i - start)
+                tl.store(BV + i, tl.load(SV + src, mask=ok, other=0.0), mask=ok)
+                tl.store(BI + i, tl.load(SI + src, mask=ok, other=0), mask=ok)
+            tl.debug_barrier()  # the gathered scores, written by every thread, read by every thread
+            _take_buffer(BV, BI, OUT, n, K, CT, W)
 
 
 def reference_topk_increasing(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -296,7 +380,8 @@ def sample_plan(P: int, k: int, sample: int | None = None) -> tuple[int, int, in
     return S, ra, rb, min(_pow2(P), _pow2(math.ceil(cap)))
 
 
-def _check(P: int, k: int, ways: int, tile: int | None, algo: str, sample: int | None) -> None:
+def _check(P: int, k: int, ways: int, tile: int | None, algo: str, sample: int | None,
+           segment: int | None = None) -> None:
     if not 1 <= k <= P:
         raise ValueError(f"top-k: k={k} outside [1, {P}]")
     if ways < 2 or ways & (ways - 1):
@@ -307,6 +392,8 @@ def _check(P: int, k: int, ways: int, tile: int | None, algo: str, sample: int |
         raise ValueError(f"top-k: algo={algo!r} is not one of {ALGOS}")
     if sample is not None and (sample < 16 or sample & (sample - 1)):
         raise ValueError(f"top-k: sample={sample} is not a power of two >= 16")
+    if segment is not None and (segment < 16 or segment & (segment - 1)):
+        raise ValueError(f"top-k: segment={segment} is not a power of two >= 16")
 
 
 def _launch_sample(rows: torch.Tensor, k: int, ways: int, num_warps: int, tile: int,
@@ -322,38 +409,68 @@ def _launch_sample(rows: torch.Tensor, k: int, ways: int, num_warps: int, tile: 
     return out, fell
 
 
+def _launch_split(rows: torch.Tensor, k: int, ways: int, num_warps: int, tile: int, sample: int | None,
+                  segment: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    R, P = rows.shape
+    S, ra, rb, cap = sample_plan(P, k, sample)
+    seg = min(SEGMENT if segment is None else segment, max(16, _pow2(P)))
+    ns = triton.cdiv(P, seg)
+    dev = rows.device
+    out = torch.empty(R, k, dtype=torch.long, device=dev)
+    sv = torch.empty(R, ns * seg, dtype=torch.float32, device=dev)  # each segment's compacted scores, in place
+    si = torch.empty(R, ns * seg, dtype=torch.int32, device=dev)
+    cnt = torch.empty(R, ns, dtype=torch.int32, device=dev)
+    bv = torch.empty(R, cap, dtype=torch.float32, device=dev)  # gathered in order
+    bi = torch.empty(R, cap, dtype=torch.int32, device=dev)
+    fell = torch.empty(R, dtype=torch.int32, device=dev)
+    _topk_split_compact[(R, ns)](rows, sv, si, cnt, P, ra, rb, seg, rows.stride(0), sv.stride(0), cnt.stride(0),
+                                 TILE=min(tile, seg), S=S, W=ways, num_warps=num_warps)
+    nsp = max(2, _pow2(ns))
+    _topk_split_take[(R,)](rows, out, sv, si, cnt, bv, bi, fell, P, k, ns, seg, rows.stride(0), out.stride(0),
+                           sv.stride(0), cnt.stride(0), bv.stride(0), CAP=cap, TILE=tile, CT=min(tile, cap),
+                           GT=max(16, min(tile, cap, 8192 // nsp)), NSP=nsp, W=ways, num_warps=num_warps)
+    return out, fell
+
+
 def sample_fallbacks(x: torch.Tensor, k: int, ways: int | None = None, num_warps: int | None = None,
-                     tile: int | None = None, sample: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The sample variant's kernel on x (..., P) with its path per row: (indices as `topk_increasing(x, k,
-    algo="sample")`, (...,) bool, True where the row took the full-row fallback). Needs `kernel_applies(x)` (tests,
-    bench/topk.py)."""
+                     tile: int | None = None, sample: int | None = None, algo: str = "sample",
+                     segment: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sample (or split) variant's kernels on x (..., P) with their path per row: (indices as
+    `topk_increasing(x, k, algo=algo)`, (...,) bool, True where the row took the full-row fallback). Needs
+    `kernel_applies(x)` (tests, bench/topk.py). Raises ValueError as `topk_increasing`, and for algo "search"."""
     P = x.shape[-1]
     ways = WAYS if ways is None else ways
-    _check(P, k, ways, tile, "sample", sample)
+    _check(P, k, ways, tile, algo, sample, segment)
+    if algo == "search":
+        raise ValueError("top-k: the search kernel has no fallback (algo 'sample' or 'split')")
     if not kernel_applies(x):
         raise RuntimeError("top-k: sample_fallbacks needs the Triton kernel (CUDA, or TRITON_INTERPRET=1)")
     rows = x.reshape(-1, P)
     if rows.stride(-1) != 1:
         rows = rows.contiguous()
     tile = min(TILE if tile is None else tile, max(16, triton.next_power_of_2(P)))
-    out, fell = _launch_sample(rows, k, ways, WARPS if num_warps is None else num_warps, tile, sample)
+    warps = WARPS if num_warps is None else num_warps
+    out, fell = (_launch_sample(rows, k, ways, warps, tile, sample) if algo == "sample"
+                 else _launch_split(rows, k, ways, warps, tile, sample, segment))
     return out.view(*x.shape[:-1], k), fell.view(x.shape[:-1]).bool()
 
 
 def topk_increasing(x: torch.Tensor, k: int, ways: int | None = None, num_warps: int | None = None,
-                    tile: int | None = None, algo: str | None = None, sample: int | None = None) -> torch.Tensor:
+                    tile: int | None = None, algo: str | None = None, sample: int | None = None,
+                    segment: int | None = None) -> torch.Tensor:
     """x (..., P) float (any float dtype) -> (..., k) long: the indices of the k largest values of each row, in
     increasing order; ties at the k-th value go to the lowest indices, NaN counts as -inf. The Triton kernel
     (module docstring) where `kernel_applies(x)`, `reference_topk_increasing` otherwise (the same set up to the
     order of ties). `algo` picks the kernel (default `ALGO`): "search" the full-row search, "sample" the sample
-    variant (`sample` scores, a power of two, default `SAMPLE`; module docstring, last section); the same output.
-    `ways` (a power of two >= 2, default `WAYS`) and `num_warps` (default `WARPS`) tune both. Capturable in a CUDA
+    variant (`sample` scores, a power of two, default `SAMPLE`; module docstring, last section), "split" the
+    sample variant's pass spread over programs of `segment` scores each (default `SEGMENT`); the same output.
+    `ways` (a power of two >= 2, default `WAYS`) and `num_warps` (default `WARPS`) tune them. Capturable in a CUDA
     graph (a fixed grid, no host number per call that depends on the data). Raises ValueError for k outside [1, P]
-    or a bad `ways`, `tile`, `algo` or `sample`."""
+    or a bad `ways`, `tile`, `algo`, `sample` or `segment`."""
     P = x.shape[-1]
     ways = WAYS if ways is None else ways
     algo = ALGO if algo is None else algo
-    _check(P, k, ways, tile, algo, sample)
+    _check(P, k, ways, tile, algo, sample, segment)
     if not kernel_applies(x):
         return reference_topk_increasing(x, k)
     rows = x.reshape(-1, P)
@@ -363,6 +480,9 @@ def topk_increasing(x: torch.Tensor, k: int, ways: int | None = None, num_warps:
     if algo == "sample":
         return _launch_sample(rows, k, ways, WARPS if num_warps is None else num_warps, tile, sample)[0].view(
             *x.shape[:-1], k)
+    if algo == "split":
+        return _launch_split(rows, k, ways, WARPS if num_warps is None else num_warps, tile, sample,
+                             segment)[0].view(*x.shape[:-1], k)
     out = torch.empty(rows.shape[0], k, dtype=torch.long, device=x.device)
     _topk_increasing[(rows.shape[0],)](rows, out, P, k, rows.stride(0), out.stride(0), TILE=tile, W=ways,
                                        num_warps=WARPS if num_warps is None else num_warps)
