@@ -187,6 +187,21 @@ class Clock:
 PROFILE_STEPS = 0  # --profile: steps traced after the timed ones (0: none)
 
 
+def add_topk_option(ap) -> None:
+    """`--topk`: the static selectors' page choice (kernels/topk.py): "kernel" (its default `ALGO`), one of its
+    kernels by name, or "torch" (torch.topk + an index sort)."""
+    ap.add_argument("--topk", choices=("kernel", *topk.ALGOS, "torch"), default="kernel",
+                    help=f"The static selectors' page choice: the top-k kernel (kernels/topk.py; default algo "
+                         f"{topk.ALGO}), one of its algos, or torch.topk + sort.")
+
+
+def set_topk(choice: str) -> None:
+    """Apply `--topk` to kernels/topk.py for the whole run."""
+    topk.KERNEL = choice != "torch"
+    if choice in topk.ALGOS:
+        topk.ALGO = choice
+
+
 def timed(step, warmup: int, steps: int, device) -> list[float]:
     """Run `step()` warmup times, then `steps` times with a mark between steps; the per-step ms. With
     `--profile N`, N more steps are traced and their kernels summarised (`kernel_profile`)."""
@@ -367,13 +382,12 @@ def main(argv=None) -> int:
                     help="After timing each row, trace N more steps and print its kernels per step (count, us, top "
                          "kernels).")
     ap.add_argument("--json", default=None, help="Write the rows to this JSON file.")
-    ap.add_argument("--topk", choices=("kernel", "torch"), default="kernel",
-                    help="The static selectors' page choice: the top-k kernel (kernels/topk.py) or torch.topk + sort.")
+    add_topk_option(ap)
     ap.add_argument("--quick", action="store_true", help="Tiny shapes on the CPU (checks the script end to end).")
     args = ap.parse_args(argv)
     global PROFILE_STEPS
     PROFILE_STEPS = args.profile
-    topk.KERNEL = args.topk == "kernel"
+    set_topk(args.topk)
 
     target = bench_target(args.quick)
     if target is None:

@@ -64,14 +64,14 @@ from transformers import DynamicCache  # noqa: E402
 
 import kvsqueeze as kq  # noqa: E402
 from kvsqueeze.compat import cache_kwargs  # noqa: E402
-from kvsqueeze.kernels import topk  # noqa: E402
 from kvsqueeze.runtime.generate import decode_step, prefill  # noqa: E402
 from kvsqueeze.runtime.static import StaticCompressedCache, StaticDecoder  # noqa: E402
 from kvsqueeze.selection import AttentionPredictor, PredictorNet, Quest  # noqa: E402
 
 import gpu_decode  # noqa: E402
 from _table import attempt, peak_gb, write_json  # noqa: E402
-from gpu_decode import TINY, bench_target, build_model, hf_prefill, kv_bytes_of, timed  # noqa: E402
+from gpu_decode import (TINY, add_topk_option, bench_target, build_model, hf_prefill, kv_bytes_of,  # noqa: E402
+                        set_topk, timed)
 
 ROWS = ("hf-offloaded", "kvsq-gpu:ap", "kvsq-offload:ap", "kvsq-gpu:quest", "kvsq-offload:quest", "kvsq-static:quest",
         "kvsq-static-mapped:quest", "kvsq-static-offload:quest", "kvsq-static:ap", "kvsq-static-offload:ap")
@@ -215,11 +215,10 @@ def main(argv=None) -> int:
                     help="Trace N more steps per row and print the GPU kernels by time (gpu_decode.kernel_profile).")
     ap.add_argument("--ap-cnn", choices=("torch", "fused", "auto"), default=None,
                     help="AttentionPredictor rows: the static step's CNN kernels (static_attention_predictor.CNN).")
-    ap.add_argument("--topk", choices=("kernel", "torch"), default="kernel",
-                    help="The static selectors' page choice: the top-k kernel (kernels/topk.py) or torch.topk + sort.")
+    add_topk_option(ap)
     ap.add_argument("--quick", action="store_true", help="Tiny shapes on the CPU (checks the script end to end).")
     args = ap.parse_args(argv)
-    topk.KERNEL = args.topk == "kernel"
+    set_topk(args.topk)
     if args.ap_cnn is not None:
         from kvsqueeze.selection import static_attention_predictor
 

@@ -53,3 +53,22 @@ def test_quick_mode_runs_the_quest_rows(tmp_path):
         assert 0.5 * d["kv_bytes"] < d["read_bytes"] < d["kv_bytes"], row
         assert abs(d["limit_ms"] - (d["weight_bytes"] + d["read_bytes"]) / 4.2e12 * 1e3) < 1e-9
     assert data["kvsq-eager:quest"]["read_bytes"] == data["kvsq-eager:quest"]["kv_bytes"]
+
+
+def test_topk_option_picks_the_page_choice(monkeypatch):
+    """--topk (bench/gpu_decode.py and bench/gpu_offload.py): a kernel by name sets kernels/topk.ALGO, "torch"
+    turns the kernel off, "kernel" keeps the default."""
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    import gpu_decode
+
+    from kvsqueeze.kernels import topk
+
+    monkeypatch.setattr(topk, "ALGO", topk.ALGO)
+    monkeypatch.setattr(topk, "KERNEL", True)
+    default = topk.ALGO
+    gpu_decode.set_topk("kernel")
+    assert topk.KERNEL and topk.ALGO == default
+    gpu_decode.set_topk("split")
+    assert topk.KERNEL and topk.ALGO == "split"
+    gpu_decode.set_topk("torch")
+    assert not topk.KERNEL
