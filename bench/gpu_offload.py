@@ -213,8 +213,9 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None, help="Write the rows to this JSON file.")
     ap.add_argument("--profile", type=int, default=0,
                     help="Trace N more steps per row and print the GPU kernels by time (gpu_decode.kernel_profile).")
-    ap.add_argument("--ap-cnn", choices=("torch", "fused", "auto"), default=None,
-                    help="AttentionPredictor rows: the static step's CNN kernels (static_attention_predictor.CNN).")
+    ap.add_argument("--ap-cnn", choices=("torch", "fused", "auto", "slab"), default=None,
+                    help="AttentionPredictor rows: the static step's CNN kernels (static_attention_predictor.CNN; "
+                         "slab: fused, with predictor_cnn.SLAB, one program per slab).")
     add_topk_option(ap)
     ap.add_argument("--quick", action="store_true", help="Tiny shapes on the CPU (checks the script end to end).")
     args = ap.parse_args(argv)
@@ -222,7 +223,11 @@ def main(argv=None) -> int:
     if args.ap_cnn is not None:
         from kvsqueeze.selection import static_attention_predictor
 
-        static_attention_predictor.CNN = args.ap_cnn
+        static_attention_predictor.CNN = "fused" if args.ap_cnn == "slab" else args.ap_cnn
+        if args.ap_cnn == "slab":
+            from kvsqueeze.kernels import predictor_cnn
+
+            predictor_cnn.SLAB = True
     if args.frames < 1:
         print(f"error: --frames must be >= 1, got {args.frames}", file=sys.stderr)
         return 2

@@ -5,11 +5,13 @@ Triton kernel (kernels/predictor_cnn.py), for the slabs and the strip one step c
     python bench/predictor_cnn.py --tokens 131072 --layers 30
 
 Per sparse layer a step runs the CNN over a 7-row slab and a 6-row slab of P = tokens / 16 pages (rows unpadded)
-and over a 64-row strip of 7 columns (columns unpadded), for b * q_heads = 32 images (Llama-3.1-8B). This captures
-`--layers` such layers (own inputs each) in one CUDA graph per variant and replays it: us per step (median of
-`--reps`), and the largest difference from the torch result. Variants: torch (float32 convolutions, cuDNN's
-default TF32), fused with float32 products ("ieee"), fused with TF32 products. Needs CUDA (one error line, exit 2,
-otherwise).
+and over a 64-row strip of 7 columns (columns unpadded; the step runs it transposed, as 7 rows of 64 columns with
+the rows unpadded, and so does this bench), for b * q_heads = 32 images (Llama-3.1-8B). This captures `--layers`
+such layers (own inputs each) in one CUDA graph per variant and replays it: us per step (median of `--reps`), and
+the largest difference from the torch result. Variants: torch (float32 convolutions, cuDNN's default TF32), fused
+with float32 products ("ieee"), fused with TF32 products, each fused one with the per-row kernel (`_cnn_rows`)
+and the slab kernel (`_cnn_slab`: every output row of a slab in one program, conv1 built once per row; untimed
+until this bench runs it). Needs CUDA (one error line, exit 2, otherwise).
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ def main(argv=None) -> int:
     w = (net.conv1.weight.detach(), net.conv1.bias.detach(), net.conv2.weight.detach(), net.conv2.bias.detach(),
          net.conv3.weight.detach()[0, :, 0].contiguous())
     P, N, L = args.tokens // 16, args.images, args.layers
-    shapes = [((N, 7, P), False, True), ((N, 6, P), False, True), ((N, 64, 7), True, False)]
+    shapes = [((N, 7, P), False, True), ((N, 6, P), False, True), ((N, 7, 64), False, True)]
     inputs = []
     for _ in range(L):
         layer = []
@@ -52,8 +54,10 @@ def main(argv=None) -> int:
         inputs.append(layer)
     variants = {
         "torch": lambda x, ok, r, c: reference_predictor_cnn(x, ok, *w, rows=r, cols=c),
-        "fused ieee": lambda x, ok, r, c: predictor_cnn(x, ok, *w, rows=r, cols=c, precision="ieee"),
-        "fused tf32": lambda x, ok, r, c: predictor_cnn(x, ok, *w, rows=r, cols=c, precision="tf32"),
+        "fused ieee": lambda x, ok, r, c: predictor_cnn(x, ok, *w, rows=r, cols=c, precision="ieee", kernel="rows"),
+        "fused tf32": lambda x, ok, r, c: predictor_cnn(x, ok, *w, rows=r, cols=c, precision="tf32", kernel="rows"),
+        "slab ieee": lambda x, ok, r, c: predictor_cnn(x, ok, *w, rows=r, cols=c, precision="ieee", kernel="slab"),
+        "slab tf32": lambda x, ok, r, c: predictor_cnn(x, ok, *w, rows=r, cols=c, precision="tf32", kernel="slab"),
     }
     ref = [variants["torch"](*a) for a in inputs[0]]
     print(f"{L} layers, {N} images, P = {P} pages: per step, the CNN of every sparse layer")

@@ -19,9 +19,13 @@ pytestmark = pytest.mark.skipif(not CUDA and os.environ.get("TRITON_INTERPRET") 
 DEV = "cuda" if CUDA else "cpu"
 
 
-@pytest.mark.parametrize("rows,cols,S,W", [(False, True, 7, 37), (False, True, 6, 64), (True, False, 9, 7),
-                                           (True, True, 8, 20)])
-def test_fused_cnn_equals_the_convolutions(rows, cols, S, W):
+@pytest.mark.parametrize("rows,cols,S,W,kernel", [(False, True, 7, 37, None), (False, True, 6, 64, None),
+                                                  (True, False, 9, 7, None), (True, True, 8, 20, None),
+                                                  (False, True, 7, 37, "slab"), (False, True, 6, 64, "slab"),
+                                                  (False, False, 7, 21, "slab"), (False, True, 5, 19, "slab")])
+def test_fused_cnn_equals_the_convolutions(rows, cols, S, W, kernel):
+    """Both kernels: per output row (`_cnn_rows`, the default) and per slab (`_cnn_slab`: at most 3 output rows
+    in one program, no row padding), with and without column padding."""
     torch.manual_seed(S * W)
     net = PredictorNet()
     w1, b1 = net.conv1.weight.detach(), net.conv1.bias.detach()
@@ -31,7 +35,7 @@ def test_fused_cnn_equals_the_convolutions(rows, cols, S, W):
     ok = torch.rand(5, S, W, generator=g) < 0.8
     x = (torch.rand(5, S, W, generator=g) ** 4) * ok
     args = [t.to(DEV) for t in (x, ok, w1, b1, w2, b2, w3)]
-    got = predictor_cnn(*args, rows=rows, cols=cols, block_w=16)
+    got = predictor_cnn(*args, rows=rows, cols=cols, block_w=16, kernel=kernel)
     want = reference_predictor_cnn(*args, rows=rows, cols=cols)
     assert got.shape == want.shape
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
@@ -39,8 +43,22 @@ def test_fused_cnn_equals_the_convolutions(rows, cols, S, W):
     # past its end
     shared = ok[:1].to(DEV)
     args = [t.to(DEV) for t in (x * ok[:1], shared, w1, b1, w2, b2, w3)]
-    torch.testing.assert_close(predictor_cnn(*args, rows=rows, cols=cols, block_w=16),
+    torch.testing.assert_close(predictor_cnn(*args, rows=rows, cols=cols, block_w=16, kernel=kernel),
                                reference_predictor_cnn(*args, rows=rows, cols=cols), atol=1e-5, rtol=1e-4)
+
+
+def test_the_slab_kernel_is_refused_where_it_does_not_apply():
+    net = PredictorNet()
+    w = [net.conv1.weight.detach(), net.conv1.bias.detach(), net.conv2.weight.detach(), net.conv2.bias.detach(),
+         net.conv3.weight.detach()[0, :, 0]]
+    w = [t.to(DEV) for t in w]
+    x = torch.rand(2, 8, 20, device=DEV)
+    with pytest.raises(ValueError, match="slab"):
+        predictor_cnn(x, x > 0, *w, rows=False, cols=True, kernel="slab")  # 8 rows: 4 output rows
+    with pytest.raises(ValueError, match="slab"):
+        predictor_cnn(x[:, :7], x[:, :7] > 0, *w, rows=True, cols=True, kernel="slab")  # row padding
+    with pytest.raises(ValueError, match="kernel"):
+        predictor_cnn(x, x > 0, *w, kernel="cudnn")
 
 
 def test_static_attention_predictor_with_the_fused_cnn_predicts_the_same_scores():
@@ -150,22 +168,26 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from kvsqueeze.kernels import predictor_cnn as C
 
-ok_t, tf32 = sys.argv[1], int(sys.argv[2])
+ok_t, tf32, kernel = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 sig = {"X": "*fp32", "OK": ok_t, "W1": "*fp32", "B1": "*fp32", "W2": "*fp32", "B2": "*fp32", "W3": "*fp32",
        "OUT": "*fp32"}
 sig.update({n: "i32" for n in ("S", "W", "S2", "W2N", "s_x_m", "s_x_s", "s_x_w", "s_ok_m", "s_ok_s", "s_ok_w",
                                "s_o_m", "s_o_s")})
 consts = {"PR": 0, "PC": 1, "BLOCK_W": 64, "TF32": tf32}
+if kernel == "slab":
+    del consts["PR"]
 sig.update({name: "constexpr" for name in consts})
-k = compile(ASTSource(fn=C._cnn_rows, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
+fn = C._cnn_slab if kernel == "slab" else C._cnn_rows
+k = compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
             options={"num_warps": 4})
 print("cubin", len(k.asm["cubin"]))
 """
 
 
-@pytest.mark.parametrize("ok_type,tf32", [("*i1", 1), ("*i1", 0), ("*fp32", 1)])
-def test_the_kernel_compiles_for_sm90(ok_type, tf32):
-    """The kernel through Triton's whole compiler for an H100/H200 (sm_90: TTIR to cubin, no GPU needed; in a
+@pytest.mark.parametrize("ok_type,tf32,kernel", [("*i1", 1, "rows"), ("*i1", 0, "rows"), ("*fp32", 1, "rows"),
+                                                ("*i1", 1, "slab")])
+def test_the_kernel_compiles_for_sm90(ok_type, tf32, kernel):
+    """The kernels through Triton's whole compiler for an H100/H200 (sm_90: TTIR to cubin, no GPU needed; in a
     subprocess without TRITON_INTERPRET), with the validity as stored (bool: `*i1`) or float, TF32 or float32
     products: what the interpreter lets through (an unsupported load or dot on the device) fails here. The
     fourteenth session changed the loads (strided x, bool validity) after its last GPU run."""
@@ -175,7 +197,7 @@ def test_the_kernel_compiles_for_sm90(ok_type, tf32):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    r = subprocess.run([sys.executable, "-c", _COMPILE, ok_type, str(tf32)], capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-c", _COMPILE, ok_type, str(tf32), kernel], capture_output=True, text=True,
                        env=env, timeout=600)
     if r.returncode != 0 and ("ImportError" in r.stderr or "ModuleNotFoundError" in r.stderr):
         pytest.skip(f"this triton cannot compile for sm_90 here: {r.stderr.strip().splitlines()[-1]}")
