@@ -66,6 +66,8 @@ def test_kernel_refuses_shapes_it_does_not_take():
         page_bound(q[:, :7], kmin, kmax)  # 7 query heads over 2 kv heads
     with pytest.raises(ValueError, match="page bound kernel"):
         page_bound(q, kmin.half(), kmax)  # one dtype for both
+    with pytest.raises(ValueError, match="block_p"):
+        page_bound(q, kmin, kmax, block_p=24)  # bench/page_bound.py's sweep: powers of two
 
 
 @kernel_runs

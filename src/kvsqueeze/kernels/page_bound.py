@@ -22,6 +22,9 @@ import torch
 
 from .split_kv import tl, triton
 
+BLOCK_P = 32  # pages per program (bench/page_bound.py sweeps it)
+WARPS = 4
+
 if triton is not None:
 
     @triton.jit
@@ -43,13 +46,14 @@ if triton is not None:
             tl.store(U + b * s_u_b + h * s_u_h + p, u, mask=pm)
 
 
-def page_bound(query: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, block_p: int = 32,
-               num_warps: int = 4) -> torch.Tensor:
+def page_bound(query: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, block_p: int | None = None,
+               num_warps: int | None = None) -> torch.Tensor:
     """Quest's bound U (b, hq, P) float32 for query (b, hq, d) (any float dtype, unit last stride) over the page
     metadata kmin / kmax (b, hk, P, d) (one float dtype, e.g. the keys' own: the min and max of bf16 keys are bf16
     values, so storing them in bf16 loses nothing; the same strides, a unit last one), summed in float32. hq a
-    multiple of hk, d a power of two. Raises RuntimeError without triton, ValueError for shapes the kernel does not
-    take."""
+    multiple of hk, d a power of two. `block_p` pages per program (a power of two, default `BLOCK_P`) and
+    `num_warps` (default `WARPS`) tune it. Raises RuntimeError without triton, ValueError for shapes the kernel
+    does not take."""
     if triton is None:
         raise RuntimeError("the page bound kernel needs triton (pip install 'kvsqueeze[gpu]')")
     b, hq, d = query.shape
@@ -58,6 +62,10 @@ def page_bound(query: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, bloc
             or kmin.dtype != kmax.dtype or not kmin.is_floating_point() or tuple(kmin.shape) != (b, hk, P, d):
         raise ValueError(f"unsupported shapes for the page bound kernel: query {tuple(query.shape)}, "
                          f"metadata {tuple(kmin.shape)} {kmin.dtype}")
+    block_p = BLOCK_P if block_p is None else block_p
+    num_warps = WARPS if num_warps is None else num_warps
+    if block_p < 1 or block_p & (block_p - 1):
+        raise ValueError(f"page bound: block_p={block_p} is not a power of two")
     u = torch.empty(b, hq, P, dtype=torch.float32, device=query.device)
     _page_bound[(b * hk, triton.cdiv(P, block_p))](
         query, kmin, kmax, u, P, query.stride(0), query.stride(1), kmin.stride(0), kmin.stride(1), kmin.stride(2),
