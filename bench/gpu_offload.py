@@ -30,6 +30,9 @@ Rows (`--rows` picks a subset by name):
   kvsq-static:ap        the static step with AttentionPredictor (selection/static_attention_predictor.py), on the
   kvsq-static-offload:ap  GPU / offloaded with page frames: the pages it predicts from the history change little
                         from step to step, so few cross the link
+  kvsq-static-prefetch:ap  offloaded with page frames and AttentionPredictor's cross-token prefetch
+                        (`from_cache(..., prefetch=True)`): each layer's next pages predicted right after its
+                        attention and copied on a side CUDA stream while the step goes on (joined at its end)
 
 Budgets: --budget-per-length (default 32768:2048,131072:4096, the issue's goals), else --budget. The random model
 has no trained predictor: AttentionPredictor runs its CNN initialised to the history heuristic
@@ -74,7 +77,8 @@ from gpu_decode import (TINY, add_topk_option, bench_target, build_model, hf_pre
                         set_topk, timed)
 
 ROWS = ("hf-offloaded", "kvsq-gpu:ap", "kvsq-offload:ap", "kvsq-gpu:quest", "kvsq-offload:quest", "kvsq-static:quest",
-        "kvsq-static-mapped:quest", "kvsq-static-offload:quest", "kvsq-static:ap", "kvsq-static-offload:ap")
+        "kvsq-static-mapped:quest", "kvsq-static-offload:quest", "kvsq-static:ap", "kvsq-static-offload:ap",
+        "kvsq-static-prefetch:ap")
 
 
 def budget_for(length: int, args) -> int:
@@ -156,11 +160,12 @@ def static_row(kind, model, ids, args, device, selector):
         wall["prefill_s"] = time.perf_counter() - t0
     cache, tok = _PREFILLED[key]
     t0 = time.perf_counter()
-    offload = "cpu" if kind in ("kvsq-static-offload", "kvsq-static-mapped") else None
+    offload = "cpu" if kind in ("kvsq-static-offload", "kvsq-static-mapped", "kvsq-static-prefetch") else None
+    framed = kind in ("kvsq-static-offload", "kvsq-static-prefetch")
     static = StaticCompressedCache.from_cache(cache, args.warmup + args.steps + gpu_decode.PROFILE_STEPS + 1,
                                               offload=offload,
                                               page_frames=(args.frames if args.frames != 1 else True)
-                                              if kind == "kvsq-static-offload" else False)
+                                              if framed else False, prefetch=kind == "kvsq-static-prefetch")
     _sync(device)
     wall["from_cache_s"] = time.perf_counter() - t0
     torch._dynamo.reset()  # one compiled step per cache
@@ -279,7 +284,7 @@ def main(argv=None) -> int:
                 ref_tokens[kind, sel] = r["tokens"]
             same = None
             ref_kind = {"kvsq-offload": "kvsq-gpu", "kvsq-static-offload": "kvsq-static",
-                        "kvsq-static-mapped": "kvsq-static"}.get(kind)
+                        "kvsq-static-mapped": "kvsq-static", "kvsq-static-prefetch": "kvsq-static"}.get(kind)
             if (ref_kind, sel) in ref_tokens:
                 same = r["tokens"] == ref_tokens[ref_kind, sel]
             peak = peak_gb(device)

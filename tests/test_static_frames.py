@@ -133,7 +133,38 @@ def test_a_repeated_page_set_is_all_hits_but_the_written_page():
     pages = torch.tensor([[[0, 2, 5], [1, 2, 7]]], device=DEV)
     fr.fetch(1, pages)
     fr.fetch(1, pages)
-    assert fr.counts[1].tolist() == [12, 4]  # second step: 2 heads x (3 pages - the written one)
+    assert fr.counts[1].tolist() == [12, 4, 0]  # second step: 2 heads x (3 pages - the written one); none ahead
+
+
+def test_prefetch_makes_the_next_fetch_hit_all_but_the_written_page():
+    """`prefetch` (AttentionPredictor's next pages, during this step): the next step's fetch of those pages finds
+    them resident but the page it writes into (not copied ahead: it changes first), their frames hold the host's
+    pages, and the pages copied ahead are counted apart (counts[:, 2])."""
+    s = _slots(b=1, h=2)
+    fr = StaticFrames(s, PAGE, 4, prefetch=True)
+    s.write[1] = torch.tensor([[PAGE - 1, 3 * PAGE - 1]], device=DEV)  # the next step writes pages 1 and 3
+    fr.fetch(1, torch.tensor([[[0, 3, 4], [1, 2, 6]]], device=DEV))
+    nxt = torch.tensor([[[1, 3, 5], [3, 6, 8]]], device=DEV)
+    fr.prefetch(1, nxt)
+    fr.join()
+    assert fr.counts[1, 2].item() == 2  # pages 5 and 8 (3 and 6 resident; 1 and 3 are the next written pages)
+    s.write[1] += 1  # the next step
+    for h in range(2):  # its token changes the written page on the host
+        w = int(s.write[1][0, h])
+        s.keys[1][0, h, w] += 1.0
+    k, v, frame_of = fr.fetch(1, nxt)
+    assert fr.counts[1, :2].tolist() == [12, 4]  # the second fetch: 6 needed, 4 resident (not the written ones)
+    for h in range(2):
+        for i, p in enumerate(nxt[0, h].tolist()):
+            f = int(frame_of[0, h, i])
+            torch.testing.assert_close(k[0, h, f * PAGE:(f + 1) * PAGE], s.keys[1][0, h, p * PAGE:(p + 1) * PAGE])
+    assert fr.traffic()["prefetched"] == 2
+
+
+def test_prefetch_needs_prefetch_frames():
+    s = _slots(b=1, h=2)
+    fr = StaticFrames(s, PAGE, 4)
+    assert not fr.prefetching and fr.load_next is None
 
 
 @pytest.mark.parametrize("frac", [0.0, 0.3, 1.0])

@@ -48,7 +48,7 @@ def _feed(prompt=200):
 
 
 @torch.no_grad()
-def _run(model, offload, eager_offload, kernel=None, compiled=False, selector="quest", frames=True):
+def _run(model, offload, eager_offload, kernel=None, compiled=False, selector="quest", frames=True, prefetch=False):
     """Teacher-forced logits and layer-2 pages of the static Quest (or AttentionPredictor) step (layer 0 dense;
     budget 64 of ~200 slots)."""
     import torch._dynamo
@@ -58,7 +58,7 @@ def _run(model, offload, eager_offload, kernel=None, compiled=False, selector="q
                                                                           dense_layers=(0,))
     cache = kq.CompressedCache(model, None, selector=sel, offload=eager_offload)
     prefill(model, cache, ids)
-    static = StaticCompressedCache.from_cache(cache, STEPS, offload=offload, page_frames=frames)
+    static = StaticCompressedCache.from_cache(cache, STEPS, offload=offload, page_frames=frames, prefetch=prefetch)
     torch._dynamo.reset()
     kw = {}
     if compiled:
@@ -70,6 +70,50 @@ def _run(model, offload, eager_offload, kernel=None, compiled=False, selector="q
             logits.append(dec(t)[0].clone())
         pages.append(static.pages.chosen[2].tolist())
     return static, torch.stack(logits), pages
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_prefetch_decodes_the_same_and_fetches_only_the_written_page(compiled):
+    """AttentionPredictor's cross-token prefetch in the static step (`from_cache(prefetch=True)`): the next step's
+    pages copied during this one. The logits and pages equal the on-device step's exactly; the fetches then find
+    the predicted pages resident, so on a step after a non-calibration step each (offloaded layer, row, kv head)
+    copies on demand at most the page it writes into; the prefetched pages are counted in the bytes moved."""
+    model = _model()
+    _, ref, ref_pages = _run(model, None, None, None, compiled, "attention_predictor")
+    _, plain, _ = _run(model, "auto", "cpu", None, compiled, "attention_predictor")
+    static, got, pages = _run(model, "auto", "cpu", None, compiled, "attention_predictor", prefetch=True)
+    torch.testing.assert_close(got, ref, rtol=0, atol=0)
+    assert pages == ref_pages
+    f = static.frames
+    assert f.prefetching and static.pages.pred is not None
+    o = static.offload_stats()
+    n_host, k = 2, static.pages.chosen.shape[-1]  # layers 1 and 2 offloaded; 1 row, 4 kv heads
+    assert o["prefetched"] > 0 and o["hits"] > 0
+    misses = o["needed"] - o["hits"]
+    # on demand: the first step's pages, then at most the written page per (layer, kv head) and step, but after a
+    # calibration step (every 5th: `after_step` replaced the row the prediction had used, up to K pages missed)
+    calib = sum(1 for i in range(1, STEPS) if i % static.pages.calibration_every == 0)
+    assert misses <= n_host * 4 * (k + (STEPS - 1) + calib * k)
+    assert misses < n_host * 4 * k * STEPS / 3
+    # the pages copied ahead count in the bytes: every page crossed the link once, on demand or ahead
+    assert o["pages_per_token"] == pytest.approx((misses + o["prefetched"]) / STEPS)
+    torch.testing.assert_close(plain, ref, rtol=0, atol=0)
+
+
+def test_prefetch_refusals():
+    model = _model()
+    ids, _ = _feed()
+    quest = kq.CompressedCache(model, None, selector=Quest(64, dense_layers=(0,)), offload="cpu")
+    prefill(model, quest, ids)
+    with pytest.raises(KVSqueezeError, match="prefetch needs AttentionPredictor"):
+        StaticCompressedCache.from_cache(quest, STEPS, prefetch=True)  # Quest needs the next query
+    ap = kq.CompressedCache(model, None, selector=AttentionPredictor(64, predictor=PredictorNet().init_blend(),
+                                                                       dense_layers=(0,)), offload="cpu")
+    prefill(model, ap, ids)
+    with pytest.raises(KVSqueezeError, match="page frames"):
+        StaticCompressedCache.from_cache(ap, STEPS, prefetch=True, page_frames=False)
+    with pytest.raises(KVSqueezeError, match="offload"):
+        StaticCompressedCache.from_cache(ap, STEPS, prefetch=True, offload=None)
 
 
 def _kernels():
@@ -188,3 +232,35 @@ def test_mapped_memory_is_host_memory_seen_by_cuda_kernels():
     assert float(big[63].float().sum()) == 0.0
     with pytest.raises(ValueError, match="pinned"):
         map_host(torch.zeros(4), DEVICE)
+
+
+@torch.no_grad()
+def test_select_next_names_the_next_steps_pages():
+    """`StaticAttentionPredictor.select_next` (called by the prefetch after each sparse layer's attention): the
+    pages that layer's select returns at the next step, unless the step was a calibration step (its row is
+    replaced after the step, so the next select reads other scores)."""
+    model = _model()
+    ids, feed = _feed()
+    sel = AttentionPredictor(64, predictor=PredictorNet().init_blend(noise=0.3), dense_layers=(0,))
+    cache = kq.CompressedCache(model, None, selector=sel, offload="cpu")
+    prefill(model, cache, ids)
+    static = StaticCompressedCache.from_cache(cache, STEPS, prefetch=True)
+    made = {}
+    real = static.pages.select_next
+
+    def spy(layer):
+        made[layer] = real(layer).clone()
+        return made[layer]
+
+    static.pages.select_next = spy
+    dec = StaticDecoder(model, static)
+    predicted, compared, calibrated = {}, 0, False
+    for t in feed:
+        dec(t)
+        for layer, pages in predicted.items():
+            if not calibrated:
+                assert torch.equal(static.pages.chosen[layer], pages), layer
+                compared += 1
+        calibrated = any(static.pages._calib)
+        predicted = dict(made)
+    assert sorted(made) == [1, 2] and compared >= 2 * (STEPS - 3)

@@ -144,13 +144,14 @@ def _selected(module, query, key, value, m, scaling, kwargs):
     (b, hk, 1, k * page) of those pages (a gather: the torch kernels' way; the Triton kernel reads the pages in
     place); else (None, key, value, m) unchanged."""
     quest = kwargs.pop(PAGES_KW, None)
-    pages, key, value, fr = _select_pages(quest, kwargs.pop(FRAMES_KW, None), module.layer_idx, query, scaling, key,
-                                          value)
+    frames = kwargs.pop(FRAMES_KW, None)
+    pages, key, value, fr = _select_pages(quest, frames, module.layer_idx, query, scaling, key, value)
     if pages is None:
         return None, key, value, m
     from ..kernels.page_decode import gather_pages
 
     key, value, ok = gather_pages(key, value, m[:, :, 0], pages, quest.page, fr)
+    _prefetch_next(quest, frames, module.layer_idx)  # the gather copied what the attention reads
     return pages, key, value, ok[:, :, None]
 
 
@@ -168,6 +169,14 @@ def _select_pages(selector, frames, layer_idx: int, query, scaling, key, value):
         key, value, fr = frames.fetch(layer_idx, pages)
     selector.observe(layer_idx, query, scaling, pages, key, fr)
     return pages, key, value, fr
+
+
+def _prefetch_next(selector, frames, layer_idx: int) -> None:
+    """After a layer's attention has been issued (it reads the frames this overwrites): with prefetching page frames
+    (`StaticFrames(prefetch=True)`, AttentionPredictor), the layer's next-step pages, known from its history now,
+    start copying on the side stream (`StaticFrames.prefetch`)."""
+    if frames is not None and frames.prefetching and frames.holds(layer_idx) and selector.sparse(layer_idx):
+        frames.prefetch(layer_idx, selector.select_next(layer_idx))
 
 
 def _static_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
@@ -234,6 +243,7 @@ def _static_triton(module, query, key, value, attention_mask, dropout=0.0, scali
     if pages is not None:
         out = page_decode_attention(query[:, :, 0], key, value, m[:, :, 0], pages, quest.page, scale=scaling,
                                     frames=fr)
+        _prefetch_next(quest, kwargs.get(FRAMES_KW), module.layer_idx)  # after the kernel that reads the frames
     else:
         out = slot_decode_attention(query[:, :, 0], key, value, m[:, :, 0], scale=scaling)
     return out[:, None], None
@@ -395,7 +405,8 @@ class StaticCompressedCache(Cache):
     @classmethod
     @torch.no_grad()
     def from_cache(cls, cache, max_new_tokens: int, position: torch.Tensor | None = None,
-                   offload: str | None = "auto", page_frames: bool | float = True) -> "StaticCompressedCache":
+                   offload: str | None = "auto", page_frames: bool | float = True,
+                   prefetch: bool = False) -> "StaticCompressedCache":
         """The static copy of a prefilled `CompressedCache` with room for `max_new_tokens` decoding steps.
 
         Capacity (slots per layer, row and kv head): without decode-time eviction, the largest number of entries
@@ -412,8 +423,11 @@ class StaticCompressedCache(Cache):
         (`cache.offload_tier`). `page_frames` (with offload): the offloaded layers also hold the step's pages in
         device frames (`storage/frames.py`: only the pages a step lacks cross the host link; the default) instead
         of every step reading its pages over the link in place (False); a number r >= 1: r times as many frames as
-        pages per step (recent pages stay resident; at most the capacity's pages). Raises KVSqueezeError for what
-        the static path cannot hold (see the module docstring) and for an empty cache."""
+        pages per step (recent pages stay resident; at most the capacity's pages). `prefetch` (offload with page
+        frames, AttentionPredictor): each offloaded layer's next pages are predicted right after its attention and
+        copied on a side CUDA stream while the step goes on (AttentionPredictor's cross-token prefetch;
+        `storage/frames.py`, Prefetch); the same tokens. Raises KVSqueezeError for what the static path cannot
+        hold (see the module docstring), for prefetch without those, and for an empty cache."""
         from .cache import CompressedCache
 
         if not isinstance(cache, CompressedCache):
@@ -439,6 +453,12 @@ class StaticCompressedCache(Cache):
         if page_frames is not True and page_frames is not False and not page_frames >= 1:
             raise KVSqueezeError(f"page_frames must be True, False or a ratio >= 1 of frames to pages per step, "
                                  f"got {page_frames!r}")
+        if prefetch:
+            from ..selection import AttentionPredictor
+
+            if not isinstance(selector, AttentionPredictor) or not offload or page_frames is False:
+                raise KVSqueezeError("prefetch needs AttentionPredictor selection (the next step's pages are known "
+                                     "from its history; Quest's need the next query), offload='cpu' and page frames")
         if offload and selector is None:
             raise KVSqueezeError("offloading needs a decode-time selector (--select quest or attention_predictor): "
                                  "the static step reads the selected pages from host memory")
@@ -535,7 +555,9 @@ class StaticCompressedCache(Cache):
 
                 k = out.pages.chosen.shape[-1]
                 n = k if page_frames is True else min(math.ceil(page_frames * k), slots.capacity // selector.page)
-                out.frames = StaticFrames(slots, selector.page, max(n, k))
+                out.frames = StaticFrames(slots, selector.page, max(n, k), prefetch=prefetch)
+                if prefetch:
+                    out.pages.enable_ahead()
         return out
 
     @classmethod
@@ -654,7 +676,10 @@ class StaticCompressedCache(Cache):
 
     def end_step(self) -> None:
         """After the forward: evict where due (every `every` decoding steps, as the eager schedule) and move the
-        write slots; the next position follows."""
+        write slots; the next position follows. With prefetching page frames, the step's copies are joined first
+        (`StaticFrames.join`)."""
+        if self.frames is not None and self.frames.prefetching:
+            self.frames.join()
         if self.rule is not None:
             due = (self.decode_step % self.every) == 0
             self.slots.end_token(due, max_victims=self.every)
@@ -675,7 +700,8 @@ class StaticCompressedCache(Cache):
         counted), hit_rate (with page frames: pages a step needed that its frames already held, every step counted,
         the first one too, whose frames start empty; None when the pages are read in place: every selected page
         crosses the link each step), hit_rate_after_first (the same over the steps after the first), needed / hits
-        (pages), device_kv_bytes / host_kv_bytes. Raises KVSqueezeError for a cache that does not offload."""
+        (pages; with prefetch, hits are the pages its copies made resident too), prefetched (pages copied one step
+        ahead, counted in the bytes), device_kv_bytes / host_kv_bytes. Raises KVSqueezeError for a cache that does not offload."""
         s = self.slots
         if not getattr(s, "host_layers", None):
             raise KVSqueezeError("this static cache does not offload (build it with from_cache(..., offload='cpu'))")
@@ -686,11 +712,13 @@ class StaticCompressedCache(Cache):
         if self.frames is not None:
             t = self.frames.traffic()
             needed, hits, rate, warm = t["needed"], t["hits"], t["hit_rate"], t["hit_rate_after_first"]
+            ahead = t["prefetched"]
         else:
             needed = len(s.host_layers) * s.batch * s.kv_heads * k * steps
-            hits, rate, warm = 0, None, None
+            hits, rate, warm, ahead = 0, None, None, 0
+        moved = needed - hits + ahead
         return {"decode_steps": steps, "hit_rate": rate, "hit_rate_after_first": warm, "needed": needed, "hits": hits,
-                "pages_per_token": (needed - hits) / steps, "bytes_per_token": (needed - hits) * per_page / steps,
+                "prefetched": ahead, "pages_per_token": moved / steps, "bytes_per_token": moved * per_page / steps,
                 "device_kv_bytes": st.device_kv_bytes, "host_kv_bytes": st.host_kv_bytes}
 
     def stats(self) -> CacheStats:

@@ -158,6 +158,7 @@ class StaticAttentionPredictor:
         self._steps = [0] * slots.n_layers  # host: decoding steps of each layer's history (the eager st["step"])
         self._calib: tuple[bool, ...] = (False,) * slots.n_layers  # host: this step's calibration flags
         self._scale: list[float | None] = [None] * slots.n_layers  # each layer's attention scale (from observe)
+        self.pred: list[torch.Tensor | None] | None = None  # next scores per sparse layer (`enable_ahead`)
 
     @staticmethod
     def check(selector) -> None:
@@ -255,6 +256,8 @@ class StaticAttentionPredictor:
             row = p.view(b, hq, self.n_pages, self.page).amax(-1)
             at = torch.remainder(self.rows[i] - 1, self.history).view(1)
             self.hist[i].index_put_((at,), row[None].to(self.hist[i].dtype))
+            if self.pred is not None and self.pred[i] is not None:  # the next scores from the calibrated row
+                self.pred[i].copy_(self._predict(i, self.q_heads // s.kv_heads))
 
     # --- device side (the compiled step) -------------------------------------------------------------------
     def _z(self, x: torch.Tensor, ok: torch.Tensor, rows: bool = True, cols: bool = True) -> torch.Tensor:
@@ -347,30 +350,57 @@ class StaticAttentionPredictor:
         docstring."""
         if not self.sparse(layer_idx):
             return None
-        s = self.slots
-        b, hk, hq = s.batch, s.kv_heads, query.shape[1]
-        g = hq // hk
-        P, K = self.n_pages, self.k_pages
-        ids = self._page_ids
-        npc = s.write[layer_idx] // self.page + 1  # (b, hk): pages holding slots, the current one included
-        dense = torch.arange(min(K, P), device=ids.device).expand(b, hk, -1)
-        if K < P:
-            pred = self._predict(layer_idx, g).view(b, hk, g, P)
-            agg = pred.amax(2) if self.gqa == "max" else pred.mean(2)
-            held = s.valid[layer_idx].view(b, hk, P, self.page).any(-1)
-            middle = (ids >= self.sink_pages) & (ids < (npc - self.local_pages)[..., None])
-            # middle pages with no valid slot below every other middle page, the rest never chosen
-            agg = agg.masked_fill(~held, torch.finfo(agg.dtype).min).masked_fill(~middle, float("-inf"))
-            # increasing, and (npc > K: more middle pages than `top`) all middle pages, so sink < top < local
-            top = topk_increasing(agg, self.top)
-            sink = torch.arange(self.sink_pages, device=ids.device).expand(b, hk, -1)
-            local = (npc - self.local_pages)[..., None] + torch.arange(self.local_pages, device=ids.device)
-            pages = torch.cat([sink, top, local], dim=-1)
-            pages = torch.where((npc <= K)[..., None], dense, pages)
-        else:  # the capacity holds no more than the budget: always dense
-            pages = dense
+        pages = self._choose(layer_idx, query.shape[1] // self.slots.kv_heads, ahead=False)
         self.chosen[layer_idx].copy_(pages)
         return pages
+
+    def select_next(self, layer_idx: int) -> torch.Tensor:
+        """The pages (b, kv_heads, K) the next step's `select` of layer `layer_idx` will return, known once this
+        step's row is pushed (`observe`): the history then holds everything the prediction reads, and the next
+        step writes one slot further. Exact but on a calibration step, whose full row `after_step` writes after
+        the step (a prefetch made from it misses a few pages, which the next fetch copies). Needs
+        `enable_ahead()`."""
+        if self.pred is None:
+            raise KVSqueezeError("select_next needs enable_ahead() (the next scores kept after each observe)")
+        return self._choose(layer_idx, self.q_heads // self.slots.kv_heads, ahead=True)
+
+    def enable_ahead(self) -> None:
+        """Keep each sparse layer's next scores (`pred`, (b * q_heads, P) float32): computed when `observe` pushes
+        the layer's row and when `after_step` replaces it by a calibration row, instead of in `select`, which
+        reads them (the same values: nothing the prediction reads changes in between). So `select_next` can name
+        the next step's pages during this one (AttentionPredictor's cross-token prefetch, `storage/frames.py`).
+        The CNN's cost moves from `select` to `observe`; calibration steps add one eager prediction per sparse
+        layer."""
+        if self.pred is not None:
+            return
+        g = self.q_heads // self.slots.kv_heads
+        self.pred = [_static(self._predict(i, g).clone()) if self.sparse(i) and self.k_pages < self.n_pages
+                     else None for i in range(self.slots.n_layers)]
+
+    def _choose(self, layer_idx: int, g: int, ahead: bool) -> torch.Tensor:
+        """`select`'s pages for this step, or (`ahead`) for the next one: its write slot one further."""
+        s = self.slots
+        b, hk = s.batch, s.kv_heads
+        P, K = self.n_pages, self.k_pages
+        ids = self._page_ids
+        write = (s.write[layer_idx] + 1).clamp(max=s.capacity - 1) if ahead else s.write[layer_idx]
+        npc = write // self.page + 1  # (b, hk): pages holding slots, the current one included
+        dense = torch.arange(min(K, P), device=ids.device).expand(b, hk, -1)
+        if K >= P:  # the capacity holds no more than the budget: always dense
+            return dense
+        pred = self.pred[layer_idx] if self.pred is not None else self._predict(layer_idx, g)
+        pred = pred.view(b, hk, g, P)
+        agg = pred.amax(2) if self.gqa == "max" else pred.mean(2)
+        held = s.valid[layer_idx].view(b, hk, P, self.page).any(-1)
+        middle = (ids >= self.sink_pages) & (ids < (npc - self.local_pages)[..., None])
+        # middle pages with no valid slot below every other middle page, the rest never chosen
+        agg = agg.masked_fill(~held, torch.finfo(agg.dtype).min).masked_fill(~middle, float("-inf"))
+        # increasing, and (npc > K: more middle pages than `top`) all middle pages, so sink < top < local
+        top = topk_increasing(agg, self.top)
+        sink = torch.arange(self.sink_pages, device=ids.device).expand(b, hk, -1)
+        local = (npc - self.local_pages)[..., None] + torch.arange(self.local_pages, device=ids.device)
+        pages = torch.cat([sink, top, local], dim=-1)
+        return torch.where((npc <= K)[..., None], dense, pages)
 
     def observe(self, layer_idx: int, query: torch.Tensor, scaling: float | None, pages: torch.Tensor,
                 keys: torch.Tensor | None = None, frames: torch.Tensor | None = None) -> None:
@@ -385,6 +415,8 @@ class StaticAttentionPredictor:
             return
         npc = self.slots.write[layer_idx] // self.page + 1
         self._push(layer_idx, query, scaling, pages, npc, keys, frames)
+        if self.pred is not None and self.pred[layer_idx] is not None:  # the next step's scores (`enable_ahead`)
+            self.pred[layer_idx].copy_(self._predict(layer_idx, query.shape[1] // self.slots.kv_heads))
 
     def _push(self, layer_idx: int, query: torch.Tensor, scaling: float | None, pages: torch.Tensor,
               npc: torch.Tensor, read: torch.Tensor | None = None, frames: torch.Tensor | None = None) -> None:

@@ -33,6 +33,18 @@ Hits are the overlap of consecutive steps' page sets, what AttentionPredictor's 
 one-token-ahead prefetch in the eager `storage/offload.py` is this reuse plus an early copy; in the static step the
 missing pages are copied at the start of the layer's attention, on the compute stream). Memory on the device:
 2 * F * page * head_dim * itemsize bytes per (offloaded layer, row, kv head), the budget's KV.
+
+Prefetch (`StaticFrames(..., prefetch=True)`, AttentionPredictor only: its next pages are known from the history,
+without the next query). After layer l's attention and `observe` at step t, `prefetch(l, pages)` assigns frames to
+step t + 1's predicted pages by the same rules (the page step t + 1 writes into excepted: it changes before it is
+read), and copies the missing ones on a side CUDA stream that waits for the compute stream first
+(`kvsqueeze::prefetch_pages`, a custom operator: torch.compile keeps it opaque, and a CUDA graph records the fork
+and the join like any launch). The copies of layer l overlap layers l + 1 .. L - 1 of step t; `join()` at the end
+of the step makes the compute stream wait for them (`kvsqueeze::join_prefetch`), so a CUDA graph replay never
+leaves a copy running into the next. Step t + 1's `fetch` then finds the pages resident, and copies only the page
+it writes into, or what the prediction missed. The copy reads only static buffers (the page table, a per-layer
+load mask), never a temporary the compute stream could free meanwhile. `counts[:, 2]` counts the prefetched pages
+(moved bytes = (needed - hits + prefetched) pages). Off CUDA the copies run in order on the one device.
 """
 
 from __future__ import annotations
@@ -42,15 +54,57 @@ import torch
 from ..kernels.page_copy import copy_pages
 from .static import StaticSlots, _static
 
+_SIDE: dict = {}  # CUDA device index -> the side stream of the prefetch copies
+
+
+def _side_stream(device: torch.device) -> "torch.cuda.Stream":
+    s = _SIDE.get(device.index)
+    if s is None:
+        s = _SIDE[device.index] = torch.cuda.Stream(device)
+    return s
+
+
+@torch.library.custom_op("kvsqueeze::prefetch_pages", mutates_args=("dst_k", "dst_v", "token"))
+def _prefetch_pages(src_k: torch.Tensor, src_v: torch.Tensor, dst_k: torch.Tensor, dst_v: torch.Tensor,
+                    frame_page: torch.Tensor, load: torch.Tensor, token: torch.Tensor, page: int) -> None:
+    """`copy_pages` on the side stream, after the work the compute stream has queued (CUDA; in order elsewhere).
+    `token`: a one-element tensor `join_prefetch` also takes, declared mutated by both (never written), so that a
+    compiled step keeps the join after every prefetch."""
+    if not dst_k.is_cuda:
+        copy_pages(src_k, src_v, dst_k, dst_v, frame_page, load, page)
+        return
+    side = _side_stream(dst_k.device)
+    side.wait_stream(torch.cuda.current_stream(dst_k.device))
+    with torch.cuda.stream(side):
+        copy_pages(src_k, src_v, dst_k, dst_v, frame_page, load, page)
+
+
+@_prefetch_pages.register_fake
+def _(src_k, src_v, dst_k, dst_v, frame_page, load, token, page):
+    return None
+
+
+@torch.library.custom_op("kvsqueeze::join_prefetch", mutates_args=("token",))
+def _join_prefetch(token: torch.Tensor) -> None:
+    """The compute stream waits for the side stream's copies (CUDA; nothing elsewhere)."""
+    if token.is_cuda:
+        torch.cuda.current_stream(token.device).wait_stream(_side_stream(token.device))
+
+
+@_join_prefetch.register_fake
+def _(token):
+    return None
+
 
 class StaticFrames:
     """Device page frames and the page table of the `host_layers` of `slots` (see the module docstring).
 
     slots: the `StaticSlots` whose `host_layers` are offloaded; page: slots per page (the selector's); frames: F,
-    at least the pages the selector picks per step (its `chosen` width; more keep recent pages resident). Raises
+    at least the pages the selector picks per step (its `chosen` width; more keep recent pages resident);
+    prefetch: copy the next step's predicted pages during this one (`prefetch`, `join`; module docstring). Raises
     ValueError for F < 1 or a capacity that is not a multiple of the page."""
 
-    def __init__(self, slots: StaticSlots, page: int, frames: int):
+    def __init__(self, slots: StaticSlots, page: int, frames: int, prefetch: bool = False):
         if frames < 1 or slots.capacity % page:
             raise ValueError(f"page frames need F >= 1 and a capacity ({slots.capacity}) that is a multiple of the "
                              f"page ({page}); got F = {frames}")
@@ -66,7 +120,12 @@ class StaticFrames:
         self.frame_page = _static(torch.full((slots.n_layers, b, h, frames), -1, dtype=torch.long, device=dev))
         self.last_used = _static(torch.full((slots.n_layers, b, h, frames), -1, dtype=torch.long, device=dev))
         self.clock = _static(torch.zeros(slots.n_layers, dtype=torch.long, device=dev))  # fetches per layer
-        self.counts = _static(torch.zeros(slots.n_layers, 2, dtype=torch.long, device=dev))
+        self.counts = _static(torch.zeros(slots.n_layers, 3, dtype=torch.long, device=dev))  # needed, hits, prefetched
+        self.prefetching = bool(prefetch)
+        # what a prefetch copies, per layer: read by the side stream, so a static buffer, not a temporary
+        self.load_next = _static(torch.zeros(slots.n_layers, b, h, frames, dtype=torch.uint8, device=dev)) \
+            if prefetch else None
+        self.token = _static(torch.zeros(1, device=dev)) if prefetch else None  # orders the join after the copies
 
     def holds(self, layer_idx: int) -> bool:
         """Whether `layer_idx` has frames (it is offloaded)."""
@@ -77,8 +136,43 @@ class StaticFrames:
         `layer_idx`'s frames, copying only the missing ones (and the page being written) from its host slots.
         Returns the frames' keys and values (b, kv_heads, F * page, d) and frame_of (b, kv_heads, K) long: the
         frame holding each selected page. Call after the step's token is written into the slots."""
-        fp = self.frame_page[layer_idx]  # (b, h, F)
         writing = (self.slots.write[layer_idx] // self.page)[..., None]  # (b, h, 1): the page being written
+        clock = self.clock[layer_idx]
+        clock.add_(1)
+        frame_of, load, hit = self._assign(layer_idx, pages, writing, clock)
+        self.counts[layer_idx, 0].add_(pages.numel())
+        self.counts[layer_idx, 1].add_(hit.sum())
+        copy_pages(self.slots.keys[layer_idx], self.slots.values[layer_idx], self.keys[layer_idx],
+                   self.values[layer_idx], self.frame_page[layer_idx], load, self.page)
+        return self.keys[layer_idx], self.values[layer_idx], frame_of
+
+    def prefetch(self, layer_idx: int, pages: torch.Tensor) -> None:
+        """Assign frames to the next step's predicted pages (b, kv_heads, K) of layer `layer_idx` and start copying
+        the missing ones on the side stream (module docstring, Prefetch); the page the next step writes into is
+        not copied. Call after the layer's attention and `observe`; `join()` before the step ends. Needs
+        `prefetch=True`."""
+        cap = self.slots.capacity
+        writing = ((self.slots.write[layer_idx] + 1).clamp(max=cap - 1) // self.page)[..., None]
+        # the next fetch marks its pages with the next clock value; these get it now (the clock itself counts
+        # fetches: `traffic`)
+        _, load, _ = self._assign(layer_idx, pages, writing, self.clock[layer_idx] + 1)
+        load = load & (self.frame_page[layer_idx] != writing).to(torch.uint8)
+        self.load_next[layer_idx].copy_(load)
+        self.counts[layer_idx, 2].add_(self.load_next[layer_idx].sum())
+        torch.ops.kvsqueeze.prefetch_pages(self.slots.keys[layer_idx], self.slots.values[layer_idx],
+                                           self.keys[layer_idx], self.values[layer_idx], self.frame_page[layer_idx],
+                                           self.load_next[layer_idx], self.token, self.page)
+
+    def join(self) -> None:
+        """The compute stream waits for the step's prefetch copies (the end of a step with `prefetch=True`)."""
+        torch.ops.kvsqueeze.join_prefetch(self.token)
+
+    def _assign(self, layer_idx: int, pages: torch.Tensor, writing: torch.Tensor,
+                stamp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The page table's update for `pages` (b, h, K) (the rules of the module docstring; `writing` (b, h, 1)
+        the page that is never a hit, `stamp` the use time given to the frames taken): (frame_of (b, h, K),
+        load (b, h, F) uint8: the frames to copy, hit (b, h, K) bool). Updates frame_page and last_used."""
+        fp = self.frame_page[layer_idx]  # (b, h, F)
         eq = (pages[..., :, None] == fp[..., None, :]) & (pages != writing)[..., None]  # (b, h, K, F)
         hit = eq.any(-1)  # (b, h, K)
         kept = eq.any(-2)  # (b, h, F)
@@ -101,15 +195,9 @@ class StaticFrames:
         load = (sel & missing[..., None]).any(-2).to(torch.uint8)  # frames to copy (uint8: the copy kernel's)
         # an old copy of the page being written is forgotten unless its frame takes a page this step
         new_fp = torch.where(taken, (sel * pages.long()[..., None]).sum(-2), fp.masked_fill(fp == writing, -1))
-        clock = self.clock[layer_idx]
-        clock.add_(1)
-        last.copy_(torch.where(taken, clock, last))
+        last.copy_(torch.where(taken, stamp, last))
         fp.copy_(new_fp)
-        self.counts[layer_idx, 0].add_(pages.numel())
-        self.counts[layer_idx, 1].add_(hit.sum())
-        copy_pages(self.slots.keys[layer_idx], self.slots.values[layer_idx], self.keys[layer_idx],
-                   self.values[layer_idx], fp, load, self.page)
-        return self.keys[layer_idx], self.values[layer_idx], frame_of
+        return frame_of, load, hit
 
     def nbytes(self) -> int:
         """Device bytes of the frames' keys and values (the page table not counted: `table_nbytes`)."""
@@ -123,9 +211,10 @@ class StaticFrames:
         """Page traffic so far (one host synchronisation: call outside the timed steps): needed, hits (pages),
         hit_rate (every fetch), hit_rate_after_first (the fetches after each layer's first, whose frames were
         empty: a fetch needs the same number of pages every step, so the first one's is needed / fetches),
-        bytes_moved (host -> device bytes of the copied pages, keys and values)."""
-        needed, hits = (int(x) for x in self.counts.sum(0).tolist())
-        first = sum(n // c for (n, _), c in zip(self.counts.tolist(), self.clock.tolist()) if c > 0)
+        prefetched (pages copied ahead, `prefetch`), bytes_moved (host -> device bytes of the copied pages, keys
+        and values, on demand and ahead)."""
+        needed, hits, prefetched = (int(x) for x in self.counts.sum(0).tolist())
+        first = sum(n // c for (n, _, _), c in zip(self.counts.tolist(), self.clock.tolist()) if c > 0)
         per_page = 0
         for k, v in zip(self.keys, self.values):
             if k is not None:
@@ -133,7 +222,7 @@ class StaticFrames:
                 break
         return {"needed": needed, "hits": hits, "hit_rate": hits / needed if needed else 0.0,
                 "hit_rate_after_first": hits / (needed - first) if needed > first else 0.0,
-                "bytes_moved": (needed - hits) * per_page}
+                "prefetched": prefetched, "bytes_moved": (needed - hits + prefetched) * per_page}
 
 
 def _lru_order(last: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
