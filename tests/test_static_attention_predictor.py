@@ -334,6 +334,18 @@ def test_cli_generate_compile_with_attention_predictor(tmp_path, monkeypatch):
         assert compiled.exit_code == 0, compiled.output
     assert compiled.output.splitlines()[0] == eager.output.splitlines()[0]
     assert "attention_predictor(budget=64" in compiled.output
+    # offloaded, with the cross-token prefetch: the same answer, the pages copied ahead counted
+    with own_cache(tmp_path / "cache"):
+        ahead = CliRunner().invoke(main, base + ["--compile", "--offload", "cpu", "--prefetch"])
+    assert ahead.exit_code == 0, ahead.output
+    assert ahead.output.splitlines()[0] == eager.output.splitlines()[0]
+    line = next(x for x in ahead.output.splitlines() if x.startswith("offload:"))
+    assert "copied a step ahead" in line, line
+    from conftest import assert_one_error_line
+
+    assert_one_error_line(base + ["--compile", "--prefetch"], "--prefetch copies AttentionPredictor's next pages")
+    quest = [x if x != "attention_predictor" else "quest" for x in base]
+    assert_one_error_line(quest + ["--compile", "--offload", "cpu", "--prefetch"], "--select attention_predictor")
 
 
 def test_generate_with_a_static_ap_cache(model):

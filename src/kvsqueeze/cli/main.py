@@ -152,6 +152,9 @@ def models():
 @click.option("--page-frames", "page_frames", type=click.FloatRange(min=1.0), default=None,
               help="With --compile --offload cpu: device page frames per offloaded layer, as a ratio of the pages a "
                    "step reads (default 1; 2 keeps twice as many, so fewer pages cross the link per step).")
+@click.option("--prefetch", "prefetch", is_flag=True,
+              help="With --compile --offload cpu --select attention_predictor: copy each layer's next pages from "
+                   "host memory during the step, on a side CUDA stream (AttentionPredictor's cross-token prefetch).")
 @click.option("--cpu-cache", "cpu_cache", type=click.IntRange(min=0), default=None,
               help="With --offload disk: pages of the CPU cache per offloaded layer (shared by its rows and kv heads) "
                    "between the memory-mapped files and the device frames (default 4 x the pages a step reads per kv "
@@ -161,7 +164,7 @@ def models():
                    "on the command line override it.")
 def generate(model, method, compression_ratio, budget, exempt_layers, compression_interval, context_file, question,
              max_new_tokens, chunk_size, query_aware, quant, select, select_budget, offload, device, dtype,
-             attn_implementation, device_map, compiled, page_frames, cpu_cache, config):
+             attn_implementation, device_map, compiled, page_frames, prefetch, cpu_cache, config):
     """Compress a context, answer a question, report the KV memory kept."""
     if config is not None:
         v = config_values(click.get_current_context(), config)
@@ -203,6 +206,9 @@ def generate(model, method, compression_ratio, budget, exempt_layers, compressio
     if page_frames is not None and not (compiled and offload == "cpu"):
         raise KVSqueezeError("--page-frames sets the compiled step's device page frames: give --compile --offload cpu "
                              "too, or drop --page-frames")
+    if prefetch and not (compiled and offload == "cpu" and select.partition("(")[0] == "attention_predictor"):
+        raise KVSqueezeError("--prefetch copies AttentionPredictor's next pages during the compiled step: give "
+                             "--compile --offload cpu --select attention_predictor, or drop --prefetch")
     if cpu_cache is not None and offload != "disk":
         raise KVSqueezeError("--cpu-cache sits in front of the disk tier: give --offload disk too, or drop --cpu-cache")
     if not context_file.exists():
@@ -242,7 +248,8 @@ def generate(model, method, compression_ratio, budget, exempt_layers, compressio
     res = generate_answer(mdl, tok, context, question, m, max_new_tokens=max_new_tokens, chunk_size=chunk_size,
                           query_aware=query_aware, layer_factory=qspec.layer_factory if qspec else None,
                           selector=selector, static=compiled, compile=compiled, offload=offload,
-                          page_frames=True if page_frames is None else page_frames, offload_cpu_cache=cpu_cache)
+                          page_frames=True if page_frames is None else page_frames, offload_cpu_cache=cpu_cache,
+                          prefetch=prefetch)
     click.echo(res.answer)
     click.echo(f"method: {m.describe() if m.describe() not in label else label}{f'; quant: {quant}' if qspec else ''}"
                f"{f'; decode-time selection: {selector.describe()}' if selector else ''}"
@@ -276,10 +283,11 @@ def generate(model, method, compression_ratio, budget, exempt_layers, compressio
                            f"CPU cache ({o['cpu_cache_bytes'] / 2**20:.2f} MiB): {hit} came from it")
         else:  # the static step's device frames
             warm = o["hit_rate_after_first"]
+            ahead = f", {o['prefetched']} of them copied a step ahead" if prefetch else ""
             click.echo(f"offload: {100 * warm:.1f}% of the pages a step needed were already in the device frames "
                        f"(steps after the first; {100 * o['hit_rate']:.1f}% with the first, whose frames start "
                        f"empty); {o['pages_per_token']:.1f} pages (of 16 tokens, per layer and kv head) = "
-                       f"{o['bytes_per_token'] / 1024:.1f} KiB moved per token")
+                       f"{o['bytes_per_token'] / 1024:.1f} KiB moved per token{ahead}")
     click.echo(f"time: {res.seconds:.2f} s (prefill + question + {max_new_tokens} new tokens at most"
                f"{', compiling the step included' if compiled else ''})")
 

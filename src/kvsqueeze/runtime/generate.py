@@ -151,7 +151,7 @@ def greedy_decode_batch(model, cache, first_logits: torch.Tensor, max_new_tokens
 @torch.no_grad()
 def answer_tokens(model, cache, question: torch.Tensor, max_new_tokens: int, eos: set[int], static: bool = False,
                   compile: bool = False, static_out: list | None = None,
-                  page_frames: bool | float = True) -> list[list[int]]:
+                  page_frames: bool | float = True, prefetch: bool = False) -> list[list[int]]:
     """Append `question` (batch, q) token ids to `cache` (uncompressed unless the method compresses appends),
     then decode every row greedily (`greedy_decode_batch`). Returns each row's answer tokens.
 
@@ -163,12 +163,13 @@ def answer_tokens(model, cache, question: torch.Tensor, max_new_tokens: int, eos
     copy (its sparse layers in host memory, the step's pages in device frames: `StaticCompressedCache.from_cache`).
     `static_out`: a list the static copy is appended to (for its `offload_stats()`). `page_frames`: the static
     copy's device page frames of an offloaded cache (`from_cache`'s: True = the pages per step, a ratio r >= 1 = r
-    times as many, False = none, pages read in place)."""
+    times as many, False = none, pages read in place); `prefetch`: AttentionPredictor's next pages copied during
+    each step (`from_cache(prefetch=True)`)."""
     logits = model(input_ids=question, **cache_kwargs(model, cache), logits_to_keep=1).logits[:, -1]
     if static or compile:
         from .static import StaticCompressedCache, static_greedy_decode
 
-        st = StaticCompressedCache.from_cache(cache, max_new_tokens, page_frames=page_frames)
+        st = StaticCompressedCache.from_cache(cache, max_new_tokens, page_frames=page_frames, prefetch=prefetch)
         if static_out is not None:
             static_out.append(st)
         return static_greedy_decode(model, st, logits, max_new_tokens, eos, compile=compile)
@@ -210,7 +211,8 @@ def generate_answer(model, tokenizer, context: str, question: str, method: Metho
                     max_new_tokens: int = 32, chunk_size: int | None = None, query_aware: bool = False,
                     answer_prefix: str = "", layer_factory=None, selector=None, static: bool = False,
                     compile: bool = False, offload: str | None = None,
-                    page_frames: bool | float = True, offload_cpu_cache: int | None = None) -> GenerationResult:
+                    page_frames: bool | float = True, offload_cpu_cache: int | None = None,
+                    prefetch: bool = False) -> GenerationResult:
     """Compress `context` with `method`, then answer `question` greedily. `layer_factory` sets how the kept
     slots are stored (e.g. `kvsqueeze.quant.kivi(2)`: 2-bit KIVI; None: full precision); `selector` (e.g.
     `kvsqueeze.selection.Quest(512)`) makes every decoding step attend to a subset of what is stored.
@@ -223,7 +225,8 @@ def generate_answer(model, tokenizer, context: str, question: str, method: Metho
     `offload`, the device page frames per offloaded layer as a ratio r >= 1 of the pages a step reads (more frames
     keep more of the earlier steps' pages: fewer cross the link; `answer_tokens`). `offload_cpu_cache`: with
     `offload="disk"`, the CPU cache's pages per offloaded layer (`CompressedCache`'s; None: 4x the frames, 0: none).
-    Raises KVSqueezeError for an
+    `prefetch`: with `static`, `offload="cpu"` and an AttentionPredictor `selector`, each layer's next pages are
+    copied during the step (`answer_tokens`). Raises KVSqueezeError for an
     empty context, a budget not below it, or what the static path refuses."""
     if not context.strip():
         raise KVSqueezeError("the context is empty")
@@ -244,7 +247,7 @@ def generate_answer(model, tokenizer, context: str, question: str, method: Metho
     copies: list = []
     tokens = answer_tokens(model, cache, torch.tensor([q], device=device), max_new_tokens,
                            _eos_ids(model, tokenizer), static=static, compile=compile, static_out=copies,
-                           page_frames=page_frames)[0]
+                           page_frames=page_frames, prefetch=prefetch)[0]
     seconds = time.perf_counter() - t0
     answer = tokenizer.decode(tokens, skip_special_tokens=True).strip()
     off = None
