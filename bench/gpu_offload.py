@@ -191,7 +191,12 @@ def static_row(kind, model, ids, args, device, selector):
                moved_per_token=0, hit_rate=None, tokens=torch.stack(toks).tolist(), **wall)
     if offload:
         o = static.offload_stats()
-        out.update(moved_per_token=o["bytes_per_token"], hit_rate=o["hit_rate"], pages_per_token=o["pages_per_token"])
+        out.update(moved_per_token=o["bytes_per_token"], hit_rate=o["hit_rate"], pages_per_token=o["pages_per_token"],
+                   prefetched_pages=o["prefetched"])
+        if static.frames is not None and static.frames.prefetching:  # what moved ahead: the table has no column
+            print(f"   prefetched {o['prefetched']} pages ahead over {o['decode_steps']} steps "
+                  f"({o['prefetched'] / o['decode_steps']:.1f} per token, counted in moved/tok)", file=sys.stderr,
+                  flush=True)
     return out
 
 
@@ -213,8 +218,8 @@ def main(argv=None) -> int:
     ap.add_argument("--latency", type=float, default=0.0,
                     help="Simulated seconds per host -> device copy off CUDA (--quick: a slow link on the CPU).")
     ap.add_argument("--frames", type=float, default=1.0,
-                    help="kvsq-static-offload: device page frames per page a step selects (>= 1; more keep recent "
-                         "pages resident).")
+                    help="kvsq-static-offload and kvsq-static-prefetch: device page frames per page a step selects "
+                         "(>= 1; more keep recent pages resident).")
     ap.add_argument("--json", default=None, help="Write the rows to this JSON file.")
     ap.add_argument("--profile", type=int, default=0,
                     help="Trace N more steps per row and print the GPU kernels by time (gpu_decode.kernel_profile).")

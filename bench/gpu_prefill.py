@@ -208,7 +208,8 @@ def main(argv=None) -> int:
     print(f"model: Llama-3.1-8B shapes{' (tiny: --quick)' if args.quick else ''}, {dtype}, {args.attn}, batch 1; "
           f"weights {weight_bytes / 1e9:.2f} GB; chunks of {args.chunk}; compressed rows {args.factor:g}x", flush=True)
     print(f"{'context':>8} {'row':<18} {'seconds':>8} {'ms/1k':>8} {'ms/1k last10%':>13} {'peak GB':>8} "
-          f"{'KV GB':>8}" + (f" {'decode ms':>10}" if args.decode else ""), flush=True)
+          f"{'KV GB':>8}" + (f" {'decode ms':>10}" + (" (static step)" if args.decode_static else " (eager step)")
+                             if args.decode else ""), flush=True)
     if args.warmup:  # every row's kernels run once untimed (the first row otherwise pays CUDA's and cuBLAS's set-up)
         ids0 = torch.randint(0, shapes["vocab_size"], (1, min(lengths[0], 2 * args.chunk))).to(device)
         for name in names:

@@ -283,7 +283,8 @@ def generate(model, method, compression_ratio, budget, exempt_layers, compressio
                            f"CPU cache ({o['cpu_cache_bytes'] / 2**20:.2f} MiB): {hit} came from it")
         else:  # the static step's device frames
             warm = o["hit_rate_after_first"]
-            ahead = f", {o['prefetched']} of them copied a step ahead" if prefetch else ""
+            ahead = (f" ({o['prefetched']} pages over the {o['decode_steps']} steps copied a step ahead, during "
+                     f"the step before)") if prefetch else ""
             click.echo(f"offload: {100 * warm:.1f}% of the pages a step needed were already in the device frames "
                        f"(steps after the first; {100 * o['hit_rate']:.1f}% with the first, whose frames start "
                        f"empty); {o['pages_per_token']:.1f} pages (of 16 tokens, per layer and kv head) = "
