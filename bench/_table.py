@@ -30,11 +30,23 @@ def peak_gb(device) -> float:
     return torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else float("nan")
 
 
+def _finite(x):
+    """NaN and infinities as None (JSON has no such numbers: `peak_gb` off CUDA is NaN), through lists and dicts."""
+    if isinstance(x, float) and x != x or x in (float("inf"), float("-inf")):
+        return None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
+    return x
+
+
 def write_json(path: str | None, args, rows: list) -> None:
-    """Write {"args": vars(args), "rows": rows} to `path` (nothing when path is None)."""
+    """Write {"args": vars(args), "rows": rows} to `path` (nothing when path is None), NaN and infinities as null
+    (standard JSON)."""
     if path:
         with open(path, "w") as f:
-            json.dump({"args": vars(args), "rows": rows}, f, indent=1)
+            json.dump(_finite({"args": vars(args), "rows": rows}), f, indent=1, allow_nan=False)
 
 
 def graph_us(fn, reps: int) -> float:

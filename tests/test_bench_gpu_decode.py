@@ -72,3 +72,19 @@ def test_topk_option_picks_the_page_choice(monkeypatch):
     assert topk.KERNEL and topk.ALGO == "split"
     gpu_decode.set_topk("torch")
     assert not topk.KERNEL
+
+
+def test_bench_json_is_standard_json(tmp_path, monkeypatch):
+    """The benches' JSON (bench/_table.write_json): NaN (peak memory off CUDA) written as null, not NaN."""
+    import argparse
+    import math
+
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    from _table import write_json
+
+    out = tmp_path / "rows.json"
+
+    write_json(str(out), argparse.Namespace(a=1), [{"peak_gb": math.nan, "x": [1.0, math.inf], "y": {"z": -math.inf}}])
+    text = out.read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    assert json.loads(text)["rows"] == [{"peak_gb": None, "x": [1.0, None], "y": {"z": None}}]
