@@ -52,6 +52,10 @@ hi = max(lo, W - local // page), K = (sink + local) // page + k_pages = budget /
    `hist`), so the history equals the eager path's, and the step stays one graph (a second variant, chosen by a
    Python flag, doubled the compilation). A full row every step would read every key at every step, the cost
    the selection exists to avoid.
+4. (`enable_ahead`, for an offloaded cache's prefetch) the scores of step 1 are computed right after step 3,
+   for the next step (`pred`), and again by `after_step` when a calibration row replaces that step's row;
+   `select` then reads them, and `select_next` gives the next step's pages during this one (its write slot one
+   further). The same pages as computing the scores in `select`: nothing they read changes in between.
 
 Per-step cost of a sparse layer (b * q_heads images, P pages): conv2 over 5 output rows x P pages (conv1 over the
 9 rows they need: the two slabs compute only the rows they keep) and over 64 rows x 3 pages (the strip), a read of

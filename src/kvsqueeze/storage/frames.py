@@ -10,8 +10,8 @@ table on the device (the same words as the eager `storage/offload.py`):
                                                       [f * page, (f + 1) * page))
     frame_page         : (layers, b, kv_heads, F) long  the page each frame holds (-1: none)
     last_used          : (layers, b, kv_heads, F) long  the step (per layer) a frame's page was last selected
-    counts             : (layers, 2) long               pages needed and pages already resident (hits), summed
-                                                      over steps, rows and kv heads
+    counts             : (layers, 3) long               pages needed, pages already resident (hits) and pages
+                                                      copied ahead (prefetch), summed over steps, rows and kv heads
 
 A step's `fetch(layer, pages)` (after the step's token is written, before its attention), all on the device with
 fixed shapes (no host synchronisation, capturable in a CUDA graph):
