@@ -86,6 +86,9 @@ def test_prefetch_decodes_the_same_and_fetches_only_the_written_page(compiled):
     assert pages == ref_pages
     f = static.frames
     assert f.prefetching and static.pages.pred is not None
+    pred_bytes = sum(t.numel() * t.element_size() for t in static.pages.pred if t is not None)
+    assert pred_bytes > 0 and static.pages.nbytes() == pred_bytes + sum(
+        t.numel() * t.element_size() for t in (*static.pages.hist, *static.pages.z) if t is not None)
     o = static.offload_stats()
     n_host, k = 2, static.pages.chosen.shape[-1]  # layers 1 and 2 offloaded; 1 row, 4 kv heads
     assert o["prefetched"] > 0 and o["hits"] > 0

@@ -185,8 +185,8 @@ class StaticAttentionPredictor:
         """Nothing: the history is updated by `observe` (the protocol `StaticCompressedCache.update` calls)."""
 
     def nbytes(self) -> int:
-        """Bytes of the history and z buffers (every sparse layer)."""
-        return sum(t.numel() * t.element_size() for t in (*self.hist, *self.z) if t is not None)
+        """Bytes of the history and z buffers (every sparse layer), and of the next scores (`enable_ahead`)."""
+        return sum(t.numel() * t.element_size() for t in (*self.hist, *self.z, *(self.pred or ())) if t is not None)
 
     # --- host side ---------------------------------------------------------------------------------------
     @torch.no_grad()
