@@ -5,6 +5,7 @@ go on), its peak GPU memory is read after it, and the rows are written to a JSON
 from __future__ import annotations
 
 import json
+import math
 import statistics
 
 import torch
@@ -30,9 +31,23 @@ def peak_gb(device) -> float:
     return torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else float("nan")
 
 
+def int_list(text: str, flag: str, minimum: int = 1, pow2: bool = False) -> list[int]:
+    """A bench option's comma-separated integers, each >= `minimum` (and a power of two with `pow2`). Raises
+    ValueError naming `flag` (the bench prints it as its one error line)."""
+    try:
+        vals = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise ValueError(f"{flag} takes comma-separated integers, got {text!r}") from None
+    bad = [v for v in vals if v < minimum or (pow2 and v & (v - 1))]
+    if bad:
+        kind = "powers of two" if pow2 else "integers"
+        raise ValueError(f"{flag} takes {kind} >= {minimum}, got {bad[0]}")
+    return vals
+
+
 def _finite(x):
     """NaN and infinities as None (JSON has no such numbers: `peak_gb` off CUDA is NaN), through lists and dicts."""
-    if isinstance(x, float) and x != x or x in (float("inf"), float("-inf")):
+    if isinstance(x, float) and not math.isfinite(x):
         return None
     if isinstance(x, dict):
         return {k: _finite(v) for k, v in x.items()}

@@ -27,10 +27,11 @@ the table every row prefills 2 chunks untimed (`--no-warmup` skips it).
 
 `--decode N` then decodes N tokens greedily through the row's cache (kvsqueeze's eager step, `decode_step`; two
 untimed first), the median ms per token in the `decode ms` column: issue 12's "prefill 1M into 8x + KIVI-2, then
-decode". With `--decode-static` the tokens go through kvsqueeze's static step instead (`StaticCompressedCache.from_cache`
-of the prefilled cache, `StaticDecoder` compiled with CUDA graphs, its default kernels on CUDA; under `--quick`
-torch's `aot_eager` backend): its first two (compiling) steps untimed, as `bench/gpu_decode.py`'s static rows. `--report-every K` prints the elapsed seconds every K chunks (one host sync each), so a run cut short by
-a time limit still shows how far it got and at what marginal cost.
+decode". With `--decode-static` the tokens go through kvsqueeze's static step instead
+(`StaticCompressedCache.from_cache` of the prefilled cache, `StaticDecoder` compiled with CUDA graphs, its default
+kernels on CUDA; under `--quick` torch's `aot_eager` backend): its first two (compiling) steps untimed, as
+`bench/gpu_decode.py`'s static rows. `--report-every K` prints the elapsed seconds every K chunks (one host sync
+each), so a run cut short by a time limit still shows how far it got and at what marginal cost.
 
 Two readings of the overhead: with chunks shorter than the context, a compressed row's later chunks attend to the
 kept cache only, so it can be faster than the full cache (negative overhead: eviction saves more than scoring
@@ -77,8 +78,8 @@ def full_kv_bytes(cfg: dict, length: int, itemsize: int) -> int:
 def run_row(name: str, model, ids: torch.Tensor, args, device,
             decode: int = 0, report_every: int = 0) -> tuple[list[float], int, dict]:
     """Prefill `ids` (1, length) in chunks through the row's cache, then `decode` greedy steps: (seconds per chunk,
-    KV bytes held at the end, {"decode_ms": median ms per decoded token, "decode_tokens": the timed tokens} or {}). `report_every` > 0 prints the elapsed seconds
-    every that many chunks."""
+    KV bytes held at the end, {"decode_ms": median ms per decoded token, "decode_tokens": the timed tokens} or
+    {}). `report_every` > 0 prints the elapsed seconds every that many chunks."""
     length = ids.shape[1]
     if name == "hf-dynamic":
         cache = DynamicCache(config=model.config)
@@ -177,7 +178,8 @@ def main(argv=None) -> int:
     ap.add_argument("--decode", type=int, default=0,
                     help="Greedy tokens decoded after each row's prefill (eager step; median ms per token).")
     ap.add_argument("--decode-static", action="store_true",
-                    help="Decode through kvsqueeze's compiled static step (from the prefilled cache), not the eager one.")
+                    help="Decode through kvsqueeze's compiled static step (from the prefilled cache), not the "
+                         "eager one.")
     ap.add_argument("--report-every", type=int, default=0,
                     help="Print the elapsed seconds every this many chunks (0: never).")
     ap.add_argument("--no-progress", action="store_true", help="No tqdm bar over the chunks.")
@@ -233,8 +235,8 @@ def main(argv=None) -> int:
                 rows_out.append(row)
                 print(f"{length:>8} {name:<18} skipped: {row['skipped']}", flush=True)
                 continue
-            res = attempt(lambda: run_row(name, model, ids, args, device, args.decode, args.report_every), row, rows_out, f"{length:>8} {name:<18}",
-                          device)
+            res = attempt(lambda: run_row(name, model, ids, args, device, args.decode, args.report_every), row,
+                          rows_out, f"{length:>8} {name:<18}", device)
             if res is None:
                 continue
             sec, kv, decoded = res

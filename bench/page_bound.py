@@ -21,7 +21,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
-from _table import graph_us, write_json  # noqa: E402  (bench/, the script's own folder)
+from _table import graph_us, int_list, write_json  # noqa: E402  (bench/, the script's own folder)
 
 from kvsqueeze.kernels.page_bound import page_bound, reference_page_bound  # noqa: E402
 
@@ -36,16 +36,11 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None, help="Write the rows to this JSON file.")
     args = ap.parse_args(argv)
     try:
-        pages = [int(v) for v in args.pages.split(",")]
-        blocks = [int(v) for v in args.blocks.split(",")]
-        warps = [int(v) for v in args.warps.split(",")]
+        pages = int_list(args.pages, "--pages")
+        blocks = int_list(args.blocks, "--blocks", pow2=True)
+        warps = int_list(args.warps, "--warps", pow2=True)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
-    bad = [v for v in blocks + warps if v < 1 or v & (v - 1)] + [v for v in pages if v < 1]
-    if bad:
-        print(f"error: --blocks and --warps take powers of two, --pages positive counts; got {bad[0]}",
-              file=sys.stderr)
         return 2
     if not torch.cuda.is_available():
         print("error: bench/page_bound.py needs a CUDA GPU", file=sys.stderr)

@@ -30,7 +30,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
-from _table import graph_us, write_json  # noqa: E402  (bench/, the script's own folder)
+from _table import graph_us, int_list, write_json  # noqa: E402  (bench/, the script's own folder)
 
 from kvsqueeze.kernels.topk import (ALGOS, reference_topk_increasing, sample_fallbacks, sample_plan,  # noqa: E402
                                    topk_increasing)
@@ -85,17 +85,13 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     try:
         cases = [_case(c) for c in args.cases.split(",")]
-        ways = [int(w) for w in args.ways.split(",")]
-        warps = [int(w) for w in args.warps.split(",")]
-        tiles = [int(w) for w in args.tiles.split(",")]
-        samples = [int(w) for w in args.samples.split(",")]
-        segments = [int(w) for w in args.segments.split(",")]
+        ways = int_list(args.ways, "--ways", minimum=2, pow2=True)
+        warps = int_list(args.warps, "--warps")
+        tiles = int_list(args.tiles, "--tiles", minimum=16, pow2=True)
+        samples = int_list(args.samples, "--samples", minimum=16, pow2=True)
+        segments = int_list(args.segments, "--segments", minimum=16, pow2=True)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
-    bad = [n for n in samples + segments if n < 16 or n & (n - 1)]
-    if bad:
-        print(f"error: --samples and --segments take powers of two >= 16, got {bad[0]}", file=sys.stderr)
         return 2
     algos = args.algos.split(",")
     if not algos or any(a not in ALGOS for a in algos):

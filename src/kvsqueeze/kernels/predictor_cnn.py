@@ -55,30 +55,13 @@ if triton is not None:
         b1 = tl.load(B1 + c16)
         for dy in tl.static_range(3):
             for dx in tl.static_range(3):
-                r1 = r2 + dy - PR  # conv1's output row feeding this tap (conv2's padding: zero outside)
-                c1 = cols + dx - PC
-                inside = (r1 >= 0) & (r1 < S1) & (c1 >= 0) & (c1 < W1N)  # (BLOCK_W,)
-                f = tl.zeros([BLOCK_W, 16], tl.float32)
-                for ky in tl.static_range(3):
-                    for kx in tl.static_range(3):
-                        rx = r1 + ky - PR  # input row and columns (conv1's padding: zero outside)
-                        cx = c1 + kx - PC
-                        ld = inside & (rx >= 0) & (rx < S) & (cx >= 0) & (cx < W)
-                        xv = tl.load(X + m * s_x_m + rx * s_x_s + cx * s_x_w, mask=ld, other=0.0)
-                        w = tl.load(W1 + c16 * 9 + ky * 3 + kx)
-                        f += xv[:, None] * w[None, :]
-                okv = tl.load(OK + m * s_ok_m + (r1 + 1 - PR) * s_ok_s + (c1 + 1 - PC) * s_ok_w, mask=inside,
-                              other=0).to(tl.float32)  # bool or float validity, read as stored
-                f = tl.maximum(f + b1[None, :], 0.0) * okv[:, None]  # zero outside conv1's extent too (okv 0)
-                w2 = tl.load(W2 + c32[None, :] * 144 + c16[:, None] * 9 + dy * 3 + dx)  # (16, 32)
-                if TF32:  # an int flag, not a string constexpr: what torch.compile's Triton wrapper passes safely
-                    acc += tl.dot(f, w2, input_precision="tf32")
-                else:
-                    acc += tl.dot(f, w2, input_precision="ieee")
+                # conv1's output row and columns feeding this tap (conv2's padding: zero outside)
+                f = _conv1_at(X, OK, W1, b1, m, r2 + dy - PR, cols + dx - PC, S, W, S1, W1N, s_x_m, s_x_s, s_x_w,
+                              s_ok_m, s_ok_s, s_ok_w, PR, PC, BLOCK_W)
+                acc = _tap(acc, f, W2, dy, dx, TF32)
         g = tl.maximum(acc + tl.load(B2 + c32)[None, :], 0.0)
         z = tl.sum(g * tl.load(W3 + c32)[None, :], 1)
         tl.store(OUT + m * s_o_m + tl.program_id(1) * s_o_s + cols, z, mask=cols < W2N)
-
 
     @triton.jit
     def _conv1_at(X, OK, W1, b1, m, r1, c1, S, W, S1, W1N, s_x_m, s_x_s, s_x_w, s_ok_m, s_ok_s, s_ok_w,
@@ -97,11 +80,13 @@ if triton is not None:
                 w = tl.load(W1 + c16 * 9 + ky * 3 + kx)
                 f += xv[:, None] * w[None, :]
         okv = tl.load(OK + m * s_ok_m + (r1 + 1 - PR) * s_ok_s + (c1 + 1 - PC) * s_ok_w, mask=inside,
-                      other=0).to(tl.float32)
+                      other=0).to(tl.float32)  # bool or float validity, read as stored
         return tl.maximum(f + b1[None, :], 0.0) * okv[:, None]
 
     @triton.jit
     def _tap(acc, f, W2, dy: tl.constexpr, dx: tl.constexpr, TF32: tl.constexpr):
+        # acc (BLOCK_W, 32) + f (BLOCK_W, 16) @ conv2's tap (dy, dx) (16, 32). TF32: an int flag, not a string
+        # constexpr (what torch.compile's Triton wrapper passes safely)
         c16 = tl.arange(0, 16)
         c32 = tl.arange(0, 32)
         w2 = tl.load(W2 + c32[None, :] * 144 + c16[:, None] * 9 + dy * 3 + dx)  # (16, 32)

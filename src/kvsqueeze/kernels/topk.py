@@ -163,26 +163,37 @@ if triton is not None:
         return lo
 
     @triton.jit
-    def _search_row(X, OUT, P, K, TILE: tl.constexpr, W: tl.constexpr):
-        # the top-K of one row (X, OUT at the row): the K-th largest's key, then the taken indices in increasing
-        # order (the default kernel's whole program, and the sample variant's fallback)
-        thr = _key_float(_kth_key(X, P, K, TILE, W))
+    def _take_top(X, XI, OUT, n, K, TILE: tl.constexpr, W: tl.constexpr, INDEXED: tl.constexpr):
+        # the top-K of the n scores at X: the K-th largest's key, then the taken indices in increasing order (ties
+        # at it to the lowest). INDEXED: X is a compacted buffer whose row indices (increasing) are at XI; else
+        # the indices are the positions in X (XI unused)
+        thr = _key_float(_kth_key(X, n, K, TILE, W))
         j = tl.arange(0, TILE)
         n_gt = tl.zeros([TILE], tl.int32)
-        for t0 in range(0, P, TILE):
-            x, ok = _tile(X, t0, j, P)
+        for t0 in range(0, n, TILE):
+            x, ok = _tile(X, t0, j, n)
             n_gt += (x > thr).to(tl.int32)
         need = K - tl.sum(n_gt, 0)  # ties at thr to take, lowest index first
         n_eq = tl.zeros([], tl.int32)
         n_take = tl.zeros([], tl.int32)
-        for t0 in range(0, P, TILE):
-            x, ok = _tile(X, t0, j, P)
+        for t0 in range(0, n, TILE):
+            x, ok = _tile(X, t0, j, n)
+            if INDEXED:
+                idx = tl.load(XI + t0 + j, mask=ok, other=0)
+            else:
+                idx = t0 + j
             eq = (x == thr).to(tl.int32)
             take = (x > thr) | ((n_eq + tl.cumsum(eq, 0) <= need) & (eq != 0))
             pos = n_take + tl.cumsum(take.to(tl.int32), 0) - 1
-            tl.store(OUT + pos, (t0 + j).to(tl.int64), mask=take)
+            tl.store(OUT + pos, idx.to(tl.int64), mask=take)
             n_eq += tl.sum(eq, 0)
             n_take += tl.sum(take.to(tl.int32), 0)
+
+    @triton.jit
+    def _search_row(X, OUT, P, K, TILE: tl.constexpr, W: tl.constexpr):
+        # the top-K of one row (X, OUT at the row): the default kernel's whole program, and the sampled variants'
+        # fallback
+        _take_top(X, X, OUT, P, K, TILE, W, False)
 
     @triton.jit
     def _topk_increasing(X, OUT, P, K, s_x, s_o, TILE: tl.constexpr, W: tl.constexpr):
@@ -249,29 +260,6 @@ if triton is not None:
         return n
 
     @triton.jit
-    def _take_buffer(SV, SI, OUT, n, K, CT: tl.constexpr, W: tl.constexpr):
-        # the top-K of n >= K buffered scores SV (no NaN) with their row indices SI (increasing): the K-th largest
-        # by the search over the buffer, then the taken indices in increasing order (ties to the lowest index)
-        thr = _key_float(_kth_key(SV, n, K, CT, W))
-        c = tl.arange(0, CT)
-        n_gt = tl.zeros([CT], tl.int32)
-        for c0 in range(0, n, CT):
-            s, okc = _tile(SV, c0, c, n)
-            n_gt += (s > thr).to(tl.int32)
-        need = K - tl.sum(n_gt, 0)
-        n_eq = tl.zeros([], tl.int32)
-        n_take = tl.zeros([], tl.int32)
-        for c0 in range(0, n, CT):
-            s, okc = _tile(SV, c0, c, n)
-            idx = tl.load(SI + c0 + c, mask=okc, other=0)
-            eq = (s == thr).to(tl.int32)
-            take = (s > thr) | ((n_eq + tl.cumsum(eq, 0) <= need) & (eq != 0))
-            pos = n_take + tl.cumsum(take.to(tl.int32), 0) - 1
-            tl.store(OUT + pos, idx.to(tl.int64), mask=take)
-            n_eq += tl.sum(eq, 0)
-            n_take += tl.sum(take.to(tl.int32), 0)
-
-    @triton.jit
     def _topk_sample(X, OUT, SV, SI, FELL, P, K, RA, RB, s_x, s_o, s_c, CAP: tl.constexpr, TILE: tl.constexpr,
                      S: tl.constexpr, CT: tl.constexpr, W: tl.constexpr):
         row = tl.program_id(0)
@@ -289,7 +277,7 @@ if triton is not None:
             _search_row(X, OUT, P, K, TILE, W)
         else:
             # (3) the K-th largest of the row is the K-th largest of the compacted scores
-            _take_buffer(SV, SI, OUT, n, K, CT, W)
+            _take_top(SV, SI, OUT, n, K, CT, W, True)
 
     # ---- the split variant (algo="split"; module docstring, last section) ----
 
@@ -342,7 +330,7 @@ if triton is not None:
                 tl.store(BV + i, tl.load(SV + src, mask=ok, other=0.0), mask=ok)
                 tl.store(BI + i, tl.load(SI + src, mask=ok, other=0), mask=ok)
             tl.debug_barrier()  # the gathered scores, written by every thread, read by every thread
-            _take_buffer(BV, BI, OUT, n, K, CT, W)
+            _take_top(BV, BI, OUT, n, K, CT, W, True)
 
 
 def reference_topk_increasing(x: torch.Tensor, k: int) -> torch.Tensor:

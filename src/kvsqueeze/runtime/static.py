@@ -175,7 +175,7 @@ def _prefetch_next(selector, frames, layer_idx: int) -> None:
     """After a layer's attention has been issued (it reads the frames this overwrites): with prefetching page frames
     (`StaticFrames(prefetch=True)`, AttentionPredictor), the layer's next-step pages, known from its history now,
     start copying on the side stream (`StaticFrames.prefetch`)."""
-    if frames is not None and frames.prefetching and frames.holds(layer_idx) and selector.sparse(layer_idx):
+    if frames is not None and frames.prefetching and frames.holds(layer_idx):  # (called for sparse layers only)
         frames.prefetch(layer_idx, selector.select_next(layer_idx))
 
 
@@ -701,7 +701,8 @@ class StaticCompressedCache(Cache):
         the first one too, whose frames start empty; None when the pages are read in place: every selected page
         crosses the link each step), hit_rate_after_first (the same over the steps after the first), needed / hits
         (pages; with prefetch, hits are the pages its copies made resident too), prefetched (pages copied one step
-        ahead, counted in the bytes), device_kv_bytes / host_kv_bytes. Raises KVSqueezeError for a cache that does not offload."""
+        ahead, counted in the bytes), device_kv_bytes / host_kv_bytes. Raises KVSqueezeError for a cache that does
+        not offload."""
         s = self.slots
         if not getattr(s, "host_layers", None):
             raise KVSqueezeError("this static cache does not offload (build it with from_cache(..., offload='cpu'))")
