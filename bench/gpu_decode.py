@@ -190,7 +190,7 @@ PROFILE_STEPS = 0  # --profile: steps traced after the timed ones (0: none)
 def add_topk_option(ap) -> None:
     """`--topk`: the static selectors' page choice (kernels/topk.py): "kernel" (its default `ALGO`), one of its
     kernels by name, or "torch" (torch.topk + an index sort)."""
-    ap.add_argument("--topk", choices=("kernel", *topk.ALGOS, "torch"), default="kernel",
+    ap.add_argument("--topk", choices=("kernel", "auto", *topk.ALGOS, "torch"), default="kernel",
                     help=f"The static selectors' page choice: the top-k kernel (kernels/topk.py; default algo "
                          f"{topk.ALGO}), one of its algos, or torch.topk + sort.")
 
@@ -198,7 +198,7 @@ def add_topk_option(ap) -> None:
 def set_topk(choice: str) -> None:
     """Apply `--topk` to kernels/topk.py for the whole run."""
     topk.KERNEL = choice != "torch"
-    if choice in topk.ALGOS:
+    if choice in ("auto", *topk.ALGOS):
         topk.ALGO = choice
 
 

@@ -8,9 +8,10 @@ import os
 import pytest
 import torch
 
+from kvsqueeze.kernels import topk
 from kvsqueeze.kernels.split_kv import triton
-from kvsqueeze.kernels.topk import (kernel_applies, reference_topk_increasing, sample_fallbacks, sample_plan,
-                                   topk_increasing)
+from kvsqueeze.kernels.topk import (kernel_applies, reference_topk_increasing, resolve_algo, sample_fallbacks,
+                                   sample_plan, topk_increasing)
 
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
@@ -88,6 +89,24 @@ def test_fallback_and_errors():
         topk_increasing(x, 3, algo="split", segment=100)
     with pytest.raises(ValueError, match="no fallback"):
         sample_fallbacks(x, 3, algo="search")
+
+
+def test_auto_takes_split_for_long_rows(monkeypatch):
+    """ALGO "auto" (the default): "split" from SPLIT_FROM scores on, "sample" below; a named kernel passes."""
+    monkeypatch.setattr(topk, "ALGO", "auto")
+    assert resolve_algo(topk.SPLIT_FROM) == "split"
+    assert resolve_algo(topk.SPLIT_FROM - 1) == "sample"
+    assert resolve_algo(topk.SPLIT_FROM, "search") == "search"
+    monkeypatch.setattr(topk, "ALGO", "sample")
+    assert resolve_algo(10 * topk.SPLIT_FROM) == "sample"
+
+
+@kernel_runs
+def test_default_kernel_equals_the_rule_on_both_sides_of_split_from(monkeypatch):
+    monkeypatch.setattr(topk, "ALGO", "auto")
+    for P in (topk.SPLIT_FROM - 1, topk.SPLIT_FROM + 5):
+        x = _quest_rows(5, 2, P)
+        torch.testing.assert_close(topk_increasing(x.to(DEV), 128).cpu(), _rule(x, 128), rtol=0, atol=0)
 
 
 def test_rule_helper_breaks_ties_to_the_lowest_index():

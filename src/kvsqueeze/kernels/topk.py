@@ -63,7 +63,7 @@ fallback on the Quest-like rows nor the tie rows, the 5 rows made to fall back d
     8 x 8200 : 256   71.1                32.8                    21.2            22.3
     8 x 2056 : 128   30.5                14.0                    14.4            12.9
 
-so `ALGO` is "sample" with `SAMPLE` = 2048: a third less than the search at 128k's Quest rows, 8% less at 32k's.
+so `ALGO` became "sample" with `SAMPLE` = 2048: a third less than the search at 128k's Quest rows, 8% less at 32k's.
 
 The split variant (`topk_increasing(x, k, algo="split")`; the same output, the same plan) spreads the sample
 variant's one full-row pass over programs, since a step has only as many rows as kv heads (8 of the H200's 132
@@ -76,8 +76,17 @@ SMs ran the sample kernel):
                increasing index order) into a CAP buffer, position i from the last segment whose first position
                sum_{s' < s} n_s' is <= i, then the sample variant's step (3); otherwise the full-row search
 
-Untimed: written in the fifteenth session without a GPU; `python bench/topk.py --algos sample,split ...`
-decides whether it becomes `ALGO`.
+Measured on the H200 (sixteenth session, `python bench/topk.py --algos sample,split --samples 2048 --segments
+256,512,1024 --ways 8 --warps 4,8 --tiles 1024`; us per call as above, every variant "ok", no fallback on the Quest
+rows):
+
+    scores : k       sample S=2048 (8 warps)   split SEG=256   SEG=512   SEG=1024 (8 warps)
+    8 x 8200 : 256   22.0                      28.0            20.7      18.2
+    8 x 2056 : 128   12.9                      15.5            14.5      14.2
+
+In the static Quest step at 128k, split with SEG=512 took 620 us per step against the sample kernel's 656
+(`bench/gpu_decode.py ... --topk split`, 6.92 ms per token either way). So `ALGO` is "auto": rows of at least
+`SPLIT_FROM` scores take "split" with `SEGMENT` = 1024, shorter rows "sample".
 """
 
 from __future__ import annotations
@@ -93,9 +102,10 @@ WAYS = 8  # cuts + 1 per pass (bench/topk.py)
 WARPS = 8
 TILE = 1024  # scores a program holds in registers at once; a longer row is read in tiles per pass (from L1)
 ALGOS = ("search", "sample", "split")
-ALGO = "sample"  # `topk_increasing`'s kernel (module docstring, last section: measured on the H200)
+ALGO = "auto"  # `topk_increasing`'s kernel: one of ALGOS, or "auto" (module docstring, last section: measured)
+SPLIT_FROM = 4096  # "auto": rows of at least this many scores take "split", shorter ones "sample"
 SAMPLE = 2048  # the sample variant's sample size (scores read into registers; bench/topk.py --samples)
-SEGMENT = 512  # the split variant's segment: scores per compaction program (bench/topk.py --segments)
+SEGMENT = 1024  # the split variant's segment: scores per compaction program (bench/topk.py --segments)
 MARGIN = 3.0  # the sample variant's pivot: standard deviations of the sample rank above the expected one
 KERNEL = True  # False: `topk_increasing` always takes the torch rule (bench/gpu_decode.py --topk torch)
 
@@ -368,6 +378,15 @@ def sample_plan(P: int, k: int, sample: int | None = None) -> tuple[int, int, in
     return S, ra, rb, min(_pow2(P), _pow2(math.ceil(cap)))
 
 
+def resolve_algo(P: int, algo: str | None = None) -> str:
+    """The kernel a row of P scores takes: `algo` (default `ALGO`); "auto" is "split" from `SPLIT_FROM` scores
+    on, "sample" below (measured on the H200: module docstring). Other names pass through (checked later)."""
+    algo = ALGO if algo is None else algo
+    if algo == "auto":
+        return "split" if P >= SPLIT_FROM else "sample"
+    return algo
+
+
 def _check(P: int, k: int, ways: int, tile: int | None, algo: str, sample: int | None,
            segment: int | None = None) -> None:
     if not 1 <= k <= P:
@@ -449,15 +468,16 @@ def topk_increasing(x: torch.Tensor, k: int, ways: int | None = None, num_warps:
     """x (..., P) float (any float dtype) -> (..., k) long: the indices of the k largest values of each row, in
     increasing order; ties at the k-th value go to the lowest indices, NaN counts as -inf. The Triton kernel
     (module docstring) where `kernel_applies(x)`, `reference_topk_increasing` otherwise (the same set up to the
-    order of ties). `algo` picks the kernel (default `ALGO`): "search" the full-row search, "sample" the sample
-    variant (`sample` scores, a power of two, default `SAMPLE`; module docstring, last section), "split" the
-    sample variant's pass spread over programs of `segment` scores each (default `SEGMENT`); the same output.
+    order of ties). `algo` picks the kernel (default `ALGO`; "auto": `resolve_algo`): "search" the full-row
+    search, "sample" the sample variant (`sample` scores, a power of two, default `SAMPLE`; module docstring,
+    last section), "split" the sample variant's pass spread over programs of `segment` scores each (default
+    `SEGMENT`); the same output.
     `ways` (a power of two >= 2, default `WAYS`) and `num_warps` (default `WARPS`) tune them. Capturable in a CUDA
     graph (a fixed grid, no host number per call that depends on the data). Raises ValueError for k outside [1, P]
     or a bad `ways`, `tile`, `algo`, `sample` or `segment`."""
     P = x.shape[-1]
     ways = WAYS if ways is None else ways
-    algo = ALGO if algo is None else algo
+    algo = resolve_algo(P, algo)
     _check(P, k, ways, tile, algo, sample, segment)
     if not kernel_applies(x):
         return reference_topk_increasing(x, k)
