@@ -195,6 +195,27 @@ def add_topk_option(ap) -> None:
                          f"{topk.ALGO}), one of its algos, or torch.topk + sort.")
 
 
+def add_kivi_options(ap) -> None:
+    """`--kivi-kernel`, `--kivi-maxnreg`, `--kivi-per-sm`: the static KIVI step's fused kernel and its launch
+    (kernels/kivi_decode.py FOLD, MAXNREG, PER_SM; bench/kivi_kernels.py times them alone)."""
+    ap.add_argument("--kivi-kernel", choices=("split", "folded"), default=None,
+                    help="The static KIVI step's kernel (default: kernels/kivi_decode.py FOLD).")
+    ap.add_argument("--kivi-maxnreg", type=int, default=None, help="Its register cap per thread (0: none).")
+    ap.add_argument("--kivi-per-sm", type=int, default=None, help="Its programs per SM.")
+
+
+def set_kivi(args) -> None:
+    """Apply the `add_kivi_options` flags to kernels/kivi_decode.py for the whole run."""
+    from kvsqueeze.kernels import kivi_decode
+
+    if args.kivi_kernel is not None:
+        kivi_decode.FOLD = args.kivi_kernel == "folded"
+    if args.kivi_maxnreg is not None:
+        kivi_decode.MAXNREG = args.kivi_maxnreg or None
+    if args.kivi_per_sm is not None:
+        kivi_decode.PER_SM = args.kivi_per_sm
+
+
 def set_topk(choice: str) -> None:
     """Apply `--topk` to kernels/topk.py for the whole run."""
     topk.KERNEL = choice != "torch"
@@ -383,11 +404,13 @@ def main(argv=None) -> int:
                          "kernels).")
     ap.add_argument("--json", default=None, help="Write the rows to this JSON file.")
     add_topk_option(ap)
+    add_kivi_options(ap)
     ap.add_argument("--quick", action="store_true", help="Tiny shapes on the CPU (checks the script end to end).")
     args = ap.parse_args(argv)
     global PROFILE_STEPS
     PROFILE_STEPS = args.profile
     set_topk(args.topk)
+    set_kivi(args)
 
     target = bench_target(args.quick)
     if target is None:

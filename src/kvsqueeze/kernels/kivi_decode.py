@@ -24,6 +24,7 @@ CUDA kernels: values are packed along tokens too (KIVI packs them along channels
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -38,7 +39,87 @@ except ImportError:  # pragma: no cover - CPU-only installs
     tl = None
 
 
+def _prmt(bits: int, shift: int):
+    """PTX for `_code_operand`: four code bytes (register $2), shifted and masked to one code each, become the low
+    bytes of four 16-bit floats whose high bytes come from $3 (two registers out, $0 and $1)."""
+    mask = "0x03030303" if bits == 2 else "0x0f0f0f0f"
+    move = f"shr.b32 t, $2, {shift}; and.b32 t, t, {mask};" if shift else f"and.b32 t, $2, {mask};"
+    return tl.constexpr("{ .reg .b32 t; " + move + " prmt.b32 $0, t, $3, 0x5140; prmt.b32 $1, t, $3, 0x7362; }")
+
+
 if triton is not None:
+    _PRMT_2_0, _PRMT_2_1, _PRMT_2_2, _PRMT_2_3 = (_prmt(2, 2 * j) for j in range(4))
+    _PRMT_4_0, _PRMT_4_1 = (_prmt(4, 4 * j) for j in range(2))
+
+    @triton.jit
+    def _online(s, m_i, l_i):
+        # one online-softmax step over logits s (rows, n) (base 2; -inf where hidden): (p, alpha, m_new, l_new)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing visible so far
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        return p, alpha, m_new, l_i * alpha + tl.sum(p, 1)
+
+    @triton.jit
+    def _attend_residual(q, acc, m_i, l_i, KR, VR, RM, nr, b, hk, bh, s_rm_b, s_rm_h, s_kr_bh, s_kr_n, s_vr_bh,
+                         s_vr_n, row_ok, D: tl.constexpr, BLOCK_R: tl.constexpr, DT: tl.constexpr,
+                         HAS_MASK: tl.constexpr):
+        # the residual split: full-precision keys / values (nr tokens), seen by the rows where row_ok
+        ch = tl.arange(0, D)
+        for s0 in range(0, nr, BLOCK_R):
+            tok = s0 + tl.arange(0, BLOCK_R)
+            tmask = tok < nr
+            k = tl.load(KR + bh * s_kr_bh + tok[:, None] * s_kr_n + ch[None, :], mask=tmask[:, None], other=0.0)
+            s = tl.dot(q, tl.trans(k.to(DT)))
+            ok = tmask
+            if HAS_MASK:
+                ok = ok & (tl.load(RM + b * s_rm_b + hk * s_rm_h + tok, mask=tmask, other=0) != 0)
+            p, alpha, m_i, l_i = _online(tl.where(row_ok[:, None] & ok[None, :], s, float("-inf")), m_i, l_i)
+            v = tl.load(VR + bh * s_vr_bh + tok[:, None] * s_vr_n + ch[None, :], mask=tmask[:, None], other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(DT), v.to(DT))
+        return acc, m_i, l_i
+
+    @triton.jit
+    def _code_offset(DT: tl.constexpr):
+        # the constant `_code_operand` adds to every code: 1024 in float16, 128 otherwise
+        if DT == tl.float16:
+            return 1024.0
+        return 128.0
+
+    @triton.jit
+    def _code_operand(packed, j: tl.constexpr, BITS: tl.constexpr, DT: tl.constexpr, ASM: tl.constexpr):
+        # packed codes (uint8, PER = 8 / BITS tokens a byte) -> sub-tile j's codes as tl.dot operands in DT, each
+        # c + _code_offset(DT), exact. On the GPU two PRMT instructions per four bytes (after one shift and one
+        # mask): each code byte becomes the low byte of a bfloat16 (high byte 0x43: 128 + c) or float16 (0x64:
+        # 1024 + c), so no integer-to-float conversion runs. Without ASM (Triton's CPU interpreter): arithmetic.
+        if not ASM:
+            return (((packed.to(tl.int32) >> (j * BITS)) & ((1 << BITS) - 1)).to(tl.float32) + _code_offset(DT)).to(DT)
+        else:
+            if BITS == 2:
+                if j == 0:
+                    asm: tl.constexpr = _PRMT_2_0
+                elif j == 1:
+                    asm: tl.constexpr = _PRMT_2_1
+                elif j == 2:
+                    asm: tl.constexpr = _PRMT_2_2
+                else:
+                    asm: tl.constexpr = _PRMT_2_3
+            else:
+                if j == 0:
+                    asm: tl.constexpr = _PRMT_4_0
+                else:
+                    asm: tl.constexpr = _PRMT_4_1
+            high = tl.full(packed.shape, _code_high(DT), tl.uint8)
+            return tl.inline_asm_elementwise(asm, "=r,=r,r,r", [packed, high],
+                                             dtype=tl.float16 if DT == tl.float16 else tl.bfloat16,
+                                             is_pure=True, pack=4)
+
+    @triton.jit
+    def _code_high(DT: tl.constexpr):
+        if DT == tl.float16:
+            return 0x64
+        return 0x43
+
 
     @triton.jit
     def _kivi_decode_split(
@@ -51,7 +132,7 @@ if triton is not None:
         s_kr_bh, s_kr_n, s_vr_bh, s_vr_n,
         HK: tl.constexpr, GQ: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
         G: tl.constexpr, GV: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-        SCALE_LOADS: tl.constexpr, FOLD: tl.constexpr, DT: tl.constexpr,
+        SCALE_LOADS: tl.constexpr, DT: tl.constexpr,
         DEV_LENS: tl.constexpr = False, HAS_MASK: tl.constexpr = False,
     ):
         # DEV_LENS: NQ and NR are pointers to device scalars (the static decode step: no host number per step);
@@ -100,48 +181,12 @@ if triton is not None:
                              other=0).to(tl.int32)
                 vp = tl.load(VC + bh * s_vc_bh + (r0 + ri)[:, None] * s_vc_r + ch[None, :], mask=rmask[:, None],
                              other=0).to(tl.int32)
-                if FOLD:
-                    # scales folded into the matrix products: q.(c*s + z) = (q*s).c + q.z per key group, and
-                    # sum_t p_t (c_t*s_t + z_t) = (p*s).c + p.z per value group; the codes only need a conversion
-                    rg = ri // (G // PER)  # key group (within the block) of each packed row
-                    cg = ch // GV  # value group of each channel
-                    for j in tl.static_range(PER):
-                        tok = s0 + ri * PER + j
-                        kc = ((kp >> (j * BITS)) & MASK).to(DT)
-                        s = tl.zeros([GP, RB], tl.float32)
-                        for lg in tl.static_range(NG):
-                            kso = bh * s_ks_bh + (s0 // G + lg) * s_ks_g + ch
-                            gok = (s0 // G + lg) < nq // G
-                            ks = tl.load(KS + kso, mask=gok & (ch < D), other=0.0).to(tl.float32)
-                            kz = tl.load(KZ + kso, mask=gok & (ch < D), other=0.0).to(tl.float32)
-                            part = tl.dot((qf * ks[None, :]).to(DT), tl.trans(kc))
-                            part += tl.sum(qf * kz[None, :], 1)[:, None]
-                            s = tl.where((rg == lg)[None, :], part, s)
-                        ok = rmask
-                        if HAS_MASK:
-                            ok = ok & (tl.load(QM + b * s_qm_b + hk * s_qm_h + tok, mask=rmask, other=0) != 0)
-                        s = tl.where(ok[None, :], s, float("-inf"))
-                        m_new = tl.maximum(m_i, tl.max(s, 1))
-                        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing visible so far
-                        alpha = tl.exp2(m_i - m_safe)
-                        p = tl.exp2(s - m_safe[:, None])
-                        l_i = l_i * alpha + tl.sum(p, 1)
-                        acc = acc * alpha[:, None]
-                        vc = ((vp >> (j * BITS)) & MASK).to(DT)
-                        for g in tl.static_range(NGV):
-                            vso = bh * s_vs_bh + tok * s_vs_n + g
-                            vs = tl.load(VS + vso, mask=rmask, other=0.0).to(tl.float32)
-                            vz = tl.load(VZ + vso, mask=rmask, other=0.0).to(tl.float32)
-                            contrib = tl.dot((p * vs[None, :]).to(DT), vc)
-                            contrib += tl.sum(p * vz[None, :], 1)[:, None]
-                            acc += tl.where((cg == g)[None, :], contrib, 0.0)
-                        m_i = m_new
-                elif not SCALE_LOADS:
+                if not SCALE_LOADS:
                     gmask = (s0 // G + gi) < nq // G
                     kso = bh * s_ks_bh + (s0 // G + gi)[:, None] * s_ks_g + ch[None, :]
                     ks = tl.load(KS + kso, mask=gmask[:, None], other=0.0).to(tl.float32)
                     kz = tl.load(KZ + kso, mask=gmask[:, None], other=0.0).to(tl.float32)
-                for j in tl.static_range(0 if FOLD else PER):
+                for j in tl.static_range(PER):
                     tok = s0 + ri * PER + j  # sub-tile j: tokens PER*r + j; group of row r: r // (G // PER)
                     kc = ((kp >> (j * BITS)) & MASK).to(tl.float32)
                     if SCALE_LOADS:  # per-row scale/zero loads (rows of a group hit the same cache lines)
@@ -155,12 +200,7 @@ if triton is not None:
                     ok = rmask
                     if HAS_MASK:
                         ok = ok & (tl.load(QM + b * s_qm_b + hk * s_qm_h + tok, mask=rmask, other=0) != 0)
-                    s = tl.where(ok[None, :], s, float("-inf"))
-                    m_new = tl.maximum(m_i, tl.max(s, 1))
-                    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-                    alpha = tl.exp2(m_i - m_safe)
-                    p = tl.exp2(s - m_safe[:, None])
-                    l_i = l_i * alpha + tl.sum(p, 1)
+                    p, alpha, m_new, l_i = _online(tl.where(ok[None, :], s, float("-inf")), m_i, l_i)
                     vc = ((vp >> (j * BITS)) & MASK).to(tl.float32)
                     if SCALE_LOADS:
                         vso = bh * s_vs_bh + tok[:, None] * s_vs_n + (ch // GV)[None, :]
@@ -175,25 +215,152 @@ if triton is not None:
                     acc = acc * alpha[:, None] + tl.dot(p.to(DT), v)
                     m_i = m_new
         else:
-            for s0 in range(0, nr, BLOCK_R):
-                tok = s0 + tl.arange(0, BLOCK_R)
-                tmask = tok < nr
-                k = tl.load(KR + bh * s_kr_bh + tok[:, None] * s_kr_n + ch[None, :], mask=tmask[:, None], other=0.0)
-                s = tl.dot(q, tl.trans(k.to(DT)))
-                ok = tmask
-                if HAS_MASK:
-                    ok = ok & (tl.load(RM + b * s_rm_b + hk * s_rm_h + tok, mask=tmask, other=0) != 0)
-                s = tl.where(ok[None, :], s, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(s, 1))
-                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-                alpha = tl.exp2(m_i - m_safe)
-                p = tl.exp2(s - m_safe[:, None])
-                l_i = l_i * alpha + tl.sum(p, 1)
-                v = tl.load(VR + bh * s_vr_bh + tok[:, None] * s_vr_n + ch[None, :], mask=tmask[:, None], other=0.0)
-                acc = acc * alpha[:, None] + tl.dot(p.to(DT), v.to(DT))
-                m_i = m_new
+            acc, m_i, l_i = _attend_residual(q, acc, m_i, l_i, KR, VR, RM, nr, b, hk, bh, s_rm_b, s_rm_h, s_kr_bh,
+                                             s_kr_n, s_vr_bh, s_vr_n, rows >= 0, D=D, BLOCK_R=BLOCK_R, DT=DT,
+                                             HAS_MASK=HAS_MASK)
         # partial results of the GQ real query rows only: (BH, splits, GQ, D)
         _store_split(O_ACC, O_M, O_L, acc, m_i, l_i, GQ=GQ, GP=GP, D=D)
+
+
+    @triton.jit
+    def _logits(qs, kp, qz, ok, QM, qm_off, rmask, j: tl.constexpr, BITS: tl.constexpr, DT: tl.constexpr,
+                HAS_MASK: tl.constexpr, ASM: tl.constexpr):
+        # the folded kernel's logits of sub-tile j (ROWS, RB), -inf where hidden (ok; the slot masks at QM)
+        s = tl.dot(qs, tl.trans(_code_operand(kp, j, BITS, DT, ASM))) + qz[:, None]
+        if HAS_MASK:
+            ok = ok & (tl.load(QM + qm_off + j, mask=rmask, other=0) != 0)[None, :]
+        return tl.where(ok, s, float("-inf"))
+
+    @triton.jit
+    def _values(acc3, p, vp, VS, VZ, vso, rmask, ones, minus_offset, j: tl.constexpr, s_vs_n, BITS: tl.constexpr,
+                DT: tl.constexpr, ASM: tl.constexpr):
+        # the folded kernel's P V of sub-tile j: (p * s).(c + offset) - offset (p * s).1 + (p * z).1 per value
+        # group, three batched products (NGV, ROWS, RB) x (NGV, RB, GV) and no sum across lanes
+        vs = tl.load(VS + vso + j * s_vs_n, mask=rmask[None, :], other=0.0).to(tl.float32)
+        vz = tl.load(VZ + vso + j * s_vs_n, mask=rmask[None, :], other=0.0).to(tl.float32)
+        ps = (p[None, :, :] * vs[:, None, :]).to(DT)
+        acc3 = tl.dot(ps, _code_operand(vp, j, BITS, DT, ASM), acc3)
+        acc3 = tl.dot(ps, minus_offset, acc3)
+        return tl.dot((p[None, :, :] * vz[:, None, :]).to(DT), ones, acc3)
+
+    @triton.jit
+    def _kivi_decode_folded(
+        Q, KC, KS, KZ, VC, VS, VZ, KR, VR, QM, RM, O_ACC, O_M, O_L,
+        qk_scale, NQ, NR, CHUNK,
+        s_q_b, s_q_h,
+        s_qm_b, s_qm_h, s_rm_b, s_rm_h,
+        s_kc_bh, s_kc_r, s_ks_bh, s_ks_g,
+        s_vc_bh, s_vc_r, s_vs_bh, s_vs_n,
+        s_kr_bh, s_kr_n, s_vr_bh, s_vr_n,
+        HK: tl.constexpr, GQ: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
+        G: tl.constexpr, GV: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, DT: tl.constexpr,
+        GQP: tl.constexpr, DEV_LENS: tl.constexpr = False, HAS_MASK: tl.constexpr = False, ASM: tl.constexpr = True,
+    ):
+        # The same split as _kivi_decode_split (arguments, layouts, partial results), with the scales folded into
+        # the matrix products so that codes enter tl.dot as they are (`_code_operand`), never dequantized:
+        #   keys, group g:    q.(c s_g + z_g) = (q * s_g).c + q.z_g: ROWS = NG * GQP stacked rows, row (g, r) holds
+        #                     query r scaled by the block's key group g and sees only that group's tokens; each row
+        #                     keeps its own online softmax, merged per query at the end (log-sum-exp);
+        #   values, token t:  sum_t p_t (c_t s_tg + z_tg) = (p * s_g).c_g + p.z_g per value group g: one batched
+        #                     tl.dot over the NGV groups (NGV, ROWS, RB) x (NGV, RB, GV).
+        PER: tl.constexpr = 8 // BITS
+        RB: tl.constexpr = BLOCK_N // PER  # packed rows per block = tokens per sub-tile
+        NG: tl.constexpr = BLOCK_N // G  # key groups per block
+        NGV: tl.constexpr = D // GV  # value groups per token
+        ROWS: tl.constexpr = NG * GQP
+        bh = tl.program_id(0)
+        split = tl.program_id(1)
+        n_splits = tl.num_programs(1)
+        b = bh // HK
+        hk = bh % HK
+        if DEV_LENS:
+            nq = tl.load(NQ)
+            nr = tl.load(NR)
+        else:
+            nq = NQ
+            nr = NR
+        rows = tl.arange(0, ROWS)
+        qr = rows % GQP  # the query of a stacked row
+        grp = rows // GQP  # its key group within a block
+        ch = tl.arange(0, D)
+        qf = tl.load(Q + b * s_q_b + (hk * GQ + qr)[:, None] * s_q_h + ch[None, :], mask=(qr < GQ)[:, None],
+                     other=0.0).to(tl.float32) * qk_scale
+        m_i = tl.full([ROWS], float("-inf"), tl.float32)
+        l_i = tl.zeros([ROWS], tl.float32)
+        if split < n_splits - 1:
+            ri = tl.arange(0, RB)
+            gv = tl.arange(0, NGV)
+            cv = tl.arange(0, GV)
+            own = grp[:, None] == (ri // (G // PER))[None, :]  # (ROWS, RB): the row's group holds the packed row
+            acc3 = tl.zeros([NGV, ROWS, GV], tl.float32)
+            ones = tl.full([NGV, RB, GV], 1.0, DT)
+            minus_offset = tl.full([NGV, RB, GV], -_code_offset(DT), DT)
+            start = split * CHUNK
+            for it in range(0, tl.minimum(CHUNK // BLOCK_N, tl.cdiv(nq - start, BLOCK_N))):
+                s0 = start + it * BLOCK_N
+                r0 = s0 // PER
+                rmask = (r0 + ri) < nq // PER  # nq is a multiple of G, so packed rows are all valid or not
+                kp = tl.load(KC + bh * s_kc_bh + (r0 + ri)[:, None] * s_kc_r + ch[None, :], mask=rmask[:, None],
+                             other=0)
+                vp = tl.load(VC + bh * s_vc_bh + (r0 + ri)[None, :, None] * s_vc_r + (gv * GV)[:, None, None]
+                             + cv[None, None, :], mask=rmask[None, :, None], other=0)  # (NGV, RB, GV)
+                kso = bh * s_ks_bh + (s0 // G + grp)[:, None] * s_ks_g + ch[None, :]
+                gok = ((s0 // G + grp) < nq // G)[:, None]
+                qs = (qf * tl.load(KS + kso, mask=gok, other=0.0).to(tl.float32)).to(DT)
+                # q.z_g, less the codes' offset times the scaled query (as rounded for tl.dot: they cancel exactly)
+                qz = tl.sum(qf * tl.load(KZ + kso, mask=gok, other=0.0).to(tl.float32)
+                            - _code_offset(DT) * qs.to(tl.float32), 1)
+                # the block's PER sub-tiles of logits side by side (ROWS, RB, 2[, 2]): one online-softmax step
+                ok = own & rmask[None, :]
+                x = tl.join(_logits(qs, kp, qz, ok, QM, b * s_qm_b + hk * s_qm_h + s0 + ri * PER, rmask, 0, BITS, DT,
+                                    HAS_MASK, ASM),
+                            _logits(qs, kp, qz, ok, QM, b * s_qm_b + hk * s_qm_h + s0 + ri * PER, rmask, 1, BITS, DT,
+                                    HAS_MASK, ASM))
+                if PER == 4:
+                    x = tl.join(x, tl.join(
+                        _logits(qs, kp, qz, ok, QM, b * s_qm_b + hk * s_qm_h + s0 + ri * PER, rmask, 2, BITS, DT,
+                                HAS_MASK, ASM),
+                        _logits(qs, kp, qz, ok, QM, b * s_qm_b + hk * s_qm_h + s0 + ri * PER, rmask, 3, BITS, DT,
+                                HAS_MASK, ASM)))
+                if PER == 4:
+                    m_new = tl.maximum(m_i, tl.max(tl.max(tl.max(x, 3), 2), 1))
+                else:
+                    m_new = tl.maximum(m_i, tl.max(tl.max(x, 2), 1))
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing visible so far
+                alpha = tl.exp2(m_i - m_safe)
+                x = tl.exp2(x - (m_safe[:, None, None, None] if PER == 4 else m_safe[:, None, None]))
+                if PER == 4:
+                    l_i = l_i * alpha + tl.sum(tl.sum(tl.sum(x, 3), 2), 1)
+                else:
+                    l_i = l_i * alpha + tl.sum(tl.sum(x, 2), 1)
+                m_i = m_new
+                acc3 = acc3 * alpha[None, :, None]
+                vso = bh * s_vs_bh + (s0 + ri * PER)[None, :] * s_vs_n + gv[:, None]  # (NGV, RB): sub-tile 0
+                if PER == 4:
+                    x01, x23 = tl.split(x)
+                    p0, p1 = tl.split(x01)
+                    p2, p3 = tl.split(x23)
+                    acc3 = _values(acc3, p0, vp, VS, VZ, vso, rmask, ones, minus_offset, 0, s_vs_n, BITS, DT, ASM)
+                    acc3 = _values(acc3, p1, vp, VS, VZ, vso, rmask, ones, minus_offset, 1, s_vs_n, BITS, DT, ASM)
+                    acc3 = _values(acc3, p2, vp, VS, VZ, vso, rmask, ones, minus_offset, 2, s_vs_n, BITS, DT, ASM)
+                    acc3 = _values(acc3, p3, vp, VS, VZ, vso, rmask, ones, minus_offset, 3, s_vs_n, BITS, DT, ASM)
+                else:
+                    p0, p1 = tl.split(x)
+                    acc3 = _values(acc3, p0, vp, VS, VZ, vso, rmask, ones, minus_offset, 0, s_vs_n, BITS, DT, ASM)
+                    acc3 = _values(acc3, p1, vp, VS, VZ, vso, rmask, ones, minus_offset, 1, s_vs_n, BITS, DT, ASM)
+            acc = tl.reshape(tl.permute(acc3, (1, 0, 2)), (ROWS, D))
+        else:
+            acc = tl.zeros([ROWS, D], tl.float32)
+            acc, m_i, l_i = _attend_residual(qf.to(DT), acc, m_i, l_i, KR, VR, RM, nr, b, hk, bh, s_rm_b, s_rm_h,
+                                             s_kr_bh, s_kr_n, s_vr_bh, s_vr_n, grp == 0, D=D, BLOCK_R=BLOCK_R,
+                                             DT=DT, HAS_MASK=HAS_MASK)
+        # merge the NG stacked rows of each query (log-sum-exp weights), then the GQ real queries' partials
+        m3 = tl.reshape(m_i, (NG, GQP))
+        m_q = tl.max(m3, 0)
+        w = tl.exp2(m3 - tl.where(m_q == float("-inf"), 0.0, m_q)[None, :])
+        l_q = tl.sum(tl.reshape(l_i, (NG, GQP)) * w, 0)
+        acc_q = tl.sum(tl.reshape(acc, (NG, GQP, D)) * w[:, :, None], 0)
+        _store_split(O_ACC, O_M, O_L, acc_q, m_q, l_q, GQ=GQ, GP=GQP, D=D)
 
 
 def kivi_decode_attention(q: torch.Tensor, store, k_res: torch.Tensor, v_res: torch.Tensor,
@@ -208,7 +375,8 @@ def kivi_decode_attention(q: torch.Tensor, store, k_res: torch.Tensor, v_res: to
 
     Defaults (block of 128 tokens at 2 bits, 64 at 4 and 8; 4 warps; about 2 programs per SM; scales broadcast
     in registers) are the fastest of the settings swept on an H100 (bench/quant_decode_gpu.py --sweep; see
-    docs/quantization.md). `fold=True` folds the scales into the matrix products instead (slower there).
+    docs/quantization.md). `fold=True` takes `_kivi_decode_folded` instead: the scales folded into the matrix
+    products, codes never dequantized (ValueError where its shapes do not allow it: `_variant`).
     """
     if triton is None:
         raise RuntimeError("the fused KIVI decode kernel needs triton (pip install 'kvsqueeze[gpu]')")
@@ -249,18 +417,50 @@ def kivi_decode_attention(q: torch.Tensor, store, k_res: torch.Tensor, v_res: to
         n_q_splits = math.ceil(NQ / chunk)
     total = n_q_splits + 1  # + the residual split
     extra = {} if num_stages is None else {"num_stages": num_stages}
+    kernel, meta = _variant(fold, HQ // HK, G, GV, block_n, bits, scale_loads)
     out = split_kv_decode(
-        _kivi_decode_split, (q3, kc, ks, kz, vc, vs, vz, k_res, v_res, q3, q3),
+        kernel, (q3, kc, ks, kz, vc, vs, vz, k_res, v_res, q3, q3),
         (NQ, k_res.shape[2], chunk,
          q3.stride(0), q3.stride(1), 0, 0, 0, 0,
          kc.stride(1), kc.stride(2), ks.stride(1), ks.stride(2),
          vc.stride(1), vc.stride(2), vs.stride(1), vs.stride(2),
          k_res.stride(1), k_res.stride(2), v_res.stride(1), v_res.stride(2)),
         q3, HK, total, scale, "the fused KIVI kernel",
-        BITS=bits, G=G, GV=GV, BLOCK_N=block_n, BLOCK_R=64, SCALE_LOADS=scale_loads, FOLD=fold,
-        DT=tl.float16 if q.dtype == torch.float16 else tl.bfloat16, num_warps=num_warps, **extra,
+        BITS=bits, G=G, GV=GV, BLOCK_N=block_n, BLOCK_R=64,
+        DT=tl.float16 if q.dtype == torch.float16 else tl.bfloat16, num_warps=num_warps, **meta, **extra,
     )
     return out if squeeze else out[:, :, None]
+
+
+FOLD = False  # `kivi_decode_static`'s default kernel: False the split kernel, True `_kivi_decode_folded`
+MAXNREG = None  # `kivi_decode_static`'s default register cap per thread (None: the compiler's choice)
+PER_SM = 2  # `kivi_decode_static`'s default programs per SM of the split plan
+
+
+def _launch_options(maxnreg: int | None, num_stages: int | None, device) -> dict:
+    """Triton launch options of `kivi_decode_static`: the register cap (default `MAXNREG`; CUDA only) and the
+    software-pipelining stages, where set."""
+    out = {} if num_stages is None else {"num_stages": num_stages}
+    maxnreg = MAXNREG if maxnreg is None else maxnreg
+    if maxnreg is not None and device.type == "cuda":
+        out["maxnreg"] = maxnreg
+    return out
+
+
+def _variant(fold: bool, gq: int, group: int, value_group: int, block_n: int, bits: int,
+             scale_loads: bool = False) -> tuple:
+    """(kernel, its extra constexprs): `_kivi_decode_split` or, with `fold`, `_kivi_decode_folded` and its stacked
+    rows per query (GQP: the GQ queries rounded up to a power of two, and so that NG * GQP >= 16 rows for
+    tl.dot). Raises ValueError where the folded kernel's tl.dot shapes do not hold (value groups of fewer than 16
+    channels, sub-tiles of fewer than 16 tokens)."""
+    if not fold:
+        return _kivi_decode_split, {"SCALE_LOADS": scale_loads}
+    ng = block_n // group
+    if value_group < 16 or block_n * bits // 8 < 16 or bits not in (2, 4) or scale_loads:
+        raise ValueError(f"the folded KIVI kernel needs 2 or 4 bits, value groups and sub-tiles of >= 16 (G_v="
+                         f"{value_group}, block {block_n} at {bits} bits) and no scale_loads")
+    return _kivi_decode_folded, {"GQP": max(triton.next_power_of_2(gq), triton.next_power_of_2(-(-16 // ng))),
+                                 "ASM": os.environ.get("TRITON_INTERPRET") != "1"}
 
 
 def _static_dot_dtype(q: torch.Tensor):
@@ -276,7 +476,8 @@ def kivi_decode_static(q: torch.Tensor, kc: torch.Tensor, ks: torch.Tensor, kz: 
                        nq: torch.Tensor, nr: torch.Tensor, bits: int, group: int, value_group: int,
                        scale: float | None = None, q_valid: torch.Tensor | None = None,
                        r_valid: torch.Tensor | None = None, block_n: int | None = None,
-                       num_warps: int = 4, programs_per_sm: int = 2) -> torch.Tensor:
+                       num_warps: int = 4, programs_per_sm: int | None = None, fold: bool | None = None,
+                       maxnreg: int | None = None, num_stages: int | None = None) -> torch.Tensor:
     """The fused KIVI decode attention over fixed-capacity buffers with lengths on the device (the static,
     capturable decode step: `kvsqueeze.quant.kivi_static.StaticKIVI`); the same kernel as `kivi_decode_attention`.
 
@@ -288,8 +489,11 @@ def kivi_decode_static(q: torch.Tensor, kc: torch.Tensor, ks: torch.Tensor, kz: 
     [0, nq) and [0, nr) count); q_valid (B, HK, CQ) / r_valid (B, HK, NR_max) bool, optional: which of those slots
     attention may see (padding, narrower heads); both or neither. The grid is planned on CQ (no host number per
     step: capturable in a CUDA graph, a user-defined Triton kernel under `torch.compile`); splits past nq exit
-    at once. Returns (B, HQ, D) in q's dtype. Raises RuntimeError without triton, ValueError for a grouping the
-    kernel does not take. Every (row, kv head) must see one slot at least (the current token is in the residual)."""
+    at once (`programs_per_sm`: default `PER_SM`). `fold` (default `FOLD`) picks `_kivi_decode_folded`
+    (`_variant`); `maxnreg` (registers per thread, default `MAXNREG`) and `num_stages` are Triton's launch
+    options (bench/kivi_kernels.py sweeps them). Returns (B, HQ, D) in q's dtype.
+    Raises RuntimeError without triton, ValueError for a grouping the kernel does not take. Every (row, kv head)
+    must see one slot at least (the current token is in the residual)."""
     if triton is None:
         raise RuntimeError("the fused KIVI decode kernel needs triton (pip install 'kvsqueeze[gpu]')")
     B, HQ, D = q.shape
@@ -304,12 +508,14 @@ def kivi_decode_static(q: torch.Tensor, kc: torch.Tensor, ks: torch.Tensor, kz: 
             (q_valid is None) != (r_valid is None):
         raise ValueError(f"unsupported KIVI grouping for the kernel: G={group}, G_v={value_group}, {bits} bits, "
                          f"block {block_n} (or only one of q_valid / r_valid given)")
-    n_q_splits, chunk = _split_plan(B * HK, cq, block_n, _sm_count(q.device), programs_per_sm)
+    n_q_splits, chunk = _split_plan(B * HK, cq, block_n, _sm_count(q.device),
+                                    PER_SM if programs_per_sm is None else programs_per_sm)
     total = n_q_splits + 1  # + the residual split
     masked = q_valid is not None
     qm, rm = (q_valid, r_valid) if masked else (q, q)
+    kernel, meta = _variant(FOLD if fold is None else fold, HQ // HK, group, value_group, block_n, bits)
     return split_kv_decode(
-        _kivi_decode_split, (q, kc, ks, kz, vc, vs, vz, k_res, v_res, qm, rm),
+        kernel, (q, kc, ks, kz, vc, vs, vz, k_res, v_res, qm, rm),
         (nq, nr, chunk,
          q.stride(0), q.stride(1),
          qm.stride(0) if masked else 0, qm.stride(1) if masked else 0,
@@ -319,8 +525,8 @@ def kivi_decode_static(q: torch.Tensor, kc: torch.Tensor, ks: torch.Tensor, kz: 
          k_res.stride(1), k_res.stride(2), v_res.stride(1), v_res.stride(2)),
         q, HK, total, scale, "the fused KIVI kernel",
         BITS=bits, G=group, GV=value_group, BLOCK_N=block_n, BLOCK_R=64,
-        SCALE_LOADS=False, FOLD=False, DT=_static_dot_dtype(q), DEV_LENS=True, HAS_MASK=masked,
-        num_warps=num_warps,
+        DT=_static_dot_dtype(q), DEV_LENS=True, HAS_MASK=masked, num_warps=num_warps, **meta,
+        **_launch_options(maxnreg, num_stages, q.device),
     )
 
 
