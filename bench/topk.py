@@ -1,6 +1,6 @@
 """Times the page choice of the static selectors on the GPU: torch.topk + an index sort against the top-k kernels
-(kernels/topk.py: algo "search", "sample" (the default) and "split") over their search widths, warps, tiles,
-samples and segments.
+(kernels/topk.py: algo "search", "sample" and "split"; the default "auto" takes split from 4096 scores on) over
+their search widths, warps, tiles, samples and segments.
 
     python bench/topk.py                                   # H200: well under a minute
     python bench/topk.py --cases 8x8200:256 --ways 2,4,8,16 --warps 4,8,16 --tiles 1024,4096 --json topk.json
@@ -76,7 +76,8 @@ def main(argv=None) -> int:
     ap.add_argument("--ways", default="4,8", help="The kernel's search widths (powers of two).")
     ap.add_argument("--warps", default="4,8", help="The kernel's warps per program.")
     ap.add_argument("--tiles", default="1024,2048,4096", help="The kernel's tiles (scores per pass step).")
-    ap.add_argument("--algos", default="search", help="The kernels: search, sample (the default kernel), split.")
+    ap.add_argument("--algos", default="search",
+                    help="The kernels: search, sample, split (the default 'auto' takes split from 4096 scores on).")
     ap.add_argument("--samples", default="1024", help="The sample and split kernels' sample sizes (powers of two).")
     ap.add_argument("--segments", default="512", help="The split kernel's segments (scores per program, powers of two).")
     ap.add_argument("--layers", type=int, default=30, help="Calls per step (one per sparse layer).")
