@@ -75,7 +75,8 @@ def test_static_kernels_equal_dequantized_attention(hq, hk, bits, G, GV, nq, mas
                              fold=fold)
     assert out.shape == (B, hq, D)
     err = float((out.float().cpu() - ref).norm() / ref.norm())
-    assert err < 6e-3, err  # the output is rounded to bf16 (2^-9)
+    # the output is rounded to bf16 (2^-9); on CUDA the tl.dot operands too (the interpreter multiplies in fp32)
+    assert err < (2e-2 if CUDA else 6e-3), err
 
 
 def test_folded_kernel_refuses_value_groups_below_16():
@@ -88,3 +89,16 @@ def test_folded_kernel_refuses_value_groups_below_16():
     assert _variant(True, 3, 128, 32, 128, 2)[1]["GQP"] == 16
     with pytest.raises(ValueError, match="2 or 4 bits"):
         _variant(True, 4, 32, 32, 128, 8)
+    assert _variant(None, 4, 32, 32, 128, 8)[0] is not _variant(True, 4, 32, 32, 128, 2)[0]  # falls back
+
+
+def test_default_kernel_falls_back_where_the_folded_one_does_not_apply(monkeypatch):
+    from kvsqueeze.kernels import kivi_decode
+
+    monkeypatch.setattr(kivi_decode, "FOLD", True)
+    folded = kivi_decode._variant(True, 4, 32, 32, 128, 2)[0]
+    assert kivi_decode._variant(None, 4, 32, 32, 128, 2)[0] is folded
+    for args in [(4, 32, 32, 64, 8), (4, 32, 8, 128, 2)]:  # 8 bits; value groups of 8 channels
+        assert kivi_decode._variant(None, *args)[0] is not folded
+    monkeypatch.setattr(kivi_decode, "FOLD", False)
+    assert kivi_decode._variant(None, 4, 32, 32, 128, 2)[0] is not folded

@@ -432,33 +432,44 @@ def kivi_decode_attention(q: torch.Tensor, store, k_res: torch.Tensor, v_res: to
     return out if squeeze else out[:, :, None]
 
 
-FOLD = False  # `kivi_decode_static`'s default kernel: False the split kernel, True `_kivi_decode_folded`
+# the default kernel where it applies: True `_kivi_decode_folded` (bench/kivi_kernels.py on the H200: 1337 against the
+# split kernel's 2197 us per step of 32 layers at 32k), False `_kivi_decode_split`
+FOLD = True
 MAXNREG = None  # `kivi_decode_static`'s default register cap per thread (None: the compiler's choice)
 PER_SM = 2  # `kivi_decode_static`'s default programs per SM of the split plan
 
 
 def _launch_options(maxnreg: int | None, num_stages: int | None, device) -> dict:
-    """Triton launch options of `kivi_decode_static`: the register cap (default `MAXNREG`; CUDA only) and the
-    software-pipelining stages, where set."""
+    """Triton launch options of `kivi_decode_static`: the register cap (default `MAXNREG`; CUDA only, and not
+    under torch.compile, whose wrapper of user-defined Triton kernels passes `maxnreg` to the kernel as an
+    argument: the sixteenth session's compiled step failed on it) and the software-pipelining stages, where set."""
     out = {} if num_stages is None else {"num_stages": num_stages}
     maxnreg = MAXNREG if maxnreg is None else maxnreg
-    if maxnreg is not None and device.type == "cuda":
+    if maxnreg is not None and device.type == "cuda" and not torch.compiler.is_compiling():
         out["maxnreg"] = maxnreg
     return out
 
 
-def _variant(fold: bool, gq: int, group: int, value_group: int, block_n: int, bits: int,
+def folded_applies(group: int, value_group: int, block_n: int, bits: int) -> bool:
+    """Whether `_kivi_decode_folded` takes this layout: 2 or 4 bits, value groups of >= 16 channels and sub-tiles
+    of >= 16 tokens (its tl.dot shapes)."""
+    return bits in (2, 4) and value_group >= 16 and block_n * bits // 8 >= 16 and block_n % group == 0
+
+
+def _variant(fold: bool | None, gq: int, group: int, value_group: int, block_n: int, bits: int,
              scale_loads: bool = False) -> tuple:
-    """(kernel, its extra constexprs): `_kivi_decode_split` or, with `fold`, `_kivi_decode_folded` and its stacked
+    """(kernel, its extra constexprs): `_kivi_decode_split`, or `_kivi_decode_folded` with `fold` and its stacked
     rows per query (GQP: the GQ queries rounded up to a power of two, and so that NG * GQP >= 16 rows for
-    tl.dot). Raises ValueError where the folded kernel's tl.dot shapes do not hold (value groups of fewer than 16
-    channels, sub-tiles of fewer than 16 tokens)."""
+    tl.dot). fold None: `FOLD` where `folded_applies`, else the split kernel. Raises ValueError for fold=True
+    where the folded kernel does not apply (`folded_applies`) or with scale_loads."""
+    if fold is None:
+        fold = FOLD and not scale_loads and folded_applies(group, value_group, block_n, bits)
     if not fold:
         return _kivi_decode_split, {"SCALE_LOADS": scale_loads}
-    ng = block_n // group
-    if value_group < 16 or block_n * bits // 8 < 16 or bits not in (2, 4) or scale_loads:
+    if scale_loads or not folded_applies(group, value_group, block_n, bits):
         raise ValueError(f"the folded KIVI kernel needs 2 or 4 bits, value groups and sub-tiles of >= 16 (G_v="
                          f"{value_group}, block {block_n} at {bits} bits) and no scale_loads")
+    ng = block_n // group
     return _kivi_decode_folded, {"GQP": max(triton.next_power_of_2(gq), triton.next_power_of_2(-(-16 // ng))),
                                  "ASM": os.environ.get("TRITON_INTERPRET") != "1"}
 
@@ -513,7 +524,7 @@ def kivi_decode_static(q: torch.Tensor, kc: torch.Tensor, ks: torch.Tensor, kz: 
     total = n_q_splits + 1  # + the residual split
     masked = q_valid is not None
     qm, rm = (q_valid, r_valid) if masked else (q, q)
-    kernel, meta = _variant(FOLD if fold is None else fold, HQ // HK, group, value_group, block_n, bits)
+    kernel, meta = _variant(fold, HQ // HK, group, value_group, block_n, bits)
     return split_kv_decode(
         kernel, (q, kc, ks, kz, vc, vs, vz, k_res, v_res, qm, rm),
         (nq, nr, chunk,
