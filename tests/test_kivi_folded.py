@@ -12,8 +12,9 @@ from kvsqueeze.kernels.split_kv import triton
 
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
-pytestmark = pytest.mark.skipif(triton is None or (not CUDA and os.environ.get("TRITON_INTERPRET") != "1"),
-                                reason="needs triton (not in the CPU venv), and CUDA or TRITON_INTERPRET=1")
+kernel_runs = pytest.mark.skipif(triton is None or (not CUDA and os.environ.get("TRITON_INTERPRET") != "1"),
+                                 reason="needs triton (not in the CPU venv), and CUDA or TRITON_INTERPRET=1")
+needs_triton = pytest.mark.skipif(triton is None, reason="needs triton (not in the CPU venv)")
 
 
 def _buffers(seed, B, HK, cq, nr_max, D, bits, G, GV):
@@ -50,6 +51,7 @@ def _reference(q, k, v, kr, vr, nq, nr, qv, rv):
     return torch.einsum("bhn,bhnd->bhd", logits.softmax(-1), vals)
 
 
+@kernel_runs
 @pytest.mark.parametrize("hq,hk,bits,G,GV,nq,masked", [
     (32, 8, 2, 32, 32, 416, False),  # Llama-3.1-8B's group (4 queries per kv head), KIVI-2's default groups
     (9, 3, 2, 32, 32, 160, True),  # SmolLM2's group of 3 (padded to 4 stacked rows), hidden slots
@@ -79,6 +81,7 @@ def test_static_kernels_equal_dequantized_attention(hq, hk, bits, G, GV, nq, mas
     assert err < (2e-2 if CUDA else 6e-3), err
 
 
+@needs_triton
 def test_folded_kernel_refuses_value_groups_below_16():
     from kvsqueeze.kernels.kivi_decode import _variant
 
@@ -92,6 +95,7 @@ def test_folded_kernel_refuses_value_groups_below_16():
     assert _variant(None, 4, 32, 32, 128, 8)[0] is not _variant(True, 4, 32, 32, 128, 2)[0]  # falls back
 
 
+@needs_triton
 def test_default_kernel_falls_back_where_the_folded_one_does_not_apply(monkeypatch):
     from kvsqueeze.kernels import kivi_decode
 
@@ -102,3 +106,48 @@ def test_default_kernel_falls_back_where_the_folded_one_does_not_apply(monkeypat
         assert kivi_decode._variant(None, *args)[0] is not folded
     monkeypatch.setattr(kivi_decode, "FOLD", False)
     assert kivi_decode._variant(None, 4, 32, 32, 128, 2)[0] is not folded
+
+
+_COMPILE = """
+import sys
+from triton import compile
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import triton.language as tl
+from kvsqueeze.kernels import kivi_decode as K
+
+fn = getattr(K, sys.argv[1])
+sig = {n: "*bf16" for n in ["Q", "KS", "KZ", "VS", "VZ", "KR", "VR", "QM", "RM"]}
+sig.update({"KC": "*u8", "VC": "*u8", "O_ACC": "*fp32", "O_M": "*fp32", "O_L": "*fp32", "qk_scale": "fp64",
+            "NQ": "*i64", "NR": "*i64", "CHUNK": "i32"})
+sig.update({n: "i32" for n in fn.arg_names if n.startswith("s_")})
+consts = dict(HK=8, GQ=4, GP=16, D=128, BITS=2, G=32, GV=32, BLOCK_N=128, BLOCK_R=64, DT=tl.bfloat16,
+              DEV_LENS=True, HAS_MASK=False, GQP=4, ASM=True, SCALE_LOADS=False)
+consts = {k: v for k, v in consts.items() if k in fn.arg_names}
+sig = {k: v for k, v in sig.items() if k in fn.arg_names}
+sig.update({name: "constexpr" for name in consts})
+k = compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
+            options={"num_warps": 4})
+print("cubin", len(k.asm["cubin"]))
+"""
+
+
+@needs_triton
+@pytest.mark.parametrize("kernel", ["_kivi_decode_split", "_kivi_decode_folded"])
+def test_kernels_compile_for_sm90_with_a_float64_scale(kernel):
+    """Both KIVI kernels through Triton's whole compiler for sm_90 (no GPU needed; a subprocess without
+    TRITON_INTERPRET), with qk_scale typed float64 as torch.compile's wrapper of user-defined kernels passes a
+    Python float: the softmax must stay in float32 (the folded kernel's batched tl.dot with an accumulator failed
+    to compile in the sixteenth session's compiled step)."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    r = subprocess.run([sys.executable, "-c", _COMPILE, kernel], capture_output=True, text=True, env=env,
+                       timeout=600)
+    if r.returncode != 0 and ("ImportError" in r.stderr or "ModuleNotFoundError" in r.stderr):
+        pytest.skip(f"this triton cannot compile for sm_90 here: {r.stderr.strip().splitlines()[-1]}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert int(r.stdout.split()[1]) > 0

@@ -46,7 +46,7 @@ if triton is not None:
             s = tl.dot(q, tl.trans(k), input_precision="ieee")
         else:
             s = tl.dot(q, tl.trans(k))
-        s = s * scaling
+        s = (s * scaling).to(tl.float32)  # float32 even where the scale comes as float64 (torch.compile)
         ok = kmask[None, :]
         if HAS_POS:
             kp = tl.load(KP + bhk * s_kp_bh + j, mask=kmask, other=0)
