@@ -185,6 +185,7 @@ class Clock:
 
 
 PROFILE_STEPS = 0  # --profile: steps traced after the timed ones (0: none)
+PROFILE_TOP = 14  # --profile-top: kernels listed per profiled row
 
 
 def add_topk_option(ap) -> None:
@@ -235,7 +236,7 @@ def timed(step, warmup: int, steps: int, device) -> list[float]:
         clock.mark()
     ms = clock.steps_ms()
     if PROFILE_STEPS:
-        kernel_profile(step, PROFILE_STEPS, device)
+        kernel_profile(step, PROFILE_STEPS, device, PROFILE_TOP)
     return ms
 
 
@@ -402,13 +403,15 @@ def main(argv=None) -> int:
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="After timing each row, trace N more steps and print its kernels per step (count, us, top "
                          "kernels).")
+    ap.add_argument("--profile-top", type=int, default=14, metavar="K",
+                    help="With --profile: list the K kernels that take the most time per step (default 14).")
     ap.add_argument("--json", default=None, help="Write the rows to this JSON file.")
     add_topk_option(ap)
     add_kivi_options(ap)
     ap.add_argument("--quick", action="store_true", help="Tiny shapes on the CPU (checks the script end to end).")
     args = ap.parse_args(argv)
-    global PROFILE_STEPS
-    PROFILE_STEPS = args.profile
+    global PROFILE_STEPS, PROFILE_TOP
+    PROFILE_STEPS, PROFILE_TOP = args.profile, args.profile_top
     set_topk(args.topk)
     set_kivi(args)
 
