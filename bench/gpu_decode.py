@@ -198,7 +198,8 @@ def add_topk_option(ap) -> None:
 
 def add_kivi_options(ap) -> None:
     """`--kivi-kernel`, `--kivi-maxnreg`, `--kivi-per-sm`: the static KIVI step's fused kernel and its launch
-    (kernels/kivi_decode.py FOLD, MAXNREG, PER_SM; bench/kivi_kernels.py times them alone)."""
+    (kernels/kivi_decode.py FOLD, MAXNREG / FOLDED_MAXNREG, PER_SM / FOLDED_PER_SM; bench/kivi_kernels.py times
+    them alone)."""
     ap.add_argument("--kivi-kernel", choices=("split", "folded"), default=None,
                     help="The static KIVI step's kernel (default: kernels/kivi_decode.py FOLD).")
     ap.add_argument("--kivi-maxnreg", type=int, default=None, help="Its register cap per thread (0: none).")
@@ -211,10 +212,10 @@ def set_kivi(args) -> None:
 
     if args.kivi_kernel is not None:
         kivi_decode.FOLD = args.kivi_kernel == "folded"
-    if args.kivi_maxnreg is not None:
-        kivi_decode.MAXNREG = args.kivi_maxnreg or None
+    if args.kivi_maxnreg is not None:  # either kernel's
+        kivi_decode.MAXNREG = kivi_decode.FOLDED_MAXNREG = args.kivi_maxnreg or None
     if args.kivi_per_sm is not None:
-        kivi_decode.PER_SM = args.kivi_per_sm
+        kivi_decode.PER_SM = kivi_decode.FOLDED_PER_SM = args.kivi_per_sm
 
 
 def set_topk(choice: str) -> None:

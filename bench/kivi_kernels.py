@@ -105,7 +105,7 @@ def main(argv=None) -> int:
                 kq, vq, kr, vr = lay
                 return kivi_decode_static(q, kq.codes, kq.scale, kq.zero, vq.codes, vq.scale, vq.zero, kr, vr, nq,
                                           nr, bits, G, G, num_warps=w, programs_per_sm=pps,
-                                          fold=kernel == "folded", maxnreg=cap or None)
+                                          fold=kernel == "folded", maxnreg=cap)
 
             for kernel in kernels:
                 for cap in caps:

@@ -214,3 +214,33 @@ def test_fused_kernel_under_the_interpreter(model, bits, padded):
     assert got == ref
     for a, b in zip(logits, ref_logits):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.skipif(not _interpreter(), reason="Triton's CPU interpreter: TRITON_INTERPRET=1 with triton installed")
+def test_compiled_folded_kernel_under_the_interpreter(monkeypatch):
+    """The folded kernel (`kvsqueeze::kivi_decode_folded`, an opaque operator) in the compiled step (fullgraph,
+    aot_eager): the eager KIVI cache's tokens and logits. Head dim 64 and groups of 32 (the folded kernel's tl.dot
+    shapes); the split kernel cannot be traced under the interpreter, so it has no compiled twin here."""
+    from conftest import tiny_llama_d64
+
+    from kvsqueeze.kernels import kivi_decode
+
+    monkeypatch.setattr(kivi_decode, "FOLD", True)
+    m = tiny_llama_d64()
+    ids = torch.randint(1, 128, (1, 100), generator=torch.Generator().manual_seed(5))
+    caches, firsts = [], []
+    for _ in range(2):
+        c = kq.CompressedCache(m, get_method("full"), layer_factory=kivi(2, group=32, residual=32))
+        firsts.append(prefill(m, c, ids))
+        caches.append(c)
+    n = 8
+    ref, ref_logits = _eager(m, caches[0], firsts[0], n)
+    static = StaticCompressedCache.from_cache(caches[1], n)
+    assert int(static.slots.nq.min()) > 0  # the prefill left quantized groups for the kernel to read
+    torch._dynamo.reset()
+    logits = []
+    got = static_greedy_decode(m, static, firsts[1], n, set(), compile=True, backend="aot_eager", logits_out=logits,
+                               kernel="triton")
+    assert got == ref
+    for x, y in zip(logits, ref_logits):
+        torch.testing.assert_close(x, y, atol=1e-4, rtol=1e-4)

@@ -450,17 +450,21 @@ def kivi_decode_attention(q: torch.Tensor, store, k_res: torch.Tensor, v_res: to
 # split kernel's 2197 us per step of 32 layers at 32k), False `_kivi_decode_split`. False until the folded kernel's
 # compiled static step has run on a GPU (the sixteenth session's failed on a float64 scale, fixed since, not re-run)
 FOLD = False
-MAXNREG = None  # `kivi_decode_static`'s default register cap per thread (None: the compiler's choice)
-PER_SM = 2  # `kivi_decode_static`'s default programs per SM of the split plan
+MAXNREG = None  # the split kernel's register cap per thread in `kivi_decode_static` (None: the compiler's choice)
+PER_SM = 2  # the split kernel's programs per SM of the split plan in `kivi_decode_static`
+# the folded kernel's launch in `kivi_decode_static`: the fastest of bench/kivi_kernels.py's sweep on the H200
+# (1244 us per step of 32 layers at 32k; 1337 at 2 per SM without a cap)
+FOLDED_PER_SM = 3
+FOLDED_MAXNREG = 168
 
 
 def _launch_options(maxnreg: int | None, num_stages: int | None, device) -> dict:
-    """Triton launch options of `kivi_decode_static`: the register cap (default `MAXNREG`; CUDA only, and not
+    """Triton launch options of `kivi_decode_static`: the register cap (default `MAXNREG`, 0 none; CUDA only, and not
     under torch.compile, whose wrapper of user-defined Triton kernels passes `maxnreg` to the kernel as an
     argument: the sixteenth session's compiled step failed on it) and the software-pipelining stages, where set."""
     out = {} if num_stages is None else {"num_stages": num_stages}
     maxnreg = MAXNREG if maxnreg is None else maxnreg
-    if maxnreg is not None and device.type == "cuda" and not torch.compiler.is_compiling():
+    if maxnreg and device.type == "cuda" and not torch.compiler.is_compiling():
         out["maxnreg"] = maxnreg
     return out
 
@@ -505,7 +509,7 @@ def kivi_decode_static(q: torch.Tensor, kc: torch.Tensor, ks: torch.Tensor, kz: 
                        num_warps: int = 4, programs_per_sm: int | None = None, fold: bool | None = None,
                        maxnreg: int | None = None, num_stages: int | None = None) -> torch.Tensor:
     """The fused KIVI decode attention over fixed-capacity buffers with lengths on the device (the static,
-    capturable decode step: `kvsqueeze.quant.kivi_static.StaticKIVI`); the same kernel as `kivi_decode_attention`.
+    capturable decode step: `kvsqueeze.quant.kivi_static.StaticKIVI`); the same kernels as `kivi_decode_attention`.
 
     q: (B, HQ, D). Packed keys kc: (B, HK, CQ * bits / 8, D) uint8 (codes packed along tokens), ks / kz:
     (B, HK, CQ / group, D) bfloat16 per-channel scales / zeros; values vc: (B, HK, CQ * bits / 8, D) uint8,
@@ -514,19 +518,19 @@ def kivi_decode_static(q: torch.Tensor, kc: torch.Tensor, ks: torch.Tensor, kz: 
     long device tensors, the quantized tokens (a multiple of `group`) and residual tokens in use (slots
     [0, nq) and [0, nr) count); q_valid (B, HK, CQ) / r_valid (B, HK, NR_max) bool, optional: which of those slots
     attention may see (padding, narrower heads); both or neither. The grid is planned on CQ (no host number per
-    step: capturable in a CUDA graph, a user-defined Triton kernel under `torch.compile`); splits past nq exit
-    at once (`programs_per_sm`: default `PER_SM`). `fold` (default `FOLD`) picks `_kivi_decode_folded`
-    (`_variant`); `maxnreg` (registers per thread, default `MAXNREG`) and `num_stages` are Triton's launch
-    options (bench/kivi_kernels.py sweeps them). Returns (B, HQ, D) in q's dtype.
-    Raises RuntimeError without triton, ValueError for a grouping the kernel does not take. Every (row, kv head)
-    must see one slot at least (the current token is in the residual)."""
+    step: capturable in a CUDA graph); splits past nq exit at once.
+
+    `fold` (default `FOLD`, where `folded_applies`) picks `_kivi_decode_folded`; it runs as the opaque operator
+    `kvsqueeze::kivi_decode_folded` (under torch.compile an extern kernel: its launch options reach Triton, which
+    torch.compile's wrapper of user-defined kernels does not allow for `maxnreg`), launched by default at
+    `FOLDED_PER_SM` programs per SM and `FOLDED_MAXNREG` registers (the fastest on the H200). The split kernel is a
+    user-defined Triton kernel under torch.compile, at `PER_SM` programs per SM. `programs_per_sm`, `maxnreg`
+    (registers per thread, 0: the compiler's choice) and `num_stages` override those (bench/kivi_kernels.py sweeps
+    them). Returns (B, HQ, D) in q's dtype. Raises RuntimeError without triton, ValueError for a grouping the
+    kernel does not take. Every (row, kv head) must see one slot at least (the current token is in the residual)."""
     if triton is None:
         raise RuntimeError("the fused KIVI decode kernel needs triton (pip install 'kvsqueeze[gpu]')")
-    B, HQ, D = q.shape
-    HK = k_res.shape[1]
-    scale = D ** -0.5 if scale is None else scale
     per = 8 // bits
-    cq = kc.shape[2] * per
     if block_n is None:
         block_n = 128 if bits <= 2 else 64
     block_n = max(block_n, group, 16 * per)
@@ -534,8 +538,26 @@ def kivi_decode_static(q: torch.Tensor, kc: torch.Tensor, ks: torch.Tensor, kz: 
             (q_valid is None) != (r_valid is None):
         raise ValueError(f"unsupported KIVI grouping for the kernel: G={group}, G_v={value_group}, {bits} bits, "
                          f"block {block_n} (or only one of q_valid / r_valid given)")
-    n_q_splits, chunk = _split_plan(B * HK, cq, block_n, _sm_count(q.device),
-                                    PER_SM if programs_per_sm is None else programs_per_sm)
+    kernel, _ = _variant(fold, q.shape[1] // k_res.shape[1], group, value_group, block_n, bits)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if kernel is _kivi_decode_split:
+        return _launch_static(q, kc, ks, kz, vc, vs, vz, k_res, v_res, nq, nr, q_valid, r_valid, bits, group,
+                              value_group, scale, block_n, num_warps,
+                              PER_SM if programs_per_sm is None else programs_per_sm, False,
+                              MAXNREG if maxnreg is None else maxnreg, num_stages)
+    return _folded_op(q, kc, ks, kz, vc, vs, vz, k_res, v_res, nq, nr, q_valid, r_valid, bits, group, value_group,
+                      scale, block_n, num_warps, FOLDED_PER_SM if programs_per_sm is None else programs_per_sm,
+                      (FOLDED_MAXNREG if maxnreg is None else maxnreg) or 0, num_stages or 0)
+
+
+def _launch_static(q, kc, ks, kz, vc, vs, vz, k_res, v_res, nq, nr, q_valid, r_valid, bits: int, group: int,
+                   value_group: int, scale: float, block_n: int, num_warps: int, per_sm: int, fold: bool,
+                   maxnreg: int | None, num_stages: int | None) -> torch.Tensor:
+    """`kivi_decode_static`'s launch of the split or folded kernel (arguments checked there)."""
+    B, HQ, D = q.shape
+    HK = k_res.shape[1]
+    cq = kc.shape[2] * (8 // bits)
+    n_q_splits, chunk = _split_plan(B * HK, cq, block_n, _sm_count(q.device), per_sm)
     total = n_q_splits + 1  # + the residual split
     masked = q_valid is not None
     qm, rm = (q_valid, r_valid) if masked else (q, q)
@@ -554,6 +576,25 @@ def kivi_decode_static(q: torch.Tensor, kc: torch.Tensor, ks: torch.Tensor, kz: 
         DT=_static_dot_dtype(q), DEV_LENS=True, HAS_MASK=masked, num_warps=num_warps, **meta,
         **_launch_options(maxnreg, num_stages, q.device),
     )
+
+
+# The folded kernel as one opaque operator for torch.compile (as kernels/predictor_cnn.py's): inductor calls the
+# launch as an extern kernel, so `maxnreg` reaches Triton and the scale stays a float32 argument; CUDA graphs
+# capture the launch as any other.
+@torch.library.custom_op("kvsqueeze::kivi_decode_folded", mutates_args=())
+def _folded_op(q: torch.Tensor, kc: torch.Tensor, ks: torch.Tensor, kz: torch.Tensor, vc: torch.Tensor,
+               vs: torch.Tensor, vz: torch.Tensor, k_res: torch.Tensor, v_res: torch.Tensor, nq: torch.Tensor,
+               nr: torch.Tensor, q_valid: torch.Tensor | None, r_valid: torch.Tensor | None, bits: int, group: int,
+               value_group: int, scale: float, block_n: int, num_warps: int, per_sm: int, maxnreg: int,
+               num_stages: int) -> torch.Tensor:
+    return _launch_static(q, kc, ks, kz, vc, vs, vz, k_res, v_res, nq, nr, q_valid, r_valid, bits, group,
+                          value_group, scale, block_n, num_warps, per_sm, True, maxnreg or None, num_stages or None)
+
+
+@_folded_op.register_fake
+def _(q, kc, ks, kz, vc, vs, vz, k_res, v_res, nq, nr, q_valid, r_valid, bits, group, value_group, scale, block_n,
+      num_warps, per_sm, maxnreg, num_stages):
+    return q.new_empty(q.shape)
 
 
 def reference_decode_attention(q: torch.Tensor, store, k_res: torch.Tensor, v_res: torch.Tensor,
