@@ -3,7 +3,7 @@ the folded one, `fold=True`) over their launch settings, against the fp16 slot k
 
     python bench/kivi_kernels.py                                   # H200: about a minute
     python bench/kivi_kernels.py --context 32768 --bits 2 --kernels split,folded --maxnreg 0,168,128 \\
-        --per-sm 2,3,4 --json kivi_kernels.json
+        --per-sm 2,3,4 --stages 0,1 --json kivi_kernels.json
 
 A case is Llama-3.1-8B's decode step at batch 1: query (1, 32, 128) bf16 over 8 kv heads, `--context` tokens
 quantized by `quant.packing.quantize` (KIVI: keys per channel in groups of 32 tokens, values per token in groups
@@ -18,6 +18,7 @@ CUDA (one error line, exit 2, otherwise).
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import sys
 
@@ -41,6 +42,7 @@ def main(argv=None) -> int:
     ap.add_argument("--maxnreg", default="0,168,128", help="Register caps per thread (0: the compiler's choice).")
     ap.add_argument("--per-sm", default="2,3,4", help="Programs per SM of the split plan.")
     ap.add_argument("--warps", default="4", help="Warps per program.")
+    ap.add_argument("--stages", default="0", help="Software-pipelining stages (0: Triton's default, 3).")
     ap.add_argument("--layers", type=int, default=32, help="Calls per step (one per layer).")
     ap.add_argument("--reps", type=int, default=30, help="Timed replays per variant.")
     ap.add_argument("--json", default=None, help="Write the rows to this JSON file.")
@@ -51,6 +53,7 @@ def main(argv=None) -> int:
         caps = int_list(args.maxnreg, "--maxnreg", minimum=0)
         per_sm = int_list(args.per_sm, "--per-sm")
         warps = int_list(args.warps, "--warps", pow2=True)
+        stages = int_list(args.stages, "--stages", minimum=0)
         kernels = [k.strip() for k in args.kernels.split(",") if k.strip()]
         if not kernels or any(k not in KERNELS for k in kernels) or any(b not in (2, 4) for b in bits_list):
             raise ValueError(f"--kernels takes {', '.join(KERNELS)}; --bits takes 2 and 4")
@@ -101,30 +104,27 @@ def main(argv=None) -> int:
             nbytes = sum(t.numel() * t.element_size() for t in (kq.codes, kq.scale, kq.zero, vq.codes, vq.scale,
                                                                  vq.zero)) + 2 * NR * HK * D * 2
 
-            def call(lay, kernel, cap, pps, w):
+            def call(lay, kernel, cap, pps, w, st):
                 kq, vq, kr, vr = lay
                 return kivi_decode_static(q, kq.codes, kq.scale, kq.zero, vq.codes, vq.scale, vq.zero, kr, vr, nq,
                                           nr, bits, G, G, num_warps=w, programs_per_sm=pps,
-                                          fold=kernel == "folded", maxnreg=cap)
+                                          fold=kernel == "folded", maxnreg=cap, num_stages=st or None)
 
-            for kernel in kernels:
-                for cap in caps:
-                    for pps in per_sm:
-                        for w in warps:
-                            name = f"KIVI-{bits} {kernel} maxnreg={cap or '-'} per_sm={pps} warps={w}"
-                            try:
-                                out = call(layers[0], kernel, cap, pps, w)
-                                err = float((out.float() - ref).norm() / ref.norm())
-                                us = graph_us(lambda: [call(lay, kernel, cap, pps, w) for lay in layers], args.reps)
-                            except Exception as e:  # report and keep going
-                                print(f"  n={n:<7} {name}: failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
-                                continue
-                            per = us / args.layers
-                            print(f"  n={n:<7} {name:<48} {us:9.1f} us per step {per:8.2f} per call "
-                                  f"{nbytes / per / 1e3:8.0f} GB/s  rel. err {err:.1e}", flush=True)
-                            rows.append(dict(context=n, bits=bits, variant=name, kernel=kernel, maxnreg=cap,
-                                             per_sm=pps, warps=w, us_per_step=us, us_per_call=per,
-                                             gb_per_s=nbytes / per / 1e3, rel_err=err))
+            for kernel, cap, pps, w, st in itertools.product(kernels, caps, per_sm, warps, stages):
+                name = f"KIVI-{bits} {kernel} maxnreg={cap or '-'} per_sm={pps} warps={w} stages={st or '-'}"
+                try:
+                    out = call(layers[0], kernel, cap, pps, w, st)
+                    err = float((out.float() - ref).norm() / ref.norm())
+                    us = graph_us(lambda: [call(lay, kernel, cap, pps, w, st) for lay in layers], args.reps)
+                except Exception as e:  # report and keep going
+                    print(f"  n={n:<7} {name}: failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
+                    continue
+                per = us / args.layers
+                print(f"  n={n:<7} {name:<57} {us:9.1f} us per step {per:8.2f} per call "
+                      f"{nbytes / per / 1e3:8.0f} GB/s  rel. err {err:.1e}", flush=True)
+                rows.append(dict(context=n, bits=bits, variant=name, kernel=kernel, maxnreg=cap, per_sm=pps,
+                                 warps=w, stages=st, us_per_step=us, us_per_call=per, gb_per_s=nbytes / per / 1e3,
+                                 rel_err=err))
             layers = None
             torch.cuda.empty_cache()
     write_json(args.json, args, rows)
