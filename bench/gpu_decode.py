@@ -196,6 +196,21 @@ def add_topk_option(ap) -> None:
                          f"{topk.ALGO}), one of its algos, or torch.topk + sort.")
 
 
+def add_bound_option(ap) -> None:
+    """`--bound`: the form of Quest's page bound in the static step (kernels/page_bound.py PRODUCTS)."""
+    ap.add_argument("--bound", choices=("sum", "products"), default=None,
+                    help="Quest's page bound kernel: the elementwise sum or two tensor-core products (default: "
+                         "kernels/page_bound.py PRODUCTS).")
+
+
+def set_bound(choice: str | None) -> None:
+    """Apply `--bound` to kernels/page_bound.py for the whole run."""
+    if choice is not None:
+        from kvsqueeze.kernels import page_bound
+
+        page_bound.PRODUCTS = choice == "products"
+
+
 def add_kivi_options(ap) -> None:
     """`--kivi-kernel`, `--kivi-maxnreg`, `--kivi-per-sm`: the static KIVI step's fused kernel and its launch
     (kernels/kivi_decode.py FOLD, MAXNREG / FOLDED_MAXNREG, PER_SM / FOLDED_PER_SM; bench/kivi_kernels.py times
@@ -408,12 +423,14 @@ def main(argv=None) -> int:
                     help="With --profile: list the K kernels that take the most time per step (default 14).")
     ap.add_argument("--json", default=None, help="Write the rows to this JSON file.")
     add_topk_option(ap)
+    add_bound_option(ap)
     add_kivi_options(ap)
     ap.add_argument("--quick", action="store_true", help="Tiny shapes on the CPU (checks the script end to end).")
     args = ap.parse_args(argv)
     global PROFILE_STEPS, PROFILE_TOP
     PROFILE_STEPS, PROFILE_TOP = args.profile, args.profile_top
     set_topk(args.topk)
+    set_bound(args.bound)
     set_kivi(args)
 
     target = bench_target(args.quick)

@@ -73,8 +73,8 @@ from kvsqueeze.selection import AttentionPredictor, PredictorNet, Quest  # noqa:
 
 import gpu_decode  # noqa: E402
 from _table import attempt, peak_gb, write_json  # noqa: E402
-from gpu_decode import (TINY, add_topk_option, bench_target, build_model, hf_prefill, kv_bytes_of,  # noqa: E402
-                        set_topk, timed)
+from gpu_decode import (TINY, add_bound_option, add_topk_option, bench_target, build_model, hf_prefill,  # noqa: E402
+                        kv_bytes_of, set_bound, set_topk, timed)
 
 ROWS = ("hf-offloaded", "kvsq-gpu:ap", "kvsq-offload:ap", "kvsq-gpu:quest", "kvsq-offload:quest", "kvsq-static:quest",
         "kvsq-static-mapped:quest", "kvsq-static-offload:quest", "kvsq-static:ap", "kvsq-static-offload:ap",
@@ -227,9 +227,11 @@ def main(argv=None) -> int:
                     help="AttentionPredictor rows: the static step's CNN kernels (static_attention_predictor.CNN; "
                          "slab: fused, with predictor_cnn.SLAB, one program per slab).")
     add_topk_option(ap)
+    add_bound_option(ap)
     ap.add_argument("--quick", action="store_true", help="Tiny shapes on the CPU (checks the script end to end).")
     args = ap.parse_args(argv)
     set_topk(args.topk)
+    set_bound(args.bound)
     if args.ap_cnn is not None:
         from kvsqueeze.selection import static_attention_predictor
 

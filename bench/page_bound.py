@@ -2,11 +2,13 @@
 matrix products of the eager rule (`selection.quest.page_scores`).
 
     python bench/page_bound.py                                     # H200: under a minute
-    python bench/page_bound.py --pages 8200,2056 --blocks 16,32,64,128 --warps 2,4,8 --json page_bound.json
+    python bench/page_bound.py --pages 8200,2056 --blocks 16,32,64,128 --warps 2,4,8 --forms sum,products \\
+        --json page_bound.json
 
 A case is Llama-3.1-8B's decode step at batch 1: query (1, 32, 128) bf16, page metadata kmin / kmax (1, 8, P,
 128) bf16 (P = 8200: 128k tokens in pages of 16 plus the decoded tokens' pages; 2056: 32k). `--layers` calls (one
-per sparse layer, own metadata each) are captured in one CUDA graph and replayed: us per step (median of
+per sparse layer, own metadata each) are captured in one CUDA graph and replayed (each form: the elementwise sum
+as Quest writes it, and the same sum as two tensor-core products, M . q+ + m . q-): us per step (median of
 `--reps` replays), us per call, and the metadata read per second (2 P 8 128 2 bytes per call). Every variant is
 checked first against the rule in torch (max relative difference). Needs CUDA (one error line, exit 2,
 otherwise).
@@ -31,6 +33,8 @@ def main(argv=None) -> int:
     ap.add_argument("--pages", default="8200,2056", help="Pages per (row, kv head), comma-separated.")
     ap.add_argument("--blocks", default="16,32,64,128", help="Pages per program (powers of two).")
     ap.add_argument("--warps", default="2,4,8", help="Warps per program.")
+    ap.add_argument("--forms", default="sum,products",
+                    help="The kernel's forms: sum (elementwise, the default) and products (two tl.dot).")
     ap.add_argument("--layers", type=int, default=30, help="Calls per step (one per sparse layer).")
     ap.add_argument("--reps", type=int, default=30, help="Timed replays per variant.")
     ap.add_argument("--json", default=None, help="Write the rows to this JSON file.")
@@ -39,6 +43,9 @@ def main(argv=None) -> int:
         pages = int_list(args.pages, "--pages")
         blocks = int_list(args.blocks, "--blocks", pow2=True)
         warps = int_list(args.warps, "--warps", pow2=True)
+        forms = [f.strip() for f in args.forms.split(",") if f.strip()]
+        if not forms or any(f not in ("sum", "products") for f in forms):
+            raise ValueError(f"--forms takes sum and products, got {args.forms!r}")
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -62,8 +69,9 @@ def main(argv=None) -> int:
         ref = reference_page_bound(q, *meta[0])
         variants = [("torch: two float32 products (eager rule)",
                      lambda q, a, b: page_scores(q.float(), a.float(), b.float()))]
-        variants += [(f"kernel block_p={bp} warps={w}", lambda q, a, b, bp=bp, w=w: page_bound(q, a, b, bp, w))
-                     for bp in blocks for w in warps]
+        variants += [(f"kernel {f} block_p={bp} warps={w}",
+                      lambda q, a, b, bp=bp, w=w, f=f: page_bound(q, a, b, bp, w, products=f == "products"))
+                     for f in forms for bp in blocks for w in warps if f == "sum" or bp >= 16]
         for name, fn in variants:
             diff = ((fn(q, *meta[0]) - ref).abs().max() / ref.abs().max()).item()
             us = graph_us(lambda fn=fn: [fn(q, a, b) for a, b in meta], args.reps)

@@ -36,11 +36,20 @@ def test_reference_bounds_every_key_and_equals_the_products():
 
 
 @kernel_runs
+@pytest.mark.parametrize("products", [False, True])
 @pytest.mark.parametrize("b,hq,hk,P,d,block_p", [(1, 32, 8, 100, 128, 32), (2, 8, 2, 37, 64, 16),
                                                  (1, 4, 4, 5, 16, 32)])
-def test_kernel_matches_reference_and_picks_the_same_pages(b, hq, hk, P, d, block_p):
+def test_kernel_matches_reference_and_picks_the_same_pages(b, hq, hk, P, d, block_p, products):
+    """Both forms (elementwise; two tl.dot over q+ and q-) over float32 metadata with a bf16 query (the products
+    in IEEE float32) and over 16-bit metadata with a query of that dtype (the products of exact 16-bit operands:
+    bf16 on CUDA, fp16 under the interpreter, whose bf16 tl.dot is wrong)."""
     q, kmin, kmax, _ = _case(b, hq, hk, P, d, 1)
-    u = page_bound(q, kmin, kmax, block_p=block_p)
+    u = page_bound(q, kmin, kmax, block_p=block_p, products=products)
+    torch.testing.assert_close(u, reference_page_bound(q, kmin, kmax), rtol=1e-5, atol=1e-4)
+    half = torch.bfloat16 if CUDA else torch.float16
+    qh, kh, xh = q.to(half), kmin.to(half), kmax.to(half)
+    torch.testing.assert_close(page_bound(qh, kh, xh, block_p=block_p, products=products),
+                               reference_page_bound(qh, kh, xh), rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(u, reference_page_bound(q, kmin, kmax), rtol=1e-5, atol=1e-4)
     ref = page_scores(q, kmin, kmax)
     k = min(8, P)

@@ -12,6 +12,12 @@ float32 matrix products (q+ . M + q- . m, the eager rule and the reference); on 
 products ran at ~0.3 TB/s (1.87 ms of a 9.9 ms step, docs/gpu.md), while this pass is a plain read of the
 metadata. The sums differ from the products' only in float32 rounding order.
 
+The same sum can also run as two `tl.dot` per block of pages (`products=True`; `PRODUCTS` sets the default):
+U = M . q+ + m . q-, with q+ = max(q, 0) and q- = min(q, 0) over the GQ heads as the columns. The operands are
+the 16-bit metadata and query parts, which are exact, and the products are summed in float32. The metadata is
+still read once, and the per-element multiplies, maxima and cross-lane sums leave the CUDA cores (offline sm_90
+build: 544 instructions per program against 984). Not yet timed on a GPU.
+
 `page_bound` is the entry point (a user-defined Triton kernel: also under `torch.compile`, capturable in a CUDA
 graph); `reference_page_bound` is the rule in torch (any device).
 """
@@ -24,12 +30,14 @@ from .split_kv import tl, triton
 
 BLOCK_P = 32  # pages per program (bench/page_bound.py sweeps it)
 WARPS = 4
+PRODUCTS = False  # True: the bound as two tl.dot (M . q+ + m . q-) where the dtypes allow it; untimed on a GPU
 
 if triton is not None:
 
     @triton.jit
     def _page_bound(Q, KMIN, KMAX, U, P, s_q_b, s_q_h, s_m_b, s_m_h, s_m_p, s_u_b, s_u_h,
-                    HK: tl.constexpr, GQ: tl.constexpr, D: tl.constexpr, BLOCK_P: tl.constexpr):
+                    HK: tl.constexpr, GQ: tl.constexpr, D: tl.constexpr, BLOCK_P: tl.constexpr,
+                    PRODUCTS: tl.constexpr = False, GP: tl.constexpr = 16):
         bh = tl.program_id(0)
         b = bh // HK
         hk = bh % HK
@@ -37,23 +45,43 @@ if triton is not None:
         pm = p < P
         ch = tl.arange(0, D)
         off = b * s_m_b + hk * s_m_h + p[:, None] * s_m_p + ch[None, :]
-        mn = tl.load(KMIN + off, mask=pm[:, None], other=0.0).to(tl.float32)
-        mx = tl.load(KMAX + off, mask=pm[:, None], other=0.0).to(tl.float32)
-        for g in tl.static_range(GQ):
-            h = hk * GQ + g
-            q = tl.load(Q + b * s_q_b + h * s_q_h + ch).to(tl.float32)
-            u = tl.sum(tl.maximum(q[None, :] * mn, q[None, :] * mx), 1)
-            tl.store(U + b * s_u_b + h * s_u_h + p, u, mask=pm)
+        if PRODUCTS:
+            # U = M . q+ + m . q- as two tl.dot over the GQ heads (columns, GP >= 16 with zeros): the metadata
+            # and the query's positive and negative parts in their own 16-bit dtype (exact), products summed in
+            # float32 (float32 metadata: IEEE products, no TF32)
+            mn = tl.load(KMIN + off, mask=pm[:, None], other=0.0)
+            mx = tl.load(KMAX + off, mask=pm[:, None], other=0.0)
+            g = tl.arange(0, GP)
+            q = tl.load(Q + b * s_q_b + (hk * GQ + g)[None, :] * s_q_h + ch[:, None], mask=(g < GQ)[None, :],
+                        other=0.0).to(mn.dtype)  # (D, GP)
+            if mn.dtype == tl.float32:
+                u = tl.dot(mx, tl.maximum(q, 0.0), input_precision="ieee")
+                u = tl.dot(mn, tl.minimum(q, 0.0), u, input_precision="ieee")  # (BLOCK_P, GP)
+            else:
+                u = tl.dot(mx, tl.maximum(q, 0.0).to(mn.dtype))
+                u = tl.dot(mn, tl.minimum(q, 0.0).to(mn.dtype), u)
+            tl.store(U + b * s_u_b + (hk * GQ + g)[None, :] * s_u_h + p[:, None], u,
+                     mask=pm[:, None] & (g < GQ)[None, :])
+        else:
+            mn = tl.load(KMIN + off, mask=pm[:, None], other=0.0).to(tl.float32)
+            mx = tl.load(KMAX + off, mask=pm[:, None], other=0.0).to(tl.float32)
+            for g in tl.static_range(GQ):
+                h = hk * GQ + g
+                q = tl.load(Q + b * s_q_b + h * s_q_h + ch).to(tl.float32)
+                u = tl.sum(tl.maximum(q[None, :] * mn, q[None, :] * mx), 1)
+                tl.store(U + b * s_u_b + h * s_u_h + p, u, mask=pm)
 
 
 def page_bound(query: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, block_p: int | None = None,
-               num_warps: int | None = None) -> torch.Tensor:
+               num_warps: int | None = None, products: bool | None = None) -> torch.Tensor:
     """Quest's bound U (b, hq, P) float32 for query (b, hq, d) (any float dtype, unit last stride) over the page
     metadata kmin / kmax (b, hk, P, d) (one float dtype, e.g. the keys' own: the min and max of bf16 keys are bf16
     values, so storing them in bf16 loses nothing; the same strides, a unit last one), summed in float32. hq a
     multiple of hk, d a power of two. `block_p` pages per program (a power of two, default `BLOCK_P`) and
-    `num_warps` (default `WARPS`) tune it. Raises RuntimeError without triton, ValueError for shapes the kernel
-    does not take."""
+    `num_warps` (default `WARPS`) tune it. `products` (default `PRODUCTS`) computes the same sum as two `tl.dot`
+    per block, M . q+ + m . q- over the GQ heads (tensor cores, the metadata still read once), where the query is
+    in the metadata's dtype or the metadata is float32, and block_p >= 16; the elementwise form otherwise.
+    Raises RuntimeError without triton, ValueError for shapes the kernel does not take."""
     if triton is None:
         raise RuntimeError("the page bound kernel needs triton (pip install 'kvsqueeze[gpu]')")
     b, hq, d = query.shape
@@ -66,10 +94,13 @@ def page_bound(query: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, bloc
     num_warps = WARPS if num_warps is None else num_warps
     if block_p < 1 or block_p & (block_p - 1):
         raise ValueError(f"page bound: block_p={block_p} is not a power of two")
+    products = PRODUCTS if products is None else products
+    products = products and block_p >= 16 and d >= 16 and (query.dtype == kmin.dtype or kmin.dtype == torch.float32)
     u = torch.empty(b, hq, P, dtype=torch.float32, device=query.device)
     _page_bound[(b * hk, triton.cdiv(P, block_p))](
         query, kmin, kmax, u, P, query.stride(0), query.stride(1), kmin.stride(0), kmin.stride(1), kmin.stride(2),
-        u.stride(0), u.stride(1), HK=hk, GQ=hq // hk, D=d, BLOCK_P=block_p, num_warps=num_warps)
+        u.stride(0), u.stride(1), HK=hk, GQ=hq // hk, D=d, BLOCK_P=block_p, PRODUCTS=products,
+        GP=max(16, triton.next_power_of_2(hq // hk)), num_warps=num_warps)
     return u
 
 
