@@ -45,7 +45,7 @@ def main(argv=None) -> int:
         warps = int_list(args.warps, "--warps", pow2=True)
         forms = [f.strip() for f in args.forms.split(",") if f.strip()]
         if not forms or any(f not in ("sum", "products") for f in forms):
-            raise ValueError(f"--forms takes sum and products, got {args.forms!r}")
+            raise ValueError(f"--forms takes a comma-separated list of sum and products, got {args.forms!r}")
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
