@@ -45,6 +45,16 @@ def int_list(text: str, flag: str, minimum: int = 1, pow2: bool = False) -> list
     return vals
 
 
+def name_list(text: str, flag: str, allowed) -> list[str]:
+    """A bench option's comma-separated names, each one of `allowed`. Raises ValueError naming `flag` (the bench
+    prints it as its one error line)."""
+    names = [v.strip() for v in text.split(",") if v.strip()]
+    bad = [v for v in names if v not in allowed]
+    if not names or bad:
+        raise ValueError(f"{flag} takes some of {','.join(allowed)}, got {text!r}")
+    return names
+
+
 def _finite(x):
     """NaN and infinities as None (JSON has no such numbers: `peak_gb` off CUDA is NaN), through lists and dicts."""
     if isinstance(x, float) and not math.isfinite(x):

@@ -25,7 +25,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
-from _table import graph_us, int_list, write_json  # noqa: E402  (bench/, the script's own folder)
+from _table import graph_us, int_list, name_list, write_json  # noqa: E402  (bench/, the script's own folder)
 
 from kvsqueeze.kernels.kivi_decode import kivi_decode_static  # noqa: E402
 from kvsqueeze.kernels.slot_decode import slot_decode_attention  # noqa: E402
@@ -54,9 +54,9 @@ def main(argv=None) -> int:
         per_sm = int_list(args.per_sm, "--per-sm")
         warps = int_list(args.warps, "--warps", pow2=True)
         stages = int_list(args.stages, "--stages", minimum=0)
-        kernels = [k.strip() for k in args.kernels.split(",") if k.strip()]
-        if not kernels or any(k not in KERNELS for k in kernels) or any(b not in (2, 4) for b in bits_list):
-            raise ValueError(f"--kernels takes {', '.join(KERNELS)}; --bits takes 2 and 4")
+        kernels = name_list(args.kernels, "--kernels", KERNELS)
+        if any(b not in (2, 4) for b in bits_list):
+            raise ValueError(f"--bits takes 2 and 4, got {args.bits!r}")
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

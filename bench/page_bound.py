@@ -23,7 +23,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
-from _table import graph_us, int_list, write_json  # noqa: E402  (bench/, the script's own folder)
+from _table import graph_us, int_list, name_list, write_json  # noqa: E402  (bench/, the script's own folder)
 
 from kvsqueeze.kernels.page_bound import page_bound, reference_page_bound  # noqa: E402
 
@@ -43,9 +43,7 @@ def main(argv=None) -> int:
         pages = int_list(args.pages, "--pages")
         blocks = int_list(args.blocks, "--blocks", pow2=True)
         warps = int_list(args.warps, "--warps", pow2=True)
-        forms = [f.strip() for f in args.forms.split(",") if f.strip()]
-        if not forms or any(f not in ("sum", "products") for f in forms):
-            raise ValueError(f"--forms takes a comma-separated list of sum and products, got {args.forms!r}")
+        forms = name_list(args.forms, "--forms", ("sum", "products"))
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

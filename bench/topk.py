@@ -30,7 +30,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
-from _table import graph_us, int_list, write_json  # noqa: E402  (bench/, the script's own folder)
+from _table import graph_us, int_list, name_list, write_json  # noqa: E402  (bench/, the script's own folder)
 
 from kvsqueeze.kernels.topk import (ALGOS, reference_topk_increasing, sample_fallbacks, sample_plan,  # noqa: E402
                                    topk_increasing)
@@ -91,12 +91,9 @@ def main(argv=None) -> int:
         tiles = int_list(args.tiles, "--tiles", minimum=16, pow2=True)
         samples = int_list(args.samples, "--samples", minimum=16, pow2=True)
         segments = int_list(args.segments, "--segments", minimum=16, pow2=True)
+        algos = name_list(args.algos, "--algos", ALGOS)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
-    algos = args.algos.split(",")
-    if not algos or any(a not in ALGOS for a in algos):
-        print(f"error: --algos takes some of {','.join(ALGOS)}, got {args.algos!r}", file=sys.stderr)
         return 2
     if not torch.cuda.is_available():
         print("error: bench/topk.py needs a CUDA GPU", file=sys.stderr)

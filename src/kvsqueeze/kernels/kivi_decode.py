@@ -65,6 +65,19 @@ if triton is not None:
     _PRMT_4_0, _PRMT_4_1 = (_prmt(4, 4 * j) for j in range(2))
 
     @triton.jit
+    def _split_program(NQ, NR, HK: tl.constexpr, DEV_LENS: tl.constexpr):
+        # a KIVI split program's place: (batch * kv head, split, splits, batch, kv head) and the quantized /
+        # residual lengths (read from device scalars with DEV_LENS: the static step)
+        bh = tl.program_id(0)
+        if DEV_LENS:
+            nq = tl.load(NQ)
+            nr = tl.load(NR)
+        else:
+            nq = NQ
+            nr = NR
+        return bh, tl.program_id(1), tl.num_programs(1), bh // HK, bh % HK, nq, nr
+
+    @triton.jit
     def _online(s, m_i, l_i):
         # one online-softmax step over logits s (rows, n) (base 2; -inf where hidden): (p, alpha, m_new, l_new)
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -160,17 +173,7 @@ if triton is not None:
         RB: tl.constexpr = BLOCK_N // PER  # packed rows per block = tokens per sub-tile
         NG: tl.constexpr = BLOCK_N // G  # key groups per block
         NGV: tl.constexpr = D // GV  # value groups per token
-        bh = tl.program_id(0)
-        split = tl.program_id(1)
-        n_splits = tl.num_programs(1)
-        b = bh // HK
-        hk = bh % HK
-        if DEV_LENS:
-            nq = tl.load(NQ)
-            nr = tl.load(NR)
-        else:
-            nq = NQ
-            nr = NR
+        bh, split, n_splits, b, hk, nq, nr = _split_program(NQ, NR, HK, DEV_LENS)
         rows = tl.arange(0, GP)
         ch = tl.arange(0, D)
         qmask = rows < GQ
@@ -281,17 +284,7 @@ if triton is not None:
         NG: tl.constexpr = BLOCK_N // G  # key groups per block
         NGV: tl.constexpr = D // GV  # value groups per token
         ROWS: tl.constexpr = NG * GQP
-        bh = tl.program_id(0)
-        split = tl.program_id(1)
-        n_splits = tl.num_programs(1)
-        b = bh // HK
-        hk = bh % HK
-        if DEV_LENS:
-            nq = tl.load(NQ)
-            nr = tl.load(NR)
-        else:
-            nq = NQ
-            nr = NR
+        bh, split, n_splits, b, hk, nq, nr = _split_program(NQ, NR, HK, DEV_LENS)
         rows = tl.arange(0, ROWS)
         qr = rows % GQP  # the query of a stacked row
         grp = rows // GQP  # its key group within a block
@@ -538,22 +531,23 @@ def kivi_decode_static(q: torch.Tensor, kc: torch.Tensor, ks: torch.Tensor, kz: 
             (q_valid is None) != (r_valid is None):
         raise ValueError(f"unsupported KIVI grouping for the kernel: G={group}, G_v={value_group}, {bits} bits, "
                          f"block {block_n} (or only one of q_valid / r_valid given)")
-    kernel, _ = _variant(fold, q.shape[1] // k_res.shape[1], group, value_group, block_n, bits)
+    kernel, meta = _variant(fold, q.shape[1] // k_res.shape[1], group, value_group, block_n, bits)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if kernel is _kivi_decode_split:
-        return _launch_static(q, kc, ks, kz, vc, vs, vz, k_res, v_res, nq, nr, q_valid, r_valid, bits, group,
-                              value_group, scale, block_n, num_warps,
-                              PER_SM if programs_per_sm is None else programs_per_sm, False,
+        return _launch_static(kernel, meta, q, kc, ks, kz, vc, vs, vz, k_res, v_res, nq, nr, q_valid, r_valid, bits,
+                              group, value_group, scale, block_n, num_warps,
+                              PER_SM if programs_per_sm is None else programs_per_sm,
                               MAXNREG if maxnreg is None else maxnreg, num_stages)
     return _folded_op(q, kc, ks, kz, vc, vs, vz, k_res, v_res, nq, nr, q_valid, r_valid, bits, group, value_group,
                       scale, block_n, num_warps, FOLDED_PER_SM if programs_per_sm is None else programs_per_sm,
                       (FOLDED_MAXNREG if maxnreg is None else maxnreg) or 0, num_stages or 0)
 
 
-def _launch_static(q, kc, ks, kz, vc, vs, vz, k_res, v_res, nq, nr, q_valid, r_valid, bits: int, group: int,
-                   value_group: int, scale: float, block_n: int, num_warps: int, per_sm: int, fold: bool,
+def _launch_static(kernel, meta: dict, q, kc, ks, kz, vc, vs, vz, k_res, v_res, nq, nr, q_valid, r_valid,
+                   bits: int, group: int, value_group: int, scale: float, block_n: int, num_warps: int, per_sm: int,
                    maxnreg: int | None, num_stages: int | None) -> torch.Tensor:
-    """`kivi_decode_static`'s launch of the split or folded kernel (arguments checked there)."""
+    """`kivi_decode_static`'s launch of `kernel` (the split or folded one, its constexprs `meta`: `_variant`;
+    arguments checked there)."""
     B, HQ, D = q.shape
     HK = k_res.shape[1]
     cq = kc.shape[2] * (8 // bits)
@@ -561,7 +555,6 @@ def _launch_static(q, kc, ks, kz, vc, vs, vz, k_res, v_res, nq, nr, q_valid, r_v
     total = n_q_splits + 1  # + the residual split
     masked = q_valid is not None
     qm, rm = (q_valid, r_valid) if masked else (q, q)
-    kernel, meta = _variant(fold, HQ // HK, group, value_group, block_n, bits)
     return split_kv_decode(
         kernel, (q, kc, ks, kz, vc, vs, vz, k_res, v_res, qm, rm),
         (nq, nr, chunk,
@@ -587,8 +580,9 @@ def _folded_op(q: torch.Tensor, kc: torch.Tensor, ks: torch.Tensor, kz: torch.Te
                nr: torch.Tensor, q_valid: torch.Tensor | None, r_valid: torch.Tensor | None, bits: int, group: int,
                value_group: int, scale: float, block_n: int, num_warps: int, per_sm: int, maxnreg: int,
                num_stages: int) -> torch.Tensor:
-    return _launch_static(q, kc, ks, kz, vc, vs, vz, k_res, v_res, nq, nr, q_valid, r_valid, bits, group,
-                          value_group, scale, block_n, num_warps, per_sm, True, maxnreg or None, num_stages or None)
+    kernel, meta = _variant(True, q.shape[1] // k_res.shape[1], group, value_group, block_n, bits)
+    return _launch_static(kernel, meta, q, kc, ks, kz, vc, vs, vz, k_res, v_res, nq, nr, q_valid, r_valid, bits,
+                          group, value_group, scale, block_n, num_warps, per_sm, maxnreg or None, num_stages or None)
 
 
 @_folded_op.register_fake
