@@ -474,9 +474,7 @@ def _variant(fold: bool | None, gq: int, group: int, value_group: int, block_n: 
     rows per query (GQP: the GQ queries rounded up to a power of two, and so that NG * GQP >= 16 rows for
     tl.dot). fold None: `FOLD` where `folded_applies`, else the split kernel. Raises ValueError for fold=True
     where the folded kernel does not apply (`folded_applies`) or with scale_loads."""
-    if fold is None:
-        fold = FOLD and not scale_loads and folded_applies(group, value_group, block_n, bits)
-    if not fold:
+    if not _folds(fold, group, value_group, block_n, bits, scale_loads):
         return _kivi_decode_split, {"SCALE_LOADS": scale_loads}
     if scale_loads or not folded_applies(group, value_group, block_n, bits):
         raise ValueError(f"the folded KIVI kernel needs 2 or 4 bits, value groups and sub-tiles of >= 16 (G_v="
@@ -484,6 +482,14 @@ def _variant(fold: bool | None, gq: int, group: int, value_group: int, block_n: 
     ng = block_n // group
     return _kivi_decode_folded, {"GQP": max(triton.next_power_of_2(gq), triton.next_power_of_2(-(-16 // ng))),
                                  "ASM": os.environ.get("TRITON_INTERPRET") != "1"}
+
+
+def _folds(fold: bool | None, group: int, value_group: int, block_n: int, bits: int, scale_loads: bool = False) -> bool:
+    """Whether `_variant` picks the folded kernel: `fold`, or where None, `FOLD` where `folded_applies` (a plain
+    bool, so that torch.compile's tracing of `kivi_decode_static` never compares kernel objects)."""
+    if fold is None:
+        return FOLD and not scale_loads and folded_applies(group, value_group, block_n, bits)
+    return bool(fold)
 
 
 def _static_dot_dtype(q: torch.Tensor):
@@ -531,10 +537,10 @@ def kivi_decode_static(q: torch.Tensor, kc: torch.Tensor, ks: torch.Tensor, kz: 
             (q_valid is None) != (r_valid is None):
         raise ValueError(f"unsupported KIVI grouping for the kernel: G={group}, G_v={value_group}, {bits} bits, "
                          f"block {block_n} (or only one of q_valid / r_valid given)")
-    kernel, meta = _variant(fold, q.shape[1] // k_res.shape[1], group, value_group, block_n, bits)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    if kernel is _kivi_decode_split:
-        return _launch_static(kernel, meta, q, kc, ks, kz, vc, vs, vz, k_res, v_res, nq, nr, q_valid, r_valid, bits,
+    if not _folds(fold, group, value_group, block_n, bits):
+        # dynamo traces this branch: the kernel and its constexprs named here, no kernel objects compared
+        return _launch_static(_kivi_decode_split, {"SCALE_LOADS": False}, q, kc, ks, kz, vc, vs, vz, k_res, v_res, nq, nr, q_valid, r_valid, bits,
                               group, value_group, scale, block_n, num_warps,
                               PER_SM if programs_per_sm is None else programs_per_sm,
                               MAXNREG if maxnreg is None else maxnreg, num_stages)
