@@ -59,7 +59,10 @@ def _reference(q, k, v, kr, vr, nq, nr, qv, rv):
     (4, 2, 2, 64, 16, 320, False),  # one key group per half block, value groups of 16 channels
 ])
 @pytest.mark.parametrize("fold", [False, True])
-def test_static_kernels_equal_dequantized_attention(hq, hk, bits, G, GV, nq, masked, fold):
+@pytest.mark.parametrize("r0", [0, 40])
+def test_static_kernels_equal_dequantized_attention(hq, hk, bits, G, GV, nq, masked, fold, r0):
+    """r0: the residual ring's start (`StaticKIVI`): residual token j in slot (r0 + j) mod 48; at 40 the 37 tokens
+    wrap around the buffer's end."""
     from kvsqueeze.kernels.kivi_decode import kivi_decode_static
 
     B, D, cq, nr_max, nr = 2, 64, 512, 48, 37
@@ -72,9 +75,11 @@ def test_static_kernels_equal_dequantized_attention(hq, hk, bits, G, GV, nq, mas
         rv[1, :, :5] = False
     ref = _reference(q, k, v, bufs[6], bufs[7], nq, nr, qv, rv)
     n = lambda x: torch.tensor([x], device=DEV)  # noqa: E731
+    bufs = (*bufs[:6], bufs[6].roll(r0, 2), bufs[7].roll(r0, 2))  # the residual as a ring starting at slot r0
+    rv = None if rv is None else rv.roll(r0, 2)
     out = kivi_decode_static(q.to(DEV), *(t.to(DEV) for t in bufs), n(nq), n(nr), bits, G, GV,
                              q_valid=None if qv is None else qv.to(DEV), r_valid=None if rv is None else rv.to(DEV),
-                             fold=fold)
+                             fold=fold, r0=n(r0))
     assert out.shape == (B, hq, D)
     err = float((out.float().cpu() - ref).norm() / ref.norm())
     # the output is rounded to bf16 (2^-9); on CUDA the tl.dot operands too (the interpreter multiplies in fp32)
@@ -118,7 +123,7 @@ from kvsqueeze.kernels import kivi_decode as K
 fn = getattr(K, sys.argv[1])
 sig = {n: "*bf16" for n in ["Q", "KS", "KZ", "VS", "VZ", "KR", "VR", "QM", "RM"]}
 sig.update({"KC": "*u8", "VC": "*u8", "O_ACC": "*fp32", "O_M": "*fp32", "O_L": "*fp32", "qk_scale": "fp64",
-            "NQ": "*i64", "NR": "*i64", "CHUNK": "i32"})
+            "NQ": "*i64", "NR": "*i64", "R0": "*i64", "RC": "i32", "CHUNK": "i32"})
 sig.update({n: "i32" for n in fn.arg_names if n.startswith("s_")})
 consts = dict(HK=8, GQ=4, GP=16, D=128, BITS=2, G=32, GV=32, BLOCK_N=128, BLOCK_R=64, DT=tl.bfloat16,
               DEV_LENS=True, HAS_MASK=False, GQP=4, ASM=True, SCALE_LOADS=False)

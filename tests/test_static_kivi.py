@@ -7,6 +7,7 @@ installed), runs the fused kernel over the packed buffers with device-side lengt
 Small groups (G = R = 8) make the residual flush (R + G tokens -> one packed group) happen every 8 decoded steps."""
 
 import os
+import shutil
 
 import pytest
 import torch
@@ -90,7 +91,9 @@ def _same_store(static, eager_cache, nq0):
         for have, want in ((s.kc[i, :, :, :nq // per], seg.k.codes), (s.vc[i, :, :, :nq // per], seg.v.codes)):
             assert float((have != want).float().mean()) < 0.01
         torch.testing.assert_close(s.ks[i, :, :, :nq // G].float(), seg.k.scale.float(), atol=1e-5, rtol=1e-2)
-        torch.testing.assert_close(s.kr[i, :, :, :nr], st.residual_keys, **TOL)
+        ring = (int(s.r0[i]) + torch.arange(nr)) % s.res_capacity  # the residual's slots, oldest first
+        torch.testing.assert_close(s.kr[i][:, :, ring], st.residual_keys, **TOL)
+        torch.testing.assert_close(s.vr[i][:, :, ring], st.residual_values, **TOL)
 
 
 @pytest.mark.parametrize("bits", [2, 4])
@@ -108,7 +111,56 @@ def test_static_kivi_equals_eager_kivi(model, case, bits):
     for a, b in zip(logits, ref_logits):
         torch.testing.assert_close(a, b, **TOL)
     assert bool((static.slots.nq > nq0).all())  # the residual was flushed inside the decoded steps
+    # each flush moved the residual ring's start by G instead of shifting the tokens (and it wrapped around)
+    assert torch.equal(static.slots.r0, (static.slots.nq - nq0) % static.slots.res_capacity)
     _same_store(static, c1, nq0)
+
+
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
+                    reason="inductor on the CPU needs a C++ compiler")
+def test_compiled_step_never_touches_a_whole_residual_buffer():
+    """`begin_token` + `write_kv` + `end_token` of `StaticKIVI`, compiled by inductor on the CPU: no generated loop
+    runs over a whole residual buffer or the whole slot mask (the flush moves the residual ring's start; shifting
+    the residual by G was a select between every layer's buffers and their roll, written back whole, every step),
+    and the compiled step leaves what the eager one does (packed codes and scales up to a code or scale rounded
+    the other way by the fused arithmetic). Layer 0 flushes with its ring wrapped (start 8 of 16), layer 1 does
+    not flush."""
+    import re
+
+    from torch._inductor.utils import run_and_get_code
+
+    def build():  # 2 layers, 2 rows, 2 kv heads, head_dim 8, G = R = 8: residual buffers of 1024 elements
+        s = StaticKIVI(2, 2, 2, 8, 128, 2, 8, 8, 8, torch.float32, "cpu")
+        s.nq.copy_(torch.tensor([16, 32]))
+        s.nr.copy_(torch.tensor([15, 9]))
+        s.r0.copy_(torch.tensor([8, 0]))
+        g = torch.Generator().manual_seed(0)
+        s.kr.copy_(torch.randn(s.kr.shape, generator=g))
+        s.vr.copy_(torch.randn(s.vr.shape, generator=g))
+        cq = s.q_capacity
+        s.valid[0, ..., :16] = s.valid[1, ..., :32] = True
+        s.valid[0, ..., cq + 8:] = s.valid[0, ..., cq:cq + 7] = s.valid[1, ..., cq:cq + 9] = True
+        return s
+
+    def step(s, k, v):
+        s.begin_token(None)
+        s.write_kv(1, k, v)
+        s.end_token()
+        return s.nq.sum()
+
+    k, v = torch.randn(2, 2, 1, 8), torch.randn(2, 2, 1, 8)
+    eager, comp = build(), build()
+    step(eager, k, v)
+    torch._dynamo.reset()
+    _, code = run_and_get_code(torch.compile(lambda k, v: step(comp, k, v), fullgraph=True), k, v)
+    bounds = {int(n) for n in re.findall(r"x0<static_cast<int64_t>\((\d+)L\)", "\n".join(code))}
+    assert eager.kr.numel() not in bounds, "a compiled step loops over a whole residual buffer"
+    assert eager.valid.numel() not in bounds, "a compiled step loops over the whole slot mask"
+    assert eager.nq.tolist() == [24, 32] and eager.nr.tolist() == [8, 10] and eager.r0.tolist() == [0, 0]
+    for name in ("kr", "vr", "valid", "nq", "nr", "r0", "w"):
+        assert torch.equal(getattr(eager, name), getattr(comp, name)), name
+    for name in ("kc", "vc", "ks", "kz", "vs", "vz"):
+        assert float((getattr(eager, name) != getattr(comp, name)).float().mean()) < 0.1, name
 
 
 @pytest.mark.parametrize("bits", [2, 4])

@@ -65,17 +65,20 @@ if triton is not None:
     _PRMT_4_0, _PRMT_4_1 = (_prmt(4, 4 * j) for j in range(2))
 
     @triton.jit
-    def _split_program(NQ, NR, HK: tl.constexpr, DEV_LENS: tl.constexpr):
-        # a KIVI split program's place: (batch * kv head, split, splits, batch, kv head) and the quantized /
-        # residual lengths (read from device scalars with DEV_LENS: the static step)
+    def _split_program(NQ, NR, R0, HK: tl.constexpr, DEV_LENS: tl.constexpr):
+        # a KIVI split program's place: (batch * kv head, split, splits, batch, kv head), the quantized / residual
+        # lengths and the residual's ring start (read from device scalars with DEV_LENS: the static step; else
+        # the start is 0)
         bh = tl.program_id(0)
         if DEV_LENS:
             nq = tl.load(NQ)
             nr = tl.load(NR)
+            r0 = tl.load(R0)
         else:
             nq = NQ
             nr = NR
-        return bh, tl.program_id(1), tl.num_programs(1), bh // HK, bh % HK, nq, nr
+            r0 = 0
+        return bh, tl.program_id(1), tl.num_programs(1), bh // HK, bh % HK, nq, nr, r0
 
     @triton.jit
     def _online(s, m_i, l_i):
@@ -87,14 +90,17 @@ if triton is not None:
         return p, alpha, m_new, l_i * alpha + tl.sum(p, 1)
 
     @triton.jit
-    def _attend_residual(q, acc, m_i, l_i, KR, VR, RM, nr, b, hk, bh, s_rm_b, s_rm_h, s_kr_bh, s_kr_n, s_vr_bh,
-                         s_vr_n, row_ok, D: tl.constexpr, BLOCK_R: tl.constexpr, DT: tl.constexpr,
+    def _attend_residual(q, acc, m_i, l_i, KR, VR, RM, nr, r0, rc, b, hk, bh, s_rm_b, s_rm_h, s_kr_bh, s_kr_n,
+                         s_vr_bh, s_vr_n, row_ok, D: tl.constexpr, BLOCK_R: tl.constexpr, DT: tl.constexpr,
                          HAS_MASK: tl.constexpr):
-        # the residual split: full-precision keys / values (nr tokens), seen by the rows where row_ok
+        # the residual split: full-precision keys / values (nr tokens), seen by the rows where row_ok; residual
+        # token j sits in slot (r0 + j) mod rc of the rc-slot buffer (a ring: the static step's flush moves its
+        # start instead of shifting the tokens; the softmax does not depend on their order)
         ch = tl.arange(0, D)
         for s0 in range(0, nr, BLOCK_R):
             tok = s0 + tl.arange(0, BLOCK_R)
             tmask = tok < nr
+            tok = (r0 + tok) % rc
             k = tl.load(KR + bh * s_kr_bh + tok[:, None] * s_kr_n + ch[None, :], mask=tmask[:, None], other=0.0)
             s = tl.dot(q, tl.trans(k.to(DT)))
             ok = tmask
@@ -150,7 +156,7 @@ if triton is not None:
     @triton.jit
     def _kivi_decode_split(
         Q, KC, KS, KZ, VC, VS, VZ, KR, VR, QM, RM, O_ACC, O_M, O_L,
-        qk_scale, NQ, NR, CHUNK,
+        qk_scale, NQ, NR, R0, RC, CHUNK,
         s_q_b, s_q_h,
         s_qm_b, s_qm_h, s_rm_b, s_rm_h,
         s_kc_bh, s_kc_r, s_ks_bh, s_ks_g,
@@ -173,7 +179,7 @@ if triton is not None:
         RB: tl.constexpr = BLOCK_N // PER  # packed rows per block = tokens per sub-tile
         NG: tl.constexpr = BLOCK_N // G  # key groups per block
         NGV: tl.constexpr = D // GV  # value groups per token
-        bh, split, n_splits, b, hk, nq, nr = _split_program(NQ, NR, HK, DEV_LENS)
+        bh, split, n_splits, b, hk, nq, nr, r0 = _split_program(NQ, NR, R0, HK, DEV_LENS)
         rows = tl.arange(0, GP)
         ch = tl.arange(0, D)
         qmask = rows < GQ
@@ -231,8 +237,8 @@ if triton is not None:
                     acc = acc * alpha[:, None] + tl.dot(p.to(DT), v)
                     m_i = m_new
         else:
-            acc, m_i, l_i = _attend_residual(q, acc, m_i, l_i, KR, VR, RM, nr, b, hk, bh, s_rm_b, s_rm_h, s_kr_bh,
-                                             s_kr_n, s_vr_bh, s_vr_n, rows >= 0, D=D, BLOCK_R=BLOCK_R, DT=DT,
+            acc, m_i, l_i = _attend_residual(q, acc, m_i, l_i, KR, VR, RM, nr, r0, RC, b, hk, bh, s_rm_b, s_rm_h,
+                                             s_kr_bh, s_kr_n, s_vr_bh, s_vr_n, rows >= 0, D=D, BLOCK_R=BLOCK_R, DT=DT,
                                              HAS_MASK=HAS_MASK)
         # partial results of the GQ real query rows only: (BH, splits, GQ, D)
         _store_split(O_ACC, O_M, O_L, acc, m_i, l_i, GQ=GQ, GP=GP, D=D)
@@ -262,7 +268,7 @@ if triton is not None:
     @triton.jit
     def _kivi_decode_folded(
         Q, KC, KS, KZ, VC, VS, VZ, KR, VR, QM, RM, O_ACC, O_M, O_L,
-        qk_scale, NQ, NR, CHUNK,
+        qk_scale, NQ, NR, R0, RC, CHUNK,
         s_q_b, s_q_h,
         s_qm_b, s_qm_h, s_rm_b, s_rm_h,
         s_kc_bh, s_kc_r, s_ks_bh, s_ks_g,
@@ -284,7 +290,7 @@ if triton is not None:
         NG: tl.constexpr = BLOCK_N // G  # key groups per block
         NGV: tl.constexpr = D // GV  # value groups per token
         ROWS: tl.constexpr = NG * GQP
-        bh, split, n_splits, b, hk, nq, nr = _split_program(NQ, NR, HK, DEV_LENS)
+        bh, split, n_splits, b, hk, nq, nr, r0 = _split_program(NQ, NR, R0, HK, DEV_LENS)
         rows = tl.arange(0, ROWS)
         qr = rows % GQP  # the query of a stacked row
         grp = rows // GQP  # its key group within a block
@@ -358,7 +364,8 @@ if triton is not None:
             acc = tl.reshape(tl.permute(acc3, (1, 0, 2)), (ROWS, D))
         else:
             acc = tl.zeros([ROWS, D], tl.float32)
-            acc, m_i, l_i = _attend_residual(qf.to(DT), acc, m_i, l_i, KR, VR, RM, nr, b, hk, bh, s_rm_b, s_rm_h,
+            acc, m_i, l_i = _attend_residual(qf.to(DT), acc, m_i, l_i, KR, VR, RM, nr, r0, RC, b, hk, bh, s_rm_b,
+                                             s_rm_h,
                                              s_kr_bh, s_kr_n, s_vr_bh, s_vr_n, grp == 0, D=D, BLOCK_R=BLOCK_R,
                                              DT=DT, HAS_MASK=HAS_MASK)
         # merge the NG stacked rows of each query (log-sum-exp weights), then the GQ real queries' partials
@@ -427,7 +434,7 @@ def kivi_decode_attention(q: torch.Tensor, store, k_res: torch.Tensor, v_res: to
     kernel, meta = _variant(fold, HQ // HK, G, GV, block_n, bits, scale_loads)
     out = split_kv_decode(
         kernel, (q3, kc, ks, kz, vc, vs, vz, k_res, v_res, q3, q3),
-        (NQ, k_res.shape[2], chunk,
+        (NQ, k_res.shape[2], 0, k_res.shape[2], chunk,
          q3.stride(0), q3.stride(1), 0, 0, 0, 0,
          kc.stride(1), kc.stride(2), ks.stride(1), ks.stride(2),
          vc.stride(1), vc.stride(2), vs.stride(1), vs.stride(2),
@@ -506,16 +513,18 @@ def kivi_decode_static(q: torch.Tensor, kc: torch.Tensor, ks: torch.Tensor, kz: 
                        scale: float | None = None, q_valid: torch.Tensor | None = None,
                        r_valid: torch.Tensor | None = None, block_n: int | None = None,
                        num_warps: int = 4, programs_per_sm: int | None = None, fold: bool | None = None,
-                       maxnreg: int | None = None, num_stages: int | None = None) -> torch.Tensor:
+                       maxnreg: int | None = None, num_stages: int | None = None,
+                       r0: torch.Tensor | None = None) -> torch.Tensor:
     """The fused KIVI decode attention over fixed-capacity buffers with lengths on the device (the static,
     capturable decode step: `kvsqueeze.quant.kivi_static.StaticKIVI`); the same kernels as `kivi_decode_attention`.
 
     q: (B, HQ, D). Packed keys kc: (B, HK, CQ * bits / 8, D) uint8 (codes packed along tokens), ks / kz:
     (B, HK, CQ / group, D) bfloat16 per-channel scales / zeros; values vc: (B, HK, CQ * bits / 8, D) uint8,
     vs / vz: (B, HK, CQ, D / value_group) bfloat16 per-token scales / zeros (CQ: the quantized capacity, a
-    multiple of `group`); k_res / v_res: (B, HK, NR_max, D) the full-precision residual buffers. nq, nr: 1-element
-    long device tensors, the quantized tokens (a multiple of `group`) and residual tokens in use (slots
-    [0, nq) and [0, nr) count); q_valid (B, HK, CQ) / r_valid (B, HK, NR_max) bool, optional: which of those slots
+    multiple of `group`); k_res / v_res: (B, HK, NR_max, D) the full-precision residual buffers, a ring. nq, nr,
+    r0: 1-element long device tensors, the quantized tokens (a multiple of `group`), the residual tokens in use and
+    the residual's start (slots [0, nq) of the packed buffers and slots (r0 + j) mod NR_max, j < nr, of the
+    residual count; r0 None: 0); q_valid (B, HK, CQ) / r_valid (B, HK, NR_max) bool, optional: which of those slots
     attention may see (padding, narrower heads); both or neither. The grid is planned on CQ (no host number per
     step: capturable in a CUDA graph); splits past nq exit at once.
 
@@ -538,18 +547,21 @@ def kivi_decode_static(q: torch.Tensor, kc: torch.Tensor, ks: torch.Tensor, kz: 
         raise ValueError(f"unsupported KIVI grouping for the kernel: G={group}, G_v={value_group}, {bits} bits, "
                          f"block {block_n} (or only one of q_valid / r_valid given)")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if r0 is None:
+        r0 = torch.zeros_like(nr)
     if not _folds(fold, group, value_group, block_n, bits):
         # dynamo traces this branch: the kernel and its constexprs named here, no kernel objects compared
-        return _launch_static(_kivi_decode_split, {"SCALE_LOADS": False}, q, kc, ks, kz, vc, vs, vz, k_res, v_res, nq, nr, q_valid, r_valid, bits,
+        return _launch_static(_kivi_decode_split, {"SCALE_LOADS": False}, q, kc, ks, kz, vc, vs, vz, k_res, v_res,
+                              nq, nr, r0, q_valid, r_valid, bits,
                               group, value_group, scale, block_n, num_warps,
                               PER_SM if programs_per_sm is None else programs_per_sm,
                               MAXNREG if maxnreg is None else maxnreg, num_stages)
-    return _folded_op(q, kc, ks, kz, vc, vs, vz, k_res, v_res, nq, nr, q_valid, r_valid, bits, group, value_group,
+    return _folded_op(q, kc, ks, kz, vc, vs, vz, k_res, v_res, nq, nr, r0, q_valid, r_valid, bits, group, value_group,
                       scale, block_n, num_warps, FOLDED_PER_SM if programs_per_sm is None else programs_per_sm,
                       (FOLDED_MAXNREG if maxnreg is None else maxnreg) or 0, num_stages or 0)
 
 
-def _launch_static(kernel, meta: dict, q, kc, ks, kz, vc, vs, vz, k_res, v_res, nq, nr, q_valid, r_valid,
+def _launch_static(kernel, meta: dict, q, kc, ks, kz, vc, vs, vz, k_res, v_res, nq, nr, r0, q_valid, r_valid,
                    bits: int, group: int, value_group: int, scale: float, block_n: int, num_warps: int, per_sm: int,
                    maxnreg: int | None, num_stages: int | None) -> torch.Tensor:
     """`kivi_decode_static`'s launch of `kernel` (the split or folded one, its constexprs `meta`: `_variant`;
@@ -563,7 +575,7 @@ def _launch_static(kernel, meta: dict, q, kc, ks, kz, vc, vs, vz, k_res, v_res, 
     qm, rm = (q_valid, r_valid) if masked else (q, q)
     return split_kv_decode(
         kernel, (q, kc, ks, kz, vc, vs, vz, k_res, v_res, qm, rm),
-        (nq, nr, chunk,
+        (nq, nr, r0, k_res.shape[2], chunk,
          q.stride(0), q.stride(1),
          qm.stride(0) if masked else 0, qm.stride(1) if masked else 0,
          rm.stride(0) if masked else 0, rm.stride(1) if masked else 0,
@@ -583,16 +595,16 @@ def _launch_static(kernel, meta: dict, q, kc, ks, kz, vc, vs, vz, k_res, v_res, 
 @torch.library.custom_op("kvsqueeze::kivi_decode_folded", mutates_args=())
 def _folded_op(q: torch.Tensor, kc: torch.Tensor, ks: torch.Tensor, kz: torch.Tensor, vc: torch.Tensor,
                vs: torch.Tensor, vz: torch.Tensor, k_res: torch.Tensor, v_res: torch.Tensor, nq: torch.Tensor,
-               nr: torch.Tensor, q_valid: torch.Tensor | None, r_valid: torch.Tensor | None, bits: int, group: int,
+               nr: torch.Tensor, r0: torch.Tensor, q_valid: torch.Tensor | None, r_valid: torch.Tensor | None, bits: int, group: int,
                value_group: int, scale: float, block_n: int, num_warps: int, per_sm: int, maxnreg: int,
                num_stages: int) -> torch.Tensor:
     kernel, meta = _variant(True, q.shape[1] // k_res.shape[1], group, value_group, block_n, bits)
-    return _launch_static(kernel, meta, q, kc, ks, kz, vc, vs, vz, k_res, v_res, nq, nr, q_valid, r_valid, bits,
+    return _launch_static(kernel, meta, q, kc, ks, kz, vc, vs, vz, k_res, v_res, nq, nr, r0, q_valid, r_valid, bits,
                           group, value_group, scale, block_n, num_warps, per_sm, maxnreg or None, num_stages or None)
 
 
 @_folded_op.register_fake
-def _(q, kc, ks, kz, vc, vs, vz, k_res, v_res, nq, nr, q_valid, r_valid, bits, group, value_group, scale, block_n,
+def _(q, kc, ks, kz, vc, vs, vz, k_res, v_res, nq, nr, r0, q_valid, r_valid, bits, group, value_group, scale, block_n,
       num_warps, per_sm, maxnreg, num_stages):
     return q.new_empty(q.shape)
 

@@ -10,17 +10,24 @@ capacity in tokens, a multiple of the group G; RC = R + G the residual capacity;
     ks, kz : (L, b, h, CQ / G, d) bf16  per-channel key scales / zero points, one row per group of G tokens
     vc : (L, b, h, CQ / p, d) uint8     value codes, packed along tokens
     vs, vz : (L, b, h, CQ, d / G_v) bf16  per-token value scales / zero points
-    kr, vr : (L, b, h, RC, d)           the full-precision residual (the model's dtype)
+    kr, vr : (L, b, h, RC, d)           the full-precision residual (the model's dtype), a ring per layer:
+                                        residual token j (oldest first) in slot (r0 + j) mod RC
     valid : (L, b, h, CQ + RC) bool     which slots attention may see: quantized slots, then residual slots
     nq, nr : (L,) long                  quantized tokens held (a multiple of G) and residual tokens held per layer
+    r0 : (L,) long                      the residual ring's start (a multiple of G)
 
 A step (the `StaticSlots` protocol of `storage/static.py`, so `StaticCompressedCache` drives both):
-`begin_token` claims residual slot `nr` of every layer (`nr += 1`, its valid bit set); `write_kv` writes the
-layer's new key / value there (`index_copy_` at a device index; every write is in place when compiled); the attention (`attention`) reads the quantized
-slots [0, nq) and the residual [0, nr); `end_token` then quantizes the residual's oldest G tokens of every layer
-into the next packed group (slot group nq / G) *every step* and only counts them where the residual is full
-(nr == R + G: nq += G, the residual shifted by G, nr = R) -- writing a group that is not counted yet is
-harmless (its slots are invalid), so no step depends on a host-side decision. This is the eager rule exactly
+`begin_token` claims residual slot (r0 + nr) mod RC of every layer (`nr += 1`, its valid bit set); `write_kv`
+writes the layer's new key / value there (`index_copy_` at a device index; every write is in place when
+compiled); the attention (`attention`) reads the quantized slots [0, nq) and the nr residual tokens from r0 on;
+`end_token` then quantizes the residual's oldest G tokens of every layer (slots [r0, r0 + G): RC and r0 are
+multiples of G, so they never wrap) into the next packed group (slot group nq / G) *every step* and only counts
+them where the residual is full (nr == R + G: nq += G, their residual slots freed, r0 += G mod RC, nr = R) --
+writing a group that is not counted yet is harmless (its slots are invalid), so no step depends on a host-side
+decision. The ring moves its start instead of shifting the R + G residual tokens of every layer down by G, which
+the compiled step did every step (a select between the buffers and their roll, written back whole: some 60 MB of
+memory traffic per step at 32 layers on Llama-3.1-8B's shapes, whether a layer flushed or not); the attention does
+not depend on the order of the tokens it sees (their positions are in the keys' RoPE). This is the eager rule exactly
 (`QuantStore.commit` after each forward: R..R+G-1 tokens stay in full precision, the oldest G quantized as one
 key group), with the same `quantize` call, so the static and eager caches hold the same codes.
 
@@ -80,6 +87,7 @@ class StaticKIVI:
         self.valid = z(L, b, h, self.capacity, dt=torch.bool)
         self.nq = z(L, dt=torch.long)
         self.nr = z(L, dt=torch.long)
+        self.r0 = z(L, dt=torch.long)  # the residual ring's start per layer
         self.w = z(L, dt=torch.long)  # the residual slot of the token being written, per layer
         self.masked = False  # whether a slot inside the lengths is hidden (the fused kernel then reads the masks)
         self.priority = None  # never evicts while decoding (StaticSlots' protocol)
@@ -128,13 +136,14 @@ class StaticKIVI:
         self.masked = self.masked or not bool(held.all())
         self.nq[i] = nq
         self.nr[i] = nr
+        self.r0[i] = 0
 
     # --- one decoding token (graph-friendly) --------------------------------------------------------------------
     def begin_token(self, position: torch.Tensor, priority: torch.Tensor | None = None) -> None:
-        """Claim residual slot `nr` of every layer for the next token (`position` is not stored: the keys carry
-        their RoPE; `priority` is ignored: no decode-time eviction)."""
+        """Claim residual slot (r0 + nr) mod RC of every layer for the next token (`position` is not stored: the
+        keys carry their RoPE; `priority` is ignored: no decode-time eviction)."""
         self.nr.add_(1)
-        self.w.copy_(self.nr - 1)
+        self.w.copy_((self.r0 + self.nr - 1) % self.res_capacity)
         L, b, h = self.n_layers, self.batch, self.kv_heads
         dev = self.w.device
         at = (_ar(L, 0, 3, dev), _ar(b, 1, 3, dev), _ar(h, 2, 3, dev), (self.w + self.q_capacity).view(L, 1, 1))
@@ -151,20 +160,22 @@ class StaticKIVI:
 
     def end_token(self, evict=False, max_victims: int = 0) -> None:
         """After the token's attention: quantize every layer's oldest G residual tokens into packed group nq / G,
-        and where the residual is full (R + G tokens) count them (nq += G, the residual shifted down by G, nr = R);
-        see the module docstring."""
+        and where the residual is full (R + G tokens) count them (nq += G, their residual slots freed, the ring's
+        start r0 moved by G, nr = R); see the module docstring."""
         L, b, h, d, G = self.n_layers, self.batch, self.kv_heads, self.head_dim, self.group
         per = 8 // self.bits
         rows, ngv, cq = G // per, d // self.value_group, self.q_capacity
         full = self.nr == self.res_capacity  # (L,)
-        qk = quantize(self.kr[:, :, :, :G].reshape(L * b, h, G, d), self.bits, PER_CHANNEL, G, pack_along="token")
-        qv = quantize(self.vr[:, :, :, :G].reshape(L * b, h, G, d), self.bits, PER_TOKEN, self.value_group,
-                      pack_along="token")
+        dev = full.device
+        oldest = (self.r0[:, None] + torch.arange(G, device=dev)).view(L, 1, 1, G, 1)  # their residual slots
+        qk = quantize(self.kr.gather(3, oldest.expand(L, b, h, G, d)).reshape(L * b, h, G, d), self.bits,
+                      PER_CHANNEL, G, pack_along="token")
+        qv = quantize(self.vr.gather(3, oldest.expand(L, b, h, G, d)).reshape(L * b, h, G, d), self.bits,
+                      PER_TOKEN, self.value_group, pack_along="token")
         g = self.nq // G  # (L,) the next group slot
         # every write below is an index_put_ (advanced-index assignment), never a scatter_: inductor re-inplaces
         # index_put on the compiled step's inputs, while a scatter_ compiled to a copy of the whole buffer back
         # each step (see storage/static.py StaticSlots.begin_token)
-        dev = g.device
         lbh = (_ar(L, 0, 5, dev), _ar(b, 1, 5, dev), _ar(h, 2, 5, dev))
         r_at = (*lbh, (g[:, None] * rows + torch.arange(rows, device=dev)).view(L, 1, 1, rows, 1), _ar(d, 4, 5, dev))
         self.kc.index_put_(r_at, qk.codes.view(L, b, h, rows, d))
@@ -176,15 +187,15 @@ class StaticKIVI:
         t_at = (*lbh, t, _ar(ngv, 4, 5, dev))
         self.vs.index_put_(t_at, qv.scale.view(L, b, h, G, ngv))
         self.vz.index_put_(t_at, qv.zero.view(L, b, h, G, ngv))
+        # where full: the quantized slots take the oldest residual tokens' valid bits, and those residual slots
+        # are freed
         fb = full.view(L, 1, 1, 1)
-        rv = self.valid[:, :, :, cq:]
-        moved = rv[..., :G] & fb
-        self.valid.index_put_((*(x[..., 0] for x in lbh), t[..., 0]), moved)
-        shifted = torch.cat([rv[..., G:], torch.zeros_like(rv[..., :G])], dim=-1)
-        rv.copy_(torch.where(fb, shifted, rv))
-        f5 = full.view(L, 1, 1, 1, 1)
-        self.kr.copy_(torch.where(f5, self.kr.roll(-G, 3), self.kr))
-        self.vr.copy_(torch.where(f5, self.vr.roll(-G, 3), self.vr))
+        lbh4 = tuple(x[..., 0] for x in lbh)
+        at_old = (*lbh4, cq + oldest[..., 0])
+        old_valid = self.valid[at_old]  # (L, b, h, G)
+        self.valid.index_put_((*lbh4, t[..., 0]), old_valid & fb)
+        self.valid.index_put_(at_old, old_valid & ~fb)
+        self.r0.copy_(torch.where(full, (self.r0 + G) % self.res_capacity, self.r0))
         self.nq.add_(full.long() * G)
         self.nr.sub_(full.long() * G)
 
@@ -211,7 +222,8 @@ class StaticKIVI:
             rv = self.valid[i, :, :, cq:] if self.masked else None
             out = kivi_decode_static(query[:, :, 0], self.kc[i], self.ks[i], self.kz[i], self.vc[i], self.vs[i],
                                      self.vz[i], self.kr[i], self.vr[i], self.nq[i:i + 1], self.nr[i:i + 1],
-                                     self.bits, self.group, self.value_group, scale=scaling, q_valid=qv, r_valid=rv)
+                                     self.bits, self.group, self.value_group, scale=scaling, q_valid=qv, r_valid=rv,
+                                     r0=self.r0[i:i + 1])
             return out[:, None]
         keys, values = self.dequantized(i, query.dtype)
         return grouped_matmul_decode(query, keys, values, self.valid[i][:, :, None, :], scaling)
@@ -227,5 +239,5 @@ class StaticKIVI:
                    for t in (self.kc, self.ks, self.kz, self.vc, self.vs, self.vz, self.kr, self.vr))
 
     def table_nbytes(self) -> int:
-        """Bytes of the bookkeeping (valid, nq, nr, the write index)."""
-        return sum(t.numel() * t.element_size() for t in (self.valid, self.nq, self.nr, self.w))
+        """Bytes of the bookkeeping (valid, nq, nr, the ring's start, the write index)."""
+        return sum(t.numel() * t.element_size() for t in (self.valid, self.nq, self.nr, self.r0, self.w))
