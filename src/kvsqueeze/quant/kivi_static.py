@@ -18,7 +18,7 @@ capacity in tokens, a multiple of the group G; RC = R + G the residual capacity;
 
 A step (the `StaticSlots` protocol of `storage/static.py`, so `StaticCompressedCache` drives both):
 `begin_token` claims residual slot (r0 + nr) mod RC of every layer (`nr += 1`, its valid bit set); `write_kv`
-writes the layer's new key / value there (`index_copy_` at a device index; every write is in place when
+writes the layer's new key / value there (`index_put_` at a device index; every write is in place when
 compiled); the attention (`attention`) reads the quantized slots [0, nq) and the nr residual tokens from r0 on;
 `end_token` then quantizes the residual's oldest G tokens of every layer (slots [r0, r0 + G): RC and r0 are
 multiples of G, so they never wrap) into the next packed group (slot group nq / G) *every step* and only counts
@@ -154,8 +154,14 @@ class StaticKIVI:
         """Write one token's keys / values (b, h, 1, d) of layer `layer_idx` into its claimed residual slot; return
         the layer's residual buffers (b, h, RC, d) (the attention reads the packed buffers through `attention`)."""
         i = layer_idx
-        self.kr[i].index_copy_(2, self.w[i:i + 1], keys.to(self.dtype))
-        self.vr[i].index_copy_(2, self.w[i:i + 1], values.to(self.dtype))
+        # index_put_ on the stacked buffers (as storage/static.py's writes): inductor re-inplaces it on the compiled
+        # step's inputs, while `self.kr[i].index_copy_` on a layer's view compiled to a copy of that layer's whole
+        # residual buffer before the write (every layer, keys and values, every step)
+        dev = self.w.device
+        at = (torch.full((1, 1), i, dtype=torch.long, device=dev), _ar(self.batch, 0, 2, dev),
+              _ar(self.kv_heads, 1, 2, dev), self.w[i].view(1, 1))
+        self.kr.index_put_(at, keys[:, :, 0].to(self.dtype))
+        self.vr.index_put_(at, values[:, :, 0].to(self.dtype))
         return self.kr[i], self.vr[i]
 
     def end_token(self, evict=False, max_victims: int = 0) -> None:
