@@ -446,10 +446,11 @@ def kivi_decode_attention(q: torch.Tensor, store, k_res: torch.Tensor, v_res: to
     return out if squeeze else out[:, :, None]
 
 
-# the default kernel where it applies: True `_kivi_decode_folded` (bench/kivi_kernels.py on the H200: 1337 against the
-# split kernel's 2197 us per step of 32 layers at 32k), False `_kivi_decode_split`. False until the folded kernel's
-# compiled static step has run on a GPU (the sixteenth session's failed on a float64 scale, fixed since, not re-run)
-FOLD = False
+# the static step's kernel where it applies: True `_kivi_decode_folded` (bench/kivi_kernels.py on the H200: 1241 against
+# the split kernel's 2197 us per step of 32 layers at 32k; in the compiled KIVI-2 step at 32k 1143 us of 5877, the step
+# 6.03-6.08 ms against 7.06 with the split kernel; tests/test_gpu_static.py -k kivi passed with it, seventeenth
+# session), False `_kivi_decode_split`
+FOLD = True
 MAXNREG = None  # the split kernel's register cap per thread in `kivi_decode_static` (None: the compiler's choice)
 PER_SM = 2  # the split kernel's programs per SM of the split plan in `kivi_decode_static`
 # the folded kernel's launch in `kivi_decode_static`: the fastest of bench/kivi_kernels.py's sweep on the H200
