@@ -298,3 +298,30 @@ def test_compiled_folded_kernel_under_the_interpreter(monkeypatch):
     assert got == ref
     for x, y in zip(logits, ref_logits):
         torch.testing.assert_close(x, y, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
+                    reason="inductor on the CPU needs a C++ compiler")
+def test_cli_generate_compile_with_kivi(tiny_dir, tmp_path):
+    """`generate --compile --quant kivi-2` decodes over `StaticKIVI` in the compiled step: the answer of
+    `generate --quant kivi-2` (eager), the same KIVI bytes in the stats line; other --quant schemes with --compile
+    are refused in one line (exit 2)."""
+    from click.testing import CliRunner
+
+    from conftest import assert_one_error_line, own_cache
+    from kvsqueeze.cli import main
+
+    ctx = tmp_path / "ctx.txt"
+    ctx.write_text("The grass is green. The sky is blue. " * 20 + "The pass key is 71432. " + "Here we go. " * 10)
+    args = ["generate", "--model", str(tiny_dir), "--method", "full", "--context-file", str(ctx), "--question",
+            "What is the pass key?", "--max-new-tokens", "24", "--quant", "kivi-2"]
+    with own_cache(tmp_path / "cache"):
+        eager = CliRunner().invoke(main, args)
+        comp = CliRunner().invoke(main, args + ["--compile"])
+    assert eager.exit_code == 0 and comp.exit_code == 0, comp.output
+    assert comp.output.splitlines()[0] == eager.output.splitlines()[0]  # the same answer
+    assert "quant: kivi-2" in comp.output and "step compiled" in comp.output
+    kv = [line for line in eager.output.splitlines() if line.startswith("KV memory")]
+    assert kv and kv[0] in comp.output  # the prefill's bytes: the same packed cache
+    for spec in ("gear-4", "mikv-8-2"):
+        assert_one_error_line(args[:-1] + [spec, "--compile"], "decodes full-precision or KIVI caches")

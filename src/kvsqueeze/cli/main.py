@@ -201,8 +201,9 @@ def generate(model, method, compression_ratio, budget, exempt_layers, compressio
     if offload == "disk" and compiled:
         raise KVSqueezeError("--compile offloads to cpu only (host memory its step reads); --offload disk decodes "
                              "eagerly: drop --compile")
-    if compiled and quant != "none":
-        raise KVSqueezeError("--compile decodes full-precision caches (drop --quant, or --compile)")
+    if compiled and quant != "none" and not quant.lower().startswith("kivi"):
+        raise KVSqueezeError(f"--compile decodes full-precision or KIVI caches (StaticKIVI); --quant {quant} decodes "
+                             "eagerly: drop --compile, or use --quant kivi-2 / kivi-4")
     if page_frames is not None and not (compiled and offload == "cpu"):
         raise KVSqueezeError("--page-frames sets the compiled step's device page frames: give --compile --offload cpu "
                              "too, or drop --page-frames")
