@@ -146,7 +146,8 @@ def models():
 @device_map_option
 @click.option("--compile", "compiled", is_flag=True,
               help="Decode over a fixed-capacity copy of the compressed cache with one compiled step "
-                   "(torch.compile; CUDA graphs on a GPU). Full-precision storage; --select quest or attention_predictor "
+                   "(torch.compile; CUDA graphs on a GPU). Full-precision or KIVI storage (--quant kivi-2 / kivi-4, "
+                   "the fused KIVI kernel on a GPU); --select quest or attention_predictor "
                    "(pages chosen on the device), with --offload cpu too; decode-time eviction only for streaming_llm "
                    "and knorm. On a CPU the first step compiles for minutes.")
 @click.option("--page-frames", "page_frames", type=click.FloatRange(min=1.0), default=None,
