@@ -365,9 +365,8 @@ if triton is not None:
         else:
             acc = tl.zeros([ROWS, D], tl.float32)
             acc, m_i, l_i = _attend_residual(qf.to(DT), acc, m_i, l_i, KR, VR, RM, nr, r0, RC, b, hk, bh, s_rm_b,
-                                             s_rm_h,
-                                             s_kr_bh, s_kr_n, s_vr_bh, s_vr_n, grp == 0, D=D, BLOCK_R=BLOCK_R,
-                                             DT=DT, HAS_MASK=HAS_MASK)
+                                             s_rm_h, s_kr_bh, s_kr_n, s_vr_bh, s_vr_n, grp == 0, D=D,
+                                             BLOCK_R=BLOCK_R, DT=DT, HAS_MASK=HAS_MASK)
         # merge the NG stacked rows of each query (log-sum-exp weights), then the GQ real queries' partials
         m3 = tl.reshape(m_i, (NG, GQP))
         m_q = tl.max(m3, 0)
@@ -553,8 +552,7 @@ def kivi_decode_static(q: torch.Tensor, kc: torch.Tensor, ks: torch.Tensor, kz: 
     if not _folds(fold, group, value_group, block_n, bits):
         # dynamo traces this branch: the kernel and its constexprs named here, no kernel objects compared
         return _launch_static(_kivi_decode_split, {"SCALE_LOADS": False}, q, kc, ks, kz, vc, vs, vz, k_res, v_res,
-                              nq, nr, r0, q_valid, r_valid, bits,
-                              group, value_group, scale, block_n, num_warps,
+                              nq, nr, r0, q_valid, r_valid, bits, group, value_group, scale, block_n, num_warps,
                               PER_SM if programs_per_sm is None else programs_per_sm,
                               MAXNREG if maxnreg is None else maxnreg, num_stages)
     return _folded_op(q, kc, ks, kz, vc, vs, vz, k_res, v_res, nq, nr, r0, q_valid, r_valid, bits, group, value_group,
@@ -596,9 +594,9 @@ def _launch_static(kernel, meta: dict, q, kc, ks, kz, vc, vs, vz, k_res, v_res, 
 @torch.library.custom_op("kvsqueeze::kivi_decode_folded", mutates_args=())
 def _folded_op(q: torch.Tensor, kc: torch.Tensor, ks: torch.Tensor, kz: torch.Tensor, vc: torch.Tensor,
                vs: torch.Tensor, vz: torch.Tensor, k_res: torch.Tensor, v_res: torch.Tensor, nq: torch.Tensor,
-               nr: torch.Tensor, r0: torch.Tensor, q_valid: torch.Tensor | None, r_valid: torch.Tensor | None, bits: int, group: int,
-               value_group: int, scale: float, block_n: int, num_warps: int, per_sm: int, maxnreg: int,
-               num_stages: int) -> torch.Tensor:
+               nr: torch.Tensor, r0: torch.Tensor, q_valid: torch.Tensor | None, r_valid: torch.Tensor | None,
+               bits: int, group: int, value_group: int, scale: float, block_n: int, num_warps: int, per_sm: int,
+               maxnreg: int, num_stages: int) -> torch.Tensor:
     kernel, meta = _variant(True, q.shape[1] // k_res.shape[1], group, value_group, block_n, bits)
     return _launch_static(kernel, meta, q, kc, ks, kz, vc, vs, vz, k_res, v_res, nq, nr, r0, q_valid, r_valid, bits,
                           group, value_group, scale, block_n, num_warps, per_sm, maxnreg or None, num_stages or None)
