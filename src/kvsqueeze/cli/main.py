@@ -129,7 +129,8 @@ def models():
 @click.option("--quant", default="none", show_default=True,
               help="Store the kept tokens quantized: kivi-2, kivi-4, gear-4, mikv-8-2 (the method's evicted tokens "
                    "at 2 bits), zipcache-4-2 (the --method's top tokens at 4 bits, the rest at 2; without --method, "
-                   "ZipCache's saliency picks them); with --method full, quantization only.")
+                   "ZipCache's saliency picks them); with --method full, quantization only. With --compile: "
+                   "kivi-2 and kivi-4 only.")
 @click.option("--select", "select", default="none",
               show_default=True, help="Decode-time selection (none, quest, attention_predictor, leoam; options as "
               "NAME(option=value, ...), e.g. 'leoam(max_chunk=4,refine=4)'): each decoding step attends only to "

@@ -98,6 +98,7 @@ def offload_option(f):
              "pages its device frames lack at the start of each layer's attention; with --prefetch "
              "(attention_predictor) it copies each layer's next pages during the step instead. "
              "Needs --select; with --quant kivi-<bits> the host holds KIVI's packed storage (the bytes --quant "
-             "holds on the device) and the frames dequantized pages (other --quant schemes refused; eager only). "
+             "holds on the device) and the frames dequantized pages; that runs eagerly only (not with --compile), "
+             "and the other --quant schemes are refused with --offload. "
              "Answers equal on-device selection. "
              "On a CPU device it only simulates the tiers (host memory is the device's memory).")(f)
