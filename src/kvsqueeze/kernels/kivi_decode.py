@@ -67,18 +67,18 @@ if triton is not None:
     @triton.jit
     def _split_program(NQ, NR, R0, HK: tl.constexpr, DEV_LENS: tl.constexpr):
         # a KIVI split program's place: (batch * kv head, split, splits, batch, kv head), the quantized / residual
-        # lengths and the residual's ring start (read from device scalars with DEV_LENS: the static step; else
-        # the start is 0)
+        # lengths and the residual's ring start rs (read from device scalars with DEV_LENS: the static step; else
+        # the start is 0; `r0` in the kernels is a block's first packed row)
         bh = tl.program_id(0)
         if DEV_LENS:
             nq = tl.load(NQ)
             nr = tl.load(NR)
-            r0 = tl.load(R0)
+            rs = tl.load(R0)
         else:
             nq = NQ
             nr = NR
-            r0 = 0
-        return bh, tl.program_id(1), tl.num_programs(1), bh // HK, bh % HK, nq, nr, r0
+            rs = 0
+        return bh, tl.program_id(1), tl.num_programs(1), bh // HK, bh % HK, nq, nr, rs
 
     @triton.jit
     def _online(s, m_i, l_i):
@@ -90,17 +90,17 @@ if triton is not None:
         return p, alpha, m_new, l_i * alpha + tl.sum(p, 1)
 
     @triton.jit
-    def _attend_residual(q, acc, m_i, l_i, KR, VR, RM, nr, r0, rc, b, hk, bh, s_rm_b, s_rm_h, s_kr_bh, s_kr_n,
+    def _attend_residual(q, acc, m_i, l_i, KR, VR, RM, nr, rs, rc, b, hk, bh, s_rm_b, s_rm_h, s_kr_bh, s_kr_n,
                          s_vr_bh, s_vr_n, row_ok, D: tl.constexpr, BLOCK_R: tl.constexpr, DT: tl.constexpr,
                          HAS_MASK: tl.constexpr):
         # the residual split: full-precision keys / values (nr tokens), seen by the rows where row_ok; residual
-        # token j sits in slot (r0 + j) mod rc of the rc-slot buffer (a ring: the static step's flush moves its
+        # token j sits in slot (rs + j) mod rc of the rc-slot buffer (a ring: the static step's flush moves its
         # start instead of shifting the tokens; the softmax does not depend on their order)
         ch = tl.arange(0, D)
         for s0 in range(0, nr, BLOCK_R):
             tok = s0 + tl.arange(0, BLOCK_R)
             tmask = tok < nr
-            tok = (r0 + tok) % rc
+            tok = (rs + tok) % rc
             k = tl.load(KR + bh * s_kr_bh + tok[:, None] * s_kr_n + ch[None, :], mask=tmask[:, None], other=0.0)
             s = tl.dot(q, tl.trans(k.to(DT)))
             ok = tmask
@@ -179,7 +179,7 @@ if triton is not None:
         RB: tl.constexpr = BLOCK_N // PER  # packed rows per block = tokens per sub-tile
         NG: tl.constexpr = BLOCK_N // G  # key groups per block
         NGV: tl.constexpr = D // GV  # value groups per token
-        bh, split, n_splits, b, hk, nq, nr, r0 = _split_program(NQ, NR, R0, HK, DEV_LENS)
+        bh, split, n_splits, b, hk, nq, nr, rs = _split_program(NQ, NR, R0, HK, DEV_LENS)
         rows = tl.arange(0, GP)
         ch = tl.arange(0, D)
         qmask = rows < GQ
@@ -237,7 +237,7 @@ if triton is not None:
                     acc = acc * alpha[:, None] + tl.dot(p.to(DT), v)
                     m_i = m_new
         else:
-            acc, m_i, l_i = _attend_residual(q, acc, m_i, l_i, KR, VR, RM, nr, r0, RC, b, hk, bh, s_rm_b, s_rm_h,
+            acc, m_i, l_i = _attend_residual(q, acc, m_i, l_i, KR, VR, RM, nr, rs, RC, b, hk, bh, s_rm_b, s_rm_h,
                                              s_kr_bh, s_kr_n, s_vr_bh, s_vr_n, rows >= 0, D=D, BLOCK_R=BLOCK_R, DT=DT,
                                              HAS_MASK=HAS_MASK)
         # partial results of the GQ real query rows only: (BH, splits, GQ, D)
@@ -290,7 +290,7 @@ if triton is not None:
         NG: tl.constexpr = BLOCK_N // G  # key groups per block
         NGV: tl.constexpr = D // GV  # value groups per token
         ROWS: tl.constexpr = NG * GQP
-        bh, split, n_splits, b, hk, nq, nr, r0 = _split_program(NQ, NR, R0, HK, DEV_LENS)
+        bh, split, n_splits, b, hk, nq, nr, rs = _split_program(NQ, NR, R0, HK, DEV_LENS)
         rows = tl.arange(0, ROWS)
         qr = rows % GQP  # the query of a stacked row
         grp = rows // GQP  # its key group within a block
@@ -325,16 +325,12 @@ if triton is not None:
                             - _code_offset(DT) * qs.to(tl.float32), 1)
                 # the block's PER sub-tiles of logits side by side (ROWS, RB, 2[, 2]): one online-softmax step
                 ok = own & rmask[None, :]
-                x = tl.join(_logits(qs, kp, qz, ok, QM, b * s_qm_b + hk * s_qm_h + s0 + ri * PER, rmask, 0, BITS, DT,
-                                    HAS_MASK, ASM),
-                            _logits(qs, kp, qz, ok, QM, b * s_qm_b + hk * s_qm_h + s0 + ri * PER, rmask, 1, BITS, DT,
-                                    HAS_MASK, ASM))
+                qm_off = b * s_qm_b + hk * s_qm_h + s0 + ri * PER  # sub-tile 0's slots in the mask
+                x = tl.join(_logits(qs, kp, qz, ok, QM, qm_off, rmask, 0, BITS, DT, HAS_MASK, ASM),
+                            _logits(qs, kp, qz, ok, QM, qm_off, rmask, 1, BITS, DT, HAS_MASK, ASM))
                 if PER == 4:
-                    x = tl.join(x, tl.join(
-                        _logits(qs, kp, qz, ok, QM, b * s_qm_b + hk * s_qm_h + s0 + ri * PER, rmask, 2, BITS, DT,
-                                HAS_MASK, ASM),
-                        _logits(qs, kp, qz, ok, QM, b * s_qm_b + hk * s_qm_h + s0 + ri * PER, rmask, 3, BITS, DT,
-                                HAS_MASK, ASM)))
+                    x = tl.join(x, tl.join(_logits(qs, kp, qz, ok, QM, qm_off, rmask, 2, BITS, DT, HAS_MASK, ASM),
+                                           _logits(qs, kp, qz, ok, QM, qm_off, rmask, 3, BITS, DT, HAS_MASK, ASM)))
                 if PER == 4:
                     m_new = tl.maximum(m_i, tl.max(tl.max(tl.max(x, 3), 2), 1))
                 else:
@@ -364,7 +360,7 @@ if triton is not None:
             acc = tl.reshape(tl.permute(acc3, (1, 0, 2)), (ROWS, D))
         else:
             acc = tl.zeros([ROWS, D], tl.float32)
-            acc, m_i, l_i = _attend_residual(qf.to(DT), acc, m_i, l_i, KR, VR, RM, nr, r0, RC, b, hk, bh, s_rm_b,
+            acc, m_i, l_i = _attend_residual(qf.to(DT), acc, m_i, l_i, KR, VR, RM, nr, rs, RC, b, hk, bh, s_rm_b,
                                              s_rm_h, s_kr_bh, s_kr_n, s_vr_bh, s_vr_n, grp == 0, D=D,
                                              BLOCK_R=BLOCK_R, DT=DT, HAS_MASK=HAS_MASK)
         # merge the NG stacked rows of each query (log-sum-exp weights), then the GQ real queries' partials
@@ -429,7 +425,6 @@ def kivi_decode_attention(q: torch.Tensor, store, k_res: torch.Tensor, v_res: to
         chunk = math.ceil(NQ / n_splits / block_n) * block_n
         n_q_splits = math.ceil(NQ / chunk)
     total = n_q_splits + 1  # + the residual split
-    extra = {} if num_stages is None else {"num_stages": num_stages}
     kernel, meta = _variant(fold, HQ // HK, G, GV, block_n, bits, scale_loads)
     out = split_kv_decode(
         kernel, (q3, kc, ks, kz, vc, vs, vz, k_res, v_res, q3, q3),
@@ -440,7 +435,8 @@ def kivi_decode_attention(q: torch.Tensor, store, k_res: torch.Tensor, v_res: to
          k_res.stride(1), k_res.stride(2), v_res.stride(1), v_res.stride(2)),
         q3, HK, total, scale, "the fused KIVI kernel",
         BITS=bits, G=G, GV=GV, BLOCK_N=block_n, BLOCK_R=64,
-        DT=tl.float16 if q.dtype == torch.float16 else tl.bfloat16, num_warps=num_warps, **meta, **extra,
+        DT=tl.float16 if q.dtype == torch.float16 else tl.bfloat16, num_warps=num_warps, **meta,
+        **_launch_options(0, num_stages, dev),
     )
     return out if squeeze else out[:, :, None]
 
